@@ -1,0 +1,65 @@
+"""Quickstart: attention vs sliding-window attention vs Griffin's RG-LRU on MQAR, on a laptop CPU.
+
+Multi-query associative recall (Zoology, Arora et al. 2023): each sequence lists key→value pairs,
+then queries the keys; the model must answer with the values. Global attention solves it easily;
+a small window cannot see pairs outside it; a recurrent state must compress them.
+
+Run one point:
+
+    python -m hybrids.train --config experiments/quickstart.py:rglru --workdir runs/quickstart/rglru
+
+Run the comparison (prints an accuracy table):
+
+    python -m launch sweep experiments/quickstart.py --root runs/quickstart
+
+``get_config(arg)``: ``arg`` is a mixer name (``attention``, ``swa``, ``rglru``; a one-mixer stack),
+``griffin`` (``rglru, rglru, swa``), or ``tiny`` (a few-second smoke test, used by the tests).
+"""
+
+from hybrids.config import base_config
+from hybrids.mixers import MIXERS
+
+VARIANTS = ("griffin", "tiny")
+
+
+def get_config(arg: str | None = None):
+  arg = arg or "griffin"
+  if arg not in MIXERS and arg not in VARIANTS:
+    raise ValueError(f"quickstart: unknown variant {arg!r}; valid: {', '.join(sorted(MIXERS) + list(VARIANTS))}")
+  c = base_config("mqar")
+  c.data.seq_len = 64
+  c.data.vocab_size = 8192
+  c.data.num_kv_pairs = 4
+  c.model.d_model = 64
+  c.model.n_layers = 2
+  c.model.num_heads = 2
+  c.model.window = 16  # shorter than the 8-token kv prefix + query gaps: SWA must miss some pairs
+  c.model.pattern = ("rglru", "rglru", "swa") if arg in ("griffin", "tiny") else (arg,)
+  c.train.steps = 600
+  c.train.batch_size = 64
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.1
+  c.train.log_every = 20
+  c.train.eval_every = 200
+  c.train.eval_batches = 4
+  c.train.checkpoint_every = 200
+  if arg == "tiny":
+    c.data.seq_len = 32
+    c.data.num_kv_pairs = 2
+    c.data.vocab_size = 256
+    c.model.d_model = 32
+    c.model.window = 8
+    c.train.steps = 12
+    c.train.batch_size = 4
+    c.train.warmup_steps = 2
+    c.train.log_every = 1
+    c.train.eval_every = 6
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 4
+  return c
+
+
+def get_sweep(h):
+  """The README comparison: one run per mixer."""
+  return h.sweep("config", ["attention", "swa", "rglru"])

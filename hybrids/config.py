@@ -1,0 +1,138 @@
+"""Default configuration and validation of every field before anything is compiled.
+
+Experiment files start from :func:`base_config` and change what they study; ``validate`` turns a
+typo or an impossible combination into one clear ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from hybrids import data as data_lib
+from hybrids.layers import DTYPES
+from hybrids.mixers import MIXERS
+from hybrids.model import layer_pattern
+
+IMPLS = ("auto", "xla", "reference")
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the field and the valid choices."""
+
+
+def model_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.vocab_size = 0            # 0: take the data's vocabulary
+  c.d_model = 64
+  c.n_layers = 2
+  c.pattern = ("rglru", "rglru", "swa")  # tiled to n_layers
+  c.num_heads = 4
+  c.num_kv_heads = 0          # 0: = num_heads (MHA); 1: MQA
+  c.head_dim = 0              # 0: d_model // num_heads
+  c.window = 32               # SWA band
+  c.mlp_expansion = 3.0
+  c.rnn_width = 0             # RG-LRU width; 0: d_model
+  c.rnn_heads = 0             # RG-LRU gate blocks; 0: num_heads
+  c.conv_width = 4
+  c.tie_embeddings = True
+  c.embed_scale = True        # multiply embeddings by √d_model (Griffin, Gemma)
+  c.dtype = "float32"         # compute dtype
+  c.param_dtype = "float32"
+  c.logits_softcap = 0.0      # 0: off
+  c.attn_softcap = 0.0        # 0: off
+  c.rope_base = 10_000.0
+  c.remat = False
+  c.attention_impl = "auto"
+  c.scan_impl = "auto"
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 1000
+  c.batch_size = 32
+  c.lr = 1e-3
+  c.warmup_steps = 100
+  c.min_lr_ratio = 0.1        # cosine decays to lr · min_lr_ratio
+  c.weight_decay = 0.1        # applied to matrices only (ndim ≥ 2), not norms, biases or gates' Λ
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.grad_clip = 1.0
+  c.log_every = 10
+  c.eval_every = 250          # 0: only at the end
+  c.eval_batches = 8
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 3
+  return c
+
+
+def base_config(dataset: str = "mqar") -> ml_collections.ConfigDict:
+  """The full default config: ``seed``, ``model``, ``data``, ``train``."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+  c.data = data_lib.default_config(dataset)
+  c.data.seq_len = 64
+  c.train = train_config()
+  return c
+
+
+def _positive_int(value, field: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(f"{field}={value!r} must be a positive integer")
+
+
+def validate(config) -> None:
+  """Raise :class:`ConfigError` for the first field that cannot work; returns None if all is well."""
+  m, t = config.model, config.train
+  seq_len = config.data.seq_len
+  _positive_int(seq_len, "data.seq_len")
+  for field in ("d_model", "n_layers", "num_heads", "conv_width"):
+    _positive_int(m[field], f"model.{field}")
+  pattern = tuple(m.pattern) if isinstance(m.pattern, (tuple, list)) else None
+  if not pattern:
+    raise ConfigError(f"model.pattern={m.pattern!r} must be a non-empty tuple of mixer names; "
+                      f"valid mixers: {', '.join(sorted(MIXERS))}")
+  for i, name in enumerate(pattern):
+    if name not in MIXERS:
+      raise ConfigError(f"model.pattern[{i}]={name!r} is not a mixer; valid mixers: {', '.join(sorted(MIXERS))}")
+  for field in ("dtype", "param_dtype"):
+    if m[field] not in DTYPES:
+      raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(DTYPES)}")
+  for field in ("attention_impl", "scan_impl"):
+    if m[field] not in IMPLS:
+      raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(IMPLS)}")
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+  used = set(layer_pattern(m))
+  if "swa" in used:
+    _positive_int(m.window, "model.window")
+    if m.window > seq_len:
+      raise ConfigError(f"model.window={m.window} exceeds data.seq_len={seq_len}: the band would be global "
+                        "attention; use the 'attention' mixer or a window ≤ seq_len")
+  for name in sorted(used):
+    try:
+      MIXERS[name].check_config(m, seq_len=seq_len)
+    except ValueError as e:
+      raise ConfigError(f"mixer {name!r}: {e}") from None
+  if m.mlp_expansion <= 0:
+    raise ConfigError(f"model.mlp_expansion={m.mlp_expansion} must be > 0")
+  if m.logits_softcap < 0 or m.attn_softcap < 0:
+    raise ConfigError("model.logits_softcap and model.attn_softcap must be ≥ 0 (0 = off)")
+  for field in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+    _positive_int(t[field], f"train.{field}")
+  if not (t.lr > 0):
+    raise ConfigError(f"train.lr={t.lr} must be > 0")
+  if not 0 <= t.warmup_steps <= t.steps:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]")
+  if t.eval_every < 0:
+    raise ConfigError(f"train.eval_every={t.eval_every} must be ≥ 0 (0: evaluate at the end only)")
+  try:
+    data_lib.validate(config.data, seq_len=seq_len)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  data_vocab = data_lib.vocab_size(config.data)
+  if m.vocab_size and m.vocab_size < data_vocab:
+    raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the data's vocabulary ({data_vocab})")

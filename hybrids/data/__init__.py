@@ -1,0 +1,180 @@
+"""Data pipelines for hybrids: MQAR (Zoology) and packed LM over local text files.
+
+Batch contract (every dataset): a dict of numpy arrays
+``{"inputs": int32 [batch, seq_len], "labels": int32 [batch, seq_len]}`` where
+``labels[b, t]`` is the token to predict after reading ``inputs[b, :t+1]`` and
+``labels == IGNORE_LABEL`` (-100) marks positions without loss.
+
+Typical use in the training loop::
+
+    from hybrids import data
+    data.validate(cfg.data, seq_len=cfg.seq_len)             # before any compile
+    vocab = data.vocab_size(cfg.data)
+    ds = data.train_dataset(cfg.data, seq_len=..., batch_size=GLOBAL_B, seed=...,
+                            workdir=..., process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    it = data.make_iterator(ds)           # grain.DatasetIterator
+    batch = next(it)                      # this process's [GLOBAL_B // P, seq_len] rows
+    state = it.get_state()                # JSON-serializable dict -> save with checkpoint
+    it.set_state(state)                   # on a fresh make_iterator(ds): exact resume
+    evals = data.eval_batches(cfg.data, seq_len=..., batch_size=..., workdir=...)
+
+See :mod:`hybrids.data.mqar`, :mod:`hybrids.data.text` and
+:mod:`hybrids.data.pipeline` for the definitions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import ml_collections
+
+from hybrids.data import mqar as _mqar
+from hybrids.data import text as _text
+from hybrids.data.pipeline import IGNORE_LABEL, finite_batches, get_field, make_iterator
+from hybrids.data.pipeline import shard_and_batch as _shard_and_batch
+
+__all__ = [
+    "IGNORE_LABEL",
+    "DATASETS",
+    "default_config",
+    "vocab_size",
+    "validate",
+    "train_dataset",
+    "eval_batches",
+    "make_iterator",
+]
+
+DATASETS = ("mqar", "text")
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+    """Default ``data`` config for dataset ``name`` (one of ``DATASETS``)."""
+    if name == "mqar":
+        return ml_collections.ConfigDict(dict(
+            name="mqar",
+            vocab_size=8192,
+            num_kv_pairs=8,
+            power_a=0.01,
+            num_train_examples=100_000,
+            num_eval_examples=1000,
+            random_non_queries=True,
+            seed=0,
+        ))
+    if name == "text":
+        return ml_collections.ConfigDict(dict(
+            name="text",
+            # Glob pattern or list of glob patterns; must be set. None (not "") so
+            # that ConfigDict's type safety accepts either a str or a list later.
+            files=None,
+            tokenizer="bytes",
+            heldout_fraction=0.05,
+            seed=0,
+        ))
+    raise ValueError(f"data.name={name!r} is invalid: must be one of {DATASETS}")
+
+
+def _name(data_config: Any) -> str:
+    name = get_field(data_config, "name", None)
+    if name not in DATASETS:
+        raise ValueError(f"data.name={name!r} is invalid: must be one of {DATASETS}")
+    return name
+
+
+def _fields(data_config: Any) -> dict[str, Any]:
+    """Dataset fields of ``data_config``, absent ones filled from ``default_config``."""
+    name = _name(data_config)
+    defaults = default_config(name)
+    return {k: get_field(data_config, k, v) for k, v in defaults.items() if k != "name"}
+
+
+def vocab_size(data_config: Any) -> int:
+    """Vocabulary size the model must have for this data config (no data is read)."""
+    f = _fields(data_config)
+    if _name(data_config) == "mqar":
+        return int(f["vocab_size"])
+    return _text.parse_tokenizer(f["tokenizer"])[1]
+
+
+def validate(data_config: Any, *, seq_len: int) -> None:
+    """Raise ValueError naming the field, its bad value and the valid choices/range.
+
+    Cheap (reads no data beyond a glob for text files): call it before compiling.
+    """
+    f = _fields(data_config)
+    if _name(data_config) == "mqar":
+        _mqar.validate(seq_len=seq_len, **f)
+    else:
+        _text.validate(seq_len=seq_len, **f)
+
+
+def _source(data_config: Any, *, seq_len: int, split: str, workdir: str | None):
+    validate(data_config, seq_len=seq_len)
+    f = _fields(data_config)
+    if _name(data_config) == "mqar":
+        return _mqar.MQARSource(
+            num_examples=f["num_train_examples" if split == "train" else "num_eval_examples"],
+            seq_len=seq_len,
+            vocab_size=f["vocab_size"],
+            num_kv_pairs=f["num_kv_pairs"],
+            power_a=f["power_a"],
+            random_non_queries=f["random_non_queries"],
+            seed=f["seed"],
+            stream=_mqar.TRAIN_STREAM if split == "train" else _mqar.EVAL_STREAM,
+        )
+    corpus = _text.prepare_corpus(workdir=workdir, **f)
+    tokens = corpus.train if split == "train" else corpus.eval
+    # Build both windows so that a too-small split errors at train time too.
+    _text.TokenWindowSource(corpus.eval if split == "train" else corpus.train, seq_len,
+                            split="eval" if split == "train" else "train")
+    return _text.TokenWindowSource(tokens, seq_len, split=split)
+
+
+def train_dataset(
+    data_config: Any,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    workdir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite training dataset of batches for this process.
+
+    Item ``s`` is step ``s``'s batch for this process:
+    ``{"inputs": int32 [batch_size // process_count, seq_len], "labels": same}``.
+    The train split is shuffled per epoch from ``seed`` (the shuffle seed; the
+    data content is fixed by ``data_config.seed``) and repeated forever.
+    Process ``p`` gets rows ``[p*b, (p+1)*b)`` (``b = batch_size // process_count``)
+    of the global batch, so concatenating the processes' batches in order gives
+    the single-process batch. ``batch_size`` must be divisible by ``process_count``.
+
+    Iterate with ``it = make_iterator(ds)`` (a ``grain.DatasetIterator``):
+    ``it.get_state()`` returns a JSON-serializable dict and ``it.set_state(state)``
+    on a fresh iterator over the same dataset resumes with bit-identical batches.
+    ``workdir`` holds text caches / ``tokenizer.json`` (temp dir if None).
+    """
+    source = _source(data_config, seq_len=seq_len, split="train", workdir=workdir)
+    return _shard_and_batch(source, batch_size=batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count)
+
+
+def eval_batches(
+    data_config: Any,
+    *,
+    seq_len: int,
+    batch_size: int,
+    workdir: str | None = None,
+    num_batches: int | None = None,
+) -> list[dict]:
+    """The held-out split as a deterministic, finite list of batches (in order).
+
+    Each batch is ``{"inputs": int32 [batch_size, seq_len], "labels": same}``; the
+    last batch is padded with all-``IGNORE_LABEL`` rows so every batch has the
+    same shape. ``num_batches`` (optional) keeps only the first batches. Not
+    sharded by process: every process gets the full list.
+    """
+    source = _source(data_config, seq_len=seq_len, split="eval", workdir=workdir)
+    return finite_batches(source, batch_size=batch_size, num_batches=num_batches)

@@ -1,0 +1,97 @@
+"""Building blocks shared by the model and the mixers: gated MLP, short causal conv, RoPE, dtypes.
+
+RMSNorm, Linear and Embed come from ``flax.nnx`` directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+  """``"bfloat16"`` → ``jnp.bfloat16``; names are what configs hold."""
+  try:
+    return DTYPES[name]
+  except KeyError:
+    raise ValueError(f"unknown dtype {name!r}; valid: {tuple(DTYPES)}") from None
+
+
+def linear(cfg, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = False, **kwargs) -> nnx.Linear:
+  """An ``nnx.Linear`` computing in ``cfg.dtype`` with ``cfg.param_dtype`` parameters."""
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype_of(cfg.dtype),
+                    param_dtype=dtype_of(cfg.param_dtype), rngs=rngs, **kwargs)
+
+
+def rms_norm(cfg, d: int, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+
+
+class GatedMLP(nnx.Module):
+  """``down(gelu(gate(x)) ⊙ up(x))`` (GeGLU, as in Griffin/Gemma); hidden = ``mlp_expansion · d_model``."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    hidden = int(cfg.mlp_expansion * cfg.d_model)
+    self.gate = linear(cfg, cfg.d_model, hidden, rngs=rngs)
+    self.up = linear(cfg, cfg.d_model, hidden, rngs=rngs)
+    self.down = linear(cfg, hidden, cfg.d_model, rngs=rngs)
+
+  def __call__(self, x):
+    """``x: [..., d_model]`` → ``[..., d_model]``."""
+    return self.down(jax.nn.gelu(self.gate(x)) * self.up(x))
+
+
+class CausalConv1D(nnx.Module):
+  """Depthwise causal convolution ``y_t = b + Σ_{i<w} W_i ⊙ x_{t−w+1+i}`` (Griffin/Mamba short conv).
+
+  Recurrent state: the last ``width − 1`` inputs, ``[batch, width − 1, channels]``, oldest first.
+  """
+
+  def __init__(self, channels: int, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.width = width
+    self.dtype = dtype
+    bound = 1.0 / math.sqrt(width)
+    self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound))
+    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+
+  def __call__(self, x, *, return_state: bool = False):
+    """``x: [batch, time, channels]`` → ``y`` (and the state after the last step)."""
+    time = x.shape[1]
+    kernel = self.kernel.value.astype(self.dtype)
+    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (self.width - 1, 0), (0, 0)))
+    y = sum(kernel[i] * padded[:, i:i + time] for i in range(self.width)) + self.bias.value.astype(self.dtype)
+    if not return_state:
+      return y
+    return y, padded[:, padded.shape[1] - (self.width - 1):]
+
+  def init_state(self, batch: int):
+    return jnp.zeros((batch, self.width - 1, self.kernel.value.shape[1]), self.dtype)
+
+  def step(self, x_t, state):
+    """``x_t: [batch, channels]``, ``state: [batch, width−1, channels]``."""
+    window = jnp.concatenate([state, x_t[:, None].astype(self.dtype)], axis=1)
+    kernel = self.kernel.value.astype(self.dtype)
+    y = jnp.einsum("bwc,wc->bc", window, kernel) + self.bias.value.astype(self.dtype)
+    return y, window[:, 1:]
+
+
+def apply_rope(x, positions, *, base: float = 10_000.0):
+  """Rotary position embedding (Su et al. 2021), rotating the two halves of the head dim.
+
+  Args:
+    x: ``[batch, time, heads, head_dim]`` (head_dim even).
+    positions: ``[time]`` or ``[batch, time]`` absolute positions.
+  """
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None] * freq  # [..., time, half]
+  if angle.ndim == 2:
+    angle = angle[None]
+  cos, sin = jnp.cos(angle)[:, :, None], jnp.sin(angle)[:, :, None]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -1,0 +1,34 @@
+"""Sequence mixers: one file per mixer, a registry mapping config names to classes.
+
+Every mixer is an ``nnx.Module`` built as ``Mixer(model_config, rngs=...)`` with two faces computing
+the same function:
+
+- parallel: ``y = mixer(x)``, ``x: [batch, time, d_model]``; ``mixer(x, return_state=True)`` also
+  returns the decode state after the last position (prefill);
+- recurrent: ``state = mixer.init_state(batch)``; ``y_t, state = mixer.step(x_t, state)``,
+  ``x_t: [batch, d_model]``.
+
+and a classmethod ``check_config(model_config, seq_len=...)`` that rejects impossible settings with
+a message naming the field, before anything is compiled.
+Adding a mixer = one file + one line in ``MIXERS``.
+"""
+
+from __future__ import annotations
+
+from hybrids.mixers.attention import Attention
+from hybrids.mixers.rglru import RGLRUBlock
+from hybrids.mixers.swa import SlidingWindowAttention
+
+MIXERS = {
+    "attention": Attention,
+    "swa": SlidingWindowAttention,
+    "rglru": RGLRUBlock,
+}
+
+
+def get_mixer(name: str):
+  """The mixer class registered as ``name``."""
+  try:
+    return MIXERS[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown mixer {name!r}; valid mixers: {', '.join(sorted(MIXERS))}") from None

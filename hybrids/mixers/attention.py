@@ -1,0 +1,111 @@
+"""Global causal multi-head attention with grouped key/value heads and RoPE.
+
+Vaswani et al. 2017 ("Attention Is All You Need"); MQA: Shazeer 2019; GQA: Ainslie et al. 2023;
+RoPE: Su et al. 2021.
+
+    q_t = R_t W_q x_t,  k_t = R_t W_k x_t,  v_t = W_v x_t       (R_t: rotation by position t)
+    o_t = Σ_{s ≤ t} softmax_s(q_t·k_s / √d_head) v_s,  y_t = W_o o_t
+
+``num_kv_heads`` key/value heads are shared by groups of ``num_heads // num_kv_heads`` query heads
+(1: MQA; ``num_heads``: MHA).
+
+Recurrent face: a key/value cache of ``max_len`` slots, so decoding memory grows with the sequence
+(O(T)) — the one mixer for which it does; ``swa`` bounds it to the window.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from hybrids.layers import apply_rope, dtype_of, linear
+from kernels.window_attention import decode_attention, window_attention
+
+
+class Attention(nnx.Module):
+  """Causal attention; ``window`` is None here (global) and set by :class:`SlidingWindowAttention`."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.num_heads = cfg.num_heads
+    self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+    self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+    self.rope_base = cfg.rope_base
+    self.softcap = cfg.attn_softcap or None
+    self.impl = cfg.attention_impl
+    self.dtype = dtype_of(cfg.dtype)
+    self.window = self._window(cfg)
+    self.q_proj = linear(cfg, cfg.d_model, self.num_heads * self.head_dim, rngs=rngs)
+    self.k_proj = linear(cfg, cfg.d_model, self.num_kv_heads * self.head_dim, rngs=rngs)
+    self.v_proj = linear(cfg, cfg.d_model, self.num_kv_heads * self.head_dim, rngs=rngs)
+    self.o_proj = linear(cfg, self.num_heads * self.head_dim, cfg.d_model, rngs=rngs)
+
+  @staticmethod
+  def _window(cfg) -> int | None:
+    return None
+
+  @classmethod
+  def check_config(cls, cfg, *, seq_len: int) -> None:
+    """Raise ValueError (naming the field) for settings this mixer cannot run with."""
+    if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
+      raise ValueError(f"model.num_heads={cfg.num_heads} must be positive and divide model.d_model={cfg.d_model}"
+                       " (or set model.head_dim)")
+    kv = cfg.num_kv_heads or cfg.num_heads
+    if kv <= 0 or cfg.num_heads % kv:
+      raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}")
+    head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+    if head_dim % 2:
+      raise ValueError(f"head dim {head_dim} (model.head_dim or d_model/num_heads) must be even for RoPE")
+
+  def _project(self, x, positions):
+    q = rearrange(self.q_proj(x), "... (h d) -> ... h d", h=self.num_heads)
+    k = rearrange(self.k_proj(x), "... (h d) -> ... h d", h=self.num_kv_heads)
+    v = rearrange(self.v_proj(x), "... (h d) -> ... h d", h=self.num_kv_heads)
+    return apply_rope(q, positions, base=self.rope_base), apply_rope(k, positions, base=self.rope_base), v
+
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+    """Parallel face. ``x: [batch, time, d_model]`` → ``[batch, time, d_model]`` (and the decode state).
+
+    ``max_len``: cache slots of the returned state (global attention only; default ``time``).
+    """
+    time = x.shape[1]
+    q, k, v = self._project(x, jnp.arange(time))
+    o = window_attention(q, k, v, window=self.window, softcap=self.softcap, impl=self.impl)
+    y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+    if not return_state:
+      return y
+    return y, self._prefill_state(k, v, max_len)
+
+  def _prefill_state(self, k, v, max_len):
+    batch, time = k.shape[:2]
+    max_len = max_len or time
+    if max_len < time:
+      raise ValueError(f"attention: max_len={max_len} is shorter than the prefill ({time} tokens)")
+    state = self.init_state(batch, max_len=max_len)
+    state["k"] = state["k"].at[:, :time].set(k.astype(self.dtype))
+    state["v"] = state["v"].at[:, :time].set(v.astype(self.dtype))
+    state["pos"] = jnp.asarray(time, jnp.int32)
+    return state
+
+  def init_state(self, batch: int, *, max_len: int | None = None):
+    """KV cache ``{"k", "v": [batch, max_len, kv_heads, head_dim], "pos": int32[]}``."""
+    if not max_len:
+      raise ValueError("attention: global attention's decode cache needs max_len (prompt + new tokens)")
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "pos": jnp.zeros((), jnp.int32)}
+
+  def _slot_and_valid(self, pos, slots):
+    # A growing cache: write at pos, read everything written so far. Decoding past max_len is a
+    # caller error (generate sizes the cache); the write would clamp onto the last slot.
+    return pos, jnp.arange(slots) <= pos
+
+  def step(self, x_t, state):
+    """Recurrent face. ``x_t: [batch, d_model]`` → ``(y_t [batch, d_model], new state)``."""
+    pos = state["pos"]
+    q, k, v = self._project(x_t[:, None], pos[None])
+    slot, valid = self._slot_and_valid(pos, state["k"].shape[1])
+    k_cache = state["k"].at[:, slot].set(k[:, 0].astype(self.dtype))
+    v_cache = state["v"].at[:, slot].set(v[:, 0].astype(self.dtype))
+    o = decode_attention(q[:, 0], k_cache, v_cache, valid, softcap=self.softcap)
+    y = self.o_proj(rearrange(o, "b h d -> b (h d)"))
+    return y, {"k": k_cache, "v": v_cache, "pos": pos + 1}

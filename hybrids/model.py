@@ -1,0 +1,92 @@
+"""``HybridLM``: token embedding → residual blocks following a mixer pattern → RMSNorm → LM head.
+
+The pattern is tiled to ``n_layers``: Griffin is ``("rglru", "rglru", "swa")``, Hawk ``("rglru",)``,
+a transformer ``("attention",)``. Parameters are kept in ``param_dtype`` (f32 by default) and
+computed in ``dtype`` (e.g. bf16); the residual stream and logits stay in f32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybrids.blocks import ResidualBlock
+from hybrids.layers import dtype_of, linear, rms_norm
+
+
+def layer_pattern(cfg) -> tuple[str, ...]:
+  """The mixer of every layer: ``cfg.pattern`` repeated (and cut) to ``cfg.n_layers`` entries."""
+  pattern = tuple(cfg.pattern)
+  return tuple(pattern[i % len(pattern)] for i in range(cfg.n_layers))
+
+
+class HybridLM(nnx.Module):
+  """Decoder-only LM over a hybrid stack. ``tokens: int [batch, time]`` → ``logits: f32 [batch, time, vocab]``."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.d_model = cfg.d_model
+    self.remat = bool(cfg.remat)
+    self.logits_softcap = float(cfg.logits_softcap or 0.0)
+    self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
+                           param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+    self.blocks = nnx.List([ResidualBlock(name, cfg, rngs=rngs) for name in layer_pattern(cfg)])
+    self.final_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
+    self.head = None if cfg.tie_embeddings else linear(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs)
+
+  def _embed(self, tokens):
+    return self.embed(tokens).astype(jnp.float32) * self.embed_scale
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
+    if self.logits_softcap:
+      logits = self.logits_softcap * jnp.tanh(logits / self.logits_softcap)
+    return logits
+
+  def __call__(self, tokens):
+    """Training / scoring forward pass (parallel face of every mixer)."""
+    x = self._embed(tokens)
+    for block in self.blocks:
+      if self.remat:
+        x = nnx.remat(lambda blk, h: blk(h))(block, x)
+      else:
+        x = block(x)
+    return self._logits(x)
+
+  def prefill(self, tokens, *, max_len: int | None = None):
+    """Parallel pass that also returns every layer's decode state.
+
+    ``max_len``: total length to decode to (sizes global attention's cache; other mixers ignore it).
+    Returns ``(logits [batch, time, vocab], states)``.
+    """
+    x = self._embed(tokens)
+    states = []
+    for block in self.blocks:
+      x, state = block(x, return_state=True, max_len=max_len)
+      states.append(state)
+    return self._logits(x), states
+
+  def init_state(self, batch: int, *, max_len: int | None = None):
+    return [block.init_state(batch, max_len=max_len) for block in self.blocks]
+
+  def step(self, token, states):
+    """One decoding step. ``token: int [batch]`` → ``(logits [batch, vocab], states)``."""
+    x = self._embed(token)
+    new_states = []
+    for block, state in zip(self.blocks, states):
+      x, state = block.step(x, state)
+      new_states.append(state)
+    return self._logits(x), new_states
+
+
+def count_params(model: nnx.Module) -> dict[str, int]:
+  """``{"params": all, "non_embedding_params": all minus the token embedding (and an untied head)}``."""
+  total = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  embedding = int(model.embed.embedding.value.size)
+  if model.head is not None:
+    embedding += int(model.head.kernel.value.size)
+  return {"params": total, "non_embedding_params": total - embedding}

@@ -1,0 +1,457 @@
+"""Train one hybrid LM and write its run directory.
+
+Usage:
+
+    python -m hybrids.train --config experiments/quickstart.py:rglru --workdir /tmp/run \\
+        --config.model.window=32 --config.train.steps=200
+
+``--config`` is an experiment file and an optional argument for its ``get_config(arg)``; any field can
+be overridden with ``--config.FIELD=VALUE`` (an unknown field is an error). Running the same command
+again resumes from the last checkpoint with the identical data order; a run directory that holds a
+different config is refused. SIGTERM or Ctrl-C saves a checkpoint and exits (status "interrupted").
+
+The run directory (DESIGN.md): ``config.json`` (resolved), ``metrics.jsonl``, TensorBoard events in
+``tb/``, ``checkpoints/`` (orbax: params, optimizer state, data-iterator state) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hybrids import config as config_lib
+from hybrids import data as data_lib
+from hybrids.model import HybridLM, count_params
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class RunDirectoryError(RuntimeError):
+  """The run directory cannot be used for this config (it holds another run)."""
+
+
+class DivergedError(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- run directory helpers
+
+def _write_json(path: str, obj: Any) -> None:
+  """Write atomically: a killed process leaves the old file or the new one, never half of one."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validate and fill derived fields (vocab size); the result is what ``config.json`` holds."""
+  config_lib.validate(config)
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.model.vocab_size:
+    config.model.vocab_size = data_lib.vocab_size(config.data)
+  return config
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def prepare_workdir(config, workdir: str) -> None:
+  """Create ``workdir`` or check that it holds this very config; never overwrites another run."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  wanted = _config_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        existing = json.load(f)
+      except json.JSONDecodeError as e:
+        raise RunDirectoryError(f"{path} is not valid JSON ({e}); refusing to overwrite it") from None
+    if existing != wanted:
+      a, b = _flatten(existing), _flatten(wanted)
+      diff = [f"  {k}: {a.get(k, '<absent>')!r} (on disk) != {b.get(k, '<absent>')!r} (requested)"
+              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+      raise RunDirectoryError(
+          f"{workdir} holds a run with a different config; refusing to resume into it. "
+          "Use a new --workdir. Differences:\n" + "\n".join(diff))
+  elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+    raise RunDirectoryError(f"{workdir} has checkpoints but no {CONFIG_FILE}; refusing to reuse it")
+  else:
+    _write_json(path, wanted)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drop metric lines logged after the checkpoint we resume from, so the log stays continuous."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          kept.append(line)
+      except (json.JSONDecodeError, KeyError):
+        continue  # a line cut by a kill mid-write
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+  import flax
+  import grain
+  out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+         "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
+  for name, mod in (("orbax-checkpoint", ocp), ("grain", grain)):
+    out[name] = getattr(mod, "__version__", "unknown")
+  return out
+
+
+def hardware() -> dict[str, Any]:
+  devices = jax.devices()
+  return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "process_count": jax.process_count()}
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay, global-norm clipping, decay on matrices only."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps, decay_steps=t.steps,
+      end_value=t.lr * t.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def lm_loss(logits, labels):
+  """Mean cross-entropy and accuracy over positions whose label is not ``IGNORE_LABEL``.
+
+  ``logits: f32 [batch, time, vocab]``, ``labels: int [batch, time]``. Returns sums so callers can
+  aggregate exactly over batches: ``(loss_sum, correct_sum, count)``.
+  """
+  mask = labels != data_lib.IGNORE_LABEL
+  safe = jnp.where(mask, labels, 0)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  correct = (jnp.argmax(logits, -1) == safe) & mask
+  return jnp.sum(nll * mask), jnp.sum(correct), jnp.sum(mask)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Compiled pure functions over ``(params, opt_state)``; the model is rebuilt inside jit by merge."""
+
+  graphdef: Any
+  abstract_state: Any
+  tx: optax.GradientTransformation
+
+  def model(self, params) -> HybridLM:
+    state = jax.tree.map(lambda x: x, self.abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def _loss(self, params, batch):
+    logits = self.model(params)(batch["inputs"])
+    loss_sum, correct, count = lm_loss(logits, batch["labels"])
+    count = jnp.maximum(count, 1)
+    return loss_sum / count, correct / count
+
+  def train_step(self, params, opt_state, batch):
+    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+
+  def eval_step(self, params, batch):
+    return lm_loss(self.model(params)(batch["inputs"]), batch["labels"])
+
+
+def evaluate(trainer: Trainer, eval_step, params, batches) -> dict[str, float]:
+  loss_sum = correct = count = 0.0
+  for batch in batches:
+    l, c, n = jax.device_get(eval_step(params, batch))
+    loss_sum, correct, count = loss_sum + float(l), correct + float(c), count + float(n)
+  loss = loss_sum / max(count, 1.0)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_accuracy": correct / max(count, 1.0)}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  # Synchronous saves: the next step donates the parameter buffers, and runs here are small enough
+  # that a blocking save costs little next to a corrupted one.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(manager, step: int, params, opt_state, data_state) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      data=ocp.args.JsonSave(data_state)), force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, params, opt_state):
+  """Restore the newest readable checkpoint; a corrupt one is skipped with a warning, never deleted.
+
+  Returns ``(step, params, opt_state, data_state)`` or None when there is no checkpoint.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  errors = []
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+          data=ocp.args.JsonRestore()))
+      if errors:
+        warnings.warn(f"resumed from step {step}; newer checkpoints could not be read: " + "; ".join(errors))
+      return step, restored["params"], restored["opt_state"], restored["data"]
+    except Exception as e:  # orbax raises many types for truncated / corrupt files
+      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+  raise RunDirectoryError(f"no checkpoint in {manager.directory} could be read (kept on disk):\n" + "\n".join(errors))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _StopRequest:
+  """SIGTERM / first Ctrl-C ask the loop to checkpoint and stop at the next step boundary."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: the caller handles signals
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+  """Train (or resume) the run in ``workdir``; returns the summary written to ``summary.json``.
+
+  ``stop_after_steps``: stop (as if interrupted, with a checkpoint) after that many steps of this
+  call — for tests and for time-sliced schedulers.
+  """
+  config = resolve(config)  # every config error surfaces here, before any compile or write
+  prepare_workdir(config, workdir)
+  t = config.train
+  batch_size, seq_len = t.batch_size, config.data.seq_len
+
+  model = HybridLM(config.model, rngs=nnx.Rngs(params=config.seed))
+  counts = count_params(model)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  abstract_state = jax.tree.map(lambda x: x, state)
+  del model, state
+  tx = make_optimizer(t)
+  opt_state = tx.init(params)
+  trainer = Trainer(graphdef, abstract_state, tx)
+  train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1))
+  eval_step = jax.jit(trainer.eval_step)
+
+  dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
+                                   workdir=workdir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  iterator = data_lib.make_iterator(dataset)
+  eval_data = data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=workdir,
+                                    num_batches=t.eval_batches)
+
+  manager = checkpoint_manager(workdir, t.keep_checkpoints)
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  start_step = 0
+  restored = restore_checkpoint(manager, params, opt_state)
+  if restored is not None:
+    start_step, params, opt_state, data_state = restored
+    iterator.set_state(data_state)
+    _truncate_metrics(metrics_path, start_step)
+
+  summary: dict[str, Any] = {
+      "status": "running", "step": start_step, "steps": t.steps, **counts,
+      "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(),
+      "impl": {"attention": config.model.attention_impl, "scan": config.model.scan_impl},
+  }
+  if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+      previous = json.load(f)
+    summary.update({k: previous[k] for k in ("eval", "wall_seconds") if k in previous})
+  _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+
+  from tensorboardX import SummaryWriter  # imported late: it pulls in protobuf
+  writer = SummaryWriter(os.path.join(workdir, "tb"))
+  from tqdm.auto import tqdm
+
+  step = start_step
+  pending: list[tuple[int, dict]] = []
+  last_loss = float("nan")
+  timed_tokens, timed_seconds = 0, 0.0
+  tick = None  # time of the last flushed step, once the first (compiling) step is done
+  status = "running"
+
+  def flush() -> None:
+    """One host sync for all steps since the last flush: log, check finiteness."""
+    nonlocal last_loss, tick, timed_tokens, timed_seconds
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    now = time.perf_counter()
+    if tick is not None:
+      timed_tokens += len(pending) * batch_size * seq_len
+      timed_seconds += now - tick
+    tick = now
+    with open(metrics_path, "a") as f:
+      for (s, _), m in zip(pending, fetched):
+        record = {"step": s, **{k: float(v) for k, v in m.items()}}
+        if not all(math.isfinite(v) for v in record.values()):
+          raise DivergedError(f"non-finite loss at step {s}: {record}; the last good checkpoint is kept "
+                              f"(step {manager.latest_step()}). Lower train.lr or raise train.warmup_steps.")
+        f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+          if k != "step":
+            writer.add_scalar(f"train/{k}", v, s)
+    last_loss = float(fetched[-1]["loss"])
+    pending.clear()
+
+  bar = tqdm(total=t.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step",
+             desc=os.path.basename(os.path.abspath(workdir)))
+  wall_start = time.perf_counter()
+  try:
+    with _StopRequest() as stop:
+      while step < t.steps:
+        batch = next(iterator)
+        params, opt_state, metrics = train_step(params, opt_state, batch)
+        step += 1
+        pending.append((step, metrics))
+        lr = float(optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, t.steps, t.lr * t.min_lr_ratio)(step))
+        pending[-1][1]["lr"] = lr
+        stopping = stop.signum is not None or (stop_after_steps is not None and step - start_step >= stop_after_steps)
+        is_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
+        is_ckpt = step == t.steps or step % t.checkpoint_every == 0 or stopping
+        if step % t.log_every == 0 or is_eval or is_ckpt or tick is None:
+          flush()
+          tokens_per_sec = timed_tokens / timed_seconds if timed_seconds else float("nan")
+          bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+        bar.update(1)
+        if is_eval:
+          result = evaluate(trainer, eval_step, params, eval_data)
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **result}) + "\n")
+          for k, v in result.items():
+            writer.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
+          summary["eval"] = {"step": step, **result}
+        if is_ckpt:
+          save_checkpoint(manager, step, params, opt_state, iterator.get_state())
+        if (is_eval or is_ckpt) and tick is not None:
+          tick = time.perf_counter()  # tokens/s measures training steps, not evals or saves
+        if stopping and step < t.steps:
+          status = "interrupted"
+          break
+      else:
+        status = "done"
+  except DivergedError as e:
+    status = "diverged"
+    summary["error"] = str(e)
+    raise
+  except KeyboardInterrupt:
+    status = "interrupted"
+    summary["error"] = "killed by a second Ctrl-C before a checkpoint; resumes from the previous one"
+    raise
+  except BaseException as e:
+    status = "failed"
+    summary["error"] = f"{type(e).__name__}: {e}"
+    raise
+  finally:
+    bar.close()
+    writer.close()
+    manager.close()
+    summary.update({
+        "status": status, "step": step, "tokens": step * batch_size * seq_len,
+        "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
+        "train_loss": last_loss if math.isfinite(last_loss) else None,
+        "wall_seconds": summary.get("wall_seconds", 0.0) + time.perf_counter() - wall_start,
+    })
+    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+  return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv) -> None:
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  try:
+    summary = train(config, workdir)
+  except (config_lib.ConfigError, RunDirectoryError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except DivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  ev = summary.get("eval", {})
+  print(f"{summary['status']}: step {summary['step']}/{summary['steps']}, train loss {summary['train_loss']}, "
+        f"eval loss {ev.get('eval_loss')}, eval accuracy {ev.get('eval_accuracy')} → {os.path.abspath(workdir)}")
+  if summary["status"] == "interrupted":
+    sys.exit(128 + signal.SIGTERM)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment file and optional argument, e.g. experiments/quickstart.py:rglru. "
+      "Override any field with --config.FIELD=VALUE.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds the same config).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

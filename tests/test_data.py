@@ -1,0 +1,327 @@
+"""Tests for hybrids.data: MQAR definition, text LM pipeline, sharding, iterator state."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hybrids import data
+from hybrids.data import mqar, text
+
+SEQ = 64
+
+
+def mqar_config(**overrides):
+    c = data.default_config("mqar")
+    c.vocab_size = 256
+    c.num_kv_pairs = 8
+    c.num_train_examples = 500
+    c.num_eval_examples = 50
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly "
+         "judge boxing matches under pale moonlight and rivers carry stones to "
+         "distant seas where sailors sing old songs of home").split()
+
+
+def write_corpus(tmp_path, num_files=6, words_per_file=800, seed=0, gz_last=True):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(num_files):
+        lines = []
+        for _ in range(words_per_file // 10):
+            lines.append(" ".join(rng.choice(WORDS, size=10)).capitalize() + ".")
+        body = ("\n".join(lines) + "\n").encode()
+        if gz_last and i == num_files - 1:
+            p = tmp_path / f"doc{i}.txt.gz"
+            p.write_bytes(gzip.compress(body))
+        else:
+            p = tmp_path / f"doc{i}.txt"
+            p.write_bytes(body)
+        paths.append(str(p))
+    return paths
+
+
+def text_config(tmp_path, **overrides):
+    c = data.default_config("text")
+    c.files = overrides.pop("files", [str(tmp_path / "*.txt"), str(tmp_path / "*.gz")])
+    c.heldout_fraction = 0.2
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() == {"inputs", "labels"}
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+# ----------------------------------------------------------------------------- MQAR
+
+
+def test_mqar_example_structure():
+    k, V = 8, 256
+    src = mqar.MQARSource(num_examples=40, seq_len=SEQ, vocab_size=V, num_kv_pairs=k,
+                          power_a=0.01, random_non_queries=True, seed=3, stream=0)
+    for i in range(len(src)):
+        ex = src[i]
+        x, y = ex["inputs"], ex["labels"]
+        assert x.shape == y.shape == (SEQ,) and x.dtype == y.dtype == np.int32
+        keys, values = x[0:2 * k:2], x[1:2 * k:2]
+        assert len(set(keys.tolist())) == k and len(set(values.tolist())) == k
+        assert np.all((keys >= 1) & (keys < V // 2))
+        assert np.all((values >= V // 2) & (values < V))
+        assert np.all((x >= 0) & (x < V))
+        # Exactly one loss position per key, all in the query region, at even offsets.
+        pos = np.flatnonzero(y != data.IGNORE_LABEL)
+        assert len(pos) == k
+        assert np.all(pos >= 2 * k) and np.all((pos - 2 * k) % 2 == 0)
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        # Each label is the value paired with the key just read; each key queried once.
+        assert sorted(x[pos].tolist()) == sorted(keys.tolist())
+        for t in pos:
+            assert y[t] == pairs[int(x[t])]
+
+
+def test_mqar_no_random_fill_is_zero_outside_keys():
+    k = 4
+    src = mqar.MQARSource(num_examples=5, seq_len=SEQ, vocab_size=128, num_kv_pairs=k,
+                          power_a=0.01, random_non_queries=False, seed=0, stream=0)
+    x, y = src[0]["inputs"], src[0]["labels"]
+    query_region = x[2 * k:]
+    nonzero = np.flatnonzero(query_region) + 2 * k
+    np.testing.assert_array_equal(nonzero, np.flatnonzero(y != data.IGNORE_LABEL))
+
+
+def test_mqar_power_law_prefers_short_gaps():
+    # With a = 0.01 the gap pmf is ~1/i: gap 0 is far more likely than the last gap.
+    p = mqar.gap_probabilities(100, 0.01)
+    assert p.shape == (100,) and np.isclose(p.sum(), 1.0)
+    assert np.all(np.diff(p) < 0)
+    np.testing.assert_allclose(mqar.gap_probabilities(10, 1.0), np.full(10, 0.1))
+
+
+def test_mqar_determinism_and_splits():
+    c = mqar_config()
+    a = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=0)
+    b = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=0)
+    assert_batches_equal([a[i] for i in range(3)], [b[i] for i in range(3)])
+    other = data.train_dataset(mqar_config(seed=1), seq_len=SEQ, batch_size=8, seed=0)
+    assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
+    shuffled = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=1)
+    assert not np.array_equal(a[0]["inputs"], shuffled[0]["inputs"])
+    ev1 = data.eval_batches(c, seq_len=SEQ, batch_size=16)
+    ev2 = data.eval_batches(c, seq_len=SEQ, batch_size=16)
+    assert_batches_equal(ev1, ev2)
+    # 50 eval examples -> 4 batches of 16, the last padded with 14 ignore rows.
+    assert len(ev1) == 4 and all(b["inputs"].shape == (16, SEQ) for b in ev1)
+    assert np.all(ev1[-1]["labels"][2:] == data.IGNORE_LABEL)
+    n_labels = sum(int((b["labels"] != data.IGNORE_LABEL).sum()) for b in ev1)
+    assert n_labels == 50 * c.num_kv_pairs
+    assert len(data.eval_batches(c, seq_len=SEQ, batch_size=16, num_batches=2)) == 2
+    # Eval examples are not train examples.
+    train_src = mqar.MQARSource(num_examples=500, seq_len=SEQ, vocab_size=256,
+                                num_kv_pairs=8, power_a=0.01, random_non_queries=True,
+                                seed=0, stream=mqar.TRAIN_STREAM)
+    train_rows = {train_src[i]["inputs"].tobytes() for i in range(500)}
+    eval_rows = {r.tobytes() for b in ev1 for r in b["inputs"][:16]}
+    assert not train_rows & eval_rows
+
+
+@pytest.mark.parametrize("field,value,seq_len,match", [
+    ("vocab_size", 256, 63, "seq_len=63.*even"),
+    ("vocab_size", 64, 64, "data.vocab_size=64.*> seq_len=64"),
+    ("num_kv_pairs", 17, 64, "seq_len=64 too short for data.num_kv_pairs=17"),
+    ("power_a", 0.0, 64, "data.power_a=0.0"),
+    ("num_train_examples", 0, 64, "data.num_train_examples=0"),
+    ("seed", -1, 64, "data.seed=-1"),
+    ("name", "wikitext", 64, r"data.name='wikitext'.*\('mqar', 'text'\)"),
+])
+def test_mqar_validation(field, value, seq_len, match):
+    c = mqar_config()
+    setattr(c, field, value)
+    with pytest.raises(ValueError, match=match):
+        data.validate(c, seq_len=seq_len)
+    with pytest.raises(ValueError, match=match):
+        data.train_dataset(c, seq_len=seq_len, batch_size=4, seed=0)
+
+
+def test_vocab_sizes(tmp_path):
+    assert data.vocab_size(mqar_config(vocab_size=8192)) == 8192
+    assert data.vocab_size(text_config(tmp_path)) == 257
+    assert data.vocab_size(text_config(tmp_path, tokenizer="bpe:512")) == 512
+    with pytest.raises(ValueError, match="data.tokenizer='bpe:x'"):
+        data.vocab_size(text_config(tmp_path, tokenizer="bpe:x"))
+
+
+# ----------------------------------------------------------------------------- iterator / sharding
+
+
+def test_iterator_state_round_trip_mqar():
+    ds = data.train_dataset(mqar_config(), seq_len=SEQ, batch_size=8, seed=5)
+    it = data.make_iterator(ds)
+    take(it, 7)
+    state = it.get_state()
+    state = json.loads(json.dumps(state))  # must survive JSON serialization
+    expected = take(it, 5)
+    it2 = data.make_iterator(data.train_dataset(mqar_config(), seq_len=SEQ, batch_size=8,
+                                                seed=5))
+    it2.set_state(state)
+    assert_batches_equal(take(it2, 5), expected)
+    # Thread count does not change the data.
+    it3 = data.make_iterator(ds, num_threads=0)
+    assert_batches_equal(take(it3, 12)[7:], expected)
+
+
+def test_epochs_cover_everything_and_reshuffle():
+    c = mqar_config(num_train_examples=32)
+    ds = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=0)
+    epoch0 = [r.tobytes() for s in range(4) for r in ds[s]["inputs"]]
+    epoch1 = [r.tobytes() for s in range(4, 8) for r in ds[s]["inputs"]]
+    assert len(set(epoch0)) == 32 and set(epoch0) == set(epoch1)
+    assert epoch0 != epoch1
+
+
+def test_process_sharding_reassembles_global_batch():
+    c = mqar_config()
+    glob_ds = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=2)
+    shards = [data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=2, process_index=p,
+                                 process_count=2) for p in range(2)]
+    its = [data.make_iterator(s) for s in shards]
+    git = data.make_iterator(glob_ds)
+    for _ in range(6):
+        g = next(git)
+        parts = [next(it) for it in its]
+        assert parts[0]["inputs"].shape == (4, SEQ)
+        for k in ("inputs", "labels"):
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k])
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by process_count=4"):
+        data.train_dataset(c, seq_len=SEQ, batch_size=6, seed=0, process_index=0,
+                           process_count=4)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_byte_tokenizer_round_trip():
+    docs = [b"hello world\n", "caf\u00e9 \u2603".encode(), bytes(range(256))]
+    tokens = text.bytes_encode(docs)
+    assert tokens.max() == text.BYTE_EOD and np.sum(tokens == text.BYTE_EOD) == 3
+    assert text.bytes_decode(tokens) == docs
+
+
+def test_text_bytes_pipeline(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    paths = write_corpus(corpus_dir)
+    c = text_config(corpus_dir)
+    work = str(tmp_path / "work")
+    data.validate(c, seq_len=SEQ)
+    ds = data.train_dataset(c, seq_len=SEQ, batch_size=4, seed=0, workdir=work)
+    b = ds[0]
+    assert b["inputs"].shape == (4, SEQ) and b["inputs"].dtype == np.int32
+    np.testing.assert_array_equal(b["inputs"][:, 1:], b["labels"][:, :-1])
+    assert b["inputs"].max() < 257 and b["labels"].min() >= 0
+
+    corpus = text.prepare_corpus(files=c.files, tokenizer="bytes", heldout_fraction=0.2,
+                                 seed=0, workdir=work)
+    train_docs = text.bytes_decode(corpus.train)
+    eval_docs = text.bytes_decode(corpus.eval)
+    originals = [text.read_document(p) for p in paths]
+    # 6 docs, 20% held out -> 1 eval doc; disjoint, and together exactly the corpus.
+    assert len(eval_docs) == 1 and len(train_docs) == 5
+    assert sorted(train_docs + eval_docs) == sorted(originals)
+    assert not set(train_docs) & set(eval_docs)
+
+    ev = data.eval_batches(c, seq_len=SEQ, batch_size=4, workdir=work)
+    n_windows = len(corpus.eval) // (SEQ + 1)
+    assert len(ev) == -(-n_windows // 4)
+    first = np.asarray(corpus.eval[: SEQ + 1], dtype=np.int32)
+    np.testing.assert_array_equal(ev[0]["inputs"][0], first[:-1])
+    np.testing.assert_array_equal(ev[0]["labels"][0], first[1:])
+    # Cache reuse: the token arrays are written once.
+    npys = sorted(f for f in os.listdir(work) if f.endswith(".npy"))
+    assert len(npys) == 2
+    data.eval_batches(c, seq_len=SEQ, batch_size=4, workdir=work)
+    assert sorted(f for f in os.listdir(work) if f.endswith(".npy")) == npys
+
+
+def test_text_single_document_tail_split(tmp_path):
+    (tmp_path / "only.txt").write_bytes(
+        b"".join(b"line of text number %d\n" % i for i in range(200)))
+    c = text_config(tmp_path, files=str(tmp_path / "only.txt"), heldout_fraction=0.1)
+    corpus = text.prepare_corpus(files=c.files, tokenizer="bytes", heldout_fraction=0.1,
+                                 seed=0, workdir=str(tmp_path / "w"))
+    (train_doc,), (eval_doc,) = text.bytes_decode(corpus.train), text.bytes_decode(corpus.eval)
+    assert train_doc + eval_doc == (tmp_path / "only.txt").read_bytes()
+    assert eval_doc.startswith(b"line") and len(eval_doc) > 0 and len(train_doc) > 0
+    assert len(data.eval_batches(c, seq_len=SEQ, batch_size=2, workdir=str(tmp_path / "w"))) > 0
+
+
+def test_text_too_small_and_bad_fields(tmp_path):
+    write_corpus(tmp_path, num_files=2, words_per_file=20, gz_last=False)
+    c = text_config(tmp_path, heldout_fraction=0.5)
+    with pytest.raises(ValueError, match="corpus too small"):
+        data.train_dataset(c, seq_len=1024, batch_size=2, seed=0, workdir=str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="data.files=.*matches no files"):
+        data.validate(text_config(tmp_path, files=str(tmp_path / "*.nope")), seq_len=SEQ)
+    with pytest.raises(ValueError, match=r"data.heldout_fraction=1.5.*\(0, 1\)"):
+        data.validate(text_config(tmp_path, heldout_fraction=1.5), seq_len=SEQ)
+    with pytest.raises(ValueError, match="data.tokenizer='words'.*'bytes' or 'bpe:VOCAB'"):
+        data.validate(text_config(tmp_path, tokenizer="words"), seq_len=SEQ)
+
+
+def test_text_bpe(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    write_corpus(corpus_dir)
+    work = str(tmp_path / "work")
+    c = text_config(corpus_dir, tokenizer="bpe:300")
+    ds = data.train_dataset(c, seq_len=32, batch_size=4, seed=0, workdir=work)
+    assert os.path.exists(os.path.join(work, "tokenizer.json"))
+    corpus = text.prepare_corpus(files=c.files, tokenizer="bpe:300", heldout_fraction=0.2,
+                                 seed=0, workdir=work)
+    assert corpus.eod == 0
+    assert int(np.max(corpus.train)) < 300 and int(np.max(corpus.eval)) < 300
+    # BPE actually merges: fewer tokens than bytes (plus one EOD per doc).
+    n_bytes = sum(len(d) for d in text.split_documents(
+        text.resolve_files(c.files), 0.2, 0)[0])
+    assert len(corpus.train) < 0.7 * n_bytes
+    # Reused on resume: same tokenizer file, identical batches.
+    with open(os.path.join(work, "tokenizer.json")) as f:
+        tok_json = f.read()
+    ds2 = data.train_dataset(c, seq_len=32, batch_size=4, seed=0, workdir=work)
+    with open(os.path.join(work, "tokenizer.json")) as f:
+        assert f.read() == tok_json
+    assert_batches_equal([ds[i] for i in range(3)], [ds2[i] for i in range(3)])
+    for b in data.eval_batches(c, seq_len=32, batch_size=4, workdir=work):
+        assert b["inputs"].max() < 300 and b["inputs"].min() >= 0
+
+
+def test_text_iterator_state_round_trip(tmp_path):
+    write_corpus(tmp_path)
+    c = text_config(tmp_path)
+    work = str(tmp_path / "work")
+    it = data.make_iterator(data.train_dataset(c, seq_len=SEQ, batch_size=4, seed=1,
+                                               workdir=work))
+    take(it, 7)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 5)
+    it2 = data.make_iterator(data.train_dataset(c, seq_len=SEQ, batch_size=4, seed=1,
+                                                workdir=work))
+    it2.set_state(state)
+    assert_batches_equal(take(it2, 5), expected)
