@@ -12,6 +12,9 @@ Run the comparison (prints an accuracy table):
 
     python -m launch sweep experiments/quickstart.py --root runs/quickstart
 
+Zoology uses a vocabulary of 8192; the quickstart uses 256 so that three models learn in minutes on a
+laptop CPU (at 8192 the logit matmul dominates each step). Everything else is Zoology's MQAR.
+
 ``get_config(arg)``: ``arg`` is a mixer name (``attention``, ``swa``, ``rglru``; a one-mixer stack),
 ``griffin`` (``rglru, rglru, swa``), or ``tiny`` (a few-second smoke test, used by the tests).
 """
@@ -28,26 +31,26 @@ def get_config(arg: str | None = None):
     raise ValueError(f"quickstart: unknown variant {arg!r}; valid: {', '.join(sorted(MIXERS) + list(VARIANTS))}")
   c = base_config("mqar")
   c.data.seq_len = 64
-  c.data.vocab_size = 8192
+  c.data.vocab_size = 256
   c.data.num_kv_pairs = 4
   c.model.d_model = 64
   c.model.n_layers = 2
   c.model.num_heads = 2
   c.model.window = 16  # shorter than the 8-token kv prefix + query gaps: SWA must miss some pairs
   c.model.pattern = ("rglru", "rglru", "swa") if arg in ("griffin", "tiny") else (arg,)
-  c.train.steps = 600
+  c.train.steps = 500  # attention's induction head forms at ~400 steps (eval accuracy 0.29 → 0.88)
   c.train.batch_size = 64
-  c.train.lr = 3e-3
+  c.train.lr = 1e-2
   c.train.warmup_steps = 50
-  c.train.weight_decay = 0.1
+  c.train.weight_decay = 0.0
   c.train.log_every = 20
-  c.train.eval_every = 200
+  c.train.eval_every = 250
   c.train.eval_batches = 4
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = 250
   if arg == "tiny":
     c.data.seq_len = 32
     c.data.num_kv_pairs = 2
-    c.data.vocab_size = 256
+    c.data.vocab_size = 64
     c.model.d_model = 32
     c.model.window = 8
     c.train.steps = 12

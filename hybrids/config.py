@@ -136,3 +136,74 @@ def validate(config) -> None:
   data_vocab = data_lib.vocab_size(config.data)
   if m.vocab_size and m.vocab_size < data_vocab:
     raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the data's vocabulary ({data_vocab})")
+
+
+def load_experiment(path: str):
+  """Import an experiment file (``experiments/NAME.py``) as a module."""
+  import importlib.util
+  import os
+
+  if not os.path.isfile(path):
+    raise ConfigError(f"experiment file {path!r} does not exist")
+  name = "hybrids_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"experiment file {path!r} defines no get_config(arg)")
+  return module
+
+
+def parse_value(text: str, current):
+  """Parse an override string into the type of the field it replaces (as ``--config.X=`` does)."""
+  import ast
+
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"expected a bool, got {text!r}")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"cannot parse {text!r} as a {type(current).__name__}") from None
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Set dotted fields (``{"model.window": 32}``); an unknown field names its valid siblings."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parents[:i]) or "config"
+        raise ConfigError(f"unknown config field {dotted!r}: {where} has no {part!r}; "
+                          f"valid: {', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else '—'}")
+      node = node[part]
+    if leaf not in node:
+      where = ".".join(parents) or "config"
+      raise ConfigError(f"unknown config field {dotted!r}: {where} has no {leaf!r}; valid: {', '.join(sorted(node.keys()))}")
+    if isinstance(value, str) and not isinstance(node[leaf], str) and node[leaf] is not None:
+      try:
+        value = parse_value(value, node[leaf])
+      except ConfigError as e:
+        raise ConfigError(f"config field {dotted!r}: {e}") from None
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+      value = tuple(value)
+    node[leaf] = value
+  return config
+
+
+def get_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """``"experiments/quickstart.py:rglru"`` (+ overrides) → ConfigDict, like ``--config`` on the CLI."""
+  path, _, arg = spec.partition(":")
+  module = load_experiment(path)
+  config = module.get_config(arg or None)
+  return apply_overrides(config, overrides or {})

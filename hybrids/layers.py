@@ -62,21 +62,21 @@ class CausalConv1D(nnx.Module):
   def __call__(self, x, *, return_state: bool = False):
     """``x: [batch, time, channels]`` → ``y`` (and the state after the last step)."""
     time = x.shape[1]
-    kernel = self.kernel.value.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
     padded = jnp.pad(x.astype(self.dtype), ((0, 0), (self.width - 1, 0), (0, 0)))
-    y = sum(kernel[i] * padded[:, i:i + time] for i in range(self.width)) + self.bias.value.astype(self.dtype)
+    y = sum(kernel[i] * padded[:, i:i + time] for i in range(self.width)) + self.bias[...].astype(self.dtype)
     if not return_state:
       return y
     return y, padded[:, padded.shape[1] - (self.width - 1):]
 
   def init_state(self, batch: int):
-    return jnp.zeros((batch, self.width - 1, self.kernel.value.shape[1]), self.dtype)
+    return jnp.zeros((batch, self.width - 1, self.kernel[...].shape[1]), self.dtype)
 
   def step(self, x_t, state):
     """``x_t: [batch, channels]``, ``state: [batch, width−1, channels]``."""
     window = jnp.concatenate([state, x_t[:, None].astype(self.dtype)], axis=1)
-    kernel = self.kernel.value.astype(self.dtype)
-    y = jnp.einsum("bwc,wc->bc", window, kernel) + self.bias.value.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jnp.einsum("bwc,wc->bc", window, kernel) + self.bias[...].astype(self.dtype)
     return y, window[:, 1:]
 
 

@@ -147,11 +147,16 @@ def hardware() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- optimisation
 
-def make_optimizer(t) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay, global-norm clipping, decay on matrices only."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def lr_schedule(t) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at ``steps``."""
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps, decay_steps=t.steps,
       end_value=t.lr * t.min_lr_ratio)
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """AdamW on :func:`lr_schedule`, global-norm clipping, weight decay on matrices only."""
+  schedule = lr_schedule(t)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
@@ -294,6 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   abstract_state = jax.tree.map(lambda x: x, state)
   del model, state
   tx = make_optimizer(t)
+  schedule = lr_schedule(t)
   opt_state = tx.init(params)
   trainer = Trainer(graphdef, abstract_state, tx)
   train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1))
@@ -350,7 +356,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     tick = now
     with open(metrics_path, "a") as f:
       for (s, _), m in zip(pending, fetched):
-        record = {"step": s, **{k: float(v) for k, v in m.items()}}
+        # lr of the update that produced step s (optax counts updates from 0)
+        record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1))}
         if not all(math.isfinite(v) for v in record.values()):
           raise DivergedError(f"non-finite loss at step {s}: {record}; the last good checkpoint is kept "
                               f"(step {manager.latest_step()}). Lower train.lr or raise train.warmup_steps.")
@@ -371,8 +378,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
         params, opt_state, metrics = train_step(params, opt_state, batch)
         step += 1
         pending.append((step, metrics))
-        lr = float(optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, t.steps, t.lr * t.min_lr_ratio)(step))
-        pending[-1][1]["lr"] = lr
         stopping = stop.signum is not None or (stop_after_steps is not None and step - start_step >= stop_after_steps)
         is_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
         is_ckpt = step == t.steps or step % t.checkpoint_every == 0 or stopping

@@ -48,7 +48,7 @@ class BlockDiagonalLinear(nnx.Module):
   def __call__(self, x):
     """``x: [..., width]`` → ``[..., width]``."""
     xh = rearrange(x.astype(self.dtype), "... (h i) -> ... h i", h=self.heads)
-    y = jnp.einsum("...hi,hij->...hj", xh, self.kernel.value.astype(self.dtype)) + self.bias.value.astype(self.dtype)
+    y = jnp.einsum("...hi,hij->...hj", xh, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
     return rearrange(y, "... h j -> ... (h j)")
 
 
@@ -86,7 +86,7 @@ class RGLRUBlock(nnx.Module):
     """``u: [..., d_rnn]`` → ``(a, b)`` of the scan ``h = a ⊙ h + b``, both f32."""
     r = jax.nn.sigmoid(self.recurrence_gate(u).astype(jnp.float32))
     i = jax.nn.sigmoid(self.input_gate(u).astype(jnp.float32))
-    log_a = -C * r * jax.nn.softplus(-self.a_param.value.astype(jnp.float32))
+    log_a = -C * r * jax.nn.softplus(-self.a_param[...].astype(jnp.float32))
     # √(1 − a²) via expm1: a is within 1e-4 of 1 at init, where 1 − exp(2 log a) cancels badly.
     normaliser = jnp.sqrt(-jnp.expm1(2.0 * log_a))
     return jnp.exp(log_a), normaliser * i * u.astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Sweep expansion, execution backends and reports: ``python -m launch``."""

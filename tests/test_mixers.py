@@ -1,0 +1,146 @@
+"""Every registered mixer: shapes, causality, parallel face == recurrent face, prefill-then-step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybrids.config import model_config
+from hybrids.mixers import MIXERS, get_mixer
+
+
+def small_config(**overrides):
+  c = model_config()
+  c.d_model, c.num_heads, c.num_kv_heads, c.window = 16, 4, 2, 5
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def make(name, **overrides):
+  return get_mixer(name)(small_config(**overrides), rngs=nnx.Rngs(params=0))
+
+
+def run_steps(mixer, x, state):
+  ys = []
+  for t in range(x.shape[1]):
+    y, state = mixer.step(x[:, t], state)
+    ys.append(y)
+  return jnp.stack(ys, axis=1), state
+
+
+def _close(a, b, tol=1e-5):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.max(np.abs(a - b)) <= tol * max(1.0, np.max(np.abs(b))), np.max(np.abs(a - b))
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_shapes(name):
+  mixer = make(name)
+  y = mixer(jnp.ones((3, 7, 16)))
+  assert y.shape == (3, 7, 16) and y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_causal(name):
+  mixer = make(name)
+  x = jax.random.normal(jax.random.key(1), (2, 13, 16))
+  y = mixer(x)
+  for t in (0, 6, 12):
+    y2 = mixer(x.at[:, t].add(3.0))
+    np.testing.assert_array_equal(y2[:, :t], y[:, :t])
+    assert not np.allclose(y2[:, t], y[:, t])
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("time", [1, 4, 11])
+def test_parallel_equals_recurrent(name, time):
+  mixer = make(name)
+  x = jax.random.normal(jax.random.key(time), (2, time, 16))
+  y_parallel, state_parallel = mixer(x, return_state=True, max_len=time)
+  y_steps, state_steps = run_steps(mixer, x, mixer.init_state(2, max_len=time))
+  _close(y_steps, y_parallel)
+  for a, b in zip(jax.tree.leaves(state_steps), jax.tree.leaves(state_parallel)):
+    _close(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_prefill_then_step_equals_parallel(name):
+  mixer = make(name)
+  x = jax.random.normal(jax.random.key(7), (2, 12, 16))
+  y_full = mixer(x)
+  _, state = mixer(x[:, :7], return_state=True, max_len=12)
+  y_rest, _ = run_steps(mixer, x[:, 7:], state)
+  _close(y_rest, y_full[:, 7:])
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_gradients_finite(name):
+  mixer = make(name)
+  graphdef, params = nnx.split(mixer)
+  x = jax.random.normal(jax.random.key(3), (2, 9, 16))
+  grads = jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1))(params, x)
+  leaves = jax.tree.leaves(grads)
+  assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
+  assert any(np.any(g != 0) for g in jax.tree.leaves(grads[0]))
+
+
+def test_swa_decoding_memory_is_the_window():
+  swa = make("swa", window=5)
+  state = swa.init_state(2)
+  assert state["k"].shape == (2, 5, 2, 4)
+  x = jax.random.normal(jax.random.key(0), (2, 40, 16))
+  y_steps, state = run_steps(swa, x, state)
+  assert state["k"].shape == (2, 5, 2, 4)  # constant after 40 > window steps
+  _close(y_steps, swa(x))
+
+
+def test_swa_window_equals_attention_when_window_covers_sequence():
+  x = jax.random.normal(jax.random.key(0), (1, 9, 16))
+  _close(make("swa", window=9)(x), make("attention")(x))
+
+
+def test_swa_window_one_reads_only_itself():
+  """W=1: softmax over a single key, so the output ignores every other position's key/value."""
+  swa = make("swa", window=1)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 16))
+  y = swa(x)
+  for t in range(6):
+    _close(swa(x[:, t:t + 1])[:, 0], y[:, t])
+
+
+def test_rglru_initial_decay_range():
+  """a^c = σ(Λ)^c starts uniform in [0.9, 0.999] (Griffin §2.4)."""
+  from hybrids.mixers.rglru import C
+  block = make("rglru", d_model=256)
+  a_c = jax.nn.sigmoid(block.a_param[...]) ** C
+  assert float(a_c.min()) >= 0.9 - 1e-5 and float(a_c.max()) <= 0.999 + 1e-5
+  assert float(a_c.max() - a_c.min()) > 0.05
+
+
+def test_rglru_matches_its_equations():
+  """The block against the paper's equations written out with numpy, one step at a time."""
+  from hybrids.mixers.rglru import C
+  block = make("rglru")
+  x = np.asarray(jax.random.normal(jax.random.key(4), (1, 6, 16)), np.float64)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(block)))
+  gelu = lambda z: np.asarray(jax.nn.gelu(jnp.asarray(z)), np.float64)
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  bd = lambda z, q: np.einsum("hi,hij->hj", z.reshape(q["kernel"].shape[0], -1), q["kernel"]).ravel() + q["bias"].ravel()
+  conv_in = x[0] @ p["in_proj"]["kernel"]
+  h = np.zeros(16)
+  outs = []
+  for t in range(6):
+    window = [conv_in[t - 3 + i] if t - 3 + i >= 0 else np.zeros(16) for i in range(4)]
+    u = sum(p["conv"]["kernel"][i] * window[i] for i in range(4)) + p["conv"]["bias"]
+    r, i_gate = sig(bd(u, p["recurrence_gate"])), sig(bd(u, p["input_gate"]))
+    a = sig(p["a_param"]) ** (C * r)
+    h = a * h + np.sqrt(1 - a ** 2) * (i_gate * u)
+    outs.append((h * gelu(x[0, t] @ p["gate_proj"]["kernel"])) @ p["out_proj"]["kernel"])
+  _close(block(jnp.asarray(x, jnp.float32))[0], np.stack(outs), tol=1e-4)
+
+
+def test_unknown_mixer_lists_valid_ones():
+  with pytest.raises(ValueError, match="valid mixers: attention, rglru, swa"):
+    get_mixer("mamba3")
