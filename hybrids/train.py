@@ -230,27 +230,43 @@ def save_checkpoint(manager, step: int, params, opt_state, data_state) -> None:
   manager.wait_until_finished()
 
 
-def restore_checkpoint(manager, params, opt_state):
-  """Restore the newest readable checkpoint; a corrupt one is skipped with a warning, never deleted.
+def restore_checkpoint(workdir: str, keep: int, params, opt_state):
+  """Open the run's checkpoints and restore the newest readable one.
 
-  Returns ``(step, params, opt_state, data_state)`` or None when there is no checkpoint.
+  An unreadable checkpoint (truncated or corrupt) is moved, with a warning, to
+  ``workdir/corrupt_checkpoints/STEP`` — kept for inspection, out of orbax's way — and the next older
+  one is tried. Returns ``(manager, restored)`` where ``restored`` is
+  ``(step, params, opt_state, data_state)`` or None when there is nothing to resume.
   """
-  steps = sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    return None
+  import shutil
+
+  manager = checkpoint_manager(workdir, keep)
   abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
   errors = []
-  for step in steps:
+  for step in sorted(manager.all_steps(), reverse=True):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
           data=ocp.args.JsonRestore()))
-      if errors:
-        warnings.warn(f"resumed from step {step}; newer checkpoints could not be read: " + "; ".join(errors))
-      return step, restored["params"], restored["opt_state"], restored["data"]
     except Exception as e:  # orbax raises many types for truncated / corrupt files
       errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
-  raise RunDirectoryError(f"no checkpoint in {manager.directory} could be read (kept on disk):\n" + "\n".join(errors))
+      continue
+    if errors:
+      manager.close()
+      aside = os.path.join(workdir, "corrupt_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for bad in manager.all_steps():
+        if bad > step:
+          shutil.move(os.path.join(manager.directory, str(bad)), os.path.join(aside, f"{bad}-{int(time.time())}"))
+      warnings.warn(f"resumed from step {step}; newer checkpoints could not be read and were moved to {aside}: "
+                    + "; ".join(errors))
+      manager = checkpoint_manager(workdir, keep)
+    return manager, (step, restored["params"], restored["opt_state"], restored["data"])
+  if errors:
+    manager.close()
+    raise RunDirectoryError(f"no checkpoint in {manager.directory} could be read (all kept on disk):\n"
+                            + "\n".join(errors))
+  return manager, None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -312,10 +328,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   eval_data = data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=workdir,
                                     num_batches=t.eval_batches)
 
-  manager = checkpoint_manager(workdir, t.keep_checkpoints)
+  manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, params, opt_state)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   start_step = 0
-  restored = restore_checkpoint(manager, params, opt_state)
   if restored is not None:
     start_step, params, opt_state, data_state = restored
     iterator.set_state(data_state)

@@ -1,0 +1,77 @@
+"""HybridLM: shapes, patterns, dtypes, decoding through every layer's recurrent face."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybrids.config import model_config
+from hybrids.model import HybridLM, count_params, layer_pattern
+
+
+def cfg(**overrides):
+  c = model_config()
+  c.vocab_size, c.d_model, c.n_layers, c.num_heads, c.window = 50, 16, 3, 2, 4
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_pattern_is_tiled_to_n_layers():
+  assert layer_pattern(cfg(pattern=("rglru", "rglru", "swa"), n_layers=7)) == (
+      "rglru", "rglru", "swa", "rglru", "rglru", "swa", "rglru")
+  model = HybridLM(cfg(n_layers=4), rngs=nnx.Rngs(params=0))
+  assert [b.mixer_name for b in model.blocks] == ["rglru", "rglru", "swa", "rglru"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_shape_and_param_counts(tie):
+  model = HybridLM(cfg(tie_embeddings=tie), rngs=nnx.Rngs(params=0))
+  logits = model(jnp.zeros((2, 9), jnp.int32))
+  assert logits.shape == (2, 9, 50) and logits.dtype == jnp.float32
+  counts = count_params(model)
+  embed = 50 * 16 * (1 if tie else 2)
+  assert counts["params"] - counts["non_embedding_params"] == embed
+
+
+def test_logits_softcap_bounds_logits():
+  model = HybridLM(cfg(logits_softcap=2.0), rngs=nnx.Rngs(params=0))
+  logits = model(jax.random.randint(jax.random.key(0), (2, 9), 0, 50))
+  assert float(jnp.max(jnp.abs(logits))) <= 2.0
+
+
+def test_bf16_compute_keeps_f32_params():
+  model = HybridLM(cfg(dtype="bfloat16"), rngs=nnx.Rngs(params=0))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(p.dtype == jnp.float32 for p in params)
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 50)
+  logits = model(tokens)
+  ref = HybridLM(cfg(), rngs=nnx.Rngs(params=0))(tokens)
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+  assert float(jnp.max(jnp.abs(logits - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_remat_gives_identical_gradients():
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 50)
+  grads = []
+  for remat in (False, True):
+    graphdef, state = nnx.split(HybridLM(cfg(remat=remat), rngs=nnx.Rngs(params=0)))
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
+    grads.append(jax.tree.leaves(jax.grad(loss)(state)))
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("pattern", [("rglru", "rglru", "swa"), ("attention",), ("swa", "attention", "rglru")])
+def test_prefill_then_step_equals_full_forward(pattern):
+  model = HybridLM(cfg(pattern=pattern), rngs=nnx.Rngs(params=0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 50)
+  full = model(tokens)
+  logits, states = model.prefill(tokens[:, :6], max_len=11)
+  np.testing.assert_allclose(logits, full[:, :6], rtol=1e-5, atol=1e-5)
+  step = jax.jit(lambda g, s, tok, st: nnx.merge(g, s).step(tok, st))
+  graphdef, params = nnx.split(model)
+  for t in range(6, 11):
+    step_logits, states = step(graphdef, params, tokens[:, t], states)
+    np.testing.assert_allclose(step_logits, full[:, t], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,122 @@
+"""The training loop: learning, exact resume (in-process and after SIGTERM), run-directory safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hybrids.config import get_config
+from hybrids.train import DivergedError, RunDirectoryError, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "experiments", "quickstart.py") + ":tiny"
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r["loss"]) for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  train(get_config(TINY), workdir, progress=False)
+  return workdir
+
+
+def test_run_directory_contract(uninterrupted):
+  files = set(os.listdir(uninterrupted))
+  assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints", "tb"} <= files
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(uninterrupted, "tb")))
+  s = summary(uninterrupted)
+  assert s["status"] == "done" and s["step"] == 12 and s["tokens"] == 12 * 4 * 32
+  assert s["params"] > s["non_embedding_params"] > 0
+  assert s["tokens_per_sec"] > 0 and s["eval"]["step"] == 12
+  assert {"jax", "flax", "optax", "orbax-checkpoint", "grain"} <= set(s["versions"])
+  assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == ["12", "4", "8"]
+
+
+def test_loss_decreases_on_mqar(tmp_path):
+  config = get_config(TINY, {"train.steps": 60, "train.lr": 1e-2, "train.warmup_steps": 5, "train.eval_every": 0,
+                             "train.checkpoint_every": 60})
+  train(config, str(tmp_path), progress=False)
+  losses = [l for _, l in train_losses(str(tmp_path))[0]]
+  assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_resume_is_bit_identical(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  first = train(get_config(TINY), workdir, stop_after_steps=5, progress=False)
+  assert first["status"] == "interrupted" and first["step"] == 5
+  assert "5" in os.listdir(os.path.join(workdir, "checkpoints"))
+  second = train(get_config(TINY), workdir, progress=False)
+  assert second["status"] == "done"
+  assert train_losses(workdir) == train_losses(uninterrupted)  # floats compared exactly
+
+
+def test_sigterm_then_rerun_resumes_exactly(tmp_path):
+  overrides = {"train.steps": 400, "train.checkpoint_every": 1000, "train.eval_every": 0}
+  reference = str(tmp_path / "reference")
+  train(get_config(TINY, overrides), reference, progress=False)
+
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "hybrids.train", "--config", TINY, "--workdir", workdir,
+         "--config.train.steps=400", "--config.train.checkpoint_every=1000", "--config.train.eval_every=0"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 20:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  stopped = summary(workdir)
+  assert stopped["status"] == "interrupted" and 20 <= stopped["step"] < 400
+  assert str(stopped["step"]) in os.listdir(os.path.join(workdir, "checkpoints"))
+
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert summary(workdir)["status"] == "done"
+  assert train_losses(workdir) == train_losses(reference)
+
+
+def test_different_config_refuses_to_resume(uninterrupted):
+  before = open(os.path.join(uninterrupted, "config.json")).read()
+  with pytest.raises(RunDirectoryError, match=r"(?s)different config.*model.window: 8 \(on disk\) != 4"):
+    train(get_config(TINY, {"model.window": 4}), uninterrupted, progress=False)
+  assert open(os.path.join(uninterrupted, "config.json")).read() == before
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = get_config(TINY, {"train.lr": 1e30, "train.grad_clip": 1e30, "train.checkpoint_every": 2})
+  with pytest.raises(DivergedError, match="non-finite loss at step 3"):
+    train(config, str(tmp_path), progress=False)
+  assert summary(str(tmp_path))["status"] == "diverged"
+  assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["2"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(uninterrupted, workdir)
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "params")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+  with pytest.warns(UserWarning, match="resumed from step 8"):
+    s = train(get_config(TINY), workdir, progress=False)
+  assert s["status"] == "done"
+  assert train_losses(workdir) == train_losses(uninterrupted)
