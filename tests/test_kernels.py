@@ -22,8 +22,8 @@ def test_linear_scan_matches_reference(shape, reverse, with_h0):
   a = jax.random.uniform(ka, shape, minval=0.0, maxval=1.0)
   b = jax.random.normal(kb, shape)
   h0 = jax.random.normal(kh, (shape[0],) + shape[2:]) if with_h0 else None
-  h, last = linear_scan(a, b, h0, reverse=reverse, impl="xla")
-  h_ref, last_ref = linear_scan_reference(a, b, h0, reverse=reverse)
+  h, last = jax.jit(lambda a, b, h0: linear_scan(a, b, h0, reverse=reverse, impl="xla"))(a, b, h0)
+  h_ref, last_ref = jax.jit(lambda a, b, h0: linear_scan_reference(a, b, h0, reverse=reverse))(a, b, h0)
   assert h.shape == b.shape and last.shape == (shape[0],) + shape[2:]
   assert _rel_err(h, h_ref) < 1e-5 and _rel_err(last, last_ref) < 1e-5
 
@@ -34,8 +34,8 @@ def test_linear_scan_matches_reference(shape, reverse, with_h0):
       return jnp.sum(h * cotangent) + jnp.sum(last ** 2)
     return f
   args = (a, b, h0 if with_h0 else jnp.zeros((shape[0],) + shape[2:]))
-  grads = jax.grad(loss("xla"), argnums=(0, 1, 2))(*args)
-  grads_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(*args)
+  grads = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(*args)
+  grads_ref = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(*args)
   for g, g_ref in zip(grads, grads_ref):
     assert _rel_err(g, g_ref) < 1e-4
 
@@ -44,8 +44,8 @@ def test_linear_scan_decays_near_zero_and_one_stay_finite():
   t = 4096
   a = jnp.concatenate([jnp.full((1, t // 2, 4), 1.0 - 1e-7), jnp.full((1, t // 2, 4), 1e-30)], axis=1)
   b = jnp.ones((1, t, 4))
-  h, last = linear_scan(a, b, impl="xla")
-  h_ref, _ = linear_scan_reference(a, b)
+  h, last = jax.jit(lambda a, b: linear_scan(a, b, impl="xla"))(a, b)
+  h_ref, _ = jax.jit(linear_scan_reference)(a, b)
   assert np.all(np.isfinite(h)) and _rel_err(h, h_ref) < 1e-5
 
 
@@ -65,14 +65,14 @@ def test_linear_scan_rejects_bad_shapes():
     linear_scan(jnp.ones((1, 3, 2)), jnp.ones((1, 3, 2)), impl="cuda")
 
 
-ATTN_CASES = [  # (time, window, heads, kv_heads, block)
-    (37, 5, 4, 2, None), (64, 16, 4, 1, None), (50, 49, 2, 2, 8), (9, 3, 2, 1, 4),
-    (129, 100, 2, 2, None), (17, 40, 2, 1, None), (33, 1, 2, 2, None), (31, None, 4, 2, None),
+ATTN_CASES = [  # (time, window, heads, kv_heads, block, softcap)
+    (37, 5, 4, 2, None, None), (64, 16, 4, 1, None, 5.0), (50, 49, 2, 2, 8, None), (9, 3, 2, 1, 4, 5.0),
+    (129, 100, 2, 2, None, None), (17, 40, 2, 1, None, None), (33, 1, 2, 2, None, None),
+    (31, None, 4, 2, None, 5.0),
 ]
 
 
-@pytest.mark.parametrize("time,window,heads,kv_heads,block", ATTN_CASES)
-@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("time,window,heads,kv_heads,block,softcap", ATTN_CASES)
 def test_window_attention_matches_reference(time, window, heads, kv_heads, block, softcap):
   kq, kk, kv, kg = jax.random.split(jax.random.key(time * 1000 + (window or 0)), 4)
   q = jax.random.normal(kq, (2, time, heads, 8))
@@ -80,14 +80,17 @@ def test_window_attention_matches_reference(time, window, heads, kv_heads, block
   v = jax.random.normal(kv, (2, time, kv_heads, 8))
   cot = jax.random.normal(kg, q.shape)
 
-  def loss(impl):
-    return lambda q, k, v: jnp.sum(window_attention(q, k, v, window=window, softcap=softcap, impl=impl,
-                                                    block_size=block) * cot)
-  out = window_attention(q, k, v, window=window, softcap=softcap, impl="xla", block_size=block)
-  ref = window_attention_reference(q, k, v, window=window, softcap=softcap)
+  @jax.jit
+  def outputs_and_grads(q, k, v):
+    results = []
+    for impl in ("xla", "reference"):
+      f = lambda q, k, v: window_attention(q, k, v, window=window, softcap=softcap, impl=impl, block_size=block)
+      out, vjp = jax.vjp(f, q, k, v)
+      results.append((out, vjp(cot)))
+    return results
+
+  (out, grads), (ref, grads_ref) = outputs_and_grads(q, k, v)
   assert out.shape == q.shape and _rel_err(out, ref) < 1e-5
-  grads = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-  grads_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
   for g, g_ref in zip(grads, grads_ref):
     assert _rel_err(g, g_ref) < 1e-4
 

@@ -58,7 +58,7 @@ def test_remat_gives_identical_gradients():
   for remat in (False, True):
     graphdef, state = nnx.split(HybridLM(cfg(remat=remat), rngs=nnx.Rngs(params=0)))
     loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
-    grads.append(jax.tree.leaves(jax.grad(loss)(state)))
+    grads.append(jax.tree.leaves(jax.jit(jax.grad(loss))(state)))
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -67,11 +67,11 @@ def test_remat_gives_identical_gradients():
 def test_prefill_then_step_equals_full_forward(pattern):
   model = HybridLM(cfg(pattern=pattern), rngs=nnx.Rngs(params=0))
   tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 50)
-  full = model(tokens)
-  logits, states = model.prefill(tokens[:, :6], max_len=11)
-  np.testing.assert_allclose(logits, full[:, :6], rtol=1e-5, atol=1e-5)
-  step = jax.jit(lambda g, s, tok, st: nnx.merge(g, s).step(tok, st))
   graphdef, params = nnx.split(model)
+  full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+  logits, states = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t, max_len=11))(params, tokens[:, :6])
+  np.testing.assert_allclose(logits, full[:, :6], rtol=1e-5, atol=1e-5)
+  step = jax.jit(lambda g, s, tok, st: nnx.merge(g, s).step(tok, st), static_argnums=0)
   for t in range(6, 11):
     step_logits, states = step(graphdef, params, tokens[:, t], states)
     np.testing.assert_allclose(step_logits, full[:, t], rtol=1e-4, atol=1e-4)
