@@ -71,7 +71,13 @@ def base_config(dataset: str = "mqar") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
+  # Every dataset's fields are present, so `--config.data.name=text --config.data.files=...` works
+  # from any experiment; `name` picks which ones are read.
   c.data = data_lib.default_config(dataset)
+  for name in data_lib.DATASETS:
+    for key, value in data_lib.default_config(name).items():
+      if key not in c.data:
+        c.data[key] = value
   c.data.seq_len = 64
   c.train = train_config()
   return c

@@ -51,7 +51,7 @@ def write_corpus(tmp_path, num_files=6, words_per_file=800, seed=0, gz_last=True
 
 def text_config(tmp_path, **overrides):
     c = data.default_config("text")
-    c.files = overrides.pop("files", [str(tmp_path / "*.txt"), str(tmp_path / "*.gz")])
+    c.files = overrides.pop("files", f"{tmp_path / '*.txt'},{tmp_path / '*.gz'}")
     c.heldout_fraction = 0.2
     for k, v in overrides.items():
         setattr(c, k, v)

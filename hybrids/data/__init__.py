@@ -65,9 +65,8 @@ def default_config(name: str) -> ml_collections.ConfigDict:
     if name == "text":
         return ml_collections.ConfigDict(dict(
             name="text",
-            # Glob pattern or list of glob patterns; must be set. None (not "") so
-            # that ConfigDict's type safety accepts either a str or a list later.
-            files=None,
+            # Glob pattern, comma-separated glob patterns, or a list of them; must be set.
+            files="",
             tokenizer="bytes",
             heldout_fraction=0.05,
             seed=0,

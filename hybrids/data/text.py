@@ -80,7 +80,8 @@ def parse_tokenizer(spec: Any) -> tuple[str, int]:
 def resolve_files(files: Any) -> list[str]:
     """Expand ``data.files`` (glob or list of globs) to a sorted list of absolute paths."""
     if isinstance(files, str):
-        patterns = [files]
+        # A comma-separated string is a list of patterns (command-line overrides are strings).
+        patterns = [f.strip() for f in files.split(",") if f.strip()]
     elif isinstance(files, Sequence) and files and all(isinstance(f, str) for f in files):
         patterns = list(files)
     else:
