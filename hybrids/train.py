@@ -163,6 +163,9 @@ def make_optimizer(t) -> optax.GradientTransformation:
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # renamed in optax 0.2.5
+
+
 def lm_loss(logits, labels):
   """Mean cross-entropy and accuracy over positions whose label is not ``IGNORE_LABEL``.
 
@@ -199,7 +202,7 @@ class Trainer:
     (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    return params, opt_state, {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
 
   def eval_step(self, params, batch):
     return lm_loss(self.model(params)(batch["inputs"]), batch["labels"])
