@@ -34,6 +34,11 @@ def model_config() -> ml_collections.ConfigDict:
   c.rnn_width = 0             # RG-LRU width; 0: d_model
   c.rnn_heads = 0             # RG-LRU gate blocks; 0: num_heads
   c.conv_width = 4
+  c.d_state = 16              # Mamba-2 state size N
+  c.ssm_expand = 2            # Mamba-2 inner width = ssm_expand · d_model
+  c.gate_low_rank = 16        # GLA's low-rank decay gate
+  c.key_expansion = 0.5       # GLA key width = key_expansion · d_model (paper: 0.5)
+  c.chunk_size = 16           # chunk of the chunked linear-attention form
   c.tie_embeddings = True
   c.embed_scale = True        # multiply embeddings by √d_model (Griffin, Gemma)
   c.dtype = "float32"         # compute dtype
@@ -44,6 +49,7 @@ def model_config() -> ml_collections.ConfigDict:
   c.remat = False
   c.attention_impl = "auto"
   c.scan_impl = "auto"
+  c.gla_impl = "auto"
   return c
 
 
@@ -105,7 +111,7 @@ def validate(config) -> None:
   for field in ("dtype", "param_dtype"):
     if m[field] not in DTYPES:
       raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(DTYPES)}")
-  for field in ("attention_impl", "scan_impl"):
+  for field in ("attention_impl", "scan_impl", "gla_impl"):
     if m[field] not in IMPLS:
       raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(IMPLS)}")
   if m.d_model % m.num_heads:

@@ -95,3 +95,23 @@ def apply_rope(x, positions, *, base: float = 10_000.0):
   cos, sin = jnp.cos(angle)[:, :, None], jnp.sin(angle)[:, :, None]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class HeadNorm(nnx.Module):
+  """Per-head normalisation ``[..., heads, head_dim]`` (RetNet/GLA's GroupNorm with one group a head).
+
+  Normalises over ``head_dim`` only, so it is causal (flax's GroupNorm would also reduce over time).
+  ``rms=True`` skips centring (Mamba-2's gated RMSNorm).
+  """
+
+  def __init__(self, heads: int, head_dim: int, *, rms: bool = False, param_dtype=jnp.float32, eps: float = 1e-5):
+    self.rms = rms
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((heads, head_dim), param_dtype))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    if not self.rms:
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)

@@ -123,3 +123,82 @@ def test_window_attention_rejects_bad_input():
     window_attention(q, k, k, window=2)
   with pytest.raises(ValueError, match="window must be a positive"):
     window_attention(q, q, q, window=0)
+
+
+from kernels.gla import gla, gla_reference, gla_step  # noqa: E402
+
+GLA_CASES = [  # (time, chunk, decay kind)
+    (1, 16, "dim"), (37, 16, "dim"), (37, 8, "head"), (20, 16, None), (64, 16, "dim"), (13, 4, "head"),
+]
+
+
+def _gla_inputs(time, kind, seed=0, decay_scale=3.0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  q = jax.random.normal(ks[0], (2, time, 3, 4))
+  k = jax.random.normal(ks[1], (2, time, 3, 4))
+  v = jax.random.normal(ks[2], (2, time, 3, 5))
+  shape = {"dim": (2, time, 3, 4), "head": (2, time, 3)}.get(kind)
+  log_decay = None if kind is None else jax.nn.log_sigmoid(decay_scale * jax.random.normal(ks[3], shape))
+  h0 = jax.random.normal(ks[4], (2, 3, 4, 5))
+  return q, k, v, log_decay, h0, jax.random.normal(ks[5], (2, time, 3, 5))
+
+
+@pytest.mark.parametrize("time,chunk,kind", GLA_CASES)
+def test_gla_chunked_matches_reference(time, chunk, kind):
+  q, k, v, log_decay, h0, cot = _gla_inputs(time, kind)
+  cot_state = jax.random.normal(jax.random.key(9), h0.shape)
+
+  @jax.jit
+  def outputs_and_grads(q, k, v, log_decay, h0):
+    results = []
+    for impl in ("xla", "reference"):
+      f = lambda *a: gla(*a, chunk_size=chunk, impl=impl)
+      (o, s), vjp = jax.vjp(f, q, k, v, log_decay, h0)
+      results.append((o, s, vjp((cot, cot_state))))
+    return results
+
+  (o, s, grads), (o_ref, s_ref, grads_ref) = outputs_and_grads(q, k, v, log_decay, h0)
+  assert _rel_err(o, o_ref) < 1e-5 and _rel_err(s, s_ref) < 1e-5
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    assert _rel_err(g, g_ref) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["dim", "head"])
+def test_gla_extreme_decays_stay_finite(kind):
+  """Decays near 0 (log α = −60) and near 1 (log α = −1e-7): no overflow in the chunked form."""
+  q, k, v, _, h0, _ = _gla_inputs(48, kind)
+  shape = q.shape if kind == "dim" else q.shape[:3]
+  log_decay = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.5, shape), -60.0, -1e-7)
+  o, s = jax.jit(lambda *a: gla(*a, chunk_size=16, impl="xla"))(q, k, v, log_decay, h0)
+  o_ref, s_ref = jax.jit(gla_reference)(q, k, v, log_decay, h0)
+  grads = jax.jit(jax.grad(lambda ld: jnp.sum(gla(q, k, v, ld, h0, chunk_size=16, impl="xla")[0])))(log_decay)
+  assert np.all(np.isfinite(o)) and np.all(np.isfinite(grads))
+  assert _rel_err(o, o_ref) < 1e-5 and _rel_err(s, s_ref) < 1e-5
+
+
+def test_gla_bf16_inputs():
+  q, k, v, log_decay, h0, _ = _gla_inputs(40, "dim")
+  bf = lambda x: x.astype(jnp.bfloat16)
+  o, s = jax.jit(lambda *a: gla(*a, chunk_size=16, impl="xla"))(bf(q), bf(k), bf(v), log_decay, h0)
+  o_ref, _ = jax.jit(gla_reference)(bf(q).astype(jnp.float32), bf(k).astype(jnp.float32),
+                                    bf(v).astype(jnp.float32), log_decay, h0)
+  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+  assert _rel_err(o, o_ref) < 1e-2
+
+
+def test_gla_step_matches_reference():
+  q, k, v, log_decay, h0, _ = _gla_inputs(6, "dim")
+  o_ref, s_ref = gla_reference(q, k, v, log_decay, h0)
+  state = h0
+  for t in range(6):
+    o_t, state = gla_step(q[:, t], k[:, t], v[:, t], log_decay[:, t], state)
+    assert _rel_err(o_t, o_ref[:, t]) < 1e-5
+  assert _rel_err(state, s_ref) < 1e-5
+
+
+def test_gla_rejects_bad_shapes():
+  q = jnp.zeros((1, 4, 2, 3))
+  with pytest.raises(ValueError, match="log_decay"):
+    gla(q, q, q, jnp.zeros((1, 4, 3)))
+  with pytest.raises(ValueError, match="unknown impl"):
+    gla(q, q, q, impl="triton")

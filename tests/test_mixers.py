@@ -163,5 +163,33 @@ def test_rglru_matches_its_equations():
 
 
 def test_unknown_mixer_lists_valid_ones():
-  with pytest.raises(ValueError, match="valid mixers: attention, rglru, swa"):
+  with pytest.raises(ValueError, match="valid mixers: attention, gla, linear_attention, mamba2, retnet, rglru, swa"):
     get_mixer("mamba3")
+
+
+def test_retnet_matches_its_parallel_closed_form():
+  """RetNet's O = (Q Kᵀ ⊙ D) V with D_ts = γ^(t−s), before the group norm and gate."""
+  from hybrids.mixers.retnet import head_decays
+  retnet = make("retnet").module
+  x = jax.random.normal(jax.random.key(5), (1, 10, 16))
+  q, k, v = retnet._qkv(x, jnp.arange(10))
+  gamma = jnp.exp(head_decays(4))
+  t = jnp.arange(10)
+  d = jnp.where(t[:, None] >= t[None, :], gamma[:, None, None] ** (t[:, None] - t[None, :]), 0.0)  # [h t s]
+  o = jnp.einsum("thd,shd,hts,she->the", q[0], k[0], d, v[0])
+  from kernels.gla import gla
+  o_kernel, _ = gla(q, k, v, jnp.broadcast_to(head_decays(4), (1, 10, 4)), chunk_size=4, impl="xla")
+  _close(o_kernel[0], o, tol=1e-5)
+  assert np.allclose(gamma, 1 - 2.0 ** (-5 - np.arange(4)))
+
+
+def test_linear_attention_is_normalised_feature_map_attention():
+  """o_t = Σ_s φ(q_t)·φ(k_s) v_s / Σ_s φ(q_t)·φ(k_s), written out directly."""
+  from hybrids.mixers.linear_attention import feature_map
+  mixer = make("linear_attention").module
+  x = jax.random.normal(jax.random.key(6), (1, 9, 16))
+  split = lambda z: z.reshape(1, 9, 4, 4)
+  q, k, v = feature_map(split(mixer.q_proj(x))), feature_map(split(mixer.k_proj(x))), split(mixer.v_proj(x))
+  w = jnp.einsum("thd,shd->hts", q[0], k[0]) * jnp.tril(jnp.ones((9, 9)))
+  o = jnp.einsum("hts,she->the", w, v[0]) / (w.sum(-1).T[..., None] + 1e-6)
+  _close(mixer(x)[0], mixer.o_proj(o.reshape(9, 16)), tol=1e-5)

@@ -16,6 +16,10 @@ Adding a mixer = one file + one line in ``MIXERS``.
 from __future__ import annotations
 
 from hybrids.mixers.attention import Attention
+from hybrids.mixers.gla import GatedLinearAttention
+from hybrids.mixers.linear_attention import LinearAttention
+from hybrids.mixers.mamba2 import Mamba2
+from hybrids.mixers.retnet import RetNet
 from hybrids.mixers.rglru import RGLRUBlock
 from hybrids.mixers.swa import SlidingWindowAttention
 
@@ -23,6 +27,10 @@ MIXERS = {
     "attention": Attention,
     "swa": SlidingWindowAttention,
     "rglru": RGLRUBlock,
+    "linear_attention": LinearAttention,
+    "retnet": RetNet,
+    "gla": GatedLinearAttention,
+    "mamba2": Mamba2,
 }
 
 
