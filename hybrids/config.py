@@ -34,8 +34,9 @@ def model_config() -> ml_collections.ConfigDict:
   c.rnn_width = 0             # RG-LRU width; 0: d_model
   c.rnn_heads = 0             # RG-LRU gate blocks; 0: num_heads
   c.conv_width = 4
-  c.d_state = 16              # Mamba-2 state size N
-  c.ssm_expand = 2            # Mamba-2 inner width = ssm_expand · d_model
+  c.d_state = 16              # Mamba / Mamba-2 state size N
+  c.ssm_expand = 2            # Mamba / Mamba-2 inner width = ssm_expand · d_model
+  c.feature_dim = 16          # Based: q/k width per head before the Taylor feature map
   c.gate_low_rank = 16        # GLA's low-rank decay gate
   c.key_expansion = 0.5       # GLA key width = key_expansion · d_model (paper: 0.5)
   c.chunk_size = 16           # chunk of the chunked linear-attention form

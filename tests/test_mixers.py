@@ -163,7 +163,7 @@ def test_rglru_matches_its_equations():
 
 
 def test_unknown_mixer_lists_valid_ones():
-  with pytest.raises(ValueError, match="valid mixers: attention, gla, linear_attention, mamba2, retnet, rglru, swa"):
+  with pytest.raises(ValueError, match="valid mixers: attention, based, gla, linear_attention, mamba, mamba2, retnet, rglru, swa"):
     get_mixer("mamba3")
 
 
@@ -193,3 +193,28 @@ def test_linear_attention_is_normalised_feature_map_attention():
   w = jnp.einsum("thd,shd->hts", q[0], k[0]) * jnp.tril(jnp.ones((9, 9)))
   o = jnp.einsum("hts,she->the", w, v[0]) / (w.sum(-1).T[..., None] + 1e-6)
   _close(mixer(x)[0], mixer.o_proj(o.reshape(9, 16)), tol=1e-5)
+
+
+def test_based_taylor_kernel_closed_form():
+  """φ(q)·φ(k) = 1 + q·k/√d + (q·k)²/(2d) (Based §3.1)."""
+  from hybrids.mixers.based import taylor_feature_map
+  q, k = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  dot = jnp.sum(q * k, -1)
+  _close(jnp.sum(taylor_feature_map(q) * taylor_feature_map(k), -1), 1 + dot / 4.0 + dot ** 2 / 32.0)
+
+
+def test_mamba_recurrence_matches_selective_scan_definition():
+  """Mamba's parallel face against h_t = exp(Δ_t A) h_{t−1} + Δ_t x_t B_t, y_t = C_t·h_t, looped in numpy."""
+  mamba = make("mamba").module
+  u = jax.random.normal(jax.random.key(2), (1, 7, 16))
+  x, z = jnp.split(mamba.in_proj(u), 2, axis=-1)
+  x = jax.nn.silu(mamba.conv(x))
+  decay, inputs, c = mamba._scan_inputs(x)
+  h = np.zeros(decay.shape[2:])
+  ys = []
+  for t in range(7):
+    h = np.asarray(decay[0, t]) * h + np.asarray(inputs[0, t])
+    ys.append(h @ np.asarray(c[0, t]))
+  y = np.stack(ys) + np.asarray(mamba.d_skip[...] * x[0])
+  ref = mamba.out_proj(jnp.asarray(y * np.asarray(jax.nn.silu(z[0])), jnp.float32))
+  _close(mamba(u)[0], ref, tol=1e-5)

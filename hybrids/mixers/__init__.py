@@ -16,8 +16,10 @@ Adding a mixer = one file + one line in ``MIXERS``.
 from __future__ import annotations
 
 from hybrids.mixers.attention import Attention
+from hybrids.mixers.based import Based
 from hybrids.mixers.gla import GatedLinearAttention
 from hybrids.mixers.linear_attention import LinearAttention
+from hybrids.mixers.mamba import Mamba
 from hybrids.mixers.mamba2 import Mamba2
 from hybrids.mixers.retnet import RetNet
 from hybrids.mixers.rglru import RGLRUBlock
@@ -30,7 +32,9 @@ MIXERS = {
     "linear_attention": LinearAttention,
     "retnet": RetNet,
     "gla": GatedLinearAttention,
+    "mamba": Mamba,
     "mamba2": Mamba2,
+    "based": Based,
 }
 
 
