@@ -315,7 +315,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   counts = count_params(model)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
-  abstract_state = jax.tree.map(lambda x: x, state)
+  # Shapes only: the jitted functions fill it from `params`, so no second copy of the weights lives on.
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   del model, state
   tx = make_optimizer(t)
   schedule = lr_schedule(t)

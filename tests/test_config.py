@@ -48,8 +48,8 @@ def test_overrides_parse_to_the_field_type():
 
 
 def test_unknown_variant_is_an_error():
-  with pytest.raises(ValueError, match="unknown variant 'mamba'; valid"):
-    get_config(os.path.join(REPO, "experiments", "quickstart.py") + ":mamba")
+  with pytest.raises(ValueError, match="unknown variant 'mamba9'; valid: attention, based"):
+    get_config(os.path.join(REPO, "experiments", "quickstart.py") + ":mamba9")
 
 
 def test_resolve_fills_vocab_from_data():

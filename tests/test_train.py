@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume (in-process and after SIGTERM), run-directory safety."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -120,3 +121,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_pat
     s = train(get_config(TINY), workdir, progress=False)
   assert s["status"] == "done"
   assert train_losses(workdir) == train_losses(uninterrupted)
+
+
+def test_every_mixer_trains_in_one_hybrid_stack(tmp_path):
+  from hybrids.mixers import MIXERS
+  pattern = tuple(sorted(MIXERS))
+  config = get_config(TINY, {"model.pattern": pattern, "model.n_layers": len(pattern), "train.steps": 3,
+                             "train.eval_every": 0, "train.checkpoint_every": 3})
+  s = train(config, str(tmp_path), progress=False)
+  assert s["status"] == "done" and math.isfinite(s["train_loss"])
