@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from hybrids import data as data_lib
+from hybrids.blocks import MERGES, mixer_names
 from hybrids.layers import DTYPES
 from hybrids.mixers import MIXERS
 from hybrids.model import layer_pattern
@@ -40,6 +41,7 @@ def model_config() -> ml_collections.ConfigDict:
   c.gate_low_rank = 16        # GLA's low-rank decay gate
   c.key_expansion = 0.5       # GLA key width = key_expansion · d_model (paper: 0.5)
   c.chunk_size = 16           # chunk of the chunked linear-attention form
+  c.parallel_merge = "sum"    # how a parallel pattern entry "a|b" merges: sum, gate, concat
   c.tie_embeddings = True
   c.embed_scale = True        # multiply embeddings by √d_model (Griffin, Gemma)
   c.dtype = "float32"         # compute dtype
@@ -106,9 +108,15 @@ def validate(config) -> None:
   if not pattern:
     raise ConfigError(f"model.pattern={m.pattern!r} must be a non-empty tuple of mixer names; "
                       f"valid mixers: {', '.join(sorted(MIXERS))}")
-  for i, name in enumerate(pattern):
-    if name not in MIXERS:
-      raise ConfigError(f"model.pattern[{i}]={name!r} is not a mixer; valid mixers: {', '.join(sorted(MIXERS))}")
+  for i, entry in enumerate(pattern):
+    for name in (mixer_names(entry) if isinstance(entry, str) else (entry,)):
+      if name not in MIXERS:
+        raise ConfigError(f"model.pattern[{i}]={entry!r}: {name!r} is not a mixer; valid mixers: "
+                          f"{', '.join(sorted(MIXERS))} (and 'a|b' for a parallel hybrid)")
+  if m.parallel_merge not in MERGES:
+    raise ConfigError(f"model.parallel_merge={m.parallel_merge!r}; valid: {', '.join(MERGES)}")
+  if m.parallel_merge == "gate" and any(len(mixer_names(e)) not in (1, 2) for e in pattern):
+    raise ConfigError("model.parallel_merge='gate' merges exactly two mixers per parallel entry ('a|b')")
   for field in ("dtype", "param_dtype"):
     if m[field] not in DTYPES:
       raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(DTYPES)}")
@@ -119,7 +127,7 @@ def validate(config) -> None:
     raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
-  used = set(layer_pattern(m))
+  used = {name for entry in layer_pattern(m) for name in mixer_names(entry)}
   if "swa" in used:
     _positive_int(m.window, "model.window")
     if m.window > seq_len:

@@ -14,7 +14,7 @@ TINY = os.path.join(REPO, "experiments", "quickstart.py") + ":tiny"
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"model.pattern": ("rglru", "mamba9")}, r"model.pattern\[1\]='mamba9' is not a mixer; valid mixers: attention, based, gla, linear_attention, mamba, mamba2, retnet, rglru, swa"),
+    ({"model.pattern": ("rglru", "mamba9")}, r"model.pattern\[1\]='mamba9': 'mamba9' is not a mixer; valid mixers: attention, based, gla, linear_attention, mamba, mamba2, retnet, rglru, swa"),
     ({"model.pattern": ()}, "model.pattern"),
     ({"model.window": 0}, "model.window=0 must be a positive integer"),
     ({"model.window": -3}, "model.window=-3"),
@@ -73,3 +73,13 @@ def test_cli_rejects_unknown_config_key_and_bad_window(tmp_path):
   out = _cli("--config", TINY, "--workdir", str(tmp_path / "b"), "--config.model.window=0")
   assert out.returncode == 2 and "model.window=0 must be a positive integer" in out.stderr
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_parallel_pattern_entries_are_validated():
+  with pytest.raises(ConfigError, match=r"'rglru\|mamba9': 'mamba9' is not a mixer"):
+    resolve(get_config(TINY, {"model.pattern": ("rglru|mamba9",)}))
+  with pytest.raises(ConfigError, match="model.parallel_merge='avg'; valid: sum, gate, concat"):
+    resolve(get_config(TINY, {"model.pattern": ("rglru|swa",), "model.parallel_merge": "avg"}))
+  with pytest.raises(ConfigError, match="exactly two mixers"):
+    resolve(get_config(TINY, {"model.pattern": ("rglru|swa|gla",), "model.parallel_merge": "gate"}))
+  assert resolve(get_config(TINY, {"model.pattern": ("mamba2|swa",)})).model.pattern == ("mamba2|swa",)

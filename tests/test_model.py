@@ -75,3 +75,24 @@ def test_prefill_then_step_equals_full_forward(pattern):
   for t in range(6, 11):
     step_logits, states = step(graphdef, params, tokens[:, t], states)
     np.testing.assert_allclose(step_logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("merge", ["sum", "gate", "concat"])
+def test_parallel_hybrid_decodes_like_its_forward(merge):
+  model = HybridLM(cfg(pattern=("mamba2|swa", "rglru"), n_layers=2, parallel_merge=merge), rngs=nnx.Rngs(params=0))
+  assert type(model.blocks[0].mixer).__name__ == "ParallelMixer"
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 50)
+  graphdef, params = nnx.split(model)
+  full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+  _, states = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t, max_len=9))(params, tokens[:, :5])
+  step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
+  for t in range(5, 9):
+    logits, states = step(params, tokens[:, t], states)
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_sum_is_the_sum_of_its_mixers():
+  model = HybridLM(cfg(pattern=("rglru|swa",), n_layers=1), rngs=nnx.Rngs(params=0))
+  mixer = model.blocks[0].mixer
+  x = jax.random.normal(jax.random.key(0), (1, 7, 16))
+  np.testing.assert_allclose(mixer(x), mixer.parts[0](x) + mixer.parts[1](x), rtol=1e-6)
