@@ -72,6 +72,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.eval_batches = 8
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
+  c.window_choices = ()       # SWAX: draw each step's SWA window from these (e.g. (128, 2048)); () = off
+  c.window_anneal_steps = 0   # SWAX: the last N steps train with model.window
   return c
 
 
@@ -150,6 +152,15 @@ def validate(config) -> None:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]")
   if t.eval_every < 0:
     raise ConfigError(f"train.eval_every={t.eval_every} must be ≥ 0 (0: evaluate at the end only)")
+  choices = tuple(t.window_choices)
+  if choices:
+    if "swa" not in used:
+      raise ConfigError(f"train.window_choices={choices} needs an 'swa' layer in model.pattern={tuple(m.pattern)}")
+    for w in choices:
+      if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= seq_len:
+        raise ConfigError(f"train.window_choices={choices}: each window must be an int in [1, data.seq_len={seq_len}]")
+  if not 0 <= t.window_anneal_steps <= t.steps:
+    raise ConfigError(f"train.window_anneal_steps={t.window_anneal_steps} must be in [0, train.steps={t.steps}]")
   try:
     data_lib.validate(config.data, seq_len=seq_len)
   except ValueError as e:

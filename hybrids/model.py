@@ -37,6 +37,14 @@ class HybridLM(nnx.Module):
     self.final_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
     self.head = None if cfg.tie_embeddings else linear(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs)
 
+  def set_window(self, window: int) -> None:
+    """Set the band of every SWA layer (SWAX trains with sampled windows and evaluates with another)."""
+    from hybrids.mixers.swa import SlidingWindowAttention
+
+    for _, node in nnx.iter_graph(self):
+      if isinstance(node, SlidingWindowAttention):
+        node.window = int(window)
+
   def _embed(self, tokens):
     return self.embed(tokens).astype(jnp.float32) * self.embed_scale
 

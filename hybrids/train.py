@@ -187,25 +187,42 @@ class Trainer:
   abstract_state: Any
   tx: optax.GradientTransformation
 
-  def model(self, params) -> HybridLM:
+  def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
+    model = nnx.merge(self.graphdef, state)
+    if window is not None:
+      model.set_window(window)
+    return model
 
-  def _loss(self, params, batch):
-    logits = self.model(params)(batch["inputs"])
+  def _loss(self, params, batch, window):
+    logits = self.model(params, window)(batch["inputs"])
     loss_sum, correct, count = lm_loss(logits, batch["labels"])
     count = jnp.maximum(count, 1)
     return loss_sum / count, correct / count
 
-  def train_step(self, params, opt_state, batch):
-    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
+  def train_step(self, params, opt_state, batch, window: int | None = None):
+    """One update; ``window`` (static) overrides the SWA band for this step (SWAX)."""
+    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, window)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
 
   def eval_step(self, params, batch):
     return lm_loss(self.model(params)(batch["inputs"]), batch["labels"])
+
+
+def window_for_step(t, step: int, seed: int) -> int | None:
+  """SWAX stochastic window training (Cabannes et al. 2025): the SWA band of update ``step``.
+
+  Drawn uniformly from ``train.window_choices`` by an RNG keyed on ``(seed, step)`` — so a resumed run
+  draws the same windows — and None (the config's ``model.window``) when no choices are set or
+  during the last ``train.window_anneal_steps`` updates.
+  """
+  choices = tuple(t.window_choices)
+  if not choices or step > t.steps - t.window_anneal_steps:
+    return None
+  return int(choices[np.random.default_rng((seed, step)).integers(len(choices))])
 
 
 def evaluate(trainer: Trainer, eval_step, params, batches) -> dict[str, float]:
@@ -322,7 +339,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   schedule = lr_schedule(t)
   opt_state = tx.init(params)
   trainer = Trainer(graphdef, abstract_state, tx)
-  train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1))
+  train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1), static_argnames="window")
   eval_step = jax.jit(trainer.eval_step)
 
   dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
@@ -394,8 +411,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     with _StopRequest() as stop:
       while step < t.steps:
         batch = next(iterator)
-        params, opt_state, metrics = train_step(params, opt_state, batch)
+        window = window_for_step(t, step + 1, config.seed)
+        params, opt_state, metrics = train_step(params, opt_state, batch, window=window)
         step += 1
+        if t.window_choices:
+          metrics["window"] = window or config.model.window
         pending.append((step, metrics))
         stopping = stop.signum is not None or (stop_after_steps is not None and step - start_step >= stop_after_steps)
         is_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)

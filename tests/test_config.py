@@ -83,3 +83,10 @@ def test_parallel_pattern_entries_are_validated():
   with pytest.raises(ConfigError, match="exactly two mixers"):
     resolve(get_config(TINY, {"model.pattern": ("rglru|swa|gla",), "model.parallel_merge": "gate"}))
   assert resolve(get_config(TINY, {"model.pattern": ("mamba2|swa",)})).model.pattern == ("mamba2|swa",)
+
+
+def test_swax_window_choices_are_validated():
+  with pytest.raises(ConfigError, match=r"train.window_choices=\(0, 8\)"):
+    resolve(get_config(TINY, {"train.window_choices": (0, 8)}))
+  with pytest.raises(ConfigError, match="needs an 'swa' layer"):
+    resolve(get_config(TINY, {"train.window_choices": (4,), "model.pattern": ("rglru",)}))
