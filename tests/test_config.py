@@ -14,7 +14,7 @@ TINY = os.path.join(REPO, "experiments", "quickstart.py") + ":tiny"
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"model.pattern": ("rglru", "mamba9")}, r"model.pattern\[1\]='mamba9': 'mamba9' is not a mixer; valid mixers: attention, based, gla, linear_attention, mamba, mamba2, retnet, rglru, swa"),
+    ({"model.pattern": ("rglru", "mamba9")}, r"model.pattern\[1\]='mamba9': 'mamba9' is not a mixer; valid mixers: attention, based, gla, linear_attention, mamba, mamba2, retnet, rglru, rwkv6, s4d, swa"),
     ({"model.pattern": ()}, "model.pattern"),
     ({"model.window": 0}, "model.window=0 must be a positive integer"),
     ({"model.window": -3}, "model.window=-3"),

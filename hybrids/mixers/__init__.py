@@ -23,6 +23,8 @@ from hybrids.mixers.mamba import Mamba
 from hybrids.mixers.mamba2 import Mamba2
 from hybrids.mixers.retnet import RetNet
 from hybrids.mixers.rglru import RGLRUBlock
+from hybrids.mixers.rwkv6 import RWKV6
+from hybrids.mixers.s4d import S4D
 from hybrids.mixers.swa import SlidingWindowAttention
 
 MIXERS = {
@@ -35,6 +37,8 @@ MIXERS = {
     "mamba": Mamba,
     "mamba2": Mamba2,
     "based": Based,
+    "rwkv6": RWKV6,
+    "s4d": S4D,
 }
 
 
