@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrids.layers import GatedMLP, linear, rms_norm
+from hybrids.layers import GatedMLP, MoE, linear, rms_norm
 from hybrids.mixers import get_mixer
 
 PARALLEL = "|"
@@ -69,23 +69,32 @@ class ParallelMixer(nnx.Module):
 class ResidualBlock(nnx.Module):
   """One layer of the hybrid stack, with the mixer named ``mixer_name`` in the registry."""
 
-  def __init__(self, mixer_name: str, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, mixer_name: str, cfg, *, rngs: nnx.Rngs, moe: bool = False):
     self.mixer_name = mixer_name
+    self.is_moe = moe
     self.mixer_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
     names = mixer_names(mixer_name)
     self.mixer = get_mixer(names[0])(cfg, rngs=rngs) if len(names) == 1 else ParallelMixer(names, cfg, rngs=rngs)
     self.mlp_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
-    self.mlp = GatedMLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if moe else GatedMLP(cfg, rngs=rngs)
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    """``x: [batch, time, d_model]`` → same shape (and the mixer's decode state)."""
+  def _feed_forward(self, x):
+    """MLP or MoE sublayer → ``(update, load-balancing loss)`` (0 for a dense MLP)."""
+    if self.is_moe:
+      return self.mlp(self.mlp_norm(x))
+    return self.mlp(self.mlp_norm(x)), jnp.zeros((), jnp.float32)
+
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, return_aux: bool = False):
+    """``x: [batch, time, d_model]`` → same shape (and the mixer's decode state, and the MoE loss)."""
     mixed = self.mixer(self.mixer_norm(x), return_state=return_state, max_len=max_len)
     state = None
     if return_state:
       mixed, state = mixed
     x = x + mixed.astype(x.dtype)
-    x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
-    return (x, state) if return_state else x
+    update, balance = self._feed_forward(x)
+    x = x + update.astype(x.dtype)
+    out = (x, state) if return_state else x
+    return (out, balance) if return_aux else out
 
   def init_state(self, batch: int, *, max_len: int | None = None):
     return self.mixer.init_state(batch, max_len=max_len)
@@ -94,5 +103,5 @@ class ResidualBlock(nnx.Module):
     """``x_t: [batch, d_model]`` → ``(y_t, state)``."""
     mixed, state = self.mixer.step(self.mixer_norm(x_t), state)
     x_t = x_t + mixed.astype(x_t.dtype)
-    x_t = x_t + self.mlp(self.mlp_norm(x_t)).astype(x_t.dtype)
+    x_t = x_t + self._feed_forward(x_t)[0].astype(x_t.dtype)
     return x_t, state

@@ -41,6 +41,9 @@ def model_config() -> ml_collections.ConfigDict:
   c.gate_low_rank = 16        # GLA's low-rank decay gate
   c.key_expansion = 0.5       # GLA key width = key_expansion · d_model (paper: 0.5)
   c.chunk_size = 16           # chunk of the chunked linear-attention form
+  c.moe_every = 0             # 0: dense MLPs; k: every k-th layer's MLP is a MoE (Jamba: 2)
+  c.num_experts = 8
+  c.moe_top_k = 2
   c.parallel_merge = "sum"    # how a parallel pattern entry "a|b" merges: sum, gate, concat
   c.tie_embeddings = True
   c.embed_scale = True        # multiply embeddings by √d_model (Griffin, Gemma)
@@ -72,6 +75,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.eval_batches = 8
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
+  c.moe_balance_weight = 0.01  # weight of the MoE load-balancing loss
   c.window_choices = ()       # SWAX: draw each step's SWA window from these (e.g. (128, 2048)); () = off
   c.window_anneal_steps = 0   # SWAX: the last N steps train with model.window
   return c
@@ -140,6 +144,9 @@ def validate(config) -> None:
       MIXERS[name].check_config(m, seq_len=seq_len)
     except ValueError as e:
       raise ConfigError(f"mixer {name!r}: {e}") from None
+  if m.moe_every < 0 or (m.moe_every and not 1 <= m.moe_top_k <= m.num_experts):
+    raise ConfigError(f"model.moe_every={m.moe_every} must be ≥ 0 and model.moe_top_k={m.moe_top_k} in "
+                      f"[1, model.num_experts={m.num_experts}]")
   if m.mlp_expansion <= 0:
     raise ConfigError(f"model.mlp_expansion={m.mlp_expansion} must be > 0")
   if m.logits_softcap < 0 or m.attn_softcap < 0:

@@ -115,3 +115,45 @@ class HeadNorm(nnx.Module):
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class MoE(nnx.Module):
+  """Top-k routed mixture of gated-MLP experts, dropless (Shazeer et al. 2017; Mixtral; Jamba).
+
+  Every token reaches its ``top_k`` experts — no capacity, so nothing is dropped: tokens are sorted
+  by expert and each expert's contiguous group is multiplied by ``lax.ragged_dot``. Routing weights
+  are the softmax probabilities of the chosen experts, renormalised over the top k. The
+  load-balancing loss (Switch Transformer, Fedus et al. 2022) is ``E · Σ_e f_e · P_e`` with ``f_e``
+  the fraction of routed slots sent to expert e and ``P_e`` its mean router probability (1 when
+  balanced).
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, hidden, experts = cfg.d_model, int(cfg.mlp_expansion * cfg.d_model), cfg.num_experts
+    self.num_experts, self.top_k, self.dtype = experts, cfg.moe_top_k, dtype_of(cfg.dtype)
+    param_dtype = dtype_of(cfg.param_dtype)
+    self.router = nnx.Linear(d, experts, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
+    self.w_gate = nnx.Param(init(rngs.params(), (experts, d, hidden), param_dtype))
+    self.w_up = nnx.Param(init(rngs.params(), (experts, d, hidden), param_dtype))
+    self.w_down = nnx.Param(init(rngs.params(), (experts, hidden, d), param_dtype))
+
+  def __call__(self, x):
+    """``x: [..., d_model]`` → ``(y [..., d_model], load-balancing loss f32[])``."""
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    probs = jax.nn.softmax(self.router(tokens.astype(jnp.float32)), axis=-1)  # [n, E]
+    gates, experts = jax.lax.top_k(probs, self.top_k)  # [n, k]
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
+    routed = tokens[order // self.top_k].astype(self.dtype)
+    w = lambda p: p[...].astype(self.dtype)
+    hidden = jax.nn.gelu(jax.lax.ragged_dot(routed, w(self.w_gate), group_sizes)) * jax.lax.ragged_dot(
+        routed, w(self.w_up), group_sizes)
+    out_sorted = jax.lax.ragged_dot(hidden, w(self.w_down), group_sizes)
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(-1, self.top_k, shape[-1])
+    y = jnp.einsum("nk,nkd->nd", gates, out.astype(jnp.float32)).astype(x.dtype)
+    balance = self.num_experts * jnp.sum(group_sizes / flat.shape[0] * jnp.mean(probs, axis=0))
+    return y.reshape(shape), balance

@@ -33,7 +33,9 @@ class HybridLM(nnx.Module):
     self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
                            param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
-    self.blocks = nnx.List([ResidualBlock(name, cfg, rngs=rngs) for name in layer_pattern(cfg)])
+    moe_every = cfg.moe_every
+    self.blocks = nnx.List([ResidualBlock(name, cfg, rngs=rngs, moe=bool(moe_every) and i % moe_every == moe_every - 1)
+                            for i, name in enumerate(layer_pattern(cfg))])
     self.final_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
     self.head = None if cfg.tie_embeddings else linear(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs)
 
@@ -55,15 +57,22 @@ class HybridLM(nnx.Module):
       logits = self.logits_softcap * jnp.tanh(logits / self.logits_softcap)
     return logits
 
-  def __call__(self, tokens):
-    """Training / scoring forward pass (parallel face of every mixer)."""
+  def __call__(self, tokens, *, return_aux: bool = False):
+    """Training / scoring forward pass (parallel face of every mixer).
+
+    ``return_aux``: also return ``{"moe_balance": mean load-balancing loss over MoE layers}``.
+    """
     x = self._embed(tokens)
+    balances = []
     for block in self.blocks:
-      if self.remat:
-        x = nnx.remat(lambda blk, h: blk(h))(block, x)
-      else:
-        x = block(x)
-    return self._logits(x)
+      forward = lambda blk, h: blk(h, return_aux=True)
+      x, balance = nnx.remat(forward)(block, x) if self.remat else forward(block, x)
+      if block.is_moe:
+        balances.append(balance)
+    logits = self._logits(x)
+    if not return_aux:
+      return logits
+    return logits, {"moe_balance": sum(balances) / len(balances) if balances else jnp.zeros((), jnp.float32)}
 
   def prefill(self, tokens, *, max_len: int | None = None):
     """Parallel pass that also returns every layer's decode state.

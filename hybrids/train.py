@@ -186,6 +186,8 @@ class Trainer:
   graphdef: Any
   abstract_state: Any
   tx: optax.GradientTransformation
+  moe_balance_weight: float = 0.0
+  has_moe: bool = False
 
   def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -196,17 +198,21 @@ class Trainer:
     return model
 
   def _loss(self, params, batch, window):
-    logits = self.model(params, window)(batch["inputs"])
+    logits, aux = self.model(params, window)(batch["inputs"], return_aux=True)
     loss_sum, correct, count = lm_loss(logits, batch["labels"])
     count = jnp.maximum(count, 1)
-    return loss_sum / count, correct / count
+    loss = loss_sum / count
+    return loss + self.moe_balance_weight * aux["moe_balance"], (loss, correct / count, aux["moe_balance"])
 
   def train_step(self, params, opt_state, batch, window: int | None = None):
     """One update; ``window`` (static) overrides the SWA band for this step (SWAX)."""
-    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, window)
+    (_, (loss, accuracy, balance)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, window)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
+    if self.has_moe:
+      metrics["moe_balance"] = balance
+    return params, opt_state, metrics
 
   def eval_step(self, params, batch):
     return lm_loss(self.model(params)(batch["inputs"]), batch["labels"])
@@ -338,7 +344,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   tx = make_optimizer(t)
   schedule = lr_schedule(t)
   opt_state = tx.init(params)
-  trainer = Trainer(graphdef, abstract_state, tx)
+  trainer = Trainer(graphdef, abstract_state, tx, moe_balance_weight=t.moe_balance_weight,
+                    has_moe=bool(config.model.moe_every))
   train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1), static_argnames="window")
   eval_step = jax.jit(trainer.eval_step)
 

@@ -96,3 +96,38 @@ def test_parallel_sum_is_the_sum_of_its_mixers():
   mixer = model.blocks[0].mixer
   x = jax.random.normal(jax.random.key(0), (1, 7, 16))
   np.testing.assert_allclose(mixer(x), mixer.parts[0](x) + mixer.parts[1](x), rtol=1e-6)
+
+
+def test_moe_is_the_routed_sum_of_experts_and_drops_nothing():
+  from hybrids.layers import MoE
+  c = cfg(num_experts=4, moe_top_k=2)
+  moe = MoE(c, rngs=nnx.Rngs(params=0))
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  y, balance = jax.jit(lambda x: moe(x))(x)
+  tokens = np.asarray(x.reshape(-1, 16), np.float64)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(moe)))
+  logits = tokens @ p["router"]["kernel"]
+  probs = np.exp(logits - logits.max(-1, keepdims=True)); probs /= probs.sum(-1, keepdims=True)
+  gelu = lambda z: np.asarray(jax.nn.gelu(jnp.asarray(z, jnp.float32)), np.float64)
+  expected = []
+  for n, tok in enumerate(tokens):
+    top = np.argsort(-probs[n])[:2]
+    gates = probs[n, top] / probs[n, top].sum()
+    expected.append(sum(g * (gelu(tok @ p["w_gate"][e]) * (tok @ p["w_up"][e])) @ p["w_down"][e] for g, e in zip(gates, top)))
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 16), np.stack(expected), rtol=1e-4, atol=1e-5)
+  counts = np.bincount(np.argsort(-probs, -1)[:, :2].ravel(), minlength=4)
+  np.testing.assert_allclose(float(balance), 4 * np.sum(counts / counts.sum() * probs.mean(0)), rtol=1e-5)
+
+
+def test_jamba_style_moe_every_other_layer_decodes_like_its_forward():
+  model = HybridLM(cfg(pattern=("mamba2", "swa"), n_layers=4, moe_every=2, num_experts=4), rngs=nnx.Rngs(params=0))
+  assert [b.is_moe for b in model.blocks] == [False, True, False, True]
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 50)
+  graphdef, params = nnx.split(model)
+  full, aux = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, return_aux=True))(params, tokens)
+  assert np.isfinite(float(aux["moe_balance"])) and float(aux["moe_balance"]) > 0
+  _, states = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t, max_len=8))(params, tokens[:, :5])
+  step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
+  for t in range(5, 8):
+    logits, states = step(params, tokens[:, t], states)
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)

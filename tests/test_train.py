@@ -127,9 +127,12 @@ def test_every_mixer_trains_in_one_hybrid_stack(tmp_path):
   from hybrids.mixers import MIXERS
   pattern = tuple(sorted(MIXERS))
   config = get_config(TINY, {"model.pattern": pattern, "model.n_layers": len(pattern), "train.steps": 3,
-                             "train.eval_every": 0, "train.checkpoint_every": 3})
+                             "train.eval_every": 0, "train.checkpoint_every": 3, "model.moe_every": 2,
+                             "model.num_experts": 4})
   s = train(config, str(tmp_path), progress=False)
   assert s["status"] == "done" and math.isfinite(s["train_loss"])
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    assert all(math.isfinite(json.loads(line)["moe_balance"]) for line in f if '"loss"' in line)
 
 
 def test_swax_stochastic_windows_are_drawn_per_step_and_resume_exactly(tmp_path):
