@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 def model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.vocab_size = 0            # 0: take the data's vocabulary
+  c.size = ""                 # a preset of hybrids.sizes.LADDER ("1m" … "1b"): sets the shape, matches params
   c.d_model = 64
   c.n_layers = 2
   c.pattern = ("rglru", "rglru", "swa")  # tiled to n_layers

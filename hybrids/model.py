@@ -102,8 +102,7 @@ class HybridLM(nnx.Module):
 
 def count_params(model: nnx.Module) -> dict[str, int]:
   """``{"params": all, "non_embedding_params": all minus the token embedding (and an untied head)}``."""
-  total = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  embedding = int(model.embed.embedding[...].size)
-  if model.head is not None:
-    embedding += int(model.head.kernel[...].size)
+  size = lambda module: sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))  # abstract too
+  total = size(model)
+  embedding = size(model.embed) + (size(model.head) if model.head is not None else 0)
   return {"params": total, "non_embedding_params": total - embedding}

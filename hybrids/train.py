@@ -76,8 +76,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validate and fill derived fields (vocab size); the result is what ``config.json`` holds."""
-  config_lib.validate(config)
+  from hybrids.sizes import apply_size
+
   config = ml_collections.ConfigDict(config.to_dict())
+  try:
+    config.model = apply_size(config.model)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  config_lib.validate(config)
   if not config.model.vocab_size:
     config.model.vocab_size = data_lib.vocab_size(config.data)
   return config

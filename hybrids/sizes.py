@@ -1,0 +1,82 @@
+"""Size presets matched across mixers: ``model.size`` picks the shape, then the MLP width is set so
+every pattern has the non-embedding parameters of the global-attention transformer of that size.
+
+    python -m hybrids.sizes            # table of actual counts per size × mixer
+
+Size names are nominal (the total with a 32k vocabulary, roughly). The attention baseline of a size is ``pattern=("attention",)`` with ``mlp_expansion = 3``. Other
+patterns keep ``d_model``, ``n_layers`` and heads, and get the ``mlp_expansion`` that matches the
+baseline's non-embedding count (counts are linear in it, so two abstract builds solve it exactly,
+before rounding the hidden width to a multiple of 8). A pattern whose mixers alone exceed the budget
+is an error rather than a silently unmatched point.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from flax import nnx
+
+# name → (d_model, n_layers, num_heads)
+LADDER = {
+    "1m": (128, 4, 4), "5m": (256, 6, 4), "20m": (384, 10, 6), "50m": (512, 14, 8),
+    "125m": (768, 12, 12), "350m": (1024, 24, 16), "760m": (1536, 24, 16), "1b": (2048, 24, 16),
+}
+BASE_EXPANSION = 3.0
+TOLERANCE = 0.10
+
+
+def non_embedding_params(model_cfg) -> int:
+  """Non-embedding parameters of ``HybridLM(model_cfg)``, from shapes only (nothing is allocated)."""
+  from hybrids.model import HybridLM, count_params
+
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  cfg.vocab_size = cfg.vocab_size or 256
+  model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(params=0)))
+  return count_params(model)["non_embedding_params"]
+
+
+def apply_size(model_cfg) -> ml_collections.ConfigDict:
+  """``model_cfg`` with the shape of ``model_cfg.size`` and a matched ``mlp_expansion`` (no-op if unset)."""
+  if not model_cfg.size:
+    return model_cfg
+  if model_cfg.size not in LADDER:
+    raise ValueError(f"model.size={model_cfg.size!r}; valid: {', '.join(LADDER)}")
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  cfg.d_model, cfg.n_layers, cfg.num_heads = LADDER[cfg.size]
+  cfg.num_kv_heads = 0 if cfg.num_heads % max(cfg.num_kv_heads, 1) else cfg.num_kv_heads
+  baseline = ml_collections.ConfigDict(cfg.to_dict())
+  baseline.pattern, baseline.mlp_expansion, baseline.moe_every = ("attention",), BASE_EXPANSION, 0
+  target = non_embedding_params(baseline)
+  counts = {}
+  for expansion in (1.0, 2.0):
+    cfg.mlp_expansion = expansion
+    counts[expansion] = non_embedding_params(cfg)
+  per_unit = counts[2.0] - counts[1.0]
+  hidden = round((1.0 + (target - counts[1.0]) / per_unit) * cfg.d_model / 8) * 8
+  cfg.mlp_expansion = max(hidden, 8) / cfg.d_model
+  actual = non_embedding_params(cfg)
+  if abs(actual - target) > TOLERANCE * target:
+    raise ValueError(f"model.size={cfg.size!r}: pattern {tuple(cfg.pattern)} has {actual:,} non-embedding parameters "
+                     f"even with the smallest MLP; the attention baseline has {target:,} (±{TOLERANCE:.0%})")
+  return cfg
+
+
+def main() -> None:
+  from hybrids.config import model_config
+  from hybrids.mixers import MIXERS
+
+  names = sorted(MIXERS)
+  print("size  " + "  ".join(f"{n:>16}" for n in names))
+  for size in list(LADDER)[:5]:
+    row = []
+    for name in names:
+      c = model_config()
+      c.size, c.pattern = size, (name,)
+      try:
+        row.append(f"{non_embedding_params(apply_size(c)):>16,}")
+      except ValueError:
+        row.append(f"{'unmatched':>16}")
+    print(f"{size:<5} " + "  ".join(row))
+
+
+if __name__ == "__main__":
+  main()
