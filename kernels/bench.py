@@ -1,0 +1,164 @@
+"""Side-by-side kernel benchmarks: ours vs each peer, measured in the same process, vs the hardware floor.
+
+    python -m kernels.bench                       # every kernel, the issue's shapes
+    python -m kernels.bench --kernels scan --json /tmp/scan.json
+    python -m kernels.bench --quick               # small shapes: a smoke test of the script itself
+
+Each kernel has a module ``kernels/bench_<kernel>.py`` with ``run(ctx) -> list[dict]``; a row is one
+(kernel, shape, implementation) with ``fwd_ms`` and ``fwdbwd_ms`` (None where it does not apply) and
+``rel_err`` against the reference (checked before timing: a wrong kernel is never timed). The driver
+prints one table per kernel with the floor and the ratio to the best peer, and writes everything
+(device, versions, command) to JSON.
+
+Timing: a jitted function is called ``iters`` times back to back and the device is synchronised
+once at the end (dispatch overlaps execution, so this is device time per call, not host latency);
+the median of ``repeats`` such loops is reported. Inputs rotate among several sets so that a kernel
+whose inputs would fit in L2 is not timed from cache. Torch peers are timed with
+``triton.testing.do_bench`` (CUDA events, median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+KERNELS = ("scan", "gla", "window_attention")
+
+# Measured ceilings of the H100 this project benchmarks on (device README: copy ≈3.0 TB/s counting read+write).
+HBM_BYTES_PER_S = {"gpu": 3.0e12, "tpu": 8.2e11, "cpu": 2.0e10}
+BF16_FLOPS = {"gpu": 6.75e14, "tpu": 1.97e14, "cpu": 1.0e11}
+
+
+@dataclasses.dataclass
+class Context:
+  quick: bool
+  platform: str
+  iters: int = 20
+  repeats: int = 5
+
+  def floor_ms(self, *, bytes_moved: float = 0.0, flops: float = 0.0) -> float:
+    """max(bytes / bandwidth, flops / peak) in ms."""
+    return 1e3 * max(bytes_moved / HBM_BYTES_PER_S[self.platform], flops / BF16_FLOPS[self.platform])
+
+  def time_jax(self, fn: Callable, input_sets: Sequence[tuple]) -> float:
+    """Median ms per call of jitted ``fn`` over rotating ``input_sets`` (each a tuple of arrays)."""
+    jax.block_until_ready(fn(*input_sets[0]))  # compile
+    for args in input_sets:
+      jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(self.repeats):
+      start = time.perf_counter()
+      out = None
+      for i in range(self.iters):
+        out = fn(*input_sets[i % len(input_sets)])
+      jax.block_until_ready(out)
+      samples.append((time.perf_counter() - start) / self.iters * 1e3)
+    return statistics.median(samples)
+
+  def time_torch(self, fn: Callable) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def rel_err(ours, ref) -> float:
+  """‖ours − ref‖ / ‖ref‖ in float64 over all leaves."""
+  num = den = 0.0
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    num += float(np.sum((a - b) ** 2))
+    den += float(np.sum(b ** 2))
+  return (num / max(den, 1e-300)) ** 0.5
+
+
+def check(name: str, ours, ref, tol: float) -> float:
+  err = rel_err(ours, ref)
+  if not np.isfinite(err) or err > tol:
+    raise AssertionError(f"{name}: relative error {err:.3g} > {tol:g}; not timing a wrong kernel")
+  return err
+
+
+def versions() -> dict:
+  out = {"python": platform.python_version(), "jax": jax.__version__}
+  for mod in ("jaxlib", "torch", "triton", "fla"):
+    try:
+      out[mod] = importlib.import_module(mod).__version__
+    except Exception:  # a peer that is not installed is simply not measured
+      pass
+  return out
+
+
+def _fmt(x, digits=3):
+  return "—" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def format_table(rows: list[dict]) -> str:
+  """One block per (kernel, shape): every implementation, the floor, and ours vs the best peer."""
+  lines = []
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault((row["kernel"], row["shape"]), []).append(row)
+  for (kernel, shape), group in groups.items():
+    lines.append(f"\n{kernel}  {shape}   floor fwd {_fmt(group[0].get('floor_fwd_ms'))} ms, "
+                 f"fwd+bwd {_fmt(group[0].get('floor_fwdbwd_ms'))} ms")
+    lines.append(f"  {'impl':<28} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd/floor':>10} {'rel err':>9}")
+    for row in group:
+      ratio = (row["fwd_ms"] / row["floor_fwd_ms"]) if row.get("fwd_ms") and row.get("floor_fwd_ms") else None
+      lines.append(f"  {row['impl']:<28} {_fmt(row.get('fwd_ms')):>9} {_fmt(row.get('fwdbwd_ms')):>11} "
+                   f"{_fmt(ratio, 2):>10} {_fmt(row.get('rel_err'), 6) if row.get('rel_err') is not None else '—':>9}")
+    ours = [r for r in group if r.get("ours")]
+    peers = [r for r in group if not r.get("ours") and r.get("fwd_ms")]
+    if ours and peers:
+      best_ours = min((r for r in ours if r.get("fwd_ms")), key=lambda r: r["fwd_ms"], default=None)
+      best_peer = min(peers, key=lambda r: r["fwd_ms"])
+      if best_ours:
+        lines.append(f"  best ours {best_ours['impl']} vs best peer {best_peer['impl']}: "
+                     f"fwd ×{best_peer['fwd_ms'] / best_ours['fwd_ms']:.2f}"
+                     + (f", fwd+bwd ×{best_peer['fwdbwd_ms'] / best_ours['fwdbwd_ms']:.2f}"
+                        if best_ours.get("fwdbwd_ms") and best_peer.get("fwdbwd_ms") else "")
+                     + " (>1: ours faster)")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
+  parser.add_argument("--quick", action="store_true", help="small shapes (checks the script, not the speed)")
+  parser.add_argument("--json", default="", help="write the rows, device and versions here")
+  args = parser.parse_args(argv)
+  names = [k.strip() for k in args.kernels.split(",") if k.strip()]
+  unknown = [k for k in names if k not in KERNELS]
+  if unknown:
+    parser.error(f"--kernels: unknown {unknown}; valid: {', '.join(KERNELS)}")
+  device = jax.devices()[0]
+  ctx = Context(quick=args.quick, platform=device.platform, iters=3 if args.quick else 20,
+                repeats=1 if args.quick else 5)
+  rows: list[dict] = []
+  for name in names:
+    module = importlib.import_module(f"kernels.bench_{name}")
+    new_rows = module.run(ctx)
+    print(format_table(new_rows), flush=True)
+    rows += new_rows
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
+            "versions": versions(), "command": " ".join(["python -m kernels.bench"] + list(argv or sys.argv[1:])),
+            "rows": rows}
+  print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
