@@ -15,14 +15,17 @@ Run the comparison (prints an accuracy table):
 Zoology uses a vocabulary of 8192; the quickstart uses 256 so that three models learn in minutes on a
 laptop CPU (at 8192 the logit matmul dominates each step). Everything else is Zoology's MQAR.
 
-``get_config(arg)``: ``arg`` is a mixer name (``attention``, ``swa``, ``rglru``; a one-mixer stack),
-``griffin`` (``rglru, rglru, swa``), or ``tiny`` (a few-second smoke test, used by the tests).
+``get_config(arg)``: ``arg`` is a mixer name (any of ``hybrids.mixers.MIXERS``; a one-mixer stack), a
+named topology of ``hybrids.topologies`` (``griffin``, ``hawk``, ``jamba``, ``based_hybrid``, ``swax``,
+``parallel_mamba2``; as many layers as the topology's pattern), or ``tiny`` (a few-second Griffin smoke
+test, used by the tests).
 """
 
 from hybrids.config import base_config
 from hybrids.mixers import MIXERS
+from hybrids.topologies import TOPOLOGIES, apply_topology
 
-VARIANTS = ("griffin", "tiny")
+VARIANTS = tuple(sorted(TOPOLOGIES)) + ("tiny",)
 
 
 def get_config(arg: str | None = None):
@@ -37,9 +40,13 @@ def get_config(arg: str | None = None):
   c.model.n_layers = 2
   c.model.num_heads = 2
   c.model.window = 16  # shorter than the 8-token kv prefix + query gaps: SWA must miss some pairs
-  c.model.pattern = ("rglru", "rglru", "swa") if arg in ("griffin", "tiny") else (arg,)
-  if arg in ("griffin", "tiny"):
-    c.model.n_layers = 3
+  if arg in MIXERS:
+    c.model.pattern = (arg,)
+  else:
+    apply_topology(c, "griffin" if arg == "tiny" else arg)
+    c.model.n_layers = max(2, len(c.model.pattern))
+    if arg == "swax":
+      c.train.window_choices = (8, 32)  # the paper's {128, 2048} scaled to seq_len 64
   c.train.steps = 700  # attention's induction head forms at ~400 steps (eval accuracy 0.29 → 0.88)
   c.train.batch_size = 64
   c.train.lr = 1e-2

@@ -57,6 +57,7 @@ def model_config() -> ml_collections.ConfigDict:
   c.attention_impl = "auto"
   c.scan_impl = "auto"
   c.gla_impl = "auto"
+  c.delta_impl = "auto"       # kernels.delta (DeltaNet, Gated DeltaNet)
   return c
 
 
@@ -127,7 +128,7 @@ def validate(config) -> None:
   for field in ("dtype", "param_dtype"):
     if m[field] not in DTYPES:
       raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(DTYPES)}")
-  for field in ("attention_impl", "scan_impl", "gla_impl"):
+  for field in ("attention_impl", "scan_impl", "gla_impl", "delta_impl"):
     if m[field] not in IMPLS:
       raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(IMPLS)}")
   if m.d_model % m.num_heads:

@@ -160,10 +160,24 @@ def lr_schedule(t) -> optax.Schedule:
       end_value=t.lr * t.min_lr_ratio)
 
 
+# Parameters of a recurrence's dynamics (decay rates, poles, residues), norm scales and token-shift
+# mixes: weight decay would pull them toward a different model (e.g. a_log → 0 forgets faster), not
+# toward a smaller one. Matched by the parameter's own name, whatever module holds it.
+NO_WEIGHT_DECAY = frozenset({"a_log", "a_param", "log_rate", "angle", "residues", "log_neg_a_real", "a_imag",
+                             "log_dt", "dt_bias", "d_skip", "skip", "scale", "mu", "mu_x", "w0", "bonus"})
+
+
+def decay_mask(params) -> Any:
+  """True for the parameters AdamW decays: matrices (ndim ≥ 2) not named in ``NO_WEIGHT_DECAY``."""
+  def decayed(path, p):
+    name = getattr(path[-1], "key", None) if path else None
+    return p.ndim >= 2 and name not in NO_WEIGHT_DECAY
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(t) -> optax.GradientTransformation:
-  """AdamW on :func:`lr_schedule`, global-norm clipping, weight decay on matrices only."""
+  """AdamW on :func:`lr_schedule`, global-norm clipping, weight decay on :func:`decay_mask`."""
   schedule = lr_schedule(t)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))

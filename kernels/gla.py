@@ -9,9 +9,24 @@ scalar per head ``[batch, time, heads]`` (RetNet, Mamba-2, mLSTM) or None (α = 
 Based). Feature maps, scalings and normalisers belong to the mixers: a normaliser ``Σ φ(k_s)`` is a
 column of ones appended to ``v``.
 
-Shapes: ``q, k: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``,
-``initial_state: [batch, heads, d_k, d_v]``. Returns ``(o [batch, time, heads, d_v] in v.dtype,
-final_state f32 [batch, heads, d_k, d_v])``.
+Exponential input gate (mLSTM, Beck et al. 2024, §2.3 and the stabilised form of §2.2). With
+``log_input_gate = ĩ_t: [batch, time, heads]`` (unbounded, may be large and positive) the recurrence is
+
+    C_t = α_t C_{t−1} + exp(ĩ_t) k_t v_tᵀ                 (α_t: one scalar per head, or 1)
+
+and ``exp(ĩ_t)`` would overflow, so the state is carried scaled by a running stabiliser:
+
+    m_t = max(log α_t + m_{t−1}, ĩ_t)                     (m_0 = 0 unless given)
+    S_t = C_t · exp(−m_t) = exp(log α_t + m_{t−1} − m_t) S_{t−1} + exp(ĩ_t − m_t) k_t v_tᵀ
+    o_t = S_tᵀ q_t = exp(−m_t) C_tᵀ q_t
+
+Both exponents are ≤ 0. The unscaled output is ``o_t · exp(m_t)``; the mLSTM forms
+``C_tᵀq_t / max(|n_tᵀq_t|, 1) = o_t / max(|ν_t|, exp(−m_t))`` with ``ν_t`` the output of a ones
+column appended to ``v`` (its normaliser), so ``m_t`` is returned beside the output.
+
+Shapes: ``q, k: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``. Without an input gate
+the state is ``S: f32 [batch, heads, d_k, d_v]``; with one it is the pair ``(S, m)`` with
+``m: f32 [batch, heads]``, for ``initial_state``, the returned final state and ``gla_step``.
 
 Implementations:
 - ``"reference"``: the recurrence above, one ``lax.scan`` step per token (f32).
@@ -19,31 +34,55 @@ Implementations:
   output is a masked attention-like product, across chunks the state is carried by a scan over
   chunks. Every decay factor is ``exp`` of a difference ``b_t − b_s`` of within-chunk cumulative
   log-decays with ``s ≤ t``, so exponents are ≤ 0 and nothing overflows however strong the decay —
-  the failure mode of the ``q·exp(b)``, ``k·exp(−b)`` factorisation.
+  the failure mode of the ``q·exp(b)``, ``k·exp(−b)`` factorisation. With an input gate the
+  stabiliser has the closed form ``m_t = max(b_t + m_in, max_{s≤t}(b_t − b_s + ĩ_s))`` (``m_in``:
+  the stabiliser entering the chunk), i.e. a per-row maximum of the intra-chunk exponents and the
+  carried stabiliser; subtracting it keeps every exponent ≤ 0. The chunk scan carries ``(S, m)``,
+  each chunk's contribution scaled by its own local maximum ``g = max_s(b_C − b_s + ĩ_s)``.
+- ``"pallas"``: the chunked form as Pallas kernels (Triton on GPU, Mosaic on TPU) with a
+  ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. With
+  ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
+- ``"auto"``: ``"xla"`` (the Pallas kernel is chosen explicitly until it is measured faster on a
+  platform; see ``kernels/bench_gla.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax.experimental import pallas as pl
 
-Impl = Literal["auto", "xla", "reference"]
-IMPLS = ("auto", "xla", "reference")
+Impl = Literal["auto", "xla", "reference", "pallas"]
+IMPLS = ("auto", "xla", "reference", "pallas")
 _NEG = -1e30
 
 
-def _check(q, k, v, log_decay, initial_state):
+def _check(q, k, v, log_decay, initial_state, log_input_gate=None):
   if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
     raise ValueError(f"gla: expected q, k [batch, time, heads, d_k] and v [batch, time, heads, d_v]; "
                      f"got q{q.shape} k{k.shape} v{v.shape}")
   if log_decay is not None and log_decay.shape not in (q.shape, q.shape[:3]):
     raise ValueError(f"gla: log_decay{log_decay.shape} must be {q.shape} (per key dim) or {q.shape[:3]} (per head)")
   want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-  if initial_state is not None and initial_state.shape != want:
-    raise ValueError(f"gla: initial_state{initial_state.shape} must be [batch, heads, d_k, d_v] = {want}")
+  if log_input_gate is None:
+    if initial_state is not None and getattr(initial_state, "shape", None) != want:
+      raise ValueError(f"gla: initial_state{getattr(initial_state, 'shape', type(initial_state))} must be "
+                       f"[batch, heads, d_k, d_v] = {want}")
+    return
+  if log_input_gate.shape != q.shape[:3]:
+    raise ValueError(f"gla: log_input_gate{log_input_gate.shape} must be [batch, time, heads] = {q.shape[:3]}")
+  if log_decay is not None and log_decay.ndim != 3:
+    raise ValueError("gla: log_input_gate needs a per-head log_decay [batch, time, heads] (or None): the "
+                     "stabiliser is one scalar per head")
+  if initial_state is not None:
+    if (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2
+        or initial_state[0].shape != want or initial_state[1].shape != want[:2]):
+      raise ValueError(f"gla: with log_input_gate, initial_state must be (S {want}, m {want[:2]})")
 
 
 def _full_decay(log_decay, q):
@@ -54,33 +93,57 @@ def _full_decay(log_decay, q):
   return jnp.broadcast_to(log_decay[..., None], q.shape) if log_decay.ndim == 3 else log_decay
 
 
-def gla_reference(q, k, v, log_decay=None, initial_state=None):
-  """The recurrence, token by token, in float32."""
-  _check(q, k, v, log_decay, initial_state)
+def _initial(q, v, initial_state, gated):
+  """``initial_state`` in f32 (zeros, and m = 0, for None)."""
   batch, _, heads, d_k = q.shape
-  decay = jnp.exp(_full_decay(log_decay, q))
-  state = (jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32) if initial_state is None
-           else initial_state.astype(jnp.float32))
-
-  def step(state, inputs):
-    q_t, k_t, v_t, a_t = inputs
-    state = a_t[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
-    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
-
-  xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, decay))
-  final, o = jax.lax.scan(step, state, xs)
-  return jnp.moveaxis(o, 0, 1).astype(v.dtype), final
+  if initial_state is None:
+    s = jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32)
+    return (s, jnp.zeros((batch, heads), jnp.float32)) if gated else s
+  if gated:
+    return initial_state[0].astype(jnp.float32), initial_state[1].astype(jnp.float32)
+  return initial_state.astype(jnp.float32)
 
 
-def _gla_chunked(q, k, v, log_decay, initial_state, chunk_size: int):
+def gla_reference(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None):
+  """The recurrence, token by token, in float32 (see :func:`gla` for arguments and returns)."""
+  _check(q, k, v, log_decay, initial_state, log_input_gate)
+  state = _initial(q, v, initial_state, log_input_gate is not None)
+  xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v))
+  if log_input_gate is None:
+    decay = jnp.moveaxis(jnp.exp(_full_decay(log_decay, q)), 1, 0)
+
+    def step(state, inputs):
+      q_t, k_t, v_t, a_t = inputs
+      state = a_t[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
+      return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    final, o = jax.lax.scan(step, state, xs + (decay,))
+    return jnp.moveaxis(o, 0, 1).astype(v.dtype), final
+
+  ld = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
+  gates = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (ld, log_input_gate))
+
+  def gated_step(carry, inputs):
+    q_t, k_t, v_t, a_t, i_t = inputs
+    o_t, carry = gla_step(q_t, k_t, v_t, a_t, carry, log_input_gate_t=i_t)
+    return carry, (o_t, carry[1])
+
+  final, (o, m) = jax.lax.scan(gated_step, state, xs + gates)
+  return jnp.moveaxis(o, 0, 1).astype(v.dtype), final, jnp.moveaxis(m, 0, 1)
+
+
+def _gla_chunked(q, k, v, log_decay, initial_state, chunk_size: int, log_input_gate=None):
   batch, time, heads, d_k = q.shape
   d_v = v.shape[-1]
+  gated = log_input_gate is not None
   scalar = log_decay is not None and log_decay.ndim == 3
   n = -(-time // chunk_size)
   pad = n * chunk_size - time
-  # Padding: k = v = 0 and log-decay 0 leave the state untouched; padded outputs are dropped.
+  # Padding: k = v = 0, log-decay 0 and input gate −∞ leave the state and stabiliser untouched;
+  # padded outputs are dropped.
   pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) ... -> b n c ...", c=chunk_size)
+  chunks = lambda x, fill=0.0: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim], constant_values=fill),
+                                         "b (n c) ... -> b n c ...", c=chunk_size)
   qc, kc, vc = chunks(q), chunks(k), chunks(v)
   if log_decay is None:
     ld = jnp.zeros((batch, n, chunk_size, heads), jnp.float32)
@@ -89,66 +152,727 @@ def _gla_chunked(q, k, v, log_decay, initial_state, chunk_size: int):
     ld = chunks(log_decay)
   b = jnp.cumsum(ld, axis=2)  # within-chunk cumulative log-decay, [b n c h (k)]
   causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+  b_full = b[..., None] if scalar else b  # [b n c h k]
+  b_last = b_full[:, :, -1:]  # [b n 1 h k]
 
   if scalar:
-    diff = b[:, :, :, None, :] - b[:, :, None, :, :]  # [b n t s h]
-    gain = jnp.exp(jnp.where(causal[None, None, :, :, None], diff, _NEG))
-    scores = jnp.einsum("bnthk,bnshk->bntsh", qc, kc) * gain
-    b_full = b[..., None]
+    diff = b[:, :, :, None, :] - b[:, :, None, :, :]  # b_t − b_s, [b n t s h]
+    mask = causal[None, None, :, :, None]
   else:
     diff = b[:, :, :, None] - b[:, :, None]  # [b n t s h k]
-    gain = jnp.exp(jnp.where(causal[None, None, :, :, None, None], diff, _NEG))
-    scores = jnp.einsum("bnthk,bnshk,bntshk->bntsh", qc, kc, gain)
-    b_full = b
-  o_intra = jnp.einsum("bntsh,bnshv->bnthv", scores, vc)
+    mask = causal[None, None, :, :, None, None]
 
-  b_last = b_full[:, :, -1:]  # [b n 1 h k]
-  k_to_end = kc * jnp.exp(b_last - b_full)  # decay from s to the chunk's end, ≤ 1
+  if gated:
+    ig = chunks(log_input_gate, _NEG)  # [b n c h]
+    diff = jnp.where(mask, diff + ig[:, :, None, :, :], _NEG)  # b_t − b_s + ĩ_s
+    local = jnp.max(diff, axis=3)  # max_{s≤t}, [b n t h]
+    g_last = local[:, :, -1]  # the chunk's own contribution's maximum, [b n h]
+    # decay from s to the chunk's end times the input gate, relative to g: exponent ≤ 0
+    k_to_end = kc * jnp.exp(b[:, :, -1:] - b + ig - g_last[:, :, None])[..., None]
+    chunk_decay = b[:, :, -1]  # log-decay over the whole chunk, [b n h]
+  else:
+    k_to_end = kc * jnp.exp(b_last - b_full)  # decay from s to the chunk's end, ≤ 1
+    chunk_decay = jnp.broadcast_to(jnp.exp(b_last[:, :, 0]), (batch, n, heads, d_k))
   chunk_kv = jnp.einsum("bnshk,bnshv->bnhkv", k_to_end, vc)
-  chunk_decay = jnp.broadcast_to(jnp.exp(b_last[:, :, 0]), (batch, n, heads, d_k))
 
-  def carry(state, inputs):
-    decay, kv = inputs
-    return decay[..., None] * state + kv, state  # emit the state entering the chunk
+  if gated:
+    def carry(state, inputs):
+      (s, m), (log_a, g, kv) = state, inputs
+      m_new = jnp.maximum(log_a + m, g)
+      s_new = jnp.exp(log_a + m - m_new)[..., None, None] * s + jnp.exp(g - m_new)[..., None, None] * kv
+      return (s_new, m_new), (s, m)  # emit the state entering the chunk
 
-  state0 = (jnp.zeros((batch, heads, d_k, d_v), jnp.float32) if initial_state is None
-            else initial_state.astype(jnp.float32))
-  final, entering = jax.lax.scan(carry, state0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_kv, 1, 0)))
-  entering = jnp.moveaxis(entering, 0, 1)  # [b n h k v]
-  o_inter = jnp.einsum("bnthk,bnhkv->bnthv", qc * jnp.exp(b_full), entering)
-  o = rearrange(o_intra + o_inter, "b n c h v -> b (n c) h v")[:, :time]
-  return o.astype(v.dtype), final
+    xs = (chunk_decay, g_last, chunk_kv)
+  else:
+    def carry(state, inputs):
+      decay, kv = inputs
+      return decay[..., None] * state + kv, state
+
+    xs = (chunk_decay, chunk_kv)
+  state0 = _initial(q, v, initial_state, gated)
+  final, entering = jax.lax.scan(carry, state0, tuple(jnp.moveaxis(x, 1, 0) for x in xs))
+  entering = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), entering)
+
+  if gated:
+    s_in, m_in = entering  # [b n h k v], [b n h]
+    m = jnp.maximum(b + m_in[:, :, None], local)  # the row maxima: stabiliser m_t, [b n c h]
+    gain = jnp.exp(jnp.where(mask, diff - m[:, :, :, None, :], _NEG))
+    scores = jnp.einsum("bnthk,bnshk->bntsh", qc, kc) * gain
+    q_in = qc * jnp.exp(b + m_in[:, :, None] - m)[..., None]
+  else:
+    s_in = entering
+    gain = jnp.exp(jnp.where(mask, diff, _NEG))
+    if scalar:
+      scores = jnp.einsum("bnthk,bnshk->bntsh", qc, kc) * gain
+    else:
+      scores = jnp.einsum("bnthk,bnshk,bntshk->bntsh", qc, kc, gain)
+    q_in = qc * jnp.exp(b_full)
+  o_intra = jnp.einsum("bntsh,bnshv->bnthv", scores, vc)
+  o_inter = jnp.einsum("bnthk,bnhkv->bnthv", q_in, s_in)
+  o = rearrange(o_intra + o_inter, "b n c h v -> b (n c) h v")[:, :time].astype(v.dtype)
+  if gated:
+    return o, final, rearrange(m, "b n c h -> b (n c) h")[:, :time]
+  return o, final
 
 
-def gla(q, k, v, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto"):
+def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chunk_size: int = 16,
+        impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
+        pallas_config: PallasConfig | None = None):
   """``S_t = diag(exp(log_decay_t)) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (see the module docstring).
 
   Args:
     q, k: ``[batch, time, heads, d_k]``; v: ``[batch, time, heads, d_v]``.
     log_decay: ``[batch, time, heads, d_k]``, ``[batch, time, heads]`` or None; values ≤ 0.
-    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros).
-    chunk_size: tokens per chunk of the chunked form.
-    impl: ``"reference"``, ``"xla"`` (chunked) or ``"auto"``.
+    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros); with ``log_input_gate`` the pair
+      ``(S [batch, heads, d_k, d_v], m [batch, heads])`` or None (zeros, m = 0).
+    log_input_gate: None, or ĩ ``[batch, time, heads]``: the exponential input gate of the mLSTM,
+      ``C_t = α_t C_{t−1} + exp(ĩ_t) k_t v_tᵀ``, carried stabilised (needs a per-head or no decay).
+    chunk_size: tokens per chunk of the ``"xla"`` chunked form (the Pallas kernels take theirs from
+      ``pallas_config``).
+    impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` or ``"auto"``.
+    interpret: run the Pallas kernels in the Pallas interpreter (CPU tests); only with ``"pallas"``.
+    pallas_target: ``"triton"`` or ``"mosaic"`` layout of the Pallas kernels (default: by platform at
+      lowering time; Triton when interpreting).
+    pallas_config: tiling of the Pallas kernels (default :class:`PallasConfig`).
   Returns:
-    ``(o [batch, time, heads, d_v], final_state f32 [batch, heads, d_k, d_v])``.
+    ``(o [batch, time, heads, d_v], final_state f32 [batch, heads, d_k, d_v])``; with
+    ``log_input_gate``: ``(o, (S, m) final, m [batch, time, heads] f32)`` where ``o_t = exp(−m_t) C_tᵀq_t``
+    and ``S = exp(−m) C``.
   """
-  _check(q, k, v, log_decay, initial_state)
+  _check(q, k, v, log_decay, initial_state, log_input_gate)
   if impl not in IMPLS:
     raise ValueError(f"gla: unknown impl {impl!r}; valid: {IMPLS}")
   if chunk_size <= 0:
     raise ValueError(f"gla: chunk_size={chunk_size} must be positive")
   if impl == "reference":
-    return gla_reference(q, k, v, log_decay, initial_state)
-  return _gla_chunked(q, k, v, log_decay, initial_state, chunk_size)
+    return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate)
+  if impl == "pallas" and log_input_gate is None:
+    return gla_pallas(q, k, v, log_decay, initial_state, interpret=interpret, target=pallas_target,
+                      config=pallas_config)
+  # "auto", "xla", and the mLSTM input gate under "pallas" (no kernel of its own yet).
+  return _gla_chunked(q, k, v, log_decay, initial_state, chunk_size, log_input_gate)
 
 
-def gla_step(q_t, k_t, v_t, log_decay_t, state):
+def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
   """One recurrent step: ``q_t, k_t: [batch, heads, d_k]``, ``v_t: [batch, heads, d_v]``,
   ``log_decay_t: [batch, heads, d_k] | [batch, heads] | None``, ``state: f32 [batch, heads, d_k, d_v]``.
-  Returns ``(o_t [batch, heads, d_v] f32, state)``."""
-  state = state.astype(jnp.float32)
-  if log_decay_t is not None:
-    a = jnp.exp(log_decay_t.astype(jnp.float32))
-    state = (a[..., None, None] if a.ndim == 2 else a[..., None]) * state
-  state = state + k_t.astype(jnp.float32)[..., :, None] * v_t.astype(jnp.float32)[..., None, :]
-  return jnp.einsum("bhk,bhkv->bhv", q_t.astype(jnp.float32), state), state
+  Returns ``(o_t [batch, heads, d_v] f32, state)``.
+
+  With ``log_input_gate_t: [batch, heads]`` (ĩ_t) the state is the pair ``(S, m)`` (``m: [batch, heads]``)
+  and the step is the stabilised update of the module docstring; the new ``m_t`` is ``state[1]``."""
+  q_t, k_t, v_t = (x.astype(jnp.float32) for x in (q_t, k_t, v_t))
+  kv = k_t[..., :, None] * v_t[..., None, :]
+  if log_input_gate_t is None:
+    state = state.astype(jnp.float32)
+    if log_decay_t is not None:
+      a = jnp.exp(log_decay_t.astype(jnp.float32))
+      state = (a[..., None, None] if a.ndim == 2 else a[..., None]) * state
+    state = state + kv
+    return jnp.einsum("bhk,bhkv->bhv", q_t, state), state
+  s, m = (x.astype(jnp.float32) for x in state)
+  log_a = jnp.zeros_like(m) if log_decay_t is None else log_decay_t.astype(jnp.float32)
+  i_t = log_input_gate_t.astype(jnp.float32)
+  m_new = jnp.maximum(log_a + m, i_t)
+  s = jnp.exp(log_a + m - m_new)[..., None, None] * s + jnp.exp(i_t - m_new)[..., None, None] * kv
+  return jnp.einsum("bhk,bhkv->bhv", q_t, s), (s, m_new)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pallas (impl="pallas").
+#
+# Chunks of C tokens (``PallasConfig.chunk``), each split into sub-chunks of 16 rows. Within a
+# sub-chunk, β_t = Σ_{m≤t} log α_m is the inclusive cumulative log-decay (per key dim, f32) and
+# λ = β_15 its total. The factorised tensor-core form needs q̂ = q ⊙ e^{β} and k̂ = k ⊙ e^{λ−β}: both
+# exponents are ≤ 0, so they never overflow however strong the decay (an underflow to 0 is a true
+# weight below 1e-38). Across sub-chunks the state carries everything, so no factor e^{−β} (which
+# overflows for log α ≈ −20 within a few steps) is ever formed. Only the 16 × 16 diagonal blocks of
+# the intra-sub-chunk scores A_ts = Σ_d q_td k_sd e^{β_td − β_sd} (s ≤ t) need the decay per pair;
+# they are built exactly on CUDA cores / the VPU by a 16-step recurrence over t that carries
+# H(s, d) = k_sd e^{β_td − β_sd} and multiplies the rows s < t by α_t at each step (no exp at all,
+# no overflow: every entry used is a product of decays ≤ 1). Without decay they are plain dots.
+#
+# States are stored transposed, Sᵀ: [d_v, d_k], so every decay acts along the last (lane) axis.
+# Forward, two kernels:
+#   states  sequential over chunks: stores Sᵀ entering each chunk, Sᵀ ← Sᵀ e^{b_C} + vᵀ(k e^{b_C−b}),
+#           and returns the final state (f32).
+#   output  one program per (chunk, head, d_v block): a sub-chunk loop o_j = q̂_j S' + A_jj v_j,
+#           S' ← e^{λ_j} S' + k̂_jᵀ v_j (f32 in registers) from the stored entering state. It also
+#           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward.
+# Backward, with dO and the cotangent of the final state: the reverse state D_t = ∂L/∂S_t obeys
+# D_t = q_t dO_tᵀ + diag(α_{t+1}) D_{t+1} (a GLA recurrence run backwards), and
+#   dq_t = S_t dO_t,   dk_t = D_t v_t,   dv_t = D_tᵀ k_t,   dS_0 = diag(α_0) D_0,
+#   d log α_r = Σ_{t≥r} (q_t ⊙ dq_t − k_t ⊙ dk_t) + Σ_v (dS_final ⊙ S_final)      (per key dim)
+# The last identity follows from α_r S_{r−1} = S_r − k_r v_rᵀ and telescoping Σ_v D_r ⊙ S_r. At the
+# end of chunk n its tail Σ_{t > end} (…) + Σ_v dS_final ⊙ S_final equals Σ_v E_n ⊙ S_end(n), with
+# E_n the gradient reaching the chunk's last state from later tokens, so each chunk finishes its own
+# d log α without a pass over the whole sequence. Three kernels:
+#   states (reverse)  the same sequential kernel backwards: stores E_n, returns dS_0.
+#   dq/dk/dlogα  per (chunk, head, d_k block), all of d_v: a forward sub-chunk loop for dq (state S'),
+#           then a reverse one for dk (state E') and the reverse cumulative sum for d log α.
+#   dv      per (chunk, head, d_v block), all of d_k: reverse sub-chunk loop, A_jjᵀ dO_j + k̂_j E'.
+#
+# Layouts. Triton (GPU): arrays stay [batch, time, heads, dim]; a program reads its tiles with
+# strides; the sequential kernels hold the whole time axis of one head (a pointer) and loop over
+# chunks in a fori_loop; tiles are powers of two ≥ 16 (dims are zero-padded up to one), f32 dots run
+# at IEEE precision, 16-bit ones on tensor cores with f32 accumulation. Mosaic (TPU): arrays are moved
+# to [batch, heads, time, dim] so blocks are (chunk, dim) tiles; the chunk is a grid axis (sequential
+# "arbitrary" for the state kernels, whose carry is the resident final-state block); cumulative sums
+# are a lower-triangular f32 matmul (Mosaic has no scan) and rows are read by a masked reduction.
+# Time is zero-padded to a multiple of the chunk (k = v = q = 0, log α = 0 change nothing).
+# ----------------------------------------------------------------------------------------------------
+
+PallasTarget = Literal["triton", "mosaic"]
+_SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+  """Tiling of the Pallas GLA kernels (GPU fields; Mosaic uses ``chunk`` and whole dims).
+
+  ``chunk``: tokens per stored state (a multiple of 16, a power of two on GPU); ``*_block``: the
+  d_k / d_v tile of each kernel (powers of two); ``*_warps`` / ``*_stages``: Triton launch values;
+  ``unroll``: unroll the 16-step recurrences of the diagonal blocks (else a loop).
+  """
+  chunk: int = 64
+  states_block: int = 64
+  states_warps: int = 4
+  states_stages: int = 2
+  out_block: int = 64
+  out_warps: int = 4
+  dqk_block: int = 64
+  dqk_warps: int = 4
+  dv_block: int = 64
+  dv_warps: int = 4
+  stages: int = 1
+  unroll: bool = True  # the 16-step diagonal recurrences: unrolled (static rows) or a fori_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one padded, laid-out problem (hashable: a custom_vjp nondiff argument)."""
+  target: str
+  interpret: bool
+  cfg: PallasConfig
+  heads: int
+  chunks: int
+  dk: int
+  dv: int
+  decay: bool
+  dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (tensor cores, f32 accumulation)
+
+
+def _triton_params(num_warps: int, num_stages: int):
+  # jax ≥ 0.6 names it CompilerParams; earlier releases TritonCompilerParams.
+  from jax.experimental.pallas import triton as plgpu
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _mosaic_params(semantics):
+  from jax.experimental.pallas import tpu as pltpu
+  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+  return cls(dimension_semantics=semantics)
+
+
+# A squeezed (size-1, dropped) block dimension: pl.squeezed on newer jax, None on older.
+_SQ = getattr(pl, "squeezed", None)
+_F32 = jnp.float32
+
+
+def _f32(x):
+  return x.astype(_F32)
+
+
+def _iota(shape, dim):
+  return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _dot(plan: _Plan, a, b, ca: int, cb: int):
+  """Contract dim ``ca`` of 2-D ``a`` with dim ``cb`` of ``b``; f32 accumulation."""
+  dtype = jnp.dtype(plan.dot_dtype)
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((ca,), (cb,)), ((), ())),
+                             precision=precision, preferred_element_type=_F32)
+
+
+def _cumsum(plan: _Plan, x):
+  """Inclusive cumulative sum over rows, f32."""
+  if plan.target == "triton":
+    return jnp.cumsum(x, axis=0)
+  n = x.shape[0]  # Mosaic has no scan: a lower-triangular ones matrix at f32 precision
+  tril = (_iota((n, n), 0) >= _iota((n, n), 1)).astype(_F32)
+  return jax.lax.dot_general(tril, x, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=_F32)
+
+
+def _last_row(x):
+  return jnp.sum(jnp.where(_iota(x.shape, 0) == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
+
+
+def _row(plan: _Plan, ref, tile, start: int, t):
+  """Row ``t`` (static or traced) of ``tile`` (= ``ref`` rows start … start+15) as ``[1, dim]`` f32."""
+  if plan.target == "triton":  # a row load (from L1) is cheaper than a cross-thread reduction
+    return _f32(ref[pl.ds(start + t, 1), :])
+  return jnp.sum(jnp.where(_iota(tile.shape, 0) == t, tile, 0.0), axis=0, keepdims=True)
+
+
+@dataclasses.dataclass
+class _Sub:
+  """Decay factors of one sub-chunk (all exponents ≤ 0); None without decay."""
+  eb: jax.Array | None    # e^{β}       [16, d]: from the sub-chunk's entering state to row t
+  ek: jax.Array | None    # e^{λ − β}   [16, d]: from row s to the sub-chunk's end
+  elam: jax.Array | None  # e^{λ}       [1, d]:  across the whole sub-chunk
+
+  def q(self, q):
+    return q if self.eb is None else q * self.eb
+
+  def k(self, k):
+    return k if self.ek is None else k * self.ek
+
+  def decay(self, state):  # a transposed state [*, d]
+    return state if self.elam is None else state * self.elam
+
+
+def _sub(plan: _Plan, g) -> _Sub:
+  if g is None:
+    return _Sub(None, None, None)
+  beta = _cumsum(plan, g)
+  lam = _last_row(beta)
+  return _Sub(jnp.exp(beta), jnp.exp(lam - beta), jnp.exp(lam))
+
+
+def _causal_t(n=_SUB):
+  """[s, t] mask s ≤ t (a transposed causal mask)."""
+  return _iota((n, n), 0) <= _iota((n, n), 1)
+
+
+def _steps(plan: _Plan, body, carry, *, reverse: bool = False):
+  """``carry = body(t, carry)`` for t = 0 … 15 (or 15 … 0): unrolled, or a fori_loop."""
+  order = range(_SUB - 1, -1, -1) if reverse else range(_SUB)
+  if plan.cfg.unroll:
+    for t in order:
+      carry = body(t, carry)
+    return carry
+  flip = (lambda i: _SUB - 1 - i) if reverse else (lambda i: i)
+  return jax.lax.fori_loop(0, _SUB, lambda i, c: body(flip(i), c), carry)
+
+
+def _diag_scores_t(plan: _Plan, q_ref, g_ref, q, k, g, start: int):
+  """``AT[s, t] = A_ts = Σ_d q_td k_sd e^{β_td − β_sd}`` for s ≤ t in one sub-chunk (0 for s > t)."""
+  if g is None:
+    return jnp.where(_causal_t(), _dot(plan, k, q, 1, 1), 0.0)
+  rows, cols = _iota(k.shape, 0), _iota((_SUB, _SUB), 1)
+
+  def step(t, carry):
+    h, at = carry
+    # H(s) = k_s e^{β_t − β_s}: rows s < t take one more step of decay (at t = 0 none does)
+    if not isinstance(t, int) or t:
+      h = jnp.where(rows < t, h * jnp.exp(_row(plan, g_ref, g, start, t)), h)
+    col = jnp.sum(h * _row(plan, q_ref, q, start, t), axis=1, keepdims=True)  # [16 (s), 1]
+    return h, jnp.where(cols == t, col, at)
+
+  _, at = _steps(plan, step, (k, jnp.zeros((_SUB, _SUB), _F32)))
+  return jnp.where(_causal_t(), at, 0.0)
+
+
+def _dq_intra(plan: _Plan, mt, k, g_ref, g, start: int):
+  """``dq_t = Σ_{s≤t} MT[s, t] k_s e^{β_t − β_s}`` with ``MT[s, t] = v_s · dO_t``."""
+  mt = jnp.where(_causal_t(), mt, 0.0)
+  if g is None:
+    return _dot(plan, mt, k, 0, 0)
+  rows, cols = _iota(k.shape, 0), _iota((_SUB, _SUB), 1)
+
+  def step(t, carry):
+    h, dq = carry
+    if not isinstance(t, int) or t:
+      h = jnp.where(rows < t, h * jnp.exp(_row(plan, g_ref, g, start, t)), h)
+    m = jnp.sum(jnp.where(cols == t, mt, 0.0), axis=1, keepdims=True)  # MT[:, t], [16 (s), 1]
+    return h, jnp.where(rows == t, jnp.sum(m * h, axis=0, keepdims=True), dq)
+
+  return _steps(plan, step, (k, jnp.zeros(k.shape, _F32)))[1]
+
+
+def _dk_intra(plan: _Plan, nm, q, g_ref, g, start: int):
+  """``dk_t = Σ_{u≥t} N[u, t] q_u e^{β_u − β_t}`` with ``N[u, t] = dO_u · v_t``."""
+  nm = jnp.where(_iota((_SUB, _SUB), 0) >= _iota((_SUB, _SUB), 1), nm, 0.0)
+  if g is None:
+    return _dot(plan, nm, q, 0, 0)
+  rows, cols = _iota(q.shape, 0), _iota((_SUB, _SUB), 1)
+
+  def step(t, carry):
+    r, dk = carry
+    # R(u) = q_u e^{β_u − β_t}: rows u > t take the decay of step t + 1 (at t = 15 none does; in
+    # the loop form the clamped row read there multiplies no row)
+    if not isinstance(t, int):
+      r = jnp.where(rows > t, r * jnp.exp(_row(plan, g_ref, g, start, jnp.minimum(t + 1, _SUB - 1))), r)
+    elif t + 1 < _SUB:
+      r = jnp.where(rows > t, r * jnp.exp(_row(plan, g_ref, g, start, t + 1)), r)
+    c = jnp.sum(jnp.where(cols == t, nm, 0.0), axis=1, keepdims=True)  # N[:, t], [16 (u), 1]
+    return r, jnp.where(rows == t, jnp.sum(c * r, axis=0, keepdims=True), dk)
+
+  return _steps(plan, step, (q, jnp.zeros(q.shape, _F32)), reverse=True)[1]
+
+
+def _split(refs, decay: bool, n_before_g: int):
+  """Inserts None for the absent log-decay ref so kernels unpack one signature."""
+  refs = list(refs)
+  if not decay:
+    refs.insert(n_before_g, None)
+  return refs
+
+
+def _load(ref, rows):
+  return None if ref is None else _f32(ref[rows, :])
+
+
+# --- kernel bodies (refs are 2-D tiles; shared by both layouts) --------------------------------------
+
+
+def _states_step(plan: _Plan, state, x, g, y, reverse: bool):
+  """One chunk of the sequential pass on a transposed state [d_y, d_x].
+
+  forward (x = k, y = v):  Sᵀ ← Sᵀ e^{b_C} + vᵀ (k e^{b_C − b})
+  reverse (x = q, y = dO): Eᵀ ← Eᵀ e^{b_C} + dOᵀ (q e^{b})
+  """
+  if g is None:
+    return state + _dot(plan, y, x, 0, 0)
+  b = _cumsum(plan, g)
+  b_last = _last_row(b)
+  weight = jnp.exp(b) if reverse else jnp.exp(b_last - b)
+  return state * jnp.exp(b_last) + _dot(plan, y, x * weight, 0, 0)
+
+
+def _states_kernel_triton(*refs, plan: _Plan, reverse: bool):
+  # x, g: [time, bk]; y: [time, bv]; s0, final: [bv, bk]; states: [chunks, bv, bk]
+  x_ref, g_ref, y_ref, s0_ref, st_ref, sf_ref = _split(refs, plan.decay, 1)
+  c, n_chunks = plan.cfg.chunk, plan.chunks
+
+  def body(i, state):
+    n = n_chunks - 1 - i if reverse else i
+    rows = pl.ds(pl.multiple_of(n * c, c), c)
+    st_ref[n] = state.astype(st_ref.dtype)  # the state entering chunk n (from its far side if reverse)
+    return _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[rows, :], reverse)
+
+  sf_ref[...] = jax.lax.fori_loop(0, n_chunks, body, _f32(s0_ref[...]))
+
+
+def _states_kernel_mosaic(*refs, plan: _Plan, reverse: bool):
+  # One chunk per grid step along the (sequential) last axis; the final-state block stays resident.
+  x_ref, g_ref, y_ref, s0_ref, st_ref, sf_ref = _split(refs, plan.decay, 1)
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    sf_ref[...] = _f32(s0_ref[...])
+
+  state = sf_ref[...]
+  st_ref[...] = state.astype(st_ref.dtype)
+  rows = slice(None)
+  sf_ref[...] = _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[...], reverse)
+
+
+def _output_kernel(*refs, plan: _Plan):
+  # q, k, g: [chunk, d_k]; v, o: [chunk, bv]; st: Sᵀ entering the chunk [bv, d_k]; at: [chunk, 16]
+  q_ref, k_ref, g_ref, v_ref, st_ref, o_ref, at_ref = _split(refs, plan.decay, 2)
+  state = _f32(st_ref[...])
+  n_sub = q_ref.shape[0] // _SUB
+  for j in range(n_sub):
+    rows = pl.ds(j * _SUB, _SUB)
+    q, k, g, v = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), v_ref[rows, :]
+    sub = _sub(plan, g)
+    at = _diag_scores_t(plan, q_ref, g_ref, q, k, g, j * _SUB)
+    o = _dot(plan, sub.q(q), state, 1, 1) + _dot(plan, at, v, 0, 0)
+    o_ref[rows, :] = o.astype(o_ref.dtype)
+    at_ref[rows, :] = at
+    if j + 1 < n_sub:
+      state = sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
+
+
+def _dqk_kernel(*refs, plan: _Plan):
+  # q, k, g, dq, dk, dg: [chunk, bk]; v, do: [chunk, d_v]; st (Sᵀ entering), e (Eᵀ leaving): [d_v, bk]
+  refs = _split(refs, plan.decay, 2)
+  q_ref, k_ref, g_ref, v_ref, do_ref, st_ref, e_ref, dq_ref, dk_ref = refs[:9]
+  dg_ref = refs[9] if plan.decay else None
+  n_sub = q_ref.shape[0] // _SUB
+  state = _f32(st_ref[...])
+  q_dq = []
+  for j in range(n_sub):  # forward: dq_t = S_t dO_t
+    rows = pl.ds(j * _SUB, _SUB)
+    q, k, g = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows)
+    v, do = v_ref[rows, :], do_ref[rows, :]
+    sub = _sub(plan, g)
+    dq = sub.q(_dot(plan, do, state, 1, 0))
+    dq = dq + _dq_intra(plan, _dot(plan, v, do, 1, 1), k, g_ref, g, j * _SUB)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    q_dq.append(q * dq)
+    state = sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
+  # `state` is now the chunk's last state S_end: the tail of d log α is Σ_v E ⊙ S_end.
+  e = _f32(e_ref[...])
+  carry = jnp.sum(e * state, axis=0, keepdims=True)
+  for j in reversed(range(n_sub)):  # reverse: dk_t = D_t v_t and d log α
+    rows = pl.ds(j * _SUB, _SUB)
+    q, k, g = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows)
+    v, do = v_ref[rows, :], do_ref[rows, :]
+    sub = _sub(plan, g)
+    dk = sub.k(_dot(plan, v, e, 1, 0))
+    dk = dk + _dk_intra(plan, _dot(plan, do, v, 1, 1), q, g_ref, g, j * _SUB)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    if dg_ref is not None:
+      db = q_dq[j] - k * dk
+      total = jnp.sum(db, axis=0, keepdims=True)
+      dg_ref[rows, :] = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
+      carry = carry + total
+    e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
+
+
+def _dv_kernel(*refs, plan: _Plan):
+  # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; at: [chunk, 16]; e (Eᵀ leaving the chunk): [bv, d_k]
+  q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref = _split(refs, plan.decay, 2)
+  e = _f32(e_ref[...])
+  n_sub = q_ref.shape[0] // _SUB
+  for j in reversed(range(n_sub)):
+    rows = pl.ds(j * _SUB, _SUB)
+    q, k, g, do = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), do_ref[rows, :]
+    sub = _sub(plan, g)
+    dv = _dot(plan, at_ref[rows, :], do, 1, 0) + _dot(plan, sub.k(k), e, 1, 1)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    if j:
+      e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
+
+
+# --- pallas_calls --------------------------------------------------------------------------------------
+# Triton arrays: [batch, time, heads, dim]; states [batch, heads, chunks, d_v, d_k]. Programs are
+# (block, chunk, batch·heads) with the dim block fastest, so programs sharing a chunk run together.
+# Mosaic arrays: [batch, heads, time, dim]; grid (batch, heads, chunk).
+
+
+def _bh(plan: _Plan, bh):
+  return jax.lax.div(bh, jnp.int32(plan.heads)), jax.lax.rem(bh, jnp.int32(plan.heads))
+
+
+def _rows_spec(plan: _Plan, rows: int, width: int, *, blocked: bool = False):
+  """A chunk of rows of a [batch, time, heads, dim] (Triton) or [batch, heads, time, dim] (Mosaic)
+  array for the per-chunk kernels; ``blocked``: the dim is tiled by the grid's block axis."""
+  if plan.target == "triton":
+    def index(a, n, bh):
+      b, h = _bh(plan, bh)
+      return b, n, h, (a if blocked else 0)
+    return pl.BlockSpec((_SQ, rows, _SQ, width), index)
+  return pl.BlockSpec((_SQ, _SQ, rows, width), lambda b, h, n: (b, h, n, 0))
+
+
+def _state_spec(plan: _Plan, bv: int, bk: int, *, v_block=False, k_block=False):
+  """Spec of one chunk's state in [batch, heads, chunks, d_v, d_k] for the per-chunk kernels."""
+  if plan.target == "triton":
+    def index(a, n, bh):
+      b, h = _bh(plan, bh)
+      return b, h, n, (a if v_block else 0), (a if k_block else 0)
+    return pl.BlockSpec((_SQ, _SQ, _SQ, bv, bk), index)
+  return pl.BlockSpec((_SQ, _SQ, _SQ, bv, bk), lambda b, h, n: (b, h, n, 0, 0))
+
+
+def _grid(plan: _Plan, blocks: int, batch: int):
+  if plan.target == "triton":
+    return (blocks, plan.chunks, batch * plan.heads)
+  return (batch, plan.heads, plan.chunks)
+
+
+def _params(plan: _Plan, warps: int, parallel=True):
+  if plan.interpret:
+    return None
+  if plan.target == "triton":
+    return _triton_params(warps, plan.cfg.stages)
+  return _mosaic_params(("parallel", "parallel", "parallel" if parallel else "arbitrary"))
+
+
+def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
+  """Sequential pass: (states entering each chunk [b, h, n, d_y, d_x], final state f32 [b, h, d_y, d_x])."""
+  batch = x.shape[0]
+  dx, dy = x.shape[-1], y.shape[-1]
+  n_chunks, c = plan.chunks, plan.cfg.chunk
+  state_dtype = jnp.dtype(plan.dot_dtype)
+  st_shape = jax.ShapeDtypeStruct((batch, plan.heads, n_chunks, dy, dx), state_dtype)
+  sf_shape = jax.ShapeDtypeStruct((batch, plan.heads, dy, dx), _F32)
+  arrays = [x] + ([g] if plan.decay else []) + [y, s0]
+  if plan.target == "triton":
+    bx, by = min(plan.cfg.states_block, dx), min(plan.cfg.states_block, dy)
+    time = x.shape[1]
+
+    def time_spec(width, pick):  # the whole time axis of one head: the kernel loops over chunks
+      def index(ik, iv, bh):
+        b, h = _bh(plan, bh)
+        return b, 0, h, pick(ik, iv)
+      return pl.BlockSpec((_SQ, time, _SQ, width), index)
+
+    x_spec, y_spec = time_spec(bx, lambda ik, iv: ik), time_spec(by, lambda ik, iv: iv)
+
+    def s_index(ik, iv, bh):
+      b, h = _bh(plan, bh)
+      return b, h, iv, ik
+
+    def st_index(ik, iv, bh):
+      b, h = _bh(plan, bh)
+      return b, h, 0, iv, ik
+
+    s_spec = pl.BlockSpec((_SQ, _SQ, by, bx), s_index)
+    in_specs = [x_spec] + ([x_spec] if plan.decay else []) + [y_spec, s_spec]
+    out_specs = [pl.BlockSpec((_SQ, _SQ, n_chunks, by, bx), st_index), s_spec]
+    grid = (dx // bx, dy // by, batch * plan.heads)
+    kernel = functools.partial(_states_kernel_triton, plan=plan, reverse=reverse)
+    params = None if plan.interpret else _triton_params(plan.cfg.states_warps, plan.cfg.states_stages)
+  else:
+    chunk = (lambda n: n_chunks - 1 - n) if reverse else (lambda n: n)
+    row = lambda width: pl.BlockSpec((_SQ, _SQ, c, width), lambda b, h, n: (b, h, chunk(n), 0))
+    s_spec = pl.BlockSpec((_SQ, _SQ, dy, dx), lambda b, h, n: (b, h, 0, 0))
+    in_specs = [row(dx)] + ([row(dx)] if plan.decay else []) + [row(dy), s_spec]
+    out_specs = [pl.BlockSpec((_SQ, _SQ, _SQ, dy, dx), lambda b, h, n: (b, h, chunk(n), 0, 0)), s_spec]
+    grid = (batch, plan.heads, n_chunks)
+    kernel = functools.partial(_states_kernel_mosaic, plan=plan, reverse=reverse)
+    params = _params(plan, 0, parallel=False)
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        out_shape=[st_shape, sf_shape], compiler_params=params, interpret=plan.interpret,
+                        name="gla_states_bwd" if reverse else "gla_states")(*arrays)
+
+
+def _output_call(plan: _Plan, q, k, g, v, states):
+  batch, c = q.shape[0], plan.cfg.chunk
+  bv = min(plan.cfg.out_block, plan.dv) if plan.target == "triton" else plan.dv
+  qk = _rows_spec(plan, c, plan.dk)
+  vb = _rows_spec(plan, c, bv, blocked=True)
+  at = _rows_spec(plan, c, _SUB)
+  in_specs = [qk, qk] + ([qk] if plan.decay else []) + [vb, _state_spec(plan, bv, plan.dk, v_block=True)]
+  time = plan.chunks * c
+  shape = lambda width, dtype: jax.ShapeDtypeStruct(_layout(plan, batch, time, width), dtype)
+  arrays = [q, k] + ([g] if plan.decay else []) + [v, states]
+  return pl.pallas_call(
+      functools.partial(_output_kernel, plan=plan), grid=_grid(plan, plan.dv // bv, batch),
+      in_specs=in_specs, out_specs=[vb, at], out_shape=[shape(plan.dv, v.dtype), shape(_SUB, _F32)],
+      compiler_params=_params(plan, plan.cfg.out_warps), interpret=plan.interpret, name="gla_output")(*arrays)
+
+
+def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states):
+  batch, c = q.shape[0], plan.cfg.chunk
+  bk = min(plan.cfg.dqk_block, plan.dk) if plan.target == "triton" else plan.dk
+  kb = _rows_spec(plan, c, bk, blocked=True)
+  vf = _rows_spec(plan, c, plan.dv)
+  st = _state_spec(plan, plan.dv, bk, k_block=True)
+  in_specs = [kb, kb] + ([kb] if plan.decay else []) + [vf, vf, st, st]
+  time = plan.chunks * c
+  shape = lambda dtype: jax.ShapeDtypeStruct(_layout(plan, batch, time, plan.dk), dtype)
+  out_shape = [shape(q.dtype), shape(k.dtype)] + ([shape(_F32)] if plan.decay else [])
+  arrays = [q, k] + ([g] if plan.decay else []) + [v, do, states, e_states]
+  out = pl.pallas_call(
+      functools.partial(_dqk_kernel, plan=plan), grid=_grid(plan, plan.dk // bk, batch),
+      in_specs=in_specs, out_specs=[kb] * len(out_shape), out_shape=out_shape,
+      compiler_params=_params(plan, plan.cfg.dqk_warps), interpret=plan.interpret, name="gla_dqk")(*arrays)
+  return (out[0], out[1], out[2] if plan.decay else None)
+
+
+def _dv_call(plan: _Plan, q, k, g, do, at, e_states):
+  batch, c = q.shape[0], plan.cfg.chunk
+  bv = min(plan.cfg.dv_block, plan.dv) if plan.target == "triton" else plan.dv
+  qk = _rows_spec(plan, c, plan.dk)
+  vb = _rows_spec(plan, c, bv, blocked=True)
+  in_specs = [qk, qk] + ([qk] if plan.decay else []) + [vb, _rows_spec(plan, c, _SUB),
+                                                        _state_spec(plan, bv, plan.dk, v_block=True)]
+  time = plan.chunks * c
+  arrays = [q, k] + ([g] if plan.decay else []) + [do, at, e_states]
+  return pl.pallas_call(
+      functools.partial(_dv_kernel, plan=plan), grid=_grid(plan, plan.dv // bv, batch),
+      in_specs=in_specs, out_specs=vb,
+      out_shape=jax.ShapeDtypeStruct(_layout(plan, batch, time, plan.dv), do.dtype),
+      compiler_params=_params(plan, plan.cfg.dv_warps), interpret=plan.interpret, name="gla_dv")(*arrays)
+
+
+def _layout(plan: _Plan, batch: int, time: int, width: int):
+  if plan.target == "triton":
+    return (batch, time, plan.heads, width)
+  return (batch, plan.heads, time, width)
+
+
+# --- the differentiable core (padded, laid out) --------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pallas_core(q, k, v, g, s0, plan: _Plan):
+  return _pallas_core_fwd(q, k, v, g, s0, plan)[0]
+
+
+def _pallas_core_fwd(q, k, v, g, s0, plan: _Plan):
+  states, final = _states_call(plan, k, g, v, s0, reverse=False)
+  o, at = _output_call(plan, q, k, g, v, states)
+  return (o, final), (q, k, v, g, states, at)
+
+
+def _pallas_core_bwd(plan: _Plan, residuals, cotangents):
+  q, k, v, g, states, at = residuals
+  do, d_final = cotangents
+  do = do.astype(v.dtype)
+  e_states, ds0 = _states_call(plan, q, g, do, d_final.astype(_F32), reverse=True)
+  dq, dk, dg = _dqk_call(plan, q, k, g, v, do, states, e_states)
+  dv = _dv_call(plan, q, k, g, do, at, e_states)
+  return dq, dk, dv, (None if g is None else dg.astype(g.dtype)), ds0
+
+
+_pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interpret: bool, cfg: PallasConfig):
+  batch, time, heads, d_k = q.shape
+  d_v, out_dtype = v.shape[-1], v.dtype
+  dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+  dot_dtype = jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(_F32)
+  if cfg.chunk % _SUB or (target == "triton" and cfg.chunk != _next_pow2(cfg.chunk)):
+    raise ValueError(f"gla: PallasConfig.chunk={cfg.chunk} must be a multiple of {_SUB} (a power of two on GPU)")
+  # Short sequences shrink the chunk (a power of two ≥ 16) rather than pad to a long one.
+  chunk = min(cfg.chunk, max(_SUB, _next_pow2(time)))
+  cfg = dataclasses.replace(cfg, chunk=chunk)
+  padded = _round_up(time, chunk)
+  if target == "triton":  # Triton tiles: powers of two ≥ 16; zero dims change nothing
+    dk, dv = max(_SUB, _next_pow2(d_k)), max(_SUB, _next_pow2(d_v))
+  else:
+    dk, dv = d_k, d_v
+  g = None if log_decay is None else log_decay
+  if g is not None and g.ndim == 3:  # one decay per head, broadcast over the key dims
+    g = jnp.broadcast_to(g.astype(_F32)[..., None], q.shape)
+  pad = lambda x, width: jnp.pad(x, ((0, 0), (0, padded - time), (0, 0), (0, width - x.shape[-1])))
+  q, k = pad(q.astype(dtype), dk), pad(k.astype(dtype), dk)
+  v = pad(v.astype(dtype), dv)
+  g = None if g is None else pad(g, dk)
+  s0 = (jnp.zeros((batch, heads, d_k, d_v), _F32) if initial_state is None
+        else initial_state.astype(_F32))
+  s0 = jnp.pad(jnp.swapaxes(s0, -1, -2), ((0, 0), (0, 0), (0, dv - d_v), (0, dk - d_k)))  # Sᵀ
+  if target == "mosaic":
+    q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
+    g = None if g is None else rearrange(g, "b t h d -> b h t d")
+  plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
+               dv=dv, decay=g is not None, dot_dtype=dot_dtype.name)
+  o, final = _pallas_core(q, k, v, g, s0, plan)
+  if target == "mosaic":
+    o = rearrange(o, "b h t d -> b t h d")
+  return o[:, :time, :, :d_v].astype(out_dtype), jnp.swapaxes(final, -1, -2)[:, :, :d_k, :d_v]
+
+
+def gla_pallas(q, k, v, log_decay=None, initial_state=None, *, interpret: bool = False,
+               target: PallasTarget | None = None, config: PallasConfig | None = None):
+  """The Pallas path of :func:`gla` without an input gate (same arguments and results).
+
+  ``target`` picks the kernel layout; ``None`` decides at lowering time (Mosaic when lowered for TPU,
+  Triton otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host gets the TPU kernels.
+  ``interpret=True`` runs either layout in the Pallas interpreter (there ``None`` means Triton).
+  """
+  _check(q, k, v, log_decay, initial_state)
+  cfg = config or PallasConfig()
+  if target is not None and target not in ("triton", "mosaic"):
+    raise ValueError(f"gla: pallas_target must be 'triton' or 'mosaic', got {target!r}")
+  run = lambda t: functools.partial(_gla_pallas_target, target=t, interpret=interpret, cfg=cfg)
+  if target is not None or interpret:
+    return run(target or "triton")(q, k, v, log_decay, initial_state)
+  return jax.lax.platform_dependent(q, k, v, log_decay, initial_state, tpu=run("mosaic"), default=run("triton"))

@@ -168,8 +168,10 @@ def test_rglru_matches_its_equations():
 
 
 def test_unknown_mixer_lists_valid_ones():
-  with pytest.raises(ValueError, match="valid mixers: attention, based, gla, linear_attention, mamba, mamba2, retnet, rglru, rwkv6, s4d, swa"):
+  with pytest.raises(ValueError) as error:
     get_mixer("mamba3")
+  assert str(error.value) == "unknown mixer 'mamba3'; valid mixers: " + ", ".join(sorted(MIXERS))
+  assert {"attention", "swa", "rglru", "mamba2", "gla"} <= set(MIXERS)
 
 
 def test_retnet_matches_its_parallel_closed_form():
@@ -236,3 +238,170 @@ def test_s4d_convolution_kernel_is_the_unrolled_recurrence():
     impulse.append(2 * np.real(np.sum(np.asarray(c) * h, -1)))
   kernel = 2 * np.real(np.einsum("dn,dnl->dl", np.asarray(c * b_bar), np.asarray(a_bar)[..., None] ** np.arange(6)))
   _close(kernel.T, np.stack(impulse), tol=1e-5)
+
+
+def _numpy_modal_filter(p, length):
+  """h_l = Re Σ_n R_n λ_n^l from ModalLongConv's parameters, with log λ = −exp(ν) + iθ, in float64."""
+  log_poles = -np.exp(p["log_rate"]) + 1j * p["angle"]
+  residues = p["residues"][0] + 1j * p["residues"][1]
+  return np.real(np.einsum("cn,cnl->cl", residues, np.exp(log_poles[..., None] * np.arange(length))))
+
+
+def _numpy_causal_conv(u, h):
+  """y_t = Σ_{l≤t} h_l u_{t−l}, the O(T²) definition; u [time, channels], h [channels, time]."""
+  return np.stack([sum(h[:, l] * u[t - l] for l in range(t + 1)) for t in range(u.shape[0])])
+
+
+def _numpy_short_conv(u, p):
+  width = p["kernel"].shape[0]
+  padded = np.concatenate([np.zeros((width - 1, u.shape[1])), u])
+  return np.stack([np.sum(p["kernel"] * padded[t:t + width], 0) for t in range(u.shape[0])]) + p["bias"]
+
+
+def test_modal_long_conv_is_a_causal_convolution_with_the_recurrence_impulse_response():
+  """FFT face == direct O(T²) causal convolution with the materialised filter (odd T, not a power of 2);
+  filter == impulse response of the recurrent face; the filter never grows (|λ| < 1)."""
+  graphdef, params = nnx.split(make("hyena").module.filter)  # ModalLongConv, 16 channels × 16 modes
+  u = jnp.asarray(np.random.default_rng(0).standard_normal((2, 37, 16)), jnp.float32)  # no per-shape RNG compile
+
+  @jax.jit
+  def faces(params, u):
+    conv = nnx.merge(graphdef, params)
+    impulse = jnp.zeros((1, 37, 16)).at[:, 0].set(1.0)
+    _, response = jax.lax.scan(lambda s, u_t: conv.step(u_t, s)[::-1], conv.init_state(1), jnp.moveaxis(impulse, 1, 0))
+    return conv(u), conv.kernel(37), response[:, 0]
+
+  y, kernel, response = faces(params, u)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(params))
+  _close(kernel, _numpy_modal_filter(p, 37))
+  _close(response.T, kernel)
+  for b in range(2):
+    _close(y[b], _numpy_causal_conv(np.asarray(u[b], np.float64), np.asarray(kernel, np.float64)))
+  assert np.all(np.exp(-np.exp(p["log_rate"])) < 1.0)
+
+
+def _mixer_with_numpy_params(name, **random_params):
+  """``make(name)`` after overwriting the named parameters with random values, and its params in float64."""
+  module = get_mixer(name)(small_config(), rngs=nnx.Rngs(params=0))
+  for i, (field, shape) in enumerate(random_params.items()):
+    getattr(module, field)[...] = jnp.asarray(np.random.default_rng(100 + i).standard_normal(shape), jnp.float32)
+  mixer = Jitted(module)
+  return mixer, jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(mixer.params))
+
+
+def test_hyena_matches_its_equations():
+  """y = W_o(q ⊙ (h ∗ (k ⊙ v) + D ⊙ k ⊙ v)), (q, k, v) = ShortConv(W_in x), written out with numpy."""
+  mixer, p = _mixer_with_numpy_params("hyena", d_skip=(16,))  # D starts at 0: make it count
+  x = np.random.default_rng(8).standard_normal((1, 9, 16))
+  q, k, v = np.split(_numpy_short_conv(x[0] @ p["in_proj"]["kernel"], p["conv"]), 3, axis=-1)
+  z = k * v
+  y = q * (_numpy_causal_conv(z, _numpy_modal_filter(p["filter"], 9)) + p["d_skip"] * z)
+  _close(mixer(jnp.asarray(x, jnp.float32))[0], y @ p["out_proj"]["kernel"])
+
+
+def test_baseconv_matches_its_equations():
+  """y = W_out((W_proj x + b₁) ⊙ (ShortConv(u) + h ∗ u)), u = W_in x, written out with numpy."""
+  mixer, p = _mixer_with_numpy_params("baseconv")
+  x = np.random.default_rng(9).standard_normal((1, 9, 16))
+  u = x[0] @ p["in_proj"]["kernel"]
+  gate = x[0] @ p["gate_proj"]["kernel"] + p["gate_proj"]["bias"]
+  c = _numpy_short_conv(u, p["conv"]) + _numpy_causal_conv(u, _numpy_modal_filter(p["filter"], 9))
+  _close(mixer(jnp.asarray(x, jnp.float32))[0], (gate * c) @ p["out_proj"]["kernel"])
+
+
+def _numpy_group_norm(h, heads, scale, eps=1e-5):
+  """Per-head LayerNorm (GroupNorm with one group a head) of ``h [..., heads·d]``, float64."""
+  g = h.reshape(h.shape[:-1] + (heads, -1))
+  g = g - g.mean(-1, keepdims=True)
+  g = g / np.sqrt((g * g).mean(-1, keepdims=True) + eps)
+  return (g * scale).reshape(h.shape)
+
+
+def test_mlstm_matches_its_unstabilised_recurrence():
+  """mLSTM block against the paper's eqs. (§2.3) in float64 numpy, without stabiliser (mild gates):
+  C_t = f_t C_{t−1} + i_t v_t k_tᵀ, n_t = f_t n_{t−1} + i_t k_t, h̃_t = C_t q_t / max(|n_tᵀq_t|, 1),
+  y_t = W_down(σ(z_t) ⊙ (GroupNorm(h̃_t) + s ⊙ c_t))."""
+  mixer = make("mlstm")
+  graphdef = nnx.graphdef(mixer.module)
+  x = jax.random.normal(jax.random.key(8), (1, 11, 16))
+
+  @jax.jit
+  def parts(params, x):
+    m = nnx.merge(graphdef, params)
+    u, z = jnp.split(m.up_proj(x), 2, axis=-1)
+    c = jax.nn.silu(m.conv(u))
+    q, k, v, log_i, log_f = m._inputs(x, u, c)
+    return m(x), (q, k, v[..., :-1], jnp.exp(log_i), jnp.exp(log_f), c, z)
+
+  y, inputs = parts(mixer.params, x)
+  q, k, v, i, f, c, z = (np.asarray(a[0], np.float64) for a in inputs)
+  assert 1e-2 < i.min() and i.max() < 1e2  # mild: the unstabilised formula is exact in float64
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(mixer.params))
+  heads, d_h = q.shape[1:]
+  C, n, hs = np.zeros((heads, d_h, d_h)), np.zeros((heads, d_h)), []
+  for t in range(11):
+    C = f[t, :, None, None] * C + i[t, :, None, None] * np.einsum("hv,hk->hvk", v[t], k[t])
+    n = f[t, :, None] * n + i[t, :, None] * k[t]
+    hs.append(np.einsum("hvk,hk->hv", C, q[t]) / np.maximum(np.abs(np.einsum("hk,hk->h", n, q[t])), 1.0)[:, None])
+  h = _numpy_group_norm(np.stack(hs).reshape(11, -1), heads, p["norm"]["scale"]) + p["skip"] * c
+  ref = (h / (1 + np.exp(-z))) @ p["down_proj"]["kernel"]
+  _close(y[0], ref, tol=1e-5)
+
+
+def test_slstm_matches_its_equations():
+  """sLSTM against the paper's eqs. (§2.2) in float64 numpy, without stabiliser: gates from W x (i, f
+  from the conv path), block-diagonal R h_{t−1} and biases; c, n, h = o ⊙ c / n; GroupNorm; W_out."""
+  mixer = make("slstm")
+  x = np.asarray(jax.random.normal(jax.random.key(9), (1, 9, 16)), np.float64)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(mixer.params))
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  heads = p["recurrent"].shape[1]
+  assert np.abs(p["recurrent"]).max() > 0.1  # the memory mixing is exercised
+  x_hat = _numpy_short_conv(x[0], p["conv"])
+  x_hat = x_hat * sig(x_hat)
+  w_z, w_o = np.split(p["zo_proj"]["kernel"], 2, axis=1)
+  w_i, w_f = np.split(p["if_proj"]["kernel"], 2, axis=1)
+  c, n, h, hs = np.zeros(16), np.zeros(16), np.zeros(16), []
+  for t in range(9):
+    rec = np.einsum("hi,ghij->ghj", h.reshape(heads, -1), p["recurrent"]).reshape(4, 16) + p["bias"]
+    z = np.tanh(x[0, t] @ w_z + rec[0])
+    i = np.exp(x_hat[t] @ w_i + rec[1])
+    f = sig(x_hat[t] @ w_f + rec[2])
+    o = sig(x[0, t] @ w_o + rec[3])
+    c, n = f * c + i * z, f * n + i
+    h = o * c / n
+    hs.append(h)
+  ref = _numpy_group_norm(np.stack(hs), heads, p["norm"]["scale"]) @ p["out_proj"]["kernel"]
+  _close(mixer(jnp.asarray(x, jnp.float32))[0], ref, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_deltanet_matches_the_delta_rule_written_out(name):
+  """(Gated) DeltaNet against its equations in float64 numpy: SiLU(ShortConv(W_qkv x)), unit q and k,
+  β = σ(W_β x), α = exp(−softplus(W_α x + b_Δ)·e^{A_log}) (gated; else 1), one step at a time
+  S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t, per-head RMSNorm, gate, W_o."""
+  mixer = make(name)
+  x = np.random.default_rng(10).standard_normal((11, 16))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(mixer.params))
+  heads, d_h, width = 4, 4, p["conv"]["kernel"].shape[0]
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  u = np.concatenate([np.zeros((width - 1, 48)), x @ p["qkv_proj"]["kernel"]])
+  u = np.stack([np.sum(p["conv"]["kernel"] * u[t:t + width], 0) for t in range(11)]) + p["conv"]["bias"]
+  q, k, v = (z.reshape(11, heads, d_h) for z in np.split(u * sig(u), 3, axis=-1))
+  q, k = (z / np.sqrt(np.sum(z * z, -1, keepdims=True) + 1e-6) for z in (q, k))
+  beta = sig(x @ p["beta_proj"]["kernel"])
+  alpha = np.ones((11, heads))
+  if name == "gated_deltanet":
+    alpha = np.exp(-np.logaddexp(0, x @ p["alpha_proj"]["kernel"] + p["dt_bias"]) * np.exp(p["a_log"]))
+    assert alpha.min() < 0.9  # the decay is exercised
+  state, o = np.zeros((heads, d_h, d_h)), np.zeros((11, heads, d_h))
+  for t in range(11):
+    for h in range(heads):
+      kt = k[t, h][:, None]
+      state[h] = alpha[t, h] * (np.eye(d_h) - beta[t, h] * kt @ kt.T) @ state[h] + beta[t, h] * kt @ v[t, h][None]
+      o[t, h] = state[h].T @ q[t, h]
+  y = (o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-5) * p["norm"]["scale"]).reshape(11, 16)
+  if name == "gated_deltanet":
+    g = x @ p["g_proj"]["kernel"]
+    y = y * g * sig(g)
+  _close(mixer(jnp.asarray(x[None], jnp.float32))[0], y @ p["o_proj"]["kernel"], tol=1e-5)

@@ -160,3 +160,18 @@ def test_window_override_equals_a_model_built_with_that_window():
   config.model.window = 3
   reference = HybridLM(config.model, rngs=nnx.Rngs(params=0))
   assert float(jax.numpy.max(jax.numpy.abs(model(tokens) - reference(tokens)))) == 0.0
+
+
+def test_weight_decay_skips_dynamics_and_norm_scales():
+  from flax import nnx
+
+  from hybrids.model import HybridLM
+  from hybrids.train import decay_mask
+  config = get_config(TINY, {"model.pattern": ("mamba", "s4d", "swa")})
+  config.model.vocab_size = 64
+  model = nnx.eval_shape(lambda: HybridLM(config.model, rngs=nnx.Rngs(params=0)))
+  mask = decay_mask(nnx.to_pure_dict(nnx.state(model)))
+  assert mask["blocks"][0]["mixer"]["in_proj"]["kernel"] is True
+  assert mask["blocks"][0]["mixer"]["a_log"] is False  # Mamba's A: [d_inner, d_state]
+  assert mask["blocks"][1]["mixer"]["log_neg_a_real"] is False
+  assert mask["embed"]["embedding"] is True

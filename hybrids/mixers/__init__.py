@@ -17,14 +17,20 @@ from __future__ import annotations
 
 from hybrids.mixers.attention import Attention
 from hybrids.mixers.based import Based
+from hybrids.mixers.baseconv import BaseConv
+from hybrids.mixers.deltanet import DeltaNet
+from hybrids.mixers.gated_deltanet import GatedDeltaNet
 from hybrids.mixers.gla import GatedLinearAttention
+from hybrids.mixers.hyena import Hyena
 from hybrids.mixers.linear_attention import LinearAttention
 from hybrids.mixers.mamba import Mamba
 from hybrids.mixers.mamba2 import Mamba2
+from hybrids.mixers.mlstm import MLSTM
 from hybrids.mixers.retnet import RetNet
 from hybrids.mixers.rglru import RGLRUBlock
 from hybrids.mixers.rwkv6 import RWKV6
 from hybrids.mixers.s4d import S4D
+from hybrids.mixers.slstm import SLSTM
 from hybrids.mixers.swa import SlidingWindowAttention
 
 MIXERS = {
@@ -39,6 +45,12 @@ MIXERS = {
     "based": Based,
     "rwkv6": RWKV6,
     "s4d": S4D,
+    "mlstm": MLSTM,
+    "slstm": SLSTM,
+    "baseconv": BaseConv,
+    "hyena": Hyena,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
 }
 
 

@@ -10,7 +10,8 @@ Per channel c, with N/2 complex modes n (conjugate pairs, hence the factor 2):
     out_t = W_o GLU(W_g GeLU(y_t))
 
 The parallel face never runs the recurrence: it convolves with the materialised kernel, and the
-final state is ``Σ_t Ā^{T−1−t} B̄ u_t``. State: ``h`` complex64 ``[batch, d_model, N/2]``.
+final state is ``B̄ Σ_t Ā^{T−1−t} u_t`` — the modal-filter helpers of :mod:`hybrids.longconv` with
+poles ``Ā`` and residues ``2 C B̄``. State: ``h`` complex64 ``[batch, d_model, N/2]``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrids.layers import dtype_of, linear
+from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel
 
 
 class S4D(nnx.Module):
@@ -42,14 +44,18 @@ class S4D(nnx.Module):
     if cfg.d_state < 2 or cfg.d_state % 2:
       raise ValueError(f"model.d_state={cfg.d_state} must be an even number ≥ 2 for S4D (conjugate pairs)")
 
-  def _discrete(self):
-    """``(Ā, B̄·C)``, both complex64 ``[d_model, N/2]``."""
+  def _zoh(self):
+    """``(log Ā = ΔA, B̄, C)``, each complex64 ``[d_model, N/2]``."""
     a = -jnp.exp(self.log_neg_a_real[...].astype(jnp.float32)) + 1j * self.a_imag[...].astype(jnp.float32)
     dt_a = jnp.exp(self.log_dt[...].astype(jnp.float32))[:, None] * a
-    a_bar = jnp.exp(dt_a)
-    b_bar = (a_bar - 1.0) / a
+    b_bar = (jnp.exp(dt_a) - 1.0) / a
     c = self.c[...][0].astype(jnp.float32) + 1j * self.c[...][1].astype(jnp.float32)
-    return a_bar, b_bar, c
+    return dt_a, b_bar, c
+
+  def _discrete(self):
+    """``(Ā, B̄, C)``, each complex64 ``[d_model, N/2]``."""
+    dt_a, b_bar, c = self._zoh()
+    return jnp.exp(dt_a), b_bar, c
 
   def _out(self, y, u):
     y = y + self.d_skip[...].astype(jnp.float32) * u.astype(jnp.float32)
@@ -59,19 +65,13 @@ class S4D(nnx.Module):
 
   def __call__(self, u, *, return_state: bool = False, max_len: int | None = None):
     """Convolution face. ``u: [batch, time, d_model]``."""
-    time = u.shape[1]
-    a_bar, b_bar, c = self._discrete()
-    powers = jnp.exp(jnp.log(a_bar)[..., None] * jnp.arange(time))  # Ā^l, [d, N/2, time]
-    kernel = 2.0 * jnp.real(jnp.einsum("dn,dnl->dl", c * b_bar, powers))  # [d, time]
-    n_fft = 2 * time
-    u32 = u.astype(jnp.float32)
-    y = jnp.fft.irfft(jnp.fft.rfft(u32, n_fft, axis=1) * jnp.fft.rfft(kernel.T, n_fft, axis=0)[None], n_fft, axis=1)[:, :time]
+    log_a_bar, b_bar, c = self._zoh()
+    y = causal_fft_conv(u, modal_kernel(log_a_bar, 2.0 * c * b_bar, u.shape[1]))  # K_l = Re Σ 2 C B̄ Ā^l
     out = self._out(y, u)
     if not return_state:
       return out
     # h_T = Σ_t Ā^{T−1−t} B̄ u_t
-    h = jnp.einsum("dnl,bld->bdn", powers[..., ::-1], u32.astype(jnp.complex64)) * b_bar
-    return out, {"h": h}
+    return out, {"h": b_bar * modal_final_state(log_a_bar, u)}
 
   def init_state(self, batch: int, *, max_len: int | None = None):
     return {"h": jnp.zeros((batch, self.d_skip[...].shape[0], self.modes), jnp.complex64)}

@@ -1,0 +1,170 @@
+"""The (gated) delta rule: the matrix-state recurrence of DeltaNet and Gated DeltaNet.
+
+Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length";
+Yang, Kautz & Hatamizadeh 2025, "Gated Delta Networks: Improving Mamba2 with Delta Rule".
+
+    S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ          S_t ∈ R^{d_k × d_v} per head
+    o_t = S_tᵀ q_t
+
+i.e. decay the state, then move the value stored under key ``k_t`` a fraction ``β_t`` of the way
+towards ``v_t``: with ``S' = α_t S_{t−1}``, ``S_t = S' + β_t k_t (v_t − S'ᵀ k_t)ᵀ``. ``β_t ∈ (0, 1)`` is
+one scalar per head, ``log_decay = log α_t ≤ 0`` one scalar per head (Gated DeltaNet) or None (α = 1,
+DeltaNet). The mixer L2-normalises ``k`` (so ``I − β k kᵀ`` is a contraction); the kernel does not.
+
+Shapes: ``q, k: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``,
+``beta, log_decay: [batch, time, heads]``, ``initial_state: [batch, heads, d_k, d_v]``. Returns
+``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
+
+Implementations:
+- ``"reference"``: the recurrence above, one ``lax.scan`` step per token (f32).
+- ``"xla"``: chunked WY / UT-transform form (Yang et al. 2024 §3; gated: Yang et al. 2025 §3.3).
+  Writing the update as ``S_t = α_t S_{t−1} + k_t u_tᵀ`` with ``u_t = β_t (v_t − α_t S_{t−1}ᵀ k_t)``
+  makes it gated linear attention on pseudo-values ``u``. Inside a chunk entered with state ``S₀``
+  and cumulative log-decay ``b_t`` (``γ_t = e^{b_t}``), the ``u`` solve the unit-lower-triangular
+  system
+
+      (I + A) U = diag(β) V − diag(β γ) K S₀,     A_ts = β_t e^{b_t − b_s} k_tᵀ k_s   (s < t)
+
+  so ``U = Ũ − W S₀`` with ``[Ũ, W] = (I + A)⁻¹ [diag(β) V, diag(βγ) K]`` — computed for all chunks at
+  once. A scan over chunks then carries ``S_next = γ_C S₀ + Σ_s e^{b_C − b_s} k_s u_sᵀ``, and outputs
+  are ``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s``. Every decay factor is ``exp`` of a
+  difference of cumulative log-decays with ``s ≤ t`` (or of ``b_t ≤ 0`` itself), so no exponent is
+  positive however strong the decay.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+Impl = Literal["auto", "xla", "reference"]
+IMPLS = ("auto", "xla", "reference")
+_NEG = -1e30
+
+
+def _check(q, k, v, beta, log_decay, initial_state):
+  if q.ndim != 4 or q.shape != k.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"delta_rule: expected q, k [batch, time, heads, d_k] and v [batch, time, heads, d_v]; "
+                     f"got q{q.shape} k{k.shape} v{v.shape}")
+  if beta.shape != q.shape[:3]:
+    raise ValueError(f"delta_rule: beta{beta.shape} must be [batch, time, heads] = {q.shape[:3]}")
+  if log_decay is not None and log_decay.shape != q.shape[:3]:
+    raise ValueError(f"delta_rule: log_decay{log_decay.shape} must be [batch, time, heads] = {q.shape[:3]} "
+                     "(one scalar per head) or None")
+  want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+  if initial_state is not None and initial_state.shape != want:
+    raise ValueError(f"delta_rule: initial_state{initial_state.shape} must be [batch, heads, d_k, d_v] = {want}")
+
+
+def _state0(initial_state, batch, heads, d_k, d_v):
+  if initial_state is None:
+    return jnp.zeros((batch, heads, d_k, d_v), jnp.float32)
+  return initial_state.astype(jnp.float32)
+
+
+def delta_rule_reference(q, k, v, beta, log_decay=None, initial_state=None):
+  """The recurrence, token by token, in float32."""
+  _check(q, k, v, beta, log_decay, initial_state)
+  batch, time, heads, d_k = q.shape
+  state = _state0(initial_state, batch, heads, d_k, v.shape[-1])
+  ld = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay
+
+  def step(state, inputs):
+    q_t, k_t, v_t, b_t, ld_t = inputs
+    o_t, state = delta_rule_step(q_t, k_t, v_t, b_t, ld_t, state)
+    return state, o_t
+
+  xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, beta, ld))
+  final, o = jax.lax.scan(step, state, xs)
+  return jnp.moveaxis(o, 0, 1).astype(v.dtype), final
+
+
+def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int):
+  batch, time, heads, d_k = q.shape
+  d_v = v.shape[-1]
+  n = -(-time // chunk_size)
+  pad = n * chunk_size - time
+  # Padding: β = 0 and k = v = 0 give u = 0 and leave the state untouched; log-decay 0 keeps γ;
+  # padded outputs are dropped.
+  pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) ... -> b n c ...", c=chunk_size)
+  qc, kc, vc, betac = chunks(q), chunks(k), chunks(v), chunks(beta)  # [b n c h (d)]
+  ld = jnp.zeros((batch, n, chunk_size, heads), jnp.float32) if log_decay is None else chunks(log_decay)
+  b = jnp.cumsum(ld, axis=2)  # within-chunk cumulative log-decay ≤ 0, [b n c h]
+
+  t_idx = jnp.arange(chunk_size)
+  diff = rearrange(b, "b n t h -> b n h t 1") - rearrange(b, "b n s h -> b n h 1 s")  # b_t − b_s, [b n h t s]
+  # Mask before exp: for s > t the difference is positive and could overflow.
+  gain_incl = jnp.exp(jnp.where(t_idx[:, None] >= t_idx[None, :], diff, _NEG))
+  gain_strict = jnp.where(t_idx[:, None] > t_idx[None, :], gain_incl, 0.0)
+  kk = jnp.einsum("bnthk,bnshk->bnhts", kc, kc)
+  beta_h = rearrange(betac, "b n c h -> b n h c")
+  a = beta_h[..., :, None] * kk * gain_strict  # strictly lower, [b n h t s]
+  eye = jnp.eye(chunk_size, dtype=jnp.float32)
+  # One triangular solve for both right-hand sides: [Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K].
+  rhs = jnp.concatenate([vc * betac[..., None], kc * (betac * jnp.exp(b))[..., None]], axis=-1)
+  rhs = rearrange(rhs, "b n c h d -> b n h c d")
+  solved = jax.lax.linalg.triangular_solve(eye + a, rhs, left_side=True, lower=True, unit_diagonal=True)
+  u_tilde, w = solved[..., :d_v], solved[..., d_v:]  # [b n h c d_v], [b n h c d_k]
+
+  k_h = rearrange(kc, "b n c h k -> b n h c k")
+  b_h = rearrange(b, "b n c h -> b n h c")
+  k_to_end = k_h * jnp.exp(b_h[..., -1:] - b_h)[..., None]  # decay from s to the chunk's end, ≤ 1
+  chunk_decay = jnp.exp(b_h[..., -1])  # γ_C, [b n h]
+
+  def carry(state, inputs):
+    w_n, u_n, k_n, g_n = inputs
+    u = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state)
+    # Emit the state entering the chunk and the pseudo-values; outputs are formed outside the scan.
+    return g_n[..., None, None] * state + jnp.einsum("bhck,bhcv->bhkv", k_n, u), (state, u)
+
+  state0 = _state0(initial_state, batch, heads, d_k, d_v)
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_tilde, k_to_end, chunk_decay))
+  final, (entering, u) = jax.lax.scan(carry, state0, xs)
+  entering, u = jnp.moveaxis(entering, 0, 1), jnp.moveaxis(u, 0, 1)  # [b n h k v], [b n h c v]
+  q_h = rearrange(qc, "b n c h k -> b n h c k")
+  scores = jnp.einsum("bnhtk,bnhsk->bnhts", q_h, k_h) * gain_incl
+  o = (jnp.einsum("bnhts,bnhsv->bnhtv", scores, u)
+       + jnp.einsum("bnhtk,bnhkv->bnhtv", q_h * jnp.exp(b_h)[..., None], entering))
+  o = rearrange(o, "b n h c v -> b (n c) h v")[:, :time]
+  return o.astype(v.dtype), final
+
+
+def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto"):
+  """``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (see the module docstring).
+
+  Args:
+    q, k: ``[batch, time, heads, d_k]``; v: ``[batch, time, heads, d_v]``.
+    beta: ``[batch, time, heads]``, the write strength in (0, 1).
+    log_decay: ``[batch, time, heads]`` (values ≤ 0) or None (no decay).
+    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros).
+    chunk_size: tokens per chunk of the chunked form.
+    impl: ``"reference"``, ``"xla"`` (chunked) or ``"auto"``.
+  Returns:
+    ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
+  """
+  _check(q, k, v, beta, log_decay, initial_state)
+  if impl not in IMPLS:
+    raise ValueError(f"delta_rule: unknown impl {impl!r}; valid: {IMPLS}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"delta_rule: chunk_size={chunk_size!r} must be a positive integer")
+  if impl == "reference":
+    return delta_rule_reference(q, k, v, beta, log_decay, initial_state)
+  return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size)
+
+
+def delta_rule_step(q_t, k_t, v_t, beta_t, log_decay_t, state):
+  """One recurrent step: ``q_t, k_t: [batch, heads, d_k]``, ``v_t: [batch, heads, d_v]``,
+  ``beta_t: [batch, heads]``, ``log_decay_t: [batch, heads] | None``, ``state: f32 [batch, heads, d_k, d_v]``.
+  Returns ``(o_t [batch, heads, d_v] f32, state)``."""
+  state = state.astype(jnp.float32)
+  k_t, v_t = k_t.astype(jnp.float32), v_t.astype(jnp.float32)
+  if log_decay_t is not None:
+    state = jnp.exp(log_decay_t.astype(jnp.float32))[..., None, None] * state
+  # The delta: what the (decayed) memory currently returns for k_t, replaced by v_t at rate β_t.
+  error = v_t - jnp.einsum("bhk,bhkv->bhv", k_t, state)
+  state = state + (beta_t.astype(jnp.float32)[..., None] * k_t)[..., :, None] * error[..., None, :]
+  return jnp.einsum("bhk,bhkv->bhv", q_t.astype(jnp.float32), state), state
