@@ -13,8 +13,14 @@ from hybrids.blocks import MERGES, mixer_names
 from hybrids.layers import DTYPES
 from hybrids.mixers import MIXERS
 from hybrids.model import layer_pattern
+from kernels.delta import IMPLS as DELTA_IMPLS
+from kernels.gla import IMPLS as GLA_IMPLS
+from kernels.scan import IMPLS as SCAN_IMPLS
+from kernels.window_attention import IMPLS as ATTENTION_IMPLS
 
-IMPLS = ("auto", "xla", "reference")
+# Which implementations each kernel-choice field accepts: the kernel modules' own lists.
+KERNEL_IMPLS = {"attention_impl": ATTENTION_IMPLS, "scan_impl": SCAN_IMPLS, "gla_impl": GLA_IMPLS,
+                "delta_impl": DELTA_IMPLS}
 
 
 class ConfigError(ValueError):
@@ -128,9 +134,9 @@ def validate(config) -> None:
   for field in ("dtype", "param_dtype"):
     if m[field] not in DTYPES:
       raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(DTYPES)}")
-  for field in ("attention_impl", "scan_impl", "gla_impl", "delta_impl"):
-    if m[field] not in IMPLS:
-      raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(IMPLS)}")
+  for field, valid in KERNEL_IMPLS.items():
+    if m[field] not in valid:
+      raise ConfigError(f"model.{field}={m[field]!r}; valid: {', '.join(valid)}")
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:

@@ -12,6 +12,11 @@ is an error rather than a silently unmatched point.
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+
+import jax
 import ml_collections
 from flax import nnx
 
@@ -25,13 +30,29 @@ TOLERANCE = 0.10
 
 
 def non_embedding_params(model_cfg) -> int:
-  """Non-embedding parameters of ``HybridLM(model_cfg)``, from shapes only (nothing is allocated)."""
-  from hybrids.model import HybridLM, count_params
+  """Non-embedding parameters of ``HybridLM(model_cfg)``, from shapes only (nothing is allocated).
 
+  A block's parameters depend only on its pattern entry and whether its MLP is a MoE, which repeat
+  with period lcm(len(pattern), moe_every); one abstract build of a single period (tracing an NNX
+  model costs ~1 s a layer on a small CPU) gives every layer's count.
+  """
   cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   cfg.vocab_size = cfg.vocab_size or 256
+  return _non_embedding_params(json.dumps(cfg.to_dict(), sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=256)
+def _non_embedding_params(cfg_json: str) -> int:
+  from hybrids.model import HybridLM
+
+  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  n_layers = cfg.n_layers
+  period = math.lcm(len(tuple(cfg.pattern)), max(int(cfg.moe_every), 1))
+  cfg.n_layers = min(n_layers, period)
   model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(params=0)))
-  return count_params(model)["non_embedding_params"]
+  size = lambda module: sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+  blocks = [size(block) for block in model.blocks]
+  return size(model.final_norm) + sum(blocks[i % period] for i in range(n_layers))
 
 
 def apply_size(model_cfg) -> ml_collections.ConfigDict:

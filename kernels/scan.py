@@ -7,17 +7,26 @@ Shapes: ``a, b: [batch, time, *features]``; ``h0: [batch, *features]``. Returns 
 ``h: [batch, time, *features]`` and ``h_last: [batch, *features]``. Accumulation is in float32 for
 lower-precision inputs; ``h`` is returned in ``b``'s dtype, ``h_last`` in float32 so that a decode
 loop carries an unrounded state.
+
+Implementations: ``"reference"`` (sequential ``lax.scan``), ``"xla"`` (associative scan, the CPU
+default) and ``"pallas"`` (a streaming kernel for GPU via Triton and TPU via Mosaic, with a
+``custom_vjp`` whose backward is the same streaming pass run the other way; see the Pallas section).
+``"auto"`` picks ``"pallas"`` when the default backend is a GPU or TPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-Impl = Literal["auto", "xla", "reference"]
-IMPLS = ("auto", "xla", "reference")
+Impl = Literal["auto", "xla", "reference", "pallas"]
+IMPLS = ("auto", "xla", "reference", "pallas")
 
 
 def _check(a: jax.Array, b: jax.Array, h0: jax.Array | None) -> None:
@@ -64,7 +73,7 @@ def _linear_scan_associative(a, b, h0=None, *, reverse: bool = False):
   return hs.astype(out_dtype), h_last
 
 
-def linear_scan(a, b, h0=None, *, reverse: bool = False, impl: Impl = "auto"):
+def linear_scan(a, b, h0=None, *, reverse: bool = False, impl: Impl = "auto", interpret: bool = False):
   """``h_t = a_t ⊙ h_{t-1} + b_t`` over axis 1 (``reverse`` runs from the end, as a backward pass needs).
 
   Args:
@@ -72,13 +81,448 @@ def linear_scan(a, b, h0=None, *, reverse: bool = False, impl: Impl = "auto"):
     b: input, same shape as ``a``.
     h0: optional initial state ``[batch, *features]`` (zeros when None).
     reverse: scan from ``t = T-1`` down to 0; ``h_last`` is then the state at ``t = 0``.
-    impl: ``"reference"`` (sequential), ``"xla"`` (associative scan) or ``"auto"``.
+    impl: ``"reference"`` (sequential), ``"xla"`` (associative scan), ``"pallas"`` or ``"auto"``
+      (``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere).
+    interpret: run the Pallas kernels in interpret mode (CPU tests); only with ``impl="pallas"``.
   Returns:
     ``(h [batch, time, *features] in b.dtype, h_last [batch, *features] in float32)``.
   """
   _check(a, b, h0)
   if impl not in IMPLS:
     raise ValueError(f"linear_scan: unknown impl {impl!r}; valid: {IMPLS}")
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
   if impl == "reference":
     return linear_scan_reference(a, b, h0, reverse=reverse)
+  if impl == "pallas":
+    return linear_scan_pallas(a, b, h0, reverse=reverse, interpret=interpret)
   return _linear_scan_associative(a, b, h0, reverse=reverse)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pallas.
+#
+# The recurrence has only batch·features independent lanes (8·1024 for the benchmark shape), each a
+# serial chain over time, so the kernel is latency-bound unless every lane keeps many loads in flight.
+# Both layouts below stream time in chunks whose loads are issued well before they are combined, so
+# the memory system always has many rows of a and b per lane outstanding, and the serial work is one
+# FMA per element in registers.
+#
+# GPU (Triton lowering): grid (batch, D / block_d), the whole time axis of one column strip per
+# program; row loads `ref[t, :]` are [block_d] vectors (a power of two; Triton tensors cannot be
+# indexed by row, so a [chunk, block_d] tile load would not help). A `fori_loop` carries the state and
+# `depth` slots of `chunk` loaded rows: an explicit software prefetch into registers, since there is
+# no scratch memory and Triton's pipeliner targets loads that feed dots. A ragged tail is handled
+# in-kernel (clamped loads, masked stores), so time is never padded.
+#
+# TPU (Mosaic): blocks must be (8, 128)-tiled, so the grid is (batch, D / block_d, T / block_t) with
+# time "arbitrary" (sequential) and the state carried in the resident h_last output block; within a
+# block, tiles of 8 (f32) or 16 (bf16) rows are loaded and the rows sliced out statically. Time is
+# padded to block_t with the identity (a = 1, b = 0), which leaves both h and h_last exact.
+#
+# Backward (custom_vjp, one more streaming pass in the opposite direction). For the forward scan
+# h_t = a_t h_{t-1} + b_t (h_{-1} = h0) with cotangents ḡ_t = ∂L/∂h_t and ḡ_last = ∂L/∂h_last:
+#   G_t = ḡ_t + a_{t+1} G_{t+1},  G_{T-1} = ḡ_{T-1} + ḡ_last         (total gradient wrt h_t)
+#   ∂b_t = G_t,  ∂a_t = G_t h_{t-1},  ∂h0 = a_0 G_0.
+# Carrying U = a_t G_t (what flows into h_{t-1}) turns this into the same diagonal recurrence with
+# the decay unshifted: G_t = ḡ_t + U, U ← a_t G_t, U starts at ḡ_last and ends as ∂h0. For
+# reverse=True every index flips: G_t = ḡ_t + a_{t-1} G_{t-1}, ∂a_t = G_t h_{t+1} (h_T = h0),
+# ∂h0 = a_{T-1} G_{T-1}. ∂a needs the neighbouring h, which is read from the forward output (so
+# fwd+bwd moves 3 + 5 arrays: a, b → h; then a, ḡ, h → ∂a, ∂b).
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+  """Tiling of the Pallas scan; ``None`` fields take the defaults in ``GPU_DEFAULTS`` / ``_resolve``.
+
+  GPU: ``block_d`` lanes per program (a power of two), ``num_warps``; rows are loaded ``chunk`` at a
+  time into ``depth`` register slots, about (depth - 1)·chunk rows per lane ahead of the row being
+  combined (``depth`` = 0: no prefetch; ``num_stages`` > 1 then leaves pipelining to Triton).
+  ``bwd_*`` set the backward kernel's own values. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
+  block (multiples of 16 and 128). Each layout reads only its own fields.
+  """
+  block_d: int | None = None
+  chunk: int | None = None
+  depth: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  bwd_block_d: int | None = None
+  bwd_chunk: int | None = None
+  bwd_depth: int | None = None
+  bwd_num_warps: int | None = None
+  tpu_block_t: int | None = None
+  tpu_block_d: int | None = None
+
+
+# One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
+# shape over every SM; ~48 rows per lane in flight cover HBM latency while staying in registers
+# (≈ depth·chunk·(2 forward, 3 backward) of them). On an H100 at B8 T4096 D1024 f32 this gives
+# 0.206 ms forward (floor 0.134) and 0.53 ms forward+backward; other tilings: bench_scan.py --tune.
+GPU_DEFAULTS = dict(block_d=32, chunk=16, depth=4, num_warps=1, num_stages=1,
+                    bwd_chunk=16, bwd_depth=3)
+
+
+def _gpu_compiler_params(num_warps: int, num_stages: int):
+  # jax ≤0.4.3x named it TritonCompilerParams; 0.5+ CompilerParams (0.10 – 0.12 tested).
+  from jax.experimental.pallas import triton as plgpu
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _tpu_compiler_params(dimension_semantics):
+  from jax.experimental.pallas import tpu as pltpu
+  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+  return cls(dimension_semantics=dimension_semantics)
+
+
+# A squeezed (size-1, dropped) block dimension: pl.squeezed on newer jax, None on older.
+_SQ = getattr(pl, "squeezed", None)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+# --- GPU kernels -------------------------------------------------------------------------------------
+
+
+def _gpu_time_loop(length: int, chunk: int, depth: int, ascending: bool, load_row, step, init):
+  """Runs ``state = step(state, t, rows, valid)`` over t in processing order.
+
+  ``load_row(t)`` returns the loaded row(s) at time t. Rows travel in ``depth`` slots of ``chunk``
+  rows; a loop step combines the slots in turn and refills each with the rows ``depth`` slots
+  ahead right after it is combined, so (depth - 1)·chunk rows per lane stay in flight. Refilling a
+  slot only after combining it lets the refill reuse the slot's registers: the loop carry then
+  needs no register copies, which would wait for the pending loads. ``depth`` = 0 loads each chunk
+  right before combining it.
+  """
+  span = chunk * max(depth, 1)  # rows per loop step
+  n = -(-length // span)
+  ragged = length % span != 0
+
+  def position(c, r):  # r-th row of loop step c -> (position in processing order, time index)
+    p = c * span + r
+    return p, (p if ascending else length - 1 - p)
+
+  def rows_of(c, slot):
+    out = []
+    for r in range(slot * chunk, (slot + 1) * chunk):
+      _, t = position(c, r)
+      if ragged:  # the tail of the last step: load a valid row, `step` ignores it
+        t = jnp.minimum(t, length - 1) if ascending else jnp.maximum(t, 0)
+      out.append(load_row(t))
+    return tuple(out)
+
+  def combine(c, slot, state, rows):
+    for i, r in enumerate(range(slot * chunk, (slot + 1) * chunk)):
+      p, t = position(c, r)
+      state = step(state, t, rows[i], (p < length) if ragged else None)
+    return state
+
+  if depth == 0:
+    return jax.lax.fori_loop(0, n, lambda c, s: combine(c, 0, s, rows_of(c, 0)), init)
+
+  def body(c, carry):
+    state, slots = carry
+    nxt = jnp.minimum(c + 1, n - 1)  # after the last step: reloads it (from L2), unused
+    refilled = []
+    for j in range(depth):
+      state = combine(c, j, state, slots[j])
+      refilled.append(rows_of(nxt, j))
+    return state, tuple(refilled)
+
+  state, _ = jax.lax.fori_loop(0, n, body, (init, tuple(rows_of(0, j) for j in range(depth))))
+  return state
+
+
+def _store_row(ref, t, value, valid):
+  if valid is None:
+    ref[t, :] = value.astype(ref.dtype)
+  else:
+    @pl.when(valid)
+    def _():
+      ref[t, :] = value.astype(ref.dtype)
+
+
+def _gpu_fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, length, chunk, depth, reverse):
+  # a_ref, b_ref, h_ref: [time, block_d]; h0_ref, hlast_ref: [block_d].
+  def step(h, t, rows, valid):
+    a_t, b_t = rows
+    new = a_t.astype(jnp.float32) * h + b_t.astype(jnp.float32)
+    h = new if valid is None else jnp.where(valid, new, h)
+    _store_row(h_ref, t, h, valid)
+    return h
+
+  hlast_ref[...] = _gpu_time_loop(length, chunk, depth, not reverse,
+                                  lambda t: (a_ref[t, :], b_ref[t, :]), step,
+                                  h0_ref[...].astype(jnp.float32))
+
+
+def _gpu_bwd_kernel(a_ref, g_ref, h_ref, h0_ref, glast_ref, da_ref, db_ref, dh0_ref, *,
+                    length, chunk, depth, reverse):
+  # Runs opposite to the forward; h_ref is the forward output, read one row behind (h_{t∓1}).
+  h0 = h0_ref[...].astype(jnp.float32)
+
+  def load(t):
+    if reverse:  # h_{t+1}, with h_T = h0
+      prev = h_ref[jnp.minimum(t + 1, length - 1), :]
+      edge = t == length - 1
+    else:        # h_{t-1}, with h_{-1} = h0
+      prev = h_ref[jnp.maximum(t - 1, 0), :]
+      edge = t == 0
+    return a_ref[t, :], g_ref[t, :], prev, edge
+
+  def step(u, t, rows, valid):
+    a_t, g_t, prev, edge = rows
+    big_g = g_t.astype(jnp.float32) + u
+    prev = jnp.where(edge, h0, prev.astype(jnp.float32))
+    _store_row(db_ref, t, big_g, valid)
+    _store_row(da_ref, t, big_g * prev, valid)
+    new = a_t.astype(jnp.float32) * big_g
+    return new if valid is None else jnp.where(valid, new, u)
+
+  dh0_ref[...] = _gpu_time_loop(length, chunk, depth, reverse, load, step,
+                                glast_ref[...].astype(jnp.float32))
+
+
+def _gpu_specs(block_d, time):
+  strip = pl.BlockSpec((_SQ, time, block_d), lambda i, j: (i, 0, j))
+  vec = pl.BlockSpec((_SQ, block_d), lambda i, j: (i, j))
+  return strip, vec
+
+
+def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
+  batch, time, d = a.shape
+  strip, vec = _gpu_specs(cfg.block_d, time)
+  kernel = functools.partial(_gpu_fwd_kernel, length=time, chunk=cfg.chunk, depth=cfg.depth,
+                             reverse=reverse)
+  return pl.pallas_call(
+      kernel, grid=(batch, d // cfg.block_d), in_specs=[strip, strip, vec], out_specs=[strip, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, d), jnp.float32)],
+      compiler_params=None if interpret else _gpu_compiler_params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret, name="linear_scan_fwd")(a, b, h0)
+
+
+def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
+  batch, time, d = a.shape
+  strip, vec = _gpu_specs(cfg.bwd_block_d, time)
+  kernel = functools.partial(_gpu_bwd_kernel, length=time, chunk=cfg.bwd_chunk, depth=cfg.bwd_depth,
+                             reverse=reverse)
+  return pl.pallas_call(
+      kernel, grid=(batch, d // cfg.bwd_block_d), in_specs=[strip, strip, strip, vec, vec],
+      out_specs=[strip, strip, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),
+                 jax.ShapeDtypeStruct((batch, d), jnp.float32)],
+      compiler_params=None if interpret else _gpu_compiler_params(cfg.bwd_num_warps, cfg.num_stages),
+      interpret=interpret, name="linear_scan_bwd")(a, g, h, h0, g_last)
+
+
+# --- TPU kernels -------------------------------------------------------------------------------------
+
+
+def _tpu_fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, rows, reverse):
+  # a_ref, b_ref, h_ref: [block_t, block_d] in VMEM; h0_ref, hlast_ref: [1, block_d] (resident carry).
+  block_t, block_d = a_ref.shape
+  groups = block_t // rows
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    hlast_ref[...] = h0_ref[...].astype(jnp.float32)
+
+  row_id = jax.lax.broadcasted_iota(jnp.int32, (rows, block_d), 0)
+
+  def group(g, h):
+    start = pl.multiple_of((groups - 1 - g if reverse else g) * rows, rows)
+    a = a_ref[pl.ds(start, rows), :].astype(jnp.float32)
+    b = b_ref[pl.ds(start, rows), :].astype(jnp.float32)
+    out = jnp.zeros((rows, block_d), jnp.float32)
+    for r in (reversed(range(rows)) if reverse else range(rows)):
+      h = a[r:r + 1] * h + b[r:r + 1]
+      out = jnp.where(row_id == r, h, out)  # assemble the tile without sub-tile stores
+    h_ref[pl.ds(start, rows), :] = out.astype(h_ref.dtype)
+    return h
+
+  hlast_ref[...] = jax.lax.fori_loop(0, groups, group, hlast_ref[...])
+
+
+def _tpu_bwd_kernel(a_ref, g_ref, h_ref, hnb_ref, h0_ref, glast_ref, da_ref, db_ref, dh0_ref, *,
+                    rows, reverse, num_blocks):
+  # hnb_ref: the `rows`-row tile of h just outside this time block on the side h_{t∓1} reaches into.
+  block_t, block_d = a_ref.shape
+  groups = block_t // rows
+  k = pl.program_id(2)
+  block = k if reverse else num_blocks - 1 - k  # this block's index along time
+
+  @pl.when(k == 0)
+  def _():
+    dh0_ref[...] = glast_ref[...].astype(jnp.float32)
+
+  h0 = h0_ref[...].astype(jnp.float32)
+  row_id = jax.lax.broadcasted_iota(jnp.int32, (rows, block_d), 0)
+
+  def group(i, u):
+    gi = i if reverse else groups - 1 - i
+    start = pl.multiple_of(gi * rows, rows)
+    a = a_ref[pl.ds(start, rows), :].astype(jnp.float32)
+    g = g_ref[pl.ds(start, rows), :].astype(jnp.float32)
+    h = h_ref[pl.ds(start, rows), :].astype(jnp.float32)
+    if reverse:  # h_{t+1} of the group's last row: next group, next block, or h0 past the end
+      nxt = pl.multiple_of(jnp.minimum(start + rows, block_t - rows), rows)
+      inner = h_ref[pl.ds(nxt, rows), :][0:1].astype(jnp.float32)
+      outer = jnp.where(block < num_blocks - 1, hnb_ref[0:1, :].astype(jnp.float32), h0)
+      edge = jnp.where(gi < groups - 1, inner, outer)
+    else:        # h_{t-1} of the group's first row: previous group, previous block, or h0
+      prv = pl.multiple_of(jnp.maximum(start - rows, 0), rows)
+      inner = h_ref[pl.ds(prv, rows), :][rows - 1:rows].astype(jnp.float32)
+      outer = jnp.where(block > 0, hnb_ref[rows - 1:rows, :].astype(jnp.float32), h0)
+      edge = jnp.where(gi > 0, inner, outer)
+    da = jnp.zeros((rows, block_d), jnp.float32)
+    db = jnp.zeros((rows, block_d), jnp.float32)
+    for r in (range(rows) if reverse else reversed(range(rows))):
+      if reverse:
+        prev = h[r + 1:r + 2] if r < rows - 1 else edge
+      else:
+        prev = h[r - 1:r] if r > 0 else edge
+      big_g = g[r:r + 1] + u
+      db = jnp.where(row_id == r, big_g, db)
+      da = jnp.where(row_id == r, big_g * prev, da)
+      u = a[r:r + 1] * big_g
+    da_ref[pl.ds(start, rows), :] = da.astype(da_ref.dtype)
+    db_ref[pl.ds(start, rows), :] = db.astype(db_ref.dtype)
+    return u
+
+  dh0_ref[...] = jax.lax.fori_loop(0, groups, group, dh0_ref[...])
+
+
+def _tpu_rows(*dtypes) -> int:
+  # Native sublane tiling: 8 rows of 32-bit, 16 of 16-bit (packed) values.
+  return 16 if any(jnp.dtype(dt).itemsize < 4 for dt in dtypes) else 8
+
+
+def _tpu_fwd(a, b, h0, *, reverse, interpret, cfg):
+  batch, time, d = a.shape
+  block_t, block_d, rows = cfg.tpu_block_t, cfg.tpu_block_d, _tpu_rows(a.dtype, b.dtype)
+  nt = time // block_t
+  tmap = (lambda k: nt - 1 - k) if reverse else (lambda k: k)
+  tile = pl.BlockSpec((_SQ, block_t, block_d), lambda i, j, k: (i, tmap(k), j))
+  vec = pl.BlockSpec((_SQ, 1, block_d), lambda i, j, k: (i, 0, j))
+  kernel = functools.partial(_tpu_fwd_kernel, rows=rows, reverse=reverse)
+  h, h_last = pl.pallas_call(
+      kernel, grid=(batch, d // block_d, nt), in_specs=[tile, tile, vec], out_specs=[tile, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, 1, d), jnp.float32)],
+      compiler_params=None if interpret else _tpu_compiler_params(("parallel", "parallel", "arbitrary")),
+      interpret=interpret, name="linear_scan_fwd")(a, b, h0[:, None])
+  return h, h_last[:, 0]
+
+
+def _tpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
+  batch, time, d = a.shape
+  block_t, block_d, rows = cfg.tpu_block_t, cfg.tpu_block_d, _tpu_rows(a.dtype, b_dtype, g.dtype, h.dtype)
+  nt, per_block, total = time // block_t, block_t // rows, time // rows
+  tmap = (lambda k: k) if reverse else (lambda k: nt - 1 - k)
+  if reverse:   # first row tile of the next block
+    nbmap = lambda k: jnp.minimum((tmap(k) + 1) * per_block, total - 1)
+  else:         # last row tile of the previous block
+    nbmap = lambda k: jnp.maximum(tmap(k) * per_block - 1, 0)
+  tile = pl.BlockSpec((_SQ, block_t, block_d), lambda i, j, k: (i, tmap(k), j))
+  nb = pl.BlockSpec((_SQ, rows, block_d), lambda i, j, k: (i, nbmap(k), j))
+  vec = pl.BlockSpec((_SQ, 1, block_d), lambda i, j, k: (i, 0, j))
+  kernel = functools.partial(_tpu_bwd_kernel, rows=rows, reverse=reverse, num_blocks=nt)
+  da, db, dh0 = pl.pallas_call(
+      kernel, grid=(batch, d // block_d, nt), in_specs=[tile, tile, tile, nb, vec, vec],
+      out_specs=[tile, tile, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),
+                 jax.ShapeDtypeStruct((batch, 1, d), jnp.float32)],
+      compiler_params=None if interpret else _tpu_compiler_params(("parallel", "parallel", "arbitrary")),
+      interpret=interpret, name="linear_scan_bwd")(a, g, h, h, h0[:, None], g_last[:, None])
+  return da, db, dh0[:, 0]
+
+
+# --- custom_vjp over the padded [batch, time, D] problem -------------------------------------------
+
+
+_KERNELS = {"gpu": (_gpu_fwd, _gpu_bwd), "tpu": (_tpu_fwd, _tpu_bwd)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _scan_core(a, b, h0, platform, reverse, interpret, cfg):
+  fwd, _ = _KERNELS[platform]
+  return fwd(a, b, h0, reverse=reverse, interpret=interpret, cfg=cfg)
+
+
+def _scan_core_fwd(a, b, h0, platform, reverse, interpret, cfg):
+  h, h_last = _scan_core(a, b, h0, platform, reverse, interpret, cfg)
+  return (h, h_last), (a, h, h0)
+
+
+def _scan_core_bwd(platform, reverse, interpret, cfg, res, cotangents):
+  a, h, h0 = res
+  g, g_last = cotangents
+  _, bwd = _KERNELS[platform]
+  # h is stored in b's dtype, so it also names the dtype of ∂b.
+  da, db, dh0 = bwd(a, g.astype(h.dtype), h, h0, g_last.astype(jnp.float32), reverse=reverse,
+                    interpret=interpret, cfg=cfg, b_dtype=h.dtype)
+  return da, db, dh0.astype(h0.dtype)
+
+
+_scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
+
+
+def _resolve(platform: str, cfg: PallasConfig, d: int, time: int, dtypes) -> PallasConfig:
+  """Fills the platform defaults into ``cfg`` for a problem with ``d`` lanes and ``time`` steps."""
+  if platform == "gpu":
+    get = lambda field: GPU_DEFAULTS[field] if getattr(cfg, field) is None else getattr(cfg, field)
+    # A narrow problem (D < 32) gets one power-of-two block instead of padding D to 32.
+    block_d = cfg.block_d or min(GPU_DEFAULTS["block_d"], 1 << (d - 1).bit_length())
+    bwd_block_d = cfg.bwd_block_d or block_d
+    return dataclasses.replace(
+        cfg, block_d=block_d, bwd_block_d=bwd_block_d, chunk=get("chunk"), depth=get("depth"),
+        bwd_chunk=get("bwd_chunk"), bwd_depth=get("bwd_depth"), num_stages=get("num_stages"),
+        num_warps=cfg.num_warps or max(1, block_d // 32),  # one lane per thread
+        bwd_num_warps=cfg.bwd_num_warps or max(1, bwd_block_d // 32))
+  rows = _tpu_rows(*dtypes)
+  block_d = cfg.tpu_block_d or min(512, _round_up(d, 128))
+  block_t = cfg.tpu_block_t or min(256, _round_up(time, rows))
+  if block_d % 128 or block_t % rows:
+    raise ValueError(f"linear_scan: TPU blocks must be (multiple of {rows}, multiple of 128); "
+                     f"got tpu_block_t={block_t}, tpu_block_d={block_d}")
+  return dataclasses.replace(cfg, tpu_block_d=block_d, tpu_block_t=block_t)
+
+
+def _scan_platform(a, b, h0, *, platform, reverse, interpret, cfg):
+  """Flattens features to D, pads D (and, on TPU, time) to the blocks, runs the kernels, undoes it."""
+  batch, time = a.shape[:2]
+  features = a.shape[2:]
+  d = math.prod(features)
+  cfg = _resolve(platform, cfg, d, time, (a.dtype, b.dtype))
+  lane_block = cfg.tpu_block_d if platform == "tpu" else math.lcm(cfg.block_d, cfg.bwd_block_d)
+  d_pad = _round_up(d, lane_block)
+  t_pad = _round_up(time, cfg.tpu_block_t) if platform == "tpu" else time
+  a3, b3, h03 = a.reshape(batch, time, d), b.reshape(batch, time, d), h0.reshape(batch, d)
+  if (t_pad, d_pad) != (time, d):
+    # The identity element (a = 1, b = 0) past the end keeps h_last and, for reverse, h0 exact.
+    a3 = jnp.pad(a3, ((0, 0), (0, t_pad - time), (0, d_pad - d)), constant_values=1)
+    b3 = jnp.pad(b3, ((0, 0), (0, t_pad - time), (0, d_pad - d)))
+    h03 = jnp.pad(h03, ((0, 0), (0, d_pad - d)))
+  h, h_last = _scan_core(a3, b3, h03, platform, reverse, interpret, cfg)
+  if (t_pad, d_pad) != (time, d):
+    h, h_last = h[:, :time, :d], h_last[:, :d]
+  return h.reshape(a.shape), h_last.reshape((batch,) + features)
+
+
+def linear_scan_pallas(a, b, h0=None, *, reverse: bool = False, interpret: bool = False,
+                       platform: Literal["gpu", "tpu"] | None = None, config: PallasConfig | None = None):
+  """The Pallas scan (same contract as ``linear_scan``), differentiable through its own kernels.
+
+  ``platform`` picks the kernel layout; ``None`` decides at lowering time (TPU layout when lowered
+  for TPU, the Triton layout otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host
+  gets the TPU kernel. ``interpret=True`` runs either layout on CPU (tests); there ``None`` means GPU.
+  """
+  _check(a, b, h0)
+  cfg = config or PallasConfig()
+  h0 = jnp.zeros((a.shape[0],) + a.shape[2:], jnp.float32) if h0 is None else h0
+  run = lambda p: functools.partial(_scan_platform, platform=p, reverse=reverse, interpret=interpret, cfg=cfg)
+  if platform is not None or interpret:
+    return run(platform or "gpu")(a, b, h0)
+  return jax.lax.platform_dependent(a, b, h0, tpu=run("tpu"), default=run("gpu"))

@@ -10,20 +10,54 @@ Implementations:
 - ``"reference"``: dense ``[time, time]`` scores with a band mask — the definition, O(T²).
 - ``"xla"``: blocked band; query block ``i`` of ``block_size`` rows reads only key blocks
   ``i − ⌈(window−1)/block⌉ … i``, so time and memory are O(T·(W + block)), not O(T²).
+- ``"pallas"``: flash attention (Dao 2023, "FlashAttention-2") as a ``jax.custom_vjp``. The forward
+  keeps running f32 softmax statistics ``m, l`` per query row and saves only ``lse = m + log l``; the
+  backward recomputes the probabilities ``p = exp(s − lse)`` block by block, with
+  ``Δ_t = Σ_d o_td · do_td`` (so ``ds = p ⊙ (dp − Δ)``), in two kernels: one per query block
+  (dQ, and on GPU Δ for the next) and one per key block (dK, dV, summed over the query heads of its
+  group, so GQA needs no ``[.., heads, ..]`` dK buffer). Only key blocks
+  that intersect the band are visited, so the cost is O(T·W). With a soft-cap ``s = c·tanh(x/c)``
+  the backward multiplies ``ds`` by ``∂s/∂x = 1 − tanh²(x/c)``. Lengths that are not a multiple of
+  the block are zero-padded: a padded key sits after every real query (the causal mask drops it),
+  and a padded query row has ``do = 0``, so it adds nothing to dK, dV.
+  Two lowerings, chosen by platform (``pallas_target``):
+  * ``"triton"`` (GPU): the grid is (query block, batch, head); each program holds its query block
+    and loops over the band's key blocks (the key/value "block" is the whole sequence, a pointer in
+    Triton, so nothing is copied). Blocks are powers of two (head_dim is zero-padded up to one);
+    the loop is split into the masked edge blocks and the unmasked interior, and runs in base 2
+    (``exp2``, the scale folded with log₂e). No scratch, no scalar prefetch.
+  * ``"mosaic"`` (TPU): inputs are laid out ``[batch, heads, time, head_dim]`` (Mosaic tiles the
+    last two dims by (8, 128)); the band is a trailing "arbitrary" grid axis whose index map picks
+    key block ``i − lookback + j`` (clamped, so skipped steps re-use the resident block and no DMA is
+    issued), with f32 accumulators in VMEM scratch.
+  ``interpret=True`` runs either lowering in the Pallas interpreter (how CPU tests check them).
+- ``"cudnn"``: ``jax.nn.dot_product_attention(..., local_window_size=(W−1, 0),
+  implementation="cudnn")`` — NVIDIA's fused kernel (GPU, bf16/fp16, no soft-cap).
+- ``"auto"``: on GPU cuDNN where it is valid, because it was measured fastest there, otherwise our
+  Pallas kernel; Pallas on TPU; ``"xla"`` on CPU (where Pallas only interprets). Measured with
+  ``python -m kernels.bench --kernels window_attention`` (H100, jax 0.11.2, B4 T8192 H16 D128
+  W1024 bf16, ms forward / forward+backward): cuDNN 0.59 / 2.68, this Pallas kernel 0.80 / 2.98,
+  torch flex_attention 0.80 / 2.97, the XLA band 8.8 / 20. (At W128 T2048 our fwd+bwd was faster,
+  0.36 vs 0.41 ms, but its forward was not; one rule for all windows keeps "auto" predictable.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
+from jax.experimental import pallas as pl
 
-Impl = Literal["auto", "xla", "reference"]
-IMPLS = ("auto", "xla", "reference")
+Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
+IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
+PallasTarget = Literal["triton", "mosaic"]
 _MASKED = -1e30  # finite so a fully masked padded row gives zeros, not NaN
+_LOG2E = math.log2(math.e)
 
 
 def _check(q, k, v, window):
@@ -92,22 +126,601 @@ def _banded(q, k, v, window: int, softcap, block: int):
   return out.astype(q.dtype)
 
 
+# ------------------------------------------------------------------------------------------------
+# Pallas flash attention (impl="pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBlocks:
+  """Tile sizes and Triton launch parameters; the Mosaic (TPU) path uses ``block`` only.
+
+  ``fwd_q`` query rows per program × ``fwd_k`` keys per loop step (forward); ``dkv_k`` key rows per
+  program × ``dkv_q`` queries per step (dK/dV kernel); ``dq_q`` × ``dq_k`` (dQ kernel). Triton needs
+  powers of two ≥ 16 (they shrink to the padded length for short sequences). The defaults were
+  tuned on an H100 for bf16, head_dim 128 (``kernels/bench_window_attention.py``); wider rows
+  (f32, head_dim > 128) get tiles halved per doubling, to fit shared memory.
+  """
+  fwd_q: int = 128
+  fwd_k: int = 128
+  fwd_warps: int = 8
+  fwd_stages: int = 3
+  dkv_q: int = 64
+  dkv_k: int = 128
+  dkv_warps: int = 8
+  dkv_stages: int = 3
+  dq_q: int = 128
+  dq_k: int = 64
+  dq_warps: int = 8
+  dq_stages: int = 3
+  split_mask: bool = True  # Triton: unmasked interior blocks in their own loop (no iota/select there)
+  block: int = 128  # Mosaic: query block = key block; a multiple of 128 keeps the score tile lane-dense
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flash:
+  """Static configuration of one flash-attention call (hashable: a ``custom_vjp`` nondiff argument)."""
+  window: int  # already clipped to the padded length (global causal: the padded length)
+  softcap: float | None
+  scale: float
+  target: str
+  blocks: PallasBlocks
+  interpret: bool
+
+
+def _triton_params(num_warps: int, num_stages: int):
+  # Named CompilerParams in the jax versions we support (0.10–0.12); older ones: TritonCompilerParams.
+  from jax.experimental.pallas import triton as plgpu
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _mosaic_params(grid_rank: int):
+  # CompilerParams in 0.10–0.12, TPUCompilerParams before. Every grid axis is independent except
+  # the last, which accumulates (the band / the query sweep).
+  from jax.experimental.pallas import tpu as pltpu
+  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+  return cls(dimension_semantics=("parallel",) * (grid_rank - 1) + ("arbitrary",))
+
+
+def _i32(x: int):
+  return jnp.int32(x)
+
+
+def _div(x, d: int):
+  """Floor division of a non-negative traced int32 (``lax.div`` truncates; ``//`` adds a sign fix-up)."""
+  return jax.lax.div(x, _i32(d))
+
+
+def _dot(a, b, contract):
+  # f32 operands get full-precision products (Triton's default for f32 is TF32, ~1e-3 relative).
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _mm(a, b):  # a @ b
+  return _dot(a, b, ((1,), (0,)))
+
+
+def _mm_nt(a, b):  # a @ bᵀ
+  return _dot(a, b, ((1,), (1,)))
+
+
+def _logits(a, b, cfg: _Flash, unit: float):
+  """Logits of ``a @ bᵀ`` (scaled, soft-capped) in units of ``1/unit`` (log₂e for an exp2 softmax),
+  as ``(raw, c, t)`` with logits = ``raw · c``: the kernels fold ``c`` into the exponent's argument
+  (one FMA per score, ``exp2(raw·c − m)``). ``t`` is the soft-cap's tanh (None without one), whose
+  ``1 − t²`` is the derivative the backward needs.
+  """
+  x = _mm_nt(a, b)
+  if cfg.softcap is None:
+    return x, cfg.scale * unit, None
+  t = jnp.tanh(x * (cfg.scale / cfg.softcap))
+  return t, cfg.softcap * unit, t
+
+
+def _band(shape, q_start, k_start, window: int, *, keys_first: bool = False):
+  """Which (query, key) pairs of a tile are in the band ``0 ≤ t − s < window``."""
+  q_axis, k_axis = (1, 0) if keys_first else (0, 1)
+  offset = (q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)) - \
+           (k_start + jax.lax.broadcasted_iota(jnp.int32, shape, k_axis))
+  return (offset >= 0) & (offset < window)
+
+
+def _key_blocks(q_start, bq: int, bk: int, window: int):
+  """Key blocks a query block ``[q_start, q_start + bq)`` reads: ``[lo, hi)``, of which
+  ``[full_lo, full_hi)`` lie inside the band for every row (no mask needed)."""
+  lo = _div(jnp.maximum(q_start - (window - 1), 0), bk)
+  hi = _div(q_start + (bq - 1), bk) + 1
+  full_lo = jnp.clip(_div(jnp.maximum(q_start + (bq - window), 0) + (bk - 1), bk), lo, hi)
+  full_hi = jnp.clip(_div(q_start + 1, bk), full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _query_blocks(k_start, bq: int, bk: int, window: int, n_q_blocks: int):
+  """Query blocks that read key block ``[k_start, k_start + bk)``: ``[lo, hi)``, unmasked ``[full_lo, full_hi)``."""
+  lo = _div(k_start, bq)
+  hi = jnp.minimum(_div(k_start + (bk - 1) + (window - 1), bq) + 1, n_q_blocks)
+  full_lo = jnp.clip(_div(k_start + (bk - 1) + (bq - 1), bq), lo, hi)
+  full_hi = jnp.clip(_div(k_start + window, bq), full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def _band_loops(bounds, step, carry, split: bool):
+  """Run ``step(j, carry, masked)`` over the band: masked edge, unmasked interior, masked edge
+  (``split``), or one loop that masks every block (one software-pipeline fill instead of three)."""
+  lo, full_lo, full_hi, hi = bounds
+  if not split:
+    return jax.lax.fori_loop(lo, hi, functools.partial(step, masked=True), carry)
+  for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+    carry = jax.lax.fori_loop(start, stop, functools.partial(step, masked=masked), carry)
+  return carry
+
+
+# --- Triton (GPU): one program per query (or key) block, looping over the band --------------------
+# Layout [batch, time, heads, head_dim]; the key/value block is the whole (padded) sequence of one
+# kv head, i.e. a base pointer, and the loop loads the band's tiles from it.
+
+def _triton_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Flash, bq: int, bk: int):
+  q_start = pl.program_id(0) * bq
+  q = q_ref[...]
+
+  def step(j, carry, masked):
+    acc, m, l = carry
+    k_start = pl.multiple_of(j * bk, bk)
+    k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
+    s, c, _ = _logits(q, k, cfg, _LOG2E)
+    if masked:
+      s = jnp.where(_band(s.shape, q_start, k_start, cfg.window), s, -jnp.inf)
+    # m starts finite, so a row with no allowed key in this tile keeps alpha = 1 and p = 0.
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * c - m_new[:, None])
+    return alpha[:, None] * acc + _mm(p.astype(v.dtype), v), m_new, alpha * l + jnp.sum(p, axis=1)
+
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32))
+  acc, m, l = _band_loops(_key_blocks(q_start, bq, bk, cfg.window), step, carry, cfg.blocks.split_mask)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log2(l)  # base-2 log-sum-exp of the scaled logits
+
+
+def _triton_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Flash,
+                       bq: int, bk: int, group: int, n_q_blocks: int):
+  # Transposed tiles ([keys, queries]) so the per-query lse and Δ broadcast along rows and dK, dV
+  # are plain products (pᵀ·dO, dsᵀ·Q) with no transposes of the tile.
+  k_start = pl.program_id(0) * bk
+  k, v = k_ref[...], v_ref[...]
+  bounds = _query_blocks(k_start, bq, bk, cfg.window, n_q_blocks)
+
+  def step(i, carry, masked, head):
+    dk, dv = carry
+    q_start = pl.multiple_of(i * bq, bq)
+    rows = pl.ds(q_start, bq)
+    q, do = q_ref[rows, head, :], do_ref[rows, head, :]
+    lse, delta = lse_ref[head, rows], delta_ref[head, rows]
+    s, c, t = _logits(k, q, cfg, _LOG2E)
+    if masked:
+      s = jnp.where(_band(s.shape, q_start, k_start, cfg.window, keys_first=True), s, -jnp.inf)
+    p = jnp.exp2(s * c - lse[None, :])
+    dv = dv + _mm(p.astype(do.dtype), do)
+    ds = p * (_mm_nt(v, do) - delta[None, :])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    return dk + _mm(ds.astype(q.dtype), q), dv
+
+  def one_head(head, carry):
+    return _band_loops(bounds, functools.partial(step, head=head), carry, cfg.blocks.split_mask)
+
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  # The group's query heads all read this kv head: summing them here avoids a [.., heads, ..] dK.
+  dk, dv = one_head(0, carry) if group == 1 else jax.lax.fori_loop(0, group, one_head, carry)
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _triton_dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref, *, cfg: _Flash, bq: int,
+                      bk: int):
+  # Runs before the dK/dV kernel and also produces Δ = rowsum(o ⊙ dO) for it: this program reads
+  # its rows of dO anyway, which saves a separate pass over o and dO.
+  q_start = pl.program_id(0) * bq
+  q, do, lse = q_ref[...], do_ref[...], lse_ref[...]
+  delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+  delta_ref[...] = delta
+
+  def step(j, dq, masked):
+    k_start = pl.multiple_of(j * bk, bk)
+    k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
+    s, c, t = _logits(q, k, cfg, _LOG2E)
+    if masked:
+      s = jnp.where(_band(s.shape, q_start, k_start, cfg.window), s, -jnp.inf)
+    p = jnp.exp2(s * c - lse[:, None])
+    ds = p * (_mm_nt(do, v) - delta[:, None])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    return dq + _mm(ds.astype(k.dtype), k)
+
+  dq = _band_loops(_key_blocks(q_start, bq, bk, cfg.window), step, jnp.zeros(q.shape, jnp.float32),
+                  cfg.blocks.split_mask)
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _triton_forward(q, k, v, cfg: _Flash):
+  batch, time, heads, dim = q.shape
+  group = heads // k.shape[2]
+  b = cfg.blocks
+  bq, bk = b.fwd_q, b.fwd_k
+  q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, n, h: (n, i, h, 0))
+  kv_spec = pl.BlockSpec((None, time, None, dim), lambda i, n, h: (n, 0, _div(h, group), 0))
+  return pl.pallas_call(
+      functools.partial(_triton_fwd_kernel, cfg=cfg, bq=bq, bk=bk),
+      grid=(time // bq, batch, heads),  # query blocks fastest: neighbours share their keys in L2
+      in_specs=[q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, time), jnp.float32)],
+      compiler_params=_triton_params(b.fwd_warps, b.fwd_stages),
+      interpret=cfg.interpret, name="window_attention_fwd",
+  )(q, k, v)
+
+
+def _triton_backward(q, k, v, o, lse, do, cfg: _Flash):
+  batch, time, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  group = heads // kv_heads
+  b = cfg.blocks
+
+  bq, bk = b.dq_q, b.dq_k
+  q_block = pl.BlockSpec((None, bq, None, dim), lambda i, n, h: (n, i, h, 0))
+  stat_block = pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))
+  kv_seq = pl.BlockSpec((None, time, None, dim), lambda i, n, h: (n, 0, _div(h, group), 0))
+  dq, delta = pl.pallas_call(
+      functools.partial(_triton_dq_kernel, cfg=cfg, bq=bq, bk=bk),
+      grid=(time // bq, batch, heads),
+      in_specs=[q_block, kv_seq, kv_seq, q_block, q_block, stat_block],
+      out_specs=[q_block, stat_block],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
+      compiler_params=_triton_params(b.dq_warps, b.dq_stages),
+      interpret=cfg.interpret, name="window_attention_dq",
+  )(q, k, v, o, do, lse)
+
+  bq, bk = b.dkv_q, b.dkv_k
+  group_seq = pl.BlockSpec((None, time, group, dim), lambda j, n, h: (n, 0, h, 0))
+  group_stat = pl.BlockSpec((None, group, time), lambda j, n, h: (n, h, 0))
+  kv_block = pl.BlockSpec((None, bk, None, dim), lambda j, n, h: (n, j, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_triton_dkv_kernel, cfg=cfg, bq=bq, bk=bk, group=group, n_q_blocks=time // bq),
+      grid=(time // bk, batch, kv_heads),
+      in_specs=[group_seq, kv_block, kv_block, group_seq, group_stat, group_stat],
+      out_specs=[kv_block, kv_block],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_triton_params(b.dkv_warps, b.dkv_stages),
+      interpret=cfg.interpret, name="window_attention_dkv",
+  )(q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+# --- Mosaic (TPU): the band is a grid axis; accumulators live in VMEM scratch ----------------------
+# Layout [batch, heads, time, head_dim]. Query block = key block = ``blk``; query block i meets key
+# blocks i − (n_band − 1) … i. Per-row statistics follow the layouts Mosaic tiles natively (as jax's
+# own TPU flash / splash attention do): the forward keeps m, l and writes lse replicated over the
+# 128 lanes; the backward reads lse and Δ as rows replicated over 8 sublanes, ``[.., 8, time]``.
+_LANES, _SUBLANES = 128, 8
+
+
+def _vmem(shape):
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.VMEM(shape, jnp.float32)
+
+
+def _lanes(x, n: int):
+  """A lane-replicated ``[rows, 128]`` statistic as ``[rows, n]``."""
+  if n == _LANES:
+    return x
+  return jnp.tile(x, (1, n // _LANES)) if n % _LANES == 0 else jnp.broadcast_to(x[:, :1], (x.shape[0], n))
+
+
+def _mosaic_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg: _Flash, blk: int,
+                       n_band: int):
+  i, j = pl.program_id(2), pl.program_id(3)
+  kb = i - (n_band - 1) + j
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, _MASKED, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(kb >= 0)
+  def _accumulate():
+    v = v_ref[...]
+    s, c, _ = _logits(q_ref[...], k_ref[...], cfg, 1.0)
+    s = jnp.where(_band(s.shape, i * blk, kb * blk, cfg.window), s * c, -jnp.inf)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - _lanes(m_new, blk))
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = _lanes(alpha, acc_sc.shape[1]) * acc_sc[...] + _mm(p.astype(v.dtype), v)
+    m_sc[...] = m_new
+
+  @pl.when(j == n_band - 1)
+  def _finish():
+    l = l_sc[...]
+    o_ref[...] = (acc_sc[...] / _lanes(l, acc_sc.shape[1])).astype(o_ref.dtype)
+    lse_ref[...] = m_sc[...] + jnp.log(l)
+
+
+def _mosaic_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
+                       cfg: _Flash, blk: int, n_band: int, n_blocks: int, group: int):
+  # Keys-first tiles, as in the Triton kernel: lse and Δ are rows.
+  kb, step = pl.program_id(2), pl.program_id(3)
+  qb = kb + jax.lax.rem(step, _i32(n_band))
+
+  @pl.when(step == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+  @pl.when(qb < n_blocks)
+  def _accumulate():
+    q, do = q_ref[...], do_ref[...]
+    s, c, t = _logits(k_ref[...], q, cfg, 1.0)
+    s = jnp.where(_band(s.shape, qb * blk, kb * blk, cfg.window, keys_first=True), s * c, -jnp.inf)
+    p = jnp.exp(s - lse_ref[:1, :])
+    dv_sc[...] += _mm(p.astype(do.dtype), do)
+    ds = p * (_mm_nt(v_ref[...], do) - delta_ref[:1, :])
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    dk_sc[...] += _mm(ds.astype(q.dtype), q)
+
+  @pl.when(step == group * n_band - 1)
+  def _finish():
+    dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _mosaic_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, cfg: _Flash, blk: int,
+                      n_band: int):
+  i, j = pl.program_id(2), pl.program_id(3)
+  kb = i - (n_band - 1) + j
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+  @pl.when(kb >= 0)
+  def _accumulate():
+    k = k_ref[...]
+    s, c, t = _logits(q_ref[...], k, cfg, 1.0)
+    s = jnp.where(_band(s.shape, i * blk, kb * blk, cfg.window), s * c, -jnp.inf)
+    p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
+    ds = p * (_mm_nt(do_ref[...], v_ref[...]) - jnp.expand_dims(delta_ref[0], -1))
+    if t is not None:
+      ds = ds * (1.0 - t * t)
+    dq_sc[...] += _mm(ds.astype(k.dtype), k)
+
+  @pl.when(j == n_band - 1)
+  def _finish():
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _mosaic_band(cfg: _Flash, time: int):
+  blk = cfg.blocks.block
+  n_blocks = time // blk
+  return blk, n_blocks, min(n_blocks, -(-(cfg.window - 1) // blk) + 1)
+
+
+def _mosaic_query_side_specs(blk, dim, n_band, group):
+  """Specs over grid (batch, head, query block, band step): the query block's rows, its statistics
+  (``[.., 8, time]`` rows), and its band's key block."""
+  rows = pl.BlockSpec((None, None, blk, dim), lambda n, h, i, j: (n, h, i, 0))
+  stats = pl.BlockSpec((None, None, _SUBLANES, blk), lambda n, h, i, j: (n, h, 0, i))
+  # Steps before the sequence start clamp to block 0 (already resident: no copy) and are skipped.
+  keys = pl.BlockSpec((None, None, blk, dim),
+                      lambda n, h, i, j: (n, _div(h, group), jnp.maximum(i - (n_band - 1) + j, 0), 0))
+  return rows, stats, keys
+
+
+def _mosaic_forward(q, k, v, cfg: _Flash):
+  batch, heads, time, dim = q.shape
+  group = heads // k.shape[1]
+  blk, n_blocks, n_band = _mosaic_band(cfg, time)
+  rows, _, keys = _mosaic_query_side_specs(blk, dim, n_band, group)
+  o, lse = pl.pallas_call(
+      functools.partial(_mosaic_fwd_kernel, cfg=cfg, blk=blk, n_band=n_band),
+      grid=(batch, heads, n_blocks, n_band),
+      in_specs=[rows, keys, keys],
+      out_specs=[rows, pl.BlockSpec((None, None, blk, _LANES), lambda n, h, i, j: (n, h, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, time, _LANES), jnp.float32)],
+      scratch_shapes=[_vmem((blk, _LANES)), _vmem((blk, _LANES)), _vmem((blk, dim))],
+      compiler_params=_mosaic_params(4),
+      interpret=cfg.interpret, name="window_attention_fwd",
+  )(q, k, v)
+  return o, lse[..., 0]
+
+
+def _mosaic_backward(q, k, v, o, lse, do, cfg: _Flash):
+  batch, heads, time, dim = q.shape
+  kv_heads = k.shape[1]
+  group = heads // kv_heads
+  blk, n_blocks, n_band = _mosaic_band(cfg, time)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  lse, delta = (jnp.broadcast_to(x[:, :, None, :], (batch, heads, _SUBLANES, time)) for x in (lse, delta))
+
+  # dK, dV: grid (batch, kv head, key block, step); step runs over (query head of the group, query
+  # block kb … kb + n_band − 1), clamped at the end of the sequence and skipped there.
+  def query_block(n, h, kb, s):
+    return n, h * group + _div(s, n_band), jnp.minimum(kb + jax.lax.rem(s, _i32(n_band)), n_blocks - 1)
+  q_rows = pl.BlockSpec((None, None, blk, dim), lambda *g: (*query_block(*g), 0))
+  q_stats = pl.BlockSpec((None, None, _SUBLANES, blk), lambda *g: (*query_block(*g)[:2], 0, query_block(*g)[2]))
+  kv_rows = pl.BlockSpec((None, None, blk, dim), lambda n, h, kb, s: (n, h, kb, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_mosaic_dkv_kernel, cfg=cfg, blk=blk, n_band=n_band, n_blocks=n_blocks, group=group),
+      grid=(batch, kv_heads, n_blocks, group * n_band),
+      in_specs=[q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats],
+      out_specs=[kv_rows, kv_rows],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_shapes=[_vmem((blk, dim)), _vmem((blk, dim))],
+      compiler_params=_mosaic_params(4),
+      interpret=cfg.interpret, name="window_attention_dkv",
+  )(q, k, v, do, lse, delta)
+
+  rows, stats, keys = _mosaic_query_side_specs(blk, dim, n_band, group)
+  dq = pl.pallas_call(
+      functools.partial(_mosaic_dq_kernel, cfg=cfg, blk=blk, n_band=n_band),
+      grid=(batch, heads, n_blocks, n_band),
+      in_specs=[rows, keys, keys, rows, stats, stats],
+      out_specs=rows,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_shapes=[_vmem((blk, dim))],
+      compiler_params=_mosaic_params(4),
+      interpret=cfg.interpret, name="window_attention_dq",
+  )(q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+# --- the differentiable core: inputs already padded and laid out for the target -------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, cfg: _Flash):
+  return _flash_fwd(q, k, v, cfg)[0]
+
+
+def _flash_fwd(q, k, v, cfg: _Flash):
+  o, lse = (_triton_forward if cfg.target == "triton" else _mosaic_forward)(q, k, v, cfg)
+  return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(cfg: _Flash, residuals, do):
+  return (_triton_backward if cfg.target == "triton" else _mosaic_backward)(*residuals, do, cfg)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _halved(b: PallasBlocks) -> PallasBlocks:
+  """Tiles for rows twice as wide (in bytes): half of each tile, fewer pipeline stages."""
+  half = lambda n: max(16, n // 2)
+  return dataclasses.replace(
+      b, fwd_q=half(b.fwd_q), fwd_k=half(b.fwd_k), dkv_q=half(b.dkv_q), dkv_k=half(b.dkv_k), dq_q=half(b.dq_q),
+      dq_k=half(b.dq_k), fwd_warps=4, dkv_warps=4, dq_warps=4, fwd_stages=2, dkv_stages=2, dq_stages=2)
+
+
+def _pallas_target(target: str | None, interpret: bool) -> str:
+  if target is not None:
+    if target not in ("triton", "mosaic"):
+      raise ValueError(f"window_attention: pallas_target must be 'triton' or 'mosaic', got {target!r}")
+    return target
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "mosaic"
+  if backend == "gpu" or interpret:
+    return "triton"
+  raise ValueError(f"window_attention: impl='pallas' needs a GPU or TPU (backend is {backend!r}); "
+                   "pass interpret=True to run the kernel in the Pallas interpreter")
+
+
+def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float | None = None,
+                           interpret: bool = False, target: PallasTarget | None = None,
+                           blocks: PallasBlocks | None = None):
+  """The Pallas path of :func:`window_attention` (same arguments and result)."""
+  _check(q, k, v, window)
+  target = _pallas_target(target, interpret)
+  batch, time, heads, dim = q.shape
+  if blocks is None:
+    blocks = PallasBlocks()
+    if target == "triton":
+      width = q.dtype.itemsize * _next_pow2(dim) // 256  # row bytes relative to bf16 × 128
+      for _ in range((width - 1).bit_length() if width > 1 else 0):
+        blocks = _halved(blocks)
+  if target == "triton":
+    # Triton tiles are powers of two (dot operands ≥ 16); short sequences shrink the tiles.
+    cap = max(16, _next_pow2(time))
+    blocks = dataclasses.replace(blocks, **{f: min(getattr(blocks, f), cap)
+                                            for f in ("fwd_q", "fwd_k", "dkv_q", "dkv_k", "dq_q", "dq_k")})
+    padded = _round_up(time, max(blocks.fwd_q, blocks.fwd_k, blocks.dkv_q, blocks.dkv_k, blocks.dq_q, blocks.dq_k))
+    pad_dim = max(16, _next_pow2(dim)) - dim  # zero features change no score and give zero outputs
+  else:
+    blocks = dataclasses.replace(blocks, block=min(blocks.block, _round_up(time, 8)))
+    padded, pad_dim = _round_up(time, blocks.block), 0
+  cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
+               scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret)
+  widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))
+  q, k, v = (jnp.pad(x, widths) if padded > time or pad_dim else x for x in (q, k, v))
+  if target == "mosaic":
+    q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
+    return rearrange(_flash(q, k, v, cfg), "b h t d -> b t h d")[:, :time]
+  return _flash(q, k, v, cfg)[:, :time, :, :dim]
+
+
+# ------------------------------------------------------------------------------------------------
+# cuDNN (impl="cudnn")
+
+
+def _cudnn_problem(q, softcap) -> str | None:
+  """Why cuDNN's fused attention cannot run this call (None: it can)."""
+  if jax.default_backend() != "gpu" or "rocm" in str(getattr(jax.devices()[0].client, "platform_version", "")).lower():
+    return f"needs an NVIDIA GPU (backend is {jax.default_backend()!r})"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"needs bfloat16 or float16 inputs, got {q.dtype}"
+  if softcap is not None:
+    return "has no logit soft-cap"
+  if q.shape[-1] % 8 or q.shape[-1] > 128:
+    return f"needs head_dim a multiple of 8 and ≤ 128, got {q.shape[-1]}"
+  return None
+
+
+def _cudnn_attention(q, k, v, window: int | None, softcap):
+  problem = _cudnn_problem(q, softcap)
+  if problem:
+    raise ValueError(f"window_attention: impl='cudnn' {problem}; use impl='pallas' or 'auto'")
+  local = None if window is None or window >= q.shape[1] else (window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
+
+
+def _auto_impl(q, softcap) -> str:
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return "pallas" if _cudnn_problem(q, softcap) else "cudnn"
+  return "pallas" if backend == "tpu" else "xla"
+
+
 def window_attention(q, k, v, *, window: int | None = None, softcap: float | None = None,
-                     impl: Impl = "auto", block_size: int | None = None):
+                     impl: Impl = "auto", block_size: int | None = None, interpret: bool = False,
+                     pallas_target: PallasTarget | None = None, pallas_blocks: PallasBlocks | None = None):
   """Causal attention restricted to the last ``window`` positions (``None``: global).
 
   Args:
     q: ``[batch, time, heads, head_dim]``; k, v: ``[batch, time, kv_heads, head_dim]``.
     window: band width W ≥ 1 (position t reads t−W+1 … t) or None for global causal attention.
     softcap: optional logit soft-cap.
-    impl: ``"reference"`` (dense mask), ``"xla"`` (blocked band, O(T·W)) or ``"auto"``.
-    block_size: query/key block of the banded path (default: ``min(window, 128)``).
+    impl: ``"reference"`` (dense mask), ``"xla"`` (blocked band, O(T·W)), ``"pallas"`` (flash
+      attention kernel), ``"cudnn"`` (NVIDIA's, via ``jax.nn.dot_product_attention``) or ``"auto"``
+      (cuDNN → Pallas on GPU, Pallas on TPU, xla on CPU; see the module docstring).
+    block_size: query/key block of the banded ``"xla"`` path (default: ``min(window, 128)``).
+    interpret: run the Pallas kernel in the interpreter (CPU tests).
+    pallas_target: ``"triton"`` or ``"mosaic"`` lowering (default: by platform; Triton when interpreting).
+    pallas_blocks: tile sizes of the Pallas kernel (default :class:`PallasBlocks`).
   Returns:
     ``[batch, time, heads, head_dim]`` in ``q.dtype``.
   """
   _check(q, k, v, window)
   if impl not in IMPLS:
     raise ValueError(f"window_attention: unknown impl {impl!r}; valid: {IMPLS}")
+  if impl == "auto":
+    impl = _auto_impl(q, softcap)
+  if impl == "cudnn":
+    return _cudnn_attention(q, k, v, window, softcap)
+  if impl == "pallas":
+    return flash_window_attention(q, k, v, window=window, softcap=softcap, interpret=interpret,
+                                  target=pallas_target, blocks=pallas_blocks)
   time = q.shape[1]
   if impl == "reference" or window is None or window >= time:
     # Global causal attention has no band to exploit; the dense form is the O(T²) it must be.

@@ -35,3 +35,13 @@ def test_size_preset_through_resolve_and_bad_size():
   assert config.model.d_model == 128 and config.model.n_layers == 4
   with pytest.raises(ConfigError, match="model.size='2m'; valid: 1m, 5m"):
     resolve(get_config(QUICKSTART + ":rglru", {"model.size": "2m"}))
+
+
+def test_count_from_one_period_equals_the_full_build():
+  from flax import nnx
+
+  from hybrids.model import HybridLM, count_params
+  c = model_config()
+  c.pattern, c.n_layers, c.moe_every, c.vocab_size = ("rglru", "rglru", "swa"), 7, 2, 256
+  full = count_params(nnx.eval_shape(lambda: HybridLM(c, rngs=nnx.Rngs(params=0))))["non_embedding_params"]
+  assert non_embedding_params(c) == full
