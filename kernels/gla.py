@@ -40,8 +40,8 @@ Implementations:
   carried stabiliser; subtracting it keeps every exponent ≤ 0. The chunk scan carries ``(S, m)``,
   each chunk's contribution scaled by its own local maximum ``g = max_s(b_C − b_s + ĩ_s)``.
 - ``"pallas"``: the chunked form as Pallas kernels (Triton on GPU, Mosaic on TPU) with a
-  ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. With
-  ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
+  ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
+  −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
 - ``"auto"``: ``"xla"`` (the Pallas kernel is chosen explicitly until it is measured faster on a
   platform; see ``kernels/bench_gla.py``).
 """
@@ -282,14 +282,25 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 #
 # Chunks of C tokens (``PallasConfig.chunk``), each split into sub-chunks of 16 rows. Within a
 # sub-chunk, β_t = Σ_{m≤t} log α_m is the inclusive cumulative log-decay (per key dim, f32) and
-# λ = β_15 its total. The factorised tensor-core form needs q̂ = q ⊙ e^{β} and k̂ = k ⊙ e^{λ−β}: both
-# exponents are ≤ 0, so they never overflow however strong the decay (an underflow to 0 is a true
-# weight below 1e-38). Across sub-chunks the state carries everything, so no factor e^{−β} (which
-# overflows for log α ≈ −20 within a few steps) is ever formed. Only the 16 × 16 diagonal blocks of
-# the intra-sub-chunk scores A_ts = Σ_d q_td k_sd e^{β_td − β_sd} (s ≤ t) need the decay per pair;
-# they are built exactly on CUDA cores / the VPU by a 16-step recurrence over t that carries
-# H(s, d) = k_sd e^{β_td − β_sd} and multiplies the rows s < t by α_t at each step (no exp at all,
-# no overflow: every entry used is a product of decays ≤ 1). Without decay they are plain dots.
+# λ = β_15 its total. Across sub-chunks a state carries everything: it is read with q ⊙ e^{β} and
+# updated with k ⊙ e^{λ−β}, exponents ≤ 0 that never overflow however strong the decay (an
+# underflow to 0 is a true weight below 1e-38); no factor e^{−β}, which overflows within a few
+# steps of log α ≈ −20, is ever formed.
+#
+# Exponents. The intra-sub-chunk scores A_ts = Σ_d q_td k_sd e^{β_td − β_sd} (s ≤ t) carry a decay
+# per pair and key dim. They are the dots (q ⊙ e^{β−μ})(k ⊙ e^{μ−β})ᵀ, exact but only safe while
+# |β − μ| stays below ~88 (f32 and bf16 share that exponent range). So each log α
+# is capped at MIN_LOG_DECAY = −20 (a decay below e^{−20} ≈ 2·10⁻⁹ lets through less than 2e-9 of
+# the state, and its gradient is set to 0), and the 16 rows are split in halves of 8 with μ the
+# middle of each half (between rows 3–4 and 11–12), so every exponent is within ±3.5·20 = 70:
+# pairs in the same half use their half's μ; the 8 × 8 cross block (t in rows 8–15, s in rows 0–7)
+# uses μ = β_7, which makes both of its exponents ≤ 0. Products for masked pairs (s > t) may
+# overflow; they are discarded by a select. These small dots (16 × 16 × d) take f32 operands at IEEE
+# precision even for bf16 inputs: their factors span e^{±70}, and in bf16 the d log α identity below
+# amplified their rounding to a 1.4e-2 error (2.4e-3 in f32). Without decay they are plain dots.
+# (An earlier version built the diagonal blocks by an exact 16-step recurrence on CUDA cores, with
+# no cap; on an H100 at B4 T8192 H16 d128 it was latency-bound on its dependent row loads: 4.1 ms
+# for the output kernel and 14.7 ms for dq/dk.)
 #
 # States are stored transposed, Sᵀ: [d_v, d_k], so every decay acts along the last (lane) axis.
 # Forward, two kernels:
@@ -317,12 +328,14 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 # at IEEE precision, 16-bit ones on tensor cores with f32 accumulation. Mosaic (TPU): arrays are moved
 # to [batch, heads, time, dim] so blocks are (chunk, dim) tiles; the chunk is a grid axis (sequential
 # "arbitrary" for the state kernels, whose carry is the resident final-state block); cumulative sums
-# are a lower-triangular f32 matmul (Mosaic has no scan) and rows are read by a masked reduction.
+# are a lower-triangular f32 matmul (Mosaic has no scan). Rows of a tile are read by a masked
+# reduction on both.
 # Time is zero-padded to a multiple of the chunk (k = v = q = 0, log α = 0 change nothing).
 # ----------------------------------------------------------------------------------------------------
 
 PallasTarget = Literal["triton", "mosaic"]
 _SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
+MIN_LOG_DECAY = -20.0  # the Pallas kernels treat log α < −20 as −20 (see the section comment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,20 +344,21 @@ class PallasConfig:
 
   ``chunk``: tokens per stored state (a multiple of 16, a power of two on GPU); ``*_block``: the
   d_k / d_v tile of each kernel (powers of two); ``*_warps`` / ``*_stages``: Triton launch values;
-  ``unroll``: unroll the 16-step recurrences of the diagonal blocks (else a loop).
+  ``unroll``: unroll the loop over the sub-chunks of a chunk (else a fori_loop; the dq/dk kernel
+  always unrolls it: its reverse pass reuses every sub-chunk's q ⊙ dq).
   """
   chunk: int = 64
   states_block: int = 64
   states_warps: int = 4
   states_stages: int = 2
-  out_block: int = 64
-  out_warps: int = 4
+  out_block: int = 128  # 128 / 8 warps: 2.2x faster than 64 / 4 on an H100 (the earlier version)
+  out_warps: int = 8
   dqk_block: int = 64
   dqk_warps: int = 4
-  dv_block: int = 64
-  dv_warps: int = 4
+  dv_block: int = 128
+  dv_warps: int = 8
   stages: int = 1
-  unroll: bool = True  # the 16-step diagonal recurrences: unrolled (static rows) or a fori_loop
+  unroll: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,9 +401,11 @@ def _iota(shape, dim):
   return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _dot(plan: _Plan, a, b, ca: int, cb: int):
-  """Contract dim ``ca`` of 2-D ``a`` with dim ``cb`` of ``b``; f32 accumulation."""
-  dtype = jnp.dtype(plan.dot_dtype)
+def _dot(plan: _Plan, a, b, ca: int, cb: int, *, exact: bool = False):
+  """Contract dim ``ca`` of 2-D ``a`` with dim ``cb`` of ``b``; f32 accumulation. ``exact``: f32
+  operands at IEEE precision whatever the inputs (the 16 × 16 diagonal blocks, whose factors span
+  e^{±70} and whose rounding the d log α identity Σ(q ⊙ dq − k ⊙ dk) would amplify)."""
+  dtype = jnp.dtype(_F32 if exact else plan.dot_dtype)
   precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
   return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((ca,), (cb,)), ((), ())),
                              precision=precision, preferred_element_type=_F32)
@@ -405,23 +421,31 @@ def _cumsum(plan: _Plan, x):
                              preferred_element_type=_F32)
 
 
-def _last_row(x):
-  return jnp.sum(jnp.where(_iota(x.shape, 0) == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
-
-
-def _row(plan: _Plan, ref, tile, start: int, t):
-  """Row ``t`` (static or traced) of ``tile`` (= ``ref`` rows start … start+15) as ``[1, dim]`` f32."""
-  if plan.target == "triton":  # a row load (from L1) is cheaper than a cross-thread reduction
-    return _f32(ref[pl.ds(start + t, 1), :])
-  return jnp.sum(jnp.where(_iota(tile.shape, 0) == t, tile, 0.0), axis=0, keepdims=True)
+def _rows_at(x, *rows):
+  """Sum of the given rows of ``x`` as ``[1, dim]`` (a masked reduction: rows of a register tile
+  cannot be indexed on GPU)."""
+  r = _iota(x.shape, 0)
+  mask = functools.reduce(jnp.logical_or, [r == i for i in rows])
+  return jnp.sum(jnp.where(mask, x, 0.0), axis=0, keepdims=True)
 
 
 @dataclasses.dataclass
 class _Sub:
-  """Decay factors of one sub-chunk (all exponents ≤ 0); None without decay."""
-  eb: jax.Array | None    # e^{β}       [16, d]: from the sub-chunk's entering state to row t
-  ek: jax.Array | None    # e^{λ − β}   [16, d]: from row s to the sub-chunk's end
-  elam: jax.Array | None  # e^{λ}       [1, d]:  across the whole sub-chunk
+  """Decay factors of one sub-chunk of 16 rows (all None without decay).
+
+  Across sub-chunks (exponents ≤ 0): ``eb = e^{β}`` (entering state → row t), ``ek = e^{λ−β}`` (row s
+  → the sub-chunk's end), ``elam = e^{λ}``. Diagonal block (see the section comment): ``fq = e^{β−μ}``,
+  ``fk = e^{μ−β}`` with μ the middle of the row's half (|exponent| ≤ 3.5·20 = 70), and for the
+  cross pairs (t in rows 8–15, s in rows 0–7) ``cq = e^{β−β_7}`` on rows 8–15 and ``ck = e^{β_7−β}``
+  on rows 0–7 (0 elsewhere; exponents ≤ 0).
+  """
+  eb: jax.Array | None = None
+  ek: jax.Array | None = None
+  elam: jax.Array | None = None
+  fq: jax.Array | None = None
+  fk: jax.Array | None = None
+  cq: jax.Array | None = None
+  ck: jax.Array | None = None
 
   def q(self, q):
     return q if self.eb is None else q * self.eb
@@ -433,12 +457,25 @@ class _Sub:
     return state if self.elam is None else state * self.elam
 
 
+def _clamp(g):
+  # Decays below e^{-20} ≈ 2·10⁻⁹ per step count as e^{-20}: what they let through is below 2e-9 of
+  # the state, and the bound keeps every factor of the diagonal blocks within e^{±70}.
+  return jnp.maximum(g, MIN_LOG_DECAY)
+
+
 def _sub(plan: _Plan, g) -> _Sub:
   if g is None:
-    return _Sub(None, None, None)
-  beta = _cumsum(plan, g)
-  lam = _last_row(beta)
-  return _Sub(jnp.exp(beta), jnp.exp(lam - beta), jnp.exp(lam))
+    return _Sub()
+  beta = _cumsum(plan, _clamp(g))
+  lam = _rows_at(beta, _SUB - 1)
+  low = _iota(beta.shape, 0) < _SUB // 2  # rows 0–7
+  mid = jnp.where(low, 0.5 * _rows_at(beta, 3, 4), 0.5 * _rows_at(beta, 11, 12))  # μ of the row's half
+  fq, fk = jnp.exp(beta - mid), jnp.exp(mid - beta)
+  split = _rows_at(beta, _SUB // 2 - 1)  # β_7
+  # e^{β} = e^{β−μ}·e^{μ} and e^{λ−β} = e^{μ−β}·e^{λ−μ}: factors ≤ e^{70} times row factors ≤ 1.
+  return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), elam=jnp.exp(lam), fq=fq, fk=fk,
+              cq=jnp.where(low, 0.0, jnp.exp(jnp.minimum(beta - split, 0.0))),
+              ck=jnp.where(low, jnp.exp(jnp.minimum(split - beta, 0.0)), 0.0))
 
 
 def _causal_t(n=_SUB):
@@ -446,71 +483,56 @@ def _causal_t(n=_SUB):
   return _iota((n, n), 0) <= _iota((n, n), 1)
 
 
-def _steps(plan: _Plan, body, carry, *, reverse: bool = False):
-  """``carry = body(t, carry)`` for t = 0 … 15 (or 15 … 0): unrolled, or a fori_loop."""
-  order = range(_SUB - 1, -1, -1) if reverse else range(_SUB)
-  if plan.cfg.unroll:
-    for t in order:
-      carry = body(t, carry)
+def _pair_masks():
+  """[s, t] masks of the diagonal block: same half with s ≤ t; t in rows 8–15 with s in rows 0–7."""
+  s, t = _iota((_SUB, _SUB), 0), _iota((_SUB, _SUB), 1)
+  hs, ht = s >= _SUB // 2, t >= _SUB // 2
+  return (hs == ht) & (s <= t), ht & jnp.logical_not(hs)
+
+
+def _start(j):
+  """First row of sub-chunk ``j`` (static, or traced with its alignment stated for Mosaic)."""
+  return j * _SUB if isinstance(j, int) else pl.multiple_of(j * _SUB, _SUB)
+
+
+def _sub_chunks(plan: _Plan, n: int, body, carry, *, reverse: bool = False):
+  """``carry = body(j, carry)`` over the sub-chunks of a chunk (the last update is unused)."""
+  order = range(n - 1, -1, -1) if reverse else range(n)
+  if plan.cfg.unroll or n == 1:
+    for j in order:
+      carry = body(j, carry)
     return carry
-  flip = (lambda i: _SUB - 1 - i) if reverse else (lambda i: i)
-  return jax.lax.fori_loop(0, _SUB, lambda i, c: body(flip(i), c), carry)
+  flip = (lambda i: n - 1 - i) if reverse else (lambda i: i)
+  return jax.lax.fori_loop(0, n, lambda i, c: body(flip(i), c), carry)
 
 
-def _diag_scores_t(plan: _Plan, q_ref, g_ref, q, k, g, start: int):
+def _diag_scores_t(plan: _Plan, sub: _Sub, q, k):
   """``AT[s, t] = A_ts = Σ_d q_td k_sd e^{β_td − β_sd}`` for s ≤ t in one sub-chunk (0 for s > t)."""
-  if g is None:
-    return jnp.where(_causal_t(), _dot(plan, k, q, 1, 1), 0.0)
-  rows, cols = _iota(k.shape, 0), _iota((_SUB, _SUB), 1)
-
-  def step(t, carry):
-    h, at = carry
-    # H(s) = k_s e^{β_t − β_s}: rows s < t take one more step of decay (at t = 0 none does)
-    if not isinstance(t, int) or t:
-      h = jnp.where(rows < t, h * jnp.exp(_row(plan, g_ref, g, start, t)), h)
-    col = jnp.sum(h * _row(plan, q_ref, q, start, t), axis=1, keepdims=True)  # [16 (s), 1]
-    return h, jnp.where(cols == t, col, at)
-
-  _, at = _steps(plan, step, (k, jnp.zeros((_SUB, _SUB), _F32)))
-  return jnp.where(_causal_t(), at, 0.0)
+  if sub.fq is None:
+    return jnp.where(_causal_t(), _dot(plan, k, q, 1, 1, exact=True), 0.0)
+  same, cross = _pair_masks()
+  # Entries outside a mask may overflow to ±inf or NaN; `where` drops them (a select, not a product).
+  within = _dot(plan, k * sub.fk, q * sub.fq, 1, 1, exact=True)
+  across = _dot(plan, k * sub.ck, q * sub.cq, 1, 1, exact=True)
+  return jnp.where(same, within, jnp.where(cross, across, 0.0))
 
 
-def _dq_intra(plan: _Plan, mt, k, g_ref, g, start: int):
+def _dq_intra(plan: _Plan, sub: _Sub, mt, k):
   """``dq_t = Σ_{s≤t} MT[s, t] k_s e^{β_t − β_s}`` with ``MT[s, t] = v_s · dO_t``."""
-  mt = jnp.where(_causal_t(), mt, 0.0)
-  if g is None:
-    return _dot(plan, mt, k, 0, 0)
-  rows, cols = _iota(k.shape, 0), _iota((_SUB, _SUB), 1)
-
-  def step(t, carry):
-    h, dq = carry
-    if not isinstance(t, int) or t:
-      h = jnp.where(rows < t, h * jnp.exp(_row(plan, g_ref, g, start, t)), h)
-    m = jnp.sum(jnp.where(cols == t, mt, 0.0), axis=1, keepdims=True)  # MT[:, t], [16 (s), 1]
-    return h, jnp.where(rows == t, jnp.sum(m * h, axis=0, keepdims=True), dq)
-
-  return _steps(plan, step, (k, jnp.zeros(k.shape, _F32)))[1]
+  if sub.fq is None:
+    return _dot(plan, jnp.where(_causal_t(), mt, 0.0), k, 0, 0, exact=True)
+  same, cross = _pair_masks()  # masking MT first keeps the products finite
+  return (sub.fq * _dot(plan, jnp.where(same, mt, 0.0), k * sub.fk, 0, 0, exact=True)
+          + sub.cq * _dot(plan, jnp.where(cross, mt, 0.0), k * sub.ck, 0, 0, exact=True))
 
 
-def _dk_intra(plan: _Plan, nm, q, g_ref, g, start: int):
-  """``dk_t = Σ_{u≥t} N[u, t] q_u e^{β_u − β_t}`` with ``N[u, t] = dO_u · v_t``."""
-  nm = jnp.where(_iota((_SUB, _SUB), 0) >= _iota((_SUB, _SUB), 1), nm, 0.0)
-  if g is None:
-    return _dot(plan, nm, q, 0, 0)
-  rows, cols = _iota(q.shape, 0), _iota((_SUB, _SUB), 1)
-
-  def step(t, carry):
-    r, dk = carry
-    # R(u) = q_u e^{β_u − β_t}: rows u > t take the decay of step t + 1 (at t = 15 none does; in
-    # the loop form the clamped row read there multiplies no row)
-    if not isinstance(t, int):
-      r = jnp.where(rows > t, r * jnp.exp(_row(plan, g_ref, g, start, jnp.minimum(t + 1, _SUB - 1))), r)
-    elif t + 1 < _SUB:
-      r = jnp.where(rows > t, r * jnp.exp(_row(plan, g_ref, g, start, t + 1)), r)
-    c = jnp.sum(jnp.where(cols == t, nm, 0.0), axis=1, keepdims=True)  # N[:, t], [16 (u), 1]
-    return r, jnp.where(rows == t, jnp.sum(c * r, axis=0, keepdims=True), dk)
-
-  return _steps(plan, step, (q, jnp.zeros(q.shape, _F32)), reverse=True)[1]
+def _dk_intra(plan: _Plan, sub: _Sub, mt, q):
+  """``dk_s = Σ_{t≥s} MT[s, t] q_t e^{β_t − β_s}``."""
+  if sub.fq is None:
+    return _dot(plan, jnp.where(_causal_t(), mt, 0.0), q, 1, 0, exact=True)
+  same, cross = _pair_masks()
+  return (sub.fk * _dot(plan, jnp.where(same, mt, 0.0), q * sub.fq, 1, 0, exact=True)
+          + sub.ck * _dot(plan, jnp.where(cross, mt, 0.0), q * sub.cq, 1, 0, exact=True))
 
 
 def _split(refs, decay: bool, n_before_g: int):
@@ -536,8 +558,8 @@ def _states_step(plan: _Plan, state, x, g, y, reverse: bool):
   """
   if g is None:
     return state + _dot(plan, y, x, 0, 0)
-  b = _cumsum(plan, g)
-  b_last = _last_row(b)
+  b = _cumsum(plan, _clamp(g))
+  b_last = _rows_at(b, b.shape[0] - 1)
   weight = jnp.exp(b) if reverse else jnp.exp(b_last - b)
   return state * jnp.exp(b_last) + _dot(plan, y, x * weight, 0, 0)
 
@@ -573,18 +595,19 @@ def _states_kernel_mosaic(*refs, plan: _Plan, reverse: bool):
 def _output_kernel(*refs, plan: _Plan):
   # q, k, g: [chunk, d_k]; v, o: [chunk, bv]; st: Sᵀ entering the chunk [bv, d_k]; at: [chunk, 16]
   q_ref, k_ref, g_ref, v_ref, st_ref, o_ref, at_ref = _split(refs, plan.decay, 2)
-  state = _f32(st_ref[...])
-  n_sub = q_ref.shape[0] // _SUB
-  for j in range(n_sub):
-    rows = pl.ds(j * _SUB, _SUB)
+
+  def sub_chunk(j, state):
+    start = _start(j)
+    rows = pl.ds(start, _SUB)
     q, k, g, v = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), v_ref[rows, :]
     sub = _sub(plan, g)
-    at = _diag_scores_t(plan, q_ref, g_ref, q, k, g, j * _SUB)
-    o = _dot(plan, sub.q(q), state, 1, 1) + _dot(plan, at, v, 0, 0)
+    at = _diag_scores_t(plan, sub, q, k)
+    o = _dot(plan, sub.q(q), state, 1, 1) + _dot(plan, at, v, 0, 0, exact=True)
     o_ref[rows, :] = o.astype(o_ref.dtype)
     at_ref[rows, :] = at
-    if j + 1 < n_sub:
-      state = sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
+    return sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
+
+  _sub_chunks(plan, q_ref.shape[0] // _SUB, sub_chunk, _f32(st_ref[...]))
 
 
 def _dqk_kernel(*refs, plan: _Plan):
@@ -601,7 +624,7 @@ def _dqk_kernel(*refs, plan: _Plan):
     v, do = v_ref[rows, :], do_ref[rows, :]
     sub = _sub(plan, g)
     dq = sub.q(_dot(plan, do, state, 1, 0))
-    dq = dq + _dq_intra(plan, _dot(plan, v, do, 1, 1), k, g_ref, g, j * _SUB)
+    dq = dq + _dq_intra(plan, sub, _dot(plan, v, do, 1, 1), k)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     q_dq.append(q * dq)
     state = sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
@@ -614,12 +637,13 @@ def _dqk_kernel(*refs, plan: _Plan):
     v, do = v_ref[rows, :], do_ref[rows, :]
     sub = _sub(plan, g)
     dk = sub.k(_dot(plan, v, e, 1, 0))
-    dk = dk + _dk_intra(plan, _dot(plan, do, v, 1, 1), q, g_ref, g, j * _SUB)
+    dk = dk + _dk_intra(plan, sub, _dot(plan, v, do, 1, 1), q)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     if dg_ref is not None:
       db = q_dq[j] - k * dk
       total = jnp.sum(db, axis=0, keepdims=True)
-      dg_ref[rows, :] = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
+      dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
+      dg_ref[rows, :] = jnp.where(g >= MIN_LOG_DECAY, dg, 0.0)  # clamped decays have no gradient
       carry = carry + total
     e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
 
@@ -627,16 +651,16 @@ def _dqk_kernel(*refs, plan: _Plan):
 def _dv_kernel(*refs, plan: _Plan):
   # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; at: [chunk, 16]; e (Eᵀ leaving the chunk): [bv, d_k]
   q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref = _split(refs, plan.decay, 2)
-  e = _f32(e_ref[...])
-  n_sub = q_ref.shape[0] // _SUB
-  for j in reversed(range(n_sub)):
-    rows = pl.ds(j * _SUB, _SUB)
+
+  def sub_chunk(j, e):
+    rows = pl.ds(_start(j), _SUB)
     q, k, g, do = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), do_ref[rows, :]
     sub = _sub(plan, g)
-    dv = _dot(plan, at_ref[rows, :], do, 1, 0) + _dot(plan, sub.k(k), e, 1, 1)
+    dv = _dot(plan, at_ref[rows, :], do, 1, 0, exact=True) + _dot(plan, sub.k(k), e, 1, 1)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    if j:
-      e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
+    return sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
+
+  _sub_chunks(plan, q_ref.shape[0] // _SUB, sub_chunk, _f32(e_ref[...]), reverse=True)
 
 
 # --- pallas_calls --------------------------------------------------------------------------------------

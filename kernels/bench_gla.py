@@ -1,0 +1,259 @@
+"""Gated linear attention (``kernels/gla.py``): our Pallas kernels and XLA chunked form vs fla's Triton.
+
+    python -m kernels.bench --kernels gla            # B4 T8192 H16 d_k = d_v = 128, bf16, per-key-dim decay
+    python -m kernels.bench --kernels gla --quick    # a tiny shape (on CPU the Pallas kernels interpret)
+    python -c "from kernels.bench_gla import tune; tune()"   # Pallas tilings, time per kernel
+
+Inputs (the GLA paper's regime): q ~ N(0, 1/d_k), k, v ~ N(0, 1), log-decay per key dim
+``log σ(x) / 16`` with x ~ N(0, 1) (GLA's temperature τ = 16: decays ≈ 0.95 – 1, long memory), all
+bf16; fwd+bwd is the vjp wrt q, k, v and the log-decay for a random cotangent. Peer: fla
+(flash-linear-attention) ``chunk_gla(q, k, v, g, scale=1.0)`` on the same ``[B, T, H, D]`` tensors.
+
+Every implementation is checked before it is timed, on the very program that is timed (full
+shape): its output and each gradient for batch 0, heads 0–1 (all 8192 tokens) against the
+token-by-token recurrence in f32 (``impl="reference"``, ``highest`` matmul precision) on that slice,
+where the reference's saved per-step states fit in memory. Progress is logged with timestamps.
+
+Floors. Bytes: forward reads q, k, v, g and writes o (5 arrays); fwd+bwd adds dO read and dq, dk,
+dv, dg written and q, k, v, g read again (14 arrays). FLOPs of the chunked form with chunks of 64:
+per token and head 4·d_k·d_v (reading and updating the state) + 64·(d_k + d_v) (the causal half of
+the intra-chunk products); the backward counts twice the forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time as _time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.bench import Context, check
+from kernels.gla import PallasConfig, gla
+
+FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
+QUICK = (1, 64, 2, 32, 32)
+TOL = 2e-2  # bf16 inputs against an f32 reference
+N_SETS = 3
+XLA_CHUNK = 16  # the mixers' default chunk_size
+
+
+def _label(batch, time, heads, dk, dv):
+  return f"B{batch} T{time} H{heads} Dk{dk} Dv{dv} bf16 per-dim decay"
+
+
+def _inputs(seed, batch, time, heads, dk, dv):
+  kq, kk, kv, kg, kd = jax.random.split(jax.random.key(seed), 5)
+  bf = jnp.bfloat16
+  q = (jax.random.normal(kq, (batch, time, heads, dk)) * dk ** -0.5).astype(bf)
+  k = jax.random.normal(kk, (batch, time, heads, dk)).astype(bf)
+  v = jax.random.normal(kv, (batch, time, heads, dv)).astype(bf)
+  g = (jax.nn.log_sigmoid(jax.random.normal(kg, (batch, time, heads, dk))) / 16).astype(bf)
+  do = jax.random.normal(kd, (batch, time, heads, dv)).astype(bf)
+  return q, k, v, g, do
+
+
+def _fns(**kwargs):
+  """jit(q, k, v, g) → o; jit(q, k, v, g, do) → (dq, dk, dv, dg); jit(…, do) → (o, grads)."""
+  f = lambda q, k, v, g: gla(q, k, v, g, **kwargs)[0]
+
+  def both(q, k, v, g, do):
+    o, vjp = jax.vjp(f, q, k, v, g)
+    return o, vjp(do.astype(o.dtype))
+
+  return jax.jit(f), jax.jit(lambda *a: both(*a)[1]), jax.jit(both)
+
+
+def _check_all(name, ours, ref, tol=TOL):
+  """Output and each gradient separately (one norm over all would hide a bad small one)."""
+  (o, grads), (o_ref, grads_ref) = ours, ref
+  errs = [check(f"{name} out", o, o_ref, tol)]
+  errs += [check(f"{name} d{x}", g, g_ref, tol) for x, g, g_ref in zip(("q", "k", "v", "g"), grads, grads_ref)]
+  return max(errs)
+
+
+def _part(tree):
+  """The slice the reference computes: batch 0, heads 0–1, every token."""
+  return jax.tree.map(lambda x: x[:1, :, :2], tree)
+
+
+def _reference(args):
+  f32 = [x.astype(jnp.float32) for x in args]
+  with jax.default_matmul_precision("highest"):
+    return _fns(impl="reference")[2](*f32)
+
+
+_T0 = _time.time()
+
+
+def _log(msg):
+  print(f"[bench_gla {_time.time() - _T0:6.1f} s] {msg}", flush=True)
+
+
+def _fla(ctx, sets, ref):
+  """fla chunk_gla: (timings dict, None) or (None, why not)."""
+  try:
+    import torch
+    from fla.ops.gla import chunk_gla
+    if ctx.platform != "gpu" or not torch.cuda.is_available():
+      return None, "needs a CUDA GPU"
+  except Exception as e:  # the peer is optional: report why it was not measured
+    return None, f"not measured: {type(e).__name__}: {e}"
+
+  def to_torch(x):
+    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", torch.bfloat16)
+
+  tsets = [tuple(to_torch(x) for x in s) for s in sets]
+  leaves = [x.clone().requires_grad_() for x in tsets[0][:4]]
+  o, _ = chunk_gla(*leaves, scale=1.0)
+  o.backward(tsets[0][4])
+  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
+  err = _check_all("fla chunk_gla", (back(o), tuple(back(x.grad) for x in leaves)), ref)
+  _log(f"fla chunk_gla: checked (rel err {err:.2e})")
+  state = {"i": 0}
+
+  def fwd():
+    q, k, v, g, _ = tsets[state["i"] % len(tsets)]
+    state["i"] += 1
+    with torch.no_grad():
+      chunk_gla(q, k, v, g, scale=1.0)
+
+  leaves = [tuple(x.clone().requires_grad_() for x in s[:4]) + (s[4],) for s in tsets]
+
+  def fwdbwd():
+    q, k, v, g, do = leaves[state["i"] % len(leaves)]
+    state["i"] += 1
+    for x in (q, k, v, g):
+      x.grad = None
+    o, _ = chunk_gla(q, k, v, g, scale=1.0)
+    o.backward(do)
+
+  return dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=ctx.time_torch(fwdbwd), rel_err=err), None
+
+
+def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
+  shape = QUICK if ctx.quick else FULL
+  batch, time, heads, dk, dv = shape
+  sets = [_inputs(seed, *shape) for seed in range(1 if ctx.quick else N_SETS)]
+  ref = jax.block_until_ready(_reference(_part(sets[0])))
+  _log(f"reference ready ({_label(*shape)})")
+  n_qk, n_v = batch * time * heads * dk, batch * time * heads * dv
+  io = 2 * (3 * n_qk + 2 * n_v)  # q, k, g, v, o in bf16
+  flops = batch * time * heads * (4 * dk * dv + 64 * (dk + dv))
+  base = dict(kernel="gla", shape=_label(*shape), floor_fwd_ms=ctx.floor_ms(bytes_moved=io, flops=flops),
+              floor_fwdbwd_ms=ctx.floor_ms(bytes_moved=2 * (9 * n_qk + 5 * n_v), flops=3 * flops),
+              reference="token recurrence f32, batch 0 heads 0-1, all tokens")
+  on_cpu = ctx.platform == "cpu"
+
+  def ours(name, **kwargs):
+    row = dict(base, impl=name, ours=True, fwd_ms=None, fwdbwd_ms=None)
+    try:
+      fwd, _, both = _fns(**kwargs)
+      # The timed program itself (full shape), checked on the reference's slice.
+      out = jax.block_until_ready(both(*sets[0]))
+      _log(f"{name}: fwd+bwd compiled and ran")
+      row["rel_err"] = _check_all(name, _part(out), ref)
+      _log(f"{name}: checked (rel err {row['rel_err']:.2e})")
+    except AssertionError:
+      raise  # a wrong kernel stops the benchmark
+    except Exception as e:  # an implementation this platform lacks, or one that fails to compile
+      traceback.print_exc()
+      return dict(row, impl=f"{name} — skipped",
+                  note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    row["fwd_ms"] = ctx.time_jax(fwd, [s[:4] for s in sets])
+    _log(f"{name}: fwd {row['fwd_ms']:.3f} ms")
+    row["fwdbwd_ms"] = ctx.time_jax(both, sets)
+    _log(f"{name}: fwd+bwd {row['fwdbwd_ms']:.3f} ms")
+    return row
+
+  def peer():
+    row = dict(base, impl="fla chunk_gla (Triton)", ours=False, fwd_ms=None, fwdbwd_ms=None)
+    try:
+      timing, why = _fla(ctx, sets, ref)
+    except AssertionError:
+      raise
+    except Exception as e:  # a peer that fails is reported, not fatal
+      traceback.print_exc()
+      timing, why = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if timing is None:
+      return dict(row, impl="fla chunk_gla (Triton) — skipped", note=why)
+    _log(f"fla chunk_gla: fwd {timing['fwd_ms']:.3f} ms, fwd+bwd {timing['fwdbwd_ms']:.3f} ms")
+    return dict(row, **timing)
+
+  # Most informative first: ours, the peer, then our XLA form (slowest to compile).
+  rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config), peer()]
+  rows.insert(1, ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK))
+  return rows
+
+
+# --- tuning: the Pallas kernels one at a time --------------------------------------------------------
+
+
+def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
+  """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv)."""
+  from kernels import gla as G
+  batch, time, heads, dk, dv = shape
+  q, k, v, g, do = _inputs(0, *shape)
+  cfg = dataclasses.replace(config, chunk=min(config.chunk, time))
+  plan = G._Plan(target="triton", interpret=ctx.platform == "cpu", cfg=cfg, heads=heads, chunks=time // cfg.chunk, dk=dk, dv=dv,
+                 decay=True, dot_dtype="bfloat16")
+  s0 = jnp.zeros((batch, heads, dv, dk), jnp.float32)
+  fns = {
+      "states": jax.jit(lambda *a: G._states_call(plan, *a, reverse=False)),
+      "output": jax.jit(lambda *a: G._output_call(plan, *a)),
+      "states_bwd": jax.jit(lambda *a: G._states_call(plan, *a, reverse=True)),
+      "dqk": jax.jit(lambda *a: G._dqk_call(plan, *a)),
+      "dv": jax.jit(lambda *a: G._dv_call(plan, *a)),
+  }
+  out, args = {}, {"states": (k, g, v, s0), "states_bwd": (q, g, do, s0)}
+  try:
+    states = fns["states"](*args["states"])[0]
+    args["output"] = (q, k, g, v, states)
+    at = fns["output"](*args["output"])[1]
+    e_states = fns["states_bwd"](*args["states_bwd"])[0]
+    args["dqk"] = (q, k, g, v, do, states, e_states)
+    args["dv"] = (q, k, g, do, at, e_states)
+  except Exception as e:  # a tiling that fails to compile is reported, not fatal
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+  for name, f in fns.items():
+    try:
+      out[name] = ctx.time_jax(f, [args[name]])
+    except Exception as e:
+      out[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+  return out
+
+
+CANDIDATES = [
+    PallasConfig(),
+    PallasConfig(chunk=128),
+    PallasConfig(out_block=64, out_warps=4, dv_block=64, dv_warps=4),
+    PallasConfig(dqk_warps=8),
+    PallasConfig(dqk_block=32, states_block=32),
+    PallasConfig(states_stages=3),
+    PallasConfig(unroll=True),
+]
+
+
+def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float = 1e9):
+  """Prints the time of each Pallas kernel under several tilings (stops starting new ones after
+  ``budget_s`` seconds)."""
+  device = jax.devices()[0]
+  ctx = Context(quick=False, platform=device.platform, iters=10, repeats=3)
+  shape = shape or (FULL if ctx.platform != "cpu" else QUICK)
+  start = _time.time()
+  results = []
+  for cfg in configs or CANDIDATES:
+    if _time.time() - start > budget_s:
+      break
+    t0 = _time.time()
+    times = kernel_times(ctx, cfg, shape)
+    given = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(PallasConfig(), k)}
+    total = [sum(times[k] for k in keys) if all(isinstance(times.get(k), float) for k in keys) else None
+             for keys in (("states", "output"), ("states", "output", "states_bwd", "dqk", "dv"))]
+    print(f"  {given}: " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
+          + " | " + " ".join(f"{k} {v:.3f}" for k, v in zip(("fwd", "fwd+bwd"), total) if v is not None)
+          + f" ({_time.time() - t0:.0f} s)", flush=True)
+    results.append((cfg, times))
+  return results
