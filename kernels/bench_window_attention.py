@@ -14,14 +14,12 @@ forward ``4·B·H·D·pairs`` (QKᵀ and PV), backward ``10·B·H·D·pairs`` (Q
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernels.bench import check
-from kernels.window_attention import window_attention, window_attention_reference
+from kernels.window_attention import window_attention
 
 SHAPES = [  # (batch, time, heads, head_dim, window)
     (4, 8192, 16, 128, 1024),

@@ -57,6 +57,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
+from kernels.pallas_compat import SQUEEZED, mosaic_params, triton_params
+
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
 _NEG = -1e30
@@ -134,7 +136,6 @@ def gla_reference(q, k, v, log_decay=None, initial_state=None, *, log_input_gate
 
 def _gla_chunked(q, k, v, log_decay, initial_state, chunk_size: int, log_input_gate=None):
   batch, time, heads, d_k = q.shape
-  d_v = v.shape[-1]
   gated = log_input_gate is not None
   scalar = log_decay is not None and log_decay.ndim == 3
   n = -(-time // chunk_size)
@@ -375,21 +376,7 @@ class _Plan:
   dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (tensor cores, f32 accumulation)
 
 
-def _triton_params(num_warps: int, num_stages: int):
-  # jax ≥ 0.6 names it CompilerParams; earlier releases TritonCompilerParams.
-  from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
-
-
-def _mosaic_params(semantics):
-  from jax.experimental.pallas import tpu as pltpu
-  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-  return cls(dimension_semantics=semantics)
-
-
-# A squeezed (size-1, dropped) block dimension: pl.squeezed on newer jax, None on older.
-_SQ = getattr(pl, "squeezed", None)
+_SQ = SQUEEZED
 _F32 = jnp.float32
 
 
@@ -704,8 +691,8 @@ def _params(plan: _Plan, warps: int, parallel=True):
   if plan.interpret:
     return None
   if plan.target == "triton":
-    return _triton_params(warps, plan.cfg.stages)
-  return _mosaic_params(("parallel", "parallel", "parallel" if parallel else "arbitrary"))
+    return triton_params(warps, plan.cfg.stages)
+  return mosaic_params(("parallel", "parallel", "parallel" if parallel else "arbitrary"))
 
 
 def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
@@ -742,7 +729,7 @@ def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
     out_specs = [pl.BlockSpec((_SQ, _SQ, n_chunks, by, bx), st_index), s_spec]
     grid = (dx // bx, dy // by, batch * plan.heads)
     kernel = functools.partial(_states_kernel_triton, plan=plan, reverse=reverse)
-    params = None if plan.interpret else _triton_params(plan.cfg.states_warps, plan.cfg.states_stages)
+    params = None if plan.interpret else triton_params(plan.cfg.states_warps, plan.cfg.states_stages)
   else:
     chunk = (lambda n: n_chunks - 1 - n) if reverse else (lambda n: n)
     row = lambda width: pl.BlockSpec((_SQ, _SQ, c, width), lambda b, h, n: (b, h, chunk(n), 0))

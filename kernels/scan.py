@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.pallas_compat import SQUEEZED, mosaic_params, triton_params
+
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
 
@@ -163,21 +165,7 @@ GPU_DEFAULTS = dict(block_d=32, chunk=16, depth=4, num_warps=1, num_stages=1,
                     bwd_chunk=16, bwd_depth=3)
 
 
-def _gpu_compiler_params(num_warps: int, num_stages: int):
-  # jax ≤0.4.3x named it TritonCompilerParams; 0.5+ CompilerParams (0.10 – 0.12 tested).
-  from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
-
-
-def _tpu_compiler_params(dimension_semantics):
-  from jax.experimental.pallas import tpu as pltpu
-  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-  return cls(dimension_semantics=dimension_semantics)
-
-
-# A squeezed (size-1, dropped) block dimension: pl.squeezed on newer jax, None on older.
-_SQ = getattr(pl, "squeezed", None)
+_SQ = SQUEEZED
 
 
 def _round_up(x: int, m: int) -> int:
@@ -300,7 +288,7 @@ def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
   return pl.pallas_call(
       kernel, grid=(batch, d // cfg.block_d), in_specs=[strip, strip, vec], out_specs=[strip, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, d), jnp.float32)],
-      compiler_params=None if interpret else _gpu_compiler_params(cfg.num_warps, cfg.num_stages),
+      compiler_params=None if interpret else triton_params(cfg.num_warps, cfg.num_stages),
       interpret=interpret, name="linear_scan_fwd")(a, b, h0)
 
 
@@ -314,7 +302,7 @@ def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
       out_specs=[strip, strip, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),
                  jax.ShapeDtypeStruct((batch, d), jnp.float32)],
-      compiler_params=None if interpret else _gpu_compiler_params(cfg.bwd_num_warps, cfg.num_stages),
+      compiler_params=None if interpret else triton_params(cfg.bwd_num_warps, cfg.num_stages),
       interpret=interpret, name="linear_scan_bwd")(a, g, h, h0, g_last)
 
 
@@ -411,7 +399,7 @@ def _tpu_fwd(a, b, h0, *, reverse, interpret, cfg):
   h, h_last = pl.pallas_call(
       kernel, grid=(batch, d // block_d, nt), in_specs=[tile, tile, vec], out_specs=[tile, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, 1, d), jnp.float32)],
-      compiler_params=None if interpret else _tpu_compiler_params(("parallel", "parallel", "arbitrary")),
+      compiler_params=None if interpret else mosaic_params(("parallel", "parallel", "arbitrary")),
       interpret=interpret, name="linear_scan_fwd")(a, b, h0[:, None])
   return h, h_last[:, 0]
 
@@ -434,7 +422,7 @@ def _tpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
       out_specs=[tile, tile, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),
                  jax.ShapeDtypeStruct((batch, 1, d), jnp.float32)],
-      compiler_params=None if interpret else _tpu_compiler_params(("parallel", "parallel", "arbitrary")),
+      compiler_params=None if interpret else mosaic_params(("parallel", "parallel", "arbitrary")),
       interpret=interpret, name="linear_scan_bwd")(a, g, h, h, h0[:, None], g_last[:, None])
   return da, db, dh0[:, 0]
 

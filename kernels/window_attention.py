@@ -53,6 +53,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
+from kernels.pallas_compat import mosaic_params, triton_params
+
 Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
 IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
 PallasTarget = Literal["triton", "mosaic"]
@@ -167,19 +169,9 @@ class _Flash:
   interpret: bool
 
 
-def _triton_params(num_warps: int, num_stages: int):
-  # Named CompilerParams in the jax versions we support (0.10–0.12); older ones: TritonCompilerParams.
-  from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
-
-
 def _mosaic_params(grid_rank: int):
-  # CompilerParams in 0.10–0.12, TPUCompilerParams before. Every grid axis is independent except
-  # the last, which accumulates (the band / the query sweep).
-  from jax.experimental.pallas import tpu as pltpu
-  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-  return cls(dimension_semantics=("parallel",) * (grid_rank - 1) + ("arbitrary",))
+  # Every grid axis is independent except the last, which accumulates (the band / the query sweep).
+  return mosaic_params(("parallel",) * (grid_rank - 1) + ("arbitrary",))
 
 
 def _i32(x: int):
@@ -356,7 +348,7 @@ def _triton_forward(q, k, v, cfg: _Flash):
       in_specs=[q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, time), jnp.float32)],
-      compiler_params=_triton_params(b.fwd_warps, b.fwd_stages),
+      compiler_params=triton_params(b.fwd_warps, b.fwd_stages),
       interpret=cfg.interpret, name="window_attention_fwd",
   )(q, k, v)
 
@@ -377,7 +369,7 @@ def _triton_backward(q, k, v, o, lse, do, cfg: _Flash):
       in_specs=[q_block, kv_seq, kv_seq, q_block, q_block, stat_block],
       out_specs=[q_block, stat_block],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
-      compiler_params=_triton_params(b.dq_warps, b.dq_stages),
+      compiler_params=triton_params(b.dq_warps, b.dq_stages),
       interpret=cfg.interpret, name="window_attention_dq",
   )(q, k, v, o, do, lse)
 
@@ -391,7 +383,7 @@ def _triton_backward(q, k, v, o, lse, do, cfg: _Flash):
       in_specs=[group_seq, kv_block, kv_block, group_seq, group_stat, group_stat],
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_triton_params(b.dkv_warps, b.dkv_stages),
+      compiler_params=triton_params(b.dkv_warps, b.dkv_stages),
       interpret=cfg.interpret, name="window_attention_dkv",
   )(q, k, v, do, lse, delta)
   return dq, dk, dv

@@ -9,7 +9,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,7 +20,8 @@ from hybrids.model import HybridLM
 from hybrids.train import Trainer, make_optimizer, resolve
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "quickstart.py")
-SEQ_LEN, VOCAB, PAIRS, BATCH, STEPS = 32, 64, 2, 32, 100
+SEQ_LEN, VOCAB, PAIRS, BATCH, STEPS = 32, 64, 2, 32, 300
+EVAL_BATCHES = 4  # 4 · 32 sequences · 2 queries = 256 answers: chance is 8 ± 2.8 of them
 # A model that only learned "a value follows" guesses among VOCAB/2 values.
 CHANCE = 1.0 / (VOCAB // 2)
 
@@ -57,12 +57,12 @@ def learned_accuracy(pattern: tuple[str, ...]) -> float:
     _, correct, count = trainer.eval_step(params, held_out)
     return correct / count
 
-  held_out = jax.tree.map(lambda x: x[0], mqar_batches(seed=1, count=1))
+  held_out = jax.tree.map(lambda x: x.reshape(-1, SEQ_LEN), mqar_batches(seed=1, count=EVAL_BATCHES))
   return float(train_and_eval(params, mqar_batches(seed=0, count=STEPS), held_out))
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_mixer_learns_mqar_above_chance(name):
   accuracy = learned_accuracy((name,))
-  # Three times chance: a model must have recalled some values from the context, not guessed.
-  assert accuracy > 3 * CHANCE, (name, accuracy)
+  # Twice chance over 256 answers is ~3 standard deviations above guessing among the values.
+  assert accuracy > 2 * CHANCE, (name, accuracy)

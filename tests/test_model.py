@@ -77,18 +77,22 @@ def test_prefill_then_step_equals_full_forward(pattern):
     np.testing.assert_allclose(step_logits, full[:, t], rtol=1e-4, atol=1e-4)
 
 
+def assert_decodes_like_forward(model, tokens, prefix: int):
+  """Prefill ``tokens[:, :prefix]``, then step through the rest: logits equal the full forward's."""
+  graphdef, params = nnx.split(model)
+  full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
+  _, states = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t, max_len=tokens.shape[1]))(params, tokens[:, :prefix])
+  step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
+  for t in range(prefix, tokens.shape[1]):
+    logits, states = step(params, tokens[:, t], states)
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("merge", ["sum", "gate", "concat"])
 def test_parallel_hybrid_decodes_like_its_forward(merge):
   model = HybridLM(cfg(pattern=("mamba2|swa", "rglru"), n_layers=2, parallel_merge=merge), rngs=nnx.Rngs(params=0))
   assert type(model.blocks[0].mixer).__name__ == "ParallelMixer"
-  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 50)
-  graphdef, params = nnx.split(model)
-  full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
-  _, states = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t, max_len=9))(params, tokens[:, :5])
-  step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
-  for t in range(5, 9):
-    logits, states = step(params, tokens[:, t], states)
-    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+  assert_decodes_like_forward(model, jax.random.randint(jax.random.key(1), (2, 9), 0, 50), prefix=5)
 
 
 def test_parallel_sum_is_the_sum_of_its_mixers():

@@ -3,7 +3,6 @@
 import os
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -11,6 +10,7 @@ from hybrids.config import get_config
 from hybrids.model import HybridLM, layer_pattern
 from hybrids.topologies import TOPOLOGIES, apply_topology
 from hybrids.train import resolve
+from test_model import assert_decodes_like_forward
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "quickstart.py")
 
@@ -43,11 +43,4 @@ def test_based_hybrid_decodes_like_its_forward():
                                                       "model.n_layers": 5})
   config.model.vocab_size = 40
   model = HybridLM(config.model, rngs=nnx.Rngs(params=0))
-  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 40)
-  graphdef, params = nnx.split(model)
-  full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
-  _, states = jax.jit(lambda p, t: nnx.merge(graphdef, p).prefill(t, max_len=9))(params, tokens[:, :5])
-  step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
-  for t in range(5, 9):
-    logits, states = step(params, tokens[:, t], states)
-    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+  assert_decodes_like_forward(model, jax.random.randint(jax.random.key(1), (2, 9), 0, 40), prefix=5)
