@@ -1,5 +1,7 @@
 """Every registered mixer: shapes, causality, parallel face == recurrent face, prefill-then-step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,15 @@ class Jitted:
 
 
 def make(name, **overrides):
+  """A jitted mixer; the default ones are shared by every test, so each face compiles once per shape."""
+  if not overrides:
+    return _default_mixer(name)
   return Jitted(get_mixer(name)(small_config(**overrides), rngs=nnx.Rngs(params=0)))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_mixer(name):
+  return Jitted(get_mixer(name)(small_config(), rngs=nnx.Rngs(params=0)))
 
 
 def run_steps(mixer, x, state):
