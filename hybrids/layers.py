@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -157,3 +158,21 @@ class MoE(nnx.Module):
     y = jnp.einsum("nk,nkd->nd", gates, out.astype(jnp.float32)).astype(x.dtype)
     balance = self.num_experts * jnp.sum(group_sizes / flat.shape[0] * jnp.mean(probs, axis=0))
     return y.reshape(shape), balance
+
+
+class BlockDiagonalLinear(nnx.Module):
+  """``y = x W + b`` with ``W`` block-diagonal in ``heads`` blocks: ``[heads, width/heads, width/heads]``."""
+
+  def __init__(self, width: int, heads: int, *, param_dtype, dtype, rngs: nnx.Rngs):
+    block = width // heads
+    self.heads = heads
+    self.dtype = dtype
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2)
+    self.kernel = nnx.Param(init(rngs.params(), (heads, block, block), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((heads, block), param_dtype))
+
+  def __call__(self, x):
+    """``x: [..., width]`` → ``[..., width]``."""
+    xh = rearrange(x.astype(self.dtype), "... (h i) -> ... h i", h=self.heads)
+    y = jnp.einsum("...hi,hij->...hj", xh, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
+    return rearrange(y, "... h j -> ... (h j)")

@@ -119,7 +119,7 @@ def test_pallas_lowers_for_gpu():
     text = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=checks)(q, kv, kv).mlir_module()
   except RuntimeError as e:
     if "AbstractDevice" in str(e) or "No supported GPU" in str(e):
-      pytest.skip(f"this jax lowers Triton only with a GPU attached: {str(e)[:80]}")
+      pytest.skip(f"jax >= 0.12 lowers Pallas-Triton only with a CUDA device present (CI runs 0.10.2, which lowers it on CPU; the GPU bench runs the kernel for real): {str(e)[:80]}")
     raise
   assert text.count("xla.gpu.triton") == 3
 

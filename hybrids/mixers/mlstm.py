@@ -34,8 +34,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from hybrids.layers import CausalConv1D, HeadNorm, dtype_of, linear
-from hybrids.mixers.rglru import BlockDiagonalLinear
+from hybrids.layers import BlockDiagonalLinear, CausalConv1D, HeadNorm, dtype_of, linear
 from kernels.gla import gla, gla_step
 
 FORGET_BIAS_RANGE = (3.0, 6.0)

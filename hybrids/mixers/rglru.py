@@ -24,32 +24,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from flax import nnx
 
-from hybrids.layers import CausalConv1D, dtype_of, linear
+from hybrids.layers import BlockDiagonalLinear, CausalConv1D, dtype_of, linear
 from kernels.scan import linear_scan
 
 C = 8.0  # the fixed scalar c of eq. 4
 A_C_INIT_RANGE = (0.9, 0.999)  # range of a^c at initialisation
-
-
-class BlockDiagonalLinear(nnx.Module):
-  """``y = x W + b`` with ``W`` block-diagonal in ``heads`` blocks: ``[heads, width/heads, width/heads]``."""
-
-  def __init__(self, width: int, heads: int, *, param_dtype, dtype, rngs: nnx.Rngs):
-    block = width // heads
-    self.heads = heads
-    self.dtype = dtype
-    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2)
-    self.kernel = nnx.Param(init(rngs.params(), (heads, block, block), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((heads, block), param_dtype))
-
-  def __call__(self, x):
-    """``x: [..., width]`` → ``[..., width]``."""
-    xh = rearrange(x.astype(self.dtype), "... (h i) -> ... h i", h=self.heads)
-    y = jnp.einsum("...hi,hij->...hj", xh, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
-    return rearrange(y, "... h j -> ... (h j)")
 
 
 class RGLRUBlock(nnx.Module):
