@@ -43,16 +43,34 @@ def non_embedding_params(model_cfg) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _non_embedding_params(cfg_json: str) -> int:
+  model = _abstract_period(cfg_json)
+  blocks = [param_count(block) for block in model.blocks]
+  n_layers = json.loads(cfg_json)["n_layers"]
+  return param_count(model.final_norm) + sum(blocks[i % len(blocks)] for i in range(n_layers))
+
+
+def param_count(module: nnx.Module) -> int:
+  """Parameters of ``module`` (abstract or concrete)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def abstract_period(model_cfg):
+  """``HybridLM(model_cfg)`` built for one period of its layers, shapes only (nothing is allocated).
+
+  Layer ``i`` of the full model is ``blocks[i % len(blocks)]`` of the result (see
+  :func:`non_embedding_params`); ``model_cfg.vocab_size`` must be set. Cached: do not mutate it.
+  """
+  return _abstract_period(json.dumps(model_cfg.to_dict(), sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_period(cfg_json: str):
   from hybrids.model import HybridLM
 
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))
-  n_layers = cfg.n_layers
   period = math.lcm(len(tuple(cfg.pattern)), max(int(cfg.moe_every), 1))
-  cfg.n_layers = min(n_layers, period)
-  model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(params=0)))
-  size = lambda module: sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-  blocks = [size(block) for block in model.blocks]
-  return size(model.final_norm) + sum(blocks[i % period] for i in range(n_layers))
+  cfg.n_layers = min(cfg.n_layers, period)
+  return nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(params=0)))
 
 
 def apply_size(model_cfg) -> ml_collections.ConfigDict:
