@@ -1,0 +1,231 @@
+"""``python -m launch report`` on fake run directories (JSON written directly; nothing trains).
+
+    PYTHONPATH=. python -m pytest -q -n 0 tests/test_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from launch import report
+
+# Three mixers, each with a known law L(C) = E + A·C^(−α) in training FLOPs.
+LAWS = {  # label in the report → (pattern, E, α); A puts 2 nats of reducible loss at C = 1e12
+    "attention": (("attention",), 1.0, 0.25),
+    "rglru+swa (griffin)": (("rglru", "rglru", "swa"), 1.1, 0.30),
+    "mamba": (("mamba",), 1.2, 0.35),
+}
+WIDTHS = (64, 128, 256, 512)
+VOCAB = 256
+
+
+def _write(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def _config(pattern, d_model, *, n_layers=3, window=16, seq_len=64, kv=4, size="", data="mqar") -> dict:
+  return {"seed": 0,
+          "model": {"pattern": list(pattern), "n_layers": n_layers, "d_model": d_model, "window": window, "size": size,
+                    "parallel_merge": "sum", "moe_every": 0},
+          "data": {"name": data, "seq_len": seq_len, "num_kv_pairs": kv, "vocab_size": VOCAB},
+          "train": {"steps": 100, "batch_size": 8, "lr": 1e-3, "window_choices": []}}
+
+
+def write_run(root, run_id, config, *, status="done", loss=None, accuracy=None, non_embedding=1e5,
+              tokens=2e6, flops=True, state_bytes=None, error=None) -> None:
+  params = non_embedding + VOCAB * config["model"]["d_model"]
+  summary = {"status": status, "step": 100 if status == "done" else 37, "steps": 100, "params": params,
+             "non_embedding_params": non_embedding, "tokens": tokens, "tokens_per_sec": 12345.0,
+             "train_loss": None if loss is None else loss + 0.01}
+  if flops:  # runs from before FLOP accounting lack these keys
+    summary.update(flops_per_token_train=6 * non_embedding, train_flops=6 * non_embedding * tokens)
+  if state_bytes is not None:
+    summary["state_bytes_per_sequence"] = state_bytes
+  if loss is not None and status == "done":
+    summary["eval"] = {"step": 100, "eval_loss": loss, "eval_perplexity": float(np.exp(loss)),
+                       "eval_accuracy": accuracy}
+  if error:
+    summary["error"] = error
+  _write(os.path.join(root, run_id, "config.json"), config)
+  _write(os.path.join(root, run_id, "summary.json"), summary)
+  with open(os.path.join(root, run_id, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 1, "loss": 5.0, "accuracy": 0.0, "grad_norm": 1.0, "lr": 1e-3}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+  """3 mixers × 4 widths drawn from LAWS (1% of noise), one failed run, one point never started."""
+  root = str(tmp_path_factory.mktemp("runs") / "fake_sweep")
+  rng = np.random.default_rng(0)
+  points = []
+  for label, (pattern, e, alpha) in LAWS.items():
+    for d in WIDTHS:
+      run_id = f"fake-{pattern[0]}-{d}"
+      non_embedding = 12.0 * 2 * d * d
+      tokens = 20 * non_embedding
+      old_style = label == "mamba"  # no FLOP keys: the report falls back to 6 · params · tokens
+      params = non_embedding + VOCAB * d
+      compute = 6 * (params if old_style else non_embedding) * tokens
+      loss = (e + 2.0 * 1e12**alpha * compute**-alpha) * float(np.exp(rng.normal(0, 0.002)))
+      accuracy = min(1.0, 0.2 + (0.8 if pattern == ("attention",) else 0.15) * np.log2(d / 32))
+      write_run(root, run_id, _config(pattern, d), loss=loss, accuracy=accuracy, non_embedding=non_embedding,
+                tokens=tokens, flops=not old_style, state_bytes=4.0 * d * (64 if pattern == ("attention",) else 16))
+      points.append({"run_id": run_id, "point": {"model.pattern": list(pattern), "model.d_model": d}})
+  write_run(root, "fake-failed", _config(("mamba",), 1024), status="failed", error="RuntimeError: out of memory")
+  points.append({"run_id": "fake-failed", "point": {"model.pattern": ["mamba"], "model.d_model": 1024}})
+  points.append({"run_id": "fake-pending", "point": {"model.pattern": ["rglru"], "model.d_model": 1024}})
+  # Evaluation files of one run (hybrids/evaluate.py's schema): retrieval grids of two tasks,
+  # per-position loss (null where nothing is scored) and held-out loss at two lengths.
+  run = os.path.join(root, "fake-rglru-128")
+  passkey = [[1, 1, 1], [0.5, 0.75, 1], [0, 0.25, 1]]
+  _write(os.path.join(run, "eval", "retrieval.json"),
+         {"task": "passkey", "lengths": [64, 128, 256], "depths": [0.0, 0.5, 1.0], "accuracy": passkey,
+          "by_task": {"passkey": passkey, "niah": [[1, 1, 0.5], [1, 0.5, 0.5], [0.5, 0, 0]]}})
+  sparse = [None] * 32 + list(np.linspace(3, 2, 32))
+  _write(os.path.join(run, "eval", "position.json"),
+         {"lengths": [64, 128], "loss_by_position": {"64": sparse, "128": list(np.linspace(4, 2.2, 128))},
+          "window": 16, "train_seq_len": 64})
+  _write(os.path.join(run, "eval", "loss.json"), {"lengths": [64, 256], "loss": [1.93, 2.25], "perplexity": [6.9, 9.5]})
+  _write(os.path.join(root, "fake-attention-64", "eval", "mqar.json"),
+         {"lengths": [64, 128], "num_kv_pairs": [4, 8], "accuracy": [1.0, 0.875], "loss": [0.01, 0.4]})
+  os.makedirs(os.path.join(root, "fake-attention-128", "eval"))
+  with open(os.path.join(root, "fake-attention-128", "eval", "loss.json"), "w") as f:
+    f.write('{"lengths": [64')  # torn write: reported in Notes, the rest of the report unaffected
+  _write(os.path.join(root, "sweep.json"), {"experiment": "experiments/fake.py", "points": points})
+  assert report.main([root, "--bootstrap", "30"]) == 0
+  with open(os.path.join(root, "report", "report.md")) as f:
+    return root, f.read()
+
+
+def _section(text: str, title: str) -> str:
+  return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_run_table_lists_every_run_sorted(sweep):
+  root, md = sweep
+  runs = _section(md, "Runs")
+  ids = re.findall(r"^\| `([^`]+)` \|", runs, flags=re.M)
+  assert set(ids) == {f"fake-{p[0]}-{d}" for p, _, _ in LAWS.values() for d in WIDTHS} | {"fake-failed"}
+  # Sorted by mixer label, then size.
+  order = [(label, d) for label in sorted(LAWS) for d in WIDTHS]
+  done_ids = [i for i in ids if i != "fake-failed"]
+  assert done_ids == [f"fake-{LAWS[label][0][0]}-{d}" for label, d in order]
+  row = next(l for l in runs.splitlines() if "`fake-attention-64`" in l)
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1:5] == ["done", "attention", "98.3k", "—"]  # window only for stacks with SWA
+  griffin_row = next(l for l in runs.splitlines() if "`fake-rglru-64`" in l)
+  assert "| rglru+swa (griffin) |" in griffin_row and "| 16 |" in griffin_row
+  assert "12,345" in row
+  # The old-style runs are marked as approximated and named.
+  assert "6 · params · tokens" in runs and "`fake-mamba-64`" in runs.split("6 · params · tokens", 1)[1]
+
+
+def test_fits_recover_each_mixers_exponent(sweep):
+  _, md = sweep
+  fits = _section(md, "Loss vs training FLOPs")
+  for label, (_, e, alpha) in LAWS.items():
+    row = next(l for l in fits.splitlines() if l.startswith(f"| {label} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    n, e_fit, alpha_fit = int(cells[1]), float(cells[2]), float(cells[4])
+    lo, hi = (float(x) for x in re.findall(r"[-\d.]+", cells[5]))
+    assert n == len(WIDTHS)
+    # 0.2% noise on 4 points: α within 0.02 and E within 0.05 of the law (noise-free they are exact).
+    assert abs(alpha_fit - alpha) < 0.02, (label, alpha_fit)
+    assert abs(e_fit - e) < 0.05, (label, e_fit)
+    assert lo <= alpha_fit <= hi
+
+
+def test_missing_lists_failed_and_pending_points(sweep):
+  _, md = sweep
+  missing = _section(md, "Missing")
+  assert "`fake-pending`" not in missing  # ids are plain in this table
+  pending = next(l for l in missing.splitlines() if l.startswith("| fake-pending |"))
+  assert "not started" in pending and "model.d_model=1024" in pending
+  failed = next(l for l in missing.splitlines() if l.startswith("| fake-failed |"))
+  assert "failed at step 37/100" in failed and "out of memory" in failed
+  assert not any(l.startswith("| fake-attention") for l in missing.splitlines())
+
+
+def test_plots_exist_and_are_embedded(sweep):
+  root, md = sweep
+  out = os.path.join(root, "report")
+  for name in ("loss_vs_flops.png", "mqar_vs_width.png", "state_tradeoff.png", "retrieval_fake-rglru-128.png",
+               "position_fake-rglru-128.png"):
+    path = os.path.join(out, name)
+    assert os.path.getsize(path) > 1000, name
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"]({name})" in md
+  evals = _section(md, "Evaluations")
+  assert re.search(r"^\| `fake-rglru-128` \| rglru\+swa \(griffin\) \| 16 \| 1.9300 \| 2.2500 \|$", evals, flags=re.M)
+  assert "| run | mixer | window | L=64 | L=256 |" in evals
+  assert "MQAR at other lengths, attention (`fake-attention-64`)" in evals and "| 128 | 8 | 0.875 |" in evals
+  assert "fake-attention-128/eval/loss.json` is unreadable" in _section(md, "Notes")
+  # No sweep of sizes at one budget and no swept window: those plots are absent, not empty.
+  assert not os.path.exists(os.path.join(out, "isoflop.png"))
+  assert not os.path.exists(os.path.join(out, "window_ablation.png"))
+
+
+def test_pareto_frontier():
+  points = [(100, 0.2), (50, 0.3), (200, 0.25), (400, 0.9), (400, 0.5), (800, 0.9)]
+  assert report.pareto_frontier(points) == [(50, 0.3), (400, 0.9)]
+
+
+def test_isoflop_curves(tmp_path):
+  """Several sizes at shared budgets → parabolas per budget, compute-optimal sizes growing with C."""
+  root = str(tmp_path / "ladder")
+  # L(N, D) = E + A/N^a + B/D^b (Chinchilla's form, smaller constants) at 2 budgets × 4 sizes; its
+  # optimum N* ∝ C^(b/(a+b)) = C^0.45 lies inside the sizes at both budgets.
+  for budget in (1e14, 1e15):
+    for n in np.geomspace(3e5, 3e7, 4):
+      tokens = budget / (6 * n)
+      loss = 1.0 + 20 / n**0.34 + 20 / tokens**0.28
+      write_run(root, f"iso-{budget:.0e}-{n:.0f}", _config(("rglru", "rglru", "swa"), 64, data="text"), loss=loss,
+                non_embedding=n, tokens=tokens)
+  assert report.main([root, "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+  md = (tmp_path / "out" / "report.md").read_text()
+  assert (tmp_path / "out" / "isoflop.png").stat().st_size > 1000
+  iso = _section(md, "IsoFLOP curves")
+  optima = [float(m) for m in re.findall(r"\| (\d+(?:\.\d+)?)M \|", iso)]
+  assert len(optima) == 2 and 0.3 < optima[0] < optima[1] < 30  # the optimal size grows with the budget
+  exponent = float(re.search(r"N\* ∝ C\^([\d.]+) over 2 budgets", iso).group(1))
+  assert abs(exponent - 0.45) < 0.1  # a parabola through 4 coarse sizes approximates the true vertex
+
+
+def test_window_ablation_and_too_few_points(tmp_path):
+  """Swept windows → the ablation bars; a mixer with 2 budgets → listed, not fitted; no sweep.json."""
+  root = str(tmp_path / "griffin")
+  for seq_len in (64, 128):
+    for window in (8, 16, 32):
+      config = _config(("rglru", "rglru", "swa"), 64, window=window, seq_len=seq_len, size="1m", data="text")
+      write_run(root, f"win-{seq_len}-{window}", config, loss=2.0 - window / 100 - seq_len / 1000)
+  for tokens in (2e6, 2e7):
+    write_run(root, f"attn-{tokens:.0e}", _config(("attention",), 64, size="1m", data="text"), loss=1.95, tokens=tokens)
+  assert report.main([root, "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+  md = (tmp_path / "out" / "report.md").read_text()
+  assert (tmp_path / "out" / "window_ablation.png").stat().st_size > 1000
+  assert "](window_ablation.png)" in md and not (tmp_path / "out" / "isoflop.png").exists()
+  fits = _section(md, "Loss vs training FLOPs")
+  assert re.search(r"^\| attention \| 2 \| — \| — \| — \| — \| 2 budget\(s\): no fit", fits, flags=re.M)
+  # Series split by the fields that vary within a label: window and seq_len for the griffin runs.
+  assert "| rglru+swa (griffin) w=8 T=64 | 1 |" in fits
+  assert "No readable `sweep.json`" in _section(md, "Missing")
+
+
+def test_empty_or_missing_root_is_a_clear_error(tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "sweep.json").write_text(json.dumps({"points": [{"run_id": "x", "point": {}}]}))
+  assert report.main([str(empty)]) == 2
+  err = capsys.readouterr().err
+  assert "no runs in" in err and "RUNID/config.json" in err and "lists 1 points" in err
+  assert not (empty / "report").exists()  # nothing written
+  assert report.main([str(tmp_path / "nope")]) == 2
+  assert "is not a directory" in capsys.readouterr().err
