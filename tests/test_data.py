@@ -149,7 +149,7 @@ def test_mqar_determinism_and_splits():
     ("power_a", 0.0, 64, "data.power_a=0.0"),
     ("num_train_examples", 0, 64, "data.num_train_examples=0"),
     ("seed", -1, 64, "data.seed=-1"),
-    ("name", "wikitext", 64, r"data.name='wikitext'.*\('mqar', 'text'\)"),
+    ("name", "wikitext", 64, r"data.name='wikitext'.*\('mqar', 'text', 'shards'\)"),
 ])
 def test_mqar_validation(field, value, seq_len, match):
     c = mqar_config()

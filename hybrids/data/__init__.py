@@ -1,4 +1,4 @@
-"""Data pipelines for hybrids: MQAR (Zoology) and packed LM over local text files.
+"""Data pipelines for hybrids: MQAR (Zoology), packed LM over local text files or prepared shards.
 
 Batch contract (every dataset): a dict of numpy arrays
 ``{"inputs": int32 [batch, seq_len], "labels": int32 [batch, seq_len]}`` where
@@ -19,8 +19,8 @@ Typical use in the training loop::
     it.set_state(state)                   # on a fresh make_iterator(ds): exact resume
     evals = data.eval_batches(cfg.data, seq_len=..., batch_size=..., workdir=...)
 
-See :mod:`hybrids.data.mqar`, :mod:`hybrids.data.text` and
-:mod:`hybrids.data.pipeline` for the definitions.
+See :mod:`hybrids.data.mqar`, :mod:`hybrids.data.text`, :mod:`hybrids.data.shards`
+(made by ``python -m hybrids.data.prepare``) and :mod:`hybrids.data.pipeline` for the definitions.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import grain
 import ml_collections
 
 from hybrids.data import mqar as _mqar
+from hybrids.data import shards as _shards
 from hybrids.data import text as _text
 from hybrids.data.pipeline import IGNORE_LABEL, finite_batches, get_field, make_iterator
 from hybrids.data.pipeline import shard_and_batch as _shard_and_batch
@@ -46,7 +47,7 @@ __all__ = [
     "make_iterator",
 ]
 
-DATASETS = ("mqar", "text")
+DATASETS = ("mqar", "text", "shards")
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
@@ -71,6 +72,12 @@ def default_config(name: str) -> ml_collections.ConfigDict:
             heldout_fraction=0.05,
             seed=0,
         ))
+    if name == "shards":
+        return ml_collections.ConfigDict(dict(
+            name="shards",
+            # Directory written by `python -m hybrids.data.prepare --output DIR` (local or gs://…).
+            path="",
+        ))
     raise ValueError(f"data.name={name!r} is invalid: must be one of {DATASETS}")
 
 
@@ -93,17 +100,22 @@ def vocab_size(data_config: Any) -> int:
     f = _fields(data_config)
     if _name(data_config) == "mqar":
         return int(f["vocab_size"])
+    if _name(data_config) == "shards":
+        return _shards.vocab_size(f["path"])
     return _text.parse_tokenizer(f["tokenizer"])[1]
 
 
 def validate(data_config: Any, *, seq_len: int) -> None:
     """Raise ValueError naming the field, its bad value and the valid choices/range.
 
-    Cheap (reads no data beyond a glob for text files): call it before compiling.
+    Cheap (reads no data beyond a glob for text files, or the manifest for shards): call it
+    before compiling.
     """
     f = _fields(data_config)
     if _name(data_config) == "mqar":
         _mqar.validate(seq_len=seq_len, **f)
+    elif _name(data_config) == "shards":
+        _shards.validate(seq_len=seq_len, **f)
     else:
         _text.validate(seq_len=seq_len, **f)
 
@@ -122,6 +134,9 @@ def _source(data_config: Any, *, seq_len: int, split: str, workdir: str | None):
             seed=f["seed"],
             stream=_mqar.TRAIN_STREAM if split == "train" else _mqar.EVAL_STREAM,
         )
+    if _name(data_config) == "shards":
+        return _shards.ShardWindowSource(
+            f["path"], _shards.TRAIN_SPLIT if split == "train" else _shards.HELDOUT_SPLIT, seq_len)
     corpus = _text.prepare_corpus(workdir=workdir, **f)
     tokens = corpus.train if split == "train" else corpus.eval
     # Build both windows so that a too-small split errors at train time too.

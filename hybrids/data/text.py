@@ -1,9 +1,10 @@
 """Language modelling over local text files (byte-level or byte-level BPE tokens).
 
 Corpus: ``data.files`` is a glob pattern or a list of glob patterns (``**`` allowed;
-``.gz`` files are decompressed). Matches are de-duplicated and sorted, and each
-FILE IS ONE DOCUMENT (files are read whole into memory: this is meant for local
-corpora of up to a few GB).
+``.gz`` and ``.dz`` (dictzip) files are decompressed). Matches are de-duplicated and
+sorted, and each FILE IS ONE DOCUMENT (files are read whole into memory: this is meant
+for local corpora of up to a few GB; ``python -m hybrids.data.prepare`` streams larger ones
+into shards for the ``shards`` dataset).
 
 Held-out split (deterministic, by document): with ``n >= 2`` documents, a seeded
 permutation (``np.random.default_rng([data.seed, 7])``) selects
@@ -63,8 +64,8 @@ TOKENIZER_FILE = "tokenizer.json"
 # Config parsing / validation
 # ----------------------------------------------------------------------------
 
-def parse_tokenizer(spec: Any) -> tuple[str, int]:
-    """``"bytes"`` -> ("bytes", 257); ``"bpe:4096"`` -> ("bpe", 4096). ValueError otherwise."""
+def parse_tokenizer(spec: Any, field: str = "data.tokenizer") -> tuple[str, int]:
+    """``"bytes"`` -> ("bytes", 257); ``"bpe:4096"`` -> ("bpe", 4096). ValueError naming ``field`` otherwise."""
     if spec == "bytes":
         return "bytes", BYTE_VOCAB
     if isinstance(spec, str) and spec.startswith("bpe:"):
@@ -72,13 +73,16 @@ def parse_tokenizer(spec: Any) -> tuple[str, int]:
         if num.isdigit() and int(num) >= MIN_BPE_VOCAB:
             return "bpe", int(num)
     raise ValueError(
-        f"data.tokenizer={spec!r} is invalid: must be 'bytes' or 'bpe:VOCAB' with an "
+        f"{field}={spec!r} is invalid: must be 'bytes' or 'bpe:VOCAB' with an "
         f"integer VOCAB >= {MIN_BPE_VOCAB} (e.g. 'bpe:4096')"
     )
 
 
-def resolve_files(files: Any) -> list[str]:
-    """Expand ``data.files`` (glob or list of globs) to a sorted list of absolute paths."""
+def resolve_files(files: Any, field: str = "data.files") -> list[str]:
+    """Expand ``data.files`` (glob or list of globs) to a sorted list of absolute paths.
+
+    ``field`` names the setting in error messages (``--input`` for ``hybrids.data.prepare``).
+    """
     if isinstance(files, str):
         # A comma-separated string is a list of patterns (command-line overrides are strings).
         patterns = [f.strip() for f in files.split(",") if f.strip()]
@@ -86,7 +90,7 @@ def resolve_files(files: Any) -> list[str]:
         patterns = list(files)
     else:
         raise ValueError(
-            f"data.files={files!r} is invalid: must be a glob pattern string or a "
+            f"{field}={files!r} is invalid: must be a glob pattern string or a "
             "non-empty list of glob pattern strings"
         )
     paths = set()
@@ -95,7 +99,7 @@ def resolve_files(files: Any) -> list[str]:
             if os.path.isfile(p):
                 paths.add(os.path.abspath(p))
     if not paths:
-        raise ValueError(f"data.files={files!r} matches no files")
+        raise ValueError(f"{field}={files!r} matches no files")
     return sorted(paths)
 
 
@@ -120,9 +124,17 @@ def validate(*, seq_len: int, files: Any, tokenizer: Any, heldout_fraction: Any,
 # Reading and splitting
 # ----------------------------------------------------------------------------
 
+# dictzip (``.dz``, e.g. Debian's dictionaries) is gzip with an index in a header field.
+GZIP_SUFFIXES = (".gz", ".dz")
+
+
+def open_binary(path: str):
+    """Open ``path`` for reading bytes, decompressing by extension (``GZIP_SUFFIXES``)."""
+    return gzip.open(path, "rb") if path.endswith(GZIP_SUFFIXES) else open(path, "rb")
+
+
 def read_document(path: str) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with open_binary(path) as f:
         return f.read()
 
 
