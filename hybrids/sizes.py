@@ -119,3 +119,14 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
+
+
+def chinchilla_steps(model_cfg, size: str, *, tokens_per_step: int, tokens_per_param: float = 20) -> int:
+  """Training steps that give ``tokens_per_param`` tokens per non-embedding parameter of ``size``.
+
+  Counted on ``size``'s attention baseline, so every pattern of one size sees the same tokens (the
+  presets match their parameters to that baseline within ±10%). Hoffmann et al. 2022: ≈ 20.
+  """
+  baseline = model_cfg.copy_and_resolve_references()
+  baseline.size, baseline.pattern = size, ("attention",)
+  return max(1, round(tokens_per_param * non_embedding_params(apply_size(baseline)) / tokens_per_step))

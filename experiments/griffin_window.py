@@ -1,0 +1,112 @@
+"""Griffin's local-attention window study: RG-LRU + SWA against global and local-only attention, tokens fixed.
+
+Reproduces De et al. 2024, "Griffin: Mixing Gated Linear Recurrences with Local Attention for Efficient
+Language Models", Appendix E (local attention window size): Griffin — the pattern (RG-LRU, RG-LRU,
+SWA) — with windows {128, 256, 512, 1024, 2048}, against an MQA transformer with global attention and
+against a local-attention-only transformer with the same windows, trained at sequence lengths
+2048 / 4096 / 8192 on the same number of tokens (the batch shrinks as the sequence grows). The paper's
+finding: Griffin with a 1024 window beats the global-attention transformer at every length, even when
+the window is 8× shorter than the sequence, and local-only attention falls behind as the window
+shrinks. All models are matched in size (``model.size``, ``hybrids/sizes.py``), MQA (one KV head) as
+in the paper.
+
+Data: the byte-level GCIDE dictionary corpus as prepared shards (vocab 257). Prepare it once:
+
+    python -m hybrids.data.prepare --input '/usr/share/dictd/gcide.dict.dz' --tokenizer bytes --output data/gcide-bytes
+
+Commands (then the loss by position inside the context, per run):
+
+    python -m launch sweep experiments/griffin_window.py --backend local          # 33 runs (cluster)
+    python -m launch sweep experiments/griffin_window.py:small --backend local    # 9 runs
+    python -m launch sweep experiments/griffin_window.py:gpu --backend local      # 6 runs, one H100
+    python -m hybrids.evaluate --workdir runs/griffin_window/RUN --eval position --lengths 2048,4096,8192
+    python -m launch report runs/griffin_window        # a variant's runs: runs/griffin_window-VARIANT
+
+Variants:
+
+- ``None`` (full): size 125m, 3 lengths × (5 Griffin windows + global + 5 local-only windows) = 33 runs,
+  2^19 tokens a step, 20 tokens/param (~3.5k steps each); days of GPU time.
+- ``small``: size 5m, 3 lengths × (Griffin-1024, global, local-1024) = 9 runs, 2^17 tokens a step,
+  20 tokens/param (~780 steps); ~30 min on one GPU.
+- ``gpu``: size 5m, 3 lengths × (Griffin-1024, global) = 6 runs of 250 steps × 2^16 tokens, bf16, the
+  XLA scan (the Pallas scan compiles for minutes); ~3 min on one H100 (estimate: ~20 s compile +
+  ~10 s of steps each). Expected: Griffin's eval loss below global attention's at 2k, 4k and 8k.
+- ``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
+"""
+
+from __future__ import annotations
+
+from hybrids.config import ConfigError, base_config
+from hybrids.sizes import chinchilla_steps
+
+DATA_PATH = "data/gcide-bytes"
+SEQ_LENS = (2048, 4096, 8192)
+WINDOWS = (128, 256, 512, 1024, 2048)
+GRIFFIN = ("rglru", "rglru", "swa")
+VARIANTS = ("small", "gpu", "tiny")
+# Per variant: (size, tokens per step, steps or None for 20 tokens/param).
+BUDGET = {None: ("125m", 2**19, None), "small": ("5m", 2**17, None), "gpu": ("5m", 2**16, 250)}
+
+
+def _check_variant(arg: str | None) -> None:
+  if arg is not None and arg not in VARIANTS:
+    raise ConfigError(f"griffin_window: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
+
+
+def get_config(arg: str | None = None):
+  """Griffin with a 1024 window at seq_len 2048 for variant ``arg``; points set length, batch, pattern, window."""
+  _check_variant(arg)
+  c = base_config("shards")
+  c.data.path = DATA_PATH
+  c.data.seq_len = 2048
+  c.model.pattern = GRIFFIN
+  c.model.window = 1024
+  c.model.num_kv_heads = 1  # MQA, as Griffin's baselines
+  c.train.warmup_steps = 100
+  c.train.eval_every = 1000
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 500
+  c.train.log_every = 20
+  if arg == "tiny":
+    c.data.seq_len = 32
+    c.model.d_model = 16
+    c.model.n_layers = 3
+    c.model.num_heads = 2
+    c.model.window = 8
+    c.train.batch_size = 2
+    c.train.steps = 2
+    c.train.warmup_steps = 1
+    c.train.eval_every = 0
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 2
+    c.train.log_every = 1
+    return c
+  size, tokens_per_step, steps = BUDGET[arg]
+  c.model.size = size
+  c.train.batch_size = tokens_per_step // c.data.seq_len
+  c.train.steps = steps or chinchilla_steps(c.model, size, tokens_per_step=tokens_per_step)
+  c.train.lr = {"125m": 1e-3, "5m": 2e-3}[size]
+  if arg == "gpu":
+    c.model.dtype = "bfloat16"
+    c.model.scan_impl = "xla"
+    c.train.warmup_steps = 25
+    c.train.eval_every = 0
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = steps
+  return c
+
+
+def get_sweep(h, arg: str | None = None):
+  """Points of variant ``arg`` (module docstring); the batch keeps tokens per step fixed across lengths."""
+  _check_variant(arg)
+  variant = [h.sweep("config", [arg])] if arg else []
+  if arg == "tiny":
+    return h.product(variant + [h.sweep("model.pattern", [GRIFFIN, ("attention",)])])
+  _, tokens_per_step, _ = BUDGET[arg]
+  lengths = h.zip([h.sweep("data.seq_len", SEQ_LENS), h.sweep("train.batch_size", [tokens_per_step // s for s in SEQ_LENS])])
+  windows = WINDOWS if arg is None else (1024,)
+  models = [h.product([h.sweep("model.pattern", [GRIFFIN]), h.sweep("model.window", windows)]),
+            h.sweep("model.pattern", [("attention",)])]
+  if arg != "gpu":
+    models.append(h.product([h.sweep("model.pattern", [("swa",)]), h.sweep("model.window", windows)]))
+  return h.product(variant + [lengths, h.chain(models)])

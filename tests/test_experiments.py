@@ -1,0 +1,162 @@
+"""The experiment definitions: every variant's sweep has its documented size, validates and is unique;
+a bad variant is named; one point of each experiment's ``tiny`` variant trains.
+
+    PYTHONPATH=. python -m pytest -q -n 0 tests/test_experiments.py
+
+Text experiments read ``data/gcide-bytes`` relative to the working directory, so the tests prepare a
+small byte-level shards directory there (in a temporary working directory) with
+``hybrids.data.prepare``. Fully resolving the size-matched grids (``model.size``) builds abstract
+models for every (size, pattern), minutes on a small CPU, so every grid is checked here with
+``hybrids.config.validate`` per point, and the cheap variants (``tiny``, the small MQAR grids) are also
+resolved in full by ``launch.sweep.expand``; ``python -m launch sweep EXPERIMENT --dry-run`` resolves
+any grid in full.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import pytest
+
+from hybrids import config as config_lib
+from hybrids.data import prepare
+from hybrids.train import train
+from launch import sweep as sweep_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MQAR_EXPERIMENTS = ("zoology_mqar", "based_tradeoff")
+TEXT_EXPERIMENTS = ("scaling", "griffin_window", "swax", "hybrid_topology", "mixer_survey")
+# (experiment, variant) → points, as each module docstring documents them.
+SWEEP_SIZES = {
+    ("zoology_mqar", None): 448, ("zoology_mqar", "small"): 24, ("zoology_mqar", "gpu"): 6, ("zoology_mqar", "tiny"): 2,
+    ("based_tradeoff", None): 120, ("based_tradeoff", "small"): 11, ("based_tradeoff", "tiny"): 2,
+    ("scaling", None): 60, ("scaling", "small"): 8, ("scaling", "gpu"): 4, ("scaling", "tiny"): 2,
+    ("griffin_window", None): 33, ("griffin_window", "small"): 9, ("griffin_window", "gpu"): 6,
+    ("griffin_window", "tiny"): 2,
+    ("swax", None): 10, ("swax", "small"): 3, ("swax", "tiny"): 2,
+    ("hybrid_topology", None): 42, ("hybrid_topology", "small"): 4, ("hybrid_topology", "tiny"): 2,
+    ("mixer_survey", None): 51, ("mixer_survey", "small"): 17, ("mixer_survey", "tiny"): 2,
+}
+# Resolved in full through launch.sweep.expand as well (cheap: no size presets to match).
+FULLY_RESOLVED = {key for key in SWEEP_SIZES if key[1] == "tiny" or (key[0] in MQAR_EXPERIMENTS and key[1])}
+
+
+def path_of(name: str) -> str:
+  return os.path.join(REPO, "experiments", f"{name}.py")
+
+
+def spec_of(name: str, variant: str | None) -> str:
+  return path_of(name) + (f":{variant}" if variant else "")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+  """A working directory holding ``data/gcide-bytes``: ~35 KB of text, both splits > 8193 bytes
+  (griffin_window's longest sequence), so every text grid validates against it."""
+  root = tmp_path_factory.mktemp("experiments")
+  rng = random.Random(0)
+  words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxers".split()
+  text = "".join(" ".join(rng.choice(words) for _ in range(8)) + ".\n" for _ in range(800))
+  (root / "corpus.txt").write_text(text)
+  prepare.prepare(str(root / "corpus.txt"), "bytes", str(root / "data" / "gcide-bytes"), heldout_fraction=0.5,
+                  doc_bytes=2048, progress=False, log=lambda *_: None)
+  previous = os.getcwd()
+  os.chdir(root)
+  yield root
+  os.chdir(previous)
+
+
+def canonical(config) -> str:
+  return json.dumps(json.loads(config.to_json_best_effort(sort_keys=True)), sort_keys=True)
+
+
+@pytest.mark.parametrize("name,variant", sorted(SWEEP_SIZES, key=lambda k: (k[0], k[1] or "")))
+def test_sweep_size_validity_and_uniqueness(name, variant, corpus_dir):
+  spec = spec_of(name, variant)
+  points = sweep_lib.sweep_points(spec)
+  assert len(points) == SWEEP_SIZES[(name, variant)]
+  assert len({json.dumps(p, sort_keys=True) for p in points}) == len(points), "a point is listed twice"
+  module = config_lib.load_experiment(path_of(name))
+  bases = {}
+  configs = set()
+  for point in points:
+    arg = point.get("config", variant)
+    assert arg == variant, f"point {point} of variant {variant!r} uses get_config({arg!r})"
+    if arg not in bases:
+      bases[arg] = module.get_config(arg)
+    config = config_lib.apply_overrides(bases[arg], {k: v for k, v in point.items() if k != "config"})
+    config_lib.validate(config)
+    configs.add(canonical(config))
+  assert len(configs) == len(points), "two points give the same config"
+  if (name, variant) in FULLY_RESOLVED:
+    expanded = sweep_lib.expand(spec)
+    assert len({rid for rid, _, _ in expanded}) == len(points)
+
+
+def test_documented_grids_match_their_axes():
+  """The full grids are the products the docstrings describe."""
+  zoology = config_lib.load_experiment(path_of("zoology_mqar"))
+  assert len(zoology.PAPER_MIXERS) * len(zoology.D_MODELS) * len(zoology.SEQ_LEN_KV) * len(zoology.LEARNING_RATES) == 448
+  assert [round(math.log10(lr), 3) for lr in zoology.LEARNING_RATES] == [-4.0, -3.333, -2.667, -2.0]
+  points = sweep_lib.sweep_points(path_of("zoology_mqar"))
+  assert {(p["data.seq_len"], p["data.num_kv_pairs"]) for p in points} == set(zoology.SEQ_LEN_KV)
+  # Zoology's 64 epochs over 100k examples at every sequence length.
+  assert {p["train.steps"] * p["train.batch_size"] for p in points} == {64 * 100_000}
+  survey = config_lib.load_experiment(path_of("mixer_survey"))
+  from hybrids.mixers import MIXERS
+  assert set(survey.RECURRENT) | {"attention", "swa"} == set(MIXERS) and len(survey.patterns()) == len(MIXERS)
+
+
+@pytest.mark.parametrize("name", TEXT_EXPERIMENTS)
+def test_steps_follow_tokens_per_param(name, corpus_dir):
+  """Size-matched grids train ≈ 20 tokens per non-embedding parameter of the size's attention baseline
+  (griffin_window: the gpu variant's fixed step count aside), the same for every pattern of a size."""
+  from hybrids.config import model_config
+  from hybrids.sizes import apply_size, non_embedding_params
+
+  points = sweep_lib.sweep_points(spec_of(name, None))
+  module = config_lib.load_experiment(path_of(name))
+  base = module.get_config(None)
+  by_size = {}
+  for p in points:
+    size = p.get("model.size", base.model.size)
+    tokens = (p.get("train.steps", base.train.steps) * p.get("train.batch_size", base.train.batch_size)
+              * p.get("data.seq_len", base.data.seq_len))
+    by_size.setdefault((size, p.get("data.seq_len", base.data.seq_len)), set()).add(tokens)
+  for (size, _), tokens in by_size.items():
+    assert len(tokens) == 1, f"{name}: patterns of size {size} see different token counts {tokens}"
+    baseline = model_config()
+    baseline.size, baseline.pattern, baseline.num_kv_heads = size, ("attention",), base.model.num_kv_heads
+    params = non_embedding_params(apply_size(baseline))
+    assert tokens.pop() / params == pytest.approx(20, rel=0.05)
+
+
+@pytest.mark.parametrize("name", MQAR_EXPERIMENTS + TEXT_EXPERIMENTS)
+def test_unknown_variant_is_named(name):
+  module = config_lib.load_experiment(path_of(name))
+  with pytest.raises(config_lib.ConfigError, match="unknown variant 'smal'.*valid: small"):
+    module.get_config("smal")
+  with pytest.raises(config_lib.ConfigError, match="unknown variant 'smal'"):
+    module.get_sweep(sweep_lib.SweepHelpers(), "smal")
+
+
+# Training costs a compile (~20 s of CI CPU each), so three experiments cover the three data paths:
+# MQAR, prepared shards with a size preset, and SWAX's stochastic windows. Every point of every tiny
+# variant is still resolved and validated above.
+TRAINED = ("zoology_mqar", "scaling", "swax")
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_tiny_point_trains(name, corpus_dir, tmp_path):
+  """The first point of the ``tiny`` sweep trains its few steps and writes a finished run directory."""
+  _, point, config = sweep_lib.expand(spec_of(name, "tiny"))[0]
+  summary = train(config, str(tmp_path), progress=False)
+  assert summary["status"] == "done", summary.get("error")
+  assert summary["step"] == config.train.steps
+  assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["eval"]["eval_loss"])
+  with open(tmp_path / "metrics.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
+  assert steps == list(range(1, config.train.steps + 1))
