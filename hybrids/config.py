@@ -89,8 +89,30 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Sections that say where a run executes, not what it computes: left out of the run's identity
+# (config.json comparison on resume, run ids), so a run may resume on another mesh.
+RUNTIME_SECTIONS = ("runtime",)
+
+
+def runtime_config() -> ml_collections.ConfigDict:
+  """Placement (``hybrids.sharding``): mesh axis sizes; -1 takes all remaining devices."""
+  c = ml_collections.ConfigDict()
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  return c
+
+
+def identity(config) -> dict:
+  """The config as the run's identity: its JSON form without :data:`RUNTIME_SECTIONS`."""
+  import json
+
+  out = json.loads(config.to_json_best_effort(sort_keys=True))
+  for section in RUNTIME_SECTIONS:
+    out.pop(section, None)
+  return out
+
+
 def base_config(dataset: str = "mqar") -> ml_collections.ConfigDict:
-  """The full default config: ``seed``, ``model``, ``data``, ``train``."""
+  """The full default config: ``seed``, ``model``, ``data``, ``train``, ``runtime``."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
@@ -103,6 +125,7 @@ def base_config(dataset: str = "mqar") -> ml_collections.ConfigDict:
         c.data[key] = value
   c.data.seq_len = 64
   c.train = train_config()
+  c.runtime = runtime_config()
   return c
 
 
@@ -163,8 +186,8 @@ def validate(config) -> None:
     _positive_int(t[field], f"train.{field}")
   if not (t.lr > 0):
     raise ConfigError(f"train.lr={t.lr} must be > 0")
-  if not 0 <= t.warmup_steps <= t.steps:
-    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]")
+  if not 0 <= t.warmup_steps < t.steps:  # optax's cosine needs at least one decay step
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
   if t.eval_every < 0:
     raise ConfigError(f"train.eval_every={t.eval_every} must be ≥ 0 (0: evaluate at the end only)")
   choices = tuple(t.window_choices)
@@ -183,6 +206,29 @@ def validate(config) -> None:
   data_vocab = data_lib.vocab_size(config.data)
   if m.vocab_size and m.vocab_size < data_vocab:
     raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the data's vocabulary ({data_vocab})")
+  _validate_mesh(config, t.batch_size)
+
+
+def _validate_mesh(config, batch_size: int) -> None:
+  """What can be checked without devices; ``sharding.make_mesh`` checks the rest against them."""
+  runtime = config.get("runtime")
+  if runtime is None:
+    return
+  mesh = runtime.get("mesh") or {}
+  valid = tuple(runtime_config().mesh.keys())
+  unknown = sorted(set(mesh.keys()) - set(valid))
+  if unknown:
+    raise ConfigError(f"runtime.mesh has unknown axes {unknown}; valid: {', '.join(valid)}")
+  sizes = {axis: mesh.get(axis, 1) for axis in valid}
+  for axis, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, int) or (value <= 0 and value != -1):
+      raise ConfigError(f"runtime.mesh.{axis}={value!r} must be a positive integer or -1 (all remaining devices)")
+  if sum(value == -1 for value in sizes.values()) > 1:
+    raise ConfigError("runtime.mesh: at most one of " + ", ".join(f"runtime.mesh.{a}" for a in valid) + " may be -1")
+  ways = sizes["data"] * sizes["fsdp"]
+  if ways > 0 and batch_size % ways:  # with a -1 axis, make_mesh checks once the device count is known
+    raise ConfigError(f"train.batch_size={batch_size} is not divisible by runtime.mesh.data × runtime.mesh.fsdp = {ways}"
+                      " (the batch is split over both)")
 
 
 def load_experiment(path: str):

@@ -12,10 +12,18 @@ different config is refused. SIGTERM or Ctrl-C saves a checkpoint and exits (sta
 
 The run directory (DESIGN.md): ``config.json`` (resolved), ``metrics.jsonl``, TensorBoard events in
 ``tb/``, ``checkpoints/`` (orbax: params, optimizer state, data-iterator state) and ``summary.json``.
+
+Sharding (``hybrids.sharding``): parameters and optimizer state are created directly in their
+shardings on the mesh of ``config.runtime.mesh`` (default: data parallel over every device) and each
+batch is split over ``data`` × ``fsdp``. ``runtime`` is not part of ``config.json``: a run resumes on
+another mesh, e.g. ``--config.runtime.mesh.fsdp=4``. Several processes (SLURM, TPU pods, or
+``HYBRIDS_COORDINATOR`` / ``HYBRIDS_NUM_PROCESSES`` / ``HYBRIDS_PROCESS_ID``) run the same command;
+process 0 writes the run directory's files, all of them write the checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,7 +45,9 @@ from flax import nnx
 
 from hybrids import config as config_lib
 from hybrids import data as data_lib
-from hybrids.model import HybridLM, count_params
+from hybrids import flops as flops_lib
+from hybrids import sharding as sharding_lib
+from hybrids.model import HybridLM, count_params, layer_pattern
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -83,6 +93,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model = apply_size(config.model)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
+  if "runtime" not in config:  # a config built without base_config(): default placement
+    config.runtime = config_lib.runtime_config()
   config_lib.validate(config)
   if not config.model.vocab_size:
     config.model.vocab_size = data_lib.vocab_size(config.data)
@@ -90,11 +102,15 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
+  """What ``config.json`` holds: the config without its ``runtime`` (placement) section."""
+  return config_lib.identity(config)
 
 
-def prepare_workdir(config, workdir: str) -> None:
-  """Create ``workdir`` or check that it holds this very config; never overwrites another run."""
+def prepare_workdir(config, workdir: str, *, write: bool = True) -> None:
+  """Create ``workdir`` or check that it holds this very config; never overwrites another run.
+
+  ``write=False`` (processes other than 0) only checks, so that every process refuses alike.
+  """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   wanted = _config_json(config)
@@ -104,6 +120,8 @@ def prepare_workdir(config, workdir: str) -> None:
         existing = json.load(f)
       except json.JSONDecodeError as e:
         raise RunDirectoryError(f"{path} is not valid JSON ({e}); refusing to overwrite it") from None
+    for section in config_lib.RUNTIME_SECTIONS:  # a config.json written with its runtime section still matches
+      existing.pop(section, None)
     if existing != wanted:
       a, b = _flatten(existing), _flatten(wanted)
       diff = [f"  {k}: {a.get(k, '<absent>')!r} (on disk) != {b.get(k, '<absent>')!r} (requested)"
@@ -113,7 +131,7 @@ def prepare_workdir(config, workdir: str) -> None:
           "Use a new --workdir. Differences:\n" + "\n".join(diff))
   elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
     raise RunDirectoryError(f"{workdir} has checkpoints but no {CONFIG_FILE}; refusing to reuse it")
-  else:
+  elif write:
     _write_json(path, wanted)
 
 
@@ -145,10 +163,13 @@ def versions() -> dict[str, str]:
   return out
 
 
-def hardware() -> dict[str, Any]:
+def hardware(mesh=None) -> dict[str, Any]:
   devices = jax.devices()
-  return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-          "device_count": len(devices), "process_count": jax.process_count()}
+  out = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+         "device_count": len(devices), "process_count": jax.process_count()}
+  if mesh is not None:
+    out["mesh"] = dict(mesh.shape)
+  return out
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -260,6 +281,73 @@ def evaluate(trainer: Trainer, eval_step, params, batches) -> dict[str, float]:
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_accuracy": correct / max(count, 1.0)}
 
 
+@dataclasses.dataclass
+class Layout:
+  """A model's structure and its state's shapes, dtypes and shardings on one mesh — no weights."""
+
+  graphdef: Any
+  abstract_state: Any  # nnx.State of ShapeDtypeStruct
+  tx: optax.GradientTransformation
+  params: Any     # pure dict of ShapeDtypeStruct with .sharding (also a restore target)
+  opt_state: Any  # optimizer state, likewise
+  counts: dict[str, int]
+
+
+def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout:
+  """Trace the model abstractly (no compile, no weights) and place its state on ``mesh``."""
+  abstract_model = nnx.eval_shape(lambda: HybridLM(config.model, rngs=nnx.Rngs(params=config.seed)))
+  graphdef, abstract_state = nnx.split(abstract_model)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  tx = make_optimizer(config.train)
+  params_sharding = sharding_lib.params_shardings(abstract_params, mesh, layer_pattern(config.model))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sharding = sharding_lib.follow_params_shardings(abstract_opt, abstract_params, params_sharding, mesh)
+  placed = lambda tree, shardings: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  return Layout(graphdef, abstract_state, tx, placed(abstract_params, params_sharding),
+                placed(abstract_opt, opt_sharding), count_params(abstract_model))
+
+
+@dataclasses.dataclass
+class Setup:
+  """A model's compiled steps and its state, laid out on one mesh (see :func:`build`)."""
+
+  trainer: Trainer
+  mesh: jax.sharding.Mesh
+  params: Any
+  opt_state: Any
+  train_step: Any  # (params, opt_state, batch, window) → (params, opt_state, metrics); window static
+  eval_step: Any   # (params, batch) → (loss_sum, correct_sum, count)
+  batch_sharding: jax.sharding.NamedSharding
+  counts: dict[str, int]
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  """Initialise parameters and optimizer state in their shardings on ``mesh``; jit the steps.
+
+  ``config`` is resolved. The weights are created by a jitted init whose outputs are already
+  sharded, so no device ever holds a full copy it does not need (and every process of a
+  multi-process run builds the same weights from ``config.seed``). The steps' shardings are fixed
+  (in and out), so a batch or a state on another layout is an error rather than a silent reshard.
+  """
+  t = config.train
+  placed = layout(config, mesh)
+  sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  params_sharding, opt_sharding = sharding_of(placed.params), sharding_of(placed.opt_state)
+  new_params = lambda: nnx.to_pure_dict(nnx.state(HybridLM(config.model, rngs=nnx.Rngs(params=config.seed))))
+  params = jax.jit(new_params, out_shardings=params_sharding)()
+  opt_state = jax.jit(placed.tx.init, out_shardings=opt_sharding)(params)
+  trainer = Trainer(placed.graphdef, placed.abstract_state, placed.tx, moe_balance_weight=t.moe_balance_weight,
+                    has_moe=bool(config.model.moe_every))
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1), static_argnums=3,
+                       in_shardings=(params_sharding, opt_sharding, batch_sharding),
+                       out_shardings=(params_sharding, opt_sharding, replicated))
+  eval_step = jax.jit(trainer.eval_step, in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)
+  return Setup(trainer, mesh, params, opt_state, train_step, eval_step, batch_sharding, placed.counts)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -277,7 +365,8 @@ def save_checkpoint(manager, step: int, params, opt_state, data_state) -> None:
 
 
 def restore_checkpoint(workdir: str, keep: int, params, opt_state):
-  """Open the run's checkpoints and restore the newest readable one.
+  """Open the run's checkpoints and restore the newest readable one, onto the shardings of ``params``
+  and ``opt_state`` (the current mesh, whatever mesh wrote the checkpoint).
 
   An unreadable checkpoint (truncated or corrupt) is moved, with a warning, to
   ``workdir/corrupt_checkpoints/STEP`` — kept for inspection, out of orbax's way — and the next older
@@ -287,7 +376,7 @@ def restore_checkpoint(workdir: str, keep: int, params, opt_state):
   import shutil
 
   manager = checkpoint_manager(workdir, keep)
-  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
   errors = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -300,10 +389,11 @@ def restore_checkpoint(workdir: str, keep: int, params, opt_state):
     if errors:
       manager.close()
       aside = os.path.join(workdir, "corrupt_checkpoints")
-      os.makedirs(aside, exist_ok=True)
-      for bad in manager.all_steps():
-        if bad > step:
-          shutil.move(os.path.join(manager.directory, str(bad)), os.path.join(aside, f"{bad}-{int(time.time())}"))
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for bad in manager.all_steps():
+          if bad > step:
+            shutil.move(os.path.join(manager.directory, str(bad)), os.path.join(aside, f"{bad}-{int(time.time())}"))
       warnings.warn(f"resumed from step {step}; newer checkpoints could not be read and were moved to {aside}: "
                     + "; ".join(errors))
       manager = checkpoint_manager(workdir, keep)
@@ -350,31 +440,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   call — for tests and for time-sliced schedulers.
   """
   config = resolve(config)  # every config error surfaces here, before any compile or write
-  prepare_workdir(config, workdir)
   t = config.train
   batch_size, seq_len = t.batch_size, config.data.seq_len
+  mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=batch_size)  # checked, not compiled
+  primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
+  prepare_workdir(config, workdir, write=primary)
 
-  model = HybridLM(config.model, rngs=nnx.Rngs(params=config.seed))
-  counts = count_params(model)
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  # Shapes only: the jitted functions fill it from `params`, so no second copy of the weights lives on.
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  del model, state
-  tx = make_optimizer(t)
+  setup = build(config, mesh)
+  trainer, params, opt_state = setup.trainer, setup.params, setup.opt_state
+  train_step, eval_step, counts = setup.train_step, setup.eval_step, setup.counts
   schedule = lr_schedule(t)
-  opt_state = tx.init(params)
-  trainer = Trainer(graphdef, abstract_state, tx, moe_balance_weight=t.moe_balance_weight,
-                    has_moe=bool(config.model.moe_every))
-  train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1), static_argnames="window")
-  eval_step = jax.jit(trainer.eval_step)
 
   dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
                                    workdir=workdir, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   iterator = data_lib.make_iterator(dataset)
-  eval_data = data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=workdir,
-                                    num_batches=t.eval_batches)
+  eval_data = [sharding_lib.place_global_batch(b, setup.batch_sharding) for b in
+               data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=workdir,
+                                     num_batches=t.eval_batches)]
 
   manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, params, opt_state)
   metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -382,21 +465,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   if restored is not None:
     start_step, params, opt_state, data_state = restored
     iterator.set_state(data_state)
-    _truncate_metrics(metrics_path, start_step)
+    if primary:
+      _truncate_metrics(metrics_path, start_step)
 
   summary: dict[str, Any] = {
       "status": "running", "step": start_step, "steps": t.steps, **counts,
-      "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(),
+      "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
       "impl": {"attention": config.model.attention_impl, "scan": config.model.scan_impl},
   }
+  try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training
+    summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=start_step * batch_size * seq_len))
+  except Exception as e:  # noqa: BLE001
+    warnings.warn(f"FLOP accounting failed ({type(e).__name__}: {e}); summary.json will lack FLOPs")
   if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
     with open(os.path.join(workdir, SUMMARY_FILE)) as f:
       previous = json.load(f)
-    summary.update({k: previous[k] for k in ("eval", "wall_seconds") if k in previous})
-  _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.
+    summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds") if k in previous})
 
+  def write_summary() -> None:
+    if primary:
+      _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+
+  write_summary()
   from tensorboardX import SummaryWriter  # imported late: it pulls in protobuf
-  writer = SummaryWriter(os.path.join(workdir, "tb"))
+  writer = SummaryWriter(os.path.join(workdir, "tb")) if primary else None
+
+  def scalar(tag: str, value: float, at_step: int) -> None:
+    if writer is not None:
+      writer.add_scalar(tag, value, at_step)
+
   from tqdm.auto import tqdm
 
   step = start_step
@@ -417,29 +515,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
       timed_tokens += len(pending) * batch_size * seq_len
       timed_seconds += now - tick
     tick = now
-    with open(metrics_path, "a") as f:
+    with open(metrics_path, "a") if primary else contextlib.nullcontext() as f:
       for (s, _), m in zip(pending, fetched):
         # lr of the update that produced step s (optax counts updates from 0)
         record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1))}
         if not all(math.isfinite(v) for v in record.values()):
           raise DivergedError(f"non-finite loss at step {s}: {record}; the last good checkpoint is kept "
                               f"(step {manager.latest_step()}). Lower train.lr or raise train.warmup_steps.")
-        f.write(json.dumps(record) + "\n")
+        if f is not None:
+          f.write(json.dumps(record) + "\n")
         for k, v in record.items():
           if k != "step":
-            writer.add_scalar(f"train/{k}", v, s)
+            scalar(f"train/{k}", v, s)
     last_loss = float(fetched[-1]["loss"])
     pending.clear()
 
-  bar = tqdm(total=t.steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step",
+  bar = tqdm(total=t.steps, initial=start_step, disable=not (progress and primary), dynamic_ncols=True, unit="step",
              desc=os.path.basename(os.path.abspath(workdir)))
   wall_start = time.perf_counter()
   try:
     with _StopRequest() as stop:
       while step < t.steps:
-        batch = next(iterator)
+        batch = sharding_lib.shard_batch(next(iterator), setup.batch_sharding)
         window = window_for_step(t, step + 1, config.seed)
-        params, opt_state, metrics = train_step(params, opt_state, batch, window=window)
+        params, opt_state, metrics = train_step(params, opt_state, batch, window)
         step += 1
         if t.window_choices:
           metrics["window"] = window or config.model.window
@@ -454,10 +553,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
         bar.update(1)
         if is_eval:
           result = evaluate(trainer, eval_step, params, eval_data)
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **result}) + "\n")
+          if primary:
+            with open(metrics_path, "a") as f:
+              f.write(json.dumps({"step": step, **result}) + "\n")
           for k, v in result.items():
-            writer.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
+            scalar(f"eval/{k.removeprefix('eval_')}", v, step)
           summary["eval"] = {"step": step, **result}
         if is_ckpt:
           save_checkpoint(manager, step, params, opt_state, iterator.get_state())
@@ -482,7 +582,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     raise
   finally:
     bar.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
     manager.close()
     summary.update({
         "status": status, "step": step, "tokens": step * batch_size * seq_len,
@@ -490,7 +591,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
         "train_loss": last_loss if math.isfinite(last_loss) else None,
         "wall_seconds": summary.get("wall_seconds", 0.0) + time.perf_counter() - wall_start,
     })
-    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    if "flops_per_token_train" in summary:
+      summary["train_flops"] = summary["flops_per_token_train"] * summary["tokens"]
+    write_summary()
   return summary
 
 
@@ -502,6 +605,7 @@ def main(argv) -> None:
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   try:
+    sharding_lib.initialize_distributed()  # a no-op unless SLURM / TPU pod / HYBRIDS_* say otherwise
     summary = train(config, workdir)
   except (config_lib.ConfigError, RunDirectoryError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,227 @@
+"""Local backend: one ``python -m launch.run_point`` subprocess per point, in parallel over accelerators.
+
+    python -m launch sweep experiments/quickstart.py --backend local [--max-parallel N]
+
+With more than one local GPU (or TPU chip) each subprocess sees one device group
+(``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS``, ``--devices-per-run`` devices each); on CPU the
+points run one after another unless ``--max-parallel N`` asks for N at once. Devices are counted
+without initialising JAX here (``nvidia-smi``, ``/dev/accel*``), so the parent never holds GPU memory
+a child needs. A live table (rich when installed and on a terminal, else one line per change) shows
+each run's status, step and loss from its run directory. Ctrl-C or SIGTERM sends SIGTERM to every
+child — each saves a checkpoint and exits — and children also get SIGTERM if this process dies
+(``PR_SET_PDEATHSIG``), so a killed sweep loses at most the steps since their last save.
+Each run's output goes to ``RUN/launch.log``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from launch import runs
+
+# A relaunch may find a killed sweep's child still writing its SIGTERM checkpoint; wait that long.
+LOCK_WAIT_S = 120.0
+TERMINATE_GRACE_S = 60.0
+PROGRESS_EVERY_S = 60.0
+
+
+def run_point_argv(experiment: str, point: dict, workdir: str, *, python: str | None = None,
+                   extra: tuple[str, ...] = ()) -> list[str]:
+  """The argv that trains one point; the point is one JSON argv element, never shell text."""
+  return [python or sys.executable, "-m", "launch.run_point", "--experiment", experiment,
+          "--point-json", json.dumps(point, sort_keys=True), "--workdir", workdir, *extra]
+
+
+def detect_devices(environ=None) -> tuple[str, list[str]]:
+  """``(platform, device ids)`` of this host's accelerators, without initialising JAX.
+
+  ``JAX_PLATFORMS=cpu`` (as in the tests) means CPU; a set ``CUDA_VISIBLE_DEVICES`` is taken as the
+  GPUs to use; otherwise ``nvidia-smi -L`` counts GPUs and ``/dev/accel*`` / ``/dev/vfio/N`` TPU chips.
+  """
+  environ = os.environ if environ is None else environ
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms and platforms.split(",")[0] == "cpu":
+    return "cpu", []
+  if environ.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
+    return "gpu", [d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+  if shutil.which("nvidia-smi"):
+    try:
+      listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+      listing = ""
+    gpus = [line for line in listing.splitlines() if line.startswith("GPU ")]
+    if gpus:
+      return "gpu", [str(i) for i in range(len(gpus))]
+  chips = sorted(glob.glob("/dev/accel[0-9]*")) or sorted(p for p in glob.glob("/dev/vfio/*") if p[-1].isdigit())
+  if chips:
+    return "tpu", [str(i) for i in range(len(chips))]
+  return "cpu", []
+
+
+def device_groups(devices: list[str], per_run: int) -> list[list[str]]:
+  """Consecutive groups of ``per_run`` devices (a remainder too small for a run is left idle)."""
+  if per_run < 1:
+    raise ValueError(f"--devices-per-run={per_run} must be ≥ 1")
+  return [devices[i:i + per_run] for i in range(0, len(devices) - per_run + 1, per_run)]
+
+
+def child_env(platform: str, group: list[str] | None, slot: int, base=None) -> dict[str, str]:
+  """The environment of the subprocess that uses device ``group`` (None: all / CPU)."""
+  env = dict(os.environ if base is None else base)
+  if group is None:
+    return env
+  if platform == "gpu":
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
+  elif platform == "tpu":
+    # One chip per process, non-communicating processes (Cloud TPU's documented recipe).
+    env.update({"TPU_VISIBLE_CHIPS": ",".join(group), "TPU_VISIBLE_DEVICES": ",".join(group),
+                "TPU_CHIPS_PER_PROCESS_BOUNDS": "1,1,1", "TPU_PROCESS_BOUNDS": "1,1,1",
+                "TPU_PROCESS_PORT": str(8476 + slot), "TPU_MESH_CONTROLLER_ADDRESS": f"localhost:{8476 + slot}",
+                "TPU_MESH_CONTROLLER_PORT": str(8476 + slot)})
+  return env
+
+
+def _die_with_parent():
+  """preexec_fn: the child gets SIGTERM (→ checkpoint) when the launching process dies."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
+class StatusDisplay:
+  """The live table: rich on a terminal, else a line whenever a run changes status."""
+
+  def __init__(self, rows: list[dict], live: bool):
+    self.rows = rows
+    self.seen: dict[str, str] = {}
+    self.printed: dict[str, float] = {}
+    self.live = None
+    if live and sys.stdout.isatty():
+      try:
+        from rich.live import Live
+        self.live = Live(self._rich_table(), refresh_per_second=2, transient=False)
+        self.live.__enter__()
+      except ImportError:
+        self.live = None
+
+  def _rich_table(self):
+    from rich.table import Table
+
+    from launch import status as status_lib
+    table = Table(title="sweep")
+    for name in status_lib.COLUMNS:
+      table.add_column(name)
+    for row in status_lib.table_rows(self.rows):
+      table.add_row(*row)
+    return table
+
+  def update(self) -> None:
+    from launch import status as status_lib
+    for row in self.rows:
+      row.update(runs.run_state(row["workdir"]))
+    if self.live is not None:
+      self.live.update(self._rich_table())
+      return
+    now = time.monotonic()
+    for row in self.rows:
+      # A line when the status changes, and a progress line at most every PROGRESS_EVERY_S while running.
+      changed = self.seen.get(row["run"]) != row["status"]
+      due = row["status"] == "running" and now - self.printed.get(row["run"], 0.0) >= PROGRESS_EVERY_S
+      if changed or due:
+        self.seen[row["run"]] = row["status"]
+        self.printed[row["run"]] = now
+        print(f"[launch] {row['run']}: {status_lib.describe(row)}", flush=True)
+
+  def close(self) -> None:
+    if self.live is not None:
+      self.live.__exit__(None, None, None)
+
+
+def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, devices_per_run: int = 1,
+        live: bool = True, poll_s: float = 0.5) -> int:
+  """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, or 130 if stopped.
+
+  Rows are updated in place with each run's final state.
+  """
+  platform, devices = detect_devices()
+  groups: list[list[str]] | None = None
+  if platform != "cpu" and len(devices) > 1:
+    groups = device_groups(devices, devices_per_run)
+    if not groups:
+      raise ValueError(f"--devices-per-run={devices_per_run} exceeds the {len(devices)} local {platform} devices")
+    slots = min(max_parallel or len(groups), len(groups))
+  else:
+    slots = max_parallel or 1  # CPU (or a single device): one at a time unless asked
+  slots = max(1, min(slots, len(todo)))
+  where = f"on {platform} device groups {groups[:slots]}" if groups else f"({platform})"
+  print(f"[launch] local: {len(todo)} run(s), {slots} at a time {where}", flush=True)
+
+  display = StatusDisplay(todo, live)
+  queue = list(todo)
+  active: dict[int, tuple[subprocess.Popen, dict, object]] = {}  # slot → (process, row, log file)
+  stop = {"signum": None}
+
+  def on_signal(signum, frame):
+    stop["signum"] = signum
+    for proc, _, _ in list(active.values()):  # at once: each run checkpoints at its next step
+      if proc.poll() is None and not getattr(proc, "_launch_terminated", False):
+        proc._launch_terminated = True
+        proc.send_signal(signal.SIGTERM)
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    while (queue and stop["signum"] is None) or active:
+      for slot in range(slots):
+        if slot in active or not queue or stop["signum"] is not None:
+          continue
+        row = queue.pop(0)
+        os.makedirs(row["workdir"], exist_ok=True)
+        log = open(os.path.join(row["workdir"], runs.LOG_FILE), "a")
+        argv = run_point_argv(experiment, row["point"], row["workdir"],
+                              extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
+        log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot})\n")
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env(platform, groups[slot] if groups else None, slot), start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        active[slot] = (proc, row, log)
+      for slot, (proc, row, log) in list(active.items()):
+        if proc.poll() is not None:
+          log.close()
+          row["returncode"] = proc.returncode
+          del active[slot]
+      if stop["signum"] is not None:
+        _terminate([proc for proc, _, _ in active.values()])
+      display.update()
+      time.sleep(poll_s)
+  finally:
+    _terminate([proc for proc, _, _ in active.values()])
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+    display.update()
+    display.close()
+  return 130 if stop["signum"] is not None else 0
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+  """SIGTERM each child once (it checkpoints and exits), SIGKILL any still alive after the grace."""
+  for proc in procs:
+    if proc.poll() is None and not getattr(proc, "_launch_terminated", False):
+      proc._launch_terminated = True
+      proc.send_signal(signal.SIGTERM)
+  deadline = time.monotonic() + TERMINATE_GRACE_S
+  for proc in procs:
+    try:
+      proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()

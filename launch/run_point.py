@@ -1,0 +1,130 @@
+"""Train one sweep point: the entry point every backend runs (local subprocess, SLURM task, TPU VM, XPK pod).
+
+    python -m launch.run_point --experiment experiments/quickstart.py --point-json '{"config": "swa"}' \\
+        --workdir runs/quickstart/quickstart-0123456789
+
+The point travels as one JSON argv element (never spliced into a shell line); it is re-resolved here
+and its run id must equal the name of ``--workdir`` (``--run-id`` when the directory is named
+otherwise), so a run directory never receives another config. A run already done with this config
+returns at once, without building the model. The run's ``.lock`` is held while training; each
+attempt is recorded in ``launch.json``. Exit status: 0 done, 2 bad config or run
+directory, 3 diverged, 1 failed, 75 busy (another process trains the run), 143 interrupted (SIGTERM:
+checkpoint saved, resumes on the next launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+
+from launch import runs
+
+EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED, EXIT_BUSY = 0, 1, 2, 3, 75
+EXIT_INTERRUPTED = 128 + signal.SIGTERM
+
+
+def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = None, lock_wait_s: float = 0.0,
+            progress: bool = False, **attempt_info) -> tuple[int, dict]:
+  """Resolve, check the run id, lock, train; returns ``(exit status, summary)``.
+
+  Exceptions from training are caught and recorded (status "failed" in ``launch.json``); the
+  caller decides what a failure means for its backend.
+  """
+  from hybrids.config import ConfigError
+  from hybrids.train import DivergedError, RunDirectoryError, train
+  from launch import sweep as sweep_lib
+
+  try:
+    config = sweep_lib.resolve_point(experiment, point)
+  except (ConfigError, ValueError) as e:
+    print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
+    return EXIT_CONFIG, {}
+  expected = run_id or os.path.basename(os.path.normpath(workdir))
+  actual = sweep_lib.run_id(experiment, config)
+  if actual != expected:
+    print(f"error: point {json.dumps(point)} of {experiment} resolves to run id {actual}, not {expected}: "
+          "the experiment file changed since the sweep was expanded, or --workdir is another run's", file=sys.stderr)
+    return EXIT_CONFIG, {}
+  if _already_done(workdir, config):  # e.g. a requeued task or a second launch of a finished run
+    print(f"[launch] {actual} is already done: {json.dumps(point, sort_keys=True)}", flush=True)
+    return EXIT_DONE, runs.read_summary(workdir)
+  try:
+    with runs.run_lock(workdir, wait_s=lock_wait_s):
+      resumed_from = runs.latest_checkpoint_step(workdir)
+      attempt = runs.start_attempt(workdir, resumed_from=resumed_from, **attempt_info)
+      print(f"[launch] {actual} attempt {attempt}, from step {resumed_from}: {json.dumps(point)}", flush=True)
+      try:
+        summary = train(config, workdir, progress=progress)
+      except (ConfigError, RunDirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        runs.end_attempt(workdir, "failed", error=str(e))
+        return EXIT_CONFIG, runs.read_summary(workdir)
+      except DivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        runs.end_attempt(workdir, "diverged", error=str(e))
+        return EXIT_DIVERGED, runs.read_summary(workdir)
+      except Exception as e:  # recorded so that a relaunch retries it up to --max-retries
+        traceback.print_exc()
+        runs.end_attempt(workdir, "failed", error=f"{type(e).__name__}: {e}")
+        return EXIT_FAILED, runs.read_summary(workdir)
+      runs.end_attempt(workdir, summary["status"], step=summary["step"])
+      summary = runs.read_summary(workdir)
+  except runs.RunBusy as e:
+    print(f"[launch] {e}; leaving it alone", file=sys.stderr)
+    return EXIT_BUSY, {}
+  return (EXIT_DONE if summary.get("status") == "done" else EXIT_INTERRUPTED), summary
+
+
+def _already_done(workdir: str, config) -> bool:
+  """The run directory holds this very config and its summary says done: nothing to build or train."""
+  from hybrids.train import CONFIG_FILE, _config_json
+
+  if runs.read_summary(workdir).get("status") != "done":
+    return False
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      return json.load(f) == _config_json(config)
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m launch.run_point", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--experiment", required=True, help="experiment file, optionally FILE:ARG")
+  parser.add_argument("--point-json", required=True, help="the point's overrides as one JSON object")
+  parser.add_argument("--workdir", required=True, help="the run directory, ROOT/RUNID")
+  parser.add_argument("--run-id", default=None, help="expected run id (default: the name of --workdir)")
+  parser.add_argument("--lock-wait", type=float, default=0.0,
+                      help="seconds to wait for another process that still holds the run's lock")
+  parser.add_argument("--backend", default="direct", help="recorded in launch.json")
+  parser.add_argument("--progress", action="store_true", help="show the training progress bar")
+  args = parser.parse_args(argv)
+  try:
+    point = json.loads(args.point_json)
+  except json.JSONDecodeError as e:
+    parser.error(f"--point-json is not valid JSON: {e}")
+  if not isinstance(point, dict):
+    parser.error("--point-json must be a JSON object of config overrides")
+
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  info = {"backend": args.backend}
+  for env, key in (("SLURM_JOB_ID", "job_id"), ("CUDA_VISIBLE_DEVICES", "devices"), ("TPU_VISIBLE_CHIPS", "devices")):
+    if os.environ.get(env):
+      info[key] = os.environ[env]
+  code, summary = execute(args.experiment, point, args.workdir, run_id=args.run_id, lock_wait_s=args.lock_wait,
+                          progress=args.progress, **info)
+  if summary:
+    ev = summary.get("eval") or {}
+    print(f"{summary.get('status')}: step {summary.get('step')}/{summary.get('steps')}, train loss "
+          f"{summary.get('train_loss')}, eval loss {ev.get('eval_loss')} → {os.path.abspath(args.workdir)}", flush=True)
+  return code
+
+
+if __name__ == "__main__":
+  sys.exit(main())

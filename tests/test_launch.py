@@ -1,0 +1,424 @@
+"""The launcher: sweep expansion and filters, exact cloud command lines, shell quoting, the status
+table, retries, an interrupted local sweep that resumes to bit-identical losses, and SIGTERM (hence a
+checkpoint) for the runs of a sweep that is killed outright.
+
+    PYTHONPATH=. python -m pytest -q -n 0 tests/test_launch.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hybrids.config import ConfigError
+from launch import cloud, runs, status
+from launch import sweep as sweep_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "experiments", "quickstart.py")
+PAYLOAD = "x'; touch {pwned}; echo '"
+
+EXPERIMENT = '''
+"""Tiny launcher-test sweep: one SWA layer, {steps} steps."""
+from hybrids.config import get_config as _get_config
+
+def get_config(arg=None):
+  c = _get_config({quickstart!r} + ":tiny", {{
+      "train.steps": {steps}, "train.checkpoint_every": 1000, "train.eval_every": 0,
+      "model.pattern": ("swa",), "model.n_layers": 1}})
+  if arg == "wide":
+    c.model.d_model = 64
+  return c
+
+def get_sweep(h, arg=None):
+  lrs = [1e-2, 3e-3] if arg != "one" else [1e-2]
+  if arg == "twins":  # two runs that train identically: MQAR data ignores data.files
+    return h.product([h.sweep("data.files", ["run-a", "run-b"]), h.sweep("model.window", [8])])
+  axes = [h.sweep("train.lr", lrs), h.sweep("model.window", [8])]
+  if {files!r}:  # a string field that reaches every backend's command line
+    axes.append(h.sweep("data.files", [{files!r}]))
+  return h.product(axes)
+'''
+
+
+def write_experiment(tmp_path, steps=200, files="", name="tinysweep"):
+  path = tmp_path / f"{name}.py"
+  path.write_text(EXPERIMENT.format(quickstart=QUICKSTART, steps=steps, files=files))
+  return str(path)
+
+
+def metric_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- expansion, variants, filters
+
+def test_helpers_variants_and_run_ids(tmp_path):
+  h = sweep_lib.SweepHelpers()
+  assert h.product([h.sweep("a", [1, 2]), h.sweep("b", [3])]) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+  assert h.zip([h.sweep("a", [1, 2]), h.sweep("b", [3, 4])]) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  assert h.chain([h.sweep("a", [1]), h.sweep("b", [2])]) == [{"a": 1}, {"b": 2}]
+  with pytest.raises(ValueError, match="different lengths"):
+    h.zip([h.sweep("a", [1, 2]), h.sweep("b", [3])])
+  plain = sweep_lib.plain({"lr": np.logspace(-4, -2, 3)[1], "n": np.int64(3), "pattern": ("swa", "rglru")})
+  assert plain == {"lr": 1e-3, "n": 3, "pattern": ["swa", "rglru"]} and type(plain["n"]) is int  # JSON-able
+
+  exp = write_experiment(tmp_path)
+  full = sweep_lib.expand(exp)
+  one = sweep_lib.expand(exp + ":one")           # ARG reaches get_sweep(h, arg)
+  wide = sweep_lib.expand(exp + ":wide")         # ... and is the get_config argument of points without "config"
+  assert len(full) == 2 and len(one) == 1 and one[0][0] == full[0][0]
+  assert wide[0][2].model.d_model == 64 and wide[0][0] != full[0][0]
+  assert sweep_lib.sweep_name(exp) == "tinysweep" and sweep_lib.sweep_name(exp + ":wide") == "tinysweep-wide"
+  # The point as JSON (tuples become lists) resolves to the same run id: what run_point re-checks.
+  rid, point, _ = full[0]
+  assert sweep_lib.run_id(exp, sweep_lib.resolve_point(exp, json.loads(json.dumps(point)))) == rid
+  # get_sweep(h) with one parameter keeps working.
+  assert [p["config"] for _, p, _ in sweep_lib.expand(QUICKSTART)] == ["attention", "swa", "rglru"]
+
+
+def test_filters_match_resolved_config_and_name_bad_fields(tmp_path):
+  exp = write_experiment(tmp_path)
+  expanded = sweep_lib.expand(exp)
+  assert [p["train.lr"] for _, p, _ in sweep_lib.select(exp, expanded, ["train.lr=0.003"])] == [3e-3]
+  assert len(sweep_lib.select(exp, expanded, ["train.lr=0.003", "train.lr=1e-2"])) == 2  # one field: OR
+  assert sweep_lib.select(exp, expanded, ["train.lr=0.003", "model.window=16"]) == []     # fields: AND
+  assert len(sweep_lib.select(exp, expanded, ["model.mixer=swa"])) == 2
+  assert sweep_lib.select(exp, expanded, ["model.mixer=rglru"]) == []
+  assert len(sweep_lib.select(exp, expanded, ["model.pattern=('swa',)"])) == 2
+  with pytest.raises(ConfigError, match=r"model has no 'widnow'.*valid: .*window"):
+    sweep_lib.select(exp, expanded, ["model.widnow=8"])
+  with pytest.raises(ConfigError, match=r"not a mixer; valid: .*rglru"):
+    sweep_lib.select(exp, expanded, ["model.mixer=rglr"])
+  with pytest.raises(ConfigError, match="cannot parse"):
+    sweep_lib.select(exp, expanded, ["model.window=eight"])
+
+
+def test_bad_input_is_named_before_anything_is_written(tmp_path, capsys):
+  from launch.__main__ import main
+
+  exp = write_experiment(tmp_path)
+  root = tmp_path / "root"
+  assert main(["sweep", exp, "--root", str(root), "--filter", "train.lrr=1"]) == 2
+  assert "unknown field" in capsys.readouterr().err
+  assert main(["sweep", str(tmp_path / "nope.py"), "--root", str(root)]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert main(["sweep", exp, "--root", str(root), "--backend", "tpu", "--dry-run"]) == 2
+  assert "--zone and --accelerator-type" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main(["sweep", exp, "--backend", "kubernetes"])
+  assert "choose from 'local', 'slurm', 'tpu', 'xpk'" in capsys.readouterr().err
+  assert main(["sweep", exp, "--root", str(root), "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("-m launch.run_point") == 2 and "2 to launch on local" in out
+  assert not root.exists()  # a dry run writes nothing
+
+
+# ----------------------------------------------------------------------------- cloud command lines
+
+def test_tpu_and_xpk_commands_are_exact():
+  point = {"model.window": 8, "train.lr": 0.01}
+  remote = ("cd hybrids && python3 -m launch.run_point --experiment experiments/x.py:small --point-json "
+            "'{\"model.window\": 8, \"train.lr\": 0.01}' --workdir runs/x/x-0123456789 --backend tpu")
+  opts = cloud.CloudOptions(zone="us-central2-b", accelerator_type="v4-8", project="proj")
+  cmds = cloud.tpu_commands("experiments/x.py:small", "x-0123456789", point, "runs/x/x-0123456789", opts)
+  assert cmds == {
+      "create": ["gcloud", "compute", "tpus", "tpu-vm", "create", "x-0123456789", "--zone=us-central2-b",
+                 "--project=proj", "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"],
+      "run": ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "x-0123456789", "--zone=us-central2-b", "--project=proj",
+              "--worker=all", f"--command={remote}"],
+      "delete": ["gcloud", "compute", "tpus", "tpu-vm", "delete", "x-0123456789", "--zone=us-central2-b",
+                 "--project=proj", "--quiet"]}
+  queued = cloud.tpu_commands("experiments/x.py:small", "x-0123456789", point, "runs/x/x-0123456789",
+                              cloud.CloudOptions(zone="z", accelerator_type="v5litepod-8", queued=True, spot=True))
+  assert queued["create"] == ["gcloud", "compute", "tpus", "queued-resources", "create", "x-0123456789",
+                              "--node-id=x-0123456789", "--zone=z", "--accelerator-type=v5litepod-8",
+                              "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+  assert queued["wait"][-1] == "--format=value(state.state)"
+  assert queued["delete"] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "x-0123456789", "--zone=z",
+                              "--force", "--quiet"]
+
+  xopts = cloud.CloudOptions(cluster="c1", tpu_type="v5litepod-16", num_slices=2, docker_image="gcr.io/p/img",
+                             max_restarts=5, remote_repo="/app")
+  assert cloud.xpk_command("experiments/x.py:small", "x-0123456789", point, "/gcs/runs/x/x-0123456789", xopts) == [
+      "xpk", "workload", "create", "--cluster=c1", "--workload=x-0123456789", "--tpu-type=v5litepod-16",
+      "--num-slices=2", "--docker-image=gcr.io/p/img", "--max-restarts=5",
+      "--command=cd /app && python3 -m launch.run_point --experiment experiments/x.py:small --point-json "
+      "'{\"model.window\": 8, \"train.lr\": 0.01}' --workdir /gcs/runs/x/x-0123456789 --backend xpk"]
+  assert cloud.resource_name("Zoology_MQAR-0123456789") == "zoology-mqar-0123456789"
+  long_name = cloud.resource_name("a" * 60 + "-0123456789", max_len=40)
+  assert len(long_name) == 40 and long_name.endswith("-0123456789")
+
+
+FAKE_REMOTE = """#!/bin/bash
+# Stands in for {tool}: runs what the remote side would run — the --command=... string — through a shell.
+for arg in "$@"; do
+  case "$arg" in --command=*) exec bash -c "${{arg#--command=}}" ;; esac
+done
+"""
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for the remote python3: records its argv, one element per line, NUL-separated.
+printf '%s\\0' "$@" > "$ARGV_OUT"
+"""
+
+
+def test_shell_payload_is_never_executed(tmp_path, capsys):
+  """A config string made to break out of quotes, through every backend's printed command and a real shell."""
+  from launch.__main__ import main
+
+  pwned = tmp_path / "pwned"
+  payload = PAYLOAD.format(pwned=pwned)
+  exp = write_experiment(tmp_path, steps=3, files=payload)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for tool, text in (("gcloud", FAKE_REMOTE), ("xpk", FAKE_REMOTE), ("python3", FAKE_PYTHON)):
+    (bin_dir / tool).write_text(text.format(tool=tool))
+    (bin_dir / tool).chmod(0o755)
+  point = {"train.lr": 0.01, "model.window": 8, "data.files": payload}
+  root = tmp_path / "root"
+  env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": REPO}
+  common = ["sweep", exp + ":one", "--root", str(root), "--dry-run", "--remote-repo", str(tmp_path)]
+  for backend, flags in (("tpu", ["--zone", "z", "--accelerator-type", "v4-8"]),
+                         ("xpk", ["--cluster", "c", "--tpu-type", "v5litepod-8"])):
+    assert main([*common, "--backend", backend, *flags]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("gcloud compute tpus tpu-vm ssh") or l.startswith("xpk ")]
+    assert len(lines) == 1, out
+    argv_out = tmp_path / f"argv-{backend}"
+    subprocess.run(["bash", "-c", lines[0]], env={**env, "ARGV_OUT": str(argv_out)}, check=True, cwd=tmp_path)
+    remote_argv = argv_out.read_bytes().decode().split("\0")[:-1]
+    assert json.loads(remote_argv[remote_argv.index("--point-json") + 1])["data.files"] == payload
+  assert not pwned.exists()
+
+  # The local backend's printed line, run by bash for real. Its run directory says "done" for this very
+  # config, so run_point re-resolves the point from its JSON argument, checks the run id and the
+  # config, and stops there (no training to pay for); it echoes the point it received.
+  from hybrids.train import _config_json
+  assert main(["sweep", exp + ":one", "--root", str(root), "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  (line,) = [l for l in out.splitlines() if "-m launch.run_point" in l]
+  assert json.loads(shlex.split(line)[shlex.split(line).index("--point-json") + 1]) == point
+  (rid, _, config), = sweep_lib.expand(exp + ":one")
+  (root / rid).mkdir(parents=True)
+  (root / rid / "config.json").write_text(json.dumps(_config_json(config)))
+  (root / rid / "summary.json").write_text(json.dumps({"status": "done", "step": 3, "steps": 3}))
+  done = subprocess.run(["bash", "-c", line], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  echoed = done.stdout.split(f"[launch] {rid} is already done: ", 1)[1].splitlines()[0]
+  assert json.loads(echoed) == point and json.loads(echoed)["data.files"] == payload
+  assert not pwned.exists()
+
+
+FAKE_GCLOUD_LOG = """#!/bin/bash
+# Stands in for gcloud: logs its argv; "ssh" runs the remote command line through a shell.
+printf '%s\\n' "$*" >> "$GCLOUD_LOG"
+for arg in "$@"; do
+  case "$arg" in --command=*) exec bash -c "${arg#--command=}" ;; esac
+done
+"""
+
+
+def test_tpu_backend_creates_runs_and_deletes_a_vm_per_run(tmp_path, monkeypatch, capsys):
+  from launch.__main__ import main
+
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(FAKE_GCLOUD_LOG)
+  (bin_dir / "python3").write_text(FAKE_PYTHON)
+  for tool in ("gcloud", "python3"):
+    (bin_dir / tool).chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("GCLOUD_LOG", str(tmp_path / "gcloud.log"))
+  monkeypatch.setenv("ARGV_OUT", str(tmp_path / "argv"))
+  exp = write_experiment(tmp_path)
+  root = tmp_path / "root"
+  assert main(["sweep", exp + ":one", "--root", str(root), "--backend", "tpu", "--zone", "z",
+               "--accelerator-type", "v4-8", "--remote-repo", str(tmp_path), "--remote-root", "/mnt/runs"]) == 0
+  (rid, _, _), = sweep_lib.expand(exp + ":one")
+  name = cloud.resource_name(rid)
+  log = (tmp_path / "gcloud.log").read_text().splitlines()
+  assert [l.split()[2:4] for l in log] == [["tpu-vm", "create"], ["tpu-vm", "ssh"], ["tpu-vm", "delete"]]
+  assert all(l.split()[4] == name for l in log)
+  remote_argv = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
+  assert remote_argv[remote_argv.index("--workdir") + 1] == f"/mnt/runs/{rid}"
+  assert json.loads((root / "sweep.json").read_text())["points"][0]["run_id"] == rid
+
+
+def test_local_devices_are_found_without_jax_and_split_into_groups():
+  from launch import local
+
+  assert local.detect_devices({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "0,1"}) == ("cpu", [])
+  assert local.detect_devices({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == ("gpu", ["0", "1", "2", "3"])
+  assert local.device_groups(["0", "1", "2", "3", "4"], 2) == [["0", "1"], ["2", "3"]]
+  assert local.child_env("gpu", ["2", "3"], 1, base={})["CUDA_VISIBLE_DEVICES"] == "2,3"
+  tpu = local.child_env("tpu", ["1"], 1, base={})
+  assert tpu["TPU_VISIBLE_CHIPS"] == "1" and tpu["TPU_PROCESS_BOUNDS"] == "1,1,1" and tpu["TPU_PROCESS_PORT"] == "8477"
+  assert local.child_env("cpu", None, 0, base={"A": "1"}) == {"A": "1"}
+
+
+# ----------------------------------------------------------------------------- run states, status, retries
+
+def _fake_run(root, rid, *, summary=None, attempts=None, metrics=None):
+  workdir = root / rid
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  if summary is not None:
+    (workdir / "summary.json").write_text(json.dumps(summary))
+  if attempts is not None:
+    (workdir / runs.LAUNCH_FILE).write_text(json.dumps({"attempts": attempts}))
+  if metrics is not None:
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+  return str(workdir)
+
+
+def test_status_table_and_retry_limit(tmp_path, capsys):
+  from launch.__main__ import main, plan_rows
+
+  root = tmp_path / "sweep"
+  _fake_run(root, "s-done", summary={"status": "done", "step": 50, "steps": 50, "train_loss": 1.25},
+            attempts=[{"status": "done"}], metrics=[{"step": 50, "loss": 1.25}])
+  live = _fake_run(root, "s-live", summary={"status": "running", "step": 0, "steps": 50},
+                   metrics=[{"step": 1, "loss": 4.0}, {"step": 7, "loss": 3.5}])
+  _fake_run(root, "s-killed", summary={"status": "running", "step": 0, "steps": 50},
+            metrics=[{"step": 3, "loss": 3.75}])
+  _fake_run(root, "s-failed", summary={"status": "failed", "step": 2, "steps": 50},
+            attempts=[{"status": "failed"}] * 3)
+  _fake_run(root, "s-diverged", summary={"status": "diverged", "step": 9, "steps": 50})
+  (root / "sweep.json").write_text(json.dumps({"points": [
+      {"run_id": rid, "point": {"train.lr": i}} for i, rid in
+      enumerate(["s-done", "s-live", "s-killed", "s-failed", "s-diverged", "s-pending"])]}))
+  with runs.run_lock(live):  # a live process trains s-live
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    rows = {r["run"]: r for r in status.collect(str(root))}
+    assert [r["run"] for r in plan_rows(str(root), [("s-live", {}, None)], max_retries=2)[1]] == ["s-live"]
+    assert plan_rows(str(root), [("s-live", {}, None)], max_retries=2, backend="slurm")[1] == []
+  table = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.startswith("s-")}
+  assert table["s-done"][1:5] == ["train.lr=0", "done", "50/50", "1.2500"]
+  assert table["s-live"][2:5] == ["running", "7/50", "3.5000"]
+  assert table["s-killed"][2] == "interrupted" and table["s-failed"][2:6] == ["failed", "2/50", "—", "3"]
+  assert table["s-diverged"][2] == "diverged" and table["s-pending"][2:] == ["pending", "—", "—", "0", "—"]
+  assert "6 run(s): 1 diverged, 1 done, 1 failed, 1 interrupted, 1 pending, 1 running" in out
+  assert rows["s-live"]["status"] == "running"
+  # A run on another host (its lock invisible from here) is running while its files are fresh.
+  remote = _fake_run(root, "s-remote", summary={"status": "running", "step": 0, "steps": 50},
+                     attempts=[{"status": "running", "host": "another-host"}])
+  assert runs.run_state(remote)["status"] == "running"
+  os.utime(os.path.join(remote, "summary.json"), (0, 0))
+  os.utime(os.path.join(remote, runs.LAUNCH_FILE), (0, 0))
+  assert runs.run_state(remote)["status"] == "interrupted"
+  assert runs.run_state(live)["status"] == "interrupted"  # lock released: its process is gone
+
+  # Which runs a relaunch starts: not done, not diverged, not failed more than --max-retries times.
+  selected = [(rid, {}, None) for rid in ("s-done", "s-killed", "s-failed", "s-diverged", "s-pending")]
+  _, todo = plan_rows(str(root), selected, max_retries=2)
+  assert [r["run"] for r in todo] == ["s-killed", "s-pending"]
+  _, todo = plan_rows(str(root), selected, max_retries=3)
+  assert [r["run"] for r in todo] == ["s-killed", "s-failed", "s-pending"]
+  assert main(["status", str(tmp_path / "missing")]) == 2
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def _wait_for_steps(targets, proc, timeout=300):
+  """Until each ``workdir``'s metrics.jsonl has at least ``targets[workdir]`` lines."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    counts = {}
+    for w in targets:
+      try:
+        counts[w] = sum(1 for _ in open(os.path.join(w, "metrics.jsonl")))
+      except OSError:
+        counts[w] = 0
+    if all(counts[w] >= n for w, n in targets.items()):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"runs did not reach {targets} logged steps (sweep exited {proc.poll()})")
+
+
+KILLED_PARENT = r"""
+import subprocess, sys, time
+from launch.local import _die_with_parent
+CHILD = '''
+import signal, sys, time
+def on_term(*_):
+  open(sys.argv[1], "w").write("SIGTERM")
+  sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(60)
+'''
+child = subprocess.Popen([sys.executable, "-c", CHILD, sys.argv[1]], start_new_session=True,
+                         preexec_fn=_die_with_parent, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_children_of_a_killed_sweep_get_sigterm(tmp_path):
+  """A sweep killed outright (SIGKILL, the OOM killer) still sends its runs SIGTERM, on which training
+  saves a checkpoint (as the test below and tests/test_train.py check): the kernel does it
+  (PR_SET_PDEATHSIG), so nothing of the sweep process has to run."""
+  marker = tmp_path / "child_got"
+  parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(marker)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE, text=True)
+  assert parent.stdout.readline().strip() == "started"
+  parent.kill()
+  parent.wait()
+  deadline = time.time() + 30
+  while not marker.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  assert marker.read_text() == "SIGTERM"
+
+
+def test_interrupted_local_sweep_resumes_bit_identically(tmp_path):
+  """SIGTERM to a sweep at a random step; the next launch resumes that run and trains its twin (the same
+  training, another run id) beside it: both complete with continuous metrics and identical losses,
+  i.e. the resumed run logged exactly what an uninterrupted one does."""
+  from launch.__main__ import plan_rows
+
+  steps = 200
+  exp = write_experiment(tmp_path, steps=steps) + ":twins"
+  expanded = sweep_lib.expand(exp)
+  (resumed, _, _), (twin, _, _) = expanded
+  root = tmp_path / "root"
+  resumed, twin = str(root / resumed), str(root / twin)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         # The second launch loads the compiled programs of the first instead of compiling them again.
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  argv = [sys.executable, "-m", "launch", "sweep", exp, "--root", str(root), "--max-parallel", "2", "--no-progress"]
+
+  first = subprocess.Popen(argv + ["--filter", "data.files=run-a"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  _wait_for_steps({resumed: random.randint(3, 30)}, first)
+  first.send_signal(signal.SIGTERM)  # the sweep forwards it at once; the run checkpoints at its next step
+  out, _ = first.communicate(timeout=300)
+  assert first.returncode == 130, out
+  stopped = runs.run_state(resumed)
+  assert stopped["status"] == "interrupted" and 0 < stopped["step"] < steps, stopped
+  assert runs.run_state(twin)["status"] == "pending"
+
+  second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  attempts = runs.read_attempts(resumed)
+  assert [a["status"] for a in attempts] == ["interrupted", "done"], attempts
+  assert attempts[1]["resumed_from"] == attempts[0]["step"] == stopped["step"]
+  assert [a["status"] for a in runs.read_attempts(twin)] == ["done"]
+  rows = metric_rows(resumed)
+  assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+  assert rows == metric_rows(twin)  # every logged float, exactly
+  rows, todo = plan_rows(str(root), expanded, max_retries=2)  # what a third launch would do: nothing
+  assert todo == [] and [r["action"] for r in rows] == ["skip (done)"] * 2
