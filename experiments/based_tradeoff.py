@@ -34,7 +34,7 @@ points, used by ``tests/test_experiments.py``).
 
 from __future__ import annotations
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 
 D_MODELS = (128, 256)
 WINDOWS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -46,14 +46,9 @@ LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 VARIANTS = ("small", "tiny")
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"based_tradeoff: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
-
-
 def get_config(arg: str | None = None):
   """Two single-head layers of global attention on MQAR (seq_len 1024, 64 pairs); points change the mixer."""
-  _check_variant(arg)
+  check_variant('based_tradeoff', arg, VARIANTS)
   c = base_config("mqar")
   c.data.vocab_size = 8192
   c.data.seq_len = 1024
@@ -84,19 +79,7 @@ def get_config(arg: str | None = None):
     c.train.eval_batches = 16
     c.train.checkpoint_every = 500
   elif arg == "tiny":
-    c.data.vocab_size = 64
-    c.data.seq_len = 32
-    c.data.num_kv_pairs = 2
-    c.data.num_train_examples = 64
-    c.data.num_eval_examples = 8
-    c.model.d_model = 16
-    c.train.batch_size = 4
-    c.train.steps = 3
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 3
-    c.train.log_every = 1
+    smoke_test(c)
   return c
 
 
@@ -112,7 +95,7 @@ def _rglru_widths(h, d_models, factors) -> list[dict]:
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  _check_variant(arg)
+  check_variant('based_tradeoff', arg, VARIANTS)
   if arg == "tiny":
     return h.product([h.sweep("config", ["tiny"]), h.chain([_mixer(h, "swa", "model.window", (4,)),
                                                             _mixer(h, "based", "model.feature_dim", (4,))])])

@@ -36,7 +36,7 @@ Variants:
 
 from __future__ import annotations
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 from hybrids.sizes import chinchilla_steps
 
 DATA_PATH = "data/gcide-bytes"
@@ -48,14 +48,9 @@ VARIANTS = ("small", "gpu", "tiny")
 BUDGET = {None: ("125m", 2**19, None), "small": ("5m", 2**17, None), "gpu": ("5m", 2**16, 250)}
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"griffin_window: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
-
-
 def get_config(arg: str | None = None):
   """Griffin with a 1024 window at seq_len 2048 for variant ``arg``; points set length, batch, pattern, window."""
-  _check_variant(arg)
+  check_variant('griffin_window', arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 2048
@@ -68,19 +63,7 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 500
   c.train.log_every = 20
   if arg == "tiny":
-    c.data.seq_len = 32
-    c.model.d_model = 16
-    c.model.n_layers = 3
-    c.model.num_heads = 2
-    c.model.window = 8
-    c.train.batch_size = 2
-    c.train.steps = 2
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
-    return c
+    return smoke_test(c, steps=2, batch_size=2, n_layers=3, num_heads=2, window=8)
   size, tokens_per_step, steps = BUDGET[arg]
   c.model.size = size
   c.train.batch_size = tokens_per_step // c.data.seq_len
@@ -98,7 +81,7 @@ def get_config(arg: str | None = None):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring); the batch keeps tokens per step fixed across lengths."""
-  _check_variant(arg)
+  check_variant('griffin_window', arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [GRIFFIN, ("attention",)])])

@@ -30,7 +30,7 @@ smoke test, 2 points, used by ``tests/test_experiments.py``).
 
 from __future__ import annotations
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 from hybrids.sizes import chinchilla_steps
 
 DATA_PATH = "data/gcide-bytes"
@@ -42,14 +42,9 @@ LR = {"5m": 2e-3, "20m": 1.5e-3, "50m": 1e-3}
 VARIANTS = ("small", "tiny")
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"hybrid_topology: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
-
-
 def get_config(arg: str | None = None):
   """The parallel Mamba-2 | SWA hybrid (gated merge) at 5m; points set pattern, merge, size, steps."""
-  _check_variant(arg)
+  check_variant('hybrid_topology', arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 2048
@@ -66,19 +61,7 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 500
   c.train.log_every = 20
   if arg == "tiny":
-    c.data.seq_len = 32
-    c.model.size = ""
-    c.model.d_model = 16
-    c.model.n_layers = 2
-    c.model.num_heads = 2
-    c.model.window = 8
-    c.train.batch_size = 2
-    c.train.steps = 2
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
+    smoke_test(c, steps=2, batch_size=2, n_layers=2, num_heads=2, window=8)
   return c
 
 
@@ -90,7 +73,7 @@ def topologies(h, mixer: str, merges) -> list[dict]:
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  _check_variant(arg)
+  check_variant('hybrid_topology', arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [("mamba2|swa",), ("mamba2", "swa")])])

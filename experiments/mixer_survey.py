@@ -29,7 +29,7 @@ test, 2 points, used by ``tests/test_experiments.py``).
 
 from __future__ import annotations
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 from hybrids.mixers import MIXERS
 from hybrids.sizes import chinchilla_steps
 
@@ -44,11 +44,6 @@ VARIANTS = ("small", "tiny")
 BUDGET = {None: (SIZES, 2048, 2**17), "small": (("1m",), 1024, 2**15)}
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"mixer_survey: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
-
-
 def patterns() -> list[tuple[str, ...]]:
   """``(m, m, swa)`` for every recurrent mixer, then the attention-only references."""
   return [(m, m, "swa") for m in RECURRENT] + [(m,) for m in ATTENTION_MIXERS]
@@ -56,7 +51,7 @@ def patterns() -> list[tuple[str, ...]]:
 
 def get_config(arg: str | None = None):
   """The Mamba hybrid (mamba, mamba, swa) at 5m; points set pattern, size, steps."""
-  _check_variant(arg)
+  check_variant('mixer_survey', arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 2048
@@ -77,25 +72,13 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 2**15 // c.data.seq_len
     c.train.lr = LR["1m"]
   elif arg == "tiny":
-    c.data.seq_len = 32
-    c.model.size = ""
-    c.model.d_model = 16
-    c.model.n_layers = 3
-    c.model.num_heads = 2
-    c.model.window = 8
-    c.train.batch_size = 2
-    c.train.steps = 2
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
+    smoke_test(c, steps=2, batch_size=2, n_layers=3, num_heads=2, window=8)
   return c
 
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  _check_variant(arg)
+  check_variant('mixer_survey', arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [("gla", "gla", "swa"), ("mamba", "mamba", "swa")])])

@@ -40,7 +40,7 @@ Variants:
 
 from __future__ import annotations
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 from hybrids.sizes import chinchilla_steps
 
 DATA_PATH = "data/gcide-bytes"
@@ -53,14 +53,9 @@ BATCH_LR = {"1m": (16, 3e-3), "5m": (32, 2e-3), "20m": (64, 1.5e-3), "50m": (128
 VARIANTS = ("small", "gpu", "tiny")
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"scaling: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full ladder)")
-
-
 def get_config(arg: str | None = None):
   """The 1m attention rung on byte-level text; points set size, pattern, batch, lr and steps."""
-  _check_variant(arg)
+  check_variant('scaling', arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 1024
@@ -84,19 +79,7 @@ def get_config(arg: str | None = None):
     c.train.eval_batches = 8
     c.train.checkpoint_every = 1000
   elif arg == "tiny":
-    c.data.seq_len = 32
-    c.model.size = ""
-    c.model.d_model = 16
-    c.model.n_layers = 3
-    c.model.num_heads = 2
-    c.model.window = 8
-    c.train.batch_size = 2
-    c.train.steps = 2
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.train.log_every = 1
+    smoke_test(c, steps=2, batch_size=2, n_layers=3, num_heads=2, window=8)
   return c
 
 
@@ -118,7 +101,7 @@ def _ladder(h, arg, patterns, sizes, *, tokens_per_param, batch_lr=None):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  _check_variant(arg)
+  check_variant('scaling', arg, VARIANTS)
   if arg == "tiny":
     return h.product([h.sweep("config", ["tiny"]), h.sweep("model.pattern", [("attention",), ("rglru", "rglru", "swa")])])
   if arg == "gpu":

@@ -33,7 +33,7 @@ stochastic annealed to 128 — 3 runs, ~20 min on one GPU); ``tiny`` (a few-seco
 
 from __future__ import annotations
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 from hybrids.sizes import chinchilla_steps
 from hybrids.topologies import apply_topology
 
@@ -46,14 +46,9 @@ BUDGET = {None: (("20m", "125m"), 4096, 2**18), "small": (("5m",), 2048, 2**17)}
 LR = {"5m": 2e-3, "20m": 1.5e-3, "125m": 1e-3}
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"swax: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
-
-
 def get_config(arg: str | None = None):
   """The SWAX topology (mLSTM, SWA) with a fixed window of 128; points set size, windows and steps."""
-  _check_variant(arg)
+  check_variant('swax', arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 4096
@@ -75,19 +70,7 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 2**17 // c.data.seq_len
     c.train.lr = LR["5m"]
   elif arg == "tiny":
-    c.data.seq_len = 32
-    c.model.size = ""
-    c.model.d_model = 16
-    c.model.n_layers = 2
-    c.model.num_heads = 2
-    c.model.window = 4
-    c.train.batch_size = 2
-    c.train.steps = 3
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 3
-    c.train.log_every = 1
+    smoke_test(c, steps=3, batch_size=2, n_layers=2, num_heads=2, window=4)
   return c
 
 
@@ -103,7 +86,7 @@ def _windows(h, steps: int, fixed, stochastic_targets) -> list[dict]:
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  _check_variant(arg)
+  check_variant('swax', arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     # The stochastic point first: the tests train the first point, and the window draw is SWAX's path.

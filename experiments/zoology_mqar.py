@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from hybrids.config import ConfigError, base_config
+from hybrids.config import base_config, check_variant, smoke_test
 
 PAPER_MIXERS = ("attention", "based", "mamba", "hyena", "rwkv6", "baseconv", "rglru")
 D_MODELS = (64, 128, 256, 512)
@@ -51,14 +51,9 @@ TRAIN_EXAMPLES, EPOCHS, TEST_EXAMPLES = 100_000, 64, 3000
 VARIANTS = ("small", "gpu", "tiny")
 
 
-def _check_variant(arg: str | None) -> None:
-  if arg is not None and arg not in VARIANTS:
-    raise ConfigError(f"zoology_mqar: unknown variant {arg!r}; valid: {', '.join(VARIANTS)} (or none for the full grid)")
-
-
 def get_config(arg: str | None = None):
   """The base point of variant ``arg``: two layers on MQAR with Zoology's data (seq_len 256, 16 pairs)."""
-  _check_variant(arg)
+  check_variant('zoology_mqar', arg, VARIANTS)
   c = base_config("mqar")
   c.data.vocab_size = 8192
   c.data.seq_len = 256
@@ -102,19 +97,7 @@ def get_config(arg: str | None = None):
     c.train.eval_batches = 4
     c.train.checkpoint_every = 500
   elif arg == "tiny":
-    c.data.vocab_size = 64
-    c.data.seq_len = 32
-    c.data.num_kv_pairs = 2
-    c.data.num_train_examples = 64
-    c.data.num_eval_examples = 8
-    c.model.d_model = 16
-    c.train.batch_size = 4
-    c.train.steps = 3
-    c.train.warmup_steps = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 3
-    c.train.log_every = 1
+    smoke_test(c)
   return c
 
 
@@ -124,7 +107,7 @@ def _patterns(h, mixers):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring); each names its ``config`` variant explicitly."""
-  _check_variant(arg)
+  check_variant('zoology_mqar', arg, VARIANTS)
   if arg is None:
     batches = [BATCH_BY_SEQ_LEN[s] for s, _ in SEQ_LEN_KV]
     data_axis = h.zip([

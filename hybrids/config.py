@@ -300,3 +300,30 @@ def get_config(spec: str, overrides: dict | None = None) -> ml_collections.Confi
   module = load_experiment(path)
   config = module.get_config(arg or None)
   return apply_overrides(config, overrides or {})
+
+
+def check_variant(experiment: str, arg: str | None, variants: tuple[str, ...]) -> None:
+  """An experiment file's ``get_config(arg)`` / ``get_sweep(h, arg)``: a misspelt variant names the valid ones."""
+  if arg is not None and arg not in variants:
+    raise ConfigError(f"{experiment}: unknown variant {arg!r}; valid: {', '.join(variants)} (or none for the full grid)")
+
+
+def smoke_test(c: ml_collections.ConfigDict, *, steps: int = 3, batch_size: int = 4,
+               **model_fields) -> ml_collections.ConfigDict:
+  """Shrink an experiment's config in place to a seconds-long CPU run (the ``tiny`` variants).
+
+  Keeps the experiment's pattern, data source and training path; ``model_fields`` override
+  ``model.*`` (e.g. ``n_layers=3, window=8``). Checkpoints once, at the end; no eval before it.
+  """
+  c.data.seq_len = 32
+  if c.data.name == "mqar":
+    c.data.vocab_size, c.data.num_kv_pairs = 64, 2
+    c.data.num_train_examples, c.data.num_eval_examples = 64, 8
+  c.model.size = ""
+  c.model.d_model = 16
+  for field, value in model_fields.items():
+    c.model[field] = value
+  t = c.train
+  t.batch_size, t.steps, t.warmup_steps = batch_size, steps, 1
+  t.eval_every, t.eval_batches, t.checkpoint_every, t.log_every = 0, 1, steps, 1
+  return c
