@@ -48,7 +48,7 @@ VARIANTS = ("small", "tiny")
 
 def get_config(arg: str | None = None):
   """Two single-head layers of global attention on MQAR (seq_len 1024, 64 pairs); points change the mixer."""
-  check_variant('based_tradeoff', arg, VARIANTS)
+  check_variant("based_tradeoff", arg, VARIANTS)
   c = base_config("mqar")
   c.data.vocab_size = 8192
   c.data.seq_len = 1024
@@ -95,7 +95,7 @@ def _rglru_widths(h, d_models, factors) -> list[dict]:
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  check_variant('based_tradeoff', arg, VARIANTS)
+  check_variant("based_tradeoff", arg, VARIANTS)
   if arg == "tiny":
     return h.product([h.sweep("config", ["tiny"]), h.chain([_mixer(h, "swa", "model.window", (4,)),
                                                             _mixer(h, "based", "model.feature_dim", (4,))])])

@@ -50,7 +50,7 @@ BUDGET = {None: ("125m", 2**19, None), "small": ("5m", 2**17, None), "gpu": ("5m
 
 def get_config(arg: str | None = None):
   """Griffin with a 1024 window at seq_len 2048 for variant ``arg``; points set length, batch, pattern, window."""
-  check_variant('griffin_window', arg, VARIANTS)
+  check_variant("griffin_window", arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 2048
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring); the batch keeps tokens per step fixed across lengths."""
-  check_variant('griffin_window', arg, VARIANTS)
+  check_variant("griffin_window", arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [GRIFFIN, ("attention",)])])

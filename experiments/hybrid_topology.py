@@ -44,7 +44,7 @@ VARIANTS = ("small", "tiny")
 
 def get_config(arg: str | None = None):
   """The parallel Mamba-2 | SWA hybrid (gated merge) at 5m; points set pattern, merge, size, steps."""
-  check_variant('hybrid_topology', arg, VARIANTS)
+  check_variant("hybrid_topology", arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 2048
@@ -73,7 +73,7 @@ def topologies(h, mixer: str, merges) -> list[dict]:
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  check_variant('hybrid_topology', arg, VARIANTS)
+  check_variant("hybrid_topology", arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [("mamba2|swa",), ("mamba2", "swa")])])

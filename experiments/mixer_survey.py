@@ -51,7 +51,7 @@ def patterns() -> list[tuple[str, ...]]:
 
 def get_config(arg: str | None = None):
   """The Mamba hybrid (mamba, mamba, swa) at 5m; points set pattern, size, steps."""
-  check_variant('mixer_survey', arg, VARIANTS)
+  check_variant("mixer_survey", arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 2048
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  check_variant('mixer_survey', arg, VARIANTS)
+  check_variant("mixer_survey", arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [("gla", "gla", "swa"), ("mamba", "mamba", "swa")])])

@@ -55,7 +55,7 @@ VARIANTS = ("small", "gpu", "tiny")
 
 def get_config(arg: str | None = None):
   """The 1m attention rung on byte-level text; points set size, pattern, batch, lr and steps."""
-  check_variant('scaling', arg, VARIANTS)
+  check_variant("scaling", arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 1024
@@ -101,7 +101,7 @@ def _ladder(h, arg, patterns, sizes, *, tokens_per_param, batch_lr=None):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  check_variant('scaling', arg, VARIANTS)
+  check_variant("scaling", arg, VARIANTS)
   if arg == "tiny":
     return h.product([h.sweep("config", ["tiny"]), h.sweep("model.pattern", [("attention",), ("rglru", "rglru", "swa")])])
   if arg == "gpu":

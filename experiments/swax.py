@@ -48,7 +48,7 @@ LR = {"5m": 2e-3, "20m": 1.5e-3, "125m": 1e-3}
 
 def get_config(arg: str | None = None):
   """The SWAX topology (mLSTM, SWA) with a fixed window of 128; points set size, windows and steps."""
-  check_variant('swax', arg, VARIANTS)
+  check_variant("swax", arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
   c.data.seq_len = 4096
@@ -86,7 +86,7 @@ def _windows(h, steps: int, fixed, stochastic_targets) -> list[dict]:
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring)."""
-  check_variant('swax', arg, VARIANTS)
+  check_variant("swax", arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     # The stochastic point first: the tests train the first point, and the window draw is SWAX's path.

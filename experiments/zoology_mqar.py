@@ -53,7 +53,7 @@ VARIANTS = ("small", "gpu", "tiny")
 
 def get_config(arg: str | None = None):
   """The base point of variant ``arg``: two layers on MQAR with Zoology's data (seq_len 256, 16 pairs)."""
-  check_variant('zoology_mqar', arg, VARIANTS)
+  check_variant("zoology_mqar", arg, VARIANTS)
   c = base_config("mqar")
   c.data.vocab_size = 8192
   c.data.seq_len = 256
@@ -107,7 +107,7 @@ def _patterns(h, mixers):
 
 def get_sweep(h, arg: str | None = None):
   """Points of variant ``arg`` (module docstring); each names its ``config`` variant explicitly."""
-  check_variant('zoology_mqar', arg, VARIANTS)
+  check_variant("zoology_mqar", arg, VARIANTS)
   if arg is None:
     batches = [BATCH_BY_SEQ_LEN[s] for s, _ in SEQ_LEN_KV]
     data_axis = h.zip([
