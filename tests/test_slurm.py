@@ -216,12 +216,14 @@ def test_slurm_sweep_requeues_preempted_job_and_resumes(slurm_env, tmp_path):
       break
   assert runs.read_attempts(victim)[0]["status"] == "interrupted", (sent, runs.read_attempts(victim))
 
+  # summary.json says "done" a moment before the attempt record is closed and the run's lock freed;
+  # `status` reports "running" until then, so wait for both.
   deadline = time.time() + 600
   while time.time() < deadline:
-    if all(runs.read_summary(w).get("status") == "done" for w in workdirs):
+    table = status.format_status(status.collect(str(root)))
+    if all(runs.read_summary(w).get("status") == "done" for w in workdirs) and "4 run(s): 4 done" in table:
       break
     time.sleep(1)
-  table = status.format_status(status.collect(str(root)))
   logs = "\n".join(open(p).read()[-1500:] for p in glob.glob(str(root / ".submitit" / "*" / "*.err")))
   assert all(runs.read_summary(w).get("status") == "done" for w in workdirs), table + "\n" + logs
   assert "4 run(s): 4 done" in table
