@@ -176,31 +176,56 @@ def _given(cfg: PallasConfig) -> dict:
   return {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(PallasConfig(), k)}
 
 
-def tune(configs: list[PallasConfig] | None = None, shape=FULL, dtype=jnp.float32) -> list[dict]:
-  """Times the Pallas scan under several tilings (forward and fwd+bwd), one line each."""
+def tune(configs: list[PallasConfig] | None = None, shape=FULL, dtype=jnp.float32,
+         shapes: list[tuple[int, int, int]] | None = None, threads: int = 8) -> list[dict]:
+  """Times the Pallas scan under several tilings (forward and fwd+bwd) and shapes, one line each.
+
+  Every (shape, tiling) is first compiled, ``threads`` at a time (Triton compiles on the host, one
+  core each, and a big unrolled kernel takes tens of seconds), with its compile time recorded; then
+  each is checked against the reference and timed alone.
+  """
+  import concurrent.futures
+
   device = jax.devices()[0]
   ctx = Context(quick=False, platform=device.platform, iters=20, repeats=5)
-  sets = [_inputs(shape, dtype, seed) for seed in range(N_SETS)]
-  a, b, ct = sets[0]
-  ref_fwd, ref_grad = _jax_fns(lambda a, b: linear_scan_reference(a, b))
-  h_ref, g_ref = ref_fwd(a, b), ref_grad(a, b, ct)
-  n = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-  print(f"{device.device_kind} {_shape_name(shape, dtype)}: floor fwd {ctx.floor_ms(bytes_moved=3 * n):.3f} ms, "
-        f"fwd+bwd (h stored) {ctx.floor_ms(bytes_moved=8 * n):.3f} ms", flush=True)
-  results = []
-  for cfg in configs or CANDIDATES:
+  tol_fwd, tol_grad = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
+  jobs = [(tuple(sh), cfg) for sh in (shapes or [shape]) for cfg in (configs or CANDIDATES)]
+  data = {sh: [_inputs(sh, dtype, seed) for seed in range(N_SETS)] for sh in dict.fromkeys(j[0] for j in jobs)}
+
+  def compile_one(job):
+    sh, cfg = job
     fwd, grad = _jax_fns(lambda a, b, cfg=cfg: linear_scan_pallas(a, b, config=cfg))
-    result = {"config": _given(cfg)}
+    a, b, ct = data[sh][0]
+    out = {}
+    for name, fn, args in (("fwd", fwd, (a, b)), ("grad", grad, (a, b, ct))):
+      start = time.perf_counter()
+      out[name] = fn.lower(*args).compile()
+      out[name + "_compile_s"] = time.perf_counter() - start
+    return out
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    futures = [pool.submit(compile_one, job) for job in jobs]
+  results = []
+  for (sh, cfg), future in zip(jobs, futures):
+    n = int(np.prod(sh)) * jnp.dtype(dtype).itemsize
+    result = {"shape": _shape_name(sh, dtype), "config": _given(cfg),
+              "floor_fwd_ms": ctx.floor_ms(bytes_moved=3 * n), "floor_fwdbwd_ms": ctx.floor_ms(bytes_moved=8 * n)}
     try:
-      result["rel_err"] = max(check("fwd", fwd(a, b), h_ref, 1e-5 if dtype == jnp.float32 else 1e-2),
-                              check("grad", grad(a, b, ct), g_ref, 1e-4 if dtype == jnp.float32 else 1e-2))
-      result["fwd_ms"] = ctx.time_jax(fwd, [s[:2] for s in sets])
-      result["fwdbwd_ms"] = ctx.time_jax(grad, sets)
-      line = f"fwd {result['fwd_ms']:7.3f} ms  fwd+bwd {result['fwdbwd_ms']:7.3f} ms  err {result['rel_err']:.1e}"
+      compiled = future.result()
+      sets = data[sh]
+      a, b, ct = sets[0]
+      ref_fwd, ref_grad = _jax_fns(lambda a, b: linear_scan_reference(a, b))
+      result["compile_s"] = {k[:-10]: round(v, 1) for k, v in compiled.items() if k.endswith("_compile_s")}
+      result["rel_err"] = max(check("fwd", compiled["fwd"](a, b), ref_fwd(a, b), tol_fwd),
+                              check("grad", compiled["grad"](a, b, ct), ref_grad(a, b, ct), tol_grad))
+      result["fwd_ms"] = ctx.time_jax(compiled["fwd"], [s[:2] for s in sets])
+      result["fwdbwd_ms"] = ctx.time_jax(compiled["grad"], sets)
+      line = (f"fwd {result['fwd_ms']:7.3f} ms  fwd+bwd {result['fwdbwd_ms']:7.3f} ms  err {result['rel_err']:.1e}"
+              f"  compile {result['compile_s']}")
     except Exception as e:  # a tiling that fails to compile is reported, not fatal
       result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
       line = "FAILED " + result["error"]
-    print(f"  {result['config']}: {line}", flush=True)
+    print(f"  {result['shape']} {result['config']}: {line}", flush=True)
     print("RESULT " + json.dumps(result), flush=True)
     results.append(result)
   return results
@@ -246,9 +271,24 @@ def main(argv=None) -> int:
                       help="time limit of one candidate (Triton compiles fwd+bwd in ~1 minute on an H100 host)")
   parser.add_argument("--budget-s", type=float, default=600.0, help="time limit of the whole search")
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--sweep", default="", metavar="FILE.json",
+                      help='time {"shapes": [[B, T, D], ...], "configs": [{PallasConfig fields}, ...]} '
+                           "(every shape under every config, compiled in parallel), then exit")
   parser.add_argument("--bench", action="store_true", help="then run the benchmark with the best tiling")
   parser.add_argument("--json", default="", help="with --bench: where kernels.bench writes its JSON")
   args = parser.parse_args(argv)
+  if args.sweep:
+    with open(args.sweep) as f:
+      spec = json.load(f)
+    unknown = set(spec) - {"shapes", "configs", "dtype", "out"}
+    if unknown:
+      parser.error(f"--sweep {args.sweep}: unknown keys {sorted(unknown)}; valid: shapes, configs, dtype, out")
+    results = tune([PallasConfig(**c) for c in spec["configs"]], shapes=[tuple(s) for s in spec["shapes"]],
+                   dtype=jnp.dtype(spec.get("dtype", args.dtype)))
+    if spec.get("out"):
+      with open(spec["out"], "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
+    return 0
   best = _tune_isolated(args.per_config_s, args.budget_s, args.dtype) if args.tune else {}
   if args.bench:
     from kernels import bench, scan

@@ -30,18 +30,29 @@ Implementations:
   are ``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s``. Every decay factor is ``exp`` of a
   difference of cumulative log-decays with ``s ≤ t`` (or of ``b_t ≤ 0`` itself), so no exponent is
   positive however strong the decay.
+- ``"pallas"``: the same chunked form with the scan over chunks replaced by a Pallas kernel (Triton on
+  GPU, Mosaic on TPU) and its hand-derived backward by a second one (``kernels/delta_pallas.py``). The
+  WY precompute and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses
+  64). For 16-bit inputs the kernel's dots take W, K̂ and the state rounded to that dtype (f32
+  accumulation and state).
+- ``"auto"``: ``"xla"`` until the Pallas path is measured faster on GPU (``kernels/bench_delta.py``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-Impl = Literal["auto", "xla", "reference"]
-IMPLS = ("auto", "xla", "reference")
+from kernels.delta_pallas import PallasConfig, PallasTarget
+from kernels.delta_pallas import check_arguments as check_pallas_arguments
+from kernels.delta_pallas import state_pass as pallas_state_pass
+
+Impl = Literal["auto", "xla", "reference", "pallas"]
+IMPLS = ("auto", "xla", "reference", "pallas")
 _NEG = -1e30
 
 
@@ -100,7 +111,22 @@ def unit_lower_inverse(a):
   return inverse
 
 
-def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int):
+def _scan_pass(w, u_tilde, k_to_end, chunk_decay, state0):
+  """The sequential pass over chunks as a ``lax.scan`` (see :func:`kernels.delta_pallas.state_pass` for
+  shapes and the Pallas version)."""
+
+  def carry(state, inputs):
+    w_n, u_n, k_n, g_n = inputs
+    u = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state)
+    # Emit the state entering the chunk and the pseudo-values; outputs are formed outside the scan.
+    return g_n[..., None, None] * state + jnp.einsum("bhck,bhcv->bhkv", k_n, u), (state, u)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_tilde, k_to_end, chunk_decay))
+  final, (entering, u) = jax.lax.scan(carry, state0, xs)
+  return jnp.moveaxis(entering, 0, 1), jnp.moveaxis(u, 0, 1), final  # [b n h k v], [b n h c v]
+
+
+def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass):
   batch, time, heads, d_k = q.shape
   d_v = v.shape[-1]
   n = -(-time // chunk_size)
@@ -132,16 +158,8 @@ def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int):
   k_to_end = k_h * jnp.exp(b_h[..., -1:] - b_h)[..., None]  # decay from s to the chunk's end, ≤ 1
   chunk_decay = jnp.exp(b_h[..., -1])  # γ_C, [b n h]
 
-  def carry(state, inputs):
-    w_n, u_n, k_n, g_n = inputs
-    u = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state)
-    # Emit the state entering the chunk and the pseudo-values; outputs are formed outside the scan.
-    return g_n[..., None, None] * state + jnp.einsum("bhck,bhcv->bhkv", k_n, u), (state, u)
-
   state0 = _state0(initial_state, batch, heads, d_k, d_v)
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_tilde, k_to_end, chunk_decay))
-  final, (entering, u) = jax.lax.scan(carry, state0, xs)
-  entering, u = jnp.moveaxis(entering, 0, 1), jnp.moveaxis(u, 0, 1)  # [b n h k v], [b n h c v]
+  entering, u, final = state_pass(w, u_tilde, k_to_end, chunk_decay, state0)  # [b n h k v], [b n h c v]
   q_h = rearrange(qc, "b n c h k -> b n h c k")
   scores = jnp.einsum("bnhtk,bnhsk->bnhts", q_h, k_h) * gain_incl
   o = (jnp.einsum("bnhts,bnhsv->bnhtv", scores, u)
@@ -150,7 +168,9 @@ def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int):
   return o.astype(v.dtype), final
 
 
-def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto"):
+def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto",
+               interpret: bool = False, pallas_target: PallasTarget | None = None,
+               pallas_config: PallasConfig | None = None):
   """``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (see the module docstring).
 
   Args:
@@ -158,8 +178,15 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     beta: ``[batch, time, heads]``, the write strength in (0, 1).
     log_decay: ``[batch, time, heads]`` (values ≤ 0) or None (no decay).
     initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros).
-    chunk_size: tokens per chunk of the chunked form.
-    impl: ``"reference"``, ``"xla"`` (chunked) or ``"auto"``.
+    chunk_size: tokens per chunk of the chunked forms (``"pallas"``: a power of two ≥ 16; 64 is what
+      fla uses).
+    impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` (chunked, Pallas state pass) or ``"auto"``
+      (``"xla"``: the Pallas path is chosen explicitly until it is measured faster on GPU).
+    interpret: run the Pallas kernels in the Pallas interpreter (CPU tests); only with ``"pallas"``.
+    pallas_target: ``"triton"`` or ``"mosaic"`` kernels (default: by platform at lowering time; Triton
+      when interpreting).
+    pallas_config: Triton launch parameters of the Pallas kernels (default
+      :class:`kernels.delta_pallas.PallasConfig`).
   Returns:
     ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
   """
@@ -170,6 +197,14 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     raise ValueError(f"delta_rule: chunk_size={chunk_size!r} must be a positive integer")
   if impl == "reference":
     return delta_rule_reference(q, k, v, beta, log_decay, initial_state)
+  if impl == "pallas":
+    check_pallas_arguments(chunk_size, pallas_target, pallas_config)
+    dtype = jnp.dtype(jnp.result_type(q.dtype, k.dtype, v.dtype))
+    # 16-bit inputs: the kernel's dots run in that dtype (tensor cores), f32 otherwise.
+    dot_dtype = dtype.name if dtype.itemsize == 2 else "float32"
+    state_pass = functools.partial(pallas_state_pass, dot_dtype=dot_dtype, interpret=interpret,
+                                   target=pallas_target, config=pallas_config)
+    return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size, state_pass)
   return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size)
 
 

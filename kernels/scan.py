@@ -141,7 +141,9 @@ class PallasConfig:
   GPU: ``block_d`` lanes per program (a power of two), ``num_warps``; rows are loaded ``chunk`` at a
   time into ``depth`` register slots, about (depth - 1)·chunk rows per lane ahead of the row being
   combined (``depth`` = 0: no prefetch; ``num_stages`` > 1 then leaves pipelining to Triton).
-  ``bwd_*`` set the backward kernel's own values. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
+  ``bwd_*`` set the backward kernel's own values. ``segments`` splits time into that many
+  independent pieces (a power of two dividing T; 1 = off; None = ``_gpu_segments``): the three-pass
+  form below, for problems with too few lanes to fill the GPU. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
   """
   block_d: int | None = None
@@ -155,6 +157,7 @@ class PallasConfig:
   bwd_num_warps: int | None = None
   tpu_block_t: int | None = None
   tpu_block_d: int | None = None
+  segments: int | None = None
 
 
 # One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
@@ -306,6 +309,116 @@ def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
       interpret=interpret, name="linear_scan_bwd")(a, g, h, h0, g_last)
 
 
+# --- GPU: time split into segments ------------------------------------------------------------------
+#
+# With few lanes (Griffin at T = 32k, batch 1: 768 lanes = 24 one-warp programs for 132 SMs) the
+# single-pass kernel leaves most of the GPU idle and each program walks 32k dependent steps. Splitting
+# time into S segments gives S·lanes programs at the cost of one more read of the inputs:
+#   1. summary: per segment, the affine map it applies to the state entering it, x ↦ P·x + E with
+#      P = Π a_t and E the segment's scan from a zero state (reads a, b; writes two [batch·S, D] rows);
+#   2. carries: the S maps composed in order from h0 (a tiny associative scan in XLA) give the state
+#      entering every segment;
+#   3. the single-pass kernel on [batch·S, T/S, D] with those states as h0.
+# The backward is the same three passes over its own recurrence U ← a_t (ḡ_t + U) (E from a zero U,
+# P = Π a_t), with the h_{t∓1} that each segment's edge row needs taken from its neighbour segment.
+# Forward moves 5 arrays instead of 3, backward 7 instead of 5: a loss when lanes alone fill the GPU,
+# so ``_gpu_segments`` only splits problems with fewer than ``GPU_MIN_PROGRAMS`` programs.
+
+GPU_MIN_PROGRAMS = 512  # one-warp programs below which time is split (H100: 132 SMs)
+GPU_MIN_SEGMENT = 512   # rows per segment at least: shorter ones spend more on the summary pass
+
+
+def _gpu_segments(batch: int, time: int, d: int, block_d: int) -> int:
+  """The power of two S dividing ``time`` that brings batch·(D / block_d)·S up to GPU_MIN_PROGRAMS."""
+  programs = batch * -(-d // block_d)
+  segments = 1
+  while (programs * segments < GPU_MIN_PROGRAMS and time % (2 * segments) == 0
+         and time // (2 * segments) >= GPU_MIN_SEGMENT):
+    segments *= 2
+  return segments
+
+
+def _gpu_summary_kernel(a_ref, x_ref, p_ref, e_ref, *, length, chunk, depth, ascending, premultiply):
+  # a_ref, x_ref: [time, block_d]; p_ref, e_ref: [block_d]. premultiply: E ← a (E + x) (backward).
+  def step(state, t, rows, valid):
+    p, e = state
+    a_t, x_t = (r.astype(jnp.float32) for r in rows)
+    new = (p * a_t, a_t * (e + x_t) if premultiply else a_t * e + x_t)
+    return new if valid is None else tuple(jnp.where(valid, n, o) for n, o in zip(new, state))
+
+  ones = jnp.ones(p_ref.shape, jnp.float32)
+  p, e = _gpu_time_loop(length, chunk, depth, ascending, lambda t: (a_ref[t, :], x_ref[t, :]), step,
+                        (ones, jnp.zeros_like(ones)))
+  p_ref[...] = p
+  e_ref[...] = e
+
+
+def _gpu_summary(a, x, *, ascending, premultiply, interpret, block_d, chunk, depth, num_warps, num_stages):
+  rows, time, d = a.shape
+  strip, vec = _gpu_specs(block_d, time)
+  kernel = functools.partial(_gpu_summary_kernel, length=time, chunk=chunk, depth=depth,
+                             ascending=ascending, premultiply=premultiply)
+  return pl.pallas_call(
+      kernel, grid=(rows, d // block_d), in_specs=[strip, strip], out_specs=[vec, vec],
+      out_shape=[jax.ShapeDtypeStruct((rows, d), jnp.float32)] * 2,
+      compiler_params=None if interpret else triton_params(num_warps, num_stages),
+      interpret=interpret, name="linear_scan_summary")(a, x)
+
+
+def _entering(p, e, init, descending):
+  """State entering each of S segments ``[batch, S, D]`` from the maps ``x ↦ p·x + e`` applied in
+  order (``descending``: from the last segment to the first), starting from ``init [batch, D]``."""
+  after, _ = _linear_scan_associative(p, e, init, reverse=descending)  # state after each segment
+  if descending:
+    return jnp.concatenate([after[:, 1:], init[:, None].astype(jnp.float32)], axis=1)
+  return jnp.concatenate([init[:, None].astype(jnp.float32), after[:, :-1]], axis=1)
+
+
+def _gpu_fwd_segmented(a, b, h0, *, reverse, interpret, cfg):
+  batch, time, d = a.shape
+  segments = cfg.segments
+  split = lambda x: x.reshape(batch * segments, time // segments, d)
+  p, e = _gpu_summary(split(a), split(b), ascending=not reverse, premultiply=False, interpret=interpret,
+                      block_d=cfg.block_d, chunk=cfg.chunk, depth=cfg.depth, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
+  per_seg = lambda x: x.reshape(batch, segments, d)
+  h0_seg = _entering(per_seg(p), per_seg(e), h0, descending=reverse)
+  h, h_last = _gpu_fwd(split(a), split(b), h0_seg.reshape(batch * segments, d), reverse=reverse,
+                       interpret=interpret, cfg=dataclasses.replace(cfg, segments=1))
+  return h.reshape(batch, time, d), per_seg(h_last)[:, 0 if reverse else -1]
+
+
+def _gpu_bwd_segmented(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
+  batch, time, d = a.shape
+  segments, length = cfg.segments, time // cfg.segments
+  split = lambda x: x.reshape(batch * segments, length, d)
+  # The backward runs against the forward's direction: descending in time for a forward scan.
+  p, e = _gpu_summary(split(a), split(g), ascending=reverse, premultiply=True, interpret=interpret,
+                      block_d=cfg.bwd_block_d, chunk=cfg.bwd_chunk, depth=cfg.bwd_depth,
+                      num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+  per_seg = lambda x: x.reshape(batch, segments, d)
+  u_seg = _entering(per_seg(p), per_seg(e), g_last, descending=not reverse)
+  # The h_{t∓1} each segment's edge row reads: the neighbouring segment's edge row, or h0.
+  h4 = h.reshape(batch, segments, length, d).astype(jnp.float32)
+  h0f = h0.astype(jnp.float32)[:, None]
+  edge = (jnp.concatenate([h4[:, 1:, 0], h0f], axis=1) if reverse
+          else jnp.concatenate([h0f, h4[:, :-1, -1]], axis=1))
+  da, db, dh0 = _gpu_bwd(split(a), split(g), split(h), edge.reshape(batch * segments, d),
+                         u_seg.reshape(batch * segments, d), reverse=reverse, interpret=interpret,
+                         cfg=dataclasses.replace(cfg, segments=1), b_dtype=b_dtype)
+  return da.reshape(a.shape), db.reshape(a.shape), per_seg(dh0)[:, -1 if reverse else 0]
+
+
+def _gpu_fwd_any(a, b, h0, *, reverse, interpret, cfg):
+  run = _gpu_fwd_segmented if cfg.segments > 1 else _gpu_fwd
+  return run(a, b, h0, reverse=reverse, interpret=interpret, cfg=cfg)
+
+
+def _gpu_bwd_any(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
+  run = _gpu_bwd_segmented if cfg.segments > 1 else _gpu_bwd
+  return run(a, g, h, h0, g_last, reverse=reverse, interpret=interpret, cfg=cfg, b_dtype=b_dtype)
+
+
 # --- TPU kernels -------------------------------------------------------------------------------------
 
 
@@ -430,7 +543,7 @@ def _tpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
 # --- custom_vjp over the padded [batch, time, D] problem -------------------------------------------
 
 
-_KERNELS = {"gpu": (_gpu_fwd, _gpu_bwd), "tpu": (_tpu_fwd, _tpu_bwd)}
+_KERNELS = {"gpu": (_gpu_fwd_any, _gpu_bwd_any), "tpu": (_tpu_fwd, _tpu_bwd)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -457,15 +570,19 @@ def _scan_core_bwd(platform, reverse, interpret, cfg, res, cotangents):
 _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
 
 
-def _resolve(platform: str, cfg: PallasConfig, d: int, time: int, dtypes) -> PallasConfig:
-  """Fills the platform defaults into ``cfg`` for a problem with ``d`` lanes and ``time`` steps."""
+def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dtypes) -> PallasConfig:
+  """Fills the platform defaults into ``cfg`` for a ``[batch, time, d]`` problem."""
   if platform == "gpu":
     get = lambda field: GPU_DEFAULTS[field] if getattr(cfg, field) is None else getattr(cfg, field)
     # A narrow problem (D < 32) gets one power-of-two block instead of padding D to 32.
     block_d = cfg.block_d or min(GPU_DEFAULTS["block_d"], 1 << (d - 1).bit_length())
     bwd_block_d = cfg.bwd_block_d or block_d
+    segments = cfg.segments or _gpu_segments(batch, time, d, block_d)
+    if segments & (segments - 1) or time % segments:
+      raise ValueError(f"linear_scan: PallasConfig.segments={segments} must be a power of two dividing "
+                       f"the length {time}")
     return dataclasses.replace(
-        cfg, block_d=block_d, bwd_block_d=bwd_block_d, chunk=get("chunk"), depth=get("depth"),
+        cfg, segments=segments, block_d=block_d, bwd_block_d=bwd_block_d, chunk=get("chunk"), depth=get("depth"),
         bwd_chunk=get("bwd_chunk"), bwd_depth=get("bwd_depth"), num_stages=get("num_stages"),
         num_warps=cfg.num_warps or max(1, block_d // 32),  # one lane per thread
         bwd_num_warps=cfg.bwd_num_warps or max(1, bwd_block_d // 32))
@@ -483,7 +600,7 @@ def _scan_platform(a, b, h0, *, platform, reverse, interpret, cfg):
   batch, time = a.shape[:2]
   features = a.shape[2:]
   d = math.prod(features)
-  cfg = _resolve(platform, cfg, d, time, (a.dtype, b.dtype))
+  cfg = _resolve(platform, cfg, batch, d, time, (a.dtype, b.dtype))
   lane_block = cfg.tpu_block_d if platform == "tpu" else math.lcm(cfg.block_d, cfg.bwd_block_d)
   d_pad = _round_up(d, lane_block)
   t_pad = _round_up(time, cfg.tpu_block_t) if platform == "tpu" else time

@@ -21,11 +21,18 @@ GPU_A = PallasConfig(chunk=2, depth=2, bwd_chunk=3, bwd_depth=2)
 GPU_B = PallasConfig(chunk=1, depth=2, bwd_chunk=1, bwd_depth=2)
 GPU_C = PallasConfig(chunk=1, depth=3, bwd_chunk=2, bwd_depth=0)
 TPU = PallasConfig(tpu_block_t=16)
+# Time split into segments (the three-pass form for narrow problems); 3-row segments leave a ragged
+# tail in every segment's kernel loop.
+SEG_4 = PallasConfig(chunk=2, depth=2, bwd_chunk=1, bwd_depth=2, segments=4)
+SEG_2 = PallasConfig(chunk=1, depth=3, bwd_chunk=2, bwd_depth=0, segments=2)
 
 CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, with_h0, extreme decays)
     ("gpu", GPU_A, (2, 13, 5), "float32", False, True, True),
     ("gpu", GPU_B, (1, 13, 3, 4), "float32", True, True, False),
     ("gpu", GPU_C, (2, 13, 5), "bfloat16", True, False, False),
+    ("gpu", SEG_4, (2, 12, 5), "float32", False, True, True),
+    ("gpu", SEG_4, (1, 12, 3, 4), "float32", True, True, True),
+    ("gpu", SEG_2, (2, 14, 5), "bfloat16", False, False, False),
     ("tpu", TPU, (1, 13, 3, 4), "float32", False, True, True),   # one time block, two row groups
     ("tpu", TPU, (1, 40, 5), "float32", True, True, False),      # three time blocks of two row groups
     ("tpu", TPU, (2, 40, 5), "bfloat16", False, False, False),   # three time blocks (16-row groups)
@@ -104,3 +111,17 @@ def test_pallas_scan_exports_for_tpu(dtype, reverse):
   for e in exported:
     text = e.mlir_module()
     assert "tpu_custom_call" in text and "triton" not in text
+
+
+def test_segments_must_divide_the_length():
+  a, b, h0, _, _ = _inputs((1, 13, 5), jnp.float32, True, False)
+  with pytest.raises(ValueError, match="segments=4 must be a power of two dividing the length 13"):
+    linear_scan_pallas(a, b, h0, interpret=True, config=PallasConfig(segments=4))
+
+
+def test_narrow_long_problems_are_split_in_time():
+  # Griffin at T = 32k, batch 1: 24 one-warp programs unsplit; 32 segments of 1024 rows give 768.
+  assert scan._gpu_segments(1, 32768, 768, 32) == 32
+  assert scan._gpu_segments(8, 4096, 1024, 32) == 2
+  assert scan._gpu_segments(16, 4096, 1024, 32) == 1   # enough lanes already
+  assert scan._gpu_segments(1, 1000, 64, 32) == 1      # a short or odd length stays whole

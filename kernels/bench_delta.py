@@ -1,0 +1,226 @@
+"""The delta rule (``kernels/delta.py``): our Pallas state pass and XLA chunked form vs fla's Triton.
+
+    python -m kernels.bench --kernels delta            # B4 T8192 H16 d_k = d_v = 128, bf16, gated and ungated
+    python -m kernels.bench --kernels delta --quick    # a tiny shape (on CPU the Pallas kernels interpret)
+
+Inputs (DeltaNet / Gated DeltaNet as the mixers feed them): q, k L2-normalised per head (q also scaled
+by d_k^−1/2), v ~ N(0, 1), β = σ(x), and for the gated variant one log-decay per head
+``log σ(x) / 16`` (decays ≈ 0.96 – 1, long memory), x ~ N(0, 1); q, k, v, β bf16, the log-decay f32.
+fwd+bwd is the vjp wrt q, k, v, β (and the log-decay) for a random bf16 cotangent. Peers: fla
+(flash-linear-attention) ``chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0)`` and
+``chunk_delta_rule(q, k, v, beta, scale=1.0)`` on the same ``[B, T, H, D]`` tensors; where fla refuses
+to run (e.g. its backward on Triton < 3.7.1 on Hopper) the row records the error.
+
+Every implementation is checked before it is timed, on the very program that is timed (full shape):
+its output and each gradient for batch 0, heads 0–1 (all 8192 tokens) against the token-by-token
+recurrence in f32 (``impl="reference"``, ``highest`` matmul precision) on that slice. Progress is
+logged with timestamps.
+
+Floors. Bytes: forward reads q, k, v, β (and g) and writes o; fwd+bwd adds dO read, q, k, v, β, g read
+again and dq, dk, dv, dβ, dg written. FLOPs of the chunked form with chunks of C = 64, per token and
+head: 6·d_k·d_v (W S, K̂ᵀU and q S against the d_k × d_v state) + C·(3·d_k + 2·d_v) (the causal halves
+of k kᵀ, of the triangular solve for [U | W] and of the intra-chunk q kᵀ and scores·U); the backward
+counts twice the forward.
+"""
+
+from __future__ import annotations
+
+import time as _time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.bench import Context, check
+from kernels.delta import delta_rule
+
+FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
+QUICK = (1, 128, 2, 32, 32)
+TOL = 2e-2  # bf16 inputs against an f32 reference
+N_SETS = 3
+PALLAS_CHUNK = 64  # fla's chunk; the Pallas path needs a power of two ≥ 16
+XLA_CHUNK = 16  # the mixers' default chunk_size
+NAMES = ("q", "k", "v", "beta", "g")
+
+
+def _label(gated, batch, time, heads, dk, dv):
+  return f"B{batch} T{time} H{heads} Dk{dk} Dv{dv} bf16 " + ("gated (per-head decay)" if gated else "ungated")
+
+
+def _inputs(seed, gated, batch, time, heads, dk, dv):
+  """(q, k, v, beta[, g], do): the arguments of delta_rule and the output cotangent."""
+  kq, kk, kv, kb, kg, kd = jax.random.split(jax.random.key(seed), 6)
+  bf = jnp.bfloat16
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = (unit(jax.random.normal(kq, (batch, time, heads, dk))) * dk ** -0.5).astype(bf)
+  k = unit(jax.random.normal(kk, (batch, time, heads, dk))).astype(bf)
+  v = jax.random.normal(kv, (batch, time, heads, dv)).astype(bf)
+  beta = jax.nn.sigmoid(jax.random.normal(kb, (batch, time, heads))).astype(bf)
+  g = jax.nn.log_sigmoid(jax.random.normal(kg, (batch, time, heads))) / 16
+  do = jax.random.normal(kd, (batch, time, heads, dv)).astype(bf)
+  return (q, k, v, beta) + ((g,) if gated else ()) + (do,)
+
+
+def _fns(**kwargs):
+  """jit(q, k, v, beta[, g]) → o; jit(…, do) → grads; jit(…, do) → (o, grads)."""
+  f = lambda *a: delta_rule(*a, **kwargs)[0]
+
+  def both(*args):
+    o, vjp = jax.vjp(f, *args[:-1])
+    return o, vjp(args[-1].astype(o.dtype))
+
+  return jax.jit(f), jax.jit(lambda *a: both(*a)[1]), jax.jit(both)
+
+
+def _check_all(name, ours, ref, tol=TOL):
+  """Output and each gradient separately (one norm over all would hide a bad small one)."""
+  (o, grads), (o_ref, grads_ref) = ours, ref
+  errs = [check(f"{name} out", o, o_ref, tol)]
+  errs += [check(f"{name} d{x}", g, g_ref, tol) for x, g, g_ref in zip(NAMES, grads, grads_ref)]
+  return max(errs)
+
+
+def _part(tree):
+  """The slice the reference computes: batch 0, heads 0–1, every token."""
+  return jax.tree.map(lambda x: x[:1, :, :2], tree)
+
+
+def _reference(args):
+  f32 = [x.astype(jnp.float32) for x in args]
+  with jax.default_matmul_precision("highest"):
+    return _fns(impl="reference")[2](*f32)
+
+
+_T0 = _time.time()
+
+
+def _log(msg):
+  print(f"[bench_delta {_time.time() - _T0:6.1f} s] {msg}", flush=True)
+
+
+def _fla(ctx, gated, sets, ref):
+  """fla chunk_(gated_)delta_rule: (timings dict, None) or (None, why not). A backward that fails
+  leaves the forward timed and checked, with the error in ``note``."""
+  name = "fla chunk_gated_delta_rule" if gated else "fla chunk_delta_rule"
+  try:
+    import torch
+    if gated:
+      from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+      def run(q, k, v, beta, g):
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0]
+    else:
+      from fla.ops.delta_rule import chunk_delta_rule
+
+      def run(q, k, v, beta):
+        return chunk_delta_rule(q, k, v, beta, scale=1.0)[0]
+    if ctx.platform != "gpu" or not torch.cuda.is_available():
+      return None, "needs a CUDA GPU"
+  except Exception as e:  # the peer is optional: report why it was not measured
+    return None, f"not measured: {type(e).__name__}: {e}"
+
+  def to_torch(x):  # bf16 stays bf16, the f32 log-decay stays f32
+    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", dtype)
+
+  n_args = len(sets[0]) - 1
+  tsets = [tuple(to_torch(x) for x in s) for s in sets]
+  leaves = [x.clone().requires_grad_() for x in tsets[0][:n_args]]
+  o = run(*leaves)
+  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
+  bwd_error = None
+  try:
+    o.backward(tsets[0][n_args])
+    torch.cuda.synchronize()
+  except Exception as e:  # e.g. fla's backward on Triton < 3.7.1 on Hopper
+    traceback.print_exc()
+    bwd_error = f"backward failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  if bwd_error is None:
+    err = _check_all(name, (back(o), tuple(back(x.grad) for x in leaves)), ref)
+  else:
+    err = check(f"{name} out", back(o), ref[0], TOL)
+  _log(f"{name}: checked (rel err {err:.2e}){' forward only: ' + bwd_error if bwd_error else ''}")
+  state = {"i": 0}
+
+  def fwd():
+    args = tsets[state["i"] % len(tsets)]
+    state["i"] += 1
+    with torch.no_grad():
+      run(*args[:n_args])
+
+  timing = dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=None, rel_err=err)
+  if bwd_error is not None:
+    return dict(timing, note=bwd_error), None
+  grad_sets = [tuple(x.clone().requires_grad_() for x in s[:n_args]) + (s[n_args],) for s in tsets]
+
+  def fwdbwd():
+    args = grad_sets[state["i"] % len(grad_sets)]
+    state["i"] += 1
+    for x in args[:n_args]:
+      x.grad = None
+    run(*args[:n_args]).backward(args[n_args])
+
+  timing["fwdbwd_ms"] = ctx.time_torch(fwdbwd)
+  return timing, None
+
+
+def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
+  batch, time, heads, dk, dv = shape
+  sets = [_inputs(seed, gated, *shape) for seed in range(1 if ctx.quick else N_SETS)]
+  ref = jax.block_until_ready(_reference(_part(sets[0])))
+  _log(f"reference ready ({_label(gated, *shape)})")
+  n_qk, n_v, n_h = batch * time * heads * dk, batch * time * heads * dv, batch * time * heads
+  scalars = 2 * n_h + (4 * n_h if gated else 0)  # β bf16, g f32
+  io = 2 * (2 * n_qk + 2 * n_v) + scalars  # q, k, v, o in bf16
+  flops = batch * time * heads * (6 * dk * dv + PALLAS_CHUNK * (3 * dk + 2 * dv))
+  base = dict(kernel="delta", shape=_label(gated, *shape), floor_fwd_ms=ctx.floor_ms(bytes_moved=io, flops=flops),
+              floor_fwdbwd_ms=ctx.floor_ms(bytes_moved=2 * (6 * n_qk + 5 * n_v) + 3 * scalars, flops=3 * flops),
+              reference="token recurrence f32, batch 0 heads 0-1, all tokens")
+  on_cpu = ctx.platform == "cpu"
+
+  def ours(name, **kwargs):
+    row = dict(base, impl=name, ours=True, fwd_ms=None, fwdbwd_ms=None)
+    try:
+      fwd, _, both = _fns(**kwargs)
+      # The timed program itself (full shape), checked on the reference's slice.
+      out = jax.block_until_ready(both(*sets[0]))
+      _log(f"{name}: fwd+bwd compiled and ran")
+      row["rel_err"] = _check_all(name, _part(out), ref)
+      _log(f"{name}: checked (rel err {row['rel_err']:.2e})")
+    except AssertionError:
+      raise  # a wrong kernel stops the benchmark
+    except Exception as e:  # an implementation this platform lacks, or one that fails to compile
+      traceback.print_exc()
+      return dict(row, impl=f"{name} — skipped",
+                  note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    row["fwd_ms"] = ctx.time_jax(fwd, [s[:-1] for s in sets])
+    _log(f"{name}: fwd {row['fwd_ms']:.3f} ms")
+    row["fwdbwd_ms"] = ctx.time_jax(both, sets)
+    _log(f"{name}: fwd+bwd {row['fwdbwd_ms']:.3f} ms")
+    return row
+
+  def peer():
+    label = "fla chunk_gated_delta_rule" if gated else "fla chunk_delta_rule"
+    row = dict(base, impl=f"{label} (Triton)", ours=False, fwd_ms=None, fwdbwd_ms=None)
+    try:
+      timing, why = _fla(ctx, gated, sets, ref)
+    except AssertionError:
+      raise
+    except Exception as e:  # a peer that fails is reported, not fatal
+      traceback.print_exc()
+      timing, why = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if timing is None:
+      return dict(row, impl=f"{label} (Triton) — skipped", note=why)
+    _log(f"{label}: fwd {timing['fwd_ms']:.3f} ms, fwd+bwd {timing['fwdbwd_ms']} ms")
+    return dict(row, **timing)
+
+  # Most informative first: ours, the peer, then our XLA form (slowest to compile).
+  rows = [ours(f"pallas C={PALLAS_CHUNK} (ours)", impl="pallas", chunk_size=PALLAS_CHUNK, interpret=on_cpu), peer()]
+  rows.insert(1, ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK))
+  return rows
+
+
+def run(ctx: Context) -> list[dict]:
+  shape = QUICK if ctx.quick else FULL
+  return _run_one(ctx, True, shape) + _run_one(ctx, False, shape)

@@ -1,0 +1,291 @@
+"""The sequential part of the chunked delta rule as Pallas kernels (``delta_rule(impl="pallas")``).
+
+``kernels.delta`` computes, for all chunks at once in XLA, the WY / UT pieces of each chunk n:
+``W_n [c, d_k]``, ``Ũ_n [c, d_v]``, ``K̂_n [c, d_k]`` (keys decayed to the chunk's end) and the
+chunk decay ``γ_n``; and after the pass it forms the outputs with batched einsums. What is left is a
+recurrence over chunks, the only sequential work:
+
+    entering_n = S;   U_n = Ũ_n − W_n S;   S ← γ_n S + K̂_nᵀ U_n          (S: f32 [d_k, d_v])
+
+This module runs it as one Pallas kernel (:func:`state_pass`) and its backward as a second one, under a
+``jax.custom_vjp``; everything around it is XLA, differentiated by JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.pallas_compat import SQUEEZED, mosaic_params, triton_params
+
+# ----------------------------------------------------------------------------------------------------
+# Layout. Every array keeps the chunked layout kernels.delta builds, ``[batch, chunks, heads, …]``:
+# W, K̂: [b, n, h, c, d_k]; Ũ and U: [b, n, h, c, d_v]; states: [b, n, h, d_k, d_v]; γ broadcast over
+# the value columns to [b, n, h, 1, d_v] (a row that multiplies the state's columns, so neither backend
+# has to read a scalar out of a tile); S_0 and the final state: [b, h, d_k, d_v]. No transposes.
+#
+# Value columns are independent: column j of S only ever meets column j of Ũ (U_n[:, j] = Ũ_n[:, j]
+# − W_n S[:, j], S[:, j] ← γ S[:, j] + K̂ᵀ U_n[:, j]), and the same holds backwards. So d_v splits into
+# blocks that run as separate programs: parallelism beyond batch·heads at no cost.
+#
+#   Triton (GPU): grid (d_v / block_v, batch·heads), block_v fastest so the programs that read the same
+#     W and K̂ run together. A program holds all chunks of its head (a strided pointer) and loops over
+#     them in a fori_loop with the f32 state [d_k, block_v] in registers. Tiles are powers of two ≥ 16:
+#     d_k and d_v are zero-padded up (zero key columns of W and K̂ leave the padded state rows at 0;
+#     zero value columns stay 0), the chunk is required to be one (kernels.delta checks).
+#   Mosaic (TPU): grid (batch, heads, chunks), the chunk axis sequential ("arbitrary"); a block is one
+#     chunk's (c, d_k) / (c, d_v) tile (c a multiple of 8, dims whole, so every block is legal) and the
+#     state is carried in the final-state output block, which stays resident across the chunk axis
+#     because its index does not depend on it.
+#
+# Dots: for 16-bit inputs W and K̂ are stored in that dtype and the state / U are rounded to it for the
+# two dots (tensor cores, f32 accumulation); the state, U and all sums stay f32. For f32 inputs the
+# dots run at IEEE f32 precision.
+#
+# Backward (by hand). Cotangents: dE_n of entering_n, dU_n of U_n, dS_N of the final state. Let D be
+# ∂L/∂S after chunk n (the state leaving it, S_{n+1}); start D = dS_N and run n = N−1 … 0:
+#     S_{n+1} = γ_n S_n + K̂_nᵀ U_n,   U_n = Ũ_n − W_n S_n,   entering_n = S_n
+#   ⇒ dU_n^tot = dU_n + K̂_n D                      (U_n reaches the loss directly and through S_{n+1})
+#     dŨ_n = dU_n^tot                              dW_n  = −dU_n^tot S_nᵀ
+#     dK̂_n = U_n Dᵀ                                dγ_n  = Σ_{k,v} D ⊙ S_n
+#     D ← ∂L/∂S_n = γ_n D − W_nᵀ dU_n^tot + dE_n   (and after chunk 0: dS_0 = D)
+# The D-update and dU^tot are the same recurrence as the forward with (W, K̂) swapped and the signs
+# flipped, so one kernel body runs both; the reverse kernel stores D entering each step (∂L/∂S_{n+1})
+# and dU^tot, and the three products that need them (dW, dK̂, dγ) are batched einsums in XLA, like the
+# rest of the parallel work. γ arrives broadcast over value columns, so the kernel's dγ is per column
+# (Σ_k D ⊙ S_n) and the broadcast's transpose sums it.
+# ----------------------------------------------------------------------------------------------------
+
+PallasTarget = Literal["triton", "mosaic"]
+_SQ = SQUEEZED
+_F32 = jnp.float32
+MIN_TILE = 16  # the smallest Triton dot tile; chunks and padded dims are powers of two ≥ this
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+  """Launch parameters of the Triton kernels (Mosaic takes whole dims and ignores them).
+
+  ``block_v``: value columns per program (a power of two ≥ 16; smaller gives more programs and fewer
+  registers per program); ``warps`` / ``stages``: Triton launch values.
+  """
+  block_v: int = 64
+  warps: int = 4
+  stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one call (hashable: a custom_vjp nondiff argument)."""
+  target: str
+  interpret: bool
+  cfg: PallasConfig
+  dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (f32 accumulation)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_pow2_tile(n: int) -> bool:
+  return n >= MIN_TILE and n == _next_pow2(n)
+
+
+def _dot(plan: _Plan, a, b, ca: int, cb: int):
+  """Contract dim ``ca`` of 2-D ``a`` with dim ``cb`` of ``b``, f32 accumulation."""
+  dtype = jnp.dtype(plan.dot_dtype)
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((ca,), (cb,)), ((), ())),
+                             precision=precision, preferred_element_type=_F32)
+
+
+def _step(plan: _Plan, state, x, y, a, g, add, reverse: bool):
+  """One chunk on a state [d_k, bv] (f32); x, y: [c, d_k]; a: [c, bv]; g: [1, bv]; add: [d_k, bv] | None.
+
+  forward (x = W, y = K̂, a = Ũ):              rows = Ũ − W S,     S ← γ S + K̂ᵀ rows
+  reverse (x = K̂, y = W, a = dU, add = dE):   rows = dU + K̂ D,    D ← γ D − Wᵀ rows + dE
+  Returns (rows [c, bv] f32, new state).
+  """
+  xs = _dot(plan, x, state, 1, 0)
+  rows = a.astype(_F32) + xs if reverse else a.astype(_F32) - xs
+  yr = _dot(plan, y, rows, 0, 0)
+  state = state * g.astype(_F32) + (-yr if reverse else yr)
+  if add is not None:
+    state = state + add.astype(_F32)
+  return rows, state
+
+
+def _unpack(refs, reverse: bool):
+  """(x, y, a, g, add | None, s0, states, rows, final): the reverse pass has the extra input dE."""
+  refs = list(refs)
+  if not reverse:
+    refs.insert(4, None)
+  return refs
+
+
+def _kernel_triton(*refs, plan: _Plan, reverse: bool, n_chunks: int):
+  # x, y: [n, c, d_k]; a, rows: [n, c, bv]; g: [n, 1, bv]; add, states: [n, d_k, bv]; s0, final: [d_k, bv]
+  x_ref, y_ref, a_ref, g_ref, add_ref, s0_ref, st_ref, rows_ref, sf_ref = _unpack(refs, reverse)
+
+  def body(i, state):
+    n = n_chunks - 1 - i if reverse else i
+    st_ref[n] = state  # the state entering chunk n (from its far side when reverse)
+    add = None if add_ref is None else add_ref[n]
+    rows, state = _step(plan, state, x_ref[n], y_ref[n], a_ref[n], g_ref[n], add, reverse)
+    rows_ref[n] = rows
+    return state
+
+  sf_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(_F32))
+
+
+def _kernel_mosaic(*refs, plan: _Plan, reverse: bool):
+  # One chunk per step of the sequential last grid axis; the final-state block carries the state.
+  x_ref, y_ref, a_ref, g_ref, add_ref, s0_ref, st_ref, rows_ref, sf_ref = _unpack(refs, reverse)
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    sf_ref[...] = s0_ref[...].astype(_F32)
+
+  state = sf_ref[...]
+  st_ref[...] = state
+  add = None if add_ref is None else add_ref[...]
+  rows, state = _step(plan, state, x_ref[...], y_ref[...], a_ref[...], g_ref[...], add, reverse)
+  rows_ref[...] = rows
+  sf_ref[...] = state
+
+
+def _state_call(plan: _Plan, x, y, a, g, add, s0, *, reverse: bool):
+  """The sequential pass over chunks (forward, or reverse with ``add``).
+
+  x, y: ``[b, n, h, c, d_k]``; a: ``[b, n, h, c, d_v]``; g: ``[b, n, h, 1, d_v]``; add: ``[b, n, h,
+  d_k, d_v]`` or None; s0: ``[b, h, d_k, d_v]``. Returns (states ``[b, n, h, d_k, d_v]`` (the state
+  entering each step), rows ``[b, n, h, c, d_v]``, final ``[b, h, d_k, d_v]``), all f32.
+  """
+  batch, n_chunks, heads, c, dk = x.shape
+  dv = a.shape[-1]
+  out_shape = [jax.ShapeDtypeStruct((batch, n_chunks, heads, dk, dv), _F32),
+               jax.ShapeDtypeStruct((batch, n_chunks, heads, c, dv), _F32),
+               jax.ShapeDtypeStruct((batch, heads, dk, dv), _F32)]
+  arrays = [x, y, a, g] + ([add] if reverse else []) + [s0]
+  if plan.target == "triton":
+    bv = min(plan.cfg.block_v, dv)
+
+    def spec(rows: int, width: int, v_blocked: bool):
+      """All chunks of one head: [n, rows, width] (width a d_v block when ``v_blocked``)."""
+      def index(iv, bh):
+        b, h = jax.lax.div(bh, jnp.int32(heads)), jax.lax.rem(bh, jnp.int32(heads))
+        return b, 0, h, 0, (iv if v_blocked else 0)
+      return pl.BlockSpec((_SQ, n_chunks, _SQ, rows, width), index)
+
+    def state_index(iv, bh):
+      return jax.lax.div(bh, jnp.int32(heads)), jax.lax.rem(bh, jnp.int32(heads)), 0, iv
+
+    xy, av, gv, sv = spec(c, dk, False), spec(c, bv, True), spec(1, bv, True), spec(dk, bv, True)
+    s_spec = pl.BlockSpec((_SQ, _SQ, dk, bv), state_index)
+    in_specs = [xy, xy, av, gv] + ([sv] if reverse else []) + [s_spec]
+    out_specs = [sv, av, s_spec]
+    grid = (dv // bv, batch * heads)
+    kernel = functools.partial(_kernel_triton, plan=plan, reverse=reverse, n_chunks=n_chunks)
+    params = None if plan.interpret else triton_params(plan.cfg.warps, plan.cfg.stages)
+  else:
+    chunk = (lambda n: n_chunks - 1 - n) if reverse else (lambda n: n)
+    tile = lambda rows, width: pl.BlockSpec((_SQ, _SQ, _SQ, rows, width), lambda b, h, n: (b, chunk(n), h, 0, 0))
+    xy, av, gv, sv = tile(c, dk), tile(c, dv), tile(1, dv), tile(dk, dv)
+    s_spec = pl.BlockSpec((_SQ, _SQ, dk, dv), lambda b, h, n: (b, h, 0, 0))
+    in_specs = [xy, xy, av, gv] + ([sv] if reverse else []) + [s_spec]
+    out_specs = [sv, av, s_spec]
+    grid = (batch, heads, n_chunks)
+    kernel = functools.partial(_kernel_mosaic, plan=plan, reverse=reverse)
+    params = None if plan.interpret else mosaic_params(("parallel", "parallel", "arbitrary"))
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        compiler_params=params, interpret=plan.interpret,
+                        name="delta_states_bwd" if reverse else "delta_states")(*arrays)
+
+
+# --- the differentiable pass -------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pass(w, u_tilde, k_to_end, gamma, s0, plan: _Plan):
+  return _pass_fwd(w, u_tilde, k_to_end, gamma, s0, plan)[0]
+
+
+def _pass_fwd(w, u_tilde, k_to_end, gamma, s0, plan: _Plan):
+  # W and K̂ are rounded to the dot dtype here (not before the custom_vjp) so that their cotangents
+  # stay f32; the rounded copies are what the backward kernel reads.
+  w_d, k_d = w.astype(plan.dot_dtype), k_to_end.astype(plan.dot_dtype)
+  entering, u, final = _state_call(plan, w_d, k_d, u_tilde, gamma, None, s0, reverse=False)
+  return (entering, u, final), (w_d, k_d, gamma, entering, u)
+
+
+def _pass_bwd(plan: _Plan, residuals, cotangents):
+  w_d, k_d, gamma, entering, u = residuals
+  d_entering, d_u, d_final = (x.astype(_F32) for x in cotangents)
+  # `leaving[n]` = D at the start of reverse step n = ∂L/∂S_{n+1}; `d_u_total` = dU^tot (see above).
+  leaving, d_u_total, d_s0 = _state_call(plan, k_d, w_d, d_u, gamma, d_entering, d_final, reverse=True)
+  d_w = -jnp.einsum("bnhcv,bnhkv->bnhck", d_u_total, entering)
+  d_k_to_end = jnp.einsum("bnhcv,bnhkv->bnhck", u, leaving)
+  d_gamma = jnp.sum(leaving * entering, axis=-2, keepdims=True)  # per value column, [b n h 1 v]
+  return d_w, d_u_total, d_k_to_end, d_gamma, d_s0
+
+
+_pass.defvjp(_pass_fwd, _pass_bwd)
+
+
+def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpret: bool, cfg: PallasConfig,
+                 dot_dtype: str):
+  batch, n_chunks, heads, c, d_k = w.shape
+  d_v = u_tilde.shape[-1]
+  if target == "triton":  # Triton tiles: powers of two ≥ 16; zero columns change nothing (see above)
+    dk, dv = max(MIN_TILE, _next_pow2(d_k)), max(MIN_TILE, _next_pow2(d_v))
+  else:
+    dk, dv = d_k, d_v
+  last = lambda x, width: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  w, k_to_end, u_tilde = last(w, dk), last(k_to_end, dk), last(u_tilde, dv)
+  gamma = jnp.broadcast_to(chunk_decay[..., None, None], (batch, n_chunks, heads, 1, dv))
+  s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, dk - d_k), (0, dv - d_v)))
+  plan = _Plan(target=target, interpret=interpret, cfg=cfg, dot_dtype=dot_dtype)
+  entering, u, final = _pass(w, u_tilde, k_to_end, gamma, s0, plan)
+  return entering[..., :d_k, :d_v], u[..., :d_v], final[..., :d_k, :d_v]
+
+
+def check_arguments(chunk_size: int, target: PallasTarget | None, config: PallasConfig | None):
+  """ValueError for a chunk or tiling the kernels cannot take (called before any work is traced)."""
+  if not _is_pow2_tile(chunk_size):
+    raise ValueError(f"delta_rule: chunk_size={chunk_size} must be a power of two ≥ {MIN_TILE} for "
+                     "impl='pallas' (Triton tiles; 64 is what fla uses)")
+  if config is not None and not _is_pow2_tile(config.block_v):
+    raise ValueError(f"delta_rule: PallasConfig.block_v={config.block_v} must be a power of two ≥ {MIN_TILE}")
+  if target is not None and target not in ("triton", "mosaic"):
+    raise ValueError(f"delta_rule: pallas_target must be 'triton' or 'mosaic', got {target!r}")
+
+
+def state_pass(w, u_tilde, k_to_end, chunk_decay, state0, *, dot_dtype="float32", interpret: bool = False,
+               target: PallasTarget | None = None, config: PallasConfig | None = None):
+  """``entering_n = S; U_n = Ũ_n − W_n S; S ← γ_n S + K̂_nᵀ U_n`` over chunks n, differentiable.
+
+  Args:
+    w, k_to_end: ``[batch, chunks, heads, chunk, d_k]`` f32; u_tilde: ``[batch, chunks, heads, chunk,
+      d_v]`` f32; chunk_decay: γ ``[batch, chunks, heads]`` f32; state0: ``[batch, heads, d_k, d_v]`` f32.
+    dot_dtype: ``"float32"`` or a 16-bit dtype for the kernel's two dots (f32 accumulation).
+    interpret: run in the Pallas interpreter (CPU tests).
+    target: ``"triton"`` or ``"mosaic"``; None decides at lowering time (Mosaic for TPU, else Triton;
+      Triton when interpreting).
+    config: Triton launch parameters (default :class:`PallasConfig`).
+  Returns:
+    ``(entering [batch, chunks, heads, d_k, d_v], u [batch, chunks, heads, chunk, d_v],
+    final [batch, heads, d_k, d_v])``, f32.
+  """
+  cfg = config or PallasConfig()
+  check_arguments(w.shape[3], target, cfg)
+  run = lambda t: functools.partial(_pass_target, target=t, interpret=interpret, cfg=cfg,
+                                    dot_dtype=jnp.dtype(dot_dtype).name)
+  args = (w, u_tilde, k_to_end, chunk_decay, state0)
+  if target is not None or interpret:
+    return run(target or "triton")(*args)
+  return jax.lax.platform_dependent(*args, tpu=run("mosaic"), default=run("triton"))
