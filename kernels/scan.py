@@ -161,11 +161,18 @@ class PallasConfig:
 
 
 # One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
-# shape over every SM; ~48 rows per lane in flight cover HBM latency while staying in registers
-# (≈ depth·chunk·(2 forward, 3 backward) of them). On an H100 at B8 T4096 D1024 f32 this gives
-# 0.206 ms forward (floor 0.134) and 0.53 ms forward+backward; other tilings: bench_scan.py --tune.
-GPU_DEFAULTS = dict(block_d=32, chunk=16, depth=4, num_warps=1, num_stages=1,
-                    bwd_chunk=16, bwd_depth=3)
+# shape over every SM; each loop step loads ``chunk`` rows per lane before combining them (and with
+# ``depth`` > 0 carries further slots through the loop as a register prefetch). Deeper prefetch is
+# slightly faster but Triton's compile time grows steeply with the rows carried through the loop
+# (H100 host, B8 T4096 D1024 f32; fwd / fwd+bwd ms, compile s of fwd / grad):
+#   chunk 16 depth 4 (bwd 16·3): 0.212 / 0.524 ms, 30 / 74 s
+#   chunk 16 depth 2 (bwd 16·2): 0.234 / 0.552 ms, 5.6 / 16 s
+#   chunk 32 depth 0:            0.236 / 0.572 ms, 2.0 / 2.7 s     <- default
+#   chunk  8 depth 2 (bwd  8·2): 0.268 / 0.606 ms, 2.5 / 4.1 s
+# A model holds several such kernels, so a minute per kernel is a minute per model compile: the
+# default takes the cheap compile; ``PallasConfig`` / bench_scan.py --tune give deep tilings.
+GPU_DEFAULTS = dict(block_d=32, chunk=32, depth=0, num_warps=1, num_stages=1,
+                    bwd_chunk=32, bwd_depth=0)
 
 
 _SQ = SQUEEZED
@@ -322,17 +329,24 @@ def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
 # The backward is the same three passes over its own recurrence U ← a_t (ḡ_t + U) (E from a zero U,
 # P = Π a_t), with the h_{t∓1} that each segment's edge row needs taken from its neighbour segment.
 # Forward moves 5 arrays instead of 3, backward 7 instead of 5: a loss when lanes alone fill the GPU,
-# so ``_gpu_segments`` only splits problems with fewer than ``GPU_MIN_PROGRAMS`` programs.
+# so ``_gpu_segments`` only splits problems with fewer than ``GPU_SPLIT_BELOW`` programs.
 
-GPU_MIN_PROGRAMS = 512  # one-warp programs below which time is split (H100: 132 SMs)
-GPU_MIN_SEGMENT = 512   # rows per segment at least: shorter ones spend more on the summary pass
+# Measured on an H100 (f32, D 768, one-warp programs; fwd / fwd+bwd ms): B16 T2048 (384 programs)
+# unsplit 0.160 / 0.383, in 2 segments 0.212 / 0.474; B4 T8192 (96) unsplit 0.431 / 0.997, 8 segments
+# 0.207 / 0.480; B1 T32768 (24) unsplit 1.431 / 3.275, 8 segments 0.427 / 0.919, 32 segments
+# 0.217 / 0.473; B8 T4096 D1024 (256) unsplit 0.268 / 0.606, 2 segments 0.305 / 0.687.
+GPU_SPLIT_BELOW = 256    # one-warp programs below which time is split ...
+GPU_SPLIT_TARGET = 768   # ... into enough segments to reach this many
+GPU_MIN_SEGMENT = 512    # rows per segment at least: shorter ones spend more on the summary pass
 
 
 def _gpu_segments(batch: int, time: int, d: int, block_d: int) -> int:
-  """The power of two S dividing ``time`` that brings batch·(D / block_d)·S up to GPU_MIN_PROGRAMS."""
+  """The number S of time segments (a power of two dividing ``time``) for a [batch, time, d] scan."""
   programs = batch * -(-d // block_d)
   segments = 1
-  while (programs * segments < GPU_MIN_PROGRAMS and time % (2 * segments) == 0
+  if programs >= GPU_SPLIT_BELOW:
+    return segments
+  while (programs * segments < GPU_SPLIT_TARGET and time % (2 * segments) == 0
          and time // (2 * segments) >= GPU_MIN_SEGMENT):
     segments *= 2
   return segments

@@ -120,8 +120,11 @@ def test_segments_must_divide_the_length():
 
 
 def test_narrow_long_problems_are_split_in_time():
-  # Griffin at T = 32k, batch 1: 24 one-warp programs unsplit; 32 segments of 1024 rows give 768.
-  assert scan._gpu_segments(1, 32768, 768, 32) == 32
-  assert scan._gpu_segments(8, 4096, 1024, 32) == 2
-  assert scan._gpu_segments(16, 4096, 1024, 32) == 1   # enough lanes already
-  assert scan._gpu_segments(1, 1000, 64, 32) == 1      # a short or odd length stays whole
+  # Griffin's RG-LRU (D 768 = 24 one-warp programs per sequence) at 32k tokens per batch.
+  assert scan._gpu_segments(1, 32768, 768, 32) == 32    # 24 programs -> 768
+  assert scan._gpu_segments(4, 8192, 768, 32) == 8      # 96 -> 768
+  assert scan._gpu_segments(16, 2048, 768, 32) == 1     # 384: enough lanes already
+  assert scan._gpu_segments(8, 4096, 1024, 32) == 1     # 256
+  assert scan._gpu_segments(1, 1000, 64, 32) == 1       # too short to split into 512-row segments
+  assert scan._gpu_segments(1, 1536, 64, 32) == 2       # 2 x 768 rows; 4 x 384 would be too short
+  assert scan._gpu_segments(1, 32769, 768, 32) == 1     # odd: no power of two divides it
