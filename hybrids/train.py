@@ -43,6 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+import kernels
 from hybrids import config as config_lib
 from hybrids import data as data_lib
 from hybrids import flops as flops_lib
@@ -471,7 +472,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   summary: dict[str, Any] = {
       "status": "running", "step": start_step, "steps": t.steps, **counts,
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
-      "impl": {"attention": config.model.attention_impl, "scan": config.model.scan_impl},
+      "impl": kernels.resolve_impls(config.model),
   }
   try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training
     summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=start_step * batch_size * seq_len))

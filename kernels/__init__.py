@@ -6,7 +6,37 @@ definition used by tests) and ``"auto"`` (the fastest implementation known for t
 Pallas implementations are added behind the same signatures; mixers never change.
 """
 
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
 from kernels.scan import linear_scan, linear_scan_reference
 from kernels.window_attention import window_attention, window_attention_reference
 
-__all__ = ["linear_scan", "linear_scan_reference", "window_attention", "window_attention_reference"]
+__all__ = ["linear_scan", "linear_scan_reference", "window_attention", "window_attention_reference",
+           "resolve_impls"]
+
+
+def resolve_impls(model_cfg) -> dict[str, str]:
+  """What each kernel family runs on this platform for a model config (``"auto"`` resolved), as the
+  run summary records it: ``{"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "xla"}``.
+
+  Mirrors each kernel's own ``"auto"`` rule for the model's shapes: attention for its head_dim,
+  compute dtype and soft-cap; the delta rule for its chunk size.
+  """
+  from kernels.window_attention import _auto_impl as attention_auto  # the package name is the function
+
+  m = model_cfg
+  backend = jax.default_backend()
+  head_dim = m.get("head_dim") or m.d_model // m.num_heads
+  dtype = jnp.dtype(m.dtype)
+  q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), dtype)
+  chunk = int(m.get("chunk_size", 16))
+  auto = {
+      "attention": attention_auto(q, m.get("attn_softcap") or None),
+      "scan": "pallas" if backend in ("gpu", "tpu") else "xla",
+      "gla": "pallas" if backend == "gpu" else "xla",
+      "delta": "pallas" if backend == "gpu" and chunk >= 16 and chunk & (chunk - 1) == 0 else "xla",
+  }
+  return {family: auto[family] if m[f"{family}_impl"] == "auto" else m[f"{family}_impl"] for family in auto}

@@ -281,3 +281,19 @@ def test_gla_input_gate_is_the_unstabilised_recurrence():
     gla(q, k, v, jnp.zeros(q.shape), log_input_gate=log_i)
   with pytest.raises(ValueError, match=r"initial_state must be \(S"):
     gla(q, k, v, log_f, s0, log_input_gate=log_i)
+
+
+def test_resolve_impls_names_what_auto_runs(monkeypatch):
+  from hybrids.config import base_config
+  from kernels import resolve_impls
+
+  m = base_config("mqar").model
+  assert resolve_impls(m) == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla"}  # CPU
+  m.scan_impl = "reference"
+  assert resolve_impls(m)["scan"] == "reference"  # an explicit choice is kept
+  m.scan_impl = "auto"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rules as a CUDA host applies them
+  m.dtype, m.attn_softcap, m.chunk_size = "bfloat16", 0.0, 16
+  assert resolve_impls(m) == {"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "pallas"}
+  m.dtype, m.chunk_size = "float32", 8  # cuDNN needs 16-bit inputs; Pallas delta needs a chunk ≥ 16
+  assert resolve_impls(m) == {"attention": "pallas", "scan": "pallas", "gla": "pallas", "delta": "xla"}
