@@ -36,6 +36,8 @@ def resolve_impls(model_cfg) -> dict[str, str]:
   auto = {
       "attention": attention_auto(q, m.get("attn_softcap") or None),
       "scan": "pallas" if backend in ("gpu", "tpu") else "xla",
+      # Per call these also fall back to XLA for head dims > 128 (Based's feature map; the summary
+      # cannot see a mixer's inner dims) and, for GLA, for the mLSTM's input gate.
       "gla": "pallas" if backend == "gpu" else "xla",
       "delta": "pallas" if backend == "gpu" and chunk >= 16 and chunk & (chunk - 1) == 0 else "xla",
   }

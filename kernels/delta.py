@@ -35,9 +35,9 @@ Implementations:
   WY precompute and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses
   64). For 16-bit inputs the kernel's dots take W, K̂ and the state rounded to that dtype (f32
   accumulation and state).
-- ``"auto"``: ``"pallas"`` on GPU (H100, B4 T8192 H16 d128 bf16, chunk 16, same run: 4.8 / 16.8 ms
-  fwd / fwd+bwd gated against the XLA form's 15.8 / 42.1 ms; ``kernels/BENCHMARKS.md``), ``"xla"``
-  elsewhere.
+- ``"auto"``: ``"pallas"`` on GPU for chunks of 2^n ≥ 16 and head dims ≤ 128 (H100, B4 T8192 H16
+  d128 bf16, chunk 16, same run: 4.8 / 16.8 ms fwd / fwd+bwd gated against the XLA form's
+  15.8 / 42.1 ms; ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere.
 """
 
 from __future__ import annotations
@@ -170,6 +170,14 @@ def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, sta
   return o.astype(v.dtype), final
 
 
+def auto_impl(chunk_size: int, d_k: int, d_v: int) -> str:
+  """What ``impl="auto"`` runs: the Pallas state pass on GPU for chunks the Triton tiles take (powers
+  of two ≥ 16) and head dims ≤ 128 (those measured), the XLA form otherwise."""
+  tile = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+  fits = max(d_k, d_v) <= 128
+  return "pallas" if jax.default_backend() == "gpu" and tile and fits else "xla"
+
+
 def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto",
                interpret: bool = False, pallas_target: PallasTarget | None = None,
                pallas_config: PallasConfig | None = None):
@@ -199,9 +207,8 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     raise ValueError(f"delta_rule: chunk_size={chunk_size!r} must be a positive integer")
   if impl == "reference":
     return delta_rule_reference(q, k, v, beta, log_decay, initial_state)
-  if impl == "auto":  # a chunk the Triton tiles cannot take stays on the XLA form
-    tile = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-    impl = "pallas" if jax.default_backend() == "gpu" and tile else "xla"
+  if impl == "auto":
+    impl = auto_impl(chunk_size, q.shape[-1], v.shape[-1])
   if impl == "pallas":
     check_pallas_arguments(chunk_size, pallas_target, pallas_config)
     dtype = jnp.dtype(jnp.result_type(q.dtype, k.dtype, v.dtype))

@@ -42,7 +42,7 @@ Implementations:
 - ``"pallas"``: the chunked form as Pallas kernels (Triton on GPU, Mosaic on TPU) with a
   ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
   −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
-- ``"auto"``: ``"pallas"`` on GPU (H100, B4 T8192 H16 d128 bf16, same run: 4.0 / 16.9 ms fwd /
+- ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run: 4.0 / 16.9 ms fwd /
   fwd+bwd against the XLA chunked form's 13.4 / 41.7 ms; ``kernels/BENCHMARKS.md``), ``"xla"``
   elsewhere (the Mosaic kernels are export-tested only, never timed on a TPU).
 """
@@ -217,6 +217,17 @@ def _gla_chunked(q, k, v, log_decay, initial_state, chunk_size: int, log_input_g
   return o, final
 
 
+AUTO_MAX_HEAD_DIM = 128  # head dims the Triton kernels were measured at; Based's 153-dim feature
+# map (padded to 256) asks the output kernel for 328 KB of shared memory, over the H100's 227 KB.
+
+
+def auto_impl(d_k: int, d_v: int) -> str:
+  """What ``impl="auto"`` runs for heads of ``d_k`` × ``d_v``: the Pallas kernels on GPU when both
+  are ≤ AUTO_MAX_HEAD_DIM, the XLA chunked form otherwise."""
+  fits = max(d_k, d_v) <= AUTO_MAX_HEAD_DIM
+  return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
+
+
 def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chunk_size: int = 16,
         impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
         pallas_config: PallasConfig | None = None):
@@ -249,7 +260,7 @@ def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chu
   if impl == "reference":
     return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate)
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    impl = auto_impl(q.shape[-1], v.shape[-1])
   if impl == "pallas" and log_input_gate is None:
     return gla_pallas(q, k, v, log_decay, initial_state, interpret=interpret, target=pallas_target,
                       config=pallas_config)

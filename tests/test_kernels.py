@@ -297,3 +297,18 @@ def test_resolve_impls_names_what_auto_runs(monkeypatch):
   assert resolve_impls(m) == {"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "pallas"}
   m.dtype, m.chunk_size = "float32", 8  # cuDNN needs 16-bit inputs; Pallas delta needs a chunk ≥ 16
   assert resolve_impls(m) == {"attention": "pallas", "scan": "pallas", "gla": "pallas", "delta": "xla"}
+
+
+def test_gla_and_delta_auto_take_pallas_on_gpu_only_for_measured_head_dims(monkeypatch):
+  # H100: Based's 153-dim feature map (padded to 256) overflows the GLA output kernel's shared
+  # memory (kernels.check_auto found it), so "auto" keeps such heads on the XLA form.
+  from kernels.delta import delta_rule
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  small, based = jnp.zeros((1, 32, 2, 64)), jnp.zeros((1, 32, 2, 153))
+  beta = jnp.zeros((1, 32, 2))
+  uses_pallas = lambda f, *args: "pallas_call" in str(jax.make_jaxpr(f)(*args))
+  assert uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), small, small)
+  assert not uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), based, small)
+  assert uses_pallas(lambda q, v: delta_rule(q, q, v, beta, impl="auto"), small, small)
+  assert not uses_pallas(lambda q, v: delta_rule(q, q, v, beta, impl="auto", chunk_size=8), small, small)
+  assert not uses_pallas(lambda q, v: delta_rule(q, q, v, beta, impl="auto"), small, based)
