@@ -88,6 +88,65 @@ def check(name: str, ours, ref, tol: float) -> float:
   return err
 
 
+# --- shared by the matrix-state benchmarks (bench_gla, bench_delta) ---------------------------------
+
+
+def vjp_fns(f: Callable):
+  """For ``f(*args) -> out``: jit(*args) → out; jit(*args, cotangent) → grads; jit(*args, cotangent)
+  → (out, grads)."""
+  def both(*args):
+    out, vjp = jax.vjp(f, *args[:-1])
+    return out, vjp(args[-1].astype(out.dtype))
+
+  return jax.jit(f), jax.jit(lambda *a: both(*a)[1]), jax.jit(both)
+
+
+def check_out_and_grads(name: str, ours, ref, arg_names: Sequence[str], tol: float) -> float:
+  """Output and each gradient separately (one norm over all would hide a bad small one)."""
+  (out, grads), (out_ref, grads_ref) = ours, ref
+  errs = [check(f"{name} out", out, out_ref, tol)]
+  errs += [check(f"{name} d{x}", g, g_ref, tol) for x, g, g_ref in zip(arg_names, grads, grads_ref)]
+  return max(errs)
+
+
+def head_slice(tree):
+  """The slice a token-by-token reference can afford at full size: batch 0, heads 0–1, every token
+  of ``[batch, time, heads, ...]`` arrays."""
+  return jax.tree.map(lambda x: x[:1, :, :2], tree)
+
+
+def progress_log(prefix: str) -> Callable[[str], None]:
+  """``log(msg)`` printing ``[prefix  seconds since this call] msg`` (the table comes only at the end)."""
+  start = time.time()
+  return lambda msg: print(f"[{prefix} {time.time() - start:6.1f} s] {msg}", flush=True)
+
+
+def checked_row(ctx: Context, base: dict, name: str, fns, sets, ref, compare: Callable, log) -> dict:
+  """One of our rows: the timed program itself runs once at full size and its head slice is
+  compared with ``ref`` (``compare(name, ours, ref) -> rel err``, raising on a wrong result), then
+  forward (``sets`` without their last element, the cotangent) and forward+backward are timed. An
+  implementation that cannot run here is reported as skipped; a wrong one stops the benchmark."""
+  import traceback
+
+  fwd, _, both = fns
+  row = dict(base, impl=name, ours=True, fwd_ms=None, fwdbwd_ms=None)
+  try:
+    out = jax.block_until_ready(both(*sets[0]))
+    log(f"{name}: fwd+bwd compiled and ran")
+    row["rel_err"] = compare(name, head_slice(out), ref)
+    log(f"{name}: checked (rel err {row['rel_err']:.2e})")
+  except AssertionError:
+    raise
+  except Exception as e:  # an implementation this platform lacks, or one that fails to compile
+    traceback.print_exc()
+    return dict(row, impl=f"{name} — skipped", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+  row["fwd_ms"] = ctx.time_jax(fwd, [s[:-1] for s in sets])
+  log(f"{name}: fwd {row['fwd_ms']:.3f} ms")
+  row["fwdbwd_ms"] = ctx.time_jax(both, sets)
+  log(f"{name}: fwd+bwd {row['fwdbwd_ms']:.3f} ms")
+  return row
+
+
 def versions() -> dict:
   out = {"python": platform.python_version(), "jax": jax.__version__}
   for mod in ("jaxlib", "torch", "triton", "fla"):

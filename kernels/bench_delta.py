@@ -25,14 +25,13 @@ counts twice the forward.
 
 from __future__ import annotations
 
-import time as _time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check
+from kernels.bench import Context, check, check_out_and_grads, checked_row, head_slice, progress_log, vjp_fns
 from kernels.delta import delta_rule
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -64,26 +63,11 @@ def _inputs(seed, gated, batch, time, heads, dk, dv):
 
 def _fns(**kwargs):
   """jit(q, k, v, beta[, g]) → o; jit(…, do) → grads; jit(…, do) → (o, grads)."""
-  f = lambda *a: delta_rule(*a, **kwargs)[0]
-
-  def both(*args):
-    o, vjp = jax.vjp(f, *args[:-1])
-    return o, vjp(args[-1].astype(o.dtype))
-
-  return jax.jit(f), jax.jit(lambda *a: both(*a)[1]), jax.jit(both)
+  return vjp_fns(lambda *a: delta_rule(*a, **kwargs)[0])
 
 
 def _check_all(name, ours, ref, tol=TOL):
-  """Output and each gradient separately (one norm over all would hide a bad small one)."""
-  (o, grads), (o_ref, grads_ref) = ours, ref
-  errs = [check(f"{name} out", o, o_ref, tol)]
-  errs += [check(f"{name} d{x}", g, g_ref, tol) for x, g, g_ref in zip(NAMES, grads, grads_ref)]
-  return max(errs)
-
-
-def _part(tree):
-  """The slice the reference computes: batch 0, heads 0–1, every token."""
-  return jax.tree.map(lambda x: x[:1, :, :2], tree)
+  return check_out_and_grads(name, ours, ref, NAMES, tol)
 
 
 def _reference(args):
@@ -92,11 +76,7 @@ def _reference(args):
     return _fns(impl="reference")[2](*f32)
 
 
-_T0 = _time.time()
-
-
-def _log(msg):
-  print(f"[bench_delta {_time.time() - _T0:6.1f} s] {msg}", flush=True)
+_log = progress_log("bench_delta")
 
 
 def _fla(ctx, gated, sets, ref):
@@ -168,7 +148,7 @@ def _fla(ctx, gated, sets, ref):
 def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, gated, *shape) for seed in range(1 if ctx.quick else N_SETS)]
-  ref = jax.block_until_ready(_reference(_part(sets[0])))
+  ref = jax.block_until_ready(_reference(head_slice(sets[0])))
   _log(f"reference ready ({_label(gated, *shape)})")
   n_qk, n_v, n_h = batch * time * heads * dk, batch * time * heads * dv, batch * time * heads
   scalars = 2 * n_h + (4 * n_h if gated else 0)  # β bf16, g f32
@@ -180,25 +160,7 @@ def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
   on_cpu = ctx.platform == "cpu"
 
   def ours(name, **kwargs):
-    row = dict(base, impl=name, ours=True, fwd_ms=None, fwdbwd_ms=None)
-    try:
-      fwd, _, both = _fns(**kwargs)
-      # The timed program itself (full shape), checked on the reference's slice.
-      out = jax.block_until_ready(both(*sets[0]))
-      _log(f"{name}: fwd+bwd compiled and ran")
-      row["rel_err"] = _check_all(name, _part(out), ref)
-      _log(f"{name}: checked (rel err {row['rel_err']:.2e})")
-    except AssertionError:
-      raise  # a wrong kernel stops the benchmark
-    except Exception as e:  # an implementation this platform lacks, or one that fails to compile
-      traceback.print_exc()
-      return dict(row, impl=f"{name} — skipped",
-                  note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-    row["fwd_ms"] = ctx.time_jax(fwd, [s[:-1] for s in sets])
-    _log(f"{name}: fwd {row['fwd_ms']:.3f} ms")
-    row["fwdbwd_ms"] = ctx.time_jax(both, sets)
-    _log(f"{name}: fwd+bwd {row['fwdbwd_ms']:.3f} ms")
-    return row
+    return checked_row(ctx, base, name, _fns(**kwargs), sets, ref, _check_all, _log)
 
   def peer():
     label = "fla chunk_gated_delta_rule" if gated else "fla chunk_delta_rule"

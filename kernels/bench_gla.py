@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check
+from kernels.bench import Context, check_out_and_grads, checked_row, head_slice, progress_log, vjp_fns
 from kernels.gla import PallasConfig, gla
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -58,26 +58,11 @@ def _inputs(seed, batch, time, heads, dk, dv):
 
 def _fns(**kwargs):
   """jit(q, k, v, g) → o; jit(q, k, v, g, do) → (dq, dk, dv, dg); jit(…, do) → (o, grads)."""
-  f = lambda q, k, v, g: gla(q, k, v, g, **kwargs)[0]
-
-  def both(q, k, v, g, do):
-    o, vjp = jax.vjp(f, q, k, v, g)
-    return o, vjp(do.astype(o.dtype))
-
-  return jax.jit(f), jax.jit(lambda *a: both(*a)[1]), jax.jit(both)
+  return vjp_fns(lambda q, k, v, g: gla(q, k, v, g, **kwargs)[0])
 
 
 def _check_all(name, ours, ref, tol=TOL):
-  """Output and each gradient separately (one norm over all would hide a bad small one)."""
-  (o, grads), (o_ref, grads_ref) = ours, ref
-  errs = [check(f"{name} out", o, o_ref, tol)]
-  errs += [check(f"{name} d{x}", g, g_ref, tol) for x, g, g_ref in zip(("q", "k", "v", "g"), grads, grads_ref)]
-  return max(errs)
-
-
-def _part(tree):
-  """The slice the reference computes: batch 0, heads 0–1, every token."""
-  return jax.tree.map(lambda x: x[:1, :, :2], tree)
+  return check_out_and_grads(name, ours, ref, ("q", "k", "v", "g"), tol)
 
 
 def _reference(args):
@@ -86,11 +71,7 @@ def _reference(args):
     return _fns(impl="reference")[2](*f32)
 
 
-_T0 = _time.time()
-
-
-def _log(msg):
-  print(f"[bench_gla {_time.time() - _T0:6.1f} s] {msg}", flush=True)
+_log = progress_log("bench_gla")
 
 
 def _fla(ctx, sets, ref):
@@ -138,7 +119,7 @@ def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
   shape = QUICK if ctx.quick else FULL
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, *shape) for seed in range(1 if ctx.quick else N_SETS)]
-  ref = jax.block_until_ready(_reference(_part(sets[0])))
+  ref = jax.block_until_ready(_reference(head_slice(sets[0])))
   _log(f"reference ready ({_label(*shape)})")
   n_qk, n_v = batch * time * heads * dk, batch * time * heads * dv
   io = 2 * (3 * n_qk + 2 * n_v)  # q, k, g, v, o in bf16
@@ -149,25 +130,7 @@ def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
   on_cpu = ctx.platform == "cpu"
 
   def ours(name, **kwargs):
-    row = dict(base, impl=name, ours=True, fwd_ms=None, fwdbwd_ms=None)
-    try:
-      fwd, _, both = _fns(**kwargs)
-      # The timed program itself (full shape), checked on the reference's slice.
-      out = jax.block_until_ready(both(*sets[0]))
-      _log(f"{name}: fwd+bwd compiled and ran")
-      row["rel_err"] = _check_all(name, _part(out), ref)
-      _log(f"{name}: checked (rel err {row['rel_err']:.2e})")
-    except AssertionError:
-      raise  # a wrong kernel stops the benchmark
-    except Exception as e:  # an implementation this platform lacks, or one that fails to compile
-      traceback.print_exc()
-      return dict(row, impl=f"{name} — skipped",
-                  note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-    row["fwd_ms"] = ctx.time_jax(fwd, [s[:4] for s in sets])
-    _log(f"{name}: fwd {row['fwd_ms']:.3f} ms")
-    row["fwdbwd_ms"] = ctx.time_jax(both, sets)
-    _log(f"{name}: fwd+bwd {row['fwdbwd_ms']:.3f} ms")
-    return row
+    return checked_row(ctx, base, name, _fns(**kwargs), sets, ref, _check_all, _log)
 
   def peer():
     row = dict(base, impl="fla chunk_gla (Triton)", ours=False, fwd_ms=None, fwdbwd_ms=None)
