@@ -147,6 +147,25 @@ def checked_row(ctx: Context, base: dict, name: str, fns, sets, ref, compare: Ca
   return row
 
 
+def peer_row(base: dict, label: str, measure: Callable, log) -> dict:
+  """A peer's row from ``measure() -> (timings dict | None, why not)``; a peer that fails or is not
+  installed is reported in its row, a wrong result (AssertionError) stops the benchmark."""
+  import traceback
+
+  row = dict(base, impl=label, ours=False, fwd_ms=None, fwdbwd_ms=None)
+  try:
+    timing, why = measure()
+  except AssertionError:
+    raise
+  except Exception as e:  # a peer that fails is reported, not fatal
+    traceback.print_exc()
+    timing, why = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  if timing is None:
+    return dict(row, impl=f"{label} — skipped", note=why)
+  log(f"{label}: fwd {timing['fwd_ms']:.3f} ms, fwd+bwd {timing['fwdbwd_ms']} ms")
+  return dict(row, **timing)
+
+
 def versions() -> dict:
   out = {"python": platform.python_version(), "jax": jax.__version__}
   for mod in ("jaxlib", "torch", "triton", "fla"):

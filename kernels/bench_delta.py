@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check, check_out_and_grads, checked_row, head_slice, progress_log, vjp_fns
+from kernels.bench import (Context, check, check_out_and_grads, checked_row, head_slice, peer_row, progress_log,
+                           vjp_fns)
 from kernels.delta import delta_rule
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -164,18 +165,7 @@ def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
 
   def peer():
     label = "fla chunk_gated_delta_rule" if gated else "fla chunk_delta_rule"
-    row = dict(base, impl=f"{label} (Triton)", ours=False, fwd_ms=None, fwdbwd_ms=None)
-    try:
-      timing, why = _fla(ctx, gated, sets, ref)
-    except AssertionError:
-      raise
-    except Exception as e:  # a peer that fails is reported, not fatal
-      traceback.print_exc()
-      timing, why = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    if timing is None:
-      return dict(row, impl=f"{label} (Triton) — skipped", note=why)
-    _log(f"{label}: fwd {timing['fwd_ms']:.3f} ms, fwd+bwd {timing['fwdbwd_ms']} ms")
-    return dict(row, **timing)
+    return peer_row(base, f"{label} (Triton)", lambda: _fla(ctx, gated, sets, ref), _log)
 
   # Most informative first: ours, the peer, then our XLA form (slowest to compile).
   rows = [ours(f"pallas C={PALLAS_CHUNK} (ours)", impl="pallas", chunk_size=PALLAS_CHUNK, interpret=on_cpu), peer()]

@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time as _time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check_out_and_grads, checked_row, head_slice, progress_log, vjp_fns
+from kernels.bench import Context, check_out_and_grads, checked_row, head_slice, peer_row, progress_log, vjp_fns
 from kernels.gla import PallasConfig, gla
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -133,18 +132,7 @@ def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
     return checked_row(ctx, base, name, _fns(**kwargs), sets, ref, _check_all, _log)
 
   def peer():
-    row = dict(base, impl="fla chunk_gla (Triton)", ours=False, fwd_ms=None, fwdbwd_ms=None)
-    try:
-      timing, why = _fla(ctx, sets, ref)
-    except AssertionError:
-      raise
-    except Exception as e:  # a peer that fails is reported, not fatal
-      traceback.print_exc()
-      timing, why = None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    if timing is None:
-      return dict(row, impl="fla chunk_gla (Triton) — skipped", note=why)
-    _log(f"fla chunk_gla: fwd {timing['fwd_ms']:.3f} ms, fwd+bwd {timing['fwdbwd_ms']:.3f} ms")
-    return dict(row, **timing)
+    return peer_row(base, "fla chunk_gla (Triton)", lambda: _fla(ctx, sets, ref), _log)
 
   # Ours first: the peer's autotuning can take minutes and a time limit may end the run there.
   rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config),
