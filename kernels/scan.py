@@ -10,7 +10,8 @@ loop carries an unrounded state.
 
 Implementations: ``"reference"`` (sequential ``lax.scan``), ``"xla"`` (associative scan, the CPU
 default) and ``"pallas"`` (a streaming kernel for GPU via Triton and TPU via Mosaic, with a
-``custom_vjp`` whose backward is the same streaming pass run the other way; see the Pallas section).
+``custom_vjp`` whose backward is the same streaming pass run the other way; on GPU a problem with
+few lanes, e.g. batch 1 at 32k tokens, is split in time into segments; see the Pallas section).
 ``"auto"`` picks ``"pallas"`` when the default backend is a GPU or TPU.
 """
 
