@@ -22,23 +22,22 @@ def resolve_impls(model_cfg) -> dict[str, str]:
   """What each kernel family runs on this platform for a model config (``"auto"`` resolved), as the
   run summary records it: ``{"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "xla"}``.
 
-  Mirrors each kernel's own ``"auto"`` rule for the model's shapes: attention for its head_dim,
+  Calls each kernel's own ``"auto"`` rule at the model's shapes: attention for its head_dim,
   compute dtype and soft-cap; the delta rule for its chunk size.
   """
+  from kernels.delta import auto_impl as delta_auto
+  from kernels.gla import auto_impl as gla_auto
   from kernels.window_attention import _auto_impl as attention_auto  # the package name is the function
 
   m = model_cfg
-  backend = jax.default_backend()
   head_dim = m.get("head_dim") or m.d_model // m.num_heads
-  dtype = jnp.dtype(m.dtype)
-  q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), dtype)
-  chunk = int(m.get("chunk_size", 16))
+  q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), jnp.dtype(m.dtype))
+  # The kernels' own rules at the model's head dim; per call GLA and the delta rule also fall back
+  # to XLA for wider heads (Based's feature map) and GLA for the mLSTM's input gate.
   auto = {
       "attention": attention_auto(q, m.get("attn_softcap") or None),
-      "scan": "pallas" if backend in ("gpu", "tpu") else "xla",
-      # Per call these also fall back to XLA for head dims > 128 (Based's feature map; the summary
-      # cannot see a mixer's inner dims) and, for GLA, for the mLSTM's input gate.
-      "gla": "pallas" if backend == "gpu" else "xla",
-      "delta": "pallas" if backend == "gpu" and chunk >= 16 and chunk & (chunk - 1) == 0 else "xla",
+      "scan": "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla",
+      "gla": gla_auto(head_dim, head_dim),
+      "delta": delta_auto(int(m.get("chunk_size", 16)), head_dim, head_dim),
   }
   return {family: auto[family] if m[f"{family}_impl"] == "auto" else m[f"{family}_impl"] for family in auto}

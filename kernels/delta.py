@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels.delta_pallas import PallasConfig, PallasTarget
+from kernels.delta_pallas import _is_pow2_tile as is_pallas_chunk
 from kernels.delta_pallas import check_arguments as check_pallas_arguments
 from kernels.delta_pallas import state_pass as pallas_state_pass
 
@@ -173,9 +174,8 @@ def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, sta
 def auto_impl(chunk_size: int, d_k: int, d_v: int) -> str:
   """What ``impl="auto"`` runs: the Pallas state pass on GPU for chunks the Triton tiles take (powers
   of two ≥ 16) and head dims ≤ 128 (those measured), the XLA form otherwise."""
-  tile = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
   fits = max(d_k, d_v) <= 128
-  return "pallas" if jax.default_backend() == "gpu" and tile and fits else "xla"
+  return "pallas" if jax.default_backend() == "gpu" and is_pallas_chunk(chunk_size) and fits else "xla"
 
 
 def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto",
@@ -191,7 +191,7 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     chunk_size: tokens per chunk of the chunked forms (``"pallas"``: a power of two ≥ 16; 64 is what
       fla uses).
     impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` (chunked, Pallas state pass) or ``"auto"``
-      (``"xla"``: the Pallas path is chosen explicitly until it is measured faster on GPU).
+      (:func:`auto_impl`: Pallas on GPU where its tiles fit, else XLA).
     interpret: run the Pallas kernels in the Pallas interpreter (CPU tests); only with ``"pallas"``.
     pallas_target: ``"triton"`` or ``"mosaic"`` kernels (default: by platform at lowering time; Triton
       when interpreting).
