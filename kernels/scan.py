@@ -163,16 +163,18 @@ class PallasConfig:
 
 # One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
 # shape over every SM; each loop step loads ``chunk`` rows per lane before combining them (and with
-# ``depth`` > 0 carries further slots through the loop as a register prefetch). Deeper prefetch is
-# slightly faster but Triton's compile time grows steeply with the rows carried through the loop
-# (H100 host, B8 T4096 D1024 f32; fwd / fwd+bwd ms, compile s of fwd / grad):
-#   chunk 16 depth 4 (bwd 16·3): 0.212 / 0.524 ms, 30 / 74 s
-#   chunk 16 depth 2 (bwd 16·2): 0.234 / 0.552 ms, 5.6 / 16 s
-#   chunk 32 depth 0:            0.236 / 0.572 ms, 2.0 / 2.7 s     <- default
-#   chunk  8 depth 2 (bwd  8·2): 0.268 / 0.606 ms, 2.5 / 4.1 s
-# A model holds several such kernels, so a minute per kernel is a minute per model compile: the
-# default takes the cheap compile; ``PallasConfig`` / bench_scan.py --tune give deep tilings.
-GPU_DEFAULTS = dict(block_d=32, chunk=32, depth=0, num_warps=1, num_stages=1,
+# ``depth`` > 0 carries further slots through the loop as a register prefetch). Triton's compile time
+# grows steeply with the rows carried through the loop, and a model holds several such kernels, so
+# the default takes wide loop steps without carried slots (H100 host, B8 T4096 D1024 f32; fwd /
+# fwd+bwd ms, compile s of fwd / grad; kernels/BENCHMARKS.md):
+#   chunk 64 depth 0 (bwd 32·0):   0.195 / 0.526 ms, 5.5 / 6.5 s    <- default
+#   chunk 64 depth 0 (bwd 64·0):   0.197 / 0.507 ms, 7.9 / 18 s
+#   chunk 32 depth 0 (bwd 32·0):   0.241 / 0.572 ms, 1.7 / 6.0 s
+#   chunk 16 depth 4 (bwd 16·3):   0.212 / 0.524 ms, 30 / 74 s
+#   chunk 32 depth 2 (bwd 32·0):   0.215 / 0.548 ms, 37 / 28 s
+#   chunk 128 depth 0 (bwd 64·0):  0.222 / 0.530 ms, 32 / 25 s
+# The backward loads three rows per step (a, ḡ, h) against the forward's two, hence its shorter chunk.
+GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1,
                     bwd_chunk=32, bwd_depth=0)
 
 
