@@ -185,7 +185,6 @@ CANDIDATES = [
     PallasConfig(dqk_warps=8),
     PallasConfig(dqk_block=32, states_block=32),
     PallasConfig(states_stages=3),
-    PallasConfig(unroll=True),
 ]
 
 

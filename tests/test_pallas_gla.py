@@ -8,6 +8,8 @@ for d log α independently. The TPU (Mosaic) kernels are lowered for TPU from th
 ``jax.export``.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from kernels.gla import PallasConfig, gla
 
 # Small tiles: chunks of 16 (one sub-chunk) or 32 (two), d_k / d_v blocks of 16.
-SMALL = PallasConfig(chunk=16, states_block=16, out_block=16, dqk_block=16, dv_block=16, unroll=False)
+SMALL = PallasConfig(chunk=16, states_block=16, out_block=16, dqk_block=16, dv_block=16)
 
 
 def _rel(a, b):
@@ -94,8 +96,9 @@ def _check(ours, ref, tol):
 
 CASES = [  # (time, decay kind, config, target)
     (37, "dim", SMALL, None),  # 3 chunks (the last padded), 2 d_v blocks
-    (37, "dim", PallasConfig(chunk=32, unroll=False), "mosaic"),  # TPU layout, 2 sub-chunks per chunk
-    (37, "head", PallasConfig(chunk=32, dqk_block=16, unroll=True), None),  # unrolled sub-chunk loops
+    (37, "dim", PallasConfig(chunk=32), "mosaic"),  # TPU layout, 2 sub-chunks per chunk
+    (37, "head", PallasConfig(chunk=32, dqk_block=16), None),  # scalar decay per head
+    (37, "dim", dataclasses.replace(SMALL, chunk=64), None),  # 4 sub-chunks: pairs 2 and 3 apart
     (37, None, SMALL, None),  # no decay: the diagonal blocks are plain dots
 ]
 
@@ -109,21 +112,20 @@ def test_pallas_matches_reference(time, kind, config, target):
 def test_pallas_extreme_decays():
   """Per key dim, log α ∈ {−60, −20, −1e-6} and log σ(3x): decays near 0 (the kernels cap log α at
   −20, e^{-20} ≈ 2e-9: invisible at 1e-5) and near 1; no overflow in the factorised diagonal blocks,
-  where the cap is reached on every step of a half."""
+  where the cap is reached on every step of a half, nor in the pairs of sub-chunks (chunks of 64)."""
   rng = np.random.default_rng(1)
   mild = np.log(1 / (1 + np.exp(-3.0 * rng.standard_normal((2, 37, 2, 16)))))
   pick = rng.integers(0, 4, (2, 37, 2, 16))
   log_decay = np.choose(pick, [np.full(mild.shape, -60.0), np.full(mild.shape, -20.0),
                                np.full(mild.shape, -1e-6), mild]).astype(np.float32)
   args = _inputs(37, "dim", log_decay=log_decay)
-  _check(_pallas(*args), _reference(*args), 1e-5)
+  _check(_pallas(*args, config=dataclasses.replace(SMALL, chunk=64)), _reference(*args), 1e-5)
 
 
 def test_pallas_bf16_inputs():
   """bf16 q, k, v (tensor-core dots, bf16 stored states) against the definition on the same values."""
   args = _inputs(37, "dim", dtype=jnp.bfloat16, seed=2)
-  ours = _pallas(*args, config=PallasConfig(chunk=32, states_block=16, out_block=16, dqk_block=16, dv_block=16,
-                                            unroll=False))  # 2 sub-chunks per chunk, Triton layout
+  ours = _pallas(*args, config=dataclasses.replace(SMALL, chunk=32))  # 2 sub-chunks per chunk, Triton layout
   assert ours[0].dtype == jnp.bfloat16 and ours[1].dtype == jnp.float32
   _check(ours, _reference(*args), 1e-2)
 
