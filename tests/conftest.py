@@ -12,5 +12,25 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def lower_for_gpu():
+  """``lower(f, *args) -> str``: the module of ``jit(f)`` exported for CUDA, its Pallas kernels
+  lowered to Triton IR from this CPU host (tile shapes, dot shapes, power-of-two blocks). jax ≥ 0.12
+  lowers Pallas-Triton only with a CUDA device present, so there the test is skipped; CI's jax
+  0.10.2 runs it, and the GPU benchmarks run the kernels for real."""
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+  def lower(f, *args):
+    try:
+      return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+    except RuntimeError as e:
+      if "AbstractDevice" in str(e) or "No supported GPU" in str(e):
+        pytest.skip(f"jax >= 0.12 lowers Pallas-Triton only with a CUDA device present: {str(e)[:80]}")
+      raise
+
+  return lower

@@ -142,18 +142,32 @@ def test_pallas_rejects_bad_chunk_and_defers_input_gate():
   assert len(ours) == 3 and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)))
 
 
-def test_pallas_lowers_for_tpu():
-  """Forward and gradient lower through Mosaic for TPU from this CPU host (TPU-legal tiles)."""
+def _lowering_fns(**kwargs):
+  """(args, forward, gradient) at the benchmark's head dims with the default tiling."""
   shape = (1, 256, 2, 128)
   q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   ld = jax.ShapeDtypeStruct(shape, jnp.float32)
   s0 = jax.ShapeDtypeStruct((1, 2, 128, 128), jnp.float32)
-  fwd = lambda q, k, v, ld, s0: gla(q, k, v, ld, s0, impl="pallas")
+  fwd = lambda q, k, v, ld, s0: gla(q, k, v, ld, s0, impl="pallas", **kwargs)
 
   def loss(q, k, v, ld, s0):
     o, s = fwd(q, k, v, ld, s0)
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
-  for f in (fwd, jax.grad(loss, argnums=(0, 1, 2, 3, 4))):
-    exported = jax.export.export(jax.jit(f), platforms=["tpu"])(q, q, q, ld, s0)
+  return (q, q, q, ld, s0), fwd, jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+
+
+def test_pallas_lowers_for_tpu():
+  """Forward and gradient lower through Mosaic for TPU from this CPU host (TPU-legal tiles)."""
+  args, fwd, grad = _lowering_fns()
+  for f in (fwd, grad):
+    exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
     assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_pallas_lowers_for_gpu(lower_for_gpu):
+  """The Triton lowering of the default tiling: forward (states, output) and gradient (those plus the
+  reverse states, dq/dk/dlogα and dv kernels)."""
+  args, fwd, grad = _lowering_fns(pallas_target="triton")
+  for f, kernels in ((fwd, 2), (grad, 5)):
+    assert lower_for_gpu(f, *args).count("xla.gpu.triton") == kernels
