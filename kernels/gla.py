@@ -43,8 +43,10 @@ Implementations:
   ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
   −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
 - ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run: 4.0 / 16.9 ms fwd /
-  fwd+bwd against the XLA chunked form's 13.4 / 41.7 ms; ``kernels/BENCHMARKS.md``), ``"xla"``
-  elsewhere (the Mosaic kernels are export-tested only, never timed on a TPU).
+  fwd+bwd against the XLA chunked form's 13.4 / 41.7 ms, 2.57 / 10.34 ms with later tiles;
+  ``kernels/BENCHMARKS.md``; measured on the kernels that carried the state through the sub-chunks,
+  before the pair form), ``"xla"`` elsewhere (the Mosaic kernels are export-tested only, never timed
+  on a TPU).
 """
 
 from __future__ import annotations
@@ -366,9 +368,9 @@ class PallasConfig:
   states_block: int = 64
   states_warps: int = 4
   states_stages: int = 2
-  # H100, B4 T8192 H16 d128 bf16 (ms per kernel): output 128 / 8 warps 3.68, 128 / 4 warps 2.20;
-  # dq/dk with d_k blocks of 64 11.25, 32 7.87, 16 6.26 (smaller blocks: two [d_v, block] f32 states
-  # fit in registers, and twice the programs).
+  # Tiles chosen on an H100 (B4 T8192 H16 d128 bf16, ms per kernel) for the earlier kernels that
+  # carried the state through the sub-chunks: output 128 / 8 warps 3.68, 128 / 4 warps 2.20; dq/dk
+  # with d_k blocks of 64 11.25, 32 7.87, 16 6.26. The pair-form kernels have not been tuned yet.
   out_block: int = 128
   out_warps: int = 4
   dqk_block: int = 16
