@@ -652,23 +652,25 @@ def _dqk_kernel(*refs, plan: _Plan):
   k = [_load(k_ref, rows) for rows in ch.rows]
   q_hat = [sub.q(x) for sub, x in zip(ch.subs, q)]  # q_i ⊙ e^{β_i}
   k_hat = [sub.k(x) for sub, x in zip(ch.subs, k)]  # k_j ⊙ e^{λ_j − β_j}
+  # Value–gradient scores, each computed once: diagonal MT_ii[s, t] = v_s · dO_t, pairs M_ij[t, s] (j < i).
+  mt_diag = [_dot(plan, v_ref[rows, :], do_ref[rows, :], 1, 1) for rows in ch.rows]
+  m_pair = {(i, j): _dot(plan, do_ref[ch.rows[i], :], v_ref[ch.rows[j], :], 1, 1)
+            for i in range(n) for j in range(i)}
   # dq_t = S_t dO_t: the entering state, earlier sub-chunks (pairs) and the diagonal block.
   dq = []
   for i, (sub, rows) in enumerate(zip(ch.subs, ch.rows)):
-    do = do_ref[rows, :]
-    acc = ch.enter(i, _dot(plan, do, state, 1, 0))
+    acc = ch.enter(i, _dot(plan, do_ref[rows, :], state, 1, 0))
     for j in range(i):
-      acc = acc + _dot(plan, _dot(plan, do, v_ref[ch.rows[j], :], 1, 1), ch.between(j, i, k_hat[j]), 1, 0)
-    dq.append(sub.q(acc) + _dq_intra(plan, sub, _dot(plan, v_ref[rows, :], do, 1, 1), k[i]))
+      acc = acc + _dot(plan, m_pair[i, j], ch.between(j, i, k_hat[j]), 1, 0)
+    dq.append(sub.q(acc) + _dq_intra(plan, sub, mt_diag[i], k[i]))
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)
   # dk_s = D_s v_s: the gradient leaving the chunk, later sub-chunks (pairs) and the diagonal block.
   dk = []
   for j, (sub, rows) in enumerate(zip(ch.subs, ch.rows)):
-    v = v_ref[rows, :]
-    acc = ch.leave(j, _dot(plan, v, e, 1, 0))
+    acc = ch.leave(j, _dot(plan, v_ref[rows, :], e, 1, 0))
     for i in range(j + 1, n):
-      acc = acc + ch.between(j, i, _dot(plan, _dot(plan, v, do_ref[ch.rows[i], :], 1, 1), q_hat[i], 1, 0))
-    dk.append(sub.k(acc) + _dk_intra(plan, sub, _dot(plan, v, do_ref[rows, :], 1, 1), q[j]))
+      acc = acc + ch.between(j, i, _dot(plan, m_pair[i, j], q_hat[i], 0, 0))
+    dk.append(sub.k(acc) + _dk_intra(plan, sub, mt_diag[j], q[j]))
     dk_ref[rows, :] = dk[j].astype(dk_ref.dtype)
   if dg_ref is None:
     return
