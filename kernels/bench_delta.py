@@ -2,6 +2,7 @@
 
     python -m kernels.bench --kernels delta            # B4 T8192 H16 d_k = d_v = 128, bf16, gated and ungated
     python -m kernels.bench --kernels delta --quick    # a tiny shape (on CPU the Pallas kernels interpret)
+    python -c "from kernels.bench_delta import stages; stages()"   # ms of each stage of our chunked form
 
 Inputs (DeltaNet / Gated DeltaNet as the mixers feed them): q, k L2-normalised per head (q also scaled
 by d_k^−1/2), v ~ N(0, 1), β = σ(x), and for the gated variant one log-decay per head
@@ -33,6 +34,7 @@ import numpy as np
 
 from kernels.bench import (Context, check, check_out_and_grads, checked_row, head_slice, peer_row, progress_log,
                            vjp_fns)
+from kernels import delta as D
 from kernels.delta import delta_rule
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -177,3 +179,50 @@ def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
 def run(ctx: Context) -> list[dict]:
   shape = QUICK if ctx.quick else FULL
   return _run_one(ctx, True, shape) + _run_one(ctx, False, shape)
+
+
+# --- where the time goes: the stages of our chunked form -----------------------------------------------
+
+
+def _stage_fns(f, n_args: int):
+  """jit(*args) → f's outputs; jit(*args) → gradients of Σ ⟨outputs, fixed random cotangents⟩."""
+  def loss(*args):
+    leaves = [x for x in jax.tree.leaves(f(*args)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return sum(jnp.vdot(jax.random.normal(key, x.shape, jnp.float32), x.astype(jnp.float32))
+               for key, x in zip(keys, leaves))
+
+  return jax.jit(f), jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
+
+
+def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
+  """Times the three stages of ``delta_rule``'s chunked form separately, forward and fwd+bwd: the
+  WY precompute (XLA), the sequential pass over chunks (Pallas on GPU, ``lax.scan`` for impl xla)
+  and the outputs (XLA), for each chunk size. Prints one line per stage and returns the rows."""
+  device = jax.devices()[0]
+  ctx = Context(quick=False, platform=device.platform, iters=10, repeats=3)
+  shape = shape or (FULL if ctx.platform != "cpu" else QUICK)
+  batch, time, heads, dk, dv = shape
+  q, k, v, beta, *rest = _inputs(0, gated, *shape)
+  g = rest[0] if gated else None
+  dot_dtype = "bfloat16"
+  rows = []
+  for chunk in chunks:
+    c = jax.jit(D._precompute, static_argnums=5)(q, k, v, beta, g, chunk)
+    s0 = jnp.zeros((batch, heads, dk, dv), jnp.float32)
+    passes = {"xla scan": D._scan_pass}
+    if ctx.platform != "cpu" or D.is_pallas_chunk(chunk):
+      passes["pallas"] = lambda *a: D.pallas_state_pass(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
+    entering, u, _ = jax.jit(D._scan_pass)(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)
+    work = {
+        "precompute": (lambda q, k, v, beta, *g: D._precompute(q, k, v, beta, (g or [None])[0], chunk),
+                       (q, k, v, beta) + ((g,) if gated else ())),
+        **{f"pass ({name})": (fn, (c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)) for name, fn in passes.items()},
+        "outputs": (lambda c, entering, u: D._outputs(c, entering, u, time), (c, entering, u)),
+    }
+    for name, (f, args) in work.items():
+      fwd, grad = _stage_fns(f, len(args))
+      row = dict(chunk=chunk, stage=name, fwd_ms=ctx.time_jax(fwd, [args]), fwdbwd_ms=ctx.time_jax(grad, [args]))
+      print(f"  C={chunk:<3} {name:<18} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)
+      rows.append(row)
+  return rows

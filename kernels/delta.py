@@ -43,7 +43,7 @@ Implementations:
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +129,20 @@ def _scan_pass(w, u_tilde, k_to_end, chunk_decay, state0):
   return jnp.moveaxis(entering, 0, 1), jnp.moveaxis(u, 0, 1), final  # [b n h k v], [b n h c v]
 
 
-def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass):
+class _Chunks(NamedTuple):
+  """The chunk-parallel work before the sequential pass (``[b n h c …]``: batch, chunk, head, row)."""
+  q: jax.Array            # [b n h c k]
+  k: jax.Array            # [b n h c k]
+  w: jax.Array            # [b n h c k]  (I + A)⁻¹ diag(βγ) K
+  u_tilde: jax.Array      # [b n h c v]  (I + A)⁻¹ diag(β) V
+  k_to_end: jax.Array     # [b n h c k]  k_s e^{b_C − b_s}
+  chunk_decay: jax.Array  # [b n h]      γ_C
+  log_gain: jax.Array     # [b n h c]    b_t, the within-chunk cumulative log-decay
+  gain: jax.Array         # [b n h t s]  e^{b_t − b_s} for s ≤ t, else 0
+
+
+def _precompute(q, k, v, beta, log_decay, chunk_size: int) -> _Chunks:
+  """Chunks, cumulative log-decays and the WY solve ``[Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K]``."""
   batch, time, heads, d_k = q.shape
   d_v = v.shape[-1]
   n = -(-time // chunk_size)
@@ -154,21 +167,28 @@ def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, sta
   rhs = jnp.concatenate([vc * betac[..., None], kc * (betac * jnp.exp(b))[..., None]], axis=-1)
   rhs = rearrange(rhs, "b n c h d -> b n h c d")
   solved = jnp.einsum("...ts,...sd->...td", unit_lower_inverse(a), rhs)
-  u_tilde, w = solved[..., :d_v], solved[..., d_v:]  # [b n h c d_v], [b n h c d_k]
 
   k_h = rearrange(kc, "b n c h k -> b n h c k")
   b_h = rearrange(b, "b n c h -> b n h c")
-  k_to_end = k_h * jnp.exp(b_h[..., -1:] - b_h)[..., None]  # decay from s to the chunk's end, ≤ 1
-  chunk_decay = jnp.exp(b_h[..., -1])  # γ_C, [b n h]
+  return _Chunks(q=rearrange(qc, "b n c h k -> b n h c k"), k=k_h, w=solved[..., d_v:], u_tilde=solved[..., :d_v],
+                 k_to_end=k_h * jnp.exp(b_h[..., -1:] - b_h)[..., None],  # decay from s to the chunk's end, ≤ 1
+                 chunk_decay=jnp.exp(b_h[..., -1]), log_gain=b_h, gain=gain_incl)
 
-  state0 = _state0(initial_state, batch, heads, d_k, d_v)
-  entering, u, final = state_pass(w, u_tilde, k_to_end, chunk_decay, state0)  # [b n h k v], [b n h c v]
-  q_h = rearrange(qc, "b n c h k -> b n h c k")
-  scores = jnp.einsum("bnhtk,bnhsk->bnhts", q_h, k_h) * gain_incl
+
+def _outputs(c: _Chunks, entering, u, time: int):
+  """``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s`` per chunk, as ``[batch, time, heads, d_v]``."""
+  scores = jnp.einsum("bnhtk,bnhsk->bnhts", c.q, c.k) * c.gain
   o = (jnp.einsum("bnhts,bnhsv->bnhtv", scores, u)
-       + jnp.einsum("bnhtk,bnhkv->bnhtv", q_h * jnp.exp(b_h)[..., None], entering))
-  o = rearrange(o, "b n h c v -> b (n c) h v")[:, :time]
-  return o.astype(v.dtype), final
+       + jnp.einsum("bnhtk,bnhkv->bnhtv", c.q * jnp.exp(c.log_gain)[..., None], entering))
+  return rearrange(o, "b n h c v -> b (n c) h v")[:, :time]
+
+
+def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass):
+  batch, time, heads, d_k = q.shape
+  c = _precompute(q, k, v, beta, log_decay, chunk_size)
+  state0 = _state0(initial_state, batch, heads, d_k, v.shape[-1])
+  entering, u, final = state_pass(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, state0)  # [b n h k v], [b n h c v]
+  return _outputs(c, entering, u, time).astype(v.dtype), final
 
 
 def auto_impl(chunk_size: int, d_k: int, d_v: int) -> str:
