@@ -176,7 +176,8 @@ def _precompute(q, k, v, beta, log_decay, chunk_size: int) -> _Chunks:
 
 
 def _outputs(c: _Chunks, entering, u, time: int):
-  """``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s`` per chunk, as ``[batch, time, heads, d_v]``."""
+  """``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s`` in each chunk (``S₀``: the state
+  entering it), as ``[batch, time, heads, d_v]``."""
   scores = jnp.einsum("bnhtk,bnhsk->bnhts", c.q, c.k) * c.gain
   o = (jnp.einsum("bnhts,bnhsv->bnhtv", scores, u)
        + jnp.einsum("bnhtk,bnhkv->bnhtv", c.q * jnp.exp(c.log_gain)[..., None], entering))

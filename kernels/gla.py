@@ -439,10 +439,10 @@ class _Sub:
   """Decay factors of one sub-chunk of 16 rows (all None without decay).
 
   Across sub-chunks (exponents ≤ 0): ``eb = e^{β}`` (entering state → row t), ``ek = e^{λ−β}`` (row s
-  → the sub-chunk's end), ``lam = λ`` ([1, d], the sub-chunk's total log-decay). Diagonal block (see the section comment): ``fq = e^{β−μ}``,
-  ``fk = e^{μ−β}`` with μ the middle of the row's half (|exponent| ≤ 3.5·20 = 70), and for the
-  cross pairs (t in rows 8–15, s in rows 0–7) ``cq = e^{β−β_7}`` on rows 8–15 and ``ck = e^{β_7−β}``
-  on rows 0–7 (0 elsewhere; exponents ≤ 0).
+  → the sub-chunk's end), ``lam = λ`` ([1, d], the sub-chunk's total log-decay). Diagonal block (see
+  the section comment): ``fq = e^{β−μ}``, ``fk = e^{μ−β}`` with μ the middle of the row's half
+  (|exponent| ≤ 3.5·20 = 70), and for the cross pairs (t in rows 8–15, s in rows 0–7)
+  ``cq = e^{β−β_7}`` on rows 8–15 and ``ck = e^{β_7−β}`` on rows 0–7 (0 elsewhere; exponents ≤ 0).
   """
   eb: jax.Array | None = None
   ek: jax.Array | None = None
