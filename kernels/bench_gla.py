@@ -178,19 +178,49 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
   return out
 
 
-CANDIDATES = [
+CANDIDATES = [  # the pair-form kernels; each field only changes the kernels named by its prefix
     PallasConfig(),
+    PallasConfig(dqk_block=32),
+    PallasConfig(dqk_block=64),
+    PallasConfig(dqk_block=64, dqk_warps=8),
+    PallasConfig(dqk_block=128, dqk_warps=8),
+    PallasConfig(out_block=64, dv_block=64, dv_warps=4),
+    PallasConfig(out_warps=8, dv_warps=4),
+    PallasConfig(states_block=32, states_stages=3),
+    PallasConfig(chunk=32),
     PallasConfig(chunk=128),
-    PallasConfig(out_block=64, out_warps=4, dv_block=64, dv_warps=4),
-    PallasConfig(dqk_warps=8),
-    PallasConfig(dqk_block=32, states_block=32),
-    PallasConfig(states_stages=3),
 ]
+
+# Which fields each kernel's time depends on (besides chunk and stages, which change every kernel).
+KERNEL_FIELDS = {"states": ("states_block", "states_warps", "states_stages"),
+                 "states_bwd": ("states_block", "states_warps", "states_stages"),
+                 "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps"),
+                 "dv": ("dv_block", "dv_warps")}
+
+
+def best_config(results: list[tuple[PallasConfig, dict]]) -> tuple[PallasConfig, float] | None:
+  """The fastest fwd+bwd combination of measured tiles: per (chunk, stages), each kernel's fields from
+  the candidate where that kernel was fastest (the states fields by forward + reverse time); then
+  the (chunk, stages) with the smallest sum. Returns (config, predicted fwd+bwd ms) or None."""
+  groups: dict = {}
+  for cfg, times in results:
+    if all(isinstance(times.get(k), float) for k in KERNEL_FIELDS):
+      groups.setdefault((cfg.chunk, cfg.stages), []).append((cfg, times))
+  best = None
+  for (chunk, stages), members in groups.items():
+    fields, total = dict(chunk=chunk, stages=stages), 0.0
+    for kernels in (("states", "states_bwd"), ("output",), ("dqk",), ("dv",)):
+      cfg, times = min(members, key=lambda m: sum(m[1][k] for k in kernels))
+      fields.update({f: getattr(cfg, f) for f in KERNEL_FIELDS[kernels[0]]})
+      total += sum(times[k] for k in kernels)
+    if best is None or total < best[1]:
+      best = (PallasConfig(**fields), total)
+  return best
 
 
 def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float = 1e9):
   """Prints the time of each Pallas kernel under several tilings (stops starting new ones after
-  ``budget_s`` seconds)."""
+  ``budget_s`` seconds), then the best combination (:func:`best_config`)."""
   device = jax.devices()[0]
   ctx = Context(quick=False, platform=device.platform, iters=10, repeats=3)
   shape = shape or (FULL if ctx.platform != "cpu" else QUICK)
@@ -208,4 +238,8 @@ def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float 
           + " | " + " ".join(f"{k} {v:.3f}" for k, v in zip(("fwd", "fwd+bwd"), total) if v is not None)
           + f" ({_time.time() - t0:.0f} s)", flush=True)
     results.append((cfg, times))
+  best = best_config(results)
+  if best is not None:
+    given = {k: v for k, v in dataclasses.asdict(best[0]).items() if v != getattr(PallasConfig(), k)}
+    print(f"  best combination {given}: fwd+bwd {best[1]:.3f} ms predicted from the per-kernel times", flush=True)
   return results
