@@ -439,14 +439,13 @@ class _Sub:
   """Decay factors of one sub-chunk of 16 rows (all None without decay).
 
   Across sub-chunks (exponents ≤ 0): ``eb = e^{β}`` (entering state → row t), ``ek = e^{λ−β}`` (row s
-  → the sub-chunk's end), ``lam = λ`` ([1, d], the sub-chunk's total log-decay). Diagonal block (see
-  the section comment): ``fq = e^{β−μ}``, ``fk = e^{μ−β}`` with μ the middle of the row's half
-  (|exponent| ≤ 3.5·20 = 70), and for the cross pairs (t in rows 8–15, s in rows 0–7)
-  ``cq = e^{β−β_7}`` on rows 8–15 and ``ck = e^{β_7−β}`` on rows 0–7 (0 elsewhere; exponents ≤ 0).
+  → the sub-chunk's end, λ its total log-decay). Diagonal block (see the section comment):
+  ``fq = e^{β−μ}``, ``fk = e^{μ−β}`` with μ the middle of the row's half (|exponent| ≤ 3.5·20 = 70),
+  and for the cross pairs (t in rows 8–15, s in rows 0–7) ``cq = e^{β−β_7}`` on rows 8–15 and
+  ``ck = e^{β_7−β}`` on rows 0–7 (0 elsewhere; exponents ≤ 0).
   """
   eb: jax.Array | None = None
   ek: jax.Array | None = None
-  lam: jax.Array | None = None
   fq: jax.Array | None = None
   fk: jax.Array | None = None
   cq: jax.Array | None = None
@@ -475,7 +474,7 @@ def _sub(plan: _Plan, g) -> _Sub:
   fq, fk = jnp.exp(beta - mid), jnp.exp(mid - beta)
   split = _rows_at(beta, _SUB // 2 - 1)  # β_7
   # e^{β} = e^{β−μ}·e^{μ} and e^{λ−β} = e^{μ−β}·e^{λ−μ}: factors ≤ e^{70} times row factors ≤ 1.
-  return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), lam=lam, fq=fq, fk=fk,
+  return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), fq=fq, fk=fk,
               cq=jnp.where(low, 0.0, jnp.exp(jnp.minimum(beta - split, 0.0))),
               ck=jnp.where(low, jnp.exp(jnp.minimum(split - beta, 0.0)), 0.0))
 
@@ -494,15 +493,21 @@ def _pair_masks():
 
 @dataclasses.dataclass
 class _Chunk:
-  """The sub-chunks of one chunk: their decay factors and the log-decay offsets between them.
+  """The sub-chunks of one chunk: the log-decay offsets between them, and their decay factors on
+  demand (``sub(j)``, computed where they are used so that a kernel holds one sub-chunk's factors
+  at a time rather than all of them).
 
   ``r[j] = R_j = Σ_{m<j} λ_m`` is the log-decay from the chunk's start to sub-chunk j's start
   (``r[n]``: the whole chunk; None stands for 0 and for no decay). Every factor below is e^{x} with
   x ≤ 0, so no product of them overflows.
   """
-  subs: list
-  r: list
+  plan: _Plan
+  g_ref: object
   rows: list
+  r: list
+
+  def sub(self, j) -> _Sub:
+    return _sub(self.plan, _load(self.g_ref, self.rows[j]))
 
   def enter(self, i, x):
     """``x ⊙ e^{R_i}``: from the chunk's start (its entering state) to sub-chunk i's start."""
@@ -514,16 +519,19 @@ class _Chunk:
 
   def leave(self, j, x):
     """``x ⊙ e^{R_n − R_{j+1}}``: from the end of sub-chunk j to the chunk's end."""
-    return self.between(j, len(self.subs), x)
+    return self.between(j, len(self.rows), x)
 
 
 def _chunk(plan: _Plan, g_ref, n: int) -> _Chunk:
   rows = [pl.ds(j * _SUB, _SUB) for j in range(n)]
-  subs = [_sub(plan, _load(g_ref, r)) for r in rows]
   r = [None]
-  for sub in subs:
-    r.append(None if sub.lam is None else (sub.lam if r[-1] is None else r[-1] + sub.lam))
-  return _Chunk(subs=subs, r=r, rows=rows)
+  if g_ref is not None:
+    for rows_j in rows:  # λ_j, the sub-chunk's total log-decay
+      lam = jnp.sum(_clamp(_load(g_ref, rows_j)), axis=0, keepdims=True)
+      r.append(lam if r[-1] is None else r[-1] + lam)
+  else:
+    r = [None] * (n + 1)
+  return _Chunk(plan=plan, g_ref=g_ref, rows=rows, r=r)
 
 
 def _diag_scores_t(plan: _Plan, sub: _Sub, q, k):
@@ -627,7 +635,8 @@ def _output_kernel(*refs, plan: _Plan):
   ch = _chunk(plan, g_ref, q_ref.shape[0] // _SUB)
   state = st_ref[...]
   keys = []  # k_j ⊙ e^{λ_j − β_j}
-  for i, (sub, rows) in enumerate(zip(ch.subs, ch.rows)):
+  for i, rows in enumerate(ch.rows):
+    sub = ch.sub(i)
     q, k = _load(q_ref, rows), _load(k_ref, rows)
     q_hat = sub.q(q)
     at = _diag_scores_t(plan, sub, q, k)
@@ -646,19 +655,23 @@ def _dqk_kernel(*refs, plan: _Plan):
   q_ref, k_ref, g_ref, v_ref, do_ref, st_ref, e_ref, dq_ref, dk_ref = refs[:9]
   dg_ref = refs[9] if plan.decay else None
   ch = _chunk(plan, g_ref, q_ref.shape[0] // _SUB)
-  n = len(ch.subs)
+  n = len(ch.rows)
   state, e = _f32(st_ref[...]), _f32(e_ref[...])
   q = [_load(q_ref, rows) for rows in ch.rows]
   k = [_load(k_ref, rows) for rows in ch.rows]
-  q_hat = [sub.q(x) for sub, x in zip(ch.subs, q)]  # q_i ⊙ e^{β_i}
-  k_hat = [sub.k(x) for sub, x in zip(ch.subs, k)]  # k_j ⊙ e^{λ_j − β_j}
+  q_hat, k_hat = [], []  # q_i ⊙ e^{β_i}, k_j ⊙ e^{λ_j − β_j}
+  for j in range(n):
+    sub = ch.sub(j)
+    q_hat.append(sub.q(q[j]))
+    k_hat.append(sub.k(k[j]))
   # Value–gradient scores, each computed once: diagonal MT_ii[s, t] = v_s · dO_t, pairs M_ij[t, s] (j < i).
   mt_diag = [_dot(plan, v_ref[rows, :], do_ref[rows, :], 1, 1) for rows in ch.rows]
   m_pair = {(i, j): _dot(plan, do_ref[ch.rows[i], :], v_ref[ch.rows[j], :], 1, 1)
             for i in range(n) for j in range(i)}
   # dq_t = S_t dO_t: the entering state, earlier sub-chunks (pairs) and the diagonal block.
   dq = []
-  for i, (sub, rows) in enumerate(zip(ch.subs, ch.rows)):
+  for i, rows in enumerate(ch.rows):
+    sub = ch.sub(i)
     acc = ch.enter(i, _dot(plan, do_ref[rows, :], state, 1, 0))
     for j in range(i):
       acc = acc + _dot(plan, m_pair[i, j], ch.between(j, i, k_hat[j]), 1, 0)
@@ -666,7 +679,8 @@ def _dqk_kernel(*refs, plan: _Plan):
     dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)
   # dk_s = D_s v_s: the gradient leaving the chunk, later sub-chunks (pairs) and the diagonal block.
   dk = []
-  for j, (sub, rows) in enumerate(zip(ch.subs, ch.rows)):
+  for j, rows in enumerate(ch.rows):
+    sub = ch.sub(j)
     acc = ch.leave(j, _dot(plan, v_ref[rows, :], e, 1, 0))
     for i in range(j + 1, n):
       acc = acc + ch.between(j, i, _dot(plan, m_pair[i, j], q_hat[i], 0, 0))
@@ -693,11 +707,11 @@ def _dv_kernel(*refs, plan: _Plan):
   # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; at: [chunk, 16]; e (Eᵀ leaving the chunk): [bv, d_k]
   q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref = _split(refs, plan.decay, 2)
   ch = _chunk(plan, g_ref, q_ref.shape[0] // _SUB)
-  n = len(ch.subs)
+  n = len(ch.rows)
   e = e_ref[...]
-  q_hat = [sub.q(_load(q_ref, rows)) for sub, rows in zip(ch.subs, ch.rows)]
-  for j, (sub, rows) in enumerate(zip(ch.subs, ch.rows)):
-    k_hat = sub.k(_load(k_ref, rows))
+  q_hat = [ch.sub(i).q(_load(q_ref, rows)) for i, rows in enumerate(ch.rows)]
+  for j, rows in enumerate(ch.rows):
+    k_hat = ch.sub(j).k(_load(k_ref, rows))
     dv = _dot(plan, at_ref[rows, :], do_ref[rows, :], 1, 0, exact=True) + _dot(plan, ch.leave(j, k_hat), e, 1, 1)
     for i in range(j + 1, n):
       scores_t = _dot(plan, ch.between(j, i, k_hat), q_hat[i], 1, 1)  # A_ijᵀ [s, t]
