@@ -211,7 +211,7 @@ def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
     c = jax.jit(D._precompute, static_argnums=5)(q, k, v, beta, g, chunk)
     s0 = jnp.zeros((batch, heads, dk, dv), jnp.float32)
     passes = {"xla scan": D._scan_pass}
-    if ctx.platform != "cpu" or D.is_pallas_chunk(chunk):
+    if D.is_pallas_chunk(chunk):
       passes["pallas"] = lambda *a: D.pallas_state_pass(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
     entering, u, _ = jax.jit(D._scan_pass)(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)
     work = {
