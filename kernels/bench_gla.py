@@ -178,37 +178,37 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
   return out
 
 
-CANDIDATES = [  # the pair-form kernels; each field only changes the kernels named by its prefix
+CANDIDATES = [  # each field only changes the kernels named by its prefix
     PallasConfig(),
-    PallasConfig(dqk_block=32),
-    PallasConfig(dqk_block=64),
-    PallasConfig(dqk_block=64, dqk_warps=8),
-    PallasConfig(dqk_block=128, dqk_warps=8),
-    PallasConfig(out_block=64, dv_block=64, dv_warps=4),
-    PallasConfig(out_warps=8, dv_warps=4),
+    PallasConfig(unroll=True),
+    PallasConfig(dqk_warps=2, dv_warps=4),
+    PallasConfig(out_block=64, dv_block=64),
+    PallasConfig(out_block=64, out_warps=2, dqk_block=32),
     PallasConfig(states_block=32, states_stages=3),
     PallasConfig(chunk=32),
     PallasConfig(chunk=128),
 ]
 
-# Which fields each kernel's time depends on (besides chunk and stages, which change every kernel).
+# Which fields each kernel's time depends on (besides chunk, stages and unroll, which change several).
 KERNEL_FIELDS = {"states": ("states_block", "states_warps", "states_stages"),
                  "states_bwd": ("states_block", "states_warps", "states_stages"),
                  "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps"),
                  "dv": ("dv_block", "dv_warps")}
+SHARED_FIELDS = ("chunk", "stages", "unroll")
 
 
 def best_config(results: list[tuple[PallasConfig, dict]]) -> tuple[PallasConfig, float] | None:
-  """The fastest fwd+bwd combination of measured tiles: per (chunk, stages), each kernel's fields from
-  the candidate where that kernel was fastest (the states fields by forward + reverse time); then
-  the (chunk, stages) with the smallest sum. Returns (config, predicted fwd+bwd ms) or None."""
+  """The fastest fwd+bwd combination of measured tiles: per value of the shared fields (chunk, stages,
+  unroll), each kernel's fields from the candidate where that kernel was fastest (the states fields
+  by forward + reverse time); then the shared values with the smallest sum. Returns (config,
+  predicted fwd+bwd ms) or None."""
   groups: dict = {}
   for cfg, times in results:
     if all(isinstance(times.get(k), float) for k in KERNEL_FIELDS):
-      groups.setdefault((cfg.chunk, cfg.stages), []).append((cfg, times))
+      groups.setdefault(tuple(getattr(cfg, f) for f in SHARED_FIELDS), []).append((cfg, times))
   best = None
-  for (chunk, stages), members in groups.items():
-    fields, total = dict(chunk=chunk, stages=stages), 0.0
+  for shared, members in groups.items():
+    fields, total = dict(zip(SHARED_FIELDS, shared)), 0.0
     for kernels in (("states", "states_bwd"), ("output",), ("dqk",), ("dv",)):
       cfg, times = min(members, key=lambda m: sum(m[1][k] for k in kernels))
       fields.update({f: getattr(cfg, f) for f in KERNEL_FIELDS[kernels[0]]})

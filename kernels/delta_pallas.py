@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import SQUEEZED, mosaic_params, triton_params
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 
 # ----------------------------------------------------------------------------------------------------
 # Layout. Every array keeps the chunked layout kernels.delta builds, ``[batch, chunks, heads, …]``:
@@ -235,6 +235,7 @@ def _pass_bwd(plan: _Plan, residuals, cotangents):
 
 
 _pass.defvjp(_pass_fwd, _pass_bwd)
+_pass_shared = lowered_once(_pass, static_argnums=(5,))
 
 
 def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpret: bool, cfg: PallasConfig,
@@ -250,7 +251,7 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
   gamma = jnp.broadcast_to(chunk_decay[..., None, None], (batch, n_chunks, heads, 1, dv))
   s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, dk - d_k), (0, dv - d_v)))
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, dot_dtype=dot_dtype)
-  entering, u, final = _pass(w, u_tilde, k_to_end, gamma, s0, plan)
+  entering, u, final = _pass_shared(w, u_tilde, k_to_end, gamma, s0, plan)
   return entering[..., :d_k, :d_v], u[..., :d_v], final[..., :d_k, :d_v]
 
 

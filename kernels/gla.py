@@ -43,10 +43,9 @@ Implementations:
   ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
   −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
 - ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run: 4.0 / 16.9 ms fwd /
-  fwd+bwd against the XLA chunked form's 13.4 / 41.7 ms, 2.57 / 10.34 ms with later tiles;
-  ``kernels/BENCHMARKS.md``; measured on the kernels that carried the state through the sub-chunks,
-  before the pair form), ``"xla"`` elsewhere (the Mosaic kernels are export-tested only, never timed
-  on a TPU).
+  fwd+bwd against the XLA chunked form's 13.4 / 41.7 ms, 2.57 / 10.34 ms with the current tiles;
+  ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere (the Mosaic kernels are export-tested only, never
+  timed on a TPU).
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import SQUEEZED, mosaic_params, triton_params
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -323,9 +322,9 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 # Forward, two kernels:
 #   states  sequential over chunks: stores Sᵀ entering each chunk, Sᵀ ← Sᵀ e^{b_C} + vᵀ(k e^{b_C−b}),
 #           and returns the final state (f32).
-#   output  one program per (chunk, head, d_v block): o_i = q̂_i e^{R_i} S + A_ii v_i + Σ_{j<i} A_ij v_j
-#           over the sub-chunks i of the chunk, from the stored entering state S (pairs: see below).
-#           It also stores the diagonal score blocks A_iiᵀ (16 floats per token) for the backward.
+#   output  one program per (chunk, head, d_v block): a sub-chunk loop o_j = q̂_j S' + A_jj v_j,
+#           S' ← e^{λ_j} S' + k̂_jᵀ v_j (f32 in registers) from the stored entering state. It also
+#           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward.
 # Backward, with dO and the cotangent of the final state: the reverse state D_t = ∂L/∂S_t obeys
 # D_t = q_t dO_tᵀ + diag(α_{t+1}) D_{t+1} (a GLA recurrence run backwards), and
 #   dq_t = S_t dO_t,   dk_t = D_t v_t,   dv_t = D_tᵀ k_t,   dS_0 = diag(α_0) D_0,
@@ -335,10 +334,9 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 # E_n the gradient reaching the chunk's last state from later tokens, so each chunk finishes its own
 # d log α without a pass over the whole sequence. Three kernels:
 #   states (reverse)  the same sequential kernel backwards: stores E_n, returns dS_0.
-#   dq/dk/dlogα  per (chunk, head, d_k block), all of d_v: dq from the entering state and pairs with
-#           earlier sub-chunks, dk from the leaving gradient E and pairs with later ones, then the
-#           reverse cumulative sum for d log α.
-#   dv      per (chunk, head, d_v block), all of d_k: A_jjᵀ dO_j + k̂_j e^{R_n − R_{j+1}} E + pairs.
+#   dq/dk/dlogα  per (chunk, head, d_k block), all of d_v: a forward sub-chunk loop for dq (state S'),
+#           then a reverse one for dk (state E') and the reverse cumulative sum for d log α.
+#   dv      per (chunk, head, d_v block), all of d_k: reverse sub-chunk loop, A_jjᵀ dO_j + k̂_j E'.
 #
 # Layouts. Triton (GPU): arrays stay [batch, time, heads, dim]; a program reads its tiles with
 # strides; the sequential kernels hold the whole time axis of one head (a pointer) and loop over
@@ -360,17 +358,20 @@ MIN_LOG_DECAY = -20.0  # the Pallas kernels treat log α < −20 as −20 (see t
 class PallasConfig:
   """Tiling of the Pallas GLA kernels (GPU fields; Mosaic uses ``chunk`` and whole dims).
 
-  ``chunk``: tokens per stored state (a multiple of 16, a power of two on GPU); the per-chunk kernels
-  take its n = chunk/16 sub-chunks as n(n−1)/2 pairs, unrolled; ``*_block``: the d_k / d_v tile of
-  each kernel (powers of two); ``*_warps`` / ``*_stages``: Triton launch values.
+  ``chunk``: tokens per stored state (a multiple of 16, a power of two on GPU); ``*_block``: the
+  d_k / d_v tile of each kernel (powers of two); ``*_warps`` / ``*_stages``: Triton launch values;
+  ``unroll``: unroll the loop over the sub-chunks of a chunk (else a fori_loop; the dq/dk kernel
+  always unrolls it: its reverse pass reuses every sub-chunk's q ⊙ dq).
   """
   chunk: int = 64
   states_block: int = 64
   states_warps: int = 4
   states_stages: int = 2
-  # Tiles chosen on an H100 (B4 T8192 H16 d128 bf16, ms per kernel) for the earlier kernels that
-  # carried the state through the sub-chunks: output 128 / 8 warps 3.68, 128 / 4 warps 2.20; dq/dk
-  # with d_k blocks of 64 11.25, 32 7.87, 16 6.26. The pair-form kernels have not been tuned yet.
+  # H100, B4 T8192 H16 d128 bf16 (ms per kernel): output 128 / 8 warps 3.68, 128 / 4 warps 2.20;
+  # dq/dk with d_k blocks of 64 11.25, 32 7.87, 16 6.26 (smaller blocks: two [d_v, block] f32 states
+  # fit in registers, and twice the programs). Taking the sub-chunks as explicit pairs instead of
+  # carrying the state through them (4× fewer FLOPs at C = 64; commits 3c1c5da..ebcf418) was slower
+  # on the same device at every tiling tried: output 3.50, dq/dk 7.38 at best, dv 1.57 vs 1.21.
   out_block: int = 128
   out_warps: int = 4
   dqk_block: int = 16
@@ -378,6 +379,7 @@ class PallasConfig:
   dv_block: int = 128
   dv_warps: int = 8
   stages: int = 1
+  unroll: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,13 +441,14 @@ class _Sub:
   """Decay factors of one sub-chunk of 16 rows (all None without decay).
 
   Across sub-chunks (exponents ≤ 0): ``eb = e^{β}`` (entering state → row t), ``ek = e^{λ−β}`` (row s
-  → the sub-chunk's end, λ its total log-decay). Diagonal block (see the section comment):
-  ``fq = e^{β−μ}``, ``fk = e^{μ−β}`` with μ the middle of the row's half (|exponent| ≤ 3.5·20 = 70),
-  and for the cross pairs (t in rows 8–15, s in rows 0–7) ``cq = e^{β−β_7}`` on rows 8–15 and
-  ``ck = e^{β_7−β}`` on rows 0–7 (0 elsewhere; exponents ≤ 0).
+  → the sub-chunk's end), ``elam = e^{λ}``. Diagonal block (see the section comment): ``fq = e^{β−μ}``,
+  ``fk = e^{μ−β}`` with μ the middle of the row's half (|exponent| ≤ 3.5·20 = 70), and for the
+  cross pairs (t in rows 8–15, s in rows 0–7) ``cq = e^{β−β_7}`` on rows 8–15 and ``ck = e^{β_7−β}``
+  on rows 0–7 (0 elsewhere; exponents ≤ 0).
   """
   eb: jax.Array | None = None
   ek: jax.Array | None = None
+  elam: jax.Array | None = None
   fq: jax.Array | None = None
   fk: jax.Array | None = None
   cq: jax.Array | None = None
@@ -456,6 +459,9 @@ class _Sub:
 
   def k(self, k):
     return k if self.ek is None else k * self.ek
+
+  def decay(self, state):  # a transposed state [*, d]
+    return state if self.elam is None else state * self.elam
 
 
 def _clamp(g):
@@ -474,7 +480,7 @@ def _sub(plan: _Plan, g) -> _Sub:
   fq, fk = jnp.exp(beta - mid), jnp.exp(mid - beta)
   split = _rows_at(beta, _SUB // 2 - 1)  # β_7
   # e^{β} = e^{β−μ}·e^{μ} and e^{λ−β} = e^{μ−β}·e^{λ−μ}: factors ≤ e^{70} times row factors ≤ 1.
-  return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), fq=fq, fk=fk,
+  return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), elam=jnp.exp(lam), fq=fq, fk=fk,
               cq=jnp.where(low, 0.0, jnp.exp(jnp.minimum(beta - split, 0.0))),
               ck=jnp.where(low, jnp.exp(jnp.minimum(split - beta, 0.0)), 0.0))
 
@@ -491,47 +497,20 @@ def _pair_masks():
   return (hs == ht) & (s <= t), ht & jnp.logical_not(hs)
 
 
-@dataclasses.dataclass
-class _Chunk:
-  """The sub-chunks of one chunk: the log-decay offsets between them, and their decay factors on
-  demand (``sub(j)``, computed where they are used so that a kernel holds one sub-chunk's factors
-  at a time rather than all of them).
-
-  ``r[j] = R_j = Σ_{m<j} λ_m`` is the log-decay from the chunk's start to sub-chunk j's start
-  (``r[n]``: the whole chunk; None stands for 0 and for no decay). Every factor below is e^{x} with
-  x ≤ 0, so no product of them overflows.
-  """
-  plan: _Plan
-  g_ref: object
-  rows: list
-  r: list
-
-  def sub(self, j) -> _Sub:
-    return _sub(self.plan, _load(self.g_ref, self.rows[j]))
-
-  def enter(self, i, x):
-    """``x ⊙ e^{R_i}``: from the chunk's start (its entering state) to sub-chunk i's start."""
-    return x if self.r[i] is None else x * jnp.exp(self.r[i])
-
-  def between(self, j, i, x):
-    """``x ⊙ e^{R_i − R_{j+1}}``: from the end of sub-chunk j to the start of sub-chunk i ≥ j + 1."""
-    return x if self.r[i] is None or i == j + 1 else x * jnp.exp(self.r[i] - self.r[j + 1])
-
-  def leave(self, j, x):
-    """``x ⊙ e^{R_n − R_{j+1}}``: from the end of sub-chunk j to the chunk's end."""
-    return self.between(j, len(self.rows), x)
+def _start(j):
+  """First row of sub-chunk ``j`` (static, or traced with its alignment stated for Mosaic)."""
+  return j * _SUB if isinstance(j, int) else pl.multiple_of(j * _SUB, _SUB)
 
 
-def _chunk(plan: _Plan, g_ref, n: int) -> _Chunk:
-  rows = [pl.ds(j * _SUB, _SUB) for j in range(n)]
-  r = [None]
-  if g_ref is not None:
-    for rows_j in rows:  # λ_j, the sub-chunk's total log-decay
-      lam = jnp.sum(_clamp(_load(g_ref, rows_j)), axis=0, keepdims=True)
-      r.append(lam if r[-1] is None else r[-1] + lam)
-  else:
-    r = [None] * (n + 1)
-  return _Chunk(plan=plan, g_ref=g_ref, rows=rows, r=r)
+def _sub_chunks(plan: _Plan, n: int, body, carry, *, reverse: bool = False):
+  """``carry = body(j, carry)`` over the sub-chunks of a chunk (the last update is unused)."""
+  order = range(n - 1, -1, -1) if reverse else range(n)
+  if plan.cfg.unroll or n == 1:
+    for j in order:
+      carry = body(j, carry)
+    return carry
+  flip = (lambda i: n - 1 - i) if reverse else (lambda i: i)
+  return jax.lax.fori_loop(0, n, lambda i, c: body(flip(i), c), carry)
 
 
 def _diag_scores_t(plan: _Plan, sub: _Sub, q, k):
@@ -620,33 +599,22 @@ def _states_kernel_mosaic(*refs, plan: _Plan, reverse: bool):
   sf_ref[...] = _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[...], reverse)
 
 
-# The per-chunk kernels below (output, dq/dk/dlogα, dv) take a chunk of n = C/16 sub-chunks as
-# explicit pairs: query sub-chunk i and key sub-chunk j < i interact through the scores
-#   A_ij = (q_i ⊙ e^{β_i}) (k_j ⊙ e^{λ_j − β_j} ⊙ e^{R_i − R_{j+1}})ᵀ              (all exponents ≤ 0)
-# and the chunk's entering state (or, backwards, the gradient leaving it) reaches sub-chunk i through
-# e^{R_i}. Carrying a [d_v, d_k] state through the sub-chunks instead (as an earlier version did)
-# costs 4× the FLOPs at C = 64, in dots of 16 rows, and a 128 × 128 f32 state spills registers: on
-# an H100 at B4 T8192 H16 d128 bf16 that output kernel took 2.2 ms and dq/dk 6.3 ms.
-
-
 def _output_kernel(*refs, plan: _Plan):
   # q, k, g: [chunk, d_k]; v, o: [chunk, bv]; st: Sᵀ entering the chunk [bv, d_k]; at: [chunk, 16]
   q_ref, k_ref, g_ref, v_ref, st_ref, o_ref, at_ref = _split(refs, plan.decay, 2)
-  ch = _chunk(plan, g_ref, q_ref.shape[0] // _SUB)
-  state = st_ref[...]
-  keys = []  # k_j ⊙ e^{λ_j − β_j}
-  for i, rows in enumerate(ch.rows):
-    sub = ch.sub(i)
-    q, k = _load(q_ref, rows), _load(k_ref, rows)
-    q_hat = sub.q(q)
+
+  def sub_chunk(j, state):
+    start = _start(j)
+    rows = pl.ds(start, _SUB)
+    q, k, g, v = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), v_ref[rows, :]
+    sub = _sub(plan, g)
     at = _diag_scores_t(plan, sub, q, k)
-    o = _dot(plan, ch.enter(i, q_hat), state, 1, 1) + _dot(plan, at, v_ref[rows, :], 0, 0, exact=True)
-    for j in range(i):
-      scores = _dot(plan, q_hat, ch.between(j, i, keys[j]), 1, 1)  # A_ij [t, s]
-      o = o + _dot(plan, scores, v_ref[ch.rows[j], :], 1, 0)
+    o = _dot(plan, sub.q(q), state, 1, 1) + _dot(plan, at, v, 0, 0, exact=True)
     o_ref[rows, :] = o.astype(o_ref.dtype)
     at_ref[rows, :] = at
-    keys.append(sub.k(k))
+    return sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
+
+  _sub_chunks(plan, q_ref.shape[0] // _SUB, sub_chunk, _f32(st_ref[...]))
 
 
 def _dqk_kernel(*refs, plan: _Plan):
@@ -654,69 +622,52 @@ def _dqk_kernel(*refs, plan: _Plan):
   refs = _split(refs, plan.decay, 2)
   q_ref, k_ref, g_ref, v_ref, do_ref, st_ref, e_ref, dq_ref, dk_ref = refs[:9]
   dg_ref = refs[9] if plan.decay else None
-  ch = _chunk(plan, g_ref, q_ref.shape[0] // _SUB)
-  n = len(ch.rows)
-  state, e = _f32(st_ref[...]), _f32(e_ref[...])
-  q = [_load(q_ref, rows) for rows in ch.rows]
-  k = [_load(k_ref, rows) for rows in ch.rows]
-  q_hat, k_hat = [], []  # q_i ⊙ e^{β_i}, k_j ⊙ e^{λ_j − β_j}
-  for j in range(n):
-    sub = ch.sub(j)
-    q_hat.append(sub.q(q[j]))
-    k_hat.append(sub.k(k[j]))
-  # Value–gradient scores, each computed once: diagonal MT_ii[s, t] = v_s · dO_t, pairs M_ij[t, s] (j < i).
-  mt_diag = [_dot(plan, v_ref[rows, :], do_ref[rows, :], 1, 1) for rows in ch.rows]
-  m_pair = {(i, j): _dot(plan, do_ref[ch.rows[i], :], v_ref[ch.rows[j], :], 1, 1)
-            for i in range(n) for j in range(i)}
-  # dq_t = S_t dO_t: the entering state, earlier sub-chunks (pairs) and the diagonal block.
-  dq = []
-  for i, rows in enumerate(ch.rows):
-    sub = ch.sub(i)
-    acc = ch.enter(i, _dot(plan, do_ref[rows, :], state, 1, 0))
-    for j in range(i):
-      acc = acc + _dot(plan, m_pair[i, j], ch.between(j, i, k_hat[j]), 1, 0)
-    dq.append(sub.q(acc) + _dq_intra(plan, sub, mt_diag[i], k[i]))
-    dq_ref[rows, :] = dq[i].astype(dq_ref.dtype)
-  # dk_s = D_s v_s: the gradient leaving the chunk, later sub-chunks (pairs) and the diagonal block.
-  dk = []
-  for j, rows in enumerate(ch.rows):
-    sub = ch.sub(j)
-    acc = ch.leave(j, _dot(plan, v_ref[rows, :], e, 1, 0))
-    for i in range(j + 1, n):
-      acc = acc + ch.between(j, i, _dot(plan, m_pair[i, j], q_hat[i], 0, 0))
-    dk.append(sub.k(acc) + _dk_intra(plan, sub, mt_diag[j], q[j]))
-    dk_ref[rows, :] = dk[j].astype(dk_ref.dtype)
-  if dg_ref is None:
-    return
-  # d log α_r = Σ_{t ≥ r} (q ⊙ dq − k ⊙ dk) within the chunk, plus the tail Σ_v E ⊙ S_end with
-  # S_end = e^{R_n} S_enter + Σ_j (k_j ⊙ e^{R_n − B_s})ᵀ v_j, the chunk's last state.
-  end = ch.enter(n, state)
-  for j, rows in enumerate(ch.rows):
-    end = end + _dot(plan, v_ref[rows, :], ch.leave(j, k_hat[j]), 0, 0)
-  carry = jnp.sum(e * end, axis=0, keepdims=True)
-  for j in reversed(range(n)):
-    rows = ch.rows[j]
-    db = q[j] * dq[j] - k[j] * dk[j]
-    total = jnp.sum(db, axis=0, keepdims=True)
-    dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
-    dg_ref[rows, :] = jnp.where(_load(g_ref, rows) >= MIN_LOG_DECAY, dg, 0.0)  # clamped decays have no gradient
-    carry = carry + total
+  n_sub = q_ref.shape[0] // _SUB
+  state = _f32(st_ref[...])
+  q_dq = []
+  for j in range(n_sub):  # forward: dq_t = S_t dO_t
+    rows = pl.ds(j * _SUB, _SUB)
+    q, k, g = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows)
+    v, do = v_ref[rows, :], do_ref[rows, :]
+    sub = _sub(plan, g)
+    dq = sub.q(_dot(plan, do, state, 1, 0))
+    dq = dq + _dq_intra(plan, sub, _dot(plan, v, do, 1, 1), k)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    q_dq.append(q * dq)
+    state = sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
+  # `state` is now the chunk's last state S_end: the tail of d log α is Σ_v E ⊙ S_end.
+  e = _f32(e_ref[...])
+  carry = jnp.sum(e * state, axis=0, keepdims=True)
+  for j in reversed(range(n_sub)):  # reverse: dk_t = D_t v_t and d log α
+    rows = pl.ds(j * _SUB, _SUB)
+    q, k, g = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows)
+    v, do = v_ref[rows, :], do_ref[rows, :]
+    sub = _sub(plan, g)
+    dk = sub.k(_dot(plan, v, e, 1, 0))
+    dk = dk + _dk_intra(plan, sub, _dot(plan, v, do, 1, 1), q)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    if dg_ref is not None:
+      db = q_dq[j] - k * dk
+      total = jnp.sum(db, axis=0, keepdims=True)
+      dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
+      dg_ref[rows, :] = jnp.where(g >= MIN_LOG_DECAY, dg, 0.0)  # clamped decays have no gradient
+      carry = carry + total
+    e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
 
 
 def _dv_kernel(*refs, plan: _Plan):
   # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; at: [chunk, 16]; e (Eᵀ leaving the chunk): [bv, d_k]
   q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref = _split(refs, plan.decay, 2)
-  ch = _chunk(plan, g_ref, q_ref.shape[0] // _SUB)
-  n = len(ch.rows)
-  e = e_ref[...]
-  q_hat = [ch.sub(i).q(_load(q_ref, rows)) for i, rows in enumerate(ch.rows)]
-  for j, rows in enumerate(ch.rows):
-    k_hat = ch.sub(j).k(_load(k_ref, rows))
-    dv = _dot(plan, at_ref[rows, :], do_ref[rows, :], 1, 0, exact=True) + _dot(plan, ch.leave(j, k_hat), e, 1, 1)
-    for i in range(j + 1, n):
-      scores_t = _dot(plan, ch.between(j, i, k_hat), q_hat[i], 1, 1)  # A_ijᵀ [s, t]
-      dv = dv + _dot(plan, scores_t, do_ref[ch.rows[i], :], 1, 0)
+
+  def sub_chunk(j, e):
+    rows = pl.ds(_start(j), _SUB)
+    q, k, g, do = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), do_ref[rows, :]
+    sub = _sub(plan, g)
+    dv = _dot(plan, at_ref[rows, :], do, 1, 0, exact=True) + _dot(plan, sub.k(k), e, 1, 1)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    return sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
+
+  _sub_chunks(plan, q_ref.shape[0] // _SUB, sub_chunk, _f32(e_ref[...]), reverse=True)
 
 
 # --- pallas_calls --------------------------------------------------------------------------------------
@@ -894,6 +845,7 @@ def _pallas_core_bwd(plan: _Plan, residuals, cotangents):
 
 
 _pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
+_pallas_core_shared = lowered_once(_pallas_core, static_argnums=(5,))
 
 
 def _next_pow2(n: int) -> int:
@@ -934,7 +886,7 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
     g = None if g is None else rearrange(g, "b t h d -> b h t d")
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
                dv=dv, decay=g is not None, dot_dtype=dot_dtype.name)
-  o, final = _pallas_core(q, k, v, g, s0, plan)
+  o, final = _pallas_core_shared(q, k, v, g, s0, plan)
   if target == "mosaic":
     o = rearrange(o, "b h t d -> b t h d")
   return o[:, :time, :, :d_v].astype(out_dtype), jnp.swapaxes(final, -1, -2)[:, :, :d_k, :d_v]

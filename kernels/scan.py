@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import SQUEEZED, mosaic_params, triton_params
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -585,6 +585,7 @@ def _scan_core_bwd(platform, reverse, interpret, cfg, res, cotangents):
 
 
 _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
+_scan_core_shared = lowered_once(_scan_core, static_argnums=(3, 4, 5, 6))
 
 
 def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dtypes) -> PallasConfig:
@@ -627,7 +628,7 @@ def _scan_platform(a, b, h0, *, platform, reverse, interpret, cfg):
     a3 = jnp.pad(a3, ((0, 0), (0, t_pad - time), (0, d_pad - d)), constant_values=1)
     b3 = jnp.pad(b3, ((0, 0), (0, t_pad - time), (0, d_pad - d)))
     h03 = jnp.pad(h03, ((0, 0), (0, d_pad - d)))
-  h, h_last = _scan_core(a3, b3, h03, platform, reverse, interpret, cfg)
+  h, h_last = _scan_core_shared(a3, b3, h03, platform, reverse, interpret, cfg)
   if (t_pad, d_pad) != (time, d):
     h, h_last = h[:, :time, :d], h_last[:, :d]
   return h.reshape(a.shape), h_last.reshape((batch,) + features)

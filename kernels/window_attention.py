@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import mosaic_params, triton_params
+from kernels.pallas_compat import lowered_once, mosaic_params, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
 IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
@@ -587,6 +587,7 @@ def _flash_bwd(cfg: _Flash, residuals, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+_flash_shared = lowered_once(_flash, static_argnums=(3,))
 
 
 def _next_pow2(n: int) -> int:
@@ -648,8 +649,8 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   q, k, v = (jnp.pad(x, widths) if padded > time or pad_dim else x for x in (q, k, v))
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
-    return rearrange(_flash(q, k, v, cfg), "b h t d -> b t h d")[:, :time]
-  return _flash(q, k, v, cfg)[:, :time, :, :dim]
+    return rearrange(_flash_shared(q, k, v, cfg), "b h t d -> b t h d")[:, :time]
+  return _flash_shared(q, k, v, cfg)[:, :time, :, :dim]
 
 
 # ------------------------------------------------------------------------------------------------
