@@ -42,8 +42,8 @@ Implementations:
 - ``"pallas"``: the chunked form as Pallas kernels (Triton on GPU, Mosaic on TPU) with a
   ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
   −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
-- ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run: 4.0 / 16.9 ms fwd /
-  fwd+bwd against the XLA chunked form's 13.4 / 41.7 ms, 2.57 / 10.34 ms with the current tiles;
+- ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run: 2.59 / 9.58 ms fwd /
+  fwd+bwd against the XLA chunked form's 13.4 / 41.6 ms, and fla's ``chunk_gla`` 1.60 / 6.83 ms;
   ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere (the Mosaic kernels are export-tested only, never
   timed on a TPU).
 """

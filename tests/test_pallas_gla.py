@@ -163,3 +163,21 @@ def test_pallas_lowers_for_gpu(lower_for_gpu):
   args, fwd, grad = _lowering_fns(pallas_target="triton")
   for f, kernels in ((fwd, 2), (grad, 5)):
     assert lower_for_gpu(f, *args).count("xla.gpu.triton") == kernels
+
+
+def test_bench_best_config_combines_each_kernels_fastest_tiles():
+  from kernels.bench_gla import best_config
+  base = dict(states=1.0, states_bwd=1.0, output=2.0, dqk=6.0, dv=1.0)
+  results = [
+      (PallasConfig(), base),
+      (PallasConfig(dqk_warps=8, dv_warps=2), {**base, "dqk": 5.0, "dv": 3.0}),  # only dq/dk is better
+      (PallasConfig(out_warps=8), {**base, "output": 1.5, "states": 0.5}),  # the states time counts (its states fields are the defaults)
+      (PallasConfig(chunk=32), {**base, "dqk": 4.0}),  # another chunk: judged on its own total
+      (PallasConfig(dv_block=64), {**base, "dv": "failed"}),  # a failed kernel leaves the candidate out
+  ]
+  config, total = best_config(results)
+  assert config == PallasConfig(out_warps=8, dqk_warps=8)
+  assert total == pytest.approx(0.5 + 1.0 + 1.5 + 5.0 + 1.0)
+  config, total = best_config(results[3:4] + results[:1])
+  assert config == PallasConfig(chunk=32) and total == pytest.approx(9.0)
+  assert best_config([]) is None
