@@ -114,8 +114,7 @@ def _fla(ctx, sets, ref):
   return dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=ctx.time_torch(fwdbwd), rel_err=err), None
 
 
-def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = True) -> list[dict]:
-  """Our Pallas kernels (``config``), our XLA chunked form (``with_xla``) and fla's ``chunk_gla``."""
+def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
   shape = QUICK if ctx.quick else FULL
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, *shape) for seed in range(1 if ctx.quick else N_SETS)]
@@ -136,9 +135,8 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
     return peer_row(base, "fla chunk_gla (Triton)", lambda: _fla(ctx, sets, ref), _log)
 
   # Ours first: the peer's autotuning can take minutes and a time limit may end the run there.
-  rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config)]
-  if with_xla:
-    rows.append(ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK))
+  rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config),
+          ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK)]
   _log("rows so far: " + json.dumps([{k: r.get(k) for k in ("impl", "fwd_ms", "fwdbwd_ms", "rel_err")} for r in rows]))
   return rows + [peer()]
 
@@ -147,8 +145,7 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
 
 
 def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
-  """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv); on
-  Triton "output" is the scores kernel and the output kernel together."""
+  """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv)."""
   from kernels import gla as G
   batch, time, heads, dk, dv = shape
   q, k, v, g, do = _inputs(0, *shape)
@@ -195,7 +192,7 @@ CANDIDATES = [  # each field only changes the kernels named by its prefix
 # Which fields each kernel's time depends on (besides chunk, stages and unroll, which change several).
 KERNEL_FIELDS = {"states": ("states_block", "states_warps", "states_stages"),
                  "states_bwd": ("states_block", "states_warps", "states_stages"),
-                 "output": ("scores_warps", "out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps"),
+                 "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps"),
                  "dv": ("dv_block", "dv_warps")}
 SHARED_FIELDS = ("chunk", "stages", "unroll")
 

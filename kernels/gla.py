@@ -372,7 +372,6 @@ class PallasConfig:
   # fit in registers, and twice the programs). Taking the sub-chunks as explicit pairs instead of
   # carrying the state through them (4× fewer FLOPs at C = 64; commits 3c1c5da..ebcf418) was slower
   # on the same device at every tiling tried: output 3.50, dq/dk 7.38 at best, dv 1.57 vs 1.21.
-  scores_warps: int = 4
   out_block: int = 128
   out_warps: int = 4
   dqk_block: int = 16
@@ -486,18 +485,14 @@ def _sub(plan: _Plan, g) -> _Sub:
               ck=jnp.where(low, jnp.exp(jnp.minimum(split - beta, 0.0)), 0.0))
 
 
-def _causal_t(n=_SUB, *, rows_are_keys: bool = True):
-  """[s, t] mask s ≤ t (a transposed causal mask; ``rows_are_keys=False``: the [t, s] causal mask)."""
-  s, t = _iota((n, n), 0), _iota((n, n), 1)
-  return s <= t if rows_are_keys else t <= s
+def _causal_t(n=_SUB):
+  """[s, t] mask s ≤ t (a transposed causal mask)."""
+  return _iota((n, n), 0) <= _iota((n, n), 1)
 
 
-def _pair_masks(*, rows_are_keys: bool = True):
-  """[s, t] masks of the diagonal block: same half with s ≤ t; t in rows 8–15 with s in rows 0–7
-  (``rows_are_keys=False``: the same masks indexed [t, s])."""
+def _pair_masks():
+  """[s, t] masks of the diagonal block: same half with s ≤ t; t in rows 8–15 with s in rows 0–7."""
   s, t = _iota((_SUB, _SUB), 0), _iota((_SUB, _SUB), 1)
-  if not rows_are_keys:
-    s, t = t, s
   hs, ht = s >= _SUB // 2, t >= _SUB // 2
   return (hs == ht) & (s <= t), ht & jnp.logical_not(hs)
 
@@ -518,17 +513,14 @@ def _sub_chunks(plan: _Plan, n: int, body, carry, *, reverse: bool = False):
   return jax.lax.fori_loop(0, n, lambda i, c: body(flip(i), c), carry)
 
 
-def _diag_scores_t(plan: _Plan, sub: _Sub, q, k, *, transposed: bool = True):
-  """``AT[s, t] = A_ts = Σ_d q_td k_sd e^{β_td − β_sd}`` for s ≤ t in one sub-chunk (0 for s > t);
-  ``transposed=False``: ``A[t, s]`` (Triton has no register transpose, so the dots are swapped)."""
-  pair = (lambda a, b: _dot(plan, a, b, 1, 1, exact=True)) if transposed else (
-      lambda a, b: _dot(plan, b, a, 1, 1, exact=True))
+def _diag_scores_t(plan: _Plan, sub: _Sub, q, k):
+  """``AT[s, t] = A_ts = Σ_d q_td k_sd e^{β_td − β_sd}`` for s ≤ t in one sub-chunk (0 for s > t)."""
   if sub.fq is None:
-    return jnp.where(_causal_t(rows_are_keys=transposed), pair(k, q), 0.0)
-  same, cross = _pair_masks(rows_are_keys=transposed)
+    return jnp.where(_causal_t(), _dot(plan, k, q, 1, 1, exact=True), 0.0)
+  same, cross = _pair_masks()
   # Entries outside a mask may overflow to ±inf or NaN; `where` drops them (a select, not a product).
-  within = pair(k * sub.fk, q * sub.fq)
-  across = pair(k * sub.ck, q * sub.cq)
+  within = _dot(plan, k * sub.fk, q * sub.fq, 1, 1, exact=True)
+  across = _dot(plan, k * sub.ck, q * sub.cq, 1, 1, exact=True)
   return jnp.where(same, within, jnp.where(cross, across, 0.0))
 
 
@@ -623,50 +615,6 @@ def _output_kernel(*refs, plan: _Plan):
     return sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
 
   _sub_chunks(plan, q_ref.shape[0] // _SUB, sub_chunk, _f32(st_ref[...]))
-
-
-def _scores_kernel(*refs, plan: _Plan):
-  """Triton forward, first half of the output: the chunk's score matrix A [chunk, chunk] (A_ts for
-  s ≤ t, 0 above the diagonal) and its diagonal blocks transposed for the backward ``at``.
-
-  Block (i, j < i) of sub-chunks is (q_i ⊙ e^{β_i} ⊙ e^{R_i − R_{j+1}}) (k_j ⊙ e^{λ_j − β_j})ᵀ with
-  ``R_i`` the log-decay from the chunk's start to sub-chunk i (every exponent ≤ 0); diagonal blocks
-  as in the carried-state kernel. One program per (chunk, head), all of d_k.
-  """
-  # q, k, g: [chunk, d_k]; a: [chunk, chunk] in the dot dtype; at: [chunk, 16] f32
-  q_ref, k_ref, g_ref, a_ref, at_ref = _split(refs, plan.decay, 2)
-  n = q_ref.shape[0] // _SUB
-  rows = [pl.ds(j * _SUB, _SUB) for j in range(n)]
-  r, keys = [None], []  # R_0..R_i (None: no decay); k_j ⊙ e^{λ_j − β_j}
-  zeros = jnp.zeros((_SUB, _SUB), a_ref.dtype)
-  for i in range(n):
-    q, k, g = _load(q_ref, rows[i]), _load(k_ref, rows[i]), _load(g_ref, rows[i])
-    sub = _sub(plan, g)
-    at_ref[rows[i], :] = _diag_scores_t(plan, sub, q, k)
-    a_ref[rows[i], rows[i]] = _diag_scores_t(plan, sub, q, k, transposed=False).astype(a_ref.dtype)
-    q_hat = sub.q(q)
-    for j in range(i):
-      scaled = q_hat if g is None or j == i - 1 else q_hat * jnp.exp(r[i] - r[j + 1])
-      a_ref[rows[i], rows[j]] = _dot(plan, scaled, keys[j], 1, 1).astype(a_ref.dtype)
-    for j in range(i + 1, n):
-      a_ref[rows[i], rows[j]] = zeros
-    keys.append(sub.k(k))
-    if g is not None:
-      lam = jnp.sum(_clamp(g), axis=0, keepdims=True)  # λ_i
-      r.append(lam if r[-1] is None else r[-1] + lam)
-
-
-def _output_kernel_scores(*refs, plan: _Plan):
-  """Triton forward, second half: o = (q ⊙ e^{b}) S + A v, two whole-chunk dots (b: the log-decay
-  from the chunk's start, ≤ 0; S entering the chunk)."""
-  # q, g: [chunk, d_k]; v, o: [chunk, bv]; st: Sᵀ entering the chunk [bv, d_k]; a: [chunk, chunk]
-  q_ref, g_ref, v_ref, st_ref, a_ref, o_ref = _split(refs, plan.decay, 1)
-  rows = slice(None)
-  q, g = _load(q_ref, rows), _load(g_ref, rows)
-  if g is not None:
-    q = q * jnp.exp(_cumsum(plan, _clamp(g)))
-  o = _dot(plan, q, st_ref[...], 1, 1) + _dot(plan, a_ref[...], v_ref[...], 1, 0)
-  o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _dqk_kernel(*refs, plan: _Plan):
@@ -816,36 +764,8 @@ def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
                         name="gla_states_bwd" if reverse else "gla_states")(*arrays)
 
 
-def _scores_call(plan: _Plan, q, k, g):
-  """Triton: (A [batch, time, heads, chunk] in the dot dtype, at [batch, time, heads, 16] f32)."""
-  batch, c = q.shape[0], plan.cfg.chunk
-  qk = _rows_spec(plan, c, plan.dk)
-  time = plan.chunks * c
-  shape = lambda width, dtype: jax.ShapeDtypeStruct(_layout(plan, batch, time, width), dtype)
-  return pl.pallas_call(
-      functools.partial(_scores_kernel, plan=plan), grid=_grid(plan, 1, batch),
-      in_specs=[qk, qk] + ([qk] if plan.decay else []), out_specs=[_rows_spec(plan, c, c), _rows_spec(plan, c, _SUB)],
-      out_shape=[shape(c, jnp.dtype(plan.dot_dtype)), shape(_SUB, _F32)],
-      compiler_params=_params(plan, plan.cfg.scores_warps), interpret=plan.interpret,
-      name="gla_scores")(q, k, *([g] if plan.decay else []))
-
-
 def _output_call(plan: _Plan, q, k, g, v, states):
-  """(o, at): on Triton the scores kernel then two whole-chunk dots per d_v block; on Mosaic one
-  kernel that carries the state through the sub-chunks."""
   batch, c = q.shape[0], plan.cfg.chunk
-  if plan.target == "triton":
-    a, at = _scores_call(plan, q, k, g)
-    bv = min(plan.cfg.out_block, plan.dv)
-    qk, vb = _rows_spec(plan, c, plan.dk), _rows_spec(plan, c, bv, blocked=True)
-    in_specs = [qk] + ([qk] if plan.decay else []) + [vb, _state_spec(plan, bv, plan.dk, v_block=True),
-                                                      _rows_spec(plan, c, c)]
-    o = pl.pallas_call(
-        functools.partial(_output_kernel_scores, plan=plan), grid=_grid(plan, plan.dv // bv, batch),
-        in_specs=in_specs, out_specs=vb, out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
-        compiler_params=_params(plan, plan.cfg.out_warps), interpret=plan.interpret,
-        name="gla_output")(q, *([g] if plan.decay else []), v, states, a)
-    return o, at
   bv = min(plan.cfg.out_block, plan.dv) if plan.target == "triton" else plan.dv
   qk = _rows_spec(plan, c, plan.dk)
   vb = _rows_spec(plan, c, bv, blocked=True)
