@@ -371,7 +371,9 @@ class PallasConfig:
   # dq/dk with d_k blocks of 64 11.25, 32 7.87, 16 6.26 (smaller blocks: two [d_v, block] f32 states
   # fit in registers, and twice the programs). Taking the sub-chunks as explicit pairs instead of
   # carrying the state through them (4× fewer FLOPs at C = 64; commits 3c1c5da..ebcf418) was slower
-  # on the same device at every tiling tried: output 3.50, dq/dk 7.38 at best, dv 1.57 vs 1.21.
+  # on the same device at every tiling tried: output 3.50, dq/dk 7.38 at best, dv 1.57 vs 1.21; so
+  # was a separate kernel for each chunk's score matrix followed by whole-chunk dots (output stage
+  # 3.79 ms; commit dc372a2).
   out_block: int = 128
   out_warps: int = 4
   dqk_block: int = 16
