@@ -625,13 +625,16 @@ def _dqk_kernel(*refs, plan: _Plan):
   q_ref, k_ref, g_ref, v_ref, do_ref, st_ref, e_ref, dq_ref, dk_ref = refs[:9]
   dg_ref = refs[9] if plan.decay else None
   n_sub = q_ref.shape[0] // _SUB
+
+  def sub_chunk(j):  # each pass reloads its tiles rather than keep all sub-chunks' in registers
+    rows = pl.ds(j * _SUB, _SUB)
+    g = _load(g_ref, rows)
+    return rows, _load(q_ref, rows), _load(k_ref, rows), g, v_ref[rows, :], do_ref[rows, :], _sub(plan, g)
+
   state = _f32(st_ref[...])
   q_dq = []
   for j in range(n_sub):  # forward: dq_t = S_t dO_t
-    rows = pl.ds(j * _SUB, _SUB)
-    q, k, g = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows)
-    v, do = v_ref[rows, :], do_ref[rows, :]
-    sub = _sub(plan, g)
+    rows, q, k, g, v, do, sub = sub_chunk(j)
     dq = sub.q(_dot(plan, do, state, 1, 0))
     dq = dq + _dq_intra(plan, sub, _dot(plan, v, do, 1, 1), k)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
@@ -641,10 +644,7 @@ def _dqk_kernel(*refs, plan: _Plan):
   e = _f32(e_ref[...])
   carry = jnp.sum(e * state, axis=0, keepdims=True)
   for j in reversed(range(n_sub)):  # reverse: dk_t = D_t v_t and d log α
-    rows = pl.ds(j * _SUB, _SUB)
-    q, k, g = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows)
-    v, do = v_ref[rows, :], do_ref[rows, :]
-    sub = _sub(plan, g)
+    rows, q, k, g, v, do, sub = sub_chunk(j)
     dk = sub.k(_dot(plan, v, e, 1, 0))
     dk = dk + _dk_intra(plan, sub, _dot(plan, v, do, 1, 1), q)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
