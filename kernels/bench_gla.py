@@ -181,7 +181,8 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
 CANDIDATES = [  # each field only changes the kernels named by its prefix
     PallasConfig(),
     PallasConfig(unroll=True),
-    PallasConfig(dqk_warps=2, dv_warps=4),
+    PallasConfig(dqk_reuse_scores=True),
+    PallasConfig(dqk_warps=4, dv_warps=8),
     PallasConfig(out_block=64, dv_block=64),
     PallasConfig(out_block=64, out_warps=2, dqk_block=32),
     PallasConfig(states_block=32, states_stages=3),
@@ -192,7 +193,7 @@ CANDIDATES = [  # each field only changes the kernels named by its prefix
 # Which fields each kernel's time depends on (besides chunk, stages and unroll, which change several).
 KERNEL_FIELDS = {"states": ("states_block", "states_warps", "states_stages"),
                  "states_bwd": ("states_block", "states_warps", "states_stages"),
-                 "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps"),
+                 "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps", "dqk_reuse_scores"),
                  "dv": ("dv_block", "dv_warps")}
 SHARED_FIELDS = ("chunk", "stages", "unroll")
 

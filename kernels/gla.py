@@ -378,6 +378,9 @@ class PallasConfig:
   out_warps: int = 4
   dqk_block: int = 16
   dqk_warps: int = 2  # 5.62 ms (4 warps: 6.25)
+  # dq/dk: keep each sub-chunk's [16, 16] value–gradient scores from the forward pass for the
+  # reverse one instead of recomputing them (a d_v-long dot per sub-chunk; not yet timed).
+  dqk_reuse_scores: bool = False
   dv_block: int = 128
   dv_warps: int = 4  # 0.89 ms (8 warps: 1.21)
   stages: int = 1
@@ -632,11 +635,14 @@ def _dqk_kernel(*refs, plan: _Plan):
     return rows, _load(q_ref, rows), _load(k_ref, rows), g, v_ref[rows, :], do_ref[rows, :], _sub(plan, g)
 
   state = _f32(st_ref[...])
-  q_dq = []
+  q_dq, scores = [], []  # scores: MT_jj[s, t] = v_s · dO_t, kept for the reverse pass if reuse_scores
   for j in range(n_sub):  # forward: dq_t = S_t dO_t
     rows, q, k, g, v, do, sub = sub_chunk(j)
+    mt = _dot(plan, v, do, 1, 1)
+    if plan.cfg.dqk_reuse_scores:
+      scores.append(mt)
     dq = sub.q(_dot(plan, do, state, 1, 0))
-    dq = dq + _dq_intra(plan, sub, _dot(plan, v, do, 1, 1), k)
+    dq = dq + _dq_intra(plan, sub, mt, k)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     q_dq.append(q * dq)
     state = sub.decay(state) + _dot(plan, v, sub.k(k), 0, 0)
@@ -646,7 +652,7 @@ def _dqk_kernel(*refs, plan: _Plan):
   for j in reversed(range(n_sub)):  # reverse: dk_t = D_t v_t and d log α
     rows, q, k, g, v, do, sub = sub_chunk(j)
     dk = sub.k(_dot(plan, v, e, 1, 0))
-    dk = dk + _dk_intra(plan, sub, _dot(plan, v, do, 1, 1), q)
+    dk = dk + _dk_intra(plan, sub, scores[j] if scores else _dot(plan, v, do, 1, 1), q)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     if dg_ref is not None:
       db = q_dq[j] - k * dk
