@@ -114,7 +114,8 @@ def _fla(ctx, sets, ref):
   return dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=ctx.time_torch(fwdbwd), rel_err=err), None
 
 
-def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
+def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = True) -> list[dict]:
+  """Our Pallas kernels (``config``), our XLA chunked form (``with_xla``) and fla's ``chunk_gla``."""
   shape = QUICK if ctx.quick else FULL
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, *shape) for seed in range(1 if ctx.quick else N_SETS)]
@@ -135,8 +136,9 @@ def run(ctx: Context, config: PallasConfig | None = None) -> list[dict]:
     return peer_row(base, "fla chunk_gla (Triton)", lambda: _fla(ctx, sets, ref), _log)
 
   # Ours first: the peer's autotuning can take minutes and a time limit may end the run there.
-  rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config),
-          ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK)]
+  rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config)]
+  if with_xla:
+    rows.append(ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK))
   _log("rows so far: " + json.dumps([{k: r.get(k) for k in ("impl", "fwd_ms", "fwdbwd_ms", "rel_err")} for r in rows]))
   return rows + [peer()]
 
