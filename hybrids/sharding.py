@@ -14,7 +14,9 @@ checkpoint written on one mesh resumes on another (orbax restores onto the curre
 
 Partition rules need no per-mixer table: a rule reads only the parameter's path names and shape
 (:func:`partition_spec`), so a new mixer is covered the day it is registered. Sharding never changes
-what is computed — XLA's SPMD partitioner inserts the collectives — only where it is computed.
+what is computed — XLA's SPMD partitioner inserts the collectives — only where it is computed. The
+Pallas kernels are the exception XLA cannot partition: the train and eval steps are traced under
+``kernels.pallas_compat.batch_parallel``, so each kernel runs on its device's rows of the batch.
 
 Multi-process runs (one process per host, or per GPU) call :func:`initialize_distributed` first; it
 reads the environment (:func:`distributed_plan`):

@@ -49,6 +49,7 @@ from hybrids import data as data_lib
 from hybrids import flops as flops_lib
 from hybrids import sharding as sharding_lib
 from hybrids.model import HybridLM, count_params, layer_pattern
+from kernels.pallas_compat import batch_parallel
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -342,10 +343,20 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
                     has_moe=bool(config.model.moe_every))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
-  train_step = jax.jit(trainer.train_step, donate_argnums=(0, 1), static_argnums=3,
+
+  def per_batch_shard(step):
+    # Traced under batch_parallel, the Pallas kernels run on each device's rows of the batch (XLA
+    # would otherwise gather the batch for them; see kernels.pallas_compat.batch_parallel).
+    def traced(*args):
+      with batch_parallel(mesh, sharding_lib.BATCH_AXES):
+        return step(*args)
+    return traced
+
+  train_step = jax.jit(per_batch_shard(trainer.train_step), donate_argnums=(0, 1), static_argnums=3,
                        in_shardings=(params_sharding, opt_sharding, batch_sharding),
                        out_shardings=(params_sharding, opt_sharding, replicated))
-  eval_step = jax.jit(trainer.eval_step, in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)
+  eval_step = jax.jit(per_batch_shard(trainer.eval_step), in_shardings=(params_sharding, batch_sharding),
+                      out_shardings=replicated)
   return Setup(trainer, mesh, params, opt_state, train_step, eval_step, batch_sharding, placed.counts)
 
 

@@ -4,13 +4,20 @@ Every Pallas kernel names its compiler parameters explicitly through these, so a
 thing on every version: ``CompilerParams`` in the Triton and Mosaic TPU backends (older releases:
 ``TritonCompilerParams`` / ``TPUCompilerParams``), and ``pl.squeezed`` for a dropped block dimension
 (older releases: ``None``). Also :func:`lowered_once`, which every kernel's ``custom_vjp`` core goes
-through.
+through, and :func:`batch_parallel`, under which those cores run per batch shard of a mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Sequence
+
 import jax
 from jax.experimental import pallas as pl
+from jax.sharding import Mesh, PartitionSpec
 
 SQUEEZED = getattr(pl, "squeezed", None)
 
@@ -29,9 +36,53 @@ def mosaic_params(dimension_semantics: tuple[str, ...]):
   return cls(dimension_semantics=tuple(dimension_semantics))
 
 
+_BATCH_MESH: contextvars.ContextVar = contextvars.ContextVar("batch_mesh", default=None)
+
+
+@contextlib.contextmanager
+def batch_parallel(mesh: Mesh, axes: Sequence[str]):
+  """While a step is traced inside this context, every kernel core runs under ``shard_map`` with its
+  leading (batch) dimension split over ``axes`` of ``mesh``: each device runs the kernel on its own
+  rows. XLA's SPMD partitioner has no rule for a Pallas custom call, so under a plain jit with a
+  batch-sharded input it would gather the whole batch onto every device and run it there (MaxText
+  wraps its Pallas kernels in ``shard_map`` for the same reason). The kernels are independent per
+  batch row, so this changes where they run, not what they compute."""
+  token = _BATCH_MESH.set((mesh, tuple(axes)))
+  try:
+    yield
+  finally:
+    _BATCH_MESH.reset(token)
+
+
 def lowered_once(core, static_argnums: tuple[int, ...]):
-  """``core`` (a kernel's ``custom_vjp`` function) as a nested jit, so a model that calls it once per
-  layer lowers its kernels once per shape. Inside one jit every call site would lower them again, and
-  Pallas lowers in Python: 8 Griffin layers with remat emitted 23 scan kernels, 9–13 s of lowering
-  on the host, against 3 kernels and 2 s this way (XLA inlines the shared function afterwards)."""
-  return jax.jit(core, static_argnums=static_argnums)
+  """``core`` (a kernel's ``custom_vjp`` function, every array argument and result batch-first) as a
+  nested jit, so a model that calls it once per layer lowers its kernels once per shape. Inside one
+  jit every call site would lower them again, and Pallas lowers in Python: 8 Griffin layers with
+  remat emitted 23 scan kernels, 9–13 s of lowering on the host, against 3 kernels and 2 s this way
+  (XLA inlines the shared function afterwards). Under :func:`batch_parallel` it runs per batch shard."""
+  jitted = jax.jit(core, static_argnums=static_argnums)
+  static = frozenset(static_argnums)
+
+  @functools.wraps(core)
+  def call(*args):
+    context = _BATCH_MESH.get()
+    arrays = [i for i, a in enumerate(args) if i not in static and a is not None]
+    if context is None:
+      return jitted(*args)
+    mesh, axes = context
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if shards == 1 or any(args[i].shape[0] % shards for i in arrays):
+      return jitted(*args)  # e.g. a batch of one sequence: nothing to split
+
+    def per_shard(*rows):
+      full = list(args)
+      for i, x in zip(arrays, rows):
+        full[i] = x
+      return jitted(*full)
+
+    spec = PartitionSpec(axes)
+    # check_vma=False: pallas_call has no replication rule on every jax we support.
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(spec for _ in arrays), out_specs=spec,
+                         check_vma=False)(*(args[i] for i in arrays))
+
+  return call
