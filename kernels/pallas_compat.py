@@ -66,10 +66,10 @@ def lowered_once(core, static_argnums: tuple[int, ...]):
   @functools.wraps(core)
   def call(*args):
     context = _BATCH_MESH.get()
-    arrays = [i for i, a in enumerate(args) if i not in static and a is not None]
     if context is None:
       return jitted(*args)
     mesh, axes = context
+    arrays = [i for i, a in enumerate(args) if i not in static and a is not None]
     shards = math.prod(mesh.shape[a] for a in axes)
     if shards == 1 or any(args[i].shape[0] % shards for i in arrays):
       return jitted(*args)  # e.g. a batch of one sequence: nothing to split

@@ -74,7 +74,6 @@ def _main():
     sharded = jax.jit(under_mesh)(*placed)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
-    return split
 
   for name, (fn, args) in cases(4).items():
     check(name, fn, args, expect_split=True)
