@@ -148,7 +148,10 @@ def _fla(ctx, gated, sets, ref):
   return timing, None
 
 
-def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
+ROWS = ("pallas64", "fla", "pallas16", "xla16")
+
+
+def _run_one(ctx: Context, gated: bool, shape, which=ROWS) -> list[dict]:
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, gated, *shape) for seed in range(1 if ctx.quick else N_SETS)]
   ref = jax.block_until_ready(_reference(head_slice(sets[0])))
@@ -170,15 +173,25 @@ def _run_one(ctx: Context, gated: bool, shape) -> list[dict]:
     return peer_row(base, f"{label} (Triton)", lambda: _fla(ctx, gated, sets, ref), _log)
 
   # Most informative first: ours, the peer, then our XLA form (slowest to compile).
-  rows = [ours(f"pallas C={PALLAS_CHUNK} (ours)", impl="pallas", chunk_size=PALLAS_CHUNK, interpret=on_cpu), peer()]
-  rows.insert(1, ours(f"pallas C={XLA_CHUNK} (ours)", impl="pallas", chunk_size=XLA_CHUNK, interpret=on_cpu))
-  rows.insert(2, ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK))
-  return rows
+  makers = {
+      "pallas64": lambda: ours(f"pallas C={PALLAS_CHUNK} (ours)", impl="pallas", chunk_size=PALLAS_CHUNK,
+                               interpret=on_cpu),
+      "fla": peer,
+      "pallas16": lambda: ours(f"pallas C={XLA_CHUNK} (ours)", impl="pallas", chunk_size=XLA_CHUNK, interpret=on_cpu),
+      "xla16": lambda: ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK),
+  }
+  rows = {name: makers[name]() for name in which}
+  order = ("pallas64", "pallas16", "xla16", "fla")  # the table: ours, then the peer
+  return [rows[name] for name in order if name in rows]
 
 
-def run(ctx: Context) -> list[dict]:
+def run(ctx: Context, which=ROWS) -> list[dict]:
+  """Gated and ungated; ``which``: the rows to measure (a subset of ``ROWS``)."""
+  unknown = set(which) - set(ROWS)
+  if unknown:
+    raise ValueError(f"bench_delta.run: unknown rows {sorted(unknown)}; valid: {ROWS}")
   shape = QUICK if ctx.quick else FULL
-  return _run_one(ctx, True, shape) + _run_one(ctx, False, shape)
+  return _run_one(ctx, True, shape, which) + _run_one(ctx, False, shape, which)
 
 
 # --- where the time goes: the stages of our chunked form -----------------------------------------------
