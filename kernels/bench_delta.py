@@ -210,7 +210,7 @@ def _stage_fns(f, n_args: int):
 
 def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
   """Times the three stages of ``delta_rule``'s chunked form separately, forward and fwd+bwd: the
-  WY precompute (XLA), the sequential pass over chunks (Pallas on GPU, ``lax.scan`` for impl xla)
+  WY precompute (all XLA, or with the Pallas WY kernel), the sequential pass over chunks (Pallas on GPU, ``lax.scan`` for impl xla)
   and the outputs (XLA), for each chunk size. Prints one line per stage and returns the rows."""
   device = jax.devices()[0]
   ctx = Context(quick=False, platform=device.platform, iters=10, repeats=3)
@@ -227,15 +227,18 @@ def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
     if D.is_pallas_chunk(chunk):
       passes["pallas"] = lambda *a: D.pallas_state_pass(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
     entering, u, _ = jax.jit(D._scan_pass)(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)
+    wy_pallas = lambda *a: D.pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
+    precompute = lambda wy: (lambda q, k, v, beta, *g: D._precompute(q, k, v, beta, (g or [None])[0], chunk, wy),
+                             (q, k, v, beta) + ((g,) if gated else ()))
     work = {
-        "precompute": (lambda q, k, v, beta, *g: D._precompute(q, k, v, beta, (g or [None])[0], chunk),
-                       (q, k, v, beta) + ((g,) if gated else ())),
+        "precompute (xla)": precompute(D.wy_factors_xla),
+        **({"precompute (pallas wy)": precompute(wy_pallas)} if D.is_pallas_chunk(chunk) else {}),
         **{f"pass ({name})": (fn, (c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)) for name, fn in passes.items()},
         "outputs": (lambda c, entering, u: D._outputs(c, entering, u, time), (c, entering, u)),
     }
     for name, (f, args) in work.items():
       fwd, grad = _stage_fns(f, len(args))
       row = dict(chunk=chunk, stage=name, fwd_ms=ctx.time_jax(fwd, [args]), fwdbwd_ms=ctx.time_jax(grad, [args]))
-      print(f"  C={chunk:<3} {name:<18} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)
+      print(f"  C={chunk:<3} {name:<24} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)
       rows.append(row)
   return rows

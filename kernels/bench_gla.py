@@ -183,7 +183,7 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
 CANDIDATES = [  # each field only changes the kernels named by its prefix
     PallasConfig(),
     PallasConfig(unroll=True),
-    PallasConfig(dqk_reuse_scores=True),
+    PallasConfig(dqk_reuse_scores=False),
     PallasConfig(dqk_warps=4, dv_warps=8),
     PallasConfig(out_block=64, dv_block=64),
     PallasConfig(out_block=64, out_warps=2, dqk_block=32),

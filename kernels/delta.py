@@ -53,6 +53,7 @@ from kernels.delta_pallas import PallasConfig, PallasTarget
 from kernels.delta_pallas import _is_pow2_tile as is_pallas_chunk
 from kernels.delta_pallas import check_arguments as check_pallas_arguments
 from kernels.delta_pallas import state_pass as pallas_state_pass
+from kernels.delta_pallas import wy_factors as pallas_wy_factors
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -171,36 +172,44 @@ class _Chunks(NamedTuple):
   gain: jax.Array         # [b n h t s]  e^{b_t − b_s} for s ≤ t, else 0
 
 
-def _precompute(q, k, v, beta, log_decay, chunk_size: int) -> _Chunks:
-  """Chunks, cumulative log-decays and the WY solve ``[Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K]``."""
-  batch, time, heads, d_k = q.shape
+def wy_factors_xla(k, v, b, beta):
+  """``(W, Ũ) = (I + A)⁻¹ [diag(βγ) K, diag(β) V]`` per chunk, ``A_ts = β_t e^{b_t − b_s} k_tᵀ k_s``
+  (s < t), in XLA. k ``[b n h c d_k]``, v ``[b n h c d_v]``, b (within-chunk cumulative log-decay) and
+  β ``[b n h c]``, all f32. (:func:`kernels.delta_pallas.wy_factors` is the same as a Triton kernel.)"""
   d_v = v.shape[-1]
+  t_idx = jnp.arange(k.shape[-2])
+  lower = t_idx[:, None] > t_idx[None, :]
+  # Mask before exp: for s > t the difference is positive and could overflow.
+  gain = jnp.where(lower, jnp.exp(jnp.where(lower, b[..., :, None] - b[..., None, :], _NEG)), 0.0)
+  a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * gain  # strictly lower
+  # One inverse for both right-hand sides.
+  rhs = jnp.concatenate([v * beta[..., None], k * (beta * jnp.exp(b))[..., None]], axis=-1)
+  solved = wy_solve(a, rhs)
+  return solved[..., d_v:], solved[..., :d_v]
+
+
+def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors_xla) -> _Chunks:
+  """Chunks, cumulative log-decays and the WY factors ``[Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K]``
+  (``wy_factors``: :func:`wy_factors_xla` or the Pallas kernel, same signature)."""
+  batch, time, heads, d_k = q.shape
   n = -(-time // chunk_size)
   pad = n * chunk_size - time
   # Padding: β = 0 and k = v = 0 give u = 0 and leave the state untouched; log-decay 0 keeps γ;
   # padded outputs are dropped.
   pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) ... -> b n c ...", c=chunk_size)
-  qc, kc, vc, betac = chunks(q), chunks(k), chunks(v), chunks(beta)  # [b n c h (d)]
-  ld = jnp.zeros((batch, n, chunk_size, heads), jnp.float32) if log_decay is None else chunks(log_decay)
-  b = jnp.cumsum(ld, axis=2)  # within-chunk cumulative log-decay ≤ 0, [b n c h]
+  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) h ... -> b n h c ...",
+                               c=chunk_size)
+  q_h, k_h, v_h, beta_h = chunks(q), chunks(k), chunks(v), chunks(beta)  # [b n h c (d)]
+  if log_decay is None:  # (a cumsum of zeros would be constant-folded by XLA, for seconds)
+    b_h = jnp.zeros((batch, n, heads, chunk_size), jnp.float32)
+  else:
+    b_h = jnp.cumsum(chunks(log_decay), axis=-1)  # within-chunk cumulative log-decay ≤ 0
 
   t_idx = jnp.arange(chunk_size)
-  diff = rearrange(b, "b n t h -> b n h t 1") - rearrange(b, "b n s h -> b n h 1 s")  # b_t − b_s, [b n h t s]
-  # Mask before exp: for s > t the difference is positive and could overflow.
+  diff = b_h[..., :, None] - b_h[..., None, :]  # b_t − b_s, [b n h t s]
   gain_incl = jnp.exp(jnp.where(t_idx[:, None] >= t_idx[None, :], diff, _NEG))
-  gain_strict = jnp.where(t_idx[:, None] > t_idx[None, :], gain_incl, 0.0)
-  kk = jnp.einsum("bnthk,bnshk->bnhts", kc, kc)
-  beta_h = rearrange(betac, "b n c h -> b n h c")
-  a = beta_h[..., :, None] * kk * gain_strict  # strictly lower, [b n h t s]
-  # One inverse for both right-hand sides: [Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K].
-  rhs = jnp.concatenate([vc * betac[..., None], kc * (betac * jnp.exp(b))[..., None]], axis=-1)
-  rhs = rearrange(rhs, "b n c h d -> b n h c d")
-  solved = wy_solve(a, rhs)
-
-  k_h = rearrange(kc, "b n c h k -> b n h c k")
-  b_h = rearrange(b, "b n c h -> b n h c")
-  return _Chunks(q=rearrange(qc, "b n c h k -> b n h c k"), k=k_h, w=solved[..., d_v:], u_tilde=solved[..., :d_v],
+  w, u_tilde = wy_factors(k_h, v_h, b_h, beta_h)
+  return _Chunks(q=q_h, k=k_h, w=w, u_tilde=u_tilde,
                  k_to_end=k_h * jnp.exp(b_h[..., -1:] - b_h)[..., None],  # decay from s to the chunk's end, ≤ 1
                  chunk_decay=jnp.exp(b_h[..., -1]), log_gain=b_h, gain=gain_incl)
 
@@ -214,9 +223,10 @@ def _outputs(c: _Chunks, entering, u, time: int):
   return rearrange(o, "b n h c v -> b (n c) h v")[:, :time]
 
 
-def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass):
+def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass,
+                   wy_factors=None):
   batch, time, heads, d_k = q.shape
-  c = _precompute(q, k, v, beta, log_decay, chunk_size)
+  c = _precompute(q, k, v, beta, log_decay, chunk_size, wy_factors or wy_factors_xla)
   state0 = _state0(initial_state, batch, heads, d_k, v.shape[-1])
   entering, u, final = state_pass(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, state0)  # [b n h k v], [b n h c v]
   return _outputs(c, entering, u, time).astype(v.dtype), final
@@ -267,8 +277,19 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     dot_dtype = dtype.name if dtype.itemsize == 2 else "float32"
     state_pass = functools.partial(pallas_state_pass, dot_dtype=dot_dtype, interpret=interpret,
                                    target=pallas_target, config=pallas_config)
-    return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size, state_pass)
+    return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size, state_pass,
+                          _pallas_wy(dot_dtype, interpret, pallas_target, pallas_config))
   return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size)
+
+
+def _pallas_wy(dot_dtype: str, interpret: bool, target: PallasTarget | None, config: PallasConfig | None):
+  """The WY factors for impl="pallas": the Triton kernel, or XLA for the Mosaic (TPU) kernels."""
+  triton = functools.partial(pallas_wy_factors, dot_dtype=dot_dtype, interpret=interpret, config=config)
+  if target == "mosaic":
+    return wy_factors_xla
+  if target == "triton" or interpret:
+    return triton
+  return lambda *args: jax.lax.platform_dependent(*args, tpu=wy_factors_xla, default=triton)
 
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, log_decay_t, state):

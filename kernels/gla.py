@@ -379,8 +379,8 @@ class PallasConfig:
   dqk_block: int = 16
   dqk_warps: int = 2  # 5.62 ms (4 warps: 6.25)
   # dq/dk: keep each sub-chunk's [16, 16] value–gradient scores from the forward pass for the
-  # reverse one instead of recomputing them (a d_v-long dot per sub-chunk; not yet timed).
-  dqk_reuse_scores: bool = False
+  # reverse one instead of recomputing them (a d_v-long dot per sub-chunk): 5.29 ms against 5.47.
+  dqk_reuse_scores: bool = True
   dv_block: int = 128
   dv_warps: int = 4  # 0.89 ms (8 warps: 1.21)
   stages: int = 1
