@@ -32,8 +32,7 @@ Implementations:
   positive however strong the decay.
 - ``"pallas"``: the same chunked form with the scan over chunks replaced by a Pallas kernel (Triton on
   GPU, Mosaic on TPU) and its hand-derived backward by a second one (``kernels/delta_pallas.py``); on
-  GPU, for chunks ≤ ``WY_KERNEL_MAX_CHUNK``, the WY factors are a Triton kernel too (with a
-  hand-derived XLA backward). The rest of the precompute and the output einsums stay XLA.
+  GPU the WY factors are a Triton kernel too (with a hand-derived XLA backward). The rest of the precompute and the output einsums stay XLA.
   ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For 16-bit inputs the kernels' dots take
   k, W, K̂ and the state rounded to that dtype (f32 accumulation and state).
 - ``"auto"``: ``"pallas"`` on GPU for chunks of 2^n ≥ 16 and head dims ≤ 128 (H100, B4 T8192 H16
@@ -279,23 +278,17 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     state_pass = functools.partial(pallas_state_pass, dot_dtype=dot_dtype, interpret=interpret,
                                    target=pallas_target, config=pallas_config)
     return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size, state_pass,
-                          _pallas_wy(chunk_size, dot_dtype, interpret, pallas_target, pallas_config))
+                          _pallas_wy(dot_dtype, interpret, pallas_target, pallas_config))
   return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size)
 
 
-# The Triton WY kernel against the XLA form, H100, B4 T8192 H16 d128 bf16 gated, precompute stage
-# fwd / fwd+bwd ms (kernels/BENCHMARKS.md, sixth session): C = 16 1.08 / 4.16 against 2.02 / 4.61;
-# C = 64 3.08 / 7.39 against 3.52 / 6.75 (its 64 × 64 products in registers are slow there). So
-# impl="pallas" takes the kernel up to this chunk and the XLA form above it.
-WY_KERNEL_MAX_CHUNK = 16
-
-
-def _pallas_wy(chunk_size: int, dot_dtype: str, interpret: bool, target: PallasTarget | None,
-               config: PallasConfig | None):
-  """The WY factors for impl="pallas": the Triton kernel (chunks ≤ ``WY_KERNEL_MAX_CHUNK``), else XLA
-  (larger chunks, and the Mosaic (TPU) kernels)."""
+# The Triton WY kernel against the XLA form, H100, B4 T8192 H16 d128 bf16, delta_rule fwd / fwd+bwd ms
+# (kernels/BENCHMARKS.md, sixth session): C = 64 gated 4.58 / 11.69 against 4.73 / 11.89, ungated
+# 4.32 / 10.09 against 4.58 / 10.41; C = 16 precompute stage 1.08 / 4.16 against 2.02 / 4.61.
+def _pallas_wy(dot_dtype: str, interpret: bool, target: PallasTarget | None, config: PallasConfig | None):
+  """The WY factors for impl="pallas": the Triton kernel, or XLA for the Mosaic (TPU) kernels."""
   triton = functools.partial(pallas_wy_factors, dot_dtype=dot_dtype, interpret=interpret, config=config)
-  if target == "mosaic" or chunk_size > WY_KERNEL_MAX_CHUNK:
+  if target == "mosaic":
     return wy_factors_xla
   if target == "triton" or interpret:
     return triton
