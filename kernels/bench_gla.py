@@ -190,19 +190,20 @@ CANDIDATES = [  # each field only changes the kernels named by its prefix
     PallasConfig(states_block=32, states_stages=3),
     PallasConfig(chunk=32),
     PallasConfig(chunk=128),
+    PallasConfig(exact_dots="tf32x3"),
 ]
 
-# Which fields each kernel's time depends on (besides chunk, stages and unroll, which change several).
+# Which fields each kernel's time depends on (besides the shared ones, which change several).
 KERNEL_FIELDS = {"states": ("states_block", "states_warps", "states_stages"),
                  "states_bwd": ("states_block", "states_warps", "states_stages"),
                  "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps", "dqk_reuse_scores"),
                  "dv": ("dv_block", "dv_warps")}
-SHARED_FIELDS = ("chunk", "stages", "unroll")
+SHARED_FIELDS = ("chunk", "stages", "unroll", "exact_dots")
 
 
 def best_config(results: list[tuple[PallasConfig, dict]]) -> tuple[PallasConfig, float] | None:
   """The fastest fwd+bwd combination of measured tiles: per value of the shared fields (chunk, stages,
-  unroll), each kernel's fields from the candidate where that kernel was fastest (the states fields
+  unroll, exact_dots), each kernel's fields from the candidate where that kernel was fastest (the states fields
   by forward + reverse time); then the shared values with the smallest sum. Returns (config,
   predicted fwd+bwd ms) or None."""
   groups: dict = {}

@@ -350,6 +350,7 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 # ----------------------------------------------------------------------------------------------------
 
 PallasTarget = Literal["triton", "mosaic"]
+EXACT_DOTS = ("ieee", "tf32x3")
 _SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
 MIN_LOG_DECAY = -20.0  # the Pallas kernels treat log α < −20 as −20 (see the section comment)
 
@@ -383,6 +384,12 @@ class PallasConfig:
   dqk_reuse_scores: bool = True
   dv_block: int = 128
   dv_warps: int = 4  # 0.89 ms (8 warps: 1.21)
+  # The exact-f32 diagonal-block dots on GPU: "ieee" (FMA on CUDA cores, the measured default) or
+  # "tf32x3" (three TF32 tensor-core products, about f32 accuracy). Nsight Compute shows the output
+  # and dq/dk kernels at 255 registers, spilling (kernels/BENCHMARKS.md, sixth session); the
+  # tensor-core form is a candidate for fewer live values. Not yet timed. The interpreter and Mosaic
+  # always use IEEE.
+  exact_dots: str = "ieee"
   stages: int = 1
   unroll: bool = False
 
@@ -419,6 +426,8 @@ def _dot(plan: _Plan, a, b, ca: int, cb: int, *, exact: bool = False):
   e^{±70} and whose rounding the d log α identity Σ(q ⊙ dq − k ⊙ dk) would amplify)."""
   dtype = jnp.dtype(_F32 if exact else plan.dot_dtype)
   precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  if exact and plan.cfg.exact_dots == "tf32x3" and plan.target == "triton" and not plan.interpret:
+    precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((ca,), (cb,)), ((), ())),
                              precision=precision, preferred_element_type=_F32)
 
@@ -871,6 +880,8 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   dot_dtype = jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(_F32)
   if cfg.chunk % _SUB or (target == "triton" and cfg.chunk != _next_pow2(cfg.chunk)):
     raise ValueError(f"gla: PallasConfig.chunk={cfg.chunk} must be a multiple of {_SUB} (a power of two on GPU)")
+  if cfg.exact_dots not in EXACT_DOTS:
+    raise ValueError(f"gla: PallasConfig.exact_dots={cfg.exact_dots!r}; valid: {EXACT_DOTS}")
   # Short sequences shrink the chunk (a power of two ≥ 16) rather than pad to a long one.
   chunk = min(cfg.chunk, max(_SUB, _next_pow2(time)))
   cfg = dataclasses.replace(cfg, chunk=chunk)

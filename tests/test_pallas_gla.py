@@ -126,6 +126,8 @@ def test_pallas_rejects_bad_chunk_and_defers_input_gate():
   q = jnp.zeros((1, 8, 2, 16))
   with pytest.raises(ValueError, match="chunk"):
     gla(q, q, q, impl="pallas", interpret=True, pallas_config=PallasConfig(chunk=24))
+  with pytest.raises(ValueError, match=r"exact_dots='tf32'; valid: \('ieee', 'tf32x3'\)"):
+    gla(q, q, q, impl="pallas", interpret=True, pallas_config=PallasConfig(exact_dots="tf32"))
   # The mLSTM input gate has no kernel: impl="pallas" runs the xla chunked form (same function).
   log_i = jnp.zeros((1, 8, 2))
   both = jax.jit(lambda q, log_i: [gla(q, q, q, None, log_input_gate=log_i, impl=impl, chunk_size=4)
@@ -161,6 +163,21 @@ def test_pallas_lowers_for_gpu(lower_for_gpu):
   """The Triton lowering of the default tiling: forward (states, output) and gradient (those plus the
   reverse states, dq/dk/dlogα and dv kernels)."""
   args, fwd, grad = _lowering_fns(pallas_target="triton")
+  for f, kernels in ((fwd, 2), (grad, 5)):
+    assert lower_for_gpu(f, *args).count("xla.gpu.triton") == kernels
+
+
+def test_pallas_tf32x3_exact_dots_lower_for_gpu(lower_for_gpu):
+  """The tensor-core form of the exact diagonal-block dots (an untimed option) reaches those dots of
+  the GPU kernels (each one leaves the IEEE set: the test session's default precision is "highest",
+  so the bf16 dots print HIGHEST too) and lowers to Triton."""
+  args, fwd, grad = _lowering_fns(pallas_target="triton", pallas_config=PallasConfig(exact_dots="tf32x3"))
+  _, _, grad_ieee = _lowering_fns(pallas_target="triton")
+  tf32x3 = str(jax.make_jaxpr(grad)(*args))
+  ieee = str(jax.make_jaxpr(grad_ieee)(*args))
+  assert "TF32_TF32_F32_X3" not in ieee
+  assert tf32x3.count("TF32_TF32_F32_X3") > 0
+  assert ieee.count("HIGHEST") - tf32x3.count("HIGHEST") == 2 * tf32x3.count("TF32_TF32_F32_X3")
   for f, kernels in ((fwd, 2), (grad, 5)):
     assert lower_for_gpu(f, *args).count("xla.gpu.triton") == kernels
 
