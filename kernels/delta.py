@@ -31,9 +31,9 @@ Implementations:
   difference of cumulative log-decays with ``s ≤ t`` (or of ``b_t ≤ 0`` itself), so no exponent is
   positive however strong the decay.
 - ``"pallas"``: the same chunked form with the scan over chunks replaced by a Pallas kernel (Triton on
-  GPU, Mosaic on TPU) and its hand-derived backward by a second one (``kernels/delta_pallas.py``); on
-  GPU the WY factors are a Triton kernel too (with a hand-derived XLA backward). The rest of the precompute and the output einsums stay XLA.
-  ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For 16-bit inputs the kernels' dots take
+  GPU, Mosaic on TPU) and its hand-derived backward by a second one (``kernels/delta_pallas.py``); the
+  WY factors are a Pallas kernel too (with a hand-derived XLA backward). The rest of the precompute
+  and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For 16-bit inputs the kernels' dots take
   k, W, K̂ and the state rounded to that dtype (f32 accumulation and state).
 - ``"auto"``: ``"pallas"`` on GPU for chunks of 2^n ≥ 16 and head dims ≤ 128 (H100, B4 T8192 H16
   d128 bf16, chunk 16: 3.8 / 14.6 ms fwd / fwd+bwd gated, sixth session; the XLA form took
@@ -286,13 +286,9 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
 # (kernels/BENCHMARKS.md, sixth session): C = 64 gated 4.58 / 11.69 against 4.73 / 11.89, ungated
 # 4.32 / 10.09 against 4.58 / 10.41; C = 16 precompute stage 1.08 / 4.16 against 2.02 / 4.61.
 def _pallas_wy(dot_dtype: str, interpret: bool, target: PallasTarget | None, config: PallasConfig | None):
-  """The WY factors for impl="pallas": the Triton kernel, or XLA for the Mosaic (TPU) kernels."""
-  triton = functools.partial(pallas_wy_factors, dot_dtype=dot_dtype, interpret=interpret, config=config)
-  if target == "mosaic":
-    return wy_factors_xla
-  if target == "triton" or interpret:
-    return triton
-  return lambda *args: jax.lax.platform_dependent(*args, tpu=wy_factors_xla, default=triton)
+  """The WY factors for impl="pallas": the Pallas kernel for the same target as the state pass."""
+  return functools.partial(pallas_wy_factors, dot_dtype=dot_dtype, interpret=interpret, target=target,
+                           config=config)
 
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, log_decay_t, state):

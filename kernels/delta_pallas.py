@@ -256,9 +256,9 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
   return entering[..., :d_k, :d_v], u[..., :d_v], final[..., :d_k, :d_v]
 
 
-# --- the WY factors of every chunk (Triton) -----------------------------------------------------------
+# --- the WY factors of every chunk ------------------------------------------------------------------------
 #
-# Per chunk (one program per chunk and head, all of it in registers), with b the within-chunk
+# Per chunk (one program per chunk and head, all of it in registers or VMEM), with b the within-chunk
 # cumulative log-decay and γ = e^{b}:
 #     A = strictly_lower(β_t e^{b_t − b_s} k_t·k_s),   T = (I + A)⁻¹,   [Ũ | W] = T [β v | βγ k]
 # T by the nilpotent product of kernels.delta.unit_lower_inverse (2·log₂ c − 1 dots of c × c). The
@@ -285,8 +285,9 @@ def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref
   b_col, b_row, beta = (r[...].astype(_F32) for r in (b_col_ref, b_row_ref, beta_ref))
   c = k.shape[0]
   lower = _strictly_lower(c)
-  # T's products: tf32x3 on the GPU (the interpreter's XLA CPU has no such algorithm: IEEE there).
-  precision = jax.lax.Precision.HIGHEST if plan.interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  # T's products: tf32x3 on the GPU; IEEE f32 on TPU and in the interpreter (XLA CPU has no tf32x3).
+  gpu = plan.target == "triton" and not plan.interpret
+  precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if gpu else jax.lax.Precision.HIGHEST
   dot32 = lambda x, y: jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=precision,
                                            preferred_element_type=_F32)
   kk = _dot(plan, k, k, 1, 1)
@@ -303,24 +304,25 @@ def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref
 
 
 def _wy_call(plan: _Plan, k, v, b, beta):
-  """k ``[b, n, h, c, d_k]``, v ``[b, n, h, c, d_v]`` (dims powers of two ≥ 16), b and β ``[b, n, h, c]``
-  → (W, Ũ, T ``[b, n, h, c, c]``), f32."""
+  """k ``[b, n, h, c, d_k]``, v ``[b, n, h, c, d_v]``, b and β ``[b, n, h, c]`` → (W, Ũ, T ``[b, n, h,
+  c, c]``), f32. One program per (batch, chunk, head); every block is a whole chunk with whole dims,
+  so it is a legal Mosaic (TPU) tile as well as a Triton one (dims powers of two ≥ 16 there)."""
   batch, n_chunks, heads, c, dk = k.shape
   dv = v.shape[-1]
-
-  def spec(rows, width):
-    def index(n, bh):
-      return jax.lax.div(bh, jnp.int32(heads)), n, jax.lax.rem(bh, jnp.int32(heads)), 0, 0
-    return pl.BlockSpec((_SQ, _SQ, _SQ, rows, width), index)
-
-  col, row = b[..., None], b[..., None, :]
+  spec = lambda rows, width: pl.BlockSpec((_SQ, _SQ, _SQ, rows, width), lambda i, n, h: (i, n, h, 0, 0))
   shape = lambda width: jax.ShapeDtypeStruct((batch, n_chunks, heads, c, width), _F32)
+  if plan.interpret:
+    params = None
+  elif plan.target == "triton":
+    params = triton_params(plan.cfg.wy_warps, 1)
+  else:
+    params = mosaic_params(("parallel", "parallel", "parallel"))
   return pl.pallas_call(
-      functools.partial(_wy_kernel, plan=plan), grid=(n_chunks, batch * heads),
+      functools.partial(_wy_kernel, plan=plan), grid=(batch, n_chunks, heads),
       in_specs=[spec(c, dk), spec(c, dv), spec(c, 1), spec(1, c), spec(c, 1)],
       out_specs=[spec(c, dk), spec(c, dv), spec(c, c)], out_shape=[shape(dk), shape(dv), shape(c)],
-      compiler_params=None if plan.interpret else triton_params(plan.cfg.wy_warps, 1),
-      interpret=plan.interpret, name="delta_wy")(k, v, col, row, beta[..., None])
+      compiler_params=params, interpret=plan.interpret, name="delta_wy")(k, v, b[..., None], b[..., None, :],
+                                                                         beta[..., None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -363,24 +365,37 @@ _wy.defvjp(_wy_fwd, _wy_bwd)
 _wy_shared = lowered_once(_wy, static_argnums=(4,))
 
 
-def wy_factors(k, v, b, beta, *, dot_dtype="float32", interpret: bool = False, config: PallasConfig | None = None):
-  """``(W, Ũ) = (I + A)⁻¹ [βγ k | β v]`` of every chunk as one Triton kernel (differentiable).
-
-  Args:
-    k: ``[batch, chunks, heads, chunk, d_k]``; v: ``[batch, chunks, heads, chunk, d_v]`` (read by the
-      kernel rounded to ``dot_dtype``, the dtype of its k kᵀ); b: the within-chunk cumulative log-decay and beta: β, both
-      ``[batch, chunks, heads, chunk]`` f32.
-  Returns:
-    ``(W [batch, chunks, heads, chunk, d_k], Ũ [batch, chunks, heads, chunk, d_v])``, f32.
-  """
-  cfg = config or PallasConfig()
+def _wy_target(k, v, b, beta, *, target: str, interpret: bool, cfg: PallasConfig, dot_dtype: str):
   d_k, d_v = k.shape[-1], v.shape[-1]
-  dk, dv = max(MIN_TILE, _next_pow2(d_k)), max(MIN_TILE, _next_pow2(d_v))
+  if target == "triton":  # Triton tiles: powers of two ≥ 16; zero columns change nothing
+    dk, dv = max(MIN_TILE, _next_pow2(d_k)), max(MIN_TILE, _next_pow2(d_v))
+  else:
+    dk, dv = d_k, d_v
   last = lambda x, width: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-  plan = _Plan(target="triton", interpret=interpret, cfg=cfg, dot_dtype=jnp.dtype(dot_dtype).name)
+  plan = _Plan(target=target, interpret=interpret, cfg=cfg, dot_dtype=dot_dtype)
   w, u_tilde = _wy_shared(last(k, dk).astype(_F32), last(v, dv).astype(_F32), b.astype(_F32),
                           beta.astype(_F32), plan)
   return w[..., :d_k], u_tilde[..., :d_v]
+
+
+def wy_factors(k, v, b, beta, *, dot_dtype="float32", interpret: bool = False, target: PallasTarget | None = None,
+               config: PallasConfig | None = None):
+  """``(W, Ũ) = (I + A)⁻¹ [βγ k | β v]`` of every chunk as one Pallas kernel (differentiable).
+
+  Args:
+    k: ``[batch, chunks, heads, chunk, d_k]``; v: ``[batch, chunks, heads, chunk, d_v]`` (read by the
+      kernel rounded to ``dot_dtype``, the dtype of its k kᵀ); b: the within-chunk cumulative
+      log-decay and beta: β, both ``[batch, chunks, heads, chunk]`` f32.
+    target: ``"triton"`` or ``"mosaic"``; None decides at lowering time (Mosaic for TPU, else Triton;
+      Triton when interpreting).
+  Returns:
+    ``(W [batch, chunks, heads, chunk, d_k], Ũ [batch, chunks, heads, chunk, d_v])``, f32.
+  """
+  run = lambda t: functools.partial(_wy_target, target=t, interpret=interpret, cfg=config or PallasConfig(),
+                                    dot_dtype=jnp.dtype(dot_dtype).name)
+  if target is not None or interpret:
+    return run(target or "triton")(k, v, b, beta)
+  return jax.lax.platform_dependent(k, v, b, beta, tpu=run("mosaic"), default=run("triton"))
 
 
 def check_arguments(chunk_size: int, target: PallasTarget | None, config: PallasConfig | None):

@@ -185,11 +185,12 @@ def test_pallas_matches_reference(time, d_k, d_v, decay, with_h0, dtype, chunk, 
   assert_named_close(names, ours[:2] + tuple(ours[2]), ref[:2] + tuple(ref[2]), tol, _rel_err)
 
 
-@pytest.mark.parametrize("chunk,dot_dtype", [(16, "float32"), (32, "float32"), (16, "bfloat16")])
-def test_pallas_wy_factors_match_xla(chunk, dot_dtype):
+@pytest.mark.parametrize("chunk,dot_dtype,target", [(16, "float32", "triton"), (32, "float32", "triton"),
+                                                    (16, "bfloat16", "triton"), (32, "float32", "mosaic")])
+def test_pallas_wy_factors_match_xla(chunk, dot_dtype, target):
   """The WY kernel (interpreted) and its hand-written backward against the XLA form and its autodiff:
-  W, Ũ and the gradients of k, v, the cumulative log-decay b and β; d_k 24 and d_v 40 are padded to
-  tiles inside, decays from e^{-30} to 1 (b from the same log-decays as the delta-rule tests)."""
+  W, Ũ and the gradients of k, v, the cumulative log-decay b and β; d_k 24 and d_v 40 (padded to
+  tiles inside for Triton, whole for Mosaic), decays from e^{-30} to 1 (b from the same log-decays as the delta-rule tests)."""
   (_, k, v, beta, log_decay, _), _ = _pallas_inputs(2 * chunk, 24, 40, decay=True, seed=chunk)
   chunked = lambda x: jnp.moveaxis(jnp.asarray(x).reshape(2, 2, chunk, 2, *x.shape[3:]), 3, 2)  # [b n h c …]
   k, v, beta = chunked(k), chunked(v), chunked(beta)
@@ -204,7 +205,8 @@ def test_pallas_wy_factors_match_xla(chunk, dot_dtype):
     return out, vjp(cots)
 
   with jax.default_matmul_precision("highest"):
-    ours = jax.jit(lambda: run(lambda *a: pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=True)))()
+    ours = jax.jit(lambda: run(lambda *a: pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=True,
+                                                            target=target)))()
     ref = jax.jit(lambda: run(wy_factors_xla))()
   for name, x, y in zip(("W", "U~", "dk", "dv", "db", "dbeta"), ours[0] + ours[1], ref[0] + ref[1]):
     assert _rel_err(x, y) < 1e-4, (name, _rel_err(x, y))
@@ -241,11 +243,13 @@ def _forward_and_grad(chunk_size=64, **kwargs):
 
 
 def test_pallas_lowers_for_tpu():
-  """Forward (one kernel) and gradient (forward and reverse kernels) lower through Mosaic from this
-  CPU host; the platform is picked at lowering time (no pallas_target)."""
-  for f, kernels in zip(_forward_and_grad(), (1, 2)):
-    module = jax.export.export(jax.jit(f), platforms=["tpu"])(*_lowering_args()).mlir_module()
-    assert module.count("tpu_custom_call") == kernels
+  """Forward (the WY kernel and the state pass) and gradient (those and the reverse pass) lower
+  through Mosaic from this CPU host, chunks of 64 and 16; the platform is picked at lowering time
+  (no pallas_target)."""
+  for chunk in (64, 16):
+    for f, kernels in zip(_forward_and_grad(chunk), (2, 3)):
+      module = jax.export.export(jax.jit(f), platforms=["tpu"])(*_lowering_args()).mlir_module()
+      assert module.count("tpu_custom_call") == kernels, chunk
 
 
 def test_pallas_lowers_for_gpu(lower_for_gpu):
