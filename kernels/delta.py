@@ -33,8 +33,9 @@ Implementations:
 - ``"pallas"``: the same chunked form with the scan over chunks replaced by a Pallas kernel (Triton on
   GPU, Mosaic on TPU) and its hand-derived backward by a second one (``kernels/delta_pallas.py``); the
   WY factors are a Pallas kernel too (with a hand-derived XLA backward). The rest of the precompute
-  and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For 16-bit inputs the kernels' dots take
-  k, W, K̂ and the state rounded to that dtype (f32 accumulation and state).
+  and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For
+  16-bit inputs the kernels' dots take k, W, K̂ and the state rounded to that dtype (f32
+  accumulation and state).
 - ``"auto"``: ``"pallas"`` on GPU for chunks of 2^n ≥ 16 and head dims ≤ 128 (H100, B4 T8192 H16
   d128 bf16, chunk 16: 3.8 / 14.6 ms fwd / fwd+bwd gated, sixth session; the XLA form took
   15.8 / 42.1 ms in the fourth; ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere.
@@ -175,7 +176,7 @@ class _Chunks(NamedTuple):
 def wy_factors_xla(k, v, b, beta):
   """``(W, Ũ) = (I + A)⁻¹ [diag(βγ) K, diag(β) V]`` per chunk, ``A_ts = β_t e^{b_t − b_s} k_tᵀ k_s``
   (s < t), in XLA. k ``[b n h c d_k]``, v ``[b n h c d_v]``, b (within-chunk cumulative log-decay) and
-  β ``[b n h c]``, all f32. (:func:`kernels.delta_pallas.wy_factors` is the same as a Triton kernel.)"""
+  β ``[b n h c]``, all f32. (:func:`kernels.delta_pallas.wy_factors` is the same as a Pallas kernel.)"""
   d_v = v.shape[-1]
   t_idx = jnp.arange(k.shape[-2])
   lower = t_idx[:, None] > t_idx[None, :]

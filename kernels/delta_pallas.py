@@ -264,14 +264,16 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
 # T by the nilpotent product of kernels.delta.unit_lower_inverse (2·log₂ c − 1 dots of c × c). The
 # dots of T run as three TF32 products (Triton's tf32x3, about f32 accuracy on tensor cores; IEEE in
 # the interpreter); k kᵀ takes the input dtype (bf16 products are exact in f32). The kernel also
-# stores T for the backward, which is XLA (:func:`wy_factors_bwd` below): with X = T R,
+# stores T for the backward, which is XLA (``_wy_bwd`` below): with X = T R,
 #     ∂R = Tᵀ ∂X,   ∂A = −strictly_lower(∂R Xᵀ),
 # then R = [β v | βγ k] and A = β_t E_ts K_ts (E_ts = e^{b_t − b_s}, K = k kᵀ) give
 #     ∂v = β ∂R_v,   ∂k = βγ ∂R_k + (∂K + ∂Kᵀ) k with ∂K = ∂A ⊙ β_t E,
 #     ∂β = Σ_d v ∂R_v + γ Σ_d k ∂R_k + Σ_s ∂A ⊙ E ⊙ K,
 #     ∂b = βγ Σ_d k ∂R_k + Σ_s G_ts − Σ_t G_ts   with G = ∂A ⊙ A.
-# XLA's own form of this stage materialises each power of A for all chunks at once (3.7 ms forward at
-# B4 T8192 H16 d128, C = 64, on an H100); here a chunk never leaves registers.
+# XLA's own form of this stage materialises each power of A for all chunks at once; here a chunk
+# stays on chip. On an H100 (B4 T8192 H16 d128 bf16) the kernel takes 0.45 ms at C = 16; at C = 64
+# it takes 2.37 ms, at 255 registers per thread and spilling its c × c products (Nsight Compute,
+# kernels/BENCHMARKS.md): the next thing to fix here.
 
 
 def _strictly_lower(c: int):
