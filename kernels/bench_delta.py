@@ -35,6 +35,7 @@ import numpy as np
 from kernels.bench import (Context, check, check_out_and_grads, checked_row, head_slice, peer_row, progress_log,
                            vjp_fns)
 from kernels import delta as D
+from kernels.delta_pallas import PallasConfig
 from kernels.delta import delta_rule
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -227,18 +228,21 @@ def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
     if D.is_pallas_chunk(chunk):
       passes["pallas"] = lambda *a: D.pallas_state_pass(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
     entering, u, _ = jax.jit(D._scan_pass)(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)
-    wy_pallas = lambda *a: D.pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
+    wy_pallas = lambda *a, block=None: D.pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu",
+                                                           config=PallasConfig(wy_block=block))
     precompute = lambda wy: (lambda q, k, v, beta, *g: D._precompute(q, k, v, beta, (g or [None])[0], chunk, wy),
                              (q, k, v, beta) + ((g,) if gated else ()))
     work = {
         "precompute (xla)": precompute(D.wy_factors_xla),
         **({"precompute (pallas wy)": precompute(wy_pallas)} if D.is_pallas_chunk(chunk) else {}),
+        **({"precompute (pallas wy, blocks 16)": precompute(lambda *a: wy_pallas(*a, block=16))}
+           if D.is_pallas_chunk(chunk) and chunk > 16 else {}),
         **{f"pass ({name})": (fn, (c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)) for name, fn in passes.items()},
         "outputs": (lambda c, entering, u: D._outputs(c, entering, u, time), (c, entering, u)),
     }
     for name, (f, args) in work.items():
       fwd, grad = _stage_fns(f, len(args))
       row = dict(chunk=chunk, stage=name, fwd_ms=ctx.time_jax(fwd, [args]), fwdbwd_ms=ctx.time_jax(grad, [args]))
-      print(f"  C={chunk:<3} {name:<24} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)
+      print(f"  C={chunk:<3} {name:<34} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)
       rows.append(row)
   return rows

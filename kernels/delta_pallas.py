@@ -78,6 +78,10 @@ class PallasConfig:
   warps: int = 4
   stages: int = 2
   wy_warps: int = 4  # the WY kernel (one chunk per program)
+  # Triton WY kernel: T by block forward substitution over blocks of this many rows (a power of two
+  # ≥ 16 dividing the chunk), None = the whole chunk as one block. At C = 64 the whole-chunk form
+  # spills (255 registers, 2.37 ms); blocks of 16 keep only 16 × 16 tiles live. Not yet timed.
+  wy_block: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,29 +284,55 @@ def _strictly_lower(c: int):
   return jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) > jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
 
 
-def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref, *, plan: _Plan):
+def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref, *, plan: _Plan, block: int):
   # k: [c, d_k]; v: [c, d_v] (input dtype); b_col, beta: [c, 1]; b_row: [1, c] (f32).
-  # Outputs W [c, d_k], Ũ [c, d_v], T [c, c], f32.
-  k, v = k_ref[...], v_ref[...]
-  b_col, b_row, beta = (r[...].astype(_F32) for r in (b_col_ref, b_row_ref, beta_ref))
-  c = k.shape[0]
-  lower = _strictly_lower(c)
+  # Outputs W [c, d_k], Ũ [c, d_v], T [c, c], f32. Blocks of `block` rows (see the section comment).
+  c = k_ref.shape[0]
+  n_blocks = c // block
+  rows = lambda i: pl.ds(i * block, block)
   # T's products: tf32x3 on the GPU; IEEE f32 on TPU and in the interpreter (XLA CPU has no tf32x3).
   gpu = plan.target == "triton" and not plan.interpret
   precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if gpu else jax.lax.Precision.HIGHEST
   dot32 = lambda x, y: jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=precision,
                                            preferred_element_type=_F32)
-  kk = _dot(plan, k, k, 1, 1)
-  gain = jnp.exp(jnp.where(lower, b_col - b_row, 0.0))  # masked before exp: b_t − b_s > 0 above
-  power = jnp.where(lower, -(beta * gain * kk), 0.0)  # −A
-  eye = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
-  inverse = eye.astype(_F32) + power
-  for _ in range(max(c - 1, 1).bit_length() - 1):
-    power = dot32(power, power)
-    inverse = inverse + dot32(inverse, power)
-  t_ref[...] = inverse
-  u_ref[...] = dot32(inverse, beta * v.astype(_F32))
-  w_ref[...] = dot32(inverse, (beta * jnp.exp(b_col)) * k.astype(_F32))
+  lower = _strictly_lower(block)
+
+  def a_block(i, j):  # A_ij = β_t e^{b_t − b_s} k_t·k_s for rows t of block i, s of block j (i ≥ j)
+    kk = _dot(plan, k_ref[rows(i), :], k_ref[rows(j), :], 1, 1)
+    diff = b_col_ref[rows(i), :].astype(_F32) - b_row_ref[:, rows(j)].astype(_F32)  # ≤ 0 below the diagonal
+    a = beta_ref[rows(i), :].astype(_F32) * kk
+    if i > j:
+      return a * jnp.exp(diff)
+    return jnp.where(lower, a * jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)  # masked before exp
+
+  def diagonal_inverse(a):  # (I + A)⁻¹ of one diagonal block by the nilpotent product
+    eye = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0) == jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)
+    power = -a
+    inverse = eye.astype(_F32) + power
+    for _ in range(max(block - 1, 1).bit_length() - 1):
+      power = dot32(power, power)
+      inverse = inverse + dot32(inverse, power)
+    return inverse
+
+  # Block forward substitution: T_ii = (I + A_ii)⁻¹, T_ij = −T_ii Σ_{j ≤ m < i} A_im T_mj (j < i).
+  t = {}
+  for i in range(n_blocks):
+    t[i, i] = diagonal_inverse(a_block(i, i))
+    a_row = [a_block(i, m) for m in range(i)]
+    for j in range(i):
+      total = functools.reduce(jnp.add, [dot32(a_row[m], t[m, j]) for m in range(j, i)])
+      t[i, j] = -dot32(t[i, i], total)
+  zero = jnp.zeros((block, block), _F32)
+  for i in range(n_blocks):
+    for j in range(n_blocks):
+      t_ref[rows(i), rows(j)] = t[i, j] if j <= i else zero
+    # [Ũ | W]_i = Σ_{j ≤ i} T_ij [β v | βγ k]_j
+    beta_j = lambda j: beta_ref[rows(j), :].astype(_F32)
+    u_ref[rows(i), :] = functools.reduce(jnp.add, [
+        dot32(t[i, j], beta_j(j) * v_ref[rows(j), :].astype(_F32)) for j in range(i + 1)])
+    w_ref[rows(i), :] = functools.reduce(jnp.add, [
+        dot32(t[i, j], beta_j(j) * jnp.exp(b_col_ref[rows(j), :].astype(_F32)) * k_ref[rows(j), :].astype(_F32))
+        for j in range(i + 1)])
 
 
 def _wy_call(plan: _Plan, k, v, b, beta):
@@ -319,8 +349,10 @@ def _wy_call(plan: _Plan, k, v, b, beta):
     params = triton_params(plan.cfg.wy_warps, 1)
   else:
     params = mosaic_params(("parallel", "parallel", "parallel"))
+  # Mosaic takes the chunk whole (the MXU holds its products; sub-blocks would be unaligned lane slices).
+  block = min(plan.cfg.wy_block or c, c) if plan.target == "triton" else c
   return pl.pallas_call(
-      functools.partial(_wy_kernel, plan=plan), grid=(batch, n_chunks, heads),
+      functools.partial(_wy_kernel, plan=plan, block=block), grid=(batch, n_chunks, heads),
       in_specs=[spec(c, dk), spec(c, dv), spec(c, 1), spec(1, c), spec(c, 1)],
       out_specs=[spec(c, dk), spec(c, dv), spec(c, c)], out_shape=[shape(dk), shape(dv), shape(c)],
       compiler_params=params, interpret=plan.interpret, name="delta_wy")(k, v, b[..., None], b[..., None, :],
@@ -393,6 +425,7 @@ def wy_factors(k, v, b, beta, *, dot_dtype="float32", interpret: bool = False, t
   Returns:
     ``(W [batch, chunks, heads, chunk, d_k], Ũ [batch, chunks, heads, chunk, d_v])``, f32.
   """
+  check_arguments(k.shape[-2], target, config)
   run = lambda t: functools.partial(_wy_target, target=t, interpret=interpret, cfg=config or PallasConfig(),
                                     dot_dtype=jnp.dtype(dot_dtype).name)
   if target is not None or interpret:
@@ -407,6 +440,9 @@ def check_arguments(chunk_size: int, target: PallasTarget | None, config: Pallas
                      "impl='pallas' (Triton tiles; 64 is what fla uses)")
   if config is not None and not _is_pow2_tile(config.block_v):
     raise ValueError(f"delta_rule: PallasConfig.block_v={config.block_v} must be a power of two ≥ {MIN_TILE}")
+  if config is not None and config.wy_block is not None and not _is_pow2_tile(config.wy_block):
+    raise ValueError(f"delta_rule: PallasConfig.wy_block={config.wy_block} must be None (the whole chunk) or "
+                     f"a power of two ≥ {MIN_TILE}")
   if target is not None and target not in ("triton", "mosaic"):
     raise ValueError(f"delta_rule: pallas_target must be 'triton' or 'mosaic', got {target!r}")
 

@@ -185,12 +185,16 @@ def test_pallas_matches_reference(time, d_k, d_v, decay, with_h0, dtype, chunk, 
   assert_named_close(names, ours[:2] + tuple(ours[2]), ref[:2] + tuple(ref[2]), tol, _rel_err)
 
 
-@pytest.mark.parametrize("chunk,dot_dtype,target", [(16, "float32", "triton"), (32, "float32", "triton"),
-                                                    (16, "bfloat16", "triton"), (32, "float32", "mosaic")])
-def test_pallas_wy_factors_match_xla(chunk, dot_dtype, target):
+@pytest.mark.parametrize("chunk,dot_dtype,target,wy_block", [
+    (16, "float32", "triton", None), (32, "float32", "triton", None), (16, "bfloat16", "triton", None),
+    (32, "float32", "mosaic", None),
+    (64, "float32", "triton", 16), (64, "bfloat16", "triton", 16), (64, "float32", "triton", 32),  # blocked T
+])
+def test_pallas_wy_factors_match_xla(chunk, dot_dtype, target, wy_block):
   """The WY kernel (interpreted) and its hand-written backward against the XLA form and its autodiff:
   W, Ũ and the gradients of k, v, the cumulative log-decay b and β; d_k 24 and d_v 40 (padded to
-  tiles inside for Triton, whole for Mosaic), decays from e^{-30} to 1 (b from the same log-decays as the delta-rule tests)."""
+  tiles inside for Triton, whole for Mosaic), decays from e^{-30} to 1; chunks of 64 also by block
+  substitution over blocks of 16 and 32 (``wy_block``). (b from the same log-decays as the delta-rule tests)."""
   (_, k, v, beta, log_decay, _), _ = _pallas_inputs(2 * chunk, 24, 40, decay=True, seed=chunk)
   chunked = lambda x: jnp.moveaxis(jnp.asarray(x).reshape(2, 2, chunk, 2, *x.shape[3:]), 3, 2)  # [b n h c …]
   k, v, beta = chunked(k), chunked(v), chunked(beta)
@@ -205,8 +209,8 @@ def test_pallas_wy_factors_match_xla(chunk, dot_dtype, target):
     return out, vjp(cots)
 
   with jax.default_matmul_precision("highest"):
-    ours = jax.jit(lambda: run(lambda *a: pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=True,
-                                                            target=target)))()
+    ours = jax.jit(lambda: run(lambda *a: pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=True, target=target,
+                                                            config=PallasConfig(wy_block=wy_block))))()
     ref = jax.jit(lambda: run(wy_factors_xla))()
   for name, x, y in zip(("W", "U~", "dk", "dv", "db", "dbeta"), ours[0] + ours[1], ref[0] + ref[1]):
     assert _rel_err(x, y) < 1e-4, (name, _rel_err(x, y))
@@ -219,6 +223,8 @@ def test_pallas_arguments():
       delta_rule(q, q, q, beta, chunk_size=chunk, impl="pallas", interpret=True)
   with pytest.raises(ValueError, match="block_v"):
     delta_rule(q, q, q, beta, impl="pallas", interpret=True, pallas_config=PallasConfig(block_v=24))
+  with pytest.raises(ValueError, match=r"wy_block=8 must be None \(the whole chunk\) or a power of two"):
+    delta_rule(q, q, q, beta, impl="pallas", interpret=True, pallas_config=PallasConfig(wy_block=8))
   with pytest.raises(ValueError, match="pallas_target"):
     delta_rule(q, q, q, beta, impl="pallas", interpret=True, pallas_target="cuda")
   # "auto" is the XLA form until the Pallas kernels are measured faster.
@@ -254,7 +260,9 @@ def test_pallas_lowers_for_tpu():
 
 def test_pallas_lowers_for_gpu(lower_for_gpu):
   """The Triton lowering (jaxpr → Triton IR: power-of-two tiles) from this CPU host: the WY kernel and
-  the state pass forward, plus the reverse pass for the gradient; chunks of 64 and 16."""
-  for chunk in (64, 16):
-    for f, kernels in zip(_forward_and_grad(chunk, pallas_target="triton"), (2, 3)):
+  the state pass forward, plus the reverse pass for the gradient; chunks of 64 and 16, and the WY
+  kernel by blocks of 16 (its sub-tile loads and stores)."""
+  for chunk, wy_block in ((64, None), (16, None), (64, 16)):
+    fns = _forward_and_grad(chunk, pallas_target="triton", pallas_config=PallasConfig(wy_block=wy_block))
+    for f, kernels in zip(fns, (2, 3)):
       assert lower_for_gpu(f, *_lowering_args()).count("xla.gpu.triton") == kernels, chunk
