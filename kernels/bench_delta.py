@@ -211,8 +211,9 @@ def _stage_fns(f, n_args: int):
 
 def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
   """Times the three stages of ``delta_rule``'s chunked form separately, forward and fwd+bwd: the
-  WY precompute (all XLA, or with the Pallas WY kernel), the sequential pass over chunks (Pallas on GPU, ``lax.scan`` for impl xla)
-  and the outputs (XLA), for each chunk size. Prints one line per stage and returns the rows."""
+  WY precompute (all XLA, or with the Pallas WY kernel, whole chunks and blocks of 16), the
+  sequential pass over chunks (Pallas on GPU, ``lax.scan`` for impl xla) and the outputs (XLA), for
+  each chunk size. Prints one line per stage and returns the rows."""
   device = jax.devices()[0]
   ctx = Context(quick=False, platform=device.platform, iters=10, repeats=3)
   shape = shape or (FULL if ctx.platform != "cpu" else QUICK)

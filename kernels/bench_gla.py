@@ -203,9 +203,9 @@ SHARED_FIELDS = ("chunk", "stages", "unroll", "exact_dots")
 
 def best_config(results: list[tuple[PallasConfig, dict]]) -> tuple[PallasConfig, float] | None:
   """The fastest fwd+bwd combination of measured tiles: per value of the shared fields (chunk, stages,
-  unroll, exact_dots), each kernel's fields from the candidate where that kernel was fastest (the states fields
-  by forward + reverse time); then the shared values with the smallest sum. Returns (config,
-  predicted fwd+bwd ms) or None."""
+  unroll, exact_dots), each kernel's fields from the candidate where that kernel was fastest (the
+  states fields by forward + reverse time); then the shared values with the smallest sum. Returns
+  (config, predicted fwd+bwd ms) or None."""
   groups: dict = {}
   for cfg, times in results:
     if all(isinstance(times.get(k), float) for k in KERNEL_FIELDS):

@@ -89,7 +89,8 @@ NAMES = ("o", "final state", "dq", "dk", "dv", "dlog_decay", "d initial state")
 CASES = [  # (time, decay kind, config, target)
     (37, "dim", SMALL, None),  # 3 chunks (the last padded), 2 d_v blocks
     (37, "dim", PallasConfig(chunk=32), "mosaic"),  # TPU layout, 2 sub-chunks per chunk
-    (37, "head", PallasConfig(chunk=32, dqk_block=16, unroll=True, dqk_reuse_scores=False), None),  # scalar decay per head, unrolled sub-chunk loops, dq/dk scores recomputed
+    # scalar decay per head, unrolled sub-chunk loops, dq/dk scores recomputed
+    (37, "head", PallasConfig(chunk=32, dqk_block=16, unroll=True, dqk_reuse_scores=False), None),
     (37, "dim", dataclasses.replace(SMALL, chunk=64), None),  # 4 sub-chunks: pairs 2 and 3 apart
     (37, None, SMALL, None),  # no decay: the diagonal blocks are plain dots
 ]
