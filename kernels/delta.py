@@ -134,13 +134,21 @@ def _wy_solve_fwd(a, rhs):
   return solved, (inverse, solved)
 
 
-def _wy_solve_bwd(residuals, d_solved):
-  inverse, solved = residuals
-  d_rhs = jnp.einsum("...ts,...td->...sd", inverse, d_solved)
+def solve_cotangents(inverse, solved_parts, d_solved_parts):
+  """The backward of ``X = T rhs`` with ``T = (I + A)⁻¹`` (see :func:`wy_solve`), for ``X`` and
+  ``∂X`` given as matching column blocks: ``(∂A [..., c, c], [∂rhs per block])``."""
+  d_rhs = [jnp.einsum("...ts,...td->...sd", inverse, d_x) for d_x in d_solved_parts]
   c = inverse.shape[-1]
   strictly_lower = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]
-  d_a = jnp.where(strictly_lower, -jnp.einsum("...td,...sd->...ts", d_rhs, solved), 0.0)
-  return d_a.astype(inverse.dtype), d_rhs
+  outer = functools.reduce(jnp.add, [jnp.einsum("...td,...sd->...ts", d_r, x)
+                                     for d_r, x in zip(d_rhs, solved_parts)])
+  return jnp.where(strictly_lower, -outer, 0.0).astype(inverse.dtype), d_rhs
+
+
+def _wy_solve_bwd(residuals, d_solved):
+  inverse, solved = residuals
+  d_a, (d_rhs,) = solve_cotangents(inverse, [solved], [d_solved])
+  return d_a, d_rhs
 
 
 wy_solve.defvjp(_wy_solve_fwd, _wy_solve_bwd)
@@ -178,15 +186,20 @@ def wy_factors_xla(k, v, b, beta):
   (s < t), in XLA. k ``[b n h c d_k]``, v ``[b n h c d_v]``, b (within-chunk cumulative log-decay) and
   β ``[b n h c]``, all f32. (:func:`kernels.delta_pallas.wy_factors` is the same as a Pallas kernel.)"""
   d_v = v.shape[-1]
+  a, rhs_v, rhs_k = wy_system(k, v, b, beta)
+  solved = wy_solve(a, jnp.concatenate([rhs_v, rhs_k], axis=-1))  # one inverse for both right-hand sides
+  return solved[..., d_v:], solved[..., :d_v]
+
+
+def wy_system(k, v, b, beta):
+  """The unit-lower system of the WY factors (shapes as :func:`wy_factors_xla`): ``(A [b n h c c]``,
+  strictly lower, ``diag(β) V, diag(βγ) K)``. The Pallas kernel's backward differentiates this."""
   t_idx = jnp.arange(k.shape[-2])
   lower = t_idx[:, None] > t_idx[None, :]
   # Mask before exp: for s > t the difference is positive and could overflow.
   gain = jnp.where(lower, jnp.exp(jnp.where(lower, b[..., :, None] - b[..., None, :], _NEG)), 0.0)
-  a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * gain  # strictly lower
-  # One inverse for both right-hand sides.
-  rhs = jnp.concatenate([v * beta[..., None], k * (beta * jnp.exp(b))[..., None]], axis=-1)
-  solved = wy_solve(a, rhs)
-  return solved[..., d_v:], solved[..., :d_v]
+  a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * gain
+  return a, v * beta[..., None], k * (beta * jnp.exp(b))[..., None]
 
 
 def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors_xla) -> _Chunks:

@@ -269,11 +269,8 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
 # dots of T run as three TF32 products (Triton's tf32x3, about f32 accuracy on tensor cores; IEEE in
 # the interpreter); k kᵀ takes the input dtype (bf16 products are exact in f32). The kernel also
 # stores T for the backward, which is XLA (``_wy_bwd`` below): with X = T R,
-#     ∂R = Tᵀ ∂X,   ∂A = −strictly_lower(∂R Xᵀ),
-# then R = [β v | βγ k] and A = β_t E_ts K_ts (E_ts = e^{b_t − b_s}, K = k kᵀ) give
-#     ∂v = β ∂R_v,   ∂k = βγ ∂R_k + (∂K + ∂Kᵀ) k with ∂K = ∂A ⊙ β_t E,
-#     ∂β = Σ_d v ∂R_v + γ Σ_d k ∂R_k + Σ_s ∂A ⊙ E ⊙ K,
-#     ∂b = βγ Σ_d k ∂R_k + Σ_s G_ts − Σ_t G_ts   with G = ∂A ⊙ A.
+#     ∂R = Tᵀ ∂X,   ∂A = −strictly_lower(∂R Xᵀ)          (kernels.delta.solve_cotangents),
+# then JAX transposes the XLA construction of A and R = [β v | βγ k] (kernels.delta.wy_system).
 # XLA's own form of this stage materialises each power of A for all chunks at once; here a chunk
 # stays on chip. On an H100 (B4 T8192 H16 d128 bf16) the kernel takes 0.45 ms at C = 16; at C = 64
 # it takes 2.37 ms, at 255 registers per thread and spilling its c × c products (Nsight Compute,
@@ -372,27 +369,15 @@ def _wy_fwd(k, v, b, beta, plan: _Plan):
 
 
 def _wy_bwd(plan: _Plan, residuals, cotangents):
+  # The solve's backward from the stored T, then JAX's transpose of the system's construction
+  # (kernels.delta; imported here because that module imports this one).
+  from kernels.delta import solve_cotangents, wy_system
   del plan
   k, v, b, beta, inverse, w, u_tilde = residuals
   d_w, d_u = (x.astype(_F32) for x in cotangents)
-  k32, v32 = k.astype(_F32), v.astype(_F32)
-  c = k.shape[-2]
-  lower = _strictly_lower(c)
-  d_rv = jnp.einsum("...ts,...td->...sd", inverse, d_u)
-  d_rk = jnp.einsum("...ts,...td->...sd", inverse, d_w)
-  d_a = jnp.where(lower, -(jnp.einsum("...td,...sd->...ts", d_rv, u_tilde)
-                           + jnp.einsum("...td,...sd->...ts", d_rk, w)), 0.0)
-  gain = jnp.where(lower, jnp.exp(jnp.where(lower, b[..., :, None] - b[..., None, :], 0.0)), 0.0)
-  kk = jnp.einsum("...td,...sd->...ts", k32, k32)
-  gamma = jnp.exp(b)
-  d_kk = d_a * beta[..., :, None] * gain
-  k_drk = jnp.sum(k32 * d_rk, axis=-1)
-  g = d_kk * kk  # ∂A ⊙ A
-  d_k = ((beta * gamma)[..., None] * d_rk + jnp.einsum("...ts,...sd->...td", d_kk, k32)
-         + jnp.einsum("...ts,...td->...sd", d_kk, k32))
-  d_beta = jnp.sum(v32 * d_rv, axis=-1) + gamma * k_drk + jnp.sum(d_a * gain * kk, axis=-1)
-  d_b = beta * gamma * k_drk + jnp.sum(g, axis=-1) - jnp.sum(g, axis=-2)
-  return d_k, beta[..., None] * d_rv, d_b, d_beta
+  d_a, (d_rv, d_rk) = solve_cotangents(inverse, [u_tilde, w], [d_u, d_w])
+  _, system_vjp = jax.vjp(wy_system, k.astype(_F32), v.astype(_F32), b, beta)
+  return system_vjp((d_a, d_rv, d_rk))
 
 
 _wy.defvjp(_wy_fwd, _wy_bwd)
