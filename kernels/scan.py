@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import scan_mosaic_gpu
 from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
@@ -144,7 +145,11 @@ class PallasConfig:
   combined (``depth`` = 0: no prefetch; ``num_stages`` > 1 then leaves pipelining to Triton).
   ``bwd_*`` set the backward kernel's own values. ``segments`` splits time into that many
   independent pieces (a power of two dividing T; 1 = off; None = ``_gpu_segments``): the three-pass
-  form below, for problems with too few lanes to fill the GPU. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
+  form below, for problems with too few lanes to fill the GPU. ``gpu_kernel``: ``"triton"`` (the
+  kernels here) or ``"mosaic"`` (``kernels/scan_mosaic_gpu.py``: TMA-pipelined tiles of
+  ``mosaic_chunk`` rows × 128 lanes, ``mosaic_stages`` tiles in flight, None = as many as fit shared
+  memory; ``mosaic_bwd_*`` for the backward; Hopper or newer, and only where the per-segment length
+  is a multiple of the chunk, otherwise Triton runs). TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
   """
   block_d: int | None = None
@@ -159,6 +164,11 @@ class PallasConfig:
   tpu_block_t: int | None = None
   tpu_block_d: int | None = None
   segments: int | None = None
+  gpu_kernel: str | None = None
+  mosaic_chunk: int | None = None
+  mosaic_stages: int | None = None
+  mosaic_bwd_chunk: int | None = None
+  mosaic_bwd_stages: int | None = None
 
 
 # One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
@@ -175,7 +185,8 @@ class PallasConfig:
 #   chunk 128 depth 0 (bwd 64·0):  0.222 / 0.530 ms, 32 / 25 s
 # The backward loads three rows per step (a, ḡ, h) against the forward's two, hence its shorter chunk.
 GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1,
-                    bwd_chunk=32, bwd_depth=0)
+                    bwd_chunk=32, bwd_depth=0, gpu_kernel="triton", mosaic_chunk=32, mosaic_bwd_chunk=16)
+GPU_KERNELS = ("triton", "mosaic")
 
 
 _SQ = SQUEEZED
@@ -295,6 +306,9 @@ def _gpu_specs(block_d, time):
 
 def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
   batch, time, d = a.shape
+  if cfg.gpu_kernel == "mosaic":
+    return scan_mosaic_gpu.fwd(a, b, h0, reverse=reverse, chunk=cfg.mosaic_chunk, stages=cfg.mosaic_stages,
+                               interpret=interpret)
   strip, vec = _gpu_specs(cfg.block_d, time)
   kernel = functools.partial(_gpu_fwd_kernel, length=time, chunk=cfg.chunk, depth=cfg.depth,
                              reverse=reverse)
@@ -307,6 +321,9 @@ def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
 
 def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
   batch, time, d = a.shape
+  if cfg.gpu_kernel == "mosaic":
+    return scan_mosaic_gpu.bwd(a, g, h, h0, g_last, reverse=reverse, chunk=cfg.mosaic_bwd_chunk,
+                               stages=cfg.mosaic_bwd_stages, b_dtype=b_dtype, interpret=interpret)
   strip, vec = _gpu_specs(cfg.bwd_block_d, time)
   kernel = functools.partial(_gpu_bwd_kernel, length=time, chunk=cfg.bwd_chunk, depth=cfg.bwd_depth,
                              reverse=reverse)
@@ -592,16 +609,38 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
   """Fills the platform defaults into ``cfg`` for a ``[batch, time, d]`` problem."""
   if platform == "gpu":
     get = lambda field: GPU_DEFAULTS[field] if getattr(cfg, field) is None else getattr(cfg, field)
+    kernel = get("gpu_kernel")
+    if kernel not in GPU_KERNELS:
+      raise ValueError(f"linear_scan: PallasConfig.gpu_kernel={kernel!r}; valid: {GPU_KERNELS}")
+    if kernel == "mosaic":
+      # Segments are sized by lanes (32 per one-warp Triton program), as for the Triton kernels.
+      segments = cfg.segments or _gpu_segments(batch, time, d, 32)
+      length = time // segments if time % segments == 0 else time
+      chunks = get("mosaic_chunk"), get("mosaic_bwd_chunk")
+      if any(scan_mosaic_gpu.supports(_round_up(d, scan_mosaic_gpu.LANES), length, c) for c in chunks):
+        kernel = "triton"  # e.g. a ragged length: the Triton kernels take any
+    if kernel == "mosaic":
+      lanes = scan_mosaic_gpu.LANES
+      in_f, in_b = dtypes, (dtypes[0], dtypes[1], dtypes[1])  # (a, b) forward; (a, ḡ, h) backward
+      fit = lambda chunk, ins, outs: scan_mosaic_gpu.fit_stages(chunk, ins, outs, edge=len(ins) == 3)
+      cfg = dataclasses.replace(
+          cfg, mosaic_chunk=chunks[0], mosaic_bwd_chunk=chunks[1],
+          mosaic_stages=cfg.mosaic_stages or fit(chunks[0], in_f, (dtypes[1],)),
+          mosaic_bwd_stages=cfg.mosaic_bwd_stages or fit(chunks[1], in_b, (dtypes[0], dtypes[1])),
+          block_d=lanes, bwd_block_d=lanes)
+    else:
+      segments = None
     # A narrow problem (D < 32) gets one power-of-two block instead of padding D to 32.
     block_d = cfg.block_d or min(GPU_DEFAULTS["block_d"], 1 << (d - 1).bit_length())
     bwd_block_d = cfg.bwd_block_d or block_d
-    segments = cfg.segments or _gpu_segments(batch, time, d, block_d)
+    segments = cfg.segments or segments or _gpu_segments(batch, time, d, block_d)
     if segments & (segments - 1) or time % segments:
       raise ValueError(f"linear_scan: PallasConfig.segments={segments} must be a power of two dividing "
                        f"the length {time}")
     return dataclasses.replace(
-        cfg, segments=segments, block_d=block_d, bwd_block_d=bwd_block_d, chunk=get("chunk"), depth=get("depth"),
-        bwd_chunk=get("bwd_chunk"), bwd_depth=get("bwd_depth"), num_stages=get("num_stages"),
+        cfg, gpu_kernel=kernel, segments=segments, block_d=block_d, bwd_block_d=bwd_block_d,
+        chunk=get("chunk"), depth=get("depth"), bwd_chunk=get("bwd_chunk"), bwd_depth=get("bwd_depth"),
+        num_stages=get("num_stages"),
         num_warps=cfg.num_warps or max(1, block_d // 32),  # one lane per thread
         bwd_num_warps=cfg.bwd_num_warps or max(1, bwd_block_d // 32))
   rows = _tpu_rows(*dtypes)

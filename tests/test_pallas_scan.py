@@ -26,6 +26,12 @@ TPU = PallasConfig(tpu_block_t=16)
 SEG_4 = PallasConfig(chunk=2, depth=2, bwd_chunk=1, bwd_depth=2, segments=4)
 SEG_2 = PallasConfig(chunk=1, depth=3, bwd_chunk=2, bwd_depth=0, segments=2)
 
+# Mosaic GPU kernels (TMA pipeline) in Mosaic GPU's interpreter: 8-row tiles, so 48 rows are 6 steps
+# through 2–3 stages; D is padded to 128 lanes. In segments: 4 × 16 rows.
+MOSAIC = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=16, mosaic_stages=3,
+                      mosaic_bwd_stages=2, segments=1)
+MOSAIC_SEG = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=8, segments=4)
+
 CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, with_h0, extreme decays)
     ("gpu", GPU_A, (2, 13, 5), "float32", False, True, True),
     ("gpu", GPU_B, (1, 13, 3, 4), "float32", True, True, False),
@@ -33,6 +39,9 @@ CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, wi
     ("gpu", SEG_4, (2, 12, 5), "float32", False, True, True),
     ("gpu", SEG_4, (1, 12, 3, 4), "float32", True, True, True),
     ("gpu", SEG_2, (2, 14, 5), "bfloat16", False, False, False),
+    ("gpu", MOSAIC, (2, 48, 5), "float32", False, True, True),
+    ("gpu", MOSAIC, (1, 48, 3, 50), "bfloat16", True, True, False),   # D 150: two 128-lane blocks
+    ("gpu", MOSAIC_SEG, (1, 64, 5), "float32", True, False, True),
     ("tpu", TPU, (1, 13, 3, 4), "float32", False, True, True),   # one time block, two row groups
     ("tpu", TPU, (1, 40, 5), "float32", True, True, False),      # three time blocks of two row groups
     ("tpu", TPU, (2, 40, 5), "bfloat16", False, False, False),   # three time blocks (16-row groups)
@@ -146,3 +155,25 @@ def test_narrow_long_problems_are_split_in_time():
   assert scan._gpu_segments(1, 1000, 64, 32) == 1       # too short to split into 512-row segments
   assert scan._gpu_segments(1, 1536, 64, 32) == 2       # 2 x 768 rows; 4 x 384 would be too short
   assert scan._gpu_segments(1, 32769, 768, 32) == 1     # odd: no power of two divides it
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(dtype):
+  # Lowering builds the Mosaic GPU module on this host, which checks the tiles' shared memory
+  # (fit_stages) against the H100's 227 KB and every op's layout, as the GPU would.
+  x = jax.ShapeDtypeStruct((8, 4096, 1024), jnp.dtype(dtype))
+  config = PallasConfig(gpu_kernel="mosaic")
+  cfg = scan._resolve("gpu", config, 8, 1024, 4096, (x.dtype, x.dtype))
+  assert cfg.gpu_kernel == "mosaic" and cfg.mosaic_stages >= 2 and cfg.mosaic_bwd_stages >= 2
+  def loss(a, b):
+    return jnp.sum(linear_scan_pallas(a, b, platform="gpu", config=config)[0].astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2 and "triton" not in text
+
+
+def test_mosaic_gpu_falls_back_to_triton_on_ragged_lengths():
+  config = PallasConfig(gpu_kernel="mosaic")
+  assert scan._resolve("gpu", config, 8, 1024, 4096, (jnp.float32,) * 2).gpu_kernel == "mosaic"
+  assert scan._resolve("gpu", config, 8, 1024, 4100, (jnp.float32,) * 2).gpu_kernel == "triton"
+  with pytest.raises(ValueError, match="gpu_kernel='cuda'; valid: \\('triton', 'mosaic'\\)"):
+    scan._resolve("gpu", PallasConfig(gpu_kernel="cuda"), 8, 1024, 4096, (jnp.float32,) * 2)
