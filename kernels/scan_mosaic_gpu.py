@@ -149,8 +149,13 @@ def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, interpret: bool = F
 
     def body(_, ins, outs, h):
       (a_tile, b_tile), (h_tile,) = ins, outs
-      for r in rows:
-        h = a_tile[r].astype(jnp.float32) * h + b_tile[r].astype(jnp.float32)
+      # Every row is loaded before the first store: a load placed after a shared-memory store must
+      # wait for it (the compiler cannot tell the tiles apart), which serialised the chain on
+      # ~90 cycles of shared-memory latency per row (0.21 ms here against Triton's 0.19).
+      a_rows = [a_tile[r].astype(jnp.float32) for r in rows]
+      b_rows = [b_tile[r].astype(jnp.float32) for r in rows]
+      for r, a_r, b_r in zip(rows, a_rows, b_rows):
+        h = a_r * h + b_r
         h_tile[r] = h.astype(h_tile.dtype)
       return h
 
@@ -190,13 +195,15 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
       at_end = i == steps - 1  # processed last: the first tile in time (forward scan) or the last
       # (an explicit broadcast: Mosaic's warpgroup lowering has no select on a scalar predicate)
       edge = jnp.where(jnp.broadcast_to(at_end, h0.shape), h0, e_tile[edge_row].astype(jnp.float32))
-      for r in rows:
-        neighbour = r + 1 if reverse else r - 1
-        prev = edge if neighbour in (-1, chunk) else h_tile[neighbour].astype(jnp.float32)
-        big_g = g_tile[r].astype(jnp.float32) + u
+      # Loads first, as in the forward.
+      neighbour = lambda r: edge if (r + 1 if reverse else r - 1) in (-1, chunk) else \
+          h_tile[r + 1 if reverse else r - 1].astype(jnp.float32)
+      loaded = [(a_tile[r].astype(jnp.float32), g_tile[r].astype(jnp.float32), neighbour(r)) for r in rows]
+      for r, (a_r, g_r, prev) in zip(rows, loaded):
+        big_g = g_r + u
         db_tile[r] = big_g.astype(db_tile.dtype)
         da_tile[r] = (big_g * prev).astype(da_tile.dtype)
-        u = a_tile[r].astype(jnp.float32) * big_g
+        u = a_r * big_g
       return u
 
     at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
