@@ -148,7 +148,7 @@ class PallasConfig:
   form below, for problems with too few lanes to fill the GPU. ``gpu_kernel``: ``"triton"`` (the
   kernels here) or ``"mosaic"`` (``kernels/scan_mosaic_gpu.py``: TMA-pipelined tiles of
   ``mosaic_chunk`` rows × 128 lanes, ``mosaic_stages`` tiles in flight, None = as many as fit shared
-  memory; ``mosaic_bwd_*`` for the backward; Hopper or newer, and only where the per-segment length
+  memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1 or 2 buffers per output tile; Hopper or newer, and only where the per-segment length
   is a multiple of the chunk, otherwise Triton runs). TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
   """
@@ -169,6 +169,7 @@ class PallasConfig:
   mosaic_stages: int | None = None
   mosaic_bwd_chunk: int | None = None
   mosaic_bwd_stages: int | None = None
+  mosaic_out_slots: int | None = None
 
 
 # One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
@@ -185,7 +186,7 @@ class PallasConfig:
 #   chunk 128 depth 0 (bwd 64·0):  0.222 / 0.530 ms, 32 / 25 s
 # The backward loads three rows per step (a, ḡ, h) against the forward's two, hence its shorter chunk.
 GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1,
-                    bwd_chunk=32, bwd_depth=0, gpu_kernel="triton", mosaic_chunk=32, mosaic_bwd_chunk=16)
+                    bwd_chunk=32, bwd_depth=0, gpu_kernel="triton", mosaic_chunk=32, mosaic_bwd_chunk=16, mosaic_out_slots=2)
 GPU_KERNELS = ("triton", "mosaic")
 
 
@@ -308,7 +309,7 @@ def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
   batch, time, d = a.shape
   if cfg.gpu_kernel == "mosaic":
     return scan_mosaic_gpu.fwd(a, b, h0, reverse=reverse, chunk=cfg.mosaic_chunk, stages=cfg.mosaic_stages,
-                               interpret=interpret)
+                               out_slots=cfg.mosaic_out_slots, interpret=interpret)
   strip, vec = _gpu_specs(cfg.block_d, time)
   kernel = functools.partial(_gpu_fwd_kernel, length=time, chunk=cfg.chunk, depth=cfg.depth,
                              reverse=reverse)
@@ -323,7 +324,8 @@ def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
   batch, time, d = a.shape
   if cfg.gpu_kernel == "mosaic":
     return scan_mosaic_gpu.bwd(a, g, h, h0, g_last, reverse=reverse, chunk=cfg.mosaic_bwd_chunk,
-                               stages=cfg.mosaic_bwd_stages, b_dtype=b_dtype, interpret=interpret)
+                               stages=cfg.mosaic_bwd_stages, b_dtype=b_dtype, out_slots=cfg.mosaic_out_slots,
+                               interpret=interpret)
   strip, vec = _gpu_specs(cfg.bwd_block_d, time)
   kernel = functools.partial(_gpu_bwd_kernel, length=time, chunk=cfg.bwd_chunk, depth=cfg.bwd_depth,
                              reverse=reverse)
@@ -619,12 +621,17 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
       chunks = get("mosaic_chunk"), get("mosaic_bwd_chunk")
       if any(scan_mosaic_gpu.supports(_round_up(d, scan_mosaic_gpu.LANES), length, c) for c in chunks):
         kernel = "triton"  # e.g. a ragged length: the Triton kernels take any
+      elif segments > 1 and cfg.segments is None:
+        # Split problems stay on Triton: at B4 T8192 and B1 T32768 (D 768) the Mosaic kernels behind
+        # the Triton summary pass took 0.30 / 0.62 ms against 0.20 / 0.48 (H100, BENCHMARKS.md).
+        kernel = "triton"
     if kernel == "mosaic":
       lanes = scan_mosaic_gpu.LANES
       in_f, in_b = dtypes, (dtypes[0], dtypes[1], dtypes[1])  # (a, b) forward; (a, ḡ, h) backward
-      fit = lambda chunk, ins, outs: scan_mosaic_gpu.fit_stages(chunk, ins, outs, edge=len(ins) == 3)
+      slots = get("mosaic_out_slots")
+      fit = lambda chunk, ins, outs: scan_mosaic_gpu.fit_stages(chunk, ins, outs, edge=len(ins) == 3, out_slots=slots)
       cfg = dataclasses.replace(
-          cfg, mosaic_chunk=chunks[0], mosaic_bwd_chunk=chunks[1],
+          cfg, mosaic_chunk=chunks[0], mosaic_bwd_chunk=chunks[1], mosaic_out_slots=slots,
           mosaic_stages=cfg.mosaic_stages or fit(chunks[0], in_f, (dtypes[1],)),
           mosaic_bwd_stages=cfg.mosaic_bwd_stages or fit(chunks[1], in_b, (dtypes[0], dtypes[1])),
           block_d=lanes, bwd_block_d=lanes)

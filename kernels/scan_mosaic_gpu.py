@@ -40,12 +40,12 @@ def supports(d: int, time: int, chunk: int) -> str | None:
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block, leaving room for Mosaic's own scratch
 
 
-def fit_stages(chunk: int, in_dtypes, out_dtypes, *, edge: bool, most: int = 4) -> int:
+def fit_stages(chunk: int, in_dtypes, out_dtypes, *, edge: bool, out_slots: int = 2, most: int = 8) -> int:
   """The most pipeline stages (≤ ``most``) whose buffers fit ``SMEM_BUDGET``: ``stages`` slots per
-  input tile (and edge block), two per output tile."""
+  input tile (and edge block), ``out_slots`` per output tile."""
   row = lambda dtypes: sum(LANES * jnp.dtype(t).itemsize for t in dtypes)
   per_stage = chunk * row(in_dtypes) + (EDGE * row(in_dtypes[-1:]) if edge else 0)
-  fixed = 2 * chunk * row(out_dtypes) + 2 * LANES * 4
+  fixed = out_slots * chunk * row(out_dtypes) + 2 * LANES * 4
   return max(2, min(most, (SMEM_BUDGET - fixed) // per_stage))
 
 
@@ -53,12 +53,14 @@ def _tile_index(steps: int, ascending: bool):
   return (lambda i: i) if ascending else (lambda i: steps - 1 - i)
 
 
-def _stream(body, *, steps: int, stages: int, ins, outs, init):
+def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init):
   """Runs ``carry = body(i, in_tiles, out_tiles, carry)`` for i in 0 … steps − 1, with the input tiles
   of step i loaded by TMA ``stages`` steps ahead and the output tiles stored behind it.
 
   ``ins`` / ``outs``: ``(gmem_ref [rows_total, LANES], rows, block(i))`` — step i reads / writes rows
-  ``[block(i)·rows, (block(i) + 1)·rows)``. (Written out rather than ``plgpu.emit_pipeline`` so that
+  ``[block(i)·rows, (block(i) + 1)·rows)``. ``out_slots``: 2 double-buffers the output tiles; 1
+  waits, before a step writes its outputs, until the previous step's stores have read theirs (issued
+  a whole step earlier, so rarely a wait), leaving the shared memory to more input stages. (Written out rather than ``plgpu.emit_pipeline`` so that
   every store is unconditional: Mosaic GPU's interpreter, which the CPU tests run, has no predicated
   stores.)
   """
@@ -72,9 +74,9 @@ def _stream(body, *, steps: int, stages: int, ins, outs, init):
 
     def step(i, carry):
       slot = jax.lax.rem(i, stages)
-      half = jax.lax.rem(i, 2)
+      half = jax.lax.rem(i, out_slots)
       plgpu.barrier_wait(barriers.at[slot])
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # step i − 2's stores have read their buffers
+      plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)  # the stores that used `half` have read it
       carry = body(i, [buf.at[slot] for buf in in_bufs], [buf.at[half] for buf in out_bufs], carry)
       plgpu.commit_smem()  # every thread is done with the slot, and its writes are visible to TMA
       for (dst, rows, block), buf in zip(outs, out_bufs):
@@ -92,7 +94,7 @@ def _stream(body, *, steps: int, stages: int, ins, outs, init):
 
   smem = lambda refs, slots: [plgpu.SMEM((slots, rows, LANES), ref.dtype) for ref, rows, _ in refs]
   return pl.run_scoped(lambda *refs: scoped(refs[:len(ins)], refs[len(ins):-1], refs[-1]),
-                       *smem(ins, stages), *smem(outs, 2),
+                       *smem(ins, stages), *smem(outs, out_slots),
                        plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages))
 
 
@@ -135,7 +137,7 @@ def _where():
   return n, lanes
 
 
-def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, interpret: bool = False):
+def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, out_slots: int = 2, interpret: bool = False):
   """``h [batch, time, D]`` (b's dtype) and ``h_last [batch, D]`` (f32) of the scan from ``h0``."""
   batch, time, d = a.shape
   steps = time // chunk
@@ -160,14 +162,15 @@ def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, interpret: bool = F
       return h
 
     at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
-    h_last = _stream(body, steps=steps, stages=stages, ins=[at(a_gmem), at(b_gmem)], outs=[at(h_gmem)], init=h0)
+    h_last = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(b_gmem)], outs=[at(h_gmem)], init=h0)
     _store_vector(h_last, vec_smem, hlast_gmem.at[n, lanes])
 
   out_type = (jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, d), jnp.float32))
   return _launch(kernel, out_type, batch, d, interpret)(a, b, h0.astype(jnp.float32))
 
 
-def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype, interpret: bool = False):
+def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype, out_slots: int = 2,
+        interpret: bool = False):
   """``(∂a, ∂b, ∂h0)`` of the scan from the forward output ``h`` and cotangents ``g``, ``g_last``.
 
   Runs against the forward's direction with ``U`` (what flows into ``h_{t∓1}``), as ``scan.py``'s
@@ -208,7 +211,7 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
 
     at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
     edges = (h_gmem.at[n, :, lanes], EDGE, edge_block)
-    dh0 = _stream(body, steps=steps, stages=stages, ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges],
+    dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges],
                   outs=[at(da_gmem), at(db_gmem)], init=g_last)
     _store_vector(dh0, vec_smem, dh0_gmem.at[n, lanes])
 

@@ -7,6 +7,8 @@ and h0 (through the kernels' own custom_vjp) are compared; a TPU export from thi
 the Mosaic lowering accepts the blocks. Each case is one jitted function (interpret mode is slow).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +32,7 @@ SEG_2 = PallasConfig(chunk=1, depth=3, bwd_chunk=2, bwd_depth=0, segments=2)
 # through 2–3 stages; D is padded to 128 lanes. In segments: 4 × 16 rows.
 MOSAIC = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=16, mosaic_stages=3,
                       mosaic_bwd_stages=2, segments=1)
-MOSAIC_SEG = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=8, segments=4)
+MOSAIC_SEG = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=8, segments=4, mosaic_out_slots=1)
 
 CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, with_h0, extreme decays)
     ("gpu", GPU_A, (2, 13, 5), "float32", False, True, True),
@@ -171,9 +173,13 @@ def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(dtype):
   assert text.count("mosaic_gpu") >= 2 and "triton" not in text
 
 
-def test_mosaic_gpu_falls_back_to_triton_on_ragged_lengths():
+def test_mosaic_gpu_falls_back_to_triton_on_ragged_or_split_problems():
   config = PallasConfig(gpu_kernel="mosaic")
   assert scan._resolve("gpu", config, 8, 1024, 4096, (jnp.float32,) * 2).gpu_kernel == "mosaic"
   assert scan._resolve("gpu", config, 8, 1024, 4100, (jnp.float32,) * 2).gpu_kernel == "triton"
+  # problems split in time stay on Triton unless the segments are asked for
+  assert scan._resolve("gpu", config, 1, 768, 32768, (jnp.float32,) * 2).gpu_kernel == "triton"
+  assert scan._resolve("gpu", dataclasses.replace(config, segments=8), 1, 768, 32768,
+                       (jnp.float32,) * 2).gpu_kernel == "mosaic"
   with pytest.raises(ValueError, match="gpu_kernel='cuda'; valid: \\('triton', 'mosaic'\\)"):
     scan._resolve("gpu", PallasConfig(gpu_kernel="cuda"), 8, 1024, 4096, (jnp.float32,) * 2)
