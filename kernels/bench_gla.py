@@ -190,13 +190,15 @@ CANDIDATES = [  # each field only changes the kernels named by its prefix
     PallasConfig(states_block=32, states_stages=3),
     PallasConfig(chunk=32),
     PallasConfig(chunk=128),
-    PallasConfig(exact_dots="tf32x3"),
+    PallasConfig(exact_dots="ieee"),
+    PallasConfig(dqk_exact_dots="tf32x3"),
 ]
 
 # Which fields each kernel's time depends on (besides the shared ones, which change several).
 KERNEL_FIELDS = {"states": ("states_block", "states_warps", "states_stages"),
                  "states_bwd": ("states_block", "states_warps", "states_stages"),
-                 "output": ("out_block", "out_warps"), "dqk": ("dqk_block", "dqk_warps", "dqk_reuse_scores"),
+                 "output": ("out_block", "out_warps"),
+                 "dqk": ("dqk_block", "dqk_warps", "dqk_reuse_scores", "dqk_exact_dots"),
                  "dv": ("dv_block", "dv_warps")}
 SHARED_FIELDS = ("chunk", "stages", "unroll", "exact_dots")
 

@@ -384,12 +384,12 @@ class PallasConfig:
   dqk_reuse_scores: bool = True
   dv_block: int = 128
   dv_warps: int = 4  # 0.89 ms (8 warps: 1.21)
-  # The exact-f32 diagonal-block dots on GPU: "ieee" (FMA on CUDA cores, the measured default) or
-  # "tf32x3" (three TF32 tensor-core products, about f32 accuracy). Nsight Compute shows the output
-  # and dq/dk kernels at 255 registers, spilling (kernels/BENCHMARKS.md, sixth session); the
-  # tensor-core form is a candidate for fewer live values. Not yet timed. The interpreter and Mosaic
-  # always use IEEE.
-  exact_dots: str = "ieee"
+  # The exact-f32 diagonal-block dots on GPU: "ieee" (FMA on CUDA cores) or "tf32x3" (three TF32
+  # tensor-core products, about f32 accuracy); ``dqk_exact_dots`` for the dq/dk kernel (None: the
+  # same). H100, ms per kernel, ieee → tf32x3: output 2.19 → 1.79, dv 0.89 → 0.79, dq/dk 5.42 → 7.84
+  # (seventh session). The interpreter and Mosaic always use IEEE.
+  exact_dots: str = "tf32x3"
+  dqk_exact_dots: str | None = "ieee"
   stages: int = 1
   unroll: bool = False
 
@@ -797,6 +797,13 @@ def _output_call(plan: _Plan, q, k, g, v, states):
       compiler_params=_params(plan, plan.cfg.out_warps), interpret=plan.interpret, name="gla_output")(*arrays)
 
 
+def _with_exact_dots(plan: _Plan, exact_dots: str | None) -> _Plan:
+  """``plan`` with one kernel's own ``exact_dots`` (None: the shared one)."""
+  if exact_dots is None or exact_dots == plan.cfg.exact_dots:
+    return plan
+  return dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, exact_dots=exact_dots))
+
+
 def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states):
   batch, c = q.shape[0], plan.cfg.chunk
   bk = min(plan.cfg.dqk_block, plan.dk) if plan.target == "triton" else plan.dk
@@ -809,7 +816,8 @@ def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states):
   out_shape = [shape(q.dtype), shape(k.dtype)] + ([shape(_F32)] if plan.decay else [])
   arrays = [q, k] + ([g] if plan.decay else []) + [v, do, states, e_states]
   out = pl.pallas_call(
-      functools.partial(_dqk_kernel, plan=plan), grid=_grid(plan, plan.dk // bk, batch),
+      functools.partial(_dqk_kernel, plan=_with_exact_dots(plan, plan.cfg.dqk_exact_dots)),
+      grid=_grid(plan, plan.dk // bk, batch),
       in_specs=in_specs, out_specs=[kb] * len(out_shape), out_shape=out_shape,
       compiler_params=_params(plan, plan.cfg.dqk_warps), interpret=plan.interpret, name="gla_dqk")(*arrays)
   return (out[0], out[1], out[2] if plan.decay else None)
@@ -880,8 +888,9 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   dot_dtype = jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(_F32)
   if cfg.chunk % _SUB or (target == "triton" and cfg.chunk != _next_pow2(cfg.chunk)):
     raise ValueError(f"gla: PallasConfig.chunk={cfg.chunk} must be a multiple of {_SUB} (a power of two on GPU)")
-  if cfg.exact_dots not in EXACT_DOTS:
-    raise ValueError(f"gla: PallasConfig.exact_dots={cfg.exact_dots!r}; valid: {EXACT_DOTS}")
+  for field in ("exact_dots", "dqk_exact_dots"):
+    if getattr(cfg, field) not in EXACT_DOTS + ((None,) if field.startswith("dqk") else ()):
+      raise ValueError(f"gla: PallasConfig.{field}={getattr(cfg, field)!r}; valid: {EXACT_DOTS}")
   # Short sequences shrink the chunk (a power of two ≥ 16) rather than pad to a long one.
   chunk = min(cfg.chunk, max(_SUB, _next_pow2(time)))
   cfg = dataclasses.replace(cfg, chunk=chunk)
