@@ -148,7 +148,8 @@ class PallasConfig:
   form below, for problems with too few lanes to fill the GPU. ``gpu_kernel``: ``"triton"`` (the
   kernels here) or ``"mosaic"`` (``kernels/scan_mosaic_gpu.py``: TMA-pipelined tiles of
   ``mosaic_chunk`` rows × 128 lanes, ``mosaic_stages`` tiles in flight, None = as many as fit shared
-  memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1 or 2 buffers per output tile; Hopper or newer, and only where the per-segment length
+  memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1 or 2 buffers per output tile, or 0 to
+  write each output tile over an input tile of its step; Hopper or newer, and only where the per-segment length
   is a multiple of the chunk, otherwise Triton runs). TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
   """

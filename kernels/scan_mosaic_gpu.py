@@ -53,39 +53,52 @@ def _tile_index(steps: int, ascending: bool):
   return (lambda i: i) if ascending else (lambda i: steps - 1 - i)
 
 
-def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init):
+def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, in_place=()):
   """Runs ``carry = body(i, in_tiles, out_tiles, carry)`` for i in 0 … steps − 1, with the input tiles
   of step i loaded by TMA ``stages`` steps ahead and the output tiles stored behind it.
 
   ``ins`` / ``outs``: ``(gmem_ref [rows_total, LANES], rows, block(i))`` — step i reads / writes rows
   ``[block(i)·rows, (block(i) + 1)·rows)``. ``out_slots``: 2 double-buffers the output tiles; 1
   waits, before a step writes its outputs, until the previous step's stores have read theirs (issued
-  a whole step earlier, so rarely a wait), leaving the shared memory to more input stages. (Written out rather than ``plgpu.emit_pipeline`` so that
-  every store is unconditional: Mosaic GPU's interpreter, which the CPU tests run, has no predicated
-  stores.)
+  a whole step earlier, so rarely a wait); 0 writes output j over the step's tile of input
+  ``in_place[j]`` (the body reads every row before its first store) and refills that slot once the
+  store has read it. Fewer output buffers leave the shared memory to more input stages. (Written
+  out rather than ``plgpu.emit_pipeline`` so that every store is unconditional: Mosaic GPU's
+  interpreter, which the CPU tests run, has no predicated stores.)
   """
   def scoped(in_bufs, out_bufs, barriers):
-    def fetch(i, slot):
-      for (src, rows, block), buf in zip(ins, in_bufs):
-        plgpu.copy_gmem_to_smem(src.at[pl.ds(block(i) * rows, rows)], buf.at[slot], barriers.at[slot])
+    def fetch(i, slot, which):
+      for j in which:
+        src, rows, block = ins[j]
+        plgpu.copy_gmem_to_smem(src.at[pl.ds(block(i) * rows, rows)], in_bufs[j].at[slot], barriers.at[slot])
 
+    everything = range(len(ins))
     for i in range(min(stages, steps)):
-      fetch(i, i)
+      fetch(i, i, everything)
 
     def step(i, carry):
       slot = jax.lax.rem(i, stages)
-      half = jax.lax.rem(i, out_slots)
       plgpu.barrier_wait(barriers.at[slot])
-      plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)  # the stores that used `half` have read it
-      carry = body(i, [buf.at[slot] for buf in in_bufs], [buf.at[half] for buf in out_bufs], carry)
+      if out_slots:
+        half = jax.lax.rem(i, out_slots)
+        plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)  # the stores that used `half` have read it
+        out_tiles = [buf.at[half] for buf in out_bufs]
+      else:
+        out_tiles = [in_bufs[j].at[slot] for j in in_place]
+      carry = body(i, [buf.at[slot] for buf in in_bufs], out_tiles, carry)
       plgpu.commit_smem()  # every thread is done with the slot, and its writes are visible to TMA
-      for (dst, rows, block), buf in zip(outs, out_bufs):
-        plgpu.copy_smem_to_gmem(buf.at[half], dst.at[pl.ds(block(i) * rows, rows)], commit_group=False)
+      for (dst, rows, block), tile in zip(outs, out_tiles):
+        plgpu.copy_smem_to_gmem(tile, dst.at[pl.ds(block(i) * rows, rows)], commit_group=False)
       plgpu.commit_smem_to_gmem_group()
 
       @pl.when(i + stages < steps)
       def _():
-        fetch(i + stages, slot)
+        if out_slots:
+          fetch(i + stages, slot, everything)
+        else:  # the other inputs first, then the written-over ones once their stores have read them
+          fetch(i + stages, slot, [j for j in everything if j not in in_place])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          fetch(i + stages, slot, in_place)
       return carry
 
     carry = jax.lax.fori_loop(0, steps, step, init)
@@ -93,8 +106,9 @@ def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init):
     return carry
 
   smem = lambda refs, slots: [plgpu.SMEM((slots, rows, LANES), ref.dtype) for ref, rows, _ in refs]
+  out_smem = smem(outs, out_slots) if out_slots else []
   return pl.run_scoped(lambda *refs: scoped(refs[:len(ins)], refs[len(ins):-1], refs[-1]),
-                       *smem(ins, stages), *smem(outs, out_slots),
+                       *smem(ins, stages), *out_smem,
                        plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages))
 
 
@@ -162,7 +176,8 @@ def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, out_slots: int = 2,
       return h
 
     at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
-    h_last = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(b_gmem)], outs=[at(h_gmem)], init=h0)
+    h_last = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(b_gmem)],
+                     outs=[at(h_gmem)], init=h0, in_place=(1,))  # (h over b)
     _store_vector(h_last, vec_smem, hlast_gmem.at[n, lanes])
 
   out_type = (jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, d), jnp.float32))
@@ -212,7 +227,7 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
     at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
     edges = (h_gmem.at[n, :, lanes], EDGE, edge_block)
     dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges],
-                  outs=[at(da_gmem), at(db_gmem)], init=g_last)
+                  outs=[at(da_gmem), at(db_gmem)], init=g_last, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
     _store_vector(dh0, vec_smem, dh0_gmem.at[n, lanes])
 
   out_type = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),

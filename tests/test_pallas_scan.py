@@ -33,6 +33,8 @@ SEG_2 = PallasConfig(chunk=1, depth=3, bwd_chunk=2, bwd_depth=0, segments=2)
 MOSAIC = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=16, mosaic_stages=3,
                       mosaic_bwd_stages=2, segments=1)
 MOSAIC_SEG = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=8, segments=4, mosaic_out_slots=1)
+MOSAIC_IN_PLACE = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=8, mosaic_out_slots=0,
+                               mosaic_stages=3, mosaic_bwd_stages=3)
 
 CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, with_h0, extreme decays)
     ("gpu", GPU_A, (2, 13, 5), "float32", False, True, True),
@@ -44,6 +46,8 @@ CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, wi
     ("gpu", MOSAIC, (2, 48, 5), "float32", False, True, True),
     ("gpu", MOSAIC, (1, 48, 3, 50), "bfloat16", True, True, False),   # D 150: two 128-lane blocks
     ("gpu", MOSAIC_SEG, (1, 64, 5), "float32", True, False, True),
+    ("gpu", MOSAIC_IN_PLACE, (2, 48, 5), "float32", False, True, True),
+    ("gpu", MOSAIC_IN_PLACE, (1, 40, 3), "bfloat16", True, True, False),
     ("tpu", TPU, (1, 13, 3, 4), "float32", False, True, True),   # one time block, two row groups
     ("tpu", TPU, (1, 40, 5), "float32", True, True, False),      # three time blocks of two row groups
     ("tpu", TPU, (2, 40, 5), "bfloat16", False, False, False),   # three time blocks (16-row groups)
