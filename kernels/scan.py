@@ -191,7 +191,7 @@ class PallasConfig:
 # not split in time. Same H100, fwd / fwd+bwd ms, seventh session (runs vary by ±2 %):
 #                                   B8 T4096 D1024 f32            B16 T2048 D768 f32   B8 T4096 D1024 bf16
 #   Triton (the tiling above)       0.189–0.199 / 0.523–0.537     0.138 / 0.355        0.168–0.209 / 0.469–0.493
-#   Mosaic default: chunk 32 ·      0.164–0.166 / 0.472–0.483     —                    0.147–0.153 / 0.416–0.441
+#   Mosaic default: chunk 32 ·      0.164–0.174 / 0.472–0.505     —                    0.147–0.153 / 0.416–0.441
 #     4 stages, bwd chunk 32 · 3      (bf16: chunks 64)
 #   same, bwd 2 stages              0.163–0.174 / 0.480–0.492     0.142 / 0.318
 #   bwd chunk 16 · 5 stages         0.166 / 0.492                 0.138 / 0.338
