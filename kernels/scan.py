@@ -189,15 +189,15 @@ class PallasConfig:
 #
 # On Hopper the Mosaic GPU kernels (kernels/scan_mosaic_gpu.py) are the default for problems that are
 # not split in time. Same H100, fwd / fwd+bwd ms, seventh session (runs vary by ±2 %):
-#                                   B8 T4096 D1024 f32            B16 T2048 D768 f32   B8 T4096 D1024 bf16
-#   Triton (the tiling above)       0.189–0.199 / 0.523–0.537     0.138 / 0.355        0.168–0.209 / 0.469–0.493
-#   Mosaic default: chunk 32 ·      0.164–0.174 / 0.472–0.505     —                    0.147–0.153 / 0.416–0.441
-#     4 stages, bwd chunk 32 · 3      (bf16: chunks 64)
-#   same, bwd 2 stages              0.163–0.174 / 0.480–0.492     0.142 / 0.318
-#   bwd chunk 16 · 5 stages         0.166 / 0.492                 0.138 / 0.338
-#   chunk 64, bwd 32                0.172 / 0.494                 0.137 / 0.345        0.146 / 0.419
-#   1 output buffer                 0.170–0.177 / 0.484–0.499     0.140 / 0.352
-#   outputs over the inputs         0.167–0.178 / 0.481–0.493     —                    0.152 / 0.423
+#                                 B8 T4096 D1024 f32          B16 T2048 D768 f32  B8 T4096 D1024 bf16
+#   Triton (the tiling above)     0.189–0.199 / 0.523–0.537   0.138 / 0.355       0.168–0.209 / 0.469–0.493
+#   Mosaic default: chunk 32 ·    0.164–0.174 / 0.472–0.505   —                   0.147–0.153 / 0.416–0.441
+#     4 stages, bwd chunk 32 · 3    (bf16: chunks 64)
+#   same, bwd 2 stages            0.163–0.174 / 0.480–0.492   0.142 / 0.318
+#   bwd chunk 16 · 5 stages       0.166 / 0.492               0.138 / 0.338
+#   chunk 64, bwd 32              0.172 / 0.494               0.137 / 0.345       0.146 / 0.419
+#   1 output buffer               0.170–0.177 / 0.484–0.499   0.140 / 0.352
+#   outputs over the inputs       0.167–0.178 / 0.481–0.493   —                   0.152 / 0.423
 # ``gpu_kernel=None``: Mosaic on a GPU with TMA (compute capability ≥ 9.0) unless interpreting.
 GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1, bwd_chunk=32, bwd_depth=0,
                     gpu_kernel=None, mosaic_chunk=32, mosaic_stages=4, mosaic_bwd_chunk=32,

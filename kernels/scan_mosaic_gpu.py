@@ -1,18 +1,20 @@
 """The diagonal scan ``h_t = a_t ⊙ h_{t-1} + b_t`` as Mosaic GPU kernels (Hopper and newer).
 
-Same contract as the Triton kernels of ``kernels/scan.py`` (``_gpu_fwd`` / ``_gpu_bwd``), which pick
-these with ``PallasConfig(gpu_kernel="mosaic")``. The scan is bandwidth-bound: each lane is a serial
-chain of FMAs, so what decides its speed is how many bytes are in flight while the chains run. The
-Triton kernels can only prefetch by carrying rows through their time loop in registers (Triton's
-compile time grows steeply with those), and reach ~2.1 TB/s. Here tiles of ``chunk`` rows × 128
-lanes stream through shared memory by TMA, ``stages`` tiles ahead (``_stream``), and
-the registers hold only the 128-lane state.
+Same contract as the Triton kernels of ``kernels/scan.py`` (``_gpu_fwd`` / ``_gpu_bwd``), which use
+these under ``PallasConfig(gpu_kernel="mosaic")`` (the default on Hopper). The scan is
+bandwidth-bound: each lane is a serial chain of FMAs, so what decides its speed is how many bytes are
+in flight while the chains run. The Triton kernels can only prefetch by carrying rows through their
+time loop in registers (Triton's compile time grows steeply with those) and move ~2.1 TB/s. Here
+tiles of ``chunk`` rows × 128 lanes stream through shared memory by TMA, ``stages`` tiles ahead
+(``_stream``), and the registers hold the 128-lane state and one tile's rows: 2.4 TB/s forward and
+2.2 backward on an H100 (kernels/BENCHMARKS.md, seventh session).
 
 Layout: one CTA (one warpgroup, 128 threads, one lane each) per (batch row, 128 lanes) of a
-``[batch, time, D]`` problem; ``D`` a multiple of 128 and ``time`` of ``chunk`` (the caller pads).
-The backward reads ``h_{t∓1}``: inside a tile that is the neighbouring row, and for the tile's edge
-row the nearest row of the next tile in time order, fetched as an 8-row block beside each tile
-(8/chunk more reads of h, against a shifted copy of h).
+``[batch, time, D]`` problem; ``D`` a multiple of 128 (the caller pads lanes) and ``time`` of
+``chunk`` (``supports``; the caller runs Triton otherwise). The backward reads ``h_{t∓1}``: inside a
+tile that is the neighbouring row; for the tile's edge row, the nearest row of the next tile in time
+order, fetched as an 8-row block beside each tile (8/chunk more reads of h, mostly from L2, where
+the alternative was an XLA copy of h shifted by one row).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, i
     def fetch(i, slot, which):
       for j in which:
         src, rows, block = ins[j]
-        plgpu.copy_gmem_to_smem(src.at[pl.ds(block(i) * rows, rows)], in_bufs[j].at[slot], barriers.at[slot])
+        plgpu.copy_gmem_to_smem(src.at[pl.ds(block(i) * rows, rows)], in_bufs[j].at[slot],
+                                barriers.at[slot])
 
     everything = range(len(ins))
     for i in range(min(stages, steps)):
@@ -81,7 +84,7 @@ def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, i
       plgpu.barrier_wait(barriers.at[slot])
       if out_slots:
         half = jax.lax.rem(i, out_slots)
-        plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)  # the stores that used `half` have read it
+        plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)  # stores from `half` have read it
         out_tiles = [buf.at[half] for buf in out_bufs]
       else:
         out_tiles = [in_bufs[j].at[slot] for j in in_place]
@@ -145,7 +148,7 @@ def _launch(kernel, out_type, batch: int, d: int, interpret: bool):
       interpret=_interpret_params() if interpret else None)
 
 
-def _where():
+def _block_position():
   n = jax.lax.axis_index("batch")
   lanes = pl.ds(jax.lax.axis_index("lanes") * LANES, LANES)
   return n, lanes
@@ -160,7 +163,7 @@ def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, out_slots: int = 2,
   rows = range(chunk) if ascending else range(chunk - 1, -1, -1)
 
   def kernel(a_gmem, b_gmem, h0_gmem, h_gmem, hlast_gmem, vec_smem, barriers):
-    n, lanes = _where()
+    n, lanes = _block_position()
     (h0,) = _load_vectors([h0_gmem.at[n, lanes]], vec_smem, barriers)
 
     def body(_, ins, outs, h):
@@ -205,7 +208,7 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
     edge_row, rows = EDGE - 1, range(chunk - 1, -1, -1)
 
   def kernel(a_gmem, g_gmem, h_gmem, h0_gmem, glast_gmem, da_gmem, db_gmem, dh0_gmem, vec_smem, barriers):
-    n, lanes = _where()
+    n, lanes = _block_position()
     h0, g_last = _load_vectors([h0_gmem.at[n, lanes], glast_gmem.at[n, lanes]], vec_smem, barriers)
 
     def body(i, ins, outs, u):
@@ -213,10 +216,12 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
       at_end = i == steps - 1  # processed last: the first tile in time (forward scan) or the last
       # (an explicit broadcast: Mosaic's warpgroup lowering has no select on a scalar predicate)
       edge = jnp.where(jnp.broadcast_to(at_end, h0.shape), h0, e_tile[edge_row].astype(jnp.float32))
+      def h_beside(r):  # h_{t∓1} for row r of the tile
+        other = r + 1 if reverse else r - 1
+        return edge if other in (-1, chunk) else h_tile[other].astype(jnp.float32)
+
       # Loads first, as in the forward.
-      neighbour = lambda r: edge if (r + 1 if reverse else r - 1) in (-1, chunk) else \
-          h_tile[r + 1 if reverse else r - 1].astype(jnp.float32)
-      loaded = [(a_tile[r].astype(jnp.float32), g_tile[r].astype(jnp.float32), neighbour(r)) for r in rows]
+      loaded = [(a_tile[r].astype(jnp.float32), g_tile[r].astype(jnp.float32), h_beside(r)) for r in rows]
       for r, (a_r, g_r, prev) in zip(rows, loaded):
         big_g = g_r + u
         db_tile[r] = big_g.astype(db_tile.dtype)
@@ -226,8 +231,9 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
 
     at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
     edges = (h_gmem.at[n, :, lanes], EDGE, edge_block)
-    dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges],
-                  outs=[at(da_gmem), at(db_gmem)], init=g_last, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
+    dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots,
+                  ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges], outs=[at(da_gmem), at(db_gmem)],
+                  init=g_last, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
     _store_vector(dh0, vec_smem, dh0_gmem.at[n, lanes])
 
   out_type = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),

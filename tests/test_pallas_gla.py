@@ -170,8 +170,8 @@ def test_pallas_lowers_for_gpu(lower_for_gpu):
 
 def test_pallas_tf32x3_exact_dots_lower_for_gpu(lower_for_gpu):
   """The tensor-core form of the exact diagonal-block dots (the default outside the dq/dk kernel)
-  reaches those dots of the GPU kernels (each one leaves the IEEE set: the test session's default precision is "highest",
-  so the bf16 dots print HIGHEST too) and lowers to Triton."""
+  reaches those dots of the GPU kernels (each one leaves the IEEE set: the test session's default
+  precision is "highest", so the bf16 dots print HIGHEST too) and lowers to Triton."""
   args, fwd, grad = _lowering_fns(pallas_target="triton", pallas_config=PallasConfig(dqk_exact_dots=None))
   _, _, grad_ieee = _lowering_fns(pallas_target="triton", pallas_config=PallasConfig(exact_dots="ieee"))
   _, _, grad_default = _lowering_fns(pallas_target="triton")  # tf32x3 except in the dq/dk kernel
