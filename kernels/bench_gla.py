@@ -184,14 +184,14 @@ CANDIDATES = [  # each field only changes the kernels named by its prefix
     PallasConfig(),
     PallasConfig(unroll=True),
     PallasConfig(dqk_reuse_scores=False),
-    PallasConfig(dqk_warps=4, dv_warps=8),
+    PallasConfig(dqk_warps=2, dv_warps=8),
     PallasConfig(out_block=64, dv_block=64),
-    PallasConfig(out_block=64, out_warps=2, dqk_block=32),
+    PallasConfig(out_block=64, out_warps=2, dqk_block=16),
     PallasConfig(states_block=32, states_stages=3),
     PallasConfig(chunk=32),
     PallasConfig(chunk=128),
-    PallasConfig(exact_dots="ieee"),
-    PallasConfig(dqk_exact_dots="tf32x3"),
+    PallasConfig(exact_dots="ieee", dqk_block=16, dqk_warps=2),
+    PallasConfig(dqk_exact_dots="ieee", dqk_block=16, dqk_warps=2),
 ]
 
 # Which fields each kernel's time depends on (besides the shared ones, which change several).

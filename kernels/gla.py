@@ -377,8 +377,10 @@ class PallasConfig:
   # 3.79 ms; commit dc372a2).
   out_block: int = 128
   out_warps: int = 4
-  dqk_block: int = 16
-  dqk_warps: int = 2  # 5.62 ms (4 warps: 6.25)
+  # dq/dk with IEEE exact dots: d_k block 16 / 2 warps 5.40–5.62 ms (4 warps 6.25), 32 / 2 8.15;
+  # with tf32x3 exact dots (seventh session): 16 / 2 7.84, 32 / 4 4.24 (the default).
+  dqk_block: int = 32
+  dqk_warps: int = 4
   # dq/dk: keep each sub-chunk's [16, 16] value–gradient scores from the forward pass for the
   # reverse one instead of recomputing them (a d_v-long dot per sub-chunk): 5.29 ms against 5.47.
   dqk_reuse_scores: bool = True
@@ -386,10 +388,10 @@ class PallasConfig:
   dv_warps: int = 4  # 0.89 ms (8 warps: 1.21)
   # The exact-f32 diagonal-block dots on GPU: "ieee" (FMA on CUDA cores) or "tf32x3" (three TF32
   # tensor-core products, about f32 accuracy); ``dqk_exact_dots`` for the dq/dk kernel (None: the
-  # same). H100, ms per kernel, ieee → tf32x3: output 2.19 → 1.79, dv 0.89 → 0.79, dq/dk 5.42 → 7.84
-  # (seventh session). The interpreter and Mosaic always use IEEE.
+  # same). H100, ms per kernel, ieee → tf32x3: output 2.19 → 1.79, dv 0.89 → 0.79, dq/dk 5.40 →
+  # 4.24 at its own best tiling (above; seventh session). The interpreter and Mosaic always use IEEE.
   exact_dots: str = "tf32x3"
-  dqk_exact_dots: str | None = "ieee"
+  dqk_exact_dots: str | None = None
   stages: int = 1
   unroll: bool = False
 

@@ -169,19 +169,19 @@ def test_pallas_lowers_for_gpu(lower_for_gpu):
 
 
 def test_pallas_tf32x3_exact_dots_lower_for_gpu(lower_for_gpu):
-  """The tensor-core form of the exact diagonal-block dots (the default outside the dq/dk kernel)
-  reaches those dots of the GPU kernels (each one leaves the IEEE set: the test session's default
+  """The tensor-core form of the exact diagonal-block dots (the default; ``dqk_exact_dots`` sets the
+  dq/dk kernel's own) reaches those dots of the GPU kernels (each one leaves the IEEE set: the test session's default
   precision is "highest", so the bf16 dots print HIGHEST too) and lowers to Triton."""
-  args, fwd, grad = _lowering_fns(pallas_target="triton", pallas_config=PallasConfig(dqk_exact_dots=None))
+  args, fwd, grad = _lowering_fns(pallas_target="triton")  # the default: tf32x3 in every kernel
   _, _, grad_ieee = _lowering_fns(pallas_target="triton", pallas_config=PallasConfig(exact_dots="ieee"))
-  _, _, grad_default = _lowering_fns(pallas_target="triton")  # tf32x3 except in the dq/dk kernel
+  _, _, grad_mixed = _lowering_fns(pallas_target="triton", pallas_config=PallasConfig(dqk_exact_dots="ieee"))
   tf32x3 = str(jax.make_jaxpr(grad)(*args))
   ieee = str(jax.make_jaxpr(grad_ieee)(*args))
   assert "TF32_TF32_F32_X3" not in ieee
   assert tf32x3.count("TF32_TF32_F32_X3") > 0
   assert ieee.count("HIGHEST") - tf32x3.count("HIGHEST") == 2 * tf32x3.count("TF32_TF32_F32_X3")
-  default = str(jax.make_jaxpr(grad_default)(*args))
-  assert 0 < default.count("TF32_TF32_F32_X3") < tf32x3.count("TF32_TF32_F32_X3")
+  mixed = str(jax.make_jaxpr(grad_mixed)(*args))  # IEEE in the dq/dk kernel only
+  assert 0 < mixed.count("TF32_TF32_F32_X3") < tf32x3.count("TF32_TF32_F32_X3")
   for f, kernels in ((fwd, 2), (grad, 5)):
     assert lower_for_gpu(f, *args).count("xla.gpu.triton") == kernels
 
