@@ -147,10 +147,11 @@ class PallasConfig:
   independent pieces (a power of two dividing T; 1 = off; None = ``_gpu_segments``): the three-pass
   form below, for problems with too few lanes to fill the GPU. ``gpu_kernel``: ``"triton"`` (the
   kernels here) or ``"mosaic"`` (``kernels/scan_mosaic_gpu.py``: TMA-pipelined tiles of
-  ``mosaic_chunk`` rows × 128 lanes, ``mosaic_stages`` tiles in flight, None = as many as fit shared
-  memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1 or 2 buffers per output tile, or 0 to
-  write each output tile over an input tile of its step; Hopper or newer, and only where the per-segment length
-  is a multiple of the chunk, otherwise Triton runs). TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
+  ``mosaic_chunk`` rows × 128 lanes, a multiple of 8 up to 256; ``mosaic_stages`` tiles in flight,
+  None = as many as fit shared memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1
+  or 2 buffers per output tile, or 0 to write each output tile over an input tile of its step).
+  Mosaic needs Hopper or newer, and a per-segment length that is a multiple of the chunk; otherwise
+  Triton runs. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
   """
   block_d: int | None = None
@@ -640,6 +641,13 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
     kernel = get("gpu_kernel") or ("mosaic" if not interpret and _tma_gpu() else "triton")
     if kernel not in GPU_KERNELS:
       raise ValueError(f"linear_scan: PallasConfig.gpu_kernel={kernel!r}; valid: {GPU_KERNELS}")
+    for field in ("mosaic_chunk", "mosaic_bwd_chunk"):
+      value = getattr(cfg, field)
+      if value is not None and (value <= 0 or value % scan_mosaic_gpu.EDGE or value > 256):
+        raise ValueError(f"linear_scan: PallasConfig.{field}={value} must be a multiple of "
+                         f"{scan_mosaic_gpu.EDGE} in [8, 256] (the rows of a TMA tile)")
+    if cfg.mosaic_out_slots not in (None, 0, 1, 2):
+      raise ValueError(f"linear_scan: PallasConfig.mosaic_out_slots={cfg.mosaic_out_slots}; valid: 0, 1, 2")
     if kernel == "mosaic":
       # Segments are sized by lanes (32 per one-warp Triton program), as for the Triton kernels.
       segments = cfg.segments or _gpu_segments(batch, time, d, 32)
@@ -659,11 +667,13 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
       lanes = scan_mosaic_gpu.LANES
       in_f, in_b = dtypes, (dtypes[0], dtypes[1], dtypes[1])  # (a, b) forward; (a, ḡ, h) backward
       slots = get("mosaic_out_slots")
-      fit = lambda chunk, ins, outs: scan_mosaic_gpu.fit_stages(chunk, ins, outs, edge=len(ins) == 3, out_slots=slots)
+      fit = lambda chunk, ins, outs: scan_mosaic_gpu.fit_stages(chunk, ins, outs, edge=len(ins) == 3,
+                                                                out_slots=slots)
       cfg = dataclasses.replace(
           cfg, mosaic_chunk=chunks[0], mosaic_bwd_chunk=chunks[1], mosaic_out_slots=slots,
           # a given number of stages is taken as is; a default one is capped by what fits
-          mosaic_stages=cfg.mosaic_stages or min(get("mosaic_stages") or 8, fit(chunks[0], in_f, (dtypes[1],))),
+          mosaic_stages=cfg.mosaic_stages or min(get("mosaic_stages") or 8,
+                                                 fit(chunks[0], in_f, (dtypes[1],))),
           mosaic_bwd_stages=cfg.mosaic_bwd_stages or min(get("mosaic_bwd_stages") or 8,
                                                          fit(chunks[1], in_b, (dtypes[0], dtypes[1]))),
           block_d=lanes, bwd_block_d=lanes)

@@ -177,7 +177,7 @@ def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(dtype):
   assert text.count("mosaic_gpu") >= 2 and "triton" not in text
 
 
-def test_mosaic_gpu_falls_back_to_triton_on_ragged_or_split_problems():
+def test_mosaic_gpu_falls_back_to_triton_on_ragged_or_split_problems_and_rejects_bad_tiles():
   config = PallasConfig(gpu_kernel="mosaic")
   assert scan._resolve("gpu", config, 8, 1024, 4096, (jnp.float32,) * 2).gpu_kernel == "mosaic"
   assert scan._resolve("gpu", config, 8, 1024, 4100, (jnp.float32,) * 2).gpu_kernel == "triton"
@@ -187,3 +187,7 @@ def test_mosaic_gpu_falls_back_to_triton_on_ragged_or_split_problems():
                        (jnp.float32,) * 2).gpu_kernel == "mosaic"
   with pytest.raises(ValueError, match="gpu_kernel='cuda'; valid: \\('triton', 'mosaic'\\)"):
     scan._resolve("gpu", PallasConfig(gpu_kernel="cuda"), 8, 1024, 4096, (jnp.float32,) * 2)
+  with pytest.raises(ValueError, match="mosaic_bwd_chunk=12 must be a multiple of 8 in \\[8, 256\\]"):
+    scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic", mosaic_bwd_chunk=12), 8, 1024, 4096, (jnp.float32,) * 2)
+  with pytest.raises(ValueError, match="mosaic_out_slots=3; valid: 0, 1, 2"):
+    scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic", mosaic_out_slots=3), 8, 1024, 4096, (jnp.float32,) * 2)
