@@ -351,9 +351,12 @@ KILLED_PARENT = r"""
 import subprocess, sys, time
 from launch.local import _die_with_parent
 CHILD = '''
-import signal, sys, time
+import os, signal, sys, time
 def on_term(*_):
-  open(sys.argv[1], "w").write("SIGTERM")
+  # Written aside and renamed: the test polls for the file, which must not appear empty.
+  with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write("SIGTERM")
+  os.replace(sys.argv[1] + ".tmp", sys.argv[1])
   sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
 print("ready", flush=True)
