@@ -32,7 +32,8 @@ Implementations:
   positive however strong the decay.
 - ``"pallas"``: the same chunked form with the scan over chunks replaced by a Pallas kernel (Triton on
   GPU, Mosaic on TPU) and its hand-derived backward by a second one (``kernels/delta_pallas.py``); the
-  WY factors are a Pallas kernel too (with a hand-derived XLA backward). The rest of the precompute
+  WY factors are a Pallas kernel too (its backward is XLA: :func:`solve_cotangents` and JAX's
+  transpose of :func:`wy_system`). The rest of the precompute
   and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For
   16-bit inputs the kernels' dots take k, W, K̂ and the state rounded to that dtype (f32
   accumulation and state).
@@ -54,6 +55,7 @@ from kernels.delta_pallas import PallasConfig, PallasTarget
 from kernels.delta_pallas import _is_pow2_tile as is_pallas_chunk
 from kernels.delta_pallas import check_arguments as check_pallas_arguments
 from kernels.delta_pallas import state_pass as pallas_state_pass
+from kernels.delta_pallas import unit_lower_inverse
 from kernels.delta_pallas import wy_factors as pallas_wy_factors
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
@@ -96,24 +98,6 @@ def delta_rule_reference(q, k, v, beta, log_decay=None, initial_state=None):
   xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, beta, ld))
   final, o = jax.lax.scan(step, state, xs)
   return jnp.moveaxis(o, 0, 1).astype(v.dtype), final
-
-
-def unit_lower_inverse(a):
-  """``(I + A)⁻¹`` for strictly lower-triangular ``A [..., c, c]``, by matmuls only.
-
-  ``A`` is nilpotent (``A^c = 0``), so ``(I + A)⁻¹ = Σ_{m<c} (−A)^m = Π_j (I + (−A)^{2^j})`` over
-  ``j < ⌈log₂ c⌉``: 2·⌈log₂ c⌉ − 1 small matmuls that run on tensor cores and batch well, where a
-  batched triangular solve is a sequential custom call (and, nested inside two scans on the XLA CPU
-  runtime, was seen to deadlock).
-  """
-  c = a.shape[-1]
-  eye = jnp.eye(c, dtype=a.dtype)
-  power = -a
-  inverse = eye + power
-  for _ in range(max(c - 1, 1).bit_length() - 1):
-    power = power @ power
-    inverse = inverse @ (eye + power)
-  return inverse
 
 
 @jax.custom_vjp

@@ -80,7 +80,9 @@ class PallasConfig:
   wy_warps: int = 4  # the WY kernel (one chunk per program)
   # Triton WY kernel: T by block forward substitution over blocks of this many rows (a power of two
   # ≥ 16 dividing the chunk), None = the whole chunk as one block. At C = 64 the whole-chunk form
-  # spills (255 registers, 2.37 ms); blocks of 16 keep only 16 × 16 tiles live. Not yet timed.
+  # spills (255 registers, 2.37 ms); blocks of 16 keep only 16 × 16 tiles live, but the precompute
+  # took the same time (H100, gated: 2.815 / 7.186 ms fwd / fwd+bwd against 2.806 / 7.155, seventh
+  # session), so the default stays the whole chunk.
   wy_block: int | None = None
 
 
@@ -265,7 +267,7 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
 # Per chunk (one program per chunk and head, all of it in registers or VMEM), with b the within-chunk
 # cumulative log-decay and γ = e^{b}:
 #     A = strictly_lower(β_t e^{b_t − b_s} k_t·k_s),   T = (I + A)⁻¹,   [Ũ | W] = T [β v | βγ k]
-# T by the nilpotent product of kernels.delta.unit_lower_inverse (2·log₂ c − 1 dots of c × c). The
+# T by the nilpotent product of unit_lower_inverse (2·log₂ c − 1 dots of c × c). The
 # dots of T run as three TF32 products (Triton's tf32x3, about f32 accuracy on tensor cores; IEEE in
 # the interpreter); k kᵀ takes the input dtype (bf16 products are exact in f32). The kernel also
 # stores T for the backward, which is XLA (``_wy_bwd`` below): with X = T R,
@@ -274,7 +276,26 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
 # XLA's own form of this stage materialises each power of A for all chunks at once; here a chunk
 # stays on chip. On an H100 (B4 T8192 H16 d128 bf16) the kernel takes 0.45 ms at C = 16; at C = 64
 # it takes 2.37 ms, at 255 registers per thread and spilling its c × c products (Nsight Compute,
-# kernels/BENCHMARKS.md): the next thing to fix here.
+# kernels/BENCHMARKS.md); block substitution (``PallasConfig.wy_block``) did not make it faster.
+
+
+def unit_lower_inverse(a, matmul=jnp.matmul):
+  """``(I + A)⁻¹`` for strictly lower-triangular ``A [..., c, c]``, by matmuls only.
+
+  ``A`` is nilpotent (``A^c = 0``), so ``(I + A)⁻¹ = Σ_{m<c} (−A)^m = Π_j (I + (−A)^{2^j})`` over
+  ``j < ⌈log₂ c⌉``: 2·⌈log₂ c⌉ − 1 small matmuls that run on tensor cores and batch well, where a
+  batched triangular solve is a sequential custom call (and, nested inside two scans on the XLA CPU
+  runtime, was seen to deadlock). ``matmul``: the product to use (the WY kernel passes its tf32x3 dot).
+  """
+  c = a.shape[-1]
+  eye = jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 2) == jax.lax.broadcasted_iota(
+      jnp.int32, a.shape, a.ndim - 1)
+  power = -a
+  inverse = eye.astype(a.dtype) + power
+  for _ in range(max(c - 1, 1).bit_length() - 1):
+    power = matmul(power, power)
+    inverse = inverse + matmul(inverse, power)  # inverse · (I + power)
+  return inverse
 
 
 def _strictly_lower(c: int):
@@ -302,19 +323,10 @@ def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref
       return a * jnp.exp(diff)
     return jnp.where(lower, a * jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)  # masked before exp
 
-  def diagonal_inverse(a):  # (I + A)⁻¹ of one diagonal block by the nilpotent product
-    eye = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0) == jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)
-    power = -a
-    inverse = eye.astype(_F32) + power
-    for _ in range(max(block - 1, 1).bit_length() - 1):
-      power = dot32(power, power)
-      inverse = inverse + dot32(inverse, power)
-    return inverse
-
   # Block forward substitution: T_ii = (I + A_ii)⁻¹, T_ij = −T_ii Σ_{j ≤ m < i} A_im T_mj (j < i).
   t = {}
   for i in range(n_blocks):
-    t[i, i] = diagonal_inverse(a_block(i, i))
+    t[i, i] = unit_lower_inverse(a_block(i, i), dot32)
     a_row = [a_block(i, m) for m in range(i)]
     for j in range(i):
       total = functools.reduce(jnp.add, [dot32(a_row[m], t[m, j]) for m in range(j, i)])
