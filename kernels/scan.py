@@ -149,7 +149,10 @@ class PallasConfig:
   kernels here) or ``"mosaic"`` (``kernels/scan_mosaic_gpu.py``: TMA-pipelined tiles of
   ``mosaic_chunk`` rows × 128 lanes, a multiple of 8 up to 256; ``mosaic_stages`` tiles in flight,
   None = as many as fit shared memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1
-  or 2 buffers per output tile, or 0 to write each output tile over an input tile of its step).
+  or 2 buffers per output tile, or 0 to write each output tile over an input tile of its step;
+  ``mosaic_bwd_lanes`` 128, or 64 for ``bwd_split``'s twice as many CTAs, each working on both halves
+  of its tiles at once (a bwd chunk that is a multiple of 16); None = 64 where 128-lane CTAs would
+  leave SMs idle).
   Mosaic needs Hopper or newer, and a per-segment length that is a multiple of the chunk; otherwise
   Triton runs. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
@@ -172,6 +175,7 @@ class PallasConfig:
   mosaic_bwd_chunk: int | None = None
   mosaic_bwd_stages: int | None = None
   mosaic_out_slots: int | None = None
+  mosaic_bwd_lanes: int | None = None
 
 
 # One lane per thread (32 per warp, one warp per program) spreads the 8·1024 lanes of the benchmark
@@ -339,9 +343,10 @@ def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
 def _gpu_bwd(a, g, h, h0, g_last, *, reverse, interpret, cfg, b_dtype):
   batch, time, d = a.shape
   if cfg.gpu_kernel == "mosaic":
-    return scan_mosaic_gpu.bwd(a, g, h, h0, g_last, reverse=reverse, chunk=cfg.mosaic_bwd_chunk,
-                               stages=cfg.mosaic_bwd_stages, b_dtype=b_dtype, out_slots=cfg.mosaic_out_slots,
-                               interpret=interpret)
+    split = cfg.mosaic_bwd_lanes == scan_mosaic_gpu.HALF_WIDTH
+    return (scan_mosaic_gpu.bwd_split if split else scan_mosaic_gpu.bwd)(
+        a, g, h, h0, g_last, reverse=reverse, chunk=cfg.mosaic_bwd_chunk, stages=cfg.mosaic_bwd_stages,
+        b_dtype=b_dtype, out_slots=cfg.mosaic_out_slots, interpret=interpret)
   strip, vec = _gpu_specs(cfg.bwd_block_d, time)
   kernel = functools.partial(_gpu_bwd_kernel, length=time, chunk=cfg.bwd_chunk, depth=cfg.bwd_depth,
                              reverse=reverse)
@@ -632,6 +637,12 @@ def _tma_gpu() -> bool:
     return False
 
 
+def _gpu_sm_count() -> int:
+  """Streaming multiprocessors of the default GPU (an H100's 132 where there is none: CPU tests)."""
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
+
+
 def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dtypes,
              interpret: bool = False) -> PallasConfig:
   """Fills the platform defaults into ``cfg`` for a ``[batch, time, d]`` problem."""
@@ -648,6 +659,13 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
                          f"{scan_mosaic_gpu.EDGE} in [8, 256] (the rows of a TMA tile)")
     if cfg.mosaic_out_slots not in (None, 0, 1, 2):
       raise ValueError(f"linear_scan: PallasConfig.mosaic_out_slots={cfg.mosaic_out_slots}; valid: 0, 1, 2")
+    if cfg.mosaic_bwd_lanes not in (None, scan_mosaic_gpu.HALF_WIDTH, scan_mosaic_gpu.LANES):
+      raise ValueError(f"linear_scan: PallasConfig.mosaic_bwd_lanes={cfg.mosaic_bwd_lanes}; valid: "
+                       f"{scan_mosaic_gpu.HALF_WIDTH}, {scan_mosaic_gpu.LANES}")
+    if (cfg.mosaic_bwd_lanes == scan_mosaic_gpu.HALF_WIDTH and cfg.mosaic_bwd_chunk is not None
+        and cfg.mosaic_bwd_chunk % (2 * scan_mosaic_gpu.EDGE)):
+      raise ValueError(f"linear_scan: PallasConfig.mosaic_bwd_chunk={cfg.mosaic_bwd_chunk} must be a multiple "
+                       f"of {2 * scan_mosaic_gpu.EDGE} with mosaic_bwd_lanes={scan_mosaic_gpu.HALF_WIDTH}")
     if kernel == "mosaic":
       # Segments are sized by lanes (32 per one-warp Triton program), as for the Triton kernels.
       segments = cfg.segments or _gpu_segments(batch, time, d, 32)
@@ -665,18 +683,24 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
         kernel = "triton"
     if kernel == "mosaic":
       lanes = scan_mosaic_gpu.LANES
+      # The backward on 64-lane CTAs where 128-lane ones would leave SMs idle (B8 D1024: 64 CTAs).
+      ctas = batch * (cfg.segments or 1) * -(-d // lanes)
+      halves = chunks[1] % (2 * scan_mosaic_gpu.EDGE) == 0
+      bwd_lanes = cfg.mosaic_bwd_lanes or (scan_mosaic_gpu.HALF_WIDTH if ctas < _gpu_sm_count() and halves
+                                           else lanes)
       in_f, in_b = dtypes, (dtypes[0], dtypes[1], dtypes[1])  # (a, b) forward; (a, ḡ, h) backward
       slots = get("mosaic_out_slots")
-      fit = lambda chunk, ins, outs: scan_mosaic_gpu.fit_stages(chunk, ins, outs, edge=len(ins) == 3,
-                                                                out_slots=slots)
+      fit = lambda chunk, ins, outs, width=lanes: scan_mosaic_gpu.fit_stages(
+          chunk, ins, outs, edge=len(ins) == 3 and width == lanes, out_slots=slots, lanes=width)
       cfg = dataclasses.replace(
           cfg, mosaic_chunk=chunks[0], mosaic_bwd_chunk=chunks[1], mosaic_out_slots=slots,
+          mosaic_bwd_lanes=bwd_lanes,
           # a given number of stages is taken as is; a default one is capped by what fits
           mosaic_stages=cfg.mosaic_stages or min(get("mosaic_stages") or 8,
                                                  fit(chunks[0], in_f, (dtypes[1],))),
-          mosaic_bwd_stages=cfg.mosaic_bwd_stages or min(get("mosaic_bwd_stages") or 8,
-                                                         fit(chunks[1], in_b, (dtypes[0], dtypes[1]))),
-          block_d=lanes, bwd_block_d=lanes)
+          mosaic_bwd_stages=cfg.mosaic_bwd_stages or min(
+              get("mosaic_bwd_stages") or 8, fit(chunks[1], in_b, (dtypes[0], dtypes[1]), bwd_lanes)),
+          block_d=lanes, bwd_block_d=bwd_lanes)
     else:
       segments = None
     # A narrow problem (D < 32) gets one power-of-two block instead of padding D to 32.

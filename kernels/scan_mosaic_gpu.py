@@ -19,6 +19,9 @@ the alternative was an XLA copy of h shifted by one row).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -28,12 +31,13 @@ LANES = 128  # one warpgroup, one lane per thread
 EDGE = 8     # rows of the block that supplies a tile's edge row in the backward
 
 
-def supports(d: int, time: int, chunk: int) -> str | None:
-  """Why a ``[batch, time, d]`` problem cannot run on these kernels as given (None: it can)."""
+def supports(d: int, time: int, chunk: int, *, split: bool = False) -> str | None:
+  """Why a ``[batch, time, d]`` problem cannot run on these kernels (``split``: on ``bwd_split``)
+  as given (None: it can)."""
   if d % LANES:
     return f"D={d} is not a multiple of {LANES}"
-  if chunk % EDGE or chunk > 256:
-    return f"chunk={chunk} must be a multiple of {EDGE} and at most 256 (a TMA box)"
+  if chunk % (2 * EDGE if split else EDGE) or chunk > 256:
+    return f"chunk={chunk} must be a multiple of {2 * EDGE if split else EDGE} and at most 256 (a TMA box)"
   if time % chunk:
     return f"time={time} is not a multiple of chunk={chunk}"
   return None
@@ -42,12 +46,15 @@ def supports(d: int, time: int, chunk: int) -> str | None:
 SMEM_BUDGET = 226 * 1024  # of the H100's 227 KB per block (Mosaic adds only the barriers)
 
 
-def fit_stages(chunk: int, in_dtypes, out_dtypes, *, edge: bool, out_slots: int = 2, most: int = 8) -> int:
+def fit_stages(chunk: int, in_dtypes, out_dtypes, *, edge: bool, out_slots: int = 2, most: int = 8,
+               lanes: int = LANES) -> int:
   """The most pipeline stages (≤ ``most``) whose buffers fit ``SMEM_BUDGET``: ``stages`` slots per
-  input tile (and edge block), ``out_slots`` per output tile."""
-  row = lambda dtypes: sum(LANES * jnp.dtype(t).itemsize for t in dtypes)
+  input tile (and edge block), ``out_slots`` per output tile, tiles ``lanes`` wide (``HALF_WIDTH``:
+  ``bwd_split``'s tiles and scratch)."""
+  row = lambda dtypes: sum(lanes * jnp.dtype(t).itemsize for t in dtypes)
   per_stage = chunk * row(in_dtypes) + (EDGE * row(in_dtypes[-1:]) if edge else 0)
-  fixed = out_slots * chunk * row(out_dtypes) + 2 * LANES * 4
+  scratch = 2 * LANES * 4 if lanes == LANES else 12 * HALF_WIDTH * 4  # the kernels' f32 vectors
+  fixed = out_slots * chunk * row(out_dtypes) + scratch
   return max(2, min(most, (SMEM_BUDGET - fixed) // per_stage))
 
 
@@ -55,12 +62,30 @@ def _tile_index(steps: int, ascending: bool):
   return (lambda i: i) if ascending else (lambda i: steps - 1 - i)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tile:
+  """One stream of ``_stream``: its shared-memory tile (``shape``, ``dtype``) and ``moves(i, tile)``,
+  the ``copies`` TMA copies of step i as (source, destination) pairs: GMEM → views of ``tile`` for
+  an input, views of ``tile`` → GMEM for an output."""
+  shape: tuple[int, ...]
+  dtype: object
+  moves: Callable
+  copies: int = 1
+
+
+def _rows(ref, rows: int, block, *, output: bool = False) -> _Tile:
+  """Step i moves rows ``[block(i)·rows, (block(i) + 1)·rows)`` of a ``[time, lanes]`` GMEM view."""
+  def moves(i, tile):
+    gmem = ref.at[pl.ds(block(i) * rows, rows)]
+    return [(tile, gmem) if output else (gmem, tile)]
+  return _Tile((rows, ref.shape[-1]), ref.dtype, moves)
+
+
 def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, in_place=()):
   """Runs ``carry = body(i, in_tiles, out_tiles, carry)`` for i in 0 … steps − 1, with the input tiles
   of step i loaded by TMA ``stages`` steps ahead and the output tiles stored behind it.
 
-  ``ins`` / ``outs``: ``(gmem_ref [rows_total, LANES], rows, block(i))`` — step i reads / writes rows
-  ``[block(i)·rows, (block(i) + 1)·rows)``. ``out_slots``: 2 double-buffers the output tiles; 1
+  ``ins`` / ``outs``: ``_Tile`` streams. ``out_slots``: 2 double-buffers the output tiles; 1
   waits, before a step writes its outputs, until the previous step's stores have read theirs (issued
   a whole step earlier, so rarely a wait); 0 writes output j over the step's tile of input
   ``in_place[j]`` (the body reads every row before its first store) and refills that slot once the
@@ -71,9 +96,8 @@ def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, i
   def scoped(in_bufs, out_bufs, barriers):
     def fetch(i, slot, which):
       for j in which:
-        src, rows, block = ins[j]
-        plgpu.copy_gmem_to_smem(src.at[pl.ds(block(i) * rows, rows)], in_bufs[j].at[slot],
-                                barriers.at[slot])
+        for src, dst in ins[j].moves(i, in_bufs[j].at[slot]):
+          plgpu.copy_gmem_to_smem(src, dst, barriers.at[slot])
 
     everything = range(len(ins))
     for i in range(min(stages, steps)):
@@ -90,8 +114,9 @@ def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, i
         out_tiles = [in_bufs[j].at[slot] for j in in_place]
       carry = body(i, [buf.at[slot] for buf in in_bufs], out_tiles, carry)
       plgpu.commit_smem()  # every thread is done with the slot, and its writes are visible to TMA
-      for (dst, rows, block), tile in zip(outs, out_tiles):
-        plgpu.copy_smem_to_gmem(tile, dst.at[pl.ds(block(i) * rows, rows)], commit_group=False)
+      for stream, tile in zip(outs, out_tiles):
+        for src, dst in stream.moves(i, tile):
+          plgpu.copy_smem_to_gmem(src, dst, commit_group=False)
       plgpu.commit_smem_to_gmem_group()
 
       @pl.when(i + stages < steps)
@@ -108,11 +133,12 @@ def _stream(body, *, steps: int, stages: int, out_slots: int, ins, outs, init, i
     plgpu.wait_smem_to_gmem(0)
     return carry
 
-  smem = lambda refs, slots: [plgpu.SMEM((slots, rows, LANES), ref.dtype) for ref, rows, _ in refs]
+  arrivals = sum(t.copies for t in ins)  # every copy of a stage arrives on the stage's barrier
+  smem = lambda tiles, slots: [plgpu.SMEM((slots,) + t.shape, t.dtype) for t in tiles]
   out_smem = smem(outs, out_slots) if out_slots else []
   return pl.run_scoped(lambda *refs: scoped(refs[:len(ins)], refs[len(ins):-1], refs[-1]),
                        *smem(ins, stages), *out_smem,
-                       plgpu.Barrier(num_arrivals=len(ins), num_barriers=stages))
+                       plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages))
 
 
 def _load_vectors(sources, smem, barriers):
@@ -141,16 +167,16 @@ def _interpret_params():
   return cls()
 
 
-def _launch(kernel, out_type, batch: int, d: int, interpret: bool):
+def _launch(kernel, out_type, batch: int, d: int, interpret: bool, *, lanes: int = LANES, scratch=None):
+  scratch = scratch or [plgpu.SMEM((2, LANES), jnp.float32), plgpu.Barrier(num_barriers=2)]
   return plgpu.kernel(
-      kernel, out_type=out_type, grid=(batch, d // LANES), grid_names=("batch", "lanes"),
-      scratch_types=[plgpu.SMEM((2, LANES), jnp.float32), plgpu.Barrier(num_barriers=2)],
-      interpret=_interpret_params() if interpret else None)
+      kernel, out_type=out_type, grid=(batch, d // lanes), grid_names=("batch", "lanes"),
+      scratch_types=scratch, interpret=_interpret_params() if interpret else None)
 
 
-def _block_position():
+def _block_position(width: int = LANES):
   n = jax.lax.axis_index("batch")
-  lanes = pl.ds(jax.lax.axis_index("lanes") * LANES, LANES)
+  lanes = pl.ds(jax.lax.axis_index("lanes") * width, width)
   return n, lanes
 
 
@@ -178,9 +204,9 @@ def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, out_slots: int = 2,
         h_tile[r] = h.astype(h_tile.dtype)
       return h
 
-    at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
+    at = lambda ref, **kw: _rows(ref.at[n, :, lanes], chunk, tile, **kw)
     h_last = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(b_gmem)],
-                     outs=[at(h_gmem)], init=h0, in_place=(1,))  # (h over b)
+                     outs=[at(h_gmem, output=True)], init=h0, in_place=(1,))  # (h over b)
     _store_vector(h_last, vec_smem, hlast_gmem.at[n, lanes])
 
   out_type = (jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, d), jnp.float32))
@@ -229,10 +255,11 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
         u = a_r * big_g
       return u
 
-    at = lambda ref: (ref.at[n, :, lanes], chunk, tile)
-    edges = (h_gmem.at[n, :, lanes], EDGE, edge_block)
+    at = lambda ref, **kw: _rows(ref.at[n, :, lanes], chunk, tile, **kw)
+    edges = _rows(h_gmem.at[n, :, lanes], EDGE, edge_block)
     dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots,
-                  ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges], outs=[at(da_gmem), at(db_gmem)],
+                  ins=[at(a_gmem), at(g_gmem), at(h_gmem), edges],
+                  outs=[at(da_gmem, output=True), at(db_gmem, output=True)],
                   init=g_last, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
     _store_vector(dh0, vec_smem, dh0_gmem.at[n, lanes])
 
@@ -240,3 +267,113 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
               jax.ShapeDtypeStruct((batch, d), jnp.float32))
   return _launch(kernel, out_type, batch, d, interpret)(a, g, h, h0.astype(jnp.float32),
                                                         g_last.astype(jnp.float32))
+
+
+# --- the backward on half-width CTAs ------------------------------------------------------------------
+# With one 128-lane CTA per (batch row, lane block), B8 D1024 is 64 CTAs for the H100's 132 SMs, and
+# the backward's five streams then move ~2.2 TB/s; with 128 or more CTAs the same kernel moves ~2.7
+# (B16 T2048 D1024: fwd+bwd 0.415–0.427 ms against 0.476 at B8 T4096; kernels/BENCHMARKS.md, eighth
+# session). ``bwd_split`` doubles the CTAs without splitting time across them (which would cost an
+# extra pass over the inputs): a CTA takes 64 lanes, and its 128 threads work on both halves of every
+# tile at once, thread (s, lane) on rows ``[s·half, (s + 1)·half)``. Rows r of the two halves form one
+# [2, 64] slab (a strided view of the [2, half, 64] tile). The half the backward reaches first (the
+# "lead") runs from the true carry; the other (the "trail") from zero, keeping for each row the
+# product of the decays walked so far, so once the lead's outgoing U has crossed to the trail threads
+# through shared memory, each trail row is fixed up with one FMA:
+#   G_r = G_r^local + (Π of a over the trail rows walked before r) · U_lead.
+# The fixed trail's outgoing U crosses back to the lead threads as the next tile's carry.
+
+HALF_WIDTH = 64  # lanes per CTA of bwd_split
+
+
+def _move_row(buf, x, src: int):
+  """``y`` with ``y[1 − src] = x[src]`` (its other row is stale), through the [3, width] ``buf``."""
+  buf[pl.ds(1 - src, 2)] = x  # x[src] lands on buf[1] ...
+  plgpu.commit_smem()  # (a warpgroup barrier: other threads read what these wrote)
+  return buf[pl.ds(src, 2)]  # ... which this view puts on row 1 − src
+
+
+def bwd_split(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype, out_slots: int = 2,
+              interpret: bool = False):
+  """``bwd`` (same arguments and results) on 64-lane CTAs, each tile's halves side by side (above);
+  ``D`` a multiple of 64, ``chunk`` of 16."""
+  batch, time, d = a.shape
+  steps, half, width = time // chunk, chunk // 2, HALF_WIDTH
+  ascending = reverse  # the backward of a forward scan walks time downwards
+  tile = _tile_index(steps, ascending)
+  lead = 0 if reverse else 1
+  trail = 1 - lead
+  rows = range(half) if ascending else range(half - 1, -1, -1)
+  f32 = jnp.float32
+
+  def halves(ref, *, output=False):  # ref: a [time, width] GMEM view; tile [2, half, width]
+    def moves(i, t):
+      start = tile(i) * chunk
+      pairs = [(ref.at[pl.ds(start + s * half, half)], t.at[s]) for s in (0, 1)]
+      return [(dst, src) for src, dst in pairs] if output else pairs
+    return _Tile((2, half, width), ref.dtype, moves, copies=2)
+
+  def shifted(ref):  # row r of half s holds h_{t∓1} for t = start + s·half + r (a stand-in for h0)
+    def moves(i, t):
+      start = tile(i) * chunk
+      if reverse:
+        return [(ref.at[pl.ds(start + 1, half)], t.at[0]),
+                (ref.at[pl.ds(start + half + 1, half - 1)], t.at[1, pl.ds(0, half - 1)]),
+                (ref.at[pl.ds(jnp.minimum(start + chunk, time - 1), 1)], t.at[1, pl.ds(half - 1, 1)])]
+      return [(ref.at[pl.ds(jnp.maximum(start - 1, 0), 1)], t.at[0, pl.ds(0, 1)]),
+              (ref.at[pl.ds(start, half - 1)], t.at[0, pl.ds(1, half - 1)]),
+              (ref.at[pl.ds(start + half - 1, half)], t.at[1])]
+    return _Tile((2, half, width), ref.dtype, moves, copies=3)
+
+  def kernel(a_gmem, g_gmem, h_gmem, h0_gmem, glast_gmem, mask_gmem, da_gmem, db_gmem, dh0_gmem,
+             vec_smem, pass_smem, carry_smem, barrier):
+    n, lanes = _block_position(width)
+    # vec_smem: (h0, h0), the lead row's mask, ∂h0 on its way out. ḡ_last enters as the first carry.
+    for dst in (vec_smem.at[0, 0], vec_smem.at[0, 1]):
+      plgpu.copy_gmem_to_smem(h0_gmem.at[n, lanes], dst, barrier.at[0])
+    plgpu.copy_gmem_to_smem(mask_gmem, vec_smem.at[1], barrier.at[0])
+    plgpu.copy_gmem_to_smem(glast_gmem.at[n, lanes], carry_smem.at[1], barrier.at[0])
+    plgpu.barrier_wait(barrier.at[0])
+    h0 = vec_smem[0]
+    is_lead, is_trail = vec_smem[1] > 0.5, vec_smem[1] < 0.5
+    zeros = jnp.zeros((2, width), f32)
+
+    def body(i, ins, outs, u):  # u: U entering the tile on the lead row, 0 on the trail row
+      (a_tile, g_tile, h_tile), (da_tile, db_tile) = ins, outs
+      slab = lambda t, r: t[:, r, :].astype(f32)
+      loaded = [(slab(a_tile, r), slab(g_tile, r), slab(h_tile, r)) for r in rows]  # loads first
+      a_r, g_r, prev = loaded[-1]  # the trail's last row of the last tile reads h0
+      # (nested selects: jnp.logical_and emits a bool → bool conversion Mosaic GPU cannot lower)
+      at_end = jnp.broadcast_to(i == steps - 1, is_trail.shape)
+      loaded[-1] = (a_r, g_r, jnp.where(at_end, jnp.where(is_trail, h0, prev), prev))
+      partial, reach = [], jnp.ones((2, width), f32)
+      for a_r, g_r, prev in loaded:
+        big_g = g_r + u
+        partial.append((big_g, reach, prev))
+        u = a_r * big_g
+        reach = reach * a_r
+      entering = jnp.where(is_trail, _move_row(pass_smem, u, lead), zeros)  # U entering the trail
+      for r, (big_g, reach_r, prev) in zip(rows, partial):
+        big_g = big_g + reach_r * entering
+        db_tile[:, r, :] = big_g.astype(db_tile.dtype)
+        da_tile[:, r, :] = (big_g * prev).astype(da_tile.dtype)
+      return jnp.where(is_lead, _move_row(carry_smem, u + reach * entering, trail), zeros)
+
+    view = lambda ref: ref.at[n, :, lanes]
+    init = jnp.where(is_lead, carry_smem[pl.ds(trail, 2)], zeros)
+    dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots,
+                  ins=[halves(view(a_gmem)), halves(view(g_gmem)), shifted(view(h_gmem))],
+                  outs=[halves(view(da_gmem), output=True), halves(view(db_gmem), output=True)],
+                  init=init, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
+    vec_smem[2] = dh0
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(vec_smem.at[2, lead], dh0_gmem.at[n, lanes])
+    plgpu.wait_smem_to_gmem(0)
+
+  out_type = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),
+              jax.ShapeDtypeStruct((batch, d), f32))
+  scratch = [plgpu.SMEM((3, 2, width), f32), plgpu.SMEM((3, width), f32), plgpu.SMEM((3, width), f32),
+             plgpu.Barrier(num_arrivals=4, num_barriers=1)]
+  mask = jnp.zeros((2, width), f32).at[lead].set(1.0)
+  return _launch(kernel, out_type, batch, d, interpret, lanes=width, scratch=scratch)(
+      a, g, h, h0.astype(f32), g_last.astype(f32), mask)
