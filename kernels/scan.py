@@ -203,6 +203,11 @@ class PallasConfig:
 #   chunk 64, bwd 32              0.172 / 0.494               0.137 / 0.345       0.146 / 0.419
 #   1 output buffer               0.170–0.177 / 0.484–0.499   0.140 / 0.352
 #   outputs over the inputs       0.167–0.178 / 0.481–0.493   —                   0.152 / 0.423
+# The backward on 64-lane CTAs (``mosaic_bwd_lanes``; eighth session, same device): B8 D1024 is 64
+# CTAs of 128 lanes, and with five streams the backward moves ~2.2 TB/s on 64 SMs, ~2.7 on 128:
+#   128-lane bwd                  0.172 / 0.483               0.139 / 0.353       0.157 / 0.426
+#   64-lane bwd (default here)    0.167–0.176 / 0.419–0.420   0.141 / 0.354       0.148–0.152 / 0.305–0.309
+#     bwd chunk 16 / 64           0.169 / 0.408 / 0.416       0.143 / 0.370 / 0.345
 # ``gpu_kernel=None``: Mosaic on a GPU with TMA (compute capability ≥ 9.0) unless interpreting.
 GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1, bwd_chunk=32, bwd_depth=0,
                     gpu_kernel=None, mosaic_chunk=32, mosaic_stages=4, mosaic_bwd_chunk=32,
