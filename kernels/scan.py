@@ -150,9 +150,9 @@ class PallasConfig:
   ``mosaic_chunk`` rows × 128 lanes, a multiple of 8 up to 256; ``mosaic_stages`` tiles in flight,
   None = as many as fit shared memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1
   or 2 buffers per output tile, or 0 to write each output tile over an input tile of its step;
-  ``mosaic_bwd_lanes`` 128, or 64 for ``bwd_split``'s twice as many CTAs, each working on both halves
-  of its tiles at once (a bwd chunk that is a multiple of 16); None = 64 where 128-lane CTAs would
-  leave SMs idle).
+  ``mosaic_lanes`` / ``mosaic_bwd_lanes`` 128, or 64 for ``fwd_split`` / ``bwd_split``'s twice as
+  many CTAs, each working on both halves of its tiles at once (a chunk that is a multiple of 16);
+  None = 64 where 128-lane CTAs would leave SMs idle, for the backward only).
   Mosaic needs Hopper or newer, and a per-segment length that is a multiple of the chunk; otherwise
   Triton runs. TPU: ``tpu_block_t`` × ``tpu_block_d`` is the VMEM
   block (multiples of 16 and 128). Each layout reads only its own fields.
@@ -175,6 +175,7 @@ class PallasConfig:
   mosaic_bwd_chunk: int | None = None
   mosaic_bwd_stages: int | None = None
   mosaic_out_slots: int | None = None
+  mosaic_lanes: int | None = None
   mosaic_bwd_lanes: int | None = None
 
 
@@ -333,8 +334,10 @@ def _gpu_specs(block_d, time):
 def _gpu_fwd(a, b, h0, *, reverse, interpret, cfg):
   batch, time, d = a.shape
   if cfg.gpu_kernel == "mosaic":
-    return scan_mosaic_gpu.fwd(a, b, h0, reverse=reverse, chunk=cfg.mosaic_chunk, stages=cfg.mosaic_stages,
-                               out_slots=cfg.mosaic_out_slots, interpret=interpret)
+    split = cfg.mosaic_lanes == scan_mosaic_gpu.HALF_WIDTH
+    return (scan_mosaic_gpu.fwd_split if split else scan_mosaic_gpu.fwd)(
+        a, b, h0, reverse=reverse, chunk=cfg.mosaic_chunk, stages=cfg.mosaic_stages,
+        out_slots=cfg.mosaic_out_slots, interpret=interpret)
   strip, vec = _gpu_specs(cfg.block_d, time)
   kernel = functools.partial(_gpu_fwd_kernel, length=time, chunk=cfg.chunk, depth=cfg.depth,
                              reverse=reverse)
@@ -664,13 +667,14 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
                          f"{scan_mosaic_gpu.EDGE} in [8, 256] (the rows of a TMA tile)")
     if cfg.mosaic_out_slots not in (None, 0, 1, 2):
       raise ValueError(f"linear_scan: PallasConfig.mosaic_out_slots={cfg.mosaic_out_slots}; valid: 0, 1, 2")
-    if cfg.mosaic_bwd_lanes not in (None, scan_mosaic_gpu.HALF_WIDTH, scan_mosaic_gpu.LANES):
-      raise ValueError(f"linear_scan: PallasConfig.mosaic_bwd_lanes={cfg.mosaic_bwd_lanes}; valid: "
-                       f"{scan_mosaic_gpu.HALF_WIDTH}, {scan_mosaic_gpu.LANES}")
-    if (cfg.mosaic_bwd_lanes == scan_mosaic_gpu.HALF_WIDTH and cfg.mosaic_bwd_chunk is not None
-        and cfg.mosaic_bwd_chunk % (2 * scan_mosaic_gpu.EDGE)):
-      raise ValueError(f"linear_scan: PallasConfig.mosaic_bwd_chunk={cfg.mosaic_bwd_chunk} must be a multiple "
-                       f"of {2 * scan_mosaic_gpu.EDGE} with mosaic_bwd_lanes={scan_mosaic_gpu.HALF_WIDTH}")
+    half, whole = scan_mosaic_gpu.HALF_WIDTH, scan_mosaic_gpu.LANES
+    for lanes_field, chunk_field in (("mosaic_lanes", "mosaic_chunk"), ("mosaic_bwd_lanes", "mosaic_bwd_chunk")):
+      lanes, chunk = getattr(cfg, lanes_field), getattr(cfg, chunk_field)
+      if lanes not in (None, half, whole):
+        raise ValueError(f"linear_scan: PallasConfig.{lanes_field}={lanes}; valid: {half}, {whole}")
+      if lanes == half and chunk is not None and chunk % (2 * scan_mosaic_gpu.EDGE):
+        raise ValueError(f"linear_scan: PallasConfig.{chunk_field}={chunk} must be a multiple of "
+                         f"{2 * scan_mosaic_gpu.EDGE} with {lanes_field}={half}")
     if kernel == "mosaic":
       # Segments are sized by lanes (32 per one-warp Triton program), as for the Triton kernels.
       segments = cfg.segments or _gpu_segments(batch, time, d, 32)
@@ -689,23 +693,23 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
     if kernel == "mosaic":
       lanes = scan_mosaic_gpu.LANES
       # The backward on 64-lane CTAs where 128-lane ones would leave SMs idle (B8 D1024: 64 CTAs).
-      ctas = batch * (cfg.segments or 1) * -(-d // lanes)
-      halves = chunks[1] % (2 * scan_mosaic_gpu.EDGE) == 0
-      bwd_lanes = cfg.mosaic_bwd_lanes or (scan_mosaic_gpu.HALF_WIDTH if ctas < _gpu_sm_count() and halves
-                                           else lanes)
+      idle = batch * (cfg.segments or 1) * -(-d // lanes) < _gpu_sm_count()
+      halves = lambda chunk: chunk % (2 * scan_mosaic_gpu.EDGE) == 0
+      fwd_lanes = cfg.mosaic_lanes or lanes
+      bwd_lanes = cfg.mosaic_bwd_lanes or (half if idle and halves(chunks[1]) else lanes)
       in_f, in_b = dtypes, (dtypes[0], dtypes[1], dtypes[1])  # (a, b) forward; (a, ḡ, h) backward
       slots = get("mosaic_out_slots")
-      fit = lambda chunk, ins, outs, width=lanes: scan_mosaic_gpu.fit_stages(
+      fit = lambda chunk, ins, outs, width: scan_mosaic_gpu.fit_stages(
           chunk, ins, outs, edge=len(ins) == 3 and width == lanes, out_slots=slots, lanes=width)
       cfg = dataclasses.replace(
           cfg, mosaic_chunk=chunks[0], mosaic_bwd_chunk=chunks[1], mosaic_out_slots=slots,
-          mosaic_bwd_lanes=bwd_lanes,
+          mosaic_lanes=fwd_lanes, mosaic_bwd_lanes=bwd_lanes,
           # a given number of stages is taken as is; a default one is capped by what fits
           mosaic_stages=cfg.mosaic_stages or min(get("mosaic_stages") or 8,
-                                                 fit(chunks[0], in_f, (dtypes[1],))),
+                                                 fit(chunks[0], in_f, (dtypes[1],), fwd_lanes)),
           mosaic_bwd_stages=cfg.mosaic_bwd_stages or min(
               get("mosaic_bwd_stages") or 8, fit(chunks[1], in_b, (dtypes[0], dtypes[1]), bwd_lanes)),
-          block_d=lanes, bwd_block_d=bwd_lanes)
+          block_d=fwd_lanes, bwd_block_d=bwd_lanes)
     else:
       segments = None
     # A narrow problem (D < 32) gets one power-of-two block instead of padding D to 32.

@@ -269,21 +269,21 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
                                                         g_last.astype(jnp.float32))
 
 
-# --- the backward on half-width CTAs ------------------------------------------------------------------
+# --- half-width CTAs ------------------------------------------------------------------------------
 # With one 128-lane CTA per (batch row, lane block), B8 D1024 is 64 CTAs for the H100's 132 SMs, and
 # the backward's five streams then move ~2.2 TB/s; with 128 or more CTAs the same kernel moves ~2.7
 # (B16 T2048 D1024: fwd+bwd 0.415–0.427 ms against 0.476 at B8 T4096; kernels/BENCHMARKS.md, eighth
-# session). ``bwd_split`` doubles the CTAs without splitting time across them (which would cost an
-# extra pass over the inputs): a CTA takes 64 lanes, and its 128 threads work on both halves of every
-# tile at once, thread (s, lane) on rows ``[s·half, (s + 1)·half)``. Rows r of the two halves form one
-# [2, 64] slab (a strided view of the [2, half, 64] tile). The half the backward reaches first (the
-# "lead") runs from the true carry; the other (the "trail") from zero, keeping for each row the
-# product of the decays walked so far, so once the lead's outgoing U has crossed to the trail threads
-# through shared memory, each trail row is fixed up with one FMA:
-#   G_r = G_r^local + (Π of a over the trail rows walked before r) · U_lead.
-# The fixed trail's outgoing U crosses back to the lead threads as the next tile's carry.
+# session). ``fwd_split`` / ``bwd_split`` double the CTAs without splitting time across them (which
+# would cost an extra pass over the inputs): a CTA takes 64 lanes, and its 128 threads work on both
+# halves of every tile at once, thread (s, lane) on rows ``[s·half, (s + 1)·half)``. Rows r of the
+# two halves form one [2, 64] slab (a strided view of the [2, half, 64] tile). The half the pass
+# reaches first (the "lead") runs from the true carry; the other (the "trail") from zero, keeping
+# for each row the product of the decays walked so far, so once the lead's outgoing carry has
+# crossed to the trail threads through shared memory, each trail row is fixed up with one FMA
+# (forward: h_r += (Π_{walked rows ≤ r} a) · h_lead; backward: G_r += (Π_{walked rows < r} a) · U_lead).
+# The fixed trail's outgoing carry crosses back to the lead threads for the next tile.
 
-HALF_WIDTH = 64  # lanes per CTA of bwd_split
+HALF_WIDTH = 64  # lanes per CTA of fwd_split / bwd_split
 
 
 def _move_row(buf, x, src: int):
@@ -293,25 +293,108 @@ def _move_row(buf, x, src: int):
   return buf[pl.ds(src, 2)]  # ... which this view puts on row 1 − src
 
 
+def _halves(ref, chunk: int, tile, *, output: bool = False) -> _Tile:
+  """Tile ``[2, chunk/2, 64]`` of a ``[time, 64]`` GMEM view: step i moves the two halves of its tile."""
+  half = chunk // 2
+  def moves(i, t):
+    pairs = [(ref.at[pl.ds(tile(i) * chunk + s * half, half)], t.at[s]) for s in (0, 1)]
+    return [(dst, src) for src, dst in pairs] if output else pairs
+  return _Tile((2, half, ref.shape[-1]), ref.dtype, moves, copies=2)
+
+
+class _Split:
+  """The shared set-up of the half-width kernels: scratch, the lead-row mask and the carry's way in and
+  out. ``vec_smem [3, 2, 64]``: a vector in both rows, the mask, the carry leaving the kernel;
+  ``pass_smem`` / ``carry_smem [3, 64]``: the two crossings of ``_move_row`` (separate buffers: a
+  crossing's write must not race the other's reads)."""
+
+  def __init__(self, lead: int, pairs: int):
+    self.lead, self.trail, self.pairs = lead, 1 - lead, pairs
+    self.scratch = [plgpu.SMEM((3, 2, HALF_WIDTH), jnp.float32), plgpu.SMEM((3, HALF_WIDTH), jnp.float32),
+                    plgpu.SMEM((3, HALF_WIDTH), jnp.float32), plgpu.Barrier(num_arrivals=2 + pairs, num_barriers=1)]
+    self.mask = jnp.zeros((2, HALF_WIDTH), jnp.float32).at[lead].set(1.0)
+
+  def start(self, mask_gmem, carry_gmem, scratch, pair_gmem=None):
+    """Loads the mask, the first carry (returned on the lead row, 0 on the trail) and ``pair_gmem``
+    into both rows of ``vec_smem[0]``; returns ``(carry, is_lead, is_trail)``."""
+    vec_smem, _, carry_smem, barrier = scratch
+    copies = [(mask_gmem, vec_smem.at[1]), (carry_gmem, carry_smem.at[1])]
+    copies += [(pair_gmem, vec_smem.at[0, s]) for s in range(self.pairs)]
+    for src, dst in copies:
+      plgpu.copy_gmem_to_smem(src, dst, barrier.at[0])
+    plgpu.barrier_wait(barrier.at[0])
+    self.is_lead, self.is_trail = vec_smem[1] > 0.5, vec_smem[1] < 0.5
+    return self.on_lead(carry_smem[pl.ds(self.trail, 2)])  # (the way _move_row reads buf[1])
+
+  def on_lead(self, x):
+    return jnp.where(self.is_lead, x, jnp.zeros_like(x))
+
+  def on_trail(self, x):
+    return jnp.where(self.is_trail, x, jnp.zeros_like(x))
+
+  def cross(self, scratch, lead_out, fix_trail):
+    """The lead's outgoing carry onto the trail row (``entering``); ``fix_trail(entering)`` returns
+    the trail's fixed outgoing carry, which goes back onto the lead row for the next tile."""
+    _, pass_smem, carry_smem, _ = scratch
+    entering = self.on_trail(_move_row(pass_smem, lead_out, self.lead))
+    return self.on_lead(_move_row(carry_smem, fix_trail(entering), self.trail))
+
+  def finish(self, carry, scratch, dst):
+    """Stores the lead row of the final carry (the kernel's outgoing vector) to ``dst``."""
+    vec_smem = scratch[0]
+    vec_smem[2] = carry
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(vec_smem.at[2, self.lead], dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def fwd_split(a, b, h0, *, reverse: bool, chunk: int, stages: int, out_slots: int = 2, interpret: bool = False):
+  """``fwd`` (same arguments and results) on 64-lane CTAs, each tile's halves side by side (above);
+  ``D`` a multiple of 64, ``chunk`` of 16."""
+  batch, time, d = a.shape
+  steps, half, f32 = time // chunk, chunk // 2, jnp.float32
+  tile = _tile_index(steps, not reverse)
+  rows = range(half - 1, -1, -1) if reverse else range(half)
+  split = _Split(lead=1 if reverse else 0, pairs=0)
+
+  def kernel(a_gmem, b_gmem, h0_gmem, mask_gmem, h_gmem, hlast_gmem, *scratch):
+    n, lanes = _block_position(HALF_WIDTH)
+
+    def body(_, ins, outs, h):  # h: the state entering the tile on the lead row, 0 on the trail row
+      (a_tile, b_tile), (h_tile,) = ins, outs
+      loaded = [(a_tile[:, r, :].astype(f32), b_tile[:, r, :].astype(f32)) for r in rows]  # loads first
+      partial, reach = [], jnp.ones(h.shape, f32)
+      for a_r, b_r in loaded:
+        h = a_r * h + b_r
+        reach = reach * a_r
+        partial.append((h, reach))
+
+      def fix_trail(entering):
+        for r, (h_r, reach_r) in zip(rows, partial):
+          h_tile[:, r, :] = (h_r + reach_r * entering).astype(h_tile.dtype)
+        return h + reach * entering
+      return split.cross(scratch, h, fix_trail)
+
+    at = lambda ref, **kw: _halves(ref.at[n, :, lanes], chunk, tile, **kw)
+    h_last = _stream(body, steps=steps, stages=stages, out_slots=out_slots, ins=[at(a_gmem), at(b_gmem)],
+                     outs=[at(h_gmem, output=True)], init=split.start(mask_gmem, h0_gmem.at[n, lanes], scratch),
+                     in_place=(1,))  # (h over b)
+    split.finish(h_last, scratch, hlast_gmem.at[n, lanes])
+
+  out_type = (jax.ShapeDtypeStruct(a.shape, b.dtype), jax.ShapeDtypeStruct((batch, d), f32))
+  return _launch(kernel, out_type, batch, d, interpret, lanes=HALF_WIDTH, scratch=split.scratch)(
+      a, b, h0.astype(f32), split.mask)
+
+
 def bwd_split(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype, out_slots: int = 2,
               interpret: bool = False):
   """``bwd`` (same arguments and results) on 64-lane CTAs, each tile's halves side by side (above);
   ``D`` a multiple of 64, ``chunk`` of 16."""
   batch, time, d = a.shape
-  steps, half, width = time // chunk, chunk // 2, HALF_WIDTH
-  ascending = reverse  # the backward of a forward scan walks time downwards
-  tile = _tile_index(steps, ascending)
-  lead = 0 if reverse else 1
-  trail = 1 - lead
-  rows = range(half) if ascending else range(half - 1, -1, -1)
-  f32 = jnp.float32
-
-  def halves(ref, *, output=False):  # ref: a [time, width] GMEM view; tile [2, half, width]
-    def moves(i, t):
-      start = tile(i) * chunk
-      pairs = [(ref.at[pl.ds(start + s * half, half)], t.at[s]) for s in (0, 1)]
-      return [(dst, src) for src, dst in pairs] if output else pairs
-    return _Tile((2, half, width), ref.dtype, moves, copies=2)
+  steps, half, f32 = time // chunk, chunk // 2, jnp.float32
+  tile = _tile_index(steps, reverse)  # the backward of a forward scan walks time downwards
+  rows = range(half) if reverse else range(half - 1, -1, -1)
+  split = _Split(lead=0 if reverse else 1, pairs=2)
 
   def shifted(ref):  # row r of half s holds h_{t∓1} for t = start + s·half + r (a stand-in for h0)
     def moves(i, t):
@@ -323,20 +406,12 @@ def bwd_split(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_
       return [(ref.at[pl.ds(jnp.maximum(start - 1, 0), 1)], t.at[0, pl.ds(0, 1)]),
               (ref.at[pl.ds(start, half - 1)], t.at[0, pl.ds(1, half - 1)]),
               (ref.at[pl.ds(start + half - 1, half)], t.at[1])]
-    return _Tile((2, half, width), ref.dtype, moves, copies=3)
+    return _Tile((2, half, ref.shape[-1]), ref.dtype, moves, copies=3)
 
-  def kernel(a_gmem, g_gmem, h_gmem, h0_gmem, glast_gmem, mask_gmem, da_gmem, db_gmem, dh0_gmem,
-             vec_smem, pass_smem, carry_smem, barrier):
-    n, lanes = _block_position(width)
-    # vec_smem: (h0, h0), the lead row's mask, ∂h0 on its way out. ḡ_last enters as the first carry.
-    for dst in (vec_smem.at[0, 0], vec_smem.at[0, 1]):
-      plgpu.copy_gmem_to_smem(h0_gmem.at[n, lanes], dst, barrier.at[0])
-    plgpu.copy_gmem_to_smem(mask_gmem, vec_smem.at[1], barrier.at[0])
-    plgpu.copy_gmem_to_smem(glast_gmem.at[n, lanes], carry_smem.at[1], barrier.at[0])
-    plgpu.barrier_wait(barrier.at[0])
-    h0 = vec_smem[0]
-    is_lead, is_trail = vec_smem[1] > 0.5, vec_smem[1] < 0.5
-    zeros = jnp.zeros((2, width), f32)
+  def kernel(a_gmem, g_gmem, h_gmem, h0_gmem, glast_gmem, mask_gmem, da_gmem, db_gmem, dh0_gmem, *scratch):
+    n, lanes = _block_position(HALF_WIDTH)
+    u = split.start(mask_gmem, glast_gmem.at[n, lanes], scratch, pair_gmem=h0_gmem.at[n, lanes])
+    h0 = scratch[0][0]  # (h0, h0)
 
     def body(i, ins, outs, u):  # u: U entering the tile on the lead row, 0 on the trail row
       (a_tile, g_tile, h_tile), (da_tile, db_tile) = ins, outs
@@ -344,36 +419,32 @@ def bwd_split(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_
       loaded = [(slab(a_tile, r), slab(g_tile, r), slab(h_tile, r)) for r in rows]  # loads first
       a_r, g_r, prev = loaded[-1]  # the trail's last row of the last tile reads h0
       # (nested selects: jnp.logical_and emits a bool → bool conversion Mosaic GPU cannot lower)
-      at_end = jnp.broadcast_to(i == steps - 1, is_trail.shape)
-      loaded[-1] = (a_r, g_r, jnp.where(at_end, jnp.where(is_trail, h0, prev), prev))
-      partial, reach = [], jnp.ones((2, width), f32)
+      at_end = jnp.broadcast_to(i == steps - 1, prev.shape)
+      loaded[-1] = (a_r, g_r, jnp.where(at_end, jnp.where(split.is_trail, h0, prev), prev))
+      partial, reach = [], jnp.ones(u.shape, f32)
       for a_r, g_r, prev in loaded:
         big_g = g_r + u
         partial.append((big_g, reach, prev))
         u = a_r * big_g
         reach = reach * a_r
-      entering = jnp.where(is_trail, _move_row(pass_smem, u, lead), zeros)  # U entering the trail
-      for r, (big_g, reach_r, prev) in zip(rows, partial):
-        big_g = big_g + reach_r * entering
-        db_tile[:, r, :] = big_g.astype(db_tile.dtype)
-        da_tile[:, r, :] = (big_g * prev).astype(da_tile.dtype)
-      return jnp.where(is_lead, _move_row(carry_smem, u + reach * entering, trail), zeros)
+
+      def fix_trail(entering):
+        for r, (big_g, reach_r, prev) in zip(rows, partial):
+          big_g = big_g + reach_r * entering
+          db_tile[:, r, :] = big_g.astype(db_tile.dtype)
+          da_tile[:, r, :] = (big_g * prev).astype(da_tile.dtype)
+        return u + reach * entering
+      return split.cross(scratch, u, fix_trail)
 
     view = lambda ref: ref.at[n, :, lanes]
-    init = jnp.where(is_lead, carry_smem[pl.ds(trail, 2)], zeros)
     dh0 = _stream(body, steps=steps, stages=stages, out_slots=out_slots,
-                  ins=[halves(view(a_gmem)), halves(view(g_gmem)), shifted(view(h_gmem))],
-                  outs=[halves(view(da_gmem), output=True), halves(view(db_gmem), output=True)],
-                  init=init, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
-    vec_smem[2] = dh0
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(vec_smem.at[2, lead], dh0_gmem.at[n, lanes])
-    plgpu.wait_smem_to_gmem(0)
+                  ins=[_halves(view(a_gmem), chunk, tile), _halves(view(g_gmem), chunk, tile), shifted(view(h_gmem))],
+                  outs=[_halves(view(da_gmem), chunk, tile, output=True),
+                        _halves(view(db_gmem), chunk, tile, output=True)],
+                  init=u, in_place=(0, 1))  # (∂a over a, ∂b over ḡ)
+    split.finish(dh0, scratch, dh0_gmem.at[n, lanes])
 
   out_type = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape, b_dtype),
               jax.ShapeDtypeStruct((batch, d), f32))
-  scratch = [plgpu.SMEM((3, 2, width), f32), plgpu.SMEM((3, width), f32), plgpu.SMEM((3, width), f32),
-             plgpu.Barrier(num_arrivals=4, num_barriers=1)]
-  mask = jnp.zeros((2, width), f32).at[lead].set(1.0)
-  return _launch(kernel, out_type, batch, d, interpret, lanes=width, scratch=scratch)(
-      a, g, h, h0.astype(f32), g_last.astype(f32), mask)
+  return _launch(kernel, out_type, batch, d, interpret, lanes=HALF_WIDTH, scratch=split.scratch)(
+      a, g, h, h0.astype(f32), g_last.astype(f32), split.mask)

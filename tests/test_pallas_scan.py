@@ -36,8 +36,9 @@ MOSAIC_SEG = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=
 MOSAIC_IN_PLACE = PallasConfig(gpu_kernel="mosaic", mosaic_chunk=8, mosaic_bwd_chunk=8, mosaic_out_slots=0,
                                mosaic_stages=3, mosaic_bwd_stages=3)
 # Backward chunks of 16 on these few CTAs take bwd_split (64 lanes, two 8-row halves side by side);
-# of 8, the 128-lane bwd.
-MOSAIC_SPLIT_IN_PLACE = dataclasses.replace(MOSAIC_IN_PLACE, mosaic_bwd_chunk=16)
+# of 8, the 128-lane bwd. The forward takes fwd_split when asked.
+MOSAIC_SPLIT = dataclasses.replace(MOSAIC, mosaic_lanes=64, mosaic_chunk=16)
+MOSAIC_SPLIT_IN_PLACE = dataclasses.replace(MOSAIC_IN_PLACE, mosaic_bwd_chunk=16, mosaic_lanes=64, mosaic_chunk=16)
 
 CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, with_h0, extreme decays)
     ("gpu", GPU_A, (2, 13, 5), "float32", False, True, True),
@@ -52,6 +53,7 @@ CASES = [  # (layout, config, shape [batch, time, *features], dtype, reverse, wi
     ("gpu", MOSAIC_IN_PLACE, (2, 48, 5), "float32", False, True, True),
     ("gpu", MOSAIC_IN_PLACE, (1, 40, 3), "bfloat16", True, True, False),
     ("gpu", MOSAIC_SPLIT_IN_PLACE, (2, 48, 70), "float32", True, True, True),  # two 64-lane CTAs per row
+    ("gpu", MOSAIC_SPLIT, (1, 64, 3, 20), "bfloat16", False, True, False),
     ("tpu", TPU, (1, 13, 3, 4), "float32", False, True, True),   # one time block, two row groups
     ("tpu", TPU, (1, 40, 5), "float32", True, True, False),      # three time blocks of two row groups
     ("tpu", TPU, (2, 40, 5), "bfloat16", False, False, False),   # three time blocks (16-row groups)
@@ -167,16 +169,17 @@ def test_narrow_long_problems_are_split_in_time():
   assert scan._gpu_segments(1, 32769, 768, 32) == 1     # odd: no power of two divides it
 
 
-@pytest.mark.parametrize("dtype,bwd_lanes", [("float32", None), ("bfloat16", None), ("float32", 128)])
-def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(dtype, bwd_lanes):
+@pytest.mark.parametrize("dtype,lanes,bwd_lanes", [("float32", None, None), ("bfloat16", 64, None),
+                                                   ("float32", None, 128)])
+def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(dtype, lanes, bwd_lanes):
   # Lowering builds the Mosaic GPU module on this host, which checks the tiles' shared memory
   # (fit_stages) against the H100's 227 KB and every op's layout, as the GPU would. B8 D1024 is 64
   # CTAs of 128 lanes, so the default backward is bwd_split's 64-lane CTAs.
   x = jax.ShapeDtypeStruct((8, 4096, 1024), jnp.dtype(dtype))
-  config = PallasConfig(gpu_kernel="mosaic", mosaic_bwd_lanes=bwd_lanes)
+  config = PallasConfig(gpu_kernel="mosaic", mosaic_lanes=lanes, mosaic_bwd_lanes=bwd_lanes)
   cfg = scan._resolve("gpu", config, 8, 1024, 4096, (x.dtype, x.dtype))
   assert cfg.gpu_kernel == "mosaic" and cfg.mosaic_stages >= 2 and cfg.mosaic_bwd_stages >= 2
-  assert cfg.mosaic_bwd_lanes == (bwd_lanes or 64)
+  assert (cfg.mosaic_lanes, cfg.mosaic_bwd_lanes) == (lanes or 128, bwd_lanes or 64)
   def loss(a, b):
     return jnp.sum(linear_scan_pallas(a, b, platform="gpu", config=config)[0].astype(jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, x).lower(lowering_platforms=("cuda",)).as_text()
@@ -197,6 +200,8 @@ def test_mosaic_gpu_falls_back_to_triton_on_ragged_or_split_problems_and_rejects
     scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic", mosaic_bwd_chunk=12), 8, 1024, 4096, (jnp.float32,) * 2)
   with pytest.raises(ValueError, match="mosaic_out_slots=3; valid: 0, 1, 2"):
     scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic", mosaic_out_slots=3), 8, 1024, 4096, (jnp.float32,) * 2)
+  with pytest.raises(ValueError, match="mosaic_lanes=96; valid: 64, 128"):
+    scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic", mosaic_lanes=96), 8, 1024, 4096, (jnp.float32,) * 2)
   with pytest.raises(ValueError, match="mosaic_bwd_lanes=32; valid: 64, 128"):
     scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic", mosaic_bwd_lanes=32), 8, 1024, 4096, (jnp.float32,) * 2)
   with pytest.raises(ValueError, match="mosaic_bwd_chunk=8 must be a multiple of 16 with mosaic_bwd_lanes=64"):
