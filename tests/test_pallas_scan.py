@@ -179,7 +179,7 @@ def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(dtype, lanes, bwd_lanes)
   config = PallasConfig(gpu_kernel="mosaic", mosaic_lanes=lanes, mosaic_bwd_lanes=bwd_lanes)
   cfg = scan._resolve("gpu", config, 8, 1024, 4096, (x.dtype, x.dtype))
   assert cfg.gpu_kernel == "mosaic" and cfg.mosaic_stages >= 2 and cfg.mosaic_bwd_stages >= 2
-  assert (cfg.mosaic_lanes, cfg.mosaic_bwd_lanes) == (lanes or 128, bwd_lanes or 64)
+  assert (cfg.mosaic_lanes, cfg.mosaic_bwd_lanes) == (lanes or (128 if dtype == "float32" else 64), bwd_lanes or 64)
   def loss(a, b):
     return jnp.sum(linear_scan_pallas(a, b, platform="gpu", config=config)[0].astype(jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, x).lower(lowering_platforms=("cuda",)).as_text()
@@ -213,3 +213,6 @@ def test_mosaic_gpu_falls_back_to_triton_on_ragged_or_split_problems_and_rejects
   ).mosaic_bwd_lanes
   assert lanes(8, 1024) == 64 and lanes(8, 1024, chunk=8) == 128 and lanes(16, 1024) == 64
   assert lanes(32, 1024) == 128 and lanes(16, 2048) == 128
+  fwd_lanes = lambda dtype: scan._resolve("gpu", PallasConfig(gpu_kernel="mosaic"), 8, 1024, 4096,
+                                          (dtype,) * 2).mosaic_lanes
+  assert fwd_lanes(jnp.float32) == 128 and fwd_lanes(jnp.bfloat16) == 64
