@@ -392,9 +392,6 @@ class PallasConfig:
   # 4.24 at its own best tiling (above; seventh session). The interpreter and Mosaic always use IEEE.
   exact_dots: str = "tf32x3"
   dqk_exact_dots: str | None = None
-  # A sub-chunk's cumulative log-decays and the rows taken from them (λ, μ, β_7) as [16, 16] × [16, d]
-  # exact dots with constant matrices instead of a scan and masked row reductions (GPU only).
-  row_dots: bool = False
   stages: int = 1
   unroll: bool = False
 
@@ -483,15 +480,6 @@ class _Sub:
     return state if self.elam is None else state * self.elam
 
 
-def _row_dots(plan: _Plan) -> bool:
-  return plan.cfg.row_dots and plan.target == "triton"
-
-
-def _mix(plan: _Plan, weights, x):
-  """``weights [16, 16] @ x [16, d]`` as an exact dot (rows of ``x`` combined with constant weights)."""
-  return _dot(plan, weights.astype(_F32), x, 1, 0, exact=True)
-
-
 def _clamp(g):
   # Decays below e^{-20} ≈ 2·10⁻⁹ per step count as e^{-20}: what they let through is below 2e-9 of
   # the state, and the bound keeps every factor of the diagonal blocks within e^{±70}.
@@ -501,23 +489,12 @@ def _clamp(g):
 def _sub(plan: _Plan, g) -> _Sub:
   if g is None:
     return _Sub()
-  g = _clamp(g)
-  low = _iota(g.shape, 0) < _SUB // 2  # rows 0–7
-  if _row_dots(plan):
-    # Each quantity is a fixed linear map of the 16 rows of g: one exact dot each.
-    r, c = _iota((_SUB, _SUB), 0), _iota((_SUB, _SUB), 1)
-    mix = lambda weights: _mix(plan, weights, g)
-    beta = mix(c <= r)
-    lam = jnp.sum(g, axis=0, keepdims=True)  # a row: it also decays states of any height
-    first = jnp.where(r < _SUB // 2, 3, 11)  # μ = (β_3 + β_4)/2 on rows 0–7, (β_11 + β_12)/2 on 8–15
-    mid = mix(c <= first) + 0.5 * mix(c == first + 1)
-    split = mix(c <= _SUB // 2 - 1)
-  else:
-    beta = _cumsum(plan, g)
-    lam = _rows_at(beta, _SUB - 1)
-    mid = jnp.where(low, 0.5 * _rows_at(beta, 3, 4), 0.5 * _rows_at(beta, 11, 12))  # μ of the row's half
-    split = _rows_at(beta, _SUB // 2 - 1)  # β_7
+  beta = _cumsum(plan, _clamp(g))
+  lam = _rows_at(beta, _SUB - 1)
+  low = _iota(beta.shape, 0) < _SUB // 2  # rows 0–7
+  mid = jnp.where(low, 0.5 * _rows_at(beta, 3, 4), 0.5 * _rows_at(beta, 11, 12))  # μ of the row's half
   fq, fk = jnp.exp(beta - mid), jnp.exp(mid - beta)
+  split = _rows_at(beta, _SUB // 2 - 1)  # β_7
   # e^{β} = e^{β−μ}·e^{μ} and e^{λ−β} = e^{μ−β}·e^{λ−μ}: factors ≤ e^{70} times row factors ≤ 1.
   return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), elam=jnp.exp(lam), fq=fq, fk=fk,
               cq=jnp.where(low, 0.0, jnp.exp(jnp.minimum(beta - split, 0.0))),
@@ -691,10 +668,7 @@ def _dqk_kernel(*refs, plan: _Plan):
     if dg_ref is not None:
       db = q_dq[j] - k * dk
       total = jnp.sum(db, axis=0, keepdims=True)
-      if _row_dots(plan):
-        dg = _mix(plan, _iota((_SUB, _SUB), 1) >= _iota((_SUB, _SUB), 0), db) + carry
-      else:
-        dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
+      dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
       dg_ref[rows, :] = jnp.where(g >= MIN_LOG_DECAY, dg, 0.0)  # clamped decays have no gradient
       carry = carry + total
     e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)

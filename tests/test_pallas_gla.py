@@ -102,8 +102,7 @@ def test_pallas_matches_reference(time, kind, config, target, assert_named_close
   assert_named_close(NAMES, _pallas(*args, config=config, target=target), _reference(*args), 1e-5, _rel)
 
 
-@pytest.mark.parametrize("row_dots", [False, True])
-def test_pallas_extreme_decays(row_dots, assert_named_close):
+def test_pallas_extreme_decays(assert_named_close):
   """Per key dim, log α ∈ {−60, −20, −1e-6} and log σ(3x): decays near 0 (the kernels cap log α at
   −20, e^{-20} ≈ 2e-9: invisible at 1e-5) and near 1; no overflow in the factorised diagonal blocks,
   where the cap is reached on every step of a half, nor in the pairs of sub-chunks (chunks of 64)."""
@@ -113,8 +112,7 @@ def test_pallas_extreme_decays(row_dots, assert_named_close):
   log_decay = np.choose(pick, [np.full(mild.shape, -60.0), np.full(mild.shape, -20.0),
                                np.full(mild.shape, -1e-6), mild]).astype(np.float32)
   args = _inputs(37, "dim", log_decay=log_decay)
-  config = dataclasses.replace(SMALL, chunk=64, row_dots=row_dots)  # row_dots: decay sums as dots
-  assert_named_close(NAMES, _pallas(*args, config=config), _reference(*args), 1e-5, _rel)
+  assert_named_close(NAMES, _pallas(*args, config=dataclasses.replace(SMALL, chunk=64)), _reference(*args), 1e-5, _rel)
 
 
 def test_pallas_bf16_inputs(assert_named_close):
@@ -162,11 +160,10 @@ def test_pallas_lowers_for_tpu():
     assert "tpu_custom_call" in exported.mlir_module()
 
 
-@pytest.mark.parametrize("config", [None, PallasConfig(row_dots=True)])
-def test_pallas_lowers_for_gpu(config, lower_for_gpu):
-  """The Triton lowering of the default tiling (and of the row-dots form): forward (states, output)
-  and gradient (those plus the reverse states, dq/dk/dlogα and dv kernels)."""
-  args, fwd, grad = _lowering_fns(pallas_target="triton", pallas_config=config)
+def test_pallas_lowers_for_gpu(lower_for_gpu):
+  """The Triton lowering of the default tiling: forward (states, output) and gradient (those plus the
+  reverse states, dq/dk/dlogα and dv kernels)."""
+  args, fwd, grad = _lowering_fns(pallas_target="triton")
   for f, kernels in ((fwd, 2), (grad, 5)):
     assert lower_for_gpu(f, *args).count("xla.gpu.triton") == kernels
 
