@@ -209,6 +209,9 @@ class PallasConfig:
 #   128-lane bwd                  0.172 / 0.483               0.139 / 0.353       0.157 / 0.426
 #   64-lane bwd (default here)    0.167–0.176 / 0.419–0.420   0.141 / 0.354       0.148–0.152 / 0.305–0.309
 #     bwd chunk 16 / 64           0.169 / 0.408 / 0.416       0.143 / 0.370 / 0.345
+# The forward on 64-lane CTAs (``mosaic_lanes``): bf16 rows cost more time than bytes, f32 does not:
+#   64-lane fwd                   0.173 / 0.438               0.140 / 0.353       0.098–0.101 / 0.259–0.260
+#     (default for 16-bit inputs)
 # ``gpu_kernel=None``: Mosaic on a GPU with TMA (compute capability ≥ 9.0) unless interpreting.
 GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1, bwd_chunk=32, bwd_depth=0,
                     gpu_kernel=None, mosaic_chunk=32, mosaic_stages=4, mosaic_bwd_chunk=32,
