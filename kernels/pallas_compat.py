@@ -86,3 +86,13 @@ def lowered_once(core, static_argnums: tuple[int, ...]):
                          check_vma=False)(*(args[i] for i in arrays))
 
   return call
+
+
+def tma_gpu() -> bool:
+  """Whether the default device is an NVIDIA GPU with TMA and wgmma (compute capability ≥ 9.0: Hopper
+  or newer), where the Mosaic GPU kernels run."""
+  device = jax.devices()[0]
+  try:
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
+  except ValueError:
+    return False

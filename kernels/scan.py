@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import scan_mosaic_gpu
-from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, tma_gpu, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -639,15 +639,6 @@ _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
 _scan_core_shared = lowered_once(_scan_core, static_argnums=(3, 4, 5, 6))
 
 
-def _tma_gpu() -> bool:
-  """Whether the default device is an NVIDIA GPU with TMA (compute capability 9.0, Hopper, or newer)."""
-  device = jax.devices()[0]
-  try:
-    return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
-  except ValueError:
-    return False
-
-
 def _gpu_sm_count() -> int:
   """Streaming multiprocessors of the default GPU (an H100's 132 where there is none: CPU tests)."""
   device = jax.devices()[0]
@@ -660,7 +651,7 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
   if platform == "gpu":
     get = lambda field: GPU_DEFAULTS[field] if getattr(cfg, field) is None else getattr(cfg, field)
     # Default: Mosaic where it runs (a Hopper GPU; the CPU tests ask for it by name), else Triton.
-    kernel = get("gpu_kernel") or ("mosaic" if not interpret and _tma_gpu() else "triton")
+    kernel = get("gpu_kernel") or ("mosaic" if not interpret and tma_gpu() else "triton")
     if kernel not in GPU_KERNELS:
       raise ValueError(f"linear_scan: PallasConfig.gpu_kernel={kernel!r}; valid: {GPU_KERNELS}")
     for field in ("mosaic_chunk", "mosaic_bwd_chunk"):

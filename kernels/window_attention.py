@@ -53,7 +53,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import lowered_once, mosaic_params, triton_params
+from kernels import window_attention_mgpu
+from kernels.pallas_compat import lowered_once, mosaic_params, tma_gpu, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
 IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
@@ -156,6 +157,15 @@ class PallasBlocks:
   dq_stages: int = 3
   split_mask: bool = True  # Triton: unmasked interior blocks in their own loop (no iota/select there)
   block: int = 128  # Mosaic: query block = key block; a multiple of 128 keeps the score tile lane-dense
+  # GPU forward: "triton", or "mosaic_gpu" (kernels/window_attention_mgpu.py: TMA and wgmma, Hopper;
+  # bf16/f16, head_dim 64 or 128, no soft-cap) with ``mgpu_kv`` keys per step, ``mgpu_stages`` in
+  # flight, and ``mgpu_pingpong`` (its two compute warpgroups take turns on the tensor cores). None:
+  # Mosaic GPU where it runs (a GPU with TMA, not interpreting), else Triton. H100, B4 T8192 H16 D128
+  # W1024 bf16, fwd ms: Triton 0.820, Mosaic GPU 0.598, cuDNN 0.602 (kernels/BENCHMARKS.md).
+  fwd_kernel: str | None = None
+  mgpu_kv: int = 128
+  mgpu_stages: int = 2
+  mgpu_pingpong: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,7 +588,12 @@ def _flash(q, k, v, cfg: _Flash):
 
 
 def _flash_fwd(q, k, v, cfg: _Flash):
-  o, lse = (_triton_forward if cfg.target == "triton" else _mosaic_forward)(q, k, v, cfg)
+  if cfg.target == "triton" and cfg.blocks.fwd_kernel == "mosaic_gpu":
+    b = cfg.blocks
+    o, lse = window_attention_mgpu.forward(q, k, v, window=cfg.window, scale=cfg.scale, block_kv=b.mgpu_kv,
+                                           stages=b.mgpu_stages, pingpong=b.mgpu_pingpong, interpret=cfg.interpret)
+  else:
+    o, lse = (_triton_forward if cfg.target == "triton" else _mosaic_forward)(q, k, v, cfg)
   return o, (q, k, v, o, lse)
 
 
@@ -643,6 +658,16 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   else:
     blocks = dataclasses.replace(blocks, block=min(blocks.block, _round_up(time, 8)))
     padded, pad_dim = _round_up(time, blocks.block), 0
+  if blocks.fwd_kernel not in (None, "triton", "mosaic_gpu"):
+    raise ValueError(f"window_attention: PallasBlocks.fwd_kernel={blocks.fwd_kernel!r}; valid: 'triton', 'mosaic_gpu'")
+  if target == "triton":
+    problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
+                                             k, softcap)
+    if blocks.fwd_kernel == "mosaic_gpu" and problem:
+      raise ValueError(f"window_attention: PallasBlocks.fwd_kernel='mosaic_gpu' {problem}; use 'triton'")
+    if blocks.fwd_kernel is None:
+      blocks = dataclasses.replace(
+          blocks, fwd_kernel="mosaic_gpu" if not problem and not interpret and tma_gpu() else "triton")
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
                scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret)
   widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))

@@ -128,3 +128,33 @@ def test_impl_selection_and_errors():
     window_attention(q, q, q, window=4, impl="cudnn")
   with pytest.raises(ValueError, match="pallas_target"):
     window_attention(q, q, q, window=4, impl="pallas", interpret=True, pallas_target="cuda")
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_mosaic_gpu_forward_lowers_for_cuda_at_full_size(pingpong):
+  """The wgmma forward (kernels/window_attention_mgpu.py) cannot run in Mosaic GPU's interpreter, so
+  here it is built for CUDA from this host at the benchmark's size (shared memory, layouts, TMA boxes)
+  and, with GQA and a window off the block grid, at a small one; the GPU benchmark checks its values
+  against the reference before timing it."""
+  from kernels import window_attention_mgpu
+  for (batch, time, heads, kv_heads, dim, window) in ((4, 8192, 16, 16, 128, 1024), (1, 256, 4, 1, 64, 100)):
+    q = jax.ShapeDtypeStruct((batch, time, heads, dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, time, kv_heads, dim), jnp.bfloat16)
+    f = lambda q, k, v: window_attention_mgpu.forward(q, k, v, window=window, scale=dim ** -0.5, pingpong=pingpong)
+    text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+
+
+def test_mosaic_gpu_forward_selection_and_errors():
+  from kernels import window_attention_mgpu
+  q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+  assert window_attention_mgpu.supports(q, q, None) is None
+  assert "soft-cap" in window_attention_mgpu.supports(q, q, 30.0)
+  assert "bfloat16 or float16" in window_attention_mgpu.supports(jax.ShapeDtypeStruct(q.shape, jnp.float32), q, None)
+  assert "head_dim" in window_attention_mgpu.supports(jax.ShapeDtypeStruct((1, 256, 4, 80), jnp.bfloat16), q, None)
+  x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="fwd_kernel='cuda'; valid: 'triton', 'mosaic_gpu'"):
+    window_attention(x, x, x, window=4, impl="pallas", interpret=True, pallas_blocks=PallasBlocks(fwd_kernel="cuda"))
+  with pytest.raises(ValueError, match="fwd_kernel='mosaic_gpu' no soft-cap; use 'triton'"):
+    window_attention(x, x, x, window=4, softcap=5.0, impl="pallas", interpret=True,
+                     pallas_blocks=PallasBlocks(fwd_kernel="mosaic_gpu"))

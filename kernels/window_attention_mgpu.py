@@ -1,0 +1,171 @@
+"""Sliding-window flash attention forward as a Mosaic GPU kernel (Hopper and newer: TMA and wgmma).
+
+The same forward as ``window_attention.py``'s Triton kernel (Dao 2023's online softmax over the key
+blocks of the band ``0 ≤ t − s < window``), and the same residuals, so the Triton backward takes
+its output: ``o [batch, time, heads, dim]`` and ``lse [batch, heads, time]``, the base-2
+log-sum-exp of the scaled logits. Only the tensor-core path differs. Triton's dots on Hopper are
+synchronous, and the softmax waits on them. Here each CTA is three warpgroups: two compute
+warpgroups own 64 query rows each, and issue their ``q kᵀ`` and ``p v`` products as wgmma from
+shared memory; a memory warpgroup streams the band's key and value blocks by TMA, ``stages`` blocks
+ahead, into slots the compute warpgroups free once their products have read them.
+
+Causal and GQA/MQA (a query head reads key/value head ``h // group``); no soft-cap, 16-bit inputs,
+``dim`` a multiple of 64 up to 128, ``time`` a multiple of 128 (``supports``; the caller runs Triton
+otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_Q = 64  # query rows per compute warpgroup (one wgmma's M)
+CTA_ROWS = 2 * BLOCK_Q
+_LOG2E = math.log2(math.e)
+_MASKED = -1e30  # finite: a row whose keys are all masked in a block keeps alpha = 1 and p = 0
+
+
+def supports(q, k, softcap) -> str | None:
+  """Why this kernel cannot run the call (None: it can)."""
+  if softcap is not None:
+    return "no soft-cap"
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+    return f"needs bfloat16 or float16 q, k, v (got {q.dtype})"
+  if q.shape[-1] % 64 or q.shape[-1] > 128:
+    return f"needs head_dim a multiple of 64 up to 128 (got {q.shape[-1]})"
+  if q.shape[1] % CTA_ROWS:
+    return f"needs time a multiple of {CTA_ROWS} (got {q.shape[1]})"
+  return None
+
+
+def _interpret_params():
+  cls = getattr(plgpu, "InterpretGPUParams", None)
+  if cls is None:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+  return cls()
+
+
+def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
+            pingpong: bool = False, interpret: bool = False):
+  """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
+
+  q: ``[batch, time, heads, dim]``; k, v: ``[batch, time, kv_heads, dim]``. ``pingpong``: the two
+  compute warpgroups meet at a barrier twice a step, half a step apart, so that one issues its
+  products while the other runs its softmax (FlashAttention-3's inter-warpgroup schedule).
+  """
+  from kernels.window_attention import _key_blocks  # (that module imports this one)
+
+  batch, time, heads, dim = q.shape
+  group = heads // k.shape[2]
+  dtype = q.dtype
+  c = scale * _LOG2E
+  f32 = jnp.float32
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = wgmma_layout.reduce(1)
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+    (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+
+    def meet():  # both compute warpgroups arrive; each goes on once the other has
+      if pingpong:
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+    wg = jax.lax.axis_index("wg")
+    b, h = jax.lax.axis_index("batch"), jax.lax.axis_index("heads")
+    q_cta = jax.lax.axis_index("q_blocks") * CTA_ROWS
+    lo, full_lo, full_hi, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_start = q_cta + wg * BLOCK_Q
+      own_q = q_smem.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, BLOCK_Q), h], own_q, q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+
+      def step(j, carry, masked: bool):
+        acc, m, l = carry
+        slot = jax.lax.rem(j - lo, stages)
+        plgpu.barrier_wait(k_ready.at[slot])
+
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, own_q, k_smem.at[slot].T)
+          meet()  # (the product runs on while the other warpgroup takes its turn)
+          return acc_ref[...]
+        s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_kv), f32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+          iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), d, layout=wgmma_layout)
+          offset = (iota(0) + q_start) - (iota(1) + j * block_kv)  # t − s
+          # (nested selects: a bool & bool is a conversion the Mosaic GPU lowering rejects)
+          s = jnp.where(offset >= 0, jnp.where(offset < window, s, -jnp.inf), -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1) * c)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if pingpong:  # done with the softmax; wait for the values and for the tensor cores' turn
+          plgpu.barrier_arrive(turn)
+          plgpu.barrier_wait(v_ready.at[slot])
+          plgpu.barrier_wait(turn)
+        else:
+          plgpu.barrier_wait(v_ready.at[slot])
+
+        def values(acc_ref):
+          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+        acc = pl.run_state(values)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
+
+      pl.when(wg == 1)(meet)  # half a step behind warpgroup 0
+      carry = (plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout),
+               plgpu.layout_cast(jnp.full((BLOCK_Q,), _MASKED, f32), row_layout),
+               plgpu.layout_cast(jnp.zeros((BLOCK_Q,), f32), row_layout))
+      # masked edge, unmasked interior, masked diagonal (the bounds hold for both warpgroups' rows)
+      for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+        carry = jax.lax.fori_loop(start, stop, lambda j, cr, masked=masked: step(j, cr, masked), carry)
+      acc, m, l = carry
+      pl.when(wg == 0)(meet)  # (the matching last meeting)
+      own_q[...] = (acc / jax.lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+      lse_smem.at[wg][...] = m + jnp.log(l) * _LOG2E  # log₂ l
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(own_q, o_ref.at[b, pl.ds(q_start, BLOCK_Q), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q_start, BLOCK_Q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = jax.lax.div(h, jnp.int32(group))
+
+      def fetch(j, _):
+        index = j - lo
+        slot = jax.lax.rem(index, stages)
+        rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
+        for src, buf, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
+          @pl.when(index >= stages)  # the slot's previous block has been read by both warpgroups
+          def _():
+            plgpu.barrier_wait(free.at[slot])
+          plgpu.copy_gmem_to_smem(src.at[rows], buf.at[slot], ready.at[slot])
+      jax.lax.fori_loop(lo, hi, fetch, None)
+
+  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    smem = [plgpu.SMEM((2, BLOCK_Q, dim), dtype, **swizzled),
+            plgpu.SMEM((stages, block_kv, dim), dtype, **swizzled),
+            plgpu.SMEM((stages, block_kv, dim), dtype, **swizzled),
+            plgpu.SMEM((2, BLOCK_Q), f32)]
+    ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2))
+    free = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+    pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+                  smem, ready, free, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, time), f32))
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=(time // CTA_ROWS, heads, batch), grid_names=("q_blocks", "heads", "batch"),
+      num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params() if interpret else None)(q, k, v)
