@@ -166,6 +166,12 @@ class PallasBlocks:
   mgpu_kv: int = 128
   mgpu_stages: int = 2
   mgpu_pingpong: bool = False
+  # GPU backward: "triton", or "mosaic_gpu" (dK/dV and dQ kernels on wgmma; same conditions) with
+  # ``mgpu_bwd_q`` queries per dK/dV step, ``mgpu_bwd_kv`` keys per dQ step. None: Triton.
+  bwd_kernel: str | None = None
+  mgpu_bwd_q: int = 64
+  mgpu_bwd_kv: int = 64
+  mgpu_bwd_stages: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,6 +604,10 @@ def _flash_fwd(q, k, v, cfg: _Flash):
 
 
 def _flash_bwd(cfg: _Flash, residuals, do):
+  b = cfg.blocks
+  if cfg.target == "triton" and b.bwd_kernel == "mosaic_gpu":
+    return window_attention_mgpu.backward(*residuals, do, window=cfg.window, scale=cfg.scale, block_q=b.mgpu_bwd_q,
+                                          block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages, interpret=cfg.interpret)
   return (_triton_backward if cfg.target == "triton" else _mosaic_backward)(*residuals, do, cfg)
 
 
@@ -658,16 +668,20 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   else:
     blocks = dataclasses.replace(blocks, block=min(blocks.block, _round_up(time, 8)))
     padded, pad_dim = _round_up(time, blocks.block), 0
-  if blocks.fwd_kernel not in (None, "triton", "mosaic_gpu"):
-    raise ValueError(f"window_attention: PallasBlocks.fwd_kernel={blocks.fwd_kernel!r}; valid: 'triton', 'mosaic_gpu'")
+  for field in ("fwd_kernel", "bwd_kernel"):
+    if getattr(blocks, field) not in (None, "triton", "mosaic_gpu"):
+      raise ValueError(f"window_attention: PallasBlocks.{field}={getattr(blocks, field)!r}; valid: 'triton', 'mosaic_gpu'")
   if target == "triton":
     problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
                                              k, softcap)
-    if blocks.fwd_kernel == "mosaic_gpu" and problem:
-      raise ValueError(f"window_attention: PallasBlocks.fwd_kernel='mosaic_gpu' {problem}; use 'triton'")
+    for field in ("fwd_kernel", "bwd_kernel"):
+      if getattr(blocks, field) == "mosaic_gpu" and problem:
+        raise ValueError(f"window_attention: PallasBlocks.{field}='mosaic_gpu' {problem}; use 'triton'")
     if blocks.fwd_kernel is None:
       blocks = dataclasses.replace(
           blocks, fwd_kernel="mosaic_gpu" if not problem and not interpret and tma_gpu() else "triton")
+    if blocks.bwd_kernel is None:
+      blocks = dataclasses.replace(blocks, bwd_kernel="triton")
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
                scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret)
   widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))

@@ -16,6 +16,7 @@ otherwise).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -169,3 +170,227 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
       entry, out_type=out_type, grid=(time // CTA_ROWS, heads, batch), grid_names=("q_blocks", "heads", "batch"),
       num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else None)(q, k, v)
+
+
+# --- backward ---------------------------------------------------------------------------------------
+# Two kernels, as the Triton backward, each CTA again two compute warpgroups of 64 rows and a memory
+# warpgroup that streams the other side's blocks (``_stream_blocks``) through ``stages`` slots:
+#   dK/dV  per 128 keys of one kv head: its 64 keys' rows resident per warpgroup; streams every query
+#          head of the group × the band's 64-query blocks (q, dO, lse, Δ). With p = exp2(s·c − lse)
+#          (transposed tiles: keys × queries, so lse and Δ broadcast along rows):
+#          dV += pᵀ dO,  dpᵀ = V dOᵀ,  dsᵀ = pᵀ ⊙ (dpᵀ − Δ),  dK += scale · dsᵀ Q.
+#   dQ     per 128 queries of one head: Q and dO resident; streams the band's key/value blocks:
+#          dp = dO Vᵀ,  ds = p ⊙ (dp − Δ),  dQ += scale · ds K.
+# Δ = rowsum(O ⊙ dO) comes from XLA. Every product reads shared memory and completes before its slot is
+# released (its result is read), so the two warpgroups free a slot with one arrival each.
+
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, ...)
+
+
+def _load_vector(ref, layout):
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
+
+
+def _stream_blocks(steps, stages: int, copies, ready, free):
+  """The memory warpgroup: step i's ``copies(i, slot)`` (source, destination) pairs into slot
+  ``i % stages``, once both compute warpgroups have released the slot's previous step."""
+  def fetch(i, _):
+    slot = jax.lax.rem(i, stages)
+
+    @pl.when(i >= stages)
+    def _():
+      plgpu.barrier_wait(free.at[slot])
+    for src, dst in copies(i, slot):
+      plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
+  jax.lax.fori_loop(0, steps, fetch, None)
+
+
+def _masked(scores, rows, cols, window: int, *, keys_first: bool):
+  """``scores`` with −inf outside the band ``0 ≤ t − s < window`` (rows, cols: traced offsets)."""
+  iota = lambda d: plgpu.broadcasted_iota(jnp.int32, scores.shape, d, layout=plgpu.Layout.WGMMA)
+  offset = (iota(0) + rows) - (iota(1) + cols)  # t − s, or s − t for key-major tiles
+  if keys_first:
+    offset = -offset
+  return jnp.where(offset >= 0, jnp.where(offset < window, scores, -jnp.inf), -jnp.inf)
+
+
+def _swizzled(shape, dtype):
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _kernel_call(body, out_type, grid, grid_names, interpret):
+  return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=_interpret_params() if interpret else None)
+
+
+def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
+             stages: int = 2, interpret: bool = False):
+  """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``."""
+  from kernels.window_attention import _key_blocks, _query_blocks
+
+  batch, time, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  group = heads // kv_heads
+  dtype = q.dtype
+  c = scale * _LOG2E
+  f32 = jnp.float32
+  wgmma_layout = plgpu.Layout.WGMMA
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(f32), do.astype(f32))
+
+  def dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+    def kernel(*scoped):
+      (k_res, v_res, q_s, do_s, lse_s, delta_s), (ready, free, own) = scoped
+      wg = jax.lax.axis_index("wg")
+      b, kv_head = jax.lax.axis_index("batch"), jax.lax.axis_index("heads")
+      k_cta = jax.lax.axis_index("kv_blocks") * CTA_ROWS
+      lo, full_lo, full_hi, hi = _query_blocks(k_cta, block_q, CTA_ROWS, window, time // block_q)
+      per_head = hi - lo
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(240, action="increase")
+        k_start = k_cta + wg * BLOCK_Q
+        rows = (b, pl.ds(k_start, BLOCK_Q), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_res.at[wg], own.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_res.at[wg], own.at[wg])
+        plgpu.barrier_wait(own.at[wg])
+
+        def step(qb, carry, g, masked: bool):
+          dk, dv = carry
+          slot = jax.lax.rem(g * per_head + qb - lo, stages)
+          plgpu.barrier_wait(ready.at[slot])
+
+          def scores(acc_ref):
+            plgpu.wgmma(acc_ref, k_res.at[wg], q_s.at[slot].T)
+            return acc_ref[...]
+          s_t = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_q), f32))
+          if masked:
+            s_t = _masked(s_t, k_start, qb * block_q, window, keys_first=True)
+          lse_t = _load_vector(lse_s.at[slot], wgmma_layout.reduce(0))
+          p_t = jnp.exp2(s_t * c - jax.lax.broadcast_in_dim(lse_t, s_t.shape, [1]))
+
+          def values(refs):
+            dv_ref_acc, dp_ref_acc = refs
+            plgpu.wgmma(dv_ref_acc, p_t.astype(dtype), do_s.at[slot])
+            plgpu.wgmma(dp_ref_acc, v_res.at[wg], do_s.at[slot].T)
+          zeros = plgpu.layout_cast(jnp.zeros(s_t.shape, f32), wgmma_layout)
+          dv, dp_t = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+          delta_t = _load_vector(delta_s.at[slot], wgmma_layout.reduce(0))
+          ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta_t, s_t.shape, [1]))
+
+          def keys(acc_ref):
+            plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_s.at[slot])
+          dk = pl.run_state(keys)(plgpu.ACC.init(dk))
+          plgpu.barrier_arrive(free.at[slot])
+          return dk, dv
+
+        def one_head(g, carry):
+          for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+            carry = jax.lax.fori_loop(start, stop, lambda qb, cr, masked=masked: step(qb, cr, g, masked), carry)
+          return carry
+
+        zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
+        dk, dv = jax.lax.fori_loop(0, group, one_head, (zeros, zeros))
+        k_res.at[wg][...] = (dk * scale).astype(dtype)
+        v_res.at[wg][...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_res.at[wg], dk_ref.at[rows], commit_group=False)
+        plgpu.copy_smem_to_gmem(v_res.at[wg], dv_ref.at[rows], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 2)
+      def _memory():
+        plgpu.set_max_registers(24, action="decrease")
+
+        def copies(i, slot):
+          h = kv_head * group + jax.lax.div(i, per_head)
+          start = (lo + jax.lax.rem(i, per_head)) * block_q
+          rows = (b, pl.ds(start, block_q), h)
+          vec = (b, h, pl.ds(start, block_q))
+          return [(q_ref.at[rows], q_s.at[slot]), (do_ref.at[rows], do_s.at[slot]),
+                  (lse_ref.at[vec], lse_s.at[slot]), (delta_ref.at[vec], delta_s.at[slot])]
+        _stream_blocks(group * per_head, stages, copies, ready, free)
+
+    pl.run_scoped(kernel, (_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
+                           _swizzled((stages, block_q, dim), dtype), _swizzled((stages, block_q, dim), dtype),
+                           plgpu.SMEM((stages, block_q), f32), plgpu.SMEM((stages, block_q), f32)),
+                  (plgpu.Barrier(num_arrivals=4, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                   plgpu.Barrier(num_arrivals=2, num_barriers=2)),
+                  collective_axes="wg")
+
+  def dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+    def kernel(*scoped):
+      (q_res, do_res, vec_s, k_s, v_s), (ready, free, own) = scoped
+      wg = jax.lax.axis_index("wg")
+      b, h = jax.lax.axis_index("batch"), jax.lax.axis_index("heads")
+      q_cta = jax.lax.axis_index("q_blocks") * CTA_ROWS
+      lo, full_lo, full_hi, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(240, action="increase")
+        q_start = q_cta + wg * BLOCK_Q
+        rows = (b, pl.ds(q_start, BLOCK_Q), h)
+        vec = (b, h, pl.ds(q_start, BLOCK_Q))
+        for src, dst in ((q_ref.at[rows], q_res.at[wg]), (do_ref.at[rows], do_res.at[wg]),
+                         (lse_ref.at[vec], vec_s.at[wg, 0]), (delta_ref.at[vec], vec_s.at[wg, 1])):
+          plgpu.copy_gmem_to_smem(src, dst, own.at[wg])
+        plgpu.barrier_wait(own.at[wg])
+        row = wgmma_layout.reduce(1)
+        lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
+
+        def step(j, dq, masked: bool):
+          slot = jax.lax.rem(j - lo, stages)
+          plgpu.barrier_wait(ready.at[slot])
+
+          def products(refs):
+            s_ref, dp_ref = refs
+            plgpu.wgmma(s_ref, q_res.at[wg], k_s.at[slot].T)
+            plgpu.wgmma(dp_ref, do_res.at[wg], v_s.at[slot].T)
+          zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), f32), wgmma_layout)
+          s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+          if masked:
+            s = _masked(s, q_start, j * block_kv, window, keys_first=False)
+          p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(lse_q, s.shape, [0]))
+          ds = p * (dp - jax.lax.broadcast_in_dim(delta_q, s.shape, [0]))
+
+          def queries(acc_ref):
+            plgpu.wgmma(acc_ref, ds.astype(dtype), k_s.at[slot])
+          dq = pl.run_state(queries)(plgpu.ACC.init(dq))
+          plgpu.barrier_arrive(free.at[slot])
+          return dq
+
+        dq = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
+        for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+          dq = jax.lax.fori_loop(start, stop, lambda j, acc, masked=masked: step(j, acc, masked), dq)
+        q_res.at[wg][...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_res.at[wg], dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 2)
+      def _memory():
+        plgpu.set_max_registers(24, action="decrease")
+        kv_head = jax.lax.div(h, jnp.int32(group))
+
+        def copies(i, slot):
+          rows = (b, pl.ds((lo + i) * block_kv, block_kv), kv_head)
+          return [(k_ref.at[rows], k_s.at[slot]), (v_ref.at[rows], v_s.at[slot])]
+        _stream_blocks(hi - lo, stages, copies, ready, free)
+
+    pl.run_scoped(kernel, (_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
+                           plgpu.SMEM((2, 2, BLOCK_Q), f32),
+                           _swizzled((stages, block_kv, dim), dtype), _swizzled((stages, block_kv, dim), dtype)),
+                  (plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                   plgpu.Barrier(num_arrivals=4, num_barriers=2)),
+                  collective_axes="wg")
+
+  args = (q, k, v, do, lse, delta)
+  kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
+  dk, dv = _kernel_call(dkv_body, (kv_shape, kv_shape), (time // CTA_ROWS, kv_heads, batch),
+                        ("kv_blocks", "heads", "batch"), interpret)(*args)
+  dq = _kernel_call(dq_body, jax.ShapeDtypeStruct(q.shape, dtype), (time // CTA_ROWS, heads, batch),
+                    ("q_blocks", "heads", "batch"), interpret)(*args)
+  return dq, dk, dv
