@@ -165,13 +165,14 @@ class PallasBlocks:
   fwd_kernel: str | None = None
   mgpu_kv: int = 128
   mgpu_stages: int = 2
-  mgpu_pingpong: bool = False
-  # GPU backward: "triton", or "mosaic_gpu" (dK/dV and dQ kernels on wgmma; same conditions) with
-  # ``mgpu_bwd_q`` queries per dK/dV step, ``mgpu_bwd_kv`` keys per dQ step. None: Triton.
+  mgpu_pingpong: bool = True
+  # GPU backward: "triton", or "mosaic_gpu" (dK/dV and dQ kernels on wgmma; same conditions and the
+  # same default choice) with ``mgpu_bwd_q`` queries per dK/dV step, ``mgpu_bwd_kv`` keys per dQ step,
+  # ``mgpu_bwd_stages`` slots (dQ: as many as fit, ≥ 2).
   bwd_kernel: str | None = None
   mgpu_bwd_q: int = 64
-  mgpu_bwd_kv: int = 64
-  mgpu_bwd_stages: int = 2
+  mgpu_bwd_kv: int = 128
+  mgpu_bwd_stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -677,11 +678,8 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
     for field in ("fwd_kernel", "bwd_kernel"):
       if getattr(blocks, field) == "mosaic_gpu" and problem:
         raise ValueError(f"window_attention: PallasBlocks.{field}='mosaic_gpu' {problem}; use 'triton'")
-    if blocks.fwd_kernel is None:
-      blocks = dataclasses.replace(
-          blocks, fwd_kernel="mosaic_gpu" if not problem and not interpret and tma_gpu() else "triton")
-    if blocks.bwd_kernel is None:
-      blocks = dataclasses.replace(blocks, bwd_kernel="triton")
+    mgpu = "mosaic_gpu" if not problem and not interpret and tma_gpu() else "triton"
+    blocks = dataclasses.replace(blocks, fwd_kernel=blocks.fwd_kernel or mgpu, bwd_kernel=blocks.bwd_kernel or mgpu)
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
                scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret)
   widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))
@@ -720,6 +718,11 @@ def _cudnn_attention(q, k, v, window: int | None, softcap):
 def _auto_impl(q, softcap) -> str:
   backend = jax.default_backend()
   if backend == "gpu":
+    # Our Mosaic GPU kernels where they run (Hopper, bf16/f16, head_dim 64/128, no soft-cap), cuDNN for
+    # the other shapes it takes, else the Triton kernels (kernels/BENCHMARKS.md, eighth session).
+    if tma_gpu() and not window_attention_mgpu.supports(jax.ShapeDtypeStruct(
+        (q.shape[0], _round_up(q.shape[1], window_attention_mgpu.CTA_ROWS)) + q.shape[2:], q.dtype), q, softcap):
+      return "pallas"
     return "pallas" if _cudnn_problem(q, softcap) else "cudnn"
   return "pallas" if backend == "tpu" else "xla"
 

@@ -27,6 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 BLOCK_Q = 64  # query rows per compute warpgroup (one wgmma's M)
 CTA_ROWS = 2 * BLOCK_Q
 _LOG2E = math.log2(math.e)
+SMEM_BUDGET = 226 * 1024  # of the H100's 227 KB per block
 _MASKED = -1e30  # finite: a row whose keys are all masked in a block keeps alpha = 1 and p = 0
 
 
@@ -100,10 +101,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
         s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_kv), f32))
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
-          iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), d, layout=wgmma_layout)
-          offset = (iota(0) + q_start) - (iota(1) + j * block_kv)  # t − s
-          # (nested selects: a bool & bool is a conversion the Mosaic GPU lowering rejects)
-          s = jnp.where(offset >= 0, jnp.where(offset < window, s, -jnp.inf), -jnp.inf)
+          s = _masked(s, q_start, j * block_kv, window, keys_first=False)
         m_new = jnp.maximum(m, s.max(axis=1) * c)
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -211,6 +209,7 @@ def _masked(scores, rows, cols, window: int, *, keys_first: bool):
   offset = (iota(0) + rows) - (iota(1) + cols)  # t − s, or s − t for key-major tiles
   if keys_first:
     offset = -offset
+  # (nested selects: a bool & bool is a conversion the Mosaic GPU lowering rejects)
   return jnp.where(offset >= 0, jnp.where(offset < window, scores, -jnp.inf), -jnp.inf)
 
 
@@ -237,6 +236,9 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   f32 = jnp.float32
   wgmma_layout = plgpu.Layout.WGMMA
   delta = jnp.einsum("bthd,bthd->bht", o.astype(f32), do.astype(f32))
+  # dQ keeps Q and dO resident beside its key/value slots: as many slots as fit (at least 2).
+  resident = 2 * (2 * BLOCK_Q * dim * q.dtype.itemsize) + 2 * 2 * BLOCK_Q * 4
+  dq_stages = max(2, min(stages, (SMEM_BUDGET - resident) // (2 * block_kv * dim * q.dtype.itemsize)))
 
   def dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
     def kernel(*scoped):
@@ -342,7 +344,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
         lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
 
         def step(j, dq, masked: bool):
-          slot = jax.lax.rem(j - lo, stages)
+          slot = jax.lax.rem(j - lo, dq_stages)
           plgpu.barrier_wait(ready.at[slot])
 
           def products(refs):
@@ -378,13 +380,13 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
         def copies(i, slot):
           rows = (b, pl.ds((lo + i) * block_kv, block_kv), kv_head)
           return [(k_ref.at[rows], k_s.at[slot]), (v_ref.at[rows], v_s.at[slot])]
-        _stream_blocks(hi - lo, stages, copies, ready, free)
+        _stream_blocks(hi - lo, dq_stages, copies, ready, free)
 
     pl.run_scoped(kernel, (_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
                            plgpu.SMEM((2, 2, BLOCK_Q), f32),
-                           _swizzled((stages, block_kv, dim), dtype), _swizzled((stages, block_kv, dim), dtype)),
-                  (plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                   plgpu.Barrier(num_arrivals=4, num_barriers=2)),
+                           _swizzled((dq_stages, block_kv, dim), dtype), _swizzled((dq_stages, block_kv, dim), dtype)),
+                  (plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages),
+                   plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages), plgpu.Barrier(num_arrivals=4, num_barriers=2)),
                   collective_axes="wg")
 
   args = (q, k, v, do, lse, delta)
