@@ -161,7 +161,8 @@ class PallasBlocks:
   # bf16/f16, head_dim 64 or 128, no soft-cap) with ``mgpu_kv`` keys per step, ``mgpu_stages`` in
   # flight, and ``mgpu_pingpong`` (its two compute warpgroups take turns on the tensor cores). None:
   # Mosaic GPU where it runs (a GPU with TMA, not interpreting), else Triton. H100, B4 T8192 H16 D128
-  # W1024 bf16, fwd ms: Triton 0.820, Mosaic GPU 0.598, cuDNN 0.602 (kernels/BENCHMARKS.md).
+  # W1024 bf16, fwd ms: Triton 0.798–0.820, Mosaic GPU 0.598–0.606, with ping-pong 0.580–0.588,
+  # cuDNN 0.580–0.602 in the same processes (kernels/BENCHMARKS.md, eighth session).
   fwd_kernel: str | None = None
   mgpu_kv: int = 128
   mgpu_stages: int = 2
@@ -170,8 +171,10 @@ class PallasBlocks:
   # same default choice) with ``mgpu_bwd_q`` queries per dK/dV step, ``mgpu_bwd_kv`` keys per dQ step,
   # ``mgpu_bwd_stages`` slots (dQ: as many as fit, ≥ 2).
   bwd_kernel: str | None = None
+  # H100, B4 T8192 H16 D128 W1024, fwd+bwd ms with the ping-pong forward (runs vary by ~±0.03):
+  # kv 64 · 2 slots 2.685; 128 · 2 2.634, 2.696; 64 · 3 2.637, 2.638 (default); 128 · 3 2.671; q 128: 3.172.
   mgpu_bwd_q: int = 64
-  mgpu_bwd_kv: int = 128
+  mgpu_bwd_kv: int = 64
   mgpu_bwd_stages: int = 3
 
 
