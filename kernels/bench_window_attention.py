@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.bench import check
-from kernels.window_attention import window_attention
+from kernels.window_attention import PallasBlocks, window_attention
 
 SHAPES = [  # (batch, time, heads, head_dim, window)
     (4, 8192, 16, 128, 1024),
@@ -128,10 +128,13 @@ def run(ctx) -> list[dict]:
                 reference=ref_name, window=window)
 
     candidates = [
-        ("pallas (ours)", True, dict(impl="pallas", interpret=on_cpu)),
+        ("pallas (ours)", True, dict(impl="pallas", interpret=on_cpu)),  # Mosaic GPU on Hopper
         ("xla banded (ours)", True, dict(impl="xla")),
         ("cudnn (jax)", False, dict(impl="cudnn")),
     ]
+    if not on_cpu:  # the Triton kernels, which the Mosaic GPU ones replace on Hopper
+      triton = PallasBlocks(fwd_kernel="triton", bwd_kernel="triton")
+      candidates.insert(1, ("pallas triton (ours)", True, dict(impl="pallas", pallas_blocks=triton)))
     for name, ours, kwargs in candidates:
       fn = lambda q, k, v, kwargs=kwargs: window_attention(q, k, v, window=window, **kwargs)
       row = dict(base, impl=name, ours=ours, fwd_ms=None, fwdbwd_ms=None)
