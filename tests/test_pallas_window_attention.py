@@ -7,6 +7,7 @@ host with ``jax.export`` (Mosaic checks tiling there).
 """
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -131,18 +132,34 @@ def test_impl_selection_and_errors():
 
 
 @pytest.mark.parametrize("pingpong", [False, True])
-def test_mosaic_gpu_forward_lowers_for_cuda_at_full_size(pingpong):
-  """The wgmma forward (kernels/window_attention_mgpu.py) cannot run in Mosaic GPU's interpreter, so
-  here it is built for CUDA from this host at the benchmark's size (shared memory, layouts, TMA boxes)
-  and, with GQA and a window off the block grid, at a small one; the GPU benchmark checks its values
-  against the reference before timing it."""
-  from kernels import window_attention_mgpu
+def test_mosaic_gpu_kernels_lower_for_cuda_at_full_size(pingpong):
+  """The wgmma kernels (kernels/window_attention_mgpu.py) cannot run in Mosaic GPU's interpreter (it
+  has no wgmma), so here the forward and the gradient (forward, dK/dV, dQ) are built for CUDA from
+  this host at the benchmark's size (shared memory, layouts, TMA boxes) and, with GQA and a window
+  off the block grid, at a small one. The GPU benchmark checks their values against the reference
+  before timing them (kernels/BENCHMARKS.md, eighth session: rel err 2.4e-3 on every shape)."""
+  blocks = PallasBlocks(fwd_kernel="mosaic_gpu", bwd_kernel="mosaic_gpu", mgpu_pingpong=pingpong)
   for (batch, time, heads, kv_heads, dim, window) in ((4, 8192, 16, 16, 128, 1024), (1, 256, 4, 1, 64, 100)):
     q = jax.ShapeDtypeStruct((batch, time, heads, dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((batch, time, kv_heads, dim), jnp.bfloat16)
-    f = lambda q, k, v: window_attention_mgpu.forward(q, k, v, window=window, scale=dim ** -0.5, pingpong=pingpong)
-    text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text and "triton" not in text
+    f = lambda q, k, v: window_attention(q, k, v, window=window, impl="pallas", pallas_target="triton",
+                                         pallas_blocks=blocks)
+    grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    for fn, kernels in ((f, 1), (grad, 3)):
+      text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+      assert "triton" not in text and text.count("mosaic_gpu") >= kernels
+
+
+def test_auto_prefers_the_mosaic_gpu_kernels_on_hopper(monkeypatch):
+  wa = importlib.import_module("kernels.window_attention")  # (the package exports a function of that name)
+  monkeypatch.setattr(wa.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(wa, "tma_gpu", lambda: True)
+  q = jax.ShapeDtypeStruct((1, 300, 4, 128), jnp.bfloat16)  # 300 rows are padded to 384
+  assert wa._auto_impl(q, None) == "pallas"
+  assert wa._auto_impl(q, 30.0) == "pallas"  # soft-cap: neither Mosaic GPU nor cuDNN; Triton
+  assert wa._auto_impl(jax.ShapeDtypeStruct((1, 300, 4, 80), jnp.bfloat16), None) == "cudnn"  # head_dim 80
+  monkeypatch.setattr(wa, "tma_gpu", lambda: False)  # pre-Hopper
+  assert wa._auto_impl(q, None) == "cudnn"
 
 
 def test_mosaic_gpu_forward_selection_and_errors():
