@@ -44,6 +44,12 @@ def supports(q, k, softcap) -> str | None:
   return None
 
 
+def _cta(axis: str):
+  """(warpgroup, batch, head, first row) of this CTA, whose rows come in blocks of CTA_ROWS along ``axis``."""
+  return (jax.lax.axis_index("wg"), jax.lax.axis_index("batch"), jax.lax.axis_index("heads"),
+          jax.lax.axis_index(axis) * CTA_ROWS)
+
+
 def _interpret_params():
   cls = getattr(plgpu, "InterpretGPUParams", None)
   if cls is None:
@@ -59,7 +65,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   compute warpgroups meet at a barrier twice a step, half a step apart, so that one issues its
   products while the other runs its softmax (FlashAttention-3's inter-warpgroup schedule).
   """
-  from kernels.window_attention import _key_blocks  # (that module imports this one)
+  from kernels.window_attention import _band_loops, _key_blocks  # (that module imports this one)
 
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
@@ -76,10 +82,9 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
       if pingpong:
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
-    wg = jax.lax.axis_index("wg")
-    b, h = jax.lax.axis_index("batch"), jax.lax.axis_index("heads")
-    q_cta = jax.lax.axis_index("q_blocks") * CTA_ROWS
-    lo, full_lo, full_hi, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+    wg, b, h, q_cta = _cta("q_blocks")
+    bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+    lo, hi = bounds[0], bounds[-1]
 
     @pl.when(wg < 2)
     def _compute():
@@ -125,9 +130,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
                plgpu.layout_cast(jnp.full((BLOCK_Q,), _MASKED, f32), row_layout),
                plgpu.layout_cast(jnp.zeros((BLOCK_Q,), f32), row_layout))
       # masked edge, unmasked interior, masked diagonal (the bounds hold for both warpgroups' rows)
-      for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-        carry = jax.lax.fori_loop(start, stop, lambda j, cr, masked=masked: step(j, cr, masked), carry)
-      acc, m, l = carry
+      acc, m, l = _band_loops(bounds, step, carry, True)
       pl.when(wg == 0)(meet)  # (the matching last meeting)
       own_q[...] = (acc / jax.lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
       lse_smem.at[wg][...] = m + jnp.log(l) * _LOG2E  # log₂ l
@@ -226,7 +229,7 @@ def _kernel_call(body, out_type, grid, grid_names, interpret):
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
              stages: int = 2, interpret: bool = False):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``."""
-  from kernels.window_attention import _key_blocks, _query_blocks
+  from kernels.window_attention import _band_loops, _key_blocks, _query_blocks
 
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -243,11 +246,9 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   def dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
     def kernel(*scoped):
       (k_res, v_res, q_s, do_s, lse_s, delta_s), (ready, free, own) = scoped
-      wg = jax.lax.axis_index("wg")
-      b, kv_head = jax.lax.axis_index("batch"), jax.lax.axis_index("heads")
-      k_cta = jax.lax.axis_index("kv_blocks") * CTA_ROWS
-      lo, full_lo, full_hi, hi = _query_blocks(k_cta, block_q, CTA_ROWS, window, time // block_q)
-      per_head = hi - lo
+      wg, b, kv_head, k_cta = _cta("kv_blocks")
+      bounds = _query_blocks(k_cta, block_q, CTA_ROWS, window, time // block_q)
+      lo, per_head = bounds[0], bounds[-1] - bounds[0]
 
       @pl.when(wg < 2)
       def _compute():
@@ -288,9 +289,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           return dk, dv
 
         def one_head(g, carry):
-          for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-            carry = jax.lax.fori_loop(start, stop, lambda qb, cr, masked=masked: step(qb, cr, g, masked), carry)
-          return carry
+          return _band_loops(bounds, lambda qb, cr, masked: step(qb, cr, g, masked), carry, True)
 
         zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
         dk, dv = jax.lax.fori_loop(0, group, one_head, (zeros, zeros))
@@ -325,10 +324,9 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   def dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
     def kernel(*scoped):
       (q_res, do_res, vec_s, k_s, v_s), (ready, free, own) = scoped
-      wg = jax.lax.axis_index("wg")
-      b, h = jax.lax.axis_index("batch"), jax.lax.axis_index("heads")
-      q_cta = jax.lax.axis_index("q_blocks") * CTA_ROWS
-      lo, full_lo, full_hi, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+      wg, b, h, q_cta = _cta("q_blocks")
+      bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+      lo, hi = bounds[0], bounds[-1]
 
       @pl.when(wg < 2)
       def _compute():
@@ -364,9 +362,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           plgpu.barrier_arrive(free.at[slot])
           return dq
 
-        dq = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
-        for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-          dq = jax.lax.fori_loop(start, stop, lambda j, acc, masked=masked: step(j, acc, masked), dq)
+        dq = _band_loops(bounds, step, plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout), True)
         q_res.at[wg][...] = (dq * scale).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_res.at[wg], dq_ref.at[rows])
