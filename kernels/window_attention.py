@@ -617,7 +617,7 @@ def _flash_fwd(q, k, v, cfg: _Flash):
   if cfg.target == "triton" and cfg.blocks.fwd_kernel == "mosaic_gpu":
     b = cfg.blocks
     o, lse = window_attention_mgpu.forward(q, k, v, window=cfg.window, scale=cfg.scale, block_kv=b.mgpu_kv,
-                                           stages=b.mgpu_stages, pingpong=b.mgpu_pingpong, interpret=cfg.interpret)
+                                           stages=b.mgpu_stages, pingpong=b.mgpu_pingpong)
   else:
     o, lse = (_triton_forward if cfg.target == "triton" else _mosaic_forward)(q, k, v, cfg)
   return o, (q, k, v, o, lse)
@@ -627,7 +627,7 @@ def _flash_bwd(cfg: _Flash, residuals, do):
   b = cfg.blocks
   if cfg.target == "triton" and b.bwd_kernel == "mosaic_gpu":
     return window_attention_mgpu.backward(*residuals, do, window=cfg.window, scale=cfg.scale, block_q=b.mgpu_bwd_q,
-                                          block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages, interpret=cfg.interpret)
+                                          block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages)
   return (_triton_backward if cfg.target == "triton" else _mosaic_backward)(*residuals, do, cfg)
 
 
@@ -694,6 +694,8 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   if target == "triton":
     problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
                                              k, softcap)
+    if interpret:
+      problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
     for field in ("fwd_kernel", "bwd_kernel"):
       if getattr(blocks, field) == "mosaic_gpu" and problem:
         raise ValueError(f"window_attention: PallasBlocks.{field}='mosaic_gpu' {problem}; use 'triton'")

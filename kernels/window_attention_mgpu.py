@@ -1,17 +1,18 @@
-"""Sliding-window flash attention forward as a Mosaic GPU kernel (Hopper and newer: TMA and wgmma).
+"""Sliding-window flash attention as Mosaic GPU kernels (Hopper and newer: TMA and wgmma).
 
-The same forward as ``window_attention.py``'s Triton kernel (Dao 2023's online softmax over the key
-blocks of the band ``0 ≤ t − s < window``), and the same residuals, so the Triton backward takes
-its output: ``o [batch, time, heads, dim]`` and ``lse [batch, heads, time]``, the base-2
-log-sum-exp of the scaled logits. Only the tensor-core path differs. Triton's dots on Hopper are
-synchronous, and the softmax waits on them. Here each CTA is three warpgroups: two compute
-warpgroups own 64 query rows each, and issue their ``q kᵀ`` and ``p v`` products as wgmma from
-shared memory; a memory warpgroup streams the band's key and value blocks by TMA, ``stages`` blocks
-ahead, into slots the compute warpgroups free once their products have read them.
+The same computation as ``window_attention.py``'s Triton kernels (Dao 2023's online softmax over the
+key blocks of the band ``0 ≤ t − s < window``, and the two-kernel backward), with the same residuals
+(``o [batch, time, heads, dim]`` and ``lse [batch, heads, time]``, the base-2 log-sum-exp of the
+scaled logits), so either backward takes either forward. Only the tensor-core path differs. Triton's
+dots on Hopper are synchronous, and the softmax waits on them. Here each CTA is three warpgroups:
+two compute warpgroups own 64 rows each and issue their products as wgmma from shared memory; a
+memory warpgroup streams the band's blocks by TMA, ``stages`` blocks ahead, into slots the compute
+warpgroups free once their products have read them.
 
 Causal and GQA/MQA (a query head reads key/value head ``h // group``); no soft-cap, 16-bit inputs,
 ``dim`` a multiple of 64 up to 128, ``time`` a multiple of 128 (``supports``; the caller runs Triton
-otherwise).
+otherwise). Mosaic GPU's interpreter has no wgmma: these kernels run on a GPU only (the CPU tests
+build them for CUDA; the GPU benchmark checks them against the reference before timing them).
 """
 
 from __future__ import annotations
@@ -50,15 +51,8 @@ def _cta(axis: str):
           jax.lax.axis_index(axis) * CTA_ROWS)
 
 
-def _interpret_params():
-  cls = getattr(plgpu, "InterpretGPUParams", None)
-  if cls is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
-  return cls()
-
-
 def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
-            pingpong: bool = False, interpret: bool = False):
+            pingpong: bool = False):
   """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
 
   q: ``[batch, time, heads, dim]``; k, v: ``[batch, time, kv_heads, dim]``. ``pingpong``: the two
@@ -169,8 +163,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, time), f32))
   return plgpu.kernel(
       entry, out_type=out_type, grid=(time // CTA_ROWS, heads, batch), grid_names=("q_blocks", "heads", "batch"),
-      num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params() if interpret else None)(q, k, v)
+      num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v)
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -220,14 +213,13 @@ def _swizzled(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _kernel_call(body, out_type, grid, grid_names, interpret):
+def _kernel_call(body, out_type, grid, grid_names):
   return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True),
-                      interpret=_interpret_params() if interpret else None)
+                      compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
-             stages: int = 2, interpret: bool = False):
+             stages: int = 2):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``."""
   from kernels.window_attention import _band_loops, _key_blocks, _query_blocks
 
@@ -388,7 +380,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   args = (q, k, v, do, lse, delta)
   kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
   dk, dv = _kernel_call(dkv_body, (kv_shape, kv_shape), (time // CTA_ROWS, kv_heads, batch),
-                        ("kv_blocks", "heads", "batch"), interpret)(*args)
+                        ("kv_blocks", "heads", "batch"))(*args)
   dq = _kernel_call(dq_body, jax.ShapeDtypeStruct(q.shape, dtype), (time // CTA_ROWS, heads, batch),
-                    ("q_blocks", "heads", "batch"), interpret)(*args)
+                    ("q_blocks", "heads", "batch"))(*args)
   return dq, dk, dv

@@ -172,6 +172,7 @@ def test_mosaic_gpu_forward_selection_and_errors():
   x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="fwd_kernel='cuda'; valid: 'triton', 'mosaic_gpu'"):
     window_attention(x, x, x, window=4, impl="pallas", interpret=True, pallas_blocks=PallasBlocks(fwd_kernel="cuda"))
-  with pytest.raises(ValueError, match="fwd_kernel='mosaic_gpu' no soft-cap; use 'triton'"):
-    window_attention(x, x, x, window=4, softcap=5.0, impl="pallas", interpret=True,
-                     pallas_blocks=PallasBlocks(fwd_kernel="mosaic_gpu"))
+  for field in ("fwd_kernel", "bwd_kernel"):  # wgmma kernels: on a GPU only, and never silently swapped
+    with pytest.raises(ValueError, match=f"{field}='mosaic_gpu' does not interpret .*; use 'triton'"):
+      window_attention(x, x, x, window=4, impl="pallas", interpret=True,
+                       pallas_blocks=PallasBlocks(**{field: "mosaic_gpu"}))
