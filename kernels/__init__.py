@@ -20,7 +20,8 @@ __all__ = ["linear_scan", "linear_scan_reference", "window_attention", "window_a
 
 def resolve_impls(model_cfg) -> dict[str, str]:
   """What each kernel family runs on this platform for a model config (``"auto"`` resolved), as the
-  run summary records it: ``{"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "xla"}``.
+  run summary records it: ``{"attention": "pallas/mosaic_gpu", "scan": "pallas", "gla": "pallas",
+  "delta": "xla"}`` (attention's Pallas path names its kernels: mosaic_gpu, triton, or mosaic on TPU).
 
   Calls each kernel's own ``"auto"`` rule at the model's shapes: attention for its head_dim,
   compute dtype and soft-cap; the delta rule for its chunk size.
@@ -28,6 +29,7 @@ def resolve_impls(model_cfg) -> dict[str, str]:
   from kernels.delta import auto_impl as delta_auto
   from kernels.gla import auto_impl as gla_auto
   from kernels.window_attention import _auto_impl as attention_auto  # the package name is the function
+  from kernels.window_attention import pallas_kernels
 
   m = model_cfg
   head_dim = m.get("head_dim") or m.d_model // m.num_heads
@@ -40,4 +42,7 @@ def resolve_impls(model_cfg) -> dict[str, str]:
       "gla": gla_auto(head_dim, head_dim),
       "delta": delta_auto(int(m.get("chunk_size", 16)), head_dim, head_dim),
   }
-  return {family: auto[family] if m[f"{family}_impl"] == "auto" else m[f"{family}_impl"] for family in auto}
+  impls = {family: auto[family] if m[f"{family}_impl"] == "auto" else m[f"{family}_impl"] for family in auto}
+  if impls["attention"] == "pallas":
+    impls["attention"] = f"pallas/{pallas_kernels(q, m.get('attn_softcap') or None)}"
+  return impls

@@ -736,13 +736,24 @@ def _cudnn_attention(q, k, v, window: int | None, softcap):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
 
 
+def pallas_kernels(q, softcap=None) -> str:
+  """Which kernels ``impl="pallas"`` runs for such a call here (not interpreting): "mosaic_gpu"
+  (Hopper, bf16/f16, head_dim padded to 64 or 128, no soft-cap; sequences of 65 tokens or more,
+  shorter ones get Triton's smaller tiles), "triton", or "mosaic" on TPU."""
+  if jax.default_backend() == "tpu":
+    return "mosaic"
+  padded = (q.shape[0], _round_up(q.shape[1], window_attention_mgpu.CTA_ROWS), q.shape[2],
+            max(16, _next_pow2(q.shape[3])))
+  problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct(padded, q.dtype), q, softcap)
+  return "mosaic_gpu" if tma_gpu() and not problem else "triton"
+
+
 def _auto_impl(q, softcap) -> str:
   backend = jax.default_backend()
   if backend == "gpu":
-    # Our Mosaic GPU kernels where they run (Hopper, bf16/f16, head_dim 64/128, no soft-cap), cuDNN for
+    # Our Mosaic GPU kernels at the head dims they were measured at (64 and 128, unpadded), cuDNN for
     # the other shapes it takes, else the Triton kernels (kernels/BENCHMARKS.md, eighth session).
-    if tma_gpu() and not window_attention_mgpu.supports(jax.ShapeDtypeStruct(
-        (q.shape[0], _round_up(q.shape[1], window_attention_mgpu.CTA_ROWS)) + q.shape[2:], q.dtype), q, softcap):
+    if q.shape[-1] in (64, 128) and pallas_kernels(q, softcap) == "mosaic_gpu":
       return "pallas"
     return "pallas" if _cudnn_problem(q, softcap) else "cudnn"
   return "pallas" if backend == "tpu" else "xla"

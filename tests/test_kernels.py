@@ -1,5 +1,7 @@
 """Fast paths of the shared kernels against their references: outputs, final state, all gradients."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,7 +298,13 @@ def test_resolve_impls_names_what_auto_runs(monkeypatch):
   m.dtype, m.attn_softcap, m.chunk_size = "bfloat16", 0.0, 16
   assert resolve_impls(m) == {"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "pallas"}
   m.dtype, m.chunk_size = "float32", 8  # cuDNN needs 16-bit inputs; Pallas delta needs a chunk ≥ 16
-  assert resolve_impls(m) == {"attention": "pallas", "scan": "pallas", "gla": "pallas", "delta": "xla"}
+  assert resolve_impls(m) == {"attention": "pallas/triton", "scan": "pallas", "gla": "pallas", "delta": "xla"}
+  wa = importlib.import_module("kernels.window_attention")  # (the package exports a function of that name)
+  monkeypatch.setattr(wa, "tma_gpu", lambda: True)  # a Hopper host: our Mosaic GPU kernels for 16-bit heads
+  m.dtype, m.chunk_size = "bfloat16", 16
+  assert resolve_impls(m)["attention"] == "cudnn"  # head_dim 16: the Mosaic GPU kernels need 64 or 128
+  m.head_dim = 64
+  assert resolve_impls(m)["attention"] == "pallas/mosaic_gpu"
 
 
 def test_gla_and_delta_auto_take_pallas_on_gpu_only_for_measured_head_dims(monkeypatch):
