@@ -38,8 +38,8 @@ Implementations:
   ``interpret=True`` runs either lowering in the Pallas interpreter (how CPU tests check them).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(..., local_window_size=(W−1, 0),
   implementation="cudnn")`` — NVIDIA's fused kernel (GPU, bf16/fp16, no soft-cap).
-- ``"auto"``: on GPU our Pallas kernels where the Mosaic GPU ones run (above), then cuDNN where it
-  is valid, then the Triton kernels; Pallas on TPU; ``"xla"`` on CPU (where Pallas only
+- ``"auto"``: on GPU our Pallas kernels where the Mosaic GPU ones run (above) at head_dim 64 or 128,
+  then cuDNN where it is valid, then the Triton kernels; Pallas on TPU; ``"xla"`` on CPU (where Pallas only
   interprets). Measured in one process with ``python -m kernels.bench --kernels window_attention``
   (H100, jax 0.11.2, H16 D128 bf16, ms forward / forward+backward; kernels/BENCHMARKS.md):
 
