@@ -51,6 +51,13 @@ def _cta(axis: str):
           jax.lax.axis_index(axis) * CTA_ROWS)
 
 
+def _query_cta(block_kv: int, window: int):
+  """``_cta`` of a query-block CTA and the band's key-block bounds ``(lo, full_lo, full_hi, hi)``."""
+  from kernels.window_attention import _key_blocks  # (that module imports this one)
+  wg, b, h, q_cta = _cta("q_blocks")
+  return wg, b, h, q_cta, _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+
+
 def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
             pingpong: bool = False):
   """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
@@ -59,7 +66,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   compute warpgroups meet at a barrier twice a step, half a step apart, so that one issues its
   products while the other runs its softmax (FlashAttention-3's inter-warpgroup schedule).
   """
-  from kernels.window_attention import _band_loops, _key_blocks  # (that module imports this one)
+  from kernels.window_attention import _band_loops  # (that module imports this one)
 
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
@@ -76,8 +83,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
       if pingpong:
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
-    wg, b, h, q_cta = _cta("q_blocks")
-    bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+    wg, b, h, q_cta, bounds = _query_cta(block_kv, window)
     lo, hi = bounds[0], bounds[-1]
 
     @pl.when(wg < 2)
@@ -150,20 +156,15 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
       jax.lax.fori_loop(lo, hi, fetch, None)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-    smem = [plgpu.SMEM((2, BLOCK_Q, dim), dtype, **swizzled),
-            plgpu.SMEM((stages, block_kv, dim), dtype, **swizzled),
-            plgpu.SMEM((stages, block_kv, dim), dtype, **swizzled),
-            plgpu.SMEM((2, BLOCK_Q), f32)]
+    smem = [_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((stages, block_kv, dim), dtype),
+            _swizzled((stages, block_kv, dim), dtype), plgpu.SMEM((2, BLOCK_Q), f32)]
     ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2))
     free = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
     pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
                   smem, ready, free, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, time), f32))
-  return plgpu.kernel(
-      entry, out_type=out_type, grid=(time // CTA_ROWS, heads, batch), grid_names=("q_blocks", "heads", "batch"),
-      num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v)
+  return _kernel_call(entry, out_type, (time // CTA_ROWS, heads, batch), ("q_blocks", "heads", "batch"))(q, k, v)
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _kernel_call(body, out_type, grid, grid_names):
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
              stages: int = 2):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``."""
-  from kernels.window_attention import _band_loops, _key_blocks, _query_blocks
+  from kernels.window_attention import _band_loops, _query_blocks
 
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -316,8 +317,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   def dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
     def kernel(*scoped):
       (q_res, do_res, vec_s, k_s, v_s), (ready, free, own) = scoped
-      wg, b, h, q_cta = _cta("q_blocks")
-      bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+      wg, b, h, q_cta, bounds = _query_cta(block_kv, window)
       lo, hi = bounds[0], bounds[-1]
 
       @pl.when(wg < 2)
