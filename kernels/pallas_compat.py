@@ -96,3 +96,9 @@ def tma_gpu() -> bool:
     return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
   except ValueError:
     return False
+
+
+def gpu_sm_count() -> int:
+  """Streaming multiprocessors of the default GPU (an H100's 132 where there is none: CPU tests)."""
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels import scan_mosaic_gpu
-from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, tma_gpu, triton_params
+from kernels.pallas_compat import SQUEEZED, gpu_sm_count, lowered_once, mosaic_params, tma_gpu, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -639,12 +639,6 @@ _scan_core.defvjp(_scan_core_fwd, _scan_core_bwd)
 _scan_core_shared = lowered_once(_scan_core, static_argnums=(3, 4, 5, 6))
 
 
-def _gpu_sm_count() -> int:
-  """Streaming multiprocessors of the default GPU (an H100's 132 where there is none: CPU tests)."""
-  device = jax.devices()[0]
-  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
-
-
 def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dtypes,
              interpret: bool = False) -> PallasConfig:
   """Fills the platform defaults into ``cfg`` for a ``[batch, time, d]`` problem."""
@@ -687,7 +681,7 @@ def _resolve(platform: str, cfg: PallasConfig, batch: int, d: int, time: int, dt
     if kernel == "mosaic":
       lanes = scan_mosaic_gpu.LANES
       # The backward on 64-lane CTAs where 128-lane ones would leave SMs idle (B8 D1024: 64 CTAs).
-      idle = batch * (cfg.segments or 1) * -(-d // lanes) < _gpu_sm_count()
+      idle = batch * (cfg.segments or 1) * -(-d // lanes) < gpu_sm_count()
       halves = lambda chunk: chunk % (2 * scan_mosaic_gpu.EDGE) == 0
       # The forward too for 16-bit inputs, whose rows cost more time than bytes (bf16 B8 T4096 D1024:
       # 0.153 → 0.098 ms); f32 is bandwidth-bound either way (0.172 / 0.173 ms).

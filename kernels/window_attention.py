@@ -192,6 +192,12 @@ class PallasBlocks:
   mgpu_bwd_q: int = 64
   mgpu_bwd_kv: int = 64
   mgpu_bwd_stages: int = 3
+  # Each compute warpgroup runs only its own 64 rows' band (skipping, with 64-row blocks, one of the
+  # CTA's blocks), the forward fences its softmax before handing over the tensor cores, and the
+  # kernels are persistent (window_attention_mgpu.forward / backward).
+  mgpu_own_band: bool = True
+  mgpu_softmax_fence: bool = True
+  mgpu_persistent: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -617,7 +623,9 @@ def _flash_fwd(q, k, v, cfg: _Flash):
   if cfg.target == "triton" and cfg.blocks.fwd_kernel == "mosaic_gpu":
     b = cfg.blocks
     o, lse = window_attention_mgpu.forward(q, k, v, window=cfg.window, scale=cfg.scale, block_kv=b.mgpu_kv,
-                                           stages=b.mgpu_stages, pingpong=b.mgpu_pingpong)
+                                           stages=b.mgpu_stages, pingpong=b.mgpu_pingpong,
+                                           own_band=b.mgpu_own_band, softmax_fence=b.mgpu_softmax_fence,
+                                           persistent=b.mgpu_persistent)
   else:
     o, lse = (_triton_forward if cfg.target == "triton" else _mosaic_forward)(q, k, v, cfg)
   return o, (q, k, v, o, lse)
@@ -627,7 +635,8 @@ def _flash_bwd(cfg: _Flash, residuals, do):
   b = cfg.blocks
   if cfg.target == "triton" and b.bwd_kernel == "mosaic_gpu":
     return window_attention_mgpu.backward(*residuals, do, window=cfg.window, scale=cfg.scale, block_q=b.mgpu_bwd_q,
-                                          block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages)
+                                          block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages,
+                                          own_band=b.mgpu_own_band, persistent=b.mgpu_persistent)
   return (_triton_backward if cfg.target == "triton" else _mosaic_backward)(*residuals, do, cfg)
 
 

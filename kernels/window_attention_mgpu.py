@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.pallas_compat import gpu_sm_count
+
 BLOCK_Q = 64  # query rows per compute warpgroup (one wgmma's M)
 CTA_ROWS = 2 * BLOCK_Q
 _LOG2E = math.log2(math.e)
@@ -45,28 +47,55 @@ def supports(q, k, softcap) -> str | None:
   return None
 
 
-def _cta(axis: str):
-  """(warpgroup, batch, head, first row) of this CTA, whose rows come in blocks of CTA_ROWS along ``axis``."""
-  return (jax.lax.axis_index("wg"), jax.lax.axis_index("batch"), jax.lax.axis_index("heads"),
-          jax.lax.axis_index(axis) * CTA_ROWS)
+def _own_band(cta_bounds, own_bounds, step, skip, carry):
+  """``step`` over this warpgroup's own band (``_band_loops``), ``skip(j)`` over the CTA's other blocks.
+
+  The memory warpgroup streams the band of the CTA's 128 rows; with 64-row blocks each warpgroup's 64
+  rows need one block fewer (the first or the last). A skipped block still waits on its slot (barrier
+  phases are counted per thread) and releases it, without a product.
+  """
+  from kernels.window_attention import _band_loops  # (that module imports this one)
+
+  def skip_range(start, stop):
+    jax.lax.fori_loop(start, stop, lambda j, _: skip(j), None)
+  skip_range(cta_bounds[0], own_bounds[0])
+  carry = _band_loops(own_bounds, step, carry, True)
+  skip_range(own_bounds[-1], cta_bounds[-1])
+  return carry
 
 
-def _query_cta(block_kv: int, window: int):
-  """``_cta`` of a query-block CTA and the band's key-block bounds ``(lo, full_lo, full_hi, hi)``."""
-  from kernels.window_attention import _key_blocks  # (that module imports this one)
-  wg, b, h, q_cta = _cta("q_blocks")
-  return wg, b, h, q_cta, _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+def _tiles(n_tiles: int, ctas: int, blocks: int, heads: int):
+  """This CTA's tile count and ``tile(i)``: its i-th tile's (batch, head, first row), tiles being
+  (block of CTA_ROWS rows, head, batch) with the row block fastest, taken ``cta, cta + ctas, …``."""
+  cta = jax.lax.axis_index("ctas")
+
+  def tile(i):
+    t = cta + i * ctas
+    rest = jax.lax.div(t, jnp.int32(blocks))
+    return jax.lax.div(rest, jnp.int32(heads)), jax.lax.rem(rest, jnp.int32(heads)), jax.lax.rem(t, jnp.int32(blocks)) * CTA_ROWS
+  return jax.lax.div(n_tiles - 1 - cta, jnp.int32(ctas)) + 1, tile
+
+
+def _ctas(n_tiles: int, persistent: bool) -> int:
+  """CTAs of the grid: one per SM, each looping over tiles (``persistent``), or one per tile."""
+  return min(n_tiles, gpu_sm_count()) if persistent else n_tiles
 
 
 def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
-            pingpong: bool = False):
+            pingpong: bool = False, own_band: bool = True, softmax_fence: bool = True, persistent: bool = True):
   """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
 
   q: ``[batch, time, heads, dim]``; k, v: ``[batch, time, kv_heads, dim]``. ``pingpong``: the two
   compute warpgroups meet at a barrier twice a step, half a step apart, so that one issues its
   products while the other runs its softmax (FlashAttention-3's inter-warpgroup schedule).
+  ``own_band``: each compute warpgroup skips the key blocks its own 64 rows do not reach (one of
+  the CTA's blocks when ``block_kv`` is 64). ``softmax_fence``: an optimization barrier ends the
+  softmax before the warpgroup hands over the tensor cores, so its instructions are not scheduled
+  past that point. ``persistent``: one CTA per SM loops over the (query block, head, batch) tiles;
+  its memory warpgroup streams the next tile's keys while the compute warpgroups finish the last
+  one, and each loads its next rows of Q once its last product has read the current ones.
   """
-  from kernels.window_attention import _band_loops  # (that module imports this one)
+  from kernels.window_attention import _key_blocks  # (that module imports this one)
 
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
@@ -75,96 +104,139 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   f32 = jnp.float32
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = wgmma_layout.reduce(1)
+  blocks = time // CTA_ROWS
+  n_tiles = blocks * heads * batch
+  ctas = _ctas(n_tiles, persistent)
 
   def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-    (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    (q_smem, o_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    wg = jax.lax.axis_index("wg")
+    n_mine, tile_at = _tiles(n_tiles, ctas, blocks, heads)
 
     def meet():  # both compute warpgroups arrive; each goes on once the other has
       if pingpong:
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
-    wg, b, h, q_cta, bounds = _query_cta(block_kv, window)
-    lo, hi = bounds[0], bounds[-1]
 
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      q_start = q_cta + wg * BLOCK_Q
-      own_q = q_smem.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, BLOCK_Q), h], own_q, q_ready.at[wg])
-      plgpu.barrier_wait(q_ready.at[wg])
+      own_q, own_o, own_lse = q_smem.at[wg], o_smem.at[wg], lse_smem.at[wg]
 
-      def step(j, carry, masked: bool):
-        acc, m, l = carry
-        slot = jax.lax.rem(j - lo, stages)
-        plgpu.barrier_wait(k_ready.at[slot])
+      def load_q(i):
+        b, h, q_cta = tile_at(i)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_cta + wg * BLOCK_Q, BLOCK_Q), h], own_q, q_ready.at[wg])
 
-        def scores(acc_ref):
-          plgpu.wgmma(acc_ref, own_q, k_smem.at[slot].T)
-          meet()  # (the product runs on while the other warpgroup takes its turn)
-          return acc_ref[...]
-        s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_kv), f32))
-        plgpu.barrier_arrive(k_free.at[slot])
-        if masked:
-          s = _masked(s, q_start, j * block_kv, window, keys_first=False)
-        m_new = jnp.maximum(m, s.max(axis=1) * c)
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
-        if pingpong:  # done with the softmax; wait for the values and for the tensor cores' turn
+      def hand_over(slot):  # done with the softmax; wait for the values and for the tensor cores' turn
+        if pingpong:
           plgpu.barrier_arrive(turn)
           plgpu.barrier_wait(v_ready.at[slot])
           plgpu.barrier_wait(turn)
         else:
           plgpu.barrier_wait(v_ready.at[slot])
 
-        def values(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-        acc = pl.run_state(values)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l
+      def one_tile(i, base):  # base: blocks streamed before this tile (slots turn over across tiles)
+        b, h, q_cta = tile_at(i)
+        bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+        lo, hi = bounds[0], bounds[-1]
+        q_start = q_cta + wg * BLOCK_Q
+        own_bounds = _key_blocks(q_start, BLOCK_Q, block_kv, window) if own_band else bounds
+        slot_of = lambda j: jax.lax.rem(base + j - lo, stages)
+        plgpu.barrier_wait(q_ready.at[wg])
 
+        def skip(j):
+          slot = slot_of(j)
+          plgpu.barrier_wait(k_ready.at[slot])
+          meet()
+          plgpu.barrier_arrive(k_free.at[slot])
+          hand_over(slot)
+          plgpu.barrier_arrive(v_free.at[slot])
+
+        def step(j, carry, masked: bool):
+          acc, m, l = carry
+          slot = slot_of(j)
+          plgpu.barrier_wait(k_ready.at[slot])
+
+          def scores(acc_ref):
+            plgpu.wgmma(acc_ref, own_q, k_smem.at[slot].T)
+            meet()  # (the product runs on while the other warpgroup takes its turn)
+            return acc_ref[...]
+          s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_kv), f32))
+          plgpu.barrier_arrive(k_free.at[slot])
+
+          @pl.when(j == own_bounds[-1] - 1)  # this tile's rows of Q are read for the last time
+          def _():
+            pl.when(i + 1 < n_mine)(lambda: load_q(i + 1))
+          if masked:
+            s = _masked(s, q_start, j * block_kv, window, keys_first=False)
+          m_new = jnp.maximum(m, s.max(axis=1) * c)
+          alpha = jnp.exp2(m - m_new)
+          p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
+          l = l * alpha + p.sum(axis=1)
+          acc = acc * jax.lax.broadcast_in_dim(alpha, acc.shape, [0])
+          p = p.astype(dtype)
+          if softmax_fence:
+            acc, m_new, l, p = jax.lax.optimization_barrier((acc, m_new, l, p))
+          hand_over(slot)
+
+          def values(acc_ref):
+            plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+          acc = pl.run_state(values)(plgpu.ACC.init(acc))
+          plgpu.barrier_arrive(v_free.at[slot])
+          return acc, m_new, l
+
+        carry = (plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout),
+                 plgpu.layout_cast(jnp.full((BLOCK_Q,), _MASKED, f32), row_layout),
+                 plgpu.layout_cast(jnp.zeros((BLOCK_Q,), f32), row_layout))
+        # masked edge, unmasked interior, masked diagonal
+        acc, m, l = _own_band(bounds, own_bounds, step, skip, carry)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's O and lse have left
+        own_o[...] = (acc / jax.lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        own_lse[...] = m + jnp.log(l) * _LOG2E  # log₂ l
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(own_o, o_ref.at[b, pl.ds(q_start, BLOCK_Q), h])
+        plgpu.copy_smem_to_gmem(own_lse, lse_ref.at[b, h, pl.ds(q_start, BLOCK_Q)])
+        return base + hi - lo
+
+      load_q(0)
       pl.when(wg == 1)(meet)  # half a step behind warpgroup 0
-      carry = (plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout),
-               plgpu.layout_cast(jnp.full((BLOCK_Q,), _MASKED, f32), row_layout),
-               plgpu.layout_cast(jnp.zeros((BLOCK_Q,), f32), row_layout))
-      # masked edge, unmasked interior, masked diagonal (the bounds hold for both warpgroups' rows)
-      acc, m, l = _band_loops(bounds, step, carry, True)
+      jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
       pl.when(wg == 0)(meet)  # (the matching last meeting)
-      own_q[...] = (acc / jax.lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-      lse_smem.at[wg][...] = m + jnp.log(l) * _LOG2E  # log₂ l
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(own_q, o_ref.at[b, pl.ds(q_start, BLOCK_Q), h])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(q_start, BLOCK_Q)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      kv_head = jax.lax.div(h, jnp.int32(group))
 
-      def fetch(j, _):
-        index = j - lo
-        slot = jax.lax.rem(index, stages)
-        rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
-        for src, buf, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
-          @pl.when(index >= stages)  # the slot's previous block has been read by both warpgroups
-          def _():
-            plgpu.barrier_wait(free.at[slot])
-          plgpu.copy_gmem_to_smem(src.at[rows], buf.at[slot], ready.at[slot])
-      jax.lax.fori_loop(lo, hi, fetch, None)
+      def one_tile(i, base):
+        b, h, q_cta = tile_at(i)
+        lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+        kv_head = jax.lax.div(h, jnp.int32(group))
+
+        def fetch(j, _):
+          index = base + j - lo
+          slot = jax.lax.rem(index, stages)
+          rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
+          for src, buf, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
+            @pl.when(index >= stages)  # the slot's previous block has been read by both warpgroups
+            def _():
+              plgpu.barrier_wait(free.at[slot])
+            plgpu.copy_gmem_to_smem(src.at[rows], buf.at[slot], ready.at[slot])
+        jax.lax.fori_loop(lo, hi, fetch, None)
+        return base + hi - lo
+      jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    smem = [_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((stages, block_kv, dim), dtype),
-            _swizzled((stages, block_kv, dim), dtype), plgpu.SMEM((2, BLOCK_Q), f32)]
+    smem = [_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
+            _swizzled((stages, block_kv, dim), dtype), _swizzled((stages, block_kv, dim), dtype),
+            plgpu.SMEM((2, BLOCK_Q), f32)]
     ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2))
     free = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
     pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
                   smem, ready, free, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, time), f32))
-  return _kernel_call(entry, out_type, (time // CTA_ROWS, heads, batch), ("q_blocks", "heads", "batch"))(q, k, v)
+  return _kernel_call(entry, out_type, (ctas,), ("ctas",))(q, k, v)
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -186,18 +258,21 @@ def _load_vector(ref, layout):
   return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
-def _stream_blocks(steps, stages: int, copies, ready, free):
+def _stream_blocks(base, steps, stages: int, copies, ready, free):
   """The memory warpgroup: step i's ``copies(i, slot)`` (source, destination) pairs into slot
-  ``i % stages``, once both compute warpgroups have released the slot's previous step."""
+  ``(base + i) % stages``, once both compute warpgroups have released the slot's previous block
+  (``base``: blocks streamed before, by this CTA's earlier tiles). Returns ``base + steps``."""
   def fetch(i, _):
-    slot = jax.lax.rem(i, stages)
+    index = base + i
+    slot = jax.lax.rem(index, stages)
 
-    @pl.when(i >= stages)
+    @pl.when(index >= stages)
     def _():
       plgpu.barrier_wait(free.at[slot])
     for src, dst in copies(i, slot):
       plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
   jax.lax.fori_loop(0, steps, fetch, None)
+  return base + steps
 
 
 def _masked(scores, rows, cols, window: int, *, keys_first: bool):
@@ -220,9 +295,14 @@ def _kernel_call(body, out_type, grid, grid_names):
 
 
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
-             stages: int = 2):
-  """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``."""
-  from kernels.window_attention import _band_loops, _query_blocks
+             stages: int = 2, own_band: bool = True, persistent: bool = True):
+  """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``.
+
+  ``own_band`` and ``persistent`` as ``forward``'s: each warpgroup skips the blocks its 64 rows do not
+  reach; one CTA per SM loops over the tiles, loading the next tile's resident rows while it stores
+  the last one's gradients (from their own shared-memory buffers).
+  """
+  from kernels.window_attention import _key_blocks, _query_blocks
 
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -232,82 +312,116 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   f32 = jnp.float32
   wgmma_layout = plgpu.Layout.WGMMA
   delta = jnp.einsum("bthd,bthd->bht", o.astype(f32), do.astype(f32))
-  # dQ keeps Q and dO resident beside its key/value slots: as many slots as fit (at least 2).
-  resident = 2 * (2 * BLOCK_Q * dim * q.dtype.itemsize) + 2 * 2 * BLOCK_Q * 4
-  dq_stages = max(2, min(stages, (SMEM_BUDGET - resident) // (2 * block_kv * dim * q.dtype.itemsize)))
+  blocks = time // CTA_ROWS
+  tile_bytes = BLOCK_Q * dim * q.dtype.itemsize
+  # dQ keeps Q, dO and its output rows resident beside its key/value slots: as many slots as fit (≥ 2).
+  dq_stages = max(2, min(stages, (SMEM_BUDGET - 6 * tile_bytes - 2 * 2 * BLOCK_Q * 4) // (2 * block_kv * dim * q.dtype.itemsize)))
+  dkv_tiles, dq_tiles = blocks * kv_heads * batch, blocks * heads * batch
+  dkv_ctas, dq_ctas = _ctas(dkv_tiles, persistent), _ctas(dq_tiles, persistent)
 
   def dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
     def kernel(*scoped):
-      (k_res, v_res, q_s, do_s, lse_s, delta_s), (ready, free, own) = scoped
-      wg, b, kv_head, k_cta = _cta("kv_blocks")
-      bounds = _query_blocks(k_cta, block_q, CTA_ROWS, window, time // block_q)
-      lo, per_head = bounds[0], bounds[-1] - bounds[0]
+      (k_res, v_res, dk_out, dv_out, q_s, do_s, lse_s, delta_s), (ready, free, own) = scoped
+      wg = jax.lax.axis_index("wg")
+      n_mine, tile_at = _tiles(dkv_tiles, dkv_ctas, blocks, kv_heads)
+
+      def tile_bounds(i):
+        b, kv_head, k_cta = tile_at(i)
+        bounds = _query_blocks(k_cta, block_q, CTA_ROWS, window, time // block_q)
+        return b, kv_head, k_cta, bounds, bounds[-1] - bounds[0]
 
       @pl.when(wg < 2)
       def _compute():
         plgpu.set_max_registers(240, action="increase")
-        k_start = k_cta + wg * BLOCK_Q
-        rows = (b, pl.ds(k_start, BLOCK_Q), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_res.at[wg], own.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_res.at[wg], own.at[wg])
-        plgpu.barrier_wait(own.at[wg])
 
-        def step(qb, carry, g, masked: bool):
-          dk, dv = carry
-          slot = jax.lax.rem(g * per_head + qb - lo, stages)
-          plgpu.barrier_wait(ready.at[slot])
+        def load_own(i):
+          b, kv_head, k_cta = tile_at(i)
+          rows = (b, pl.ds(k_cta + wg * BLOCK_Q, BLOCK_Q), kv_head)
+          plgpu.copy_gmem_to_smem(k_ref.at[rows], k_res.at[wg], own.at[wg])
+          plgpu.copy_gmem_to_smem(v_ref.at[rows], v_res.at[wg], own.at[wg])
 
-          def scores(acc_ref):
-            plgpu.wgmma(acc_ref, k_res.at[wg], q_s.at[slot].T)
-            return acc_ref[...]
-          s_t = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_q), f32))
-          if masked:
-            s_t = _masked(s_t, k_start, qb * block_q, window, keys_first=True)
-          lse_t = _load_vector(lse_s.at[slot], wgmma_layout.reduce(0))
-          p_t = jnp.exp2(s_t * c - jax.lax.broadcast_in_dim(lse_t, s_t.shape, [1]))
+        def one_tile(i, base):
+          b, kv_head, k_cta, bounds, per_head = tile_bounds(i)
+          lo = bounds[0]
+          k_start = k_cta + wg * BLOCK_Q
+          rows = (b, pl.ds(k_start, BLOCK_Q), kv_head)
+          own_bounds = _query_blocks(k_start, block_q, BLOCK_Q, window, time // block_q) if own_band else bounds
+          plgpu.barrier_wait(own.at[wg])
 
-          def values(refs):
-            dv_ref_acc, dp_ref_acc = refs
-            plgpu.wgmma(dv_ref_acc, p_t.astype(dtype), do_s.at[slot])
-            plgpu.wgmma(dp_ref_acc, v_res.at[wg], do_s.at[slot].T)
-          zeros = plgpu.layout_cast(jnp.zeros(s_t.shape, f32), wgmma_layout)
-          dv, dp_t = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-          delta_t = _load_vector(delta_s.at[slot], wgmma_layout.reduce(0))
-          ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta_t, s_t.shape, [1]))
+          def step(qb, carry, g, masked: bool):
+            dk, dv = carry
+            slot = jax.lax.rem(base + g * per_head + qb - lo, stages)
+            plgpu.barrier_wait(ready.at[slot])
 
-          def keys(acc_ref):
-            plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_s.at[slot])
-          dk = pl.run_state(keys)(plgpu.ACC.init(dk))
-          plgpu.barrier_arrive(free.at[slot])
-          return dk, dv
+            def scores(acc_ref):
+              plgpu.wgmma(acc_ref, k_res.at[wg], q_s.at[slot].T)
+              return acc_ref[...]
+            s_t = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_q), f32))
+            if masked:
+              s_t = _masked(s_t, k_start, qb * block_q, window, keys_first=True)
+            lse_t = _load_vector(lse_s.at[slot], wgmma_layout.reduce(0))
+            p_t = jnp.exp2(s_t * c - jax.lax.broadcast_in_dim(lse_t, s_t.shape, [1]))
 
-        def one_head(g, carry):
-          return _band_loops(bounds, lambda qb, cr, masked: step(qb, cr, g, masked), carry, True)
+            def values(refs):
+              dv_ref_acc, dp_ref_acc = refs
+              plgpu.wgmma(dv_ref_acc, p_t.astype(dtype), do_s.at[slot])
+              plgpu.wgmma(dp_ref_acc, v_res.at[wg], do_s.at[slot].T)
+            zeros = plgpu.layout_cast(jnp.zeros(s_t.shape, f32), wgmma_layout)
+            dv, dp_t = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+            delta_t = _load_vector(delta_s.at[slot], wgmma_layout.reduce(0))
+            ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta_t, s_t.shape, [1]))
 
-        zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
-        dk, dv = jax.lax.fori_loop(0, group, one_head, (zeros, zeros))
-        k_res.at[wg][...] = (dk * scale).astype(dtype)
-        v_res.at[wg][...] = dv.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_res.at[wg], dk_ref.at[rows], commit_group=False)
-        plgpu.copy_smem_to_gmem(v_res.at[wg], dv_ref.at[rows], commit_group=False)
-        plgpu.commit_smem_to_gmem_group()
+            def keys(acc_ref):
+              plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_s.at[slot])
+            dk = pl.run_state(keys)(plgpu.ACC.init(dk))
+            plgpu.barrier_arrive(free.at[slot])
+            return dk, dv
+
+          def skip(qb, g):
+            slot = jax.lax.rem(base + g * per_head + qb - lo, stages)
+            plgpu.barrier_wait(ready.at[slot])
+            plgpu.barrier_arrive(free.at[slot])
+
+          def one_head(g, carry):
+            return _own_band(bounds, own_bounds, lambda qb, cr, masked: step(qb, cr, g, masked),
+                             lambda qb: skip(qb, g), carry)
+
+          zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
+          dk, dv = jax.lax.fori_loop(0, group, one_head, (zeros, zeros))
+          pl.when(i + 1 < n_mine)(lambda: load_own(i + 1))
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's gradients have left
+          dk_out.at[wg][...] = (dk * scale).astype(dtype)
+          dv_out.at[wg][...] = dv.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dk_out.at[wg], dk_ref.at[rows], commit_group=False)
+          plgpu.copy_smem_to_gmem(dv_out.at[wg], dv_ref.at[rows], commit_group=False)
+          plgpu.commit_smem_to_gmem_group()
+          return base + group * per_head
+
+        load_own(0)
+        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
       @pl.when(wg == 2)
       def _memory():
         plgpu.set_max_registers(24, action="decrease")
 
-        def copies(i, slot):
-          h = kv_head * group + jax.lax.div(i, per_head)
-          start = (lo + jax.lax.rem(i, per_head)) * block_q
-          rows = (b, pl.ds(start, block_q), h)
-          vec = (b, h, pl.ds(start, block_q))
-          return [(q_ref.at[rows], q_s.at[slot]), (do_ref.at[rows], do_s.at[slot]),
-                  (lse_ref.at[vec], lse_s.at[slot]), (delta_ref.at[vec], delta_s.at[slot])]
-        _stream_blocks(group * per_head, stages, copies, ready, free)
+        def one_tile(i, base):
+          b, kv_head, _, bounds, per_head = tile_bounds(i)
+          lo = bounds[0]
 
-    pl.run_scoped(kernel, (_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
+          def copies(i, slot):
+            h = kv_head * group + jax.lax.div(i, per_head)
+            start = (lo + jax.lax.rem(i, per_head)) * block_q
+            rows = (b, pl.ds(start, block_q), h)
+            vec = (b, h, pl.ds(start, block_q))
+            return [(q_ref.at[rows], q_s.at[slot]), (do_ref.at[rows], do_s.at[slot]),
+                    (lse_ref.at[vec], lse_s.at[slot]), (delta_ref.at[vec], delta_s.at[slot])]
+          return _stream_blocks(base, group * per_head, stages, copies, ready, free)
+        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+
+    rows_smem = _swizzled((2, BLOCK_Q, dim), dtype)
+    pl.run_scoped(kernel, (rows_smem, rows_smem, rows_smem, rows_smem,
                            _swizzled((stages, block_q, dim), dtype), _swizzled((stages, block_q, dim), dtype),
                            plgpu.SMEM((stages, block_q), f32), plgpu.SMEM((stages, block_q), f32)),
                   (plgpu.Barrier(num_arrivals=4, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -316,62 +430,88 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
 
   def dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
     def kernel(*scoped):
-      (q_res, do_res, vec_s, k_s, v_s), (ready, free, own) = scoped
-      wg, b, h, q_cta, bounds = _query_cta(block_kv, window)
-      lo, hi = bounds[0], bounds[-1]
+      (q_res, do_res, dq_out, vec_s, k_s, v_s), (ready, free, own) = scoped
+      wg = jax.lax.axis_index("wg")
+      n_mine, tile_at = _tiles(dq_tiles, dq_ctas, blocks, heads)
 
       @pl.when(wg < 2)
       def _compute():
         plgpu.set_max_registers(240, action="increase")
-        q_start = q_cta + wg * BLOCK_Q
-        rows = (b, pl.ds(q_start, BLOCK_Q), h)
-        vec = (b, h, pl.ds(q_start, BLOCK_Q))
-        for src, dst in ((q_ref.at[rows], q_res.at[wg]), (do_ref.at[rows], do_res.at[wg]),
-                         (lse_ref.at[vec], vec_s.at[wg, 0]), (delta_ref.at[vec], vec_s.at[wg, 1])):
-          plgpu.copy_gmem_to_smem(src, dst, own.at[wg])
-        plgpu.barrier_wait(own.at[wg])
         row = wgmma_layout.reduce(1)
-        lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
 
-        def step(j, dq, masked: bool):
-          slot = jax.lax.rem(j - lo, dq_stages)
-          plgpu.barrier_wait(ready.at[slot])
+        def load_own(i):
+          b, h, q_cta = tile_at(i)
+          q_start = q_cta + wg * BLOCK_Q
+          rows, vec = (b, pl.ds(q_start, BLOCK_Q), h), (b, h, pl.ds(q_start, BLOCK_Q))
+          for src, dst in ((q_ref.at[rows], q_res.at[wg]), (do_ref.at[rows], do_res.at[wg]),
+                           (lse_ref.at[vec], vec_s.at[wg, 0]), (delta_ref.at[vec], vec_s.at[wg, 1])):
+            plgpu.copy_gmem_to_smem(src, dst, own.at[wg])
 
-          def products(refs):
-            s_ref, dp_ref = refs
-            plgpu.wgmma(s_ref, q_res.at[wg], k_s.at[slot].T)
-            plgpu.wgmma(dp_ref, do_res.at[wg], v_s.at[slot].T)
-          zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), f32), wgmma_layout)
-          s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-          if masked:
-            s = _masked(s, q_start, j * block_kv, window, keys_first=False)
-          p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(lse_q, s.shape, [0]))
-          ds = p * (dp - jax.lax.broadcast_in_dim(delta_q, s.shape, [0]))
+        def one_tile(i, base):
+          b, h, q_cta = tile_at(i)
+          bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+          lo, hi = bounds[0], bounds[-1]
+          q_start = q_cta + wg * BLOCK_Q
+          own_bounds = _key_blocks(q_start, BLOCK_Q, block_kv, window) if own_band else bounds
+          plgpu.barrier_wait(own.at[wg])
+          lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
 
-          def queries(acc_ref):
-            plgpu.wgmma(acc_ref, ds.astype(dtype), k_s.at[slot])
-          dq = pl.run_state(queries)(plgpu.ACC.init(dq))
-          plgpu.barrier_arrive(free.at[slot])
-          return dq
+          def step(j, dq, masked: bool):
+            slot = jax.lax.rem(base + j - lo, dq_stages)
+            plgpu.barrier_wait(ready.at[slot])
 
-        dq = _band_loops(bounds, step, plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout), True)
-        q_res.at[wg][...] = (dq * scale).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_res.at[wg], dq_ref.at[rows])
+            def products(refs):
+              s_ref, dp_ref = refs
+              plgpu.wgmma(s_ref, q_res.at[wg], k_s.at[slot].T)
+              plgpu.wgmma(dp_ref, do_res.at[wg], v_s.at[slot].T)
+            zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), f32), wgmma_layout)
+            s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+            if masked:
+              s = _masked(s, q_start, j * block_kv, window, keys_first=False)
+            p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(lse_q, s.shape, [0]))
+            ds = p * (dp - jax.lax.broadcast_in_dim(delta_q, s.shape, [0]))
+
+            def queries(acc_ref):
+              plgpu.wgmma(acc_ref, ds.astype(dtype), k_s.at[slot])
+            dq = pl.run_state(queries)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(free.at[slot])
+            return dq
+
+          def skip(j):
+            slot = jax.lax.rem(base + j - lo, dq_stages)
+            plgpu.barrier_wait(ready.at[slot])
+            plgpu.barrier_arrive(free.at[slot])
+
+          dq = _own_band(bounds, own_bounds, step, skip,
+                         plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout))
+          pl.when(i + 1 < n_mine)(lambda: load_own(i + 1))
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's dQ has left
+          dq_out.at[wg][...] = (dq * scale).astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_out.at[wg], dq_ref.at[b, pl.ds(q_start, BLOCK_Q), h])
+          return base + hi - lo
+
+        load_own(0)
+        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
       @pl.when(wg == 2)
       def _memory():
         plgpu.set_max_registers(24, action="decrease")
-        kv_head = jax.lax.div(h, jnp.int32(group))
 
-        def copies(i, slot):
-          rows = (b, pl.ds((lo + i) * block_kv, block_kv), kv_head)
-          return [(k_ref.at[rows], k_s.at[slot]), (v_ref.at[rows], v_s.at[slot])]
-        _stream_blocks(hi - lo, dq_stages, copies, ready, free)
+        def one_tile(i, base):
+          b, h, q_cta = tile_at(i)
+          lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+          kv_head = jax.lax.div(h, jnp.int32(group))
 
-    pl.run_scoped(kernel, (_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
-                           plgpu.SMEM((2, 2, BLOCK_Q), f32),
+          def copies(i, slot):
+            rows = (b, pl.ds((lo + i) * block_kv, block_kv), kv_head)
+            return [(k_ref.at[rows], k_s.at[slot]), (v_ref.at[rows], v_s.at[slot])]
+          return _stream_blocks(base, hi - lo, dq_stages, copies, ready, free)
+        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+
+    rows_smem = _swizzled((2, BLOCK_Q, dim), dtype)
+    pl.run_scoped(kernel, (rows_smem, rows_smem, rows_smem, plgpu.SMEM((2, 2, BLOCK_Q), f32),
                            _swizzled((dq_stages, block_kv, dim), dtype), _swizzled((dq_stages, block_kv, dim), dtype)),
                   (plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages),
                    plgpu.Barrier(num_arrivals=2, num_barriers=dq_stages), plgpu.Barrier(num_arrivals=4, num_barriers=2)),
@@ -379,8 +519,6 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
 
   args = (q, k, v, do, lse, delta)
   kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
-  dk, dv = _kernel_call(dkv_body, (kv_shape, kv_shape), (time // CTA_ROWS, kv_heads, batch),
-                        ("kv_blocks", "heads", "batch"))(*args)
-  dq = _kernel_call(dq_body, jax.ShapeDtypeStruct(q.shape, dtype), (time // CTA_ROWS, heads, batch),
-                    ("q_blocks", "heads", "batch"))(*args)
+  dk, dv = _kernel_call(dkv_body, (kv_shape, kv_shape), (dkv_ctas,), ("ctas",))(*args)
+  dq = _kernel_call(dq_body, jax.ShapeDtypeStruct(q.shape, dtype), (dq_ctas,), ("ctas",))(*args)
   return dq, dk, dv
