@@ -192,12 +192,17 @@ class PallasBlocks:
   mgpu_bwd_q: int = 64
   mgpu_bwd_kv: int = 64
   mgpu_bwd_stages: int = 3
-  # Each compute warpgroup runs only its own 64 rows' band (skipping, with 64-row blocks, one of the
-  # CTA's blocks), the forward fences its softmax before handing over the tensor cores, and the
-  # kernels are persistent (window_attention_mgpu.forward / backward).
+  # ``mgpu_own_band``: each compute warpgroup runs only its own 64 rows' band (with 64-row blocks it
+  # skips one of the CTA's blocks, and fewer of its blocks need a mask); ``mgpu_softmax_fence``: the
+  # forward fences its softmax before handing over the tensor cores; ``mgpu_persistent`` /
+  # ``mgpu_bwd_persistent``: one CTA per SM loops over the tiles (window_attention_mgpu.forward /
+  # backward). H100, B4 T8192 W1024, ms (ninth session; cuDNN 0.584–0.591 / 2.647–2.666 beside them):
+  # fence fwd 0.597 → 0.580; own band fwd+bwd 2.619 → 2.423; persistent fwd 0.587 → 0.533–0.544, but
+  # bwd (fwd+bwd − fwd) 1.823 → 1.890 (3 slots) or 1.808 (2 slots): the backward stays one CTA per tile.
   mgpu_own_band: bool = True
   mgpu_softmax_fence: bool = True
   mgpu_persistent: bool = True
+  mgpu_bwd_persistent: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,7 +641,7 @@ def _flash_bwd(cfg: _Flash, residuals, do):
   if cfg.target == "triton" and b.bwd_kernel == "mosaic_gpu":
     return window_attention_mgpu.backward(*residuals, do, window=cfg.window, scale=cfg.scale, block_q=b.mgpu_bwd_q,
                                           block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages,
-                                          own_band=b.mgpu_own_band, persistent=b.mgpu_persistent)
+                                          own_band=b.mgpu_own_band, persistent=b.mgpu_bwd_persistent)
   return (_triton_backward if cfg.target == "triton" else _mosaic_backward)(*residuals, do, cfg)
 
 

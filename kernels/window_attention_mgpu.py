@@ -7,7 +7,9 @@ scaled logits), so either backward takes either forward. Only the tensor-core pa
 dots on Hopper are synchronous, and the softmax waits on them. Here each CTA is three warpgroups:
 two compute warpgroups own 64 rows each and issue their products as wgmma from shared memory; a
 memory warpgroup streams the band's blocks by TMA, ``stages`` blocks ahead, into slots the compute
-warpgroups free once their products have read them.
+warpgroups free once their products have read them. Each compute warpgroup runs only the blocks its
+own 64 rows reach (``own_band``). The forward is persistent: one CTA per SM loops over the (query
+block, head, batch) tiles, so the next tile's keys stream in while the last tile's outputs are stored.
 
 Causal and GQA/MQA (a query head reads key/value head ``h // group``); no soft-cap, 16-bit inputs,
 ``dim`` a multiple of 64 up to 128, ``time`` a multiple of 128 (``supports``; the caller runs Triton
