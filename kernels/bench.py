@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import math
 import platform
 import statistics
 import sys
@@ -46,6 +47,9 @@ class Context:
   platform: str
   iters: int = 20
   repeats: int = 5
+  # Each timed repeat lasts at least this long (more calls for short kernels), so that a stall of
+  # the host while it dispatches cannot weigh much in a repeat of a 0.1 ms kernel.
+  min_repeat_ms: float = 20.0
 
   def floor_ms(self, *, bytes_moved: float = 0.0, flops: float = 0.0) -> float:
     """max(bytes / bandwidth, flops / peak) in ms."""
@@ -56,15 +60,16 @@ class Context:
     jax.block_until_ready(fn(*input_sets[0]))  # compile
     for args in input_sets:
       jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(self.repeats):
+
+    def per_call_ms(iters: int) -> float:
       start = time.perf_counter()
       out = None
-      for i in range(self.iters):
+      for i in range(iters):
         out = fn(*input_sets[i % len(input_sets)])
       jax.block_until_ready(out)
-      samples.append((time.perf_counter() - start) / self.iters * 1e3)
-    return statistics.median(samples)
+      return (time.perf_counter() - start) / iters * 1e3
+    iters = max(self.iters, math.ceil(self.min_repeat_ms / max(per_call_ms(self.iters), 1e-3)))
+    return statistics.median(per_call_ms(iters) for _ in range(self.repeats))
 
   def time_torch(self, fn: Callable) -> float:
     import triton.testing
