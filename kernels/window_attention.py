@@ -23,8 +23,9 @@ Implementations:
   Two lowerings, chosen by platform (``pallas_target``):
   * ``"triton"`` (GPU): on Hopper, for bf16/f16, head_dim 64 or 128 and no soft-cap, the forward
     and both backward kernels are Mosaic GPU kernels on wgmma (``kernels/window_attention_mgpu.py``:
-    two compute warpgroups of 64 rows, a memory warpgroup streaming the band's blocks by TMA, a
-    FlashAttention-3 ping-pong in the forward; ``PallasBlocks.fwd_kernel`` / ``bwd_kernel``).
+    two compute warpgroups of 64 rows, each running only its own rows' band, a memory warpgroup
+    streaming the band's blocks by TMA, a FlashAttention-3 ping-pong in the forward, which is
+    persistent: one CTA per SM; ``PallasBlocks.fwd_kernel`` / ``bwd_kernel``).
     Elsewhere, and when interpreting, Triton kernels:
     the grid is (query block, batch, head); each program holds its query block
     and loops over the band's key blocks (the key/value "block" is the whole sequence, a pointer in
@@ -46,15 +47,14 @@ Implementations:
   ======================  =============  =============  =============  =============
   shape                   ours (Mosaic)  ours (Triton)  cuDNN          flex_attention
   ======================  =============  =============  =============  =============
-  B4 T8192 W1024          0.598 / 2.662  0.809 / 2.993  0.585 / 2.649  0.809 / 2.977
-  B4 T2048 W128           0.071 / 0.285  0.110 / 0.367  0.105 / 0.404  0.271 / 1.021
-  B4 T2048 W512           0.102 / 0.410  0.153 / 0.517  0.108 / 0.512  0.431 / 0.899
-  B4 T2048 W2048          0.182 / 0.682  0.230 / 0.842  0.175 / 0.725  0.257 / 1.034
-  B1 T32768 W1024         0.600 / 2.549  0.861 / 3.137  0.605 / 2.755  0.984 / 3.981
+  B4 T8192 W1024          0.561 / 2.413  0.794 / 2.943  0.596 / 2.631  0.802 / 2.978
+  B4 T2048 W128           0.058 / 0.261  0.100 / 0.352  0.099 / 0.396  0.320 / 1.035
+  B4 T2048 W512           0.089 / 0.377  0.139 / 0.518  0.104 / 0.497  0.240 / 0.699
+  B4 T2048 W2048          0.152 / 0.649  0.221 / 0.850  0.163 / 0.713  0.325 / 1.039
+  B1 T32768 W1024         0.565 / 2.488  0.845 / 3.093  0.614 / 2.718  0.993 / 3.974
   ======================  =============  =============  =============  =============
 
-  Training runs the forward and backward, where ours is level with cuDNN at T8192 W1024 and
-  6–42 % faster at the other shapes.
+  Ours is ahead of cuDNN at every shape, forward 6–72 % and forward+backward 9–52 % (ninth session).
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ class PallasBlocks:
   # flight, and ``mgpu_pingpong`` (its two compute warpgroups take turns on the tensor cores). None:
   # Mosaic GPU where it runs (a GPU with TMA, not interpreting), else Triton. H100, B4 T8192 H16 D128
   # W1024 bf16, fwd ms: Triton 0.798–0.820, Mosaic GPU 0.598–0.606, with ping-pong 0.580–0.588,
-  # cuDNN 0.580–0.602 in the same processes (kernels/BENCHMARKS.md, eighth session).
+  # cuDNN 0.580–0.602 in the same processes (kernels/BENCHMARKS.md, eighth session); persistent,
+  # with the fence below, 0.533–0.561 against cuDNN's 0.586–0.596 (ninth).
   fwd_kernel: str | None = None
   mgpu_kv: int = 128
   mgpu_stages: int = 2
