@@ -297,12 +297,13 @@ def _kernel_call(body, out_type, grid, grid_names):
 
 
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
-             stages: int = 2, own_band: bool = True, persistent: bool = True):
+             stages: int = 2, own_band: bool = True, persistent: bool = False):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``.
 
   ``own_band`` and ``persistent`` as ``forward``'s: each warpgroup skips the blocks its 64 rows do not
   reach; one CTA per SM loops over the tiles, loading the next tile's resident rows while it stores
-  the last one's gradients (from their own shared-memory buffers).
+  the last one's gradients (from their own shared-memory buffers). Persistence, unlike in the
+  forward, did not speed the backward up on an H100 (kernels/BENCHMARKS.md, ninth session).
   """
   from kernels.window_attention import _key_blocks, _query_blocks
 
