@@ -747,8 +747,14 @@ def _cudnn_attention(q, k, v, window: int | None, softcap):
   problem = _cudnn_problem(q, softcap)
   if problem:
     raise ValueError(f"window_attention: impl='cudnn' {problem}; use impl='pallas' or 'auto'")
-  local = None if window is None or window >= q.shape[1] else (window - 1, 0)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
+  time = q.shape[1]
+  local = None if window is None or window >= time else (window - 1, 0)
+  # cuDNN's masked attention rejects odd lengths ("Unsupported sequence length", H100, jax 0.11.2).
+  # A zero row at the end changes nothing: the causal mask hides that key from every real query.
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, time % 2), (0, 0), (0, 0)))
+  o = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, local_window_size=local,
+                                   implementation="cudnn")
+  return o[:, :time]
 
 
 def pallas_kernels(q, softcap=None) -> str:

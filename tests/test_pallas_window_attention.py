@@ -178,3 +178,25 @@ def test_mosaic_gpu_forward_selection_and_errors():
     with pytest.raises(ValueError, match=f"{field}='mosaic_gpu' does not interpret .*; use 'triton'"):
       window_attention(x, x, x, window=4, impl="pallas", interpret=True,
                        pallas_blocks=PallasBlocks(**{field: "mosaic_gpu"}))
+
+
+def test_cudnn_path_pads_odd_lengths(monkeypatch):
+  """cuDNN's masked attention rejects odd sequence lengths on the GPU; the wrapper pads one zero row
+  (a key after every real query) and drops its output. Checked against the XLA path, with cuDNN
+  stood in for by jax's XLA attention that insists on an even length as cuDNN does."""
+  wa = importlib.import_module("kernels.window_attention")
+  real = jax.nn.dot_product_attention
+
+  def even_only(q, k, v, *, implementation, **kw):
+    assert implementation == "cudnn" and q.shape[1] % 2 == 0, q.shape
+    return real(q, k, v, implementation="xla", **kw)
+  monkeypatch.setattr(wa, "_cudnn_problem", lambda q, softcap: None)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", even_only)
+  ks = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(ks[0], (2, 37, 4, 16), jnp.float32)
+  k, v = (jax.random.normal(kk, (2, 37, 2, 16), jnp.float32) for kk in ks[1:])
+  for window in (5, 100):  # a band, and a window past the sequence (plain causal)
+    got = window_attention(q, k, v, window=window, impl="cudnn")
+    want = window_attention(q, k, v, window=window, impl="xla")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
