@@ -209,24 +209,8 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
     @pl.when(wg == 2)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-
-      def one_tile(i, base):
-        b, h, q_cta = tile_at(i)
-        lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
-        kv_head = jax.lax.div(h, jnp.int32(group))
-
-        def fetch(j, _):
-          index = base + j - lo
-          slot = jax.lax.rem(index, stages)
-          rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
-          for src, buf, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
-            @pl.when(index >= stages)  # the slot's previous block has been read by both warpgroups
-            def _():
-              plgpu.barrier_wait(free.at[slot])
-            plgpu.copy_gmem_to_smem(src.at[rows], buf.at[slot], ready.at[slot])
-        jax.lax.fori_loop(lo, hi, fetch, None)
-        return base + hi - lo
-      jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+      _stream_key_blocks(n_mine, tile_at, block_kv=block_kv, window=window, group=group, kv_refs=(k_ref, v_ref),
+                         kv_slots=(k_smem, v_smem), stages=stages, barriers=((k_ready, k_free), (v_ready, v_free)))
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
     smem = [_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
@@ -260,21 +244,43 @@ def _load_vector(ref, layout):
   return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
-def _stream_blocks(base, steps, stages: int, copies, ready, free):
-  """The memory warpgroup: step i's ``copies(i, slot)`` (source, destination) pairs into slot
-  ``(base + i) % stages``, once both compute warpgroups have released the slot's previous block
-  (``base``: blocks streamed before, by this CTA's earlier tiles). Returns ``base + steps``."""
+def _stream_blocks(base, steps, stages: int, copies, barriers):
+  """The memory warpgroup: step i's copies into slot ``(base + i) % stages`` (``base``: blocks
+  streamed before, by this CTA's earlier tiles). ``barriers``: (ready, free) pairs of slot barriers;
+  ``copies(i, slot)`` gives one list of (source, destination) pairs per pair, each issued once both
+  compute warpgroups have released that pair's slot (the forward frees K before V). Returns
+  ``base + steps``."""
   def fetch(i, _):
     index = base + i
     slot = jax.lax.rem(index, stages)
-
-    @pl.when(index >= stages)
-    def _():
-      plgpu.barrier_wait(free.at[slot])
-    for src, dst in copies(i, slot):
-      plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
+    for (ready, free), pairs in zip(barriers, copies(i, slot)):
+      @pl.when(index >= stages)
+      def _():
+        plgpu.barrier_wait(free.at[slot])
+      for src, dst in pairs:
+        plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
   jax.lax.fori_loop(0, steps, fetch, None)
   return base + steps
+
+
+def _stream_key_blocks(n_mine, tile_at, *, block_kv: int, window: int, group: int, kv_refs, kv_slots,
+                       stages: int, barriers):
+  """The memory warpgroup of a query-block kernel (forward, dQ): for each of this CTA's tiles, the
+  key and value blocks of its band (of kv head ``h // group``) into ``kv_slots``. ``barriers``: one
+  (ready, free) pair for K and V together, or one each."""
+  from kernels.window_attention import _key_blocks  # (that module imports this one)
+
+  def one_tile(i, base):
+    b, h, q_cta = tile_at(i)
+    lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+    kv_head = jax.lax.div(h, jnp.int32(group))
+
+    def copies(i, slot):
+      rows = (b, pl.ds((lo + i) * block_kv, block_kv), kv_head)
+      pairs = [(ref.at[rows], buf.at[slot]) for ref, buf in zip(kv_refs, kv_slots)]
+      return [pairs] if len(barriers) == 1 else [[pair] for pair in pairs]
+    return _stream_blocks(base, hi - lo, stages, copies, barriers)
+  jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
 
 
 def _masked(scores, rows, cols, window: int, *, keys_first: bool):
@@ -418,9 +424,9 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
             start = (lo + jax.lax.rem(i, per_head)) * block_q
             rows = (b, pl.ds(start, block_q), h)
             vec = (b, h, pl.ds(start, block_q))
-            return [(q_ref.at[rows], q_s.at[slot]), (do_ref.at[rows], do_s.at[slot]),
-                    (lse_ref.at[vec], lse_s.at[slot]), (delta_ref.at[vec], delta_s.at[slot])]
-          return _stream_blocks(base, group * per_head, stages, copies, ready, free)
+            return [[(q_ref.at[rows], q_s.at[slot]), (do_ref.at[rows], do_s.at[slot]),
+                     (lse_ref.at[vec], lse_s.at[slot]), (delta_ref.at[vec], delta_s.at[slot])]]
+          return _stream_blocks(base, group * per_head, stages, copies, ((ready, free),))
         jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
 
     rows_smem = _swizzled((2, BLOCK_Q, dim), dtype)
@@ -502,16 +508,8 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
       def _memory():
         plgpu.set_max_registers(24, action="decrease")
 
-        def one_tile(i, base):
-          b, h, q_cta = tile_at(i)
-          lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
-          kv_head = jax.lax.div(h, jnp.int32(group))
-
-          def copies(i, slot):
-            rows = (b, pl.ds((lo + i) * block_kv, block_kv), kv_head)
-            return [(k_ref.at[rows], k_s.at[slot]), (v_ref.at[rows], v_s.at[slot])]
-          return _stream_blocks(base, hi - lo, dq_stages, copies, ready, free)
-        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+        _stream_key_blocks(n_mine, tile_at, block_kv=block_kv, window=window, group=group, kv_refs=(k_ref, v_ref),
+                           kv_slots=(k_s, v_s), stages=dq_stages, barriers=((ready, free),))
 
     rows_smem = _swizzled((2, BLOCK_Q, dim), dtype)
     pl.run_scoped(kernel, (rows_smem, rows_smem, rows_smem, plgpu.SMEM((2, 2, BLOCK_Q), f32),
