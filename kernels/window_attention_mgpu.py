@@ -83,6 +83,18 @@ def _ctas(n_tiles: int, persistent: bool) -> int:
   return min(n_tiles, gpu_sm_count()) if persistent else n_tiles
 
 
+def _store_tile(stores):
+  """This tile's results, ``(value, shared buffer, global destination)`` triples, out by TMA through
+  their own buffers once the previous tile's stores have read them (a persistent CTA reuses them)."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  for value, smem, _ in stores:
+    smem[...] = value
+  plgpu.commit_smem()
+  for _, smem, gmem in stores:
+    plgpu.copy_smem_to_gmem(smem, gmem, commit_group=False)
+  plgpu.commit_smem_to_gmem_group()
+
+
 def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
             pingpong: bool = False, own_band: bool = True, softmax_fence: bool = True, persistent: bool = True):
   """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
@@ -192,12 +204,9 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
                  plgpu.layout_cast(jnp.zeros((BLOCK_Q,), f32), row_layout))
         # masked edge, unmasked interior, masked diagonal
         acc, m, l = _own_band(bounds, own_bounds, step, skip, carry)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's O and lse have left
-        own_o[...] = (acc / jax.lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-        own_lse[...] = m + jnp.log(l) * _LOG2E  # log₂ l
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(own_o, o_ref.at[b, pl.ds(q_start, BLOCK_Q), h])
-        plgpu.copy_smem_to_gmem(own_lse, lse_ref.at[b, h, pl.ds(q_start, BLOCK_Q)])
+        _store_tile([((acc / jax.lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype), own_o,
+                      o_ref.at[b, pl.ds(q_start, BLOCK_Q), h]),
+                     (m + jnp.log(l) * _LOG2E, own_lse, lse_ref.at[b, h, pl.ds(q_start, BLOCK_Q)])])  # log₂ l
         return base + hi - lo
 
       load_q(0)
@@ -302,6 +311,20 @@ def _kernel_call(body, out_type, grid, grid_names):
                       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
+def _resident_tiles(n_mine, load_own, one_tile):
+  """A backward compute warpgroup's loop over its CTA's tiles. ``one_tile(i, base)`` returns the
+  stream position after tile i and its ``_store_tile`` triples; the next tile's resident rows
+  (``load_own(i + 1)``) load while those go out."""
+  def body(i, base):
+    base, stores = one_tile(i, base)
+    pl.when(i + 1 < n_mine)(lambda: load_own(i + 1))
+    _store_tile(stores)
+    return base
+  load_own(0)
+  jax.lax.fori_loop(0, n_mine, body, jnp.int32(0))
+  plgpu.wait_smem_to_gmem(0)
+
+
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
              stages: int = 2, own_band: bool = True, persistent: bool = False):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``.
@@ -397,19 +420,10 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
 
           zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout)
           dk, dv = jax.lax.fori_loop(0, group, one_head, (zeros, zeros))
-          pl.when(i + 1 < n_mine)(lambda: load_own(i + 1))
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's gradients have left
-          dk_out.at[wg][...] = (dk * scale).astype(dtype)
-          dv_out.at[wg][...] = dv.astype(dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(dk_out.at[wg], dk_ref.at[rows], commit_group=False)
-          plgpu.copy_smem_to_gmem(dv_out.at[wg], dv_ref.at[rows], commit_group=False)
-          plgpu.commit_smem_to_gmem_group()
-          return base + group * per_head
+          return base + group * per_head, [((dk * scale).astype(dtype), dk_out.at[wg], dk_ref.at[rows]),
+                                           (dv.astype(dtype), dv_out.at[wg], dv_ref.at[rows])]
 
-        load_own(0)
-        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0)
+        _resident_tiles(n_mine, load_own, one_tile)
 
       @pl.when(wg == 2)
       def _memory():
@@ -493,16 +507,9 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
 
           dq = _own_band(bounds, own_bounds, step, skip,
                          plgpu.layout_cast(jnp.zeros((BLOCK_Q, dim), f32), wgmma_layout))
-          pl.when(i + 1 < n_mine)(lambda: load_own(i + 1))
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's dQ has left
-          dq_out.at[wg][...] = (dq * scale).astype(dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(dq_out.at[wg], dq_ref.at[b, pl.ds(q_start, BLOCK_Q), h])
-          return base + hi - lo
+          return base + hi - lo, [((dq * scale).astype(dtype), dq_out.at[wg], dq_ref.at[b, pl.ds(q_start, BLOCK_Q), h])]
 
-        load_own(0)
-        jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0)
+        _resident_tiles(n_mine, load_own, one_tile)
 
       @pl.when(wg == 2)
       def _memory():
