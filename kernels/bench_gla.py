@@ -147,7 +147,8 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
 
 
 def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
-  """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv)."""
+  """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv; on
+  Hopper also the Mosaic GPU output stage and the dv kernel that reads its score matrices)."""
   from kernels import gla as G
   batch, time, heads, dk, dv = shape
   q, k, v, g, do = _inputs(0, *shape)
@@ -172,6 +173,14 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
     args["dv"] = (q, k, g, do, at, e_states)
   except Exception as e:  # a tiling that fails to compile is reported, not fatal
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+  from kernels import gla_mgpu
+  from kernels.pallas_compat import tma_gpu
+  if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk):  # the Mosaic GPU output stage and its dv
+    mplan = dataclasses.replace(plan, mgpu_out=True)
+    fns["output_mgpu"] = jax.jit(lambda *a: gla_mgpu.output(*a, min_log_decay=G.MIN_LOG_DECAY))
+    fns["dv_mgpu"] = jax.jit(lambda *a: G._dv_call(mplan, *a))
+    args["output_mgpu"] = (q, k, v, g, states)
+    args["dv_mgpu"] = (q, k, g, do, fns["output_mgpu"](*args["output_mgpu"])[1], e_states)
   for name, f in fns.items():
     try:
       out[name] = ctx.time_jax(f, [args[name]])

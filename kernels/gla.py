@@ -59,7 +59,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
+from kernels import gla_mgpu
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, tma_gpu, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -351,6 +352,7 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 
 PallasTarget = Literal["triton", "mosaic"]
 EXACT_DOTS = ("ieee", "tf32x3")
+OUT_KERNELS = (None, "triton", "mosaic_gpu")
 _SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
 MIN_LOG_DECAY = -20.0  # the Pallas kernels treat log α < −20 as −20 (see the section comment)
 
@@ -394,6 +396,11 @@ class PallasConfig:
   dqk_exact_dots: str | None = None
   stages: int = 1
   unroll: bool = False
+  # The forward's output stage on GPU: "triton" (``_output_kernel``) or "mosaic_gpu"
+  # (``kernels/gla_mgpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16/f16
+  # q, k, v with a bf16 per-key-dim log-decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where
+  # it runs, else "triton". It stores each chunk's whole score matrix for the dv kernel.
+  out_kernel: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,6 +415,7 @@ class _Plan:
   dv: int
   decay: bool
   dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (tensor cores, f32 accumulation)
+  mgpu_out: bool = False  # the output stage is gla_mgpu.output (no stored diagonal score blocks)
 
 
 _SQ = SQUEEZED
@@ -675,14 +683,20 @@ def _dqk_kernel(*refs, plan: _Plan):
 
 
 def _dv_kernel(*refs, plan: _Plan):
-  # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; at: [chunk, 16]; e (Eᵀ leaving the chunk): [bv, d_k]
+  # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; e (Eᵀ leaving the chunk): [bv, d_k]; the diagonal
+  # score blocks: at [chunk, 16] (A_jjᵀ, the Triton output kernel's) or a [chunk, chunk] (the whole
+  # masked A, gla_mgpu's)
   q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref = _split(refs, plan.decay, 2)
 
   def sub_chunk(j, e):
     rows = pl.ds(_start(j), _SUB)
     q, k, g, do = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), do_ref[rows, :]
     sub = _sub(plan, g)
-    dv = _dot(plan, at_ref[rows, :], do, 1, 0, exact=True) + _dot(plan, sub.k(k), e, 1, 1)
+    if plan.mgpu_out:  # A_jj [t, s]: contract t
+      diag = _dot(plan, at_ref[rows, pl.ds(_start(j), _SUB)], do, 0, 0, exact=True)
+    else:
+      diag = _dot(plan, at_ref[rows, :], do, 1, 0, exact=True)
+    dv = diag + _dot(plan, sub.k(k), e, 1, 1)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     return sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
 
@@ -830,7 +844,7 @@ def _dv_call(plan: _Plan, q, k, g, do, at, e_states):
   bv = min(plan.cfg.dv_block, plan.dv) if plan.target == "triton" else plan.dv
   qk = _rows_spec(plan, c, plan.dk)
   vb = _rows_spec(plan, c, bv, blocked=True)
-  in_specs = [qk, qk] + ([qk] if plan.decay else []) + [vb, _rows_spec(plan, c, _SUB),
+  in_specs = [qk, qk] + ([qk] if plan.decay else []) + [vb, _rows_spec(plan, c, c if plan.mgpu_out else _SUB),
                                                         _state_spec(plan, bv, plan.dk, v_block=True)]
   time = plan.chunks * c
   arrays = [q, k] + ([g] if plan.decay else []) + [do, at, e_states]
@@ -857,7 +871,10 @@ def _pallas_core(q, k, v, g, s0, plan: _Plan):
 
 def _pallas_core_fwd(q, k, v, g, s0, plan: _Plan):
   states, final = _states_call(plan, k, g, v, s0, reverse=False)
-  o, at = _output_call(plan, q, k, g, v, states)
+  if plan.mgpu_out:
+    o, at = gla_mgpu.output(q, k, v, g, states, min_log_decay=MIN_LOG_DECAY)
+  else:
+    o, at = _output_call(plan, q, k, g, v, states)
   return (o, final), (q, k, v, g, states, at)
 
 
@@ -893,6 +910,8 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   for field in ("exact_dots", "dqk_exact_dots"):
     if getattr(cfg, field) not in EXACT_DOTS + ((None,) if field.startswith("dqk") else ()):
       raise ValueError(f"gla: PallasConfig.{field}={getattr(cfg, field)!r}; valid: {EXACT_DOTS}")
+  if cfg.out_kernel not in OUT_KERNELS:
+    raise ValueError(f"gla: PallasConfig.out_kernel={cfg.out_kernel!r}; valid: {OUT_KERNELS}")
   # Short sequences shrink the chunk (a power of two ≥ 16) rather than pad to a long one.
   chunk = min(cfg.chunk, max(_SUB, _next_pow2(time)))
   cfg = dataclasses.replace(cfg, chunk=chunk)
@@ -914,8 +933,16 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     g = None if g is None else rearrange(g, "b t h d -> b h t d")
+  mgpu_out = False
+  if target == "triton":
+    problem = gla_mgpu.supports(q, v, g, chunk)
+    if interpret:
+      problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
+    if cfg.out_kernel == "mosaic_gpu" and problem:
+      raise ValueError(f"gla: PallasConfig.out_kernel='mosaic_gpu' {problem}; use 'triton'")
+    mgpu_out = cfg.out_kernel == "mosaic_gpu" or (cfg.out_kernel is None and not problem and tma_gpu())
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
-               dv=dv, decay=g is not None, dot_dtype=dot_dtype.name)
+               dv=dv, decay=g is not None, dot_dtype=dot_dtype.name, mgpu_out=mgpu_out)
   o, final = _pallas_core_shared(q, k, v, g, s0, plan)
   if target == "mosaic":
     o = rearrange(o, "b h t d -> b t h d")

@@ -1,0 +1,151 @@
+"""The GLA forward's output stage as a Mosaic GPU kernel (Hopper and newer: TMA and wgmma).
+
+The same output as ``gla.py``'s Triton output kernel, for one chunk of C = 64 rows per CTA:
+
+    o_t = (q_t ⊙ e^{b_t}) S  +  Σ_{s ≤ t in the chunk} A_ts v_s,   A_ts = Σ_d q_td k_sd e^{b_td − b_sd}
+
+with ``b`` the chunk-local inclusive cumulative log-decay (per key dim, f32, each log α capped at
+``MIN_LOG_DECAY``) and ``S`` the state entering the chunk (stored transposed, Sᵀ [d_v, d_k], in the
+16-bit input dtype by the states kernel). The Triton kernel carries the state through four 16-row
+sub-chunks in registers (a [d_v, d_k] f32 tile, which spills); here every product is a 64-row wgmma
+with f32 accumulation, and the decays go into its operands as factors e^{±(b − r)} for a reference
+row r chosen per pair of row blocks so that no factor overflows:
+
+* across 16-row blocks (s in block J < block of t), r = b at block J's last row: the factors
+  q e^{b_t − r} and k e^{r − b_s} are both ≤ 1 (one product per J, its columns J kept);
+* within a block, pairs in the same half of 8 rows use the half's middle μ (between rows 3 and 4),
+  so |b − μ| ≤ 3.5 · 20 = 70 and the factors stay within e^{±70}, inside bf16's range;
+* within a block, rows 8–15 against rows 0–7 use r = b at row 7: both factors ≤ 1.
+
+Products for pairs outside their own mask may overflow; selects drop them. Reference rows are read
+from shared memory as per-column vectors and broadcast along rows.
+
+Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16/f16), the
+cumulative log-decay ``b`` (f32, like q), the entering states ``[batch, heads, chunks, d_v, d_k]``.
+Mosaic GPU's interpreter has no wgmma: this kernel runs on a GPU only (the CPU tests build it for
+CUDA; the GPU benchmark checks it against the reference before timing it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.window_attention_mgpu import _swizzled
+
+CHUNK = 64  # rows per CTA: one wgmma's M
+_BLOCK = 16  # rows per block of the reference scheme (module docstring)
+
+
+def supports(q, v, g, chunk: int) -> str | None:
+  """Why this kernel cannot run the call (None: it can)."""
+  if chunk != CHUNK:
+    return f"needs PallasConfig.chunk={CHUNK} (got {chunk})"
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or v.dtype != q.dtype:
+    return f"needs bfloat16 or float16 q, k, v (got {q.dtype})"
+  if g is None or g.dtype != jnp.bfloat16:
+    return f"needs a bfloat16 log-decay (got {None if g is None else g.dtype})"
+  if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
+    return f"needs d_k and d_v of 64 or 128 (got {q.shape[-1]}, {v.shape[-1]})"
+  if q.shape[1] % CHUNK:
+    return f"needs time a multiple of {CHUNK} (got {q.shape[1]})"
+  return None
+
+
+def output(q, k, v, g, states, *, min_log_decay: float):
+  """``(o [batch, time, heads, d_v], scores f32 [batch, time, heads, 64])``: the output in v's dtype
+  and each chunk's masked intra-chunk scores A (row t: A_t,s for the chunk's 64 s), which the dv
+  kernel reads back (see the module docstring)."""
+  batch, time, heads, dk = q.shape
+  dv = v.shape[-1]
+  dtype = q.dtype
+  f32 = jnp.float32
+  wgmma_layout = plgpu.Layout.WGMMA
+  chunks = time // CHUNK
+  s_shape = (CHUNK, CHUNK)
+
+  def iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+  def product(a, b_ref, shape, init=None):
+    def run(acc_ref):
+      plgpu.wgmma(acc_ref, a, b_ref)
+    zeros = plgpu.layout_cast(jnp.zeros(shape, f32), wgmma_layout) if init is None else init
+    return pl.run_state(run)(plgpu.ACC.init(zeros))
+
+  def body(q_ref, k_ref, v_ref, g_ref, st_ref, o_ref, a_ref):
+    def kernel(q_s, k_s, v_s, g_s, st_s, a_s, loaded):
+      n, h, bi = (jax.lax.axis_index(name) for name in ("chunk", "head", "batch"))
+      rows = (bi, pl.ds(n * CHUNK, CHUNK), h)
+      for src, dst in ((q_ref.at[rows], q_s), (k_ref.at[rows], k_s), (v_ref.at[rows], v_s),
+                       (g_ref.at[rows], g_s), (st_ref.at[bi, h, n], st_s)):
+        plgpu.copy_gmem_to_smem(src, dst, loaded)
+      plgpu.barrier_wait(loaded)
+      g_s[...] = jnp.maximum(g_s[...].astype(f32), min_log_decay).astype(g_s.dtype)  # (exact in bf16)
+      plgpu.commit_smem()
+
+      # Exponents as exact products: b_t − b_r(t) = Σ_s ([s ≤ t] − [s ≤ r(t)]) log α_s, whose 0, ±½, ±1
+      # weights are exact in bf16 and whose sum accumulates in f32.
+      ts, ss = iota(s_shape, 0), iota(s_shape, 1)
+      causal = jnp.where(ss <= ts, 1.0, 0.0)
+      up_to = lambda r: jnp.where(ss <= r, 1.0, 0.0)
+
+      def exponent(weights):  # [chunk, d_k] f32
+        return product(weights.astype(g_s.dtype), g_s, (CHUNK, dk))
+
+      shape = (CHUNK, dk)
+      t = iota(shape, 0)
+      blk, upper = jax.lax.div(t, _BLOCK), jax.lax.rem(t, _BLOCK) >= _BLOCK // 2
+      bt, bs = jax.lax.div(ts, _BLOCK), jax.lax.div(ss, _BLOCK)
+      ht, hs = jax.lax.div(ts, _BLOCK // 2), jax.lax.div(ss, _BLOCK // 2)  # halves of 8 rows
+      q = q_s[...].astype(f32)
+      k = k_s[...]
+
+      def keys(value):  # K̂ into k's buffer (its last product has completed), then fenced
+        k_s[...] = value.astype(dtype)
+        plgpu.commit_smem()
+
+      # Across blocks: K̂ = k e^{r(s) − b_s} with r(s) = b at the last row of s's block (≤ 1).
+      e = exponent(causal - up_to(bt * _BLOCK + _BLOCK - 1))
+      keys(k.astype(f32) * jnp.exp(jnp.minimum(-e, 0.0)))
+      scores = plgpu.layout_cast(jnp.zeros(s_shape, f32), wgmma_layout)
+      for j in range(CHUNK // _BLOCK - 1):  # Q̂ = q e^{b_t − r} with r = b at block j's last row (≤ 1)
+        e = exponent(causal - up_to(_BLOCK * j + _BLOCK - 1))
+        p = product(jnp.where(blk > j, q * jnp.exp(jnp.minimum(e, 0.0)), 0.0).astype(dtype), k_s.T, s_shape)
+        scores = jnp.where(bs == j, jnp.where(bt > j, p, 0.0), scores)
+
+      # Within a block, rows 8–15 against rows 0–7: r = b at row 7 of the block (both factors ≤ 1).
+      e = exponent(causal - up_to(bt * _BLOCK + _BLOCK // 2 - 1))
+      x = jnp.exp(jnp.where(upper, jnp.minimum(e, 0.0), jnp.minimum(-e, 0.0)))
+      keys(jnp.where(upper, 0.0, k.astype(f32) * x))
+      p = product(jnp.where(upper, q * x, 0.0).astype(dtype), k_s.T, s_shape)
+      cross = jnp.where(bt == bs, jnp.where(jax.lax.rem(ht, 2) == 1, hs == ht - 1, False), False)
+      scores = jnp.where(cross, p, scores)
+
+      # Within a half of 8 rows: μ between its rows 3 and 4 (|b − μ| ≤ 3.5 · 20).
+      half = ht * (_BLOCK // 2)
+      e = exponent(causal - 0.5 * up_to(half + 3) - 0.5 * up_to(half + 4))
+      keys(k.astype(f32) * jnp.exp(-e))
+      p = product((q * jnp.exp(e)).astype(dtype), k_s.T, s_shape)
+      scores = jnp.where(hs == ht, jnp.where(ss <= ts, p, 0.0), scores)
+
+      a_s[...] = scores
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(a_s, a_ref.at[rows])
+      o = product((q * jnp.exp(exponent(causal))).astype(dtype), st_s.T, (CHUNK, dv))
+      o = product(scores.astype(dtype), v_s, (CHUNK, dv), init=o)
+      v_s[...] = o.astype(dtype)  # v's buffer holds the output on its way out
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(v_s, o_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(kernel, _swizzled((CHUNK, dk), dtype), _swizzled((CHUNK, dk), dtype),
+                  _swizzled((CHUNK, dv), dtype), _swizzled((CHUNK, dk), g.dtype), _swizzled((dv, dk), dtype),
+                  plgpu.SMEM(s_shape, f32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+                  plgpu.Barrier(num_arrivals=5))
+
+  out_type = (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct((batch, time, heads, CHUNK), f32))
+  return plgpu.kernel(body, out_type=out_type, grid=(chunks, heads, batch), grid_names=("chunk", "head", "batch"),
+                      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, g, states)
