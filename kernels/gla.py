@@ -42,10 +42,10 @@ Implementations:
 - ``"pallas"``: the chunked form as Pallas kernels (Triton on GPU, Mosaic on TPU) with a
   ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
   −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
-- ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run: 2.59 / 9.58 ms fwd /
-  fwd+bwd against the XLA chunked form's 13.4 / 41.6 ms, and fla's ``chunk_gla`` 1.60 / 6.83 ms;
-  ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere (the Mosaic kernels are export-tested only, never
-  timed on a TPU).
+- ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16: 1.14 / 6.51 ms
+  fwd / fwd+bwd with the Mosaic GPU output stage, 2.19 / 7.57 with the Triton one; the XLA chunked
+  form 13.4 / 41.6 ms; ``kernels/BENCHMARKS.md`` has fla's ``chunk_gla`` beside them), ``"xla"``
+  elsewhere (the Mosaic kernels are export-tested only, never timed on a TPU).
 """
 
 from __future__ import annotations
@@ -325,7 +325,9 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 #           and returns the final state (f32).
 #   output  one program per (chunk, head, d_v block): a sub-chunk loop o_j = q̂_j S' + A_jj v_j,
 #           S' ← e^{λ_j} S' + k̂_jᵀ v_j (f32 in registers) from the stored entering state. It also
-#           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward.
+#           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward. On Hopper
+#           with a bf16 decay and chunks of 64, ``kernels/gla_mgpu.py`` replaces it (whole-chunk
+#           wgmma products; it stores each chunk's whole score matrix A, 64 floats per token).
 # Backward, with dO and the cotangent of the final state: the reverse state D_t = ∂L/∂S_t obeys
 # D_t = q_t dO_tᵀ + diag(α_{t+1}) D_{t+1} (a GLA recurrence run backwards), and
 #   dq_t = S_t dO_t,   dk_t = D_t v_t,   dv_t = D_tᵀ k_t,   dS_0 = diag(α_0) D_0,
@@ -337,7 +339,8 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 #   states (reverse)  the same sequential kernel backwards: stores E_n, returns dS_0.
 #   dq/dk/dlogα  per (chunk, head, d_k block), all of d_v: a forward sub-chunk loop for dq (state S'),
 #           then a reverse one for dk (state E') and the reverse cumulative sum for d log α.
-#   dv      per (chunk, head, d_v block), all of d_k: reverse sub-chunk loop, A_jjᵀ dO_j + k̂_j E'.
+#   dv      per (chunk, head, d_v block), all of d_k: reverse sub-chunk loop, A_jjᵀ dO_j + k̂_j E'
+#           (A_jj read from either output stage's residual).
 #
 # Layouts. Triton (GPU): arrays stay [batch, time, heads, dim]; a program reads its tiles with
 # strides; the sequential kernels hold the whole time axis of one head (a pointer) and loop over
@@ -900,6 +903,19 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool) -> str:
+  """The GPU output stage for the padded Triton-layout problem: ``cfg.out_kernel``, or for None
+  "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``), else "triton"."""
+  problem = gla_mgpu.supports(q, v, g, cfg.chunk)
+  if interpret:
+    problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
+  if cfg.out_kernel == "mosaic_gpu" and problem:
+    raise ValueError(f"gla: PallasConfig.out_kernel='mosaic_gpu' {problem}; use 'triton'")
+  if cfg.out_kernel is None:
+    return "mosaic_gpu" if not problem and tma_gpu() else "triton"
+  return cfg.out_kernel
+
+
 def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interpret: bool, cfg: PallasConfig):
   batch, time, heads, d_k = q.shape
   d_v, out_dtype = v.shape[-1], v.dtype
@@ -933,14 +949,7 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     g = None if g is None else rearrange(g, "b t h d -> b h t d")
-  mgpu_out = False
-  if target == "triton":
-    problem = gla_mgpu.supports(q, v, g, chunk)
-    if interpret:
-      problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
-    if cfg.out_kernel == "mosaic_gpu" and problem:
-      raise ValueError(f"gla: PallasConfig.out_kernel='mosaic_gpu' {problem}; use 'triton'")
-    mgpu_out = cfg.out_kernel == "mosaic_gpu" or (cfg.out_kernel is None and not problem and tma_gpu())
+  mgpu_out = target == "triton" and _output_stage(q, v, g, cfg, interpret=interpret) == "mosaic_gpu"
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
                dv=dv, decay=g is not None, dot_dtype=dot_dtype.name, mgpu_out=mgpu_out)
   o, final = _pallas_core_shared(q, k, v, g, s0, plan)

@@ -4,8 +4,8 @@ The same output as ``gla.py``'s Triton output kernel, for one chunk of C = 64 ro
 
     o_t = (q_t ⊙ e^{b_t}) S  +  Σ_{s ≤ t in the chunk} A_ts v_s,   A_ts = Σ_d q_td k_sd e^{b_td − b_sd}
 
-with ``b`` the chunk-local inclusive cumulative log-decay (per key dim, f32, each log α capped at
-``MIN_LOG_DECAY``) and ``S`` the state entering the chunk (stored transposed, Sᵀ [d_v, d_k], in the
+with ``b`` the chunk-local inclusive cumulative log-decay (per key dim, each log α capped at
+``min_log_decay``) and ``S`` the state entering the chunk (stored transposed, Sᵀ [d_v, d_k], in the
 16-bit input dtype by the states kernel). The Triton kernel carries the state through four 16-row
 sub-chunks in registers (a [d_v, d_k] f32 tile, which spills); here every product is a 64-row wgmma
 with f32 accumulation, and the decays go into its operands as factors e^{±(b − r)} for a reference
@@ -17,13 +17,16 @@ row r chosen per pair of row blocks so that no factor overflows:
   so |b − μ| ≤ 3.5 · 20 = 70 and the factors stay within e^{±70}, inside bf16's range;
 * within a block, rows 8–15 against rows 0–7 use r = b at row 7: both factors ≤ 1.
 
-Products for pairs outside their own mask may overflow; selects drop them. Reference rows are read
-from shared memory as per-column vectors and broadcast along rows.
+Products for pairs outside their own mask may overflow; selects drop them. Every exponent b_t − r(t)
+is itself a product, Σ_s ([s ≤ t] − [s ≤ r(t)]) log α_s (μ: weights ½), whose weights 0, ±½, ±1 and
+bf16 log-decays are exact tensor-core operands, summed in f32: no cumulative sum in XLA, no row
+broadcasts. The kernel also writes each chunk's masked score matrix A (f32), which the dv kernel
+reads instead of recomputing the diagonal blocks.
 
 Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16/f16), the
-cumulative log-decay ``b`` (f32, like q), the entering states ``[batch, heads, chunks, d_v, d_k]``.
-Mosaic GPU's interpreter has no wgmma: this kernel runs on a GPU only (the CPU tests build it for
-CUDA; the GPU benchmark checks it against the reference before timing it).
+log-decay ``g`` (bf16, like q), the entering states ``[batch, heads, chunks, d_v, d_k]``. Mosaic GPU's
+interpreter has no wgmma: this kernel runs on a GPU only (the CPU tests build it for CUDA, and test
+the dv kernel's reading of A in the interpreter; the GPU check compares it with the reference).
 """
 
 from __future__ import annotations

@@ -202,3 +202,83 @@ def test_bench_best_config_combines_each_kernels_fastest_tiles():
   config, total = best_config(results[3:4] + results[:1])
   assert config == PallasConfig(chunk=32) and total == pytest.approx(9.0)
   assert best_config([]) is None
+
+
+# --- the Mosaic GPU output stage (kernels/gla_mgpu.py) -----------------------------------------------
+
+
+def test_mosaic_gpu_output_lowers_for_cuda():
+  """The wgmma output kernel cannot run in Mosaic GPU's interpreter (no wgmma), so it is built for
+  CUDA from this host (shared memory, layouts, TMA boxes) at the benchmark's size and at d_k 64 /
+  d_v 128; the GPU check (kernels/BENCHMARKS.md, tenth session) compares its values with the
+  reference (output rel err 3.3e-3 at bf16, decays mild, strong and capped)."""
+  from kernels import gla_mgpu
+  for batch, time, heads, dk, dv in ((4, 8192, 16, 128, 128), (1, 256, 2, 64, 128)):
+    q = jax.ShapeDtypeStruct((batch, time, heads, dk), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((batch, time, heads, dv), jnp.bfloat16)
+    states = jax.ShapeDtypeStruct((batch, heads, time // 64, dv, dk), jnp.bfloat16)
+    f = lambda q, k, v, g, st: gla_mgpu.output(q, k, v, g, st, min_log_decay=-20.0)
+    text = jax.jit(f).trace(q, q, v, q, states).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1
+
+
+def test_mosaic_gpu_output_with_the_triton_kernels_lowers_for_cuda():
+  """The whole forward and gradient with the Mosaic GPU output stage (its score matrices feed the
+  dv kernel) lower for CUDA; jax ≥ 0.12 lowers the Triton kernels only with a GPU present."""
+  shape = (1, 256, 2, 128)
+  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  f = lambda *a: gla(*a, impl="pallas", pallas_target="triton", pallas_config=PallasConfig(out_kernel="mosaic_gpu"))[0]
+  grad = jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+  for fn, triton in ((f, 1), (grad, 4)):  # states | states, reverse states, dq/dk, dv
+    try:
+      text = jax.jit(fn).trace(x, x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:
+      if "No supported GPU" not in str(e):
+        raise
+      pytest.skip("this jax (>= 0.12) lowers Pallas-Triton only with a CUDA device present; CI's jax 0.10.2 runs it")
+    assert text.count("__gpu$xla.gpu.triton") == triton and "mosaic_gpu" in text
+
+
+def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
+  from kernels import gla as G
+  x = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
+  monkeypatch.setattr(G, "tma_gpu", lambda: True)
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "mosaic_gpu"  # the default on Hopper
+  assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == "triton"
+  f32_decay = x.astype(jnp.float32)
+  assert G._output_stage(x, x, f32_decay, PallasConfig(), interpret=False) == "triton"
+  for cfg, g, interpret, why in ((PallasConfig(out_kernel="mosaic_gpu"), f32_decay, False, "needs a bfloat16 log-decay"),
+                                 (PallasConfig(out_kernel="mosaic_gpu", chunk=32), x, False, "needs PallasConfig.chunk=64"),
+                                 (PallasConfig(out_kernel="mosaic_gpu"), x, True, "does not interpret")):
+    with pytest.raises(ValueError, match=f"out_kernel='mosaic_gpu' {why}.*use 'triton'"):
+      G._output_stage(x, x, g, cfg, interpret=interpret)
+  monkeypatch.setattr(G, "tma_gpu", lambda: False)
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "triton"
+  with pytest.raises(ValueError, match=r"out_kernel='wgmma'; valid: \(None, 'triton', 'mosaic_gpu'\)"):
+    gla(x, x, x, x, impl="pallas", interpret=True, pallas_config=PallasConfig(out_kernel="wgmma"))
+
+
+def test_dv_kernel_reads_whole_score_matrices():
+  """With the Mosaic GPU output stage the dv kernel takes each chunk's whole masked score matrix
+  A [t, s] (gla_mgpu's residual) instead of the Triton output kernel's A_jjᵀ blocks; interpreted
+  here with A from the definition, against the dv kernel fed by the Triton output kernel."""
+  from kernels import gla as G
+  batch, time, heads, d = 1, 128, 2, 16
+  rng = np.random.default_rng(3)
+  q, k, v, do = (jnp.asarray(rng.standard_normal((batch, time, heads, d)), jnp.float32) for _ in range(4))
+  g = jnp.asarray(np.log(1 / (1 + np.exp(-3.0 * rng.standard_normal((batch, time, heads, d))))), jnp.float32)
+  cfg = dataclasses.replace(SMALL, chunk=64)
+  plan = G._Plan(target="triton", interpret=True, cfg=cfg, heads=heads, chunks=time // 64, dk=d, dv=d, decay=True,
+                 dot_dtype="float32")
+  s0 = jnp.zeros((batch, heads, d, d), jnp.float32)
+  states = G._states_call(plan, k, g, v, s0, reverse=False)[0]
+  at = G._output_call(plan, q, k, g, v, states)[1]
+  e_states = G._states_call(plan, q, g, do, s0, reverse=True)[0]
+  b = np.cumsum(np.asarray(g, np.float64).reshape(batch, time // 64, 64, heads, d), axis=2)
+  qc, kc = (np.asarray(x, np.float64).reshape(batch, time // 64, 64, heads, d) for x in (q, k))
+  scores = np.einsum("bnthd,bnshd,bntshd->bnths", qc, kc,
+                     np.exp(np.minimum(b[:, :, :, None] - b[:, :, None], 0.0)))  # [b, n, t, h, s]
+  scores *= np.tril(np.ones((64, 64)))[None, None, :, None, :]
+  whole = jnp.asarray(scores.reshape(batch, time, heads, 64), jnp.float32)
+  ours = G._dv_call(dataclasses.replace(plan, mgpu_out=True), q, k, g, do, whole, e_states)
+  assert _rel(ours, G._dv_call(plan, q, k, g, do, at, e_states)) < 1e-5
