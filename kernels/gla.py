@@ -326,7 +326,7 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 #   output  one program per (chunk, head, d_v block): a sub-chunk loop o_j = q̂_j S' + A_jj v_j,
 #           S' ← e^{λ_j} S' + k̂_jᵀ v_j (f32 in registers) from the stored entering state. It also
 #           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward. On Hopper
-#           with a bf16 decay and chunks of 64, ``kernels/gla_mgpu.py`` replaces it (whole-chunk
+#           with 16-bit inputs, a decay and chunks of 64, ``kernels/gla_mgpu.py`` replaces it (whole-chunk
 #           wgmma products; it stores each chunk's whole score matrix A, 64 floats per token).
 # Backward, with dO and the cotangent of the final state: the reverse state D_t = ∂L/∂S_t obeys
 # D_t = q_t dO_tᵀ + diag(α_{t+1}) D_{t+1} (a GLA recurrence run backwards), and
@@ -401,8 +401,8 @@ class PallasConfig:
   unroll: bool = False
   # The forward's output stage on GPU: "triton" (``_output_kernel``) or "mosaic_gpu"
   # (``kernels/gla_mgpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16/f16
-  # q, k, v with a bf16 per-key-dim log-decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where
-  # it runs, else "triton". It stores each chunk's whole score matrix for the dv kernel.
+  # q, k, v with a decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, else
+  # "triton". It stores each chunk's whole score matrix for the dv kernel.
   out_kernel: str | None = None
 
 

@@ -303,7 +303,8 @@ def _masked(scores, rows, cols, window: int, *, keys_first: bool):
 
 
 def _swizzled(shape, dtype):
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  minor = 128 // jnp.dtype(dtype).itemsize  # elements per 128-byte swizzled row
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
 
 
 def _kernel_call(body, out_type, grid, grid_names):

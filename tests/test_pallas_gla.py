@@ -211,14 +211,15 @@ def test_mosaic_gpu_output_lowers_for_cuda():
   """The wgmma output kernel cannot run in Mosaic GPU's interpreter (no wgmma), so it is built for
   CUDA from this host (shared memory, layouts, TMA boxes) at the benchmark's size and at d_k 64 /
   d_v 128; the GPU check (kernels/BENCHMARKS.md, tenth session) compares its values with the
-  reference (output rel err 3.3e-3 at bf16, decays mild, strong and capped)."""
+  reference (output rel err 3.3e-3 at bf16, decays mild, strong and capped; bf16 and f32 log-decays)."""
   from kernels import gla_mgpu
-  for batch, time, heads, dk, dv in ((4, 8192, 16, 128, 128), (1, 256, 2, 64, 128)):
+  for batch, time, heads, dk, dv, decay in ((4, 8192, 16, 128, 128, jnp.bfloat16), (1, 256, 2, 64, 128, jnp.float32)):
     q = jax.ShapeDtypeStruct((batch, time, heads, dk), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((batch, time, heads, dv), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((batch, time, heads, dk), decay)  # f32: two bf16 parts
     states = jax.ShapeDtypeStruct((batch, heads, time // 64, dv, dk), jnp.bfloat16)
     f = lambda q, k, v, g, st: gla_mgpu.output(q, k, v, g, st, min_log_decay=-20.0)
-    text = jax.jit(f).trace(q, q, v, q, states).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(f).trace(q, q, v, g, states).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1
 
 
@@ -245,13 +246,16 @@ def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
   monkeypatch.setattr(G, "tma_gpu", lambda: True)
   assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "mosaic_gpu"  # the default on Hopper
   assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == "triton"
-  f32_decay = x.astype(jnp.float32)
-  assert G._output_stage(x, x, f32_decay, PallasConfig(), interpret=False) == "triton"
-  for cfg, g, interpret, why in ((PallasConfig(out_kernel="mosaic_gpu"), f32_decay, False, "needs a bfloat16 log-decay"),
-                                 (PallasConfig(out_kernel="mosaic_gpu", chunk=32), x, False, "needs PallasConfig.chunk=64"),
-                                 (PallasConfig(out_kernel="mosaic_gpu"), x, True, "does not interpret")):
+  assert G._output_stage(x, x, x.astype(jnp.float32), PallasConfig(), interpret=False) == "mosaic_gpu"
+  assert G._output_stage(x, x, None, PallasConfig(), interpret=False) == "triton"  # no decay
+  wide = jnp.zeros((1, 128, 2, 256), jnp.bfloat16)
+  for cfg, q, g, interpret, why in (
+      (PallasConfig(out_kernel="mosaic_gpu"), x, None, False, "needs a bfloat16, float16 or float32 log-decay"),
+      (PallasConfig(out_kernel="mosaic_gpu", chunk=32), x, x, False, "needs PallasConfig.chunk=64"),
+      (PallasConfig(out_kernel="mosaic_gpu"), wide, wide, False, r"needs d_k and d_v of 64 or 128 \(got 256, 128\)"),
+      (PallasConfig(out_kernel="mosaic_gpu"), x, x, True, "does not interpret")):
     with pytest.raises(ValueError, match=f"out_kernel='mosaic_gpu' {why}.*use 'triton'"):
-      G._output_stage(x, x, g, cfg, interpret=interpret)
+      G._output_stage(q, x, g, cfg, interpret=interpret)
   monkeypatch.setattr(G, "tma_gpu", lambda: False)
   assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "triton"
   with pytest.raises(ValueError, match=r"out_kernel='wgmma'; valid: \(None, 'triton', 'mosaic_gpu'\)"):
