@@ -20,12 +20,14 @@ row r chosen per pair of row blocks so that no factor overflows:
 Products for pairs outside their own mask may overflow; selects drop them. Every exponent b_t − r(t)
 is itself a product, Σ_s ([s ≤ t] − [s ≤ r(t)]) log α_s (μ: weights ½), whose weights 0, ±½, ±1 and
 bf16 log-decays are exact tensor-core operands, summed in f32: no cumulative sum in XLA, no row
-broadcasts. An f32 or f16 log-decay goes in as two bf16 parts (hi + lo: 16 significant bits, so
-each log α is off by at most 2⁻¹⁷ of itself; exact for f16). The kernel also writes each chunk's masked score matrix A (f32), which the dv kernel
-reads instead of recomputing the diagonal blocks.
+broadcasts. So the log-decay must be bf16: an f32 one split into two bf16 parts (hi + lo, each its
+own product) gave wrong values and NaNs on an H100 (not understood; kernels/BENCHMARKS.md, tenth
+session), and the mixers' f32 log-decays run the Triton output kernel. The kernel also writes each
+chunk's masked score matrix A (f32), which the dv kernel reads instead of recomputing the diagonal
+blocks.
 
-Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16/f16), the
-log-decay ``g`` (like q; bf16, f16 or f32), the entering states ``[batch, heads, chunks, d_v, d_k]``. Mosaic GPU's
+Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16), the
+log-decay ``g`` (bf16, like q), the entering states ``[batch, heads, chunks, d_v, d_k]``. Mosaic GPU's
 interpreter has no wgmma: this kernel runs on a GPU only (the CPU tests build it for CUDA, and test
 the dv kernel's reading of A in the interpreter; the GPU check compares it with the reference).
 """
@@ -47,10 +49,10 @@ def supports(q, v, g, chunk: int) -> str | None:
   """Why this kernel cannot run the call (None: it can)."""
   if chunk != CHUNK:
     return f"needs PallasConfig.chunk={CHUNK} (got {chunk})"
-  if q.dtype not in (jnp.bfloat16, jnp.float16) or v.dtype != q.dtype:
-    return f"needs bfloat16 or float16 q, k, v (got {q.dtype})"
-  if g is None or g.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    return f"needs a bfloat16, float16 or float32 log-decay (got {None if g is None else g.dtype})"
+  if q.dtype != jnp.bfloat16 or v.dtype != q.dtype:  # (f16's range cannot hold the e^{±70} factors)
+    return f"needs bfloat16 q, k, v (got {q.dtype})"
+  if g is None or g.dtype != jnp.bfloat16:  # (f32 as two bf16 parts gave wrong values on an H100)
+    return f"needs a bfloat16 log-decay (got {None if g is None else g.dtype})"
   if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
     return f"needs d_k and d_v of 64 or 128 (got {q.shape[-1]}, {v.shape[-1]})"
   if q.shape[1] % CHUNK:
@@ -75,26 +77,19 @@ def output(q, k, v, g, states, *, min_log_decay: float):
 
   def product(a, b_ref, shape, init=None):
     def run(acc_ref):
-      for ref in b_ref if isinstance(b_ref, (list, tuple)) else [b_ref]:
-        plgpu.wgmma(acc_ref, a, ref)
+      plgpu.wgmma(acc_ref, a, b_ref)
     zeros = plgpu.layout_cast(jnp.zeros(shape, f32), wgmma_layout) if init is None else init
     return pl.run_state(run)(plgpu.ACC.init(zeros))
 
   def body(q_ref, k_ref, v_ref, g_ref, st_ref, o_ref, a_ref):
-    def kernel(q_s, k_s, v_s, g_s, st_s, a_s, loaded, *parts):
+    def kernel(q_s, k_s, v_s, g_s, st_s, a_s, loaded):
       n, h, bi = (jax.lax.axis_index(name) for name in ("chunk", "head", "batch"))
       rows = (bi, pl.ds(n * CHUNK, CHUNK), h)
       for src, dst in ((q_ref.at[rows], q_s), (k_ref.at[rows], k_s), (v_ref.at[rows], v_s),
                        (g_ref.at[rows], g_s), (st_ref.at[bi, h, n], st_s)):
         plgpu.copy_gmem_to_smem(src, dst, loaded)
       plgpu.barrier_wait(loaded)
-      rest = jnp.maximum(g_s[...].astype(f32), min_log_decay)
-      if not parts:  # bf16: capped in place (exact)
-        parts = (g_s,)
-      for part in parts:  # else hi and lo bf16 parts, 16 significant bits
-        hi = rest.astype(jnp.bfloat16)
-        part[...] = hi
-        rest = rest - hi.astype(f32)
+      g_s[...] = jnp.maximum(g_s[...].astype(f32), min_log_decay).astype(g_s.dtype)  # capped (exact in bf16)
       plgpu.commit_smem()
 
       # Exponents as exact products: b_t − b_r(t) = Σ_s ([s ≤ t] − [s ≤ r(t)]) log α_s, whose 0, ±½, ±1
@@ -104,7 +99,7 @@ def output(q, k, v, g, states, *, min_log_decay: float):
       up_to = lambda r: jnp.where(ss <= r, 1.0, 0.0)
 
       def exponent(weights):  # [chunk, d_k] f32
-        return product(weights.astype(jnp.bfloat16), parts, (CHUNK, dk))
+        return product(weights.astype(g_s.dtype), g_s, (CHUNK, dk))
 
       shape = (CHUNK, dk)
       t = iota(shape, 0)
@@ -154,8 +149,7 @@ def output(q, k, v, g, states, *, min_log_decay: float):
 
     pl.run_scoped(kernel, _swizzled((CHUNK, dk), dtype), _swizzled((CHUNK, dk), dtype),
                   _swizzled((CHUNK, dv), dtype), _swizzled((CHUNK, dk), g.dtype), _swizzled((dv, dk), dtype),
-                  _swizzled(s_shape, f32), plgpu.Barrier(num_arrivals=5),
-                  *([] if g.dtype == jnp.bfloat16 else [_swizzled((CHUNK, dk), jnp.bfloat16)] * 2))
+                  _swizzled(s_shape, f32), plgpu.Barrier(num_arrivals=5))
 
   out_type = (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct((batch, time, heads, CHUNK), f32))
   return plgpu.kernel(body, out_type=out_type, grid=(chunks, heads, batch), grid_names=("chunk", "head", "batch"),
