@@ -177,7 +177,8 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
   from kernels.pallas_compat import tma_gpu
   if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk):  # the Mosaic GPU output stage and its dv
     mplan = dataclasses.replace(plan, mgpu_out=True)
-    fns["output_mgpu"] = jax.jit(lambda *a: gla_mgpu.output(*a, min_log_decay=G.MIN_LOG_DECAY))
+    fns["output_mgpu"] = jax.jit(lambda q, k, v, g, st: gla_mgpu.output(
+        q, k, v, gla_mgpu.decay_parts(g, G.MIN_LOG_DECAY), st, min_log_decay=G.MIN_LOG_DECAY))
     fns["dv_mgpu"] = jax.jit(lambda *a: G._dv_call(mplan, *a))
     args["output_mgpu"] = (q, k, v, g, states)
     args["dv_mgpu"] = (q, k, g, do, fns["output_mgpu"](*args["output_mgpu"])[1], e_states)

@@ -44,9 +44,9 @@ Implementations:
   −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
 - ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run:
   1.14 / 6.49 ms fwd / fwd+bwd with the Mosaic GPU output stage against fla's ``chunk_gla`` 1.61 /
-  6.84 ms and the XLA chunked form's 13.4 / 41.7 ms; 2.2 / 7.6 with the Triton output kernel, which
-  f32 log-decays get; ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere (the Mosaic kernels are
-  export-tested only, never timed on a TPU).
+  6.84 ms and the XLA chunked form's 13.4 / 41.7 ms; 1.55 / 6.88 with an f32 log-decay, 2.2 / 7.6
+  with the Triton output kernel; ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere (the Mosaic
+  kernels are export-tested only, never timed on a TPU).
 """
 
 from __future__ import annotations
@@ -402,9 +402,9 @@ class PallasConfig:
   unroll: bool = False
   # The forward's output stage on GPU: "triton" (``_output_kernel``) or "mosaic_gpu"
   # (``kernels/gla_mgpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16
-  # q, k, v and log-decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, else
+  # q, k, v with a decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, else
   # "triton". It stores each chunk's whole score matrix for the dv kernel. H100, B4 T8192 H16 d128:
-  # output stage 1.76 → 0.68 ms, dv unchanged (0.77).
+  # output stage 1.76 → 0.68 ms with a bf16 log-decay; fwd 2.2 → 1.55 ms with an f32 one.
   out_kernel: str | None = None
 
 
@@ -877,7 +877,7 @@ def _pallas_core(q, k, v, g, s0, plan: _Plan):
 def _pallas_core_fwd(q, k, v, g, s0, plan: _Plan):
   states, final = _states_call(plan, k, g, v, s0, reverse=False)
   if plan.mgpu_out:
-    o, at = gla_mgpu.output(q, k, v, g, states, min_log_decay=MIN_LOG_DECAY)
+    o, at = gla_mgpu.output(q, k, v, gla_mgpu.decay_parts(g, MIN_LOG_DECAY), states, min_log_decay=MIN_LOG_DECAY)
   else:
     o, at = _output_call(plan, q, k, g, v, states)
   return (o, final), (q, k, v, g, states, at)

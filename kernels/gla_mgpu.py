@@ -20,14 +20,15 @@ row r chosen per pair of row blocks so that no factor overflows:
 Products for pairs outside their own mask may overflow; selects drop them. Every exponent b_t − r(t)
 is itself a product, Σ_s ([s ≤ t] − [s ≤ r(t)]) log α_s (μ: weights ½), whose weights 0, ±½, ±1 and
 bf16 log-decays are exact tensor-core operands, summed in f32: no cumulative sum in XLA, no row
-broadcasts. So the log-decay must be bf16: an f32 one split into two bf16 parts (hi + lo, each its
-own product) gave wrong values and NaNs on an H100 (not understood; kernels/BENCHMARKS.md, tenth
-session), and the mixers' f32 log-decays run the Triton output kernel. The kernel also writes each
-chunk's masked score matrix A (f32), which the dv kernel reads instead of recomputing the diagonal
-blocks.
+broadcasts. Any other log-decay dtype (the mixers' f32) is capped and split by XLA into bf16 hi + lo
+(16 significant bits: each log α off by at most 2⁻¹⁷ of itself), stacked along the contraction:
+[w w] @ [hi; lo], still one product per exponent. (Two products chained on one accumulator, or
+unstacked parts, gave wrong values on an H100: kernels/BENCHMARKS.md, tenth session.) The kernel
+also writes each chunk's masked score matrix A (f32), which the dv kernel reads instead of
+recomputing the diagonal blocks.
 
 Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16), the
-log-decay ``g`` (bf16, like q), the entering states ``[batch, heads, chunks, d_v, d_k]``. Mosaic GPU's
+log-decay parts (``decay_parts``), the entering states ``[batch, heads, chunks, d_v, d_k]``. Mosaic GPU's
 interpreter has no wgmma: this kernel runs on a GPU only (the CPU tests build it for CUDA, and test
 the dv kernel's reading of A in the interpreter; the GPU check compares it with the reference).
 """
@@ -51,8 +52,8 @@ def supports(q, v, g, chunk: int) -> str | None:
     return f"needs PallasConfig.chunk={CHUNK} (got {chunk})"
   if q.dtype != jnp.bfloat16 or v.dtype != q.dtype:  # (f16's range cannot hold the e^{±70} factors)
     return f"needs bfloat16 q, k, v (got {q.dtype})"
-  if g is None or g.dtype != jnp.bfloat16:  # (f32 as two bf16 parts gave wrong values on an H100)
-    return f"needs a bfloat16 log-decay (got {None if g is None else g.dtype})"
+  if g is None or g.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"needs a bfloat16, float16 or float32 log-decay (got {None if g is None else g.dtype})"
   if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
     return f"needs d_k and d_v of 64 or 128 (got {q.shape[-1]}, {v.shape[-1]})"
   if q.shape[1] % CHUNK:
@@ -60,10 +61,21 @@ def supports(q, v, g, chunk: int) -> str | None:
   return None
 
 
-def output(q, k, v, g, states, *, min_log_decay: float):
+def decay_parts(g, min_log_decay: float):
+  """The kernel's log-decay operands: a bf16 ``g`` as it is (capped in the kernel), any other dtype
+  capped here and split into bf16 hi + lo (16 significant bits)."""
+  if g.dtype == jnp.bfloat16:
+    return (g,)
+  capped = jnp.maximum(g.astype(jnp.float32), min_log_decay)
+  hi = capped.astype(jnp.bfloat16)
+  return hi, (capped - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def output(q, k, v, g_parts, states, *, min_log_decay: float):
   """``(o [batch, time, heads, d_v], scores f32 [batch, time, heads, 64])``: the output in v's dtype
   and each chunk's masked intra-chunk scores A (row t: A_t,s for the chunk's 64 s), which the dv
-  kernel reads back (see the module docstring)."""
+  kernel reads back (see the module docstring). ``g_parts``: ``decay_parts(g, min_log_decay)``."""
+  n_parts = len(g_parts)
   batch, time, heads, dk = q.shape
   dv = v.shape[-1]
   dtype = q.dtype
@@ -81,25 +93,34 @@ def output(q, k, v, g, states, *, min_log_decay: float):
     zeros = plgpu.layout_cast(jnp.zeros(shape, f32), wgmma_layout) if init is None else init
     return pl.run_state(run)(plgpu.ACC.init(zeros))
 
-  def body(q_ref, k_ref, v_ref, g_ref, st_ref, o_ref, a_ref):
-    def kernel(q_s, k_s, v_s, g_s, st_s, a_s, loaded):
+  def body(q_ref, k_ref, v_ref, *refs):
+    g_refs, (st_ref, o_ref, a_ref) = refs[:n_parts], refs[n_parts:]
+
+    def kernel(q_s, k_s, v_s, g_s, st_s, a_s, loaded):  # g_s: the parts stacked along rows
       n, h, bi = (jax.lax.axis_index(name) for name in ("chunk", "head", "batch"))
       rows = (bi, pl.ds(n * CHUNK, CHUNK), h)
-      for src, dst in ((q_ref.at[rows], q_s), (k_ref.at[rows], k_s), (v_ref.at[rows], v_s),
-                       (g_ref.at[rows], g_s), (st_ref.at[bi, h, n], st_s)):
+      parts = [(g.at[rows], g_s.at[pl.ds(p * CHUNK, CHUNK)]) for p, g in enumerate(g_refs)]
+      for src, dst in ((q_ref.at[rows], q_s), (k_ref.at[rows], k_s), (v_ref.at[rows], v_s), *parts,
+                       (st_ref.at[bi, h, n], st_s)):
         plgpu.copy_gmem_to_smem(src, dst, loaded)
       plgpu.barrier_wait(loaded)
-      g_s[...] = jnp.maximum(g_s[...].astype(f32), min_log_decay).astype(g_s.dtype)  # capped (exact in bf16)
-      plgpu.commit_smem()
+      if n_parts == 1:  # capped here (exact in bf16)
+        g_s[...] = jnp.maximum(g_s[...].astype(f32), min_log_decay).astype(g_s.dtype)
+        plgpu.commit_smem()
 
       # Exponents as exact products: b_t − b_r(t) = Σ_s ([s ≤ t] − [s ≤ r(t)]) log α_s, whose 0, ±½, ±1
       # weights are exact in bf16 and whose sum accumulates in f32.
       ts, ss = iota(s_shape, 0), iota(s_shape, 1)
-      causal = jnp.where(ss <= ts, 1.0, 0.0)
-      up_to = lambda r: jnp.where(ss <= r, 1.0, 0.0)
+      # The weights' columns repeat once per part: [chunk, parts · chunk], s = column mod chunk.
+      w_shape = (CHUNK, n_parts * CHUNK)
+      ws = jax.lax.rem(iota(w_shape, 1), CHUNK) if n_parts > 1 else ss
+      wt = iota(w_shape, 0) if n_parts > 1 else ts
+      causal = jnp.where(ws <= wt, 1.0, 0.0)
+      up_to = lambda r: jnp.where(ws <= r, 1.0, 0.0)
+      block_start, half_start = wt - jax.lax.rem(wt, _BLOCK), wt - jax.lax.rem(wt, _BLOCK // 2)  # of row t
 
-      def exponent(weights):  # [chunk, d_k] f32
-        return product(weights.astype(g_s.dtype), g_s, (CHUNK, dk))
+      def exponent(weights):  # [chunk, d_k] f32: [w … w] @ [hi; lo], one product
+        return product(weights.astype(jnp.bfloat16), g_s, (CHUNK, dk))
 
       shape = (CHUNK, dk)
       t = iota(shape, 0)
@@ -114,7 +135,7 @@ def output(q, k, v, g, states, *, min_log_decay: float):
         plgpu.commit_smem()
 
       # Across blocks: K̂ = k e^{r(s) − b_s} with r(s) = b at the last row of s's block (≤ 1).
-      e = exponent(causal - up_to(bt * _BLOCK + _BLOCK - 1))
+      e = exponent(causal - up_to(block_start + _BLOCK - 1))
       keys(k.astype(f32) * jnp.exp(jnp.minimum(-e, 0.0)))
       scores = plgpu.layout_cast(jnp.zeros(s_shape, f32), wgmma_layout)
       for j in range(CHUNK // _BLOCK - 1):  # Q̂ = q e^{b_t − r} with r = b at block j's last row (≤ 1)
@@ -123,7 +144,7 @@ def output(q, k, v, g, states, *, min_log_decay: float):
         scores = jnp.where(bs == j, jnp.where(bt > j, p, 0.0), scores)
 
       # Within a block, rows 8–15 against rows 0–7: r = b at row 7 of the block (both factors ≤ 1).
-      e = exponent(causal - up_to(bt * _BLOCK + _BLOCK // 2 - 1))
+      e = exponent(causal - up_to(block_start + _BLOCK // 2 - 1))
       x = jnp.exp(jnp.where(upper, jnp.minimum(e, 0.0), jnp.minimum(-e, 0.0)))
       keys(jnp.where(upper, 0.0, k.astype(f32) * x))
       p = product(jnp.where(upper, q * x, 0.0).astype(dtype), k_s.T, s_shape)
@@ -131,8 +152,7 @@ def output(q, k, v, g, states, *, min_log_decay: float):
       scores = jnp.where(cross, p, scores)
 
       # Within a half of 8 rows: μ between its rows 3 and 4 (|b − μ| ≤ 3.5 · 20).
-      half = ht * (_BLOCK // 2)
-      e = exponent(causal - 0.5 * up_to(half + 3) - 0.5 * up_to(half + 4))
+      e = exponent(causal - 0.5 * up_to(half_start + 3) - 0.5 * up_to(half_start + 4))
       keys(k.astype(f32) * jnp.exp(-e))
       p = product((q * jnp.exp(e)).astype(dtype), k_s.T, s_shape)
       scores = jnp.where(hs == ht, jnp.where(ss <= ts, p, 0.0), scores)
@@ -148,9 +168,9 @@ def output(q, k, v, g, states, *, min_log_decay: float):
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(kernel, _swizzled((CHUNK, dk), dtype), _swizzled((CHUNK, dk), dtype),
-                  _swizzled((CHUNK, dv), dtype), _swizzled((CHUNK, dk), g.dtype), _swizzled((dv, dk), dtype),
-                  _swizzled(s_shape, f32), plgpu.Barrier(num_arrivals=5))
+                  _swizzled((CHUNK, dv), dtype), _swizzled((n_parts * CHUNK, dk), jnp.bfloat16),
+                  _swizzled((dv, dk), dtype), _swizzled(s_shape, f32), plgpu.Barrier(num_arrivals=4 + n_parts))
 
   out_type = (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct((batch, time, heads, CHUNK), f32))
   return plgpu.kernel(body, out_type=out_type, grid=(chunks, heads, batch), grid_names=("chunk", "head", "batch"),
-                      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, g, states)
+                      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, *g_parts, states)

@@ -211,14 +211,14 @@ def test_mosaic_gpu_output_lowers_for_cuda():
   """The wgmma output kernel cannot run in Mosaic GPU's interpreter (no wgmma), so it is built for
   CUDA from this host (shared memory, layouts, TMA boxes) at the benchmark's size and at d_k 64 /
   d_v 128; the GPU check (kernels/BENCHMARKS.md, tenth session) compares its values with the
-  reference (output rel err 3.3e-3 at bf16, decays mild, strong and capped)."""
+  reference (output rel err 3.3e-3 at bf16, decays mild, strong and capped, bf16 and f32)."""
   from kernels import gla_mgpu
-  for batch, time, heads, dk, dv in ((4, 8192, 16, 128, 128), (1, 256, 2, 64, 128)):
+  for batch, time, heads, dk, dv, decay in ((4, 8192, 16, 128, 128, jnp.bfloat16), (1, 256, 2, 64, 128, jnp.float32)):
     q = jax.ShapeDtypeStruct((batch, time, heads, dk), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((batch, time, heads, dv), jnp.bfloat16)
-    g = q
+    g = jax.ShapeDtypeStruct((batch, time, heads, dk), decay)  # f32: two bf16 parts, stacked
     states = jax.ShapeDtypeStruct((batch, heads, time // 64, dv, dk), jnp.bfloat16)
-    f = lambda q, k, v, g, st: gla_mgpu.output(q, k, v, g, st, min_log_decay=-20.0)
+    f = lambda q, k, v, g, st: gla_mgpu.output(q, k, v, gla_mgpu.decay_parts(g, -20.0), st, min_log_decay=-20.0)
     text = jax.jit(f).trace(q, q, v, g, states).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1
 
@@ -247,11 +247,13 @@ def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
   assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "mosaic_gpu"  # the default on Hopper
   assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == "triton"
   f32 = x.astype(jnp.float32)
-  for q, g in ((x, f32), (x, None), (f32, f32), (x.astype(jnp.float16), x)):  # f32 decay, none, not bf16 inputs
+  assert G._output_stage(x, x, f32, PallasConfig(), interpret=False) == "mosaic_gpu"  # f32 decay: split in two
+  for q, g in ((x, None), (f32, f32), (x.astype(jnp.float16), x)):  # no decay, not bf16 inputs
     assert G._output_stage(q, q, g, PallasConfig(), interpret=False) == "triton"
   wide = jnp.zeros((1, 128, 2, 256), jnp.bfloat16)
   for cfg, q, g, interpret, why in (
-      (PallasConfig(out_kernel="mosaic_gpu"), x, f32, False, r"needs a bfloat16 log-decay \(got float32\)"),
+      (PallasConfig(out_kernel="mosaic_gpu"), x, None, False, r"needs a bfloat16, float16 or float32 log-decay \(got None\)"),
+      (PallasConfig(out_kernel="mosaic_gpu"), f32, f32, False, r"needs bfloat16 q, k, v \(got float32\)"),
       (PallasConfig(out_kernel="mosaic_gpu", chunk=32), x, x, False, "needs PallasConfig.chunk=64"),
       (PallasConfig(out_kernel="mosaic_gpu"), wide, wide, False, r"needs d_k and d_v of 64 or 128 \(got 256, 128\)"),
       (PallasConfig(out_kernel="mosaic_gpu"), x, x, True, "does not interpret")):
@@ -261,6 +263,20 @@ def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
   assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "triton"
   with pytest.raises(ValueError, match=r"out_kernel='wgmma'; valid: \(None, 'triton', 'mosaic_gpu'\)"):
     gla(x, x, x, x, impl="pallas", interpret=True, pallas_config=PallasConfig(out_kernel="wgmma"))
+
+
+def test_decay_parts_split_f32_log_decays_exactly_enough():
+  """An f32 log-decay reaches the Mosaic GPU kernel capped and as bf16 hi + lo, which sum back to
+  it within 2⁻¹⁷ of itself; a bf16 one passes through (the kernel caps it)."""
+  from kernels import gla_mgpu
+  g = jnp.asarray(np.random.default_rng(4).standard_normal((2, 64, 3, 8)) * 5 - 10, jnp.float32)
+  hi, lo = gla_mgpu.decay_parts(g, -20.0)
+  assert hi.dtype == lo.dtype == jnp.bfloat16
+  capped = np.maximum(np.asarray(g), -20.0)
+  total = np.asarray(hi, np.float32) + np.asarray(lo, np.float32)
+  assert np.all(np.abs(total - capped) <= 2.0 ** -17 * np.abs(capped))
+  (same,) = gla_mgpu.decay_parts(g.astype(jnp.bfloat16), -20.0)
+  assert same.dtype == jnp.bfloat16
 
 
 def test_dv_kernel_reads_whole_score_matrices():
