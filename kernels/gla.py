@@ -327,8 +327,8 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 #   output  one program per (chunk, head, d_v block): a sub-chunk loop o_j = q̂_j S' + A_jj v_j,
 #           S' ← e^{λ_j} S' + k̂_jᵀ v_j (f32 in registers) from the stored entering state. It also
 #           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward. On Hopper
-#           with 16-bit inputs, a decay and chunks of 64, ``kernels/gla_mgpu.py`` replaces it (whole-chunk
-#           wgmma products; it stores each chunk's whole score matrix A, 64 floats per token).
+#           with bf16 inputs, a decay and chunks of 64, ``kernels/gla_mgpu.py`` replaces it (whole-
+#           chunk wgmma products; it stores each chunk's whole score matrix A, 64 floats per token).
 # Backward, with dO and the cotangent of the final state: the reverse state D_t = ∂L/∂S_t obeys
 # D_t = q_t dO_tᵀ + diag(α_{t+1}) D_{t+1} (a GLA recurrence run backwards), and
 #   dq_t = S_t dO_t,   dk_t = D_t v_t,   dv_t = D_tᵀ k_t,   dS_0 = diag(α_0) D_0,
@@ -420,7 +420,7 @@ class _Plan:
   dv: int
   decay: bool
   dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (tensor cores, f32 accumulation)
-  mgpu_out: bool = False  # the output stage is gla_mgpu.output (no stored diagonal score blocks)
+  mgpu_out: bool = False  # the output stage is gla_mgpu.output (residual: each chunk's whole score matrix)
 
 
 _SQ = SQUEEZED
@@ -877,7 +877,8 @@ def _pallas_core(q, k, v, g, s0, plan: _Plan):
 def _pallas_core_fwd(q, k, v, g, s0, plan: _Plan):
   states, final = _states_call(plan, k, g, v, s0, reverse=False)
   if plan.mgpu_out:
-    o, at = gla_mgpu.output(q, k, v, gla_mgpu.decay_parts(g, MIN_LOG_DECAY), states, min_log_decay=MIN_LOG_DECAY)
+    parts = gla_mgpu.decay_parts(g, MIN_LOG_DECAY)
+    o, at = gla_mgpu.output(q, k, v, parts, states, min_log_decay=MIN_LOG_DECAY)
   else:
     o, at = _output_call(plan, q, k, g, v, states)
   return (o, final), (q, k, v, g, states, at)
