@@ -61,7 +61,7 @@ from einops import rearrange
 from jax.experimental import pallas as pl
 
 from kernels import gla_mgpu
-from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, tma_gpu, triton_params
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_gpu_or_triton, mosaic_params, tma_gpu, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
@@ -909,14 +909,8 @@ def _round_up(n: int, m: int) -> int:
 def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool) -> str:
   """The GPU output stage for the padded Triton-layout problem: ``cfg.out_kernel``, or for None
   "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``), else "triton"."""
-  problem = gla_mgpu.supports(q, v, g, cfg.chunk)
-  if interpret:
-    problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
-  if cfg.out_kernel == "mosaic_gpu" and problem:
-    raise ValueError(f"gla: PallasConfig.out_kernel='mosaic_gpu' {problem}; use 'triton'")
-  if cfg.out_kernel is None:
-    return "mosaic_gpu" if not problem and tma_gpu() else "triton"
-  return cfg.out_kernel
+  return mosaic_gpu_or_triton(cfg.out_kernel, gla_mgpu.supports(q, v, g, cfg.chunk), interpret=interpret,
+                              hopper=tma_gpu(), field="gla: PallasConfig.out_kernel")
 
 
 def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interpret: bool, cfg: PallasConfig):

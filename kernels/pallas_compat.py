@@ -98,6 +98,20 @@ def tma_gpu() -> bool:
     return False
 
 
+def mosaic_gpu_or_triton(requested: str | None, problem: str | None, *, interpret: bool, hopper: bool,
+                         field: str) -> str:
+  """A GPU kernel choice, "mosaic_gpu" or "triton": ``requested`` as given, or for None Mosaic GPU where
+  it runs (``hopper``: ``tma_gpu()``, not interpreting, no ``problem``). Asking for "mosaic_gpu"
+  where it cannot run is an error naming ``field`` (e.g. "gla: PallasConfig.out_kernel") and why."""
+  if interpret:
+    problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
+  if requested == "mosaic_gpu" and problem:
+    raise ValueError(f"{field}='mosaic_gpu' {problem}; use 'triton'")
+  if requested is None:
+    return "mosaic_gpu" if not problem and hopper else "triton"
+  return requested
+
+
 def gpu_sm_count() -> int:
   """Streaming multiprocessors of the default GPU (an H100's 132 where there is none: CPU tests)."""
   device = jax.devices()[0]

@@ -70,7 +70,7 @@ from einops import rearrange
 from jax.experimental import pallas as pl
 
 from kernels import window_attention_mgpu
-from kernels.pallas_compat import lowered_once, mosaic_params, tma_gpu, triton_params
+from kernels.pallas_compat import lowered_once, mosaic_gpu_or_triton, mosaic_params, tma_gpu, triton_params
 
 Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
 IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
@@ -709,13 +709,10 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   if target == "triton":
     problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
                                              k, softcap)
-    if interpret:
-      problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
-    for field in ("fwd_kernel", "bwd_kernel"):
-      if getattr(blocks, field) == "mosaic_gpu" and problem:
-        raise ValueError(f"window_attention: PallasBlocks.{field}='mosaic_gpu' {problem}; use 'triton'")
-    mgpu = "mosaic_gpu" if not problem and not interpret and tma_gpu() else "triton"
-    blocks = dataclasses.replace(blocks, fwd_kernel=blocks.fwd_kernel or mgpu, bwd_kernel=blocks.bwd_kernel or mgpu)
+    blocks = dataclasses.replace(blocks, **{
+        field: mosaic_gpu_or_triton(getattr(blocks, field), problem, interpret=interpret, hopper=tma_gpu(),
+                                    field=f"window_attention: PallasBlocks.{field}")
+        for field in ("fwd_kernel", "bwd_kernel")})
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
                scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret)
   widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))
