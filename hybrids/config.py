@@ -95,9 +95,13 @@ RUNTIME_SECTIONS = ("runtime",)
 
 
 def runtime_config() -> ml_collections.ConfigDict:
-  """Placement (``hybrids.sharding``): mesh axis sizes; -1 takes all remaining devices."""
+  """How a run executes: placement (``hybrids.sharding``: mesh axis sizes, -1 takes all remaining
+  devices) and whether the layers are scanned."""
   c = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # lax.scan over repeats of the layer period (HybridLM.__call__): the same values, compiled once per
+  # period rather than once per layer. How the step is compiled, not what it computes.
+  c.scan_layers = True
   return c
 
 

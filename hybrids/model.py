@@ -3,6 +3,12 @@
 The pattern is tiled to ``n_layers``: Griffin is ``("rglru", "rglru", "swa")``, Hawk ``("rglru",)``,
 a transformer ``("attention",)``. Parameters are kept in ``param_dtype`` (f32 by default) and
 computed in ``dtype`` (e.g. bf16); the residual stream and logits stay in f32.
+
+``scan_layers=True`` runs the training forward as a ``lax.scan`` over repeats of the layer period
+(the pattern, or the least common multiple of the pattern and ``moe_every``), so XLA compiles one
+period instead of ``n_layers`` layers — and each Pallas kernel once rather than once per layer. The
+parameters stay one module per layer (checkpoints, sharding rules and decoding are unchanged); the
+period's blocks are stacked inside the step, which costs one copy of the parameters per step.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class HybridLM(nnx.Module):
     moe_every = cfg.moe_every
     self.blocks = nnx.List([ResidualBlock(name, cfg, rngs=rngs, moe=bool(moe_every) and i % moe_every == moe_every - 1)
                             for i, name in enumerate(layer_pattern(cfg))])
+    self.period = math.lcm(len(tuple(cfg.pattern)), moe_every or 1)
     self.final_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
     self.head = None if cfg.tie_embeddings else linear(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs)
 
@@ -57,22 +64,62 @@ class HybridLM(nnx.Module):
       logits = self.logits_softcap * jnp.tanh(logits / self.logits_softcap)
     return logits
 
-  def __call__(self, tokens, *, return_aux: bool = False):
+  def __call__(self, tokens, *, return_aux: bool = False, scan_layers: bool = False):
     """Training / scoring forward pass (parallel face of every mixer).
 
     ``return_aux``: also return ``{"moe_balance": mean load-balancing loss over MoE layers}``.
+    ``scan_layers``: scan over repeats of the layer period (same values; compiles once per period).
     """
     x = self._embed(tokens)
-    balances = []
-    for block in self.blocks:
-      forward = lambda blk, h: blk(h, return_aux=True)
-      x, balance = nnx.remat(forward)(block, x) if self.remat else forward(block, x)
-      if block.is_moe:
-        balances.append(balance)
+    x, balances = self._scanned_blocks(x) if scan_layers else self._unrolled_blocks(x, self.blocks)
     logits = self._logits(x)
     if not return_aux:
       return logits
     return logits, {"moe_balance": sum(balances) / len(balances) if balances else jnp.zeros((), jnp.float32)}
+
+  def _block_forward(self, block, x):
+    forward = lambda blk, h: blk(h, return_aux=True)
+    return nnx.remat(forward)(block, x) if self.remat else forward(block, x)
+
+  def _unrolled_blocks(self, x, blocks):
+    balances = []
+    for block in blocks:
+      x, balance = self._block_forward(block, x)
+      if block.is_moe:
+        balances.append(balance)
+    return x, balances
+
+  def _scanned_blocks(self, x):
+    """``lax.scan`` over the ``n_layers // period`` repeats; the remaining layers run unrolled after."""
+    repeats = len(self.blocks) // self.period
+    if repeats < 2:
+      return self._unrolled_blocks(x, self.blocks)
+    graphdefs, stacked = [], []
+    for j in range(self.period):
+      splits = [nnx.split(self.blocks[r * self.period + j]) for r in range(repeats)]
+      if any(g != splits[0][0] for g, _ in splits):  # not one structure per position: nothing to scan
+        return self._unrolled_blocks(x, self.blocks)
+      graphdefs.append(splits[0][0])
+      stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *[s for _, s in splits]))
+    is_moe = [self.blocks[j].is_moe for j in range(self.period)]
+
+    def apply_block(graphdef, state, h):
+      return nnx.merge(graphdef, state)(h, return_aux=True)
+
+    if self.remat:  # as the unrolled form: each block's activations are recomputed in the backward
+      apply_block = jax.checkpoint(apply_block, static_argnums=(0,), prevent_cse=False)
+
+    def period(h, states):
+      balances = []
+      for graphdef, state in zip(graphdefs, states):
+        h, balance = apply_block(graphdef, state, h)
+        balances.append(balance)
+      return h, jnp.stack(balances)
+
+    x, balances = jax.lax.scan(period, x, stacked)  # balances: [repeats, period]
+    scanned = [balances[r, j] for r in range(repeats) for j in range(self.period) if is_moe[j]]
+    x, rest = self._unrolled_blocks(x, list(self.blocks)[repeats * self.period:])
+    return x, scanned + rest
 
   def prefill(self, tokens, *, max_len: int | None = None):
     """Parallel pass that also returns every layer's decode state.

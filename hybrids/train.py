@@ -231,6 +231,7 @@ class Trainer:
   tx: optax.GradientTransformation
   moe_balance_weight: float = 0.0
   has_moe: bool = False
+  scan_layers: bool = True  # HybridLM.__call__: compile one layer period, not n_layers layers
 
   def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -241,7 +242,7 @@ class Trainer:
     return model
 
   def _loss(self, params, batch, window):
-    logits, aux = self.model(params, window)(batch["inputs"], return_aux=True)
+    logits, aux = self.model(params, window)(batch["inputs"], return_aux=True, scan_layers=self.scan_layers)
     loss_sum, correct, count = lm_loss(logits, batch["labels"])
     count = jnp.maximum(count, 1)
     loss = loss_sum / count
@@ -258,7 +259,7 @@ class Trainer:
     return params, opt_state, metrics
 
   def eval_step(self, params, batch):
-    return lm_loss(self.model(params)(batch["inputs"]), batch["labels"])
+    return lm_loss(self.model(params)(batch["inputs"], scan_layers=self.scan_layers), batch["labels"])
 
 
 def window_for_step(t, step: int, seed: int) -> int | None:
@@ -340,7 +341,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   params = jax.jit(new_params, out_shardings=params_sharding)()
   opt_state = jax.jit(placed.tx.init, out_shardings=opt_sharding)(params)
   trainer = Trainer(placed.graphdef, placed.abstract_state, placed.tx, moe_balance_weight=t.moe_balance_weight,
-                    has_moe=bool(config.model.moe_every))
+                    has_moe=bool(config.model.moe_every), scan_layers=bool(config.runtime.scan_layers))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
@@ -352,12 +353,26 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
         return step(*args)
     return traced
 
+  options = step_compiler_options(mesh.devices.flat[0].platform)
   train_step = jax.jit(per_batch_shard(trainer.train_step), donate_argnums=(0, 1), static_argnums=3,
                        in_shardings=(params_sharding, opt_sharding, batch_sharding),
-                       out_shardings=(params_sharding, opt_sharding, replicated))
+                       out_shardings=(params_sharding, opt_sharding, replicated), compiler_options=options)
   eval_step = jax.jit(per_batch_shard(trainer.eval_step), in_shardings=(params_sharding, batch_sharding),
-                      out_shardings=replicated)
+                      out_shardings=replicated, compiler_options=options)
   return Setup(trainer, mesh, params, opt_state, train_step, eval_step, batch_sharding, placed.counts)
+
+
+def step_compiler_options(platform: str) -> dict[str, Any] | None:
+  """XLA options for the train and eval steps on ``platform`` (``jax.jit(compiler_options=...)``).
+
+  On GPU, XLA's Triton GEMM fusions are turned off: their autotuning was ~6 s of a 12-layer Griffin's
+  27 s first compile on an H100 and bought no step time (89.2–89.6 ms against 89.9 ms per step with them,
+  ``kernels/BENCHMARKS.md``, eleventh session), so the matmuls go to cuBLAS. An ``XLA_FLAGS`` that
+  names the option wins. Other platforms get no options.
+  """
+  if platform != "gpu" or "xla_gpu_enable_triton_gemm" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  return {"xla_gpu_enable_triton_gemm": False}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -9,7 +9,9 @@ key/value head (MQA, as recurrentgemma's local attention), MLP 3×, vocabulary 3
 f32 parameters, remat on every block, AdamW. Every model sees the same tokens per step (batch =
 tokens_per_step / T). A step is the full update (forward, backward, optimizer); tokens/s is the
 median over timed loops after one warm-up step, and the compile time (lower + compile) is reported
-beside it. A configuration that does not fit in memory is reported as such, not skipped silently.
+beside it. Our steps are compiled as ``hybrids.train`` compiles them: layers scanned over the pattern's
+period (``--scan-layers off`` unrolls them) and ``train.step_compiler_options`` (cuBLAS GEMMs on GPU).
+A configuration that does not fit in memory is reported as such, not skipped silently.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ WIDTH, LAYERS, HEADS, WINDOW, VOCAB, MLP = 768, 12, 12, 1024, 32_000, 3
 MODELS = ("griffin", "attention", "recurrentgemma")
 
 
-def _ours(pattern: tuple[str, ...], seq_len: int, impl: str):
+def _ours(pattern: tuple[str, ...], seq_len: int, impl: str, scan_layers: bool = True):
   """Our HybridLM train step (the one ``hybrids.train`` runs) and its params/optimizer state."""
   from flax import nnx
 
   from hybrids.config import base_config
   from hybrids.mixers import get_mixer
   from hybrids.model import HybridLM, count_params
-  from hybrids.train import Trainer, make_optimizer
+  from hybrids.train import Trainer, make_optimizer, step_compiler_options
 
   c = base_config("mqar")
   m = c.model
@@ -53,8 +55,11 @@ def _ours(pattern: tuple[str, ...], seq_len: int, impl: str):
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   tx = make_optimizer(c.train)
-  trainer = Trainer(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), tx)
-  return jax.jit(trainer.train_step, donate_argnums=(0, 1)), (params, tx.init(params)), params_count
+  trainer = Trainer(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), tx,
+                    scan_layers=scan_layers)
+  step = jax.jit(trainer.train_step, donate_argnums=(0, 1),
+                 compiler_options=step_compiler_options(jax.devices()[0].platform))
+  return step, (params, tx.init(params)), params_count
 
 
 def _recurrentgemma(seq_len: int):
@@ -92,7 +97,9 @@ def measure(build: Callable, seq_len: int, tokens_per_step: int, steps: int) -> 
               "labels": jnp.asarray(rng.integers(1, VOCAB, (batch_size, seq_len)), jnp.int32)} for _ in range(2)]
   step, carry, count = build()
   start = time.perf_counter()
-  compiled = step.lower(*carry, batches[0]).compile()  # called directly below: compiled once
+  lowered = step.lower(*carry, batches[0])
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()  # called directly below: compiled once
   compile_s = time.perf_counter() - start
 
   def run(carry, batch):
@@ -112,7 +119,8 @@ def measure(build: Callable, seq_len: int, tokens_per_step: int, steps: int) -> 
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f"loss {float(loss)}")
   return {"params": int(count), "batch": batch_size, "step_ms": 1e3 * step_s,
-          "tokens_per_s": batch_size * seq_len / step_s, "compile_s": compile_s}
+          "tokens_per_s": batch_size * seq_len / step_s, "compile_s": compile_s,
+          "lower_s": lower_s}
 
 
 def main(argv=None) -> int:
@@ -122,6 +130,8 @@ def main(argv=None) -> int:
   parser.add_argument("--impls", default="xla,auto", help="our kernel choices: xla (XLA-only) and/or auto")
   parser.add_argument("--tokens-per-step", type=int, default=32_768)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--scan-layers", choices=("on", "off"), default="on",
+                      help="our models: lax.scan over the layer period (training's default) or unrolled layers")
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
   models = args.models.split(",")
@@ -129,7 +139,7 @@ def main(argv=None) -> int:
   if bad:
     parser.error(f"--models: unknown {bad}; valid: {', '.join(MODELS)}")
   rows = []
-  print(f"{'model':<16} {'impl':<6} {'T':>6} {'B':>3} {'params':>8} {'step ms':>9} {'tokens/s':>10} {'compile s':>9}")
+  print(f"{'model':<16} {'impl':<6} {'T':>6} {'B':>3} {'params':>8} {'step ms':>9} {'tokens/s':>10} {'compile s':>9} {'(lower s)':>9}")
   for seq_len in [int(t) for t in args.seq_lens.split(",")]:
     for model in models:
       for impl in (["-"] if model == "recurrentgemma" else args.impls.split(",")):
@@ -137,12 +147,14 @@ def main(argv=None) -> int:
           build = lambda: _recurrentgemma(seq_len)
         else:
           pattern = ("rglru", "rglru", "swa") if model == "griffin" else ("attention",)
-          build = lambda: _ours(pattern, seq_len, impl)
-        row = {"model": model, "impl": impl, "seq_len": seq_len}
+          build = lambda: _ours(pattern, seq_len, impl, args.scan_layers == "on")
+        row = {"model": model, "impl": impl, "seq_len": seq_len,
+               "scan_layers": model != "recurrentgemma" and args.scan_layers == "on"}
         try:
           row.update(measure(build, seq_len, args.tokens_per_step, args.steps))
           print(f"{model:<16} {impl:<6} {seq_len:>6} {row['batch']:>3} {row['params'] / 1e6:>7.1f}M "
-                f"{row['step_ms']:>9.1f} {row['tokens_per_s']:>10,.0f} {row['compile_s']:>9.1f}", flush=True)
+                f"{row['step_ms']:>9.1f} {row['tokens_per_s']:>10,.0f} {row['compile_s']:>9.1f} {row['lower_s']:>9.1f}",
+                flush=True)
         except Exception as e:  # out of memory, a missing peer: recorded in the table and the JSON
           row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
           print(f"{model:<16} {impl:<6} {seq_len:>6}   {row['error']}", flush=True)

@@ -135,3 +135,45 @@ def test_jamba_style_moe_every_other_layer_decodes_like_its_forward():
   for t in range(5, 8):
     logits, states = step(params, tokens[:, t], states)
     np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+
+
+def _loss_and_grads(model, tokens, scan_layers):
+  graphdef, state = nnx.split(model)
+
+  def loss(state):
+    logits, aux = nnx.merge(graphdef, state)(tokens, return_aux=True, scan_layers=scan_layers)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + aux["moe_balance"], (logits, aux["moe_balance"])
+
+  (_, (logits, balance)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+  return logits, balance, grads
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(pattern=("rglru", "rglru", "swa"), n_layers=7, remat=True),     # 2 repeats + 1 layer after
+    dict(pattern=("gla", "swa"), n_layers=14, moe_every=3),               # period lcm(2, 3) = 6
+    dict(pattern=("mamba2|swa",), n_layers=3, parallel_merge="gate"),
+    dict(pattern=("attention", "rglru"), n_layers=3, remat=True),         # one repeat: nothing scanned
+], ids=["griffin-remainder", "moe-period", "parallel", "one-repeat"])
+def test_scanned_layers_equal_unrolled_layers(overrides):
+  model = HybridLM(cfg(**overrides), rngs=nnx.Rngs(params=1))
+  tokens = jax.random.randint(jax.random.key(2), (2, 13), 0, 50)
+  logits, balance, grads = _loss_and_grads(model, tokens, False)
+  s_logits, s_balance, s_grads = _loss_and_grads(model, tokens, True)
+  np.testing.assert_allclose(s_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s_balance, balance, rtol=1e-6)
+  if overrides.get("moe_every"):
+    assert float(balance) > 0
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(s_grads), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_layers_compile_one_period():
+  """Twelve Griffin layers lower to a loop over one (R, R, A) period: a quarter of the matmuls."""
+  model = HybridLM(cfg(n_layers=12, remat=True), rngs=nnx.Rngs(params=0))
+  graphdef, state = nnx.split(model)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  text = {scan: jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens, scan_layers=scan)))).lower(
+      state).as_text() for scan in (False, True)}
+  assert "stablehlo.while" not in text[False] and "stablehlo.while" in text[True]
+  unrolled, scanned = (text[s].count("stablehlo.dot_general") for s in (False, True))
+  assert scanned < unrolled / 3, (scanned, unrolled)

@@ -178,3 +178,20 @@ def test_weight_decay_skips_dynamics_and_norm_scales():
   assert mask["blocks"][0]["mixer"]["a_log"] is False  # Mamba's A: [d_inner, d_state]
   assert mask["blocks"][1]["mixer"]["log_neg_a_real"] is False
   assert mask["embed"]["embedding"] is True
+
+
+def test_step_compiler_options_turn_triton_gemms_off_on_gpu_only(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from hybrids.train import step_compiler_options
+
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert step_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+  assert step_compiler_options("cpu") is None and step_compiler_options("tpu") is None
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")  # the user's flag wins
+  assert step_compiler_options("gpu") is None
+  # The option is one XLA accepts (a typo in its name would fail here, not on the first GPU run).
+  f = jax.jit(lambda x: x @ x, compiler_options={"xla_gpu_enable_triton_gemm": False})
+  np.testing.assert_allclose(f(jnp.eye(3)), jnp.eye(3))
