@@ -499,6 +499,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
       "status": "running", "step": start_step, "steps": t.steps, **counts,
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
       "impl": kernels.resolve_impls(config.model),
+      "compile": {"scan_layers": bool(config.runtime.scan_layers),
+                  "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
   }
   try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training
     summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=start_step * batch_size * seq_len))
