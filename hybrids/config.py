@@ -96,12 +96,15 @@ RUNTIME_SECTIONS = ("runtime",)
 
 def runtime_config() -> ml_collections.ConfigDict:
   """How a run executes: placement (``hybrids.sharding``: mesh axis sizes, -1 takes all remaining
-  devices) and whether the layers are scanned."""
+  devices), whether the layers are scanned, and where compiled steps are cached."""
   c = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # lax.scan over repeats of the layer period (HybridLM.__call__): the same values, compiled once per
   # period rather than once per layer. How the step is compiled, not what it computes.
   c.scan_layers = True
+  # JAX's persistent compilation cache: a resumed or repeated run loads its compiled steps instead of
+  # compiling them again. "" or "off": none (sweeps fill in <sweep root>/.jax_cache).
+  c.compilation_cache_dir = ""
   return c
 
 

@@ -341,7 +341,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   params = jax.jit(new_params, out_shardings=params_sharding)()
   opt_state = jax.jit(placed.tx.init, out_shardings=opt_sharding)(params)
   trainer = Trainer(placed.graphdef, placed.abstract_state, placed.tx, moe_balance_weight=t.moe_balance_weight,
-                    has_moe=bool(config.model.moe_every), scan_layers=bool(config.runtime.scan_layers))
+                    has_moe=bool(config.model.moe_every),
+                    scan_layers=bool(config.runtime.get("scan_layers", True)))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
@@ -360,6 +361,17 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   eval_step = jax.jit(per_batch_shard(trainer.eval_step), in_shardings=(params_sharding, batch_sharding),
                       out_shardings=replicated, compiler_options=options)
   return Setup(trainer, mesh, params, opt_state, train_step, eval_step, batch_sharding, placed.counts)
+
+
+def use_compilation_cache(path: str) -> None:
+  """Point JAX's persistent compilation cache at ``path`` ("" or "off": leave JAX's setting alone).
+
+  JAX reads the setting at the process's first compile, so a command line (or a sweep task, one
+  process per run) sets it before building anything. Steps that compile in under a second are not
+  cached (JAX's default threshold).
+  """
+  if path and path != "off":
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
 
 
 def step_compiler_options(platform: str) -> dict[str, Any] | None:
@@ -467,6 +479,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   call — for tests and for time-sliced schedulers.
   """
   config = resolve(config)  # every config error surfaces here, before any compile or write
+  use_compilation_cache(config.runtime.get("compilation_cache_dir", ""))
   t = config.train
   batch_size, seq_len = t.batch_size, config.data.seq_len
   mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=batch_size)  # checked, not compiled
@@ -499,7 +512,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
       "status": "running", "step": start_step, "steps": t.steps, **counts,
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
       "impl": kernels.resolve_impls(config.model),
-      "compile": {"scan_layers": bool(config.runtime.scan_layers),
+      "compile": {"scan_layers": bool(config.runtime.get("scan_layers", True)),
+                  "cache_dir": jax.config.jax_compilation_cache_dir or "",
                   "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
   }
   try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training

@@ -43,6 +43,8 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
   except (ConfigError, ValueError) as e:
     print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
     return EXIT_CONFIG, {}
+  if not config.runtime.get("compilation_cache_dir", ""):  # runs of one sweep share compiled steps
+    config.runtime.compilation_cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
   expected = run_id or os.path.basename(os.path.normpath(workdir))
   actual = sweep_lib.run_id(experiment, config)
   if actual != expected:
