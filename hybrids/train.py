@@ -338,7 +338,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   sharding_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   params_sharding, opt_sharding = sharding_of(placed.params), sharding_of(placed.opt_state)
   new_params = lambda: nnx.to_pure_dict(nnx.state(HybridLM(config.model, rngs=nnx.Rngs(params=config.seed))))
-  params = jax.jit(new_params, out_shardings=params_sharding)()
+  replicated_params = all(s.is_fully_replicated for s in jax.tree.leaves(params_sharding))
+  with threefry_kernel(replicated_params):
+    params = jax.jit(new_params, out_shardings=params_sharding)()
   opt_state = jax.jit(placed.tx.init, out_shardings=opt_sharding)(params)
   trainer = Trainer(placed.graphdef, placed.abstract_state, placed.tx, moe_balance_weight=t.moe_balance_weight,
                     has_moe=bool(config.model.moe_every),
@@ -361,6 +363,23 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   eval_step = jax.jit(per_batch_shard(trainer.eval_step), in_shardings=(params_sharding, batch_sharding),
                       out_shardings=replicated, compiler_options=options)
   return Setup(trainer, mesh, params, opt_state, train_step, eval_step, batch_sharding, placed.counts)
+
+
+@contextlib.contextmanager
+def threefry_kernel(enabled: bool = True):
+  """Within: on GPU, JAX lowers threefry to its CUDA kernel instead of unrolled XLA ops (same bits).
+
+  The parameter init draws a few hundred random tensors; unrolled, a 12-layer model's init took
+  65 s to compile on an H100, longer than its train step (``kernels/BENCHMARKS.md``, eleventh
+  session). XLA cannot partition the kernel, so the init uses it only when the parameters are
+  replicated (``enabled``); FSDP- or tensor-sharded inits keep the partitionable ops.
+  """
+  previous = jax.config.jax_threefry_gpu_kernel_lowering
+  jax.config.update("jax_threefry_gpu_kernel_lowering", bool(enabled))
+  try:
+    yield
+  finally:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", previous)
 
 
 def use_compilation_cache(path: str) -> None:

@@ -215,3 +215,21 @@ def test_compilation_cache_is_written_then_reused(tmp_path):
   second, second_summary = run("b")
   assert second == first
   assert second_summary["train_loss"] == first_summary["train_loss"]
+
+
+def test_threefry_kernel_is_scoped_and_changes_no_bits():
+  import jax
+  import jax.numpy as jnp
+
+  from hybrids.train import threefry_kernel
+
+  draw = lambda: jax.jit(lambda: jax.random.normal(jax.random.key(3), (5, 7)))()
+  before = jax.config.jax_threefry_gpu_kernel_lowering
+  with threefry_kernel(True):
+    assert jax.config.jax_threefry_gpu_kernel_lowering is True
+    inside = draw()
+  assert jax.config.jax_threefry_gpu_kernel_lowering == before
+  with pytest.raises(RuntimeError), threefry_kernel(True):
+    raise RuntimeError("the flag is restored on errors too")
+  assert jax.config.jax_threefry_gpu_kernel_lowering == before
+  assert bool(jnp.array_equal(inside, draw()))  # the same bits (on the GPU: .data check, BENCHMARKS)
