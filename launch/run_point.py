@@ -43,8 +43,7 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
   except (ConfigError, ValueError) as e:
     print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
     return EXIT_CONFIG, {}
-  if not config.runtime.get("compilation_cache_dir", ""):  # runs of one sweep share compiled steps
-    config.runtime.compilation_cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
+  share_compilation_cache(config, workdir)
   expected = run_id or os.path.basename(os.path.normpath(workdir))
   actual = sweep_lib.run_id(experiment, config)
   if actual != expected:
@@ -79,6 +78,13 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
     print(f"[launch] {e}; leaving it alone", file=sys.stderr)
     return EXIT_BUSY, {}
   return (EXIT_DONE if summary.get("status") == "done" else EXIT_INTERRUPTED), summary
+
+
+def share_compilation_cache(config, workdir: str, env=os.environ) -> None:
+  """Runs of one sweep share compiled steps in ``<sweep root>/.jax_cache``, unless the config's
+  ``runtime.compilation_cache_dir`` or JAX's own ``JAX_COMPILATION_CACHE_DIR`` already names a cache."""
+  if not config.runtime.get("compilation_cache_dir", "") and not env.get("JAX_COMPILATION_CACHE_DIR"):
+    config.runtime.compilation_cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
 
 
 def _already_done(workdir: str, config) -> bool:

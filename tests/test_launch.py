@@ -425,3 +425,18 @@ def test_interrupted_local_sweep_resumes_bit_identically(tmp_path):
   assert rows == metric_rows(twin)  # every logged float, exactly
   rows, todo = plan_rows(str(root), expanded, max_retries=2)  # what a third launch would do: nothing
   assert todo == [] and [r["action"] for r in rows] == ["skip (done)"] * 2
+
+
+def test_sweep_runs_share_a_compilation_cache_unless_one_is_named(tmp_path):
+  from hybrids.config import base_config
+  from launch.run_point import share_compilation_cache
+
+  workdir = str(tmp_path / "root" / "run-0123456789")
+  config = base_config()
+  share_compilation_cache(config, workdir, env={})
+  assert config.runtime.compilation_cache_dir == str(tmp_path / "root" / ".jax_cache")
+  for named, env in (("/elsewhere", {}), ("", {"JAX_COMPILATION_CACHE_DIR": "/jax"})):
+    config = base_config()
+    config.runtime.compilation_cache_dir = named
+    share_compilation_cache(config, workdir, env=env)
+    assert config.runtime.compilation_cache_dir == named
