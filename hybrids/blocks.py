@@ -1,7 +1,7 @@
 """The residual block: pre-norm mixer sublayer, then pre-norm gated-MLP sublayer.
 
     x = x + Mixer(RMSNorm(x))
-    x = x + MLP(RMSNorm(x))
+    x = x + MLP(RMSNorm(x))          (left out when ``model.mlp_expansion == 0``, as Zoology's MQAR models)
 
 A pattern entry ``"a|b"`` is a *parallel* hybrid (Lee et al. 2025, "Understanding and Enhancing
 Mamba-Transformer Hybrids"): mixers ``a`` and ``b`` read the same normalised input and their outputs
@@ -10,6 +10,12 @@ are merged by ``model.parallel_merge``:
     sum:     y = a(x) + b(x)
     gate:    y = g ⊙ a(x) + (1 − g) ⊙ b(x),  g = σ(W_g x)     (per channel, data dependent)
     concat:  y = W_p [a(x); b(x)]
+
+A pattern entry ``"a>b"`` is a *sequential* composition inside one layer (Zoology's ``Hybrid`` mixer:
+its "Based" and "SWA" rows are ``baseconv>based`` and ``baseconv>swa``): ``y = b(a(x))``, no norm or
+residual between the two. The separators do not mix: an entry is one mixer, a parallel group or a
+sequential chain. Both kinds hold their mixers in ``parts`` (so parameter paths, sharding rules and
+FLOPs treat them alike) and their decode state is the tuple of the parts' states.
 """
 
 from __future__ import annotations
@@ -18,16 +24,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrids.layers import GatedMLP, MoE, linear, rms_norm
+from hybrids.layers import GatedMLP, MoE, block_norm, linear
 from hybrids.mixers import get_mixer
 
 PARALLEL = "|"
+SEQUENTIAL = ">"
 MERGES = ("sum", "gate", "concat")
 
 
+def composition(entry: str) -> str | None:
+  """``"a|b"`` → ``"|"`` (parallel), ``"a>b"`` → ``">"`` (sequential), ``"a"`` → None."""
+  if PARALLEL in entry and SEQUENTIAL in entry:
+    raise ValueError(f"pattern entry {entry!r} mixes {PARALLEL!r} (parallel) and {SEQUENTIAL!r} (sequential); "
+                     "an entry is one mixer, 'a|b' or 'a>b'")
+  return PARALLEL if PARALLEL in entry else SEQUENTIAL if SEQUENTIAL in entry else None
+
+
 def mixer_names(entry: str) -> tuple[str, ...]:
-  """``"mamba2|swa"`` → ``("mamba2", "swa")``; ``"swa"`` → ``("swa",)``."""
-  return tuple(entry.split(PARALLEL))
+  """``"mamba2|swa"`` → ``("mamba2", "swa")``; ``"baseconv>based"`` → ``("baseconv", "based")``;
+  ``"swa"`` → ``("swa",)``."""
+  separator = composition(entry)
+  return tuple(entry.split(separator)) if separator else (entry,)
 
 
 class ParallelMixer(nnx.Module):
@@ -66,17 +83,55 @@ class ParallelMixer(nnx.Module):
     return self._merge(x_t, [y for y, _ in results]), tuple(s for _, s in results)
 
 
+class SequentialMixer(nnx.Module):
+  """Mixers applied one after another, ``y = m_n(… m_1(x))``; itself a mixer (both faces, state = tuple)."""
+
+  def __init__(self, names: tuple[str, ...], cfg, *, rngs: nnx.Rngs):
+    self.parts = nnx.List([get_mixer(name)(cfg, rngs=rngs) for name in names])
+
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+    states = []
+    for m in self.parts:
+      x = m(x, return_state=return_state, max_len=max_len)
+      if return_state:
+        x, state = x
+        states.append(state)
+    return (x, tuple(states)) if return_state else x
+
+  def init_state(self, batch: int, *, max_len: int | None = None):
+    return tuple(m.init_state(batch, max_len=max_len) for m in self.parts)
+
+  def step(self, x_t, state):
+    states = []
+    for m, s in zip(self.parts, state):
+      x_t, s = m.step(x_t, s)
+      states.append(s)
+    return x_t, tuple(states)
+
+
+def build_mixer(entry: str, cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The mixer of pattern entry ``entry``: one registered mixer, a parallel group or a sequential chain."""
+  names, separator = mixer_names(entry), composition(entry)
+  if separator is None:
+    return get_mixer(names[0])(cfg, rngs=rngs)
+  return (ParallelMixer if separator == PARALLEL else SequentialMixer)(names, cfg, rngs=rngs)
+
+
 class ResidualBlock(nnx.Module):
   """One layer of the hybrid stack, with the mixer named ``mixer_name`` in the registry."""
 
   def __init__(self, mixer_name: str, cfg, *, rngs: nnx.Rngs, moe: bool = False):
     self.mixer_name = mixer_name
     self.is_moe = moe
-    self.mixer_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
-    names = mixer_names(mixer_name)
-    self.mixer = get_mixer(names[0])(cfg, rngs=rngs) if len(names) == 1 else ParallelMixer(names, cfg, rngs=rngs)
-    self.mlp_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
-    self.mlp = MoE(cfg, rngs=rngs) if moe else GatedMLP(cfg, rngs=rngs)
+    self.mixer_norm = block_norm(cfg, cfg.d_model, rngs=rngs)
+    self.mixer = build_mixer(mixer_name, cfg, rngs=rngs)
+    # mlp_expansion == 0: no MLP sublayer at all (no norm, no parameters), x + Mixer(Norm(x)) only.
+    self.has_mlp = moe or cfg.mlp_expansion > 0
+    if self.has_mlp:
+      self.mlp_norm = block_norm(cfg, cfg.d_model, rngs=rngs)
+      self.mlp = MoE(cfg, rngs=rngs) if moe else GatedMLP(cfg, rngs=rngs)
+    else:
+      self.mlp_norm = self.mlp = None
 
   def _feed_forward(self, x):
     """MLP or MoE sublayer → ``(update, load-balancing loss)`` (0 for a dense MLP)."""
@@ -91,8 +146,10 @@ class ResidualBlock(nnx.Module):
     if return_state:
       mixed, state = mixed
     x = x + mixed.astype(x.dtype)
-    update, balance = self._feed_forward(x)
-    x = x + update.astype(x.dtype)
+    balance = jnp.zeros((), jnp.float32)
+    if self.has_mlp:
+      update, balance = self._feed_forward(x)
+      x = x + update.astype(x.dtype)
     out = (x, state) if return_state else x
     return (out, balance) if return_aux else out
 
@@ -103,5 +160,6 @@ class ResidualBlock(nnx.Module):
     """``x_t: [batch, d_model]`` → ``(y_t, state)``."""
     mixed, state = self.mixer.step(self.mixer_norm(x_t), state)
     x_t = x_t + mixed.astype(x_t.dtype)
-    x_t = x_t + self._feed_forward(x_t)[0].astype(x_t.dtype)
+    if self.has_mlp:
+      x_t = x_t + self._feed_forward(x_t)[0].astype(x_t.dtype)
     return x_t, state

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ml_collections
 
 from hybrids import data as data_lib
-from hybrids.blocks import MERGES, mixer_names
-from hybrids.layers import DTYPES
+from hybrids.blocks import MERGES, PARALLEL, composition, mixer_names
+from hybrids.layers import DTYPES, NORMS
 from hybrids.mixers import MIXERS
 from hybrids.model import layer_pattern
 from kernels.delta import IMPLS as DELTA_IMPLS
@@ -21,6 +21,9 @@ from kernels.window_attention import IMPLS as ATTENTION_IMPLS
 # Which implementations each kernel-choice field accepts: the kernel modules' own lists.
 KERNEL_IMPLS = {"attention_impl": ATTENTION_IMPLS, "scan_impl": SCAN_IMPLS, "gla_impl": GLA_IMPLS,
                 "delta_impl": DELTA_IMPLS}
+
+
+POSITIONS = ("rope", "learned", "none")
 
 
 class ConfigError(ValueError):
@@ -38,7 +41,8 @@ def model_config() -> ml_collections.ConfigDict:
   c.num_kv_heads = 0          # 0: = num_heads (MHA); 1: MQA
   c.head_dim = 0              # 0: d_model // num_heads
   c.window = 32               # SWA band
-  c.mlp_expansion = 3.0
+  c.norm = "rms"              # the residual stream's norms: "rms" (RMSNorm) or "layer" (LayerNorm, Zoology)
+  c.mlp_expansion = 3.0        # 0: no MLP sublayer (Zoology's MQAR models: the block is x + Mixer(Norm(x)))
   c.rnn_width = 0             # RG-LRU width; 0: d_model
   c.rnn_heads = 0             # RG-LRU gate blocks; 0: num_heads
   c.conv_width = 4
@@ -59,6 +63,10 @@ def model_config() -> ml_collections.ConfigDict:
   c.logits_softcap = 0.0      # 0: off
   c.attn_softcap = 0.0        # 0: off
   c.rope_base = 10_000.0
+  # Position encoding: "rope" rotates attention's and SWA's queries and keys; "learned" adds a learned
+  # absolute embedding of max_len positions to the token embedding (Zoology, GPT-2); "none": neither.
+  c.position = "rope"
+  c.max_len = 0               # positions of the "learned" table; 0: data.seq_len
   c.remat = False
   c.attention_impl = "auto"
   c.scan_impl = "auto"
@@ -77,13 +85,14 @@ def train_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.1        # applied to matrices only (ndim ≥ 2), not norms, biases or gates' Λ
   c.b1 = 0.9
   c.b2 = 0.95
-  c.grad_clip = 1.0
+  c.grad_clip = 1.0           # global-norm clip; 0: none
   c.log_every = 10
   c.eval_every = 250          # 0: only at the end
   c.eval_batches = 8
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
   c.moe_balance_weight = 0.01  # weight of the MoE load-balancing loss
+  c.stop_at_accuracy = 0.0   # stop once eval accuracy exceeds this (Zoology: 0.99); 0: off
   c.window_choices = ()       # SWAX: draw each step's SWA window from these (e.g. (128, 2048)); () = off
   c.window_anneal_steps = 0   # SWAX: the last N steps train with model.window
   return c
@@ -153,13 +162,20 @@ def validate(config) -> None:
     raise ConfigError(f"model.pattern={m.pattern!r} must be a non-empty tuple of mixer names; "
                       f"valid mixers: {', '.join(sorted(MIXERS))}")
   for i, entry in enumerate(pattern):
-    for name in (mixer_names(entry) if isinstance(entry, str) else (entry,)):
+    if not isinstance(entry, str):
+      raise ConfigError(f"model.pattern[{i}]={entry!r} must be a mixer name (a string)")
+    try:
+      names = mixer_names(entry)
+    except ValueError as e:
+      raise ConfigError(f"model.pattern[{i}]: {e}") from None
+    for name in names:
       if name not in MIXERS:
         raise ConfigError(f"model.pattern[{i}]={entry!r}: {name!r} is not a mixer; valid mixers: "
-                          f"{', '.join(sorted(MIXERS))} (and 'a|b' for a parallel hybrid)")
+                          f"{', '.join(sorted(MIXERS))} (and 'a|b' for a parallel hybrid, 'a>b' for a "
+                          "sequential one)")
   if m.parallel_merge not in MERGES:
     raise ConfigError(f"model.parallel_merge={m.parallel_merge!r}; valid: {', '.join(MERGES)}")
-  if m.parallel_merge == "gate" and any(len(mixer_names(e)) not in (1, 2) for e in pattern):
+  if m.parallel_merge == "gate" and any(composition(e) == PARALLEL and len(mixer_names(e)) != 2 for e in pattern):
     raise ConfigError("model.parallel_merge='gate' merges exactly two mixers per parallel entry ('a|b')")
   for field in ("dtype", "param_dtype"):
     if m[field] not in DTYPES:
@@ -185,8 +201,20 @@ def validate(config) -> None:
   if m.moe_every < 0 or (m.moe_every and not 1 <= m.moe_top_k <= m.num_experts):
     raise ConfigError(f"model.moe_every={m.moe_every} must be ≥ 0 and model.moe_top_k={m.moe_top_k} in "
                       f"[1, model.num_experts={m.num_experts}]")
-  if m.mlp_expansion <= 0:
-    raise ConfigError(f"model.mlp_expansion={m.mlp_expansion} must be > 0")
+  if isinstance(m.mlp_expansion, bool) or not isinstance(m.mlp_expansion, (int, float)) or not m.mlp_expansion >= 0:
+    raise ConfigError(f"model.mlp_expansion={m.mlp_expansion!r} must be ≥ 0 (0: no MLP sublayer)")
+  if m.moe_every and m.mlp_expansion == 0:
+    raise ConfigError(f"model.moe_every={m.moe_every} needs experts of width model.mlp_expansion > 0, "
+                      "not 0 (no MLP sublayer)")
+  if m.norm not in NORMS:
+    raise ConfigError(f"model.norm={m.norm!r}; valid: {', '.join(NORMS)}")
+  if m.position not in POSITIONS:
+    raise ConfigError(f"model.position={m.position!r}; valid: {', '.join(POSITIONS)}")
+  if isinstance(m.max_len, bool) or not isinstance(m.max_len, int) or m.max_len < 0:
+    raise ConfigError(f"model.max_len={m.max_len!r} must be an integer ≥ 0 (0: data.seq_len)")
+  if m.position == "learned" and m.max_len and m.max_len < seq_len:
+    raise ConfigError(f"model.max_len={m.max_len} is shorter than data.seq_len={seq_len}: the learned "
+                      "position table must cover every training position")
   if m.logits_softcap < 0 or m.attn_softcap < 0:
     raise ConfigError("model.logits_softcap and model.attn_softcap must be ≥ 0 (0 = off)")
   for field in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
@@ -195,6 +223,10 @@ def validate(config) -> None:
     raise ConfigError(f"train.lr={t.lr} must be > 0")
   if not 0 <= t.warmup_steps < t.steps:  # optax's cosine needs at least one decay step
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
+  if not (t.grad_clip >= 0):
+    raise ConfigError(f"train.grad_clip={t.grad_clip} must be ≥ 0 (0: no clipping)")
+  if not 0 <= t.stop_at_accuracy < 1:
+    raise ConfigError(f"train.stop_at_accuracy={t.stop_at_accuracy} must be in [0, 1) (0: off)")
   if t.eval_every < 0:
     raise ConfigError(f"train.eval_every={t.eval_every} must be ≥ 0 (0: evaluate at the end only)")
   choices = tuple(t.window_choices)

@@ -219,7 +219,10 @@ def mixer_flops(entry: str, mixer, seq_len: int) -> Flops:
 
 
 def feed_forward_flops(mlp) -> float:
-  """Per token: dense gated MLP ``6·d·hidden``; MoE router + ``top_k`` of the ``num_experts`` experts."""
+  """Per token: dense gated MLP ``6·d·hidden``; MoE router + ``top_k`` of the ``num_experts`` experts;
+  0 for a block without an MLP sublayer (``mlp_expansion == 0``)."""
+  if mlp is None:
+    return 0.0
   if isinstance(mlp, MoE):
     experts = mlp.w_gate.size + mlp.w_up.size + mlp.w_down.size
     return 2.0 * mlp.router.kernel.size + 2.0 * experts * mlp.top_k / mlp.num_experts
@@ -262,7 +265,7 @@ def accounting(model_config, seq_len: int) -> dict:
                       "flops": dataclasses.asdict(flops)})
   per_layer = [{"layer": i, "mixer": entry, **per_block[i % len(per_block)]}
                for i, entry in enumerate(layer_pattern(model_config))]
-  embedding = param_count(model.embed) + (param_count(model.head) if model.head is not None else 0)
+  embedding = sum(param_count(m) for m in (model.embed, model.position_embed, model.head) if m is not None)
   non_embedding = param_count(model.final_norm) + sum(layer["params"] for layer in per_layer)
   lm_head = 2.0 * d * vocab
   forward = lm_head + sum(sum(layer["flops"].values()) for layer in per_layer)

@@ -33,6 +33,17 @@ def rms_norm(cfg, d: int, *, rngs: nnx.Rngs) -> nnx.RMSNorm:
   return nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
 
 
+NORMS = ("rms", "layer")
+
+
+def block_norm(cfg, d: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The residual stream's norm, ``model.norm``: RMSNorm (Griffin, Llama) or LayerNorm with a bias
+  (GPT-2, Zoology's MQAR models)."""
+  if cfg.norm == "layer":
+    return nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+  return rms_norm(cfg, d, rngs=rngs)
+
+
 class GatedMLP(nnx.Module):
   """``down(gelu(gate(x)) ⊙ up(x))`` (GeGLU, as in Griffin/Gemma); hidden = ``mlp_expansion · d_model``."""
 

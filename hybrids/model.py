@@ -2,7 +2,11 @@
 
 The pattern is tiled to ``n_layers``: Griffin is ``("rglru", "rglru", "swa")``, Hawk ``("rglru",)``,
 a transformer ``("attention",)``. Parameters are kept in ``param_dtype`` (f32 by default) and
-computed in ``dtype`` (e.g. bf16); the residual stream and logits stay in f32.
+computed in ``dtype`` (e.g. bf16); the residual stream and logits stay in f32. With
+``position="learned"`` a learned table of ``max_len`` absolute positions is added to the token
+embedding (Zoology's models); RoPE, when on, lives in the attention mixers.
+
+Decode state: ``{"layers": [one state per layer], "pos": int32[]}`` (the next position).
 
 ``scan_layers=True`` runs the training forward as a ``lax.scan`` over repeats of the layer period
 (the pattern, or the least common multiple of the pattern and ``moe_every``), so XLA compiles one
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrids.blocks import ResidualBlock
-from hybrids.layers import dtype_of, linear, rms_norm
+from hybrids.layers import block_norm, dtype_of, linear
 
 
 def layer_pattern(cfg) -> tuple[str, ...]:
@@ -40,11 +44,16 @@ class HybridLM(nnx.Module):
     self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype),
                            param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+    self.max_len = int(cfg.max_len) if cfg.position == "learned" else 0
+    if cfg.position == "learned" and not self.max_len:
+      raise ValueError("model.position='learned' needs model.max_len > 0 (resolve() sets it to data.seq_len)")
+    self.position_embed = nnx.Embed(self.max_len, cfg.d_model, dtype=dtype_of(cfg.dtype),
+                                    param_dtype=dtype_of(cfg.param_dtype), rngs=rngs) if self.max_len else None
     moe_every = cfg.moe_every
     self.blocks = nnx.List([ResidualBlock(name, cfg, rngs=rngs, moe=bool(moe_every) and i % moe_every == moe_every - 1)
                             for i, name in enumerate(layer_pattern(cfg))])
     self.period = math.lcm(len(tuple(cfg.pattern)), moe_every or 1)
-    self.final_norm = rms_norm(cfg, cfg.d_model, rngs=rngs)
+    self.final_norm = block_norm(cfg, cfg.d_model, rngs=rngs)
     self.head = None if cfg.tie_embeddings else linear(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs)
 
   def set_window(self, window: int) -> None:
@@ -55,8 +64,16 @@ class HybridLM(nnx.Module):
       if isinstance(node, SlidingWindowAttention):
         node.window = int(window)
 
-  def _embed(self, tokens):
-    return self.embed(tokens).astype(jnp.float32) * self.embed_scale
+  def _embed(self, tokens, positions):
+    """``tokens: int [batch, time]`` (or ``[batch]``), ``positions: int [time]`` (or ``[]``)."""
+    x = self.embed(tokens).astype(jnp.float32) * self.embed_scale
+    if self.position_embed is not None:
+      x = x + self.position_embed(positions).astype(jnp.float32)
+    return x
+
+  def _check_length(self, time: int) -> None:
+    if self.max_len and time > self.max_len:
+      raise ValueError(f"{time} positions exceed the learned position table (model.max_len={self.max_len})")
 
   def _logits(self, x):
     x = self.final_norm(x)
@@ -65,14 +82,20 @@ class HybridLM(nnx.Module):
       logits = self.logits_softcap * jnp.tanh(logits / self.logits_softcap)
     return logits
 
-  def __call__(self, tokens, *, return_aux: bool = False, scan_layers: bool = False):
+  def __call__(self, tokens, *, return_aux: bool = False, scan_layers: bool = False, logits_at=None):
     """Training / scoring forward pass (parallel face of every mixer).
 
     ``return_aux``: also return ``{"moe_balance": mean load-balancing loss over MoE layers}``.
     ``scan_layers``: scan over repeats of the layer period (same values; compiles once per period).
+    ``logits_at``: ``int [batch, k]`` positions; the logits are then ``[batch, k, vocab]``, those
+    positions' rows only (MQAR scores 16 of 256 positions: the vocabulary head, the largest matmul of
+    a small model, then costs 16× less; the norm and head act per position, so the values are the same).
     """
-    x = self._embed(tokens)
+    self._check_length(tokens.shape[1])
+    x = self._embed(tokens, jnp.arange(tokens.shape[1]))
     x, balances = self._scanned_blocks(x) if scan_layers else self._unrolled_blocks(x, self.blocks)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self._logits(x)
     if not return_aux:
       return logits
@@ -128,29 +151,35 @@ class HybridLM(nnx.Module):
     ``max_len``: total length to decode to (sizes global attention's cache; other mixers ignore it).
     Returns ``(logits [batch, time, vocab], states)``.
     """
-    x = self._embed(tokens)
+    time = tokens.shape[1]
+    self._check_length(max(time, max_len or 0))
+    x = self._embed(tokens, jnp.arange(time))
     states = []
     for block in self.blocks:
       x, state = block(x, return_state=True, max_len=max_len)
       states.append(state)
-    return self._logits(x), states
+    return self._logits(x), {"layers": states, "pos": jnp.asarray(time, jnp.int32)}
 
   def init_state(self, batch: int, *, max_len: int | None = None):
-    return [block.init_state(batch, max_len=max_len) for block in self.blocks]
+    if max_len:
+      self._check_length(max_len)
+    return {"layers": [block.init_state(batch, max_len=max_len) for block in self.blocks],
+            "pos": jnp.zeros((), jnp.int32)}
 
   def step(self, token, states):
     """One decoding step. ``token: int [batch]`` → ``(logits [batch, vocab], states)``."""
-    x = self._embed(token)
+    x = self._embed(token, states["pos"])
     new_states = []
-    for block, state in zip(self.blocks, states):
+    for block, state in zip(self.blocks, states["layers"]):
       x, state = block.step(x, state)
       new_states.append(state)
-    return self._logits(x), new_states
+    return self._logits(x), {"layers": new_states, "pos": states["pos"] + 1}
 
 
 def count_params(model: nnx.Module) -> dict[str, int]:
-  """``{"params": all, "non_embedding_params": all minus the token embedding (and an untied head)}``."""
+  """``{"params": all, "non_embedding_params": all minus the token embedding (and a learned position
+  table, and an untied head)}``."""
   size = lambda module: sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))  # abstract too
   total = size(model)
-  embedding = size(model.embed) + (size(model.head) if model.head is not None else 0)
+  embedding = sum(size(m) for m in (model.embed, model.position_embed, model.head) if m is not None)
   return {"params": total, "non_embedding_params": total - embedding}

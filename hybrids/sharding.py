@@ -52,6 +52,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hybrids.blocks import mixer_names
 from hybrids.config import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
@@ -162,7 +163,7 @@ def _tensor_dim(names: tuple, ndim: int, layer_mixers: Sequence[str]) -> int | N
   if sublayer == "mlp":
     pass  # GatedMLP (up, gate, down) and MoE (w_up, w_gate, w_down); the router stays whole
   elif sublayer == "mixer" and isinstance(layer, int) and layer < len(layer_mixers):
-    parts = layer_mixers[layer].split("|")
+    parts = mixer_names(layer_mixers[layer])
     if len(names) == 5 and len(parts) == 1:
       mixer = parts[0]
     elif len(names) == 7 and names[3] == "parts" and isinstance(names[4], int) and names[4] < len(parts):

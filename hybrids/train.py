@@ -91,6 +91,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from hybrids.sizes import apply_size
 
   config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.get("position") == "learned" and not config.model.get("max_len"):
+    config.model.max_len = config.data.seq_len  # the table covers the training length
   try:
     config.model = apply_size(config.model)
   except ValueError as e:
@@ -199,10 +201,11 @@ def decay_mask(params) -> Any:
 
 
 def make_optimizer(t) -> optax.GradientTransformation:
-  """AdamW on :func:`lr_schedule`, global-norm clipping, weight decay on :func:`decay_mask`."""
+  """AdamW on :func:`lr_schedule`, global-norm clipping (``grad_clip == 0``: none), weight decay on
+  :func:`decay_mask`."""
   schedule = lr_schedule(t)
   return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
@@ -222,6 +225,17 @@ def lm_loss(logits, labels):
   return jnp.sum(nll * mask), jnp.sum(correct), jnp.sum(mask)
 
 
+def label_positions(labels, slots: int):
+  """The first ``slots`` positions of each row that carry a label, in order → ``int32 [batch, slots]``.
+
+  ``labels: int [batch, time]``. Positions past a row's labels point at unlabelled positions (their
+  gathered label is ``IGNORE_LABEL``, so they carry no loss). The caller guarantees that no row has
+  more than ``slots`` labels (``data.max_labels_per_row``).
+  """
+  unlabelled = (labels == data_lib.IGNORE_LABEL).astype(jnp.int8)
+  return jnp.argsort(unlabelled, axis=1, stable=True)[:, :slots].astype(jnp.int32)
+
+
 @dataclasses.dataclass
 class Trainer:
   """Compiled pure functions over ``(params, opt_state)``; the model is rebuilt inside jit by merge."""
@@ -232,6 +246,9 @@ class Trainer:
   moe_balance_weight: float = 0.0
   has_moe: bool = False
   scan_layers: bool = True  # HybridLM.__call__: compile one layer period, not n_layers layers
+  # At most this many labelled positions per row (MQAR: its key–value pairs): only their logits are
+  # computed. 0: every position's.
+  label_slots: int = 0
 
   def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -241,9 +258,18 @@ class Trainer:
       model.set_window(window)
     return model
 
+  def _scored(self, model, batch, **kwargs):
+    """``(logits, labels, aux)`` at the scored positions (all, or the ``label_slots`` labelled ones)."""
+    labels, positions = batch["labels"], None
+    if self.label_slots:
+      positions = label_positions(labels, self.label_slots)
+      labels = jnp.take_along_axis(labels, positions, axis=1)
+    logits, aux = model(batch["inputs"], return_aux=True, scan_layers=self.scan_layers, logits_at=positions, **kwargs)
+    return logits, labels, aux
+
   def _loss(self, params, batch, window):
-    logits, aux = self.model(params, window)(batch["inputs"], return_aux=True, scan_layers=self.scan_layers)
-    loss_sum, correct, count = lm_loss(logits, batch["labels"])
+    logits, labels, aux = self._scored(self.model(params, window), batch)
+    loss_sum, correct, count = lm_loss(logits, labels)
     count = jnp.maximum(count, 1)
     loss = loss_sum / count
     return loss + self.moe_balance_weight * aux["moe_balance"], (loss, correct / count, aux["moe_balance"])
@@ -259,7 +285,19 @@ class Trainer:
     return params, opt_state, metrics
 
   def eval_step(self, params, batch):
-    return lm_loss(self.model(params)(batch["inputs"], scan_layers=self.scan_layers), batch["labels"])
+    logits, labels, _ = self._scored(self.model(params), batch)
+    return lm_loss(logits, labels)
+
+
+def previous_early_stop(workdir: str, step: int) -> dict | None:
+  """The early stop recorded in ``summary.json`` if the run stopped there at ``step`` (then there is
+  nothing left to train), else None."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    early = json.load(f).get("early_stop")
+  return early if early and early.get("step") == step else None
 
 
 def window_for_step(t, step: int, seed: int) -> int | None:
@@ -344,7 +382,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   opt_state = jax.jit(placed.tx.init, out_shardings=opt_sharding)(params)
   trainer = Trainer(placed.graphdef, placed.abstract_state, placed.tx, moe_balance_weight=t.moe_balance_weight,
                     has_moe=bool(config.model.moe_every),
-                    scan_layers=bool(config.runtime.get("scan_layers", True)))
+                    scan_layers=bool(config.runtime.get("scan_layers", True)),
+                    label_slots=data_lib.max_labels_per_row(config.data))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
@@ -543,7 +582,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     with open(os.path.join(workdir, SUMMARY_FILE)) as f:
       previous = json.load(f)
     # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.
-    summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds") if k in previous})
+    summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds", "early_stop") if k in previous})
 
   def write_summary() -> None:
     if primary:
@@ -595,12 +634,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   bar = tqdm(total=t.steps, initial=start_step, disable=not (progress and primary), dynamic_ncols=True, unit="step",
              desc=os.path.basename(os.path.abspath(workdir)))
   wall_start = time.perf_counter()
+  # Where the wall time goes: the first step (compile), waiting for batches on the host, evals, saves;
+  # the rest is the device running the steps (dispatch is asynchronous, so it shows up at the syncs).
+  timing = {"first_step_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+  early = previous_early_stop(workdir, start_step) if restored is not None else None
   try:
     with _StopRequest() as stop:
-      while step < t.steps:
+      while step < t.steps and early is None:
+        clock = time.perf_counter()
         batch = sharding_lib.shard_batch(next(iterator), setup.batch_sharding)
+        timing["data_s"] += time.perf_counter() - clock
         window = window_for_step(t, step + 1, config.seed)
-        params, opt_state, metrics = train_step(params, opt_state, batch, window)
+        if step == start_step:
+          clock = time.perf_counter()
+          params, opt_state, metrics = train_step(params, opt_state, batch, window)
+          jax.block_until_ready(metrics)
+          timing["first_step_s"] = time.perf_counter() - clock
+        else:
+          params, opt_state, metrics = train_step(params, opt_state, batch, window)
         step += 1
         if t.window_choices:
           metrics["window"] = window or config.model.window
@@ -614,18 +665,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
           bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         bar.update(1)
         if is_eval:
+          clock = time.perf_counter()
           result = evaluate(trainer, eval_step, params, eval_data)
+          timing["eval_s"] += time.perf_counter() - clock
           if primary:
             with open(metrics_path, "a") as f:
               f.write(json.dumps({"step": step, **result}) + "\n")
           for k, v in result.items():
             scalar(f"eval/{k.removeprefix('eval_')}", v, step)
           summary["eval"] = {"step": step, **result}
+          if t.stop_at_accuracy and result["eval_accuracy"] > t.stop_at_accuracy and step < t.steps:
+            early = {"step": step, "reason": f"eval_accuracy {result['eval_accuracy']:.4f} > "
+                                             f"train.stop_at_accuracy={t.stop_at_accuracy}"}
+            summary["early_stop"] = early
+            is_ckpt = True
         if is_ckpt:
+          clock = time.perf_counter()
           save_checkpoint(manager, step, params, opt_state, iterator.get_state())
+          timing["checkpoint_s"] += time.perf_counter() - clock
         if (is_eval or is_ckpt) and tick is not None:
           tick = time.perf_counter()  # tokens/s measures training steps, not evals or saves
-        if stopping and step < t.steps:
+        if stopping and step < t.steps and early is None:
           status = "interrupted"
           break
       else:
@@ -652,6 +712,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
         "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
         "train_loss": last_loss if math.isfinite(last_loss) else None,
         "wall_seconds": summary.get("wall_seconds", 0.0) + time.perf_counter() - wall_start,
+        "time_split": {**{k: round(v, 3) for k, v in timing.items()},
+                       "steps_s": round(max(0.0, time.perf_counter() - wall_start - sum(timing.values())), 3)},
     })
     if "flops_per_token_train" in summary:
       summary["train_flops"] = summary["flops_per_token_train"] * summary["tokens"]

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from hybrids import data
 from hybrids.data import mqar, text
@@ -140,6 +141,176 @@ def test_mqar_determinism_and_splits():
     train_rows = {train_src[i]["inputs"].tobytes() for i in range(500)}
     eval_rows = {r.tobytes() for b in ev1 for r in b["inputs"][:16]}
     assert not train_rows & eval_rows
+
+
+MQAR_KW = dict(seq_len=SEQ, vocab_size=256, num_kv_pairs=8, power_a=0.01,
+               random_non_queries=True)
+
+
+def check_mqar_rows(x, y, k, V):
+    """Zoology's MQAR structure on every row of a batch (vectorized)."""
+    n, L = x.shape
+    assert x.dtype == y.dtype == np.int32 and y.shape == (n, L)
+    keys, values = x[:, 0:2 * k:2], x[:, 1:2 * k:2]
+    assert np.all(np.diff(np.sort(keys, axis=1), axis=1) > 0)  # K distinct keys per row
+    assert np.all(np.diff(np.sort(values, axis=1), axis=1) > 0)  # K distinct values
+    assert np.all((keys >= 1) & (keys < V // 2)) and np.all((values >= V // 2) & (values < V))
+    assert np.all((x >= 0) & (x < V))
+    assert np.all(y[:, :2 * k] == data.IGNORE_LABEL)
+    loss = y != data.IGNORE_LABEL
+    assert np.all(loss.sum(axis=1) == k)  # exactly K labels per row
+    rows, pos = np.nonzero(loss)
+    assert np.all((pos - 2 * k) % 2 == 0)  # queries at 2K + 2 * gap
+    # Each key is queried exactly once, and its label is the value that follows it.
+    queried = x[rows, pos].reshape(n, k)
+    np.testing.assert_array_equal(np.sort(queried, axis=1), np.sort(keys, axis=1))
+    j = np.argmax(queried[:, :, None] == keys[:, None, :], axis=2)
+    np.testing.assert_array_equal(y[rows, pos].reshape(n, k),
+                                  np.take_along_axis(values, j, axis=1))
+
+
+def chi2_ok(observed, expected, ddof=0, alpha=1e-6):
+    """Pearson chi-square goodness of fit at level ``alpha`` (seeds are fixed: no flakiness;
+    alpha = 1e-6 only guards against a wrong distribution, which fails by orders of magnitude)."""
+    observed, expected = np.asarray(observed, float), np.asarray(expected, float)
+    keep = expected > 0
+    assert observed[~keep].sum() == 0
+    chi2 = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
+    return chi2 < stats.chi2.isf(alpha, keep.sum() - 1 - ddof), chi2
+
+
+def test_mqar_vectorized_structure():
+    k, V = 8, 256
+    b = mqar.generate_examples(3, mqar.TRAIN_STREAM, 0, 5000, **MQAR_KW)
+    check_mqar_rows(b["inputs"], b["labels"], k, V)
+    # No noise: every non-zero token past the context is a query.
+    b = mqar.generate_examples(3, 0, 0, 500, **{**MQAR_KW, "random_non_queries": False})
+    check_mqar_rows(b["inputs"], b["labels"], k, V)
+    q = b["inputs"][:, 2 * k:] != 0
+    np.testing.assert_array_equal(q, b["labels"][:, 2 * k:] != data.IGNORE_LABEL)
+    # Edge: as many gaps as slots (4K = L) and exactly K possible keys (V // 2 - 1 = K).
+    b = mqar.generate_examples(0, 1, 0, 300, seq_len=32, vocab_size=18, num_kv_pairs=8,
+                               power_a=0.5, random_non_queries=True)
+    check_mqar_rows(b["inputs"], b["labels"], 8, 18)
+    # The slow per-example reference satisfies the same structure.
+    gap_p = mqar.gap_probabilities((SEQ - 2 * k) // 2, 0.01)
+    ref = [mqar.generate_example(np.random.default_rng([9, i]), seq_len=SEQ, vocab_size=V,
+                                 num_kv_pairs=k, gap_p=gap_p, random_non_queries=True)
+           for i in range(200)]
+    check_mqar_rows(*(np.stack([e[f] for e in ref]) for f in ("inputs", "labels")), k, V)
+
+
+def test_mqar_block_independence_and_determinism(monkeypatch):
+    monkeypatch.setattr(mqar, "BLOCK_TOKENS", 5 * SEQ)  # 5 examples per block
+    assert mqar.rows_per_block(SEQ) == 5
+    whole = mqar.generate_examples(1, 0, 0, 40, **MQAR_KW)
+    for start, count in [(0, 1), (3, 4), (4, 13), (17, 23), (39, 1), (10, 0)]:
+        part = mqar.generate_examples(1, 0, start, count, **MQAR_KW)
+        for f in ("inputs", "labels"):
+            np.testing.assert_array_equal(part[f], whole[f][start:start + count])
+    assert_batches_equal([mqar.generate_examples(1, 0, 0, 40, **MQAR_KW)], [whole])
+    # The source's items do not depend on its size, access order or materialisation.
+    src_kw = dict(power_a=0.01, random_non_queries=True, seed=1, stream=0, seq_len=SEQ,
+                  vocab_size=256, num_kv_pairs=8)
+    lazy = mqar.MQARSource(num_examples=23, **src_kw)
+    for i in (22, 0, 7):
+        for f in ("inputs", "labels"):
+            np.testing.assert_array_equal(lazy[i][f], whole[f][i])
+    for threads in (1, 3):
+        full = mqar.MQARSource(num_examples=37, **src_kw).materialize(threads)
+        idx = np.array([36, 0, 5, 5, 12])
+        assert_batches_equal([full.gather(idx)], [{f: whole[f][idx] for f in whole}])
+    with pytest.raises(IndexError, match="MQAR index 23 out of range"):
+        lazy.gather([1, 23])
+    # Seeds and streams give different data.
+    for seed, stream in [(2, 0), (1, 1)]:
+        other = mqar.generate_examples(seed, stream, 0, 40, **MQAR_KW)
+        assert not np.any(np.all(other["inputs"] == whole["inputs"], axis=1))
+
+
+def test_mqar_vectorized_distribution():
+    k, V, n = 8, 256, 20_000
+    space = (SEQ - 2 * k) // 2
+    gap_p = mqar.gap_probabilities(space, 0.01)
+    kw = dict(seq_len=SEQ, vocab_size=V, num_kv_pairs=k, gap_p=gap_p, random_non_queries=True)
+    blocks = [mqar.generate_block(11, 0, b, **kw) for b in range(-(-n // mqar.rows_per_block(SEQ)))]
+    inputs = np.concatenate([b[0] for b in blocks])[:n]
+    gaps = (np.concatenate([b[1] for b in blocks])[:n] - 2 * k) // 2
+    # First and second sequential draws against their exact pmfs:
+    # P(g1 = g) = p_g;  P(g2 = g) = p_g * sum_{h != g} p_h / (1 - p_h).
+    ok, chi2 = chi2_ok(np.bincount(gaps[:, 0], minlength=space), n * gap_p)
+    assert ok, chi2
+    r = gap_p / (1 - gap_p)
+    ok, chi2 = chi2_ok(np.bincount(gaps[:, 1], minlength=space), n * gap_p * (r.sum() - r))
+    assert ok, chi2
+    # Keys and values: every context slot (first and last included) uniform over its range.
+    slots = [(0, 1, V // 2), (2 * k - 2, 1, V // 2), (1, V // 2, V), (2 * k - 1, V // 2, V)]
+    for col, lo, hi in slots:
+        counts = np.bincount(inputs[:, col] - lo, minlength=hi - lo)
+        ok, chi2 = chi2_ok(counts, np.full(hi - lo, n / (hi - lo)))
+        assert ok, (col, chi2)
+    # Noise: uniform over [0, V) (non-query positions past the context).
+    labels = mqar.labels_from(inputs, np.concatenate([b[1] for b in blocks])[:n])
+    noise = inputs[:, 2 * k:][labels[:, 2 * k:] == data.IGNORE_LABEL]
+    ok, chi2 = chi2_ok(np.bincount(noise, minlength=V), np.full(V, noise.size / V))
+    assert ok, chi2
+    # All K gaps (set and order) against the per-example reference sampler: two-sample
+    # homogeneity of the gap counts per draw rank (pooling draws of one example is
+    # conservative: draws without replacement are negatively correlated).
+    m = 3000
+    ref = np.stack([np.flatnonzero(mqar.generate_example(
+        np.random.default_rng([12, i]), **kw)["labels"] != data.IGNORE_LABEL) for i in range(m)])
+    ref_gaps_sorted = (ref - 2 * k) // 2  # positions come out sorted: compare the sets
+    table = np.stack([np.bincount(ref_gaps_sorted.ravel(), minlength=space),
+                      np.bincount(gaps[:m].ravel(), minlength=space)])
+    table = table[:, table.sum(0) > 0]
+    _, pval, _, _ = stats.chi2_contingency(table)
+    assert pval > 1e-6, pval
+    # Mean gap agrees with the reference within 5 standard errors.
+    diff = gaps[:m].mean() - ref_gaps_sorted.mean()
+    se = np.sqrt(gaps[:m].mean(1).var() / m + ref_gaps_sorted.mean(1).var() / m)
+    assert abs(diff) < 5 * se, (diff, se)
+
+
+def test_mqar_eval_batches_vectorized():
+    c = mqar_config(num_eval_examples=70)
+    ev = data.eval_batches(c, seq_len=SEQ, batch_size=32)
+    ref = mqar.generate_examples(c.seed, mqar.EVAL_STREAM, 0, 70, **MQAR_KW)
+    assert len(ev) == 3
+    got = {f: np.concatenate([b[f] for b in ev]) for f in ("inputs", "labels")}
+    for f in got:
+        np.testing.assert_array_equal(got[f][:70], ref[f])
+    assert np.all(got["inputs"][70:] == 0) and np.all(got["labels"][70:] == data.IGNORE_LABEL)
+
+
+def test_mqar_train_stream_epochs_resume_and_sharding():
+    # 20 examples, batch 8: batches straddle epoch boundaries (steps 2, 4, 7, ...).
+    c = mqar_config(num_train_examples=20)
+    ds = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=4)
+    src = mqar.MQARSource(num_examples=20, seed=c.seed, stream=mqar.TRAIN_STREAM, **MQAR_KW)
+    everything = src.gather(np.arange(20))["inputs"]
+    stream = np.concatenate([ds[s]["inputs"] for s in range(15)])  # 120 = 6 epochs
+    row_id = {r.tobytes(): i for i, r in enumerate(everything)}
+    ids = np.array([row_id[r.tobytes()] for r in stream])
+    epochs = ids.reshape(6, 20)
+    assert np.all(np.sort(epochs, axis=1) == np.arange(20))  # each epoch: every example once
+    assert len({e.tobytes() for e in epochs}) == 6  # reshuffled every epoch
+    # Resume mid-epoch and across an epoch boundary: bit-identical.
+    for stop in (1, 2, 7):
+        it = data.make_iterator(ds)
+        take(it, stop)
+        state = json.loads(json.dumps(it.get_state()))
+        expected = take(it, 6)
+        it2 = data.make_iterator(data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=4))
+        it2.set_state(state)
+        assert_batches_equal(take(it2, 6), expected)
+        assert_batches_equal(expected, [ds[s] for s in range(stop, stop + 6)])
+    # 4 processes: concatenating a step's process batches gives the global batch.
+    parts = [data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=4, process_index=p,
+                                process_count=4) for p in range(4)]
+    for s in range(15):
+        for f in ("inputs", "labels"):
+            np.testing.assert_array_equal(np.concatenate([p[s][f] for p in parts]), ds[s][f])
 
 
 @pytest.mark.parametrize("field,value,seq_len,match", [

@@ -31,7 +31,8 @@ MQAR_EXPERIMENTS = ("zoology_mqar", "based_tradeoff")
 TEXT_EXPERIMENTS = ("scaling", "griffin_window", "swax", "hybrid_topology", "mixer_survey")
 # (experiment, variant) → points, as each module docstring documents them.
 SWEEP_SIZES = {
-    ("zoology_mqar", None): 448, ("zoology_mqar", "small"): 24, ("zoology_mqar", "gpu"): 6, ("zoology_mqar", "tiny"): 2,
+    ("zoology_mqar", None): 640, ("zoology_mqar", "figure2"): 240, ("zoology_mqar", "small"): 36,
+    ("zoology_mqar", "tiny"): 2,
     ("based_tradeoff", None): 120, ("based_tradeoff", "small"): 11, ("based_tradeoff", "tiny"): 2,
     ("scaling", None): 60, ("scaling", "small"): 8, ("scaling", "gpu"): 4, ("scaling", "tiny"): 2,
     ("griffin_window", None): 33, ("griffin_window", "small"): 9, ("griffin_window", "gpu"): 6,
@@ -99,12 +100,16 @@ def test_sweep_size_validity_and_uniqueness(name, variant, corpus_dir):
 def test_documented_grids_match_their_axes():
   """The full grids are the products the docstrings describe."""
   zoology = config_lib.load_experiment(path_of("zoology_mqar"))
-  assert len(zoology.PAPER_MIXERS) * len(zoology.D_MODELS) * len(zoology.SEQ_LEN_KV) * len(zoology.LEARNING_RATES) == 448
+  assert len(zoology.PAPER_MIXERS) * len(zoology.D_MODELS) * len(zoology.SEQ_LEN_KV) * len(zoology.LEARNING_RATES) == 640
   assert [round(math.log10(lr), 3) for lr in zoology.LEARNING_RATES] == [-4.0, -3.333, -2.667, -2.0]
   points = sweep_lib.sweep_points(path_of("zoology_mqar"))
   assert {(p["data.seq_len"], p["data.num_kv_pairs"]) for p in points} == set(zoology.SEQ_LEN_KV)
-  # Zoology's 64 epochs over 100k examples at every sequence length.
-  assert {p["train.steps"] * p["train.batch_size"] for p in points} == {64 * 100_000}
+  # Zoology's 64 epochs over 100k examples at every sequence length (its loader's last batch of an
+  # epoch is partial; ours are whole, so an epoch is ⌈100k / batch⌉ steps), one test per epoch.
+  assert all(p["train.steps"] == 64 * math.ceil(100_000 / p["train.batch_size"]) == 64 * p["train.eval_every"]
+             for p in points)
+  # Learned positions for attention alone, as Zoology's configs.
+  assert {tuple(p["model.pattern"]) for p in points if p["model.position"] == "learned"} == {("attention",)}
   survey = config_lib.load_experiment(path_of("mixer_survey"))
   from hybrids.mixers import MIXERS
   assert set(survey.RECURRENT) | {"attention", "swa"} == set(MIXERS) and len(survey.patterns()) == len(MIXERS)

@@ -102,6 +102,71 @@ def test_parallel_sum_is_the_sum_of_its_mixers():
   np.testing.assert_allclose(mixer(x), mixer.parts[0](x) + mixer.parts[1](x), rtol=1e-6)
 
 
+def test_sequential_entry_is_the_composition_of_its_mixers():
+  model = HybridLM(cfg(pattern=("baseconv>swa",), n_layers=1, feature_dim=4), rngs=nnx.Rngs(params=0))
+  mixer = model.blocks[0].mixer
+  assert type(mixer).__name__ == "SequentialMixer" and len(mixer.parts) == 2
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  np.testing.assert_allclose(mixer(x), mixer.parts[1](mixer.parts[0](x)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", [("baseconv>based",), ("baseconv>swa", "rglru"), ("baseconv>attention",)])
+def test_sequential_hybrid_decodes_like_its_forward(pattern):
+  model = HybridLM(cfg(pattern=pattern, n_layers=2, feature_dim=4), rngs=nnx.Rngs(params=0))
+  assert_decodes_like_forward(model, jax.random.randint(jax.random.key(2), (2, 10), 0, 50), prefix=4)
+
+
+def test_mixed_separators_are_rejected():
+  from hybrids.blocks import mixer_names
+  with pytest.raises(ValueError, match="mixes"):
+    mixer_names("a|b>c")
+
+
+def test_no_mlp_block_is_residual_mixer_only():
+  model = HybridLM(cfg(pattern=("swa",), n_layers=1, mlp_expansion=0.0), rngs=nnx.Rngs(params=0))
+  block = model.blocks[0]
+  assert block.mlp is None and block.mlp_norm is None
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  np.testing.assert_allclose(block(x), x + block.mixer(block.mixer_norm(x)), rtol=1e-6)
+  with_mlp = count_params(HybridLM(cfg(pattern=("swa",), n_layers=1), rngs=nnx.Rngs(params=0)))
+  hidden = int(3.0 * 16)
+  assert with_mlp["params"] - count_params(model)["params"] == 3 * 16 * hidden + 16  # gate, up, down, norm
+  assert_decodes_like_forward(model, jax.random.randint(jax.random.key(3), (2, 9), 0, 50), prefix=4)
+
+
+@pytest.mark.parametrize("position", ["learned", "none"])
+def test_position_encodings(position):
+  c = cfg(pattern=("attention",), n_layers=2, position=position, max_len=12 if position == "learned" else 0)
+  model = HybridLM(c, rngs=nnx.Rngs(params=0))
+  counts = count_params(model)
+  table = 12 * 16 if position == "learned" else 0
+  assert counts["params"] - counts["non_embedding_params"] == 50 * 16 + table
+  tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, 50)
+  assert_decodes_like_forward(model, tokens, prefix=5)
+  # Without RoPE, one layer of global attention is blind to order except through the learned table:
+  # reversing the prefix of a "none" model leaves the last position's logits unchanged (a set function).
+  one_layer = HybridLM(cfg(pattern=("attention",), n_layers=1, position=position, max_len=c.max_len),
+                       rngs=nnx.Rngs(params=0))
+  perm = tokens.at[:, :11].set(tokens[:, :11][:, ::-1])
+  last, last_perm = one_layer(tokens)[:, -1], one_layer(perm)[:, -1]
+  if position == "none":
+    np.testing.assert_allclose(last, last_perm, rtol=1e-4, atol=1e-5)
+  else:
+    assert float(jnp.max(jnp.abs(last - last_perm))) > 1e-4
+  if position == "learned":
+    with pytest.raises(ValueError, match="max_len=12"):
+      model(jnp.zeros((1, 13), jnp.int32))
+
+
+def test_logits_at_selects_rows_of_the_full_logits():
+  model = HybridLM(cfg(), rngs=nnx.Rngs(params=0))
+  tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 50)
+  positions = jnp.array([[1, 4, 8], [0, 2, 3]], jnp.int32)
+  full = model(tokens)
+  np.testing.assert_allclose(model(tokens, logits_at=positions), jnp.take_along_axis(full, positions[..., None], 1),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_moe_is_the_routed_sum_of_experts_and_drops_nothing():
   from hybrids.layers import MoE
   c = cfg(num_experts=4, moe_top_k=2)

@@ -168,9 +168,17 @@ def train_dataset(
     Iterate with ``it = make_iterator(ds)`` (a ``grain.DatasetIterator``):
     ``it.get_state()`` returns a JSON-serializable dict and ``it.set_state(state)``
     on a fresh iterator over the same dataset resumes with bit-identical batches.
+    MQAR batches are gathered whole from the materialised training set
+    (:class:`hybrids.data.pipeline.StepBatches`); text/shards go through grain's
+    per-record shuffle and batch.
     ``workdir`` holds text caches / ``tokenizer.json`` (temp dir if None).
     """
     source = _source(data_config, seq_len=seq_len, split="train", workdir=workdir)
+    if isinstance(source, _mqar.MQARSource):
+        # MQAR's fixed training set is generated once, vectorized, in background threads
+        # (overlapping whatever the caller does next, e.g. compiling); batches are then
+        # gathered whole. The first batch waits only for the blocks it needs.
+        source.start_materialize()
     return _shard_and_batch(source, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
 
@@ -192,3 +200,12 @@ def eval_batches(
     """
     source = _source(data_config, seq_len=seq_len, split="eval", workdir=workdir)
     return finite_batches(source, batch_size=batch_size, num_batches=num_batches)
+
+
+def max_labels_per_row(config: ml_collections.ConfigDict) -> int:
+    """The most positions of one row that carry a label, or 0 when any may (language modelling).
+
+    MQAR labels exactly its ``num_kv_pairs`` query positions; the trainer then computes the logits
+    of those positions only (``hybrids.train.Trainer.label_slots``).
+    """
+    return int(config.num_kv_pairs) if config.name == "mqar" else 0

@@ -16,11 +16,30 @@ so the global batch of step ``s`` is examples ``[s*B, (s+1)*B)`` of the stream a
 process ``p`` holds rows ``[p*b, (p+1)*b)`` of it (``b = B // P``). Concatenating
 the per-process batches of a step in process order gives exactly the
 single-process batch of that step, whatever ``P`` is. Each process only
-materialises its own rows (no wasted generation / reads).
+reads its own rows (for per-record sources, no wasted generation / reads; a
+``gather`` source such as MQAR's fixed training set is materialised once per
+process and indexed).
+
+Two implementations of that stream, chosen by the source:
+
+* per-record sources (``__getitem__`` only; text, shards): grain's
+  ``shuffle(seed) -> repeat -> batch -> [p::P]`` chain, epoch ``e`` permuted by
+  grain's index shuffle from ``(seed, e)``;
+* batch sources (those with a vectorized ``gather(indices) -> batch``; MQAR):
+  a grain source whose item ``s`` *is* step ``s``'s process batch
+  (:class:`StepBatches`): stream position ``g`` is example
+  ``perm_e[g % n]`` with ``e = g // n`` and ``perm_e =
+  np.random.default_rng([seed, e]).permutation(n)``, and the batch is one
+  ``gather`` of those indices (numpy fancy indexing, no per-example Python).
+
+Either way the iterator state is the next step index, so resume is
+bit-identical, and ``make_iterator``'s threads compute batches ahead.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,10 +62,13 @@ def shard_and_batch(
     """Infinite, per-epoch shuffled, batched and process-sharded training dataset.
 
     Args:
-      source: random-access sequence of examples (``__len__``/``__getitem__``).
+      source: random-access sequence of examples (``__len__``/``__getitem__``); if
+        it also has ``gather(indices) -> batch``, batches are gathered whole
+        (:class:`StepBatches`, see the module docstring).
       batch_size: GLOBAL batch size ``B`` (summed over processes).
       seed: shuffle seed, in ``[0, 2**32)``. Epoch ``e`` is shuffled with a
-        permutation derived from ``(seed, e)`` by grain.
+        permutation derived from ``(seed, e)`` (by grain, or by numpy for a
+        ``gather`` source).
       process_index, process_count: this process and the number of processes.
 
     Returns:
@@ -72,6 +94,10 @@ def shard_and_batch(
     if len(source) == 0:
         raise ValueError("the training source has no examples")
     per_process = batch_size // process_count
+    if hasattr(source, "gather"):
+        return grain.MapDataset.source(StepBatches(
+            source, batch_size=batch_size, seed=seed, process_index=process_index,
+            process_count=process_count))
     ds = grain.MapDataset.source(source)
     # Shuffle before repeat: grain then reshuffles each epoch with a seed folded
     # with the epoch number, and batches may straddle epoch boundaries (the stream
@@ -82,6 +108,67 @@ def shard_and_batch(
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds
+
+
+class StepBatches:
+    """Random-access source of whole batches: item ``s`` = step ``s``'s batch for one process.
+
+    ``source.gather(indices)`` must return ``{"inputs": int32 [len(indices), L],
+    "labels": ...}`` for an int array of example indices. Step ``s`` of process
+    ``p`` reads stream positions ``g = s*B + p*b + [0, b)`` (``b = B // P``),
+    i.e. examples ``perm_{g // n}[g % n]`` with ``perm_e =
+    np.random.default_rng([seed, e]).permutation(n)`` (epochs straddled by a batch
+    are handled). Thread-safe; the last few epoch permutations are cached.
+    """
+
+    def __init__(self, source, *, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+        self._source = source
+        self._n = len(source)
+        self._batch_size = int(batch_size)
+        self._per_process = self._batch_size // int(process_count)
+        self._offset = int(process_index) * self._per_process
+        self._seed = int(seed)
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return sys.maxsize // self._batch_size  # infinite for practical purposes
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Order of the source's examples in epoch ``epoch`` (int64 [n])."""
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self._seed, int(epoch)]).permutation(self._n)
+                self._perms[epoch] = perm
+                while len(self._perms) > 4:
+                    del self._perms[min(self._perms)]
+            return perm
+
+    def indices(self, step: int) -> np.ndarray:
+        """Example indices (int64 [B // P]) of this process's batch at ``step``."""
+        g = int(step) * self._batch_size + self._offset + np.arange(self._per_process,
+                                                                     dtype=np.int64)
+        first, last = int(g[0]) // self._n, int(g[-1]) // self._n
+        if first == last:
+            return self.permutation(first)[g - first * self._n]
+        epoch, pos = np.divmod(g, self._n)
+        out = np.empty_like(g)
+        for e in range(first, last + 1):
+            mask = epoch == e
+            out[mask] = self.permutation(e)[pos[mask]]
+        return out
+
+    def __getitem__(self, step: int) -> Example:
+        step = int(step)
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} out of range")
+        return self._source.gather(self.indices(step))
+
+    def __repr__(self) -> str:
+        return (f"StepBatches({self._source!r}, batch_size={self._batch_size}, "
+                f"per_process={self._per_process}, offset={self._offset}, seed={self._seed})")
 
 
 def make_iterator(
@@ -126,7 +213,8 @@ def finite_batches(
     """Deterministic, in-order, finite batches of ``source`` (for evaluation).
 
     Every batch has the full static shape [batch_size, seq_len] (so the eval step
-    compiles once): the last, partial batch is padded with rows whose inputs are
+    compiles once; a source with ``gather(indices)`` is read a batch at a time,
+    others an example at a time): the last, partial batch is padded with rows whose inputs are
     0 and whose labels are all ``IGNORE_LABEL``, so padding carries no loss and
     every real example is evaluated exactly once. ``num_batches`` (if given)
     keeps only the first ``num_batches`` batches.
@@ -141,9 +229,12 @@ def finite_batches(
         total = min(total, num_batches)
     batches = []
     for b in range(total):
-        rows = [source[i] for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
-        batch = stack_examples(rows)
-        pad = batch_size - len(rows)
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        if hasattr(source, "gather"):
+            batch = source.gather(np.arange(lo, hi))
+        else:
+            batch = stack_examples([source[i] for i in range(lo, hi)])
+        pad = batch_size - (hi - lo)
         if pad:
             seq_len = batch["inputs"].shape[1]
             batch = {

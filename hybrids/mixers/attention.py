@@ -7,7 +7,8 @@ RoPE: Su et al. 2021.
     o_t = Σ_{s ≤ t} softmax_s(q_t·k_s / √d_head) v_s,  y_t = W_o o_t
 
 ``num_kv_heads`` key/value heads are shared by groups of ``num_heads // num_kv_heads`` query heads
-(1: MQA; ``num_heads``: MHA).
+(1: MQA; ``num_heads``: MHA). RoPE only with ``model.position == "rope"``; with ``"learned"`` (Zoology's
+attention) or ``"none"`` the model adds positions at the embedding, or none at all.
 
 Recurrent face: a key/value cache of ``max_len`` slots, so decoding memory grows with the sequence
 (O(T)) — the one mixer for which it does; ``swa`` bounds it to the window.
@@ -31,6 +32,7 @@ class Attention(nnx.Module):
     self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
     self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
     self.rope_base = cfg.rope_base
+    self.rope = cfg.position == "rope"
     self.softcap = cfg.attn_softcap or None
     self.impl = cfg.attention_impl
     self.dtype = dtype_of(cfg.dtype)
@@ -54,13 +56,15 @@ class Attention(nnx.Module):
     if kv <= 0 or cfg.num_heads % kv:
       raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}")
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
-    if head_dim % 2:
+    if head_dim % 2 and cfg.position == "rope":
       raise ValueError(f"head dim {head_dim} (model.head_dim or d_model/num_heads) must be even for RoPE")
 
   def _project(self, x, positions):
     q = rearrange(self.q_proj(x), "... (h d) -> ... h d", h=self.num_heads)
     k = rearrange(self.k_proj(x), "... (h d) -> ... h d", h=self.num_kv_heads)
     v = rearrange(self.v_proj(x), "... (h d) -> ... h d", h=self.num_kv_heads)
+    if not self.rope:
+      return q, k, v
     return apply_rope(q, positions, base=self.rope_base), apply_rope(k, positions, base=self.rope_base), v
 
   def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
