@@ -4,30 +4,49 @@
     python -m launch report runs/scaling --out /tmp/scaling --bootstrap 500
 
 Reads only ``ROOT/*/config.json``, ``summary.json``, ``metrics.jsonl``, ``eval/*.json`` and
-``ROOT/sweep.json`` (never a checkpoint, never a model), and writes ``OUT/report.md`` with PNGs beside it
-(matplotlib, Agg), each only when its data exists:
+``ROOT/sweep.json`` (never a checkpoint, never a model), and writes ``OUT/report.md``, ``OUT/report.json``
+and PNGs beside them (matplotlib, Agg), each plot only when it can answer its question:
 
-- ``loss_vs_flops.png``: eval loss vs training FLOPs, log-log, one colour per mixer, with the fitted
+- ``window_ablation.png`` (first, when present: it is the window study's answer): eval loss against the
+  local-attention window, one line per (mixer, training length), global attention as dashed horizontal
+  lines, when a mixer sweeps its window; else eval loss against the training length, one line per
+  (mixer, window) with global attention dashed, when SWA stacks and global attention share ≥ 2 lengths
+  (Griffin App. E). Language-model runs only;
+- ``mqar_vs_width.png``: MQAR accuracy vs d_model (log2 axis), one panel per (seq_len, kv pairs), one line
+  per mixer, each point its cell's best learning rate, hollow when that lr is at the edge of the grid —
+  the layout of Zoology's Fig. 2; with a table of the accuracies and winning lrs;
+- ``state_tradeoff.png``: MQAR accuracy (best lr) vs recurrent state bytes per sequence, Pareto frontier
+  marked (Based's Fig. 2);
+- ``loss_vs_flops.png``: eval loss vs training FLOPs, log-log, one colour per series, with the fitted
   ``L(C) = E + A·C^(−α)`` (``launch/fit.py``: Chinchilla Approach 3, Huber in log space, L-BFGS-B from a
-  grid, bootstrap 95% interval of α) fitted to each mixer's compute frontier (its lowest loss per budget);
+  grid, bootstrap 95% interval of α) fitted to each series' compute frontier (its lowest loss per
+  budget) — only for series with ≥ 3 budgets spanning ≥ 3× in FLOPs (``MIN_FLOPS_SPAN``): a sweep at one
+  budget (a window or length ablation) gets a line saying why there is no plot, not a plot of a point cloud;
 - ``isoflop.png``: loss vs non-embedding params per budget with its parabola and compute-optimal size,
   when a budget has ≥ 3 sizes of one mixer (Chinchilla Approach 2);
-- ``mqar_vs_width.png``: MQAR accuracy vs d_model, one panel per (seq_len, kv pairs), one line per mixer,
-  best over the other swept fields (learning rate) — the layout of Zoology's Fig. 2;
-- ``state_tradeoff.png``: MQAR accuracy vs recurrent state bytes per sequence, Pareto frontier marked
-  (Based's Fig. 2);
 - ``retrieval_<run>.png``: retrieval accuracy heatmap, length × depth (``eval/retrieval.json``);
-- ``position_<run>.png``: loss by position at each evaluated length (``eval/position.json``);
-- ``window_ablation.png``: eval loss per window, grouped by seq_len (Griffin's Fig. 9 layout).
+- ``position_<run>.png``: loss by position at each evaluated length (``eval/position.json``).
 
-``report.md`` also holds the fits table (E, A, α, 95% CI, n), the run table (mixer, size, window,
+Learning rates (Zoology's protocol): a *cell* is every config field but ``train.lr`` (the runtime section
+is never part of one). Each cell keeps its best learning rate — highest eval accuracy for MQAR, lowest
+eval loss otherwise — and only that run enters the MQAR plots and tables and the window ablation. The
+"Learning rates" section lists every cell's metric at each lr, flags a cell whose best lr is the smallest
+or largest of its grid ("edge"; ties keep the lr nearest the grid's middle, and flag only when every tied
+lr is at an edge), and names lrs that failed, have no eval, or are ``sweep.json`` points never started.
+
+``report.md`` also holds the fits table (E, A, α, 95% CI, n), the run table (mixer, size, window, lr,
 params, FLOPs, tokens, eval loss, accuracy, tokens/s; sorted by mixer and size) and a "Missing" section:
-points of ``sweep.json`` without a finished run. A run is grouped by its mixer label: the mixers of
-its layers joined by ``+`` (``rglru+swa`` for ``('rglru', 'rglru', 'swa')``), with the named topology
-of ``hybrids.topologies`` it matches; series split further by window / seq_len / kv pairs / dataset
-when those vary within a label. Train FLOPs come from ``summary.json`` (``train_flops``, else
-``flops_per_token_train × tokens``); runs written before FLOP accounting fall back to
-``6 · params · tokens``, and the report says which runs did.
+points of ``sweep.json`` without a finished run. ``report.json`` (written atomically) holds ``runs``
+(each run's ``run_id``, ``config`` = config.json and ``summary`` = summary.json, its lr, cell and derived
+FLOPs / loss / accuracy: ``pandas.json_normalize(report["runs"])`` gives one row per run), ``cells`` (the
+varying fields, metric, every lr with its metric and run, best lr, tied lrs, edge flag, missing lrs),
+``fits`` (E, A, α, CIs, frontier, whether plotted), ``isoflop``, ``figures`` and ``missing``.
+
+A run is grouped by its mixer label: the mixers of its layers joined by ``+`` (``rglru+swa`` for
+``('rglru', 'rglru', 'swa')``), with the named topology of ``hybrids.topologies`` it matches; series
+split further by window / seq_len / kv pairs / dataset when those vary within a label. Train FLOPs come
+from ``summary.json`` (``train_flops``, else ``flops_per_token_train × tokens``); runs written before FLOP
+accounting fall back to ``6 · params · tokens``, and the report says which runs did.
 
 Tested by ``tests/test_report.py`` (fake run directories, no training).
 """
@@ -284,7 +303,170 @@ def _colors(keys) -> dict[str, Any]:
   return {k: cmap(i % cmap.N) for i, k in enumerate(keys)}
 
 
+# ----------------------------------------------------------------------------- learning-rate cells
+
+LR_FIELD = "train.lr"
+NOT_CELL_SECTIONS = ("runtime",)            # where a run executes, not what it is
+TIE_TOL = 1e-9
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"model": {"d_model": 64}}`` → ``{"model.d_model": 64}`` (lists stay values)."""
+  if not isinstance(obj, dict):
+    return {prefix: obj}
+  out = {}
+  for k, v in obj.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def _cell_fields(run: Run) -> dict[str, Any]:
+  """Every config field that makes a cell: all of ``config.json`` but ``train.lr`` and the runtime section."""
+  flat = _flatten({k: v for k, v in run.config.items() if k not in NOT_CELL_SECTIONS})
+  flat.pop(LR_FIELD, None)
+  return flat
+
+
+def run_lr(run: Run) -> float | None:
+  return _finite(run.config.get("train", {}).get("lr")) if isinstance(run.config.get("train"), dict) else None
+
+
+def _lr_text(lr: float | None) -> str:
+  """2 significant digits in e-notation: 1e-3, 2.2e-4 (logspace(−4, −2, 4) = 1e-4, 4.6e-4, 2.2e-3, 1e-2)."""
+  if lr is None:
+    return "—"
+  mantissa, exponent = f"{lr:.1e}".split("e")
+  return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+@dataclasses.dataclass
+class Cell:
+  """The runs of one configuration at every learning rate tried (Zoology's protocol: keep the best)."""
+  fields: dict[str, Any]                    # the config fields that vary across the sweep (besides lr)
+  label: str
+  metric: str                               # "eval_accuracy" (MQAR, higher is better) or "eval_loss"
+  runs: list[Run]
+  scores: dict[float, float | None]         # lr → metric of its best run; None: failed / unfinished / no eval
+  reasons: dict[float, str]                 # lr → why it has no metric
+  not_started: list[float]                  # lrs of sweep.json points without a run directory
+  best: Run | None = None
+  best_lr: float | None = None
+  winners: list[float] = dataclasses.field(default_factory=list)  # lrs tied at the best metric
+  edge: bool = False
+
+  @property
+  def higher_is_better(self) -> bool:
+    return self.metric == "eval_accuracy"
+
+  @property
+  def grid(self) -> list[float]:
+    return sorted(set(self.scores) | set(self.not_started))
+
+  @property
+  def missing(self) -> list[tuple[float, str]]:
+    out = [(lr, self.reasons[lr]) for lr, s in self.scores.items() if s is None]
+    out += [(lr, "not started") for lr in self.not_started]
+    return sorted(out)
+
+  @property
+  def name(self) -> str:
+    shown = [f"{k.rsplit('.', 1)[-1]}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+             for k, v in self.fields.items() if k != "model.pattern"]
+    return " ".join([self.label] + shown)
+
+
+def _metric(run: Run) -> tuple[float | None, str]:
+  """The cell metric of a run and, when there is none, why."""
+  if run.status != FINISHED:
+    return None, run.status
+  if run.is_mqar:
+    return (run.accuracy, "") if run.accuracy is not None else (None, "no eval accuracy")
+  if run.loss is None or run.loss_source == "train":
+    return None, "no eval loss"
+  return run.loss, ""
+
+
+def learning_rate_cells(runs: list[Run], pending: list[dict] | None = None) -> list[Cell]:
+  """Group runs into cells (all config fields equal but ``train.lr``), pick each cell's best learning rate.
+
+  The metric is MQAR eval accuracy (higher is better) for MQAR runs, else eval loss (lower is better).
+  A cell's grid is every lr it has a run directory for plus the ``pending`` sweep points (dotted-key
+  overrides, ``train.lr`` among them) that match it. Ties keep the lr nearest the grid's middle (in
+  log; the smaller of two as near); a cell is flagged ``edge`` when more than one lr is on its grid and
+  every lr tied at the best is the smallest or the largest of the grid.
+  """
+  by_key: dict[str, list[Run]] = defaultdict(list)
+  fields_of = {}
+  for run in runs:
+    fields = _cell_fields(run)
+    key = json.dumps(fields, sort_keys=True, default=str)
+    by_key[key].append(run)
+    fields_of[key] = fields
+  all_keys = sorted({k for f in fields_of.values() for k in f})
+  varying = [k for k in all_keys if len({json.dumps(f.get(k), sort_keys=True, default=str)
+                                         for f in fields_of.values()}) > 1]
+  cells = []
+  for key, members in by_key.items():
+    fields = fields_of[key]
+    scores: dict[float, float | None] = {}
+    reasons: dict[float, str] = {}
+    best_of_lr: dict[float, Run] = {}
+    metric = "eval_accuracy" if any(r.is_mqar for r in members) else "eval_loss"
+    sign = -1.0 if metric == "eval_accuracy" else 1.0  # minimise sign · metric
+    for r in members:
+      lr = run_lr(r)
+      if lr is None:
+        continue
+      value, why = _metric(r)
+      if value is None:
+        if scores.get(lr) is None:
+          scores[lr], reasons[lr] = None, why
+        continue
+      if scores.get(lr) is None or sign * value < sign * scores[lr]:
+        scores[lr], best_of_lr[lr] = value, r
+    cell = Cell(fields={k: fields.get(k) for k in varying}, label=members[0].label, metric=metric,
+                runs=sorted(members, key=lambda r: (run_lr(r) or 0, r.run_id)), scores=scores, reasons=reasons,
+                not_started=[])
+    cells.append(cell)
+  for point in pending or []:
+    lr = _finite(point.get(LR_FIELD))
+    if lr is None:
+      continue
+    others = {k: v for k, v in point.items() if k != LR_FIELD}
+    matches = [c for c in cells if all(_same(_cell_fields(c.runs[0]).get(k), v) for k, v in others.items()
+                                       if k in _cell_fields(c.runs[0]))]
+    if len(matches) == 1 and lr not in matches[0].scores and lr not in matches[0].not_started:
+      matches[0].not_started.append(lr)
+  for cell in cells:
+    cell.not_started.sort()
+    sign = -1.0 if cell.higher_is_better else 1.0
+    scored = {lr: s for lr, s in cell.scores.items() if s is not None}
+    if not scored:
+      continue
+    best_value = min(sign * s for s in scored.values())
+    tol = TIE_TOL * max(1.0, abs(best_value))
+    cell.winners = sorted(lr for lr, s in scored.items() if sign * s <= best_value + tol)
+    grid = cell.grid
+    middle = (math.log(grid[0]) + math.log(grid[-1])) / 2 if grid[0] > 0 else 0.0
+    cell.best_lr = min(cell.winners, key=lambda lr: (round(abs(math.log(lr) - middle), 9) if lr > 0 else math.inf, lr))
+    cell.best = next(r for r in cell.runs if run_lr(r) == cell.best_lr and _metric(r)[0] == scored[cell.best_lr])
+    cell.edge = len(grid) > 1 and all(lr in (grid[0], grid[-1]) for lr in cell.winners)
+  sortable = lambda v: ((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        else (1, 0, json.dumps(v, default=str)))
+  cells.sort(key=lambda c: (c.label, [(k, sortable(v)) for k, v in sorted(c.fields.items())]))
+  return cells
+
+
+def best_runs(runs: list[Run], cells: list[Cell]) -> list[Run]:
+  """The best run of every cell, plus every run that has no learning rate in its config."""
+  best = [c.best for c in cells if c.best is not None]
+  return best + [r for r in runs if run_lr(r) is None]
+
+
 # ----------------------------------------------------------------------------- analyses
+
+
+MIN_FLOPS_SPAN = 3.0  # a series is plotted and fitted in FLOPs only when its budgets span this ratio or more
 
 
 @dataclasses.dataclass
@@ -293,6 +475,16 @@ class SeriesFit:
   fit: fit_lib.PowerLawFit | None
   frontier: list[tuple[float, float]]       # (FLOPs, loss): the best run of each budget
   note: str = ""
+
+  @property
+  def span(self) -> float:
+    """max / min FLOPs of the frontier (1 for a single budget)."""
+    return self.frontier[-1][0] / self.frontier[0][0] if self.frontier else 1.0
+
+  @property
+  def plottable(self) -> bool:
+    """Enough budgets over a wide enough FLOPs range for loss vs FLOPs to show a trend."""
+    return len(self.frontier) >= fit_lib.MIN_POINTS and self.span >= MIN_FLOPS_SPAN
 
 
 def fit_series(runs: list[Run], *, n_bootstrap: int, seed: int) -> list[SeriesFit]:
@@ -308,15 +500,22 @@ def fit_series(runs: list[Run], *, n_bootstrap: int, seed: int) -> list[SeriesFi
       if b not in best or run.loss < best[b].loss:
         best[b] = run
     frontier = sorted((r.flops, r.loss) for r in best.values())
-    result = fit_lib.fit_power_law([c for c, _ in frontier], [l for _, l in frontier],
-                                   n_bootstrap=n_bootstrap, seed=seed) if len(frontier) >= fit_lib.MIN_POINTS else None
-    note = "" if result else (f"{len(frontier)} budget(s): no fit (needs ≥ {fit_lib.MIN_POINTS})"
-                              if len(frontier) < fit_lib.MIN_POINTS else "the fit did not converge")
-    if result and result.alpha_ci is None and n_bootstrap:
-      note = "too few distinct resamples for an interval"
-    elif result and result.alpha_ci and len(frontier) < 6:
-      note = f"only {len(frontier)} budgets: resamples nearly interpolate, so the interval understates the error"
-    out.append(SeriesFit(series, result, frontier, note))
+    entry = SeriesFit(series, None, frontier)
+    if len(frontier) < fit_lib.MIN_POINTS:
+      entry.note = f"{len(frontier)} budget(s): no fit (needs ≥ {fit_lib.MIN_POINTS})"
+    elif entry.span < MIN_FLOPS_SPAN:
+      entry.note = f"FLOPs span only {_ratio(entry.span)}×: no fit (needs ≥ {MIN_FLOPS_SPAN:g}×)"
+    else:
+      entry.fit = fit_lib.fit_power_law([c for c, _ in frontier], [l for _, l in frontier],
+                                        n_bootstrap=n_bootstrap, seed=seed)
+      if entry.fit is None:
+        entry.note = "the fit did not converge"
+      elif entry.fit.alpha_ci is None and n_bootstrap:
+        entry.note = "too few distinct resamples for an interval"
+      elif entry.fit.alpha_ci and len(frontier) < 6:
+        entry.note = (f"only {len(frontier)} budgets: resamples nearly interpolate, so the interval understates "
+                      "the error")
+    out.append(entry)
   return out
 
 
@@ -386,12 +585,17 @@ def _save(fig, out: str, name: str) -> str:
 
 
 def plot_loss_vs_flops(runs: list[Run], fits: list[SeriesFit], out: str) -> str | None:
-  points = [r for r in runs if r.status == FINISHED and r.flops and r.loss is not None]
-  if not points:
+  """Loss vs FLOPs of the series with ≥ 3 budgets spanning ≥ 3× (``SeriesFit.plottable``); None if there is none.
+
+  A sweep at (nearly) one budget — a window or length ablation — has no trend in FLOPs to show.
+  """
+  shown = [f for f in fits if f.plottable]
+  if not shown:
     return None
+  points = [r for r in runs if r.status == FINISHED and r.flops and r.loss is not None]
   fig, (ax,) = _figure(1, 6.4, 4.4)
-  colors = _colors(r.series for r in points)
-  for f in fits:
+  colors = _colors(f.series for f in shown)
+  for f in shown:
     c = colors[f.series]
     members = [r for r in points if r.series == f.series]
     ax.scatter([r.flops for r in members], [r.loss for r in members], color=c, alpha=0.35, s=14)
@@ -402,10 +606,12 @@ def plot_loss_vs_flops(runs: list[Run], fits: list[SeriesFit], out: str) -> str 
       ci = f" [{f.fit.alpha_ci[0]:.3f}, {f.fit.alpha_ci[1]:.3f}]" if f.fit.alpha_ci else ""
       name += f": α={f.fit.alpha:.3f}{ci}"
       ax.plot(grid, f.fit.predict(grid), color=c, lw=1.4)
-    ax.plot([], [], color=c, marker="o", label=name)
+    ax.plot([], [], color=c, marker="o", ls="-" if f.fit else "none", label=name)
+  fitted = any(f.fit for f in shown)
   ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="eval loss",
-         title="loss vs compute, fits L = E + A·C^(−α)")
-  _plain_ticks(ax.yaxis, minor=True)  # losses span less than a decade: 10^0-style labels would be unreadable
+         title="loss vs compute" + (", fits L = E + A·C^(−α)" if fitted else " (no fit)"))
+  _log_ticks(ax.xaxis, [r.flops for r in points if r.series in colors])
+  _log_ticks(ax.yaxis, [r.loss for r in points if r.series in colors])
   ax.legend(fontsize=7)
   return _save(fig, out, "loss_vs_flops.png")
 
@@ -426,45 +632,129 @@ def plot_isoflop(curves: list[IsoFlop], out: str) -> str | None:
         ax.plot(grid, c.fit.predict(grid), color=colors[c.budget], lw=1.2)
         ax.axvline(c.fit.n_opt, color=colors[c.budget], ls=":", lw=1)
     ax.set(xscale="log", xlabel="non-embedding params", ylabel="eval loss", title=s)
+    _log_ticks(ax.xaxis, [n for c in mine for n, _ in c.points], max_ticks=6)
     ax.legend(fontsize=7)
   return _save(fig, out, "isoflop.png")
 
 
-def _plain_ticks(axis, *, minor: bool = False) -> None:
-  """Plain numbers on a log axis; ``minor``: label the 2…9 ticks too (for a span under a decade)."""
-  from matplotlib.ticker import NullFormatter, StrMethodFormatter
+# Mantissas of log-axis ticks, coarse to fine: the coarsest giving ≥ 3 ticks in the data's range is used.
+_MANTISSAS = ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8),
+              tuple(np.round(np.arange(1, 10, 0.5), 1)), tuple(np.round(np.arange(1, 10, 0.2), 1)))
 
-  axis.set_major_formatter(StrMethodFormatter("{x:.3g}"))
-  axis.set_minor_formatter(StrMethodFormatter("{x:.3g}") if minor else NullFormatter())
+
+def _tick_text(v: float) -> str:
+  text = f"{v:.3g}"
+  if "e" in text:  # 2e+14 → 2e14
+    mantissa, exponent = text.split("e")
+    text = f"{mantissa}e{int(exponent)}"
+  return text
+
+
+def log_ticks(lo: float, hi: float, max_ticks: int = 7) -> list[float]:
+  """Readable ticks for a log axis over [lo, hi]: 3 to ``max_ticks`` round numbers (1-2-5 style)."""
+  if not (lo > 0 and hi > 0):
+    return []
+  lo, hi = min(lo, hi), max(lo, hi)
+  decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+  candidates = []
+  for mantissas in _MANTISSAS:
+    ticks = sorted({float(f"{m * 10.0**d:.6g}") for d in decades for m in mantissas})
+    ticks = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+    candidates.append(ticks)
+    if len(ticks) >= 3:
+      break
+  ticks = candidates[-1]
+  if len(ticks) < 2:  # a range narrower than the finest mantissas: its ends and geometric middle
+    ticks = sorted({float(f"{v:.3g}") for v in np.geomspace(lo, hi, 3)})
+  step = math.ceil(len(ticks) / max_ticks)
+  return ticks[::step]
+
+
+def _log_ticks(axis, values, max_ticks: int = 7) -> None:
+  """Put ``log_ticks`` of the values' range on a log axis, with plain labels and no minor labels."""
+  from matplotlib.ticker import FixedLocator, NullFormatter
+
+  values = [v for v in values if v is not None and v > 0]
+  if not values:
+    return
+  ticks = log_ticks(min(values), max(values), max_ticks)
+  if not ticks:
+    return
+  axis.set_major_locator(FixedLocator(ticks))
+  axis.set_major_formatter(_fixed_formatter(ticks))
+  axis.set_minor_formatter(NullFormatter())
+
+
+def _fixed_formatter(ticks):
+  from matplotlib.ticker import FuncFormatter
+
+  return FuncFormatter(lambda v, _pos: _tick_text(v))
 
 
 def _colors_seq(n: int):
   import matplotlib.pyplot as plt
 
-  return [plt.get_cmap("viridis")(i / max(n - 1, 1)) for i in range(n)]
+  return [plt.get_cmap("viridis")(0.85 * i / max(n - 1, 1)) for i in range(n)]  # not the pale yellow end
 
 
-def plot_mqar_width(runs: list[Run], out: str) -> str | None:
-  panels = {k: v for k, v in _mqar_panels(runs, "label").items()
-            if len({r.model.get("d_model") for r in v}) >= 2}
-  if not panels:
-    return None
-  fig, axes = _figure(len(panels))
-  colors = _colors(_mqar_key(r) for v in panels.values() for r in v)
-  for ax, ((seq_len, kv), members) in zip(axes, panels.items()):
-    best = defaultdict(dict)  # key → d_model → best accuracy (over learning rates)
+def mqar_width_table(runs: list[Run]) -> dict[tuple, dict[str, dict[int, Run]]]:
+  """(seq_len, kv pairs) → line (mixer) → d_model → the best run (over lr and the other swept fields)."""
+  table: dict[tuple, dict[str, dict[int, Run]]] = {}
+  for panel, members in _mqar_panels(runs, "label").items():
+    lines: dict[str, dict[int, Run]] = defaultdict(dict)
     for r in members:
       d = r.model.get("d_model")
-      best[_mqar_key(r)][d] = max(r.accuracy, best[_mqar_key(r)].get(d, -1.0))
-    for key, by_width in sorted(best.items()):
+      if d not in lines[_mqar_key(r)] or r.accuracy > lines[_mqar_key(r)][d].accuracy:
+        lines[_mqar_key(r)][d] = r
+    table[panel] = dict(sorted(lines.items()))
+  return table
+
+
+def plot_mqar_width(runs: list[Run], out: str, edge: frozenset[str] = frozenset()) -> str | None:
+  """Zoology Fig. 2: accuracy vs d_model (log2), one line per mixer, one panel per (seq_len, kv pairs).
+
+  ``runs`` are the best-lr runs of their cells; a point whose cell's best lr is at the edge of its
+  grid (run id in ``edge``) is drawn hollow.
+  """
+  table = {k: v for k, v in mqar_width_table(runs).items() if len({d for line in v.values() for d in line}) >= 2}
+  if not table:
+    return None
+  fig, axes = _figure(len(table))
+  colors = _colors(key for lines in table.values() for key in lines)
+  any_edge = False
+  for ax, ((seq_len, kv), lines) in zip(axes, table.items()):
+    for key, by_width in lines.items():
       widths = sorted(by_width)
-      ax.plot(widths, [by_width[w] for w in widths], marker="o", color=colors[key], label=key)
-    ax.set(xlabel="d_model", ylabel="MQAR accuracy", ylim=(-0.02, 1.02), title=f"seq_len {seq_len}, {kv} kv pairs")
+      ax.plot(widths, [by_width[w].accuracy for w in widths], color=colors[key], label=key, lw=1.4, marker="o", ms=5)
+      hollow = [w for w in widths if by_width[w].run_id in edge]
+      any_edge |= bool(hollow)
+      if hollow:
+        ax.plot(hollow, [by_width[w].accuracy for w in hollow], ls="none", marker="o", ms=5, color=colors[key],
+                markerfacecolor="white")
+    widths = sorted({d for line in lines.values() for d in line})
+    ax.set(xlabel="d_model", ylabel="MQAR accuracy (best lr)", ylim=(-0.02, 1.02),
+           title=f"seq_len {seq_len}, {kv} kv pairs")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r.model.get("d_model") for r in members}))
-    _plain_ticks(ax.xaxis)
+    ax.set_xlim(widths[0] / 1.25, widths[-1] * 1.25)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.xaxis.set_minor_formatter(_null_formatter())
+    ax.xaxis.set_minor_locator(_null_locator())
+    if any_edge:
+      ax.plot([], [], marker="o", ls="none", color="gray", markerfacecolor="white", label="best lr at grid edge")
     ax.legend(fontsize=7, loc="lower right")
   return _save(fig, out, "mqar_vs_width.png")
+
+
+def _null_formatter():
+  from matplotlib.ticker import NullFormatter
+
+  return NullFormatter()
+
+
+def _null_locator():
+  from matplotlib.ticker import NullLocator
+
+  return NullLocator()
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -477,7 +767,8 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
   return frontier
 
 
-def plot_state_tradeoff(runs: list[Run], out: str) -> str | None:
+def plot_state_tradeoff(runs: list[Run], out: str, edge: frozenset[str] = frozenset()) -> str | None:
+  """Based Fig. 2: accuracy vs recurrent state bytes of the best-lr runs, Pareto frontier dashed."""
   panels = {k: v for k, v in _mqar_panels(runs, "state_bytes").items() if len(v) >= 2}
   if not panels:
     return None
@@ -486,11 +777,17 @@ def plot_state_tradeoff(runs: list[Run], out: str) -> str | None:
   for ax, ((seq_len, kv), members) in zip(axes, panels.items()):
     for label in sorted({r.label for r in members}):
       mine = [r for r in members if r.label == label]
-      ax.scatter([r.state_bytes for r in mine], [r.accuracy for r in mine], color=colors[label], s=18, label=label)
+      ax.scatter([], [], s=18, color=colors[label], label=label)  # legend: filled whatever the first point is
+      ax.scatter([r.state_bytes for r in mine], [r.accuracy for r in mine], s=18, edgecolors=colors[label],
+                 facecolors=["white" if r.run_id in edge else colors[label] for r in mine])
     frontier = pareto_frontier([(r.state_bytes, r.accuracy) for r in members])
+    frontier.append((max(r.state_bytes for r in members), frontier[-1][1]))  # flat to the largest state
     ax.step(*zip(*frontier), where="post", color="black", lw=1, ls="--", label="Pareto frontier")
-    ax.set(xscale="log", xlabel="recurrent state (bytes / sequence)", ylabel="MQAR accuracy",
+    if any(r.run_id in edge for r in members):
+      ax.scatter([], [], s=18, edgecolors="gray", facecolors="white", label="best lr at grid edge")
+    ax.set(xscale="log", xlabel="recurrent state (bytes / sequence)", ylabel="MQAR accuracy (best lr)",
            ylim=(-0.02, 1.02), title=f"seq_len {seq_len}, {kv} kv pairs")
+    _log_ticks(ax.xaxis, [r.state_bytes for r in members], max_ticks=6)
     ax.legend(fontsize=7, loc="lower right")
   return _save(fig, out, "state_tradeoff.png")
 
@@ -559,43 +856,124 @@ def plot_position(run: Run, out: str, problems: list[str]) -> str | None:
   return _save(fig, out, f"position_{_safe(run.run_id)}.png")
 
 
-def window_ablation(runs: list[Run]) -> dict[str, dict[int, dict[str, float]]]:
-  """panel (size) → seq_len → bar (label + window) → best eval loss; empty unless a window is swept."""
-  done = [r for r in runs if r.status == FINISHED and r.loss is not None and r.loss_source != "train"]
-  swept = {r.label for r in done if r.window is not None} & {
-      label for label in {r.label for r in done} if len({r.window for r in done if r.label == label}) > 1}
-  if not swept:
-    return {}
-  seq_lens = {r.seq_len for r in done if r.label in swept}
-  table: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-  for r in done:
+GLOBAL = "global"
+
+
+def _window_line(run: Run) -> tuple[str, int | None]:
+  """(label, window) of an ablation line; global attention (no SWA layer) has window None."""
+  return run.label, run.window
+
+
+def _line_text(label: str, window: int | None) -> str:
+  return f"{label} w={window}" if window is not None else f"{label} ({GLOBAL})"
+
+
+@dataclasses.dataclass
+class WindowAblation:
+  """panel (size) → (label, window) → seq_len → the best run (lowest eval loss over lr etc.).
+
+  ``by`` is ``"window"`` when some label sweeps its window (loss against window, one line per
+  (label, seq_len), global attention as a horizontal line), else ``"seq_len"`` (loss against the
+  training length, one line per (label, window)).
+  """
+  panels: dict[str, dict[tuple[str, int | None], dict[int, Run]]]
+  by: str
+
+
+def window_ablation(runs: list[Run]) -> WindowAblation | None:
+  """The window study of Griffin (App. E): SWA stacks against each other's windows or global attention.
+
+  Present when language-model runs with an SWA layer either sweep the window within a label, or sit
+  beside global attention runs (no SWA layer, with attention) at two or more shared training lengths.
+  """
+  done = [r for r in runs if r.status == FINISHED and r.loss is not None and r.loss_source != "train"
+          and not r.is_mqar]  # MQAR is compared by accuracy (the MQAR plots), not eval loss
+  local = [r for r in done if r.window is not None]
+  global_ = [r for r in done if r.window is None and "attention" in r.mixers]
+  windows_by_label = defaultdict(set)
+  for r in local:
+    windows_by_label[r.label].add(r.window)
+  swept = any(len(w) > 1 for w in windows_by_label.values())
+  beside_global = len({r.seq_len for r in local} & {r.seq_len for r in global_}) >= 2
+  if not local or not (swept or beside_global):
+    return None
+  seq_lens = {r.seq_len for r in local}
+  panels: dict[str, dict] = defaultdict(lambda: defaultdict(dict))
+  for r in local + global_:
     if r.seq_len not in seq_lens:
       continue
     panel = r.model.get("size") or f"d_model {r.model.get('d_model')}"
-    bar = r.label + (f" w={r.window}" if r.window is not None else "")
-    table[panel][r.seq_len][bar] = min(r.loss, table[panel][r.seq_len].get(bar, math.inf))
-  return table
+    line = panels[panel][_window_line(r)]
+    if r.seq_len not in line or r.loss < line[r.seq_len].loss:
+      line[r.seq_len] = r
+  return WindowAblation({k: dict(v) for k, v in sorted(panels.items())}, "window" if swept else "seq_len")
 
 
-def plot_window_ablation(table, out: str) -> str | None:
-  if not table:
+def _line_order(line: tuple[str, int | None]):
+  return (line[0], line[1] if line[1] is not None else math.inf)
+
+
+def plot_window_ablation(ablation: WindowAblation | None, out: str) -> str | None:
+  if ablation is None:
     return None
-  fig, axes = _figure(len(table), 6.0, 3.6)
-  bar_key = lambda b: (b.split(" w=")[0], int(b.split(" w=")[1]) if " w=" in b else math.inf)
-  bars = sorted({b for panel in table.values() for row in panel.values() for b in row}, key=bar_key)
-  colors = dict(zip(bars, _colors_seq(len(bars))))
-  for ax, (panel, rows) in zip(axes, sorted(table.items())):
-    seq_lens = sorted(rows)
-    width = 0.8 / len(bars)
-    for i, b in enumerate(bars):
-      xs = [k + (i - (len(bars) - 1) / 2) * width for k, t in enumerate(seq_lens) if b in rows[t]]
-      ax.bar(xs, [rows[t][b] for t in seq_lens if b in rows[t]], width=width, color=colors[b], label=b)
-    ax.set_xticks(range(len(seq_lens)), [str(t) for t in seq_lens])
-    losses = [v for row in rows.values() for v in row.values()]
-    ax.set_ylim(min(losses) * 0.97, max(losses) * 1.01)
-    ax.set(xlabel="training sequence length", ylabel="eval loss", title=f"window ablation ({panel})")
+  fig, axes = _figure(len(ablation.panels), 5.6, 3.8)
+  for ax, (panel, lines) in zip(axes, ablation.panels.items()):
+    losses = [r.loss for line in lines.values() for r in line.values()]
+    if ablation.by == "seq_len":
+      colors = _colors(_line_text(*line) for line in lines)
+      seq_lens = sorted({t for line in lines.values() for t in line})
+      for line in sorted(lines, key=_line_order):
+        ts = sorted(lines[line])
+        text = _line_text(*line)
+        ax.plot(ts, [lines[line][t].loss for t in ts], marker="o", color=colors[text], label=text,
+                ls="--" if line[1] is None else "-")
+      ax.set_xscale("log", base=2)
+      ax.set_xlim(seq_lens[0] / 1.3, seq_lens[-1] * 1.3)
+      ax.set_xticks(seq_lens, [str(t) for t in seq_lens])
+      ax.set(xlabel="training sequence length", title=f"eval loss vs training length ({panel})")
+    else:
+      seq_lens = sorted({t for line in lines.values() for t in line})
+      t_colors = dict(zip(seq_lens, _colors_seq(len(seq_lens))))
+      styles = dict(zip(sorted({label for label, w in lines if w is not None}), ("-", "-.", ":", (0, (5, 1)))))
+      markers = dict(zip(styles, "osD^v"))
+      windows = sorted({w for _, w in lines if w is not None})
+      by_label = defaultdict(dict)  # (label, T) → window → loss
+      for (label, w), line in lines.items():
+        for t, r in line.items():
+          if w is not None:
+            by_label[(label, t)][w] = r.loss
+          else:
+            ax.axhline(r.loss, color=t_colors[t], ls="--", lw=1, label=f"{label} ({GLOBAL}), T={t}")
+      for (label, t), by_w in sorted(by_label.items()):
+        ws = sorted(by_w)
+        ax.plot(ws, [by_w[w] for w in ws], color=t_colors[t], ls=styles.get(label, "-"),
+                marker=markers.get(label, "o"), label=f"{label}, T={t}")
+      ax.set_xscale("log", base=2)
+      ax.set_xlim(windows[0] / 1.3, windows[-1] * 1.3)
+      ax.set_xticks(windows, [str(w) for w in windows])
+      ax.set(xlabel="local attention window", title=f"eval loss vs window ({panel})")
+    ax.xaxis.set_minor_locator(_null_locator())
+    ax.xaxis.set_minor_formatter(_null_formatter())
+    pad = 0.08 * (max(losses) - min(losses) or abs(max(losses)) * 0.05 or 0.05)
+    ax.set_ylim(min(losses) - pad, max(losses) + pad)
+    ax.set_ylabel("eval loss (best lr)")
     ax.legend(fontsize=7)
   return _save(fig, out, "window_ablation.png")
+
+
+def window_ablation_table(ablation: WindowAblation) -> list[str]:
+  """One markdown table per panel: a row per line, a column per training length (loss and its lr)."""
+  md = []
+  for panel, lines in ablation.panels.items():
+    seq_lens = sorted({t for line in lines.values() for t in line})
+    rows = []
+    for line in sorted(lines, key=_line_order):
+      rows.append([_line_text(*line)] + [f"{lines[line][t].loss:.4f} (lr {_lr_text(run_lr(lines[line][t]))})"
+                                         if t in lines[line] else "—" for t in seq_lens])
+    if len(ablation.panels) > 1:
+      md += [f"{panel}:", ""]
+    md += _table(["mixer", *(f"T={t}" for t in seq_lens)], rows) + [""]
+  return md
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -603,6 +981,10 @@ def plot_window_ablation(table, out: str) -> str | None:
 
 def _num(v, spec: str = ".3g") -> str:
   return "—" if v is None else format(v, spec)
+
+
+def _ratio(v: float) -> str:
+  return f"{v:.2f}" if v < 10 else f"{v:.3g}"
 
 
 def _count(v) -> str:
@@ -641,8 +1023,150 @@ def missing_points(root: str, runs: list[Run], problems: list[str]) -> tuple[lis
   return rows, True
 
 
+def _json_safe(obj):
+  """NaN / ±inf → None (strict JSON), tuples → lists, recursively."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {str(k): _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return _json_safe(obj.item())
+  return obj
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[SeriesFit], curves: list[IsoFlop],
+                figures: list[str], missing: list[list[str]]) -> dict:
+  """What ``report.json`` holds: every run (resolved config + summary), the per-cell bests and the fits."""
+  cell_of = {r.run_id: i for i, c in enumerate(cells) for r in c.runs}
+  best_ids = {c.best.run_id for c in cells if c.best is not None}
+  runs_out = []
+  for r in runs:
+    runs_out.append({
+        "run_id": r.run_id, "status": r.status, "label": r.label, "series": r.series, "lr": run_lr(r),
+        "cell": cell_of.get(r.run_id), "best_in_cell": r.run_id in best_ids,
+        "flops": r.flops, "flops_source": r.flops_source, "loss": r.loss, "loss_source": r.loss_source,
+        "accuracy": r.accuracy, "config": r.config, "summary": r.summary})
+  cells_out = []
+  for i, c in enumerate(cells):
+    by_lr = {run_lr(r): r for r in c.runs}
+    cells_out.append({
+        "cell": i, "name": c.name, "label": c.label, "fields": c.fields, "metric": c.metric,
+        "higher_is_better": c.higher_is_better, "best_lr": c.best_lr,
+        "best_metric": c.scores.get(c.best_lr) if c.best_lr is not None else None,
+        "best_run": c.best.run_id if c.best else None, "tied_lrs": c.winners, "edge": c.edge,
+        "lrs": [{"lr": lr, "metric": c.scores.get(lr), "run_id": by_lr[lr].run_id if lr in by_lr else None,
+                 "status": by_lr[lr].status if lr in by_lr else "not started"} for lr in c.grid],
+        "missing": [{"lr": lr, "reason": why} for lr, why in c.missing]})
+  fits_out = []
+  for f in fits:
+    fit = f.fit
+    fits_out.append({
+        "series": f.series, "n_budgets": len(f.frontier), "flops_span": f.span, "plotted": f.plottable,
+        "frontier": [list(p) for p in f.frontier], "note": f.note,
+        "E": fit.E if fit else None, "A": fit.A if fit else None, "alpha": fit.alpha if fit else None,
+        "alpha_ci": list(fit.alpha_ci) if fit and fit.alpha_ci else None,
+        "E_ci": list(fit.E_ci) if fit and fit.E_ci else None, "n": fit.n if fit else None,
+        "n_bootstrap": fit.n_bootstrap if fit else 0})
+  iso_out = [{"series": c.series, "budget": c.budget, "points": [list(p) for p in c.points],
+              "n_opt": c.fit.n_opt if c.fit else None, "loss_opt": c.fit.loss_opt if c.fit else None,
+              "coeffs": list(c.fit.coeffs) if c.fit else None} for c in curves]
+  return _json_safe({"root": root, "generated_by": f"python -m launch report {root}", "runs": runs_out,
+                     "cells": cells_out, "fits": fits_out, "isoflop": iso_out, "figures": figures,
+                     "missing": [{"run_id": a, "state": b, "point": c} for a, b, c in missing]})
+
+
+def learning_rate_section(cells: list[Cell]) -> list[str]:
+  """Markdown: the protocol, a row per cell with every lr's metric, the flagged and incomplete cells."""
+  md = ["## Learning rates", ""]
+  multi = [c for c in cells if len(c.grid) > 1]
+  if not multi:
+    lrs = sorted({lr for c in cells for lr in c.grid})
+    md += [f"Every cell ran at a single learning rate ({', '.join(_lr_text(lr) for lr in lrs) or 'none recorded'}): "
+           "no learning rate was selected, and these runs cannot tell whether another would do better.", ""]
+    return md
+  lrs = sorted({lr for c in cells for lr in c.grid})
+  md += ["A cell is one configuration (every config field but `train.lr`); its best learning rate is kept "
+         "(MQAR: highest eval accuracy; otherwise lowest eval loss), and only that run enters the MQAR plots "
+         "and tables. **edge** = the best learning rate is the smallest or largest the cell tried, so the "
+         "optimum may lie outside the grid. Best value in bold.", ""]
+  rows = []
+  for c in cells:
+    cols = []
+    for lr in lrs:
+      if lr in c.not_started:
+        cols.append("not started")
+      elif lr not in c.scores:
+        cols.append("")
+      elif c.scores[lr] is None:
+        cols.append(c.reasons[lr])
+      else:
+        text = _num(c.scores[lr], ".3f" if c.higher_is_better else ".4f")
+        cols.append(f"**{text}**" if lr == c.best_lr else text)
+    note = []
+    if c.edge:
+      note.append("edge")
+    if c.missing:
+      note.append("missing " + ", ".join(f"{_lr_text(lr)} ({why})" for lr, why in c.missing))
+    rows.append([c.name, "accuracy" if c.higher_is_better else "eval loss", *cols, _lr_text(c.best_lr),
+                 "; ".join(note)])
+  md += _table(["cell", "metric", *(f"lr {_lr_text(lr)}" for lr in lrs), "best lr", "flag"], rows) + [""]
+  edge = [c for c in cells if c.edge]
+  md += [f"Best learning rate at the edge of the grid ({len(edge)} of {len(cells)} cells): "
+         + (", ".join(f"{c.name} (lr {_lr_text(c.best_lr)})" for c in edge) if edge else "none") + ".", ""]
+  incomplete = [c for c in cells if c.missing]
+  if incomplete:
+    md += [f"Cells missing learning rates ({len(incomplete)}): "
+           + "; ".join(f"{c.name}: " + ", ".join(f"{_lr_text(lr)} {why}" for lr, why in c.missing) for c in incomplete)
+           + ".", ""]
+  single = [c for c in cells if len(c.grid) == 1]
+  if single:
+    md += [f"{len(single)} cell(s) ran at one learning rate only (no selection): "
+           + ", ".join(c.name for c in single) + ".", ""]
+  return md
+
+
+def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:
+  """Markdown: per (seq_len, kv pairs), MQAR accuracy of each mixer at each width, with its winning lr."""
+  table = mqar_width_table(best)
+  if not table:
+    return []
+  cell_of = {c.best.run_id: c for c in cells if c.best is not None}
+  md = []
+  for (seq_len, kv), lines in table.items():
+    widths = sorted({d for line in lines.values() for d in line})
+    rows = []
+    for key, by_width in lines.items():
+      cols = []
+      for w in widths:
+        r = by_width.get(w)
+        if r is None:
+          cols.append("—")
+          continue
+        c = cell_of.get(r.run_id)
+        lr = f"lr {_lr_text(run_lr(r))}"
+        if c is not None and len(c.grid) > 1:
+          lr += f" of {len(c.grid)}"
+        flags = ((" **edge**" if c is not None and c.edge else "")
+                 + (" (incomplete)" if c is not None and c.missing else ""))
+        cols.append(f"{r.accuracy:.3f} ({lr}){flags}")
+      rows.append([key, *cols])
+    md += [f"seq_len {seq_len}, {kv} kv pairs — accuracy of the best learning rate "
+           "(lr shown; \"of n\": lrs tried):", ""]
+    md += _table(["mixer", *(f"d_model {w}" for w in widths)], rows) + [""]
+  return md
+
+
 def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) -> str:
-  """Write ``out/report.md`` and its PNGs; returns the path of report.md."""
+  """Write ``out/report.md``, ``out/report.json`` and the PNGs; returns the path of report.md."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -650,20 +1174,63 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
   runs = load_runs(root, problems)
   assign_labels(runs)
   os.makedirs(out, exist_ok=True)
-  runs.sort(key=lambda r: (r.label, r.non_embedding_params or 0, r.series, r.seq_len or 0, r.run_id))
+  runs.sort(key=lambda r: (r.label, r.non_embedding_params or 0, r.series, r.seq_len or 0, run_lr(r) or 0, r.run_id))
   name = os.path.basename(os.path.normpath(root))
   done = [r for r in runs if r.status == FINISHED]
   md = [f"# {name}", "",
         f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'} in `{root}`, {len(done)} finished. "
-        f"Generated by `python -m launch report {root}`.", ""]
+        f"Generated by `python -m launch report {root}`; every run's config and summary, the per-cell "
+        "learning-rate choice and the fits are in `report.json`.", ""]
+  figures: list[str] = []
+
+  manifest = _read_json(os.path.join(root, MANIFEST_FILE), [])  # missing_points reports an unreadable one
+  started = {r.run_id for r in runs}
+  pending = [e.get("point") or {} for e in (manifest.get("points", []) if isinstance(manifest, dict) else [])
+             if isinstance(e, dict) and e.get("run_id") not in started]
+  cells = learning_rate_cells(runs, pending)
+  best = best_runs(runs, cells)
+  edge = frozenset(c.best.run_id for c in cells if c.edge and c.best is not None)
+
+  # The study's own question first: the window ablation, then MQAR accuracy; loss vs FLOPs after.
+  ablation = window_ablation(best)
+  figure = plot_window_ablation(ablation, out)
+  if figure:
+    figures.append(figure)
+    what = ("against the window, one line per mixer and training length (global attention: dashed horizontal line)"
+            if ablation.by == "window" else
+            "against the training sequence length, one line per mixer and window (global attention dashed)")
+    md += ["## Window ablation", "", f"Eval loss of the best learning rate {what} (Griffin App. E). Tokens per "
+           "run are as the sweep set them; the run table lists them.", "", f"![window ablation]({figure})", ""]
+    md += window_ablation_table(ablation)
+
+  figure = plot_mqar_width(best, out, edge)
+  if figure:
+    figures.append(figure)
+    md += ["## MQAR accuracy vs width", "",
+           "Accuracy vs d_model, one line per mixer, one panel per (seq_len, kv pairs) (Zoology Fig. 2); each "
+           "point is its cell's best learning rate" + (" (hollow: best lr at the edge of the grid)." if edge else "."),
+           "", f"![MQAR accuracy vs width]({figure})", ""]
+  md += mqar_table_section(best, cells)
+  figure = plot_state_tradeoff(best, out, edge)
+  if figure:
+    figures.append(figure)
+    md += ["## MQAR accuracy vs state size", "", "Accuracy of each cell's best learning rate vs recurrent state "
+           "bytes per sequence; dashed: Pareto frontier (Based Fig. 2).", "",
+           f"![MQAR accuracy vs state size]({figure})", ""]
 
   fits = fit_series(runs, n_bootstrap=n_bootstrap, seed=seed)
   figure = plot_loss_vs_flops(runs, fits, out)
   if figure:
+    figures.append(figure)
+    left_out = [f.series for f in fits if not f.plottable]
     md += ["## Loss vs training FLOPs", "",
-           "Each mixer's compute frontier (its lowest loss per budget, solid dots; other runs faded) fitted with "
+           f"Series with ≥ {fit_lib.MIN_POINTS} budgets spanning ≥ {MIN_FLOPS_SPAN:g}× in FLOPs: each one's "
+           "compute frontier (its lowest loss per budget, solid dots; other runs faded) fitted with "
            "L(C) = E + A·C^(−α) (Huber δ=1e-3 on log loss, L-BFGS-B from a grid; 95% percentile bootstrap "
-           f"interval of α over {n_bootstrap} resamples of the runs).", "", f"![loss vs FLOPs]({figure})", ""]
+           f"interval of α over {n_bootstrap} resamples of the runs)."
+           + (f" Not plotted (too few budgets or too narrow a FLOPs range): {', '.join(left_out)}."
+              if left_out else ""),
+           "", f"![loss vs FLOPs]({figure})", ""]
     rows = []
     for f in fits:
       if f.fit:
@@ -672,10 +1239,17 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
       else:
         rows.append([f.series, str(len(f.frontier)), "—", "—", "—", "—", f.note])
     md += _table(["mixer", "n", "E", "A", "α", "95% CI (α)", "note"], rows) + [""]
+  elif fits:
+    flops = [c for f in fits for c, _ in f.frontier]
+    md += ["## Loss vs training FLOPs", "",
+           f"Not drawn, and no scaling fit: no series has ≥ {fit_lib.MIN_POINTS} budgets spanning ≥ "
+           f"{MIN_FLOPS_SPAN:g}× in training FLOPs (these runs span {min(flops):.3g} to {max(flops):.3g} FLOPs, "
+           f"{_ratio(max(flops) / min(flops))}×).", ""]
 
   curves = isoflop_curves(runs)
   figure = plot_isoflop(curves, out)
   if figure:
+    figures.append(figure)
     md += ["## IsoFLOP curves", "",
            "Loss vs non-embedding params at each budget, parabola in log params; its vertex is the compute-optimal "
            "size N*.", "", f"![isoFLOP]({figure})", ""]
@@ -690,25 +1264,15 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
         md += [f"- {s}: N* ∝ C^{line[1]:.3f} over {len(optima)} budgets"]
     md += [""]
 
-  sections = []
-  for plot, title in ((plot_mqar_width, "MQAR accuracy vs width"),
-                      (plot_state_tradeoff, "MQAR accuracy vs state size")):
-    figure = plot(runs, out)
-    if figure:
-      sections += [f"## {title}", "", f"![{title}]({figure})", ""]
-  md += sections
-
-  table = window_ablation(runs)
-  figure = plot_window_ablation(table, out)
-  if figure:
-    md += ["## Window ablation", "", "Eval loss per window (best over the other swept fields), grouped by training "
-           "sequence length (Griffin Fig. 9 layout).", "", f"![window ablation]({figure})", ""]
+  if cells:
+    md += learning_rate_section(cells)
 
   eval_figures = []
   for r in runs:
     for plot in (plot_retrieval, plot_position):
       figure = plot(r, out, problems)
       if figure:
+        figures.append(figure)
         eval_figures.append(f"![{r.run_id}]({figure})")
   mqar_evals = [r for r in runs if isinstance(r.evals.get("mqar"), dict)]
   loss_evals = [r for r in runs if isinstance(r.evals.get("loss"), dict)]
@@ -723,26 +1287,31 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
       rows.append([f"`{r.run_id}`", r.label, r.window_text] + [_num(_finite(by_length.get(n)), ".4f") for n in lengths])
     md += ["Held-out loss at each evaluated length (`eval/loss.json`):", ""]
     md += _table(["run", "mixer", "window"] + [f"L={n}" for n in lengths], rows) + [""]
-    for r in mqar_evals:
-      e = r.evals["mqar"]
-      try:
-        rows = [[str(n), str(k), _num(_finite(a), ".3f")]
-                for n, k, a in zip(e["lengths"], e["num_kv_pairs"], e["accuracy"])]
-      except (KeyError, TypeError):
-        problems.append(f"`{r.run_id}/eval/mqar.json` lacks lengths / num_kv_pairs / accuracy lists; skipped")
-        continue
-      md += [f"MQAR at other lengths, {r.label} (`{r.run_id}`):", ""]
-      md += _table(["length", "kv pairs", "accuracy"], rows) + [""]
+  for r in mqar_evals:
+    e = r.evals["mqar"]
+    try:
+      rows = [[str(n), str(k), _num(_finite(a), ".3f")]
+              for n, k, a in zip(e["lengths"], e["num_kv_pairs"], e["accuracy"])]
+    except (KeyError, TypeError):
+      problems.append(f"`{r.run_id}/eval/mqar.json` lacks lengths / num_kv_pairs / accuracy lists; skipped")
+      continue
+    md += [f"MQAR at other lengths, {r.label} (`{r.run_id}`):", ""]
+    md += _table(["length", "kv pairs", "accuracy"], rows) + [""]
 
   md += ["## Runs", ""]
   rows = []
+  chosen = {c.best.run_id for c in cells if c.best is not None and len(c.scores) > 1}
   for r in runs:
     flops = _num(r.flops) + ("*" if r.flops_source == "6·params·tokens" else "")
     loss = _num(r.loss, ".4f") + (" (train)" if r.loss_source == "train" else "")
-    rows.append([f"`{r.run_id}`", r.status, r.label, _count(r.non_embedding_params), r.window_text, _count(r.params),
-                 flops, _count(r.tokens), loss, _num(r.accuracy, ".3f"), _num(r.tokens_per_sec, ",.0f")])
-  md += _table(["run", "status", "mixer", "size (non-emb.)", "window", "params", "FLOPs", "tokens", "eval loss",
-                "accuracy", "tokens/s"], rows) + [""]
+    lr = _lr_text(run_lr(r)) + (" (best)" if r.run_id in chosen else "")
+    rows.append([f"`{r.run_id}`", r.status, r.label, _count(r.non_embedding_params), r.window_text, lr,
+                 _count(r.params), flops, _count(r.tokens), loss, _num(r.accuracy, ".3f"),
+                 _num(r.tokens_per_sec, ",.0f")])
+  md += _table(["run", "status", "mixer", "size (non-emb.)", "window", "lr", "params", "FLOPs", "tokens",
+                "eval loss", "accuracy", "tokens/s"], rows) + [""]
+  if chosen:
+    md += ["(best) = the run its cell keeps (the best of the learning rates it tried).", ""]
   approx = [r.run_id for r in runs if r.flops_source == "6·params·tokens"]
   if approx:
     md += [f"\\* FLOPs approximated as 6 · params · tokens (summary.json has no FLOP accounting) for "
@@ -766,10 +1335,10 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
 
   if problems:
     md += ["## Notes", ""] + [f"- {p}" for p in problems] + [""]
+  data = report_data(root, runs, cells, fits, curves, figures, missing)
+  _write_atomic(os.path.join(out, "report.json"), json.dumps(data, indent=1, allow_nan=False) + "\n")
   path = os.path.join(out, "report.md")
-  with open(path + ".tmp", "w") as f:
-    f.write("\n".join(md))
-  os.replace(path + ".tmp", path)
+  _write_atomic(path, "\n".join(md))
   return path
 
 

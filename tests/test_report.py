@@ -200,7 +200,7 @@ def test_isoflop_curves(tmp_path):
 
 
 def test_window_ablation_and_too_few_points(tmp_path):
-  """Swept windows → the ablation bars; a mixer with 2 budgets → listed, not fitted; no sweep.json."""
+  """Swept windows → loss vs window; too few budgets → no loss-vs-FLOPs plot or fit; no sweep.json."""
   root = str(tmp_path / "griffin")
   for seq_len in (64, 128):
     for window in (8, 16, 32):
@@ -212,11 +212,141 @@ def test_window_ablation_and_too_few_points(tmp_path):
   md = (tmp_path / "out" / "report.md").read_text()
   assert (tmp_path / "out" / "window_ablation.png").stat().st_size > 1000
   assert "](window_ablation.png)" in md and not (tmp_path / "out" / "isoflop.png").exists()
-  fits = _section(md, "Loss vs training FLOPs")
-  assert re.search(r"^\| attention \| 2 \| — \| — \| — \| — \| 2 budget\(s\): no fit", fits, flags=re.M)
+  ablation = _section(md, "Window ablation")
+  assert "against the window" in ablation
+  assert "| rglru+swa (griffin) w=8 | 1.8560 (lr 1e-3) | 1.7920 (lr 1e-3) |" in ablation
+  assert "| attention (global) | 1.9500 (lr 1e-3) | — |" in ablation
+  # attention has 2 budgets, each griffin series 1: nothing to fit, so no plot and no section claiming fits.
+  assert not (tmp_path / "out" / "loss_vs_flops.png").exists() and "](loss_vs_flops.png)" not in md
+  assert _section(md, "Loss vs training FLOPs").strip().startswith("Not drawn, and no scaling fit: no series")
+  fits = {f["series"]: f for f in json.loads((tmp_path / "out" / "report.json").read_text())["fits"]}
+  assert fits["attention"]["note"].startswith("2 budget(s): no fit") and fits["attention"]["alpha"] is None
   # Series split by the fields that vary within a label: window and seq_len for the griffin runs.
-  assert "| rglru+swa (griffin) w=8 T=64 | 1 |" in fits
+  assert "rglru+swa (griffin) w=8 T=64" in fits
   assert "No readable `sweep.json`" in _section(md, "Missing")
+
+
+def test_near_constant_flops_draws_the_length_ablation_not_loss_vs_flops(tmp_path):
+  """griffin_window:gpu's shape: Griffin-1024 and global attention at 3 lengths, one budget → loss vs length."""
+  root = str(tmp_path / "gw")
+  for seq_len, (griffin, attention) in {2048: (1.07, 1.23), 4096: (1.11, 1.35), 8192: (1.18, 1.41)}.items():
+    for pattern, loss in ((("rglru", "rglru", "swa"), griffin), (("attention",), attention)):
+      config = _config(pattern, 256, window=1024, seq_len=seq_len, size="5m", data="text")
+      # Tokens fixed: FLOPs within 1% of each other (≥ 3 points per series would not help: span < 3×).
+      write_run(root, f"gw-{pattern[0]}-{seq_len}", config, loss=loss, non_embedding=4.5e6 * (1 + seq_len / 1e6),
+                tokens=16.4e6)
+  assert report.main([root, "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+  out = tmp_path / "out"
+  md = (out / "report.md").read_text()
+  assert not (out / "loss_vs_flops.png").exists() and "](loss_vs_flops.png)" not in md and "fits L" not in md
+  assert "span 4.44e+14 to 4.46e+14 FLOPs, 1.01×" in _section(md, "Loss vs training FLOPs")
+  assert md.index("## Window ablation") < md.index("## Runs")  # the headline comes first
+  ablation = _section(md, "Window ablation")
+  assert "against the training sequence length" in ablation and "](window_ablation.png)" in ablation
+  assert "| mixer | T=2048 | T=4096 | T=8192 |" in ablation
+  assert "| rglru+swa (griffin) w=1024 | 1.0700 (lr 1e-3) | 1.1100 (lr 1e-3) | 1.1800 (lr 1e-3) |" in ablation
+  assert "| attention (global) | 1.2300 (lr 1e-3) | 1.3500 (lr 1e-3) | 1.4100 (lr 1e-3) |" in ablation
+  data = json.loads((out / "report.json").read_text())
+  assert data["figures"] == ["window_ablation.png"]
+  assert not any(f["plotted"] for f in data["fits"])
+  # Three budgets but a 1.01× span: the series is not fitted either.
+  wide = report.SeriesFit("s", None, [(1e14, 2.0), (1.005e14, 1.9), (1.01e14, 1.8)])
+  assert not wide.plottable and report.SeriesFit("s", None, [(1e14, 2.0), (1e15, 1.9), (1e16, 1.8)]).plottable
+
+
+LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
+
+
+def test_learning_rate_cells_best_edge_and_missing(tmp_path):
+  """Zoology's protocol: 4 lrs per cell, the best kept, edges flagged, missing lrs named."""
+  root = str(tmp_path / "mqar")
+  accuracy = {  # (mixer, d_model) → accuracy per lr of LRS; None: failed; "pending": in sweep.json, not started
+      ("attention", 64): [0.5, 0.9, 0.7, 0.3],          # interior best (lr 4.6e-4)
+      ("attention", 128): [0.2, 0.4, 0.6, 0.95],        # best at the largest lr → edge
+      ("based", 64): [1.0, 1.0, 1.0, 1.0],              # all tied → the middle of the grid, no edge
+      ("based", 128): [0.8, 0.6, "pending", None],      # best at the smallest lr → edge; two lrs missing
+  }
+  points = []
+  for (mixer, d), accs in accuracy.items():
+    for lr, acc in zip(LRS, accs):
+      run_id = f"{mixer}-{d}-{lr:.1e}"
+      points.append({"run_id": run_id, "point": {"model.pattern": [mixer], "model.d_model": d, "train.lr": lr}})
+      if acc == "pending":
+        continue
+      config = _config((mixer,), d)
+      config["train"]["lr"] = lr
+      write_run(root, run_id, config, status="failed" if acc is None else "done", loss=1.0 - (acc or 0),
+                accuracy=acc, state_bytes=100.0 * d * (2 if mixer == "attention" else 1))
+  _write(os.path.join(root, "sweep.json"), {"points": points})
+  assert report.main([root, "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+  out = tmp_path / "out"
+  data = json.loads((out / "report.json").read_text())
+  cells = {(c["label"], c["fields"]["model.d_model"]): c for c in data["cells"]}
+  assert len(cells) == 4
+  assert cells[("attention", 64)]["best_lr"] == LRS[1] and not cells[("attention", 64)]["edge"]
+  assert cells[("attention", 128)]["best_lr"] == LRS[3] and cells[("attention", 128)]["edge"]
+  assert cells[("attention", 128)]["best_metric"] == 0.95 and cells[("attention", 128)]["metric"] == "eval_accuracy"
+  assert cells[("based", 64)]["tied_lrs"] == list(LRS) and cells[("based", 64)]["best_lr"] == LRS[1]
+  assert not cells[("based", 64)]["edge"]
+  based = cells[("based", 128)]
+  assert based["best_lr"] == LRS[0] and based["edge"]
+  assert based["missing"] == [{"lr": LRS[2], "reason": "not started"}, {"lr": LRS[3], "reason": "failed"}]
+  assert [x["lr"] for x in based["lrs"]] == list(LRS)
+
+  md = (out / "report.md").read_text()
+  lrs = _section(md, "Learning rates")
+  assert "| cell | metric | lr 1e-4 | lr 4.6e-4 | lr 2.2e-3 | lr 1e-2 | best lr | flag |" in lrs
+  assert "| attention d_model=128 | accuracy | 0.200 | 0.400 | 0.600 | **0.950** | 1e-2 | edge |" in lrs
+  row = next(l for l in lrs.splitlines() if l.startswith("| based d_model=128 |"))
+  assert ("| **0.800** | 0.600 | not started | failed | 1e-4 | edge; missing 2.2e-3 (not started), 1e-2 (failed) |"
+          in row)
+  assert "edge of the grid (2 of 4 cells): attention d_model=128 (lr 1e-2), based d_model=128 (lr 1e-4)" in lrs
+  assert "Cells missing learning rates (1)" in lrs
+  # The MQAR table and plots use each cell's best run, with its lr.
+  width = _section(md, "MQAR accuracy vs width")
+  assert "| attention | 0.900 (lr 4.6e-4 of 4) | 0.950 (lr 1e-2 of 4) **edge** |" in width
+  assert "| based | 1.000 (lr 4.6e-4 of 4) | 0.800 (lr 1e-4 of 4) **edge** (incomplete) |" in width
+  assert (out / "mqar_vs_width.png").stat().st_size > 1000 and (out / "state_tradeoff.png").stat().st_size > 1000
+  runs = _section(md, "Runs")
+  assert re.search(r"^\| `attention-128-1\.0e-02` \| done \| attention \| [^|]+ \| — \| 1e-2 \(best\) \|", runs,
+                   flags=re.M)
+
+
+def test_report_json_holds_every_run_and_the_fits(sweep):
+  root, md = sweep
+  with open(os.path.join(root, "report", "report.json")) as f:
+    data = json.load(f)
+  run_dirs = {d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "config.json"))}
+  assert {r["run_id"] for r in data["runs"]} == run_dirs and len(data["runs"]) == len(run_dirs)
+  for r in data["runs"]:
+    with open(os.path.join(root, r["run_id"], "config.json")) as f:
+      assert r["config"] == json.load(f)
+    with open(os.path.join(root, r["run_id"], "summary.json")) as f:
+      assert r["summary"] == json.load(f)
+  # The fits table of report.md and the fits of report.json agree.
+  fits = {f["series"]: f for f in data["fits"]}
+  table = _section(md, "Loss vs training FLOPs")
+  for label in LAWS:
+    row = next(l for l in table.splitlines() if l.startswith(f"| {label} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert f"{fits[label]['alpha']:.4f}" == cells[4] and f"{fits[label]['E']:.4g}" == cells[2]
+    assert fits[label]["plotted"] and len(fits[label]["alpha_ci"]) == 2 and fits[label]["n"] == len(WIDTHS)
+  assert {m["run_id"] for m in data["missing"]} == {"fake-failed", "fake-pending"}
+  assert not any(name.endswith(".tmp") or ".tmp" in name for name in os.listdir(os.path.join(root, "report")))
+  try:
+    import pandas
+  except ImportError:
+    return
+  frame = pandas.json_normalize(data["runs"])
+  assert len(frame) == len(run_dirs) and "config.model.d_model" in frame and "summary.eval.eval_loss" in frame
+
+
+def test_log_ticks_are_few_round_and_inside_the_range():
+  for lo, hi in ((4.50e14, 4.53e14), (2.4e12, 4.2e13), (1e10, 1e20), (1.07, 1.41), (0.7, 1.8), (64, 8192)):
+    ticks = report.log_ticks(lo, hi)
+    assert 2 <= len(ticks) <= 7 and ticks == sorted(ticks), (lo, hi, ticks)
+    assert all(lo * 0.999 <= t <= hi * 1.001 for t in ticks), (lo, hi, ticks)
+    assert all(len(report._tick_text(t)) <= 7 for t in ticks), ticks  # "2e13", "1.2", "4.51e14"
 
 
 def test_empty_or_missing_root_is_a_clear_error(tmp_path, capsys):
