@@ -247,8 +247,10 @@ class Trainer:
   has_moe: bool = False
   scan_layers: bool = True  # HybridLM.__call__: compile one layer period, not n_layers layers
   # At most this many labelled positions per row (MQAR: its key–value pairs): only their logits are
-  # computed. 0: every position's.
+  # computed. 0: every position's. Training and evaluation rows may differ (an MQAR mixture tests
+  # longer cells than it trains on).
   label_slots: int = 0
+  eval_label_slots: int = 0
 
   def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -258,17 +260,17 @@ class Trainer:
       model.set_window(window)
     return model
 
-  def _scored(self, model, batch, **kwargs):
-    """``(logits, labels, aux)`` at the scored positions (all, or the ``label_slots`` labelled ones)."""
+  def _scored(self, model, batch, slots: int = 0, **kwargs):
+    """``(logits, labels, aux)`` at the scored positions (all, or the first ``slots`` labelled ones)."""
     labels, positions = batch["labels"], None
-    if self.label_slots:
-      positions = label_positions(labels, self.label_slots)
+    if slots:
+      positions = label_positions(labels, slots)
       labels = jnp.take_along_axis(labels, positions, axis=1)
     logits, aux = model(batch["inputs"], return_aux=True, scan_layers=self.scan_layers, logits_at=positions, **kwargs)
     return logits, labels, aux
 
   def _loss(self, params, batch, window):
-    logits, labels, aux = self._scored(self.model(params, window), batch)
+    logits, labels, aux = self._scored(self.model(params, window), batch, self.label_slots)
     loss_sum, correct, count = lm_loss(logits, labels)
     count = jnp.maximum(count, 1)
     loss = loss_sum / count
@@ -285,7 +287,7 @@ class Trainer:
     return params, opt_state, metrics
 
   def eval_step(self, params, batch):
-    logits, labels, _ = self._scored(self.model(params), batch)
+    logits, labels, _ = self._scored(self.model(params), batch, self.eval_label_slots)
     return lm_loss(logits, labels)
 
 
@@ -313,13 +315,34 @@ def window_for_step(t, step: int, seed: int) -> int | None:
   return int(choices[np.random.default_rng((seed, step)).integers(len(choices))])
 
 
+@jax.jit
+def _labelled_rows(labels):
+  """Rows of ``labels [batch, time]`` with at least one label (a batch's real examples)."""
+  return jnp.sum(jnp.any(labels != data_lib.IGNORE_LABEL, axis=1))
+
+
 def evaluate(trainer: Trainer, eval_step, params, batches) -> dict[str, float]:
+  """Loss, perplexity and accuracy over ``batches``.
+
+  ``eval_loss`` and ``eval_token_accuracy`` pool every labelled position. ``eval_accuracy`` is the
+  mean over examples of each example's accuracy (Zoology's ``valid/accuracy``), computed as the batches'
+  accuracies weighted by their labelled rows — exact when the labelled rows of a batch carry equally
+  many labels, as every batch here does (MQAR: one cell per batch, ``data.eval_batches``; language
+  modelling: every position). When all rows of the set do (one MQAR cell, text), the two accuracies are
+  equal; on a mixture of MQAR cells they differ (a K = 256 example counts 64 × a K = 4 one in the pooled
+  token accuracy, once in ``eval_accuracy``).
+  """
   loss_sum = correct = count = 0.0
+  example_accuracy = examples = 0.0
   for batch in batches:
     l, c, n = jax.device_get(eval_step(params, batch))
     loss_sum, correct, count = loss_sum + float(l), correct + float(c), count + float(n)
+    if float(n):
+      rows = float(jax.device_get(_labelled_rows(batch["labels"])))
+      example_accuracy, examples = example_accuracy + rows * float(c) / float(n), examples + rows
   loss = loss_sum / max(count, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_accuracy": correct / max(count, 1.0)}
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
+          "eval_accuracy": example_accuracy / max(examples, 1.0), "eval_token_accuracy": correct / max(count, 1.0)}
 
 
 @dataclasses.dataclass
@@ -383,7 +406,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   trainer = Trainer(placed.graphdef, placed.abstract_state, placed.tx, moe_balance_weight=t.moe_balance_weight,
                     has_moe=bool(config.model.moe_every),
                     scan_layers=bool(config.runtime.get("scan_layers", True)),
-                    label_slots=data_lib.max_labels_per_row(config.data))
+                    label_slots=data_lib.max_labels_per_row(config.data, "train"),
+                    eval_label_slots=data_lib.max_labels_per_row(config.data, "eval"))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 

@@ -331,6 +331,175 @@ def test_mqar_validation(field, value, seq_len, match):
         data.train_dataset(c, seq_len=seq_len, batch_size=4, seed=0)
 
 
+# ----------------------------------------------------------------------------- MQAR segments
+
+TRAIN_SEGS = ((16, 2, 30), (32, 4, 20), (64, 8, 10))
+EVAL_SEGS = ((16, 4, 5), (64, 8, 7), (128, 16, 3))
+
+
+def segment_config(**overrides):
+    return mqar_config(train_segments=TRAIN_SEGS, eval_segments=EVAL_SEGS, **overrides)
+
+
+def test_mqar_segment_mixture_shapes_and_padding():
+    c = segment_config()
+    ds = data.train_dataset(c, seq_len=SEQ, batch_size=12, seed=0)
+    src = data._source(c, seq_len=SEQ, split="train", workdir=None)
+    assert isinstance(src, mqar.MQARMixture) and len(src) == 60
+    whole = src.gather(np.arange(60))
+    assert whole["inputs"].shape == whole["labels"].shape == (60, SEQ)
+    for (length, k, n), lo in zip(TRAIN_SEGS, src.offsets):
+        x, y = whole["inputs"][lo:lo + n], whole["labels"][lo:lo + n]
+        # Each segment's rows are its own examples (segment key), right-padded with 0 / IGNORE_LABEL.
+        ref = mqar.generate_examples(c.seed, mqar.TRAIN_STREAM, 0, n, seq_len=length,
+                                     vocab_size=c.vocab_size, num_kv_pairs=k, power_a=c.power_a,
+                                     random_non_queries=c.random_non_queries,
+                                     segment=TRAIN_SEGS.index((length, k, n)))
+        np.testing.assert_array_equal(x[:, :length], ref["inputs"])
+        np.testing.assert_array_equal(y[:, :length], ref["labels"])
+        assert (x[:, length:] == 0).all() and (y[:, length:] == data.IGNORE_LABEL).all()
+        assert ((y != data.IGNORE_LABEL).sum(1) == k).all()
+        check_mqar_rows(x[:, :length], y[:, :length], k, c.vocab_size)
+    # One epoch of steps covers the mixture once, shuffled (segments interleaved).
+    epoch = np.concatenate([ds[s]["inputs"] for s in range(5)])
+    assert sorted(map(bytes, epoch)) == sorted(map(bytes, whole["inputs"]))
+    assert not np.array_equal(epoch, whole["inputs"])
+    # Padding carries no loss: the labelled positions all lie inside the example.
+    for s in range(5):
+        y = ds[s]["labels"]
+        assert ((y != data.IGNORE_LABEL).sum(1) <= max(k for _, k, _ in TRAIN_SEGS)).all()
+
+
+def test_mqar_segments_deterministic_and_distinct():
+    c = segment_config()
+    a = data._source(c, seq_len=SEQ, split="train", workdir=None).gather(np.arange(60))
+    b = data._source(segment_config(), seq_len=SEQ, split="train", workdir=None)
+    assert_batches_equal([a], [b.materialize(2).gather(np.arange(60))])
+    other = data._source(segment_config(seed=1), seq_len=SEQ, split="train", workdir=None)
+    assert not np.array_equal(a["inputs"], other.gather(np.arange(60))["inputs"])
+    # A segment's stream differs from the single-cell stream of the same cell (the key's segment + 1).
+    single = mqar.generate_examples(c.seed, mqar.TRAIN_STREAM, 0, 10, seq_len=64, vocab_size=256,
+                                    num_kv_pairs=8, power_a=c.power_a, random_non_queries=True)
+    assert not np.array_equal(single["inputs"], a["inputs"][50:])
+    # Same-shaped segments at different indices differ too.
+    twin = data._source(mqar_config(train_segments=((16, 2, 30), (16, 2, 30)), num_kv_pairs=2), seq_len=16,
+                        split="train", workdir=None).gather(np.arange(60))
+    assert not np.array_equal(twin["inputs"][:30], twin["inputs"][30:])
+    # Resume: the iterator state round-trips on a mixture too.
+    ds = data.train_dataset(c, seq_len=SEQ, batch_size=8, seed=3)
+    it = data.make_iterator(ds)
+    take(it, 9)
+    state = json.loads(json.dumps(it.get_state()))
+    it2 = data.make_iterator(data.train_dataset(segment_config(), seq_len=SEQ, batch_size=8, seed=3))
+    it2.set_state(state)
+    assert_batches_equal(take(it2, 4), take(it, 4))
+
+
+def test_mqar_eval_segments_batched_per_segment():
+    c = segment_config()
+    batches = data.eval_batches(c, seq_len=SEQ, batch_size=4)
+    # ⌈5/4⌉ + ⌈7/4⌉ + ⌈3/4⌉ batches, each one segment at its own length.
+    assert [b["inputs"].shape for b in batches] == [(4, 16)] * 2 + [(4, 64)] * 2 + [(4, 128)]
+    counts = [(b["labels"] != data.IGNORE_LABEL).sum(1).tolist() for b in batches]
+    assert counts == [[4] * 4, [4, 0, 0, 0], [8] * 4, [8, 8, 8, 0], [16, 16, 16, 0]]
+    for (length, k, n), i in zip(EVAL_SEGS, range(3)):
+        ref = mqar.generate_examples(c.seed, mqar.EVAL_STREAM, 0, n, seq_len=length,
+                                     vocab_size=256, num_kv_pairs=k, power_a=c.power_a,
+                                     random_non_queries=True, segment=i)
+        rows = [b for b in batches if b["inputs"].shape[1] == length]
+        np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in rows])[:n], ref["inputs"])
+    # num_batches keeps the first batches of each segment.
+    assert len(data.eval_batches(c, seq_len=SEQ, batch_size=4, num_batches=1)) == 3
+    assert_batches_equal(data.eval_batches(c, seq_len=SEQ, batch_size=4), batches)
+
+
+def test_mqar_max_labels_per_row_covers_every_segment():
+    single = mqar_config()
+    assert data.max_labels_per_row(single) == 8
+    assert data.max_labels_per_row(segment_config()) == 16  # an eval segment's
+    assert data.max_labels_per_row(mqar_config(train_segments=((64, 12, 5),))) == 12  # a train one
+    c = segment_config()
+    rows = [b["labels"] for b in data.eval_batches(c, seq_len=SEQ, batch_size=4)]
+    rows.append(data.train_dataset(c, seq_len=SEQ, batch_size=60, seed=0)[0]["labels"])
+    assert max(int((y != data.IGNORE_LABEL).sum(1).max()) for y in rows) == data.max_labels_per_row(c)
+    # Per split: what the train step and the eval step each need (the eval cells are longer).
+    train_rows = data.train_dataset(c, seq_len=SEQ, batch_size=60, seed=0)[0]["labels"]
+    assert int((train_rows != data.IGNORE_LABEL).sum(1).max()) <= data.max_labels_per_row(c, "train")
+    assert max(int((y != data.IGNORE_LABEL).sum(1).max()) for y in rows[:-1]) == data.max_labels_per_row(c, "eval")
+    assert data.max_labels_per_row(c, "train") < data.max_labels_per_row(c, "eval")
+    assert data.max_labels_per_row(text_config_like()) == 0
+    # Lists (config.json's form) parse like tuples.
+    assert data.mqar_segments(mqar_config(eval_segments=[[16, 2, 3]]), "eval") == ((16, 2, 3),)
+
+
+def test_mqar_segment_eval_accuracy_is_mean_over_examples():
+    """hybrids.train.evaluate on per-segment batches: eval_accuracy is Zoology's mean over examples of
+    per-example accuracy; eval_token_accuracy pools the answers."""
+    import jax
+    import jax.numpy as jnp
+
+    from hybrids.train import evaluate, lm_loss
+
+    c = segment_config()
+    batches = data.eval_batches(c, seq_len=SEQ, batch_size=4)
+    vocab = c.vocab_size
+
+    def eval_step(params, batch):  # right on the 16-token segment, wrong on the others
+        labels = jnp.asarray(batch["labels"])
+        right = batch["inputs"].shape[1] == 16
+        pred = jnp.where(labels >= 0, labels, 0) if right else jnp.zeros_like(labels)
+        return lm_loss(jax.nn.one_hot(pred, vocab) * 10.0, labels)
+
+    result = evaluate(None, eval_step, None, batches)
+    n = [n for _, _, n in EVAL_SEGS]
+    k = [k for _, k, _ in EVAL_SEGS]
+    assert result["eval_accuracy"] == pytest.approx(n[0] / sum(n))  # 5 of 15 examples
+    assert result["eval_token_accuracy"] == pytest.approx(n[0] * k[0] / sum(a * b for a, b in zip(n, k)))
+    # One cell: both accuracies agree.
+    single = data.eval_batches(mqar_config(num_eval_examples=10), seq_len=SEQ, batch_size=4)
+    half = lambda params, batch: lm_loss(jax.nn.one_hot(jnp.where(
+        jnp.arange(SEQ) % 4 == 0, jnp.maximum(batch["labels"], 0), 0), vocab) * 10.0, jnp.asarray(batch["labels"]))
+    r = evaluate(None, half, None, single)
+    assert r["eval_accuracy"] == pytest.approx(r["eval_token_accuracy"])
+
+
+def text_config_like():
+    c = data.default_config("text")
+    return c
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train_segments", ((128, 8, 10),), r"data.train_segments\[0\]=\(128, 8, 10\).*exceeds data.seq_len=64"),
+    ("train_segments", ((16, 2, 10), (16, 5, 10)), r"data.train_segments\[1\].*num_kv_pairs.*\[1, seq_len // 4 = 4\]"),
+    ("train_segments", ((15, 2, 10),), r"data.train_segments\[0\].*even"),
+    ("train_segments", ((16, 2, 0),), r"data.train_segments\[0\].*num_examples must be >= 1"),
+    ("train_segments", ((16, 2),), r"data.train_segments\[0\]=\(16, 2\).*triple"),
+    ("train_segments", ((16, 2.0, 4),), r"data.train_segments\[0\].*triple of ints"),
+    ("eval_segments", ((512, 8, 10),), r"data.eval_segments\[0\].*data.vocab_size=256 must be > its seq_len 512"),
+    ("eval_segments", ((64, 0, 10),), r"data.eval_segments\[0\].*num_kv_pairs"),
+])
+def test_mqar_segment_validation(field, value, match):
+    c = mqar_config(**{field: value})
+    with pytest.raises(ValueError, match=match):
+        data.validate(c, seq_len=SEQ)
+    with pytest.raises(ValueError, match=match):
+        data.train_dataset(c, seq_len=SEQ, batch_size=4, seed=0)
+
+
+def test_mqar_segments_through_config_validate():
+    """hybrids.config.validate reports a bad segment as a ConfigError naming the field."""
+    from hybrids.config import ConfigError, base_config, validate
+
+    c = base_config("mqar")
+    c.data.vocab_size = 256
+    c.data.train_segments = ((16, 2, 10), (128, 8, 10))
+    with pytest.raises(ConfigError, match=r"data.train_segments\[1\].*exceeds data.seq_len=64"):
+        validate(c)
+    c.data.train_segments = ((16, 2, 10), (64, 8, 10))
+    c.data.eval_segments = ((128, 16, 10),)
+    validate(c)
+
+
 def test_vocab_sizes(tmp_path):
     assert data.vocab_size(mqar_config(vocab_size=8192)) == 8192
     assert data.vocab_size(text_config(tmp_path)) == 257

@@ -33,7 +33,7 @@ TEXT_EXPERIMENTS = ("scaling", "griffin_window", "swax", "hybrid_topology", "mix
 SWEEP_SIZES = {
     ("zoology_mqar", None): 640, ("zoology_mqar", "figure2"): 240, ("zoology_mqar", "small"): 36,
     ("zoology_mqar", "tiny"): 2,
-    ("based_tradeoff", None): 120, ("based_tradeoff", "small"): 11, ("based_tradeoff", "tiny"): 2,
+    ("based_tradeoff", None): 148, ("based_tradeoff", "small"): 22, ("based_tradeoff", "tiny"): 2,
     ("scaling", None): 60, ("scaling", "small"): 8, ("scaling", "gpu"): 4, ("scaling", "tiny"): 2,
     ("griffin_window", None): 33, ("griffin_window", "small"): 9, ("griffin_window", "gpu"): 6,
     ("griffin_window", "tiny"): 2,
@@ -165,3 +165,38 @@ def test_tiny_point_trains(name, corpus_dir, tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
   assert steps == list(range(1, config.train.steps + 1))
+
+
+def test_based_tradeoff_follows_zoology_config():
+  """Zoology's arxiv24_based_figure2 grid: the segments, the four learning rates, 32 epochs of 704 steps,
+  no position embedding, BaseConv before attention / Based / SWA, and the state measured at length 1024."""
+  based = config_lib.load_experiment(path_of("based_tradeoff"))
+  assert [round(math.log10(lr), 3) for lr in based.LEARNING_RATES] == [-3.0, -2.5, -2.0, -1.5]
+  c = based.get_config(None)
+  assert sum(n for _, _, n in c.data.train_segments) == 180_000 and len(c.data.eval_segments) == 7
+  assert c.train.steps == 32 * 704 and c.train.eval_every == 704 and c.train.batch_size == 256
+  assert c.train.eval_batches * c.train.batch_size >= 1000  # every test example, per segment
+  points = sweep_lib.sweep_points(path_of("based_tradeoff"))
+  by_mixer = {}
+  for p in points:
+    by_mixer.setdefault(tuple(p["model.pattern"]), []).append(p)
+  assert {k: len(v) // 4 for k, v in by_mixer.items()} == {
+      ("baseconv", "attention"): 2, ("baseconv", "based"): 9, ("baseconv", "swa"): 8, ("mamba",): 9,
+      ("hyena",): 3, ("rglru",): 3, ("gla",): 3}
+  assert all(p["data.seq_len"] == 1024 for p in by_mixer[("baseconv", "attention")])
+  assert all(p["data.seq_len"] == max(256, p["model.window"]) for p in by_mixer[("baseconv", "swa")])
+  assert all(p["model.conv_width"] == 3 for k, v in by_mixer.items() if k[0] == "baseconv" for p in v)
+  assert c.model.position == "none" and all("model.position" not in p for p in points)
+
+
+def test_based_tradeoff_tiny_trains(corpus_dir, tmp_path):
+  """The tiny Based point trains on a segment mixture and evaluates every test segment at its length."""
+  from hybrids import data as data_lib
+
+  _, point, config = sweep_lib.expand(spec_of("based_tradeoff", "tiny"))[0]
+  assert data_lib.max_labels_per_row(config.data) == 8  # the longest test segment's pairs
+  summary = train(config, str(tmp_path), progress=False)
+  assert summary["status"] == "done", summary.get("error")
+  ev = summary["eval"]
+  assert math.isfinite(ev["eval_loss"]) and 0 <= ev["eval_accuracy"] <= 1 and 0 <= ev["eval_token_accuracy"] <= 1
+  assert summary["state_bytes_per_sequence"] > 0

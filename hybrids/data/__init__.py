@@ -45,13 +45,21 @@ __all__ = [
     "train_dataset",
     "eval_batches",
     "make_iterator",
+    "max_labels_per_row",
+    "mqar_segments",
 ]
 
 DATASETS = ("mqar", "text", "shards")
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
-    """Default ``data`` config for dataset ``name`` (one of ``DATASETS``)."""
+    """Default ``data`` config for dataset ``name`` (one of ``DATASETS``).
+
+    MQAR also reads two optional fields that are not in the defaults (so configs without them
+    keep their identity): ``data.train_segments`` and ``data.eval_segments``, tuples of
+    ``(seq_len, num_kv_pairs, num_examples)`` that replace the single cell by a mixture
+    (:mod:`hybrids.data.mqar`, "Segments").
+    """
     if name == "mqar":
         return ml_collections.ConfigDict(dict(
             name="mqar",
@@ -95,6 +103,31 @@ def _fields(data_config: Any) -> dict[str, Any]:
     return {k: get_field(data_config, k, v) for k, v in defaults.items() if k != "name"}
 
 
+SEGMENT_FIELDS = ("train_segments", "eval_segments")
+
+
+def _segment_fields(data_config: Any) -> dict[str, Any]:
+    """MQAR's optional mixture fields as written (absent: ``()``); :func:`mqar_segments` parses them."""
+    return {k: get_field(data_config, k, ()) for k in SEGMENT_FIELDS}
+
+
+def mqar_segments(data_config: Any, split: str) -> tuple[tuple[int, int, int], ...]:
+    """The ``(seq_len, num_kv_pairs, num_examples)`` cells of MQAR split ``split`` ("train"/"eval").
+
+    ``data.train_segments`` / ``data.eval_segments`` when set (see :mod:`hybrids.data.mqar`),
+    else the single cell ``((data.seq_len, data.num_kv_pairs, num_train/eval_examples),)``.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r} must be 'train' or 'eval'")
+    segments = _mqar.parse_segments(f"data.{split}_segments",
+                                    get_field(data_config, f"{split}_segments", ()))
+    if segments:
+        return segments
+    f = _fields(data_config)
+    return ((int(get_field(data_config, "seq_len", 0)), int(f["num_kv_pairs"]),
+             int(f[f"num_{split}_examples"])),)
+
+
 def vocab_size(data_config: Any) -> int:
     """Vocabulary size the model must have for this data config (no data is read)."""
     f = _fields(data_config)
@@ -113,7 +146,7 @@ def validate(data_config: Any, *, seq_len: int) -> None:
     """
     f = _fields(data_config)
     if _name(data_config) == "mqar":
-        _mqar.validate(seq_len=seq_len, **f)
+        _mqar.validate(seq_len=seq_len, **f, **_segment_fields(data_config))
     elif _name(data_config) == "shards":
         _shards.validate(seq_len=seq_len, **f)
     else:
@@ -124,16 +157,20 @@ def _source(data_config: Any, *, seq_len: int, split: str, workdir: str | None):
     validate(data_config, seq_len=seq_len)
     f = _fields(data_config)
     if _name(data_config) == "mqar":
-        return _mqar.MQARSource(
-            num_examples=f["num_train_examples" if split == "train" else "num_eval_examples"],
-            seq_len=seq_len,
-            vocab_size=f["vocab_size"],
-            num_kv_pairs=f["num_kv_pairs"],
-            power_a=f["power_a"],
-            random_non_queries=f["random_non_queries"],
-            seed=f["seed"],
-            stream=_mqar.TRAIN_STREAM if split == "train" else _mqar.EVAL_STREAM,
-        )
+        stream = _mqar.TRAIN_STREAM if split == "train" else _mqar.EVAL_STREAM
+        common = dict(vocab_size=f["vocab_size"], power_a=f["power_a"],
+                      random_non_queries=f["random_non_queries"], seed=f["seed"], stream=stream)
+        segments = _mqar.parse_segments(f"data.{split}_segments",
+                                        get_field(data_config, f"{split}_segments", ()))
+        if not segments:
+            return _mqar.MQARSource(
+                num_examples=f["num_train_examples" if split == "train" else "num_eval_examples"],
+                seq_len=seq_len, num_kv_pairs=f["num_kv_pairs"], **common)
+        sources = [_mqar.MQARSource(num_examples=n, seq_len=length, num_kv_pairs=k, segment=i,
+                                    **common)
+                   for i, (length, k, n) in enumerate(segments)]
+        # Training: one mixture of seq_len-long rows. Evaluation: the segments, each at its length.
+        return _mqar.MQARMixture(sources, seq_len) if split == "train" else sources
     if _name(data_config) == "shards":
         return _shards.ShardWindowSource(
             f["path"], _shards.TRAIN_SPLIT if split == "train" else _shards.HELDOUT_SPLIT, seq_len)
@@ -172,9 +209,14 @@ def train_dataset(
     (:class:`hybrids.data.pipeline.StepBatches`); text/shards go through grain's
     per-record shuffle and batch.
     ``workdir`` holds text caches / ``tokenizer.json`` (temp dir if None).
+
+    MQAR with ``data.train_segments``: the segments' examples form one fixed set
+    (:class:`hybrids.data.mqar.MQARMixture`) of ``seq_len``-long rows, shorter examples
+    right-padded with input 0 and label ``IGNORE_LABEL``; the whole mixture is shuffled per epoch
+    (Zoology instead iterates each segment's batches in order, unshuffled).
     """
     source = _source(data_config, seq_len=seq_len, split="train", workdir=workdir)
-    if isinstance(source, _mqar.MQARSource):
+    if isinstance(source, (_mqar.MQARSource, _mqar.MQARMixture)):
         # MQAR's fixed training set is generated once, vectorized, in background threads
         # (overlapping whatever the caller does next, e.g. compiling); batches are then
         # gathered whole. The first batch waits only for the blocks it needs.
@@ -197,15 +239,33 @@ def eval_batches(
     last batch is padded with all-``IGNORE_LABEL`` rows so every batch has the
     same shape. ``num_batches`` (optional) keeps only the first batches. Not
     sharded by process: every process gets the full list.
+
+    MQAR with ``data.eval_segments``: the batches of each segment in turn, each at the
+    segment's own length (``[batch_size, segment seq_len]``, not ``seq_len``; the caller's
+    eval step compiles once per distinct length), a segment's last batch padded as above, so a
+    batch never mixes segments; ``num_batches`` then keeps the first batches *of each segment*.
+    ``hybrids.train.evaluate`` weighs batches by their examples, which makes its
+    ``eval_accuracy`` the mean over examples of per-example accuracy (Zoology's
+    ``valid/accuracy``).
     """
     source = _source(data_config, seq_len=seq_len, split="eval", workdir=workdir)
+    if isinstance(source, list):  # MQAR eval segments
+        return [batch for segment in source
+                for batch in finite_batches(segment, batch_size=batch_size, num_batches=num_batches)]
     return finite_batches(source, batch_size=batch_size, num_batches=num_batches)
 
 
-def max_labels_per_row(config: ml_collections.ConfigDict) -> int:
-    """The most positions of one row that carry a label, or 0 when any may (language modelling).
+def max_labels_per_row(config: ml_collections.ConfigDict, split: str | None = None) -> int:
+    """The most positions of one row of ``split`` ("train", "eval"; None: either) that carry a label,
+    or 0 when any may (language modelling).
 
-    MQAR labels exactly its ``num_kv_pairs`` query positions; the trainer then computes the logits
-    of those positions only (``hybrids.train.Trainer.label_slots``).
+    MQAR labels exactly its ``num_kv_pairs`` query positions, a mixture row its segment's; this is
+    the largest ``num_kv_pairs`` over the split's segments (the single cell's when none are set),
+    because the trainer computes the logits of that many labelled positions per row only
+    (``hybrids.train.Trainer.label_slots`` for training, ``eval_label_slots`` for evaluation): a row
+    with more labels would silently lose the extra ones.
     """
-    return int(config.num_kv_pairs) if config.name == "mqar" else 0
+    if config.name != "mqar":
+        return 0
+    splits = ("train", "eval") if split is None else (split,)
+    return max(k for s in splits for _, k, _ in mqar_segments(config, s))

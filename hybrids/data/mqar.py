@@ -70,6 +70,19 @@ when ``V <= 65536`` (else ``int32``), and the ``K`` query positions per row
 tokens take 205 MB instead of 820 MB for int32 inputs + labels, so even long
 sequences fit in host memory, and a batch costs one row gather plus a ``K``-wide
 scatter.
+
+Segments (a mixture of cells; Zoology's ``DataConfig(train_configs=[...],
+test_configs=[...])``, used by the Based paper's figure 2). ``data.train_segments`` and
+``data.eval_segments`` are tuples of ``(seq_len, num_kv_pairs, num_examples)`` triples; ``()``
+(or an absent field) means the single cell ``(data.seq_len, data.num_kv_pairs,
+data.num_train_examples / num_eval_examples)``. Segment ``s`` of a split is an
+:class:`MQARSource` keyed ``[seed, stream, block, s + 1]`` (:func:`block_key`), each segment
+validated like a single cell (:func:`validate_segments`). Training: the segments are concatenated
+into one fixed set (:class:`MQARMixture`) whose rows are all ``data.seq_len`` long (every training
+segment must fit: ``seq_len <= data.seq_len``), a shorter example right-padded with input 0 and
+label ``IGNORE_LABEL`` (exact for causal models), and the mixture is shuffled every epoch like a
+single cell. Evaluation: each eval segment is batched on its own at its own length
+(:func:`hybrids.data.eval_batches`), so a batch never mixes segments.
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -89,8 +103,12 @@ BLOCK_TOKENS = 2**18  # tokens per generation block: rows_per_block(L) = BLOCK_T
 
 def validate(*, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float,
              num_train_examples: int, num_eval_examples: int, random_non_queries: bool,
-             seed: int) -> None:
-    """Raise ValueError (naming the field, value and valid range) on a bad MQAR config."""
+             seed: int, train_segments=(), eval_segments=()) -> None:
+    """Raise ValueError (naming the field, value and valid range) on a bad MQAR config.
+
+    ``data.num_kv_pairs`` is checked against ``seq_len`` only while a split uses the single cell
+    (its segments empty); every other field always.
+    """
     check_int("seq_len", seq_len, 2)
     if seq_len % 2 != 0:
         raise ValueError(f"seq_len={seq_len} is invalid for MQAR: must be even")
@@ -100,7 +118,9 @@ def validate(*, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float
             f"data.vocab_size={vocab_size} is invalid for MQAR: must be > seq_len={seq_len}"
         )
     check_int("data.num_kv_pairs", num_kv_pairs, 1)
-    if 4 * num_kv_pairs > seq_len:
+    single_cell = not (parse_segments("data.train_segments", train_segments)
+                       and parse_segments("data.eval_segments", eval_segments))
+    if single_cell and 4 * num_kv_pairs > seq_len:
         raise ValueError(
             f"seq_len={seq_len} too short for data.num_kv_pairs={num_kv_pairs}: "
             f"MQAR needs 4 * num_kv_pairs <= seq_len (num_kv_pairs <= {seq_len // 4})"
@@ -115,6 +135,60 @@ def validate(*, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float
             f"data.random_non_queries={random_non_queries!r} is invalid: must be True or False"
         )
     check_int("data.seed", seed, 0)
+    validate_segments("data.train_segments", train_segments, vocab_size=vocab_size,
+                      max_seq_len=seq_len)
+    validate_segments("data.eval_segments", eval_segments, vocab_size=vocab_size)
+
+
+def parse_segments(field: str, value: Any) -> tuple[tuple[int, int, int], ...]:
+    """``data.train_segments`` / ``data.eval_segments`` → a tuple of ``(seq_len, num_kv_pairs,
+    num_examples)`` int triples (a list of lists, as ``config.json`` holds it, is accepted).
+
+    Raises ValueError naming ``field`` (and the segment's index) if it is not a sequence of int
+    triples. ``()`` / ``None``: no segments.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        raise ValueError(f"{field}={value!r} is invalid: must be a tuple of "
+                         "(seq_len, num_kv_pairs, num_examples) triples, or () for none")
+    out = []
+    for i, seg in enumerate(value):
+        ok = isinstance(seg, (tuple, list)) and len(seg) == 3 and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in seg)
+        if not ok:
+            raise ValueError(f"{field}[{i}]={seg!r} is invalid: must be a (seq_len, num_kv_pairs, "
+                             "num_examples) triple of ints")
+        out.append(tuple(int(x) for x in seg))
+    return tuple(out)
+
+
+def validate_segments(field: str, segments, *, vocab_size: int, max_seq_len: int | None = None
+                      ) -> tuple[tuple[int, int, int], ...]:
+    """Parse ``segments`` (:func:`parse_segments`) and check each against MQAR's own constraints.
+
+    Every segment needs an even ``seq_len >= 2``, ``vocab_size > seq_len``,
+    ``1 <= num_kv_pairs <= seq_len // 4`` and ``num_examples >= 1``; ``max_seq_len`` (training:
+    ``data.seq_len``, the rows' length) bounds ``seq_len``. Returns the parsed segments.
+    """
+    segments = parse_segments(field, segments)
+    for i, (seq_len, k, n) in enumerate(segments):
+        name = f"{field}[{i}]=({seq_len}, {k}, {n})"
+        if seq_len < 2 or seq_len % 2:
+            raise ValueError(f"{name} is invalid for MQAR: its seq_len must be even and >= 2")
+        if max_seq_len is not None and seq_len > max_seq_len:
+            raise ValueError(f"{name} is invalid: its seq_len {seq_len} exceeds data.seq_len="
+                             f"{max_seq_len}, the length of every training row (set data.seq_len "
+                             "to the longest training segment)")
+        if vocab_size <= seq_len:
+            raise ValueError(f"{name} is invalid for MQAR: data.vocab_size={vocab_size} must be > "
+                             f"its seq_len {seq_len}")
+        if k < 1 or 4 * k > seq_len:
+            raise ValueError(f"{name} is invalid for MQAR: its num_kv_pairs must be in "
+                             f"[1, seq_len // 4 = {seq_len // 4}]")
+        if n < 1:
+            raise ValueError(f"{name} is invalid: its num_examples must be >= 1")
+    return segments
 
 
 def gap_probabilities(space: int, power_a: float) -> np.ndarray:
@@ -165,17 +239,30 @@ def sample_gaps(rng: np.random.Generator, rows: int, k: int, gap_p: np.ndarray) 
     return np.take_along_axis(top, order, axis=1)
 
 
+def block_key(seed: int, stream: int, block: int, segment: int | None = None) -> list[int]:
+    """The ``np.random.default_rng`` key of a generation block.
+
+    ``[seed, stream, block]`` for the single-cell split, ``[seed, stream, block, segment + 1]`` for
+    segment ``segment`` of a mixture (``data.train_segments`` / ``data.eval_segments``). The ``+ 1``
+    matters: ``SeedSequence`` pads a short key with zeros, so ``[s, t, b, 0]`` would repeat
+    ``[s, t, b]``'s stream.
+    """
+    key = [int(seed), int(stream), int(block)]
+    return key if segment is None else key + [int(segment) + 1]
+
+
 def generate_block(seed: int, stream: int, block: int, *, seq_len: int, vocab_size: int,
-                   num_kv_pairs: int, gap_p: np.ndarray, random_non_queries: bool
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   num_kv_pairs: int, gap_p: np.ndarray, random_non_queries: bool,
+                   segment: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Examples ``[block * R, (block + 1) * R)`` of split ``stream`` (``R = rows_per_block``).
 
+    ``segment``: which segment of a mixture (None: the single-cell split); see :func:`block_key`.
     Returns ``(inputs, query_pos)``: int32 [R, seq_len] and int64 [R, K], where
     ``query_pos[:, j] = 2K + 2 * gap_j`` is where key ``j`` is queried (so
     ``labels = labels_from(inputs, query_pos)``).
     """
     rows, k, v = rows_per_block(seq_len), int(num_kv_pairs), int(vocab_size)
-    rng = np.random.default_rng([int(seed), int(stream), int(block)])
+    rng = np.random.default_rng(block_key(seed, stream, block, segment))
     half = v // 2
     keys = sample_distinct(rng, rows, k, half - 1) + 1  # from [1, V/2)
     values = sample_distinct(rng, rows, k, v - half) + half  # from [V/2, V)
@@ -201,7 +288,8 @@ def labels_from(inputs: np.ndarray, query_pos: np.ndarray) -> np.ndarray:
 
 def generate_examples(seed: int, stream: int, start: int, count: int, *, seq_len: int,
                       vocab_size: int, num_kv_pairs: int, power_a: float,
-                      random_non_queries: bool) -> dict[str, np.ndarray]:
+                      random_non_queries: bool, segment: int | None = None
+                      ) -> dict[str, np.ndarray]:
     """Examples ``[start, start + count)`` of split ``stream``, from the blocks that hold them.
 
     Returns ``{"inputs": int32 [count, seq_len], "labels": int32 [count, seq_len]}``;
@@ -215,7 +303,8 @@ def generate_examples(seed: int, stream: int, start: int, count: int, *, seq_len
     first, last = start // rows, -(-(start + count) // rows)
     parts = [generate_block(seed, stream, b, seq_len=seq_len, vocab_size=vocab_size,
                             num_kv_pairs=num_kv_pairs, gap_p=gap_p,
-                            random_non_queries=random_non_queries) for b in range(first, last)]
+                            random_non_queries=random_non_queries, segment=segment)
+             for b in range(first, last)]
     lo = start - first * rows
     if parts:
         inputs = np.concatenate([p[0] for p in parts])[lo:lo + count]
@@ -285,19 +374,21 @@ class MQARSource:
 
     Example ``i`` is row ``i % R`` of block ``i // R``, generated from
     ``np.random.default_rng([seed, stream, i // R])`` (``stream`` 0 = train,
-    1 = eval; see the module docstring). Blocks are generated on first use (or
+    1 = eval; see the module docstring; segment ``s`` of a mixture appends ``s + 1``
+    to the key). Blocks are generated on first use (or
     all at once by ``materialize`` / ``start_materialize``) and kept, compactly,
     for the life of the source; access is thread-safe.
     """
 
     def __init__(self, *, num_examples: int, seq_len: int, vocab_size: int,
                  num_kv_pairs: int, power_a: float, random_non_queries: bool,
-                 seed: int, stream: int):
+                 seed: int, stream: int, segment: int | None = None):
         self._n = int(num_examples)
         self._seq_len, self._k = int(seq_len), int(num_kv_pairs)
         self._kwargs = dict(seq_len=self._seq_len, vocab_size=int(vocab_size),
                             num_kv_pairs=self._k,
-                            random_non_queries=bool(random_non_queries))
+                            random_non_queries=bool(random_non_queries),
+                            segment=None if segment is None else int(segment))
         space = (self._seq_len - 2 * self._k) // 2
         self._gap_p = gap_probabilities(space, float(power_a))
         self._seed = int(seed)
@@ -315,6 +406,14 @@ class MQARSource:
 
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    @property
+    def num_kv_pairs(self) -> int:
+        return self._k
 
     def _fill(self, block: int) -> None:
         with self._block_locks[block]:
@@ -373,3 +472,74 @@ class MQARSource:
     def __repr__(self) -> str:
         return (f"MQARSource(n={self._n}, seed={self._seed}, stream={self._stream}, "
                 f"{self._kwargs})")
+
+
+# ----------------------------------------------------------------------------- mixture
+
+
+class MQARMixture:
+    """Training segments of several cells as one random-access split of ``seq_len``-long rows.
+
+    ``segments`` are :class:`MQARSource` s (segment ``s`` generated from the keys
+    ``[seed, stream, block, s + 1]``); example ``i`` of the mixture is example
+    ``i - offsets[s]`` of the segment ``s`` that holds it (segments concatenated in order), right-
+    padded to ``seq_len`` with input 0 and label ``IGNORE_LABEL``. For a causal model the padding is
+    exact: tokens after an example cannot change its predictions, and they carry no loss. Every row
+    keeps exactly its segment's ``K`` labels. The training order is the shuffle of
+    :class:`hybrids.data.pipeline.StepBatches` over the whole mixture (Zoology iterates its segments'
+    batches in order, unshuffled: every batch one segment).
+    """
+
+    def __init__(self, segments: list[MQARSource], seq_len: int):
+        if not segments:
+            raise ValueError("MQARMixture needs at least one segment")
+        self._segments = list(segments)
+        self._seq_len = int(seq_len)
+        for s in self._segments:
+            if s.seq_len > self._seq_len:
+                raise ValueError(f"segment {s!r} is longer than the rows (seq_len={self._seq_len})")
+        self.offsets = np.cumsum([0] + [len(s) for s in self._segments])
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def materialize(self, num_threads: int | None = None) -> "MQARMixture":
+        for s in self._segments:
+            s.materialize(num_threads)
+        return self
+
+    def start_materialize(self, num_threads: int | None = None) -> "MQARMixture":
+        for s in self._segments:
+            s.start_materialize(num_threads)
+        return self
+
+    def gather(self, indices) -> dict[str, np.ndarray]:
+        """The examples ``indices`` (int array [n]) as int32 [n, seq_len] arrays, padded rows."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)][0]
+            raise IndexError(f"MQAR mixture index {bad} out of range [0, {n})")
+        seg = np.searchsorted(self.offsets, idx, side="right") - 1
+        inputs = np.zeros((idx.size, self._seq_len), np.int32)
+        labels = np.full((idx.size, self._seq_len), IGNORE_LABEL, np.int32)
+        for s in np.unique(seg):
+            rows = seg == s
+            part = self._segments[s].gather(idx[rows] - self.offsets[s])
+            length = part["inputs"].shape[1]
+            inputs[rows, :length] = part["inputs"]
+            labels[rows, :length] = part["labels"]
+        return {"inputs": inputs, "labels": labels}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"MQAR mixture index {index} out of range [0, {len(self)})")
+        return {k: v[0] for k, v in self.gather([index]).items()}
+
+    def __repr__(self) -> str:
+        return f"MQARMixture(seq_len={self._seq_len}, segments={self._segments!r})"
