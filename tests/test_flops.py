@@ -153,6 +153,32 @@ def test_params_of_a_tiled_hybrid_equal_the_real_model():
   assert result["per_layer"][1]["flops"]["projections"] == parts["projections"] + swa["projections"] + gate_merge
 
 
+def test_sequential_entry_without_mlp_matches_xla_and_sums_its_parts():
+  # Zoology's faithful settings: a sequential entry, no MLP sublayer, learned positions, LayerNorm.
+  cfg = _config(("baseconv>based",), d_model=D_MODEL, mlp_expansion=0.0, position="learned", max_len=SEQ_LEN,
+                norm="layer", feature_dim=4)
+  result = flops.accounting(cfg, SEQ_LEN)
+  model = abstract_period(cfg)
+  counts = count_params(model)
+  assert (result["params"], result["non_embedding_params"]) == (counts["params"], counts["non_embedding_params"])
+  assert result["params"] - result["non_embedding_params"] == (64 + SEQ_LEN) * D_MODEL  # token and position tables
+  layer = result["per_layer"][0]
+  assert layer["flops"]["mlp"] == 0
+  parts = [flops.accounting(_config((name,), d_model=D_MODEL, feature_dim=4), SEQ_LEN)["per_layer"][0]["flops"]
+           for name in ("baseconv", "based")]
+  for component in flops.COMPONENTS:
+    if component != "mlp":
+      assert layer["flops"][component] == pytest.approx(sum(p[component] for p in parts)), component
+  assert layer["state_bytes"] == sum(flops.accounting(_config((n,), d_model=D_MODEL, feature_dim=4), SEQ_LEN)["per_layer"][0]
+                                     ["state_bytes"] for n in ("baseconv", "based"))
+  graphdef, state = nnx.split(model)
+  xla = _xla_flops(lambda s, tokens: nnx.merge(graphdef, s)(tokens), state, _sds(BATCH, SEQ_LEN, dtype=jnp.int32))
+  corrections = sum(_implementation_corrections(name, part, p)
+                    for name, part, p in zip(("baseconv", "based"), model.blocks[0].mixer.parts, parts))
+  analytic = result["flops_per_token_forward"] * BATCH * SEQ_LEN
+  assert analytic == pytest.approx(xla + corrections, rel=RESIDUAL)
+
+
 def test_swa_by_hand():
   # d 64, 4 heads of 16, window 16, T 64, vocab 64, MLP hidden 3·64, bf16.
   cfg = _config(("swa",), d_model=64, dtype="bfloat16", num_kv_heads=2)

@@ -71,7 +71,7 @@ def _check_valid(params, specs, axis_sizes):
     assert ("fsdp" in used) == can_fsdp, (where, x.shape, spec)
 
 
-@pytest.mark.parametrize("pattern", ["every_mixer", "parallel_moe_untied"])
+@pytest.mark.parametrize("pattern", ["every_mixer", "parallel_moe_untied", "sequential_no_mlp"])
 def test_every_parameter_of_every_mixer_gets_a_valid_spec(pattern):
   import jax
   from jax.sharding import PartitionSpec
@@ -81,6 +81,9 @@ def test_every_parameter_of_every_mixer_gets_a_valid_spec(pattern):
   if pattern == "every_mixer":
     names = tuple(sorted(MIXERS))
     overrides = {"model.pattern": names, "model.n_layers": len(names)}
+  elif pattern == "sequential_no_mlp":  # Zoology's settings: no MLP sublayer, LayerNorm, learned positions
+    overrides = {"model.pattern": ("baseconv>attention", "mamba2>swa"), "model.mlp_expansion": 0.0,
+                 "model.norm": "layer", "model.position": "learned"}
   else:
     overrides = {"model.pattern": ("swa|mamba2", "attention"), "model.moe_every": 2, "model.num_experts": 4,
                  "model.tie_embeddings": False, "model.parallel_merge": "gate"}
@@ -94,6 +97,9 @@ def test_every_parameter_of_every_mixer_gets_a_valid_spec(pattern):
   assert specs["embed"]["embedding"] == PartitionSpec("fsdp")  # [vocab, d_model]: over the vocabulary
   for i, name in enumerate(layers):
     block = specs["blocks"][i]
+    if pattern == "sequential_no_mlp":
+      assert "mlp" not in block and "mlp_norm" not in block
+      continue
     assert block["mlp_norm"]["scale"] == PartitionSpec()
     if pattern == "every_mixer":
       assert block["mlp"]["up"]["kernel"] == PartitionSpec("fsdp", "tensor")
@@ -103,6 +109,14 @@ def test_every_parameter_of_every_mixer_gets_a_valid_spec(pattern):
         assert block["mixer"]["o_proj"]["kernel"] == PartitionSpec("tensor", "fsdp")
       else:
         assert all("tensor" not in s for s in jax.tree.leaves(block["mixer"], is_leaf=lambda s: isinstance(s, PartitionSpec)))
+  if pattern == "sequential_no_mlp":
+    first, second = specs["blocks"][0]["mixer"]["parts"], specs["blocks"][1]["mixer"]["parts"]
+    assert first[1]["q_proj"]["kernel"] == PartitionSpec("fsdp", "tensor")  # attention after baseconv
+    assert first[1]["o_proj"]["kernel"] == PartitionSpec("tensor", "fsdp")
+    assert first[0]["in_proj"]["kernel"] == PartitionSpec("fsdp")  # baseconv: not a tensor-parallel mixer
+    assert second[1]["k_proj"]["kernel"] == PartitionSpec("fsdp", "tensor")  # swa after mamba2
+    assert "tensor" not in second[0]["in_proj"]["kernel"]
+    assert specs["position_embed"]["embedding"] == PartitionSpec("fsdp")  # [max_len, d_model], as the token table
   if pattern == "parallel_moe_untied":
     swa_part = specs["blocks"][0]["mixer"]["parts"][0]
     assert swa_part["k_proj"]["kernel"] == PartitionSpec("fsdp", "tensor")
