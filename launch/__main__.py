@@ -1,7 +1,7 @@
 """``python -m launch {sweep,status,report}``: run an experiment's sweep, watch it, report on it.
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
-        [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N]
+        [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N]
     python -m launch status runs/NAME
     python -m launch report runs/NAME
 
@@ -12,7 +12,9 @@ failed ones are retried until they have failed ``--max-retries`` + 1 times (dive
 retried: resuming replays the same steps). ROOT defaults to ``runs/NAME`` (``runs/NAME-ARG`` with an
 ARG). ``--filter model.window=16`` keeps points whose resolved config has that value (repeat a field
 for alternatives; ``config=ARG`` matches the get_config argument, ``model.mixer=swa`` any layer's
-mixer). Exit status: 0 all done (local) or all submitted, 1 some failed, 2 bad input, 130 stopped.
+mixer). ``--runs-per-device N`` (local) packs N runs onto each GPU (or device group) at once, each
+with a 1/N share of its memory (launch/local.py). Exit status: 0 all done (local) or all submitted,
+1 some failed, 2 bad input, 130 stopped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--no-progress", action="store_true", help="no live status table")
   g = s.add_argument_group("local")
   g.add_argument("--devices-per-run", type=int, default=1, help="accelerators per run when several are present")
+  g.add_argument("--runs-per-device", default="1", metavar="N",
+                 help="runs at once on each GPU / device group (1-64; each gets a 1/N memory share: "
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9/N, no preallocation); on CPU N at once; not on TPU")
   g = s.add_argument_group("slurm")
   g.add_argument("--slurm-partition", default=None)
   g.add_argument("--slurm-time-min", type=int, default=1440, help="time limit of each array task, minutes")
@@ -129,6 +134,14 @@ def cmd_sweep(args) -> int:
       raise ConfigError(f"--max-retries={args.max_retries} must be ≥ 0")
     if args.devices_per_run < 1:
       raise ConfigError(f"--devices-per-run={args.devices_per_run} must be ≥ 1")
+    try:
+      args.runs_per_device = local.parse_runs_per_device(args.runs_per_device)
+      if args.runs_per_device > 1 and args.backend != "local":
+        raise ValueError(f"--runs-per-device={args.runs_per_device} applies to --backend local only")
+      if args.runs_per_device > 1 and args.backend == "local":
+        local.parse_runs_per_device(args.runs_per_device, local.detect_devices()[0])  # refused on TPU
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     cloud_opts = None
     if args.backend in ("tpu", "xpk"):
       cloud_opts = _cloud_options(args)
@@ -173,7 +186,7 @@ def cmd_sweep(args) -> int:
       print(f"[launch] {row['run']}: {row['action']}")
   if args.backend == "local":
     code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
-                     live=not args.no_progress) if todo else 0
+                     runs_per_device=args.runs_per_device, live=not args.no_progress) if todo else 0
     for row in rows:
       row.update(runs.run_state(row["workdir"]))
     summaries = [{"run": r["run"], "point": r["point"], **r["summary"], "status": r["status"]} for r in rows]

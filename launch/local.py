@@ -1,10 +1,20 @@
 """Local backend: one ``python -m launch.run_point`` subprocess per point, in parallel over accelerators.
 
-    python -m launch sweep experiments/quickstart.py --backend local [--max-parallel N]
+    python -m launch sweep experiments/quickstart.py --backend local [--max-parallel N] [--runs-per-device N]
 
 With more than one local GPU (or TPU chip) each subprocess sees one device group
 (``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS``, ``--devices-per-run`` devices each); on CPU the
-points run one after another unless ``--max-parallel N`` asks for N at once. Devices are counted
+points run one after another unless ``--max-parallel N`` asks for N at once.
+
+``--runs-per-device N`` packs N runs onto each device group (small models use a fraction of a GPU):
+groups × N subprocesses at once (at most ``--max-parallel``). On GPU each packed child gets
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` and ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = 0.9/N (unless that
+variable is already set), so the N processes' JAX allocators fit one card; each CUDA context (~0.5 GB)
+comes on top. The processes time-share the GPU; with the CUDA MPS daemon running
+(``nvidia-cuda-mps-control -d``, started by the user, not here) their kernels may also overlap. TPU
+chips admit one process each, so N > 1 is refused there. On CPU (one "device") N runs at once, like
+``--max-parallel N`` (which wins when both are given). A packed run computes exactly what it computes
+alone: it is the same process with the same config, only scheduled beside others. Devices are counted
 without initialising JAX here (``nvidia-smi``, ``/dev/accel*``), so the parent never holds GPU memory
 a child needs. A live table (rich when installed and on a terminal, else one line per change) shows
 each run's status, step and loss from its run directory. Ctrl-C or SIGTERM sends SIGTERM to every
@@ -18,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,6 +42,10 @@ from launch import runs
 LOCK_WAIT_S = 120.0
 TERMINATE_GRACE_S = 60.0
 PROGRESS_EVERY_S = 60.0
+MAX_RUNS_PER_DEVICE = 64
+# The share of a GPU's memory the N packed processes' allocators may take together; the rest is for
+# their CUDA contexts and the driver.
+PACKED_MEMORY_SHARE = 0.9
 
 
 def run_point_argv(experiment: str, point: dict, workdir: str, *, python: str | None = None,
@@ -73,9 +88,56 @@ def device_groups(devices: list[str], per_run: int) -> list[list[str]]:
   return [devices[i:i + per_run] for i in range(0, len(devices) - per_run + 1, per_run)]
 
 
-def child_env(platform: str, group: list[str] | None, slot: int, base=None) -> dict[str, str]:
+def parse_runs_per_device(value, platform: str | None = None) -> int:
+  """``--runs-per-device``: a positive int ≤ MAX_RUNS_PER_DEVICE; N > 1 is refused on TPU (ValueError)."""
+  try:
+    n = int(str(value).strip())
+  except ValueError:
+    raise ValueError(f"--runs-per-device={value!r} must be an integer from 1 to {MAX_RUNS_PER_DEVICE}") from None
+  if not 1 <= n <= MAX_RUNS_PER_DEVICE:
+    raise ValueError(f"--runs-per-device={n} must be from 1 to {MAX_RUNS_PER_DEVICE}")
+  if n > 1 and platform == "tpu":
+    raise ValueError(f"--runs-per-device={n}: a TPU chip admits one process at a time, so runs cannot be "
+                     "packed onto it; use --runs-per-device 1")
+  return n
+
+
+def memory_fraction(runs_per_device: int) -> str:
+  """``XLA_PYTHON_CLIENT_MEM_FRACTION`` of each of N runs packed on one GPU, e.g. ``"0.225"`` for N=4."""
+  return f"{math.floor(PACKED_MEMORY_SHARE / runs_per_device * 1000) / 1000:.3f}"
+
+
+def plan_slots(platform: str, devices: list[str], *, devices_per_run: int = 1, runs_per_device: int = 1,
+               max_parallel: int | None = None, n_runs: int | None = None) -> list[list[str] | None]:
+  """The device group of each concurrent slot (None: the child keeps the parent's devices).
+
+  Several local GPUs / TPU chips: ``runs_per_device`` slots per group of ``devices_per_run`` devices,
+  interleaved so that the first slots go to distinct groups, at most ``max_parallel``. One GPU / chip:
+  ``runs_per_device`` slots, at most ``max_parallel``. CPU: ``max_parallel`` slots if given, else
+  ``runs_per_device``. At most ``n_runs``, at least one.
+  """
+  if platform != "cpu" and len(devices) > 1:
+    groups = device_groups(devices, devices_per_run)
+    if not groups:
+      raise ValueError(f"--devices-per-run={devices_per_run} exceeds the {len(devices)} local {platform} devices")
+    slots: list[list[str] | None] = [groups[i % len(groups)] for i in range(len(groups) * runs_per_device)]
+    if max_parallel:
+      slots = slots[:max_parallel]
+  elif platform != "cpu" and max_parallel:
+    slots = [None] * min(max_parallel, runs_per_device)  # one device: it takes N runs, no more
+  else:
+    slots = [None] * (max_parallel or runs_per_device)
+  return slots[:max(1, n_runs)] if n_runs is not None else slots
+
+
+def child_env(platform: str, group: list[str] | None, slot: int, base=None, *,
+              runs_per_device: int = 1) -> dict[str, str]:
   """The environment of the subprocess that uses device ``group`` (None: all / CPU)."""
   env = dict(os.environ if base is None else base)
+  if platform == "gpu" and runs_per_device > 1:
+    # Grow on demand, within a 1/N share: N processes fit one card (a value the user set wins).
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", memory_fraction(runs_per_device))
   if group is None:
     return env
   if platform == "gpu":
@@ -147,23 +209,23 @@ class StatusDisplay:
 
 
 def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, devices_per_run: int = 1,
-        live: bool = True, poll_s: float = 0.5) -> int:
+        runs_per_device: int = 1, live: bool = True, poll_s: float = 0.5) -> int:
   """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, or 130 if stopped.
 
   Rows are updated in place with each run's final state.
   """
   platform, devices = detect_devices()
-  groups: list[list[str]] | None = None
-  if platform != "cpu" and len(devices) > 1:
-    groups = device_groups(devices, devices_per_run)
-    if not groups:
-      raise ValueError(f"--devices-per-run={devices_per_run} exceeds the {len(devices)} local {platform} devices")
-    slots = min(max_parallel or len(groups), len(groups))
-  else:
-    slots = max_parallel or 1  # CPU (or a single device): one at a time unless asked
-  slots = max(1, min(slots, len(todo)))
-  where = f"on {platform} device groups {groups[:slots]}" if groups else f"({platform})"
-  print(f"[launch] local: {len(todo)} run(s), {slots} at a time {where}", flush=True)
+  runs_per_device = parse_runs_per_device(runs_per_device, platform)
+  slot_groups = plan_slots(platform, devices, devices_per_run=devices_per_run, runs_per_device=runs_per_device,
+                           max_parallel=max_parallel, n_runs=len(todo))
+  slots = len(slot_groups)
+  packing = f"runs-per-device {runs_per_device}"
+  if platform == "gpu" and runs_per_device > 1:
+    env = child_env(platform, None, 0, runs_per_device=runs_per_device)
+    packing += f", XLA_PYTHON_CLIENT_MEM_FRACTION={env['XLA_PYTHON_CLIENT_MEM_FRACTION']} each"
+  groups = [g for i, g in enumerate(slot_groups) if g is not None and g not in slot_groups[:i]]
+  where = f"on {platform} device groups {groups}" if groups else f"({platform})"
+  print(f"[launch] local: {len(todo)} run(s), {slots} at a time {where}; {packing}", flush=True)
 
   display = StatusDisplay(todo, live)
   queue = list(todo)
@@ -188,11 +250,12 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
         log = open(os.path.join(row["workdir"], runs.LOG_FILE), "a")
         argv = run_point_argv(experiment, row["point"], row["workdir"],
                               extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
-        log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot})\n")
+        env = child_env(platform, slot_groups[slot], slot, runs_per_device=runs_per_device)
+        log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot}, {_placement(slot_groups[slot])}, "
+                  f"runs-per-device {runs_per_device}, mem fraction {_mem_fraction(env)})\n")
         log.flush()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(platform, groups[slot] if groups else None, slot), start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
         active[slot] = (proc, row, log)
       for slot, (proc, row, log) in list(active.items()):
         if proc.poll() is not None:
@@ -210,6 +273,18 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
     display.update()
     display.close()
   return 130 if stop["signum"] is not None else 0
+
+
+def _placement(group: list[str] | None) -> str:
+  return f"devices {','.join(group)}" if group else "devices all"
+
+
+def _mem_fraction(env: dict[str, str]) -> str:
+  """What the child's JAX allocator may take: the variable's value, or JAX's default."""
+  if "XLA_PYTHON_CLIENT_MEM_FRACTION" in env:
+    prealloc = env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() not in ("false", "0")
+    return env["XLA_PYTHON_CLIENT_MEM_FRACTION"] + (" preallocated" if prealloc else " on demand")
+  return "default"
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:

@@ -440,3 +440,83 @@ def test_sweep_runs_share_a_compilation_cache_unless_one_is_named(tmp_path):
     config.runtime.compilation_cache_dir = named
     share_compilation_cache(config, workdir, env=env)
     assert config.runtime.compilation_cache_dir == named
+
+
+# ----------------------------------------------------------------------------- runs packed per device
+
+def test_runs_per_device_is_validated_before_anything_is_written(tmp_path, capsys, monkeypatch):
+  from launch import local
+  from launch.__main__ import main
+
+  exp = write_experiment(tmp_path)
+  root = tmp_path / "root"
+  for bad in ("0", "-1", "65", "two", "1.5"):
+    assert main(["sweep", exp, "--root", str(root), "--runs-per-device", bad]) == 2, bad
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --runs-per-device=") and "1 to 64" in err, err
+  assert main(["sweep", exp, "--root", str(root), "--runs-per-device", "2", "--backend", "slurm"]) == 2
+  assert "--backend local only" in capsys.readouterr().err
+  monkeypatch.setattr(local, "detect_devices", lambda environ=None: ("tpu", ["0", "1"]))
+  assert main(["sweep", exp, "--root", str(root), "--runs-per-device", "4"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--runs-per-device=4: a TPU chip admits one process" in err, err
+  assert not root.exists()
+  assert main(["sweep", exp, "--root", str(root), "--runs-per-device", "64", "--dry-run", "--backend", "slurm"]) == 2
+  monkeypatch.undo()
+  assert main(["sweep", exp, "--root", str(root), "--runs-per-device", "64", "--dry-run"]) == 0  # CPU: allowed
+  assert not root.exists()
+
+
+def test_packed_slots_and_their_environment():
+  from launch import local
+
+  # Two GPUs, 3 runs each: 6 slots, the first ones on distinct GPUs; --max-parallel caps them.
+  assert local.plan_slots("gpu", ["0", "1"], runs_per_device=3) == [["0"], ["1"]] * 3
+  assert local.plan_slots("gpu", ["0", "1"], runs_per_device=3, max_parallel=3) == [["0"], ["1"], ["0"]]
+  assert local.plan_slots("gpu", ["0", "1", "2", "3"], devices_per_run=2, runs_per_device=2, n_runs=3) == [
+      ["0", "1"], ["2", "3"], ["0", "1"]]
+  assert local.plan_slots("gpu", ["0"], runs_per_device=4) == [None] * 4      # one GPU: N runs on it
+  assert local.plan_slots("gpu", ["0"], runs_per_device=4, max_parallel=8) == [None] * 4
+  assert local.plan_slots("gpu", ["0", "1"]) == [["0"], ["1"]]              # unpacked: as before
+  assert local.plan_slots("cpu", [], runs_per_device=3) == [None] * 3         # CPU: N at once ...
+  assert local.plan_slots("cpu", [], runs_per_device=3, max_parallel=2) == [None] * 2  # ... unless --max-parallel
+  assert local.plan_slots("cpu", [], n_runs=0) == [None]
+  env = local.child_env("gpu", ["1"], 2, base={}, runs_per_device=4)
+  assert env == {"CUDA_VISIBLE_DEVICES": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}
+  assert local.child_env("gpu", None, 0, base={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1"},
+                         runs_per_device=8)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1"  # the user's value wins
+  assert local.memory_fraction(3) == "0.300" and local.memory_fraction(64) == "0.014"
+  assert local.child_env("gpu", ["0"], 0, base={}) == {"CUDA_VISIBLE_DEVICES": "0"}  # N=1: JAX's defaults
+  assert local.child_env("cpu", None, 0, base={}, runs_per_device=4) == {}
+  with pytest.raises(ValueError, match="TPU"):
+    local.parse_runs_per_device(2, "tpu")
+  assert local.parse_runs_per_device("1", "tpu") == 1
+
+
+def test_a_packed_run_computes_what_it_computes_alone(tmp_path, monkeypatch, capsys):
+  """The same two points, one at a time and both at once (--runs-per-device 2 on CPU): every logged
+  loss and the final eval are identical."""
+  from launch.__main__ import main
+
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  exp = write_experiment(tmp_path, steps=20)
+  expanded = sweep_lib.expand(exp)
+  assert len(expanded) == 2
+  roots = {n: tmp_path / f"rpd-{n}" for n in (1, 2)}
+  for n, root in roots.items():
+    assert main(["sweep", exp, "--root", str(root), "--runs-per-device", str(n), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"2 run(s), {n} at a time (cpu); runs-per-device {n}" in out, out
+  for rid, _, _ in expanded:
+    alone, packed = str(roots[1] / rid), str(roots[2] / rid)
+    assert "runs-per-device 2, mem fraction default" in open(os.path.join(packed, runs.LOG_FILE)).read()
+    rows = metric_rows(alone)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+    assert [r.get("loss") for r in rows] == [r.get("loss") for r in metric_rows(packed)]
+    assert rows == metric_rows(packed)
+    a, p = runs.read_summary(alone), runs.read_summary(packed)
+    assert a["status"] == p["status"] == "done" and a["eval"] and a["eval"] == p["eval"]
+    assert a["train_loss"] == p["train_loss"]
