@@ -200,3 +200,23 @@ def test_based_tradeoff_tiny_trains(corpus_dir, tmp_path):
   ev = summary["eval"]
   assert math.isfinite(ev["eval_loss"]) and 0 <= ev["eval_accuracy"] <= 1 and 0 <= ev["eval_token_accuracy"] <= 1
   assert summary["state_bytes_per_sequence"] > 0
+
+
+def test_zoology_compare_puts_our_best_beside_the_published_cell(tmp_path):
+  zoology = config_lib.load_experiment(path_of("zoology_mqar"))
+
+  def run(run_id, pattern, d_model, seq_len, pairs):
+    return {"run_id": run_id, "config": {"model": {"pattern": list(pattern), "d_model": d_model},
+                                         "data": {"seq_len": seq_len, "num_kv_pairs": pairs}}}
+
+  report = {"runs": [run("a", ("attention",), 64, 64, 4), run("b", ("baseconv", "based"), 128, 256, 16)],
+            "cells": [{"best_run": "a", "best_metric": 0.995, "best_lr": 1e-2, "edge": True},
+                      {"best_run": "b", "best_metric": 0.5, "best_lr": 2e-3, "edge": False}]}
+  path = tmp_path / "report.json"
+  path.write_text(json.dumps(report))
+  table = zoology.compare(str(path)).splitlines()
+  attention = next(line for line in table if line.startswith("| attention | (64, 4)"))
+  assert "0.995 (edge lr) / 1.00" in attention and attention.count("— / 1.00") == 3
+  based = next(line for line in table if line.startswith("| based | (256, 16)"))
+  assert "0.500 / —" in based  # not in the published figure
+  assert not any(line.startswith("| hyena") for line in table)  # no runs: no row
