@@ -150,13 +150,146 @@ def _positive_int(value, field: str) -> None:
     raise ConfigError(f"{field}={value!r} must be a positive integer")
 
 
+def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
+  if lo is not None and hi is not None:
+    return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  if lo is not None:
+    return f" {'>' if lo_open else '≥'} {lo}"
+  if hi is not None:
+    return f" {'<' if hi_open else '≤'} {hi}"
+  return ""
+
+
+def check_int(value, field: str, lo: int | None = None, hi: int | None = None, note: str = "") -> None:
+  """``ConfigError`` unless ``value`` is an int (not a bool) in ``[lo, hi]``; ``note`` explains the field."""
+  ok = isinstance(value, int) and not isinstance(value, bool)
+  if ok and (lo is None or value >= lo) and (hi is None or value <= hi):
+    return
+  what = "a positive integer" if lo == 1 and hi is None else "an integer" + _bounds(lo, hi, False, False)
+  raise ConfigError(f"{field}={value!r} must be {what}{note}")
+
+
+def check_number(value, field: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False, note: str = "") -> None:
+  """``ConfigError`` unless ``value`` is a finite int or float (not a bool, NaN or ∞) within the bounds."""
+  import math
+
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and (lo is None or (value > lo if lo_open else value >= lo)) and (
+      hi is None or (value < hi if hi_open else value <= hi)):
+    return
+  raise ConfigError(f"{field}={value!r} must be a finite number{_bounds(lo, hi, lo_open, hi_open)}{note}")
+
+
+def check_choice(value, field: str, valid) -> None:
+  if not isinstance(value, str) or value not in valid:
+    raise ConfigError(f"{field}={value!r}; valid: {', '.join(valid)}")
+
+
+# The top-level fields and sections of a config; ``data`` is checked by hybrids.data (it has optional fields).
+TOP_LEVEL = ("seed", "model", "data", "train", "runtime")
+
+
+# Fields read only by some mixers: (type, lower bound, note). A mixer in model.pattern checks its own
+# fields first (check_config, with finer rules: S4D's even d_state, divisibility); these bounds hold for all.
+MIXER_FIELD_RANGES = {
+    "window": (int, 1, " (the SWA band)"),
+    "head_dim": (int, 0, " (0: model.d_model // model.num_heads)"),
+    "rnn_width": (int, 0, " (0: model.d_model)"),
+    "rnn_heads": (int, 0, " (0: model.num_heads)"),
+    "d_state": (int, 1, " (state size / filter modes)"),
+    "ssm_expand": (int, 1, " (inner width = ssm_expand · d_model)"),
+    "feature_dim": (int, 1, " (Based's q/k width per head)"),
+    "gate_low_rank": (int, 1, " (rank of GLA's decay gate)"),
+    "key_expansion": ("positive", 0, " (GLA key width = key_expansion · d_model)"),
+    "chunk_size": (int, 1, " (chunk of the chunked linear-attention forms)"),
+    "rope_base": ("positive", 0, ""),
+    "attn_softcap": (float, 0, " (0: off)"),
+    "num_experts": (int, 1, " (MoE experts)"),
+    "moe_top_k": (int, 1, " (experts per token)"),
+}
+
+
+def _check_fields(config) -> None:
+  """Every section holds exactly the fields of the defaults, each of the defaults' type (a float field takes an int)."""
+  unknown = sorted(set(config.keys()) - set(TOP_LEVEL))
+  if unknown:
+    raise ConfigError(f"unknown config field {unknown[0]!r}; valid: {', '.join(TOP_LEVEL)}")
+  for name in ("model", "data", "train"):
+    if not isinstance(config.get(name), ml_collections.ConfigDict):
+      raise ConfigError(f"config.{name} is missing or not a section (got {config.get(name)!r})")
+  check_int(config.get("seed"), "seed", 0, 2**32 - 1)
+  for name, defaults in (("model", model_config()), ("train", train_config())):
+    section = config[name]
+    unknown = sorted(set(section.keys()) - set(defaults.keys()))
+    if unknown:
+      raise ConfigError(f"unknown config field '{name}.{unknown[0]}'; valid: {', '.join(sorted(defaults.keys()))}")
+    for key, default in defaults.items():
+      if key not in section:
+        raise ConfigError(f"{name}.{key} is missing (default {default!r})")
+      value, field = section[key], f"{name}.{key}"
+      if isinstance(default, bool):
+        if not isinstance(value, bool):
+          raise ConfigError(f"{field}={value!r} must be True or False")
+      elif isinstance(default, int):
+        check_int(value, field)
+      elif isinstance(default, float):
+        check_number(value, field)
+      elif isinstance(default, str):
+        if not isinstance(value, str):
+          raise ConfigError(f"{field}={value!r} must be a string (default {default!r})")
+      elif isinstance(default, tuple) and not isinstance(value, (tuple, list)):
+        raise ConfigError(f"{field}={value!r} must be a tuple (default {default!r})")
+  runtime = config.get("runtime")
+  if runtime is not None:
+    defaults = runtime_config()
+    unknown = sorted(set(runtime.keys()) - set(defaults.keys()))
+    if unknown:
+      raise ConfigError(f"unknown config field 'runtime.{unknown[0]}'; valid: {', '.join(sorted(defaults.keys()))}")
+    if not isinstance(runtime.get("scan_layers", True), bool):
+      raise ConfigError(f"runtime.scan_layers={runtime.scan_layers!r} must be True or False")
+    if not isinstance(runtime.get("compilation_cache_dir", ""), str):
+      raise ConfigError(f"runtime.compilation_cache_dir={runtime.compilation_cache_dir!r} must be a path string "
+                        "('' or 'off': no cache)")
+
+
+# A text corpus up to this size on disk is read during validation, so that one too small for
+# data.seq_len is refused before the run directory is written (larger ones are checked when read).
+TEXT_CHECK_BYTES = 16 * 1024 * 1024
+
+
+def _check_text_corpus(data, seq_len: int) -> None:
+  """Each split of a ``data.name='text'`` corpus must hold at least one ``seq_len + 1`` window."""
+  import os
+
+  from hybrids.data import text as text_lib
+
+  paths = text_lib.resolve_files(data.files)
+  if sum(os.path.getsize(p) for p in paths) > TEXT_CHECK_BYTES:
+    return
+  try:
+    splits = text_lib.split_documents(paths, data.heldout_fraction, data.seed)
+  except (ValueError, OSError, EOFError) as e:
+    raise ConfigError(f"data.files={data.files!r}: {e}") from None
+  for split, docs in zip(("train", "eval"), splits):
+    # Bytes: one token per byte plus an end-of-document token; BPE: at most that many.
+    tokens = sum(len(d) + 1 for d in docs)
+    if tokens < seq_len + 1:
+      raise ConfigError(f"data.files={data.files!r}: the {split} split has at most {tokens} tokens, fewer than "
+                        f"data.seq_len + 1 = {seq_len + 1}; add text, lower data.seq_len or "
+                        f"{'raise' if split == 'eval' else 'lower'} data.heldout_fraction")
+
+
 def validate(config) -> None:
   """Raise :class:`ConfigError` for the first field that cannot work; returns None if all is well."""
+  _check_fields(config)
   m, t = config.model, config.train
-  seq_len = config.data.seq_len
+  seq_len = config.data.get("seq_len")
   _positive_int(seq_len, "data.seq_len")
   for field in ("d_model", "n_layers", "num_heads", "conv_width"):
     _positive_int(m[field], f"model.{field}")
+  check_int(m.vocab_size, "model.vocab_size", 0, note=" (0: the data's vocabulary)")
+  check_int(m.num_kv_heads, "model.num_kv_heads", 0, note=" (0: = model.num_heads)")
   pattern = tuple(m.pattern) if isinstance(m.pattern, (tuple, list)) else None
   if not pattern:
     raise ConfigError(f"model.pattern={m.pattern!r} must be a non-empty tuple of mixer names; "
@@ -198,11 +331,27 @@ def validate(config) -> None:
       MIXERS[name].check_config(m, seq_len=seq_len)
     except ValueError as e:
       raise ConfigError(f"mixer {name!r}: {e}") from None
+  # The mixers' fields that no layer reads still get the range every mixer reading them needs.
+  for field, (kind, lo, note) in MIXER_FIELD_RANGES.items():
+    if kind is int:
+      check_int(m[field], f"model.{field}", lo, note=note)
+    else:
+      check_number(m[field], f"model.{field}", lo, lo_open=kind == "positive", note=note)
+  check_int(m.moe_every, "model.moe_every", 0, note=" (0: dense MLPs; k: every k-th layer's MLP is a MoE)")
+  if m.moe_every:
+    _positive_int(m.num_experts, "model.num_experts")
+    check_int(m.moe_top_k, "model.moe_top_k", 1, m.num_experts, note=" (at most model.num_experts)")
   if m.moe_every < 0 or (m.moe_every and not 1 <= m.moe_top_k <= m.num_experts):
     raise ConfigError(f"model.moe_every={m.moe_every} must be ≥ 0 and model.moe_top_k={m.moe_top_k} in "
                       f"[1, model.num_experts={m.num_experts}]")
-  if isinstance(m.mlp_expansion, bool) or not isinstance(m.mlp_expansion, (int, float)) or not m.mlp_expansion >= 0:
+  import math
+
+  if (isinstance(m.mlp_expansion, bool) or not isinstance(m.mlp_expansion, (int, float))
+      or not math.isfinite(m.mlp_expansion) or not m.mlp_expansion >= 0):
     raise ConfigError(f"model.mlp_expansion={m.mlp_expansion!r} must be ≥ 0 (0: no MLP sublayer)")
+  if m.mlp_expansion and int(m.mlp_expansion * m.d_model) < 1:
+    raise ConfigError(f"model.mlp_expansion={m.mlp_expansion!r} gives an MLP of int({m.mlp_expansion!r} · "
+                      f"model.d_model={m.d_model}) = 0 units; use 0 for no MLP sublayer or a larger value")
   if m.moe_every and m.mlp_expansion == 0:
     raise ConfigError(f"model.moe_every={m.moe_every} needs experts of width model.mlp_expansion > 0, "
                       "not 0 (no MLP sublayer)")
@@ -217,16 +366,27 @@ def validate(config) -> None:
                       "position table must cover every training position")
   if m.logits_softcap < 0 or m.attn_softcap < 0:
     raise ConfigError("model.logits_softcap and model.attn_softcap must be ≥ 0 (0 = off)")
+  for field in ("logits_softcap", "attn_softcap"):
+    check_number(m[field], f"model.{field}", 0, note=" (0: off)")
+  check_number(m.rope_base, "model.rope_base", 0, lo_open=True)
   for field in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
     _positive_int(t[field], f"train.{field}")
   if not (t.lr > 0):
     raise ConfigError(f"train.lr={t.lr} must be > 0")
+  check_number(t.lr, "train.lr", 0, lo_open=True)
   if not 0 <= t.warmup_steps < t.steps:  # optax's cosine needs at least one decay step
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
   if not (t.grad_clip >= 0):
     raise ConfigError(f"train.grad_clip={t.grad_clip} must be ≥ 0 (0: no clipping)")
+  check_number(t.grad_clip, "train.grad_clip", 0, note=" (0: no clipping)")
+  check_number(t.min_lr_ratio, "train.min_lr_ratio", 0, 1, note=" (the cosine decays to train.lr · min_lr_ratio)")
+  check_number(t.weight_decay, "train.weight_decay", 0, note=" (0: none)")
+  check_number(t.b1, "train.b1", 0, 1, hi_open=True, note=" (Adam's first-moment decay)")
+  check_number(t.b2, "train.b2", 0, 1, hi_open=True, note=" (Adam's second-moment decay)")
+  check_number(t.moe_balance_weight, "train.moe_balance_weight", 0)
   if not 0 <= t.stop_at_accuracy < 1:
     raise ConfigError(f"train.stop_at_accuracy={t.stop_at_accuracy} must be in [0, 1) (0: off)")
+  check_number(t.stop_at_accuracy, "train.stop_at_accuracy", 0, 1, hi_open=True, note=" (0: off)")
   if t.eval_every < 0:
     raise ConfigError(f"train.eval_every={t.eval_every} must be ≥ 0 (0: evaluate at the end only)")
   choices = tuple(t.window_choices)
@@ -242,6 +402,8 @@ def validate(config) -> None:
     data_lib.validate(config.data, seq_len=seq_len)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if config.data.name == "text":
+    _check_text_corpus(config.data, seq_len)
   data_vocab = data_lib.vocab_size(config.data)
   if m.vocab_size and m.vocab_size < data_vocab:
     raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the data's vocabulary ({data_vocab})")
@@ -301,7 +463,17 @@ def parse_value(text: str, current):
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise ConfigError(f"cannot parse {text!r} as a {type(current).__name__}") from None
+    if not isinstance(current, tuple):
+      raise ConfigError(f"cannot parse {text!r} as a {type(current).__name__}") from None
+    value = None
+  if isinstance(current, tuple) and not isinstance(value, (tuple, list)):
+    # A tuple field also takes a comma list: --config.model.pattern=rglru,swa or --config.model.pattern=rglru
+    def element(part: str):
+      try:
+        return ast.literal_eval(part)
+      except (ValueError, SyntaxError):
+        return part  # a bare name: rglru, swa, rglru|swa
+    value = tuple(element(part.strip()) for part in text.split(",") if part.strip())
   if isinstance(current, float) and isinstance(value, int):
     value = float(value)
   return value
@@ -329,8 +501,49 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
         raise ConfigError(f"config field {dotted!r}: {e}") from None
     if isinstance(node[leaf], tuple) and isinstance(value, list):
       value = tuple(value)
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError:  # ml_collections keeps each field's type (an int field refuses 1.5)
+      raise ConfigError(f"config field {dotted!r}={value!r} must be of type {type(node[leaf]).__name__}, "
+                        f"like its current value {node[leaf]!r}") from None
   return config
+
+
+def split_overrides(argv: list[str], flag: str = "config") -> tuple[list[str], dict[str, str]]:
+  """``argv`` → (``argv`` without its ``--config.FIELD=VALUE`` overrides, ``{"FIELD": "VALUE"}``).
+
+  What ml_collections' config flags accept: ``--config.F=V``, ``--config.F V``, ``--config.F`` (true) and
+  ``--noconfig.F`` (false). The overrides go through :func:`apply_overrides`, so a misspelt field is one
+  ``ConfigError`` naming the valid fields instead of a flag-parsing traceback.
+  """
+  rest, overrides = list(argv[:1]), {}
+  i = 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--":
+      rest.extend(argv[i:])
+      break
+    prefix = next((p for p in (f"--{flag}.", f"-{flag}.", f"--no{flag}.", f"-no{flag}.") if arg.startswith(p)), None)
+    if prefix is None:
+      rest.append(arg)
+      i += 1
+      continue
+    field, eq, value = arg[len(prefix):].partition("=")
+    if "no" in prefix:
+      if eq:
+        raise ConfigError(f"{arg!r}: --no{flag}.FIELD takes no value (use --{flag}.{field}={value})")
+      value = "false"
+    elif not eq:
+      if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        value = argv[i + 1]
+        i += 1
+      else:
+        value = "true"
+    if not field:
+      raise ConfigError(f"{arg!r} names no config field (e.g. --{flag}.model.window=32)")
+    overrides[field] = value
+    i += 1
+  return rest, overrides
 
 
 def get_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

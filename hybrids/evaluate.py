@@ -8,7 +8,8 @@ Usage:
     python -m hybrids.evaluate --help
 
 The parameters of the newest readable checkpoint in ``RUN/checkpoints`` are restored (through
-``hybrids.train.restore_checkpoint``: an unreadable latest checkpoint falls back to the previous one and
+``hybrids.train.restore_checkpoint``: each checkpoint's sha256 checksums are verified first; an unreadable
+or mismatching latest checkpoint falls back to the previous one and
 is moved to ``RUN/corrupt_checkpoints/``, as a resumed training run would do). Every request is checked against the run's ``config.json`` before
 anything is restored or compiled: an unknown eval, a length the task cannot use or a missing run
 directory is one clear error (exit status 2).
@@ -237,9 +238,13 @@ def plan(args, config, run_dir: str) -> dict[str, Any]:
 def restore_params(run_dir: str, config) -> tuple[int, Any, Any, Any]:
   """``(step, graphdef, abstract_state, params)`` of the newest readable checkpoint; nothing is initialised.
 
-  Restores through ``train.restore_checkpoint`` (the corrupt-checkpoint fallback lives there); the
-  optimizer state comes along with it and is dropped at once.
+  Restores through ``train.restore_checkpoint`` (checksum verification and the corrupt-checkpoint
+  fallback live there); the optimizer state comes along with it and is dropped at once. While a
+  trainer holds the run's lock, a checkpoint that fails is skipped but left in place (the trainer's
+  newest step may be between orbax's commit and its checksums).
   """
+  from launch import runs
+
   model = nnx.eval_shape(lambda: HybridLM(config.model, rngs=nnx.Rngs(params=config.seed)))
   graphdef, abstract_state = nnx.split(model)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -250,7 +255,8 @@ def restore_params(run_dir: str, config) -> tuple[int, Any, Any, Any]:
   if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
     raise EvalError(f"{run_dir} has no checkpoint yet ({checkpoints} is missing or empty)")
   try:
-    manager, restored = train_lib.restore_checkpoint(run_dir, int(config.train.keep_checkpoints), params, opt_state)
+    manager, restored = train_lib.restore_checkpoint(run_dir, int(config.train.keep_checkpoints), params, opt_state,
+                                                     set_aside=not runs.is_locked(run_dir))
   except train_lib.RunDirectoryError as e:
     raise EvalError(str(e)) from None
   manager.close()
@@ -525,8 +531,14 @@ def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   run_dir = args.workdir
   try:
+    if args.seed < 0:
+      raise EvalError(f"--seed={args.seed} must be an integer ≥ 0")
     config = load_config(run_dir)
-    request = plan(args, config, run_dir)
+    try:
+      request = plan(args, config, run_dir)
+    except (KeyError, AttributeError, TypeError) as e:  # a config.json that is not a run's config
+      raise EvalError(f"{os.path.join(run_dir, train_lib.CONFIG_FILE)} is not a usable run config "
+                      f"({type(e).__name__}: {e})") from None
     step, graphdef, abstract_state, params = restore_params(run_dir, config)
   except EvalError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,11 @@ Usage:
 be overridden with ``--config.FIELD=VALUE`` (an unknown field is an error). Running the same command
 again resumes from the last checkpoint with the identical data order; a run directory that holds a
 different config is refused. SIGTERM or Ctrl-C saves a checkpoint and exits (status "interrupted").
+One trainer per run directory: the run's ``.lock`` (``launch.runs.run_lock``) is held for the whole
+run; a second trainer is refused, naming the holder. Running a finished run again does nothing and
+says so. Every checkpoint carries sha256 checksums of its files (``checksums.json``), verified before
+any restore; a checkpoint that fails them is moved to ``corrupt_checkpoints/`` and the previous one
+is used (``summary.json["corrupt_checkpoints"]``).
 
 The run directory (DESIGN.md): ``config.json`` (resolved), ``metrics.jsonl``, TensorBoard events in
 ``tb/``, ``checkpoints/`` (orbax: params, optimizer state, data-iterator state) and ``summary.json``.
@@ -93,12 +98,15 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model.get("position") == "learned" and not config.model.get("max_len"):
     config.model.max_len = config.data.seq_len  # the table covers the training length
-  try:
-    config.model = apply_size(config.model)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
   if "runtime" not in config:  # a config built without base_config(): default placement
     config.runtime = config_lib.runtime_config()
+  try:
+    config.model = apply_size(config.model)
+  except (ValueError, ArithmeticError, TypeError) as e:
+    # A size preset builds the model to match parameters: a bad field breaks that first. Validating
+    # the unsized config names the field when it can.
+    config_lib.validate(config)
+    raise config_lib.ConfigError(f"model.size={config.model.size!r}: {e}") from None
   config_lib.validate(config)
   if not config.model.vocab_size:
     config.model.vocab_size = data_lib.vocab_size(config.data)
@@ -471,6 +479,19 @@ def step_compiler_options(platform: str) -> dict[str, Any] | None:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# Integrity (issue 22): orbax's OCDBT chunks carry no checksum, so a flipped bit restores silently. After
+# orbax commits a step, process 0 writes ``checkpoints/STEP/checksums.json`` (sha256 and size of every
+# file of the step: parameters, optimizer state, data-iterator state, orbax's metadata), atomically
+# (tmp + rename). Every restore verifies it first, on every process; a mismatch, a missing or an extra
+# file is handled like an unreadable checkpoint. ``WORKDIR/checksums_since.json`` records the first
+# step saved with checksums: a step from then on without its checksum file was cut between orbax's
+# commit and ours (a SIGKILL) and is set aside like a corrupt one; an older step (written before
+# checksums existed) is restored unverified, with a warning.
+CHECKSUM_FILE = "checksums.json"
+CHECKSUMS_SINCE_FILE = "checksums_since.json"
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   # Synchronous saves: the next step donates the parameter buffers, and runs here are small enough
   # that a blocking save costs little next to a corrupted one.
@@ -478,51 +499,181 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
+def _sha256(path: str) -> str:
+  import hashlib
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def step_files_digest(step_dir: str) -> dict[str, dict]:
+  """``{relative path: {"sha256", "bytes"}}`` of every file under ``step_dir`` but the checksum file
+  (hashed on a few threads: hashlib releases the GIL)."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  paths = sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                 for root, _, names in os.walk(step_dir) for name in names)
+  paths = [p for p in paths if p != CHECKSUM_FILE]
+  with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    digests = list(pool.map(lambda p: _sha256(os.path.join(step_dir, p)), paths))
+  return {p: {"sha256": d, "bytes": os.path.getsize(os.path.join(step_dir, p))} for p, d in zip(paths, digests)}
+
+
+def write_checksums(step_dir: str) -> None:
+  _write_json(os.path.join(step_dir, CHECKSUM_FILE), {"algorithm": "sha256", "files": step_files_digest(step_dir)})
+
+
+def verify_checksums(checkpoints_dir: str, step: int) -> str | None:
+  """Why step ``step`` must not be restored (None: verified). Raises :class:`_Unverified` for a step
+  written before checksums existed (restorable, with a warning)."""
+  step_dir = os.path.join(checkpoints_dir, str(step))
+  path = os.path.join(step_dir, CHECKSUM_FILE)
+  if not os.path.exists(path):
+    since = _checksums_since(checkpoints_dir)
+    if since is not None and step >= since:
+      return (f"no {CHECKSUM_FILE}, though every step from {since} on is saved with one: "
+              "the save was cut before its checksums were committed")
+    raise _Unverified(step)
+  try:
+    with open(path) as f:
+      expected = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"{CHECKSUM_FILE} unreadable ({type(e).__name__}: {e})"
+  actual = step_files_digest(step_dir)
+  problems = [f"{p}: missing" for p in sorted(set(expected) - set(actual))]
+  problems += [f"{p}: not in {CHECKSUM_FILE}" for p in sorted(set(actual) - set(expected))]
+  problems += [f"{p}: sha256 mismatch ({actual[p]['bytes']} bytes, {expected[p].get('bytes')} written)"
+               for p in sorted(set(actual) & set(expected)) if actual[p]["sha256"] != expected[p].get("sha256")]
+  if problems:
+    more = f"; … {len(problems) - 5} more" if len(problems) > 5 else ""
+    return "checksum mismatch: " + "; ".join(problems[:5]) + more
+  return None
+
+
+class _Unverified(Exception):
+  """A step saved before checksums existed."""
+
+
+def _checksums_since(checkpoints_dir: str) -> int | None:
+  try:
+    with open(os.path.join(os.path.dirname(checkpoints_dir), CHECKSUMS_SINCE_FILE)) as f:
+      return int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 def save_checkpoint(manager, step: int, params, opt_state, data_state) -> None:
+  """Save synchronously, then commit the step's checksums (process 0, after orbax's own commit)."""
+  directory = os.fspath(manager.directory)
+  primary = jax.process_index() == 0
+  if primary and _checksums_since(directory) is None:  # before the first checksummed step exists
+    _write_json(os.path.join(os.path.dirname(directory), CHECKSUMS_SINCE_FILE), {"step": step})
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
       data=ocp.args.JsonSave(data_state)), force=True)
   manager.wait_until_finished()
+  if primary:
+    write_checksums(os.path.join(directory, str(step)))
 
 
-def restore_checkpoint(workdir: str, keep: int, params, opt_state):
-  """Open the run's checkpoints and restore the newest readable one, onto the shardings of ``params``
+def _record_in_summary(workdir: str, key: str, entries: list[dict]) -> None:
+  """Append ``entries`` to ``summary.json[key]`` (process 0; only when a summary exists)."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if jax.process_index() != 0 or not entries or not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return
+  summary[key] = list(summary.get(key) or []) + entries
+  _write_json(path, summary)
+
+
+def restore_checkpoint(workdir: str, keep: int, params, opt_state, *, report: dict | None = None,
+                       set_aside: bool = True):
+  """Open the run's checkpoints and restore the newest sound one, onto the shardings of ``params``
   and ``opt_state`` (the current mesh, whatever mesh wrote the checkpoint).
 
-  An unreadable checkpoint (truncated or corrupt) is moved, with a warning, to
-  ``workdir/corrupt_checkpoints/STEP`` — kept for inspection, out of orbax's way — and the next older
-  one is tried. Returns ``(manager, restored)`` where ``restored`` is
-  ``(step, params, opt_state, data_state)`` or None when there is nothing to resume.
+  Each step's checksums are verified before orbax reads it. A checkpoint that fails them, or that
+  orbax cannot read (truncated or corrupt), is moved, with a warning, to
+  ``workdir/corrupt_checkpoints/STEP-TIME`` — kept for inspection, out of orbax's way — and the next
+  older one is tried; ``summary.json["corrupt_checkpoints"]`` says so (step, reason, where it went).
+  When every checkpoint is unreadable they all stay in place and :class:`RunDirectoryError` is raised
+  — unless every one of them was merely cut before its checksums were committed: those are set aside
+  and the run starts afresh. ``report`` (a dict) receives ``"corrupt_checkpoints"`` (that list) and
+  ``"restored_checkpoint"`` (``{"step", "verified"}``). ``set_aside=False`` (a reader while a trainer
+  holds the run, whose newest step may be between orbax's commit and its checksums) falls back the
+  same way but moves nothing and records nothing. Returns ``(manager, restored)`` where
+  ``restored`` is ``(step, params, opt_state, data_state)`` or None when there is nothing to resume.
   """
   import shutil
 
   manager = checkpoint_manager(workdir, keep)
+  directory = os.fspath(manager.directory)
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-  errors = []
+  report = {} if report is None else report
+  errors: list[tuple[int, str, bool]] = []  # (step, why, merely uncommitted)
+
+  def move_aside(steps) -> list[dict]:
+    manager.close()
+    aside = os.path.join(workdir, CORRUPT_DIR)
+    moved = []
+    for bad, why, _ in errors:
+      if bad not in steps:
+        continue
+      target = os.path.join(aside, f"{bad}-{int(time.time())}")
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        shutil.move(os.path.join(directory, str(bad)), target)
+      moved.append({"step": bad, "reason": why, "moved_to": target, "detected": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return moved
+
   for step in sorted(manager.all_steps(), reverse=True):
+    verified = True
+    try:
+      why = verify_checksums(directory, step)
+    except _Unverified:
+      why, verified = None, False
+    except OSError as e:
+      why = f"checksums could not be computed ({type(e).__name__}: {e})"
+    if why is not None:
+      errors.append((step, why, why.startswith(f"no {CHECKSUM_FILE}")))
+      continue
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for truncated / corrupt files
-      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+      errors.append((step, f"{type(e).__name__}: {str(e)[:200]}", False))
       continue
-    if errors:
-      manager.close()
-      aside = os.path.join(workdir, "corrupt_checkpoints")
-      if jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
-        for bad in manager.all_steps():
-          if bad > step:
-            shutil.move(os.path.join(manager.directory, str(bad)), os.path.join(aside, f"{bad}-{int(time.time())}"))
-      warnings.warn(f"resumed from step {step}; newer checkpoints could not be read and were moved to {aside}: "
-                    + "; ".join(errors))
+    if not verified:
+      warnings.warn(f"restored step {step} of {directory} unverified: it was saved before checkpoints carried "
+                    f"checksums (no {CHECKSUM_FILE})")
+    if errors and not set_aside:
+      warnings.warn(f"restored step {step}; newer checkpoints failed verification or could not be read (left in "
+                    "place: the run is being trained): " + "; ".join(f"step {bad}: {why}" for bad, why, _ in errors))
+    elif errors:
+      moved = move_aside({bad for bad, _, _ in errors if bad > step})
+      warnings.warn(f"resumed from step {step}; newer checkpoints failed verification or could not be read and "
+                    f"were moved to {os.path.join(workdir, CORRUPT_DIR)}: "
+                    + "; ".join(f"step {m['step']}: {m['reason']}" for m in moved))
+      report["corrupt_checkpoints"] = moved
+      _record_in_summary(workdir, "corrupt_checkpoints", moved)
       manager = checkpoint_manager(workdir, keep)
+    report["restored_checkpoint"] = {"step": step, "verified": verified}
     return manager, (step, restored["params"], restored["opt_state"], restored["data"])
+  if errors and all(uncommitted for _, _, uncommitted in errors) and set_aside:
+    moved = move_aside({bad for bad, _, _ in errors})
+    warnings.warn(f"no committed checkpoint in {directory}; starting afresh. Set aside to "
+                  f"{os.path.join(workdir, CORRUPT_DIR)}: "
+                  + "; ".join(f"step {m['step']}: {m['reason']}" for m in moved))
+    report["corrupt_checkpoints"] = moved
+    _record_in_summary(workdir, "corrupt_checkpoints", moved)
+    return checkpoint_manager(workdir, keep), None
   if errors:
     manager.close()
-    raise RunDirectoryError(f"no checkpoint in {manager.directory} could be read (all kept on disk):\n"
-                            + "\n".join(errors))
+    raise RunDirectoryError(f"no checkpoint in {directory} could be read and verified (all kept on disk):\n"
+                            + "\n".join(f"step {bad}: {why}" for bad, why, _ in errors))
   return manager, None
 
 
@@ -553,20 +704,102 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+class RunBusyError(RunDirectoryError):
+  """Another process (or thread) trains this run directory now."""
+
+
+# How long a trainer waits for the run's lock: covers a ``launch status`` probing it at that instant.
+LOCK_WAIT_S = 2.0
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None,
           progress: bool = True) -> dict[str, Any]:
   """Train (or resume) the run in ``workdir``; returns the summary written to ``summary.json``.
 
   ``stop_after_steps``: stop (as if interrupted, with a checkpoint) after that many steps of this
   call — for tests and for time-sliced schedulers.
+
+  One writer per run directory: process 0 holds the run's lock (``WORKDIR/.lock``, the launcher's
+  ``launch.runs.run_lock``) from before ``config.json`` is checked until ``summary.json`` is final;
+  a second trainer is refused (:class:`RunBusyError`, naming the holder). A run whose summary says
+  "done" is not touched again: this returns that summary and says so.
   """
+  from launch import runs
+
   config = resolve(config)  # every config error surfaces here, before any compile or write
+  # checked, not compiled
+  mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
+  primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
+  with contextlib.ExitStack() as held:
+    busy = None
+    if primary:
+      try:
+        held.enter_context(runs.run_lock(workdir, wait_s=LOCK_WAIT_S))
+      except runs.RunBusy as e:
+        busy = e
+    free = busy is None
+    if jax.process_count() > 1:  # every process learns whether process 0 got the lock
+      from jax.experimental import multihost_utils
+      free = bool(multihost_utils.broadcast_one_to_all(np.int32(free)))
+    if not free:
+      raise RunBusyError(f"{busy or workdir + ': process 0 could not take the run lock'}; refusing to write "
+                         "into it as a second trainer") from None
+    prepare_workdir(config, workdir, write=primary)
+    finished = _finished_summary(workdir)
+    if finished is not None:
+      if primary:
+        print(f"{os.path.abspath(workdir)} is already done (step {finished.get('step')}/{finished.get('steps')}): "
+              f"nothing to train; {SUMMARY_FILE} left as it is", flush=True)
+      return finished
+    return _train(config, workdir, mesh, stop_after_steps=stop_after_steps, progress=progress)
+
+
+def _finished_summary(workdir: str) -> dict | None:
+  """The run's summary when it says "done" (the config already matched) and its final checkpoint is
+  there and passes its checksums, else None. A done run whose final checkpoint is gone or corrupt is
+  trained again from its newest sound checkpoint (bit-identically), which restores that checkpoint."""
+  try:
+    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+  if not isinstance(summary, dict) or summary.get("status") != "done":
+    return None
+  checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  final = summary.get("step")
+  if not os.path.isdir(os.path.join(checkpoints, str(final))):
+    why = "it is missing"
+  else:
+    try:
+      why = verify_checksums(checkpoints, int(final))
+    except _Unverified:
+      why = None  # saved before checksums existed: taken as it is
+    except OSError as e:
+      why = f"{type(e).__name__}: {e}"
+  if why is None:
+    return summary
+  warnings.warn(f"{workdir}: {SUMMARY_FILE} says done, but its final checkpoint (step {final}) cannot be used "
+                f"({why}); training again from the newest sound checkpoint")
+  return None
+
+
+def _all_finite(tree) -> bool:
+  """Whether every floating-point leaf of ``tree`` is finite (one small jitted reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(_finite_leaves(leaves)) if leaves else True
+
+
+@jax.jit
+def _finite_leaves(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress: bool) -> dict[str, Any]:
+  """The loop of :func:`train`, run under the run's lock on a resolved config and a checked mesh."""
   use_compilation_cache(config.runtime.get("compilation_cache_dir", ""))
   t = config.train
   batch_size, seq_len = t.batch_size, config.data.seq_len
-  mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=batch_size)  # checked, not compiled
   primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
-  prepare_workdir(config, workdir, write=primary)
 
   setup = build(config, mesh)
   trainer, params, opt_state = setup.trainer, setup.params, setup.opt_state
@@ -581,14 +814,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
                data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=workdir,
                                      num_batches=t.eval_batches)]
 
-  manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, params, opt_state)
+  integrity: dict[str, Any] = {}
+  manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, params, opt_state, report=integrity)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   start_step = 0
   if restored is not None:
     start_step, params, opt_state, data_state = restored
     iterator.set_state(data_state)
-    if primary:
-      _truncate_metrics(metrics_path, start_step)
+  if primary:  # from scratch too: lines a run killed before its first checkpoint logged are redone
+    _truncate_metrics(metrics_path, start_step)
 
   summary: dict[str, Any] = {
       "status": "running", "step": start_step, "steps": t.steps, **counts,
@@ -606,7 +840,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     with open(os.path.join(workdir, SUMMARY_FILE)) as f:
       previous = json.load(f)
     # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.
-    summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds", "early_stop") if k in previous})
+    summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds", "early_stop", "corrupt_checkpoints")
+                    if k in previous})
+  recorded = list(summary.get("corrupt_checkpoints", []))  # restore_checkpoint wrote them when a summary existed
+  if integrity.get("corrupt_checkpoints") and integrity["corrupt_checkpoints"][-1] not in recorded:
+    summary["corrupt_checkpoints"] = recorded + integrity["corrupt_checkpoints"]
+  if "restored_checkpoint" in integrity:
+    summary["restored_checkpoint"] = integrity["restored_checkpoint"]
 
   def write_summary() -> None:
     if primary:
@@ -629,6 +869,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   tick = None  # time of the last flushed step, once the first (compiling) step is done
   status = "running"
 
+  def kept_checkpoint() -> str:
+    kept = manager.latest_step()
+    if kept is None:
+      return (f"no checkpoint is kept: none was saved before it (train.checkpoint_every={t.checkpoint_every}, "
+              f"started from step {start_step})")
+    return f"the last checkpoint with finite parameters is kept (step {kept})"
+
   def flush() -> None:
     """One host sync for all steps since the last flush: log, check finiteness."""
     nonlocal last_loss, tick, timed_tokens, timed_seconds
@@ -644,9 +891,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
       for (s, _), m in zip(pending, fetched):
         # lr of the update that produced step s (optax counts updates from 0)
         record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1))}
-        if not all(math.isfinite(v) for v in record.values()):
-          raise DivergedError(f"non-finite loss at step {s}: {record}; the last good checkpoint is kept "
-                              f"(step {manager.latest_step()}). Lower train.lr or raise train.warmup_steps.")
+        bad = sorted((k for k, v in record.items() if not math.isfinite(v)), key=lambda k: (k != "loss", k))
+        if bad:
+          also = f" (also non-finite: {', '.join(bad[1:])})" if bad[1:] else ""
+          finite = "" if "loss" in bad else f" while the loss was finite ({record['loss']:.6g})"
+          raise DivergedError(f"non-finite {bad[0]} at step {s}{finite}{also}: {record}; {kept_checkpoint()}. "
+                              "Lower train.lr or raise train.warmup_steps.")
         if f is not None:
           f.write(json.dumps(record) + "\n")
         for k, v in record.items():
@@ -705,6 +955,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
             is_ckpt = True
         if is_ckpt:
           clock = time.perf_counter()
+          if not _all_finite((params, opt_state)):  # a checkpoint must never hold what it cannot resume from
+            raise DivergedError(f"non-finite parameters or optimizer state after step {step} (its loss and "
+                                f"gradient norm were finite); not saved; {kept_checkpoint()}. "
+                                "Lower train.lr or raise train.warmup_steps.")
           save_checkpoint(manager, step, params, opt_state, iterator.get_state())
           timing["checkpoint_s"] += time.perf_counter() - clock
         if (is_eval or is_ckpt) and tick is not None:
@@ -747,12 +1001,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv) -> None:
+def main(argv, overrides: dict[str, str] | None = None) -> None:
+  """``python -m hybrids.train``: a user mistake is one ``error:`` line and exit status 2, never a traceback."""
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   try:
+    if len(argv) > 1:
+      raise config_lib.ConfigError(f"unexpected argument(s) {' '.join(argv[1:])!r}; fields are set with "
+                                   "--config.FIELD=VALUE (e.g. --config.model.window=32)")
+    spec = flags.FLAGS.config
+    if not spec or not workdir:
+      missing = " and ".join(f for f, v in (("--config", spec), ("--workdir", workdir)) if not v)
+      raise config_lib.ConfigError(f"{missing} required, e.g. --config experiments/quickstart.py:tiny "
+                                   "--workdir /tmp/run (see --help)")
+    if isinstance(spec, ml_collections.ConfigDict):  # already loaded (a caller's own config flag)
+      config = config_lib.apply_overrides(spec, overrides or {})
+    else:
+      try:
+        config = config_lib.get_config(spec, overrides)
+      except config_lib.ConfigError:
+        raise
+      except ValueError as e:  # an experiment's get_config refusing its argument
+        raise config_lib.ConfigError(f"--config={spec}: {e}") from None
     sharding_lib.initialize_distributed()  # a no-op unless SLURM / TPU pod / HYBRIDS_* say otherwise
     summary = train(config, workdir)
   except (config_lib.ConfigError, RunDirectoryError) as e:
@@ -769,12 +1040,28 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
+  import functools
 
-  config_flags.DEFINE_config_file(
+  from absl import app, flags
+
+  def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag as one ``error:`` line and exit status 2."""
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f"error: {e} (see --help)", file=sys.stderr)
+      sys.exit(2)
+
+  # --config is parsed here rather than by ml_collections' config flags, whose unknown-field and
+  # bad-variant errors are flag-parsing tracebacks: config.get_config / apply_overrides give one line.
+  flags.DEFINE_string(
       "config", None, "Experiment file and optional argument, e.g. experiments/quickstart.py:rglru. "
-      "Override any field with --config.FIELD=VALUE.", lock_config=True)
+      "Override any field with --config.FIELD=VALUE (e.g. --config.model.window=32); an unknown field "
+      "or a bad value is one error line naming the field, exit status 2.")
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds the same config).")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  try:
+    _argv, _overrides = config_lib.split_overrides(sys.argv)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(functools.partial(main, overrides=_overrides), argv=_argv, flags_parser=_parse_flags)

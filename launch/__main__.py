@@ -122,6 +122,7 @@ def cmd_sweep(args) -> int:
 
   from absl import logging
   logging.set_verbosity(logging.WARNING)
+  from hybrids import config as config_lib
   from hybrids.config import ConfigError
   from launch import local, runs
   from launch import sweep as sweep_lib
@@ -149,6 +150,13 @@ def cmd_sweep(args) -> int:
     if args.backend == "slurm":
       from launch import slurm
       slurm_params = slurm.executor_parameters(args, sweep_lib.sweep_name(args.experiment), 1)
+    path, _, variant = args.experiment.partition(":")
+    module = config_lib.load_experiment(path)
+    if variant:  # a misspelt FILE:VARIANT is an error, even where every point sets its own get_config argument
+      try:
+        module.get_config(variant)
+      except ValueError as e:
+        raise ConfigError(str(e) if isinstance(e, ConfigError) else f"{args.experiment}: {e}") from None
     expanded = sweep_lib.expand(args.experiment)
     selected = sweep_lib.select(args.experiment, expanded, args.filter)
   except ConfigError as e:

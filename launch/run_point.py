@@ -5,11 +5,11 @@
 
 The point travels as one JSON argv element (never spliced into a shell line); it is re-resolved here
 and its run id must equal the name of ``--workdir`` (``--run-id`` when the directory is named
-otherwise), so a run directory never receives another config. A run already done with this config
-returns at once, without building the model. The run's ``.lock`` is held while training; each
-attempt is recorded in ``launch.json``. Exit status: 0 done, 2 bad config or run
-directory, 3 diverged, 1 failed, 75 busy (another process trains the run), 143 interrupted (SIGTERM:
-checkpoint saved, resumes on the next launch).
+otherwise), so a run directory never receives another config. The run's ``.lock`` is taken first and
+held while training (``hybrids.train`` takes the same lock again); a run already done with this config
+then returns at once, without building the model. Each attempt is recorded in ``launch.json``.
+Exit status: 0 done, 2 bad config or run directory, 3 diverged, 1 failed, 75 busy (another process
+trains the run), 143 interrupted (SIGTERM: checkpoint saved, resumes on the next launch).
 """
 
 from __future__ import annotations
@@ -43,18 +43,23 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
   except (ConfigError, ValueError) as e:
     print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
     return EXIT_CONFIG, {}
-  share_compilation_cache(config, workdir)
+  try:
+    share_compilation_cache(config, workdir)
+  except OSError as e:  # e.g. <root>/.jax_cache planted by another user
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG, {}
   expected = run_id or os.path.basename(os.path.normpath(workdir))
   actual = sweep_lib.run_id(experiment, config)
   if actual != expected:
     print(f"error: point {json.dumps(point)} of {experiment} resolves to run id {actual}, not {expected}: "
           "the experiment file changed since the sweep was expanded, or --workdir is another run's", file=sys.stderr)
     return EXIT_CONFIG, {}
-  if _already_done(workdir, config):  # e.g. a requeued task or a second launch of a finished run
-    print(f"[launch] {actual} is already done: {json.dumps(point, sort_keys=True)}", flush=True)
-    return EXIT_DONE, runs.read_summary(workdir)
   try:
     with runs.run_lock(workdir, wait_s=lock_wait_s):
+      # Checked under the lock: a launch that finds the run busy, then done, never re-enters it.
+      if _already_done(workdir, config):  # e.g. a requeued task or a second launch of a finished run
+        print(f"[launch] {actual} is already done: {json.dumps(point, sort_keys=True)}", flush=True)
+        return EXIT_DONE, runs.read_summary(workdir)
       resumed_from = runs.latest_checkpoint_step(workdir)
       attempt = runs.start_attempt(workdir, resumed_from=resumed_from, **attempt_info)
       print(f"[launch] {actual} attempt {attempt}, from step {resumed_from}: {json.dumps(point)}", flush=True)
@@ -84,7 +89,9 @@ def share_compilation_cache(config, workdir: str, env=os.environ) -> None:
   """Runs of one sweep share compiled steps in ``<sweep root>/.jax_cache``, unless the config's
   ``runtime.compilation_cache_dir`` or JAX's own ``JAX_COMPILATION_CACHE_DIR`` already names a cache."""
   if not config.runtime.get("compilation_cache_dir", "") and not env.get("JAX_COMPILATION_CACHE_DIR"):
-    config.runtime.compilation_cache_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
+    cache = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
+    runs.private_dir(cache)  # compiled programs are loaded and run: mode 0700, ours, not a symlink
+    config.runtime.compilation_cache_dir = cache
 
 
 def _already_done(workdir: str, config) -> bool:

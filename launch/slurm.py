@@ -97,14 +97,44 @@ def executor_parameters(args, name: str, num_tasks: int) -> dict:
     extra[key] = value
   if extra:
     params["slurm_additional_parameters"] = extra
+  check_script_values(params)
+  if getattr(args, "root", None):
+    check_script_values(os.path.abspath(args.root), "--root")  # submitit's log paths: #SBATCH --output / --error
   return params
+
+
+def _control_characters(text: str) -> list[str]:
+  import unicodedata
+  return sorted({repr(c) for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+
+
+def check_script_values(value, where: str = "SLURM parameters") -> None:
+  """Refuse control characters (newline, carriage return, NUL, tab, …) in any key or value that reaches
+  the job script: a newline inside an ``#SBATCH`` line ends it and turns the rest into script lines
+  (and sbatch stops reading options at the first non-``#SBATCH`` line, dropping ``--signal``)."""
+  from hybrids.config import ConfigError
+
+  if isinstance(value, dict):
+    for k, v in value.items():
+      check_script_values(k, f"{where} key")
+      check_script_values(v, f"{where}[{k!r}]")
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      check_script_values(v, f"{where}[{i}]")
+  elif isinstance(value, str) and _control_characters(value):
+    raise ConfigError(f"{where}: {value!r} holds control characters ({', '.join(_control_characters(value))}); "
+                      "they would break the job script's lines")
 
 
 def submit(experiment: str, root: str, todo: list[dict], params: dict) -> list[tuple[dict, str, str]]:
   """Submit ``todo`` as one job array; returns ``[(row, job id, stdout log)]``."""
   import submitit
 
-  executor = submitit.AutoExecutor(folder=os.path.join(os.path.abspath(root), ".submitit", "%j"), cluster="slurm")
+  check_script_values(params)
+  check_script_values(os.path.abspath(root), "the sweep root")  # it lands in #SBATCH --output / --error
+  # submitit's folder holds the pickles every job unpickles and runs: private to us (0700).
+  folder = runs.private_dir(os.path.join(os.path.abspath(root), ".submitit"))
+  executor = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), cluster="slurm")
   executor.update_parameters(**params)
   experiment_abs = _absolute_spec(experiment)
   with executor.batch():

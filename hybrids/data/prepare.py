@@ -447,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             bpe_sample_bytes=args.bpe_sample_bytes, progress=not args.no_progress)
   except ValueError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
+  except (OSError, EOFError) as e:  # an unreadable input, a truncated .gz, an unwritable --output
+    parser.exit(2, f"{parser.prog}: error: {type(e).__name__}: {e}\n")
   return 0
 
 

@@ -49,6 +49,11 @@ class Attention(nnx.Module):
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
     """Raise ValueError (naming the field) for settings this mixer cannot run with."""
+    from hybrids.config import check_int, check_number  # here: hybrids.config imports the mixers
+    check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
+    check_int(cfg.num_kv_heads, "model.num_kv_heads", 0, note=" (0: = model.num_heads)")
+    check_number(cfg.rope_base, "model.rope_base", 0, lo_open=True)
+    check_number(cfg.attn_softcap, "model.attn_softcap", 0, note=" (0: off)")
     if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
       raise ValueError(f"model.num_heads={cfg.num_heads} must be positive and divide model.d_model={cfg.d_model}"
                        " (or set model.head_dim)")

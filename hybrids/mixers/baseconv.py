@@ -50,8 +50,8 @@ class BaseConv(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    if cfg.d_state < 1:
-      raise ValueError(f"model.d_state={cfg.d_state} must be ≥ 1 (modes of each BaseConv long filter)")
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.d_state, "model.d_state", 1, note=" (modes of each BaseConv long filter)")
 
   def _out(self, x, short, long):
     gate = self.gate_proj(x).astype(jnp.float32)

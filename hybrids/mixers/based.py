@@ -52,6 +52,9 @@ class Based(nnx.Module):
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
     if cfg.feature_dim <= 0:
       raise ValueError(f"model.feature_dim={cfg.feature_dim} must be positive")
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.feature_dim, "model.feature_dim", 1, note=" (Based's q/k width per head)")
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
 
   def _qkv(self, x):
     split = lambda z: rearrange(z, "... (h d) -> ... h d", h=self.heads)

@@ -58,6 +58,8 @@ class DeltaNet(nnx.Module):
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
     if cfg.chunk_size <= 0:
       raise ValueError(f"model.chunk_size={cfg.chunk_size} must be positive")
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
 
   def _qkv(self, qkv):
     """Conv output ``[..., 3·d_model]`` → q, k (unit norm), v ``[..., heads, d_h]`` f32."""

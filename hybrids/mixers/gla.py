@@ -42,6 +42,15 @@ class GatedLinearAttention(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int, check_number  # here: hybrids.config imports the mixers
+    check_number(cfg.key_expansion, "model.key_expansion", 0, lo_open=True, note=" (GLA key width = "
+                 "key_expansion · d_model)")
+    if int(cfg.key_expansion * cfg.d_model) < cfg.num_heads:
+      raise ValueError(f"model.key_expansion={cfg.key_expansion} gives a key width int(key_expansion · d_model)="
+                       f"{int(cfg.key_expansion * cfg.d_model)} below model.num_heads={cfg.num_heads}: each head "
+                       "needs at least one key dimension")
+    check_int(cfg.gate_low_rank, "model.gate_low_rank", 1, note=" (rank of GLA's decay gate)")
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
     if cfg.d_model % cfg.num_heads or int(cfg.key_expansion * cfg.d_model) % cfg.num_heads:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model} and the key width "
                        f"model.key_expansion·d_model={cfg.key_expansion * cfg.d_model}")

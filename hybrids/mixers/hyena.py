@@ -39,8 +39,8 @@ class Hyena(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    if cfg.d_state < 1:
-      raise ValueError(f"model.d_state={cfg.d_state} must be ≥ 1 (modes of each Hyena long filter)")
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.d_state, "model.d_state", 1, note=" (modes of each Hyena long filter)")
 
   def _gate_and_input(self, z):
     """Short-conv output ``[..., 3·d]`` → ``(q, k ⊙ v)`` in float32."""

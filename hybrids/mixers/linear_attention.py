@@ -41,6 +41,9 @@ class LinearAttention(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
     if not cfg.head_dim and cfg.d_model % cfg.num_heads:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
 

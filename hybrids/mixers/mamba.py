@@ -46,6 +46,9 @@ class Mamba(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.d_state, "model.d_state", 1, note=" (Mamba's state size N)")
+    check_int(cfg.ssm_expand, "model.ssm_expand", 1, note=" (Mamba's inner width = ssm_expand · d_model)")
     if cfg.d_state <= 0 or cfg.ssm_expand <= 0:
       raise ValueError(f"model.d_state={cfg.d_state} and model.ssm_expand={cfg.ssm_expand} must be positive")
 

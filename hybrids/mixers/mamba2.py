@@ -47,6 +47,10 @@ class Mamba2(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.ssm_expand, "model.ssm_expand", 1, note=" (Mamba-2's inner width = ssm_expand · d_model)")
+    check_int(cfg.d_state, "model.d_state", 1, note=" (Mamba-2's state size N)")
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
     d_inner = int(cfg.ssm_expand * cfg.d_model)
     if d_inner % cfg.num_heads:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide the inner width "

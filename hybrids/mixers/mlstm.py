@@ -64,6 +64,9 @@ class MLSTM(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.ssm_expand, "model.ssm_expand", 1, note=" (mLSTM's inner width = ssm_expand · d_model)")
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked mLSTM form)")
     inner = int(cfg.ssm_expand * cfg.d_model)
     if inner <= 0 or inner % cfg.num_heads:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide the mLSTM inner width "

@@ -44,6 +44,10 @@ class RetNet(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int, check_number  # here: hybrids.config imports the mixers
+    check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
+    check_number(cfg.rope_base, "model.rope_base", 0, lo_open=True)
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
     if (not cfg.head_dim and cfg.d_model % cfg.num_heads) or head_dim % 2:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model} into an even head dim")

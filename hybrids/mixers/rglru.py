@@ -55,6 +55,9 @@ class RGLRUBlock(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.rnn_width, "model.rnn_width", 0, note=" (0: model.d_model)")
+    check_int(cfg.rnn_heads, "model.rnn_heads", 0, note=" (0: model.num_heads)")
     d_rnn = cfg.rnn_width or cfg.d_model
     heads = cfg.rnn_heads or cfg.num_heads
     if heads <= 0 or d_rnn % heads:

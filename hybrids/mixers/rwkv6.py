@@ -58,6 +58,8 @@ class RWKV6(nnx.Module):
   def check_config(cls, cfg, *, seq_len: int) -> None:
     if cfg.d_model % cfg.num_heads:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
 
   def _inputs(self, x, x_prev):
     """``x, x_prev: [..., d]`` → r, k, v ``[..., heads, d_head]``, log-decay, gate ``[..., d]``."""

@@ -41,6 +41,8 @@ class S4D(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
+    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    check_int(cfg.d_state, "model.d_state", 2, note=" (even: S4D's conjugate pairs)")
     if cfg.d_state < 2 or cfg.d_state % 2:
       raise ValueError(f"model.d_state={cfg.d_state} must be an even number ≥ 2 for S4D (conjugate pairs)")
 
