@@ -9,8 +9,9 @@ same tokens (Chinchilla's 20 per parameter) at three sizes, so the report's loss
 fits rank the hybrids against the Mamba hybrid ``(mamba, mamba, swa)``; global attention and SWA
 alone are the reference lines.
 
-Grid: 15 recurrent mixers + attention + SWA = 17 patterns × sizes 5m, 20m, 50m = 51 runs; seq_len
-2048, 2^17 tokens a step.
+Grid: one pattern per registered mixer (every recurrent one in ``(m, m, swa)``, plus attention and SWA
+alone) × sizes 5m, 20m, 50m, i.e. ``3 × len(MIXERS)`` runs (51 with 17 mixers); seq_len 2048, 2^17
+tokens a step.
 
 Data: the byte-level GCIDE dictionary corpus as prepared shards (vocab 257). Prepare it once:
 
@@ -18,12 +19,12 @@ Data: the byte-level GCIDE dictionary corpus as prepared shards (vocab 257). Pre
 
 Commands:
 
-    python -m launch sweep experiments/mixer_survey.py --backend local          # 51 runs (cluster)
-    python -m launch sweep experiments/mixer_survey.py:small --backend local    # 17 runs
+    python -m launch sweep experiments/mixer_survey.py --backend local          # 3 × len(MIXERS) runs (cluster)
+    python -m launch sweep experiments/mixer_survey.py:small --backend local    # len(MIXERS) runs
     python -m launch report runs/mixer_survey        # a variant's runs: runs/mixer_survey-VARIANT
 
 Variants: ``None`` (full, above; days of GPU time); ``small`` (every pattern at 1m only, 20
-tokens/param, seq_len 1024: 17 runs of ~500 steps, ~1 h on one GPU); ``tiny`` (a few-second CPU smoke
+tokens/param, seq_len 1024: one run per mixer of ~500 steps, ~1 h on one GPU); ``tiny`` (a few-second CPU smoke
 test, 2 points, used by ``tests/test_experiments.py``).
 """
 

@@ -15,7 +15,8 @@ A pattern entry ``"a>b"`` is a *sequential* composition inside one layer (Zoolog
 its "Based" and "SWA" rows are ``baseconv>based`` and ``baseconv>swa``): ``y = b(a(x))``, no norm or
 residual between the two. The separators do not mix: an entry is one mixer, a parallel group or a
 sequential chain. Both kinds hold their mixers in ``parts`` (so parameter paths, sharding rules and
-FLOPs treat them alike) and their decode state is the tuple of the parts' states.
+FLOPs treat them alike), their decode state is the tuple of the parts' states and their FLOPs per token
+the sum of the parts' (the merge's projection is counted from its weights, as every Linear).
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class ParallelMixer(nnx.Module):
     results = [m.step(x_t, s) for m, s in zip(self.parts, state)]
     return self._merge(x_t, [y for y, _ in results]), tuple(s for _, s in results)
 
+  def flops(self, seq_len: int):
+    return _sum_flops(self.parts, seq_len)
+
 
 class SequentialMixer(nnx.Module):
   """Mixers applied one after another, ``y = m_n(… m_1(x))``; itself a mixer (both faces, state = tuple)."""
@@ -107,6 +111,34 @@ class SequentialMixer(nnx.Module):
       x_t, s = m.step(x_t, s)
       states.append(s)
     return x_t, tuple(states)
+
+  def flops(self, seq_len: int):
+    return _sum_flops(self.parts, seq_len)
+
+
+def _sum_flops(parts, seq_len: int):
+  """The parts' own FLOPs per token (``hybrids.flops.Flops``), summed."""
+  first, *rest = list(parts)
+  total = first.flops(seq_len)
+  for part in rest:
+    total = total + part.flops(seq_len)
+  return total
+
+
+def owning_mixer(path: tuple, layer_mixers) -> str | None:
+  """The registered mixer that holds parameter ``path`` (plain keys ``('blocks', i, 'mixer', …)``, with
+  ``'parts', j`` inside a parallel or sequential entry), given each layer's pattern entry
+  ``layer_mixers``; None outside a registered mixer (embeddings, norms, MLPs, a parallel merge)."""
+  if len(path) < 4 or path[0] != "blocks" or path[2] != "mixer" or not isinstance(path[1], int):
+    return None
+  if path[1] >= len(layer_mixers):
+    return None
+  names = mixer_names(layer_mixers[path[1]])
+  if len(names) == 1:
+    return names[0]
+  if path[3] == "parts" and len(path) > 5 and isinstance(path[4], int) and path[4] < len(names):
+    return names[path[4]]
+  return None
 
 
 def build_mixer(entry: str, cfg, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from hybrids.checks import ConfigError, check_choice, check_int, check_number  # noqa: F401
+from hybrids.defaults import model_config
 from hybrids import data as data_lib
 from hybrids.blocks import MERGES, PARALLEL, composition, mixer_names
 from hybrids.layers import DTYPES, NORMS
-from hybrids.mixers import MIXERS
+from hybrids.mixers import MIXERS, mixer_settings
 from hybrids.model import layer_pattern
 from kernels.delta import IMPLS as DELTA_IMPLS
 from kernels.gla import IMPLS as GLA_IMPLS
@@ -24,55 +26,6 @@ KERNEL_IMPLS = {"attention_impl": ATTENTION_IMPLS, "scan_impl": SCAN_IMPLS, "gla
 
 
 POSITIONS = ("rope", "learned", "none")
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run; the message names the field and the valid choices."""
-
-
-def model_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.vocab_size = 0            # 0: take the data's vocabulary
-  c.size = ""                 # a preset of hybrids.sizes.LADDER ("1m" … "1b"): sets the shape, matches params
-  c.d_model = 64
-  c.n_layers = 2
-  c.pattern = ("rglru", "rglru", "swa")  # tiled to n_layers
-  c.num_heads = 4
-  c.num_kv_heads = 0          # 0: = num_heads (MHA); 1: MQA
-  c.head_dim = 0              # 0: d_model // num_heads
-  c.window = 32               # SWA band
-  c.norm = "rms"              # the residual stream's norms: "rms" (RMSNorm) or "layer" (LayerNorm, Zoology)
-  c.mlp_expansion = 3.0        # 0: no MLP sublayer (Zoology's MQAR models: the block is x + Mixer(Norm(x)))
-  c.rnn_width = 0             # RG-LRU width; 0: d_model
-  c.rnn_heads = 0             # RG-LRU gate blocks; 0: num_heads
-  c.conv_width = 4
-  c.d_state = 16              # Mamba / Mamba-2 state size N
-  c.ssm_expand = 2            # Mamba / Mamba-2 inner width = ssm_expand · d_model
-  c.feature_dim = 16          # Based: q/k width per head before the Taylor feature map
-  c.gate_low_rank = 16        # GLA's low-rank decay gate
-  c.key_expansion = 0.5       # GLA key width = key_expansion · d_model (paper: 0.5)
-  c.chunk_size = 16           # chunk of the chunked linear-attention form
-  c.moe_every = 0             # 0: dense MLPs; k: every k-th layer's MLP is a MoE (Jamba: 2)
-  c.num_experts = 8
-  c.moe_top_k = 2
-  c.parallel_merge = "sum"    # how a parallel pattern entry "a|b" merges: sum, gate, concat
-  c.tie_embeddings = True
-  c.embed_scale = True        # multiply embeddings by √d_model (Griffin, Gemma)
-  c.dtype = "float32"         # compute dtype
-  c.param_dtype = "float32"
-  c.logits_softcap = 0.0      # 0: off
-  c.attn_softcap = 0.0        # 0: off
-  c.rope_base = 10_000.0
-  # Position encoding: "rope" rotates attention's and SWA's queries and keys; "learned" adds a learned
-  # absolute embedding of max_len positions to the token embedding (Zoology, GPT-2); "none": neither.
-  c.position = "rope"
-  c.max_len = 0               # positions of the "learned" table; 0: data.seq_len
-  c.remat = False
-  c.attention_impl = "auto"
-  c.scan_impl = "auto"
-  c.gla_impl = "auto"
-  c.delta_impl = "auto"       # kernels.delta (DeltaNet, Gated DeltaNet)
-  return c
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -150,64 +103,24 @@ def _positive_int(value, field: str) -> None:
     raise ConfigError(f"{field}={value!r} must be a positive integer")
 
 
-def _bounds(lo, hi, lo_open: bool, hi_open: bool) -> str:
-  if lo is not None and hi is not None:
-    return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-  if lo is not None:
-    return f" {'>' if lo_open else '≥'} {lo}"
-  if hi is not None:
-    return f" {'<' if hi_open else '≤'} {hi}"
-  return ""
-
-
-def check_int(value, field: str, lo: int | None = None, hi: int | None = None, note: str = "") -> None:
-  """``ConfigError`` unless ``value`` is an int (not a bool) in ``[lo, hi]``; ``note`` explains the field."""
-  ok = isinstance(value, int) and not isinstance(value, bool)
-  if ok and (lo is None or value >= lo) and (hi is None or value <= hi):
-    return
-  what = "a positive integer" if lo == 1 and hi is None else "an integer" + _bounds(lo, hi, False, False)
-  raise ConfigError(f"{field}={value!r} must be {what}{note}")
-
-
-def check_number(value, field: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-                 hi_open: bool = False, note: str = "") -> None:
-  """``ConfigError`` unless ``value`` is a finite int or float (not a bool, NaN or ∞) within the bounds."""
-  import math
-
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-  if ok and (lo is None or (value > lo if lo_open else value >= lo)) and (
-      hi is None or (value < hi if hi_open else value <= hi)):
-    return
-  raise ConfigError(f"{field}={value!r} must be a finite number{_bounds(lo, hi, lo_open, hi_open)}{note}")
-
-
-def check_choice(value, field: str, valid) -> None:
-  if not isinstance(value, str) or value not in valid:
-    raise ConfigError(f"{field}={value!r}; valid: {', '.join(valid)}")
-
-
 # The top-level fields and sections of a config; ``data`` is checked by hybrids.data (it has optional fields).
 TOP_LEVEL = ("seed", "model", "data", "train", "runtime")
 
 
-# Fields read only by some mixers: (type, lower bound, note). A mixer in model.pattern checks its own
-# fields first (check_config, with finer rules: S4D's even d_state, divisibility); these bounds hold for all.
-MIXER_FIELD_RANGES = {
-    "window": (int, 1, " (the SWA band)"),
-    "head_dim": (int, 0, " (0: model.d_model // model.num_heads)"),
-    "rnn_width": (int, 0, " (0: model.d_model)"),
-    "rnn_heads": (int, 0, " (0: model.num_heads)"),
-    "d_state": (int, 1, " (state size / filter modes)"),
-    "ssm_expand": (int, 1, " (inner width = ssm_expand · d_model)"),
-    "feature_dim": (int, 1, " (Based's q/k width per head)"),
-    "gate_low_rank": (int, 1, " (rank of GLA's decay gate)"),
-    "key_expansion": ("positive", 0, " (GLA key width = key_expansion · d_model)"),
-    "chunk_size": (int, 1, " (chunk of the chunked linear-attention forms)"),
-    "rope_base": ("positive", 0, ""),
-    "attn_softcap": (float, 0, " (0: off)"),
+# Fields read only by some layers: (type, lower bound, note); the mixers' own fields carry theirs in
+# their SETTINGS. A mixer in model.pattern checks its own fields first (check_config, with finer rules:
+# an even d_state, divisibility); these bounds hold whether or not a layer reads the field.
+FIELD_RANGES = {
     "num_experts": (int, 1, " (MoE experts)"),
     "moe_top_k": (int, 1, " (experts per token)"),
 }
+
+
+def _field_ranges() -> dict:
+  """:data:`FIELD_RANGES` after every registered mixer's ``SETTINGS`` bounds."""
+  out = {field: (int if isinstance(s.default, int) else "positive" if s.lo_open else float, s.lo, f" ({s.doc})")
+         for field, s in mixer_settings().items() if s.lo is not None}
+  return {**out, **FIELD_RANGES}
 
 
 def _check_fields(config) -> None:
@@ -321,18 +234,13 @@ def validate(config) -> None:
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
   used = {name for entry in layer_pattern(m) for name in mixer_names(entry)}
-  if "swa" in used:
-    _positive_int(m.window, "model.window")
-    if m.window > seq_len:
-      raise ConfigError(f"model.window={m.window} exceeds data.seq_len={seq_len}: the band would be global "
-                        "attention; use the 'attention' mixer or a window ≤ seq_len")
   for name in sorted(used):
     try:
       MIXERS[name].check_config(m, seq_len=seq_len)
     except ValueError as e:
       raise ConfigError(f"mixer {name!r}: {e}") from None
   # The mixers' fields that no layer reads still get the range every mixer reading them needs.
-  for field, (kind, lo, note) in MIXER_FIELD_RANGES.items():
+  for field, (kind, lo, note) in _field_ranges().items():
     if kind is int:
       check_int(m[field], f"model.{field}", lo, note=note)
     else:
@@ -391,8 +299,10 @@ def validate(config) -> None:
     raise ConfigError(f"train.eval_every={t.eval_every} must be ≥ 0 (0: evaluate at the end only)")
   choices = tuple(t.window_choices)
   if choices:
-    if "swa" not in used:
-      raise ConfigError(f"train.window_choices={choices} needs an 'swa' layer in model.pattern={tuple(m.pattern)}")
+    windowed = sorted(name for name, mixer in MIXERS.items() if "window" in mixer.SETTINGS)  # banded attention
+    if not used & set(windowed):
+      raise ConfigError(f"train.window_choices={choices} needs an {' or '.join(map(repr, windowed))} layer in "
+                        f"model.pattern={tuple(m.pattern)}")
     for w in choices:
       if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= seq_len:
         raise ConfigError(f"train.window_choices={choices}: each window must be an int in [1, data.seq_len={seq_len}]")
@@ -430,6 +340,30 @@ def _validate_mesh(config, batch_size: int) -> None:
   if ways > 0 and batch_size % ways:  # with a -1 axis, make_mesh checks once the device count is known
     raise ConfigError(f"train.batch_size={batch_size} is not divisible by runtime.mesh.data × runtime.mesh.fsdp = {ways}"
                       " (the batch is split over both)")
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validate and fill derived fields (size preset, learned-position table, vocab size); the result
+  is what a run trains and what its ``config.json`` holds (``hybrids.rundir``). Every config error
+  surfaces here, before anything is compiled or written."""
+  from hybrids.sizes import apply_size
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.get("position") == "learned" and not config.model.get("max_len"):
+    config.model.max_len = config.data.seq_len  # the table covers the training length
+  if "runtime" not in config:  # a config built without base_config(): default placement
+    config.runtime = runtime_config()
+  try:
+    config.model = apply_size(config.model)
+  except (ValueError, ArithmeticError, TypeError) as e:
+    # A size preset builds the model to match parameters: a bad field breaks that first. Validating
+    # the unsized config names the field when it can.
+    validate(config)
+    raise ConfigError(f"model.size={config.model.size!r}: {e}") from None
+  validate(config)
+  if not config.model.vocab_size:
+    config.model.vocab_size = data_lib.vocab_size(config.data)
+  return config
 
 
 def load_experiment(path: str):

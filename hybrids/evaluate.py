@@ -85,6 +85,7 @@ import optax
 from flax import nnx
 
 from hybrids import data as data_lib
+from hybrids import rundir
 from hybrids import train as train_lib
 from hybrids.data import retrieval
 from hybrids.data.pipeline import IGNORE_LABEL, finite_batches
@@ -92,7 +93,7 @@ from hybrids.model import HybridLM, layer_pattern
 
 EVALS = ("loss", "position", "mqar", "retrieval")
 FACES = ("parallel", "recurrent")
-EVAL_DIR = "eval"
+EVAL_DIR = rundir.EVAL_DIR
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Default lengths per eval, in multiples of the training length.
 DEFAULT_LENGTHS = {"loss": (1,), "position": (1, 4), "mqar": (1,), "retrieval": (1, 2, 4, 8)}
@@ -129,9 +130,9 @@ def load_config(run_dir: str) -> ml_collections.ConfigDict:
   """The resolved config of a run directory; EvalError when the directory or its config is unusable."""
   if not os.path.isdir(run_dir):
     raise EvalError(f"--workdir={run_dir!r} does not exist or is not a directory")
-  path = os.path.join(run_dir, train_lib.CONFIG_FILE)
+  path = os.path.join(run_dir, rundir.CONFIG_FILE)
   if not os.path.isfile(path):
-    raise EvalError(f"--workdir={run_dir!r} is not a run directory: it has no {train_lib.CONFIG_FILE}")
+    raise EvalError(f"--workdir={run_dir!r} is not a run directory: it has no {rundir.CONFIG_FILE}")
   try:
     with open(path) as f:
       return ml_collections.ConfigDict(json.load(f))
@@ -243,21 +244,19 @@ def restore_params(run_dir: str, config) -> tuple[int, Any, Any, Any]:
   trainer holds the run's lock, a checkpoint that fails is skipped but left in place (the trainer's
   newest step may be between orbax's commit and its checksums).
   """
-  from launch import runs
-
   model = nnx.eval_shape(lambda: HybridLM(config.model, rngs=nnx.Rngs(params=config.seed)))
   graphdef, abstract_state = nnx.split(model)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
   params = target(nnx.to_pure_dict(abstract_state))
   opt_state = target(jax.eval_shape(train_lib.make_optimizer(config.train).init, params))
-  checkpoints = os.path.join(run_dir, "checkpoints")
+  checkpoints = os.path.join(run_dir, rundir.CHECKPOINTS_DIR)
   if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
     raise EvalError(f"{run_dir} has no checkpoint yet ({checkpoints} is missing or empty)")
   try:
     manager, restored = train_lib.restore_checkpoint(run_dir, int(config.train.keep_checkpoints), params, opt_state,
-                                                     set_aside=not runs.is_locked(run_dir))
-  except train_lib.RunDirectoryError as e:
+                                                     set_aside=not rundir.is_locked(run_dir))
+  except rundir.RunDirectoryError as e:
     raise EvalError(str(e)) from None
   manager.close()
   if restored is None:
@@ -452,18 +451,15 @@ def write_results(run_dir: str, name: str, full: dict, compact: dict) -> str:
   """Write ``RUN/eval/<name>.json`` and merge ``compact`` into ``summary.json["evals"][name]``."""
   os.makedirs(os.path.join(run_dir, EVAL_DIR), exist_ok=True)
   path = os.path.join(run_dir, EVAL_DIR, f"{name}.json")
-  train_lib._write_json(path, full)
-  summary_path = os.path.join(run_dir, train_lib.SUMMARY_FILE)
-  summary = {}
-  if os.path.exists(summary_path):
-    try:
-      with open(summary_path) as f:
-        summary = json.load(f)  # re-read now: training may have rewritten it since we started
-    except json.JSONDecodeError as e:
-      warnings.warn(f"{summary_path} is not valid JSON ({e}); left as it is, results only in {path}")
-      return path
+  rundir.write_json(path, full)
+  try:
+    summary = rundir.read_summary(run_dir, strict=True)  # re-read now: training may have rewritten it since we started
+  except json.JSONDecodeError as e:
+    warnings.warn(f"{os.path.join(run_dir, rundir.SUMMARY_FILE)} is not valid JSON ({e}); left as it is, "
+                  f"results only in {path}")
+    return path
   summary.setdefault("evals", {})[name] = compact
-  train_lib._write_json(summary_path, summary)
+  rundir.write_summary(run_dir, summary)
   return path
 
 
@@ -537,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
       request = plan(args, config, run_dir)
     except (KeyError, AttributeError, TypeError) as e:  # a config.json that is not a run's config
-      raise EvalError(f"{os.path.join(run_dir, train_lib.CONFIG_FILE)} is not a usable run config "
+      raise EvalError(f"{os.path.join(run_dir, rundir.CONFIG_FILE)} is not a usable run config "
                       f"({type(e).__name__}: {e})") from None
     step, graphdef, abstract_state, params = restore_params(run_dir, config)
   except EvalError as e:

@@ -13,18 +13,18 @@ Counting conventions (forward pass, per token of a ``seq_len`` sequence):
   layer is applied once per token, so its projections are ``2 ×`` its weight count (biases, norms,
   activations, gates, RoPE and other per-token pointwise work are not counted: the 6N convention);
 - a depthwise causal conv of width ``w`` over ``C`` channels is ``2·w·C``;
+- each mixer counts its own sequence-mixing core (``Mixer.flops(seq_len)``, in the mixer's file; the
+  contract of :mod:`hybrids.mixers.contract`), with the kernel-family formulas below;
 - softmax attention counts only the scores that the band keeps: ``4·(T·W − W²/2)·H·d_h`` per sequence
-  (QKᵀ and PV, causal, ``W = min(window, T)``; global attention is ``W = T``, i.e. ``2·T·H·d_h`` a token);
-- the matrix-state recurrences (``kernels.gla``: linear attention, Based, RetNet, GLA, Mamba-2, mLSTM,
-  RWKV-6) are counted as the chunked algorithm (``_gla_chunked``, chunk ``c = model.chunk_size``)
-  does it, per head and token: ``2·K·V`` (chunk state contribution) + ``2·K·V`` (read of the entering
-  state) + ``2·K·V/c`` (carry) + ``2·c·K + 2·c`` (full ``c × c`` intra-chunk scores and the decay
-  gain of each pair: exponent and product; ``4·c·K`` with a per-key decay, whose gain is per key dim
-  in a three-factor product-sum) + ``2·c·V`` (scores × values), times the padding factor ``⌈T/c⌉·c/T``;
+  (QKᵀ and PV, causal, ``W = min(window, T)``; unbanded attention is ``W = T``, i.e. ``2·T·H·d_h`` a token);
+- the matrix-state recurrences of ``kernels.gla`` are counted as the chunked algorithm (``_gla_chunked``,
+  chunk ``c = model.chunk_size``) does it, per head and token: ``2·K·V`` (chunk state contribution)
+  + ``2·K·V`` (read of the entering state) + ``2·K·V/c`` (carry) + ``2·c·K + 2·c`` (full ``c × c``
+  intra-chunk scores and the decay gain of each pair: exponent and product; ``4·c·K`` with a per-key
+  decay, whose gain is per key dim in a three-factor product-sum) + ``2·c·V`` (scores × values), times the padding factor ``⌈T/c⌉·c/T``;
   the delta rule (``kernels.delta``, WY form) is counted the same way, ``(I + A)⁻¹`` matmuls included;
-- an elementwise recurrence ``h = a ⊙ h + b`` is 2 per state element (RG-LRU, sLSTM's ``c, n``);
-  Mamba's selective scan is ``6·d_inner·N`` (``Δ⊗A``, ``Δx⊗B``, the update, the ``C`` read-out);
-- an FFT long convolution (Hyena, BaseConv, S4D) is ``rfft`` + ``irfft`` of ``n = 2^⌈log₂(2T−1)⌉``
+- an elementwise recurrence ``h = a ⊙ h + b`` is 2 per state element;
+- an FFT long convolution (``hybrids.longconv``) is ``rfft`` + ``irfft`` of ``n = 2^⌈log₂(2T−1)⌉``
   points at ``2.5·n·log₂n`` each plus the ``n/2 + 1`` complex products (6 each), over ``T``; work that
   depends on the parameters only (materialising the filter, its FFT) is once per batch, not counted;
 - MLP ``6·d·hidden``; MoE the router plus the ``top_k`` active experts; embedding lookup 0; LM head
@@ -33,8 +33,8 @@ Counting conventions (forward pass, per token of a ``seq_len`` sequence):
 ``state_bytes_per_sequence``: every floating-point leaf of the layers' ``init_state`` (from
 ``jax.eval_shape``, so it follows the code), complex counted as two reals, at the size of the model
 dtype (``model.dtype``; the kernels keep some states in f32, but the trade-off compares capacity);
-integer position counters are bookkeeping and left out. Global attention's cache is sized for
-``seq_len``; SWA's is its ring buffer of ``window`` keys and values.
+integer position counters are bookkeeping and left out. A cache that grows with the sequence is sized
+for ``seq_len``.
 """
 
 from __future__ import annotations
@@ -46,153 +46,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrids.blocks import mixer_names
+# Mixers import this module for Flops and the kernel-family formulas: nothing here imports them.
 from hybrids.layers import BlockDiagonalLinear, CausalConv1D, MoE, dtype_of
-from hybrids.model import layer_pattern
 from hybrids.sizes import abstract_period, param_count
 
-COMPONENTS = ("projections", "conv", "attention", "recurrence", "mlp")
-
-
-@dataclasses.dataclass
-class Flops:
-  """Forward FLOPs per token of one layer, by component (see the module docstring)."""
-  projections: float = 0.0
-  conv: float = 0.0
-  attention: float = 0.0
-  recurrence: float = 0.0
-  mlp: float = 0.0
-
-  def __add__(self, other: Flops) -> Flops:
-    return Flops(*(getattr(self, c) + getattr(other, c) for c in COMPONENTS))
-
-  def total(self) -> float:
-    return sum(getattr(self, c) for c in COMPONENTS)
-
-
-# ------------------------------------------------------------------------------- kernel families
-
-def window_attention_flops(heads: int, head_dim: int, window: int, seq_len: int) -> float:
-  """Per token: ``4·(T·W − W²/2)·H·d_h / T`` (QKᵀ and PV inside the causal band of ``W`` keys)."""
-  w = min(window, seq_len)
-  return 4.0 * (seq_len * w - w * w / 2.0) * heads * head_dim / seq_len
-
-
-def _padding(chunk: int, seq_len: int) -> float:
-  """Chunked kernels pad the sequence to whole chunks and compute the padding too."""
-  return -(-seq_len // chunk) * chunk / seq_len
-
-
-def gla_flops(heads: int, d_k: int, d_v: int, chunk: int, seq_len: int, *, per_key_decay: bool = False) -> float:
-  """Per token, the chunked ``kernels.gla`` form (module docstring); ``K = d_k``, ``V = d_v``."""
-  # Intra-chunk scores q_t·k_s over the full c × c block, and the decay gain of each pair (its exponent
-  # b_t − b_s and its product): per key dim with a per-key decay (a three-factor product-sum), else per pair.
-  scores = 4.0 * chunk * d_k if per_key_decay else 2.0 * chunk * d_k + 2.0 * chunk
-  per_head = 4.0 * d_k * d_v + 2.0 * d_k * d_v / chunk + scores + 2.0 * chunk * d_v
-  return heads * per_head * _padding(chunk, seq_len)
-
-
-def delta_flops(heads: int, d_k: int, d_v: int, chunk: int, seq_len: int) -> float:
-  """Per token, the chunked WY form of ``kernels.delta``: per chunk ``K Kᵀ`` (2c²K), ``(I + A)⁻¹`` by
-  ``2·(⌈log₂ c⌉ − 1)`` c×c matmuls, the solve ``[Ũ | W]`` (2c²(V + K)), ``W S₀`` and ``Kᵀ U`` (4cKV),
-  ``Q Kᵀ`` (2c²K), the outputs (2c²V + 2cKV) and the pair gains (4c²: exponent, ``β·KKᵀ·gain``, ``QKᵀ·gain``)."""
-  c = chunk
-  inverse_matmuls = 2 * (max(c - 1, 1).bit_length() - 1)
-  per_chunk = (2 * c * c * d_k + inverse_matmuls * 2 * c ** 3 + 2 * c * c * (d_v + d_k) + 4 * c * d_k * d_v
-               + 2 * c * c * d_k + 2 * c * c * d_v + 2 * c * d_k * d_v + 4 * c * c)
-  return heads * per_chunk / c * _padding(chunk, seq_len)
-
-
-def fft_conv_flops(channels: int, seq_len: int) -> float:
-  """Per token, ``hybrids.longconv.causal_fft_conv`` of the input (the filter's FFT is per batch)."""
-  n = 1 << (2 * seq_len - 1).bit_length()
-  per_channel = 2 * 2.5 * n * math.log2(n) + 6.0 * (n // 2 + 1)
-  return channels * per_channel / seq_len
-
-
-# ----------------------------------------------------------------------------- per-mixer table
-# Each entry: (abstract mixer module, seq_len) → the FLOPs of its sequence-mixing core per token.
-# Projections and short convolutions are counted from the module's Linear / conv layers (below).
-
-def _attention(m, seq_len):
-  window = seq_len if m.window is None else m.window
-  return Flops(attention=window_attention_flops(m.num_heads, m.head_dim, window, seq_len))
-
-
-def _rglru(m, seq_len):
-  return Flops(recurrence=2.0 * m.d_rnn)
-
-
-def _linear_attention(m, seq_len):
-  return Flops(recurrence=gla_flops(m.heads, m.head_dim, m.head_dim + 1, m.chunk_size, seq_len))
-
-
-def _retnet(m, seq_len):
-  return Flops(recurrence=gla_flops(m.heads, m.head_dim, m.head_dim, m.chunk_size, seq_len))
-
-
-def _gla(m, seq_len):
-  return Flops(recurrence=gla_flops(m.heads, m.key_dim, m.value_dim, m.chunk_size, seq_len, per_key_decay=True))
-
-
-def _mamba(m, seq_len):
-  return Flops(recurrence=6.0 * m.d_inner * m.d_state)
-
-
-def _mamba2(m, seq_len):
-  return Flops(recurrence=gla_flops(m.heads, m.d_state, m.head_dim, m.chunk_size, seq_len))
-
-
-def _based(m, seq_len):
-  f = m.feature_dim
-  feature_map = 2.0 * m.heads * f * f  # the q and k outer products of the Taylor map
-  return Flops(recurrence=feature_map + gla_flops(m.heads, 1 + f + f * f, m.head_dim + 1, m.chunk_size, seq_len))
-
-
-def _rwkv6(m, seq_len):
-  # The LoRA up-projections are raw parameters (einsum / matmul), one use per token each.
-  lora_up = 2.0 * (m.mix_up.size + m.decay_up.size)
-  return Flops(projections=lora_up, recurrence=gla_flops(m.heads, m.head_dim, m.head_dim, m.chunk_size, seq_len,
-                                                         per_key_decay=True))
-
-
-def _mlstm(m, seq_len):
-  return Flops(recurrence=gla_flops(m.heads, m.head_dim, m.head_dim + 1, m.chunk_size, seq_len))
-
-
-def _slstm(m, seq_len):
-  # Block-diagonal recurrent matmuls of the four gates, then c and n updated elementwise.
-  return Flops(recurrence=2.0 * m.recurrent.size + 2.0 * 2 * m.d)
-
-
-def _long_conv(m, seq_len):
-  channels = m.filter.channels if hasattr(m, "filter") else m.d_skip.size
-  return Flops(recurrence=fft_conv_flops(channels, seq_len))
-
-
-def _delta(m, seq_len):
-  return Flops(recurrence=delta_flops(m.heads, m.head_dim, m.head_dim, m.chunk_size, seq_len))
-
-
-MIXER_FLOPS = {
-    "attention": _attention,
-    "swa": _attention,
-    "rglru": _rglru,
-    "linear_attention": _linear_attention,
-    "retnet": _retnet,
-    "gla": _gla,
-    "mamba": _mamba,
-    "mamba2": _mamba2,
-    "based": _based,
-    "rwkv6": _rwkv6,
-    "s4d": _long_conv,
-    "mlstm": _mlstm,
-    "slstm": _slstm,
-    "baseconv": _long_conv,
-    "hyena": _long_conv,
-    "deltanet": _delta,
-    "gated_deltanet": _delta,
-}
+# The per-layer record and the kernel-family formulas live in hybrids.cost (a leaf the mixers import).
+from hybrids.cost import (COMPONENTS, Flops, _padding, delta_flops, fft_conv_flops, gla_flops,  # noqa: E402,F401
+                          window_attention_flops)
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -208,14 +68,16 @@ def _weights(module) -> tuple[int, int]:
   return linear, conv
 
 
-def mixer_flops(entry: str, mixer, seq_len: int) -> Flops:
-  """Forward FLOPs per token of the mixer of pattern entry ``entry`` (``"a"`` or ``"a|b"``)."""
+def mixer_flops(mixer, seq_len: int) -> Flops:
+  """Forward FLOPs per token of a block's mixer (one registered mixer, a parallel group or a sequential
+  chain): its Linear and short-conv layers from their weights, plus its own ``mixer.flops(seq_len)``
+  (a group's and a chain's sum their parts')."""
+  for part in getattr(mixer, "parts", None) or [mixer]:
+    if not callable(getattr(type(part), "flops", None)):
+      raise TypeError(f"mixer {type(part).__name__} declares no flops(seq_len) method: every registered mixer "
+                      "counts its own FLOPs per token (see hybrids.mixers.contract)")
   linear, conv = _weights(mixer)  # a parallel entry's merge projection included
-  flops = Flops(projections=2.0 * linear, conv=2.0 * conv)
-  parts = mixer.parts if len(mixer_names(entry)) > 1 else [mixer]
-  for name, part in zip(mixer_names(entry), parts):
-    flops = flops + MIXER_FLOPS[name](part, seq_len)
-  return flops
+  return Flops(projections=2.0 * linear, conv=2.0 * conv) + mixer.flops(seq_len)
 
 
 def feed_forward_flops(mlp) -> float:
@@ -254,12 +116,14 @@ def accounting(model_config, seq_len: int) -> dict:
     raise ValueError(f"data.seq_len={seq_len!r} must be a positive integer")
   if not model_config.vocab_size:
     raise ValueError("model.vocab_size=0: resolve the config first (hybrids.train.resolve sets it from the data)")
+  from hybrids.model import layer_pattern  # here: hybrids.model imports the mixers, which import this module
+
   model = abstract_period(model_config)
   itemsize = jnp.dtype(dtype_of(model_config.dtype)).itemsize
   d, vocab = model_config.d_model, model_config.vocab_size
   per_block = []
   for block in model.blocks:
-    flops = mixer_flops(block.mixer_name, block.mixer, seq_len)
+    flops = mixer_flops(block.mixer, seq_len)
     flops.mlp = feed_forward_flops(block.mlp)
     per_block.append({"params": param_count(block), "state_bytes": _state_bytes(block, seq_len, itemsize),
                       "flops": dataclasses.asdict(flops)})
@@ -318,7 +182,7 @@ def main(argv) -> None:
   from absl import flags
 
   from hybrids import config as config_lib
-  from hybrids.train import resolve
+  from hybrids.config import resolve
 
   try:
     config = resolve(flags.FLAGS.config)

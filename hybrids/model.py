@@ -10,10 +10,10 @@ Decode state: ``{"layers": [one state per layer], "pos": int32[]}`` (the next po
 
 ``scan_layers=True`` runs the training forward as a ``lax.scan`` over repeats of the layer period
 (the pattern, or the least common multiple of the pattern and ``moe_every``), so XLA compiles one
-period instead of ``n_layers`` layers (a 12-layer Griffin's gradient: 2.65× less StableHLO). The
-parameters stay one module per layer (checkpoints, sharding rules and decoding are unchanged); the
-period's blocks are stacked inside the step, a copy of the parameters (and of their gradients) per
-step: 1–2 % of a 108M Griffin's step time on an H100 (``kernels/BENCHMARKS.md``).
+period instead of ``n_layers`` layers: a smaller program, a shorter compile. The parameters stay one
+module per layer (checkpoints, sharding rules and decoding are unchanged); the period's blocks are
+stacked inside the step, a copy of the parameters (and of their gradients) per step, which costs a
+small share of the step time (figures: ``kernels/BENCHMARKS.md``).
 """
 
 from __future__ import annotations

@@ -452,7 +452,7 @@ def main(argv=None) -> int:
   import argparse
 
   from hybrids import config as config_lib
-  from hybrids.train import resolve
+  from hybrids.config import resolve
 
   parser = argparse.ArgumentParser(prog="python -m hybrids.sharding", description="Print the partition spec of "
                                    "every parameter of a config.")

@@ -3,7 +3,8 @@ every pattern has the non-embedding parameters of the global-attention transform
 
     python -m hybrids.sizes            # table of actual counts per size × mixer
 
-Size names are nominal (the total with a 32k vocabulary, roughly). The attention baseline of a size is ``pattern=("attention",)`` with ``mlp_expansion = 3``. Other
+Size names are nominal (the total with a 32k vocabulary, roughly). The baseline of a size is a stack of
+``hybrids.mixers.SIZE_BASELINE`` (the global-attention transformer) with ``mlp_expansion = 3``. Other
 patterns keep ``d_model``, ``n_layers`` and heads, and get the ``mlp_expansion`` that matches the
 baseline's non-embedding count (counts are linear in it, so two abstract builds solve it exactly,
 before rounding the hidden width to a multiple of 8). A pattern whose mixers alone exceed the budget
@@ -82,8 +83,10 @@ def apply_size(model_cfg) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   cfg.d_model, cfg.n_layers, cfg.num_heads = LADDER[cfg.size]
   cfg.num_kv_heads = 0 if cfg.num_heads % max(cfg.num_kv_heads, 1) else cfg.num_kv_heads
+  from hybrids.mixers import SIZE_BASELINE  # here: the mixers import hybrids.flops, which imports this module
+
   baseline = ml_collections.ConfigDict(cfg.to_dict())
-  baseline.pattern, baseline.mlp_expansion, baseline.moe_every = ("attention",), BASE_EXPANSION, 0
+  baseline.pattern, baseline.mlp_expansion, baseline.moe_every = (SIZE_BASELINE,), BASE_EXPANSION, 0
   target = non_embedding_params(baseline)
   counts = {}
   for expansion in (1.0, 2.0):
@@ -100,7 +103,7 @@ def apply_size(model_cfg) -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  from hybrids.config import model_config
+  from hybrids.defaults import model_config
   from hybrids.mixers import MIXERS
 
   names = sorted(MIXERS)
@@ -117,16 +120,18 @@ def main() -> None:
     print(f"{size:<5} " + "  ".join(row))
 
 
-if __name__ == "__main__":
-  main()
-
-
 def chinchilla_steps(model_cfg, size: str, *, tokens_per_step: int, tokens_per_param: float = 20) -> int:
   """Training steps that give ``tokens_per_param`` tokens per non-embedding parameter of ``size``.
 
   Counted on ``size``'s attention baseline, so every pattern of one size sees the same tokens (the
   presets match their parameters to that baseline within ±10%). Hoffmann et al. 2022: ≈ 20.
   """
+  from hybrids.mixers import SIZE_BASELINE
+
   baseline = model_cfg.copy_and_resolve_references()
-  baseline.size, baseline.pattern = size, ("attention",)
+  baseline.size, baseline.pattern = size, (SIZE_BASELINE,)
   return max(1, round(tokens_per_param * non_embedding_params(apply_size(baseline)) / tokens_per_step))
+
+
+if __name__ == "__main__":
+  main()

@@ -9,14 +9,16 @@ Usage:
 be overridden with ``--config.FIELD=VALUE`` (an unknown field is an error). Running the same command
 again resumes from the last checkpoint with the identical data order; a run directory that holds a
 different config is refused. SIGTERM or Ctrl-C saves a checkpoint and exits (status "interrupted").
-One trainer per run directory: the run's ``.lock`` (``launch.runs.run_lock``) is held for the whole
+One trainer per run directory: the run's ``.lock`` (``hybrids.rundir.run_lock``) is held for the whole
 run; a second trainer is refused, naming the holder. Running a finished run again does nothing and
 says so. Every checkpoint carries sha256 checksums of its files (``checksums.json``), verified before
 any restore; a checkpoint that fails them is moved to ``corrupt_checkpoints/`` and the previous one
 is used (``summary.json["corrupt_checkpoints"]``).
 
-The run directory (DESIGN.md): ``config.json`` (resolved), ``metrics.jsonl``, TensorBoard events in
-``tb/``, ``checkpoints/`` (orbax: params, optimizer state, data-iterator state) and ``summary.json``.
+The run directory (DESIGN.md; its files are named, read and written by ``hybrids.rundir``): ``config.json``
+(resolved), ``metrics.jsonl``, TensorBoard events in ``tb/``, ``checkpoints/`` (orbax: params, optimizer
+state, data-iterator state) and ``summary.json``. This module is the loop; config resolution is
+``hybrids.config.resolve``.
 
 Sharding (``hybrids.sharding``): parameters and optimizer state are created directly in their
 shardings on the mesh of ``config.runtime.mesh`` (default: data parallel over every device) and each
@@ -52,17 +54,14 @@ import kernels
 from hybrids import config as config_lib
 from hybrids import data as data_lib
 from hybrids import flops as flops_lib
+from hybrids import rundir
 from hybrids import sharding as sharding_lib
+from hybrids.config import resolve  # noqa: F401  (re-exported: callers resolve configs as hybrids.train.resolve)
 from hybrids.model import HybridLM, count_params, layer_pattern
+from hybrids.rundir import (  # noqa: F401  (re-exported for callers of the trainer)
+    CHECKSUM_FILE, CHECKSUMS_SINCE_FILE, CONFIG_FILE, CORRUPT_DIR, METRICS_FILE, SUMMARY_FILE, RunDirectoryError)
+from hybrids.rundir import prepare as prepare_workdir  # noqa: F401
 from kernels.pallas_compat import batch_parallel
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
-
-class RunDirectoryError(RuntimeError):
-  """The run directory cannot be used for this config (it holds another run)."""
 
 
 class DivergedError(RuntimeError):
@@ -71,80 +70,8 @@ class DivergedError(RuntimeError):
 
 # ----------------------------------------------------------------------------- run directory helpers
 
-def _write_json(path: str, obj: Any) -> None:
-  """Write atomically: a killed process leaves the old file or the new one, never half of one."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validate and fill derived fields (vocab size); the result is what ``config.json`` holds."""
-  from hybrids.sizes import apply_size
-
-  config = ml_collections.ConfigDict(config.to_dict())
-  if config.model.get("position") == "learned" and not config.model.get("max_len"):
-    config.model.max_len = config.data.seq_len  # the table covers the training length
-  if "runtime" not in config:  # a config built without base_config(): default placement
-    config.runtime = config_lib.runtime_config()
-  try:
-    config.model = apply_size(config.model)
-  except (ValueError, ArithmeticError, TypeError) as e:
-    # A size preset builds the model to match parameters: a bad field breaks that first. Validating
-    # the unsized config names the field when it can.
-    config_lib.validate(config)
-    raise config_lib.ConfigError(f"model.size={config.model.size!r}: {e}") from None
-  config_lib.validate(config)
-  if not config.model.vocab_size:
-    config.model.vocab_size = data_lib.vocab_size(config.data)
-  return config
-
-
-def _config_json(config) -> dict:
-  """What ``config.json`` holds: the config without its ``runtime`` (placement) section."""
-  return config_lib.identity(config)
-
-
-def prepare_workdir(config, workdir: str, *, write: bool = True) -> None:
-  """Create ``workdir`` or check that it holds this very config; never overwrites another run.
-
-  ``write=False`` (processes other than 0) only checks, so that every process refuses alike.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  wanted = _config_json(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        existing = json.load(f)
-      except json.JSONDecodeError as e:
-        raise RunDirectoryError(f"{path} is not valid JSON ({e}); refusing to overwrite it") from None
-    for section in config_lib.RUNTIME_SECTIONS:  # a config.json written with its runtime section still matches
-      existing.pop(section, None)
-    if existing != wanted:
-      a, b = _flatten(existing), _flatten(wanted)
-      diff = [f"  {k}: {a.get(k, '<absent>')!r} (on disk) != {b.get(k, '<absent>')!r} (requested)"
-              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-      raise RunDirectoryError(
-          f"{workdir} holds a run with a different config; refusing to resume into it. "
-          "Use a new --workdir. Differences:\n" + "\n".join(diff))
-  elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
-    raise RunDirectoryError(f"{workdir} has checkpoints but no {CONFIG_FILE}; refusing to reuse it")
-  elif write:
-    _write_json(path, wanted)
+# The trainer writes its checksum files through this name (a test interrupts a save by replacing it).
+_write_json = rundir.write_json
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -193,28 +120,44 @@ def lr_schedule(t) -> optax.Schedule:
       end_value=t.lr * t.min_lr_ratio)
 
 
-# Parameters of a recurrence's dynamics (decay rates, poles, residues), norm scales and token-shift
-# mixes: weight decay would pull them toward a different model (e.g. a_log → 0 forgets faster), not
-# toward a smaller one. Matched by the parameter's own name, whatever module holds it.
-NO_WEIGHT_DECAY = frozenset({"a_log", "a_param", "log_rate", "angle", "residues", "log_neg_a_real", "a_imag",
-                             "log_dt", "dt_bias", "d_skip", "skip", "scale", "mu", "mu_x", "w0", "bonus"})
+# The gain of every norm in hybrids.layers (the residual stream's RMSNorm / LayerNorm, the mixers'
+# per-head norms): weight decay would pull it toward 0, i.e. toward a different model, not a smaller one.
+NORM_PARAMS = frozenset({"scale"})
 
 
-def decay_mask(params) -> Any:
-  """True for the parameters AdamW decays: matrices (ndim ≥ 2) not named in ``NO_WEIGHT_DECAY``."""
+def decay_mask(params, layer_mixers=()) -> Any:
+  """True for the parameters AdamW decays: matrices (ndim ≥ 2) that are neither a norm's gain
+  (:data:`NORM_PARAMS`) nor named in their mixer's ``NO_WEIGHT_DECAY`` (its dynamics: decay rates,
+  poles, residues, token-shift mixes, declared in the mixer's file).
+
+  ``layer_mixers`` (``model.layer_pattern(config.model)``) says which mixer holds ``('blocks', i,
+  'mixer', …)``; without it, a name that any registered mixer declares is not decayed wherever it is.
+  """
+  from hybrids.blocks import owning_mixer
+  from hybrids.mixers import MIXERS
+
+  anywhere = frozenset().union(*(mixer.NO_WEIGHT_DECAY for mixer in MIXERS.values()))
+
   def decayed(path, p):
-    name = getattr(path[-1], "key", None) if path else None
-    return p.ndim >= 2 and name not in NO_WEIGHT_DECAY
+    keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    name = keys[-1] if keys else None
+    if p.ndim < 2 or name in NORM_PARAMS:
+      return False
+    if not layer_mixers:
+      return name not in anywhere
+    owner = owning_mixer(keys, layer_mixers)
+    return owner is None or name not in MIXERS[owner].NO_WEIGHT_DECAY
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
+def make_optimizer(t, layer_mixers=()) -> optax.GradientTransformation:
   """AdamW on :func:`lr_schedule`, global-norm clipping (``grad_clip == 0``: none), weight decay on
-  :func:`decay_mask`."""
+  :func:`decay_mask` (of the model whose layers are ``layer_mixers``)."""
   schedule = lr_schedule(t)
+  mask = lambda params: decay_mask(params, tuple(layer_mixers))
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=mask))
 
 
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # renamed in optax 0.2.5
@@ -302,11 +245,7 @@ class Trainer:
 def previous_early_stop(workdir: str, step: int) -> dict | None:
   """The early stop recorded in ``summary.json`` if the run stopped there at ``step`` (then there is
   nothing left to train), else None."""
-  path = os.path.join(workdir, SUMMARY_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    early = json.load(f).get("early_stop")
+  early = rundir.read_summary(workdir, strict=True).get("early_stop")
   return early if early and early.get("step") == step else None
 
 
@@ -370,7 +309,7 @@ def layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Layout
   abstract_model = nnx.eval_shape(lambda: HybridLM(config.model, rngs=nnx.Rngs(params=config.seed)))
   graphdef, abstract_state = nnx.split(abstract_model)
   abstract_params = nnx.to_pure_dict(abstract_state)
-  tx = make_optimizer(config.train)
+  tx = make_optimizer(config.train, layer_pattern(config.model))
   params_sharding = sharding_lib.params_shardings(abstract_params, mesh, layer_pattern(config.model))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sharding = sharding_lib.follow_params_shardings(abstract_opt, abstract_params, params_sharding, mesh)
@@ -440,10 +379,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
 def threefry_kernel(enabled: bool = True):
   """Within: on GPU, JAX lowers threefry to its CUDA kernel instead of unrolled XLA ops (same bits).
 
-  The parameter init draws a few hundred random tensors; unrolled, a 12-layer model's init took
-  65 s to compile on an H100, longer than its train step (``kernels/BENCHMARKS.md``, eleventh
-  session). XLA cannot partition the kernel, so the init uses it only when the parameters are
-  replicated (``enabled``); FSDP- or tensor-sharded inits keep the partitionable ops.
+  The parameter init draws a few hundred random tensors; XLA's GPU lowering unrolls threefry's rounds,
+  which makes the init compile longer than the train step (figures: ``kernels/BENCHMARKS.md``). XLA
+  cannot partition the kernel, so the init uses it only when the parameters are replicated
+  (``enabled``); FSDP- or tensor-sharded inits keep the partitionable ops.
   """
   previous = jax.config.jax_threefry_gpu_kernel_lowering
   jax.config.update("jax_threefry_gpu_kernel_lowering", bool(enabled))
@@ -467,10 +406,9 @@ def use_compilation_cache(path: str) -> None:
 def step_compiler_options(platform: str) -> dict[str, Any] | None:
   """XLA options for the train and eval steps on ``platform`` (``jax.jit(compiler_options=...)``).
 
-  On GPU, XLA's Triton GEMM fusions are turned off: their autotuning was ~6 s of a 12-layer Griffin's
-  27 s first compile on an H100 and bought no step time (89.2–89.6 ms against 89.9 ms per step with them,
-  ``kernels/BENCHMARKS.md``, eleventh session), so the matmuls go to cuBLAS. An ``XLA_FLAGS`` that
-  names the option wins. Other platforms get no options.
+  On GPU, XLA's Triton GEMM fusions are turned off, so the matmuls go to cuBLAS: their autotuning is
+  a large share of a first compile and buys no step time (figures: ``kernels/BENCHMARKS.md``). An
+  ``XLA_FLAGS`` that names the option wins. Other platforms get no options.
   """
   if platform != "gpu" or "xla_gpu_enable_triton_gemm" in os.environ.get("XLA_FLAGS", ""):
     return None
@@ -486,17 +424,14 @@ def step_compiler_options(platform: str) -> dict[str, Any] | None:
 # file is handled like an unreadable checkpoint. ``WORKDIR/checksums_since.json`` records the first
 # step saved with checksums: a step from then on without its checksum file was cut between orbax's
 # commit and ours (a SIGKILL) and is set aside like a corrupt one; an older step (written before
-# checksums existed) is restored unverified, with a warning.
-CHECKSUM_FILE = "checksums.json"
-CHECKSUMS_SINCE_FILE = "checksums_since.json"
-CORRUPT_DIR = "corrupt_checkpoints"
+# checksums existed) is restored unverified, with a warning. The file names are ``hybrids.rundir``'s.
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   # Synchronous saves: the next step donates the parameter buffers, and runs here are small enough
   # that a blocking save costs little next to a corrupted one.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, rundir.CHECKPOINTS_DIR)), options=options)
 
 
 def _sha256(path: str) -> str:
@@ -577,16 +512,8 @@ def save_checkpoint(manager, step: int, params, opt_state, data_state) -> None:
 
 def _record_in_summary(workdir: str, key: str, entries: list[dict]) -> None:
   """Append ``entries`` to ``summary.json[key]`` (process 0; only when a summary exists)."""
-  path = os.path.join(workdir, SUMMARY_FILE)
-  if jax.process_index() != 0 or not entries or not os.path.exists(path):
-    return
-  try:
-    with open(path) as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return
-  summary[key] = list(summary.get(key) or []) + entries
-  _write_json(path, summary)
+  if jax.process_index() == 0:
+    rundir.append_to_summary(workdir, key, entries)
 
 
 def restore_checkpoint(workdir: str, keep: int, params, opt_state, *, report: dict | None = None,
@@ -719,13 +646,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   ``stop_after_steps``: stop (as if interrupted, with a checkpoint) after that many steps of this
   call — for tests and for time-sliced schedulers.
 
-  One writer per run directory: process 0 holds the run's lock (``WORKDIR/.lock``, the launcher's
-  ``launch.runs.run_lock``) from before ``config.json`` is checked until ``summary.json`` is final;
-  a second trainer is refused (:class:`RunBusyError`, naming the holder). A run whose summary says
-  "done" is not touched again: this returns that summary and says so.
+  One writer per run directory: process 0 holds the run's lock (``WORKDIR/.lock``,
+  ``hybrids.rundir.run_lock``, which the launcher takes too) from before ``config.json`` is checked
+  until ``summary.json`` is final; a second trainer is refused (:class:`RunBusyError`, naming the
+  holder). A run whose summary says "done" is not touched again: this returns that summary and says so.
   """
-  from launch import runs
-
   config = resolve(config)  # every config error surfaces here, before any compile or write
   # checked, not compiled
   mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
@@ -734,8 +659,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     busy = None
     if primary:
       try:
-        held.enter_context(runs.run_lock(workdir, wait_s=LOCK_WAIT_S))
-      except runs.RunBusy as e:
+        held.enter_context(rundir.run_lock(workdir, wait_s=LOCK_WAIT_S))
+      except rundir.RunBusy as e:
         busy = e
     free = busy is None
     if jax.process_count() > 1:  # every process learns whether process 0 got the lock
@@ -744,7 +669,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     if not free:
       raise RunBusyError(f"{busy or workdir + ': process 0 could not take the run lock'}; refusing to write "
                          "into it as a second trainer") from None
-    prepare_workdir(config, workdir, write=primary)
+    rundir.prepare(config, workdir, write=primary)
     finished = _finished_summary(workdir)
     if finished is not None:
       if primary:
@@ -758,14 +683,10 @@ def _finished_summary(workdir: str) -> dict | None:
   """The run's summary when it says "done" (the config already matched) and its final checkpoint is
   there and passes its checksums, else None. A done run whose final checkpoint is gone or corrupt is
   trained again from its newest sound checkpoint (bit-identically), which restores that checkpoint."""
-  try:
-    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError):
+  summary = rundir.read_summary(workdir)
+  if summary.get("status") != "done":
     return None
-  if not isinstance(summary, dict) or summary.get("status") != "done":
-    return None
-  checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  checkpoints = os.path.abspath(os.path.join(workdir, rundir.CHECKPOINTS_DIR))
   final = summary.get("step")
   if not os.path.isdir(os.path.join(checkpoints, str(final))):
     why = "it is missing"
@@ -816,7 +737,7 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
 
   integrity: dict[str, Any] = {}
   manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, params, opt_state, report=integrity)
-  metrics_path = os.path.join(workdir, METRICS_FILE)
+  metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
   start_step = 0
   if restored is not None:
     start_step, params, opt_state, data_state = restored
@@ -828,6 +749,7 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
       "status": "running", "step": start_step, "steps": t.steps, **counts,
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
       "impl": kernels.resolve_impls(config.model),
+      "kernels": kernels.kernel_choices(config.model),  # lowering, and why each other candidate was not taken
       "compile": {"scan_layers": bool(config.runtime.get("scan_layers", True)),
                   "cache_dir": jax.config.jax_compilation_cache_dir or "",
                   "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
@@ -836,9 +758,8 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
     summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=start_step * batch_size * seq_len))
   except Exception as e:  # noqa: BLE001
     warnings.warn(f"FLOP accounting failed ({type(e).__name__}: {e}); summary.json will lack FLOPs")
-  if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-      previous = json.load(f)
+  previous = rundir.read_summary(workdir, strict=True)  # a summary that cannot be read stops the run here
+  if previous:
     # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.
     summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds", "early_stop", "corrupt_checkpoints")
                     if k in previous})
@@ -850,11 +771,11 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
 
   def write_summary() -> None:
     if primary:
-      _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+      rundir.write_summary(workdir, summary)
 
   write_summary()
   from tensorboardX import SummaryWriter  # imported late: it pulls in protobuf
-  writer = SummaryWriter(os.path.join(workdir, "tb")) if primary else None
+  writer = SummaryWriter(os.path.join(workdir, rundir.TB_DIR)) if primary else None
 
   def scalar(tag: str, value: float, at_step: int) -> None:
     if writer is not None:

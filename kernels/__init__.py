@@ -1,9 +1,18 @@
 """Sequence-mixing kernels shared by many mixers.
 
-Each kernel is a plain function over arrays with an ``impl`` argument:
+Each kernel family is a folder with a plain function over arrays and an ``impl`` argument:
 ``"xla"`` (the pure-jnp path, the CPU default), ``"reference"`` (the slow, obviously-correct
-definition used by tests) and ``"auto"`` (the fastest implementation known for the platform).
-Pallas implementations are added behind the same signatures; mixers never change.
+definition used by tests), ``"pallas"`` (our kernels: Triton, Mosaic GPU or Mosaic TPU), ``"cudnn"``
+(attention) and ``"auto"``. Which one runs is decided in one place, :mod:`kernels.dispatch`, from the
+platform, the call's shapes and dtypes and what was measured fastest (``kernels/BENCHMARKS.md``).
+
+    scan/              h_t = a_t ⊙ h_{t-1} + b_t (RG-LRU, Mamba, S4D)
+    gla/               gated linear attention (linear attention, Based, RetNet, GLA, Mamba-2, mLSTM, RWKV-6)
+    delta/             the (gated) delta rule (DeltaNet, Gated DeltaNet)
+    window_attention/  causal sliding-window softmax attention
+
+Each holds ``reference.py``, ``xla.py``, its Pallas lowerings and ``bench.py``; ``tiling.py`` and
+``pallas_compat.py`` are shared. Nothing here imports the models (``hybrids``) or the launcher.
 """
 
 from __future__ import annotations
@@ -11,38 +20,44 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import delta, dispatch, gla, scan, window_attention as _attention
 from kernels.scan import linear_scan, linear_scan_reference
 from kernels.window_attention import window_attention, window_attention_reference
 
-__all__ = ["linear_scan", "linear_scan_reference", "window_attention", "window_attention_reference",
-           "resolve_impls"]
+__all__ = ["kernel_choices", "linear_scan", "linear_scan_reference", "resolve_impls", "window_attention",
+           "window_attention_reference"]
+
+
+def _choices(model_cfg) -> dict[str, dispatch.Choice]:
+  """Each family's :class:`kernels.dispatch.Choice` at the model's shapes: attention for its head_dim,
+  compute dtype and soft-cap; GLA for its head dims; the delta rule for its chunk size. (Per call,
+  wider heads, e.g. Based's feature map, and the mLSTM's input gate may choose differently; the
+  dispatch records why.)"""
+  m = model_cfg
+  head_dim = m.get("head_dim") or m.d_model // m.num_heads
+  q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), jnp.dtype(m.dtype))
+  return {
+      "attention": _attention.choice(q, m.get("attn_softcap") or None, m.attention_impl),
+      "scan": scan.choice(m.scan_impl),
+      "gla": gla.choice(head_dim, head_dim, m.gla_impl),
+      "delta": delta.choice(int(m.get("chunk_size", 16)), head_dim, head_dim, m.delta_impl),
+  }
 
 
 def resolve_impls(model_cfg) -> dict[str, str]:
   """What each kernel family runs on this platform for a model config (``"auto"`` resolved), as the
-  run summary records it: ``{"attention": "pallas/mosaic_gpu", "scan": "pallas", "gla": "pallas",
-  "delta": "xla"}`` (attention's Pallas path names its kernels: mosaic_gpu, triton, or mosaic on TPU).
+  run summary's ``impl`` records it: ``{"attention": "pallas/mosaic_gpu", "scan": "pallas", "gla":
+  "pallas", "delta": "xla"}`` (attention's Pallas path names its lowering: mosaic_gpu, triton, or
+  mosaic_tpu). :func:`kernel_choices` has the lowerings of every family and the rejected candidates."""
+  out = {family: c.impl for family, c in _choices(model_cfg).items()}
+  attention = _choices(model_cfg)["attention"]
+  if attention.impl == "pallas":
+    out["attention"] = attention.name
+  return out
 
-  Calls each kernel's own ``"auto"`` rule at the model's shapes: attention for its head_dim,
-  compute dtype and soft-cap; the delta rule for its chunk size.
-  """
-  from kernels.delta import auto_impl as delta_auto
-  from kernels.gla import auto_impl as gla_auto
-  from kernels.window_attention import _auto_impl as attention_auto  # the package name is the function
-  from kernels.window_attention import pallas_kernels
 
-  m = model_cfg
-  head_dim = m.get("head_dim") or m.d_model // m.num_heads
-  q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), jnp.dtype(m.dtype))
-  # The kernels' own rules at the model's head dim; per call GLA and the delta rule also fall back
-  # to XLA for wider heads (Based's feature map) and GLA for the mLSTM's input gate.
-  auto = {
-      "attention": attention_auto(q, m.get("attn_softcap") or None),
-      "scan": "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla",
-      "gla": gla_auto(head_dim, head_dim),
-      "delta": delta_auto(int(m.get("chunk_size", 16)), head_dim, head_dim),
-  }
-  impls = {family: auto[family] if m[f"{family}_impl"] == "auto" else m[f"{family}_impl"] for family in auto}
-  if impls["attention"] == "pallas":
-    impls["attention"] = f"pallas/{pallas_kernels(q, m.get('attn_softcap') or None)}"
-  return impls
+def kernel_choices(model_cfg) -> dict[str, dict]:
+  """Each family's choice as ``summary.json`` keeps it: ``{"requested", "impl", "lowering",
+  "rejected": {candidate: why}}``, where ``rejected`` names every implementation not taken and why
+  (cannot run the call, or not measured fastest here)."""
+  return {family: c.record() for family, c in _choices(model_cfg).items()}

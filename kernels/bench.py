@@ -4,7 +4,7 @@
     python -m kernels.bench --kernels scan --json /tmp/scan.json
     python -m kernels.bench --quick               # small shapes: a smoke test of the script itself
 
-Each kernel has a module ``kernels/bench_<kernel>.py`` with ``run(ctx) -> list[dict]``; a row is one
+Each kernel family has a module ``kernels/<family>/bench.py`` with ``run(ctx) -> list[dict]``; a row is one
 (kernel, shape, implementation) with ``fwd_ms`` and ``fwdbwd_ms`` (None where it does not apply) and
 ``rel_err`` against the reference (checked before timing: a wrong kernel is never timed). The driver
 prints one table per kernel with the floor and the ratio to the best peer, and writes everything
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 repeats=1 if args.quick else 5)
   rows: list[dict] = []
   for name in names:
-    module = importlib.import_module(f"kernels.bench_{name}")
+    module = importlib.import_module(f"kernels.{name}.bench")
     new_rows = module.run(ctx)
     print(format_table(new_rows), flush=True)
     rows += new_rows

@@ -86,33 +86,3 @@ def lowered_once(core, static_argnums: tuple[int, ...]):
                          check_vma=False)(*(args[i] for i in arrays))
 
   return call
-
-
-def tma_gpu() -> bool:
-  """Whether the default device is an NVIDIA GPU with TMA and wgmma (compute capability ≥ 9.0: Hopper
-  or newer), where the Mosaic GPU kernels run."""
-  device = jax.devices()[0]
-  try:
-    return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
-  except ValueError:
-    return False
-
-
-def mosaic_gpu_or_triton(requested: str | None, problem: str | None, *, interpret: bool, hopper: bool,
-                         field: str) -> str:
-  """A GPU kernel choice, "mosaic_gpu" or "triton": ``requested`` as given, or for None Mosaic GPU where
-  it runs (``hopper``: ``tma_gpu()``, not interpreting, no ``problem``). Asking for "mosaic_gpu"
-  where it cannot run is an error naming ``field`` (e.g. "gla: PallasConfig.out_kernel") and why."""
-  if interpret:
-    problem = "does not interpret (Mosaic GPU's interpreter has no wgmma)"
-  if requested == "mosaic_gpu" and problem:
-    raise ValueError(f"{field}='mosaic_gpu' {problem}; use 'triton'")
-  if requested is None:
-    return "mosaic_gpu" if not problem and hopper else "triton"
-  return requested
-
-
-def gpu_sm_count() -> int:
-  """Streaming multiprocessors of the default GPU (an H100's 132 where there is none: CPU tests)."""
-  device = jax.devices()[0]
-  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+from hybrids import rundir
 from launch import runs
 from launch import sweep as sweep_lib
 
@@ -149,7 +150,7 @@ def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str) -> 
     wall = time.perf_counter() - start
   summaries = {}
   for name in sorted(os.listdir(root)):
-    if os.path.isfile(os.path.join(root, name, "summary.json")):
+    if os.path.isfile(os.path.join(root, name, rundir.SUMMARY_FILE)):
       summaries[name] = runs.read_summary(os.path.join(root, name))
   done = sum(1 for s in summaries.values() if s.get("status") == "done")
   tps = [s["tokens_per_sec"] for s in summaries.values() if s.get("tokens_per_sec")]

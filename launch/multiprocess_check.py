@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from hybrids import rundir
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "experiments", "quickstart.py") + ":tiny"
 
@@ -84,7 +86,7 @@ def _run(commands: list[tuple[list[str], dict[str, str], str]], timeout: float) 
 
 def _metrics(workdir: str) -> dict[int, dict]:
   rows: dict[int, dict] = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with open(os.path.join(workdir, rundir.METRICS_FILE)) as f:
     for line in f:
       record = json.loads(line)
       rows.setdefault(record["step"], {}).update(record)
@@ -94,8 +96,7 @@ def _metrics(workdir: str) -> dict[int, dict]:
 def compare(single: str, multi: str, rtol: float) -> tuple[str, bool]:
   """A table of the two runs' losses (and eval loss) per step, and whether all agree within ``rtol``."""
   a, b = _metrics(single), _metrics(multi)
-  with open(os.path.join(multi, "summary.json")) as f:
-    hardware = json.load(f)["hardware"]
+  hardware = rundir.read_summary(multi, strict=True)["hardware"]
   ok = sorted(a) == sorted(b) and hardware.get("process_count") == 2
   lines = [f"two-process run: {hardware}", f"{'step':>5}  {'metric':<10}  {'1 process':>12}  {'2 processes':>12}  {'rel diff':>9}"]
   for step in sorted(set(a) | set(b)):

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from hybrids import rundir
 from launch import fit as fit_lib
 
 MANIFEST_FILE = "sweep.json"
@@ -178,13 +179,13 @@ def _layers(model: dict) -> tuple[str, ...]:
 
 
 def load_run(path: str, problems: list[str]) -> Run | None:
-  config = _read_json(os.path.join(path, "config.json"), problems)
+  config = _read_json(os.path.join(path, rundir.CONFIG_FILE), problems)
   if not isinstance(config, dict):
     return None
-  summary = _read_json(os.path.join(path, "summary.json"), problems)
+  summary = _read_json(os.path.join(path, rundir.SUMMARY_FILE), problems)
   summary = summary if isinstance(summary, dict) else {}
   evals = {}
-  for file in sorted(glob.glob(os.path.join(path, "eval", "*.json"))):
+  for file in sorted(glob.glob(os.path.join(path, rundir.EVAL_DIR, "*.json"))):
     content = _read_json(file, problems)
     if content is not None:
       evals[os.path.splitext(os.path.basename(file))[0]] = content
@@ -203,7 +204,7 @@ def load_run(path: str, problems: list[str]) -> Run | None:
   elif run.params is not None and run.tokens:
     run.flops, run.flops_source = 6.0 * run.params * run.tokens, "6·params·tokens"
 
-  last_eval, last_train = _read_metrics(os.path.join(path, "metrics.jsonl"))
+  last_eval, last_train = _read_metrics(os.path.join(path, rundir.METRICS_FILE))
   ev = summary.get("eval") if isinstance(summary.get("eval"), dict) else None
   if ev is None and last_eval is not None:
     ev, run.loss_source = last_eval, "metrics eval"
@@ -225,7 +226,7 @@ def load_runs(root: str, problems: list[str]) -> list[Run]:
     raise ReportError(f"{root!r} is not a directory; give the sweep root, e.g. runs/NAME "
                       "(it holds one directory per run: RUNID/config.json)")
   runs = []
-  for config_path in sorted(glob.glob(os.path.join(root, "*", "config.json"))):
+  for config_path in sorted(glob.glob(os.path.join(root, "*", rundir.CONFIG_FILE))):
     run = load_run(os.path.dirname(config_path), problems)
     if run is not None:
       runs.append(run)

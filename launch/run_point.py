@@ -21,6 +21,7 @@ import signal
 import sys
 import traceback
 
+from hybrids import rundir
 from launch import runs
 
 EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED, EXIT_BUSY = 0, 1, 2, 3, 75
@@ -35,7 +36,7 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
   caller decides what a failure means for its backend.
   """
   from hybrids.config import ConfigError
-  from hybrids.train import DivergedError, RunDirectoryError, train
+  from hybrids.train import DivergedError, train
   from launch import sweep as sweep_lib
 
   try:
@@ -65,7 +66,7 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
       print(f"[launch] {actual} attempt {attempt}, from step {resumed_from}: {json.dumps(point)}", flush=True)
       try:
         summary = train(config, workdir, progress=progress)
-      except (ConfigError, RunDirectoryError) as e:
+      except (ConfigError, rundir.RunDirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         runs.end_attempt(workdir, "failed", error=str(e))
         return EXIT_CONFIG, runs.read_summary(workdir)
@@ -96,15 +97,7 @@ def share_compilation_cache(config, workdir: str, env=os.environ) -> None:
 
 def _already_done(workdir: str, config) -> bool:
   """The run directory holds this very config and its summary says done: nothing to build or train."""
-  from hybrids.train import CONFIG_FILE, _config_json
-
-  if runs.read_summary(workdir).get("status") != "done":
-    return False
-  try:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      return json.load(f) == _config_json(config)
-  except (OSError, json.JSONDecodeError):
-    return False
+  return rundir.read_summary(workdir).get("status") == "done" and rundir.holds_config(workdir, config)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from hybrids import rundir
 from launch import runs
 from launch import sweep as sweep_lib
 
@@ -33,7 +34,7 @@ def collect(root: str) -> list[dict]:
   if os.path.isdir(root):
     for name in sorted(os.listdir(root)):
       workdir = os.path.join(root, name)
-      if name not in seen and any(os.path.exists(os.path.join(workdir, f)) for f in ("config.json", runs.LAUNCH_FILE)):
+      if name not in seen and any(os.path.exists(os.path.join(workdir, f)) for f in (rundir.CONFIG_FILE, rundir.LAUNCH_FILE)):
         rows.append({"run": name, "point": {}, "workdir": workdir})
   for row in rows:
     row.update(runs.run_state(row["workdir"]))

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from hybrids import config as config_lib
+from hybrids import rundir
 
 Point = dict[str, Any]
 MANIFEST_FILE = "sweep.json"
@@ -82,17 +83,15 @@ def plain(value):
 
 def resolve_point(experiment: str, point: Point, default_arg: str | None = None):
   """The validated, resolved ConfigDict of one sweep point (``experiment`` may carry ``:ARG``)."""
-  from hybrids.train import resolve
-
   path, spec_arg = split_spec(experiment)
   arg = point.get("config", default_arg if default_arg is not None else spec_arg)
   overrides = {k: v for k, v in point.items() if k != "config"}
-  return resolve(config_lib.get_config(f"{path}:{arg or ''}", overrides))
+  return config_lib.resolve(config_lib.get_config(f"{path}:{arg or ''}", overrides))
 
 
 def run_id(experiment: str, config) -> str:
   # The mesh (config.runtime) is where a run executes, not what it is: it stays out of the id.
-  payload = json.dumps(config_lib.identity(config), sort_keys=True)
+  payload = json.dumps(rundir.config_json(config), sort_keys=True)
   name = os.path.splitext(os.path.basename(split_spec(experiment)[0]))[0]
   return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
@@ -226,11 +225,9 @@ def select(experiment: str, expanded, filters: list[str]):
 
 def write_manifest(root: str, experiment: str, expanded, *, backend: str, filters: list[str]) -> str:
   """``ROOT/sweep.json``: every point with its run id, so status/report can list pending runs."""
-  from hybrids.train import _write_json
-
   os.makedirs(root, exist_ok=True)
   path = os.path.join(root, MANIFEST_FILE)
-  _write_json(path, {
+  rundir.write_json(path, {
       "experiment": os.path.abspath(split_spec(experiment)[0]),
       "experiment_arg": split_spec(experiment)[1],
       "spec": experiment,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kernels.delta import delta_rule, wy_factors_xla, wy_solve
-from kernels.delta_pallas import wy_factors as pallas_wy_factors
-from kernels.delta_pallas import PallasConfig
+from kernels.delta.pallas import wy_factors as pallas_wy_factors
+from kernels.delta.pallas import PallasConfig
 
 
 def _rel_err(a, b):

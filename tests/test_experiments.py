@@ -23,6 +23,7 @@ import pytest
 
 from hybrids import config as config_lib
 from hybrids.data import prepare
+from hybrids.mixers import MIXERS
 from hybrids.train import train
 from launch import sweep as sweep_lib
 
@@ -39,7 +40,8 @@ SWEEP_SIZES = {
     ("griffin_window", "tiny"): 2,
     ("swax", None): 10, ("swax", "small"): 3, ("swax", "tiny"): 2,
     ("hybrid_topology", None): 42, ("hybrid_topology", "small"): 4, ("hybrid_topology", "tiny"): 2,
-    ("mixer_survey", None): 51, ("mixer_survey", "small"): 17, ("mixer_survey", "tiny"): 2,
+    # One pattern per registered mixer (three sizes in full): a new mixer joins the survey.
+    ("mixer_survey", None): 3 * len(MIXERS), ("mixer_survey", "small"): len(MIXERS), ("mixer_survey", "tiny"): 2,
 }
 # Resolved in full through launch.sweep.expand as well (cheap: no size presets to match).
 FULLY_RESOLVED = {key for key in SWEEP_SIZES if key[1] == "tiny" or (key[0] in MQAR_EXPERIMENTS and key[1])}

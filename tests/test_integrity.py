@@ -344,7 +344,7 @@ def test_two_trainers_started_together_one_trains_the_other_is_refused(tmp_path)
 
 
 def test_the_launcher_takes_the_lock_before_it_checks_done(tmp_path, capsys):
-  from hybrids.train import _config_json
+  from hybrids.rundir import config_json as _config_json
   from launch import run_point
   from launch import sweep as sweep_lib
 

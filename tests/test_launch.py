@@ -204,7 +204,7 @@ def test_shell_payload_is_never_executed(tmp_path, capsys):
   # The local backend's printed line, run by bash for real. Its run directory says "done" for this very
   # config, so run_point re-resolves the point from its JSON argument, checks the run id and the
   # config, and stops there (no training to pay for); it echoes the point it received.
-  from hybrids.train import _config_json
+  from hybrids.rundir import config_json as _config_json
   assert main(["sweep", exp + ":one", "--root", str(root), "--dry-run"]) == 0
   out = capsys.readouterr().out
   (line,) = [l for l in out.splitlines() if "-m launch.run_point" in l]

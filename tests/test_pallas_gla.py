@@ -187,7 +187,7 @@ def test_pallas_tf32x3_exact_dots_lower_for_gpu(lower_for_gpu):
 
 
 def test_bench_best_config_combines_each_kernels_fastest_tiles():
-  from kernels.bench_gla import best_config
+  from kernels.gla.bench import best_config
   base = dict(states=1.0, states_bwd=1.0, output=2.0, dqk=6.0, dv=1.0)
   results = [
       (PallasConfig(), base),
@@ -212,7 +212,7 @@ def test_mosaic_gpu_output_lowers_for_cuda():
   CUDA from this host (shared memory, layouts, TMA boxes) at the benchmark's size and at d_k 64 /
   d_v 128; the GPU check (kernels/BENCHMARKS.md, tenth session) compares its values with the
   reference (output rel err 3.3e-3 at bf16, decays mild, strong and capped, bf16 and f32)."""
-  from kernels import gla_mgpu
+  from kernels.gla import mosaic_gpu as gla_mgpu
   for batch, time, heads, dk, dv, decay in ((4, 8192, 16, 128, 128, jnp.bfloat16), (1, 256, 2, 64, 128, jnp.float32)):
     q = jax.ShapeDtypeStruct((batch, time, heads, dk), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((batch, time, heads, dv), jnp.bfloat16)
@@ -241,7 +241,7 @@ def test_mosaic_gpu_output_with_the_triton_kernels_lowers_for_cuda():
 
 
 def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
-  from kernels import gla as G
+  from kernels.gla import pallas as G
   x = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
   monkeypatch.setattr(G, "tma_gpu", lambda: True)
   assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "mosaic_gpu"  # the default on Hopper
@@ -268,7 +268,7 @@ def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
 def test_decay_parts_split_f32_log_decays_exactly_enough():
   """An f32 log-decay reaches the Mosaic GPU kernel capped and as bf16 hi + lo, which sum back to
   it within 2⁻¹⁷ of itself; a bf16 one passes through (the kernel caps it)."""
-  from kernels import gla_mgpu
+  from kernels.gla import mosaic_gpu as gla_mgpu
   g = jnp.asarray(np.random.default_rng(4).standard_normal((2, 64, 3, 8)) * 5 - 10, jnp.float32)
   hi, lo = gla_mgpu.decay_parts(g, -20.0)
   assert hi.dtype == lo.dtype == jnp.bfloat16
@@ -283,7 +283,7 @@ def test_dv_kernel_reads_whole_score_matrices():
   """With the Mosaic GPU output stage the dv kernel takes each chunk's whole masked score matrix
   A [t, s] (gla_mgpu's residual) instead of the Triton output kernel's A_jjᵀ blocks; interpreted
   here with A from the definition, against the dv kernel fed by the Triton output kernel."""
-  from kernels import gla as G
+  from kernels.gla import pallas as G
   batch, time, heads, d = 1, 128, 2, 16
   rng = np.random.default_rng(3)
   q, k, v, do = (jnp.asarray(rng.standard_normal((batch, time, heads, d)), jnp.float32) for _ in range(4))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import scan
+from kernels.scan import pallas as scan
 from kernels.scan import PallasConfig, linear_scan, linear_scan_pallas, linear_scan_reference
 
 # GPU tilings leave a ragged tail at T = 13 (13 is no multiple of chunk·depth); the last one also

@@ -165,7 +165,7 @@ def test_auto_prefers_the_mosaic_gpu_kernels_on_hopper(monkeypatch):
 
 
 def test_mosaic_gpu_forward_selection_and_errors():
-  from kernels import window_attention_mgpu
+  from kernels.window_attention import mosaic_gpu as window_attention_mgpu
   q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
   assert window_attention_mgpu.supports(q, q, None) is None
   assert "soft-cap" in window_attention_mgpu.supports(q, q, 30.0)

@@ -9,8 +9,10 @@ the same function:
   ``x_t: [batch, d_model]``.
 
 and a classmethod ``check_config(model_config, seq_len=...)`` that rejects impossible settings with
-a message naming the field, before anything is compiled.
-Adding a mixer = one file + one line in ``MIXERS``.
+a message naming the field, before anything is compiled. Each mixer also declares its FLOPs per token
+(``flops``), its parameters exempt from weight decay (``NO_WEIGHT_DECAY``) and its config fields
+(``SETTINGS``): the contract of :mod:`hybrids.mixers.contract`, which ``tests/test_contract.py`` checks
+for every registered mixer. Adding a mixer = one file + one line in ``MIXERS``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from hybrids.mixers.attention import Attention
 from hybrids.mixers.based import Based
 from hybrids.mixers.baseconv import BaseConv
+from hybrids.mixers.contract import Setting, collect_settings
 from hybrids.mixers.deltanet import DeltaNet
 from hybrids.mixers.gated_deltanet import GatedDeltaNet
 from hybrids.mixers.gla import GatedLinearAttention
@@ -52,6 +55,17 @@ MIXERS = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
 }
+
+# The reference of hybrids.sizes: a size preset gives every pattern the non-embedding parameters of a
+# stack of this mixer at model.mlp_expansion = 3 (the global-attention transformer).
+SIZE_BASELINE = "attention"
+
+__all__ = ["MIXERS", "SIZE_BASELINE", "Setting", "get_mixer", "mixer_settings"]
+
+
+def mixer_settings() -> dict[str, Setting]:
+  """The ``model.*`` fields that the registered mixers declare (``SETTINGS``), merged."""
+  return collect_settings(MIXERS)
 
 
 def get_mixer(name: str):

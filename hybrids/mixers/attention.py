@@ -20,12 +20,22 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, window_attention_flops
 from hybrids.layers import apply_rope, dtype_of, linear
+from hybrids.mixers.contract import HEAD_DIM, ROPE_BASE, Setting
 from kernels.window_attention import decode_attention, window_attention
 
 
 class Attention(nnx.Module):
   """Causal attention; ``window`` is None here (global) and set by :class:`SlidingWindowAttention`."""
+
+  NO_WEIGHT_DECAY = frozenset()  # projections only
+  SETTINGS = {
+      "num_kv_heads": Setting(0, "0: = model.num_heads (MHA); 1: MQA", 0),
+      "head_dim": HEAD_DIM,
+      "rope_base": ROPE_BASE,
+      "attn_softcap": Setting(0.0, "0: off", 0.0),
+  }
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.num_heads = cfg.num_heads
@@ -49,7 +59,7 @@ class Attention(nnx.Module):
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
     """Raise ValueError (naming the field) for settings this mixer cannot run with."""
-    from hybrids.config import check_int, check_number  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int, check_number
     check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
     check_int(cfg.num_kv_heads, "model.num_kv_heads", 0, note=" (0: = model.num_heads)")
     check_number(cfg.rope_base, "model.rope_base", 0, lo_open=True)
@@ -118,3 +128,8 @@ class Attention(nnx.Module):
     o = decode_attention(q[:, 0], k_cache, v_cache, valid, softcap=self.softcap)
     y = self.o_proj(rearrange(o, "b h d -> b (h d)"))
     return y, {"k": k_cache, "v": v_cache, "pos": pos + 1}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: QKᵀ and PV over the scores of the causal band (all ``seq_len`` keys when unbanded)."""
+    window = seq_len if self.window is None else self.window
+    return Flops(attention=window_attention_flops(self.num_heads, self.head_dim, window, seq_len))

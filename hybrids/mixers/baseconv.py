@@ -33,11 +33,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrids.cost import Flops, fft_conv_flops
 from hybrids.layers import CausalConv1D, dtype_of, linear
 from hybrids.longconv import ModalLongConv
+from hybrids.mixers.contract import CONV_WIDTH, D_STATE
 
 
 class BaseConv(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"log_rate", "angle", "residues"})  # the long filter's poles and residues
+  SETTINGS = {"conv_width": CONV_WIDTH, "d_state": D_STATE}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
     self.dtype = dtype_of(cfg.dtype)
@@ -50,7 +55,7 @@ class BaseConv(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.d_state, "model.d_state", 1, note=" (modes of each BaseConv long filter)")
 
   def _out(self, x, short, long):
@@ -75,3 +80,7 @@ class BaseConv(nnx.Module):
     short, conv_state = self.conv.step(u, state["conv"])
     long, modes = self.filter.step(u, state["modes"])
     return self._out(x_t, short, long), {"conv": conv_state, "modes": modes}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the FFT convolution with the long filter (materialised once per batch)."""
+    return Flops(recurrence=fft_conv_flops(self.filter.channels, seq_len))

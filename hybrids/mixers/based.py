@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import CausalConv1D, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH, Setting
 from kernels.gla import gla, gla_step
 
 EPS = 1e-6
@@ -34,6 +36,13 @@ def taylor_feature_map(x):
 
 
 class Based(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset()  # projections and a short conv only
+  SETTINGS = {
+      "feature_dim": Setting(16, "Based's q/k width per head", 1),
+      "chunk_size": CHUNK_SIZE,
+      "conv_width": CONV_WIDTH,
+  }
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
     self.feature_dim = cfg.feature_dim
@@ -52,7 +61,7 @@ class Based(nnx.Module):
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
     if cfg.feature_dim <= 0:
       raise ValueError(f"model.feature_dim={cfg.feature_dim} must be positive")
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.feature_dim, "model.feature_dim", 1, note=" (Based's q/k width per head)")
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
 
@@ -83,3 +92,11 @@ class Based(nnx.Module):
     q, k, v = self._qkv(x_t)
     o, s = gla_step(q, k, v, None, state["S"])
     return self._out(o), {"conv": conv_state, "S": s}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the q and k outer products of the Taylor map, then the chunked ``kernels.gla`` form on
+    ``1 + d' + d'²`` features and ``d_head + 1`` value columns (the normaliser)."""
+    f = self.feature_dim
+    feature_map = 2.0 * self.heads * f * f
+    return Flops(recurrence=feature_map + gla_flops(self.heads, 1 + f + f * f, self.head_dim + 1, self.chunk_size,
+                                                    seq_len))

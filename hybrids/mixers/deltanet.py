@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, delta_flops
 from hybrids.layers import CausalConv1D, HeadNorm, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH
 from kernels.delta import delta_rule, delta_rule_step
 
 L2_EPS = 1e-6
@@ -39,6 +41,9 @@ def l2_normalize(x):
 
 
 class DeltaNet(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset()  # projections and a short conv only
+  SETTINGS = {"chunk_size": CHUNK_SIZE, "conv_width": CONV_WIDTH}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_model = cfg.d_model
     self.heads = cfg.num_heads
@@ -58,7 +63,7 @@ class DeltaNet(nnx.Module):
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
     if cfg.chunk_size <= 0:
       raise ValueError(f"model.chunk_size={cfg.chunk_size} must be positive")
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
 
   def _qkv(self, qkv):
@@ -93,3 +98,7 @@ class DeltaNet(nnx.Module):
     beta, log_decay = self._gates(x_t)
     o, s = delta_rule_step(q, k, v, beta, log_decay, state["S"])
     return self._out(o, x_t), {"conv": conv_state, "S": s}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the chunked WY form of ``kernels.delta`` (``d_k = d_v = d_h``)."""
+    return Flops(recurrence=delta_flops(self.heads, self.head_dim, self.head_dim, self.chunk_size, seq_len))

@@ -30,6 +30,9 @@ from hybrids.mixers.deltanet import DeltaNet
 
 
 class GatedDeltaNet(DeltaNet):
+  NO_WEIGHT_DECAY = DeltaNet.NO_WEIGHT_DECAY | {"a_log", "dt_bias"}  # A and Δ's bias of the decay gate
+  SETTINGS = DeltaNet.SETTINGS  # the decay gate adds no field
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     param_dtype = dtype_of(cfg.param_dtype)

@@ -18,13 +18,22 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import HeadNorm, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, Setting
 from kernels.gla import gla, gla_step
 
 TAU = 16.0  # temperature of the decay gate (paper §4.4)
 
 
 class GatedLinearAttention(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset()  # the decay gate is data dependent: its weights are projections
+  SETTINGS = {
+      "key_expansion": Setting(0.5, "GLA key width = key_expansion · d_model", 0, lo_open=True),
+      "gate_low_rank": Setting(16, "rank of GLA's decay gate", 1),
+      "chunk_size": CHUNK_SIZE,
+  }
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
     self.key_dim = int(cfg.key_expansion * cfg.d_model) // cfg.num_heads
@@ -42,7 +51,7 @@ class GatedLinearAttention(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int, check_number  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int, check_number
     check_number(cfg.key_expansion, "model.key_expansion", 0, lo_open=True, note=" (GLA key width = "
                  "key_expansion · d_model)")
     if int(cfg.key_expansion * cfg.d_model) < cfg.num_heads:
@@ -81,3 +90,8 @@ class GatedLinearAttention(nnx.Module):
     q, k, v, log_decay = self._inputs(x_t)
     o, s = gla_step(q, k, v, log_decay, state["S"])
     return self._out(x_t, o), {"S": s}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the chunked ``kernels.gla`` form with a per-key decay."""
+    return Flops(recurrence=gla_flops(self.heads, self.key_dim, self.value_dim, self.chunk_size, seq_len,
+                                      per_key_decay=True))

@@ -22,11 +22,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrids.cost import Flops, fft_conv_flops
 from hybrids.layers import CausalConv1D, dtype_of, linear
 from hybrids.longconv import ModalLongConv
+from hybrids.mixers.contract import CONV_WIDTH, D_STATE
 
 
 class Hyena(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"log_rate", "angle", "residues", "d_skip"})  # the filter's poles, residues; D
+  SETTINGS = {"conv_width": CONV_WIDTH, "d_state": D_STATE}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
     self.dtype = dtype_of(cfg.dtype)
@@ -39,7 +44,7 @@ class Hyena(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.d_state, "model.d_state", 1, note=" (modes of each Hyena long filter)")
 
   def _gate_and_input(self, z):
@@ -69,3 +74,7 @@ class Hyena(nnx.Module):
     q, kv = self._gate_and_input(z)
     long, modes = self.filter.step(kv, state["modes"])
     return self._out(q, long, kv), {"conv": conv_state, "modes": modes}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the FFT convolution with the long filter (materialised once per batch)."""
+    return Flops(recurrence=fft_conv_flops(self.filter.channels, seq_len))

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, HEAD_DIM
 from kernels.gla import gla, gla_step
 
 EPS = 1e-6
@@ -29,6 +31,9 @@ def feature_map(x):
 
 
 class LinearAttention(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset()  # projections only
+  SETTINGS = {"head_dim": HEAD_DIM, "chunk_size": CHUNK_SIZE}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
     self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
@@ -41,7 +46,7 @@ class LinearAttention(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
     if not cfg.head_dim and cfg.d_model % cfg.num_heads:
@@ -71,3 +76,7 @@ class LinearAttention(nnx.Module):
     q, k, v = self._qkv(x_t)
     o, s = gla_step(q, k, v, None, state["S"])
     return self._out(o), {"S": s}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the chunked ``kernels.gla`` form without decay, ``d_v + 1`` value columns (the normaliser)."""
+    return Flops(recurrence=gla_flops(self.heads, self.head_dim, self.head_dim + 1, self.chunk_size, seq_len))

@@ -22,11 +22,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrids.cost import Flops
 from hybrids.layers import CausalConv1D, dtype_of, linear
+from hybrids.mixers.contract import CONV_WIDTH, D_STATE, SSM_EXPAND
 from kernels.scan import linear_scan
 
 
 class Mamba(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"a_log", "dt_bias", "d_skip"})  # A, Δ's bias, D
+  SETTINGS = {"d_state": D_STATE, "ssm_expand": SSM_EXPAND, "conv_width": CONV_WIDTH}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_inner = int(cfg.ssm_expand * cfg.d_model)
     self.d_state = cfg.d_state
@@ -46,7 +51,7 @@ class Mamba(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.d_state, "model.d_state", 1, note=" (Mamba's state size N)")
     check_int(cfg.ssm_expand, "model.ssm_expand", 1, note=" (Mamba's inner width = ssm_expand · d_model)")
     if cfg.d_state <= 0 or cfg.ssm_expand <= 0:
@@ -84,3 +89,7 @@ class Mamba(nnx.Module):
     decay, inputs, c = self._scan_inputs(x)
     h = decay * state["h"] + inputs
     return self._out(h, c, x, z), {"conv": conv_state, "h": h}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the selective scan, ``6·d_inner·N`` (``Δ⊗A``, ``Δx⊗B``, the update, the ``C`` read-out)."""
+    return Flops(recurrence=6.0 * self.d_inner * self.d_state)

@@ -23,11 +23,16 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import CausalConv1D, HeadNorm, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH, D_STATE, SSM_EXPAND
 from kernels.gla import gla, gla_step
 
 
 class Mamba2(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"a_log", "dt_bias", "d_skip"})  # A, Δ's bias, D
+  SETTINGS = {"d_state": D_STATE, "ssm_expand": SSM_EXPAND, "chunk_size": CHUNK_SIZE, "conv_width": CONV_WIDTH}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_inner = int(cfg.ssm_expand * cfg.d_model)
     self.heads = cfg.num_heads
@@ -47,7 +52,7 @@ class Mamba2(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.ssm_expand, "model.ssm_expand", 1, note=" (Mamba-2's inner width = ssm_expand · d_model)")
     check_int(cfg.d_state, "model.d_state", 1, note=" (Mamba-2's state size N)")
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
@@ -95,3 +100,7 @@ class Mamba2(nnx.Module):
     q, k, v, log_decay, xs = self._ssm_inputs(xbc, dt)
     y, s = gla_step(q, k, v, log_decay, state["S"])
     return self._out(y, xs, z), {"conv": conv_state, "S": s}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the chunked ``kernels.gla`` form, keys ``B`` (``d_state``), values ``Δ·x`` (head dim)."""
+    return Flops(recurrence=gla_flops(self.heads, self.d_state, self.head_dim, self.chunk_size, seq_len))

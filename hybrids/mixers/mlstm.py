@@ -34,7 +34,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import BlockDiagonalLinear, CausalConv1D, HeadNorm, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH, SSM_EXPAND
 from kernels.gla import gla, gla_step
 
 FORGET_BIAS_RANGE = (3.0, 6.0)
@@ -44,6 +46,9 @@ _MAX_NEG_M = 80.0
 
 
 class MLSTM(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"skip"})  # the learnable skip s
+  SETTINGS = {"ssm_expand": SSM_EXPAND, "chunk_size": CHUNK_SIZE, "conv_width": CONV_WIDTH}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.inner = int(cfg.ssm_expand * cfg.d_model)
     self.heads = cfg.num_heads
@@ -64,7 +69,7 @@ class MLSTM(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.ssm_expand, "model.ssm_expand", 1, note=" (mLSTM's inner width = ssm_expand · d_model)")
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked mLSTM form)")
     inner = int(cfg.ssm_expand * cfg.d_model)
@@ -114,3 +119,7 @@ class MLSTM(nnx.Module):
     q, k, v, log_i, log_f = self._inputs(x_t, u, c)
     o, (s, m) = gla_step(q, k, v, log_f, (state["S"], state["m"]), log_input_gate_t=log_i)
     return self._out(o, m, c, z), {"conv": conv_state, "S": s, "m": m}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the chunked ``kernels.gla`` form, ``d_h + 1`` value columns (the normaliser)."""
+    return Flops(recurrence=gla_flops(self.heads, self.head_dim, self.head_dim + 1, self.chunk_size, seq_len))

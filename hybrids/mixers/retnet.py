@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import HeadNorm, apply_rope, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE, HEAD_DIM, ROPE_BASE
 from kernels.gla import gla, gla_step
 
 
@@ -29,6 +31,9 @@ def head_decays(heads: int):
 
 
 class RetNet(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset()  # the decays γ_h are fixed, not parameters
+  SETTINGS = {"head_dim": HEAD_DIM, "rope_base": ROPE_BASE, "chunk_size": CHUNK_SIZE}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
     self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
@@ -44,7 +49,7 @@ class RetNet(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int, check_number  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int, check_number
     check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
     check_number(cfg.rope_base, "model.rope_base", 0, lo_open=True)
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
@@ -79,3 +84,7 @@ class RetNet(nnx.Module):
     log_decay = jnp.broadcast_to(head_decays(self.heads), (x_t.shape[0], self.heads))
     o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state["S"])
     return self._out(x_t, o), {"S": s, "pos": state["pos"] + 1}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the chunked ``kernels.gla`` form with a scalar decay per head."""
+    return Flops(recurrence=gla_flops(self.heads, self.head_dim, self.head_dim, self.chunk_size, seq_len))

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrids.cost import Flops
 from hybrids.layers import BlockDiagonalLinear, CausalConv1D, dtype_of, linear
+from hybrids.mixers.contract import CONV_WIDTH, Setting
 from kernels.scan import linear_scan
 
 C = 8.0  # the fixed scalar c of eq. 4
@@ -35,6 +37,13 @@ A_C_INIT_RANGE = (0.9, 0.999)  # range of a^c at initialisation
 
 class RGLRUBlock(nnx.Module):
   """The Griffin recurrent block: ``y = W_o(RG-LRU(Conv(W_u x)) ⊙ GeLU(W_g x))``."""
+
+  NO_WEIGHT_DECAY = frozenset({"a_param"})  # Λ, the recurrence's decay rates
+  SETTINGS = {
+      "rnn_width": Setting(0, "RG-LRU width; 0: model.d_model", 0),
+      "rnn_heads": Setting(0, "RG-LRU gate blocks; 0: model.num_heads", 0),
+      "conv_width": CONV_WIDTH,
+  }
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_rnn = cfg.rnn_width or cfg.d_model
@@ -55,7 +64,7 @@ class RGLRUBlock(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.rnn_width, "model.rnn_width", 0, note=" (0: model.d_model)")
     check_int(cfg.rnn_heads, "model.rnn_heads", 0, note=" (0: model.num_heads)")
     d_rnn = cfg.rnn_width or cfg.d_model
@@ -98,3 +107,7 @@ class RGLRUBlock(nnx.Module):
     h = a * state["h"] + b
     y = self.out_proj(h.astype(self.dtype) * gate)
     return y, {"conv": conv_state, "h": h}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the elementwise recurrence ``h = a ⊙ h + b``, 2 per state element."""
+    return Flops(recurrence=2.0 * self.d_rnn)

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops, gla_flops
 from hybrids.layers import HeadNorm, dtype_of, linear
+from hybrids.mixers.contract import CHUNK_SIZE
 from kernels.gla import gla, gla_step
 
 MIX_RANK, DECAY_RANK = 32, 64  # LoRA ranks of the paper's 1.6B+ models
@@ -32,6 +34,9 @@ BRANCHES = 5  # r, k, v, w, g
 
 
 class RWKV6(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"mu_x", "mu", "w0", "bonus"})  # token-shift mixes, decay base, bonus u
+  SETTINGS = {"chunk_size": CHUNK_SIZE}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
     self.heads = cfg.num_heads
@@ -58,7 +63,7 @@ class RWKV6(nnx.Module):
   def check_config(cls, cfg, *, seq_len: int) -> None:
     if cfg.d_model % cfg.num_heads:
       raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
 
   def _inputs(self, x, x_prev):
@@ -108,3 +113,10 @@ class RWKV6(nnx.Module):
     o = o_prev + self._bonus(r, k, v)
     _, s = gla_step(r, k, v, log_decay, state["S"])
     return self._out(o, g), {"shift": x_t.astype(self.dtype), "S": s}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the LoRA up-projections (raw parameters, one use each) and the chunked ``kernels.gla``
+    form with a per-key decay."""
+    lora_up = 2.0 * (self.mix_up.size + self.decay_up.size)
+    return Flops(projections=lora_up, recurrence=gla_flops(self.heads, self.head_dim, self.head_dim, self.chunk_size,
+                                                           seq_len, per_key_decay=True))

@@ -22,11 +22,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hybrids.cost import Flops, fft_conv_flops
 from hybrids.layers import dtype_of, linear
 from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel
+from hybrids.mixers.contract import D_STATE
 
 
 class S4D(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset({"log_dt", "log_neg_a_real", "a_imag", "d_skip"})  # Δ, the poles A, D
+  SETTINGS = {"d_state": D_STATE}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, modes = cfg.d_model, cfg.d_state // 2
     self.modes, self.dtype = modes, dtype_of(cfg.dtype)
@@ -41,7 +46,7 @@ class S4D(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.config import check_int  # here: hybrids.config imports the mixers
+    from hybrids.checks import check_int
     check_int(cfg.d_state, "model.d_state", 2, note=" (even: S4D's conjugate pairs)")
     if cfg.d_state < 2 or cfg.d_state % 2:
       raise ValueError(f"model.d_state={cfg.d_state} must be an even number ≥ 2 for S4D (conjugate pairs)")
@@ -84,3 +89,7 @@ class S4D(nnx.Module):
     h = a_bar * state["h"] + b_bar * u_t.astype(jnp.float32)[..., None]
     y = 2.0 * jnp.real(jnp.einsum("dn,bdn->bd", c, h))
     return self._out(y, u_t), {"h": h}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the FFT convolution of the ``d_model`` channels (the kernel is materialised per batch)."""
+    return Flops(recurrence=fft_conv_flops(self.d_skip.size, seq_len))

@@ -32,13 +32,18 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from hybrids.cost import Flops
 from hybrids.layers import CausalConv1D, HeadNorm, dtype_of, linear
+from hybrids.mixers.contract import CONV_WIDTH
 
 FORGET_BIAS_RANGE = (3.0, 6.0)
 _EMPTY_M = -1e30  # stabiliser of the empty memory (see the module docstring)
 
 
 class SLSTM(nnx.Module):
+  NO_WEIGHT_DECAY = frozenset()  # the recurrent matrices R and the gate biases are decayed
+  SETTINGS = {"conv_width": CONV_WIDTH}
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
     self.d, self.heads, self.head_dim = d, cfg.num_heads, d // cfg.num_heads
@@ -105,3 +110,8 @@ class SLSTM(nnx.Module):
     x_conv, conv_state = self.conv.step(x_t, state["conv"])
     cell, h = self._cell(self._cell_state(state), self._preactivations(x_t, x_conv))
     return self._out(h), {"conv": conv_state, **cell}
+
+  def flops(self, seq_len: int) -> Flops:
+    """Per token: the block-diagonal recurrent matmuls of the four gates, then ``c`` and ``n`` updated
+    elementwise (2 per state element)."""
+    return Flops(recurrence=2.0 * self.recurrent.size + 2.0 * 2 * self.d)

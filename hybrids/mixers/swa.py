@@ -16,10 +16,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from hybrids.mixers.attention import Attention
+from hybrids.mixers.contract import Setting
 
 
 class SlidingWindowAttention(Attention):
   """Causal attention over a band of ``model.window`` positions; GQA/MQA and RoPE as :class:`Attention`."""
+
+  NO_WEIGHT_DECAY = Attention.NO_WEIGHT_DECAY
+  SETTINGS = {**Attention.SETTINGS, "window": Setting(32, "the SWA band", 1)}
 
   @staticmethod
   def _window(cfg) -> int:
@@ -27,9 +31,12 @@ class SlidingWindowAttention(Attention):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    super().check_config(cfg, seq_len=seq_len)
     if cfg.window is None or isinstance(cfg.window, bool) or not isinstance(cfg.window, int) or cfg.window <= 0:
-      raise ValueError(f"model.window={cfg.window!r} must be a positive int for the 'swa' mixer")
+      raise ValueError(f"model.window={cfg.window!r} must be a positive integer (the 'swa' mixer's band)")
+    if cfg.window > seq_len:
+      raise ValueError(f"model.window={cfg.window} exceeds data.seq_len={seq_len}: the band would be global "
+                       "attention; use the 'attention' mixer or a window ≤ seq_len")
+    super().check_config(cfg, seq_len=seq_len)
 
   def init_state(self, batch: int, *, max_len: int | None = None):
     """Ring buffer ``{"k", "v": [batch, window, kv_heads, head_dim], "pos": int32[]}``; ``max_len`` is ignored."""

@@ -1,6 +1,6 @@
 """Sliding-window flash attention as Mosaic GPU kernels (Hopper and newer: TMA and wgmma).
 
-The same computation as ``window_attention.py``'s Triton kernels (Dao 2023's online softmax over the
+The same computation as ``kernels/window_attention/pallas.py``'s Triton kernels (Dao 2023's online softmax over the
 key blocks of the band ``0 ≤ t − s < window``, and the two-kernel backward), with the same residuals
 (``o [batch, time, heads, dim]`` and ``lse [batch, heads, time]``, the base-2 log-sum-exp of the
 scaled logits), so either backward takes either forward. Only the tensor-core path differs. Triton's
@@ -27,7 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.pallas_compat import gpu_sm_count
+from kernels.dispatch import gpu_sm_count
+from kernels.tiling import swizzled as _swizzled
+from kernels.window_attention.band import _band_loops, _key_blocks, _query_blocks
 
 BLOCK_Q = 64  # query rows per compute warpgroup (one wgmma's M)
 CTA_ROWS = 2 * BLOCK_Q
@@ -56,8 +58,6 @@ def _own_band(cta_bounds, own_bounds, step, skip, carry):
   rows need one block fewer (the first or the last). A skipped block still waits on its slot (barrier
   phases are counted per thread) and releases it, without a product.
   """
-  from kernels.window_attention import _band_loops  # (that module imports this one)
-
   def skip_range(start, stop):
     jax.lax.fori_loop(start, stop, lambda j, _: skip(j), None)
   skip_range(cta_bounds[0], own_bounds[0])
@@ -109,8 +109,6 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   its memory warpgroup streams the next tile's keys while the compute warpgroups finish the last
   one, and each loads its next rows of Q once its last product has read the current ones.
   """
-  from kernels.window_attention import _key_blocks  # (that module imports this one)
-
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
   dtype = q.dtype
@@ -277,8 +275,6 @@ def _stream_key_blocks(n_mine, tile_at, *, block_kv: int, window: int, group: in
   """The memory warpgroup of a query-block kernel (forward, dQ): for each of this CTA's tiles, the
   key and value blocks of its band (of kv head ``h // group``) into ``kv_slots``. ``barriers``: one
   (ready, free) pair for K and V together, or one each."""
-  from kernels.window_attention import _key_blocks  # (that module imports this one)
-
   def one_tile(i, base):
     b, h, q_cta = tile_at(i)
     lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
@@ -300,11 +296,6 @@ def _masked(scores, rows, cols, window: int, *, keys_first: bool):
     offset = -offset
   # (nested selects: a bool & bool is a conversion the Mosaic GPU lowering rejects)
   return jnp.where(offset >= 0, jnp.where(offset < window, scores, -jnp.inf), -jnp.inf)
-
-
-def _swizzled(shape, dtype):
-  minor = 128 // jnp.dtype(dtype).itemsize  # elements per 128-byte swizzled row
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(128)))
 
 
 def _kernel_call(body, out_type, grid, grid_names):
@@ -335,8 +326,6 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   the last one's gradients (from their own shared-memory buffers). Persistence, unlike in the
   forward, did not speed the backward up on an H100 (kernels/BENCHMARKS.md, ninth session).
   """
-  from kernels.window_attention import _key_blocks, _query_blocks
-
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads

@@ -1,52 +1,6 @@
-"""Gated linear attention: the matrix-state recurrence shared by linear attention, Based, RetNet, GLA,
-Mamba-2 (SSD), mLSTM and RWKV-6.
-
-    S_t = diag(α_t) S_{t−1} + k_t v_tᵀ          S_t ∈ R^{d_k × d_v} per head
-    o_t = S_tᵀ q_t
-
-``log_decay = log α_t ≤ 0`` is per key dimension ``[batch, time, heads, d_k]`` (GLA, RWKV-6), one
-scalar per head ``[batch, time, heads]`` (RetNet, Mamba-2, mLSTM) or None (α = 1: linear attention,
-Based). Feature maps, scalings and normalisers belong to the mixers: a normaliser ``Σ φ(k_s)`` is a
-column of ones appended to ``v``.
-
-Exponential input gate (mLSTM, Beck et al. 2024, §2.3 and the stabilised form of §2.2). With
-``log_input_gate = ĩ_t: [batch, time, heads]`` (unbounded, may be large and positive) the recurrence is
-
-    C_t = α_t C_{t−1} + exp(ĩ_t) k_t v_tᵀ                 (α_t: one scalar per head, or 1)
-
-and ``exp(ĩ_t)`` would overflow, so the state is carried scaled by a running stabiliser:
-
-    m_t = max(log α_t + m_{t−1}, ĩ_t)                     (m_0 = 0 unless given)
-    S_t = C_t · exp(−m_t) = exp(log α_t + m_{t−1} − m_t) S_{t−1} + exp(ĩ_t − m_t) k_t v_tᵀ
-    o_t = S_tᵀ q_t = exp(−m_t) C_tᵀ q_t
-
-Both exponents are ≤ 0. The unscaled output is ``o_t · exp(m_t)``; the mLSTM forms
-``C_tᵀq_t / max(|n_tᵀq_t|, 1) = o_t / max(|ν_t|, exp(−m_t))`` with ``ν_t`` the output of a ones
-column appended to ``v`` (its normaliser), so ``m_t`` is returned beside the output.
-
-Shapes: ``q, k: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``. Without an input gate
-the state is ``S: f32 [batch, heads, d_k, d_v]``; with one it is the pair ``(S, m)`` with
-``m: f32 [batch, heads]``, for ``initial_state``, the returned final state and ``gla_step``.
-
-Implementations:
-- ``"reference"``: the recurrence above, one ``lax.scan`` step per token (f32).
-- ``"xla"``: chunked (Yang et al. 2024, §3): tokens in chunks of ``chunk_size``; inside a chunk the
-  output is a masked attention-like product, across chunks the state is carried by a scan over
-  chunks. Every decay factor is ``exp`` of a difference ``b_t − b_s`` of within-chunk cumulative
-  log-decays with ``s ≤ t``, so exponents are ≤ 0 and nothing overflows however strong the decay —
-  the failure mode of the ``q·exp(b)``, ``k·exp(−b)`` factorisation. With an input gate the
-  stabiliser has the closed form ``m_t = max(b_t + m_in, max_{s≤t}(b_t − b_s + ĩ_s))`` (``m_in``:
-  the stabiliser entering the chunk), i.e. a per-row maximum of the intra-chunk exponents and the
-  carried stabiliser; subtracting it keeps every exponent ≤ 0. The chunk scan carries ``(S, m)``,
-  each chunk's contribution scaled by its own local maximum ``g = max_s(b_C − b_s + ĩ_s)``.
-- ``"pallas"``: the chunked form as Pallas kernels (Triton on GPU, Mosaic on TPU) with a
-  ``jax.custom_vjp`` whose backward is chunked too; see the Pallas section below. It caps log α at
-  −20 per step (``MIN_LOG_DECAY``). With ``log_input_gate`` (mLSTM) it falls back to ``"xla"``.
-- ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (H100, B4 T8192 H16 d128 bf16, same run:
-  1.14 / 6.49 ms fwd / fwd+bwd with the Mosaic GPU output stage against fla's ``chunk_gla`` 1.61 /
-  6.84 ms and the XLA chunked form's 13.4 / 41.7 ms; 1.55 / 6.88 with an f32 log-decay, 2.2 / 7.6
-  with the Triton output kernel; ``kernels/BENCHMARKS.md``), ``"xla"`` elsewhere (the Mosaic
-  kernels are export-tested only, never timed on a TPU).
+"""Gated linear attention as Pallas kernels (``impl="pallas"``): the chunked form's states, output
+and backward kernels, written once for both layouts (Triton on GPU, Mosaic on TPU: ``_Plan.target``),
+with the Mosaic GPU output stage of ``kernels/gla/mosaic_gpu.py`` on Hopper.
 """
 
 from __future__ import annotations
@@ -60,240 +14,11 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
-from kernels import gla_mgpu
-from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_gpu_or_triton, mosaic_params, tma_gpu, triton_params
-
-Impl = Literal["auto", "xla", "reference", "pallas"]
-IMPLS = ("auto", "xla", "reference", "pallas")
-_NEG = -1e30
-
-
-def _check(q, k, v, log_decay, initial_state, log_input_gate=None):
-  if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"gla: expected q, k [batch, time, heads, d_k] and v [batch, time, heads, d_v]; "
-                     f"got q{q.shape} k{k.shape} v{v.shape}")
-  if log_decay is not None and log_decay.shape not in (q.shape, q.shape[:3]):
-    raise ValueError(f"gla: log_decay{log_decay.shape} must be {q.shape} (per key dim) or {q.shape[:3]} (per head)")
-  want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-  if log_input_gate is None:
-    if initial_state is not None and getattr(initial_state, "shape", None) != want:
-      raise ValueError(f"gla: initial_state{getattr(initial_state, 'shape', type(initial_state))} must be "
-                       f"[batch, heads, d_k, d_v] = {want}")
-    return
-  if log_input_gate.shape != q.shape[:3]:
-    raise ValueError(f"gla: log_input_gate{log_input_gate.shape} must be [batch, time, heads] = {q.shape[:3]}")
-  if log_decay is not None and log_decay.ndim != 3:
-    raise ValueError("gla: log_input_gate needs a per-head log_decay [batch, time, heads] (or None): the "
-                     "stabiliser is one scalar per head")
-  if initial_state is not None:
-    if (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2
-        or initial_state[0].shape != want or initial_state[1].shape != want[:2]):
-      raise ValueError(f"gla: with log_input_gate, initial_state must be (S {want}, m {want[:2]})")
-
-
-def _full_decay(log_decay, q):
-  """Per-key-dim log-decay ``[batch, time, heads, d_k]`` f32 (zeros for None)."""
-  if log_decay is None:
-    return jnp.zeros(q.shape, jnp.float32)
-  log_decay = log_decay.astype(jnp.float32)
-  return jnp.broadcast_to(log_decay[..., None], q.shape) if log_decay.ndim == 3 else log_decay
-
-
-def _initial(q, v, initial_state, gated):
-  """``initial_state`` in f32 (zeros, and m = 0, for None)."""
-  batch, _, heads, d_k = q.shape
-  if initial_state is None:
-    s = jnp.zeros((batch, heads, d_k, v.shape[-1]), jnp.float32)
-    return (s, jnp.zeros((batch, heads), jnp.float32)) if gated else s
-  if gated:
-    return initial_state[0].astype(jnp.float32), initial_state[1].astype(jnp.float32)
-  return initial_state.astype(jnp.float32)
-
-
-def gla_reference(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None):
-  """The recurrence, token by token, in float32 (see :func:`gla` for arguments and returns)."""
-  _check(q, k, v, log_decay, initial_state, log_input_gate)
-  state = _initial(q, v, initial_state, log_input_gate is not None)
-  xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v))
-  if log_input_gate is None:
-    decay = jnp.moveaxis(jnp.exp(_full_decay(log_decay, q)), 1, 0)
-
-    def step(state, inputs):
-      q_t, k_t, v_t, a_t = inputs
-      state = a_t[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
-      return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
-
-    final, o = jax.lax.scan(step, state, xs + (decay,))
-    return jnp.moveaxis(o, 0, 1).astype(v.dtype), final
-
-  ld = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
-  gates = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (ld, log_input_gate))
-
-  def gated_step(carry, inputs):
-    q_t, k_t, v_t, a_t, i_t = inputs
-    o_t, carry = gla_step(q_t, k_t, v_t, a_t, carry, log_input_gate_t=i_t)
-    return carry, (o_t, carry[1])
-
-  final, (o, m) = jax.lax.scan(gated_step, state, xs + gates)
-  return jnp.moveaxis(o, 0, 1).astype(v.dtype), final, jnp.moveaxis(m, 0, 1)
-
-
-def _gla_chunked(q, k, v, log_decay, initial_state, chunk_size: int, log_input_gate=None):
-  batch, time, heads, d_k = q.shape
-  gated = log_input_gate is not None
-  scalar = log_decay is not None and log_decay.ndim == 3
-  n = -(-time // chunk_size)
-  pad = n * chunk_size - time
-  # Padding: k = v = 0, log-decay 0 and input gate −∞ leave the state and stabiliser untouched;
-  # padded outputs are dropped.
-  pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-  chunks = lambda x, fill=0.0: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim], constant_values=fill),
-                                         "b (n c) ... -> b n c ...", c=chunk_size)
-  qc, kc, vc = chunks(q), chunks(k), chunks(v)
-  if log_decay is None:
-    ld = jnp.zeros((batch, n, chunk_size, heads), jnp.float32)
-    scalar = True
-  else:
-    ld = chunks(log_decay)
-  b = jnp.cumsum(ld, axis=2)  # within-chunk cumulative log-decay, [b n c h (k)]
-  causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-  b_full = b[..., None] if scalar else b  # [b n c h k]
-  b_last = b_full[:, :, -1:]  # [b n 1 h k]
-
-  if scalar:
-    diff = b[:, :, :, None, :] - b[:, :, None, :, :]  # b_t − b_s, [b n t s h]
-    mask = causal[None, None, :, :, None]
-  else:
-    diff = b[:, :, :, None] - b[:, :, None]  # [b n t s h k]
-    mask = causal[None, None, :, :, None, None]
-
-  if gated:
-    ig = chunks(log_input_gate, _NEG)  # [b n c h]
-    diff = jnp.where(mask, diff + ig[:, :, None, :, :], _NEG)  # b_t − b_s + ĩ_s
-    local = jnp.max(diff, axis=3)  # max_{s≤t}, [b n t h]
-    g_last = local[:, :, -1]  # the chunk's own contribution's maximum, [b n h]
-    # decay from s to the chunk's end times the input gate, relative to g: exponent ≤ 0
-    k_to_end = kc * jnp.exp(b[:, :, -1:] - b + ig - g_last[:, :, None])[..., None]
-    chunk_decay = b[:, :, -1]  # log-decay over the whole chunk, [b n h]
-  else:
-    k_to_end = kc * jnp.exp(b_last - b_full)  # decay from s to the chunk's end, ≤ 1
-    chunk_decay = jnp.broadcast_to(jnp.exp(b_last[:, :, 0]), (batch, n, heads, d_k))
-  chunk_kv = jnp.einsum("bnshk,bnshv->bnhkv", k_to_end, vc)
-
-  if gated:
-    def carry(state, inputs):
-      (s, m), (log_a, g, kv) = state, inputs
-      m_new = jnp.maximum(log_a + m, g)
-      s_new = jnp.exp(log_a + m - m_new)[..., None, None] * s + jnp.exp(g - m_new)[..., None, None] * kv
-      return (s_new, m_new), (s, m)  # emit the state entering the chunk
-
-    xs = (chunk_decay, g_last, chunk_kv)
-  else:
-    def carry(state, inputs):
-      decay, kv = inputs
-      return decay[..., None] * state + kv, state
-
-    xs = (chunk_decay, chunk_kv)
-  state0 = _initial(q, v, initial_state, gated)
-  final, entering = jax.lax.scan(carry, state0, tuple(jnp.moveaxis(x, 1, 0) for x in xs))
-  entering = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), entering)
-
-  if gated:
-    s_in, m_in = entering  # [b n h k v], [b n h]
-    m = jnp.maximum(b + m_in[:, :, None], local)  # the row maxima: stabiliser m_t, [b n c h]
-    gain = jnp.exp(jnp.where(mask, diff - m[:, :, :, None, :], _NEG))
-    scores = jnp.einsum("bnthk,bnshk->bntsh", qc, kc) * gain
-    q_in = qc * jnp.exp(b + m_in[:, :, None] - m)[..., None]
-  else:
-    s_in = entering
-    gain = jnp.exp(jnp.where(mask, diff, _NEG))
-    if scalar:
-      scores = jnp.einsum("bnthk,bnshk->bntsh", qc, kc) * gain
-    else:
-      scores = jnp.einsum("bnthk,bnshk,bntshk->bntsh", qc, kc, gain)
-    q_in = qc * jnp.exp(b_full)
-  o_intra = jnp.einsum("bntsh,bnshv->bnthv", scores, vc)
-  o_inter = jnp.einsum("bnthk,bnhkv->bnthv", q_in, s_in)
-  o = rearrange(o_intra + o_inter, "b n c h v -> b (n c) h v")[:, :time].astype(v.dtype)
-  if gated:
-    return o, final, rearrange(m, "b n c h -> b (n c) h")[:, :time]
-  return o, final
-
-
-AUTO_MAX_HEAD_DIM = 128  # head dims the Triton kernels were measured at; Based's 153-dim feature
-# map (padded to 256) asks the output kernel for 328 KB of shared memory, over the H100's 227 KB.
-
-
-def auto_impl(d_k: int, d_v: int) -> str:
-  """What ``impl="auto"`` runs for heads of ``d_k`` × ``d_v``: the Pallas kernels on GPU when both
-  are ≤ AUTO_MAX_HEAD_DIM, the XLA chunked form otherwise."""
-  fits = max(d_k, d_v) <= AUTO_MAX_HEAD_DIM
-  return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
-
-
-def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chunk_size: int = 16,
-        impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
-        pallas_config: PallasConfig | None = None):
-  """``S_t = diag(exp(log_decay_t)) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (see the module docstring).
-
-  Args:
-    q, k: ``[batch, time, heads, d_k]``; v: ``[batch, time, heads, d_v]``.
-    log_decay: ``[batch, time, heads, d_k]``, ``[batch, time, heads]`` or None; values ≤ 0.
-    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros); with ``log_input_gate`` the pair
-      ``(S [batch, heads, d_k, d_v], m [batch, heads])`` or None (zeros, m = 0).
-    log_input_gate: None, or ĩ ``[batch, time, heads]``: the exponential input gate of the mLSTM,
-      ``C_t = α_t C_{t−1} + exp(ĩ_t) k_t v_tᵀ``, carried stabilised (needs a per-head or no decay).
-    chunk_size: tokens per chunk of the ``"xla"`` chunked form (the Pallas kernels take theirs from
-      ``pallas_config``).
-    impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` or ``"auto"``.
-    interpret: run the Pallas kernels in the Pallas interpreter (CPU tests); only with ``"pallas"``.
-    pallas_target: ``"triton"`` or ``"mosaic"`` layout of the Pallas kernels (default: by platform at
-      lowering time; Triton when interpreting).
-    pallas_config: tiling of the Pallas kernels (default :class:`PallasConfig`).
-  Returns:
-    ``(o [batch, time, heads, d_v], final_state f32 [batch, heads, d_k, d_v])``; with
-    ``log_input_gate``: ``(o, (S, m) final, m [batch, time, heads] f32)`` where ``o_t = exp(−m_t) C_tᵀq_t``
-    and ``S = exp(−m) C``.
-  """
-  _check(q, k, v, log_decay, initial_state, log_input_gate)
-  if impl not in IMPLS:
-    raise ValueError(f"gla: unknown impl {impl!r}; valid: {IMPLS}")
-  if chunk_size <= 0:
-    raise ValueError(f"gla: chunk_size={chunk_size} must be positive")
-  if impl == "reference":
-    return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate)
-  if impl == "auto":
-    impl = auto_impl(q.shape[-1], v.shape[-1])
-  if impl == "pallas" and log_input_gate is None:
-    return gla_pallas(q, k, v, log_decay, initial_state, interpret=interpret, target=pallas_target,
-                      config=pallas_config)
-  # "auto", "xla", and the mLSTM input gate under "pallas" (no kernel of its own yet).
-  return _gla_chunked(q, k, v, log_decay, initial_state, chunk_size, log_input_gate)
-
-
-def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
-  """One recurrent step: ``q_t, k_t: [batch, heads, d_k]``, ``v_t: [batch, heads, d_v]``,
-  ``log_decay_t: [batch, heads, d_k] | [batch, heads] | None``, ``state: f32 [batch, heads, d_k, d_v]``.
-  Returns ``(o_t [batch, heads, d_v] f32, state)``.
-
-  With ``log_input_gate_t: [batch, heads]`` (ĩ_t) the state is the pair ``(S, m)`` (``m: [batch, heads]``)
-  and the step is the stabilised update of the module docstring; the new ``m_t`` is ``state[1]``."""
-  q_t, k_t, v_t = (x.astype(jnp.float32) for x in (q_t, k_t, v_t))
-  kv = k_t[..., :, None] * v_t[..., None, :]
-  if log_input_gate_t is None:
-    state = state.astype(jnp.float32)
-    if log_decay_t is not None:
-      a = jnp.exp(log_decay_t.astype(jnp.float32))
-      state = (a[..., None, None] if a.ndim == 2 else a[..., None]) * state
-    state = state + kv
-    return jnp.einsum("bhk,bhkv->bhv", q_t, state), state
-  s, m = (x.astype(jnp.float32) for x in state)
-  log_a = jnp.zeros_like(m) if log_decay_t is None else log_decay_t.astype(jnp.float32)
-  i_t = log_input_gate_t.astype(jnp.float32)
-  m_new = jnp.maximum(log_a + m, i_t)
-  s = jnp.exp(log_a + m - m_new)[..., None, None] * s + jnp.exp(i_t - m_new)[..., None, None] * kv
-  return jnp.einsum("bhk,bhkv->bhv", q_t, s), (s, m_new)
-
+from kernels.dispatch import mosaic_gpu_or_triton, pallas_layout, tma_gpu
+from kernels.gla import mosaic_gpu as gla_mgpu
+from kernels.gla.reference import _check
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
+from kernels.tiling import next_pow2, round_up
 
 # ----------------------------------------------------------------------------------------------------
 # Pallas (impl="pallas").
@@ -327,7 +52,7 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 #   output  one program per (chunk, head, d_v block): a sub-chunk loop o_j = q̂_j S' + A_jj v_j,
 #           S' ← e^{λ_j} S' + k̂_jᵀ v_j (f32 in registers) from the stored entering state. It also
 #           stores the diagonal score blocks A_jjᵀ (16 floats per token) for the backward. On Hopper
-#           with bf16 inputs, a decay and chunks of 64, ``kernels/gla_mgpu.py`` replaces it (whole-
+#           with bf16 inputs, a decay and chunks of 64, ``kernels/gla/mosaic_gpu.py`` replaces it (whole-
 #           chunk wgmma products; it stores each chunk's whole score matrix A, 64 floats per token).
 # Backward, with dO and the cotangent of the final state: the reverse state D_t = ∂L/∂S_t obeys
 # D_t = q_t dO_tᵀ + diag(α_{t+1}) D_{t+1} (a GLA recurrence run backwards), and
@@ -354,7 +79,7 @@ def gla_step(q_t, k_t, v_t, log_decay_t, state, *, log_input_gate_t=None):
 # Time is zero-padded to a multiple of the chunk (k = v = q = 0, log α = 0 change nothing).
 # ----------------------------------------------------------------------------------------------------
 
-PallasTarget = Literal["triton", "mosaic"]
+PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]  # "mosaic": the older name of "mosaic_tpu"
 EXACT_DOTS = ("ieee", "tf32x3")
 OUT_KERNELS = (None, "triton", "mosaic_gpu")
 _SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
@@ -401,7 +126,7 @@ class PallasConfig:
   stages: int = 1
   unroll: bool = False
   # The forward's output stage on GPU: "triton" (``_output_kernel``) or "mosaic_gpu"
-  # (``kernels/gla_mgpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16
+  # (``kernels/gla/mosaic_gpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16
   # q, k, v with a decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, else
   # "triton". It stores each chunk's whole score matrix for the dv kernel. H100, B4 T8192 H16 d128:
   # output stage 1.76 → 0.68 ms with a bf16 log-decay; fwd 2.2 → 1.55 ms with an f32 one.
@@ -898,12 +623,10 @@ _pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
 _pallas_core_shared = lowered_once(_pallas_core, static_argnums=(5,))
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+_next_pow2 = next_pow2
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
+_round_up = round_up
 
 
 def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool) -> str:
@@ -965,8 +688,7 @@ def gla_pallas(q, k, v, log_decay=None, initial_state=None, *, interpret: bool =
   """
   _check(q, k, v, log_decay, initial_state)
   cfg = config or PallasConfig()
-  if target is not None and target not in ("triton", "mosaic"):
-    raise ValueError(f"gla: pallas_target must be 'triton' or 'mosaic', got {target!r}")
+  target = pallas_layout(target, "gla")
   run = lambda t: functools.partial(_gla_pallas_target, target=t, interpret=interpret, cfg=cfg)
   if target is not None or interpret:
     return run(target or "triton")(q, k, v, log_decay, initial_state)

@@ -1,8 +1,8 @@
-"""The delta rule (``kernels/delta.py``): our Pallas state pass and XLA chunked form vs fla's Triton.
+"""The delta rule (``kernels/delta``): our Pallas state pass and XLA chunked form vs fla's Triton.
 
     python -m kernels.bench --kernels delta            # B4 T8192 H16 d_k = d_v = 128, bf16, gated and ungated
     python -m kernels.bench --kernels delta --quick    # a tiny shape (on CPU the Pallas kernels interpret)
-    python -c "from kernels.bench_delta import stages; stages()"   # ms of each stage of our chunked form
+    python -c "from kernels.delta.bench import stages; stages()"   # ms of each stage of our chunked form
 
 Inputs (DeltaNet / Gated DeltaNet as the mixers feed them): q, k L2-normalised per head (q also scaled
 by d_k^−1/2), v ~ N(0, 1), β = σ(x), and for the gated variant one log-decay per head
@@ -34,8 +34,9 @@ import numpy as np
 
 from kernels.bench import (Context, check, check_out_and_grads, checked_row, head_slice, peer_row, progress_log,
                            vjp_fns)
-from kernels import delta as D
-from kernels.delta_pallas import PallasConfig
+from kernels.delta import pallas as P
+from kernels.delta import xla as X
+from kernels.delta.pallas import PallasConfig
 from kernels.delta import delta_rule
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -223,23 +224,23 @@ def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
   dot_dtype = "bfloat16"
   rows = []
   for chunk in chunks:
-    c = jax.jit(D._precompute, static_argnums=5)(q, k, v, beta, g, chunk)
+    c = jax.jit(X._precompute, static_argnums=5)(q, k, v, beta, g, chunk)
     s0 = jnp.zeros((batch, heads, dk, dv), jnp.float32)
-    passes = {"xla scan": D._scan_pass}
-    if D.is_pallas_chunk(chunk):
-      passes["pallas"] = lambda *a: D.pallas_state_pass(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
-    entering, u, _ = jax.jit(D._scan_pass)(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)
-    wy_pallas = lambda *a, block=None: D.pallas_wy_factors(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu",
+    passes = {"xla scan": X._scan_pass}
+    if P._is_pow2_tile(chunk):
+      passes["pallas"] = lambda *a: P.state_pass(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu")
+    entering, u, _ = jax.jit(X._scan_pass)(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)
+    wy_pallas = lambda *a, block=None: P.wy_factors(*a, dot_dtype=dot_dtype, interpret=ctx.platform == "cpu",
                                                            config=PallasConfig(wy_block=block))
-    precompute = lambda wy: (lambda q, k, v, beta, *g: D._precompute(q, k, v, beta, (g or [None])[0], chunk, wy),
+    precompute = lambda wy: (lambda q, k, v, beta, *g: X._precompute(q, k, v, beta, (g or [None])[0], chunk, wy),
                              (q, k, v, beta) + ((g,) if gated else ()))
     work = {
-        "precompute (xla)": precompute(D.wy_factors_xla),
-        **({"precompute (pallas wy)": precompute(wy_pallas)} if D.is_pallas_chunk(chunk) else {}),
+        "precompute (xla)": precompute(X.wy_factors_xla),
+        **({"precompute (pallas wy)": precompute(wy_pallas)} if P._is_pow2_tile(chunk) else {}),
         **({"precompute (pallas wy, blocks 16)": precompute(lambda *a: wy_pallas(*a, block=16))}
-           if D.is_pallas_chunk(chunk) and chunk > 16 else {}),
+           if P._is_pow2_tile(chunk) and chunk > 16 else {}),
         **{f"pass ({name})": (fn, (c.w, c.u_tilde, c.k_to_end, c.chunk_decay, s0)) for name, fn in passes.items()},
-        "outputs": (lambda c, entering, u: D._outputs(c, entering, u, time), (c, entering, u)),
+        "outputs": (lambda c, entering, u: X._outputs(c, entering, u, time), (c, entering, u)),
     }
     for name, (f, args) in work.items():
       fwd, grad = _stage_fns(f, len(args))

@@ -1,6 +1,6 @@
 """The diagonal scan ``h_t = a_t ⊙ h_{t-1} + b_t`` as Mosaic GPU kernels (Hopper and newer).
 
-Same contract as the Triton kernels of ``kernels/scan.py`` (``_gpu_fwd`` / ``_gpu_bwd``), which use
+Same contract as the Triton kernels of ``kernels/scan/pallas.py`` (``_gpu_fwd`` / ``_gpu_bwd``), which use
 these under ``PallasConfig(gpu_kernel="mosaic")`` (the default on Hopper). The scan is
 bandwidth-bound: each lane is a serial chain of FMAs, so what decides its speed is how many bytes are
 in flight while the chains run. The Triton kernels can only prefetch by carrying rows through their
@@ -219,7 +219,7 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
         interpret: bool = False):
   """``(∂a, ∂b, ∂h0)`` of the scan from the forward output ``h`` and cotangents ``g``, ``g_last``.
 
-  Runs against the forward's direction with ``U`` (what flows into ``h_{t∓1}``), as ``scan.py``'s
+  Runs against the forward's direction with ``U`` (what flows into ``h_{t∓1}``), as ``kernels/scan/pallas.py``'s
   section comment derives: ``G_t = ḡ_t + U``, ``∂b_t = G_t``, ``∂a_t = G_t h_{t∓1}``, ``U ← a_t G_t``.
   """
   batch, time, d = a.shape

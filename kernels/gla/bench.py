@@ -1,8 +1,8 @@
-"""Gated linear attention (``kernels/gla.py``): our Pallas kernels and XLA chunked form vs fla's Triton.
+"""Gated linear attention (``kernels/gla``): our Pallas kernels and XLA chunked form vs fla's Triton.
 
     python -m kernels.bench --kernels gla            # B4 T8192 H16 d_k = d_v = 128, bf16, per-key-dim decay
     python -m kernels.bench --kernels gla --quick    # a tiny shape (on CPU the Pallas kernels interpret)
-    python -c "from kernels.bench_gla import tune; tune()"   # Pallas tilings, time per kernel
+    python -c "from kernels.gla.bench import tune; tune()"   # Pallas tilings, time per kernel
 
 Inputs (the GLA paper's regime): q ~ N(0, 1/d_k), k, v ~ N(0, 1), log-decay per key dim
 ``log σ(x) / 16`` with x ~ N(0, 1) (GLA's temperature τ = 16: decays ≈ 0.95 – 1, long memory), all
@@ -149,7 +149,7 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
 def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
   """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv; on
   Hopper also the Mosaic GPU output stage and the dv kernel that reads its score matrices)."""
-  from kernels import gla as G
+  from kernels.gla import pallas as G
   batch, time, heads, dk, dv = shape
   q, k, v, g, do = _inputs(0, *shape)
   cfg = dataclasses.replace(config, chunk=min(config.chunk, time))
@@ -173,8 +173,8 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
     args["dv"] = (q, k, g, do, at, e_states)
   except Exception as e:  # a tiling that fails to compile is reported, not fatal
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
-  from kernels import gla_mgpu
-  from kernels.pallas_compat import tma_gpu
+  from kernels.gla import mosaic_gpu as gla_mgpu
+  from kernels.dispatch import tma_gpu
   if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk):  # the Mosaic GPU output stage and its dv
     mplan = dataclasses.replace(plan, mgpu_out=True)
     fns["output_mgpu"] = jax.jit(lambda q, k, v, g, st: gla_mgpu.output(

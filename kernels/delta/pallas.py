@@ -1,6 +1,6 @@
 """The sequential part of the chunked delta rule as Pallas kernels (``delta_rule(impl="pallas")``).
 
-``kernels.delta`` computes, for all chunks at once in XLA, the WY / UT pieces of each chunk n:
+``kernels/delta/xla.py`` computes, for all chunks at once in XLA, the WY / UT pieces of each chunk n:
 ``W_n [c, d_k]``, ``Ũ_n [c, d_v]``, ``K̂_n [c, d_k]`` (keys decayed to the chunk's end) and the
 chunk decay ``γ_n``; and after the pass it forms the outputs with batched einsums. What is left is a
 recurrence over chunks, the only sequential work:
@@ -21,10 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.delta.xla import solve_cotangents, unit_lower_inverse, wy_system
+from kernels.dispatch import pallas_layout
 from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
+from kernels.tiling import next_pow2
 
 # ----------------------------------------------------------------------------------------------------
-# Layout. Every array keeps the chunked layout kernels.delta builds, ``[batch, chunks, heads, …]``:
+# Layout. Every array keeps the chunked layout kernels/delta/xla.py builds, ``[batch, chunks, heads, …]``:
 # W, K̂: [b, n, h, c, d_k]; Ũ and U: [b, n, h, c, d_v]; states: [b, n, h, d_k, d_v]; γ broadcast over
 # the value columns to [b, n, h, 1, d_v] (a row that multiplies the state's columns, so neither backend
 # has to read a scalar out of a tile); S_0 and the final state: [b, h, d_k, d_v]. No transposes.
@@ -61,7 +64,7 @@ from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_
 # (Σ_k D ⊙ S_n) and the broadcast's transpose sums it.
 # ----------------------------------------------------------------------------------------------------
 
-PallasTarget = Literal["triton", "mosaic"]
+PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]  # "mosaic": the older name of "mosaic_tpu"
 _SQ = SQUEEZED
 _F32 = jnp.float32
 MIN_TILE = 16  # the smallest Triton dot tile; chunks and padded dims are powers of two ≥ this
@@ -95,8 +98,7 @@ class _Plan:
   dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (f32 accumulation)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+_next_pow2 = next_pow2
 
 
 def _is_pow2_tile(n: int) -> bool:
@@ -271,31 +273,13 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
 # dots of T run as three TF32 products (Triton's tf32x3, about f32 accuracy on tensor cores; IEEE in
 # the interpreter); k kᵀ takes the input dtype (bf16 products are exact in f32). The kernel also
 # stores T for the backward, which is XLA (``_wy_bwd`` below): with X = T R,
-#     ∂R = Tᵀ ∂X,   ∂A = −strictly_lower(∂R Xᵀ)          (kernels.delta.solve_cotangents),
-# then JAX transposes the XLA construction of A and R = [β v | βγ k] (kernels.delta.wy_system).
+#     ∂R = Tᵀ ∂X,   ∂A = −strictly_lower(∂R Xᵀ)          (kernels.delta.xla.solve_cotangents),
+# then JAX transposes the XLA construction of A and R = [β v | βγ k] (kernels.delta.xla.wy_system).
 # XLA's own form of this stage materialises each power of A for all chunks at once; here a chunk
 # stays on chip. On an H100 (B4 T8192 H16 d128 bf16) the kernel takes 0.45 ms at C = 16; at C = 64
 # it takes 2.37 ms, at 255 registers per thread and spilling its c × c products (Nsight Compute,
 # kernels/BENCHMARKS.md); block substitution (``PallasConfig.wy_block``) did not make it faster.
 
-
-def unit_lower_inverse(a, matmul=jnp.matmul):
-  """``(I + A)⁻¹`` for strictly lower-triangular ``A [..., c, c]``, by matmuls only.
-
-  ``A`` is nilpotent (``A^c = 0``), so ``(I + A)⁻¹ = Σ_{m<c} (−A)^m = Π_j (I + (−A)^{2^j})`` over
-  ``j < ⌈log₂ c⌉``: 2·⌈log₂ c⌉ − 1 small matmuls that run on tensor cores and batch well, where a
-  batched triangular solve is a sequential custom call (and, nested inside two scans on the XLA CPU
-  runtime, was seen to deadlock). ``matmul``: the product to use (the WY kernel passes its tf32x3 dot).
-  """
-  c = a.shape[-1]
-  eye = jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 2) == jax.lax.broadcasted_iota(
-      jnp.int32, a.shape, a.ndim - 1)
-  power = -a
-  inverse = eye.astype(a.dtype) + power
-  for _ in range(max(c - 1, 1).bit_length() - 1):
-    power = matmul(power, power)
-    inverse = inverse + matmul(inverse, power)  # inverse · (I + power)
-  return inverse
 
 
 def _strictly_lower(c: int):
@@ -382,8 +366,7 @@ def _wy_fwd(k, v, b, beta, plan: _Plan):
 
 def _wy_bwd(plan: _Plan, residuals, cotangents):
   # The solve's backward from the stored T, then JAX's transpose of the system's construction
-  # (kernels.delta; imported here because that module imports this one).
-  from kernels.delta import solve_cotangents, wy_system
+  # (kernels.delta.xla).
   del plan
   k, v, b, beta, inverse, w, u_tilde = residuals
   d_w, d_u = (x.astype(_F32) for x in cotangents)
@@ -440,8 +423,7 @@ def check_arguments(chunk_size: int, target: PallasTarget | None, config: Pallas
   if config is not None and config.wy_block is not None and not _is_pow2_tile(config.wy_block):
     raise ValueError(f"delta_rule: PallasConfig.wy_block={config.wy_block} must be None (the whole chunk) or "
                      f"a power of two ≥ {MIN_TILE}")
-  if target is not None and target not in ("triton", "mosaic"):
-    raise ValueError(f"delta_rule: pallas_target must be 'triton' or 'mosaic', got {target!r}")
+  pallas_layout(target, "delta")
 
 
 def state_pass(w, u_tilde, k_to_end, chunk_decay, state0, *, dot_dtype="float32", interpret: bool = False,

@@ -1,8 +1,8 @@
 """Every mixer's training gradient with the kernels ``impl="auto"`` picks on this platform, against
 the XLA paths: the check to run on a new GPU/TPU or jax version before a sweep trusts "auto".
 
-    python -m kernels.check_auto                                  # all registered mixers, bf16
-    python -m kernels.check_auto --mixers gla,deltanet --seq-len 1024 --dtype float32 --json out.json
+    python -m hybrids.check_auto                                  # all registered mixers, bf16
+    python -m hybrids.check_auto --mixers gla,deltanet --seq-len 1024 --dtype float32 --json out.json
 
 For each mixer, a two-layer model (mixer, then SWA with window 128) sees one batch of random tokens.
 The model is built twice from the same parameters: with every kernel family on "auto" (what the run
@@ -84,7 +84,7 @@ def check_mixer(mixer: str, *, dtype: str, seq_len: int, batch: int) -> dict:
 def main(argv=None) -> int:
   from hybrids.mixers import MIXERS
 
-  parser = argparse.ArgumentParser(prog="python -m kernels.check_auto", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m hybrids.check_auto", description=__doc__.split("\n\n")[0])
   parser.add_argument("--mixers", default=",".join(MIXERS), help=f"comma-separated; valid: {', '.join(MIXERS)}")
   parser.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCES))
   parser.add_argument("--seq-len", type=int, default=512)

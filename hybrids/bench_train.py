@@ -1,8 +1,8 @@
 """End-to-end training throughput: a ~100M Griffin-pattern hybrid vs a same-size global-attention
 transformer, XLA-only paths vs the kernels ``impl="auto"`` picks, beside recurrentgemma's own JAX Griffin.
 
-    python -m kernels.bench_train                                   # T = 2k, 8k, 32k; 32k tokens per step
-    python -m kernels.bench_train --seq-lens 2048 --models griffin,recurrentgemma --json /tmp/e2e.json
+    python -m hybrids.bench_train                                   # T = 2k, 8k, 32k; 32k tokens per step
+    python -m hybrids.bench_train --seq-lens 2048 --models griffin,recurrentgemma --json /tmp/e2e.json
 
 Shapes follow the issue: width 768, 12 layers, pattern (R, R, A) with window 1024, 12 heads with one
 key/value head (MQA, as recurrentgemma's local attention), MLP 3×, vocabulary 32k, bf16 compute with
@@ -124,7 +124,7 @@ def measure(build: Callable, seq_len: int, tokens_per_step: int, steps: int) -> 
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m kernels.bench_train", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m hybrids.bench_train", description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--seq-lens", default="2048,8192,32768")
   parser.add_argument("--impls", default="xla,auto", help="our kernel choices: xla (XLA-only) and/or auto")
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         if args.json:  # after every row: a run cut short by a time limit keeps what it measured
           device = jax.devices()[0]
           report = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__,
-                    "command": "python -m kernels.bench_train " + " ".join(argv or sys.argv[1:]), "rows": rows}
+                    "command": "python -m hybrids.bench_train " + " ".join(argv or sys.argv[1:]), "rows": rows}
           with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
   return 0

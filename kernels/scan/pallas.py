@@ -1,18 +1,8 @@
-"""Diagonal linear recurrence ``h_t = a_t ⊙ h_{t-1} + b_t``.
-
-Serves every mixer whose state evolves elementwise: RG-LRU (Griffin, De et al. 2024), Mamba's S6
-(Gu & Dao 2023, state ``[d, n]``) and S4D (Gu et al. 2022).
-
-Shapes: ``a, b: [batch, time, *features]``; ``h0: [batch, *features]``. Returns ``(h, h_last)`` with
-``h: [batch, time, *features]`` and ``h_last: [batch, *features]``. Accumulation is in float32 for
-lower-precision inputs; ``h`` is returned in ``b``'s dtype, ``h_last`` in float32 so that a decode
-loop carries an unrounded state.
-
-Implementations: ``"reference"`` (sequential ``lax.scan``), ``"xla"`` (associative scan, the CPU
-default) and ``"pallas"`` (a streaming kernel for GPU via Triton and TPU via Mosaic, with a
-``custom_vjp`` whose backward is the same streaming pass run the other way; on GPU a problem with
-few lanes, e.g. batch 1 at 32k tokens, is split in time into segments; see the Pallas section).
-``"auto"`` picks ``"pallas"`` when the default backend is a GPU or TPU.
+"""The diagonal scan as Pallas kernels: the Triton (GPU) and Mosaic TPU layouts, the GPU layout's
+time-split form for problems with few lanes, the ``custom_vjp`` whose backward is the same streaming
+pass run the other way, and ``_resolve``, which fills a :class:`PallasConfig` for a call (on a GPU:
+the Mosaic GPU kernels of ``kernels/scan/mosaic_gpu.py`` where they take the problem, else Triton).
+Measured tilings: ``kernels/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -26,82 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import scan_mosaic_gpu
-from kernels.pallas_compat import SQUEEZED, gpu_sm_count, lowered_once, mosaic_params, tma_gpu, triton_params
-
-Impl = Literal["auto", "xla", "reference", "pallas"]
-IMPLS = ("auto", "xla", "reference", "pallas")
-
-
-def _check(a: jax.Array, b: jax.Array, h0: jax.Array | None) -> None:
-  if a.shape != b.shape:
-    raise ValueError(f"linear_scan: a{a.shape} and b{b.shape} must have the same shape")
-  if a.ndim < 2:
-    raise ValueError(f"linear_scan: expected [batch, time, ...], got shape {a.shape}")
-  if h0 is not None and h0.shape != (a.shape[0],) + a.shape[2:]:
-    raise ValueError(f"linear_scan: h0{h0.shape} must be [batch, *features] = {(a.shape[0],) + a.shape[2:]}")
-
-
-def linear_scan_reference(a, b, h0=None, *, reverse: bool = False):
-  """The definition: a sequential ``lax.scan`` over time in float32."""
-  _check(a, b, h0)
-  out_dtype = b.dtype
-  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
-  h = jnp.zeros_like(b32[:, 0]) if h0 is None else h0.astype(jnp.float32)
-
-  def step(h, ab):
-    a_t, b_t = ab
-    h = a_t * h + b_t
-    return h, h
-
-  h_last, hs = jax.lax.scan(step, h, (jnp.moveaxis(a32, 1, 0), jnp.moveaxis(b32, 1, 0)), reverse=reverse)
-  return jnp.moveaxis(hs, 0, 1).astype(out_dtype), h_last
-
-
-def _linear_scan_associative(a, b, h0=None, *, reverse: bool = False):
-  """Parallel prefix over time with the affine-map monoid ``(a1,b1)∘(a2,b2) = (a1 a2, a2 b1 + b2)``."""
-  out_dtype = b.dtype
-  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
-  if h0 is not None:
-    # Folding h0 into the first input keeps the scan itself state-free.
-    first = 0 if not reverse else -1
-    b32 = b32.at[:, first].add(a32[:, first] * h0.astype(jnp.float32))
-
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
-
-  _, hs = jax.lax.associative_scan(combine, (a32, b32), axis=1, reverse=reverse)
-  h_last = hs[:, 0] if reverse else hs[:, -1]
-  return hs.astype(out_dtype), h_last
-
-
-def linear_scan(a, b, h0=None, *, reverse: bool = False, impl: Impl = "auto", interpret: bool = False):
-  """``h_t = a_t ⊙ h_{t-1} + b_t`` over axis 1 (``reverse`` runs from the end, as a backward pass needs).
-
-  Args:
-    a: decay, ``[batch, time, *features]``.
-    b: input, same shape as ``a``.
-    h0: optional initial state ``[batch, *features]`` (zeros when None).
-    reverse: scan from ``t = T-1`` down to 0; ``h_last`` is then the state at ``t = 0``.
-    impl: ``"reference"`` (sequential), ``"xla"`` (associative scan), ``"pallas"`` or ``"auto"``
-      (``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere).
-    interpret: run the Pallas kernels in interpret mode (CPU tests); only with ``impl="pallas"``.
-  Returns:
-    ``(h [batch, time, *features] in b.dtype, h_last [batch, *features] in float32)``.
-  """
-  _check(a, b, h0)
-  if impl not in IMPLS:
-    raise ValueError(f"linear_scan: unknown impl {impl!r}; valid: {IMPLS}")
-  if impl == "auto":
-    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  if impl == "reference":
-    return linear_scan_reference(a, b, h0, reverse=reverse)
-  if impl == "pallas":
-    return linear_scan_pallas(a, b, h0, reverse=reverse, interpret=interpret)
-  return _linear_scan_associative(a, b, h0, reverse=reverse)
-
+from kernels.dispatch import gpu_sm_count, tma_gpu
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
+from kernels.scan import mosaic_gpu as scan_mosaic_gpu
+from kernels.scan.reference import _check
+from kernels.scan.xla import _linear_scan_associative
+from kernels.tiling import round_up
 
 # ----------------------------------------------------------------------------------------------------
 # Pallas.
@@ -146,7 +66,7 @@ class PallasConfig:
   ``bwd_*`` set the backward kernel's own values. ``segments`` splits time into that many
   independent pieces (a power of two dividing T; 1 = off; None = ``_gpu_segments``): the three-pass
   form below, for problems with too few lanes to fill the GPU. ``gpu_kernel``: ``"triton"`` (the
-  kernels here) or ``"mosaic"`` (``kernels/scan_mosaic_gpu.py``: TMA-pipelined tiles of
+  kernels here) or ``"mosaic"`` (``kernels/scan/mosaic_gpu.py``: TMA-pipelined tiles of
   ``mosaic_chunk`` rows × 128 lanes, a multiple of 8 up to 256; ``mosaic_stages`` tiles in flight,
   None = as many as fit shared memory; ``mosaic_bwd_*`` for the backward; ``mosaic_out_slots`` 1
   or 2 buffers per output tile, or 0 to write each output tile over an input tile of its step;
@@ -183,35 +103,11 @@ class PallasConfig:
 # shape over every SM; each loop step loads ``chunk`` rows per lane before combining them (and with
 # ``depth`` > 0 carries further slots through the loop as a register prefetch). Triton's compile time
 # grows steeply with the rows carried through the loop, and a model holds several such kernels, so
-# the default takes wide loop steps without carried slots (H100 host, B8 T4096 D1024 f32; fwd /
-# fwd+bwd ms, compile s of fwd / grad; kernels/BENCHMARKS.md):
-#   chunk 64 depth 0 (bwd 32·0):   0.195 / 0.526 ms, 5.5 / 6.5 s    <- default
-#   chunk 64 depth 0 (bwd 64·0):   0.197 / 0.507 ms, 7.9 / 18 s
-#   chunk 32 depth 0 (bwd 32·0):   0.241 / 0.572 ms, 1.7 / 6.0 s
-#   chunk 16 depth 4 (bwd 16·3):   0.212 / 0.524 ms, 30 / 74 s
-#   chunk 32 depth 2 (bwd 32·0):   0.215 / 0.548 ms, 37 / 28 s
-#   chunk 128 depth 0 (bwd 64·0):  0.222 / 0.530 ms, 32 / 25 s
-# The backward loads three rows per step (a, ḡ, h) against the forward's two, hence its shorter chunk.
-#
-# On Hopper the Mosaic GPU kernels (kernels/scan_mosaic_gpu.py) are the default for problems that are
-# not split in time. Same H100, fwd / fwd+bwd ms, seventh session (runs vary by ±2 %):
-#                                 B8 T4096 D1024 f32          B16 T2048 D768 f32  B8 T4096 D1024 bf16
-#   Triton (the tiling above)     0.189–0.199 / 0.523–0.537   0.138 / 0.355       0.168–0.209 / 0.469–0.493
-#   Mosaic default: chunk 32 ·    0.164–0.174 / 0.472–0.505   —                   0.147–0.153 / 0.416–0.441
-#     4 stages, bwd chunk 32 · 3    (bf16: chunks 64)
-#   same, bwd 2 stages            0.163–0.174 / 0.480–0.492   0.142 / 0.318
-#   bwd chunk 16 · 5 stages       0.166 / 0.492               0.138 / 0.338
-#   chunk 64, bwd 32              0.172 / 0.494               0.137 / 0.345       0.146 / 0.419
-#   1 output buffer               0.170–0.177 / 0.484–0.499   0.140 / 0.352
-#   outputs over the inputs       0.167–0.178 / 0.481–0.493   —                   0.152 / 0.423
-# The backward on 64-lane CTAs (``mosaic_bwd_lanes``; eighth session, same device): B8 D1024 is 64
-# CTAs of 128 lanes, and with five streams the backward moves ~2.2 TB/s on 64 SMs, ~2.7 on 128:
-#   128-lane bwd                  0.172 / 0.483               0.139 / 0.353       0.157 / 0.426
-#   64-lane bwd (default here)    0.167–0.176 / 0.419–0.420   0.141 / 0.354       0.148–0.152 / 0.305–0.309
-#     bwd chunk 16 / 64           0.169 / 0.408 / 0.416       0.143 / 0.370 / 0.345
-# The forward on 64-lane CTAs (``mosaic_lanes``): bf16 rows cost more time than bytes, f32 does not:
-#   64-lane fwd                   0.173 / 0.438               0.140 / 0.353       0.098–0.101 / 0.259–0.260
-#     (default for 16-bit inputs)
+# the default takes wide loop steps without carried slots. The backward loads three rows per step
+# (a, ḡ, h) against the forward's two, hence its shorter chunk. On Hopper the Mosaic GPU kernels
+# (kernels/scan/mosaic_gpu.py) are the default for problems that are not split in time; their
+# backward (and the forward of 16-bit inputs) on 64-lane CTAs where 128-lane ones would leave SMs
+# idle. The measurements behind each default: kernels/BENCHMARKS.md, "Scan tiling defaults".
 # ``gpu_kernel=None``: Mosaic on a GPU with TMA (compute capability ≥ 9.0) unless interpreting.
 GPU_DEFAULTS = dict(block_d=32, chunk=64, depth=0, num_warps=1, num_stages=1, bwd_chunk=32, bwd_depth=0,
                     gpu_kernel=None, mosaic_chunk=32, mosaic_stages=4, mosaic_bwd_chunk=32,
@@ -222,8 +118,7 @@ GPU_KERNELS = ("triton", "mosaic")
 _SQ = SQUEEZED
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+_round_up = round_up
 
 
 # --- GPU kernels -------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The GLA forward's output stage as a Mosaic GPU kernel (Hopper and newer: TMA and wgmma).
 
-The same output as ``gla.py``'s Triton output kernel, for one chunk of C = 64 rows per CTA:
+The same output as ``kernels/gla/pallas.py``'s Triton output kernel, for one chunk of C = 64 rows per CTA:
 
     o_t = (q_t ⊙ e^{b_t}) S  +  Σ_{s ≤ t in the chunk} A_ts v_s,   A_ts = Σ_d q_td k_sd e^{b_td − b_sd}
 
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.window_attention_mgpu import _swizzled
+from kernels.tiling import swizzled as _swizzled
 
 CHUNK = 64  # rows per CTA: one wgmma's M
 _BLOCK = 16  # rows per block of the reference scheme (module docstring)

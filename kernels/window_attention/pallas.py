@@ -1,60 +1,8 @@
-"""Causal (sliding-window) softmax attention with grouped key/value heads.
-
-``o_t = Σ_{s ∈ band(t)} softmax_s(q_t · k_s / √d) v_s`` where ``band(t) = {s : 0 ≤ t − s < window}``
-(``window=None``: every ``s ≤ t``, i.e. global causal attention). GQA/MQA: query head ``h`` reads
-key/value head ``h // (heads // kv_heads)``. An optional logit soft-cap ``c·tanh(s/c)`` (Gemma 2).
-
-Shapes: ``q: [batch, time, heads, head_dim]``, ``k, v: [batch, time, kv_heads, head_dim]``.
-
-Implementations:
-- ``"reference"``: dense ``[time, time]`` scores with a band mask — the definition, O(T²).
-- ``"xla"``: blocked band; query block ``i`` of ``block_size`` rows reads only key blocks
-  ``i − ⌈(window−1)/block⌉ … i``, so time and memory are O(T·(W + block)), not O(T²).
-- ``"pallas"``: flash attention (Dao 2023, "FlashAttention-2") as a ``jax.custom_vjp``. The forward
-  keeps running f32 softmax statistics ``m, l`` per query row and saves only ``lse = m + log l``; the
-  backward recomputes the probabilities ``p = exp(s − lse)`` block by block, with
-  ``Δ_t = Σ_d o_td · do_td`` (so ``ds = p ⊙ (dp − Δ)``), in two kernels: one per query block
-  (dQ, and on GPU Δ for the next) and one per key block (dK, dV, summed over the query heads of its
-  group, so GQA needs no ``[.., heads, ..]`` dK buffer). Only key blocks
-  that intersect the band are visited, so the cost is O(T·W). With a soft-cap ``s = c·tanh(x/c)``
-  the backward multiplies ``ds`` by ``∂s/∂x = 1 − tanh²(x/c)``. Lengths that are not a multiple of
-  the block are zero-padded: a padded key sits after every real query (the causal mask drops it),
-  and a padded query row has ``do = 0``, so it adds nothing to dK, dV.
-  Two lowerings, chosen by platform (``pallas_target``):
-  * ``"triton"`` (GPU): on Hopper, for bf16/f16, head_dim 64 or 128 and no soft-cap, the forward
-    and both backward kernels are Mosaic GPU kernels on wgmma (``kernels/window_attention_mgpu.py``:
-    two compute warpgroups of 64 rows, each running only its own rows' band, a memory warpgroup
-    streaming the band's blocks by TMA, a FlashAttention-3 ping-pong in the forward, which is
-    persistent: one CTA per SM; ``PallasBlocks.fwd_kernel`` / ``bwd_kernel``).
-    Elsewhere, and when interpreting, Triton kernels:
-    the grid is (query block, batch, head); each program holds its query block
-    and loops over the band's key blocks (the key/value "block" is the whole sequence, a pointer in
-    Triton, so nothing is copied). Blocks are powers of two (head_dim is zero-padded up to one);
-    the loop is split into the masked edge blocks and the unmasked interior, and runs in base 2
-    (``exp2``, the scale folded with log₂e). No scratch, no scalar prefetch.
-  * ``"mosaic"`` (TPU): inputs are laid out ``[batch, heads, time, head_dim]`` (Mosaic tiles the
-    last two dims by (8, 128)); the band is a trailing "arbitrary" grid axis whose index map picks
-    key block ``i − lookback + j`` (clamped, so skipped steps re-use the resident block and no DMA is
-    issued), with f32 accumulators in VMEM scratch.
-  ``interpret=True`` runs either lowering in the Pallas interpreter (how CPU tests check them).
-- ``"cudnn"``: ``jax.nn.dot_product_attention(..., local_window_size=(W−1, 0),
-  implementation="cudnn")`` — NVIDIA's fused kernel (GPU, bf16/fp16, no soft-cap).
-- ``"auto"``: on GPU our Pallas kernels where the Mosaic GPU ones run (above) at head_dim 64 or 128,
-  then cuDNN where it is valid, then the Triton kernels; Pallas on TPU; ``"xla"`` on CPU (where Pallas only
-  interprets). Measured in one process with ``python -m kernels.bench --kernels window_attention``
-  (H100, jax 0.11.2, H16 D128 bf16, ms forward / forward+backward; kernels/BENCHMARKS.md):
-
-  ======================  =============  =============  =============  =============
-  shape                   ours (Mosaic)  ours (Triton)  cuDNN          flex_attention
-  ======================  =============  =============  =============  =============
-  B4 T8192 W1024          0.561 / 2.413  0.794 / 2.943  0.596 / 2.631  0.802 / 2.978
-  B4 T2048 W128           0.058 / 0.261  0.100 / 0.352  0.099 / 0.396  0.320 / 1.035
-  B4 T2048 W512           0.089 / 0.377  0.139 / 0.518  0.104 / 0.497  0.240 / 0.699
-  B4 T2048 W2048          0.152 / 0.649  0.221 / 0.850  0.163 / 0.713  0.325 / 1.039
-  B1 T32768 W1024         0.565 / 2.488  0.845 / 3.093  0.614 / 2.718  0.993 / 3.974
-  ======================  =============  =============  =============  =============
-
-  Ours is ahead of cuDNN at every shape, forward 6–72 % and forward+backward 9–52 % (ninth session).
+"""Sliding-window flash attention as Pallas kernels (``impl="pallas"``; Dao 2023,
+"FlashAttention-2"): the Triton (GPU) and Mosaic TPU lowerings, the ``custom_vjp`` core both share
+(and that the Mosaic GPU kernels of ``kernels/window_attention/mosaic_gpu.py`` plug into on Hopper),
+and :func:`flash_window_attention`, which pads and lays out a call for its lowering. The algorithm is
+described in ``kernels/window_attention/__init__.py``; measured tilings in ``kernels/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -69,80 +17,16 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
-from kernels import window_attention_mgpu
-from kernels.pallas_compat import lowered_once, mosaic_gpu_or_triton, mosaic_params, tma_gpu, triton_params
+from kernels.dispatch import mosaic_gpu_or_triton, pallas_layout, tma_gpu
+from kernels.pallas_compat import lowered_once, mosaic_params, triton_params
+from kernels.tiling import next_pow2, round_up
+from kernels.window_attention import mosaic_gpu as window_attention_mgpu
+from kernels.window_attention.band import _band, _band_loops, _div, _i32, _key_blocks, _query_blocks
+from kernels.window_attention.reference import _check
 
-Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
-IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
-PallasTarget = Literal["triton", "mosaic"]
+PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]
 _MASKED = -1e30  # finite so a fully masked padded row gives zeros, not NaN
 _LOG2E = math.log2(math.e)
-
-
-def _check(q, k, v, window):
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"window_attention: expected [batch, time, heads, head_dim], got q{q.shape} k{k.shape} v{v.shape}")
-  if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"window_attention: incompatible shapes q{q.shape} k{k.shape} v{v.shape}")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"window_attention: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
-  if window is not None and window <= 0:
-    raise ValueError(f"window_attention: window must be a positive int or None (global), got {window}")
-
-
-def _cap(scores, softcap):
-  return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
-
-
-def window_attention_reference(q, k, v, *, window: int | None = None, softcap: float | None = None):
-  """Dense O(T²) definition (float32 softmax)."""
-  _check(q, k, v, window)
-  time, kv_heads = q.shape[1], k.shape[2]
-  qg = rearrange(q, "b t (hk g) d -> b t hk g d", hk=kv_heads).astype(jnp.float32)
-  scores = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32)) / math.sqrt(q.shape[-1])
-  scores = _cap(scores, softcap)
-  offset = jnp.arange(time)[:, None] - jnp.arange(time)[None, :]
-  allowed = offset >= 0
-  if window is not None:
-    allowed &= offset < window
-  probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1)
-  out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
-  return rearrange(out, "b t hk g d -> b t (hk g) d").astype(q.dtype)
-
-
-def default_block_size(window: int) -> int:
-  # Small windows want blocks about as wide as the window (the band then costs ~2W per row);
-  # large ones cap the block so the padded context stays ≈ W + 128.
-  return max(1, min(window, 128))
-
-
-def _banded(q, k, v, window: int, softcap, block: int):
-  batch, time, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  n_blocks = -(-time // block)
-  lookback = -(-(window - 1) // block)  # earlier key blocks a query block can reach
-  pad_t = n_blocks * block - time
-  qb = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
-  qb = rearrange(qb, "b (n c) (hk g) d -> b n c hk g d", c=block, hk=kv_heads).astype(jnp.float32)
-  pad_kv = ((0, 0), (lookback * block, pad_t), (0, 0), (0, 0))
-  kb = rearrange(jnp.pad(k, pad_kv), "b (n c) h d -> b n c h d", c=block).astype(jnp.float32)
-  vb = rearrange(jnp.pad(v, pad_kv), "b (n c) h d -> b n c h d", c=block).astype(jnp.float32)
-  # Context of query block i = key blocks i-lookback … i (in padded coordinates: j … j+lookback).
-  k_ctx = jnp.concatenate([kb[:, j:j + n_blocks] for j in range(lookback + 1)], axis=2)
-  v_ctx = jnp.concatenate([vb[:, j:j + n_blocks] for j in range(lookback + 1)], axis=2)
-  scores = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, k_ctx) / math.sqrt(head_dim)
-  scores = _cap(scores, softcap)
-  row = jnp.arange(block)[:, None]
-  col = jnp.arange((lookback + 1) * block)[None, :]
-  offset = lookback * block + row - col  # query position minus key position
-  key_pos = (jnp.arange(n_blocks)[:, None, None] - lookback) * block + col[None]
-  allowed = (offset >= 0) & (offset < window)
-  allowed = allowed[None] & (key_pos >= 0)  # [n, c, ctx]
-  scores = jnp.where(allowed[None, :, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bnhgqk,bnkhd->bnqhgd", probs, v_ctx)
-  out = rearrange(out, "b n c hk g d -> b (n c) (hk g) d")[:, :time]
-  return out.astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,15 +106,6 @@ def _mosaic_params(grid_rank: int):
   return mosaic_params(("parallel",) * (grid_rank - 1) + ("arbitrary",))
 
 
-def _i32(x: int):
-  return jnp.int32(x)
-
-
-def _div(x, d: int):
-  """Floor division of a non-negative traced int32 (``lax.div`` truncates; ``//`` adds a sign fix-up)."""
-  return jax.lax.div(x, _i32(d))
-
-
 def _dot(a, b, contract):
   # f32 operands get full-precision products (Triton's default for f32 is TF32, ~1e-3 relative).
   precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
@@ -256,44 +131,6 @@ def _logits(a, b, cfg: _Flash, unit: float):
     return x, cfg.scale * unit, None
   t = jnp.tanh(x * (cfg.scale / cfg.softcap))
   return t, cfg.softcap * unit, t
-
-
-def _band(shape, q_start, k_start, window: int, *, keys_first: bool = False):
-  """Which (query, key) pairs of a tile are in the band ``0 ≤ t − s < window``."""
-  q_axis, k_axis = (1, 0) if keys_first else (0, 1)
-  offset = (q_start + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)) - \
-           (k_start + jax.lax.broadcasted_iota(jnp.int32, shape, k_axis))
-  return (offset >= 0) & (offset < window)
-
-
-def _key_blocks(q_start, bq: int, bk: int, window: int):
-  """Key blocks a query block ``[q_start, q_start + bq)`` reads: ``[lo, hi)``, of which
-  ``[full_lo, full_hi)`` lie inside the band for every row (no mask needed)."""
-  lo = _div(jnp.maximum(q_start - (window - 1), 0), bk)
-  hi = _div(q_start + (bq - 1), bk) + 1
-  full_lo = jnp.clip(_div(jnp.maximum(q_start + (bq - window), 0) + (bk - 1), bk), lo, hi)
-  full_hi = jnp.clip(_div(q_start + 1, bk), full_lo, hi)
-  return lo, full_lo, full_hi, hi
-
-
-def _query_blocks(k_start, bq: int, bk: int, window: int, n_q_blocks: int):
-  """Query blocks that read key block ``[k_start, k_start + bk)``: ``[lo, hi)``, unmasked ``[full_lo, full_hi)``."""
-  lo = _div(k_start, bq)
-  hi = jnp.minimum(_div(k_start + (bk - 1) + (window - 1), bq) + 1, n_q_blocks)
-  full_lo = jnp.clip(_div(k_start + (bk - 1) + (bq - 1), bq), lo, hi)
-  full_hi = jnp.clip(_div(k_start + window, bq), full_lo, hi)
-  return lo, full_lo, full_hi, hi
-
-
-def _band_loops(bounds, step, carry, split: bool):
-  """Run ``step(j, carry, masked)`` over the band: masked edge, unmasked interior, masked edge
-  (``split``), or one loop that masks every block (one software-pipeline fill instead of three)."""
-  lo, full_lo, full_hi, hi = bounds
-  if not split:
-    return jax.lax.fori_loop(lo, hi, functools.partial(step, masked=True), carry)
-  for start, stop, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-    carry = jax.lax.fori_loop(start, stop, functools.partial(step, masked=masked), carry)
-  return carry
 
 
 # --- Triton (GPU): one program per query (or key) block, looping over the band --------------------
@@ -650,12 +487,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 _flash_shared = lowered_once(_flash, static_argnums=(3,))
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+_next_pow2 = next_pow2
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
+_round_up = round_up
 
 
 def _halved(b: PallasBlocks) -> PallasBlocks:
@@ -668,9 +503,7 @@ def _halved(b: PallasBlocks) -> PallasBlocks:
 
 def _pallas_target(target: str | None, interpret: bool) -> str:
   if target is not None:
-    if target not in ("triton", "mosaic"):
-      raise ValueError(f"window_attention: pallas_target must be 'triton' or 'mosaic', got {target!r}")
-    return target
+    return pallas_layout(target, "attention")
   backend = jax.default_backend()
   if backend == "tpu":
     return "mosaic"
@@ -721,113 +554,3 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     return rearrange(_flash_shared(q, k, v, cfg), "b h t d -> b t h d")[:, :time]
   return _flash_shared(q, k, v, cfg)[:, :time, :, :dim]
-
-
-# ------------------------------------------------------------------------------------------------
-# cuDNN (impl="cudnn")
-
-
-def _cudnn_problem(q, softcap) -> str | None:
-  """Why cuDNN's fused attention cannot run this call (None: it can)."""
-  if jax.default_backend() != "gpu" or "rocm" in str(getattr(jax.devices()[0].client, "platform_version", "")).lower():
-    return f"needs an NVIDIA GPU (backend is {jax.default_backend()!r})"
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"needs bfloat16 or float16 inputs, got {q.dtype}"
-  if softcap is not None:
-    return "has no logit soft-cap"
-  if q.shape[-1] % 8 or q.shape[-1] > 128:
-    return f"needs head_dim a multiple of 8 and ≤ 128, got {q.shape[-1]}"
-  return None
-
-
-def _cudnn_attention(q, k, v, window: int | None, softcap):
-  problem = _cudnn_problem(q, softcap)
-  if problem:
-    raise ValueError(f"window_attention: impl='cudnn' {problem}; use impl='pallas' or 'auto'")
-  time = q.shape[1]
-  local = None if window is None or window >= time else (window - 1, 0)
-  # cuDNN's masked attention rejects odd lengths ("Unsupported sequence length", H100, jax 0.11.2).
-  # A zero row at the end changes nothing: the causal mask hides that key from every real query.
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, time % 2), (0, 0), (0, 0)))
-  o = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, local_window_size=local,
-                                   implementation="cudnn")
-  return o[:, :time]
-
-
-def pallas_kernels(q, softcap=None) -> str:
-  """Which kernels ``impl="pallas"`` runs for such a call here (not interpreting): "mosaic_gpu"
-  (Hopper, bf16/f16, head_dim padded to 64 or 128, no soft-cap; sequences of 65 tokens or more,
-  shorter ones get Triton's smaller tiles), "triton", or "mosaic" on TPU."""
-  if jax.default_backend() == "tpu":
-    return "mosaic"
-  padded = (q.shape[0], _round_up(q.shape[1], window_attention_mgpu.CTA_ROWS), q.shape[2],
-            max(16, _next_pow2(q.shape[3])))
-  problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct(padded, q.dtype), q, softcap)
-  return "mosaic_gpu" if tma_gpu() and not problem else "triton"
-
-
-def _auto_impl(q, softcap) -> str:
-  backend = jax.default_backend()
-  if backend == "gpu":
-    # Our Mosaic GPU kernels at the head dims they were measured at (64 and 128, unpadded), cuDNN for
-    # the other shapes it takes, else the Triton kernels (kernels/BENCHMARKS.md, eighth session).
-    if q.shape[-1] in (64, 128) and pallas_kernels(q, softcap) == "mosaic_gpu":
-      return "pallas"
-    return "pallas" if _cudnn_problem(q, softcap) else "cudnn"
-  return "pallas" if backend == "tpu" else "xla"
-
-
-def window_attention(q, k, v, *, window: int | None = None, softcap: float | None = None,
-                     impl: Impl = "auto", block_size: int | None = None, interpret: bool = False,
-                     pallas_target: PallasTarget | None = None, pallas_blocks: PallasBlocks | None = None):
-  """Causal attention restricted to the last ``window`` positions (``None``: global).
-
-  Args:
-    q: ``[batch, time, heads, head_dim]``; k, v: ``[batch, time, kv_heads, head_dim]``.
-    window: band width W ≥ 1 (position t reads t−W+1 … t) or None for global causal attention.
-    softcap: optional logit soft-cap.
-    impl: ``"reference"`` (dense mask), ``"xla"`` (blocked band, O(T·W)), ``"pallas"`` (flash
-      attention kernel), ``"cudnn"`` (NVIDIA's, via ``jax.nn.dot_product_attention``) or ``"auto"``
-      (cuDNN → Pallas on GPU, Pallas on TPU, xla on CPU; see the module docstring).
-    block_size: query/key block of the banded ``"xla"`` path (default: ``min(window, 128)``).
-    interpret: run the Pallas kernel in the interpreter (CPU tests).
-    pallas_target: ``"triton"`` or ``"mosaic"`` lowering (default: by platform; Triton when interpreting).
-    pallas_blocks: tile sizes of the Pallas kernel (default :class:`PallasBlocks`).
-  Returns:
-    ``[batch, time, heads, head_dim]`` in ``q.dtype``.
-  """
-  _check(q, k, v, window)
-  if impl not in IMPLS:
-    raise ValueError(f"window_attention: unknown impl {impl!r}; valid: {IMPLS}")
-  if impl == "auto":
-    impl = _auto_impl(q, softcap)
-  if impl == "cudnn":
-    return _cudnn_attention(q, k, v, window, softcap)
-  if impl == "pallas":
-    return flash_window_attention(q, k, v, window=window, softcap=softcap, interpret=interpret,
-                                  target=pallas_target, blocks=pallas_blocks)
-  time = q.shape[1]
-  if impl == "reference" or window is None or window >= time:
-    # Global causal attention has no band to exploit; the dense form is the O(T²) it must be.
-    return window_attention_reference(q, k, v, window=window, softcap=softcap)
-  return _banded(q, k, v, window, softcap, block_size or default_block_size(window))
-
-
-def decode_attention(q, k_cache, v_cache, valid, *, softcap: float | None = None):
-  """One query step against a key/value cache.
-
-  Args:
-    q: ``[batch, heads, head_dim]``.
-    k_cache, v_cache: ``[batch, slots, kv_heads, head_dim]`` (a ring buffer or a growing cache).
-    valid: ``[batch, slots]`` or ``[slots]`` bool, which slots hold a key the query may read.
-  Returns:
-    ``[batch, heads, head_dim]`` in ``q.dtype``.
-  """
-  kv_heads = k_cache.shape[2]
-  qg = rearrange(q, "b (hk g) d -> b hk g d", hk=kv_heads).astype(jnp.float32)
-  scores = jnp.einsum("bhgd,bshd->bhgs", qg, k_cache.astype(jnp.float32)) / math.sqrt(q.shape[-1])
-  scores = _cap(scores, softcap)
-  valid = jnp.broadcast_to(valid, (q.shape[0], k_cache.shape[1]))
-  probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], scores, _MASKED), axis=-1)
-  out = jnp.einsum("bhgs,bshd->bhgd", probs, v_cache.astype(jnp.float32))
-  return rearrange(out, "b hk g d -> b (hk g) d").astype(q.dtype)

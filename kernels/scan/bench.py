@@ -1,8 +1,8 @@
-"""Benchmark of the diagonal linear scan ``h_t = a_t ⊙ h_{t-1} + b_t`` (``kernels/scan.py``).
+"""Benchmark of the diagonal linear scan ``h_t = a_t ⊙ h_{t-1} + b_t`` (``kernels/scan``).
 
     python -m kernels.bench --kernels scan                      # B8 T4096 D1024, f32 and bf16
     python -m kernels.bench --kernels scan --quick              # tiny shapes (checks the script)
-    python -m kernels.bench_scan --tune --bench                 # tilings side by side, then the best
+    python -m kernels.scan.bench --tune --bench                 # tilings side by side, then the best
 
 Rows: our Pallas kernel, our XLA associative scan, the sequential ``lax.scan`` reference (only with
 ``--quick``: at full size it is a 4096-step loop of tiny kernels) and the peer fla ``chunk_hgrn``
@@ -240,7 +240,7 @@ def _tune_isolated(per_config_s: float, budget_s: float, dtype: str) -> dict:
     if time.perf_counter() - start + per_config_s > budget_s:
       print(f"  {_given(cfg)}: out of the {budget_s:.0f} s budget, skipped", flush=True)
       continue
-    code = (f"import jax.numpy as jnp; from kernels.bench_scan import tune; from kernels.scan import PallasConfig; "
+    code = (f"import jax.numpy as jnp; from kernels.scan.bench import tune; from kernels.scan import PallasConfig; "
             f"tune([PallasConfig(**{_given(cfg)!r})], dtype=jnp.{dtype})")
     try:
       out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=per_config_s).stdout
@@ -265,7 +265,7 @@ def _tune_isolated(per_config_s: float, budget_s: float, dtype: str) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m kernels.bench_scan", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m kernels.scan.bench", description=__doc__.split("\n\n")[0])
   parser.add_argument("--tune", action="store_true", help="time CANDIDATES, each in its own process")
   parser.add_argument("--per-config-s", type=float, default=150.0,
                       help="time limit of one candidate (Triton compiles fwd+bwd in ~1 minute on an H100 host)")

@@ -1,0 +1,168 @@
+"""The delta rule in XLA: the chunked WY / UT-transform form (Yang et al. 2024 §3; gated: Yang et
+al. 2025 §3.3; derivation in ``kernels/delta/__init__.py``). Its WY pieces (``wy_system``,
+``solve_cotangents``, ``unit_lower_inverse``) are shared with the Pallas path, which swaps in its own
+WY factors and sequential chunk pass (``kernels/delta/pallas.py``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from kernels.delta.reference import _state0
+
+_NEG = -1e30
+
+
+def unit_lower_inverse(a, matmul=jnp.matmul):
+  """``(I + A)⁻¹`` for strictly lower-triangular ``A [..., c, c]``, by matmuls only.
+
+  ``A`` is nilpotent (``A^c = 0``), so ``(I + A)⁻¹ = Σ_{m<c} (−A)^m = Π_j (I + (−A)^{2^j})`` over
+  ``j < ⌈log₂ c⌉``: 2·⌈log₂ c⌉ − 1 small matmuls that run on tensor cores and batch well, where a
+  batched triangular solve is a sequential custom call (and, nested inside two scans on the XLA CPU
+  runtime, was seen to deadlock). ``matmul``: the product to use (the WY kernel passes its tf32x3 dot).
+  """
+  c = a.shape[-1]
+  eye = jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 2) == jax.lax.broadcasted_iota(
+      jnp.int32, a.shape, a.ndim - 1)
+  power = -a
+  inverse = eye.astype(a.dtype) + power
+  for _ in range(max(c - 1, 1).bit_length() - 1):
+    power = matmul(power, power)
+    inverse = inverse + matmul(inverse, power)  # inverse · (I + power)
+  return inverse
+
+
+
+@jax.custom_vjp
+def wy_solve(a, rhs):
+  """``(I + A)⁻¹ rhs`` for strictly lower-triangular ``A [..., c, c]`` and ``rhs [..., c, d]``.
+
+  Its own backward, rather than autodiff through the ``2·⌈log₂ c⌉ − 1`` products of
+  :func:`unit_lower_inverse` (which keeps every power of ``A`` and transposes each product): with
+  ``T = (I + A)⁻¹`` and ``X = T rhs``,  ``∂rhs = Tᵀ ∂X`` and ``∂A = −Tᵀ ∂X Xᵀ = −∂rhs Xᵀ``, kept on
+  the strictly lower triangle (``A`` is structurally zero elsewhere). Two products per chunk.
+  """
+  return jnp.einsum("...ts,...sd->...td", unit_lower_inverse(a), rhs)
+
+
+def _wy_solve_fwd(a, rhs):
+  inverse = unit_lower_inverse(a)
+  solved = jnp.einsum("...ts,...sd->...td", inverse, rhs)
+  return solved, (inverse, solved)
+
+
+def solve_cotangents(inverse, solved_parts, d_solved_parts):
+  """The backward of ``X = T rhs`` with ``T = (I + A)⁻¹`` (see :func:`wy_solve`), for ``X`` and
+  ``∂X`` given as matching column blocks: ``(∂A [..., c, c], [∂rhs per block])``."""
+  d_rhs = [jnp.einsum("...ts,...td->...sd", inverse, d_x) for d_x in d_solved_parts]
+  c = inverse.shape[-1]
+  strictly_lower = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]
+  outer = functools.reduce(jnp.add, [jnp.einsum("...td,...sd->...ts", d_r, x)
+                                     for d_r, x in zip(d_rhs, solved_parts)])
+  return jnp.where(strictly_lower, -outer, 0.0).astype(inverse.dtype), d_rhs
+
+
+def _wy_solve_bwd(residuals, d_solved):
+  inverse, solved = residuals
+  d_a, (d_rhs,) = solve_cotangents(inverse, [solved], [d_solved])
+  return d_a, d_rhs
+
+
+wy_solve.defvjp(_wy_solve_fwd, _wy_solve_bwd)
+
+
+def _scan_pass(w, u_tilde, k_to_end, chunk_decay, state0):
+  """The sequential pass over chunks as a ``lax.scan`` (see :func:`kernels.delta.pallas.state_pass` for
+  shapes and the Pallas version)."""
+
+  def carry(state, inputs):
+    w_n, u_n, k_n, g_n = inputs
+    u = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state)
+    # Emit the state entering the chunk and the pseudo-values; outputs are formed outside the scan.
+    return g_n[..., None, None] * state + jnp.einsum("bhck,bhcv->bhkv", k_n, u), (state, u)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_tilde, k_to_end, chunk_decay))
+  final, (entering, u) = jax.lax.scan(carry, state0, xs)
+  return jnp.moveaxis(entering, 0, 1), jnp.moveaxis(u, 0, 1), final  # [b n h k v], [b n h c v]
+
+
+class _Chunks(NamedTuple):
+  """The chunk-parallel work before the sequential pass (``[b n h c …]``: batch, chunk, head, row)."""
+  q: jax.Array            # [b n h c k]
+  k: jax.Array            # [b n h c k]
+  w: jax.Array            # [b n h c k]  (I + A)⁻¹ diag(βγ) K
+  u_tilde: jax.Array      # [b n h c v]  (I + A)⁻¹ diag(β) V
+  k_to_end: jax.Array     # [b n h c k]  k_s e^{b_C − b_s}
+  chunk_decay: jax.Array  # [b n h]      γ_C
+  log_gain: jax.Array     # [b n h c]    b_t, the within-chunk cumulative log-decay
+  gain: jax.Array         # [b n h t s]  e^{b_t − b_s} for s ≤ t, else 0
+
+
+def wy_factors_xla(k, v, b, beta):
+  """``(W, Ũ) = (I + A)⁻¹ [diag(βγ) K, diag(β) V]`` per chunk, ``A_ts = β_t e^{b_t − b_s} k_tᵀ k_s``
+  (s < t), in XLA. k ``[b n h c d_k]``, v ``[b n h c d_v]``, b (within-chunk cumulative log-decay) and
+  β ``[b n h c]``, all f32. (:func:`kernels.delta.pallas.wy_factors` is the same as a Pallas kernel.)"""
+  d_v = v.shape[-1]
+  a, rhs_v, rhs_k = wy_system(k, v, b, beta)
+  solved = wy_solve(a, jnp.concatenate([rhs_v, rhs_k], axis=-1))  # one inverse for both right-hand sides
+  return solved[..., d_v:], solved[..., :d_v]
+
+
+def wy_system(k, v, b, beta):
+  """The unit-lower system of the WY factors (shapes as :func:`wy_factors_xla`): ``(A [b n h c c]``,
+  strictly lower, ``diag(β) V, diag(βγ) K)``. The Pallas kernel's backward differentiates this."""
+  t_idx = jnp.arange(k.shape[-2])
+  lower = t_idx[:, None] > t_idx[None, :]
+  # Mask before exp: for s > t the difference is positive and could overflow.
+  gain = jnp.where(lower, jnp.exp(jnp.where(lower, b[..., :, None] - b[..., None, :], _NEG)), 0.0)
+  a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * gain
+  return a, v * beta[..., None], k * (beta * jnp.exp(b))[..., None]
+
+
+def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors_xla) -> _Chunks:
+  """Chunks, cumulative log-decays and the WY factors ``[Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K]``
+  (``wy_factors``: :func:`wy_factors_xla` or the Pallas kernel, same signature)."""
+  batch, time, heads, d_k = q.shape
+  n = -(-time // chunk_size)
+  pad = n * chunk_size - time
+  # Padding: β = 0 and k = v = 0 give u = 0 and leave the state untouched; log-decay 0 keeps γ;
+  # padded outputs are dropped.
+  pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
+  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) h ... -> b n h c ...",
+                               c=chunk_size)
+  q_h, k_h, v_h, beta_h = chunks(q), chunks(k), chunks(v), chunks(beta)  # [b n h c (d)]
+  if log_decay is None:  # (a cumsum of zeros would be constant-folded by XLA, for seconds)
+    b_h = jnp.zeros((batch, n, heads, chunk_size), jnp.float32)
+  else:
+    b_h = jnp.cumsum(chunks(log_decay), axis=-1)  # within-chunk cumulative log-decay ≤ 0
+
+  t_idx = jnp.arange(chunk_size)
+  diff = b_h[..., :, None] - b_h[..., None, :]  # b_t − b_s, [b n h t s]
+  gain_incl = jnp.exp(jnp.where(t_idx[:, None] >= t_idx[None, :], diff, _NEG))
+  w, u_tilde = wy_factors(k_h, v_h, b_h, beta_h)
+  return _Chunks(q=q_h, k=k_h, w=w, u_tilde=u_tilde,
+                 k_to_end=k_h * jnp.exp(b_h[..., -1:] - b_h)[..., None],  # decay from s to the chunk's end, ≤ 1
+                 chunk_decay=jnp.exp(b_h[..., -1]), log_gain=b_h, gain=gain_incl)
+
+
+def _outputs(c: _Chunks, entering, u, time: int):
+  """``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s`` in each chunk (``S₀``: the state
+  entering it), as ``[batch, time, heads, d_v]``."""
+  scores = jnp.einsum("bnhtk,bnhsk->bnhts", c.q, c.k) * c.gain
+  o = (jnp.einsum("bnhts,bnhsv->bnhtv", scores, u)
+       + jnp.einsum("bnhtk,bnhkv->bnhtv", c.q * jnp.exp(c.log_gain)[..., None], entering))
+  return rearrange(o, "b n h c v -> b (n c) h v")[:, :time]
+
+
+def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass,
+                   wy_factors=None):
+  batch, time, heads, d_k = q.shape
+  c = _precompute(q, k, v, beta, log_decay, chunk_size, wy_factors or wy_factors_xla)
+  state0 = _state0(initial_state, batch, heads, d_k, v.shape[-1])
+  entering, u, final = state_pass(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, state0)  # [b n h k v], [b n h c v]
+  return _outputs(c, entering, u, time).astype(v.dtype), final
+
