@@ -145,8 +145,11 @@ def _is_mqar(config) -> bool:
 
 
 def _has_swa(config) -> bool:
+  """Whether a layer attends within a window (the ``swa`` mixer, or any mixer declaring ``window``)."""
   from hybrids.blocks import mixer_names
-  return any("swa" in mixer_names(entry) for entry in layer_pattern(config.model))
+  from hybrids.mixers import MIXERS
+  from hybrids.mixers.contract import windowed
+  return any(windowed(MIXERS[name]) for entry in layer_pattern(config.model) for name in mixer_names(entry))
 
 
 def _tokenizer(config, run_dir: str) -> retrieval.Tokenizer:
@@ -184,7 +187,7 @@ def plan(args, config, run_dir: str) -> dict[str, Any]:
     if value is not None and value < 1:
       raise EvalError(f"{flag}={value} must be a positive integer")
   if args.window is not None and not _has_swa(config):
-    raise EvalError(f"--window={args.window}: the model has no 'swa' layer (model.pattern={list(config.model.pattern)})")
+    raise EvalError(f"--window={args.window}: the model has no windowed layer (model.pattern={list(config.model.pattern)})")
   mqar_run = _is_mqar(config)
   if mqar_run:
     kv_pairs = kv_pairs or [int(config.data.num_kv_pairs)]

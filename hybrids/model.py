@@ -26,6 +26,7 @@ from flax import nnx
 
 from hybrids.blocks import ResidualBlock
 from hybrids.layers import block_norm, dtype_of, linear
+from hybrids.mixers.contract import windowed
 
 
 def layer_pattern(cfg) -> tuple[str, ...]:
@@ -57,11 +58,9 @@ class HybridLM(nnx.Module):
     self.head = None if cfg.tie_embeddings else linear(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs)
 
   def set_window(self, window: int) -> None:
-    """Set the band of every SWA layer (SWAX trains with sampled windows and evaluates with another)."""
-    from hybrids.mixers.swa import SlidingWindowAttention
-
+    """Set the band of every windowed layer (SWAX trains with sampled windows and evaluates with another)."""
     for _, node in nnx.iter_graph(self):
-      if isinstance(node, SlidingWindowAttention):
+      if windowed(type(node)):
         node.window = int(window)
 
   def _embed(self, tokens, positions):

@@ -53,13 +53,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hybrids.blocks import mixer_names
+from hybrids.mixers import MIXERS
+from hybrids.mixers.contract import tensor_parallel
 from hybrids.config import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data parallel too
 
 # Mixers whose projections follow the Megatron split (heads are independent until o_proj).
-TENSOR_MIXERS = frozenset({"attention", "swa"})
+TENSOR_MIXERS = frozenset(name for name, cls in MIXERS.items() if tensor_parallel(cls))
 # Split along the output features (column parallel) / the input features (row parallel).
 COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "up", "gate", "w_up", "w_gate"})
 ROW_PARALLEL = frozenset({"o_proj", "down", "w_down"})

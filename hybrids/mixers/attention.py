@@ -30,6 +30,7 @@ class Attention(nnx.Module):
   """Causal attention; ``window`` is None here (global) and set by :class:`SlidingWindowAttention`."""
 
   NO_WEIGHT_DECAY = frozenset()  # projections only
+  TENSOR_PARALLEL = True  # q/k/v_proj split by heads (columns), o_proj by rows
   SETTINGS = {
       "num_kv_heads": Setting(0, "0: = model.num_heads (MHA); 1: MQA", 0),
       "head_dim": HEAD_DIM,

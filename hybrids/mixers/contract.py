@@ -5,7 +5,7 @@ A mixer class (registered in ``hybrids.mixers.MIXERS``) has:
 - both faces: ``__call__(x, *, return_state=False, max_len=None)``, ``init_state(batch, *, max_len=None)``
   (its decode-state shape) and ``step(x_t, state)``;
 - ``check_config(model_config, *, seq_len)`` (classmethod): rejects impossible settings naming the field;
-- ``flops(seq_len) -> hybrids.flops.Flops``: forward FLOPs per token of what its ``nnx.Linear`` /
+- ``flops(seq_len) -> hybrids.cost.Flops``: forward FLOPs per token of what its ``nnx.Linear`` /
   ``BlockDiagonalLinear`` and short-conv layers do not account for (``hybrids.flops`` counts those
   from the module itself, ``2 ×`` their weights), i.e. its sequence-mixing core;
 - ``NO_WEIGHT_DECAY``: names of its parameters that AdamW must not decay (its dynamics: decay rates,
@@ -16,6 +16,10 @@ A mixer class (registered in ``hybrids.mixers.MIXERS``) has:
   several mixers read (``chunk_size``, ``d_state``, ``conv_width``, …) is declared by each of them, with
   an equal ``Setting``;
 - a module docstring naming its paper (authors and year).
+
+Optional: ``TENSOR_PARALLEL = True`` where its ``q/k/v_proj`` and ``o_proj`` follow Megatron's column /
+row split (``hybrids.sharding`` then shards them over ``tensor``; attention and SWA); a ``window``
+entry in ``SETTINGS`` marks a windowed mixer (``HybridLM.set_window`` sets its band; SWAX).
 
 ``NO_WEIGHT_DECAY`` and ``SETTINGS`` are declared in the class body itself, not inherited, so that a
 subclass says explicitly what it adds (``swa``'s window, Gated DeltaNet's decay parameters).
@@ -83,3 +87,13 @@ def collect_settings(mixers: dict) -> dict[str, Setting]:
       out.setdefault(field, setting)
       owner.setdefault(field, name)
   return out
+
+
+def tensor_parallel(cls) -> bool:
+  """Whether ``hybrids.sharding`` splits the mixer's projections over the ``tensor`` axis."""
+  return bool(getattr(cls, "TENSOR_PARALLEL", False))
+
+
+def windowed(cls) -> bool:
+  """Whether the mixer attends within a band of ``model.window`` positions (its ``window`` is settable)."""
+  return "window" in getattr(cls, "SETTINGS", {})
