@@ -103,7 +103,7 @@ import math
 
 import numpy as np
 
-from hybrids.config import base_config, check_variant, smoke_test
+from hybrids.config import base_config, check_variant, smoke_test, zoology_training
 
 VOCAB_SIZE = 8192
 # (seq_len, num_kv_pairs, num_examples), as Zoology's train_configs / test_configs.
@@ -180,12 +180,7 @@ def get_config(arg: str | None = None):
   t = c.train
   t.batch_size = BATCH_SIZE
   t.lr = LEARNING_RATES[0]
-  t.b1, t.b2 = 0.9, 0.999
-  t.weight_decay = 0.1
-  t.warmup_steps = 0
-  t.min_lr_ratio = 0.0
-  t.grad_clip = 0.0
-  t.stop_at_accuracy = 0.99
+  zoology_training(t)
   t.log_every = 50
   _schedule(c, SMALL_EPOCHS if arg == "small" else EPOCHS)
   if arg == "tiny":

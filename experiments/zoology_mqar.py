@@ -67,7 +67,7 @@ import math
 
 import numpy as np
 
-from hybrids.config import base_config, check_variant, smoke_test
+from hybrids.config import base_config, check_variant, smoke_test, zoology_training
 
 # The sweep's name of a mixer → its layer pattern (Zoology's Hybrid alternates its configs by layer).
 MIXER_PATTERNS = {
@@ -142,12 +142,7 @@ def get_config(arg: str | None = None):
   m.window = SWA_WINDOW
   t = c.train
   t.lr = 1e-3
-  t.b1, t.b2 = 0.9, 0.999
-  t.weight_decay = 0.1
-  t.warmup_steps = 0
-  t.min_lr_ratio = 0.0
-  t.grad_clip = 0.0
-  t.stop_at_accuracy = 0.99
+  zoology_training(t)
   t.log_every = 50
   _cell(c, 256, 16)
   if arg == "small":

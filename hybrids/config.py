@@ -513,3 +513,16 @@ def smoke_test(c: ml_collections.ConfigDict, *, steps: int = 3, batch_size: int 
   t.batch_size, t.steps, t.warmup_steps = batch_size, steps, 1
   t.eval_every, t.eval_batches, t.checkpoint_every, t.log_every = 0, 1, steps, 1
   return c
+
+
+def zoology_training(t: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Set ``train`` (in place) as Zoology's trainer (``zoology/train.py``): AdamW with torch's default
+  betas (0.9, 0.999) and weight decay 0.1, no warmup, cosine to 0, no gradient clipping, and stop
+  once test accuracy exceeds 0.99."""
+  t.b1, t.b2 = 0.9, 0.999
+  t.weight_decay = 0.1
+  t.warmup_steps = 0
+  t.min_lr_ratio = 0.0
+  t.grad_clip = 0.0
+  t.stop_at_accuracy = 0.99
+  return t
