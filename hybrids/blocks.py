@@ -17,6 +17,10 @@ residual between the two. The separators do not mix: an entry is one mixer, a pa
 sequential chain. Both kinds hold their mixers in ``parts`` (so parameter paths, sharding rules and
 FLOPs treat them alike), their decode state is the tuple of the parts' states and their FLOPs per token
 the sum of the parts' (the merge's projection is counted from its weights, as every Linear).
+
+Packed documents: ``segment_ids: int [batch, time]`` reaches every mixer's parallel face as a keyword
+(only when given, so a mixer that does not take them keeps its signature); a block whose mixers do
+not all declare ``SEGMENTS`` refuses them (:func:`hybrids.mixers.contract.check_segments`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,22 @@ from flax import nnx
 
 from hybrids.layers import GatedMLP, MoE, block_norm, linear
 from hybrids.mixers import get_mixer
+from hybrids.mixers.contract import check_segments
 
 PARALLEL = "|"
 SEQUENTIAL = ">"
 MERGES = ("sum", "gate", "concat")
+
+
+def _segments(segment_ids) -> dict:
+  """The keyword a mixer's parallel face gets for packed documents: none when there are none."""
+  return {} if segment_ids is None else {"segment_ids": segment_ids}
+
+
+def check_entry_segments(entry: str) -> None:
+  """ValueError naming the first mixer of pattern entry ``entry`` that does not take ``segment_ids``."""
+  for name in mixer_names(entry):
+    check_segments(name, get_mixer(name))
 
 
 def composition(entry: str) -> str | None:
@@ -70,8 +86,8 @@ class ParallelMixer(nnx.Module):
       return (g * outputs[0] + (1.0 - g) * outputs[1]).astype(outputs[0].dtype)
     return self.proj(jnp.concatenate(outputs, axis=-1))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    results = [m(x, return_state=return_state, max_len=max_len) for m in self.parts]
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    results = [m(x, return_state=return_state, max_len=max_len, **_segments(segment_ids)) for m in self.parts]
     if not return_state:
       return self._merge(x, results)
     return self._merge(x, [y for y, _ in results]), tuple(s for _, s in results)
@@ -93,10 +109,10 @@ class SequentialMixer(nnx.Module):
   def __init__(self, names: tuple[str, ...], cfg, *, rngs: nnx.Rngs):
     self.parts = nnx.List([get_mixer(name)(cfg, rngs=rngs) for name in names])
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
     states = []
     for m in self.parts:
-      x = m(x, return_state=return_state, max_len=max_len)
+      x = m(x, return_state=return_state, max_len=max_len, **_segments(segment_ids))
       if return_state:
         x, state = x
         states.append(state)
@@ -171,9 +187,16 @@ class ResidualBlock(nnx.Module):
       return self.mlp(self.mlp_norm(x))
     return self.mlp(self.mlp_norm(x)), jnp.zeros((), jnp.float32)
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, return_aux: bool = False):
-    """``x: [batch, time, d_model]`` → same shape (and the mixer's decode state, and the MoE loss)."""
-    mixed = self.mixer(self.mixer_norm(x), return_state=return_state, max_len=max_len)
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, return_aux: bool = False,
+               segment_ids=None):
+    """``x: [batch, time, d_model]`` → same shape (and the mixer's decode state, and the MoE loss).
+
+    ``segment_ids: int [batch, time]`` (optional): packed documents, passed to the mixer (which must
+    declare ``SEGMENTS``; a ValueError naming it otherwise). Norms and MLPs act per position.
+    """
+    if segment_ids is not None:
+      check_entry_segments(self.mixer_name)
+    mixed = self.mixer(self.mixer_norm(x), return_state=return_state, max_len=max_len, **_segments(segment_ids))
     state = None
     if return_state:
       mixed, state = mixed

@@ -71,15 +71,31 @@ class CausalConv1D(nnx.Module):
     self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound))
     self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
 
-  def __call__(self, x, *, return_state: bool = False):
-    """``x: [batch, time, channels]`` → ``y`` (and the state after the last step)."""
+  def __call__(self, x, *, return_state: bool = False, segment_ids=None):
+    """``x: [batch, time, channels]`` → ``y`` (and the state after the last step).
+
+    ``segment_ids: int [batch, time]`` (optional): packed documents; a tap that reads an input of an
+    earlier document reads zero instead, as if the document ran alone (and the state keeps only the
+    last document's inputs).
+    """
     time = x.shape[1]
     kernel = self.kernel[...].astype(self.dtype)
     padded = jnp.pad(x.astype(self.dtype), ((0, 0), (self.width - 1, 0), (0, 0)))
-    y = sum(kernel[i] * padded[:, i:i + time] for i in range(self.width)) + self.bias[...].astype(self.dtype)
+    if segment_ids is None:
+      taps = [padded[:, i:i + time] for i in range(self.width)]
+    else:
+      # Padding has id -1, so it never matches (the inputs there are zeros anyway).
+      ids = jnp.pad(segment_ids, ((0, 0), (self.width - 1, 0)), constant_values=-1)
+      same = lambda i: (ids[:, i:i + time] == segment_ids)[..., None]
+      taps = [jnp.where(same(i), padded[:, i:i + time], 0) for i in range(self.width)]
+    y = sum(kernel[i] * taps[i] for i in range(self.width)) + self.bias[...].astype(self.dtype)
     if not return_state:
       return y
-    return y, padded[:, padded.shape[1] - (self.width - 1):]
+    state = padded[:, padded.shape[1] - (self.width - 1):]
+    if segment_ids is not None:
+      last = ids[:, ids.shape[1] - (self.width - 1):] == segment_ids[:, -1:]
+      state = jnp.where(last[..., None], state, 0)
+    return y, state
 
   def init_state(self, batch: int):
     return jnp.zeros((batch, self.width - 1, self.kernel[...].shape[1]), self.dtype)
@@ -90,6 +106,21 @@ class CausalConv1D(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     y = jnp.einsum("bwc,wc->bc", window, kernel) + self.bias[...].astype(self.dtype)
     return y, window[:, 1:]
+
+
+def document_starts(segment_ids):
+  """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where a document starts (t = 0 or
+  the id changes)."""
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.ones_like(change[:, :1]), change], axis=1)
+
+
+def document_positions(segment_ids):
+  """``segment_ids: int [batch, time]`` → ``int32 [batch, time]``: each position's offset in its own
+  document (positions restart at 0 at every document start)."""
+  t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  start = jax.lax.cummax(jnp.where(document_starts(segment_ids), t, 0), axis=1)
+  return t - start
 
 
 def apply_rope(x, positions, *, base: float = 10_000.0):

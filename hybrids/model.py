@@ -6,6 +6,13 @@ computed in ``dtype`` (e.g. bf16); the residual stream and logits stay in f32. W
 ``position="learned"`` a learned table of ``max_len`` absolute positions is added to the token
 embedding (Zoology's models); RoPE, when on, lives in the attention mixers.
 
+Packed documents (issue 23): ``__call__(tokens, segment_ids=…)`` with ``segment_ids: int [batch,
+time]`` (equal ids: one document; a change of id starts the next) runs every document of a row as if
+alone: learned positions restart at each document, and every mixer gets the ids (attention and SWA
+mask across documents and restart RoPE, convolutions read no tap of an earlier document, recurrences
+restart from the zero state). Mixers migrate one by one: one that does not declare ``SEGMENTS`` is
+refused with a ValueError naming it (:func:`check_segments`), never silently run across documents.
+
 Decode state: ``{"layers": [one state per layer], "pos": int32[]}`` (the next position).
 
 ``scan_layers=True`` runs the training forward as a ``lax.scan`` over repeats of the layer period
@@ -24,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hybrids.blocks import ResidualBlock
-from hybrids.layers import block_norm, dtype_of, linear
+from hybrids.blocks import ResidualBlock, check_entry_segments
+from hybrids.layers import block_norm, document_positions, dtype_of, linear
 from hybrids.mixers.contract import windowed
 
 
@@ -64,7 +71,8 @@ class HybridLM(nnx.Module):
         node.window = int(window)
 
   def _embed(self, tokens, positions):
-    """``tokens: int [batch, time]`` (or ``[batch]``), ``positions: int [time]`` (or ``[]``)."""
+    """``tokens: int [batch, time]`` (or ``[batch]``), ``positions: int [time]`` (or ``[]``, or
+    ``[batch, time]`` per document)."""
     x = self.embed(tokens).astype(jnp.float32) * self.embed_scale
     if self.position_embed is not None:
       x = x + self.position_embed(positions).astype(jnp.float32)
@@ -81,7 +89,13 @@ class HybridLM(nnx.Module):
       logits = self.logits_softcap * jnp.tanh(logits / self.logits_softcap)
     return logits
 
-  def __call__(self, tokens, *, return_aux: bool = False, scan_layers: bool = False, logits_at=None):
+  def check_segments(self) -> None:
+    """ValueError naming the first mixer of the stack that does not take ``segment_ids``."""
+    for block in self.blocks:
+      check_entry_segments(block.mixer_name)
+
+  def __call__(self, tokens, *, segment_ids=None, return_aux: bool = False, scan_layers: bool = False,
+               logits_at=None):
     """Training / scoring forward pass (parallel face of every mixer).
 
     ``return_aux``: also return ``{"moe_balance": mean load-balancing loss over MoE layers}``.
@@ -89,10 +103,21 @@ class HybridLM(nnx.Module):
     ``logits_at``: ``int [batch, k]`` positions; the logits are then ``[batch, k, vocab]``, those
     positions' rows only (MQAR scores 16 of 256 positions: the vocabulary head, the largest matmul of
     a small model, then costs 16× less; the norm and head act per position, so the values are the same).
+    ``segment_ids``: ``int [batch, time]``, documents packed in each row (see the module docstring);
+    None: each row is one document.
     """
     self._check_length(tokens.shape[1])
-    x = self._embed(tokens, jnp.arange(tokens.shape[1]))
-    x, balances = self._scanned_blocks(x) if scan_layers else self._unrolled_blocks(x, self.blocks)
+    if segment_ids is None:
+      positions = jnp.arange(tokens.shape[1])
+    else:
+      self.check_segments()
+      segment_ids = jnp.asarray(segment_ids, jnp.int32)
+      if segment_ids.shape != tokens.shape:
+        raise ValueError(f"segment_ids{segment_ids.shape} must be shaped as tokens{tokens.shape}")
+      positions = document_positions(segment_ids)
+    x = self._embed(tokens, positions)
+    x, balances = (self._scanned_blocks(x, segment_ids) if scan_layers
+                   else self._unrolled_blocks(x, self.blocks, segment_ids))
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = self._logits(x)
@@ -100,34 +125,34 @@ class HybridLM(nnx.Module):
       return logits
     return logits, {"moe_balance": sum(balances) / len(balances) if balances else jnp.zeros((), jnp.float32)}
 
-  def _block_forward(self, block, x):
-    forward = lambda blk, h: blk(h, return_aux=True)
-    return nnx.remat(forward)(block, x) if self.remat else forward(block, x)
+  def _block_forward(self, block, x, segment_ids=None):
+    forward = lambda blk, h, ids: blk(h, return_aux=True, segment_ids=ids)
+    return nnx.remat(forward)(block, x, segment_ids) if self.remat else forward(block, x, segment_ids)
 
-  def _unrolled_blocks(self, x, blocks):
+  def _unrolled_blocks(self, x, blocks, segment_ids=None):
     balances = []
     for block in blocks:
-      x, balance = self._block_forward(block, x)
+      x, balance = self._block_forward(block, x, segment_ids)
       if block.is_moe:
         balances.append(balance)
     return x, balances
 
-  def _scanned_blocks(self, x):
+  def _scanned_blocks(self, x, segment_ids=None):
     """``lax.scan`` over the ``n_layers // period`` repeats; the remaining layers run unrolled after."""
     repeats = len(self.blocks) // self.period
     if repeats < 2:
-      return self._unrolled_blocks(x, self.blocks)
+      return self._unrolled_blocks(x, self.blocks, segment_ids)
     graphdefs, stacked = [], []
     for j in range(self.period):
       splits = [nnx.split(self.blocks[r * self.period + j]) for r in range(repeats)]
       if any(g != splits[0][0] for g, _ in splits):  # not one structure per position: nothing to scan
-        return self._unrolled_blocks(x, self.blocks)
+        return self._unrolled_blocks(x, self.blocks, segment_ids)
       graphdefs.append(splits[0][0])
       stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *[s for _, s in splits]))
     is_moe = [self.blocks[j].is_moe for j in range(self.period)]
 
-    def apply_block(graphdef, state, h):
-      return nnx.merge(graphdef, state)(h, return_aux=True)
+    def apply_block(graphdef, state, h, ids):
+      return nnx.merge(graphdef, state)(h, return_aux=True, segment_ids=ids)
 
     if self.remat:  # as the unrolled form: each block's activations are recomputed in the backward
       apply_block = jax.checkpoint(apply_block, static_argnums=(0,), prevent_cse=False)
@@ -135,13 +160,13 @@ class HybridLM(nnx.Module):
     def period(h, states):
       balances = []
       for graphdef, state in zip(graphdefs, states):
-        h, balance = apply_block(graphdef, state, h)
+        h, balance = apply_block(graphdef, state, h, segment_ids)
         balances.append(balance)
       return h, jnp.stack(balances)
 
     x, balances = jax.lax.scan(period, x, stacked)  # balances: [repeats, period]
     scanned = [balances[r, j] for r in range(repeats) for j in range(self.period) if is_moe[j]]
-    x, rest = self._unrolled_blocks(x, list(self.blocks)[repeats * self.period:])
+    x, rest = self._unrolled_blocks(x, list(self.blocks)[repeats * self.period:], segment_ids)
     return x, scanned + rest
 
   def prefill(self, tokens, *, max_len: int | None = None):

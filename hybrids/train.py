@@ -53,6 +53,9 @@ from flax import nnx
 import kernels
 from hybrids import config as config_lib
 from hybrids import data as data_lib
+from hybrids.data import pipeline as data_pipeline
+from hybrids.data import shards as data_shards
+from hybrids.data import text as data_text
 from hybrids import flops as flops_lib
 from hybrids import rundir
 from hybrids import sharding as sharding_lib
@@ -187,6 +190,37 @@ def label_positions(labels, slots: int):
   return jnp.argsort(unlabelled, axis=1, stable=True)[:, :slots].astype(jnp.int32)
 
 
+DOCUMENT_BOUNDARIES = "document_boundaries"
+
+
+def document_eod(config: ml_collections.ConfigDict) -> int | None:
+  """The end-of-document token that delimits the packed documents of a row when
+  ``data.document_boundaries`` is on (None: off, or MQAR, whose rows are one document each).
+
+  ``data.document_boundaries`` (issue 23) is an optional field, not in the defaults (so configs
+  without it, and their run ids, are unchanged); off by default until every mixer takes
+  ``segment_ids``. On, every mixer of ``model.pattern`` must declare ``SEGMENTS``: a ConfigError names
+  the first that does not.
+  """
+  on = data_lib.get_field(config.data, DOCUMENT_BOUNDARIES, False)
+  if not isinstance(on, bool):
+    raise config_lib.ConfigError(f"data.{DOCUMENT_BOUNDARIES}={on!r} must be True or False")
+  if not on:
+    return None
+  from hybrids.blocks import check_entry_segments
+  for entry in dict.fromkeys(layer_pattern(config.model)):
+    try:
+      check_entry_segments(entry)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"data.{DOCUMENT_BOUNDARIES}=True: {e}") from None
+  name = config.data.name
+  if name == "text":
+    return data_text.eod_token(config.data.tokenizer)
+  if name == "shards":
+    return data_shards.eod_token(config.data.path)
+  return None
+
+
 @dataclasses.dataclass
 class Trainer:
   """Compiled pure functions over ``(params, opt_state)``; the model is rebuilt inside jit by merge."""
@@ -202,6 +236,8 @@ class Trainer:
   # longer cells than it trains on).
   label_slots: int = 0
   eval_label_slots: int = 0
+  # data.document_boundaries: the token ending each packed document (None: a row is one document).
+  document_eod: int | None = None
 
   def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -214,6 +250,11 @@ class Trainer:
   def _scored(self, model, batch, slots: int = 0, **kwargs):
     """``(logits, labels, aux)`` at the scored positions (all, or the first ``slots`` labelled ones)."""
     labels, positions = batch["labels"], None
+    if self.document_eod is not None:  # packed documents, each run as if alone (issue 23)
+      segment_ids = batch.get(data_pipeline.SEGMENT_IDS)
+      if segment_ids is None:
+        segment_ids = data_pipeline.segment_ids_from_eod(batch["inputs"], self.document_eod, xp=jnp)
+      kwargs = {**kwargs, "segment_ids": segment_ids}
     if slots:
       positions = label_positions(labels, slots)
       labels = jnp.take_along_axis(labels, positions, axis=1)
@@ -354,7 +395,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
                     has_moe=bool(config.model.moe_every),
                     scan_layers=bool(config.runtime.get("scan_layers", True)),
                     label_slots=data_lib.max_labels_per_row(config.data, "train"),
-                    eval_label_slots=data_lib.max_labels_per_row(config.data, "eval"))
+                    eval_label_slots=data_lib.max_labels_per_row(config.data, "eval"),
+                    document_eod=document_eod(config))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
@@ -652,6 +694,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   holder). A run whose summary says "done" is not touched again: this returns that summary and says so.
   """
   config = resolve(config)  # every config error surfaces here, before any compile or write
+  document_eod(config)  # data.document_boundaries (optional field): refused unless every mixer takes segments
   # checked, not compiled
   mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
   primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints

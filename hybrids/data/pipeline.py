@@ -2,7 +2,8 @@
 
 Every dataset in :mod:`hybrids.data` is a *random-access source*: a sequence whose
 item ``i`` is a dict ``{"inputs": int32 [seq_len], "labels": int32 [seq_len]}``
-computed deterministically from ``i`` alone. All data order is therefore defined
+computed deterministically from ``i`` alone (packed text sources asked for them also carry
+``"segment_ids": int32 [seq_len]``, :func:`segment_ids_from_eod`). All data order is therefore defined
 by the index arithmetic here, which makes iterator checkpoints a single integer
 and makes restored runs bit-identical to uninterrupted ones.
 
@@ -199,11 +200,27 @@ def make_iterator(
     return iter(dataset.to_iter_dataset(options))
 
 
+SEGMENT_IDS = "segment_ids"
+
+
+def segment_ids_from_eod(inputs, eod: int, xp=np):
+    """Document ids of packed rows whose documents each end with the token ``eod``.
+
+    ``inputs: int [..., seq_len]`` → ``int32 [..., seq_len]``: 0 from the start of the row, +1 after
+    each ``eod`` (the ``eod`` itself closes its document, so it keeps that document's id). Equal ids
+    are one document; a change of id starts a new one. ``xp``: ``numpy`` or ``jax.numpy``.
+    """
+    ends = (inputs[..., :-1] == eod).astype(xp.int32)
+    return xp.concatenate([xp.zeros_like(ends[..., :1]), xp.cumsum(ends, axis=-1, dtype=xp.int32)], axis=-1)
+
+
 def stack_examples(examples: Sequence[Example]) -> Example:
-    """Stack examples into a batch dict of int32 arrays [len(examples), seq_len]."""
+    """Stack examples into a batch dict of int32 arrays [len(examples), seq_len] (``segment_ids``
+    too when the examples carry them)."""
+    keys = ("inputs", "labels") + ((SEGMENT_IDS,) if examples and SEGMENT_IDS in examples[0] else ())
     return {
         k: np.stack([np.asarray(e[k], dtype=np.int32) for e in examples])
-        for k in ("inputs", "labels")
+        for k in keys
     }
 
 
@@ -244,6 +261,8 @@ def finite_batches(
                 "labels": np.concatenate(
                     [batch["labels"], np.full((pad, seq_len), IGNORE_LABEL, np.int32)]
                 ),
+                **({SEGMENT_IDS: np.concatenate([batch[SEGMENT_IDS], np.zeros((pad, seq_len), np.int32)])}
+                   if SEGMENT_IDS in batch else {}),
             }
         batches.append(batch)
     return batches

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from hybrids.data.pipeline import segment_ids_from_eod
+
 MANIFEST_FILE = "manifest.json"
 FORMAT = "hybrids.shards/1"
 TRAIN_SPLIT = "train"
@@ -147,10 +149,15 @@ class ShardWindowSource:
 
   A grain ``RandomAccessDataSource`` (``__len__``, thread-safe deterministic ``__getitem__``).
   ``force_range_reads`` reads local shards the way remote ones are read (for tests).
+  ``segment_ids``: also emit ``segment_ids`` int32 [seq_len], the window's documents (every
+  prepared document ends with the manifest's ``eod``;
+  :func:`hybrids.data.pipeline.segment_ids_from_eod`).
   """
 
-  def __init__(self, path: Any, split: str, seq_len: int, *, force_range_reads: bool = False):
+  def __init__(self, path: Any, split: str, seq_len: int, *, force_range_reads: bool = False,
+               segment_ids: bool = False):
     manifest = validate(seq_len=seq_len, path=path)
+    self.eod = int(manifest["eod"]) if segment_ids else None
     self.path = str(path)
     self.split = split
     self.seq_len = int(seq_len)
@@ -188,4 +195,12 @@ class ShardWindowSource:
     if not 0 <= index < self._n:
       raise IndexError(f"window index {index} out of range [0, {self._n})")
     w = self.tokens(index * self._window, (index + 1) * self._window).astype(np.int32)
-    return {"inputs": w[:-1], "labels": w[1:]}
+    example = {"inputs": w[:-1], "labels": w[1:]}
+    if self.eod is not None:
+      example["segment_ids"] = segment_ids_from_eod(example["inputs"], self.eod)
+    return example
+
+
+def eod_token(path: Any) -> int:
+  """The end-of-document token of the prepared directory ``path`` (from its manifest)."""
+  return int(read_manifest(path)["eod"])

@@ -30,7 +30,9 @@ concatenated into one token stream ``T`` (cached as ``.npy``). Example ``i`` is 
 non-overlapping window ``w = T[i*(L+1) : (i+1)*(L+1)]`` (``L = seq_len``) with
 ``inputs = w[:-1]``, ``labels = w[1:]``; the trailing partial window is dropped.
 Labels across document boundaries are kept (the model learns to predict EOD and
-the start of the next document, as in standard packed LM training).
+the start of the next document, as in standard packed LM training). Documents are
+recoverable from EOD: ``TokenWindowSource(..., eod=corpus.eod)`` also emits
+``segment_ids`` (issue 23; :func:`hybrids.data.pipeline.segment_ids_from_eod`).
 
 Cache directory: ``workdir`` if given, else
 ``$TMPDIR/hybrids-data-<hash(files, tokenizer, heldout_fraction, seed)>``. Token
@@ -52,6 +54,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from hybrids.data.pipeline import segment_ids_from_eod
 
 BYTE_VOCAB = 257
 BYTE_EOD = 256
@@ -76,6 +80,12 @@ def parse_tokenizer(spec: Any, field: str = "data.tokenizer") -> tuple[str, int]
         f"{field}={spec!r} is invalid: must be 'bytes' or 'bpe:VOCAB' with an "
         f"integer VOCAB >= {MIN_BPE_VOCAB} (e.g. 'bpe:4096')"
     )
+
+
+def eod_token(spec: Any) -> int:
+    """The end-of-document token of tokenizer ``spec``: 256 for bytes; 0 for BPE (``<|endoftext|>``
+    is the trainer's first special token, see :func:`train_bpe`)."""
+    return BYTE_EOD if parse_tokenizer(spec)[0] == "bytes" else 0
 
 
 def resolve_files(files: Any, field: str = "data.files") -> list[str]:
@@ -343,10 +353,16 @@ def prepare_corpus(*, files: Any, tokenizer: str, heldout_fraction: float, seed:
 # ----------------------------------------------------------------------------
 
 class TokenWindowSource:
-    """``source[i]`` = window ``i`` of a token stream: inputs/labels int32 [seq_len]."""
+    """``source[i]`` = window ``i`` of a token stream: inputs/labels int32 [seq_len].
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, *, split: str = "train"):
+    ``eod`` (the corpus's end-of-document token, :attr:`Corpus.eod`): also emit
+    ``segment_ids`` int32 [seq_len], the documents of the window (equal ids: one document; a
+    document's EOD keeps its id, the next token starts the next id), from 0 in every window.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, *, split: str = "train", eod: int | None = None):
         self._tokens = tokens
+        self._eod = eod
         self._window = int(seq_len) + 1
         self._n = len(tokens) // self._window
         if self._n == 0:
@@ -365,4 +381,7 @@ class TokenWindowSource:
             raise IndexError(f"window index {index} out of range [0, {self._n})")
         start = index * self._window
         w = np.asarray(self._tokens[start:start + self._window], dtype=np.int32)
-        return {"inputs": w[:-1].copy(), "labels": w[1:].copy()}
+        example = {"inputs": w[:-1].copy(), "labels": w[1:].copy()}
+        if self._eod is not None:
+            example["segment_ids"] = segment_ids_from_eod(example["inputs"], self._eod)
+        return example

@@ -21,7 +21,7 @@ from einops import rearrange
 from flax import nnx
 
 from hybrids.cost import Flops, window_attention_flops
-from hybrids.layers import apply_rope, dtype_of, linear
+from hybrids.layers import apply_rope, document_positions, dtype_of, linear
 from hybrids.mixers.contract import HEAD_DIM, ROPE_BASE, Setting
 from kernels.window_attention import decode_attention, window_attention
 
@@ -30,6 +30,7 @@ class Attention(nnx.Module):
   """Causal attention; ``window`` is None here (global) and set by :class:`SlidingWindowAttention`."""
 
   NO_WEIGHT_DECAY = frozenset()  # projections only
+  SEGMENTS = True  # packed documents: RoPE restarts and attention is masked at each document
   TENSOR_PARALLEL = True  # q/k/v_proj split by heads (columns), o_proj by rows
   SETTINGS = {
       "num_kv_heads": Setting(0, "0: = model.num_heads (MHA); 1: MQA", 0),
@@ -83,14 +84,20 @@ class Attention(nnx.Module):
       return q, k, v
     return apply_rope(q, positions, base=self.rope_base), apply_rope(k, positions, base=self.rope_base), v
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
     """Parallel face. ``x: [batch, time, d_model]`` → ``[batch, time, d_model]`` (and the decode state).
 
     ``max_len``: cache slots of the returned state (global attention only; default ``time``).
+    ``segment_ids: int [batch, time]``: packed documents; RoPE positions restart at each document
+    and no query reads a key of another document. The decode state of a packed row is not defined
+    yet (a ValueError with ``return_state``).
     """
     time = x.shape[1]
-    q, k, v = self._project(x, jnp.arange(time))
-    o = window_attention(q, k, v, window=self.window, softcap=self.softcap, impl=self.impl)
+    if segment_ids is not None and return_state:
+      raise ValueError(f"{type(self).__name__}: the decode state of a packed row (segment_ids) is not supported yet")
+    positions = jnp.arange(time) if segment_ids is None else document_positions(segment_ids)
+    q, k, v = self._project(x, positions)
+    o = window_attention(q, k, v, window=self.window, softcap=self.softcap, impl=self.impl, segment_ids=segment_ids)
     y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
     if not return_state:
       return y

@@ -20,6 +20,12 @@ A mixer class (registered in ``hybrids.mixers.MIXERS``) has:
 Optional: ``TENSOR_PARALLEL = True`` where its ``q/k/v_proj`` and ``o_proj`` follow Megatron's column /
 row split (``hybrids.sharding`` then shards them over ``tensor``; attention and SWA); a ``window``
 entry in ``SETTINGS`` marks a windowed mixer (``HybridLM.set_window`` sets its band; SWAX).
+``SEGMENTS = True`` (declared in the class body, not inherited) where its parallel face takes
+``segment_ids: int [batch, time]`` (a keyword of ``__call__``; equal ids are one document, a change
+of id starts the next) and treats each document of a packed row as if it ran alone (issue 23);
+``__call__(…, return_state=True, segment_ids=…)`` then returns the state after the row's last
+document alone. A mixer without it is never given ``segment_ids``: the model refuses
+(:func:`check_segments`) rather than let state cross documents silently.
 
 ``NO_WEIGHT_DECAY`` and ``SETTINGS`` are declared in the class body itself, not inherited, so that a
 subclass says explicitly what it adds (``swa``'s window, Gated DeltaNet's decay parameters).
@@ -97,3 +103,16 @@ def tensor_parallel(cls) -> bool:
 def windowed(cls) -> bool:
   """Whether the mixer attends within a band of ``model.window`` positions (its ``window`` is settable)."""
   return "window" in getattr(cls, "SETTINGS", {})
+
+
+def supports_segments(cls) -> bool:
+  """Whether the mixer's parallel face takes ``segment_ids`` (``SEGMENTS = True`` in its class body)."""
+  return bool(vars(cls).get("SEGMENTS", False))
+
+
+def check_segments(name: str, cls) -> None:
+  """ValueError naming mixer ``name`` unless it supports ``segment_ids`` (documents packed in a row)."""
+  if not supports_segments(cls):
+    raise ValueError(f"mixer {name!r} does not support segment_ids (packed documents) yet: its state would "
+                     "cross document boundaries; set data.document_boundaries=False or use mixers that declare "
+                     "SEGMENTS = True")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrids.cost import Flops
-from hybrids.layers import CausalConv1D, dtype_of, linear
+from hybrids.layers import CausalConv1D, document_starts, dtype_of, linear
 from hybrids.mixers.contract import CONV_WIDTH, D_STATE, SSM_EXPAND
 from kernels.scan import linear_scan
 
@@ -31,6 +31,7 @@ from kernels.scan import linear_scan
 class Mamba(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"a_log", "dt_bias", "d_skip"})  # A, Δ's bias, D
   SETTINGS = {"d_state": D_STATE, "ssm_expand": SSM_EXPAND, "conv_width": CONV_WIDTH}
+  SEGMENTS = True  # packed documents: the conv reads no earlier document, the scan restarts from h = 0
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_inner = int(cfg.ssm_expand * cfg.d_model)
@@ -70,11 +71,16 @@ class Mamba(nnx.Module):
     y = jnp.einsum("...dn,...n->...d", h, c) + self.d_skip[...].astype(jnp.float32) * x.astype(jnp.float32)
     return self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype))
 
-  def __call__(self, u, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, u, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``u: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the decay is 0 at a document start, so the scan restarts
+    from the zero state; the returned state is that of the last document)."""
     x, z = jnp.split(self.in_proj(u), 2, axis=-1)
-    x, conv_state = self.conv(x, return_state=True)
+    x, conv_state = self.conv(x, return_state=True, segment_ids=segment_ids)
     x = jax.nn.silu(x)
     decay, inputs, c = self._scan_inputs(x)
+    if segment_ids is not None:
+      decay = jnp.where(document_starts(segment_ids)[..., None, None], 0.0, decay)
     h, h_last = linear_scan(decay, inputs, impl=self.impl)
     y = self._out(h, c, x, z)
     return (y, {"conv": conv_state, "h": h_last}) if return_state else y

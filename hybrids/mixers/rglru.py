@@ -111,6 +111,7 @@ class RGLRUBlock(nnx.Module):
   """The Griffin recurrent block: ``y = W_out(RG-LRU(Conv(W_x x)) ⊙ GeLU(W_y x))``, with biases."""
 
   NO_WEIGHT_DECAY = frozenset({"a_param"})  # Λ, the recurrence's decay rates
+  SEGMENTS = True  # packed documents: the RG-LRU resets and the conv is masked at each start (recurrentgemma)
   SETTINGS = {
       "rnn_width": Setting(0, "RG-LRU width; 0: model.d_model", 0),
       "rnn_heads": Setting(0, "RG-LRU gate blocks; 0: model.num_heads", 0),
@@ -191,33 +192,38 @@ class RGLRUBlock(nnx.Module):
   def forward(self, x, reset, *, h0=None):
     """Parallel face with explicit document starts. ``x: [batch, time, d_model]``, ``reset: bool[batch,
     time]`` (True where a document starts; see :func:`document_starts`), ``h0``: optional f32 state
-    before position 0 (forgotten where ``reset[:, 0]``). → ``(y, {"conv", "h", "pos"})``; ``pos`` is the number
-    of tokens read (> 0, so a step after it does not reset)."""
+    before position 0 (forgotten where ``reset[:, 0]``). → ``(y, {"conv", "h", "pos"})``; ``pos: int32[batch]``
+    is each row's position in its last document (> 0, so a step after it does not reset; a row
+    whose last document started at ``time − n`` has ``pos = n``, as if that document ran alone)."""
     gate = jax.nn.gelu(self.gate_proj(x))
     u, conv_state = self._conv(self.in_proj(x), reset)
     a, b = self._gates(u, reset)
     h, h_last = linear_scan(a, b, h0, impl=self.impl)
     y = self.out_proj(h.astype(self.dtype) * gate)
-    return y, {"conv": conv_state, "h": h_last, "pos": jnp.asarray(x.shape[1], jnp.int32)}
+    t = jnp.arange(x.shape[1], dtype=jnp.int32)
+    last_start = jnp.max(jnp.where(reset, t, 0), axis=1)
+    return y, {"conv": conv_state, "h": h_last, "pos": (x.shape[1] - last_start).astype(jnp.int32)}
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
     """Parallel face. ``x: [batch, time, d_model]`` → ``[batch, time, d_model]`` (and the state).
-    Position 0 starts a document (the RG-LRU reset there)."""
-    y, state = self.forward(x, first_position_reset(x.shape[0], x.shape[1]))
+    Position 0 starts a document (the RG-LRU reset there); ``segment_ids: int [batch, time]``
+    (optional): packed documents, each starting where the id changes, each run as if alone."""
+    reset = first_position_reset(x.shape[0], x.shape[1]) if segment_ids is None else document_starts(segment_ids)
+    y, state = self.forward(x, reset)
     return (y, state) if return_state else y
 
   def init_state(self, batch: int, *, max_len: int | None = None):
-    """``{"conv": [batch, conv_width−1, d_rnn], "h": f32[batch, d_rnn], "pos": int32[]}``; constant in
-    time (``pos`` 0: the next token starts a document)."""
+    """``{"conv": [batch, conv_width−1, d_rnn], "h": f32[batch, d_rnn], "pos": int32[batch]}``; constant
+    in time (``pos`` 0: the row's next token starts a document)."""
     return {"conv": self.conv.init_state(batch), "h": jnp.zeros((batch, self.d_rnn), jnp.float32),
-            "pos": jnp.zeros((), jnp.int32)}
+            "pos": jnp.zeros((batch,), jnp.int32)}
 
   def step(self, x_t, state):
     """Recurrent face. ``x_t: [batch, d_model]`` → ``(y_t [batch, d_model], new state)``; the RG-LRU
     resets when ``state["pos"] == 0``."""
     gate = jax.nn.gelu(self.gate_proj(x_t))
     u, conv_state = self.conv.step(self.in_proj(x_t), state["conv"])
-    reset = jnp.broadcast_to(state["pos"] == 0, x_t.shape[:1])
+    reset = state["pos"] == 0
     a, b = self._gates(u, reset)
     h = a * state["h"] + b
     y = self.out_proj(h.astype(self.dtype) * gate)

@@ -23,6 +23,7 @@ class SlidingWindowAttention(Attention):
   """Causal attention over a band of ``model.window`` positions; GQA/MQA and RoPE as :class:`Attention`."""
 
   NO_WEIGHT_DECAY = Attention.NO_WEIGHT_DECAY
+  SEGMENTS = True  # as Attention: the band is also cut at each document start
   SETTINGS = {**Attention.SETTINGS, "window": Setting(32, "the SWA band", 1)}
 
   @staticmethod

@@ -114,7 +114,8 @@ def _auto_impl(q, softcap) -> str:
 
 def window_attention(q, k, v, *, window: int | None = None, softcap: float | None = None,
                      impl: Impl = "auto", block_size: int | None = None, interpret: bool = False,
-                     pallas_target: PallasTarget | None = None, pallas_blocks: PallasBlocks | None = None):
+                     pallas_target: PallasTarget | None = None, pallas_blocks: PallasBlocks | None = None,
+                     segment_ids=None):
   """Causal attention restricted to the last ``window`` positions (``None``: global).
 
   Args:
@@ -130,10 +131,19 @@ def window_attention(q, k, v, *, window: int | None = None, softcap: float | Non
     pallas_target: ``"triton"`` or ``"mosaic_tpu"`` lowering (default: by platform; Triton when
       interpreting).
     pallas_blocks: tile sizes of the Pallas kernel (default :class:`PallasBlocks`).
+    segment_ids: optional ``int [batch, time]``, packed documents: a query reads only keys of its own
+      document (equal id). Only the ``"xla"`` and ``"reference"`` paths take them so far: ``"auto"``
+      then runs ``"xla"``, and an explicit ``"pallas"`` / ``"cudnn"`` is a ValueError.
   Returns:
     ``[batch, time, heads, head_dim]`` in ``q.dtype``.
   """
   _check(q, k, v, window)
+  if segment_ids is not None:
+    if segment_ids.shape != q.shape[:2]:
+      raise ValueError(f"window_attention: segment_ids{segment_ids.shape} must be [batch, time] = {q.shape[:2]}")
+    if impl in ("pallas", "cudnn"):
+      raise ValueError(f"window_attention: impl={impl!r} does not take segment_ids yet; use 'xla' or 'auto'")
+    impl = "reference" if impl == "reference" else "xla"
   impl = choice(q, softcap, impl, interpret=interpret, pallas_target=pallas_target).impl
   if impl == "cudnn":
     return cudnn.attention(q, k, v, window, softcap)
@@ -143,5 +153,5 @@ def window_attention(q, k, v, *, window: int | None = None, softcap: float | Non
   time = q.shape[1]
   if impl == "reference" or window is None or window >= time:
     # Global causal attention has no band to exploit; the dense form is the O(T²) it must be.
-    return window_attention_reference(q, k, v, window=window, softcap=softcap)
-  return _banded(q, k, v, window, softcap, block_size or default_block_size(window))
+    return window_attention_reference(q, k, v, window=window, softcap=softcap, segment_ids=segment_ids)
+  return _banded(q, k, v, window, softcap, block_size or default_block_size(window), segment_ids)

@@ -27,8 +27,13 @@ def _cap(scores, softcap):
   return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
-def window_attention_reference(q, k, v, *, window: int | None = None, softcap: float | None = None):
-  """Dense O(T²) definition (float32 softmax)."""
+def window_attention_reference(q, k, v, *, window: int | None = None, softcap: float | None = None,
+                               segment_ids=None):
+  """Dense O(T²) definition (float32 softmax).
+
+  ``segment_ids: int [batch, time]`` (optional): packed documents; query ``t`` reads key ``s`` only
+  when both hold the same id.
+  """
   _check(q, k, v, window)
   time, kv_heads = q.shape[1], k.shape[2]
   qg = rearrange(q, "b t (hk g) d -> b t hk g d", hk=kv_heads).astype(jnp.float32)
@@ -38,6 +43,8 @@ def window_attention_reference(q, k, v, *, window: int | None = None, softcap: f
   allowed = offset >= 0
   if window is not None:
     allowed &= offset < window
+  if segment_ids is not None:  # [batch, 1, 1, t, s]
+    allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
   probs = jax.nn.softmax(jnp.where(allowed, scores, _MASKED), axis=-1)
   out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
   return rearrange(out, "b t hk g d -> b t (hk g) d").astype(q.dtype)

@@ -19,7 +19,7 @@ def default_block_size(window: int) -> int:
   return max(1, min(window, 128))
 
 
-def _banded(q, k, v, window: int, softcap, block: int):
+def _banded(q, k, v, window: int, softcap, block: int, segment_ids=None):
   batch, time, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   n_blocks = -(-time // block)
@@ -41,7 +41,14 @@ def _banded(q, k, v, window: int, softcap, block: int):
   key_pos = (jnp.arange(n_blocks)[:, None, None] - lookback) * block + col[None]
   allowed = (offset >= 0) & (offset < window)
   allowed = allowed[None] & (key_pos >= 0)  # [n, c, ctx]
-  scores = jnp.where(allowed[None, :, None, None], scores, _MASKED)
+  allowed = allowed[None, :, None, None]  # [1, n, 1, 1, c, ctx]
+  if segment_ids is not None:  # a query reads keys of its own document only (padding: id -1)
+    q_ids = rearrange(jnp.pad(segment_ids, ((0, 0), (0, pad_t)), constant_values=-1), "b (n c) -> b n c", c=block)
+    k_ids = rearrange(jnp.pad(segment_ids, ((0, 0), (lookback * block, pad_t)), constant_values=-1),
+                      "b (n c) -> b n c", c=block)
+    k_ids = jnp.concatenate([k_ids[:, j:j + n_blocks] for j in range(lookback + 1)], axis=2)
+    allowed = allowed & (q_ids[:, :, :, None] == k_ids[:, :, None, :])[:, :, None, None]
+  scores = jnp.where(allowed, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bnhgqk,bnkhd->bnqhgd", probs, v_ctx)
   out = rearrange(out, "b n c hk g d -> b (n c) (hk g) d")[:, :time]
