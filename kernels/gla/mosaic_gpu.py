@@ -23,7 +23,7 @@ bf16 log-decays are exact tensor-core operands, summed in f32: no cumulative sum
 broadcasts. Any other log-decay dtype (the mixers' f32) is capped and split by XLA into bf16 hi + lo
 (16 significant bits: each log α off by at most 2⁻¹⁷ of itself), stacked along the contraction:
 [w w] @ [hi; lo], still one product per exponent. (Two products chained on one accumulator, or
-unstacked parts, gave wrong values on an H100: kernels/BENCHMARKS.md, tenth session.) The kernel
+unstacked parts, gave wrong values on an H100; see kernels/BENCHMARKS.md.) The kernel
 also writes each chunk's masked score matrix A (f32), which the dv kernel reads instead of
 recomputing the diagonal blocks.
 

@@ -99,28 +99,21 @@ class PallasConfig:
   states_block: int = 64
   states_warps: int = 4
   states_stages: int = 2
-  # H100, B4 T8192 H16 d128 bf16 (ms per kernel): output 128 / 8 warps 3.68, 128 / 4 warps 2.20;
-  # dq/dk with d_k blocks of 64 11.25, 32 7.87, 16 6.26 (smaller blocks: two [d_v, block] f32 states
-  # fit in registers, and twice the programs). Taking the sub-chunks as explicit pairs instead of
-  # carrying the state through them (4× fewer FLOPs at C = 64; commits 3c1c5da..ebcf418) was slower
-  # on the same device at every tiling tried: output 3.50, dq/dk 7.38 at best, dv 1.57 vs 1.21; so
-  # was a separate kernel for each chunk's score matrix followed by whole-chunk dots (output stage
-  # 3.79 ms; commit dc372a2).
+  # The defaults below are the fastest tilings measured on an H100 (per-kernel times, the tilings
+  # tried, and why the sub-chunk loop carries the state: kernels/BENCHMARKS.md, "GLA Pallas tiling").
+  # Small d_k blocks for dq/dk keep two [d_v, block] f32 states in registers and double the programs.
   out_block: int = 128
   out_warps: int = 4
-  # dq/dk with IEEE exact dots: d_k block 16 / 2 warps 5.40–5.62 ms (4 warps 6.25), 32 / 2 8.15;
-  # with tf32x3 exact dots (seventh session): 16 / 2 7.84, 32 / 4 4.24 (the default).
   dqk_block: int = 32
   dqk_warps: int = 4
   # dq/dk: keep each sub-chunk's [16, 16] value–gradient scores from the forward pass for the
-  # reverse one instead of recomputing them (a d_v-long dot per sub-chunk): 5.29 ms against 5.47.
+  # reverse one instead of recomputing them (a d_v-long dot per sub-chunk).
   dqk_reuse_scores: bool = True
   dv_block: int = 128
-  dv_warps: int = 4  # 0.89 ms (8 warps: 1.21)
+  dv_warps: int = 4
   # The exact-f32 diagonal-block dots on GPU: "ieee" (FMA on CUDA cores) or "tf32x3" (three TF32
-  # tensor-core products, about f32 accuracy); ``dqk_exact_dots`` for the dq/dk kernel (None: the
-  # same). H100, ms per kernel, ieee → tf32x3: output 2.19 → 1.79, dv 0.89 → 0.79, dq/dk 5.40 →
-  # 4.24 at its own best tiling (above; seventh session). The interpreter and Mosaic always use IEEE.
+  # tensor-core products, about f32 accuracy, and faster in every kernel); ``dqk_exact_dots`` for the
+  # dq/dk kernel (None: the same). The interpreter and Mosaic always use IEEE.
   exact_dots: str = "tf32x3"
   dqk_exact_dots: str | None = None
   stages: int = 1

@@ -7,7 +7,7 @@ in flight while the chains run. The Triton kernels can only prefetch by carrying
 time loop in registers (Triton's compile time grows steeply with those) and move ~2.1 TB/s. Here
 tiles of ``chunk`` rows × 128 lanes stream through shared memory by TMA, ``stages`` tiles ahead
 (``_stream``), and the registers hold the 128-lane state and one tile's rows: 2.4 TB/s forward and
-2.2 backward on an H100 (kernels/BENCHMARKS.md, seventh session).
+2.2 backward on an H100 (kernels/BENCHMARKS.md).
 
 Layout (``fwd`` / ``bwd``): one CTA (one warpgroup, 128 threads, one lane each) per (batch row, 128
 lanes) of a ``[batch, time, D]`` problem; ``D`` a multiple of 128 (the caller pads lanes) and ``time`` of
@@ -274,8 +274,8 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
 # --- half-width CTAs ------------------------------------------------------------------------------
 # With one 128-lane CTA per (batch row, lane block), B8 D1024 is 64 CTAs for the H100's 132 SMs, and
 # the backward's five streams then move ~2.2 TB/s; with 128 or more CTAs the same kernel moves ~2.7
-# (B16 T2048 D1024: fwd+bwd 0.415–0.427 ms against 0.476 at B8 T4096; kernels/BENCHMARKS.md, eighth
-# session). ``fwd_split`` / ``bwd_split`` double the CTAs without splitting time across them (which
+# (B16 T2048 D1024: fwd+bwd 0.415–0.427 ms against 0.476 at B8 T4096; kernels/BENCHMARKS.md).
+# ``fwd_split`` / ``bwd_split`` double the CTAs without splitting time across them (which
 # would cost an extra pass over the inputs): a CTA takes 64 lanes, and its 128 threads work on both
 # halves of every tile at once, thread (s, lane) on rows ``[s·half, (s + 1)·half)``. Rows r of the
 # two halves form one [2, 64] slab (a strided view of the [2, half, 64] tile). The half the pass

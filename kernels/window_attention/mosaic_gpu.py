@@ -324,7 +324,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   ``own_band`` and ``persistent`` as ``forward``'s: each warpgroup skips the blocks its 64 rows do not
   reach; one CTA per SM loops over the tiles, loading the next tile's resident rows while it stores
   the last one's gradients (from their own shared-memory buffers). Persistence, unlike in the
-  forward, did not speed the backward up on an H100 (kernels/BENCHMARKS.md, ninth session).
+  forward, did not speed the backward up on an H100 (kernels/BENCHMARKS.md).
   """
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]

@@ -62,8 +62,8 @@ class PallasBlocks:
   # flight, and ``mgpu_pingpong`` (its two compute warpgroups take turns on the tensor cores). None:
   # Mosaic GPU where it runs (a GPU with TMA, not interpreting), else Triton. H100, B4 T8192 H16 D128
   # W1024 bf16, fwd ms: Triton 0.798–0.820, Mosaic GPU 0.598–0.606, with ping-pong 0.580–0.588,
-  # cuDNN 0.580–0.602 in the same processes (kernels/BENCHMARKS.md, eighth session); persistent,
-  # with the fence below, 0.533–0.561 against cuDNN's 0.586–0.596 (ninth).
+  # cuDNN 0.580–0.602 in the same processes (kernels/BENCHMARKS.md); persistent,
+  # with the fence below, 0.533–0.561 against cuDNN's 0.586–0.596.
   fwd_kernel: str | None = None
   mgpu_kv: int = 128
   mgpu_stages: int = 2
@@ -81,7 +81,7 @@ class PallasBlocks:
   # skips one of the CTA's blocks, and fewer of its blocks need a mask); ``mgpu_softmax_fence``: the
   # forward fences its softmax before handing over the tensor cores; ``mgpu_persistent`` /
   # ``mgpu_bwd_persistent``: one CTA per SM loops over the tiles (window_attention_mgpu.forward /
-  # backward). H100, B4 T8192 W1024, ms (ninth session; cuDNN 0.584–0.591 / 2.647–2.666 beside them):
+  # backward). H100, B4 T8192 W1024, ms (cuDNN 0.584–0.591 / 2.647–2.666 beside them):
   # fence fwd 0.597 → 0.580; own band fwd+bwd 2.619 → 2.423; persistent fwd 0.587 → 0.533–0.544, but
   # bwd (fwd+bwd − fwd) 1.823 → 1.890 (3 slots) or 1.808 (2 slots): the backward stays one CTA per tile.
   mgpu_own_band: bool = True
