@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrids.cost import Flops
-from hybrids.layers import BlockDiagonalLinear, CausalConv1D, dtype_of, linear
+from hybrids.layers import BlockDiagonalLinear, CausalConv1D, document_starts, dtype_of, linear
 from hybrids.mixers.contract import CONV_WIDTH, Setting
 from kernels.scan import linear_scan
 
@@ -85,13 +85,6 @@ def _sqrt_bwd(max_gradient, x, g):
 
 
 sqrt_bound_derivative.defvjp(_sqrt_fwd, _sqrt_bwd)
-
-
-def document_starts(segment_ids):
-  """``segment_ids [batch, time]`` → ``reset [batch, time]`` (bool): True where a document starts, i.e.
-  at position 0 and wherever the id changes. This is what :meth:`RGLRUBlock.forward` takes."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), change], axis=1)
 
 
 def first_position_reset(batch: int, time: int):
