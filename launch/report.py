@@ -169,6 +169,11 @@ class Run:
   def is_mqar(self) -> bool:
     return self.data.get("name") == "mqar"
 
+  @property
+  def stops_at_accuracy(self) -> bool:
+    """Trained under ``train.stop_at_accuracy``: its compute is where it stopped, not a budget."""
+    return bool(self.config.get("train", {}).get("stop_at_accuracy"))
+
 
 def _layers(model: dict) -> tuple[str, ...]:
   pattern = model.get("pattern") or ()
@@ -491,7 +496,9 @@ class SeriesFit:
 def fit_series(runs: list[Run], *, n_bootstrap: int, seed: int) -> list[SeriesFit]:
   by_series = defaultdict(list)
   for run in runs:
-    if run.status == FINISHED and run.flops and run.loss is not None:
+    # A run that may stop at a target accuracy (Zoology's protocol) spends the FLOPs it needed, not a
+    # budget: a loss-vs-FLOPs fit over such runs would claim a scaling law that isn't there.
+    if run.status == FINISHED and run.flops and run.loss is not None and not run.stops_at_accuracy:
       by_series[run.series].append(run)
   out = []
   for series, members in sorted(by_series.items()):
