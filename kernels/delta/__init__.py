@@ -12,8 +12,20 @@ one scalar per head, ``log_decay = log α_t ≤ 0`` one scalar per head (Gated D
 DeltaNet). The mixer L2-normalises ``k`` (so ``I − β k kᵀ`` is a contraction); the kernel does not.
 
 Shapes: ``q, k: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``,
-``beta, log_decay: [batch, time, heads]``, ``initial_state: [batch, heads, d_k, d_v]``. Returns
+``beta, log_decay: [batch, time, heads]``, ``initial_state: [batch, heads, d_k, d_v]``,
+``segment_ids: int [batch, time]``. Returns
 ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
+
+Packed documents (``segment_ids``): where the id changes between t − 1 and t, a new document starts
+at t and the state entering t is zero, so nothing before t reaches t or later. Position 0 is not a
+start: ``initial_state`` flows into the row's first document. The final state is that of the row's
+last document alone. The chunked forms do this with masks, never with an infinite decay: with
+``doc_t`` the number of starts in t's chunk up to and including t, the within-chunk cumulative
+log-decay ``b`` restarts at each start (the start's own log-decay, which only multiplies the
+discarded state, is dropped); ``A_ts`` and the output's intra-chunk terms vanish unless
+``doc_t = doc_s``; ``S₀`` reaches row t (in ``K S₀`` and in ``γ_t S₀ᵀ q_t``) only if ``doc_t = 0``; the
+chunk passes on ``γ_C S₀ [doc_C = 0] + Σ_s [doc_s = doc_C] e^{b_C − b_s} k_s u_sᵀ``. Every exponent
+stays ``≤ 0`` (``kernels.delta.xla._segment_chunks``).
 
 Implementations:
 - ``"reference"``: the recurrence above, one ``lax.scan`` step per token (f32).
@@ -33,7 +45,8 @@ Implementations:
 - ``"pallas"``: the same chunked form with the scan over chunks replaced by a Pallas kernel (Triton on
   GPU, Mosaic TPU) and its hand-derived backward by a second one (``pallas.py``); the
   WY factors are a Pallas kernel too (its backward is XLA: ``xla.solve_cotangents`` and JAX's
-  transpose of ``xla.wy_system``). The rest of the precompute
+  transpose of ``xla.wy_system``); with segment ids it takes each row's document index as one more
+  input and masks ``A`` and ``βγK`` itself. The rest of the precompute
   and the output einsums stay XLA. ``chunk_size`` must be a power of two ≥ 16 (fla uses 64). For
   16-bit inputs the kernels' dots take k, W, K̂ and the state rounded to that dtype (f32
   accumulation and state).
@@ -82,8 +95,8 @@ def auto_impl(chunk_size: int, d_k: int, d_v: int) -> str:
   return choice(chunk_size, d_k, d_v).impl
 
 
-def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size: int = 16, impl: Impl = "auto",
-               interpret: bool = False, pallas_target: PallasTarget | None = None,
+def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, segment_ids=None, chunk_size: int = 16,
+               impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
                pallas_config: PallasConfig | None = None):
   """``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (see the module docstring).
 
@@ -91,7 +104,10 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     q, k: ``[batch, time, heads, d_k]``; v: ``[batch, time, heads, d_v]``.
     beta: ``[batch, time, heads]``, the write strength in (0, 1).
     log_decay: ``[batch, time, heads]`` (values ≤ 0) or None (no decay).
-    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros).
+    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros); with ``segment_ids``, the state
+      entering the row's first document only.
+    segment_ids: int ``[batch, time]`` or None: packed documents (a new one starts where the id changes;
+      the state entering it is zero; the final state is the last document's alone). None: one sequence.
     chunk_size: tokens per chunk of the chunked forms (``"pallas"``: a power of two ≥ 16; 64 is what
       fla uses).
     impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` (chunked, Pallas state pass) or ``"auto"``
@@ -104,7 +120,7 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
   Returns:
     ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
   """
-  _check(q, k, v, beta, log_decay, initial_state)
+  _check(q, k, v, beta, log_decay, initial_state, segment_ids)
   if impl not in IMPLS:
     raise ValueError(f"delta_rule: unknown impl {impl!r}; valid: {IMPLS}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -113,7 +129,7 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     check_pallas_arguments(chunk_size, pallas_target, pallas_config)
   impl = choice(chunk_size, q.shape[-1], v.shape[-1], impl, interpret=interpret, pallas_target=pallas_target).impl
   if impl == "reference":
-    return delta_rule_reference(q, k, v, beta, log_decay, initial_state)
+    return delta_rule_reference(q, k, v, beta, log_decay, initial_state, segment_ids)
   if impl == "pallas":
     dtype = jnp.dtype(jnp.result_type(q.dtype, k.dtype, v.dtype))
     # 16-bit inputs: the kernel's dots run in that dtype (tensor cores), f32 otherwise.
@@ -121,8 +137,8 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, chunk_size:
     state_pass = functools.partial(pallas_state_pass, dot_dtype=dot_dtype, interpret=interpret,
                                    target=pallas_target, config=pallas_config)
     return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size, state_pass,
-                          _pallas_wy(dot_dtype, interpret, pallas_target, pallas_config))
-  return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size)
+                          _pallas_wy(dot_dtype, interpret, pallas_target, pallas_config), segment_ids)
+  return _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size, segment_ids=segment_ids)
 
 
 def _pallas_wy(dot_dtype: str, interpret: bool, target: PallasTarget | None, config: PallasConfig | None):

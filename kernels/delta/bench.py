@@ -3,6 +3,13 @@
     python -m kernels.bench --kernels delta            # B4 T8192 H16 d_k = d_v = 128, bf16, gated and ungated
     python -m kernels.bench --kernels delta --quick    # a tiny shape (on CPU the Pallas kernels interpret)
     python -c "from kernels.delta.bench import stages; stages()"   # ms of each stage of our chunked form
+    python -m kernels.delta.bench --segments 4 --json /tmp/delta_segments.json
+        # ours again with 4 packed documents per row (segment_ids) beside the rows without
+
+Packed documents (``--segments D``): each row is cut into D documents at distinct random positions
+(fixed seed) and our implementations run again with those ``segment_ids``, checked against the token
+recurrence with the same ids; those rows carry ``"segments": D`` (0 in the others) and the shape label
+says "D docs/row". The peer is timed without segments only.
 
 Inputs (DeltaNet / Gated DeltaNet as the mixers feed them): q, k L2-normalised per head (q also scaled
 by d_k^−1/2), v ~ N(0, 1), β = σ(x), and for the gated variant one log-decay per head
@@ -26,14 +33,18 @@ counts twice the forward.
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import (Context, check, check_out_and_grads, checked_row, head_slice, peer_row, progress_log,
-                           vjp_fns)
+from kernels.bench import (Context, check, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
+                           progress_log, versions, vjp_fns)
 from kernels.delta import pallas as P
 from kernels.delta import xla as X
 from kernels.delta.pallas import PallasConfig
@@ -48,8 +59,20 @@ XLA_CHUNK = 16  # the mixers' default chunk_size
 NAMES = ("q", "k", "v", "beta", "g")
 
 
-def _label(gated, batch, time, heads, dk, dv):
-  return f"B{batch} T{time} H{heads} Dk{dk} Dv{dv} bf16 " + ("gated (per-head decay)" if gated else "ungated")
+def _label(gated, batch, time, heads, dk, dv, segments=0):
+  return (f"B{batch} T{time} H{heads} Dk{dk} Dv{dv} bf16 " + ("gated (per-head decay)" if gated else "ungated")
+          + (f" {segments} docs/row" if segments else ""))
+
+
+def _segment_ids(batch: int, time: int, documents: int, seed: int = 0):
+  """int32 ``[batch, time]``: each row cut into ``documents`` documents at distinct random positions."""
+  if not 2 <= documents <= time:
+    raise ValueError(f"bench_delta: segments={documents} must be between 2 and the row length {time}")
+  rng = np.random.default_rng(seed)
+  starts = np.zeros((batch, time), np.int32)
+  for row in starts:
+    row[rng.choice(np.arange(1, time), documents - 1, replace=False)] = 1
+  return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
 
 
 def _inputs(seed, gated, batch, time, heads, dk, dv):
@@ -75,10 +98,10 @@ def _check_all(name, ours, ref, tol=TOL):
   return check_out_and_grads(name, ours, ref, NAMES, tol)
 
 
-def _reference(args):
+def _reference(args, segment_ids=None):
   f32 = [x.astype(jnp.float32) for x in args]
   with jax.default_matmul_precision("highest"):
-    return _fns(impl="reference")[2](*f32)
+    return _fns(impl="reference", segment_ids=segment_ids)[2](*f32)
 
 
 _log = progress_log("bench_delta")
@@ -153,22 +176,26 @@ def _fla(ctx, gated, sets, ref):
 ROWS = ("pallas64", "fla", "pallas16", "xla16")
 
 
-def _run_one(ctx: Context, gated: bool, shape, which=ROWS) -> list[dict]:
+def _run_one(ctx: Context, gated: bool, shape, which=ROWS, segments: int = 0) -> list[dict]:
+  """The rows ``which`` for one shape; ``segments``: documents per row (0: no segment_ids)."""
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, gated, *shape) for seed in range(1 if ctx.quick else N_SETS)]
-  ref = jax.block_until_ready(_reference(head_slice(sets[0])))
-  _log(f"reference ready ({_label(gated, *shape)})")
+  segment_ids = _segment_ids(batch, time, segments) if segments else None
+  packed = {} if segment_ids is None else {"segment_ids": segment_ids}
+  ref = jax.block_until_ready(_reference(head_slice(sets[0]), None if segment_ids is None else segment_ids[:1]))
+  _log(f"reference ready ({_label(gated, *shape, segments)})")
   n_qk, n_v, n_h = batch * time * heads * dk, batch * time * heads * dv, batch * time * heads
   scalars = 2 * n_h + (4 * n_h if gated else 0)  # β bf16, g f32
   io = 2 * (2 * n_qk + 2 * n_v) + scalars  # q, k, v, o in bf16
   flops = batch * time * heads * (6 * dk * dv + PALLAS_CHUNK * (3 * dk + 2 * dv))
-  base = dict(kernel="delta", shape=_label(gated, *shape), floor_fwd_ms=ctx.floor_ms(bytes_moved=io, flops=flops),
+  base = dict(kernel="delta", shape=_label(gated, *shape, segments), segments=segments,
+              floor_fwd_ms=ctx.floor_ms(bytes_moved=io, flops=flops),
               floor_fwdbwd_ms=ctx.floor_ms(bytes_moved=2 * (6 * n_qk + 5 * n_v) + 3 * scalars, flops=3 * flops),
               reference="token recurrence f32, batch 0 heads 0-1, all tokens")
   on_cpu = ctx.platform == "cpu"
 
   def ours(name, **kwargs):
-    return checked_row(ctx, base, name, _fns(**kwargs), sets, ref, _check_all, _log)
+    return checked_row(ctx, base, name, _fns(**packed, **kwargs), sets, ref, _check_all, _log)
 
   def peer():
     label = "fla chunk_gated_delta_rule" if gated else "fla chunk_delta_rule"
@@ -187,13 +214,52 @@ def _run_one(ctx: Context, gated: bool, shape, which=ROWS) -> list[dict]:
   return [rows[name] for name in order if name in rows]
 
 
-def run(ctx: Context, which=ROWS) -> list[dict]:
-  """Gated and ungated; ``which``: the rows to measure (a subset of ``ROWS``)."""
+def run(ctx: Context, which=ROWS, segments: int = 0) -> list[dict]:
+  """Gated and ungated; ``which``: the rows to measure (a subset of ``ROWS``); ``segments`` > 0: our
+  rows of ``which`` again with that many packed documents per row, after the rows without."""
   unknown = set(which) - set(ROWS)
   if unknown:
     raise ValueError(f"bench_delta.run: unknown rows {sorted(unknown)}; valid: {ROWS}")
   shape = QUICK if ctx.quick else FULL
-  return _run_one(ctx, True, shape, which) + _run_one(ctx, False, shape, which)
+  ours = tuple(name for name in which if name != "fla")
+  rows = []
+  for gated in (True, False):
+    rows += _run_one(ctx, gated, shape, which)
+    if segments:
+      rows += _run_one(ctx, gated, shape, ours, segments)
+  return rows
+
+
+def main(argv=None) -> int:
+  """``python -m kernels.delta.bench``: the rows of ``kernels.bench --kernels delta`` (same context,
+  table and JSON report), with ``--segments`` for packed documents; the report adds ``"segments"``."""
+  parser = argparse.ArgumentParser(prog="python -m kernels.delta.bench", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--segments", type=int, default=0,
+                      help="also time our rows with this many documents per row (segment_ids); 0: off")
+  parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+  parser.add_argument("--quick", action="store_true", help="small shapes (checks the script, not the speed)")
+  parser.add_argument("--json", default="", help="write the rows, device and versions here")
+  args = parser.parse_args(argv)
+  which = tuple(name.strip() for name in args.rows.split(",") if name.strip())
+  if set(which) - set(ROWS):
+    parser.error(f"--rows: unknown {sorted(set(which) - set(ROWS))}; valid: {', '.join(ROWS)}")
+  if args.segments < 0 or args.segments == 1:
+    parser.error(f"--segments={args.segments}: 0 (off) or at least 2 documents per row")
+  device = jax.devices()[0]
+  ctx = Context(quick=args.quick, platform=device.platform, iters=3 if args.quick else 20,
+                repeats=1 if args.quick else 5)
+  rows = run(ctx, which, segments=args.segments)
+  print(format_table(rows), flush=True)
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
+            "versions": versions(),
+            "command": " ".join(["python -m kernels.delta.bench"] + list(sys.argv[1:] if argv is None else argv)),
+            "segments": args.segments, "rows": rows}
+  print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
 
 
 # --- where the time goes: the stages of our chunked form -----------------------------------------------
@@ -248,3 +314,7 @@ def stages(shape=None, chunks=(16, 64), gated: bool = True) -> list[dict]:
       print(f"  C={chunk:<3} {name:<34} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)
       rows.append(row)
   return rows
+
+
+if __name__ == "__main__":
+  sys.exit(main())

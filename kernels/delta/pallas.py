@@ -279,6 +279,13 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
 # stays on chip. On an H100 (B4 T8192 H16 d128 bf16) the kernel takes 0.45 ms at C = 16; at C = 64
 # it takes 2.37 ms, at 255 registers per thread and spilling its c × c products (Nsight Compute,
 # kernels/BENCHMARKS.md); block substitution (``PallasConfig.wy_block``) did not make it faster.
+#
+# Packed documents (segment ids): the kernel takes one more input, each row's document index within
+# its chunk (``doc``, int32, as a column and as a row, like b). A_ts is zero unless doc_t = doc_s, and the
+# βγk rows are zero where doc_t > 0 (the entering state does not reach them); b arrives restarted at
+# each document start (kernels.delta.xla._segment_chunks), so every unmasked exponent is ≤ 0 and the
+# masked ones are replaced by 0 before exp. The backward applies the same masks (wy_system with doc).
+# The state pass needs no mask of its own: its inputs γ_C and K̂ come masked from XLA.
 
 
 
@@ -286,9 +293,11 @@ def _strictly_lower(c: int):
   return jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) > jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
 
 
-def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref, *, plan: _Plan, block: int):
-  # k: [c, d_k]; v: [c, d_v] (input dtype); b_col, beta: [c, 1]; b_row: [1, c] (f32).
-  # Outputs W [c, d_k], Ũ [c, d_v], T [c, c], f32. Blocks of `block` rows (see the section comment).
+def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, *refs, plan: _Plan, block: int, segmented: bool):
+  # k: [c, d_k]; v: [c, d_v] (input dtype); b_col, beta: [c, 1]; b_row: [1, c] (f32); when segmented,
+  # doc_col [c, 1] and doc_row [1, c] (int32). Outputs W [c, d_k], Ũ [c, d_v], T [c, c], f32. Blocks of
+  # `block` rows (see the section comment).
+  doc_col_ref, doc_row_ref, w_ref, u_ref, t_ref = refs if segmented else (None, None) + refs
   c = k_ref.shape[0]
   n_blocks = c // block
   rows = lambda i: pl.ds(i * block, block)
@@ -303,9 +312,13 @@ def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref
     kk = _dot(plan, k_ref[rows(i), :], k_ref[rows(j), :], 1, 1)
     diff = b_col_ref[rows(i), :].astype(_F32) - b_row_ref[:, rows(j)].astype(_F32)  # ≤ 0 below the diagonal
     a = beta_ref[rows(i), :].astype(_F32) * kk
-    if i > j:
+    mask = lower if i == j else None
+    if segmented:  # rows of different documents: their difference of b is not a decay (may be > 0)
+      same = doc_col_ref[rows(i), :] == doc_row_ref[:, rows(j)]
+      mask = same if mask is None else mask & same
+    if mask is None:
       return a * jnp.exp(diff)
-    return jnp.where(lower, a * jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)  # masked before exp
+    return jnp.where(mask, a * jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)  # masked before exp
 
   # Block forward substitution: T_ii = (I + A_ii)⁻¹, T_ij = −T_ii Σ_{j ≤ m < i} A_im T_mj (j < i).
   t = {}
@@ -321,20 +334,27 @@ def _wy_kernel(k_ref, v_ref, b_col_ref, b_row_ref, beta_ref, w_ref, u_ref, t_ref
       t_ref[rows(i), rows(j)] = t[i, j] if j <= i else zero
     # [Ũ | W]_i = Σ_{j ≤ i} T_ij [β v | βγ k]_j
     beta_j = lambda j: beta_ref[rows(j), :].astype(_F32)
+
+    def k_scale(j):  # β_s γ_s, zero where the entering state does not reach row s (a later document)
+      scale = beta_j(j) * jnp.exp(b_col_ref[rows(j), :].astype(_F32))
+      return jnp.where(doc_col_ref[rows(j), :] == 0, scale, 0.0) if segmented else scale
+
     u_ref[rows(i), :] = functools.reduce(jnp.add, [
         dot32(t[i, j], beta_j(j) * v_ref[rows(j), :].astype(_F32)) for j in range(i + 1)])
     w_ref[rows(i), :] = functools.reduce(jnp.add, [
-        dot32(t[i, j], beta_j(j) * jnp.exp(b_col_ref[rows(j), :].astype(_F32)) * k_ref[rows(j), :].astype(_F32))
-        for j in range(i + 1)])
+        dot32(t[i, j], k_scale(j) * k_ref[rows(j), :].astype(_F32)) for j in range(i + 1)])
 
 
-def _wy_call(plan: _Plan, k, v, b, beta):
-  """k ``[b, n, h, c, d_k]``, v ``[b, n, h, c, d_v]``, b and β ``[b, n, h, c]`` → (W, Ũ, T ``[b, n, h,
-  c, c]``), f32. One program per (batch, chunk, head); every block is a whole chunk with whole dims,
-  so it is a legal Mosaic (TPU) tile as well as a Triton one (dims powers of two ≥ 16 there)."""
+def _wy_call(plan: _Plan, k, v, b, beta, doc):
+  """k ``[b, n, h, c, d_k]``, v ``[b, n, h, c, d_v]``, b and β ``[b, n, h, c]``, doc None or int32 ``[b,
+  n, 1, c]`` → (W, Ũ, T ``[b, n, h, c, c]``), f32. One program per (batch, chunk, head); every block is
+  a whole chunk with whole dims, so it is a legal Mosaic (TPU) tile as well as a Triton one (dims
+  powers of two ≥ 16 there)."""
   batch, n_chunks, heads, c, dk = k.shape
   dv = v.shape[-1]
   spec = lambda rows, width: pl.BlockSpec((_SQ, _SQ, _SQ, rows, width), lambda i, n, h: (i, n, h, 0, 0))
+  # The document index is per token: every head of a chunk reads the same block.
+  doc_spec = lambda rows, width: pl.BlockSpec((_SQ, _SQ, _SQ, rows, width), lambda i, n, h: (i, n, 0, 0, 0))
   shape = lambda width: jax.ShapeDtypeStruct((batch, n_chunks, heads, c, width), _F32)
   if plan.interpret:
     params = None
@@ -344,42 +364,47 @@ def _wy_call(plan: _Plan, k, v, b, beta):
     params = mosaic_params(("parallel", "parallel", "parallel"))
   # Mosaic takes the chunk whole (the MXU holds its products; sub-blocks would be unaligned lane slices).
   block = min(plan.cfg.wy_block or c, c) if plan.target == "triton" else c
+  arrays = [k, v, b[..., None], b[..., None, :], beta[..., None]]
+  in_specs = [spec(c, dk), spec(c, dv), spec(c, 1), spec(1, c), spec(c, 1)]
+  if doc is not None:
+    arrays += [doc[..., None], doc[..., None, :]]
+    in_specs += [doc_spec(c, 1), doc_spec(1, c)]
   return pl.pallas_call(
-      functools.partial(_wy_kernel, plan=plan, block=block), grid=(batch, n_chunks, heads),
-      in_specs=[spec(c, dk), spec(c, dv), spec(c, 1), spec(1, c), spec(c, 1)],
+      functools.partial(_wy_kernel, plan=plan, block=block, segmented=doc is not None),
+      grid=(batch, n_chunks, heads), in_specs=in_specs,
       out_specs=[spec(c, dk), spec(c, dv), spec(c, c)], out_shape=[shape(dk), shape(dv), shape(c)],
-      compiler_params=params, interpret=plan.interpret, name="delta_wy")(k, v, b[..., None], b[..., None, :],
-                                                                         beta[..., None])
+      compiler_params=params, interpret=plan.interpret, name="delta_wy")(*arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _wy(k, v, b, beta, plan: _Plan):
-  return _wy_fwd(k, v, b, beta, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _wy(k, v, b, beta, doc, plan: _Plan):
+  return _wy_fwd(k, v, b, beta, doc, plan)[0]
 
 
-def _wy_fwd(k, v, b, beta, plan: _Plan):
+def _wy_fwd(k, v, b, beta, doc, plan: _Plan):
   # Rounded to the dot dtype inside the custom_vjp, so that the cotangents of k and v stay f32.
   k_d, v_d = k.astype(plan.dot_dtype), v.astype(plan.dot_dtype)
-  w, u_tilde, inverse = _wy_call(plan, k_d, v_d, b, beta)
-  return (w, u_tilde), (k_d, v_d, b, beta, inverse, w, u_tilde)
+  w, u_tilde, inverse = _wy_call(plan, k_d, v_d, b, beta, doc)
+  return (w, u_tilde), (k_d, v_d, b, beta, doc, inverse, w, u_tilde)
 
 
 def _wy_bwd(plan: _Plan, residuals, cotangents):
   # The solve's backward from the stored T, then JAX's transpose of the system's construction
-  # (kernels.delta.xla).
+  # (kernels.delta.xla), with the same document masks as the kernel. doc (integer) has no cotangent.
   del plan
-  k, v, b, beta, inverse, w, u_tilde = residuals
+  k, v, b, beta, doc, inverse, w, u_tilde = residuals
   d_w, d_u = (x.astype(_F32) for x in cotangents)
   d_a, (d_rv, d_rk) = solve_cotangents(inverse, [u_tilde, w], [d_u, d_w])
-  _, system_vjp = jax.vjp(wy_system, k.astype(_F32), v.astype(_F32), b, beta)
-  return system_vjp((d_a, d_rv, d_rk))
+  system = lambda k, v, b, beta: wy_system(k, v, b, beta, doc)
+  _, system_vjp = jax.vjp(system, k.astype(_F32), v.astype(_F32), b, beta)
+  return system_vjp((d_a, d_rv, d_rk)) + (None,)
 
 
 _wy.defvjp(_wy_fwd, _wy_bwd)
-_wy_shared = lowered_once(_wy, static_argnums=(4,))
+_wy_shared = lowered_once(_wy, static_argnums=(5,))
 
 
-def _wy_target(k, v, b, beta, *, target: str, interpret: bool, cfg: PallasConfig, dot_dtype: str):
+def _wy_target(k, v, b, beta, doc=None, *, target: str, interpret: bool, cfg: PallasConfig, dot_dtype: str):
   d_k, d_v = k.shape[-1], v.shape[-1]
   if target == "triton":  # Triton tiles: powers of two ≥ 16; zero columns change nothing
     dk, dv = max(MIN_TILE, _next_pow2(d_k)), max(MIN_TILE, _next_pow2(d_v))
@@ -387,19 +412,23 @@ def _wy_target(k, v, b, beta, *, target: str, interpret: bool, cfg: PallasConfig
     dk, dv = d_k, d_v
   last = lambda x, width: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, dot_dtype=dot_dtype)
+  doc = None if doc is None else doc.astype(jnp.int32)
   w, u_tilde = _wy_shared(last(k, dk).astype(_F32), last(v, dv).astype(_F32), b.astype(_F32),
-                          beta.astype(_F32), plan)
+                          beta.astype(_F32), doc, plan)
   return w[..., :d_k], u_tilde[..., :d_v]
 
 
-def wy_factors(k, v, b, beta, *, dot_dtype="float32", interpret: bool = False, target: PallasTarget | None = None,
-               config: PallasConfig | None = None):
+def wy_factors(k, v, b, beta, doc=None, *, dot_dtype="float32", interpret: bool = False,
+               target: PallasTarget | None = None, config: PallasConfig | None = None):
   """``(W, Ũ) = (I + A)⁻¹ [βγ k | β v]`` of every chunk as one Pallas kernel (differentiable).
 
   Args:
     k: ``[batch, chunks, heads, chunk, d_k]``; v: ``[batch, chunks, heads, chunk, d_v]`` (read by the
       kernel rounded to ``dot_dtype``, the dtype of its k kᵀ); b: the within-chunk cumulative
       log-decay and beta: β, both ``[batch, chunks, heads, chunk]`` f32.
+    doc: None, or int ``[batch, chunks, 1, chunk]``: each row's document index within its chunk
+      (``kernels.delta.xla.chunk_documents``; b restarted at each start): A is masked to pairs of one
+      document and the βγk rows to ``doc = 0`` (:func:`kernels.delta.xla.wy_system`).
     target: ``"triton"`` or ``"mosaic"``; None decides at lowering time (Mosaic for TPU, else Triton;
       Triton when interpreting).
   Returns:
@@ -408,9 +437,10 @@ def wy_factors(k, v, b, beta, *, dot_dtype="float32", interpret: bool = False, t
   check_arguments(k.shape[-2], target, config)
   run = lambda t: functools.partial(_wy_target, target=t, interpret=interpret, cfg=config or PallasConfig(),
                                     dot_dtype=jnp.dtype(dot_dtype).name)
+  args = (k, v, b, beta) + (() if doc is None else (doc,))
   if target is not None or interpret:
-    return run(target or "triton")(k, v, b, beta)
-  return jax.lax.platform_dependent(k, v, b, beta, tpu=run("mosaic"), default=run("triton"))
+    return run(target or "triton")(*args)
+  return jax.lax.platform_dependent(*args, tpu=run("mosaic"), default=run("triton"))
 
 
 def check_arguments(chunk_size: int, target: PallasTarget | None, config: PallasConfig | None):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _check(q, k, v, beta, log_decay, initial_state):
+def _check(q, k, v, beta, log_decay, initial_state, segment_ids=None):
   if q.ndim != 4 or q.shape != k.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
     raise ValueError(f"delta_rule: expected q, k [batch, time, heads, d_k] and v [batch, time, heads, d_v]; "
                      f"got q{q.shape} k{k.shape} v{v.shape}")
@@ -19,6 +19,19 @@ def _check(q, k, v, beta, log_decay, initial_state):
   want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
   if initial_state is not None and initial_state.shape != want:
     raise ValueError(f"delta_rule: initial_state{initial_state.shape} must be [batch, heads, d_k, d_v] = {want}")
+  if segment_ids is not None and (getattr(segment_ids, "shape", None) != q.shape[:2]
+                                  or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+    raise ValueError(f"delta_rule: segment_ids must be None or integer [batch, time] = {q.shape[:2]}; got "
+                     f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)}"
+                     f"{tuple(getattr(segment_ids, 'shape', ()))}")
+
+
+def state_resets(segment_ids):
+  """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where a document starts inside the
+  row (the id changes from t − 1 to t): the state entering t is zero there. Unlike the mixers' document
+  starts, position 0 is not one: ``initial_state`` flows into the row's first document."""
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
 
 
 def _state0(initial_state, batch, heads, d_k, d_v):
@@ -27,19 +40,24 @@ def _state0(initial_state, batch, heads, d_k, d_v):
   return initial_state.astype(jnp.float32)
 
 
-def delta_rule_reference(q, k, v, beta, log_decay=None, initial_state=None):
-  """The recurrence, token by token, in float32."""
-  _check(q, k, v, beta, log_decay, initial_state)
+def delta_rule_reference(q, k, v, beta, log_decay=None, initial_state=None, segment_ids=None):
+  """The recurrence, token by token, in float32. ``segment_ids`` (int ``[batch, time]`` or None): where
+  the id changes between t − 1 and t the state entering t is zero (a new document)."""
+  _check(q, k, v, beta, log_decay, initial_state, segment_ids)
   batch, time, heads, d_k = q.shape
   state = _state0(initial_state, batch, heads, d_k, v.shape[-1])
   ld = jnp.zeros(q.shape[:3], jnp.float32) if log_decay is None else log_decay
 
   def step(state, inputs):
-    q_t, k_t, v_t, b_t, ld_t = inputs
+    q_t, k_t, v_t, b_t, ld_t, *start_t = inputs
+    if start_t:
+      state = jnp.where(start_t[0][:, None, None, None], 0.0, state)
     o_t, state = delta_rule_step(q_t, k_t, v_t, b_t, ld_t, state)
     return state, o_t
 
   xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, beta, ld))
+  if segment_ids is not None:
+    xs += (jnp.moveaxis(state_resets(segment_ids), 1, 0),)
   final, o = jax.lax.scan(step, state, xs)
   return jnp.moveaxis(o, 0, 1).astype(v.dtype), final
 

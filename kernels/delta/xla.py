@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from kernels.delta.reference import _state0
+from kernels.delta.reference import _state0, state_resets
 
 _NEG = -1e30
 
@@ -99,33 +99,75 @@ class _Chunks(NamedTuple):
   k_to_end: jax.Array     # [b n h c k]  k_s e^{b_C − b_s}
   chunk_decay: jax.Array  # [b n h]      γ_C
   log_gain: jax.Array     # [b n h c]    b_t, the within-chunk cumulative log-decay
-  gain: jax.Array         # [b n h t s]  e^{b_t − b_s} for s ≤ t, else 0
+  gain: jax.Array         # [b n h t s]  e^{b_t − b_s} for s ≤ t (and the same document), else 0
+  # With segment ids only: [b n 1 c] bool, True where the state entering the chunk reaches row t
+  # (no document starts in the chunk at or before t).
+  reaches: jax.Array | None = None
 
 
-def wy_factors_xla(k, v, b, beta):
+def _segmented_cumsum(x, starts):
+  """Cumulative sum of ``x [..., c]`` along its last axis, restarting at every ``starts`` (bool,
+  broadcast against ``x``): the sum over the current document only, so a later document's partial sums
+  are not differences of one long sum (whose magnitude, after strong decays, would cost them their
+  precision)."""
+  starts = jnp.broadcast_to(starts, x.shape)
+
+  def combine(left, right):
+    (x_l, start_l), (x_r, start_r) = left, right
+    return jnp.where(start_r, x_r, x_l + x_r), start_l | start_r
+
+  return jax.lax.associative_scan(combine, (x, starts), axis=x.ndim - 1)[0]
+
+
+def chunk_documents(segment_ids, chunk_size: int):
+  """``segment_ids: int [batch, time]`` → ``(starts bool, doc int32)``, both ``[batch, chunks, 1, chunk]``
+  (padded to whole chunks, the padding in the last document): ``starts`` where the id changes from the
+  previous token (never at t = 0: ``initial_state`` flows into the first document), ``doc`` the number
+  of starts in the chunk up to and including each row. Rows t, s of a chunk share a document iff their
+  ``doc`` is equal; the state entering the chunk reaches row t iff ``doc_t == 0``."""
+  time = segment_ids.shape[1]
+  pad = -time % chunk_size
+  starts = jnp.pad(state_resets(segment_ids), ((0, 0), (0, pad)))
+  starts = rearrange(starts, "b (n c) -> b n 1 c", c=chunk_size)
+  return starts, jnp.cumsum(starts.astype(jnp.int32), axis=-1)
+
+
+def wy_factors_xla(k, v, b, beta, doc=None):
   """``(W, Ũ) = (I + A)⁻¹ [diag(βγ) K, diag(β) V]`` per chunk, ``A_ts = β_t e^{b_t − b_s} k_tᵀ k_s``
   (s < t), in XLA. k ``[b n h c d_k]``, v ``[b n h c d_v]``, b (within-chunk cumulative log-decay) and
-  β ``[b n h c]``, all f32. (:func:`kernels.delta.pallas.wy_factors` is the same as a Pallas kernel.)"""
+  β ``[b n h c]``, all f32; doc: None or int32 ``[b n 1 c]`` (:func:`chunk_documents`; see
+  :func:`wy_system`). (:func:`kernels.delta.pallas.wy_factors` is the same as a Pallas kernel.)"""
   d_v = v.shape[-1]
-  a, rhs_v, rhs_k = wy_system(k, v, b, beta)
+  a, rhs_v, rhs_k = wy_system(k, v, b, beta, doc)
   solved = wy_solve(a, jnp.concatenate([rhs_v, rhs_k], axis=-1))  # one inverse for both right-hand sides
   return solved[..., d_v:], solved[..., :d_v]
 
 
-def wy_system(k, v, b, beta):
+def wy_system(k, v, b, beta, doc=None):
   """The unit-lower system of the WY factors (shapes as :func:`wy_factors_xla`): ``(A [b n h c c]``,
-  strictly lower, ``diag(β) V, diag(βγ) K)``. The Pallas kernel's backward differentiates this."""
+  strictly lower, ``diag(β) V, diag(βγ) K)``. The Pallas kernel's backward differentiates this.
+
+  With ``doc`` (int32 ``[b n 1 c]``, the document index of each row within its chunk): ``A_ts = 0``
+  unless rows t and s share a document, and the ``βγ K`` rows are zero where the state entering the
+  chunk does not reach (``doc_t > 0``), so each document is solved from its own start."""
   t_idx = jnp.arange(k.shape[-2])
   lower = t_idx[:, None] > t_idx[None, :]
-  # Mask before exp: for s > t the difference is positive and could overflow.
+  if doc is not None:
+    lower = lower & (doc[..., :, None] == doc[..., None, :])
+  # Mask before exp: for s > t (or s in an earlier document) the difference can be positive and overflow.
   gain = jnp.where(lower, jnp.exp(jnp.where(lower, b[..., :, None] - b[..., None, :], _NEG)), 0.0)
   a = beta[..., :, None] * jnp.einsum("...tk,...sk->...ts", k, k) * gain
-  return a, v * beta[..., None], k * (beta * jnp.exp(b))[..., None]
+  scale = beta * jnp.exp(b)
+  if doc is not None:
+    scale = jnp.where(doc == 0, scale, 0.0)
+  return a, v * beta[..., None], k * scale[..., None]
 
 
-def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors_xla) -> _Chunks:
+def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors_xla, *,
+                segment_ids=None) -> _Chunks:
   """Chunks, cumulative log-decays and the WY factors ``[Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K]``
-  (``wy_factors``: :func:`wy_factors_xla` or the Pallas kernel, same signature)."""
+  (``wy_factors``: :func:`wy_factors_xla` or the Pallas kernel, same signature). ``segment_ids``:
+  None or int ``[batch, time]`` (:func:`_segment_chunks`)."""
   batch, time, heads, d_k = q.shape
   n = -(-time // chunk_size)
   pad = n * chunk_size - time
@@ -135,6 +177,9 @@ def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors
   chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) h ... -> b n h c ...",
                                c=chunk_size)
   q_h, k_h, v_h, beta_h = chunks(q), chunks(k), chunks(v), chunks(beta)  # [b n h c (d)]
+  if segment_ids is not None:
+    log_decay_h = None if log_decay is None else chunks(log_decay)
+    return _segment_chunks(q_h, k_h, v_h, beta_h, log_decay_h, chunk_documents(segment_ids, chunk_size), wy_factors)
   if log_decay is None:  # (a cumsum of zeros would be constant-folded by XLA, for seconds)
     b_h = jnp.zeros((batch, n, heads, chunk_size), jnp.float32)
   else:
@@ -149,19 +194,55 @@ def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors
                  chunk_decay=jnp.exp(b_h[..., -1]), log_gain=b_h, gain=gain_incl)
 
 
+def _segment_chunks(q_h, k_h, v_h, beta_h, log_decay_h, documents, wy_factors) -> _Chunks:
+  """:func:`_precompute` for packed documents, from the chunked inputs (``[b n h c (d)]`` f32,
+  ``log_decay_h`` None or ``[b n h c]``) and ``documents = (starts, doc)`` of :func:`chunk_documents`.
+  With ``doc`` the document index of each row within its chunk, every term that would carry something
+  across a document start is masked, none is given an infinite decay:
+
+  - ``b`` restarts at each start (the start's own log-decay, which only multiplies the discarded
+    state, is dropped), so every ``e^{b_t − b_s}`` of one document is the same as the document alone;
+  - pairs (t, s) of different documents are zero in ``A`` (the WY system) and in the output's ``gain``;
+  - the entering state ``S₀`` reaches row t (``γ_t K S₀`` in the WY right-hand side, ``γ_t S₀ᵀ q_t`` in
+    the output) only if ``doc_t = 0``;
+  - the chunk passes on ``γ_C S₀ [doc_C = 0] + Σ_s [doc_s = doc_C] e^{b_C − b_s} k_s u_sᵀ``: the
+    masks are folded into ``γ_C`` and ``K̂``, so the pass over chunks is the unsegmented one.
+
+  Every exponent is ``≤ 0`` where it is not masked, and masked before ``exp`` where it could be positive."""
+  starts, doc = documents  # [b n 1 c]
+  if log_decay_h is None:
+    b_h = jnp.zeros(beta_h.shape, jnp.float32)
+  else:
+    b_h = _segmented_cumsum(jnp.where(starts, 0.0, log_decay_h), starts)
+
+  t_idx = jnp.arange(beta_h.shape[-1])
+  same = (t_idx[:, None] >= t_idx[None, :]) & (doc[..., :, None] == doc[..., None, :])  # [b n 1 t s]
+  gain_incl = jnp.exp(jnp.where(same, b_h[..., :, None] - b_h[..., None, :], _NEG))
+  w, u_tilde = wy_factors(k_h, v_h, b_h, beta_h, doc=doc)
+  in_last = doc == doc[..., -1:]  # rows of the chunk's last document: the only ones it passes on
+  to_end = jnp.where(in_last, jnp.exp(jnp.where(in_last, b_h[..., -1:] - b_h, 0.0)), 0.0)
+  return _Chunks(q=q_h, k=k_h, w=w, u_tilde=u_tilde, k_to_end=k_h * to_end[..., None],
+                 chunk_decay=jnp.where(doc[..., -1] == 0, jnp.exp(b_h[..., -1]), 0.0), log_gain=b_h,
+                 gain=gain_incl, reaches=doc == 0)
+
+
 def _outputs(c: _Chunks, entering, u, time: int):
   """``o_t = γ_t S₀ᵀ q_t + Σ_{s≤t} e^{b_t − b_s} (q_t·k_s) u_s`` in each chunk (``S₀``: the state
-  entering it), as ``[batch, time, heads, d_v]``."""
+  entering it; with segment ids the first term only where ``S₀`` reaches t and the sum over t's
+  document: ``c.gain`` is zero elsewhere), as ``[batch, time, heads, d_v]``."""
   scores = jnp.einsum("bnhtk,bnhsk->bnhts", c.q, c.k) * c.gain
+  entering_gain = jnp.exp(c.log_gain)
+  if c.reaches is not None:
+    entering_gain = jnp.where(c.reaches, entering_gain, 0.0)
   o = (jnp.einsum("bnhts,bnhsv->bnhtv", scores, u)
-       + jnp.einsum("bnhtk,bnhkv->bnhtv", c.q * jnp.exp(c.log_gain)[..., None], entering))
+       + jnp.einsum("bnhtk,bnhkv->bnhtv", c.q * entering_gain[..., None], entering))
   return rearrange(o, "b n h c v -> b (n c) h v")[:, :time]
 
 
 def _delta_chunked(q, k, v, beta, log_decay, initial_state, chunk_size: int, state_pass=_scan_pass,
-                   wy_factors=None):
+                   wy_factors=None, segment_ids=None):
   batch, time, heads, d_k = q.shape
-  c = _precompute(q, k, v, beta, log_decay, chunk_size, wy_factors or wy_factors_xla)
+  c = _precompute(q, k, v, beta, log_decay, chunk_size, wy_factors or wy_factors_xla, segment_ids=segment_ids)
   state0 = _state0(initial_state, batch, heads, d_k, v.shape[-1])
   entering, u, final = state_pass(c.w, c.u_tilde, c.k_to_end, c.chunk_decay, state0)  # [b n h k v], [b n h c v]
   return _outputs(c, entering, u, time).astype(v.dtype), final
