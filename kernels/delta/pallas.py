@@ -83,9 +83,8 @@ class PallasConfig:
   wy_warps: int = 4  # the WY kernel (one chunk per program)
   # Triton WY kernel: T by block forward substitution over blocks of this many rows (a power of two
   # ≥ 16 dividing the chunk), None = the whole chunk as one block. At C = 64 the whole-chunk form
-  # spills (255 registers, 2.37 ms); blocks of 16 keep only 16 × 16 tiles live, but the precompute
-  # took the same time (H100, gated: 2.815 / 7.186 ms fwd / fwd+bwd against 2.806 / 7.155;
-  # kernels/BENCHMARKS.md), so the default stays the whole chunk.
+  # spills registers; blocks of 16 keep only 16 × 16 tiles live, but the precompute took the same time
+  # (kernels/BENCHMARKS.md, "Pallas WY kernel"), so the default stays the whole chunk.
   wy_block: int | None = None
 
 

@@ -4,10 +4,10 @@ Same contract as the Triton kernels of ``kernels/scan/pallas.py`` (``_gpu_fwd`` 
 these under ``PallasConfig(gpu_kernel="mosaic")`` (the default on Hopper). The scan is
 bandwidth-bound: each lane is a serial chain of FMAs, so what decides its speed is how many bytes are
 in flight while the chains run. The Triton kernels can only prefetch by carrying rows through their
-time loop in registers (Triton's compile time grows steeply with those) and move ~2.1 TB/s. Here
+time loop in registers (Triton's compile time grows steeply with those). Here
 tiles of ``chunk`` rows × 128 lanes stream through shared memory by TMA, ``stages`` tiles ahead
-(``_stream``), and the registers hold the 128-lane state and one tile's rows: 2.4 TB/s forward and
-2.2 backward on an H100 (kernels/BENCHMARKS.md).
+(``_stream``), and the registers hold the 128-lane state and one tile's rows, so more bytes are in
+flight than Triton's kernels manage (measured bandwidths: kernels/BENCHMARKS.md).
 
 Layout (``fwd`` / ``bwd``): one CTA (one warpgroup, 128 threads, one lane each) per (batch row, 128
 lanes) of a ``[batch, time, D]`` problem; ``D`` a multiple of 128 (the caller pads lanes) and ``time`` of
@@ -16,7 +16,7 @@ tile that is the neighbouring row; for the tile's edge row, the nearest row of t
 order, fetched as an 8-row block beside each tile (8/chunk more reads of h, mostly from L2, where
 the alternative was an XLA copy of h shifted by one row). ``fwd_split`` / ``bwd_split`` (the
 "half-width CTAs" section) run 64 lanes per CTA, for twice the CTAs where 128-lane ones would leave
-SMs idle: 0.419 ms forward+backward at B8 T4096 D1024 f32 against 0.476–0.505.
+SMs idle (at B8 D1024, say; measured in kernels/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def fwd(a, b, h0, *, reverse: bool, chunk: int, stages: int, out_slots: int = 2,
       (a_tile, b_tile), (h_tile,) = ins, outs
       # Every row is loaded before the first store: a load placed after a shared-memory store must
       # wait for it (the compiler cannot tell the tiles apart), which serialised the chain on
-      # ~90 cycles of shared-memory latency per row (0.21 ms here against Triton's 0.19).
+      # ~90 cycles of shared-memory latency per row, slower than Triton's kernel (kernels/BENCHMARKS.md).
       a_rows = [a_tile[r].astype(jnp.float32) for r in rows]
       b_rows = [b_tile[r].astype(jnp.float32) for r in rows]
       for r, a_r, b_r in zip(rows, a_rows, b_rows):
@@ -273,8 +273,8 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
 
 # --- half-width CTAs ------------------------------------------------------------------------------
 # With one 128-lane CTA per (batch row, lane block), B8 D1024 is 64 CTAs for the H100's 132 SMs, and
-# the backward's five streams then move ~2.2 TB/s; with 128 or more CTAs the same kernel moves ~2.7
-# (B16 T2048 D1024: fwd+bwd 0.415–0.427 ms against 0.476 at B8 T4096; kernels/BENCHMARKS.md).
+# the backward's five streams then leave bandwidth unused that 128 or more CTAs of the same kernel
+# reach (kernels/BENCHMARKS.md, "half-width CTAs").
 # ``fwd_split`` / ``bwd_split`` double the CTAs without splitting time across them (which
 # would cost an extra pass over the inputs): a CTA takes 64 lanes, and its 128 threads work on both
 # halves of every tile at once, thread (s, lane) on rows ``[s·half, (s + 1)·half)``. Rows r of the
