@@ -274,7 +274,7 @@ def bwd(a, g, h, h0, g_last, *, reverse: bool, chunk: int, stages: int, b_dtype,
 # --- half-width CTAs ------------------------------------------------------------------------------
 # With one 128-lane CTA per (batch row, lane block), B8 D1024 is 64 CTAs for the H100's 132 SMs, and
 # the backward's five streams then leave bandwidth unused that 128 or more CTAs of the same kernel
-# reach (kernels/BENCHMARKS.md, "half-width CTAs").
+# reach (kernels/BENCHMARKS.md, "Diagonal scan: the backward on 64-lane CTAs").
 # ``fwd_split`` / ``bwd_split`` double the CTAs without splitting time across them (which
 # would cost an extra pass over the inputs): a CTA takes 64 lanes, and its 128 threads work on both
 # halves of every tile at once, thread (s, lane) on rows ``[s·half, (s + 1)·half)``. Rows r of the
