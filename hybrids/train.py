@@ -788,11 +788,12 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
   if primary:  # from scratch too: lines a run killed before its first checkpoint logged are redone
     _truncate_metrics(metrics_path, start_step)
 
+  packed_documents = document_eod(config) is not None  # the model gets segment_ids: kernels choose for them
   summary: dict[str, Any] = {
       "status": "running", "step": start_step, "steps": t.steps, **counts,
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
-      "impl": kernels.resolve_impls(config.model),
-      "kernels": kernels.kernel_choices(config.model),  # lowering, and why each other candidate was not taken
+      "impl": kernels.resolve_impls(config.model, segments=packed_documents),
+      "kernels": kernels.kernel_choices(config.model, segments=packed_documents),  # lowering, and why each other candidate was not taken
       "compile": {"scan_layers": bool(config.runtime.get("scan_layers", True)),
                   "cache_dir": jax.config.jax_compilation_cache_dir or "",
                   "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},

@@ -28,36 +28,37 @@ __all__ = ["kernel_choices", "linear_scan", "linear_scan_reference", "resolve_im
            "window_attention_reference"]
 
 
-def _choices(model_cfg) -> dict[str, dispatch.Choice]:
+def _choices(model_cfg, segments: bool = False) -> dict[str, dispatch.Choice]:
   """Each family's :class:`kernels.dispatch.Choice` at the model's shapes: attention for its head_dim,
   compute dtype and soft-cap; GLA for its head dims; the delta rule for its chunk size. (Per call,
   wider heads, e.g. Based's feature map, and the mLSTM's input gate may choose differently; the
-  dispatch records why.)"""
+  dispatch records why.) ``segments``: the model is given ``segment_ids`` (packed documents)."""
   m = model_cfg
   head_dim = m.get("head_dim") or m.d_model // m.num_heads
   q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), jnp.dtype(m.dtype))
   return {
-      "attention": _attention.choice(q, m.get("attn_softcap") or None, m.attention_impl),
+      "attention": _attention.choice(q, m.get("attn_softcap") or None, m.attention_impl, segments=segments),
       "scan": scan.choice(m.scan_impl),
       "gla": gla.choice(head_dim, head_dim, m.gla_impl),
       "delta": delta.choice(int(m.get("chunk_size", 16)), head_dim, head_dim, m.delta_impl),
   }
 
 
-def resolve_impls(model_cfg) -> dict[str, str]:
+def resolve_impls(model_cfg, segments: bool = False) -> dict[str, str]:
   """What each kernel family runs on this platform for a model config (``"auto"`` resolved), as the
   run summary's ``impl`` records it: ``{"attention": "pallas/mosaic_gpu", "scan": "pallas", "gla":
   "pallas", "delta": "xla"}`` (attention's Pallas path names its lowering: mosaic_gpu, triton, or
   mosaic_tpu). :func:`kernel_choices` has the lowerings of every family and the rejected candidates."""
-  out = {family: c.impl for family, c in _choices(model_cfg).items()}
-  attention = _choices(model_cfg)["attention"]
+  choices = _choices(model_cfg, segments)
+  out = {family: c.impl for family, c in choices.items()}
+  attention = choices["attention"]
   if attention.impl == "pallas":
     out["attention"] = attention.name
   return out
 
 
-def kernel_choices(model_cfg) -> dict[str, dict]:
+def kernel_choices(model_cfg, segments: bool = False) -> dict[str, dict]:
   """Each family's choice as ``summary.json`` keeps it: ``{"requested", "impl", "lowering",
   "rejected": {candidate: why}}``, where ``rejected`` names every implementation not taken and why
   (cannot run the call, or not measured fastest here)."""
-  return {family: c.record() for family, c in _choices(model_cfg).items()}
+  return {family: c.record() for family, c in _choices(model_cfg, segments).items()}

@@ -24,6 +24,20 @@ Both exponents are ≤ 0. The unscaled output is ``o_t · exp(m_t)``; the mLSTM 
 ``C_tᵀq_t / max(|n_tᵀq_t|, 1) = o_t / max(|ν_t|, exp(−m_t))`` with ``ν_t`` the output of a ones
 column appended to ``v`` (its normaliser), so ``m_t`` is returned beside the output.
 
+Packed documents (``segment_ids: int [batch, time]``; a document starts where the id changes from
+t − 1 to t): the state entering a start is zero, α_t = 0 there, for every decay kind; with the input
+gate the pair entering a start is (S, m) = (0, 0), what a row that begins with that document gets by
+default (so m_t = max(log α_t, ĩ_t) there, and a packed row equals its documents run one by one).
+``initial_state`` enters the row's first document only (position 0 is no start); the final state is
+the last document's alone. No implementation puts −∞ into a cumulative log-decay: the chunked forms
+set a start's own log α to 0 (it only multiplies the discarded state) and mask: a pair (s ≤ t)
+counts only within one document, the state entering a chunk reaches t only if no start lies in
+(chunk start, t], and a chunk's outgoing state keeps the entering one only if the chunk has no start
+and adds only its last document's tokens. With the input gate the chunked stabiliser's candidates
+follow the same masks, and a start p inside the chunk adds the candidate b_t − b_p + log α_p of its
+(0, 0) entering pair (a stabiliser-only gate max(ĩ_p, log α_p) at p). ``segment_ids=None`` runs the
+code paths without documents unchanged.
+
 Shapes: ``q, k: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``. Without an input gate
 the state is ``S: f32 [batch, heads, d_k, d_v]``; with one it is the pair ``(S, m)`` with
 ``m: f32 [batch, heads]``, for ``initial_state``, the returned final state and ``gla_step``.
@@ -43,7 +57,9 @@ Implementations:
   ``jax.custom_vjp`` whose backward is chunked too; see ``pallas.py``. It caps log α at −20 per
   step (``MIN_LOG_DECAY``). On Hopper its output stage is a Mosaic GPU kernel (``mosaic_gpu.py``).
   With ``log_input_gate`` (mLSTM) there is no kernel: ``"pallas"`` runs ``"xla"``, a choice
-  :func:`kernels.dispatch.gla` records.
+  :func:`kernels.dispatch.gla` records. With ``segment_ids`` the kernels apply the document masks
+  themselves; on Hopper the output stage is then the Triton kernel (the Mosaic GPU one has no masks:
+  ``mosaic_gpu.supports`` says so, and ``PallasConfig.out_kernel="mosaic_gpu"`` is a ValueError).
 - ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (those measured; ``kernels/BENCHMARKS.md``),
   ``"xla"`` elsewhere (the Mosaic TPU kernels are export-tested only, never timed on a TPU).
 
@@ -80,9 +96,9 @@ def auto_impl(d_k: int, d_v: int) -> str:
   return choice(d_k, d_v).impl
 
 
-def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chunk_size: int = 16,
-        impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
-        pallas_config: PallasConfig | None = None):
+def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, segment_ids=None,
+        chunk_size: int = 16, impl: Impl = "auto", interpret: bool = False,
+        pallas_target: PallasTarget | None = None, pallas_config: PallasConfig | None = None):
   """``S_t = diag(exp(log_decay_t)) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (see the module docstring).
 
   Args:
@@ -92,6 +108,10 @@ def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chu
       ``(S [batch, heads, d_k, d_v], m [batch, heads])`` or None (zeros, m = 0).
     log_input_gate: None, or ĩ ``[batch, time, heads]``: the exponential input gate of the mLSTM,
       ``C_t = α_t C_{t−1} + exp(ĩ_t) k_t v_tᵀ``, carried stabilised (needs a per-head or no decay).
+    segment_ids: None, or int ``[batch, time]``: packed documents (a new one starts where the id
+      changes from t − 1 to t); the state entering a start is zero (``(S, m) = (0, 0)`` with the
+      input gate), ``initial_state`` enters the row's first document only, and the final state is
+      the last document's alone.
     chunk_size: tokens per chunk of the ``"xla"`` chunked form (the Pallas kernels take theirs from
       ``pallas_config``).
     impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` or ``"auto"`` (:func:`kernels.dispatch.gla`).
@@ -104,7 +124,7 @@ def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chu
     ``log_input_gate``: ``(o, (S, m) final, m [batch, time, heads] f32)`` where ``o_t = exp(−m_t) C_tᵀq_t``
     and ``S = exp(−m) C``.
   """
-  _check(q, k, v, log_decay, initial_state, log_input_gate)
+  _check(q, k, v, log_decay, initial_state, log_input_gate, segment_ids)
   if impl not in IMPLS:
     raise ValueError(f"gla: unknown impl {impl!r}; valid: {IMPLS}")
   if chunk_size <= 0:
@@ -112,9 +132,9 @@ def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, chu
   impl = choice(q.shape[-1], v.shape[-1], impl, gated=log_input_gate is not None, interpret=interpret,
                 pallas_target=pallas_target).impl
   if impl == "reference":
-    return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate)
+    return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate, segment_ids=segment_ids)
   if impl == "pallas":
-    return gla_pallas(q, k, v, log_decay, initial_state, interpret=interpret, target=pallas_target,
-                      config=pallas_config)
-  return _gla_chunked(q, k, v, log_decay, initial_state, chunk_size, log_input_gate)
+    return gla_pallas(q, k, v, log_decay, initial_state, segment_ids=segment_ids, interpret=interpret,
+                      target=pallas_target, config=pallas_config)
+  return _gla_chunked(q, k, v, log_decay, initial_state, chunk_size, log_input_gate, segment_ids)
 

@@ -2,12 +2,19 @@
 
     python -m kernels.bench --kernels gla            # B4 T8192 H16 d_k = d_v = 128, bf16, per-key-dim decay
     python -m kernels.bench --kernels gla --quick    # a tiny shape (on CPU the Pallas kernels interpret)
+    python -m kernels.gla.bench --segments 4 --json /tmp/gla.json   # also with 4 packed documents per row
     python -c "from kernels.gla.bench import tune; tune()"   # Pallas tilings, time per kernel
+    python -c "from kernels.gla.bench import tune; tune(segments=4)"   # the same with documents
 
 Inputs (the GLA paper's regime): q ~ N(0, 1/d_k), k, v ~ N(0, 1), log-decay per key dim
 ``log σ(x) / 16`` with x ~ N(0, 1) (GLA's temperature τ = 16: decays ≈ 0.95 – 1, long memory), all
 bf16; fwd+bwd is the vjp wrt q, k, v and the log-decay for a random cotangent. Peer: fla
 (flash-linear-attention) ``chunk_gla(q, k, v, g, scale=1.0)`` on the same ``[B, T, H, D]`` tensors.
+
+With ``--segments N`` each of our implementations is also timed with ``segment_ids`` that cut every
+row into N documents at random positions (``segment_ids``; the same cuts for every input set),
+beside the same call without them; those rows carry ``"segments": N`` (the others None), and the
+JSON report, the same as ``python -m kernels.bench`` writes, a top-level ``"segments"``.
 
 Every implementation is checked before it is timed, on the very program that is timed (full
 shape): its output and each gradient for batch 0, heads 0–1 (all 8192 tokens) against the
@@ -22,16 +29,21 @@ the intra-chunk products); the backward counts twice the forward.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import datetime
 import json
+import sys
 import time as _time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check_out_and_grads, checked_row, head_slice, peer_row, progress_log, vjp_fns
+from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
+                           progress_log, versions, vjp_fns)
 from kernels.gla import PallasConfig, gla
+from kernels.gla.reference import _document_starts
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
 QUICK = (1, 64, 2, 32, 32)
@@ -55,6 +67,17 @@ def _inputs(seed, batch, time, heads, dk, dv):
   return q, k, v, g, do
 
 
+def segment_ids(batch: int, time: int, documents: int, seed: int = 0):
+  """``int32 [batch, time]``: each row cut into ``documents`` documents at random positions."""
+  if not 1 <= documents <= time:
+    raise ValueError(f"segments={documents} must be between 1 and the row length {time}")
+  rng = np.random.default_rng(seed)
+  starts = np.zeros((batch, time), np.int32)
+  for row in range(batch):
+    starts[row, rng.choice(np.arange(1, time), documents - 1, replace=False)] = 1
+  return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+
+
 def _fns(**kwargs):
   """jit(q, k, v, g) → o; jit(q, k, v, g, do) → (dq, dk, dv, dg); jit(…, do) → (o, grads)."""
   return vjp_fns(lambda q, k, v, g: gla(q, k, v, g, **kwargs)[0])
@@ -64,10 +87,10 @@ def _check_all(name, ours, ref, tol=TOL):
   return check_out_and_grads(name, ours, ref, ("q", "k", "v", "g"), tol)
 
 
-def _reference(args):
+def _reference(args, segments=None):
   f32 = [x.astype(jnp.float32) for x in args]
   with jax.default_matmul_precision("highest"):
-    return _fns(impl="reference")[2](*f32)
+    return _fns(impl="reference", segment_ids=segments)[2](*f32)
 
 
 _log = progress_log("bench_gla")
@@ -114,13 +137,20 @@ def _fla(ctx, sets, ref):
   return dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=ctx.time_torch(fwdbwd), rel_err=err), None
 
 
-def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = True) -> list[dict]:
-  """Our Pallas kernels (``config``), our XLA chunked form (``with_xla``) and fla's ``chunk_gla``."""
+def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = True,
+        segments: int | None = None) -> list[dict]:
+  """Our Pallas kernels (``config``), our XLA chunked form (``with_xla``) and fla's ``chunk_gla``;
+  ``segments``: ours also with that many documents per row (see the module docstring)."""
   shape = QUICK if ctx.quick else FULL
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, *shape) for seed in range(1 if ctx.quick else N_SETS)]
   ref = jax.block_until_ready(_reference(head_slice(sets[0])))
   _log(f"reference ready ({_label(*shape)})")
+  seg = ref_seg = None
+  if segments is not None:
+    seg = segment_ids(batch, time, segments)
+    ref_seg = jax.block_until_ready(_reference(head_slice(sets[0]), seg[:1]))
+    _log(f"reference with {segments} documents per row ready")
   n_qk, n_v = batch * time * heads * dk, batch * time * heads * dv
   io = 2 * (3 * n_qk + 2 * n_v)  # q, k, g, v, o in bf16
   flops = batch * time * heads * (4 * dk * dv + 64 * (dk + dv))
@@ -130,15 +160,20 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
   on_cpu = ctx.platform == "cpu"
 
   def ours(name, **kwargs):
-    return checked_row(ctx, base, name, _fns(**kwargs), sets, ref, _check_all, _log)
+    rows = [dict(checked_row(ctx, base, name, _fns(**kwargs), sets, ref, _check_all, _log), segments=None)]
+    if segments is not None:
+      row = checked_row(ctx, base, f"{name} {segments} docs/row", _fns(segment_ids=seg, **kwargs), sets, ref_seg,
+                        _check_all, _log)
+      rows.append(dict(row, segments=segments))
+    return rows
 
   def peer():
-    return peer_row(base, "fla chunk_gla (Triton)", lambda: _fla(ctx, sets, ref), _log)
+    return dict(peer_row(base, "fla chunk_gla (Triton)", lambda: _fla(ctx, sets, ref), _log), segments=None)
 
   # Ours first: the peer's autotuning can take minutes and a time limit may end the run there.
-  rows = [ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config)]
+  rows = ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config)
   if with_xla:
-    rows.append(ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK))
+    rows += ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK)
   _log("rows so far: " + json.dumps([{k: r.get(k) for k in ("impl", "fwd_ms", "fwdbwd_ms", "rel_err")} for r in rows]))
   return rows + [peer()]
 
@@ -146,22 +181,26 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
 # --- tuning: the Pallas kernels one at a time --------------------------------------------------------
 
 
-def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
+def kernel_times(ctx: Context, config: PallasConfig, shape=FULL, segments: int | None = None) -> dict:
   """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv; on
-  Hopper also the Mosaic GPU output stage and the dv kernel that reads its score matrices)."""
+  Hopper also the Mosaic GPU output stage and the dv kernel that reads its score matrices);
+  ``segments``: with that many documents per row (the kernels' document masks; no Mosaic GPU stage)."""
   from kernels.gla import pallas as G
   batch, time, heads, dk, dv = shape
   q, k, v, g, do = _inputs(0, *shape)
   cfg = dataclasses.replace(config, chunk=min(config.chunk, time))
   plan = G._Plan(target="triton", interpret=ctx.platform == "cpu", cfg=cfg, heads=heads, chunks=time // cfg.chunk, dk=dk, dv=dv,
-                 decay=True, dot_dtype="bfloat16")
+                 decay=True, dot_dtype="bfloat16", segmented=segments is not None)
   s0 = jnp.zeros((batch, heads, dv, dk), jnp.float32)
+  ell = None
+  if segments is not None:
+    ell = G._chunk_start_counts(_document_starts(segment_ids(batch, time, segments)), cfg.chunk, time)
   fns = {
-      "states": jax.jit(lambda *a: G._states_call(plan, *a, reverse=False)),
-      "output": jax.jit(lambda *a: G._output_call(plan, *a)),
-      "states_bwd": jax.jit(lambda *a: G._states_call(plan, *a, reverse=True)),
-      "dqk": jax.jit(lambda *a: G._dqk_call(plan, *a)),
-      "dv": jax.jit(lambda *a: G._dv_call(plan, *a)),
+      "states": jax.jit(lambda *a: G._states_call(plan, *a, reverse=False, ell=ell)),
+      "output": jax.jit(lambda *a: G._output_call(plan, *a, ell=ell)),
+      "states_bwd": jax.jit(lambda *a: G._states_call(plan, *a, reverse=True, ell=ell)),
+      "dqk": jax.jit(lambda *a: G._dqk_call(plan, *a, ell=ell)),
+      "dv": jax.jit(lambda *a: G._dv_call(plan, *a, ell=ell)),
   }
   out, args = {}, {"states": (k, g, v, s0), "states_bwd": (q, g, do, s0)}
   try:
@@ -175,7 +214,7 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL) -> dict:
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
   from kernels.gla import mosaic_gpu as gla_mgpu
   from kernels.dispatch import tma_gpu
-  if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk):  # the Mosaic GPU output stage and its dv
+  if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk, segmented=segments is not None):  # the Mosaic GPU output stage and its dv
     mplan = dataclasses.replace(plan, mgpu_out=True)
     fns["output_mgpu"] = jax.jit(lambda q, k, v, g, st: gla_mgpu.output(
         q, k, v, gla_mgpu.decay_parts(g, G.MIN_LOG_DECAY), st, min_log_decay=G.MIN_LOG_DECAY))
@@ -234,9 +273,10 @@ def best_config(results: list[tuple[PallasConfig, dict]]) -> tuple[PallasConfig,
   return best
 
 
-def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float = 1e9):
+def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float = 1e9, segments: int | None = None):
   """Prints the time of each Pallas kernel under several tilings (stops starting new ones after
-  ``budget_s`` seconds), then the best combination (:func:`best_config`)."""
+  ``budget_s`` seconds), then the best combination (:func:`best_config`); ``segments``: with that
+  many documents per row."""
   device = jax.devices()[0]
   ctx = Context(quick=False, platform=device.platform, iters=10, repeats=3)
   shape = shape or (FULL if ctx.platform != "cpu" else QUICK)
@@ -246,7 +286,7 @@ def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float 
     if _time.time() - start > budget_s:
       break
     t0 = _time.time()
-    times = kernel_times(ctx, cfg, shape)
+    times = kernel_times(ctx, cfg, shape, segments)
     given = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(PallasConfig(), k)}
     total = [sum(times[k] for k in keys) if all(isinstance(times.get(k), float) for k in keys) else None
              for keys in (("states", "output"), ("states", "output", "states_bwd", "dqk", "dv"))]
@@ -259,3 +299,32 @@ def tune(configs: list[PallasConfig] | None = None, shape=None, budget_s: float 
     given = {k: v for k, v in dataclasses.asdict(best[0]).items() if v != getattr(PallasConfig(), k)}
     print(f"  best combination {given}: fwd+bwd {best[1]:.3f} ms predicted from the per-kernel times", flush=True)
   return results
+
+
+def main(argv=None) -> int:
+  """``python -m kernels.gla.bench``: this family's rows as ``python -m kernels.bench --kernels gla``
+  prints and writes them, with ``--segments``."""
+  parser = argparse.ArgumentParser(prog="python -m kernels.gla.bench", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="a tiny shape (checks the script, not the speed)")
+  parser.add_argument("--json", default="", help="write the rows, device and versions here")
+  parser.add_argument("--segments", type=int, default=None, metavar="N",
+                      help="also time ours with N packed documents per row")
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  ctx = Context(quick=args.quick, platform=device.platform, iters=3 if args.quick else 20,
+                repeats=1 if args.quick else 5)
+  rows = run(ctx, segments=args.segments)
+  print(format_table(rows), flush=True)
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
+            "versions": versions(), "command": " ".join(["python -m kernels.gla.bench"] + list(argv or sys.argv[1:])),
+            "rows": rows, "segments": args.segments}
+  print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

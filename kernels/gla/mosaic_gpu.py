@@ -46,8 +46,11 @@ CHUNK = 64  # rows per CTA: one wgmma's M
 _BLOCK = 16  # rows per block of the reference scheme (module docstring)
 
 
-def supports(q, v, g, chunk: int) -> str | None:
-  """Why this kernel cannot run the call (None: it can)."""
+def supports(q, v, g, chunk: int, *, segmented: bool = False) -> str | None:
+  """Why this kernel cannot run the call (None: it can); ``segmented``: with document boundaries
+  (``segment_ids``), whose masks this kernel does not apply (the Triton output stage does)."""
+  if segmented:
+    return "has no document masks (segment_ids)"
   if chunk != CHUNK:
     return f"needs PallasConfig.chunk={CHUNK} (got {chunk})"
   if q.dtype != jnp.bfloat16 or v.dtype != q.dtype:  # (f16's range cannot hold the e^{±70} factors)

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 
 from kernels.dispatch import mosaic_gpu_or_triton, pallas_layout, tma_gpu
 from kernels.gla import mosaic_gpu as gla_mgpu
-from kernels.gla.reference import _check
+from kernels.gla.reference import _check, _document_starts
 from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 from kernels.tiling import next_pow2, round_up
 
@@ -77,6 +77,22 @@ from kernels.tiling import next_pow2, round_up
 # are a lower-triangular f32 matmul (Mosaic has no scan). Rows of a tile are read by a masked
 # reduction on both.
 # Time is zero-padded to a multiple of the chunk (k = v = q = 0, log α = 0 change nothing).
+#
+# Documents (``segment_ids``). The state entering a document start is zero. No −∞ enters a cumulative
+# log-decay (e^{−∞ − (−∞)} is NaN, and a huge finite value would ruin the differences): a start's own
+# log α is set to 0 before the kernels (it only multiplies the discarded state; its gradient is 0),
+# and the resets are masks. ℓ_t (f32 [batch, time, 1], shared by the heads) counts the starts from
+# the chunk's first row up to row t, so within a chunk s and t share a document iff ℓ_s = ℓ_t. For a
+# block of rows (a chunk, or a sub-chunk entered after a row with ℓ = ℓ_b): the entering state reaches
+# row t iff ℓ_t = ℓ_b ("reach"), row s reaches the block's last state iff ℓ_s = ℓ_last ("tail"), and the
+# entering state survives the block iff ℓ_last = ℓ_b ("keep"). So q ⊙ e^{β} is masked by reach,
+# k ⊙ e^{λ−β} by tail, the decay e^{λ} of a carried state (S or the reverse E) by keep, and each pair
+# of a diagonal block by one-document; every exponent stays as above. d log α: with db_r = q_r ⊙ dq_r −
+# k_r ⊙ dk_r and Y_r = Σ_v D_r ⊙ S_r − k_r ⊙ dk_r, Y_r = db_r + [r + 1 is no start] Y_{r+1}, and
+# d log α_r = Y_r (0 at a start): per sub-chunk a masked suffix sum (a 16 × 16 product) plus the carry
+# on the rows whose document reaches the sub-chunk's end; the carry handed to the previous sub-chunk
+# is Y at row 0 unless row 0 starts a document; a chunk's own carry is Σ_v E ⊙ S_end as before (E
+# already masked). The Mosaic GPU output stage has no masks: with documents the Triton one runs.
 # ----------------------------------------------------------------------------------------------------
 
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]  # "mosaic": the older name of "mosaic_tpu"
@@ -139,6 +155,7 @@ class _Plan:
   decay: bool
   dot_dtype: str  # "float32" (IEEE dots) or the 16-bit input dtype (tensor cores, f32 accumulation)
   mgpu_out: bool = False  # the output stage is gla_mgpu.output (residual: each chunk's whole score matrix)
+  segmented: bool = False  # document boundaries: every kernel takes ℓ (see "Documents" in the section comment)
 
 
 _SQ = SQUEEZED
@@ -184,8 +201,47 @@ def _rows_at(x, *rows):
 
 
 @dataclasses.dataclass
+class _Docs:
+  """Document masks of a block of rows (a chunk or a sub-chunk) from ℓ (see "Documents" in the
+  section comment): ``reach [rows, 1]``: the state entering the block reaches row t; ``tail [rows,
+  1]``: row s reaches the block's last state; ``keep [1, 1]``: no document starts in the block (its
+  entering state survives it); ``same [rows, rows]`` (sub-chunks only, ``[s, t]``): s and t are in
+  one document."""
+  reach: jax.Array
+  tail: jax.Array
+  keep: jax.Array
+  same: jax.Array | None = None
+
+
+def _docs(plan: _Plan, ell, ell_before, *, pairs: bool = True) -> _Docs:
+  """Masks of the rows whose ℓ is ``ell [rows, 1]`` (f32), entered after a row with ℓ =
+  ``ell_before [1, 1]``; ``pairs``: with ``same``."""
+  last = jnp.max(ell, axis=0, keepdims=True)  # ℓ never decreases within a chunk
+  same = None
+  if pairs:
+    n = ell.shape[0]
+    # ℓ along columns too, [s, t] → ℓ_t, as a product with a diagonal (no transposes: Triton and
+    # Mosaic both take it); ℓ are small integers, exact in every dot precision used here.
+    diag = jnp.where(_iota((n, n), 0) == _iota((n, n), 1), ell, 0.0)
+    ell_t = _dot(plan, jnp.ones((n, n), _F32), diag, 1, 0, exact=True)
+    same = jnp.abs(ell - ell_t) < 0.5
+  return _Docs(reach=ell == ell_before, tail=ell == last, keep=last == ell_before, same=same)
+
+
+def _ell_before(ell_ref, j):
+  """ℓ of the row before sub-chunk ``j`` ([1, 1]; 0 before the chunk's first row)."""
+  if isinstance(j, int):
+    if j == 0:
+      return jnp.zeros((1, 1), _F32)
+    return jnp.max(_load(ell_ref, pl.ds(_start(j - 1), _SUB)), axis=0, keepdims=True)
+  prev = jnp.max(_load(ell_ref, pl.ds(_start(jnp.maximum(j - 1, 0)), _SUB)), axis=0, keepdims=True)
+  return jnp.where(j > 0, prev, 0.0)
+
+
+@dataclasses.dataclass
 class _Sub:
-  """Decay factors of one sub-chunk of 16 rows (all None without decay).
+  """Decay factors of one sub-chunk of 16 rows (all None without decay), and its document masks
+  (``docs``, None without documents).
 
   Across sub-chunks (exponents ≤ 0): ``eb = e^{β}`` (entering state → row t), ``ek = e^{λ−β}`` (row s
   → the sub-chunk's end), ``elam = e^{λ}``. Diagonal block (see the section comment): ``fq = e^{β−μ}``,
@@ -200,15 +256,23 @@ class _Sub:
   fk: jax.Array | None = None
   cq: jax.Array | None = None
   ck: jax.Array | None = None
+  docs: _Docs | None = None
 
-  def q(self, q):
-    return q if self.eb is None else q * self.eb
+  def q(self, q):  # the rows' reading of the entering state
+    q = q if self.eb is None else q * self.eb
+    return q if self.docs is None else jnp.where(self.docs.reach, q, 0.0)
 
-  def k(self, k):
-    return k if self.ek is None else k * self.ek
+  def k(self, k):  # the rows' contribution to the leaving state
+    k = k if self.ek is None else k * self.ek
+    return k if self.docs is None else jnp.where(self.docs.tail, k, 0.0)
 
   def decay(self, state):  # a transposed state [*, d]
-    return state if self.elam is None else state * self.elam
+    state = state if self.elam is None else state * self.elam
+    return state if self.docs is None else jnp.where(self.docs.keep, state, 0.0)
+
+  def pairs(self, mask):
+    """A [s, t] mask of the diagonal block, restricted to pairs in one document."""
+    return mask if self.docs is None else mask & self.docs.same
 
 
 def _clamp(g):
@@ -217,9 +281,9 @@ def _clamp(g):
   return jnp.maximum(g, MIN_LOG_DECAY)
 
 
-def _sub(plan: _Plan, g) -> _Sub:
+def _sub(plan: _Plan, g, docs: _Docs | None = None) -> _Sub:
   if g is None:
-    return _Sub()
+    return _Sub(docs=docs)
   beta = _cumsum(plan, _clamp(g))
   lam = _rows_at(beta, _SUB - 1)
   low = _iota(beta.shape, 0) < _SUB // 2  # rows 0–7
@@ -229,7 +293,7 @@ def _sub(plan: _Plan, g) -> _Sub:
   # e^{β} = e^{β−μ}·e^{μ} and e^{λ−β} = e^{μ−β}·e^{λ−μ}: factors ≤ e^{70} times row factors ≤ 1.
   return _Sub(eb=fq * jnp.exp(mid), ek=fk * jnp.exp(lam - mid), elam=jnp.exp(lam), fq=fq, fk=fk,
               cq=jnp.where(low, 0.0, jnp.exp(jnp.minimum(beta - split, 0.0))),
-              ck=jnp.where(low, jnp.exp(jnp.minimum(split - beta, 0.0)), 0.0))
+              ck=jnp.where(low, jnp.exp(jnp.minimum(split - beta, 0.0)), 0.0), docs=docs)
 
 
 def _causal_t(n=_SUB):
@@ -261,10 +325,10 @@ def _sub_chunks(plan: _Plan, n: int, body, carry, *, reverse: bool = False):
 
 
 def _diag_scores_t(plan: _Plan, sub: _Sub, q, k):
-  """``AT[s, t] = A_ts = Σ_d q_td k_sd e^{β_td − β_sd}`` for s ≤ t in one sub-chunk (0 for s > t)."""
+  """``AT[s, t] = A_ts = Σ_d q_td k_sd e^{β_td − β_sd}`` for s ≤ t in one sub-chunk and document (else 0)."""
   if sub.fq is None:
-    return jnp.where(_causal_t(), _dot(plan, k, q, 1, 1, exact=True), 0.0)
-  same, cross = _pair_masks()
+    return jnp.where(sub.pairs(_causal_t()), _dot(plan, k, q, 1, 1, exact=True), 0.0)
+  same, cross = map(sub.pairs, _pair_masks())
   # Entries outside a mask may overflow to ±inf or NaN; `where` drops them (a select, not a product).
   within = _dot(plan, k * sub.fk, q * sub.fq, 1, 1, exact=True)
   across = _dot(plan, k * sub.ck, q * sub.cq, 1, 1, exact=True)
@@ -272,29 +336,31 @@ def _diag_scores_t(plan: _Plan, sub: _Sub, q, k):
 
 
 def _dq_intra(plan: _Plan, sub: _Sub, mt, k):
-  """``dq_t = Σ_{s≤t} MT[s, t] k_s e^{β_t − β_s}`` with ``MT[s, t] = v_s · dO_t``."""
+  """``dq_t = Σ_{s≤t} MT[s, t] k_s e^{β_t − β_s}`` with ``MT[s, t] = v_s · dO_t`` (s in t's document)."""
   if sub.fq is None:
-    return _dot(plan, jnp.where(_causal_t(), mt, 0.0), k, 0, 0, exact=True)
-  same, cross = _pair_masks()  # masking MT first keeps the products finite
+    return _dot(plan, jnp.where(sub.pairs(_causal_t()), mt, 0.0), k, 0, 0, exact=True)
+  same, cross = map(sub.pairs, _pair_masks())  # masking MT first keeps the products finite
   return (sub.fq * _dot(plan, jnp.where(same, mt, 0.0), k * sub.fk, 0, 0, exact=True)
           + sub.cq * _dot(plan, jnp.where(cross, mt, 0.0), k * sub.ck, 0, 0, exact=True))
 
 
 def _dk_intra(plan: _Plan, sub: _Sub, mt, q):
-  """``dk_s = Σ_{t≥s} MT[s, t] q_t e^{β_t − β_s}``."""
+  """``dk_s = Σ_{t≥s} MT[s, t] q_t e^{β_t − β_s}`` (t in s's document)."""
   if sub.fq is None:
-    return _dot(plan, jnp.where(_causal_t(), mt, 0.0), q, 1, 0, exact=True)
-  same, cross = _pair_masks()
+    return _dot(plan, jnp.where(sub.pairs(_causal_t()), mt, 0.0), q, 1, 0, exact=True)
+  same, cross = map(sub.pairs, _pair_masks())
   return (sub.fk * _dot(plan, jnp.where(same, mt, 0.0), q * sub.fq, 1, 0, exact=True)
           + sub.ck * _dot(plan, jnp.where(cross, mt, 0.0), q * sub.cq, 1, 0, exact=True))
 
 
-def _split(refs, decay: bool, n_before_g: int):
-  """Inserts None for the absent log-decay ref so kernels unpack one signature."""
+def _split(refs, plan: _Plan, n_before_g: int):
+  """``(ℓ ref or None, the other refs)`` with None inserted for an absent log-decay ref, so kernels
+  unpack one signature (ℓ comes first when the plan has documents)."""
   refs = list(refs)
-  if not decay:
+  ell_ref = refs.pop(0) if plan.segmented else None
+  if not plan.decay:
     refs.insert(n_before_g, None)
-  return refs
+  return ell_ref, refs
 
 
 def _load(ref, rows):
@@ -304,37 +370,51 @@ def _load(ref, rows):
 # --- kernel bodies (refs are 2-D tiles; shared by both layouts) --------------------------------------
 
 
-def _states_step(plan: _Plan, state, x, g, y, reverse: bool):
+def _states_step(plan: _Plan, state, x, g, y, reverse: bool, docs: _Docs | None = None):
   """One chunk of the sequential pass on a transposed state [d_y, d_x].
 
   forward (x = k, y = v):  Sᵀ ← Sᵀ e^{b_C} + vᵀ (k e^{b_C − b})
   reverse (x = q, y = dO): Eᵀ ← Eᵀ e^{b_C} + dOᵀ (q e^{b})
+  With ``docs``: the carried term only if no document starts in the chunk; forward, only rows of the
+  chunk's last document contribute; reverse, only rows of its first (those the entering state reaches).
   """
+  rows = None if docs is None else (docs.reach if reverse else docs.tail)
+  keep = (lambda a: a) if docs is None else (lambda a: jnp.where(docs.keep, a, 0.0))
   if g is None:
-    return state + _dot(plan, y, x, 0, 0)
+    return keep(state) + _dot(plan, y, x if rows is None else jnp.where(rows, x, 0.0), 0, 0)
   b = _cumsum(plan, _clamp(g))
   b_last = _rows_at(b, b.shape[0] - 1)
   weight = jnp.exp(b) if reverse else jnp.exp(b_last - b)
-  return state * jnp.exp(b_last) + _dot(plan, y, x * weight, 0, 0)
+  if rows is not None:
+    weight = jnp.where(rows, weight, 0.0)
+  return keep(state * jnp.exp(b_last)) + _dot(plan, y, x * weight, 0, 0)
+
+
+def _chunk_docs(plan: _Plan, ell_ref, rows):
+  """The document masks of a whole chunk (ℓ counts from the chunk's first row: ℓ before it is 0)."""
+  if ell_ref is None:
+    return None
+  return _docs(plan, _load(ell_ref, rows), jnp.zeros((1, 1), _F32), pairs=False)
 
 
 def _states_kernel_triton(*refs, plan: _Plan, reverse: bool):
-  # x, g: [time, bk]; y: [time, bv]; s0, final: [bv, bk]; states: [chunks, bv, bk]
-  x_ref, g_ref, y_ref, s0_ref, st_ref, sf_ref = _split(refs, plan.decay, 1)
+  # x, g: [time, bk]; y: [time, bv]; s0, final: [bv, bk]; states: [chunks, bv, bk]; ℓ: [time, 1]
+  ell_ref, (x_ref, g_ref, y_ref, s0_ref, st_ref, sf_ref) = _split(refs, plan, 1)
   c, n_chunks = plan.cfg.chunk, plan.chunks
 
   def body(i, state):
     n = n_chunks - 1 - i if reverse else i
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     st_ref[n] = state.astype(st_ref.dtype)  # the state entering chunk n (from its far side if reverse)
-    return _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[rows, :], reverse)
+    return _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[rows, :], reverse,
+                        _chunk_docs(plan, ell_ref, rows))
 
   sf_ref[...] = jax.lax.fori_loop(0, n_chunks, body, _f32(s0_ref[...]))
 
 
 def _states_kernel_mosaic(*refs, plan: _Plan, reverse: bool):
   # One chunk per grid step along the (sequential) last axis; the final-state block stays resident.
-  x_ref, g_ref, y_ref, s0_ref, st_ref, sf_ref = _split(refs, plan.decay, 1)
+  ell_ref, (x_ref, g_ref, y_ref, s0_ref, st_ref, sf_ref) = _split(refs, plan, 1)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -343,18 +423,27 @@ def _states_kernel_mosaic(*refs, plan: _Plan, reverse: bool):
   state = sf_ref[...]
   st_ref[...] = state.astype(st_ref.dtype)
   rows = slice(None)
-  sf_ref[...] = _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[...], reverse)
+  sf_ref[...] = _states_step(plan, state, _load(x_ref, rows), _load(g_ref, rows), y_ref[...], reverse,
+                             _chunk_docs(plan, ell_ref, rows))
+
+
+def _sub_docs(plan: _Plan, ell_ref, j, *, pairs: bool = True):
+  """The document masks of sub-chunk ``j`` (None without documents); ``pairs``: with ``same``."""
+  if ell_ref is None:
+    return None
+  return _docs(plan, _load(ell_ref, pl.ds(_start(j), _SUB)), _ell_before(ell_ref, j), pairs=pairs)
 
 
 def _output_kernel(*refs, plan: _Plan):
-  # q, k, g: [chunk, d_k]; v, o: [chunk, bv]; st: Sᵀ entering the chunk [bv, d_k]; at: [chunk, 16]
-  q_ref, k_ref, g_ref, v_ref, st_ref, o_ref, at_ref = _split(refs, plan.decay, 2)
+  # q, k, g: [chunk, d_k]; v, o: [chunk, bv]; st: Sᵀ entering the chunk [bv, d_k]; at: [chunk, 16];
+  # ℓ: [chunk, 1]
+  ell_ref, (q_ref, k_ref, g_ref, v_ref, st_ref, o_ref, at_ref) = _split(refs, plan, 2)
 
   def sub_chunk(j, state):
     start = _start(j)
     rows = pl.ds(start, _SUB)
     q, k, g, v = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), v_ref[rows, :]
-    sub = _sub(plan, g)
+    sub = _sub(plan, g, _sub_docs(plan, ell_ref, j))
     at = _diag_scores_t(plan, sub, q, k)
     o = _dot(plan, sub.q(q), state, 1, 1) + _dot(plan, at, v, 0, 0, exact=True)
     o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -365,8 +454,9 @@ def _output_kernel(*refs, plan: _Plan):
 
 
 def _dqk_kernel(*refs, plan: _Plan):
-  # q, k, g, dq, dk, dg: [chunk, bk]; v, do: [chunk, d_v]; st (Sᵀ entering), e (Eᵀ leaving): [d_v, bk]
-  refs = _split(refs, plan.decay, 2)
+  # q, k, g, dq, dk, dg: [chunk, bk]; v, do: [chunk, d_v]; st (Sᵀ entering), e (Eᵀ leaving): [d_v, bk];
+  # ℓ: [chunk, 1]
+  ell_ref, refs = _split(refs, plan, 2)
   q_ref, k_ref, g_ref, v_ref, do_ref, st_ref, e_ref, dq_ref, dk_ref = refs[:9]
   dg_ref = refs[9] if plan.decay else None
   n_sub = q_ref.shape[0] // _SUB
@@ -374,7 +464,8 @@ def _dqk_kernel(*refs, plan: _Plan):
   def sub_chunk(j):  # each pass reloads its tiles rather than keep all sub-chunks' in registers
     rows = pl.ds(j * _SUB, _SUB)
     g = _load(g_ref, rows)
-    return rows, _load(q_ref, rows), _load(k_ref, rows), g, v_ref[rows, :], do_ref[rows, :], _sub(plan, g)
+    return (rows, _load(q_ref, rows), _load(k_ref, rows), g, v_ref[rows, :], do_ref[rows, :],
+            _sub(plan, g, _sub_docs(plan, ell_ref, j)))
 
   state = _f32(st_ref[...])
   q_dq, scores = [], []  # scores: MT_jj[s, t] = v_s · dO_t, kept for the reverse pass if reuse_scores
@@ -398,23 +489,32 @@ def _dqk_kernel(*refs, plan: _Plan):
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     if dg_ref is not None:
       db = q_dq[j] - k * dk
-      total = jnp.sum(db, axis=0, keepdims=True)
-      dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
-      dg_ref[rows, :] = jnp.where(g >= MIN_LOG_DECAY, dg, 0.0)  # clamped decays have no gradient
-      carry = carry + total
+      if sub.docs is None:
+        total = jnp.sum(db, axis=0, keepdims=True)
+        dg = total - _cumsum(plan, db) + db + carry  # Σ_{t ≥ r} within, plus the tail
+        dg_ref[rows, :] = jnp.where(g >= MIN_LOG_DECAY, dg, 0.0)  # clamped decays have no gradient
+        carry = carry + total
+      else:
+        # Σ_{t ≥ r} within r's document, plus the tail where r's document reaches the sub-chunk's
+        # end; the previous sub-chunk's last row receives row 0's sum unless row 0 starts a document
+        # (see "Documents" in the section comment).
+        suffix = jnp.where(sub.pairs(_causal_t()), 1.0, 0.0)  # [r, t]: t ≥ r in r's document
+        dg = _dot(plan, suffix, db, 1, 0, exact=True) + jnp.where(sub.docs.tail, carry, 0.0)
+        dg_ref[rows, :] = jnp.where(g >= MIN_LOG_DECAY, dg, 0.0)
+        carry = _rows_at(jnp.where(sub.docs.reach, dg, 0.0), 0)
     e = sub.decay(e) + _dot(plan, do, sub.q(q), 0, 0)
 
 
 def _dv_kernel(*refs, plan: _Plan):
   # q, k, g: [chunk, d_k]; do, dv: [chunk, bv]; e (Eᵀ leaving the chunk): [bv, d_k]; the diagonal
   # score blocks: at [chunk, 16] (A_jjᵀ, the Triton output kernel's) or a [chunk, chunk] (the whole
-  # masked A, gla_mgpu's)
-  q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref = _split(refs, plan.decay, 2)
+  # masked A, gla_mgpu's); ℓ: [chunk, 1]
+  ell_ref, (q_ref, k_ref, g_ref, do_ref, at_ref, e_ref, dv_ref) = _split(refs, plan, 2)
 
   def sub_chunk(j, e):
     rows = pl.ds(_start(j), _SUB)
     q, k, g, do = _load(q_ref, rows), _load(k_ref, rows), _load(g_ref, rows), do_ref[rows, :]
-    sub = _sub(plan, g)
+    sub = _sub(plan, g, _sub_docs(plan, ell_ref, j, pairs=False))  # (the stored scores are masked already)
     if plan.mgpu_out:  # A_jj [t, s]: contract t
       diag = _dot(plan, at_ref[rows, pl.ds(_start(j), _SUB)], do, 0, 0, exact=True)
     else:
@@ -447,6 +547,21 @@ def _rows_spec(plan: _Plan, rows: int, width: int, *, blocked: bool = False):
   return pl.BlockSpec((_SQ, _SQ, rows, width), lambda b, h, n: (b, h, n, 0))
 
 
+def _ell_spec(plan: _Plan):
+  """A chunk of rows of ℓ ``[batch, time, 1]`` (one per token, shared by the heads) for the per-chunk kernels."""
+  c = plan.cfg.chunk
+  if plan.target == "triton":
+    return pl.BlockSpec((_SQ, c, 1), lambda a, n, bh: (_bh(plan, bh)[0], n, 0))
+  return pl.BlockSpec((_SQ, c, 1), lambda b, h, n: (b, n, 0))
+
+
+def _with_ell(plan: _Plan, ell, arrays, in_specs, spec=None):
+  """ℓ first among a kernel's inputs when the plan has documents."""
+  if not plan.segmented:
+    return arrays, in_specs
+  return [ell] + arrays, [spec or _ell_spec(plan)] + in_specs
+
+
 def _state_spec(plan: _Plan, bv: int, bk: int, *, v_block=False, k_block=False):
   """Spec of one chunk's state in [batch, heads, chunks, d_v, d_k] for the per-chunk kernels."""
   if plan.target == "triton":
@@ -471,8 +586,9 @@ def _params(plan: _Plan, warps: int, parallel=True):
   return mosaic_params(("parallel", "parallel", "parallel" if parallel else "arbitrary"))
 
 
-def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
-  """Sequential pass: (states entering each chunk [b, h, n, d_y, d_x], final state f32 [b, h, d_y, d_x])."""
+def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool, ell=None):
+  """Sequential pass: (states entering each chunk [b, h, n, d_y, d_x], final state f32 [b, h, d_y, d_x]);
+  ``ell``: ℓ [b, time, 1] with documents."""
   batch = x.shape[0]
   dx, dy = x.shape[-1], y.shape[-1]
   n_chunks, c = plan.chunks, plan.cfg.chunk
@@ -502,6 +618,7 @@ def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
 
     s_spec = pl.BlockSpec((_SQ, _SQ, by, bx), s_index)
     in_specs = [x_spec] + ([x_spec] if plan.decay else []) + [y_spec, s_spec]
+    ell_spec = pl.BlockSpec((_SQ, time, 1), lambda ik, iv, bh: (_bh(plan, bh)[0], 0, 0))
     out_specs = [pl.BlockSpec((_SQ, _SQ, n_chunks, by, bx), st_index), s_spec]
     grid = (dx // bx, dy // by, batch * plan.heads)
     kernel = functools.partial(_states_kernel_triton, plan=plan, reverse=reverse)
@@ -511,16 +628,18 @@ def _states_call(plan: _Plan, x, g, y, s0, *, reverse: bool):
     row = lambda width: pl.BlockSpec((_SQ, _SQ, c, width), lambda b, h, n: (b, h, chunk(n), 0))
     s_spec = pl.BlockSpec((_SQ, _SQ, dy, dx), lambda b, h, n: (b, h, 0, 0))
     in_specs = [row(dx)] + ([row(dx)] if plan.decay else []) + [row(dy), s_spec]
+    ell_spec = pl.BlockSpec((_SQ, c, 1), lambda b, h, n: (b, chunk(n), 0))
     out_specs = [pl.BlockSpec((_SQ, _SQ, _SQ, dy, dx), lambda b, h, n: (b, h, chunk(n), 0, 0)), s_spec]
     grid = (batch, plan.heads, n_chunks)
     kernel = functools.partial(_states_kernel_mosaic, plan=plan, reverse=reverse)
     params = _params(plan, 0, parallel=False)
+  arrays, in_specs = _with_ell(plan, ell, arrays, in_specs, ell_spec)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=[st_shape, sf_shape], compiler_params=params, interpret=plan.interpret,
                         name="gla_states_bwd" if reverse else "gla_states")(*arrays)
 
 
-def _output_call(plan: _Plan, q, k, g, v, states):
+def _output_call(plan: _Plan, q, k, g, v, states, ell=None):
   batch, c = q.shape[0], plan.cfg.chunk
   bv = min(plan.cfg.out_block, plan.dv) if plan.target == "triton" else plan.dv
   qk = _rows_spec(plan, c, plan.dk)
@@ -530,6 +649,7 @@ def _output_call(plan: _Plan, q, k, g, v, states):
   time = plan.chunks * c
   shape = lambda width, dtype: jax.ShapeDtypeStruct(_layout(plan, batch, time, width), dtype)
   arrays = [q, k] + ([g] if plan.decay else []) + [v, states]
+  arrays, in_specs = _with_ell(plan, ell, arrays, in_specs)
   return pl.pallas_call(
       functools.partial(_output_kernel, plan=plan), grid=_grid(plan, plan.dv // bv, batch),
       in_specs=in_specs, out_specs=[vb, at], out_shape=[shape(plan.dv, v.dtype), shape(_SUB, _F32)],
@@ -543,7 +663,7 @@ def _with_exact_dots(plan: _Plan, exact_dots: str | None) -> _Plan:
   return dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, exact_dots=exact_dots))
 
 
-def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states):
+def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states, ell=None):
   batch, c = q.shape[0], plan.cfg.chunk
   bk = min(plan.cfg.dqk_block, plan.dk) if plan.target == "triton" else plan.dk
   kb = _rows_spec(plan, c, bk, blocked=True)
@@ -554,6 +674,7 @@ def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states):
   shape = lambda dtype: jax.ShapeDtypeStruct(_layout(plan, batch, time, plan.dk), dtype)
   out_shape = [shape(q.dtype), shape(k.dtype)] + ([shape(_F32)] if plan.decay else [])
   arrays = [q, k] + ([g] if plan.decay else []) + [v, do, states, e_states]
+  arrays, in_specs = _with_ell(plan, ell, arrays, in_specs)
   out = pl.pallas_call(
       functools.partial(_dqk_kernel, plan=_with_exact_dots(plan, plan.cfg.dqk_exact_dots)),
       grid=_grid(plan, plan.dk // bk, batch),
@@ -562,7 +683,7 @@ def _dqk_call(plan: _Plan, q, k, g, v, do, states, e_states):
   return (out[0], out[1], out[2] if plan.decay else None)
 
 
-def _dv_call(plan: _Plan, q, k, g, do, at, e_states):
+def _dv_call(plan: _Plan, q, k, g, do, at, e_states, ell=None):
   batch, c = q.shape[0], plan.cfg.chunk
   bv = min(plan.cfg.dv_block, plan.dv) if plan.target == "triton" else plan.dv
   qk = _rows_spec(plan, c, plan.dk)
@@ -571,6 +692,7 @@ def _dv_call(plan: _Plan, q, k, g, do, at, e_states):
                                                         _state_spec(plan, bv, plan.dk, v_block=True)]
   time = plan.chunks * c
   arrays = [q, k] + ([g] if plan.decay else []) + [do, at, e_states]
+  arrays, in_specs = _with_ell(plan, ell, arrays, in_specs)
   return pl.pallas_call(
       functools.partial(_dv_kernel, plan=plan), grid=_grid(plan, plan.dv // bv, batch),
       in_specs=in_specs, out_specs=vb,
@@ -587,33 +709,33 @@ def _layout(plan: _Plan, batch: int, time: int, width: int):
 # --- the differentiable core (padded, laid out) --------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _pallas_core(q, k, v, g, s0, plan: _Plan):
-  return _pallas_core_fwd(q, k, v, g, s0, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas_core(q, k, v, g, s0, ell, plan: _Plan):
+  return _pallas_core_fwd(q, k, v, g, s0, ell, plan)[0]
 
 
-def _pallas_core_fwd(q, k, v, g, s0, plan: _Plan):
-  states, final = _states_call(plan, k, g, v, s0, reverse=False)
+def _pallas_core_fwd(q, k, v, g, s0, ell, plan: _Plan):
+  states, final = _states_call(plan, k, g, v, s0, reverse=False, ell=ell)
   if plan.mgpu_out:
     parts = gla_mgpu.decay_parts(g, MIN_LOG_DECAY)
     o, at = gla_mgpu.output(q, k, v, parts, states, min_log_decay=MIN_LOG_DECAY)
   else:
-    o, at = _output_call(plan, q, k, g, v, states)
-  return (o, final), (q, k, v, g, states, at)
+    o, at = _output_call(plan, q, k, g, v, states, ell)
+  return (o, final), (q, k, v, g, states, at, ell)
 
 
 def _pallas_core_bwd(plan: _Plan, residuals, cotangents):
-  q, k, v, g, states, at = residuals
+  q, k, v, g, states, at, ell = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
-  e_states, ds0 = _states_call(plan, q, g, do, d_final.astype(_F32), reverse=True)
-  dq, dk, dg = _dqk_call(plan, q, k, g, v, do, states, e_states)
-  dv = _dv_call(plan, q, k, g, do, at, e_states)
-  return dq, dk, dv, (None if g is None else dg.astype(g.dtype)), ds0
+  e_states, ds0 = _states_call(plan, q, g, do, d_final.astype(_F32), reverse=True, ell=ell)
+  dq, dk, dg = _dqk_call(plan, q, k, g, v, do, states, e_states, ell)
+  dv = _dv_call(plan, q, k, g, do, at, e_states, ell)
+  return dq, dk, dv, (None if g is None else dg.astype(g.dtype)), ds0, None  # ℓ: no gradient
 
 
 _pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
-_pallas_core_shared = lowered_once(_pallas_core, static_argnums=(5,))
+_pallas_core_shared = lowered_once(_pallas_core, static_argnums=(6,))
 
 
 _next_pow2 = next_pow2
@@ -622,14 +744,23 @@ _next_pow2 = next_pow2
 _round_up = round_up
 
 
-def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool) -> str:
+def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool, segmented: bool = False) -> str:
   """The GPU output stage for the padded Triton-layout problem: ``cfg.out_kernel``, or for None
-  "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``), else "triton"."""
-  return mosaic_gpu_or_triton(cfg.out_kernel, gla_mgpu.supports(q, v, g, cfg.chunk), interpret=interpret,
-                              hopper=tma_gpu(), field="gla: PallasConfig.out_kernel")
+  "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``: not with documents), else "triton"."""
+  return mosaic_gpu_or_triton(cfg.out_kernel, gla_mgpu.supports(q, v, g, cfg.chunk, segmented=segmented),
+                              interpret=interpret, hopper=tma_gpu(), field="gla: PallasConfig.out_kernel")
 
 
-def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interpret: bool, cfg: PallasConfig):
+def _chunk_start_counts(starts, chunk: int, padded: int):
+  """ℓ ``f32 [batch, padded, 1]``: the document starts (``starts: bool [batch, time]``) from each
+  chunk's first row up to each row; padded rows start none."""
+  batch, time = starts.shape
+  counts = jnp.pad(starts, ((0, 0), (0, padded - time))).reshape(batch, padded // chunk, chunk)
+  return jnp.cumsum(counts.astype(_F32), axis=2).reshape(batch, padded, 1)
+
+
+def _gla_pallas_target(q, k, v, log_decay, initial_state, segment_ids=None, *, target: str, interpret: bool,
+                       cfg: PallasConfig):
   batch, time, heads, d_k = q.shape
   d_v, out_dtype = v.shape[-1], v.dtype
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -652,6 +783,12 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   g = None if log_decay is None else log_decay
   if g is not None and g.ndim == 3:  # one decay per head, broadcast over the key dims
     g = jnp.broadcast_to(g.astype(_F32)[..., None], q.shape)
+  ell = None
+  if segment_ids is not None:
+    starts = _document_starts(segment_ids)  # [batch, time]
+    if g is not None:  # a start's own decay only multiplies the state it discards (and gets no gradient)
+      g = jnp.where(starts[:, :, None, None], jnp.zeros((), g.dtype), g)
+    ell = _chunk_start_counts(starts, chunk, padded)
   pad = lambda x, width: jnp.pad(x, ((0, 0), (0, padded - time), (0, 0), (0, width - x.shape[-1])))
   q, k = pad(q.astype(dtype), dk), pad(k.astype(dtype), dk)
   v = pad(v.astype(dtype), dv)
@@ -662,27 +799,31 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, *, target: str, interp
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     g = None if g is None else rearrange(g, "b t h d -> b h t d")
-  mgpu_out = target == "triton" and _output_stage(q, v, g, cfg, interpret=interpret) == "mosaic_gpu"
+  mgpu_out = target == "triton" and _output_stage(q, v, g, cfg, interpret=interpret,
+                                                    segmented=ell is not None) == "mosaic_gpu"
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
-               dv=dv, decay=g is not None, dot_dtype=dot_dtype.name, mgpu_out=mgpu_out)
-  o, final = _pallas_core_shared(q, k, v, g, s0, plan)
+               dv=dv, decay=g is not None, dot_dtype=dot_dtype.name, mgpu_out=mgpu_out, segmented=ell is not None)
+  o, final = _pallas_core_shared(q, k, v, g, s0, ell, plan)
   if target == "mosaic":
     o = rearrange(o, "b h t d -> b t h d")
   return o[:, :time, :, :d_v].astype(out_dtype), jnp.swapaxes(final, -1, -2)[:, :, :d_k, :d_v]
 
 
-def gla_pallas(q, k, v, log_decay=None, initial_state=None, *, interpret: bool = False,
+def gla_pallas(q, k, v, log_decay=None, initial_state=None, *, segment_ids=None, interpret: bool = False,
                target: PallasTarget | None = None, config: PallasConfig | None = None):
   """The Pallas path of :func:`gla` without an input gate (same arguments and results).
 
   ``target`` picks the kernel layout; ``None`` decides at lowering time (Mosaic when lowered for TPU,
   Triton otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host gets the TPU kernels.
   ``interpret=True`` runs either layout in the Pallas interpreter (there ``None`` means Triton).
+  With ``segment_ids`` the output stage on GPU is the Triton kernel (the Mosaic GPU one has no
+  document masks; ``PallasConfig.out_kernel="mosaic_gpu"`` is then a ValueError).
   """
-  _check(q, k, v, log_decay, initial_state)
+  _check(q, k, v, log_decay, initial_state, segment_ids=segment_ids)
   cfg = config or PallasConfig()
   target = pallas_layout(target, "gla")
   run = lambda t: functools.partial(_gla_pallas_target, target=t, interpret=interpret, cfg=cfg)
   if target is not None or interpret:
-    return run(target or "triton")(q, k, v, log_decay, initial_state)
-  return jax.lax.platform_dependent(q, k, v, log_decay, initial_state, tpu=run("mosaic"), default=run("triton"))
+    return run(target or "triton")(q, k, v, log_decay, initial_state, segment_ids)
+  return jax.lax.platform_dependent(q, k, v, log_decay, initial_state, segment_ids, tpu=run("mosaic"),
+                                    default=run("triton"))

@@ -8,10 +8,14 @@ import jax.numpy as jnp
 
 
 
-def _check(q, k, v, log_decay, initial_state, log_input_gate=None):
+def _check(q, k, v, log_decay, initial_state, log_input_gate=None, segment_ids=None):
   if q.ndim != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
     raise ValueError(f"gla: expected q, k [batch, time, heads, d_k] and v [batch, time, heads, d_v]; "
                      f"got q{q.shape} k{k.shape} v{v.shape}")
+  if segment_ids is not None and (getattr(segment_ids, "shape", None) != q.shape[:2]
+                                  or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+    raise ValueError(f"gla: segment_ids must be an integer array [batch, time] = {q.shape[:2]}; got "
+                     f"{getattr(segment_ids, 'dtype', type(segment_ids))}{getattr(segment_ids, 'shape', '')}")
   if log_decay is not None and log_decay.shape not in (q.shape, q.shape[:3]):
     raise ValueError(f"gla: log_decay{log_decay.shape} must be {q.shape} (per key dim) or {q.shape[:3]} (per head)")
   want = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
@@ -29,6 +33,13 @@ def _check(q, k, v, log_decay, initial_state, log_input_gate=None):
     if (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2
         or initial_state[0].shape != want or initial_state[1].shape != want[:2]):
       raise ValueError(f"gla: with log_input_gate, initial_state must be (S {want}, m {want[:2]})")
+
+
+def _document_starts(segment_ids):
+  """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where the id changes from t − 1 to t.
+  Position 0 is never a start here: ``initial_state`` flows into the row's first document."""
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
 
 
 def _full_decay(log_decay, q):
@@ -50,13 +61,20 @@ def _initial(q, v, initial_state, gated):
   return initial_state.astype(jnp.float32)
 
 
-def gla_reference(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None):
-  """The recurrence, token by token, in float32 (see :func:`gla` for arguments and returns)."""
-  _check(q, k, v, log_decay, initial_state, log_input_gate)
+def gla_reference(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, segment_ids=None):
+  """The recurrence, token by token, in float32 (see :func:`gla` for arguments and returns).
+
+  At a document start (``segment_ids``) the state entering the token is zero: α_t = 0; with the input
+  gate the pair entering it is (S, m) = (0, 0), what a row that begins there gets by default."""
+  _check(q, k, v, log_decay, initial_state, log_input_gate, segment_ids)
   state = _initial(q, v, initial_state, log_input_gate is not None)
   xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v))
+  starts = None if segment_ids is None else _document_starts(segment_ids)
   if log_input_gate is None:
-    decay = jnp.moveaxis(jnp.exp(_full_decay(log_decay, q)), 1, 0)
+    decay = jnp.exp(_full_decay(log_decay, q))
+    if starts is not None:
+      decay = jnp.where(starts[:, :, None, None], 0.0, decay)
+    decay = jnp.moveaxis(decay, 1, 0)
 
     def step(state, inputs):
       q_t, k_t, v_t, a_t = inputs
@@ -70,11 +88,14 @@ def gla_reference(q, k, v, log_decay=None, initial_state=None, *, log_input_gate
   gates = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (ld, log_input_gate))
 
   def gated_step(carry, inputs):
-    q_t, k_t, v_t, a_t, i_t = inputs
+    q_t, k_t, v_t, a_t, i_t = inputs[:5]
+    if starts is not None:
+      start = inputs[5][:, None]  # [batch, 1]
+      carry = (jnp.where(start[..., None, None], 0.0, carry[0]), jnp.where(start, 0.0, carry[1]))
     o_t, carry = gla_step(q_t, k_t, v_t, a_t, carry, log_input_gate_t=i_t)
     return carry, (o_t, carry[1])
 
-  final, (o, m) = jax.lax.scan(gated_step, state, xs + gates)
+  final, (o, m) = jax.lax.scan(gated_step, state, xs + gates + (() if starts is None else (starts.T,)))
   return jnp.moveaxis(o, 0, 1).astype(v.dtype), final, jnp.moveaxis(m, 0, 1)
 
 

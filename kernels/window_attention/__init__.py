@@ -38,11 +38,23 @@ Implementations:
     issued), with f32 accumulators in VMEM scratch.
   ``interpret=True`` runs either lowering in the Pallas interpreter (how CPU tests check them).
 - ``"cudnn"``: ``jax.nn.dot_product_attention(..., local_window_size=(W−1, 0),
-  implementation="cudnn")`` — NVIDIA's fused kernel (GPU, bf16/fp16, no soft-cap).
+  implementation="cudnn")`` — NVIDIA's fused kernel (GPU, bf16/fp16, no soft-cap, no packed documents:
+  jax passes cuDNN a document mask only as a dense ``[T, T]`` bias).
 - ``"auto"``: the rule of :func:`kernels.dispatch.attention`: on GPU our Pallas kernels where the
   Mosaic GPU ones run (above) at head_dim 64 or 128, then cuDNN where it is valid, then the Triton
   kernels; Pallas on TPU; ``"xla"`` on CPU (where Pallas only interprets). The measurements behind it
   (ours ahead of cuDNN at every measured shape) are in ``kernels/BENCHMARKS.md``.
+
+Packed documents (``segment_ids [batch, time]``, issue 23): a new document starts at t = 0 and
+wherever the id changes, and a query reads only keys of its own document (ids are first renumbered by
+:func:`document_index`, so every path agrees when an id recurs). The reference and XLA paths mask
+by id; the Pallas kernels (Triton, Mosaic TPU, Mosaic GPU) take each position's document start and
+end (``pallas.document_bounds``) and mask in-kernel: in the forward and dQ kernels query ``t`` reads
+key ``s`` only if ``s ≥ start(t)``, in the dK/dV kernel only if ``t < end(s)`` (the band gives
+causality). Triton also skips the key (query) blocks wholly outside the documents of its query (key)
+block and masks only the blocks a boundary cuts; Mosaic TPU and Mosaic GPU visit the band as without
+documents and mask every block. cuDNN takes no document mask through jax (``"auto"`` passes it over
+and records why).
 
 Files: ``reference.py`` (the definition, decode), ``xla.py`` (the blocked band), ``band.py`` (the
 band arithmetic the lowerings share), ``pallas.py`` (Triton and Mosaic TPU, the ``custom_vjp`` core),
@@ -54,6 +66,7 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from kernels import dispatch
 from kernels.dispatch import tma_gpu
@@ -61,7 +74,7 @@ from kernels.tiling import next_pow2, round_up
 from kernels.window_attention import cudnn
 from kernels.window_attention import mosaic_gpu as window_attention_mgpu
 from kernels.window_attention.cudnn import problem as _cudnn_problem
-from kernels.window_attention.pallas import PallasBlocks, flash_window_attention
+from kernels.window_attention.pallas import MOSAIC_GPU_DOCUMENTS_UNCHECKED, PallasBlocks, flash_window_attention
 from kernels.window_attention.reference import _check, decode_attention, window_attention_reference
 from kernels.window_attention.xla import _banded, default_block_size
 
@@ -69,8 +82,16 @@ Impl = Literal["auto", "xla", "reference", "pallas", "cudnn"]
 IMPLS = ("auto", "xla", "reference", "pallas", "cudnn")
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]
 
-__all__ = ["IMPLS", "PallasBlocks", "choice", "decode_attention", "default_block_size", "flash_window_attention",
-           "pallas_kernels", "window_attention", "window_attention_reference"]
+__all__ = ["IMPLS", "PallasBlocks", "choice", "decode_attention", "default_block_size", "document_index",
+           "flash_window_attention", "pallas_kernels", "window_attention", "window_attention_reference"]
+
+
+def document_index(segment_ids):
+  """``segment_ids: int [batch, time]`` → int32 ``[batch, time]``: each position's document, counted
+  from 0 along the row, a new one at every change of id (so an id that recurs after another one
+  names a new document, not the earlier one)."""
+  change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+  return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
 
 
 def _mosaic_gpu_problem(q, softcap) -> str | None:
@@ -92,18 +113,23 @@ def backend_is_tpu() -> bool:
 
 def pallas_kernels(q, softcap=None) -> str:
   """The lowering ``impl="pallas"`` runs for such a call here (not interpreting): "mosaic_gpu",
-  "triton", or "mosaic_tpu" on TPU."""
+  "triton", or "mosaic_tpu" on TPU (with or without segment ids)."""
   if backend_is_tpu():
     return "mosaic_tpu"
   return "triton" if _mosaic_gpu_problem(q, softcap) else "mosaic_gpu"
 
 
 def choice(q, softcap=None, requested: str = "auto", *, interpret: bool = False,
-           pallas_target: str | None = None) -> dispatch.Choice:
+           pallas_target: str | None = None, segments: bool = False) -> dispatch.Choice:
   """What runs ``window_attention`` for queries shaped like ``q`` (:func:`kernels.dispatch.attention`
-  over each implementation's verdict for the call)."""
-  return dispatch.attention(requested, IMPLS, head_dim=q.shape[-1], mosaic_gpu_problem=_mosaic_gpu_problem(q, softcap),
-                            cudnn_problem=_cudnn_problem(q, softcap), interpret=interpret,
+  over each implementation's verdict for the call); ``segments``: the call has ``segment_ids``."""
+  cudnn_problem = cudnn.NO_SEGMENTS if segments else _cudnn_problem(q, softcap)
+  mosaic_gpu_problem = _mosaic_gpu_problem(q, softcap)
+  if segments and mosaic_gpu_problem is None:
+    mosaic_gpu_problem = MOSAIC_GPU_DOCUMENTS_UNCHECKED
+  return dispatch.attention(requested, IMPLS, head_dim=q.shape[-1],
+                            mosaic_gpu_problem=mosaic_gpu_problem,
+                            cudnn_problem=cudnn_problem, interpret=interpret,
                             layout=dispatch.pallas_layout(pallas_target, "attention"))
 
 
@@ -131,9 +157,9 @@ def window_attention(q, k, v, *, window: int | None = None, softcap: float | Non
     pallas_target: ``"triton"`` or ``"mosaic_tpu"`` lowering (default: by platform; Triton when
       interpreting).
     pallas_blocks: tile sizes of the Pallas kernel (default :class:`PallasBlocks`).
-    segment_ids: optional ``int [batch, time]``, packed documents: a query reads only keys of its own
-      document (equal id). Only the ``"xla"`` and ``"reference"`` paths take them so far: ``"auto"``
-      then runs ``"xla"``, and an explicit ``"pallas"`` / ``"cudnn"`` is a ValueError.
+    segment_ids: optional ``int [batch, time]``, packed documents: a new one starts wherever the id
+      changes, and a query reads only keys of its own document. Every path but ``"cudnn"`` takes
+      them (an explicit ``"cudnn"`` is a ValueError saying why; ``"auto"`` passes cuDNN over).
   Returns:
     ``[batch, time, heads, head_dim]`` in ``q.dtype``.
   """
@@ -141,15 +167,14 @@ def window_attention(q, k, v, *, window: int | None = None, softcap: float | Non
   if segment_ids is not None:
     if segment_ids.shape != q.shape[:2]:
       raise ValueError(f"window_attention: segment_ids{segment_ids.shape} must be [batch, time] = {q.shape[:2]}")
-    if impl in ("pallas", "cudnn"):
-      raise ValueError(f"window_attention: impl={impl!r} does not take segment_ids yet; use 'xla' or 'auto'")
-    impl = "reference" if impl == "reference" else "xla"
-  impl = choice(q, softcap, impl, interpret=interpret, pallas_target=pallas_target).impl
+    segment_ids = document_index(segment_ids)
+  impl = choice(q, softcap, impl, interpret=interpret, pallas_target=pallas_target,
+                segments=segment_ids is not None).impl
   if impl == "cudnn":
     return cudnn.attention(q, k, v, window, softcap)
   if impl == "pallas":
     return flash_window_attention(q, k, v, window=window, softcap=softcap, interpret=interpret,
-                                  target=pallas_target, blocks=pallas_blocks)
+                                  target=pallas_target, blocks=pallas_blocks, segment_ids=segment_ids)
   time = q.shape[1]
   if impl == "reference" or window is None or window >= time:
     # Global causal attention has no band to exploit; the dense form is the O(T²) it must be.

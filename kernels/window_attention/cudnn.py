@@ -1,6 +1,6 @@
 """Sliding-window attention through cuDNN's fused kernel (``impl="cudnn"``):
 ``jax.nn.dot_product_attention(..., local_window_size=(W−1, 0), implementation="cudnn")``, NVIDIA's
-(GPU, bf16/fp16, no soft-cap)."""
+(GPU, bf16/fp16, no soft-cap, no packed documents: ``NO_SEGMENTS``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from kernels.dispatch import backend, nvidia_gpu
+
+
+# jax.nn.dot_product_attention (jax 0.10.2, as its current documentation) takes per-row padding lengths and a dense boolean
+# ``mask``, which its cuDNN path turns into a [batch, heads, T, T] bias: O(T²) memory, the cost the
+# band avoids. cuDNN's packed-document layout (q_offsets / kv_offsets) is reached only through jax's
+# private jax._src.cudnn API, with a static maximum number of documents per row.
+NO_SEGMENTS = ("takes packed documents (segment_ids) only as a dense [batch, heads, T, T] mask through "
+               "jax.nn.dot_product_attention; the Pallas kernels mask them in the band")
 
 
 def problem(q, softcap) -> str | None:

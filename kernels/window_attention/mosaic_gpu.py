@@ -11,6 +11,10 @@ warpgroups free once their products have read them. Each compute warpgroup runs 
 own 64 rows reach (``own_band``). The forward is persistent: one CTA per SM loops over the (query
 block, head, batch) tiles, so the next tile's keys stream in while the last tile's outputs are stored.
 
+Packed documents (``doc_start`` / ``doc_end``, see ``pallas.document_bounds``): each warpgroup reads
+its rows' document bounds from global memory into registers and masks every block of the band (which
+is streamed as without documents).
+
 Causal and GQA/MQA (a query head reads key/value head ``h // group``); no soft-cap, 16-bit inputs,
 ``dim`` a multiple of 64 up to 128, ``time`` a multiple of 128 (``supports``; the caller runs Triton
 otherwise). Mosaic GPU's interpreter has no wgmma: these kernels run on a GPU only (the CPU tests
@@ -96,7 +100,8 @@ def _store_tile(stores):
 
 
 def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
-            pingpong: bool = False, own_band: bool = True, softmax_fence: bool = True, persistent: bool = True):
+            pingpong: bool = False, own_band: bool = True, softmax_fence: bool = True, persistent: bool = True,
+            doc_start=None):
   """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
 
   q: ``[batch, time, heads, dim]``; k, v: ``[batch, time, kv_heads, dim]``. ``pingpong``: the two
@@ -108,6 +113,10 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   past that point. ``persistent``: one CTA per SM loops over the (query block, head, batch) tiles;
   its memory warpgroup streams the next tile's keys while the compute warpgroups finish the last
   one, and each loads its next rows of Q once its last product has read the current ones.
+  ``doc_start``: None, or int32 ``[batch, time]``, each position's document start (packed
+  documents): each warpgroup reads its rows' starts from global memory into registers (64 words a
+  tile, no shared memory or barrier) and masks every block of its band with ``key ≥ start``; the
+  streamed band is the same as without documents.
   """
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
@@ -120,7 +129,9 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   n_tiles = blocks * heads * batch
   ctas = _ctas(n_tiles, persistent)
 
-  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+  documents = doc_start is not None
+
+  def kernel(q_ref, k_ref, v_ref, starts_ref, o_ref, lse_ref, scoped):
     (q_smem, o_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     wg = jax.lax.axis_index("wg")
     n_mine, tile_at = _tiles(n_tiles, ctas, blocks, heads)
@@ -155,6 +166,10 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
         own_bounds = _key_blocks(q_start, BLOCK_Q, block_kv, window) if own_band else bounds
         slot_of = lambda j: jax.lax.rem(base + j - lo, stages)
         plgpu.barrier_wait(q_ready.at[wg])
+        starts = None
+        if documents:  # a boundary may cut any block of the band: every step masks
+          own_bounds = _all_masked(own_bounds)
+          starts = _load_vector(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row_layout, optimized=False)
 
         def skip(j):
           slot = slot_of(j)
@@ -180,7 +195,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
           def _():
             pl.when(i + 1 < n_mine)(lambda: load_q(i + 1))
           if masked:
-            s = _masked(s, q_start, j * block_kv, window, keys_first=False)
+            s = _masked(s, q_start, j * block_kv, window, keys_first=False, bound=starts)
           m_new = jnp.maximum(m, s.max(axis=1) * c)
           alpha = jnp.exp2(m - m_new)
           p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -219,17 +234,18 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
       _stream_key_blocks(n_mine, tile_at, block_kv=block_kv, window=window, group=group, kv_refs=(k_ref, v_ref),
                          kv_slots=(k_smem, v_smem), stages=stages, barriers=((k_ready, k_free), (v_ready, v_free)))
 
-  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+  def entry(*refs):
+    (q_ref, k_ref, v_ref), starts_ref, (o_ref, lse_ref) = refs[:3], (refs[3] if documents else None), refs[-2:]
     smem = [_swizzled((2, BLOCK_Q, dim), dtype), _swizzled((2, BLOCK_Q, dim), dtype),
             _swizzled((stages, block_kv, dim), dtype), _swizzled((stages, block_kv, dim), dtype),
             plgpu.SMEM((2, BLOCK_Q), f32)]
     ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2))
     free = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
-    pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+    pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, starts_ref, o_ref, lse_ref, scoped),
                   smem, ready, free, plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, heads, time), f32))
-  return _kernel_call(entry, out_type, (ctas,), ("ctas",))(q, k, v)
+  return _kernel_call(entry, out_type, (ctas,), ("ctas",))(q, k, v, *([doc_start] if documents else []))
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -247,8 +263,12 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
 _LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, ...)
 
 
-def _load_vector(ref, layout):
-  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
+def _load_vector(ref, layout, optimized: bool = True):
+  """A vector from shared memory, or from global memory (``optimized=False``: plain per-thread loads,
+  which Mosaic GPU allows there; its vectorized path reads shared memory only)."""
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout, optimized=optimized)
+  return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 def _stream_blocks(base, steps, stages: int, copies, barriers):
@@ -288,14 +308,27 @@ def _stream_key_blocks(n_mine, tile_at, *, block_kv: int, window: int, group: in
   jax.lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
 
 
-def _masked(scores, rows, cols, window: int, *, keys_first: bool):
-  """``scores`` with −inf outside the band ``0 ≤ t − s < window`` (rows, cols: traced offsets)."""
+def _masked(scores, rows, cols, window: int, *, keys_first: bool, bound=None):
+  """``scores`` with −inf outside the band ``0 ≤ t − s < window`` (rows, cols: traced offsets) and,
+  given the rows' document ``bound`` (int32, the row layout), outside their documents: queries on
+  rows, ``bound`` = their ``doc_start`` and key ``cols + j ≥ bound``; keys on rows (``keys_first``),
+  ``bound`` = their ``doc_end`` and query ``cols + j < bound`` (causality given by the band)."""
   iota = lambda d: plgpu.broadcasted_iota(jnp.int32, scores.shape, d, layout=plgpu.Layout.WGMMA)
   offset = (iota(0) + rows) - (iota(1) + cols)  # t − s, or s − t for key-major tiles
   if keys_first:
     offset = -offset
   # (nested selects: a bool & bool is a conversion the Mosaic GPU lowering rejects)
-  return jnp.where(offset >= 0, jnp.where(offset < window, scores, -jnp.inf), -jnp.inf)
+  scores = jnp.where(offset >= 0, jnp.where(offset < window, scores, -jnp.inf), -jnp.inf)
+  if bound is None:
+    return scores
+  col, bound = iota(1) + cols, jax.lax.broadcast_in_dim(bound, scores.shape, [0])
+  return jnp.where(col < bound, scores, -jnp.inf) if keys_first else jnp.where(col >= bound, scores, -jnp.inf)
+
+
+def _all_masked(bounds):
+  """``(lo, full_lo, full_hi, hi)`` with no unmasked interior: ``_band_loops`` masks every block."""
+  lo, *_, hi = bounds
+  return lo, hi, hi, hi
 
 
 def _kernel_call(body, out_type, grid, grid_names):
@@ -318,13 +351,17 @@ def _resident_tiles(n_mine, load_own, one_tile):
 
 
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
-             stages: int = 2, own_band: bool = True, persistent: bool = False):
+             stages: int = 2, own_band: bool = True, persistent: bool = False, doc_start=None, doc_end=None):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``.
 
   ``own_band`` and ``persistent`` as ``forward``'s: each warpgroup skips the blocks its 64 rows do not
   reach; one CTA per SM loops over the tiles, loading the next tile's resident rows while it stores
   the last one's gradients (from their own shared-memory buffers). Persistence, unlike in the
   forward, did not speed the backward up on an H100 (kernels/BENCHMARKS.md).
+  ``doc_start``, ``doc_end`` (packed documents; both or neither): int32 ``[batch, time]``, each
+  position's document start and end. Each kernel reads them for its resident rows from global
+  memory into registers (dK/dV: its keys' ends, masking query ``< end``; dQ: its queries' starts,
+  masking key ``≥ start``) and masks every block it visits.
   """
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -337,11 +374,17 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   blocks = time // CTA_ROWS
   tile_bytes = BLOCK_Q * dim * q.dtype.itemsize
   # dQ keeps Q, dO and its output rows resident beside its key/value slots: as many slots as fit (≥ 2).
+  documents = doc_start is not None
+  if documents != (doc_end is not None):
+    raise ValueError("window_attention_mgpu.backward: pass both doc_start and doc_end, or neither")
   dq_stages = max(2, min(stages, (SMEM_BUDGET - 6 * tile_bytes - 2 * 2 * BLOCK_Q * 4) // (2 * block_kv * dim * q.dtype.itemsize)))
   dkv_tiles, dq_tiles = blocks * kv_heads * batch, blocks * heads * batch
   dkv_ctas, dq_ctas = _ctas(dkv_tiles, persistent), _ctas(dq_tiles, persistent)
 
-  def dkv_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+  def dkv_body(*refs):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[-2:]
+    ends_ref = refs[6] if documents else None
+
     def kernel(*scoped):
       (k_res, v_res, dk_out, dv_out, q_s, do_s, lse_s, delta_s), (ready, free, own) = scoped
       wg = jax.lax.axis_index("wg")
@@ -369,6 +412,10 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           rows = (b, pl.ds(k_start, BLOCK_Q), kv_head)
           own_bounds = _query_blocks(k_start, block_q, BLOCK_Q, window, time // block_q) if own_band else bounds
           plgpu.barrier_wait(own.at[wg])
+          ends = None
+          if documents:  # a boundary may cut any block of the band: every step masks
+            own_bounds = _all_masked(own_bounds)
+            ends = _load_vector(ends_ref.at[b, pl.ds(k_start, BLOCK_Q)], wgmma_layout.reduce(1), optimized=False)
 
           def step(qb, carry, g, masked: bool):
             dk, dv = carry
@@ -380,7 +427,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
               return acc_ref[...]
             s_t = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_q), f32))
             if masked:
-              s_t = _masked(s_t, k_start, qb * block_q, window, keys_first=True)
+              s_t = _masked(s_t, k_start, qb * block_q, window, keys_first=True, bound=ends)
             lse_t = _load_vector(lse_s.at[slot], wgmma_layout.reduce(0))
             p_t = jnp.exp2(s_t * c - jax.lax.broadcast_in_dim(lse_t, s_t.shape, [1]))
 
@@ -441,7 +488,10 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
                    plgpu.Barrier(num_arrivals=2, num_barriers=2)),
                   collective_axes="wg")
 
-  def dq_body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+  def dq_body(*refs):
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), dq_ref = refs[:6], refs[-1]
+    starts_ref = refs[6] if documents else None
+
     def kernel(*scoped):
       (q_res, do_res, dq_out, vec_s, k_s, v_s), (ready, free, own) = scoped
       wg = jax.lax.axis_index("wg")
@@ -468,6 +518,10 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           own_bounds = _key_blocks(q_start, BLOCK_Q, block_kv, window) if own_band else bounds
           plgpu.barrier_wait(own.at[wg])
           lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
+          starts = None
+          if documents:  # a boundary may cut any block of the band: every step masks
+            own_bounds = _all_masked(own_bounds)
+            starts = _load_vector(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row, optimized=False)
 
           def step(j, dq, masked: bool):
             slot = jax.lax.rem(base + j - lo, dq_stages)
@@ -480,7 +534,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
             zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), f32), wgmma_layout)
             s, dp = pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
             if masked:
-              s = _masked(s, q_start, j * block_kv, window, keys_first=False)
+              s = _masked(s, q_start, j * block_kv, window, keys_first=False, bound=starts)
             p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(lse_q, s.shape, [0]))
             ds = p * (dp - jax.lax.broadcast_in_dim(delta_q, s.shape, [0]))
 
@@ -517,6 +571,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
 
   args = (q, k, v, do, lse, delta)
   kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)
-  dk, dv = _kernel_call(dkv_body, (kv_shape, kv_shape), (dkv_ctas,), ("ctas",))(*args)
-  dq = _kernel_call(dq_body, jax.ShapeDtypeStruct(q.shape, dtype), (dq_ctas,), ("ctas",))(*args)
+  dk, dv = _kernel_call(dkv_body, (kv_shape, kv_shape), (dkv_ctas,), ("ctas",))(*args, *([doc_end] if documents else []))
+  dq = _kernel_call(dq_body, jax.ShapeDtypeStruct(q.shape, dtype), (dq_ctas,), ("ctas",))(
+      *args, *([doc_start] if documents else []))
   return dq, dk, dv

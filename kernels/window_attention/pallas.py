@@ -99,7 +99,11 @@ class _Flash:
   target: str
   blocks: PallasBlocks
   interpret: bool
+  documents: bool = False  # packed documents: the kernels take doc_start / doc_end (document_bounds)
 
+
+
+MOSAIC_GPU_DOCUMENTS_UNCHECKED = "document masks (segment_ids) not yet run on a GPU: Triton takes them"
 
 def _mosaic_params(grid_rank: int):
   # Every grid axis is independent except the last, which accumulates (the band / the query sweep).
@@ -133,13 +137,82 @@ def _logits(a, b, cfg: _Flash, unit: float):
   return t, cfg.softcap * unit, t
 
 
+# --- packed documents (segment_ids) ---------------------------------------------------------------
+# A document starts at t = 0 and wherever the id changes. Query t reads key s only inside its own
+# document: with causality that is ``s ≥ doc_start[t]``, or equivalently ``t < doc_end[s]`` (the
+# start of the next document). The wrapper computes both as int32 ``[batch, time]`` vectors. Triton
+# reads the resident side's: a query-block kernel (forward, dQ) its queries' starts, the key-block
+# kernel (dK/dV) its keys' ends. Both are monotone in t, so the block's extremes narrow its loop: key
+# blocks wholly before the first start (query blocks wholly past the last end) are not visited, and
+# only blocks a boundary cuts are masked. Mosaic TPU reads the streamed side's, as a lane-dense row
+# (``[batch, 8, time]``, like the backward's lse and Δ: the key block's ends in the forward and dQ,
+# the query block's starts in dK/dV), and visits the band as without documents.
+
+
+def document_bounds(segment_ids, padded: int):
+  """``segment_ids: int [batch, time]`` → ``(doc_start, doc_end)``, int32 ``[batch, padded]``: the
+  first position of each position's document and the first position after it. The zero padding
+  (positions ``time … padded − 1``) is one more document, so a padded query reads only padded keys
+  (never an empty row) and no real query reads a padded key."""
+  batch, time = segment_ids.shape
+  t = jnp.arange(padded, dtype=jnp.int32)
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  padding = (jnp.arange(time, padded) == time)[None].repeat(batch, axis=0)  # one document, starting at time
+  is_start = jnp.concatenate([jnp.ones((batch, 1), bool), change, padding], axis=1)
+  doc_start = jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
+  next_start = jnp.concatenate([jnp.where(is_start, t, padded)[:, 1:], jnp.full((batch, 1), padded, jnp.int32)], axis=1)
+  doc_end = jax.lax.cummin(next_start, axis=1, reverse=True)
+  return doc_start, doc_end
+
+
+def _in_document(shape, cols, bound, *, keys_first: bool):
+  """Which (row, col) pairs of a tile lie in one document (the band's causality assumed); ``cols``:
+  the first column's position. Queries on rows: ``bound`` is the rows' ``doc_start`` (``[rows]``),
+  and key ``cols + j ≥ doc_start``; keys on rows (``keys_first``): ``bound`` is the rows'
+  ``doc_end``, and query ``cols + j < doc_end``."""
+  col = cols + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  return col < bound[:, None] if keys_first else col >= bound[:, None]
+
+
+def _document_key_blocks(bounds, first_start, last_start, bk: int):
+  """``_key_blocks``' ``(lo, full_lo, full_hi, hi)`` narrowed to the query block's documents (its
+  rows' starts span ``[first_start, last_start]``): no block wholly before ``first_start``, and the
+  unmasked interior only where every key is at or past ``last_start``."""
+  lo, full_lo, full_hi, hi = bounds
+  lo = jnp.maximum(lo, _div(first_start, bk))
+  full_lo = jnp.clip(jnp.maximum(full_lo, _div(last_start + (bk - 1), bk)), lo, hi)
+  return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def _query_key_blocks(q_start, starts, cfg, bq: int, bk: int):
+  """The key blocks a query-block kernel visits: the band's, narrowed to its rows' documents
+  (``starts``: their ``doc_start``, None without documents)."""
+  bounds = _key_blocks(q_start, bq, bk, cfg.window)
+  if starts is None:
+    return bounds
+  return _document_key_blocks(bounds, jnp.min(starts), jnp.max(starts), bk)
+
+
+def _document_query_blocks(bounds, first_end, last_end, bq: int):
+  """``_query_blocks``' bounds narrowed to the key block's documents (its rows' ends span
+  ``[first_end, last_end]``): no query block wholly at or past ``last_end``, and the unmasked
+  interior only where every query is before ``first_end``."""
+  lo, full_lo, full_hi, hi = bounds
+  hi = jnp.minimum(hi, _div(last_end + (bq - 1), bq))
+  full_lo = jnp.clip(full_lo, lo, hi)
+  return lo, full_lo, jnp.clip(jnp.minimum(full_hi, _div(first_end, bq)), full_lo, hi), hi
+
+
 # --- Triton (GPU): one program per query (or key) block, looping over the band --------------------
 # Layout [batch, time, heads, head_dim]; the key/value block is the whole (padded) sequence of one
 # kv head, i.e. a base pointer, and the loop loads the band's tiles from it.
 
-def _triton_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Flash, bq: int, bk: int):
+def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
+  # refs: q, k, v, [doc_start (cfg.documents)], o, lse
+  (q_ref, k_ref, v_ref), (o_ref, lse_ref) = refs[:3], refs[-2:]
   q_start = pl.program_id(0) * bq
   q = q_ref[...]
+  starts = refs[3][...] if cfg.documents else None
 
   def step(j, carry, masked):
     acc, m, l = carry
@@ -147,7 +220,10 @@ def _triton_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Flash, bq: 
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, _ = _logits(q, k, cfg, _LOG2E)
     if masked:
-      s = jnp.where(_band(s.shape, q_start, k_start, cfg.window), s, -jnp.inf)
+      allowed = _band(s.shape, q_start, k_start, cfg.window)
+      if cfg.documents:
+        allowed &= _in_document(s.shape, k_start, starts, keys_first=False)
+      s = jnp.where(allowed, s, -jnp.inf)
     # m starts finite, so a row with no allowed key in this tile keeps alpha = 1 and p = 0.
     m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
     alpha = jnp.exp2(m - m_new)
@@ -155,18 +231,22 @@ def _triton_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Flash, bq: 
     return alpha[:, None] * acc + _mm(p.astype(v.dtype), v), m_new, alpha * l + jnp.sum(p, axis=1)
 
   carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), _MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32))
-  acc, m, l = _band_loops(_key_blocks(q_start, bq, bk, cfg.window), step, carry, cfg.blocks.split_mask)
+  acc, m, l = _band_loops(_query_key_blocks(q_start, starts, cfg, bq, bk), step, carry, cfg.blocks.split_mask)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)  # base-2 log-sum-exp of the scaled logits
 
 
-def _triton_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Flash,
-                       bq: int, bk: int, group: int, n_q_blocks: int):
+def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blocks: int):
   # Transposed tiles ([keys, queries]) so the per-query lse and Δ broadcast along rows and dK, dV
   # are plain products (pᵀ·dO, dsᵀ·Q) with no transposes of the tile.
+  # refs: q, k, v, do, lse, Δ, [doc_end (cfg.documents)], dk, dv
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[-2:]
   k_start = pl.program_id(0) * bk
   k, v = k_ref[...], v_ref[...]
   bounds = _query_blocks(k_start, bq, bk, cfg.window, n_q_blocks)
+  if cfg.documents:
+    ends = refs[6][...]
+    bounds = _document_query_blocks(bounds, jnp.min(ends), jnp.max(ends), bq)
 
   def step(i, carry, masked, head):
     dk, dv = carry
@@ -176,7 +256,10 @@ def _triton_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, 
     lse, delta = lse_ref[head, rows], delta_ref[head, rows]
     s, c, t = _logits(k, q, cfg, _LOG2E)
     if masked:
-      s = jnp.where(_band(s.shape, q_start, k_start, cfg.window, keys_first=True), s, -jnp.inf)
+      allowed = _band(s.shape, q_start, k_start, cfg.window, keys_first=True)
+      if cfg.documents:
+        allowed &= _in_document(s.shape, q_start, ends, keys_first=True)
+      s = jnp.where(allowed, s, -jnp.inf)
     p = jnp.exp2(s * c - lse[None, :])
     dv = dv + _mm(p.astype(do.dtype), do)
     ds = p * (_mm_nt(v, do) - delta[None, :])
@@ -194,12 +277,14 @@ def _triton_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, 
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _triton_dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref, *, cfg: _Flash, bq: int,
-                      bk: int):
+def _triton_dq_kernel(*refs, cfg: _Flash, bq: int, bk: int):
   # Runs before the dK/dV kernel and also produces Δ = rowsum(o ⊙ dO) for it: this program reads
   # its rows of dO anyway, which saves a separate pass over o and dO.
+  # refs: q, k, v, o, do, lse, [doc_start (cfg.documents)], dq, Δ
+  (q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref), (dq_ref, delta_ref) = refs[:6], refs[-2:]
   q_start = pl.program_id(0) * bq
   q, do, lse = q_ref[...], do_ref[...], lse_ref[...]
+  starts = refs[6][...] if cfg.documents else None
   delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
   delta_ref[...] = delta
 
@@ -208,37 +293,41 @@ def _triton_dq_kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, delta
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, t = _logits(q, k, cfg, _LOG2E)
     if masked:
-      s = jnp.where(_band(s.shape, q_start, k_start, cfg.window), s, -jnp.inf)
+      allowed = _band(s.shape, q_start, k_start, cfg.window)
+      if cfg.documents:
+        allowed &= _in_document(s.shape, k_start, starts, keys_first=False)
+      s = jnp.where(allowed, s, -jnp.inf)
     p = jnp.exp2(s * c - lse[:, None])
     ds = p * (_mm_nt(do, v) - delta[:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
     return dq + _mm(ds.astype(k.dtype), k)
 
-  dq = _band_loops(_key_blocks(q_start, bq, bk, cfg.window), step, jnp.zeros(q.shape, jnp.float32),
-                  cfg.blocks.split_mask)
+  dq = _band_loops(_query_key_blocks(q_start, starts, cfg, bq, bk), step, jnp.zeros(q.shape, jnp.float32),
+                   cfg.blocks.split_mask)
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _triton_forward(q, k, v, cfg: _Flash):
+def _triton_forward(q, k, v, doc_start, cfg: _Flash):
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
   b = cfg.blocks
   bq, bk = b.fwd_q, b.fwd_k
   q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, n, h: (n, i, h, 0))
   kv_spec = pl.BlockSpec((None, time, None, dim), lambda i, n, h: (n, 0, _div(h, group), 0))
+  documents = [pl.BlockSpec((None, bq), lambda i, n, h: (n, i))] if cfg.documents else []
   return pl.pallas_call(
       functools.partial(_triton_fwd_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(time // bq, batch, heads),  # query blocks fastest: neighbours share their keys in L2
-      in_specs=[q_spec, kv_spec, kv_spec],
+      in_specs=[q_spec, kv_spec, kv_spec, *documents],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, time), jnp.float32)],
       compiler_params=triton_params(b.fwd_warps, b.fwd_stages),
       interpret=cfg.interpret, name="window_attention_fwd",
-  )(q, k, v)
+  )(q, k, v, *([doc_start] if cfg.documents else []))
 
 
-def _triton_backward(q, k, v, o, lse, do, cfg: _Flash):
+def _triton_backward(q, k, v, o, lse, do, doc_start, doc_end, cfg: _Flash):
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
@@ -248,29 +337,31 @@ def _triton_backward(q, k, v, o, lse, do, cfg: _Flash):
   q_block = pl.BlockSpec((None, bq, None, dim), lambda i, n, h: (n, i, h, 0))
   stat_block = pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))
   kv_seq = pl.BlockSpec((None, time, None, dim), lambda i, n, h: (n, 0, _div(h, group), 0))
+  documents = [pl.BlockSpec((None, bq), lambda i, n, h: (n, i))] if cfg.documents else []
   dq, delta = pl.pallas_call(
       functools.partial(_triton_dq_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(time // bq, batch, heads),
-      in_specs=[q_block, kv_seq, kv_seq, q_block, q_block, stat_block],
+      in_specs=[q_block, kv_seq, kv_seq, q_block, q_block, stat_block, *documents],
       out_specs=[q_block, stat_block],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
       compiler_params=triton_params(b.dq_warps, b.dq_stages),
       interpret=cfg.interpret, name="window_attention_dq",
-  )(q, k, v, o, do, lse)
+  )(q, k, v, o, do, lse, *([doc_start] if cfg.documents else []))
 
   bq, bk = b.dkv_q, b.dkv_k
   group_seq = pl.BlockSpec((None, time, group, dim), lambda j, n, h: (n, 0, h, 0))
   group_stat = pl.BlockSpec((None, group, time), lambda j, n, h: (n, h, 0))
   kv_block = pl.BlockSpec((None, bk, None, dim), lambda j, n, h: (n, j, h, 0))
+  documents = [pl.BlockSpec((None, bk), lambda j, n, h: (n, j))] if cfg.documents else []
   dk, dv = pl.pallas_call(
       functools.partial(_triton_dkv_kernel, cfg=cfg, bq=bq, bk=bk, group=group, n_q_blocks=time // bq),
       grid=(time // bk, batch, kv_heads),
-      in_specs=[group_seq, kv_block, kv_block, group_seq, group_stat, group_stat],
+      in_specs=[group_seq, kv_block, kv_block, group_seq, group_stat, group_stat, *documents],
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=triton_params(b.dkv_warps, b.dkv_stages),
       interpret=cfg.interpret, name="window_attention_dkv",
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, lse, delta, *([doc_end] if cfg.documents else []))
   return dq, dk, dv
 
 
@@ -294,8 +385,26 @@ def _lanes(x, n: int):
   return jnp.tile(x, (1, n // _LANES)) if n % _LANES == 0 else jnp.broadcast_to(x[:, :1], (x.shape[0], n))
 
 
-def _mosaic_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg: _Flash, blk: int,
-                       n_band: int):
+def _split_refs(refs, n_in: int, documents: bool):
+  """A kernel's refs as (its ``n_in`` inputs, the document bound after them or None, the rest)."""
+  if documents:
+    return refs[:n_in], refs[n_in], refs[n_in + 1:]
+  return refs[:n_in], None, refs[n_in:]
+
+
+def _in_document_rows(shape, rows, bound_ref, *, keys_first: bool):
+  """The document mask of a Mosaic tile from its columns' bounds, ``bound_ref``: a ``[8, cols]`` row
+  block (sublane replicated); ``rows``: the first row's position. Queries on rows: the columns are
+  keys, their ``doc_end``, and query ``rows + i < doc_end``; keys on rows (``keys_first``): the
+  columns are queries, their ``doc_start``, and key ``rows + i ≥ doc_start``."""
+  row = rows + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  bound = bound_ref[:1, :]
+  return row >= bound if keys_first else row < bound
+
+
+def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
+  # refs: q, k, v, [the key block's doc_end (cfg.documents)], o, lse, then m, l, acc scratch
+  (q_ref, k_ref, v_ref), ends_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, 3, cfg.documents)
   i, j = pl.program_id(2), pl.program_id(3)
   kb = i - (n_band - 1) + j
 
@@ -309,7 +418,10 @@ def _mosaic_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, 
   def _accumulate():
     v = v_ref[...]
     s, c, _ = _logits(q_ref[...], k_ref[...], cfg, 1.0)
-    s = jnp.where(_band(s.shape, i * blk, kb * blk, cfg.window), s * c, -jnp.inf)
+    allowed = _band(s.shape, i * blk, kb * blk, cfg.window)
+    if cfg.documents:
+      allowed &= _in_document_rows(s.shape, i * blk, ends_ref, keys_first=False)
+    s = jnp.where(allowed, s * c, -jnp.inf)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
@@ -325,9 +437,11 @@ def _mosaic_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, 
     lse_ref[...] = m_sc[...] + jnp.log(l)
 
 
-def _mosaic_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
-                       cfg: _Flash, blk: int, n_band: int, n_blocks: int, group: int):
-  # Keys-first tiles, as in the Triton kernel: lse and Δ are rows.
+def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int, group: int):
+  # Keys-first tiles, as in the Triton kernel: lse and Δ (and the queries' doc_start) are rows.
+  # refs: q, k, v, do, lse, Δ, [the query block's doc_start (cfg.documents)], dk, dv, then dk, dv scratch
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), starts_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = \
+      _split_refs(refs, 6, cfg.documents)
   kb, step = pl.program_id(2), pl.program_id(3)
   qb = kb + jax.lax.rem(step, _i32(n_band))
 
@@ -340,7 +454,10 @@ def _mosaic_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, 
   def _accumulate():
     q, do = q_ref[...], do_ref[...]
     s, c, t = _logits(k_ref[...], q, cfg, 1.0)
-    s = jnp.where(_band(s.shape, qb * blk, kb * blk, cfg.window, keys_first=True), s * c, -jnp.inf)
+    allowed = _band(s.shape, qb * blk, kb * blk, cfg.window, keys_first=True)
+    if cfg.documents:
+      allowed &= _in_document_rows(s.shape, kb * blk, starts_ref, keys_first=True)
+    s = jnp.where(allowed, s * c, -jnp.inf)
     p = jnp.exp(s - lse_ref[:1, :])
     dv_sc[...] += _mm(p.astype(do.dtype), do)
     ds = p * (_mm_nt(v_ref[...], do) - delta_ref[:1, :])
@@ -354,8 +471,9 @@ def _mosaic_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, 
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _mosaic_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, cfg: _Flash, blk: int,
-                      n_band: int):
+def _mosaic_dq_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
+  # refs: q, k, v, do, lse, Δ, [the key block's doc_end (cfg.documents)], dq, then dq scratch
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), ends_ref, (dq_ref, dq_sc) = _split_refs(refs, 6, cfg.documents)
   i, j = pl.program_id(2), pl.program_id(3)
   kb = i - (n_band - 1) + j
 
@@ -367,7 +485,10 @@ def _mosaic_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, d
   def _accumulate():
     k = k_ref[...]
     s, c, t = _logits(q_ref[...], k, cfg, 1.0)
-    s = jnp.where(_band(s.shape, i * blk, kb * blk, cfg.window), s * c, -jnp.inf)
+    allowed = _band(s.shape, i * blk, kb * blk, cfg.window)
+    if cfg.documents:
+      allowed &= _in_document_rows(s.shape, i * blk, ends_ref, keys_first=False)
+    s = jnp.where(allowed, s * c, -jnp.inf)
     p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
     ds = p * (_mm_nt(do_ref[...], v_ref[...]) - jnp.expand_dims(delta_ref[0], -1))
     if t is not None:
@@ -396,26 +517,32 @@ def _mosaic_query_side_specs(blk, dim, n_band, group):
   return rows, stats, keys
 
 
-def _mosaic_forward(q, k, v, cfg: _Flash):
+def _mosaic_key_documents(blk, n_band):
+  """Spec of the band's key block's ``doc_end`` (``[batch, 8, time]``), over the query-side grid."""
+  return pl.BlockSpec((None, _SUBLANES, blk), lambda n, h, i, j: (n, 0, jnp.maximum(i - (n_band - 1) + j, 0)))
+
+
+def _mosaic_forward(q, k, v, doc_end, cfg: _Flash):
   batch, heads, time, dim = q.shape
   group = heads // k.shape[1]
   blk, n_blocks, n_band = _mosaic_band(cfg, time)
   rows, _, keys = _mosaic_query_side_specs(blk, dim, n_band, group)
+  documents = [_mosaic_key_documents(blk, n_band)] if cfg.documents else []
   o, lse = pl.pallas_call(
       functools.partial(_mosaic_fwd_kernel, cfg=cfg, blk=blk, n_band=n_band),
       grid=(batch, heads, n_blocks, n_band),
-      in_specs=[rows, keys, keys],
+      in_specs=[rows, keys, keys, *documents],
       out_specs=[rows, pl.BlockSpec((None, None, blk, _LANES), lambda n, h, i, j: (n, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, time, _LANES), jnp.float32)],
       scratch_shapes=[_vmem((blk, _LANES)), _vmem((blk, _LANES)), _vmem((blk, dim))],
       compiler_params=_mosaic_params(4),
       interpret=cfg.interpret, name="window_attention_fwd",
-  )(q, k, v)
+  )(q, k, v, *([doc_end] if cfg.documents else []))
   return o, lse[..., 0]
 
 
-def _mosaic_backward(q, k, v, o, lse, do, cfg: _Flash):
+def _mosaic_backward(q, k, v, o, lse, do, doc_start, doc_end, cfg: _Flash):
   batch, heads, time, dim = q.shape
   kv_heads = k.shape[1]
   group = heads // kv_heads
@@ -430,61 +557,74 @@ def _mosaic_backward(q, k, v, o, lse, do, cfg: _Flash):
   q_rows = pl.BlockSpec((None, None, blk, dim), lambda *g: (*query_block(*g), 0))
   q_stats = pl.BlockSpec((None, None, _SUBLANES, blk), lambda *g: (*query_block(*g)[:2], 0, query_block(*g)[2]))
   kv_rows = pl.BlockSpec((None, None, blk, dim), lambda n, h, kb, s: (n, h, kb, 0))
+  documents = ([pl.BlockSpec((None, _SUBLANES, blk), lambda *g: (g[0], 0, query_block(*g)[2]))]
+               if cfg.documents else [])
   dk, dv = pl.pallas_call(
       functools.partial(_mosaic_dkv_kernel, cfg=cfg, blk=blk, n_band=n_band, n_blocks=n_blocks, group=group),
       grid=(batch, kv_heads, n_blocks, group * n_band),
-      in_specs=[q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats],
+      in_specs=[q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats, *documents],
       out_specs=[kv_rows, kv_rows],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[_vmem((blk, dim)), _vmem((blk, dim))],
       compiler_params=_mosaic_params(4),
       interpret=cfg.interpret, name="window_attention_dkv",
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, lse, delta, *([doc_start] if cfg.documents else []))
 
   rows, stats, keys = _mosaic_query_side_specs(blk, dim, n_band, group)
+  documents = [_mosaic_key_documents(blk, n_band)] if cfg.documents else []
   dq = pl.pallas_call(
       functools.partial(_mosaic_dq_kernel, cfg=cfg, blk=blk, n_band=n_band),
       grid=(batch, heads, n_blocks, n_band),
-      in_specs=[rows, keys, keys, rows, stats, stats],
+      in_specs=[rows, keys, keys, rows, stats, stats, *documents],
       out_specs=rows,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[_vmem((blk, dim))],
       compiler_params=_mosaic_params(4),
       interpret=cfg.interpret, name="window_attention_dq",
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, lse, delta, *([doc_end] if cfg.documents else []))
   return dq, dk, dv
 
 
 # --- the differentiable core: inputs already padded and laid out for the target -------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q, k, v, cfg: _Flash):
-  return _flash_fwd(q, k, v, cfg)[0]
+# ``doc_start``, ``doc_end``: None, or the int32 bounds of ``document_bounds`` (``[batch, time]``; the
+# Mosaic TPU layout ``[batch, 8, time]``); integer inputs, so their cotangents are None.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, doc_start, doc_end, cfg: _Flash):
+  return _flash_fwd(q, k, v, doc_start, doc_end, cfg)[0]
 
 
-def _flash_fwd(q, k, v, cfg: _Flash):
+def _flash_fwd(q, k, v, doc_start, doc_end, cfg: _Flash):
   if cfg.target == "triton" and cfg.blocks.fwd_kernel == "mosaic_gpu":
     b = cfg.blocks
     o, lse = window_attention_mgpu.forward(q, k, v, window=cfg.window, scale=cfg.scale, block_kv=b.mgpu_kv,
                                            stages=b.mgpu_stages, pingpong=b.mgpu_pingpong,
                                            own_band=b.mgpu_own_band, softmax_fence=b.mgpu_softmax_fence,
-                                           persistent=b.mgpu_persistent)
+                                           persistent=b.mgpu_persistent, doc_start=doc_start)
+  elif cfg.target == "triton":
+    o, lse = _triton_forward(q, k, v, doc_start, cfg)
   else:
-    o, lse = (_triton_forward if cfg.target == "triton" else _mosaic_forward)(q, k, v, cfg)
-  return o, (q, k, v, o, lse)
+    o, lse = _mosaic_forward(q, k, v, doc_end, cfg)
+  return o, (q, k, v, o, lse, doc_start, doc_end)
 
 
 def _flash_bwd(cfg: _Flash, residuals, do):
   b = cfg.blocks
+  q, k, v, o, lse, doc_start, doc_end = residuals
   if cfg.target == "triton" and b.bwd_kernel == "mosaic_gpu":
-    return window_attention_mgpu.backward(*residuals, do, window=cfg.window, scale=cfg.scale, block_q=b.mgpu_bwd_q,
-                                          block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages,
-                                          own_band=b.mgpu_own_band, persistent=b.mgpu_bwd_persistent)
-  return (_triton_backward if cfg.target == "triton" else _mosaic_backward)(*residuals, do, cfg)
+    grads = window_attention_mgpu.backward(q, k, v, o, lse, do, window=cfg.window, scale=cfg.scale,
+                                           block_q=b.mgpu_bwd_q, block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages,
+                                           own_band=b.mgpu_own_band, persistent=b.mgpu_bwd_persistent,
+                                           doc_start=doc_start, doc_end=doc_end)
+  else:
+    grads = (_triton_backward if cfg.target == "triton" else _mosaic_backward)(q, k, v, o, lse, do, doc_start,
+                                                                               doc_end, cfg)
+  return (*grads, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-_flash_shared = lowered_once(_flash, static_argnums=(3,))
+_flash_shared = lowered_once(_flash, static_argnums=(5,))
 
 
 _next_pow2 = next_pow2
@@ -515,9 +655,13 @@ def _pallas_target(target: str | None, interpret: bool) -> str:
 
 def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float | None = None,
                            interpret: bool = False, target: PallasTarget | None = None,
-                           blocks: PallasBlocks | None = None):
-  """The Pallas path of :func:`window_attention` (same arguments and result)."""
+                           blocks: PallasBlocks | None = None, segment_ids=None):
+  """The Pallas path of :func:`window_attention` (same arguments and result). ``segment_ids``
+  (``int [batch, time]``): packed documents, a new one wherever the id changes; the kernels mask
+  across them (``document_bounds``)."""
   _check(q, k, v, window)
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"window_attention: segment_ids{segment_ids.shape} must be [batch, time] = {q.shape[:2]}")
   target = _pallas_target(target, interpret)
   batch, time, heads, dim = q.shape
   if blocks is None:
@@ -539,18 +683,30 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   for field in ("fwd_kernel", "bwd_kernel"):
     if getattr(blocks, field) not in (None, "triton", "mosaic_gpu"):
       raise ValueError(f"window_attention: PallasBlocks.{field}={getattr(blocks, field)!r}; valid: 'triton', 'mosaic_gpu'")
+  documents = segment_ids is not None
   if target == "triton":
     problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
                                              k, softcap)
+    # The Mosaic GPU kernels' document masks have only been lowered, never run (no GPU when they were
+    # written): by default documents go to the Triton kernels, which the interpreter checks; a
+    # PallasBlocks that names "mosaic_gpu" still gets them (kernels.window_attention.bench --segments).
+    unchecked = documents and problem is None
     blocks = dataclasses.replace(blocks, **{
-        field: mosaic_gpu_or_triton(getattr(blocks, field), problem, interpret=interpret, hopper=tma_gpu(),
+        field: mosaic_gpu_or_triton(getattr(blocks, field),
+                                    MOSAIC_GPU_DOCUMENTS_UNCHECKED if unchecked and getattr(blocks, field) is None
+                                    else problem, interpret=interpret, hopper=tma_gpu(),
                                     field=f"window_attention: PallasBlocks.{field}")
         for field in ("fwd_kernel", "bwd_kernel")})
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
-               scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret)
+               scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret, documents=documents)
   widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))
   q, k, v = (jnp.pad(x, widths) if padded > time or pad_dim else x for x in (q, k, v))
+  doc_start = doc_end = None
+  if documents:
+    doc_start, doc_end = document_bounds(segment_ids, padded)
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
-    return rearrange(_flash_shared(q, k, v, cfg), "b h t d -> b t h d")[:, :time]
-  return _flash_shared(q, k, v, cfg)[:, :time, :, :dim]
+    if documents:  # rows replicated over 8 sublanes, as the backward's lse and Δ
+      doc_start, doc_end = (jnp.broadcast_to(x[:, None, :], (batch, _SUBLANES, padded)) for x in (doc_start, doc_end))
+    return rearrange(_flash_shared(q, k, v, doc_start, doc_end, cfg), "b h t d -> b t h d")[:, :time]
+  return _flash_shared(q, k, v, doc_start, doc_end, cfg)[:, :time, :, :dim]
