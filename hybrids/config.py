@@ -70,13 +70,48 @@ def runtime_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The model fields that existed when run ids were frozen (2026-12-07). A field a mixer declares later
+# (``SETTINGS``) enters every config with its default; it joins a run's identity only when set to
+# something else, so adding a mixer changes no existing run id (tests/test_contract.py pins a few).
+IDENTITY_MODEL_FIELDS = frozenset({
+    "attention_impl", "attn_softcap", "chunk_size", "conv_width", "d_model", "d_state", "delta_impl", "dtype",
+    "embed_scale", "feature_dim", "gate_low_rank", "gla_impl", "head_dim", "key_expansion", "logits_softcap",
+    "max_len", "mlp_expansion", "moe_every", "moe_top_k", "n_layers", "norm", "num_experts", "num_heads",
+    "num_kv_heads", "parallel_merge", "param_dtype", "pattern", "position", "remat", "rnn_heads", "rnn_width",
+    "rope_base", "scan_impl", "size", "ssm_expand", "tie_embeddings", "vocab_size", "window"})
+
+
+def with_model_defaults(config):
+  """``config`` (read back from a ``config.json``) with every model field it lacks at its default: the
+  fields :func:`identity` leaves out at their defaults, and those added after the run was written."""
+  from hybrids.defaults import model_config
+
+  model = config.get("model")
+  if model is None:
+    return config
+  with config.unlocked():
+    for field, value in model_config().items():
+      if field not in model:
+        model[field] = value
+  return config
+
+
 def identity(config) -> dict:
-  """The config as the run's identity: its JSON form without :data:`RUNTIME_SECTIONS`."""
+  """The config as the run's identity: its JSON form without :data:`RUNTIME_SECTIONS`, and without
+  model fields added after :data:`IDENTITY_MODEL_FIELDS` while they hold their defaults."""
   import json
+
+  from hybrids.defaults import model_config
 
   out = json.loads(config.to_json_best_effort(sort_keys=True))
   for section in RUNTIME_SECTIONS:
     out.pop(section, None)
+  model = out.get("model")
+  if isinstance(model, dict):
+    defaults = json.loads(model_config().to_json_best_effort(sort_keys=True))
+    for field in [f for f in model if f not in IDENTITY_MODEL_FIELDS and f in defaults]:
+      if model[field] == defaults[field]:
+        del model[field]
   return out
 
 

@@ -84,6 +84,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from hybrids import config as config_lib
 from hybrids import data as data_lib
 from hybrids import rundir
 from hybrids import train as train_lib
@@ -135,9 +136,10 @@ def load_config(run_dir: str) -> ml_collections.ConfigDict:
     raise EvalError(f"--workdir={run_dir!r} is not a run directory: it has no {rundir.CONFIG_FILE}")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      stored = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise EvalError(f"{path} is not valid JSON ({e})") from None
+  return config_lib.with_model_defaults(ml_collections.ConfigDict(stored))
 
 
 def _is_mqar(config) -> bool:

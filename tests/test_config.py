@@ -92,3 +92,33 @@ def test_swax_window_choices_are_validated():
     resolve(get_config(TINY, {"train.window_choices": (0, 8)}))
   with pytest.raises(ConfigError, match="needs an 'swa' layer"):
     resolve(get_config(TINY, {"train.window_choices": (4,), "model.pattern": ("rglru",)}))
+
+
+def test_model_fields_added_later_stay_out_of_run_ids_at_their_defaults(monkeypatch):
+  """A field a new mixer declares enters every config; at its default it leaves ids unchanged (so
+  adding a mixer re-runs nothing), set otherwise it is part of the id, and a config.json written
+  without it reads back with the default."""
+  import ml_collections
+
+  from hybrids import config as config_lib
+  from hybrids import defaults
+
+  before = config_lib.identity(config_lib.base_config())
+  original = defaults.model_config
+
+  def with_new_field():
+    c = original()
+    c.new_mixer_ratio = 2
+    return c
+
+  monkeypatch.setattr(defaults, "model_config", with_new_field)
+  config = config_lib.base_config()
+  config.model.new_mixer_ratio = 2
+  assert "new_mixer_ratio" not in config_lib.identity(config)["model"]
+  assert config_lib.identity(config) == before
+  config.model.new_mixer_ratio = 3
+  assert config_lib.identity(config)["model"]["new_mixer_ratio"] == 3
+  stored = ml_collections.ConfigDict(before)
+  assert config_lib.with_model_defaults(stored).model.new_mixer_ratio == 2
+  # Fields of the frozen set stay in the id even at their defaults.
+  assert config_lib.identity(config_lib.base_config())["model"]["window"] == original().window
