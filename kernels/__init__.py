@@ -39,7 +39,7 @@ def _choices(model_cfg, segments: bool = False) -> dict[str, dispatch.Choice]:
   return {
       "attention": _attention.choice(q, m.get("attn_softcap") or None, m.attention_impl, segments=segments),
       "scan": scan.choice(m.scan_impl),
-      "gla": gla.choice(head_dim, head_dim, m.gla_impl),
+      "gla": gla.choice(head_dim, head_dim, m.gla_impl, dtype=jnp.dtype(m.dtype)),
       "delta": delta.choice(int(m.get("chunk_size", 16)), head_dim, head_dim, m.delta_impl),
   }
 

@@ -42,6 +42,14 @@ MOSAIC_GPU_ATTENTION_HEAD_DIMS = (64, 128)
 
 _CPU_PALLAS = "on this platform Pallas kernels only interpret"
 _TPU_UNMEASURED = "never timed on a TPU (export-tested only)"
+# Float32 on a GPU: the Pallas GLA and attention kernels are tiled for 16-bit inputs, and at float32 the
+# XLA forms were faster where measured (toy MQAR models on an H100; experiments/results/README.md).
+_GPU_FLOAT32 = "float32 inputs: slower than xla where measured (tiled for 16-bit inputs)"
+
+
+def _float32(dtype) -> bool:
+  return dtype is not None and str(dtype) == "float32"
+
 
 
 # --- the platform ------------------------------------------------------------------------------------
@@ -215,10 +223,12 @@ def scan(requested: str, impls: tuple[str, ...], *, interpret: bool = False,
 
 
 def gla(requested: str, impls: tuple[str, ...], *, d_k: int, d_v: int, gated: bool = False,
-        interpret: bool = False, layout: str | None = None) -> Choice:
-  """Gated linear attention: Pallas on GPU for measured head dims, the XLA chunked form elsewhere.
-  ``gated``: the mLSTM input gate, which has no Pallas kernel (``"pallas"`` then runs ``"xla"``, recorded)."""
-  pallas = _pallas(backend(), interpret, layout, gpu_measured=_head_dims(d_k, d_v), tpu_measured=_TPU_UNMEASURED)
+        interpret: bool = False, layout: str | None = None, dtype=None) -> Choice:
+  """Gated linear attention: Pallas on GPU for measured head dims and 16-bit inputs, the XLA chunked
+  form elsewhere. ``gated``: the mLSTM input gate, which has no Pallas kernel (``"pallas"`` then runs
+  ``"xla"``, recorded). ``dtype``: of q, k, v (None: not known, as 16-bit)."""
+  gpu_measured = _head_dims(d_k, d_v) or (_GPU_FLOAT32 if _float32(dtype) else None)
+  pallas = _pallas(backend(), interpret, layout, gpu_measured=gpu_measured, tpu_measured=_TPU_UNMEASURED)
   if gated:
     no_kernel = "has no kernel for the mLSTM input gate (log_input_gate)"
     pallas = [dataclasses.replace(c, problem=no_kernel) for c in pallas]
@@ -241,7 +251,8 @@ def delta(requested: str, impls: tuple[str, ...], *, chunk_problem: str | None, 
 
 
 def attention(requested: str, impls: tuple[str, ...], *, head_dim: int, mosaic_gpu_problem: str | None,
-              cudnn_problem: str | None, interpret: bool = False, layout: str | None = None) -> Choice:
+              cudnn_problem: str | None, interpret: bool = False, layout: str | None = None,
+              dtype=None) -> Choice:
   """Sliding-window attention. GPU: our Mosaic GPU kernels at the head dims they were measured at,
   then cuDNN, then our Triton kernels; TPU: Pallas; CPU: XLA. ``mosaic_gpu_problem`` /
   ``cudnn_problem``: why those cannot run the call (None: they can)."""
@@ -252,7 +263,8 @@ def attention(requested: str, impls: tuple[str, ...], *, head_dim: int, mosaic_g
     # Past cuDNN, "pallas" runs what PallasBlocks' defaults pick: Mosaic GPU wherever it can, else Triton.
     fallback = "triton" if mosaic_gpu_problem else "mosaic_gpu"
     pallas = [Candidate("pallas", "mosaic_gpu", problem=mosaic_gpu_problem, unmeasured=measured),
-              Candidate("cudnn", problem=cudnn_problem), Candidate("pallas", fallback)]
+              Candidate("cudnn", problem=cudnn_problem),
+              Candidate("pallas", fallback, unmeasured=_GPU_FLOAT32 if _float32(dtype) else None)]
   elif platform == "tpu":
     pallas = [Candidate("pallas", lowering_of(layout or "mosaic"))]
   elif interpret or layout is not None:  # interpreted, or lowered for another platform from this host
@@ -263,3 +275,10 @@ def attention(requested: str, impls: tuple[str, ...], *, head_dim: int, mosaic_g
   if not any(c.impl == "cudnn" for c in pallas):
     pallas.append(Candidate("cudnn", problem=cudnn_problem))
   return choose("attention", requested, impls, pallas + _tail())
+
+
+def dplr(requested: str, impls: tuple[str, ...]) -> Choice:
+  """The generalized delta rule (``kernels.dplr``, diagonal-plus-rank-one transitions): the XLA chunked
+  form everywhere; there is no Pallas kernel yet, so ``"pallas"`` is refused and ``"auto"`` records why."""
+  pallas = [Candidate("pallas", problem="has no Pallas kernel yet")]
+  return choose("dplr", requested, impls, pallas + _tail())

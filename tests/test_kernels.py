@@ -298,7 +298,12 @@ def test_resolve_impls_names_what_auto_runs(monkeypatch):
   m.dtype, m.attn_softcap, m.chunk_size = "bfloat16", 0.0, 16
   assert resolve_impls(m) == {"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "pallas"}
   m.dtype, m.chunk_size = "float32", 8  # cuDNN needs 16-bit inputs; Pallas delta needs a chunk ≥ 16
+  # float32 attention and GLA: XLA (the Pallas kernels were slower there where measured)
+  assert resolve_impls(m) == {"attention": "xla", "scan": "pallas", "gla": "xla", "delta": "xla"}
+  assert "float32" in importlib.import_module("kernels").kernel_choices(m)["gla"]["rejected"]["pallas/triton"]
+  m.attention_impl = m.gla_impl = "pallas"  # asked for by name, they run
   assert resolve_impls(m) == {"attention": "pallas/triton", "scan": "pallas", "gla": "pallas", "delta": "xla"}
+  m.attention_impl = m.gla_impl = "auto"
   wa = importlib.import_module("kernels.window_attention")  # (the package exports a function of that name)
   monkeypatch.setattr(wa, "tma_gpu", lambda: True)  # a Hopper host: our Mosaic GPU kernels for 16-bit heads
   m.dtype, m.chunk_size = "bfloat16", 16
@@ -315,8 +320,10 @@ def test_gla_and_delta_auto_take_pallas_on_gpu_only_for_measured_head_dims(monke
   small, based = jnp.zeros((1, 32, 2, 64)), jnp.zeros((1, 32, 2, 153))
   beta = jnp.zeros((1, 32, 2))
   uses_pallas = lambda f, *args: "pallas_call" in str(jax.make_jaxpr(f)(*args))
-  assert uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), small, small)
-  assert not uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), based, small)
+  small16, based16 = small.astype(jnp.bfloat16), based.astype(jnp.bfloat16)
+  assert uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), small16, small16)
+  assert not uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), based16, small16)
+  assert not uses_pallas(lambda q, v: gla(q, q, v, impl="auto"), small, small)  # float32: XLA
   assert uses_pallas(lambda q, v: delta_rule(q, q, v, beta, impl="auto"), small, small)
   assert not uses_pallas(lambda q, v: delta_rule(q, q, v, beta, impl="auto", chunk_size=8), small, small)
   assert not uses_pallas(lambda q, v: delta_rule(q, q, v, beta, impl="auto"), small, based)

@@ -84,11 +84,11 @@ __all__ = ["IMPLS", "MIN_LOG_DECAY", "PallasConfig", "choice", "gla", "gla_palla
 
 
 def choice(d_k: int, d_v: int, requested: str = "auto", *, gated: bool = False, interpret: bool = False,
-           pallas_target: str | None = None) -> dispatch.Choice:
+           pallas_target: str | None = None, dtype=None) -> dispatch.Choice:
   """What runs ``gla`` for heads of ``d_k`` × ``d_v`` here (:func:`kernels.dispatch.gla`); ``gated``:
-  with the mLSTM input gate."""
+  with the mLSTM input gate; ``dtype``: of q, k, v."""
   return dispatch.gla(requested, IMPLS, d_k=d_k, d_v=d_v, gated=gated, interpret=interpret,
-                      layout=dispatch.pallas_layout(pallas_target, "gla"))
+                      layout=dispatch.pallas_layout(pallas_target, "gla"), dtype=dtype)
 
 
 def auto_impl(d_k: int, d_v: int) -> str:
@@ -129,7 +129,7 @@ def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, seg
     raise ValueError(f"gla: unknown impl {impl!r}; valid: {IMPLS}")
   if chunk_size <= 0:
     raise ValueError(f"gla: chunk_size={chunk_size} must be positive")
-  impl = choice(q.shape[-1], v.shape[-1], impl, gated=log_input_gate is not None, interpret=interpret,
+  impl = choice(q.shape[-1], v.shape[-1], impl, gated=log_input_gate is not None, interpret=interpret, dtype=q.dtype,
                 pallas_target=pallas_target).impl
   if impl == "reference":
     return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate, segment_ids=segment_ids)

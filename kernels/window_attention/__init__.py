@@ -130,7 +130,7 @@ def choice(q, softcap=None, requested: str = "auto", *, interpret: bool = False,
   return dispatch.attention(requested, IMPLS, head_dim=q.shape[-1],
                             mosaic_gpu_problem=mosaic_gpu_problem,
                             cudnn_problem=cudnn_problem, interpret=interpret,
-                            layout=dispatch.pallas_layout(pallas_target, "attention"))
+                            layout=dispatch.pallas_layout(pallas_target, "attention"), dtype=q.dtype)
 
 
 def _auto_impl(q, softcap) -> str:
