@@ -255,6 +255,9 @@ class Trainer:
       if segment_ids is None:
         segment_ids = data_pipeline.segment_ids_from_eod(batch["inputs"], self.document_eod, xp=jnp)
       kwargs = {**kwargs, "segment_ids": segment_ids}
+      # The label after a document's closing EOD is the next document's first token: predicting it
+      # from this document would score one document on another, so it is not scored.
+      labels = jnp.where(batch["inputs"] == self.document_eod, data_lib.IGNORE_LABEL, labels)
     if slots:
       positions = label_positions(labels, slots)
       labels = jnp.take_along_axis(labels, positions, axis=1)
