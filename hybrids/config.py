@@ -101,11 +101,17 @@ def identity(config) -> dict:
   model fields added after :data:`IDENTITY_MODEL_FIELDS` while they hold their defaults."""
   import json
 
+  return identity_of_json(json.loads(config.to_json_best_effort(sort_keys=True)))
+
+
+def identity_of_json(stored: dict) -> dict:
+  """:func:`identity` of a config already in its JSON form (e.g. a ``config.json`` read back)."""
+  import copy
+  import json
+
   from hybrids.defaults import model_config
 
-  out = json.loads(config.to_json_best_effort(sort_keys=True))
-  for section in RUNTIME_SECTIONS:
-    out.pop(section, None)
+  out = {k: copy.deepcopy(v) for k, v in stored.items() if k not in RUNTIME_SECTIONS}
   model = out.get("model")
   if isinstance(model, dict):
     defaults = json.loads(model_config().to_json_best_effort(sort_keys=True))
@@ -125,7 +131,7 @@ def base_config(dataset: str = "mqar") -> ml_collections.ConfigDict:
   c.data = data_lib.default_config(dataset)
   for name in data_lib.DATASETS:
     for key, value in data_lib.default_config(name).items():
-      if key not in c.data:
+      if key not in c.data and key not in data_lib.DATASET_ONLY_FIELDS:
         c.data[key] = value
   c.data.seq_len = 64
   c.train = train_config()

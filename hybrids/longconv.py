@@ -16,6 +16,25 @@ so one set of parameters gives both faces a mixer needs:
 
 After a prefill the state is ``s_T = Σ_t λ^{T−1−t} u_t``, a contraction over time (no scan needed).
 
+Packed documents (``segment_ids``, issue 23): one FFT over the packed row would let every document read
+the ones before it. :func:`segmented_modal_conv` gives each document exactly its own convolution
+``y_t = Σ_{t₀≤s≤t} h_{t−s} u_s`` (``t₀``: the start of t's document) as a chunked modal scan. The row
+is cut into chunks of ``chunk_size`` tokens (front-padded with zeros to a whole number of chunks):
+
+- inside a chunk, the exact Toeplitz product over lags ``0 … chunk_size−1``, a tap reading zero where
+  it would cross a document start (the short conv's mask, ``chunk_size`` taps);
+- across chunks, the modal state ``s`` at chunk ends only: each chunk's own contribution
+  ``σ = Σ_j λ^{C−1−j} u_j`` over its last document, then ``s_k = λ^C s_{k−1} + σ_k`` (``0 · s_{k−1}``
+  where a document starts inside chunk k) by an associative scan over chunks; a position before the
+  chunk's first start reads ``Re Σ_n R_n λ_n^{j+1} s_{k−1,n}``.
+
+Extra memory: the chunk-end states, ``batch · (time / chunk_size) · channels · modes`` complex, i.e.
+``2 · modes / chunk_size`` times the input's size, never ``batch · time · channels · modes`` (the
+per-position modal states, GBs at training shapes); the backward keeps two input-sized copies (the
+taps are recomputed, not stored a lag each). Work per token and channel: ``chunk_size``
+multiply-adds for the taps and about ``4 · modes`` for the chunk states and their read-out, the same
+order as the FFT's. With ``segment_ids=None`` the FFT face runs unchanged.
+
 This is how StripedHyena (Poli, Wang, Massaroli et al. 2023, "StripedHyena: Moving Beyond Transformers
 with Hybrid Signal Processing Models") decodes its Hyena filters; S4D is the same form with
 ``λ = exp(ΔA)`` and ``R = 2 C B̄``. The functions serve any modal filter; :class:`ModalLongConv` adds
@@ -29,6 +48,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from hybrids.layers import document_starts
+
+# Tokens a chunk of the segmented face: its taps loop over this many lags, and its chunk-end states
+# are 2·modes/SEGMENT_CHUNK times the input's size (one input's worth at the default 16 modes).
+SEGMENT_CHUNK = 32
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def modal_kernel(log_poles, residues, length: int):
@@ -74,6 +100,80 @@ def modal_final_state(log_poles, u):
   return jax.lax.complex(contract(jnp.real(powers)), contract(jnp.imag(powers)))
 
 
+def _real_contract(spec: str, real_operand, complex_operand):
+  """``einsum(spec, real, complex)`` as two real einsums at full float32 precision."""
+  contract = lambda part: jnp.einsum(spec, real_operand, part, precision=_HIGHEST)
+  return jax.lax.complex(contract(jnp.real(complex_operand)), contract(jnp.imag(complex_operand)))
+
+
+def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int = SEGMENT_CHUNK):
+  """The modal convolution of each document of a packed row alone, by the chunked modal scan of the
+  module docstring.
+
+  Args:
+    u: ``[batch, time, channels]`` (computed in float32).
+    log_poles, residues: complex ``[channels, modes]`` (``log λ`` and ``R`` of ``h_l = Re Σ_n R_n λ_n^l``).
+    segment_ids: ``int [batch, time]``; equal consecutive ids are one document, a change of id starts
+      the next (position 0 starts one).
+    chunk_size: tokens a chunk (see :data:`SEGMENT_CHUNK`).
+  Returns:
+    ``(y float32 [batch, time, channels], s complex64 [batch, channels, modes])``: ``y_t = Σ_{t₀≤s≤t}
+    h_{t−s} u_s`` and the state after the row's last document alone, ``s = Σ_{s≥t₀} λ^{T−1−s} u_s``.
+  """
+  if chunk_size <= 0:
+    raise ValueError(f"segmented_modal_conv: chunk_size={chunk_size} must be positive")
+  batch, time, channels = u.shape
+  pad = -time % chunk_size
+  n_chunks = (time + pad) // chunk_size
+  # Front padding keeps position time−1 at a chunk end (its state is the one returned); padded
+  # positions hold zeros and count as starts, so they reach nothing.
+  u32 = jnp.pad(u.astype(jnp.float32), ((0, 0), (pad, 0), (0, 0)))
+  u_c = u32.reshape(batch, n_chunks, chunk_size, channels)
+  starts = jnp.pad(document_starts(segment_ids), ((0, 0), (pad, 0)), constant_values=True)
+  document = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [batch, padded time]; equal = one document
+  # count: starts at or before each position of its chunk; equal counts = one document of that chunk.
+  count = jnp.cumsum(starts.reshape(batch, n_chunks, chunk_size).astype(jnp.int32), axis=2)
+
+  # Inside a chunk: lag l reads u_{t−l} when t−l is in t's chunk (l ≤ t mod C) and in t's document.
+  kernel = modal_kernel(log_poles, residues, chunk_size)  # [channels, chunk_size]
+  u_pad = jnp.pad(u32, ((0, 0), (chunk_size, 0), (0, 0)))
+  document_pad = jnp.pad(document, ((0, 0), (chunk_size, 0)), constant_values=-1)
+  in_chunk = jnp.arange(n_chunks * chunk_size) % chunk_size
+
+  @jax.checkpoint  # the backward recomputes each lag's tap: no per-lag copy of the input is kept
+  def tap(intra, lag):
+    start = chunk_size - lag
+    same = (jax.lax.dynamic_slice_in_dim(document_pad, start, document.shape[1], axis=1) == document) & (
+        in_chunk >= lag)
+    seen = jax.lax.dynamic_slice_in_dim(u_pad, start, document.shape[1], axis=1)
+    weight = jax.lax.dynamic_index_in_dim(kernel, lag, axis=1, keepdims=False)
+    return intra + weight * jnp.where(same[..., None], seen, 0.0), None
+
+  intra, _ = jax.lax.scan(tap, jnp.zeros_like(u32), jnp.arange(chunk_size))
+  intra = intra.reshape(u_c.shape)
+
+  # Across chunks: the state at each chunk end, from the chunk's last document and the state before.
+  lags = jnp.arange(chunk_size, dtype=jnp.float32)
+  powers = jnp.exp(log_poles[..., None] * lags)  # λ^j, [channels, modes, chunk_size]
+  # Masks as float factors [..., 1] (not broadcast selects): the backward then keeps them at their size.
+  in_last = (count == count[..., -1:]).astype(jnp.float32)[..., None]
+  own = _real_contract("bkjc,cnj->bkcn", u_c * in_last, powers[..., ::-1])  # Σ λ^{C−1−j} u_j
+  through = jnp.where((count[:, :, -1] == 0)[..., None, None], jnp.exp(log_poles * chunk_size), 0.0)
+
+  def combine(earlier, later):
+    (a1, b1), (a2, b2) = earlier, later
+    return a1 * a2, a2 * b1 + b2
+
+  _, ends = jax.lax.associative_scan(combine, (through, own), axis=1)  # [batch, n_chunks, channels, modes]
+  entering = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+  # Positions before their chunk's first start read the entering state: Re Σ_n R_n λ_n^{j+1} s_{k−1,n}.
+  readout = residues[..., None] * powers * jnp.exp(log_poles)[..., None]  # [channels, modes, chunk_size]
+  contract = lambda a, b: jnp.einsum("bkcn,cnj->bkjc", a, b, precision=_HIGHEST)
+  inter = contract(jnp.real(entering), jnp.real(readout)) - contract(jnp.imag(entering), jnp.imag(readout))
+  y = intra + (count == 0).astype(jnp.float32)[..., None] * inter
+  return y.reshape(batch, n_chunks * chunk_size, channels)[:, pad:], ends[:, -1]
+
+
 class ModalLongConv(nnx.Module):
   """A learnable modal long filter per channel, ``h_l = Re Σ_n R_n λ_n^l`` (``modes`` poles a channel).
 
@@ -114,9 +214,15 @@ class ModalLongConv(nnx.Module):
     """The filter materialised for ``length`` lags, float32 ``[channels, length]``."""
     return modal_kernel(self.log_poles(), self.complex_residues(), length)
 
-  def __call__(self, u, *, return_state: bool = False):
-    """Convolution face. ``u: [batch, time, channels]`` → float32 ``y`` (and the state after the last step)."""
+  def __call__(self, u, *, return_state: bool = False, segment_ids=None):
+    """Convolution face. ``u: [batch, time, channels]`` → float32 ``y`` (and the state after the last step).
+
+    ``segment_ids: int [batch, time]`` (optional): packed documents, each convolved alone
+    (:func:`segmented_modal_conv`); the state is then the last document's alone."""
     log_poles = self.log_poles()
+    if segment_ids is not None:
+      y, state = segmented_modal_conv(u, log_poles, self.complex_residues(), segment_ids)
+      return (y, state) if return_state else y
     y = causal_fft_conv(u, modal_kernel(log_poles, self.complex_residues(), u.shape[1]))
     return (y, modal_final_state(log_poles, u)) if return_state else y
 

@@ -119,7 +119,7 @@ def config_differences(stored: dict, config) -> list[str]:
   ``stored`` (written by an older version) is ignored."""
   from hybrids import config as config_lib
 
-  stored = {k: v for k, v in stored.items() if k not in config_lib.RUNTIME_SECTIONS}
+  stored = config_lib.identity_of_json(stored)
   wanted = config_json(config)
   if stored == wanted:
     return []

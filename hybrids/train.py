@@ -197,12 +197,13 @@ def document_eod(config: ml_collections.ConfigDict) -> int | None:
   """The end-of-document token that delimits the packed documents of a row when
   ``data.document_boundaries`` is on (None: off, or MQAR, whose rows are one document each).
 
-  ``data.document_boundaries`` (issue 23) is an optional field, not in the defaults (so configs
-  without it, and their run ids, are unchanged); off by default until every mixer takes
-  ``segment_ids``. On, every mixer of ``model.pattern`` must declare ``SEGMENTS``: a ConfigError names
-  the first that does not.
+  ``data.document_boundaries`` (issue 23) is on by default for text and shards (absent: on) and
+  means nothing for MQAR. On, every mixer of ``model.pattern`` must declare ``SEGMENTS``: a
+  ConfigError names the first that does not.
   """
-  on = data_lib.get_field(config.data, DOCUMENT_BOUNDARIES, False)
+  if config.data.name not in ("text", "shards"):
+    return None
+  on = data_lib.get_field(config.data, DOCUMENT_BOUNDARIES, True)
   if not isinstance(on, bool):
     raise config_lib.ConfigError(f"data.{DOCUMENT_BOUNDARIES}={on!r} must be True or False")
   if not on:
@@ -213,12 +214,9 @@ def document_eod(config: ml_collections.ConfigDict) -> int | None:
       check_entry_segments(entry)
     except ValueError as e:
       raise config_lib.ConfigError(f"data.{DOCUMENT_BOUNDARIES}=True: {e}") from None
-  name = config.data.name
-  if name == "text":
+  if config.data.name == "text":
     return data_text.eod_token(config.data.tokenizer)
-  if name == "shards":
-    return data_shards.eod_token(config.data.path)
-  return None
+  return data_shards.eod_token(config.data.path)
 
 
 @dataclasses.dataclass

@@ -1,9 +1,13 @@
 """Packed documents (issue 23): ``segment_ids`` make every document of a row run as if alone.
 
-For every mixer that declares ``SEGMENTS`` and for ``HybridLM`` over them: a row ``[A; B]`` packed
-with segment ids gives A's and B's outputs alone (and, for the recurrent faces, the state after B
-alone), at odd lengths, with equal gradients. A mixer that does not declare it refuses the ids.
+For every mixer that declares ``SEGMENTS`` (all registered ones) and for ``HybridLM`` over them: a
+row ``[A; B]`` packed with segment ids gives A's and B's outputs alone (and, for the recurrent faces,
+the state after B alone), at odd lengths, with equal gradients. A mixer that does not declare it
+refuses the ids (a test subclass stands in for one). The long convolutions' segmented face is checked
+against a direct FFT convolution of each document.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +20,31 @@ from hybrids.data import pipeline
 from hybrids.data.shards import ShardWindowSource
 from hybrids.data.text import TokenWindowSource
 from hybrids.layers import CausalConv1D, document_positions, document_starts
+from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel, segmented_modal_conv
 from hybrids.mixers import MIXERS
 from hybrids.mixers.contract import supports_segments
+from hybrids.mixers.gla import GatedLinearAttention
 from hybrids.model import HybridLM
 from kernels.window_attention import window_attention
 
 LEN_A, LEN_B = 7, 5  # odd lengths; the windows below are shorter and longer than either
+# The mixer and model tests' two documents: odd and equal, so that A and B alone run as one batch (one
+# program fewer to compile); the boundary falls inside a chunk of 4.
+LEN_DOC = 7
 SUPPORTING = sorted(name for name, cls in MIXERS.items() if supports_segments(cls))
-RECURRENT_STATE = ("mamba", "rglru")  # mixers whose state after a packed row must equal B's alone
+# Decode state = a KV cache: attention's and SWA's packed prefill is refused; FoX's cache keeps A's
+# keys (unreadable), so only its next decode step is compared with B's alone.
+KV_CACHE = ("attention", "fox", "swa")
+PACKED_CACHE = ("fox",)
+# Mixers whose state after a packed row must equal B's alone (and so must the decode step from it).
+RECURRENT_STATE = tuple(name for name in SUPPORTING if name not in KV_CACHE)
 
 
 def cfg(**overrides):
   c = model_config()
   c.vocab_size, c.d_model, c.n_layers, c.num_heads, c.window = 40, 16, 2, 2, 4
-  c.attention_impl = c.scan_impl = "xla"
+  c.attention_impl = c.scan_impl = c.gla_impl = c.delta_impl = "xla"
+  c.chunk_size = 4  # document boundaries inside a chunk and on a chunk edge
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -40,12 +55,39 @@ def ids(*lengths, batch=2):
                           (batch, sum(lengths)))
 
 
+# Many small programs, each compiled once: without LLVM optimisation (CI time), as tests/test_delta.py.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compiled(f, *args):
+  """``jax.jit(f)(*args)``, compiled with :data:`_FAST_COMPILE` (one program for a whole comparison:
+  eager op-by-op dispatch compiles far more on CPU)."""
+  return jax.jit(f).lower(*args).compile(compiler_options=_FAST_COMPILE)(*args)
+
+
 def close(a, b, tol=2e-5):
-  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+  a, b = np.asarray(a), np.asarray(b)
+  if np.iscomplexobj(a) or np.iscomplexobj(b):  # the modal states: both parts
+    close(a.real, b.real, tol)
+    close(a.imag, b.imag, tol)
+    return
+  np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=tol, atol=tol)
+
+
+class NoSegments(GatedLinearAttention):
+  """A mixer that does not declare ``SEGMENTS`` (every registered one does): the refusals' subject."""
+
+
+@pytest.fixture
+def unsupported(monkeypatch):
+  """Registers :class:`NoSegments` as mixer ``"no_segments"`` for one test."""
+  monkeypatch.setitem(MIXERS, "no_segments", NoSegments)
+  return "no_segments"
 
 
 def test_supporting_mixers_are_declared():
-  assert {"attention", "swa", "mamba", "rglru"} <= set(SUPPORTING)
+  assert SUPPORTING == sorted(MIXERS)
+  assert not supports_segments(NoSegments)  # declared in the class body, not inherited
 
 
 def test_document_positions_restart():
@@ -67,12 +109,6 @@ def test_window_attention_masks_documents(impl, window):
   close(packed, jnp.concatenate([a, b], axis=1))
 
 
-def test_window_attention_refuses_segments_on_kernels():
-  q = jnp.zeros((1, 4, 2, 8))
-  with pytest.raises(ValueError, match="segment_ids"):
-    window_attention(q, q, q, window=2, impl="pallas", interpret=True, segment_ids=jnp.zeros((1, 4), jnp.int32))
-
-
 def test_causal_conv_reads_no_earlier_document():
   conv = CausalConv1D(3, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(params=0))
   conv.bias[...] = jnp.ones((3,))
@@ -87,64 +123,143 @@ def test_causal_conv_reads_no_earlier_document():
   close(state, conv(x[:, LEN_A:LEN_A + 2], return_state=True)[1])
 
 
+def test_segmented_modal_conv_equals_each_document_convolved_alone():
+  """Documents of 1 to 12 tokens, different in each row, starting at t = 0, inside chunks of 4 and on
+  their edges (the mixers' tests run one padded chunk of 32): outputs, the last document's state and
+  every gradient equal a direct FFT convolution of each document alone."""
+  keys = jax.random.split(jax.random.key(5), 4)
+  channels, modes, chunk_size = 3, 4, 4
+  # Decay rates exp(ν) from ~0.007 (a memory of ~150 tokens, as the mixers' slowest) to ~1.6 (< 1 token).
+  params = {"rate": jax.random.uniform(keys[0], (channels, modes), minval=-5.0, maxval=0.5),
+            "angle": jax.random.uniform(keys[1], (channels, modes), maxval=jnp.pi),
+            "residues": jax.random.normal(keys[2], (2, channels, modes))}
+  u = jax.random.normal(keys[3], (2, 19, channels))
+  lengths = [(5, 1, 9, 4), (12, 7)]
+  seg = jnp.asarray([np.repeat(np.arange(len(row)) + 3, row) for row in lengths], jnp.int32)
+  filters = lambda p: (jax.lax.complex(-jnp.exp(p["rate"]), p["angle"]), jax.lax.complex(*p["residues"]))
+
+  def packed(p, u):
+    return segmented_modal_conv(u, *filters(p), seg, chunk_size=chunk_size)
+
+  def alone(p, u):
+    log_poles, residues = filters(p)
+    rows, states = [], []
+    for b, row in enumerate(lengths):
+      bounds = np.cumsum((0,) + row)
+      rows.append(jnp.concatenate([causal_fft_conv(u[b:b + 1, t0:t1], modal_kernel(log_poles, residues, t1 - t0))
+                                   for t0, t1 in zip(bounds[:-1], bounds[1:])], axis=1))
+      states.append(modal_final_state(log_poles, u[b:b + 1, bounds[-2]:])[0])
+    return jnp.concatenate(rows), jnp.stack(states)
+
+  def loss(f, p, u):
+    y, state = f(p, u)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.real(state) - 0.5 * jnp.imag(state)), (y, state)
+
+  def both(p, u):
+    return [jax.grad(functools.partial(loss, f), argnums=(0, 1), has_aux=True)(p, u) for f in (packed, alone)]
+
+  (grads, (y, state)), (grads_ref, (y_ref, state_ref)) = compiled(both, params, u)
+  close(y, y_ref)
+  close(state, state_ref)
+  jax.tree.map(lambda a, b: close(a, b, 1e-4), grads, grads_ref)
+
+
+def test_segmented_modal_conv_refuses_a_bad_chunk():
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    segmented_modal_conv(jnp.zeros((1, 4, 2)), jnp.zeros((2, 3), jnp.complex64), jnp.zeros((2, 3), jnp.complex64),
+                         jnp.zeros((1, 4), jnp.int32), chunk_size=0)
+
+
+def alone(x):
+  """``[batch, 2·LEN_DOC, …]`` → A and B as one batch ``[2·batch, LEN_DOC, …]`` (A's rows first)."""
+  return jnp.concatenate([x[:, :LEN_DOC], x[:, LEN_DOC:]], axis=0)
+
+
+def packed_again(x):
+  """The inverse of :func:`alone`: ``[2·batch, LEN_DOC, …]`` → ``[batch, 2·LEN_DOC, …]``."""
+  return jnp.concatenate(jnp.split(x, 2, axis=0), axis=1)
+
+
+def b_rows(leaf):
+  """B's rows of a decode-state leaf of :func:`alone`'s batch (a leaf without a batch axis: as is)."""
+  return leaf if leaf.ndim == 0 else leaf[leaf.shape[0] // 2:]
+
+
 @pytest.mark.parametrize("name", SUPPORTING)
 def test_mixer_packed_equals_documents_alone(name):
-  mixer = MIXERS[name](cfg(), rngs=nnx.Rngs(params=0))
-  x = jax.random.normal(jax.random.key(2), (2, LEN_A + LEN_B, 16))
-  seg = ids(LEN_A, LEN_B)
-  packed = mixer(x, segment_ids=seg)
-  close(packed, jnp.concatenate([mixer(x[:, :LEN_A]), mixer(x[:, LEN_A:])], axis=1))
+  graphdef, params = nnx.split(MIXERS[name](cfg(), rngs=nnx.Rngs(params=0)))
+  x = jax.random.normal(jax.random.key(2), (2, 2 * LEN_DOC, 16))
+  x_t = jax.random.normal(jax.random.key(3), (2, 16))
+  seg = ids(LEN_DOC, LEN_DOC)
+  recurrent = name in RECURRENT_STATE or name in PACKED_CACHE
+
+  def loss(p, xs, s):
+    """``Σ sin(y)``, with aux ``(y, None)`` or, for a recurrent face, ``(y, (state after the row, one
+    decode step from it))``: one forward serves outputs, state and gradients."""
+    mixer = nnx.merge(graphdef, p)
+    kwargs = {} if s is None else {"segment_ids": s}
+    if not recurrent:
+      y = mixer(xs, **kwargs)
+      return jnp.sum(jnp.sin(y)), (y, None)
+    y, state = mixer(xs, return_state=True, **kwargs)
+    x_step = jnp.concatenate([x_t] * (xs.shape[0] // x_t.shape[0]))
+    return jnp.sum(jnp.sin(y)), (y, (state, mixer.step(x_step, jax.lax.stop_gradient(state))))
+
+  def both(p, x):
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    return grad(p, x, seg), grad(p, alone(x), None)
+
+  ((g_params, g_x), (y, packed_state)), ((g_params_alone, g_x_alone), (y_alone, alone_state)) = compiled(
+      both, params, x)
+  close(y, packed_again(y_alone))
   if name in RECURRENT_STATE:
-    _, state = mixer(x, return_state=True, segment_ids=seg)
-    _, state_b = mixer(x[:, LEN_A:], return_state=True)
-    jax.tree.map(close, state, state_b)
-    # Decoding on from the packed state continues B as if it had run alone.
-    x_t = jax.random.normal(jax.random.key(3), (2, 16))
-    jax.tree.map(close, mixer.step(x_t, state), mixer.step(x_t, state_b))
-
-  graphdef, params = nnx.split(mixer)
-  loss = lambda p, xs, s: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(xs, **({} if s is None else {"segment_ids": s}))))
-  g_packed = jax.grad(loss, argnums=(0, 1))(params, x, seg)
-  g_a = jax.grad(loss, argnums=(0, 1))(params, x[:, :LEN_A], None)
-  g_b = jax.grad(loss, argnums=(0, 1))(params, x[:, LEN_A:], None)
-  jax.tree.map(lambda p, a, b: close(p, a + b, 1e-4), g_packed[0], g_a[0], g_b[0])
-  close(g_packed[1], jnp.concatenate([g_a[1], g_b[1]], axis=1), 1e-4)
+    # The state after the packed row is B's alone, and decoding on from it continues B as if alone.
+    jax.tree.map(lambda p, a: close(p, b_rows(a)), packed_state, alone_state)
+  elif recurrent:  # a cache that also holds A: decoding on from it continues B as if alone
+    close(packed_state[1][0], b_rows(alone_state[1][0]))
+  jax.tree.map(lambda p, a: close(p, a, 1e-4), g_params, g_params_alone)  # Σ over A's and B's rows
+  close(g_x, packed_again(g_x_alone), 1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(set(MIXERS) - set(SUPPORTING)))
-def test_mixer_without_support_refuses_segment_ids(name):
-  model = HybridLM(cfg(pattern=(name,), n_layers=1), rngs=nnx.Rngs(params=0))
-  with pytest.raises(ValueError, match=f"mixer '{name}' does not support segment_ids"):
+def test_mixer_without_support_refuses_segment_ids(unsupported):
+  model = HybridLM(cfg(pattern=(unsupported,), n_layers=1), rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match=f"mixer '{unsupported}' does not support segment_ids"):
     model(jnp.zeros((1, 6), jnp.int32), segment_ids=jnp.zeros((1, 6), jnp.int32))
 
 
-@pytest.mark.parametrize("pattern,position,scan", [
-    (("mamba", "swa"), "rope", False),
-    (("attention",), "learned", True),
-    (("mamba|swa",), "none", False),
-    (("mamba>attention",), "rope", True),
+@pytest.mark.parametrize("pattern,position,scan,n_layers", [
+    (("mamba", "swa"), "rope", False, 4),
+    (("attention",), "learned", True, 2),
+    (("mamba|swa",), "none", False, 2),
+    (("mamba>attention",), "rope", True, 2),
+    # Thirteen more mixers once each, four or five side by side a layer.
+    (("linear_attention|retnet|gla|mamba2", "based|rwkv6|mlstm|slstm", "deltanet|gated_deltanet|hyena|baseconv|s4d"),
+     "none", False, 3),
 ])
-def test_model_packed_equals_documents_alone(pattern, position, scan):
-  model = HybridLM(cfg(pattern=pattern, position=position, max_len=32, n_layers=2 * len(pattern)),
-                   rngs=nnx.Rngs(params=0))
-  tokens = jax.random.randint(jax.random.key(4), (2, LEN_A + LEN_B), 0, 40)
-  seg = ids(LEN_A, LEN_B)
-  packed = model(tokens, segment_ids=seg, scan_layers=scan)
-  close(packed, jnp.concatenate([model(tokens[:, :LEN_A]), model(tokens[:, LEN_A:])], axis=1), 1e-4)
-  # Without ids the row is one document: B then reads A (the ids do change something).
-  assert not np.allclose(model(tokens)[:, LEN_A:], packed[:, LEN_A:], atol=1e-4)
-
+def test_model_packed_equals_documents_alone(pattern, position, scan, n_layers):
+  model = HybridLM(cfg(pattern=pattern, position=position, max_len=32, n_layers=n_layers), rngs=nnx.Rngs(params=0))
   graphdef, params = nnx.split(model)
-  loss = lambda p, t, s: jnp.sum(jax.nn.log_softmax(nnx.merge(graphdef, p)(t, segment_ids=s))[..., 0])
-  g_packed = jax.grad(loss)(params, tokens, seg)
-  g_a = jax.grad(loss)(params, tokens[:, :LEN_A], seg[:, :LEN_A])
-  g_b = jax.grad(loss)(params, tokens[:, LEN_A:], seg[:, LEN_A:])
-  jax.tree.map(lambda p, a, b: close(p, a + b, 2e-4), g_packed, g_a, g_b)
+  tokens = jax.random.randint(jax.random.key(4), (2, 2 * LEN_DOC), 0, 40)
+  seg = ids(LEN_DOC, LEN_DOC)
+
+  def loss(p, t, s, scan_layers=False):
+    logits = nnx.merge(graphdef, p)(t, segment_ids=s, scan_layers=scan_layers)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  def everything(p, tokens):
+    grad = jax.grad(loss, has_aux=True)
+    return grad(p, tokens, seg, scan), grad(p, alone(tokens), None), nnx.merge(graphdef, p)(tokens)
+
+  (g_packed, packed), (g_alone, logits_alone), one_document = compiled(everything, params, tokens)
+  close(packed, packed_again(logits_alone), 1e-4)
+  # Without ids the row is one document: B then reads A (the ids do change something).
+  assert not np.allclose(one_document[:, LEN_DOC:], packed[:, LEN_DOC:], atol=1e-4)
+  jax.tree.map(lambda p, a: close(p, a, 2e-4), g_packed, g_alone)
 
 
-def test_model_refuses_an_unsupported_mixer_in_a_group():
-  model = HybridLM(cfg(pattern=("mamba|gla",), n_layers=1), rngs=nnx.Rngs(params=0))
-  with pytest.raises(ValueError, match="mixer 'gla' does not support segment_ids"):
+def test_model_refuses_an_unsupported_mixer_in_a_group(unsupported):
+  model = HybridLM(cfg(pattern=(f"mamba|{unsupported}",), n_layers=1), rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match=f"mixer '{unsupported}' does not support segment_ids"):
     model(jnp.zeros((1, 6), jnp.int32), segment_ids=jnp.zeros((1, 6), jnp.int32))
 
 
@@ -200,11 +315,11 @@ def text_config(tmp_path, pattern):
   return c
 
 
-def test_document_boundaries_refuses_a_mixer_without_segments(tmp_path):
+def test_document_boundaries_refuses_a_mixer_without_segments(tmp_path, unsupported):
   from hybrids.config import ConfigError
   from hybrids.train import train
-  with pytest.raises(ConfigError, match="data.document_boundaries=True: mixer 'gla' does not support"):
-    train(text_config(tmp_path, ("gla", "swa")), str(tmp_path / "run"), progress=False)
+  with pytest.raises(ConfigError, match=f"data.document_boundaries=True: mixer '{unsupported}' does not support"):
+    train(text_config(tmp_path, (unsupported, "swa")), str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run" / "config.json").exists()
 
 

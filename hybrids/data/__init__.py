@@ -50,10 +50,17 @@ __all__ = [
 ]
 
 DATASETS = ("mqar", "text", "shards")
+# Fields only some datasets have, not merged into the others' configs (hybrids.config.base_config).
+DATASET_ONLY_FIELDS = ("document_boundaries",)
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
     """Default ``data`` config for dataset ``name`` (one of ``DATASETS``).
+
+    Text and shards default to ``document_boundaries=True``: each packed document runs as if alone
+    (the model gets segment ids derived from EOD). The field belongs to those two datasets only: it
+    is not merged into other datasets' configs (an MQAR row is one document), and a config switched
+    to text without it has the boundaries on.
 
     MQAR also reads two optional fields that are not in the defaults (so configs without them
     keep their identity): ``data.train_segments`` and ``data.eval_segments``, tuples of
@@ -79,12 +86,16 @@ def default_config(name: str) -> ml_collections.ConfigDict:
             tokenizer="bytes",
             heldout_fraction=0.05,
             seed=0,
+            # Packed documents run as if alone (segment ids from EOD; issue 23). Off only to
+            # measure the leak or to reproduce a run made before.
+            document_boundaries=True,
         ))
     if name == "shards":
         return ml_collections.ConfigDict(dict(
             name="shards",
             # Directory written by `python -m hybrids.data.prepare --output DIR` (local or gs://…).
             path="",
+            document_boundaries=True,
         ))
     raise ValueError(f"data.name={name!r} is invalid: must be one of {DATASETS}")
 
@@ -97,10 +108,12 @@ def _name(data_config: Any) -> str:
 
 
 def _fields(data_config: Any) -> dict[str, Any]:
-    """Dataset fields of ``data_config``, absent ones filled from ``default_config``."""
+    """The fields the dataset's source reads, absent ones filled from ``default_config``
+    (``document_boundaries`` is the trainer's: :func:`hybrids.train.document_eod`)."""
     name = _name(data_config)
     defaults = default_config(name)
-    return {k: get_field(data_config, k, v) for k, v in defaults.items() if k != "name"}
+    return {k: get_field(data_config, k, v) for k, v in defaults.items()
+            if k != "name" and k not in DATASET_ONLY_FIELDS}
 
 
 SEGMENT_FIELDS = ("train_segments", "eval_segments")

@@ -42,6 +42,7 @@ from hybrids.mixers.contract import CONV_WIDTH, D_STATE
 class BaseConv(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"log_rate", "angle", "residues"})  # the long filter's poles and residues
   SETTINGS = {"conv_width": CONV_WIDTH, "d_state": D_STATE}
+  SEGMENTS = True  # packed documents: the short conv and the long filter's modal state restart at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -62,13 +63,15 @@ class BaseConv(nnx.Module):
     gate = self.gate_proj(x).astype(jnp.float32)
     return self.out_proj((gate * (short.astype(jnp.float32) + long)).astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    """Parallel face. ``x: [batch, time, d_model]``."""
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (both filters read no earlier document; the state is the
+    last document's)."""
     u = self.in_proj(x)
-    short, conv_state = self.conv(u, return_state=True)
+    short, conv_state = self.conv(u, return_state=True, segment_ids=segment_ids)
     if not return_state:
-      return self._out(x, short, self.filter(u))
-    long, modes = self.filter(u, return_state=True)
+      return self._out(x, short, self.filter(u, segment_ids=segment_ids))
+    long, modes = self.filter(u, return_state=True, segment_ids=segment_ids)
     return self._out(x, short, long), {"conv": conv_state, "modes": modes}
 
   def init_state(self, batch: int, *, max_len: int | None = None):

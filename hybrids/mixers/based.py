@@ -42,6 +42,9 @@ class Based(nnx.Module):
       "chunk_size": CHUNK_SIZE,
       "conv_width": CONV_WIDTH,
   }
+  # Packed documents: the short conv reads no earlier document and the linear-attention state (with
+  # its normaliser) restarts from 0 at each start; the feature map is per token.
+  SEGMENTS = True
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
@@ -75,10 +78,12 @@ class Based(nnx.Module):
     o = o[..., :-1] / (o[..., -1:] + EPS)
     return self.o_proj(rearrange(o, "... h d -> ... (h d)").astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    x, conv_state = self.conv(x, return_state=True)
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the state is the last document's)."""
+    x, conv_state = self.conv(x, return_state=True, segment_ids=segment_ids)
     q, k, v = self._qkv(x)
-    o, state = gla(q, k, v, None, chunk_size=self.chunk_size, impl=self.impl)
+    o, state = gla(q, k, v, None, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     y = self._out(o)
     return (y, {"conv": conv_state, "S": state}) if return_state else y
 

@@ -43,6 +43,7 @@ def l2_normalize(x):
 class DeltaNet(nnx.Module):
   NO_WEIGHT_DECAY = frozenset()  # projections and a short conv only
   SETTINGS = {"chunk_size": CHUNK_SIZE, "conv_width": CONV_WIDTH}
+  SEGMENTS = True  # packed documents: the conv reads no earlier document, the state restarts from 0
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_model = cfg.d_model
@@ -80,11 +81,14 @@ class DeltaNet(nnx.Module):
     o = rearrange(self.norm(o.astype(jnp.float32)), "... h d -> ... (h d)")
     return self.o_proj(o.astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    qkv, conv_state = self.conv(self.qkv_proj(x), return_state=True)
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the state is the last document's)."""
+    qkv, conv_state = self.conv(self.qkv_proj(x), return_state=True, segment_ids=segment_ids)
     q, k, v = self._qkv(qkv)
     beta, log_decay = self._gates(x)
-    o, state = delta_rule(q, k, v, beta, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+    o, state = delta_rule(q, k, v, beta, log_decay, segment_ids=segment_ids, chunk_size=self.chunk_size,
+                          impl=self.impl)
     y = self._out(o, x)
     return (y, {"conv": conv_state, "S": state}) if return_state else y
 

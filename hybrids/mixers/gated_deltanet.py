@@ -32,6 +32,7 @@ from hybrids.mixers.deltanet import DeltaNet
 class GatedDeltaNet(DeltaNet):
   NO_WEIGHT_DECAY = DeltaNet.NO_WEIGHT_DECAY | {"a_log", "dt_bias"}  # A and Δ's bias of the decay gate
   SETTINGS = DeltaNet.SETTINGS  # the decay gate adds no field
+  SEGMENTS = True  # as DeltaNet's: the conv is masked and the decayed state restarts from 0 at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)

@@ -33,6 +33,7 @@ class GatedLinearAttention(nnx.Module):
       "gate_low_rank": Setting(16, "rank of GLA's decay gate", 1),
       "chunk_size": CHUNK_SIZE,
   }
+  SEGMENTS = True  # packed documents: the state restarts from 0 at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
@@ -77,9 +78,11 @@ class GatedLinearAttention(nnx.Module):
     o = rearrange(self.norm(o.astype(jnp.float32)), "... h d -> ... (h d)").astype(self.dtype)
     return self.o_proj(jax.nn.swish(self.r_proj(x)) * o)
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the state is the last document's)."""
     q, k, v, log_decay = self._inputs(x)
-    o, state = gla(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+    o, state = gla(q, k, v, log_decay, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     y = self._out(x, o)
     return (y, {"S": state}) if return_state else y
 

@@ -31,6 +31,7 @@ from hybrids.mixers.contract import CONV_WIDTH, D_STATE
 class Hyena(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"log_rate", "angle", "residues", "d_skip"})  # the filter's poles, residues; D
   SETTINGS = {"conv_width": CONV_WIDTH, "d_state": D_STATE}
+  SEGMENTS = True  # packed documents: the short conv and the long filter's modal state restart at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -56,13 +57,15 @@ class Hyena(nnx.Module):
     y = q * (long + self.d_skip[...].astype(jnp.float32) * kv)
     return self.out_proj(y.astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    """Parallel face. ``x: [batch, time, d_model]``."""
-    z, conv_state = self.conv(self.in_proj(x), return_state=True)
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (short conv masked, long filter per document:
+    :func:`hybrids.longconv.segmented_modal_conv`; the state is the last document's)."""
+    z, conv_state = self.conv(self.in_proj(x), return_state=True, segment_ids=segment_ids)
     q, kv = self._gate_and_input(z)
     if not return_state:
-      return self._out(q, self.filter(kv), kv)
-    long, modes = self.filter(kv, return_state=True)
+      return self._out(q, self.filter(kv, segment_ids=segment_ids), kv)
+    long, modes = self.filter(kv, return_state=True, segment_ids=segment_ids)
     return self._out(q, long, kv), {"conv": conv_state, "modes": modes}
 
   def init_state(self, batch: int, *, max_len: int | None = None):

@@ -33,6 +33,7 @@ def feature_map(x):
 class LinearAttention(nnx.Module):
   NO_WEIGHT_DECAY = frozenset()  # projections only
   SETTINGS = {"head_dim": HEAD_DIM, "chunk_size": CHUNK_SIZE}
+  SEGMENTS = True  # packed documents: the state (numerator and normaliser) restarts from 0 at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
@@ -62,10 +63,11 @@ class LinearAttention(nnx.Module):
     o = o[..., :-1] / (o[..., -1:] + EPS)
     return self.o_proj(rearrange(o, "... h d -> ... (h d)").astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    """``x: [batch, time, d_model]`` → ``[batch, time, d_model]`` (and ``{"S"}``)."""
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """``x: [batch, time, d_model]`` → ``[batch, time, d_model]`` (and ``{"S"}``). ``segment_ids: int
+    [batch, time]`` (optional): packed documents, each run as if alone (the state is the last one's)."""
     q, k, v = self._qkv(x)
-    o, state = gla(q, k, v, None, chunk_size=self.chunk_size, impl=self.impl)
+    o, state = gla(q, k, v, None, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     y = self._out(o)
     return (y, {"S": state}) if return_state else y
 

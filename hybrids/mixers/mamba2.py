@@ -32,6 +32,7 @@ from kernels.gla import gla, gla_step
 class Mamba2(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"a_log", "dt_bias", "d_skip"})  # A, Δ's bias, D
   SETTINGS = {"d_state": D_STATE, "ssm_expand": SSM_EXPAND, "chunk_size": CHUNK_SIZE, "conv_width": CONV_WIDTH}
+  SEGMENTS = True  # packed documents: the conv reads no earlier document, the SSD state restarts from 0
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.d_inner = int(cfg.ssm_expand * cfg.d_model)
@@ -82,11 +83,13 @@ class Mamba2(nnx.Module):
     y = self.norm(y[..., None, :])[..., 0, :]
     return self.out_proj(y.astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the state is the last document's)."""
     z, xbc, dt = self._split(self.in_proj(x))
-    xbc, conv_state = self.conv(xbc, return_state=True)
+    xbc, conv_state = self.conv(xbc, return_state=True, segment_ids=segment_ids)
     q, k, v, log_decay, xs = self._ssm_inputs(xbc, dt)
-    y, state = gla(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+    y, state = gla(q, k, v, log_decay, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     out = self._out(y, xs, z)
     return (out, {"conv": conv_state, "S": state}) if return_state else out
 

@@ -48,6 +48,9 @@ _MAX_NEG_M = 80.0
 class MLSTM(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"skip"})  # the learnable skip s
   SETTINGS = {"ssm_expand": SSM_EXPAND, "chunk_size": CHUNK_SIZE, "conv_width": CONV_WIDTH}
+  # Packed documents: the conv reads no earlier document; the memory, normaliser and stabiliser
+  # restart from (S, m) = (0, 0) at each start (kernels.gla's segment_ids).
+  SEGMENTS = True
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.inner = int(cfg.ssm_expand * cfg.d_model)
@@ -98,12 +101,15 @@ class MLSTM(nnx.Module):
     h = h + self.skip[...].astype(jnp.float32) * c.astype(jnp.float32)
     return self.down_proj((jax.nn.sigmoid(z.astype(jnp.float32)) * h).astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the state is the last document's)."""
     u, z = jnp.split(self.up_proj(x), 2, axis=-1)
-    c, conv_state = self.conv(u, return_state=True)
+    c, conv_state = self.conv(u, return_state=True, segment_ids=segment_ids)
     c = jax.nn.silu(c)
     q, k, v, log_i, log_f = self._inputs(x, u, c)
-    o, (s, m_last), m = gla(q, k, v, log_f, log_input_gate=log_i, chunk_size=self.chunk_size, impl=self.impl)
+    o, (s, m_last), m = gla(q, k, v, log_f, log_input_gate=log_i, segment_ids=segment_ids,
+                            chunk_size=self.chunk_size, impl=self.impl)
     y = self._out(o, m, c, z)
     return (y, {"conv": conv_state, "S": s, "m": m_last}) if return_state else y
 

@@ -20,7 +20,7 @@ from einops import rearrange
 from flax import nnx
 
 from hybrids.cost import Flops, gla_flops
-from hybrids.layers import HeadNorm, apply_rope, dtype_of, linear
+from hybrids.layers import HeadNorm, apply_rope, document_positions, dtype_of, linear
 from hybrids.mixers.contract import CHUNK_SIZE, HEAD_DIM, ROPE_BASE
 from kernels.gla import gla, gla_step
 
@@ -33,6 +33,7 @@ def head_decays(heads: int):
 class RetNet(nnx.Module):
   NO_WEIGHT_DECAY = frozenset()  # the decays γ_h are fixed, not parameters
   SETTINGS = {"head_dim": HEAD_DIM, "rope_base": ROPE_BASE, "chunk_size": CHUNK_SIZE}
+  SEGMENTS = True  # packed documents: the rotation's positions and the state restart at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.heads = cfg.num_heads
@@ -67,20 +68,29 @@ class RetNet(nnx.Module):
     o = self.norm(o.astype(jnp.float32))
     return self.o_proj(jax.nn.swish(self.g_proj(x)) * rearrange(o, "... h d -> ... (h d)").astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]`` → ``y`` (and ``{"S", "pos"}``, ``pos`` the next
+    token's position: ``int32 []``). ``segment_ids: int [batch, time]`` (optional): packed documents,
+    each run as if alone: positions restart at each start, the state is the last document's and
+    ``pos`` is ``int32 [batch]``, each row's length of its last document."""
     batch, time, _ = x.shape
-    q, k, v = self._qkv(x, jnp.arange(time))
+    positions = jnp.arange(time) if segment_ids is None else document_positions(segment_ids)
+    q, k, v = self._qkv(x, positions)
     log_decay = jnp.broadcast_to(head_decays(self.heads), (batch, time, self.heads))
-    o, state = gla(q, k, v, log_decay, chunk_size=self.chunk_size, impl=self.impl)
+    o, state = gla(q, k, v, log_decay, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     y = self._out(x, o)
-    return (y, {"S": state, "pos": jnp.asarray(time, jnp.int32)}) if return_state else y
+    if not return_state:
+      return y
+    pos = jnp.asarray(time, jnp.int32) if segment_ids is None else positions[:, -1].astype(jnp.int32) + 1
+    return y, {"S": state, "pos": pos}
 
   def init_state(self, batch: int, *, max_len: int | None = None):
     return {"S": jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32),
             "pos": jnp.zeros((), jnp.int32)}
 
   def step(self, x_t, state):
-    q, k, v = self._qkv(x_t[:, None], state["pos"][None])
+    # pos: [] (one position for the batch) → [1]; [batch] (after a packed prefill) → [batch, 1].
+    q, k, v = self._qkv(x_t[:, None], state["pos"][..., None])
     log_decay = jnp.broadcast_to(head_decays(self.heads), (x_t.shape[0], self.heads))
     o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state["S"])
     return self._out(x_t, o), {"S": s, "pos": state["pos"] + 1}

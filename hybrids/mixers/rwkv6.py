@@ -25,7 +25,7 @@ from einops import rearrange
 from flax import nnx
 
 from hybrids.cost import Flops, gla_flops
-from hybrids.layers import HeadNorm, dtype_of, linear
+from hybrids.layers import HeadNorm, document_starts, dtype_of, linear
 from hybrids.mixers.contract import CHUNK_SIZE
 from kernels.gla import gla, gla_step
 
@@ -36,6 +36,9 @@ BRANCHES = 5  # r, k, v, w, g
 class RWKV6(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"mu_x", "mu", "w0", "bonus"})  # token-shift mixes, decay base, bonus u
   SETTINGS = {"chunk_size": CHUNK_SIZE}
+  # Packed documents: the token shift reads 0 (not the previous document's last token) at a start,
+  # and the state restarts from 0 there.
+  SEGMENTS = True
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -89,12 +92,23 @@ class RWKV6(nnx.Module):
     o = rearrange(self.norm(o), "... h d -> ... (h d)")
     return self.o_proj((o * g.astype(jnp.float32)).astype(self.dtype))
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the state is the last document's)."""
     x_prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    starts = None if segment_ids is None else document_starts(segment_ids)
+    if starts is not None:
+      x_prev = jnp.where(starts[..., None], jnp.zeros_like(x_prev), x_prev)
     r, k, v, log_decay, g = self._inputs(x, x_prev)
     shift = lambda z: jnp.pad(z, ((0, 0), (1, 0)) + ((0, 0),) * (z.ndim - 2))[:, :-1]
     # Shifted by one step, the kernel's inclusive read r_t·S''_t is r_t·S_{t−1}.
-    o, s_prev = gla(r, shift(k), shift(v), shift(log_decay), chunk_size=self.chunk_size, impl=self.impl)
+    k_prev = shift(k)
+    if starts is not None:
+      # The kernel zeroes the state entering a start t₀, but its shifted key there is the previous
+      # document's last one: zero it too, so that S''_{t₀} = S_{t₀−1} = 0 as for the document alone.
+      k_prev = jnp.where(starts[..., None, None], jnp.zeros_like(k_prev), k_prev)
+    o, s_prev = gla(r, k_prev, shift(v), shift(log_decay), segment_ids=segment_ids, chunk_size=self.chunk_size,
+                    impl=self.impl)
     o = o.astype(jnp.float32) + self._bonus(r, k, v)
     y = self._out(o, g)
     if not return_state:

@@ -24,13 +24,14 @@ from flax import nnx
 
 from hybrids.cost import Flops, fft_conv_flops
 from hybrids.layers import dtype_of, linear
-from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel
+from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel, segmented_modal_conv
 from hybrids.mixers.contract import D_STATE
 
 
 class S4D(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"log_dt", "log_neg_a_real", "a_imag", "d_skip"})  # Δ, the poles A, D
   SETTINGS = {"d_state": D_STATE}
+  SEGMENTS = True  # packed documents: the SSM state restarts from h = 0 at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, modes = cfg.d_model, cfg.d_state // 2
@@ -70,9 +71,15 @@ class S4D(nnx.Module):
     value, gate = jnp.split(gated, 2, axis=-1)
     return value * jax.nn.sigmoid(gate)
 
-  def __call__(self, u, *, return_state: bool = False, max_len: int | None = None):
-    """Convolution face. ``u: [batch, time, d_model]``."""
+  def __call__(self, u, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Convolution face. ``u: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each convolved alone (:func:`hybrids.longconv.segmented_modal_conv`; the state
+    is the last document's)."""
     log_a_bar, b_bar, c = self._zoh()
+    if segment_ids is not None:
+      y, modes = segmented_modal_conv(u, log_a_bar, 2.0 * c * b_bar, segment_ids)
+      out = self._out(y, u)
+      return (out, {"h": b_bar * modes}) if return_state else out
     y = causal_fft_conv(u, modal_kernel(log_a_bar, 2.0 * c * b_bar, u.shape[1]))  # K_l = Re Σ 2 C B̄ Ā^l
     out = self._out(y, u)
     if not return_state:

@@ -33,7 +33,7 @@ from einops import rearrange
 from flax import nnx
 
 from hybrids.cost import Flops
-from hybrids.layers import CausalConv1D, HeadNorm, dtype_of, linear
+from hybrids.layers import CausalConv1D, HeadNorm, document_starts, dtype_of, linear
 from hybrids.mixers.contract import CONV_WIDTH
 
 FORGET_BIAS_RANGE = (3.0, 6.0)
@@ -43,6 +43,7 @@ _EMPTY_M = -1e30  # stabiliser of the empty memory (see the module docstring)
 class SLSTM(nnx.Module):
   NO_WEIGHT_DECAY = frozenset()  # the recurrent matrices R and the gate biases are decayed
   SETTINGS = {"conv_width": CONV_WIDTH}
+  SEGMENTS = True  # packed documents: the conv is masked and the cell restarts from its fresh state at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d = cfg.d_model
@@ -93,11 +94,23 @@ class SLSTM(nnx.Module):
   def _cell_state(self, state):
     return {key: state[key] for key in ("c", "n", "m", "h")}
 
-  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None):
-    x_conv, conv_state = self.conv(x, return_state=True)
+  def __call__(self, x, *, return_state: bool = False, max_len: int | None = None, segment_ids=None):
+    """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
+    packed documents, each run as if alone (the conv reads no earlier document and the cell starts
+    each document from the fresh state; the returned state is the last document's)."""
+    x_conv, conv_state = self.conv(x, return_state=True, segment_ids=segment_ids)
     pre = self._preactivations(x, x_conv)
     cell0 = self._cell_state(self.init_state(x.shape[0]))
-    cell, h = jax.lax.scan(self._cell, cell0, jnp.moveaxis(pre, 1, 0))
+    if segment_ids is None:
+      cell, h = jax.lax.scan(self._cell, cell0, jnp.moveaxis(pre, 1, 0))
+    else:
+      def cell_with_restart(state, inputs):
+        pre_t, start_t = inputs
+        state = jax.tree.map(lambda fresh, s: jnp.where(start_t[:, None], fresh, s), cell0, state)
+        return self._cell(state, pre_t)
+
+      starts = jnp.moveaxis(document_starts(segment_ids), 1, 0)
+      cell, h = jax.lax.scan(cell_with_restart, cell0, (jnp.moveaxis(pre, 1, 0), starts))
     y = self._out(jnp.moveaxis(h, 0, 1))
     return (y, {"conv": conv_state, **cell}) if return_state else y
 
