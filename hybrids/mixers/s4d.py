@@ -67,7 +67,8 @@ class S4D(nnx.Module):
 
   def _out(self, y, u):
     y = y + self.d_skip[...].astype(jnp.float32) * u.astype(jnp.float32)
-    gated = self.glu_proj(jax.nn.gelu(y).astype(self.dtype))
+    # The exact (erf) GELU, as the S4 authors' nn.GELU(); jax's default is the tanh approximation.
+    gated = self.glu_proj(jax.nn.gelu(y, approximate=False).astype(self.dtype))
     value, gate = jnp.split(gated, 2, axis=-1)
     return value * jax.nn.sigmoid(gate)
 
