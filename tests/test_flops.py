@@ -51,7 +51,7 @@ from kernels.window_attention import default_block_size
 
 BATCH, SEQ_LEN, D_MODEL = 8, 64, 256
 RESIDUAL = 0.03
-DELTA = ("deltanet", "gated_deltanet")
+DELTA = ("deltanet", "gated_deltanet", "kda", "rwkv7", "gated_deltaproduct")  # chunk scans (kernels.delta, kernels.dplr)
 FFT = ("hyena", "baseconv", "s4d")
 
 
@@ -76,7 +76,7 @@ def _xla_flops(fn, *args) -> float:
 def _implementation_corrections(name: str, mixer, layer_flops: dict) -> float:
   """Per-sequence-batch FLOPs to add to XLA's count so that it counts what the convention counts."""
   tokens = BATCH * SEQ_LEN
-  if name in ("attention", "swa"):
+  if name in ("attention", "swa", "fox"):
     if mixer.window is None or mixer.window >= SEQ_LEN:
       keys = SEQ_LEN  # the dense reference
     else:
@@ -102,7 +102,10 @@ def _implementation_corrections(name: str, mixer, layer_flops: dict) -> float:
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_forward_flops_match_xla_cost_analysis(name):
-  cfg = _config((name,), chunk_size=SEQ_LEN if name in DELTA else 16)
+  # One chunk for the chunk scans (XLA's cost analysis counts a loop body once); DeltaProduct's chunk
+  # counts its Householder sub-steps.
+  sub_steps = model_config().householder_steps if name == "gated_deltaproduct" else 1
+  cfg = _config((name,), chunk_size=SEQ_LEN * sub_steps if name in DELTA else 16)
   result = flops.accounting(cfg, SEQ_LEN)
   # One layer is one period: the (cached) abstract HybridLM(cfg) that the accounting itself read.
   model = abstract_period(cfg)

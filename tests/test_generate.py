@@ -45,7 +45,7 @@ def test_sampling_respects_top_k_and_is_reproducible():
 def test_decode_memory_is_independent_of_length_except_global_attention(mixer):
   model = tiny_model((mixer,))
   short, long = state_bytes(model, max_len=64), state_bytes(model, max_len=4096)
-  if mixer == "attention":
+  if mixer in ("attention", "fox"):  # global KV caches grow with max_len
     assert long > short
   else:
     assert long == short

@@ -22,16 +22,22 @@ from hybrids.mixers.based import Based
 from hybrids.mixers.baseconv import BaseConv
 from hybrids.mixers.contract import Setting, collect_settings
 from hybrids.mixers.deltanet import DeltaNet
+from hybrids.mixers.fox import ForgettingTransformer
 from hybrids.mixers.gated_deltanet import GatedDeltaNet
+from hybrids.mixers.gated_deltaproduct import GatedDeltaProduct
 from hybrids.mixers.gla import GatedLinearAttention
+from hybrids.mixers.hgrn2 import HGRN2
 from hybrids.mixers.hyena import Hyena
+from hybrids.mixers.kda import KimiDeltaAttention
 from hybrids.mixers.linear_attention import LinearAttention
 from hybrids.mixers.mamba import Mamba
 from hybrids.mixers.mamba2 import Mamba2
+from hybrids.mixers.mamba3 import Mamba3
 from hybrids.mixers.mlstm import MLSTM
 from hybrids.mixers.retnet import RetNet
 from hybrids.mixers.rglru import RGLRUBlock
 from hybrids.mixers.rwkv6 import RWKV6
+from hybrids.mixers.rwkv7 import RWKV7
 from hybrids.mixers.s4d import S4D
 from hybrids.mixers.slstm import SLSTM
 from hybrids.mixers.swa import SlidingWindowAttention
@@ -45,6 +51,7 @@ MIXERS = {
     "gla": GatedLinearAttention,
     "mamba": Mamba,
     "mamba2": Mamba2,
+    "mamba3": Mamba3,
     "based": Based,
     "rwkv6": RWKV6,
     "s4d": S4D,
@@ -54,6 +61,11 @@ MIXERS = {
     "hyena": Hyena,
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
+    "kda": KimiDeltaAttention,
+    "rwkv7": RWKV7,
+    "gated_deltaproduct": GatedDeltaProduct,
+    "hgrn2": HGRN2,
+    "fox": ForgettingTransformer,
 }
 
 # The reference of hybrids.sizes: a size preset gives every pattern the non-embedding parameters of a

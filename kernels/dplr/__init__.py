@@ -1,0 +1,128 @@
+"""The generalized delta rule: a matrix state whose transition is diagonal plus rank one.
+
+The recurrence of RWKV-7 (Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State
+Evolution"), Kimi Delta Attention (Moonshot AI 2025, "Kimi Linear: An Expressive, Efficient Attention
+Architecture") and, one Householder step at a time, DeltaProduct (Siems et al. 2025); DeltaNet and
+Gated DeltaNet are its special case (:func:`delta_rule_as_dplr`). The chunked form follows fla's
+``chunk_dplr`` / ``chunk_kda`` (Yang, Zhang et al.), written anew:
+
+    S_t = (Diag(α_t) − a_t b_tᵀ) S_{t−1} + k_t v_tᵀ          S_t ∈ R^{d_k × d_v} per head
+    o_t = S_tᵀ q_t
+
+with ``log α_t = log_decay ≤ 0`` per key channel (``[batch, time, heads, d_k]``), one scalar per head
+(``[batch, time, heads]``) or None (α = 1). ``b_t`` reads the old state (``u_t = S_{t−1}ᵀ b_t``, what
+it holds under ``b_t``) and ``a_t`` is where that reading is removed, so that
+``S_t = Diag(α_t) S_{t−1} − a_t u_tᵀ + k_t v_tᵀ``. Special cases:
+
+- the (gated) delta rule ``S_t = (I − β_t k_t k_tᵀ) Diag(α_t) S_{t−1} + β_t k_t v_tᵀ`` (Kimi Delta
+  Attention; with a scalar α it is Gated DeltaNet's ``α_t (I − β k kᵀ) S + β k vᵀ``):
+  ``a = β k``, ``b = α ⊙ k``, keys ``β k`` (:func:`delta_rule_as_dplr`);
+- RWKV-7, ``wkv_t = wkv_{t−1} (diag(w_t) − κ̂_tᵀ (a_t ⊙ κ̂_t)) + v_tᵀ k̃_t`` in its row-vector
+  notation, transposed: ``a = κ̂ ⊙ a_t`` (in-context learning rate times the removal key), ``b = κ̂``,
+  keys ``k̃`` (the RWKV kernels and fla's ``chunk_rwkv7`` take the same transition as ``a = −κ̂``,
+  ``b = κ̂ ⊙ a_t`` of ``wkv_t = wkv_{t−1} (Diag(w_t) + aᵀ b) + …``, with the roles of a and b swapped);
+- ``a = 0`` (or ``b = 0``): gated linear attention; α = 1 too: linear attention.
+
+The kernel neither normalises nor scales anything: the mixers do.
+
+Shapes: ``q, k, a, b: [batch, time, heads, d_k]``, ``v: [batch, time, heads, d_v]``,
+``log_decay: [batch, time, heads, d_k] | [batch, time, heads] | None``,
+``initial_state: [batch, heads, d_k, d_v]``, ``segment_ids: int [batch, time]``. Returns
+``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
+
+Chunked form (``"xla"``). Inside a chunk entered with state ``S₀``, with ``G_t`` the within-chunk
+cumulative log-decay up to and including t (per key channel) and ``G_{t−1}`` the one the read key of
+t meets (``G_0 = 0``), unrolling gives
+
+    S_t = e^{G_t} ⊙ S₀ + Σ_{s≤t} e^{G_t − G_s} ⊙ (k_s v_sᵀ − a_s u_sᵀ)        (⊙: scales row i by e^{G_·,i})
+    u_t = B̂_tᵀ S₀ + Σ_{s<t} M_bk[t, s] v_s − Σ_{s<t} M_ba[t, s] u_s,      B̂_t = b_t ⊙ e^{G_{t−1}}
+    M_xy[t, s] = Σ_i x_ti y_si e^{G'_ti − G_si}    (G' = G_{t−1} for x = b, s < t;  G' = G_t for x = q, s ≤ t)
+
+so ``U = Ũ + W S₀`` with ``(I + M_ba) [Ũ | W] = [M_bk V | B̂]``: a unit-lower-triangular system solved
+for all chunks at once (the UT transform: :func:`kernels.delta.xla.wy_solve`, by matmuls). A scan
+over chunks then carries ``S_next = e^{G_C} ⊙ S₀ + Σ_s e^{G_C − G_s} ⊙ (k_s v_sᵀ − a_s u_sᵀ)`` with
+``U = Ũ + W S₀``, and outputs are ``o_t = (q_t ⊙ e^{G_t})ᵀ S₀ + Σ_{s≤t} M_qk[t, s] v_s − M_qa[t, s] u_s``.
+Every decay factor is ``exp`` of a difference of cumulative log-decays with ``s ≤ t`` in one
+document (or of ``G_t ≤ 0`` itself), per key channel, masked before the ``exp`` where it is not used:
+no exponent is positive and none is −∞, however strong the decay. With a per-key decay the pair
+products are three-factor sums over ``[chunk, chunk, d_k]``; with a per-head decay they are a matmul
+times a ``[chunk, chunk]`` gain.
+
+Packed documents (``segment_ids``): where the id changes between t − 1 and t, a new document starts
+at t and the state entering t is zero. Position 0 is not a start: ``initial_state`` flows into the
+row's first document. The final state is that of the row's last document alone. The chunked form
+masks, as ``kernels.delta`` does: ``G`` restarts at each start (the start's own log-decay, which only
+multiplies the discarded state, is dropped); pairs (t, s) of different documents are zero in every
+``M``; ``S₀`` reaches row t (``B̂_t``, ``q_t ⊙ e^{G_t}``) only in the chunk's first document; the chunk
+passes on ``e^{G_C} S₀`` only if no document starts in it, and the sums over its last document only.
+
+Implementations:
+- ``"reference"``: the recurrence, one ``lax.scan`` step per token (f32).
+- ``"xla"``: the chunked form above (f32 inside; ``chunk_size`` any positive integer).
+- ``"pallas"``: none yet; a request is a ValueError naming that (:func:`kernels.dispatch.dplr`).
+- ``"auto"``: ``"xla"``.
+
+Files: ``reference.py`` (the recurrence, :func:`dplr_step`), ``xla.py`` (the chunked form).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+
+from kernels import dispatch
+from kernels.dplr.reference import _check, dplr_reference, dplr_step
+from kernels.dplr.xla import _dplr_chunked
+
+Impl = Literal["auto", "xla", "reference", "pallas"]
+IMPLS = ("auto", "xla", "reference", "pallas")
+
+__all__ = ["IMPLS", "choice", "delta_rule_as_dplr", "dplr", "dplr_reference", "dplr_step"]
+
+
+def choice(requested: str = "auto") -> dispatch.Choice:
+  """What runs ``dplr`` here (:func:`kernels.dispatch.dplr`)."""
+  return dispatch.dplr(requested, IMPLS)
+
+
+def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None, chunk_size: int = 16,
+         impl: Impl = "auto"):
+  """``S_t = (Diag(e^{log_decay_t}) − a_t b_tᵀ) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (module docstring).
+
+  Args:
+    q, k: ``[batch, time, heads, d_k]``; v: ``[batch, time, heads, d_v]``.
+    a, b: ``[batch, time, heads, d_k]``: the rank-one part ``a_t b_tᵀ`` of the transition (``b`` reads
+      the old state, ``a`` is where the reading is removed).
+    log_decay: ``[batch, time, heads, d_k]`` (per key channel), ``[batch, time, heads]`` (per head),
+      values ≤ 0, or None (no decay).
+    initial_state: ``[batch, heads, d_k, d_v]`` or None (zeros); with ``segment_ids``, the state
+      entering the row's first document only.
+    segment_ids: int ``[batch, time]`` or None: packed documents (a new one starts where the id changes;
+      the state entering it is zero; the final state is the last document's alone). None: one sequence.
+    chunk_size: tokens per chunk of the chunked form.
+    impl: ``"reference"``, ``"xla"`` (chunked) or ``"auto"`` (``"xla"``); ``"pallas"`` has no kernel yet.
+  Returns:
+    ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
+  """
+  _check(q, k, v, a, b, log_decay, initial_state, segment_ids)
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"dplr: chunk_size={chunk_size!r} must be a positive integer")
+  impl = choice(impl).impl
+  if impl == "reference":
+    return dplr_reference(q, k, v, a, b, log_decay, initial_state, segment_ids)
+  return _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size, segment_ids)
+
+
+def delta_rule_as_dplr(k, beta, log_decay=None):
+  """The (gated) delta rule ``S_t = (I − β_t k_t k_tᵀ) Diag(α_t) S_{t−1} + β_t k_t v_tᵀ`` as this kernel's
+  inputs: ``(keys β k, a = β k, b = α ⊙ k)`` (f32), values unchanged. ``k: [batch, time, heads, d_k]``,
+  ``beta: [batch, time, heads]``, ``log_decay = log α``: ``[batch, time, heads, d_k]`` (Kimi Delta
+  Attention), ``[batch, time, heads]`` (Gated DeltaNet, where it equals ``α (I − β k kᵀ) S + β k vᵀ``) or
+  None (DeltaNet). Pass ``log_decay`` on to :func:`dplr` as well."""
+  k = k.astype(jnp.float32)
+  written = beta.astype(jnp.float32)[..., None] * k
+  if log_decay is None:
+    return written, written, k
+  decay = jnp.exp(log_decay.astype(jnp.float32))
+  return written, written, (decay if decay.ndim == k.ndim else decay[..., None]) * k
