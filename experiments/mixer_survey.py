@@ -10,8 +10,8 @@ fits rank the hybrids against the Mamba hybrid ``(mamba, mamba, swa)``; global a
 alone are the reference lines.
 
 Grid: one pattern per registered mixer (every recurrent one in ``(m, m, swa)``, plus attention and SWA
-alone) × sizes 5m, 20m, 50m, i.e. ``3 × len(MIXERS)`` runs (51 with 17 mixers); seq_len 2048, 2^17
-tokens a step.
+alone; FoX, softmax attention with a forget gate, counts as attention and runs alone) × sizes 5m, 20m,
+50m, i.e. ``3 × len(MIXERS)`` runs; seq_len 2048, 2^17 tokens a step.
 
 Data: the byte-level GCIDE dictionary corpus as prepared shards (vocab 257). Prepare it once:
 
@@ -35,7 +35,7 @@ from hybrids.mixers import MIXERS
 from hybrids.sizes import chinchilla_steps
 
 DATA_PATH = "data/gcide-bytes"
-ATTENTION_MIXERS = ("attention", "swa")
+ATTENTION_MIXERS = ("attention", "swa", "fox")  # references: run alone, not in (m, m, swa)
 RECURRENT = tuple(name for name in MIXERS if name not in ATTENTION_MIXERS)
 WINDOW = 128
 SIZES = ("5m", "20m", "50m")

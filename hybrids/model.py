@@ -10,7 +10,7 @@ Packed documents (issue 23): ``__call__(tokens, segment_ids=…)`` with ``segmen
 time]`` (equal ids: one document; a change of id starts the next) runs every document of a row as if
 alone: learned positions restart at each document, and every mixer gets the ids (attention and SWA
 mask across documents and restart RoPE, convolutions read no tap of an earlier document, recurrences
-restart from the zero state). Mixers migrate one by one: one that does not declare ``SEGMENTS`` is
+restart from the zero state). Every registered mixer declares ``SEGMENTS``; one that did not would be
 refused with a ValueError naming it (:func:`check_segments`), never silently run across documents.
 
 Decode state: ``{"layers": [one state per layer], "pos": int32[]}`` (the next position).

@@ -7,11 +7,15 @@ definition used by tests), ``"pallas"`` (our kernels: Triton, Mosaic GPU or Mosa
 platform, the call's shapes and dtypes and what was measured fastest (``kernels/BENCHMARKS.md``).
 
     scan/              h_t = a_t ⊙ h_{t-1} + b_t (RG-LRU, Mamba, S4D)
-    gla/               gated linear attention (linear attention, Based, RetNet, GLA, Mamba-2, mLSTM, RWKV-6)
+    gla/               gated linear attention (linear attention, Based, RetNet, GLA, Mamba-2, Mamba-3, mLSTM,
+                       RWKV-6, HGRN2)
     delta/             the (gated) delta rule (DeltaNet, Gated DeltaNet)
+    dplr/              the generalized delta rule, diagonal-plus-rank-one (KDA, RWKV-7, Gated DeltaProduct;
+                       reference and XLA only so far)
     window_attention/  causal sliding-window softmax attention
+    forgetting_attention/  softmax attention with a forget gate (FoX; reference and XLA only)
 
-Each holds ``reference.py``, ``xla.py``, its Pallas lowerings and ``bench.py``; ``tiling.py`` and
+Each holds ``reference.py``, ``xla.py``, its Pallas lowerings where it has them and ``bench.py``; ``tiling.py`` and
 ``pallas_compat.py`` are shared. Nothing here imports the models (``hybrids``) or the launcher.
 """
 

@@ -114,7 +114,7 @@ def test_documented_grids_match_their_axes():
   assert {tuple(p["model.pattern"]) for p in points if p["model.position"] == "learned"} == {("attention",)}
   survey = config_lib.load_experiment(path_of("mixer_survey"))
   from hybrids.mixers import MIXERS
-  assert set(survey.RECURRENT) | {"attention", "swa"} == set(MIXERS) and len(survey.patterns()) == len(MIXERS)
+  assert set(survey.RECURRENT) | set(survey.ATTENTION_MIXERS) == set(MIXERS) and len(survey.patterns()) == len(MIXERS)
 
 
 @pytest.mark.parametrize("name", TEXT_EXPERIMENTS)
