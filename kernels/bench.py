@@ -232,15 +232,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     new_rows = module.run(ctx)
     print(format_table(new_rows), flush=True)
     rows += new_rows
+  write_report("kernels.bench", argv, rows, args.json)
+  return 0
+
+
+def write_report(module: str, argv, rows: list[dict], json_path: str, **extra) -> dict:
+  """Print the device and versions under a benchmark's table and, with ``json_path``, write the report
+  (date, device, versions, the command, ``rows`` and ``extra`` fields) there."""
+  device = jax.devices()[0]
   report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
-            "versions": versions(), "command": " ".join(["python -m kernels.bench"] + list(argv or sys.argv[1:])),
-            "rows": rows}
+            "versions": versions(), "command": " ".join([f"python -m {module}"] + list(argv or sys.argv[1:])),
+            "rows": rows, **extra}
   print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
-  if args.json:
-    with open(args.json, "w") as f:
+  if json_path:
+    with open(json_path, "w") as f:
       json.dump(report, f, indent=1)
-  return 0
+  return report
 
 
 if __name__ == "__main__":

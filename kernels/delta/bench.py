@@ -34,8 +34,6 @@ counts twice the forward.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import traceback
 
@@ -44,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.bench import (Context, check, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, versions, vjp_fns)
+                           progress_log, vjp_fns, write_report)
 from kernels.delta import pallas as P
 from kernels.delta import xla as X
 from kernels.delta.pallas import PallasConfig
@@ -250,15 +248,7 @@ def main(argv=None) -> int:
                 repeats=1 if args.quick else 5)
   rows = run(ctx, which, segments=args.segments)
   print(format_table(rows), flush=True)
-  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
-            "versions": versions(),
-            "command": " ".join(["python -m kernels.delta.bench"] + list(sys.argv[1:] if argv is None else argv)),
-            "segments": args.segments, "rows": rows}
-  print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+  write_report("kernels.delta.bench", argv, rows, args.json, segments=args.segments)
   return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.delta.reference import _state0, state_resets  # the same document starts and zero state
+
 
 def _check(q, k, v, a, b, log_decay, initial_state, segment_ids=None):
   if q.ndim != 4 or k.shape != q.shape or a.shape != q.shape or b.shape != q.shape:
@@ -25,20 +27,6 @@ def _check(q, k, v, a, b, log_decay, initial_state, segment_ids=None):
     raise ValueError(f"dplr: segment_ids must be None or integer [batch, time] = {q.shape[:2]}; got "
                      f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)}"
                      f"{tuple(getattr(segment_ids, 'shape', ()))}")
-
-
-def state_resets(segment_ids):
-  """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where a document starts inside the
-  row (the id changes from t − 1 to t): the state entering t is zero there. Position 0 is not one:
-  ``initial_state`` flows into the row's first document."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
-
-
-def _state0(initial_state, batch, heads, d_k, d_v):
-  if initial_state is None:
-    return jnp.zeros((batch, heads, d_k, d_v), jnp.float32)
-  return initial_state.astype(jnp.float32)
 
 
 def dplr_reference(q, k, v, a, b, log_decay=None, initial_state=None, segment_ids=None):

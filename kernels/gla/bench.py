@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import sys
 import time as _time
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, versions, vjp_fns)
+                           progress_log, vjp_fns, write_report)
 from kernels.gla import PallasConfig, gla
 from kernels.gla.reference import _document_starts
 
@@ -315,14 +314,7 @@ def main(argv=None) -> int:
                 repeats=1 if args.quick else 5)
   rows = run(ctx, segments=args.segments)
   print(format_table(rows), flush=True)
-  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
-            "versions": versions(), "command": " ".join(["python -m kernels.gla.bench"] + list(argv or sys.argv[1:])),
-            "rows": rows, "segments": args.segments}
-  print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+  write_report("kernels.gla.bench", argv, rows, args.json, segments=args.segments)
   return 0
 
 

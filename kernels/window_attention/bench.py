@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check, format_table, versions
+from kernels.bench import Context, check, format_table, write_report
 from kernels.window_attention import PallasBlocks, window_attention
 
 SHAPES = [  # (batch, time, heads, head_dim, window)
@@ -204,9 +204,6 @@ def main(argv=None) -> int:
   """``python -m kernels.window_attention.bench``: this family alone, as ``python -m kernels.bench``
   runs it, and ``--segments N`` (packed documents) beside."""
   import argparse
-  import datetime
-  import json
-  import sys
   parser = argparse.ArgumentParser(prog="python -m kernels.window_attention.bench", description=__doc__.split("\n\n")[0])
   parser.add_argument("--segments", type=int, default=0,
                       help="also time every shape with N ≥ 2 documents per row (segment_ids); 0: none")
@@ -220,15 +217,7 @@ def main(argv=None) -> int:
                 repeats=1 if args.quick else 5)
   rows = run(ctx, args.segments)
   print(format_table(rows), flush=True)
-  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": getattr(device, "device_kind", device.platform), "platform": device.platform,
-            "versions": versions(),
-            "command": " ".join(["python -m kernels.window_attention.bench"] + list(argv or sys.argv[1:])),
-            "rows": rows}
-  print(f"\n{report['device']} · " + " · ".join(f"{k} {v}" for k, v in report["versions"].items()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+  write_report("kernels.window_attention.bench", argv, rows, args.json, segments=args.segments)
   return 0
 
 
