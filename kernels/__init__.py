@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import delta, dispatch, gla, scan, window_attention as _attention
+from kernels import delta, dispatch, dplr, gla, scan, window_attention as _attention
 from kernels.scan import linear_scan, linear_scan_reference
 from kernels.window_attention import window_attention, window_attention_reference
 
@@ -45,6 +45,7 @@ def _choices(model_cfg, segments: bool = False) -> dict[str, dispatch.Choice]:
       "scan": scan.choice(m.scan_impl),
       "gla": gla.choice(head_dim, head_dim, m.gla_impl, dtype=jnp.dtype(m.dtype)),
       "delta": delta.choice(int(m.get("chunk_size", 16)), head_dim, head_dim, m.delta_impl),
+      "dplr": dplr.choice(m.get("dplr_impl", "auto")),
   }
 
 
