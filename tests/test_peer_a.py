@@ -1,12 +1,13 @@
-"""Seven recurrent mixers against fla's pure-torch reference recurrences (flash-linear-attention's
-``fla-core`` 0.6.0), through committed fixtures made by ``tests/fixtures/make_peer_fixtures_a.py``
+"""Twelve mixers (eleven recurrent, and FoX's forgetting attention) against fla's pure-torch
+references (flash-linear-attention's ``fla-core`` 0.6.0), through committed fixtures made by ``tests/fixtures/make_peer_fixtures_a.py``
 (torch 2.13.0 CPU, float32; torch is not a test dependency).
 
 fla's ``naive_*`` functions are recurrences, not layers, so each fixture holds the tensors our mixer
 computes (q, k, v, gates: ``kernel/in``) and what fla's function returns for them. Two levels, each
 also on two documents packed in a row (the second starting mid-chunk), each document as if alone:
 
-- kernel: our kernels (``kernels.gla``, ``kernels.delta``, ``kernels.scan``) on fla's inputs and a
+- kernel: our kernels (``kernels.gla``, ``kernels.delta``, ``kernels.scan``, ``kernels.dplr``,
+  ``kernels.forgetting_attention``) on fla's inputs and a
   random initial state give fla's outputs, final state and gradients (of every input and the initial
   state, against torch autograd); documents through the kernels' ``segment_ids``, the initial state
   entering the first only;
@@ -17,7 +18,8 @@ also on two documents packed in a row (the second starting mid-chunk), each docu
   scales, the normaliser column, resets, the final state).
 
 Each run uses the kernels' definition (``impl="reference"``); the fixture script also measures the
-chunked and Pallas paths against fla and records every error in the fixture's metadata.
+chunked and Pallas paths (where the kernel has one: not ``kernels.dplr`` nor
+``kernels.forgetting_attention``) against fla and records every error in the fixture's metadata.
 
 Differences on purpose (each compared where it is meant to be equal):
 
@@ -47,6 +49,22 @@ Differences on purpose (each compared where it is meant to be equal):
   ``g = log a`` (−∞ at a reset). The kernel level runs the block continuing from a state (no reset
   at position 0, as ``RGLRUBlock.forward``'s ``h0``) so that the initial state matters; the block
   against the Griffin authors' code is ``tests/test_recurrentgemma.py``.
+- kda: fla's ``naive_recurrent_kda`` at ``scale=1`` (ours has no q scale); the same recurrence, ours
+  through ``kernels.dplr`` with :func:`kernels.dplr.delta_rule_as_dplr`.
+- rwkv7: fla's ``dplr_recurrence`` (``S_t = Diag(e^gk) S + β (αᵀ S) + k vᵀ``) on the inputs fla's
+  RWKV7 layer passes, ``α = −κ̂``, ``β = κ̂ ⊙ a_t``; ours is ``Diag(w) S − a (bᵀ S)`` with ``a = a_t ⊙ κ̂``,
+  ``b = κ̂`` (the same product). ``dplr_recurrence`` multiplies q by d_k^(−1/2) (no argument to turn it
+  off): the kernel level applies it to our kernel's r, the mixer level multiplies fla's output by √d_k
+  (exact: d_k = 16) before our GroupNorm and bonus.
+- hgrn2: fla's ``naive_recurrent_gla`` on ``k = 1 − f``, ``gk = log f`` (fla's HGRN2 layer calls the GLA
+  kernels so); fla scales q by d_k^(−1/2) itself, ours divides q by √d_k before the kernel.
+- fox: fla's ``naive_forgetting_attn`` (dense, global, ``scale`` d^(−1/2) as ours); attention returns
+  no recurrent state (ours is a key/value cache), so only outputs and gradients are compared.
+- gated_deltaproduct: fla's ``naive_recurrent_gated_delta_product`` at ``scale=1``, n_h = 2, keys,
+  values and β one row per Householder sub-step (fla's layout, token t's rows ``t·n_h … t·n_h + n_h − 1``);
+  the kernel level expands q (read on the last sub-step) and the decay (on the first) as the mixer does,
+  with a chunk of ``SUB_STEP_CHUNK`` = 5 sub-steps so that the second document (sub-step 12) starts
+  mid-chunk.
 """
 
 import functools
@@ -65,6 +83,8 @@ from hybrids.mixers import MIXERS, get_mixer
 from hybrids.mixers.contract import supports_segments
 from hybrids.mixers.retnet import head_decays
 from kernels.delta import delta_rule
+from kernels.dplr import delta_rule_as_dplr, dplr
+from kernels.forgetting_attention import forgetting_attention
 from kernels.gla import gla, gla_step
 from kernels.scan import linear_scan
 
@@ -76,6 +96,8 @@ _spec.loader.exec_module(maker)  # sizes, the parameter mapping, and make() wher
 TOL = 1e-5  # max |ours − fla| / max |fla|, float32 on both sides
 FLA_EPS = 1e-10  # fla's linear-attention normaliser guard
 KERNEL_IMPLS = ("reference", "xla", "pallas")  # Pallas in interpret mode
+# kernels.dplr and kernels.forgetting_attention have no Pallas kernel yet
+NO_PALLAS = ("kda", "rwkv7", "fox", "gated_deltaproduct")
 # Each test run checks the kernels' definition against fla, at the kernel level and inside the mixers
 # (which compose the same way on every implementation); the chunked and Pallas paths are checked against
 # the definition (outputs, state, every gradient) in test_kernels.py, test_delta.py, test_*_segments.py
@@ -140,6 +162,29 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
     return o[..., :-1] / (o[..., -1:] + FLA_EPS), s
   if name == "rglru":
     return linear_scan(jnp.exp(t["g"]), t["x"], h0, impl=impl, interpret=interpret)
+  if name == "kda":
+    keys, a, b = delta_rule_as_dplr(t["k"], t["beta"], t["g"])
+    return dplr(t["q"], keys, t["v"], a, b, t["g"], h0, chunk_size=maker.CHUNK, impl=impl, **seg)
+  if name == "rwkv7":
+    # fla: S_t = Diag(e^gk) S + β (αᵀ S) + k vᵀ; ours: Diag(e^gk) S − a (bᵀ S) + k vᵀ, so a = β, b = −α.
+    q = t["q"] * t["q"].shape[-1] ** -0.5  # dplr_recurrence's fixed q scale
+    return dplr(q, t["k"], t["v"], t["beta"], -t["alpha"], t["gk"], h0, chunk_size=maker.CHUNK, impl=impl, **seg)
+  if name == "hgrn2":
+    d_k = t["q"].shape[-1]
+    return run_gla(t["q"] * d_k ** -0.5, t["k"], t["v"], t["gk"], h0)  # fla's scale on q
+  if name == "fox":
+    return (forgetting_attention(t["q"], t["k"], t["v"], t["g"], impl=impl, **seg),)
+  if name == "gated_deltaproduct":
+    # Token t as sub-steps (t, 1) … (t, n_h): the decay on the first, q_t read on the last (as the mixer).
+    batch, time, heads, _ = t["q"].shape
+    steps = t["k"].shape[1] // time
+    on = lambda z, j: jnp.stack([z if i == j else jnp.zeros_like(z) for i in range(steps)], axis=2).reshape(
+        (batch, time * steps) + z.shape[2:])
+    q, log_decay = on(t["q"], steps - 1), on(t["g"], 0)
+    keys, a, b = delta_rule_as_dplr(t["k"], t["beta"], log_decay)
+    sub_seg = {} if segment_ids is None else {"segment_ids": jnp.repeat(segment_ids, steps, axis=1)}
+    o, s = dplr(q, keys, t["v"], a, b, log_decay, h0, chunk_size=maker.SUB_STEP_CHUNK, impl=impl, **sub_seg)
+    return o.reshape((batch, time, steps) + o.shape[2:])[:, :, -1], s
   raise ValueError(f"ours_kernel: unknown mixer {name!r}; valid: {maker.MIXERS}")
 
 
@@ -197,7 +242,8 @@ def mixer_errors(name, fixture, impl=CI_IMPL) -> dict[str, float]:
       y_t, state = m.step(x_t, state)
       return state, y_t
 
-    state, ys = jax.lax.scan(step, m.init_state(x.shape[0]), jnp.moveaxis(x, 1, 0))
+    # max_len: the cache of FoX's global attention (the recurrent mixers ignore it)
+    state, ys = jax.lax.scan(step, m.init_state(x.shape[0], max_len=maker.TIME), jnp.moveaxis(x, 1, 0))
     out["step"] = jnp.moveaxis(ys, 0, 1), state
     if documents:
       out["docs"] = m(x, return_state=True, segment_ids=two_documents())
@@ -216,6 +262,8 @@ def all_errors(name, fixture) -> dict[str, float]:
   """Every comparison for mixer ``name``, on every implementation (the fixture script records these)."""
   errors = {}
   for impl in KERNEL_IMPLS:
+    if impl == "pallas" and name in NO_PALLAS:
+      continue
     errors.update(kernel_errors(name, fixture, impl))
     if impl != "pallas":  # the mixers' chunk of 4 is below the delta rule's Pallas tiles; same kernels as above
       errors.update({f"{k} [{impl}]": v for k, v in mixer_errors(name, fixture, impl).items()})
