@@ -70,7 +70,7 @@ def runtime_config() -> ml_collections.ConfigDict:
   return c
 
 
-# The model fields that existed when run ids were frozen (2026-12-07). A field a mixer declares later
+# The model fields that existed when run ids were frozen. A field a mixer declares later
 # (``SETTINGS``) enters every config with its default; it joins a run's identity only when set to
 # something else, so adding a mixer changes no existing run id (tests/test_contract.py pins a few).
 IDENTITY_MODEL_FIELDS = frozenset({
