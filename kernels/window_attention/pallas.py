@@ -165,6 +165,15 @@ def document_bounds(segment_ids, padded: int):
   return doc_start, doc_end
 
 
+def _allowed(shape, q_start, k_start, cfg, bound, *, keys_first: bool = False):
+  """A Triton tile's mask: the band, cut at document boundaries when ``cfg.documents`` (``bound``: the
+  rows' ``doc_start``, or with ``keys_first`` their ``doc_end``; :func:`_in_document`)."""
+  allowed = _band(shape, q_start, k_start, cfg.window, keys_first=keys_first)
+  if cfg.documents:
+    allowed &= _in_document(shape, q_start if keys_first else k_start, bound, keys_first=keys_first)
+  return allowed
+
+
 def _in_document(shape, cols, bound, *, keys_first: bool):
   """Which (row, col) pairs of a tile lie in one document (the band's causality assumed); ``cols``:
   the first column's position. Queries on rows: ``bound`` is the rows' ``doc_start`` (``[rows]``),
@@ -220,10 +229,7 @@ def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, _ = _logits(q, k, cfg, _LOG2E)
     if masked:
-      allowed = _band(s.shape, q_start, k_start, cfg.window)
-      if cfg.documents:
-        allowed &= _in_document(s.shape, k_start, starts, keys_first=False)
-      s = jnp.where(allowed, s, -jnp.inf)
+      s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, starts), s, -jnp.inf)
     # m starts finite, so a row with no allowed key in this tile keeps alpha = 1 and p = 0.
     m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
     alpha = jnp.exp2(m - m_new)
@@ -244,8 +250,8 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
   k_start = pl.program_id(0) * bk
   k, v = k_ref[...], v_ref[...]
   bounds = _query_blocks(k_start, bq, bk, cfg.window, n_q_blocks)
+  ends = refs[6][...] if cfg.documents else None
   if cfg.documents:
-    ends = refs[6][...]
     bounds = _document_query_blocks(bounds, jnp.min(ends), jnp.max(ends), bq)
 
   def step(i, carry, masked, head):
@@ -256,10 +262,7 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
     lse, delta = lse_ref[head, rows], delta_ref[head, rows]
     s, c, t = _logits(k, q, cfg, _LOG2E)
     if masked:
-      allowed = _band(s.shape, q_start, k_start, cfg.window, keys_first=True)
-      if cfg.documents:
-        allowed &= _in_document(s.shape, q_start, ends, keys_first=True)
-      s = jnp.where(allowed, s, -jnp.inf)
+      s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, ends, keys_first=True), s, -jnp.inf)
     p = jnp.exp2(s * c - lse[None, :])
     dv = dv + _mm(p.astype(do.dtype), do)
     ds = p * (_mm_nt(v, do) - delta[None, :])
@@ -293,10 +296,7 @@ def _triton_dq_kernel(*refs, cfg: _Flash, bq: int, bk: int):
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, t = _logits(q, k, cfg, _LOG2E)
     if masked:
-      allowed = _band(s.shape, q_start, k_start, cfg.window)
-      if cfg.documents:
-        allowed &= _in_document(s.shape, k_start, starts, keys_first=False)
-      s = jnp.where(allowed, s, -jnp.inf)
+      s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, starts), s, -jnp.inf)
     p = jnp.exp2(s * c - lse[:, None])
     ds = p * (_mm_nt(do, v) - delta[:, None])
     if t is not None:
@@ -392,6 +392,15 @@ def _split_refs(refs, n_in: int, documents: bool):
   return refs[:n_in], None, refs[n_in:]
 
 
+def _allowed_rows(shape, q_start, k_start, cfg, bound_ref, *, keys_first: bool = False):
+  """A Mosaic TPU tile's mask: the band, cut at document boundaries when ``cfg.documents``
+  (:func:`_in_document_rows`, from the columns' bounds)."""
+  allowed = _band(shape, q_start, k_start, cfg.window, keys_first=keys_first)
+  if cfg.documents:
+    allowed &= _in_document_rows(shape, k_start if keys_first else q_start, bound_ref, keys_first=keys_first)
+  return allowed
+
+
 def _in_document_rows(shape, rows, bound_ref, *, keys_first: bool):
   """The document mask of a Mosaic tile from its columns' bounds, ``bound_ref``: a ``[8, cols]`` row
   block (sublane replicated); ``rows``: the first row's position. Queries on rows: the columns are
@@ -418,10 +427,7 @@ def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
   def _accumulate():
     v = v_ref[...]
     s, c, _ = _logits(q_ref[...], k_ref[...], cfg, 1.0)
-    allowed = _band(s.shape, i * blk, kb * blk, cfg.window)
-    if cfg.documents:
-      allowed &= _in_document_rows(s.shape, i * blk, ends_ref, keys_first=False)
-    s = jnp.where(allowed, s * c, -jnp.inf)
+    s = jnp.where(_allowed_rows(s.shape, i * blk, kb * blk, cfg, ends_ref), s * c, -jnp.inf)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
@@ -454,10 +460,7 @@ def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int,
   def _accumulate():
     q, do = q_ref[...], do_ref[...]
     s, c, t = _logits(k_ref[...], q, cfg, 1.0)
-    allowed = _band(s.shape, qb * blk, kb * blk, cfg.window, keys_first=True)
-    if cfg.documents:
-      allowed &= _in_document_rows(s.shape, kb * blk, starts_ref, keys_first=True)
-    s = jnp.where(allowed, s * c, -jnp.inf)
+    s = jnp.where(_allowed_rows(s.shape, qb * blk, kb * blk, cfg, starts_ref, keys_first=True), s * c, -jnp.inf)
     p = jnp.exp(s - lse_ref[:1, :])
     dv_sc[...] += _mm(p.astype(do.dtype), do)
     ds = p * (_mm_nt(v_ref[...], do) - delta_ref[:1, :])
@@ -485,10 +488,7 @@ def _mosaic_dq_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
   def _accumulate():
     k = k_ref[...]
     s, c, t = _logits(q_ref[...], k, cfg, 1.0)
-    allowed = _band(s.shape, i * blk, kb * blk, cfg.window)
-    if cfg.documents:
-      allowed &= _in_document_rows(s.shape, i * blk, ends_ref, keys_first=False)
-    s = jnp.where(allowed, s * c, -jnp.inf)
+    s = jnp.where(_allowed_rows(s.shape, i * blk, kb * blk, cfg, ends_ref), s * c, -jnp.inf)
     p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
     ds = p * (_mm_nt(do_ref[...], v_ref[...]) - jnp.expand_dims(delta_ref[0], -1))
     if t is not None:
