@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from kernels import documents
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -111,8 +113,7 @@ class CausalConv1D(nnx.Module):
 def document_starts(segment_ids):
   """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where a document starts (t = 0 or
   the id changes)."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.ones_like(change[:, :1]), change], axis=1)
+  return documents.starts(segment_ids, first=True)
 
 
 def document_positions(segment_ids):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import documents
+
 
 def _check(q, k, v, beta, log_decay, initial_state, segment_ids=None):
   if q.ndim != 4 or q.shape != k.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
@@ -30,8 +32,7 @@ def state_resets(segment_ids):
   """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where a document starts inside the
   row (the id changes from t − 1 to t): the state entering t is zero there. Unlike the mixers' document
   starts, position 0 is not one: ``initial_state`` flows into the row's first document."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+  return documents.starts(segment_ids, first=False)
 
 
 def _state0(initial_state, batch, heads, d_k, d_v):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from kernels import documents
 from kernels.window_attention import document_index
 
 MASKED = -1e30  # finite: an all-masked padded row gives zeros, and adding log f to it stays ≈ MASKED
@@ -36,8 +37,7 @@ def check(q, k, v, log_forget, window, segment_ids) -> None:
 
 def document_starts(segment_ids):
   """``segment_ids: int [batch, time]`` → bool ``[batch, time]``: True at t = 0 and where the id changes."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.ones_like(change[:, :1]), change], axis=1)
+  return documents.starts(segment_ids, first=True)
 
 
 def cumulative_log_forget(log_forget, segment_ids=None):

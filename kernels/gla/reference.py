@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import documents
+
 
 
 def _check(q, k, v, log_decay, initial_state, log_input_gate=None, segment_ids=None):
@@ -38,8 +40,7 @@ def _check(q, k, v, log_decay, initial_state, log_input_gate=None, segment_ids=N
 def _document_starts(segment_ids):
   """``segment_ids: int [batch, time]`` → bool ``[batch, time]``, True where the id changes from t − 1 to t.
   Position 0 is never a start here: ``initial_state`` flows into the row's first document."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+  return documents.starts(segment_ids, first=False)
 
 
 def _full_decay(log_decay, q):

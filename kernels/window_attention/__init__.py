@@ -66,9 +66,8 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
-from kernels import dispatch
+from kernels import dispatch, documents
 from kernels.dispatch import tma_gpu
 from kernels.tiling import next_pow2, round_up
 from kernels.window_attention import cudnn
@@ -90,8 +89,7 @@ def document_index(segment_ids):
   """``segment_ids: int [batch, time]`` → int32 ``[batch, time]``: each position's document, counted
   from 0 along the row, a new one at every change of id (so an id that recurs after another one
   names a new document, not the earlier one)."""
-  change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
+  return documents.document_index(segment_ids)
 
 
 def _mosaic_gpu_problem(q, softcap) -> str | None:

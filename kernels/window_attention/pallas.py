@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax.experimental import pallas as pl
 
+from kernels import documents
 from kernels.dispatch import mosaic_gpu_or_triton, pallas_layout, tma_gpu
 from kernels.pallas_compat import lowered_once, mosaic_params, triton_params
 from kernels.tiling import next_pow2, round_up
@@ -156,9 +157,8 @@ def document_bounds(segment_ids, padded: int):
   (never an empty row) and no real query reads a padded key."""
   batch, time = segment_ids.shape
   t = jnp.arange(padded, dtype=jnp.int32)
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
   padding = (jnp.arange(time, padded) == time)[None].repeat(batch, axis=0)  # one document, starting at time
-  is_start = jnp.concatenate([jnp.ones((batch, 1), bool), change, padding], axis=1)
+  is_start = jnp.concatenate([documents.starts(segment_ids, first=True), padding], axis=1)
   doc_start = jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
   next_start = jnp.concatenate([jnp.where(is_start, t, padded)[:, 1:], jnp.full((batch, 1), padded, jnp.int32)], axis=1)
   doc_end = jax.lax.cummin(next_start, axis=1, reverse=True)
