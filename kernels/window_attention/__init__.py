@@ -73,7 +73,7 @@ from kernels.tiling import next_pow2, round_up
 from kernels.window_attention import cudnn
 from kernels.window_attention import mosaic_gpu as window_attention_mgpu
 from kernels.window_attention.cudnn import problem as _cudnn_problem
-from kernels.window_attention.pallas import MOSAIC_GPU_DOCUMENTS_UNCHECKED, PallasBlocks, flash_window_attention
+from kernels.window_attention.pallas import PallasBlocks, flash_window_attention
 from kernels.window_attention.reference import _check, decode_attention, window_attention_reference
 from kernels.window_attention.xla import _banded, default_block_size
 
@@ -123,8 +123,6 @@ def choice(q, softcap=None, requested: str = "auto", *, interpret: bool = False,
   over each implementation's verdict for the call); ``segments``: the call has ``segment_ids``."""
   cudnn_problem = cudnn.NO_SEGMENTS if segments else _cudnn_problem(q, softcap)
   mosaic_gpu_problem = _mosaic_gpu_problem(q, softcap)
-  if segments and mosaic_gpu_problem is None:
-    mosaic_gpu_problem = MOSAIC_GPU_DOCUMENTS_UNCHECKED
   return dispatch.attention(requested, IMPLS, head_dim=q.shape[-1],
                             mosaic_gpu_problem=mosaic_gpu_problem,
                             cudnn_problem=cudnn_problem, interpret=interpret,

@@ -104,7 +104,6 @@ class _Flash:
 
 
 
-MOSAIC_GPU_DOCUMENTS_UNCHECKED = "document masks (segment_ids) not yet run on a GPU: Triton takes them"
 
 def _mosaic_params(grid_rank: int):
   # Every grid axis is independent except the last, which accumulates (the band / the query sweep).
@@ -687,14 +686,8 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   if target == "triton":
     problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
                                              k, softcap)
-    # The Mosaic GPU kernels' document masks have only been lowered, never run (no GPU when they were
-    # written): by default documents go to the Triton kernels, which the interpreter checks; a
-    # PallasBlocks that names "mosaic_gpu" still gets them (kernels.window_attention.bench --segments).
-    unchecked = documents and problem is None
     blocks = dataclasses.replace(blocks, **{
-        field: mosaic_gpu_or_triton(getattr(blocks, field),
-                                    MOSAIC_GPU_DOCUMENTS_UNCHECKED if unchecked and getattr(blocks, field) is None
-                                    else problem, interpret=interpret, hopper=tma_gpu(),
+        field: mosaic_gpu_or_triton(getattr(blocks, field), problem, interpret=interpret, hopper=tma_gpu(),
                                     field=f"window_attention: PallasBlocks.{field}")
         for field in ("fwd_kernel", "bwd_kernel")})
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
