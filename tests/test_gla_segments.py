@@ -9,10 +9,14 @@ row's first document from the row's initial state, the others from zeros (and m 
 gate). Compared: outputs (and the stabiliser m), the final state (the row's last document's), and the
 gradients wrt q, k, v, the log-decay, the input gate and the initial state for a random cotangent of
 every output. The Pallas kernels run in the interpreter with small tiles (chunks of 16 and 32 rows).
+Hopper's Mosaic GPU output stage cannot interpret: it is built for CUDA, its mask arithmetic is checked
+against the Triton output stage's, and its routing (Triton by default until its masks have run on a
+GPU) is pinned.
 """
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -216,16 +220,135 @@ def test_segment_ids_are_validated():
         gla(q, q, q, segment_ids=bad, impl=impl, interpret=True)
 
 
-def test_segments_take_the_triton_output_stage(monkeypatch):
-  """The Mosaic GPU output stage has no document masks: with segment ids the default is the Triton
-  output kernel, and asking for Mosaic GPU is an error naming why."""
+def test_segments_take_the_triton_output_stage_until_the_mosaic_gpu_masks_have_run(monkeypatch):
+  """The Mosaic GPU output stage's document masks have not yet run on a GPU: with segment ids the
+  default on Hopper is the Triton output kernel, with that reason; asking for Mosaic GPU runs them; a
+  call the Mosaic GPU stage cannot take names its own reason."""
   from kernels.gla import pallas as G
   x = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
   monkeypatch.setattr(G, "tma_gpu", lambda: True)
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "mosaic_gpu"
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False, segmented=True) == "triton"
-  with pytest.raises(ValueError, match=r"out_kernel='mosaic_gpu' has no document masks \(segment_ids\); use 'triton'"):
-    G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu"), interpret=False, segmented=True)
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == ("mosaic_gpu", None)
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False, segmented=True) == (
+      "triton", G.MOSAIC_GPU_DOCUMENTS_UNCHECKED)
+  assert "not yet run on a GPU" in G.MOSAIC_GPU_DOCUMENTS_UNCHECKED
+  assert G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu"), interpret=False, segmented=True) == (
+      "mosaic_gpu", None)
+  assert G._output_stage(x, x, None, PallasConfig(), interpret=False, segmented=True) == (
+      "triton", "needs a bfloat16, float16 or float32 log-decay (got None)")
+  with pytest.raises(ValueError, match=r"out_kernel='mosaic_gpu' needs PallasConfig.chunk=64 \(got 32\); use 'triton'"):
+    G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu", chunk=32), interpret=False, segmented=True)
+  monkeypatch.setattr(G, "tma_gpu", lambda: False)  # not the masks: no Hopper
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False, segmented=True) == (
+      "triton", "needs a Hopper GPU (TMA and wgmma)")
+
+
+def _mosaic_gpu_operands(text):
+  """The operand count of each Mosaic GPU custom call in a lowered module's text."""
+  return [len(args.split(",")) for args in re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)]
+
+
+def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch):
+  """The output kernel with document masks (its rows' firsts read from global memory, the selects on A
+  and q e^{b}) builds for CUDA from this host at the benchmark's size and at d_k 64 / d_v 128 with an f32
+  log-decay (two bf16 parts), taking one more operand than without documents; and in the whole
+  forward and gradient on a Hopper (tma_gpu patched), documents take the Triton output kernel by
+  default and the Mosaic GPU one with ``out_kernel="mosaic_gpu"``."""
+  from kernels.gla import mosaic_gpu as gla_mgpu
+  from kernels.gla import pallas as G
+  for batch, time, heads, dk, dv, decay in ((4, 8192, 16, 128, 128, jnp.bfloat16), (1, 256, 2, 64, 128, jnp.float32)):
+    q = jax.ShapeDtypeStruct((batch, time, heads, dk), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((batch, time, heads, dv), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((batch, time, heads, dk), decay)
+    states = jax.ShapeDtypeStruct((batch, heads, time // 64, dv, dk), jnp.bfloat16)
+    ell = jax.ShapeDtypeStruct((batch, time, 1), jnp.float32)
+
+    def f(q, k, v, g, st, ell=None):
+      firsts = None if ell is None else gla_mgpu.document_firsts(ell)
+      return gla_mgpu.output(q, k, v, gla_mgpu.decay_parts(g, -20.0), st, min_log_decay=-20.0, first_rows=firsts)
+
+    lower = lambda *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    plain = _mosaic_gpu_operands(lower(q, q, v, g, states))
+    documents = _mosaic_gpu_operands(lower(q, q, v, g, states, ell))
+    assert len(plain) == len(documents) == 1 and documents[0] == plain[0] + 1
+
+  monkeypatch.setattr(G, "tma_gpu", lambda: True)
+  shape = (1, 256, 2, 128)
+  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
+  for config, mosaic_gpu in ((PallasConfig(), False), (PallasConfig(out_kernel="mosaic_gpu"), True)):
+    fwd = lambda q, k, v, g, seg, config=config: gla(q, k, v, g, segment_ids=seg, impl="pallas", pallas_target="triton",
+                                                      pallas_config=config)[0]
+    grad = jax.value_and_grad(lambda *a, fwd=fwd: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+    # forward: states and output | states; + reverse states, dq/dk, dv
+    for fn, triton in ((fwd, 1 if mosaic_gpu else 2), (grad, 4 if mosaic_gpu else 5)):
+      try:
+        text = jax.jit(fn).trace(x, x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
+      except RuntimeError as e:
+        if "No supported GPU" not in str(e):
+          raise
+        pytest.skip("this jax (>= 0.12) lowers Pallas-Triton only with a CUDA device present; CI's jax 0.10.2 runs it")
+      assert text.count("__gpu$xla.gpu.triton") == triton
+      assert len(_mosaic_gpu_operands(text)) == (1 if mosaic_gpu else 0)
+
+
+def test_mosaic_gpu_document_masks_match_the_triton_output_stage():
+  """The Mosaic GPU output stage's mask arithmetic (``document_firsts``, ``entering_state_reaches``,
+  ``same_document``: the functions its kernel applies), applied in f64 where the kernel applies them
+  (q e^{b} before the entering state, the assembled chunk scores A), gives the interpreted Triton
+  output stage's outputs and stored diagonal score blocks with documents; and the dv kernel fed that
+  whole masked A (the Mosaic GPU stage's residual) gives what it gives fed the Triton stage's blocks.
+  The kernel's own products run on a GPU only (``kernels.gla.bench --segments`` checks them)."""
+  from kernels.gla import mosaic_gpu as gla_mgpu
+  from kernels.gla import pallas as G
+  from kernels.gla.reference import _document_starts
+  batch, time, heads, d, c = 2, 128, 2, 16, gla_mgpu.CHUNK
+  chunks = time // c
+  # Row 0: starts inside sub-chunks (5, 100), a one-token document (20), on a sub-chunk edge (32), on
+  # the chunk edge (64) and at the last row; row 1: none in chunk 0 (every row reads the entering state).
+  marks = np.zeros((batch, time), np.int32)
+  for row, starts in ((0, (5, 20, 21, 32, 64, 100, 127)), (1, (80,))):
+    marks[row, list(starts)] = 1
+  starts = _document_starts(jnp.asarray(np.cumsum(marks, axis=1)))
+  rng = np.random.default_rng(5)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, k, v, do = (normal(batch, time, heads, d) for _ in range(4))
+  g = jnp.asarray(np.log(1 / (1 + np.exp(-3.0 * rng.standard_normal((batch, time, heads, d))))), jnp.float32)
+  g = jnp.where(starts[:, :, None, None], 0.0, g)  # as gla_pallas hands it to the kernels
+  plan = G._Plan(target="triton", interpret=True, cfg=dataclasses.replace(SMALL, chunk=c), heads=heads, chunks=chunks,
+                 dk=d, dv=d, decay=True, dot_dtype="float32", segmented=True)
+  ell = G._chunk_start_counts(starts, c, time)
+  states = G._states_call(plan, k, g, v, normal(batch, heads, d, d), reverse=False, ell=ell)[0]
+  o_triton, at_triton = G._output_call(plan, q, k, g, v, states, ell)
+
+  first = np.asarray(gla_mgpu.document_firsts(ell)).reshape(batch, chunks, c)  # [b, n, t]
+  reach = np.asarray(gla_mgpu.entering_state_reaches(first))
+  rows, cols = np.arange(c)[:, None], np.arange(c)[None, :]
+  same = np.asarray(gla_mgpu.same_document(first[..., None], cols)) & (cols <= rows)  # [b, n, t, s]
+  assert reach.any() and not reach.all() and (same.sum() < batch * chunks * c * (c + 1) // 2)  # masks that cut
+  chunked = lambda x: np.asarray(x, np.float64).reshape(batch, chunks, c, heads, d)
+  qc, kc, vc = chunked(q), chunked(k), chunked(v)
+  b = np.cumsum(np.maximum(chunked(g), G.MIN_LOG_DECAY), axis=2)
+  scores = np.einsum("bnthd,bnshd,bntshd->bnhts", qc, kc, np.exp(np.minimum(b[:, :, :, None] - b[:, :, None], 0.0)))
+  s_t = np.asarray(states, np.float64)  # Sᵀ entering each chunk [b, h, n, d_v, d_k]
+
+  def output(reach, same):
+    a = np.where(same[:, :, None], scores, 0.0)
+    q_hat = np.where(reach[..., None, None], qc * np.exp(b), 0.0)
+    o = np.einsum("bnthk,bhnvk->bnthv", q_hat, s_t) + np.einsum("bnhts,bnshv->bnthv", a, vc)
+    return o.reshape(batch, time, heads, d), a
+
+  o, a = output(reach, same)
+  assert _rel(o_triton, o) < 1e-5
+  assert _rel(o_triton, output(np.ones_like(reach), np.broadcast_to(cols <= rows, same.shape))[0]) > 1e-2
+  diagonal = [a[..., j * 16:(j + 1) * 16, j * 16:(j + 1) * 16] for j in range(c // 16)]
+  blocks = np.stack(diagonal, axis=2)  # [b, n, j, h, t, s]
+  at = np.transpose(blocks, (0, 1, 2, 5, 3, 4)).reshape(batch, time, heads, 16)  # A_jjᵀ: row s, column t
+  assert _rel(at_triton, at) < 1e-5
+
+  whole = jnp.asarray(np.transpose(a, (0, 1, 3, 2, 4)).reshape(batch, time, heads, c), jnp.float32)  # A [t, s]
+  e_states = G._states_call(plan, q, g, do, normal(batch, heads, d, d), reverse=True, ell=ell)[0]
+  dv_mgpu = G._dv_call(dataclasses.replace(plan, mgpu_out=True), q, k, g, do, whole, e_states, ell)
+  assert _rel(dv_mgpu, G._dv_call(plan, q, k, g, do, at_triton, e_states, ell)) < 1e-5
 
 
 def test_segmented_kernels_lower_for_gpu(lower_for_gpu):

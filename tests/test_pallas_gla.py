@@ -241,15 +241,20 @@ def test_mosaic_gpu_output_with_the_triton_kernels_lowers_for_cuda():
 
 
 def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
+  """``_output_stage`` gives the stage and why it is not Mosaic GPU; an explicit "mosaic_gpu" that
+  cannot run is a ValueError naming why."""
   from kernels.gla import pallas as G
   x = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
   monkeypatch.setattr(G, "tma_gpu", lambda: True)
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "mosaic_gpu"  # the default on Hopper
-  assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == "triton"
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == ("mosaic_gpu", None)  # the default on Hopper
+  assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == (
+      "triton", "PallasConfig.out_kernel='triton'")
   f32 = x.astype(jnp.float32)
-  assert G._output_stage(x, x, f32, PallasConfig(), interpret=False) == "mosaic_gpu"  # f32 decay: split in two
-  for q, g in ((x, None), (f32, f32), (x.astype(jnp.float16), x)):  # no decay, not bf16 inputs
-    assert G._output_stage(q, q, g, PallasConfig(), interpret=False) == "triton"
+  assert G._output_stage(x, x, f32, PallasConfig(), interpret=False) == ("mosaic_gpu", None)  # f32 decay: split in two
+  for q, g, why in ((x, None, "needs a bfloat16, float16 or float32 log-decay (got None)"),
+                    (f32, f32, "needs bfloat16 q, k, v (got float32)"),
+                    (x.astype(jnp.float16), x, "needs bfloat16 q, k, v (got float16)")):
+    assert G._output_stage(q, q, g, PallasConfig(), interpret=False) == ("triton", why)
   wide = jnp.zeros((1, 128, 2, 256), jnp.bfloat16)
   for cfg, q, g, interpret, why in (
       (PallasConfig(out_kernel="mosaic_gpu"), x, None, False, r"needs a bfloat16, float16 or float32 log-decay \(got None\)"),
@@ -259,8 +264,10 @@ def test_mosaic_gpu_output_selection_and_errors(monkeypatch):
       (PallasConfig(out_kernel="mosaic_gpu"), x, x, True, "does not interpret")):
     with pytest.raises(ValueError, match=f"out_kernel='mosaic_gpu' {why}.*use 'triton'"):
       G._output_stage(q, x, g, cfg, interpret=interpret)
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=True) == (
+      "triton", "does not interpret (Mosaic GPU's interpreter has no wgmma)")
   monkeypatch.setattr(G, "tma_gpu", lambda: False)
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == "triton"
+  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == ("triton", "needs a Hopper GPU (TMA and wgmma)")
   with pytest.raises(ValueError, match=r"out_kernel='wgmma'; valid: \(None, 'triton', 'mosaic_gpu'\)"):
     gla(x, x, x, x, impl="pallas", interpret=True, pallas_config=PallasConfig(out_kernel="wgmma"))
 

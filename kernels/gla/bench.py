@@ -14,7 +14,13 @@ bf16; fwd+bwd is the vjp wrt q, k, v and the log-decay for a random cotangent. P
 With ``--segments N`` each of our implementations is also timed with ``segment_ids`` that cut every
 row into N documents at random positions (``segment_ids``; the same cuts for every input set),
 beside the same call without them; those rows carry ``"segments": N`` (the others None), and the
-JSON report, the same as ``python -m kernels.bench`` writes, a top-level ``"segments"``.
+JSON report, the same as ``python -m kernels.bench`` writes, a top-level ``"segments"``. On GPU each
+Pallas row's ``note`` names its output stage and why it is not Mosaic GPU. On Hopper, documents take
+the Triton output stage by default (the Mosaic GPU stage's document masks have not yet run on a GPU),
+so one more row, "pallas mosaic_gpu output (ours) N docs/row", asks for the Mosaic GPU stage
+(``PallasConfig.out_kernel="mosaic_gpu"``) with the same documents: checked against the reference
+like every row, and where it does not match it is recorded as "— WRONG" with the mismatch in its
+note (not timed, and the benchmark goes on).
 
 Every implementation is checked before it is timed, on the very program that is timed (full
 shape): its output and each gradient for batch 0, heads 0–1 (all 8192 tokens) against the
@@ -41,6 +47,7 @@ import numpy as np
 
 from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
                            progress_log, vjp_fns, write_report)
+from kernels.dispatch import tma_gpu
 from kernels.gla import PallasConfig, gla
 from kernels.gla.reference import _document_starts
 
@@ -164,6 +171,9 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
       row = checked_row(ctx, base, f"{name} {segments} docs/row", _fns(segment_ids=seg, **kwargs), sets, ref_seg,
                         _check_all, _log)
       rows.append(dict(row, segments=segments))
+    if kwargs.get("impl") == "pallas" and not on_cpu:
+      for row in rows:
+        row.setdefault("note", _output_stage_note(sets[0], kwargs.get("pallas_config"), row["segments"] is not None))
     return rows
 
   def peer():
@@ -171,10 +181,40 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
 
   # Ours first: the peer's autotuning can take minutes and a time limit may end the run there.
   rows = ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config)
+  if segments is not None and not on_cpu and tma_gpu():
+    mosaic = dataclasses.replace(config or PallasConfig(), out_kernel="mosaic_gpu")
+    rows.append(_unchecked_row(ctx, base, f"pallas mosaic_gpu output (ours) {segments} docs/row",
+                               _fns(impl="pallas", pallas_config=mosaic, segment_ids=seg), sets, ref_seg, segments))
   if with_xla:
     rows += ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK)
   _log("rows so far: " + json.dumps([{k: r.get(k) for k in ("impl", "fwd_ms", "fwdbwd_ms", "rel_err")} for r in rows]))
   return rows + [peer()]
+
+
+def _output_stage_note(args, config: PallasConfig | None, segmented: bool) -> str:
+  """The output stage a Pallas row ran on this GPU and, if not Mosaic GPU, why (the full-size inputs
+  need no padding: time is a multiple of the chunk, head dims powers of two)."""
+  from kernels.gla import pallas as G
+  q, _, v, g, _ = args
+  try:
+    stage, why = G._output_stage(q, v, g, config or PallasConfig(), interpret=False,
+                                  segmented=segmented)
+  except ValueError as e:  # an explicit out_kernel this call cannot take (the row says skipped)
+    return f"output stage: {e}"
+  return f"output stage {stage}" + (f": {why}" if why else "")
+
+
+def _unchecked_row(ctx, base, name, fns, sets, ref, segments: int) -> dict:
+  """A row for a kernel that has not yet run on a GPU (the Mosaic GPU output stage's document masks):
+  checked and timed as every row, but a mismatch is the finding, recorded as "— WRONG" with the error
+  in its note (never timed), not the end of the benchmark."""
+  try:
+    row = checked_row(ctx, base, name, fns, sets, ref, _check_all, _log)
+  except AssertionError as e:
+    _log(f"{name}: WRONG: {str(e).splitlines()[0][:200]}")
+    row = dict(base, impl=f"{name} — WRONG", ours=True, fwd_ms=None, fwdbwd_ms=None,
+               note=f"mismatch: {str(e).splitlines()[0][:200]}")
+  return dict(row, segments=segments)
 
 
 # --- tuning: the Pallas kernels one at a time --------------------------------------------------------
@@ -183,7 +223,8 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
 def kernel_times(ctx: Context, config: PallasConfig, shape=FULL, segments: int | None = None) -> dict:
   """ms per call of each Pallas kernel (forward states, output, backward states, dq/dk/dlogα, dv; on
   Hopper also the Mosaic GPU output stage and the dv kernel that reads its score matrices);
-  ``segments``: with that many documents per row (the kernels' document masks; no Mosaic GPU stage)."""
+  ``segments``: with that many documents per row (every kernel's document masks, the Mosaic GPU
+  stage's too: timed only here, checked by :func:`run`)."""
   from kernels.gla import pallas as G
   batch, time, heads, dk, dv = shape
   q, k, v, g, do = _inputs(0, *shape)
@@ -212,12 +253,12 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL, segments: int |
   except Exception as e:  # a tiling that fails to compile is reported, not fatal
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
   from kernels.gla import mosaic_gpu as gla_mgpu
-  from kernels.dispatch import tma_gpu
-  if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk, segmented=segments is not None):  # the Mosaic GPU output stage and its dv
+  if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk):  # the Mosaic GPU output stage and its dv
     mplan = dataclasses.replace(plan, mgpu_out=True)
+    firsts = None if ell is None else gla_mgpu.document_firsts(ell)
     fns["output_mgpu"] = jax.jit(lambda q, k, v, g, st: gla_mgpu.output(
-        q, k, v, gla_mgpu.decay_parts(g, G.MIN_LOG_DECAY), st, min_log_decay=G.MIN_LOG_DECAY))
-    fns["dv_mgpu"] = jax.jit(lambda *a: G._dv_call(mplan, *a))
+        q, k, v, gla_mgpu.decay_parts(g, G.MIN_LOG_DECAY), st, min_log_decay=G.MIN_LOG_DECAY, first_rows=firsts))
+    fns["dv_mgpu"] = jax.jit(lambda *a: G._dv_call(mplan, *a, ell=ell))
     args["output_mgpu"] = (q, k, v, g, states)
     args["dv_mgpu"] = (q, k, g, do, fns["output_mgpu"](*args["output_mgpu"])[1], e_states)
   for name, f in fns.items():

@@ -27,13 +27,30 @@ unstacked parts, gave wrong values on an H100; see kernels/BENCHMARKS.md.) The k
 also writes each chunk's masked score matrix A (f32), which the dv kernel reads instead of
 recomputing the diagonal blocks.
 
+Packed documents (``first_rows``, from ``kernels/gla/pallas.py``'s ℓ by :func:`document_firsts`):
+the kernel applies the masks of the Triton output stage to whole chunks. Each CTA reads its 64 rows'
+``first`` (int32: the chunk-local row where the row's document starts, −1 where no start lies in the
+chunk up to the row) from global memory into registers, as the window-attention
+kernels read their document bounds; a start's own log α is already 0 (pallas.py), so every exponent and
+factor is as without documents. Then the state entering the chunk reaches row t only if ``first_t < 0``
+(no start in the chunk up to t: q e^{b} is zeroed on the other rows), and a pair (t, s ≤ t) counts only
+if ``s ≥ first_t`` (one select on the assembled A, which the output product and the stored residual
+both read, so the dv kernel gets the masked diagonal blocks too). The rest of the backward (states,
+dq/dk, dv's carried state) is the Triton kernels', which take ℓ themselves. These masks have been
+lowered for CUDA (tests) but not yet run on a GPU: documents take the Triton output stage unless
+``PallasConfig.out_kernel="mosaic_gpu"`` asks for this one (``kernels.gla.bench --segments`` does, and
+checks it against the reference).
+
 Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16), the
-log-decay parts (``decay_parts``), the entering states ``[batch, heads, chunks, d_v, d_k]``. Mosaic GPU's
-interpreter has no wgmma: this kernel runs on a GPU only (the CPU tests build it for CUDA, and test
-the dv kernel's reading of A in the interpreter; the GPU check compares it with the reference).
+log-decay parts (``decay_parts``), the entering states ``[batch, heads, chunks, d_v, d_k]``, and with
+documents ``first_rows`` int32 ``[batch, time]``. Mosaic GPU's interpreter has no wgmma: this kernel
+runs on a GPU only (the CPU tests build it for CUDA, check the mask arithmetic and the dv kernel's
+reading of A in the interpreter; the GPU check compares it with the reference).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +63,9 @@ CHUNK = 64  # rows per CTA: one wgmma's M
 _BLOCK = 16  # rows per block of the reference scheme (module docstring)
 
 
-def supports(q, v, g, chunk: int, *, segmented: bool = False) -> str | None:
-  """Why this kernel cannot run the call (None: it can); ``segmented``: with document boundaries
-  (``segment_ids``), whose masks this kernel does not apply (the Triton output stage does)."""
-  if segmented:
-    return "has no document masks (segment_ids)"
+def supports(q, v, g, chunk: int) -> str | None:
+  """Why this kernel cannot run the call (None: it can), with or without documents (``segment_ids``;
+  pallas.py keeps those on the Triton output stage by default until these masks have run on a GPU)."""
   if chunk != CHUNK:
     return f"needs PallasConfig.chunk={CHUNK} (got {chunk})"
   if q.dtype != jnp.bfloat16 or v.dtype != q.dtype:  # (f16's range cannot hold the e^{±70} factors)
@@ -64,6 +79,40 @@ def supports(q, v, g, chunk: int, *, segmented: bool = False) -> str | None:
   return None
 
 
+def document_firsts(ell):
+  """``first_rows`` int32 ``[batch, time]`` from ℓ ``f32 [batch, time, 1]`` (pallas.py: the document
+  starts counted from each 64-row chunk's first row up to each row): the chunk-local row where each
+  row's document starts, or −1 where no start lies in the chunk up to the row (the state entering the
+  chunk reaches it). ℓ steps up by one exactly at a start."""
+  batch, time = ell.shape[:2]
+  counts = ell[..., 0].reshape(batch, time // CHUNK, CHUNK)
+  before = jnp.pad(counts[:, :, :-1], ((0, 0), (0, 0), (1, 0)))  # ℓ of the previous row (0 before the chunk)
+  marks = jnp.where(counts != before, jnp.arange(CHUNK, dtype=jnp.int32), -1)
+  return jax.lax.cummax(marks, axis=2).reshape(batch, time)
+
+
+def entering_state_reaches(first):
+  """Whether the state entering the chunk reaches a row whose document starts at chunk row ``first``
+  (−1: before the chunk); any shape, in the kernel a WGMMA-layout tile."""
+  return first < 0
+
+
+def same_document(first, s):
+  """Whether key row ``s`` (≤ the query row t, chunk-local) lies in t's document, ``first`` = t's."""
+  return s >= first
+
+
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, ...)
+
+
+def _load_from_gmem(ref, layout):
+  """A vector from global memory in registers of ``layout`` (plain per-thread loads: Mosaic GPU's
+  vectorized path reads shared memory only)."""
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
 def decay_parts(g, min_log_decay: float):
   """The kernel's log-decay operands: a bf16 ``g`` as it is (capped in the kernel), any other dtype
   capped here and split into bf16 hi + lo (16 significant bits)."""
@@ -74,16 +123,19 @@ def decay_parts(g, min_log_decay: float):
   return hi, (capped - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def output(q, k, v, g_parts, states, *, min_log_decay: float):
+def output(q, k, v, g_parts, states, *, min_log_decay: float, first_rows=None):
   """``(o [batch, time, heads, d_v], scores f32 [batch, time, heads, 64])``: the output in v's dtype
   and each chunk's masked intra-chunk scores A (row t: A_t,s for the chunk's 64 s), which the dv
-  kernel reads back (see the module docstring). ``g_parts``: ``decay_parts(g, min_log_decay)``."""
+  kernel reads back (see the module docstring). ``g_parts``: ``decay_parts(g, min_log_decay)``;
+  ``first_rows``: None, or int32 ``[batch, time]`` (:func:`document_firsts`) for packed documents."""
   n_parts = len(g_parts)
+  documents = first_rows is not None
   batch, time, heads, dk = q.shape
   dv = v.shape[-1]
   dtype = q.dtype
   f32 = jnp.float32
   wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = wgmma_layout.reduce(1)
   chunks = time // CHUNK
   s_shape = (CHUNK, CHUNK)
 
@@ -97,7 +149,8 @@ def output(q, k, v, g_parts, states, *, min_log_decay: float):
     return pl.run_state(run)(plgpu.ACC.init(zeros))
 
   def body(q_ref, k_ref, v_ref, *refs):
-    g_refs, (st_ref, o_ref, a_ref) = refs[:n_parts], refs[n_parts:]
+    g_refs, first_ref = refs[:n_parts], (refs[n_parts] if documents else None)
+    st_ref, o_ref, a_ref = refs[n_parts + documents:]
 
     def kernel(q_s, k_s, v_s, g_s, st_s, a_s, loaded):  # g_s: the parts stacked along rows
       n, h, bi = (jax.lax.axis_index(name) for name in ("chunk", "head", "batch"))
@@ -106,6 +159,8 @@ def output(q, k, v, g_parts, states, *, min_log_decay: float):
       for src, dst in ((q_ref.at[rows], q_s), (k_ref.at[rows], k_s), (v_ref.at[rows], v_s), *parts,
                        (st_ref.at[bi, h, n], st_s)):
         plgpu.copy_gmem_to_smem(src, dst, loaded)
+      # The rows' document firsts (64 words) load while the copies are in flight.
+      first = _load_from_gmem(first_ref.at[bi, pl.ds(n * CHUNK, CHUNK)], row_layout) if documents else None
       plgpu.barrier_wait(loaded)
       if n_parts == 1:  # capped here (exact in bf16)
         g_s[...] = jnp.maximum(g_s[...].astype(f32), min_log_decay).astype(g_s.dtype)
@@ -160,10 +215,14 @@ def output(q, k, v, g_parts, states, *, min_log_decay: float):
       p = product((q * jnp.exp(e)).astype(dtype), k_s.T, s_shape)
       scores = jnp.where(hs == ht, jnp.where(ss <= ts, p, 0.0), scores)
 
+      q_hat = q * jnp.exp(exponent(causal))  # q e^{b_t}: reads the entering state
+      if documents:  # pairs across a start drop out of A; rows after a start do not read the state
+        scores = jnp.where(same_document(jax.lax.broadcast_in_dim(first, s_shape, [0]), ss), scores, 0.0)
+        q_hat = jnp.where(entering_state_reaches(jax.lax.broadcast_in_dim(first, shape, [0])), q_hat, 0.0)
       a_s[...] = scores
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(a_s, a_ref.at[rows])
-      o = product((q * jnp.exp(exponent(causal))).astype(dtype), st_s.T, (CHUNK, dv))
+      o = product(q_hat.astype(dtype), st_s.T, (CHUNK, dv))
       o = product(scores.astype(dtype), v_s, (CHUNK, dv), init=o)
       v_s[...] = o.astype(dtype)  # v's buffer holds the output on its way out
       plgpu.commit_smem()
@@ -176,4 +235,5 @@ def output(q, k, v, g_parts, states, *, min_log_decay: float):
 
   out_type = (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct((batch, time, heads, CHUNK), f32))
   return plgpu.kernel(body, out_type=out_type, grid=(chunks, heads, batch), grid_names=("chunk", "head", "batch"),
-                      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, *g_parts, states)
+                      compiler_params=plgpu.CompilerParams(approx_math=True))(
+                          q, k, v, *g_parts, *([first_rows] if documents else []), states)

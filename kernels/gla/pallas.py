@@ -92,7 +92,9 @@ from kernels.tiling import next_pow2, round_up
 # d log α_r = Y_r (0 at a start): per sub-chunk a masked suffix sum (a 16 × 16 product) plus the carry
 # on the rows whose document reaches the sub-chunk's end; the carry handed to the previous sub-chunk
 # is Y at row 0 unless row 0 starts a document; a chunk's own carry is Σ_v E ⊙ S_end as before (E
-# already masked). The Mosaic GPU output stage has no masks: with documents the Triton one runs.
+# already masked). The Mosaic GPU output stage applies the same masks to whole chunks (its module
+# docstring); they have not yet run on a GPU, so with documents the Triton output stage runs unless
+# PallasConfig.out_kernel="mosaic_gpu" asks for it (``_output_stage`` says why).
 # ----------------------------------------------------------------------------------------------------
 
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]  # "mosaic": the older name of "mosaic_tpu"
@@ -100,6 +102,11 @@ EXACT_DOTS = ("ieee", "tf32x3")
 OUT_KERNELS = (None, "triton", "mosaic_gpu")
 _SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
 MIN_LOG_DECAY = -20.0  # the Pallas kernels treat log α < −20 as −20 (see the section comment)
+# Why documents take the Triton output stage by default on Hopper: the Mosaic GPU stage's masks are
+# lowered (tests) but unchecked; kernels.gla.bench --segments times them with out_kernel="mosaic_gpu"
+# and checks them against the reference.
+MOSAIC_GPU_DOCUMENTS_UNCHECKED = ("document masks (segment_ids) not yet run on a GPU: Triton takes them unless "
+                                  "PallasConfig.out_kernel='mosaic_gpu'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +144,9 @@ class PallasConfig:
   # The forward's output stage on GPU: "triton" (``_output_kernel``) or "mosaic_gpu"
   # (``kernels/gla/mosaic_gpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16
   # q, k, v with a decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, else
-  # "triton". It stores each chunk's whole score matrix for the dv kernel. H100, B4 T8192 H16 d128:
+  # "triton"; with documents (segment_ids) "triton" until the Mosaic GPU masks have run on a GPU
+  # (MOSAIC_GPU_DOCUMENTS_UNCHECKED), which "mosaic_gpu" runs. It stores each chunk's whole score
+  # matrix for the dv kernel. H100, B4 T8192 H16 d128:
   # output stage 1.76 → 0.68 ms with a bf16 log-decay; fwd 2.2 → 1.55 ms with an f32 one.
   out_kernel: str | None = None
 
@@ -718,7 +727,8 @@ def _pallas_core_fwd(q, k, v, g, s0, ell, plan: _Plan):
   states, final = _states_call(plan, k, g, v, s0, reverse=False, ell=ell)
   if plan.mgpu_out:
     parts = gla_mgpu.decay_parts(g, MIN_LOG_DECAY)
-    o, at = gla_mgpu.output(q, k, v, parts, states, min_log_decay=MIN_LOG_DECAY)
+    firsts = None if ell is None else gla_mgpu.document_firsts(ell)
+    o, at = gla_mgpu.output(q, k, v, parts, states, min_log_decay=MIN_LOG_DECAY, first_rows=firsts)
   else:
     o, at = _output_call(plan, q, k, g, v, states, ell)
   return (o, final), (q, k, v, g, states, at, ell)
@@ -744,11 +754,23 @@ _next_pow2 = next_pow2
 _round_up = round_up
 
 
-def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool, segmented: bool = False) -> str:
-  """The GPU output stage for the padded Triton-layout problem: ``cfg.out_kernel``, or for None
-  "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``: not with documents), else "triton"."""
-  return mosaic_gpu_or_triton(cfg.out_kernel, gla_mgpu.supports(q, v, g, cfg.chunk, segmented=segmented),
-                              interpret=interpret, hopper=tma_gpu(), field="gla: PallasConfig.out_kernel")
+def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool, segmented: bool = False) -> tuple[str, str | None]:
+  """``(stage, why not Mosaic GPU)``: the GPU output stage for the padded Triton-layout problem,
+  ``cfg.out_kernel``, or for None "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``) and
+  has been checked (with documents, not yet: MOSAIC_GPU_DOCUMENTS_UNCHECKED), else "triton"; and why
+  it is not "mosaic_gpu" (None when it is)."""
+  problem, hopper = gla_mgpu.supports(q, v, g, cfg.chunk), tma_gpu()
+  if segmented and problem is None and hopper and cfg.out_kernel is None:
+    problem = MOSAIC_GPU_DOCUMENTS_UNCHECKED
+  stage = mosaic_gpu_or_triton(cfg.out_kernel, problem, interpret=interpret, hopper=hopper,
+                               field="gla: PallasConfig.out_kernel")
+  if stage == "mosaic_gpu":
+    return stage, None
+  if cfg.out_kernel == "triton":
+    return stage, "PallasConfig.out_kernel='triton'"
+  if interpret:
+    return stage, "does not interpret (Mosaic GPU's interpreter has no wgmma)"
+  return stage, problem or "needs a Hopper GPU (TMA and wgmma)"
 
 
 def _chunk_start_counts(starts, chunk: int, padded: int):
@@ -800,7 +822,7 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, segment_ids=None, *, t
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     g = None if g is None else rearrange(g, "b t h d -> b h t d")
   mgpu_out = target == "triton" and _output_stage(q, v, g, cfg, interpret=interpret,
-                                                    segmented=ell is not None) == "mosaic_gpu"
+                                                    segmented=ell is not None)[0] == "mosaic_gpu"
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
                dv=dv, decay=g is not None, dot_dtype=dot_dtype.name, mgpu_out=mgpu_out, segmented=ell is not None)
   o, final = _pallas_core_shared(q, k, v, g, s0, ell, plan)
@@ -816,8 +838,8 @@ def gla_pallas(q, k, v, log_decay=None, initial_state=None, *, segment_ids=None,
   ``target`` picks the kernel layout; ``None`` decides at lowering time (Mosaic when lowered for TPU,
   Triton otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host gets the TPU kernels.
   ``interpret=True`` runs either layout in the Pallas interpreter (there ``None`` means Triton).
-  With ``segment_ids`` the output stage on GPU is the Triton kernel (the Mosaic GPU one has no
-  document masks; ``PallasConfig.out_kernel="mosaic_gpu"`` is then a ValueError).
+  With ``segment_ids`` the output stage on GPU is the Triton kernel by default (the Mosaic GPU one's
+  document masks have not yet run on a GPU); ``PallasConfig.out_kernel="mosaic_gpu"`` runs them.
   """
   _check(q, k, v, log_decay, initial_state, segment_ids=segment_ids)
   cfg = config or PallasConfig()
