@@ -277,8 +277,18 @@ def attention(requested: str, impls: tuple[str, ...], *, head_dim: int, mosaic_g
   return choose("attention", requested, impls, pallas + _tail())
 
 
-def dplr(requested: str, impls: tuple[str, ...]) -> Choice:
+# The generalized delta rule's Pallas path: its chunk pass is the delta rule's kernel with a per-key
+# decay and an added write, never yet timed against the XLA form on a GPU.
+_DPLR_GPU_UNMEASURED = ("not yet measured faster than xla on a GPU (python -m kernels.dplr.bench); auto "
+                        "stays xla until it is")
+
+
+def dplr(requested: str, impls: tuple[str, ...], *, chunk_problem: str | None = None, interpret: bool = False,
+         layout: str | None = None) -> Choice:
   """The generalized delta rule (``kernels.dplr``, diagonal-plus-rank-one transitions): the XLA chunked
-  form everywhere; there is no Pallas kernel yet, so ``"pallas"`` is refused and ``"auto"`` records why."""
-  pallas = [Candidate("pallas", problem="has no Pallas kernel yet")]
+  form under ``"auto"`` everywhere until the Pallas state pass is measured faster; ``"pallas"`` runs it
+  (Triton on GPU, Mosaic TPU, interpreted where asked) for chunks its tiles take (``chunk_problem``:
+  why not)."""
+  pallas = _pallas(backend(), interpret, layout, gpu_measured=_DPLR_GPU_UNMEASURED, tpu_measured=_TPU_UNMEASURED)
+  pallas = [dataclasses.replace(c, problem=c.problem or chunk_problem) for c in pallas]
   return choose("dplr", requested, impls, pallas + _tail())

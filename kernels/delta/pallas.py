@@ -1,11 +1,18 @@
-"""The sequential part of the chunked delta rule as Pallas kernels (``delta_rule(impl="pallas")``).
+"""The sequential part of the chunked delta rule as Pallas kernels (``delta_rule(impl="pallas")``), and
+of the generalized delta rule (``kernels.dplr``, ``dplr(impl="pallas")``), which runs the same pass.
 
 ``kernels/delta/xla.py`` computes, for all chunks at once in XLA, the WY / UT pieces of each chunk n:
 ``W_n [c, d_k]``, ``Ũ_n [c, d_v]``, ``K̂_n [c, d_k]`` (keys decayed to the chunk's end) and the
 chunk decay ``γ_n``; and after the pass it forms the outputs with batched einsums. What is left is a
 recurrence over chunks, the only sequential work:
 
-    entering_n = S;   U_n = Ũ_n − W_n S;   S ← γ_n S + K̂_nᵀ U_n          (S: f32 [d_k, d_v])
+    entering_n = S;   U_n = Ũ_n − W_n S;   S ← Γ_n S + K̂_nᵀ U_n + X_n          (S: f32 [d_k, d_v])
+
+``Γ_n`` is the chunk decay ``γ_n`` (one scalar per head: the delta rule) or ``Diag(γ_n)`` with one
+decay per key channel (a row of the state each: the generalized delta rule), and ``X_n [d_k, d_v]`` an
+optional write added each chunk (the generalized rule's ``Σ_s e^{G_C − G_s} ⊙ k_s v_sᵀ``; the delta
+rule has none, its writes are inside ``U``). ``kernels/dplr`` maps its ``U = Ũ + W S``,
+``S ← Γ S + X − Âᵀ U`` onto this with ``W → −W`` and ``K̂ → −Â``.
 
 This module runs it as one Pallas kernel (:func:`state_pass`) and its backward as a second one, under a
 ``jax.custom_vjp``; everything around it is XLA, differentiated by JAX.
@@ -22,15 +29,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.delta.xla import solve_cotangents, unit_lower_inverse, wy_system
-from kernels.dispatch import pallas_layout
+from kernels.dispatch import LABELS, pallas_layout
 from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 from kernels.tiling import next_pow2
 
 # ----------------------------------------------------------------------------------------------------
 # Layout. Every array keeps the chunked layout kernels/delta/xla.py builds, ``[batch, chunks, heads, …]``:
-# W, K̂: [b, n, h, c, d_k]; Ũ and U: [b, n, h, c, d_v]; states: [b, n, h, d_k, d_v]; γ broadcast over
-# the value columns to [b, n, h, 1, d_v] (a row that multiplies the state's columns, so neither backend
-# has to read a scalar out of a tile); S_0 and the final state: [b, h, d_k, d_v]. No transposes.
+# W, K̂: [b, n, h, c, d_k]; Ũ and U: [b, n, h, c, d_v]; states and X: [b, n, h, d_k, d_v]; a scalar γ
+# broadcast over the value columns to [b, n, h, 1, d_v] (a row that multiplies the state's columns, so
+# neither backend has to read a scalar out of a tile), a per-key-channel γ as a column [b, n, h, d_k, 1]
+# (it multiplies the state's rows; the same for every value block); S_0 and the final state:
+# [b, h, d_k, d_v]. No transposes.
 #
 # Value columns are independent: column j of S only ever meets column j of Ũ (U_n[:, j] = Ũ_n[:, j]
 # − W_n S[:, j], S[:, j] ← γ S[:, j] + K̂ᵀ U_n[:, j]), and the same holds backwards. So d_v splits into
@@ -52,16 +61,17 @@ from kernels.tiling import next_pow2
 #
 # Backward (by hand). Cotangents: dE_n of entering_n, dU_n of U_n, dS_N of the final state. Let D be
 # ∂L/∂S after chunk n (the state leaving it, S_{n+1}); start D = dS_N and run n = N−1 … 0:
-#     S_{n+1} = γ_n S_n + K̂_nᵀ U_n,   U_n = Ũ_n − W_n S_n,   entering_n = S_n
+#     S_{n+1} = Γ_n S_n + K̂_nᵀ U_n + X_n,   U_n = Ũ_n − W_n S_n,   entering_n = S_n
 #   ⇒ dU_n^tot = dU_n + K̂_n D                      (U_n reaches the loss directly and through S_{n+1})
 #     dŨ_n = dU_n^tot                              dW_n  = −dU_n^tot S_nᵀ
-#     dK̂_n = U_n Dᵀ                                dγ_n  = Σ_{k,v} D ⊙ S_n
-#     D ← ∂L/∂S_n = γ_n D − W_nᵀ dU_n^tot + dE_n   (and after chunk 0: dS_0 = D)
-# The D-update and dU^tot are the same recurrence as the forward with (W, K̂) swapped and the signs
-# flipped, so one kernel body runs both; the reverse kernel stores D entering each step (∂L/∂S_{n+1})
-# and dU^tot, and the three products that need them (dW, dK̂, dγ) are batched einsums in XLA, like the
-# rest of the parallel work. γ arrives broadcast over value columns, so the kernel's dγ is per column
-# (Σ_k D ⊙ S_n) and the broadcast's transpose sums it.
+#     dK̂_n = U_n Dᵀ                                dX_n  = D
+#     dγ_n = Σ_{k,v} D ⊙ S_n  (per key channel: Σ_v)
+#     D ← ∂L/∂S_n = Γ_n D − W_nᵀ dU_n^tot + dE_n   (Γ is diagonal: Γᵀ = Γ; after chunk 0: dS_0 = D)
+# The D-update and dU^tot are the same recurrence as the forward with (W, K̂) swapped, the signs
+# flipped and dE in the place of X, so one kernel body runs both; the reverse kernel stores D entering
+# each step (∂L/∂S_{n+1}) and dU^tot, and the products that need them (dW, dK̂, dγ) are batched einsums
+# in XLA, like the rest of the parallel work. A scalar γ arrives broadcast over value columns, so the
+# kernel's dγ is per column (Σ_k D ⊙ S_n) and the broadcast's transpose sums it.
 # ----------------------------------------------------------------------------------------------------
 
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]  # "mosaic": the older name of "mosaic_tpu"
@@ -113,10 +123,11 @@ def _dot(plan: _Plan, a, b, ca: int, cb: int):
 
 
 def _step(plan: _Plan, state, x, y, a, g, add, reverse: bool):
-  """One chunk on a state [d_k, bv] (f32); x, y: [c, d_k]; a: [c, bv]; g: [1, bv]; add: [d_k, bv] | None.
+  """One chunk on a state [d_k, bv] (f32); x, y: [c, d_k]; a: [c, bv]; g: [1, bv] (scalar decay) or
+  [d_k, 1] (per key channel); add: [d_k, bv] | None.
 
-  forward (x = W, y = K̂, a = Ũ):              rows = Ũ − W S,     S ← γ S + K̂ᵀ rows
-  reverse (x = K̂, y = W, a = dU, add = dE):   rows = dU + K̂ D,    D ← γ D − Wᵀ rows + dE
+  forward (x = W, y = K̂, a = Ũ, add = X):     rows = Ũ − W S,     S ← Γ S + K̂ᵀ rows (+ X)
+  reverse (x = K̂, y = W, a = dU, add = dE):   rows = dU + K̂ D,    D ← Γ D − Wᵀ rows + dE
   Returns (rows [c, bv] f32, new state).
   """
   xs = _dot(plan, x, state, 1, 0)
@@ -128,17 +139,19 @@ def _step(plan: _Plan, state, x, y, a, g, add, reverse: bool):
   return rows, state
 
 
-def _unpack(refs, reverse: bool):
-  """(x, y, a, g, add | None, s0, states, rows, final): the reverse pass has the extra input dE."""
+def _unpack(refs, added: bool):
+  """(x, y, a, g, add | None, s0, states, rows, final): the reverse pass has the extra input dE, the
+  forward one X where it is given."""
   refs = list(refs)
-  if not reverse:
+  if not added:
     refs.insert(4, None)
   return refs
 
 
-def _kernel_triton(*refs, plan: _Plan, reverse: bool, n_chunks: int):
-  # x, y: [n, c, d_k]; a, rows: [n, c, bv]; g: [n, 1, bv]; add, states: [n, d_k, bv]; s0, final: [d_k, bv]
-  x_ref, y_ref, a_ref, g_ref, add_ref, s0_ref, st_ref, rows_ref, sf_ref = _unpack(refs, reverse)
+def _kernel_triton(*refs, plan: _Plan, reverse: bool, added: bool, n_chunks: int):
+  # x, y: [n, c, d_k]; a, rows: [n, c, bv]; g: [n, 1, bv] or [n, d_k, 1]; add, states: [n, d_k, bv];
+  # s0, final: [d_k, bv]
+  x_ref, y_ref, a_ref, g_ref, add_ref, s0_ref, st_ref, rows_ref, sf_ref = _unpack(refs, added)
 
   def body(i, state):
     n = n_chunks - 1 - i if reverse else i
@@ -151,9 +164,9 @@ def _kernel_triton(*refs, plan: _Plan, reverse: bool, n_chunks: int):
   sf_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(_F32))
 
 
-def _kernel_mosaic(*refs, plan: _Plan, reverse: bool):
+def _kernel_mosaic(*refs, plan: _Plan, reverse: bool, added: bool):
   # One chunk per step of the sequential last grid axis; the final-state block carries the state.
-  x_ref, y_ref, a_ref, g_ref, add_ref, s0_ref, st_ref, rows_ref, sf_ref = _unpack(refs, reverse)
+  x_ref, y_ref, a_ref, g_ref, add_ref, s0_ref, st_ref, rows_ref, sf_ref = _unpack(refs, added)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -168,18 +181,21 @@ def _kernel_mosaic(*refs, plan: _Plan, reverse: bool):
 
 
 def _state_call(plan: _Plan, x, y, a, g, add, s0, *, reverse: bool):
-  """The sequential pass over chunks (forward, or reverse with ``add``).
+  """The sequential pass over chunks (forward, optionally with ``add`` = X, or reverse with ``add`` = dE).
 
-  x, y: ``[b, n, h, c, d_k]``; a: ``[b, n, h, c, d_v]``; g: ``[b, n, h, 1, d_v]``; add: ``[b, n, h,
-  d_k, d_v]`` or None; s0: ``[b, h, d_k, d_v]``. Returns (states ``[b, n, h, d_k, d_v]`` (the state
-  entering each step), rows ``[b, n, h, c, d_v]``, final ``[b, h, d_k, d_v]``), all f32.
+  x, y: ``[b, n, h, c, d_k]``; a: ``[b, n, h, c, d_v]``; g: ``[b, n, h, 1, d_v]`` (scalar decay) or
+  ``[b, n, h, d_k, 1]`` (per key channel); add: ``[b, n, h, d_k, d_v]`` or None; s0: ``[b, h, d_k,
+  d_v]``. Returns (states ``[b, n, h, d_k, d_v]`` (the state entering each step), rows ``[b, n, h, c,
+  d_v]``, final ``[b, h, d_k, d_v]``), all f32.
   """
   batch, n_chunks, heads, c, dk = x.shape
   dv = a.shape[-1]
+  added = add is not None
+  per_key = g.shape[-2:] != (1, dv)  # else [dk, 1] (where dk = dv = 1 the two blocks are one)
   out_shape = [jax.ShapeDtypeStruct((batch, n_chunks, heads, dk, dv), _F32),
                jax.ShapeDtypeStruct((batch, n_chunks, heads, c, dv), _F32),
                jax.ShapeDtypeStruct((batch, heads, dk, dv), _F32)]
-  arrays = [x, y, a, g] + ([add] if reverse else []) + [s0]
+  arrays = [x, y, a, g] + ([add] if added else []) + [s0]
   if plan.target == "triton":
     bv = min(plan.cfg.block_v, dv)
 
@@ -193,22 +209,24 @@ def _state_call(plan: _Plan, x, y, a, g, add, s0, *, reverse: bool):
     def state_index(iv, bh):
       return jax.lax.div(bh, jnp.int32(heads)), jax.lax.rem(bh, jnp.int32(heads)), 0, iv
 
-    xy, av, gv, sv = spec(c, dk, False), spec(c, bv, True), spec(1, bv, True), spec(dk, bv, True)
+    xy, av, sv = spec(c, dk, False), spec(c, bv, True), spec(dk, bv, True)
+    gv = spec(dk, 1, False) if per_key else spec(1, bv, True)
     s_spec = pl.BlockSpec((_SQ, _SQ, dk, bv), state_index)
-    in_specs = [xy, xy, av, gv] + ([sv] if reverse else []) + [s_spec]
+    in_specs = [xy, xy, av, gv] + ([sv] if added else []) + [s_spec]
     out_specs = [sv, av, s_spec]
     grid = (dv // bv, batch * heads)
-    kernel = functools.partial(_kernel_triton, plan=plan, reverse=reverse, n_chunks=n_chunks)
+    kernel = functools.partial(_kernel_triton, plan=plan, reverse=reverse, added=added, n_chunks=n_chunks)
     params = None if plan.interpret else triton_params(plan.cfg.warps, plan.cfg.stages)
   else:
     chunk = (lambda n: n_chunks - 1 - n) if reverse else (lambda n: n)
     tile = lambda rows, width: pl.BlockSpec((_SQ, _SQ, _SQ, rows, width), lambda b, h, n: (b, chunk(n), h, 0, 0))
-    xy, av, gv, sv = tile(c, dk), tile(c, dv), tile(1, dv), tile(dk, dv)
+    xy, av, sv = tile(c, dk), tile(c, dv), tile(dk, dv)
+    gv = tile(dk, 1) if per_key else tile(1, dv)
     s_spec = pl.BlockSpec((_SQ, _SQ, dk, dv), lambda b, h, n: (b, h, 0, 0))
-    in_specs = [xy, xy, av, gv] + ([sv] if reverse else []) + [s_spec]
+    in_specs = [xy, xy, av, gv] + ([sv] if added else []) + [s_spec]
     out_specs = [sv, av, s_spec]
     grid = (batch, heads, n_chunks)
-    kernel = functools.partial(_kernel_mosaic, plan=plan, reverse=reverse)
+    kernel = functools.partial(_kernel_mosaic, plan=plan, reverse=reverse, added=added)
     params = None if plan.interpret else mosaic_params(("parallel", "parallel", "arbitrary"))
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                         compiler_params=params, interpret=plan.interpret,
@@ -218,36 +236,41 @@ def _state_call(plan: _Plan, x, y, a, g, add, s0, *, reverse: bool):
 # --- the differentiable pass -------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _pass(w, u_tilde, k_to_end, gamma, s0, plan: _Plan):
-  return _pass_fwd(w, u_tilde, k_to_end, gamma, s0, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pass(w, u_tilde, k_to_end, gamma, added, s0, plan: _Plan):
+  return _pass_fwd(w, u_tilde, k_to_end, gamma, added, s0, plan)[0]
 
 
-def _pass_fwd(w, u_tilde, k_to_end, gamma, s0, plan: _Plan):
+def _pass_fwd(w, u_tilde, k_to_end, gamma, added, s0, plan: _Plan):
   # W and K̂ are rounded to the dot dtype here (not before the custom_vjp) so that their cotangents
   # stay f32; the rounded copies are what the backward kernel reads.
   w_d, k_d = w.astype(plan.dot_dtype), k_to_end.astype(plan.dot_dtype)
-  entering, u, final = _state_call(plan, w_d, k_d, u_tilde, gamma, None, s0, reverse=False)
-  return (entering, u, final), (w_d, k_d, gamma, entering, u)
+  entering, u, final = _state_call(plan, w_d, k_d, u_tilde, gamma, added, s0, reverse=False)
+  # Whether X was given travels in the residuals' tree structure (None or an empty tuple, no leaves),
+  # not as a value, which JAX would turn into a traced array.
+  return (entering, u, final), (w_d, k_d, gamma, None if added is None else (), entering, u)
 
 
 def _pass_bwd(plan: _Plan, residuals, cotangents):
-  w_d, k_d, gamma, entering, u = residuals
+  w_d, k_d, gamma, added_marker, entering, u = residuals
   d_entering, d_u, d_final = (x.astype(_F32) for x in cotangents)
   # `leaving[n]` = D at the start of reverse step n = ∂L/∂S_{n+1}; `d_u_total` = dU^tot (see above).
   leaving, d_u_total, d_s0 = _state_call(plan, k_d, w_d, d_u, gamma, d_entering, d_final, reverse=True)
   d_w = -jnp.einsum("bnhcv,bnhkv->bnhck", d_u_total, entering)
   d_k_to_end = jnp.einsum("bnhcv,bnhkv->bnhck", u, leaving)
-  d_gamma = jnp.sum(leaving * entering, axis=-2, keepdims=True)  # per value column, [b n h 1 v]
-  return d_w, d_u_total, d_k_to_end, d_gamma, d_s0
+  # Summed to γ's shape: a row [b n h 1 v] (scalar γ, per value column) over key rows, a column
+  # [b n h k 1] (per key channel) over value columns.
+  broadcast = tuple(axis for axis in (-2, -1) if gamma.shape[axis] == 1)
+  d_gamma = jnp.sum(leaving * entering, axis=broadcast, keepdims=True)
+  return d_w, d_u_total, d_k_to_end, d_gamma, (None if added_marker is None else leaving), d_s0
 
 
 _pass.defvjp(_pass_fwd, _pass_bwd)
-_pass_shared = lowered_once(_pass, static_argnums=(5,))
+_pass_shared = lowered_once(_pass, static_argnums=(6,))
 
 
-def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpret: bool, cfg: PallasConfig,
-                 dot_dtype: str):
+def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, added=None, *, target: str, interpret: bool,
+                 cfg: PallasConfig, dot_dtype: str):
   batch, n_chunks, heads, c, d_k = w.shape
   d_v = u_tilde.shape[-1]
   if target == "triton":  # Triton tiles: powers of two ≥ 16; zero columns change nothing (see above)
@@ -256,10 +279,15 @@ def _pass_target(w, u_tilde, k_to_end, chunk_decay, s0, *, target: str, interpre
     dk, dv = d_k, d_v
   last = lambda x, width: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   w, k_to_end, u_tilde = last(w, dk), last(k_to_end, dk), last(u_tilde, dv)
-  gamma = jnp.broadcast_to(chunk_decay[..., None, None], (batch, n_chunks, heads, 1, dv))
-  s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, dk - d_k), (0, dv - d_v)))
+  if chunk_decay.ndim == 4:  # per key channel: a column that scales the state's rows (padded rows: 0)
+    gamma = last(chunk_decay, dk)[..., None]
+  else:
+    gamma = jnp.broadcast_to(chunk_decay[..., None, None], (batch, n_chunks, heads, 1, dv))
+  pad_state = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, dk - d_k), (0, dv - d_v)])
+  s0 = pad_state(s0)
+  added = None if added is None else pad_state(added)
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, dot_dtype=dot_dtype)
-  entering, u, final = _pass_shared(w, u_tilde, k_to_end, gamma, s0, plan)
+  entering, u, final = _pass_shared(w, u_tilde, k_to_end, gamma, added, s0, plan)
   return entering[..., :d_k, :d_v], u[..., :d_v], final[..., :d_k, :d_v]
 
 
@@ -442,26 +470,32 @@ def wy_factors(k, v, b, beta, doc=None, *, dot_dtype="float32", interpret: bool 
   return jax.lax.platform_dependent(*args, tpu=run("mosaic"), default=run("triton"))
 
 
-def check_arguments(chunk_size: int, target: PallasTarget | None, config: PallasConfig | None):
-  """ValueError for a chunk or tiling the kernels cannot take (called before any work is traced)."""
+def check_arguments(chunk_size: int, target: PallasTarget | None, config: PallasConfig | None,
+                    family: str = "delta"):
+  """ValueError for a chunk or tiling the kernels cannot take (called before any work is traced);
+  ``family``: whose entry point the messages name (``"delta"``: delta_rule, ``"dplr"``)."""
+  label = LABELS.get(family, family)
   if not _is_pow2_tile(chunk_size):
-    raise ValueError(f"delta_rule: chunk_size={chunk_size} must be a power of two ≥ {MIN_TILE} for "
+    raise ValueError(f"{label}: chunk_size={chunk_size} must be a power of two ≥ {MIN_TILE} for "
                      "impl='pallas' (Triton tiles; 64 is what fla uses)")
   if config is not None and not _is_pow2_tile(config.block_v):
-    raise ValueError(f"delta_rule: PallasConfig.block_v={config.block_v} must be a power of two ≥ {MIN_TILE}")
+    raise ValueError(f"{label}: PallasConfig.block_v={config.block_v} must be a power of two ≥ {MIN_TILE}")
   if config is not None and config.wy_block is not None and not _is_pow2_tile(config.wy_block):
-    raise ValueError(f"delta_rule: PallasConfig.wy_block={config.wy_block} must be None (the whole chunk) or "
+    raise ValueError(f"{label}: PallasConfig.wy_block={config.wy_block} must be None (the whole chunk) or "
                      f"a power of two ≥ {MIN_TILE}")
-  pallas_layout(target, "delta")
+  pallas_layout(target, family)
 
 
-def state_pass(w, u_tilde, k_to_end, chunk_decay, state0, *, dot_dtype="float32", interpret: bool = False,
-               target: PallasTarget | None = None, config: PallasConfig | None = None):
-  """``entering_n = S; U_n = Ũ_n − W_n S; S ← γ_n S + K̂_nᵀ U_n`` over chunks n, differentiable.
+def state_pass(w, u_tilde, k_to_end, chunk_decay, state0, *, added=None, dot_dtype="float32",
+               interpret: bool = False, target: PallasTarget | None = None, config: PallasConfig | None = None):
+  """``entering_n = S; U_n = Ũ_n − W_n S; S ← Γ_n S + K̂_nᵀ U_n (+ X_n)`` over chunks n, differentiable.
 
   Args:
     w, k_to_end: ``[batch, chunks, heads, chunk, d_k]`` f32; u_tilde: ``[batch, chunks, heads, chunk,
-      d_v]`` f32; chunk_decay: γ ``[batch, chunks, heads]`` f32; state0: ``[batch, heads, d_k, d_v]`` f32.
+      d_v]`` f32; chunk_decay: γ, ``[batch, chunks, heads]`` (one per head: ``Γ = γ``) or ``[batch,
+      chunks, heads, d_k]`` (per key channel: ``Γ = Diag(γ)``) f32; state0: ``[batch, heads, d_k, d_v]``
+      f32.
+    added: X, ``[batch, chunks, heads, d_k, d_v]`` f32 added to the state after each chunk, or None.
     dot_dtype: ``"float32"`` or a 16-bit dtype for the kernel's two dots (f32 accumulation).
     interpret: run in the Pallas interpreter (CPU tests).
     target: ``"triton"`` or ``"mosaic"``; None decides at lowering time (Mosaic for TPU, else Triton;
@@ -475,7 +509,7 @@ def state_pass(w, u_tilde, k_to_end, chunk_decay, state0, *, dot_dtype="float32"
   check_arguments(w.shape[3], target, cfg)
   run = lambda t: functools.partial(_pass_target, target=t, interpret=interpret, cfg=cfg,
                                     dot_dtype=jnp.dtype(dot_dtype).name)
-  args = (w, u_tilde, k_to_end, chunk_decay, state0)
+  args = (w, u_tilde, k_to_end, chunk_decay, state0) + (() if added is None else (added,))
   if target is not None or interpret:
     return run(target or "triton")(*args)
   return jax.lax.platform_dependent(*args, tpu=run("mosaic"), default=run("triton"))

@@ -59,35 +59,56 @@ passes on ``e^{G_C} S₀`` only if no document starts in it, and the sums over i
 Implementations:
 - ``"reference"``: the recurrence, one ``lax.scan`` step per token (f32).
 - ``"xla"``: the chunked form above (f32 inside; ``chunk_size`` any positive integer).
-- ``"pallas"``: none yet; a request is a ValueError naming that (:func:`kernels.dispatch.dplr`).
-- ``"auto"``: ``"xla"``.
+- ``"pallas"``: the same chunked form with the scan over chunks replaced by the delta rule's Pallas
+  state-pass kernel and its hand-derived backward (``kernels/delta/pallas.py``; Triton on GPU, Mosaic
+  TPU, the Pallas interpreter with ``interpret=True``): that kernel carries ``S ← Γ S + K̂ᵀ U + X`` with
+  ``U = Ũ − W S``, a chunk decay ``Γ`` per key channel or per head and an added write ``X``, and this
+  form is it with ``W → −W``, ``K̂ → −Â``, ``X = Σ_s e^{G_C − G_s} ⊙ k_s v_sᵀ`` (``pallas.py``). The
+  precompute (pair matrices, the UT solve, masks of packed documents) and the outputs stay XLA; every
+  exponent is the chunked form's, ≤ 0. ``chunk_size`` must be a power of two ≥ 16 (Triton tiles). For
+  16-bit q, k, v, a, b the kernel's two dots take W, Â and the state rounded to that dtype (f32
+  accumulation and state).
+- ``"auto"``: ``"xla"``, until the Pallas path is measured faster on a GPU (``bench.py``;
+  :func:`kernels.dispatch.dplr` records the reason).
 
-Files: ``reference.py`` (the recurrence, :func:`dplr_step`), ``xla.py`` (the chunked form).
+Files: ``reference.py`` (the recurrence, :func:`dplr_step`), ``xla.py`` (the chunked form),
+``pallas.py`` (the chunk pass on the delta rule's Pallas kernel), ``bench.py`` (ours against fla's
+``chunk_kda``, ``chunk_rwkv7`` and ``chunk_gated_delta_rule``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax.numpy as jnp
 
 from kernels import dispatch
+from kernels.delta.pallas import _is_pow2_tile as is_pallas_chunk
+from kernels.delta.pallas import check_arguments as check_pallas_arguments
+from kernels.dplr.pallas import PallasConfig, PallasTarget
+from kernels.dplr.pallas import state_pass as pallas_state_pass
 from kernels.dplr.reference import _check, dplr_reference, dplr_step
 from kernels.dplr.xla import _dplr_chunked
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
 
-__all__ = ["IMPLS", "choice", "delta_rule_as_dplr", "dplr", "dplr_reference", "dplr_step"]
+__all__ = ["IMPLS", "PallasConfig", "choice", "delta_rule_as_dplr", "dplr", "dplr_reference", "dplr_step"]
 
 
-def choice(requested: str = "auto") -> dispatch.Choice:
-  """What runs ``dplr`` here (:func:`kernels.dispatch.dplr`)."""
-  return dispatch.dplr(requested, IMPLS)
+def choice(requested: str = "auto", *, chunk_size: int = 16, interpret: bool = False,
+           pallas_target: str | None = None) -> dispatch.Choice:
+  """What runs ``dplr`` with chunks of ``chunk_size`` here (:func:`kernels.dispatch.dplr`)."""
+  chunk_problem = None if is_pallas_chunk(chunk_size) else (
+      f"needs chunk_size a power of two ≥ 16 (got {chunk_size}; Triton tiles)")
+  return dispatch.dplr(requested, IMPLS, chunk_problem=chunk_problem, interpret=interpret,
+                       layout=dispatch.pallas_layout(pallas_target, "dplr"))
 
 
 def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None, chunk_size: int = 16,
-         impl: Impl = "auto"):
+         impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
+         pallas_config: PallasConfig | None = None):
   """``S_t = (Diag(e^{log_decay_t}) − a_t b_tᵀ) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (module docstring).
 
   Args:
@@ -100,17 +121,32 @@ def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None,
       entering the row's first document only.
     segment_ids: int ``[batch, time]`` or None: packed documents (a new one starts where the id changes;
       the state entering it is zero; the final state is the last document's alone). None: one sequence.
-    chunk_size: tokens per chunk of the chunked form.
-    impl: ``"reference"``, ``"xla"`` (chunked) or ``"auto"`` (``"xla"``); ``"pallas"`` has no kernel yet.
+    chunk_size: tokens per chunk of the chunked forms (``"pallas"``: a power of two ≥ 16).
+    impl: ``"reference"``, ``"xla"`` (chunked), ``"pallas"`` (chunked, Pallas state pass) or ``"auto"``
+      (``"xla"``, until the Pallas path is measured faster: :func:`kernels.dispatch.dplr`).
+    interpret: run the Pallas kernels in the Pallas interpreter (CPU tests); only with ``"pallas"``.
+    pallas_target: ``"triton"`` or ``"mosaic_tpu"`` (older name ``"mosaic"``) kernels (default: by
+      platform at lowering time; Triton when interpreting).
+    pallas_config: Triton launch parameters (:class:`kernels.delta.pallas.PallasConfig`; the state pass
+      reads ``block_v``, ``warps`` and ``stages``).
   Returns:
     ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
   """
   _check(q, k, v, a, b, log_decay, initial_state, segment_ids)
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"dplr: chunk_size={chunk_size!r} must be a positive integer")
-  impl = choice(impl).impl
+  if impl == "pallas":  # (the kernels' own messages for their arguments first)
+    check_pallas_arguments(chunk_size, pallas_target, pallas_config, family="dplr")
+  impl = choice(impl, chunk_size=chunk_size, interpret=interpret, pallas_target=pallas_target).impl
   if impl == "reference":
     return dplr_reference(q, k, v, a, b, log_decay, initial_state, segment_ids)
+  if impl == "pallas":
+    dtype = jnp.dtype(jnp.result_type(q.dtype, k.dtype, v.dtype, a.dtype, b.dtype))
+    # 16-bit inputs: the kernel's dots run in that dtype (tensor cores), f32 otherwise.
+    dot_dtype = dtype.name if dtype.itemsize == 2 else "float32"
+    state_pass = functools.partial(pallas_state_pass, dot_dtype=dot_dtype, interpret=interpret,
+                                   target=pallas_target, config=pallas_config)
+    return _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size, segment_ids, state_pass)
   return _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size, segment_ids)
 
 

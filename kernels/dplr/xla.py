@@ -131,10 +131,11 @@ def _precompute(q, k, v, a, b, log_decay, chunk_size: int, segment_ids=None) -> 
                  m_qk=m_qk, m_qa=m_qa)
 
 
-def _scan_pass(c: _Chunks, state0):
+def _scan_pass(w, u_tilde, a_to_end, kv_to_end, chunk_decay, state0):
   """The sequential pass over chunks: ``U = Ũ + W S`` (what each row's read key returns from the state
-  it meets), ``S_next = e^{G_C} ⊙ S + Σ_s e^{G_C − G_s} ⊙ (k_s v_sᵀ − a_s u_sᵀ)``. Returns the state
-  entering each chunk ``[b n h k v]``, ``U [b n h c v]`` and the final state."""
+  it meets), ``S_next = e^{G_C} ⊙ S + Σ_s e^{G_C − G_s} ⊙ (k_s v_sᵀ − a_s u_sᵀ)``, as a ``lax.scan``
+  (shapes: :class:`_Chunks`; the Pallas version: :func:`kernels.dplr.pallas.state_pass`). Returns the
+  state entering each chunk ``[b n h k v]``, ``U [b n h c v]`` and the final state."""
 
   def carry(state, inputs):
     w_n, u_n, a_n, kv_n, decay_n = inputs
@@ -142,16 +143,19 @@ def _scan_pass(c: _Chunks, state0):
     decay = decay_n[..., None] if decay_n.ndim == 3 else decay_n[..., None, None]
     return decay * state + kv_n - jnp.einsum("bhck,bhcv->bhkv", a_n, u), (state, u)
 
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (c.w, c.u_tilde, c.a_to_end, c.kv_to_end, c.chunk_decay))
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (w, u_tilde, a_to_end, kv_to_end, chunk_decay))
   final, (entering, u) = jax.lax.scan(carry, state0, xs)
   return jnp.moveaxis(entering, 0, 1), jnp.moveaxis(u, 0, 1), final
 
 
-def _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size: int, segment_ids=None):
+def _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size: int, segment_ids=None,
+                  state_pass=_scan_pass):
+  """The chunked form; ``state_pass``: the sequential pass over chunks (:func:`_scan_pass` or the
+  Pallas kernel of ``kernels.dplr.pallas``, same signature)."""
   batch, time, heads, d_k = q.shape
   c = _precompute(q, k, v, a, b, log_decay, chunk_size, segment_ids)
   state0 = _state0(initial_state, batch, heads, d_k, v.shape[-1])
-  entering, u, final = _scan_pass(c, state0)
+  entering, u, final = state_pass(c.w, c.u_tilde, c.a_to_end, c.kv_to_end, c.chunk_decay, state0)
   # o_t = S_tᵀ q_t = (q_t e^{G_t})ᵀ S₀ + Σ_{s≤t} M_qk[t, s] v_s − Σ_{s≤t} M_qa[t, s] u_s
   o = (jnp.einsum("bnhtk,bnhkv->bnhtv", c.q_in, entering) + jnp.einsum("bnhts,bnhsv->bnhtv", c.m_qk, c.v)
        - jnp.einsum("bnhts,bnhsv->bnhtv", c.m_qa, u))
