@@ -217,8 +217,11 @@ def test_dispatch_and_argument_errors():
     dplr(q, k, v, a, b, segment_ids=np.zeros((BATCH, TIME), np.float32))
   from hybrids.config import ConfigError
   for name in ("kda", "rwkv7", "gated_deltaproduct"):
-    with pytest.raises(ConfigError, match=r"model.dplr_impl='pallas'; valid: auto, xla, reference"):
-      get_mixer(name).check_config(_config(dplr_impl="pallas"), seq_len=16)
+    with pytest.raises(ConfigError, match=r"model.dplr_impl='triton'; valid: auto, xla, reference, pallas"):
+      get_mixer(name).check_config(_config(dplr_impl="triton"), seq_len=16)
+    with pytest.raises(ValueError, match=r"model.chunk_size=8 must be a power of two ≥ 16 with model.dplr_impl='pallas'"):
+      get_mixer(name).check_config(_config(dplr_impl="pallas", chunk_size=8), seq_len=16)
+    get_mixer(name).check_config(_config(dplr_impl="pallas", chunk_size=16), seq_len=16)
   with pytest.raises(ConfigError, match=r"model.householder_steps=0 must be a positive integer"):
     get_mixer("gated_deltaproduct").check_config(_config(householder_steps=0), seq_len=16)
 

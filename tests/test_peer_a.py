@@ -96,8 +96,8 @@ _spec.loader.exec_module(maker)  # sizes, the parameter mapping, and make() wher
 TOL = 1e-5  # max |ours − fla| / max |fla|, float32 on both sides
 FLA_EPS = 1e-10  # fla's linear-attention normaliser guard
 KERNEL_IMPLS = ("reference", "xla", "pallas")  # Pallas in interpret mode
-# kernels.dplr and kernels.forgetting_attention have no Pallas kernel yet
-NO_PALLAS = ("kda", "rwkv7", "fox", "gated_deltaproduct")
+# kernels.forgetting_attention has no Pallas kernel yet
+NO_PALLAS = ("fox",)
 # Each test run checks the kernels' definition against fla, at the kernel level and inside the mixers
 # (which compose the same way on every implementation); the chunked and Pallas paths are checked against
 # the definition (outputs, state, every gradient) in test_kernels.py, test_delta.py, test_*_segments.py
@@ -132,6 +132,8 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
   interpret = impl == "pallas"
   seg = {} if segment_ids is None else {"segment_ids": segment_ids}
   run_gla = functools.partial(gla, chunk_size=maker.CHUNK, impl=impl, interpret=interpret, **seg)
+  dplr_chunk = DELTA_PALLAS_CHUNK if interpret else maker.CHUNK  # the same tiles as the delta rule's
+  dplr_pallas = {"interpret": True} if interpret else {}
   if name == "gla":
     d_k = t["q"].shape[-1]
     return run_gla(t["q"] * d_k ** -0.5, t["k"], t["v"], t["gk"], h0)  # fla's scale on q
@@ -164,11 +166,12 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
     return linear_scan(jnp.exp(t["g"]), t["x"], h0, impl=impl, interpret=interpret)
   if name == "kda":
     keys, a, b = delta_rule_as_dplr(t["k"], t["beta"], t["g"])
-    return dplr(t["q"], keys, t["v"], a, b, t["g"], h0, chunk_size=maker.CHUNK, impl=impl, **seg)
+    return dplr(t["q"], keys, t["v"], a, b, t["g"], h0, chunk_size=dplr_chunk, impl=impl, **dplr_pallas, **seg)
   if name == "rwkv7":
     # fla: S_t = Diag(e^gk) S + β (αᵀ S) + k vᵀ; ours: Diag(e^gk) S − a (bᵀ S) + k vᵀ, so a = β, b = −α.
     q = t["q"] * t["q"].shape[-1] ** -0.5  # dplr_recurrence's fixed q scale
-    return dplr(q, t["k"], t["v"], t["beta"], -t["alpha"], t["gk"], h0, chunk_size=maker.CHUNK, impl=impl, **seg)
+    return dplr(q, t["k"], t["v"], t["beta"], -t["alpha"], t["gk"], h0, chunk_size=dplr_chunk, impl=impl,
+                **dplr_pallas, **seg)
   if name == "hgrn2":
     d_k = t["q"].shape[-1]
     return run_gla(t["q"] * d_k ** -0.5, t["k"], t["v"], t["gk"], h0)  # fla's scale on q
@@ -183,7 +186,8 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
     q, log_decay = on(t["q"], steps - 1), on(t["g"], 0)
     keys, a, b = delta_rule_as_dplr(t["k"], t["beta"], log_decay)
     sub_seg = {} if segment_ids is None else {"segment_ids": jnp.repeat(segment_ids, steps, axis=1)}
-    o, s = dplr(q, keys, t["v"], a, b, log_decay, h0, chunk_size=maker.SUB_STEP_CHUNK, impl=impl, **sub_seg)
+    o, s = dplr(q, keys, t["v"], a, b, log_decay, h0, chunk_size=DELTA_PALLAS_CHUNK if interpret else maker.SUB_STEP_CHUNK,
+                impl=impl, **dplr_pallas, **sub_seg)
     return o.reshape((batch, time, steps) + o.shape[2:])[:, :, -1], s
   raise ValueError(f"ours_kernel: unknown mixer {name!r}; valid: {maker.MIXERS}")
 
@@ -278,6 +282,12 @@ def assert_within(errors):
 @pytest.mark.parametrize("name", maker.MIXERS)
 def test_kernel_matches_fla(name):
   assert_within(kernel_errors(name, load(name), CI_IMPL))
+
+
+@pytest.mark.parametrize("name", [n for n in ("kda", "rwkv7", "gated_deltaproduct") if n in maker.MIXERS])
+def test_dplr_pallas_kernel_matches_fla(name):
+  """The generalized delta rule's Pallas path (interpreted, chunks of 16) on fla's own inputs and outputs."""
+  assert_within(kernel_errors(name, load(name), "pallas"))
 
 
 @pytest.mark.parametrize("name", maker.MIXERS)

@@ -42,17 +42,19 @@ from kernels.dplr import IMPLS as DPLR_IMPLS
 from kernels.dplr import delta_rule_as_dplr, dplr, dplr_step
 
 # The kernel field of the three kernels.dplr mixers (kda, rwkv7, gated_deltaproduct), declared alike.
-DPLR_IMPL = Setting("auto", "kernels.dplr implementation: auto, xla or reference (pallas: no kernel yet)")
+DPLR_IMPL = Setting("auto", "kernels.dplr implementation: auto, xla, reference or pallas (chunk_size a power of two ≥ 16)")
 
 
 def check_dplr_config(cfg) -> None:
   """The checks every ``kernels.dplr`` mixer shares: heads divide the width, a positive chunk and an
-  implementation that exists (``"pallas"`` has no kernel yet: refused here, before compiling)."""
+  implementation that exists; ``"pallas"`` tiles chunks of 2^n ≥ 16 (refused here, before compiling)."""
   from hybrids.checks import check_choice, check_int
   if cfg.d_model % cfg.num_heads:
     raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
   check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
-  check_choice(cfg.dplr_impl, "model.dplr_impl", tuple(i for i in DPLR_IMPLS if i != "pallas"))
+  check_choice(cfg.dplr_impl, "model.dplr_impl", DPLR_IMPLS)
+  if cfg.dplr_impl == "pallas" and (cfg.chunk_size < 16 or cfg.chunk_size & (cfg.chunk_size - 1)):
+    raise ValueError(f"model.chunk_size={cfg.chunk_size} must be a power of two ≥ 16 with model.dplr_impl='pallas'")
 
 
 def dplr_flops(heads: int, d_k: int, d_v: int, chunk: int, seq_len: int, *, per_key_decay: bool) -> float:
