@@ -6,22 +6,27 @@ windows shorter and longer than a document, boundaries inside a block and on a b
 documents (one id recurring), one-token documents, GQA and MQA, soft-cap on and off. Tiles are tiny
 so every case crosses several blocks, and some query blocks meet key blocks their documents mask
 entirely (the row statistics must stay finite). Then the block-range arithmetic that lets Triton
-skip blocks outside the documents, the dispatch (cuDNN refuses segment ids and says why), and the
-lowerings for TPU, Triton and Mosaic GPU (whose wgmma kernels do not interpret: their values are
-checked on a GPU by the benchmark).
+(and the Mosaic GPU kernels with ``mgpu_skip_outside_documents``) skip blocks outside the documents,
+against brute force, the dispatch (cuDNN refuses segment ids and says why), and the lowerings for
+TPU, Triton and Mosaic GPU (whose wgmma kernels do not interpret: their values are checked on a GPU
+by the benchmark).
 """
 
 import dataclasses
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels.window_attention import PallasBlocks, choice, window_attention
-from kernels.window_attention.band import _key_blocks, _query_blocks
-from kernels.window_attention.pallas import _document_key_blocks, _document_query_blocks, document_bounds
+from kernels.window_attention import mosaic_gpu
+from kernels.window_attention.band import _document_key_blocks, _key_blocks
+from kernels.window_attention.pallas import document_bounds
 
 # Tiles far below the real ones so a 15–17-step row spans 2–5 blocks on each side.
 TINY = PallasBlocks(fwd_q=8, fwd_k=4, dkv_q=4, dkv_k=8, dq_q=8, dq_k=4, block=8)
@@ -136,39 +141,80 @@ def test_xla_path_reads_a_recurring_id_as_a_new_document():
   assert _rel(out, _documents_alone(q, k, v, do, rows, window=6, softcap=None)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("time,bq,bk,window", [(40, 8, 4, 6), (40, 4, 8, 13), (37, 8, 8, 64)])
-def test_document_block_ranges(time, bq, bk, window):
-  """Triton's narrowed loops, for random packings: every (query, key) pair in the band and in one
-  document lies in a visited block, and every block the unmasked loop runs has all its pairs in."""
-  rng = np.random.default_rng(time + bq + window)
-  padded = -(-time // max(bq, bk)) * max(bq, bk)
-  for _ in range(4):
-    segment_ids = jnp.asarray(np.cumsum(rng.random((1, time)) < 0.15, axis=1, dtype=np.int32))
-    doc_start, doc_end = (np.asarray(x[0]) for x in document_bounds(segment_ids, padded))
-    t, s = np.arange(padded)[:, None], np.arange(padded)[None, :]
-    allowed = (t - s >= 0) & (t - s < window) & (s >= doc_start[:, None])
+PADDED = 64  # the brute force's row: documents cut 37 or 64 steps, padded to 64 (the padding: one more document)
 
-    q_starts = jnp.arange(0, padded, bq, dtype=jnp.int32)
-    starts = doc_start.reshape(-1, bq)
-    bounds = _document_key_blocks(_key_blocks(q_starts, bq, bk, window), jnp.asarray(starts.min(1)),
-                                  jnp.asarray(starts.max(1)), bk)
-    for i, (lo, full_lo, full_hi, hi) in enumerate(zip(*(np.asarray(x) for x in bounds))):
-      tile = allowed[i * bq:(i + 1) * bq].reshape(bq, -1, bk)  # [rows, key block, keys]
-      visited = np.zeros(tile.shape[1], bool)
-      visited[lo:hi] = True
-      assert not tile[:, ~visited].any() and lo <= full_lo <= full_hi <= hi
-      assert tile[:, full_lo:full_hi].all()
 
-    k_starts = jnp.arange(0, padded, bk, dtype=jnp.int32)
-    ends = doc_end.reshape(-1, bk)
-    bounds = _document_query_blocks(_query_blocks(k_starts, bq, bk, window, padded // bq),
-                                    jnp.asarray(ends.min(1)), jnp.asarray(ends.max(1)), bq)
-    for j, (lo, full_lo, full_hi, hi) in enumerate(zip(*(np.asarray(x) for x in bounds))):
-      tile = allowed[:, j * bk:(j + 1) * bk].T.reshape(bk, -1, bq)  # [keys, query block, queries]
-      visited = np.zeros(tile.shape[1], bool)
-      visited[lo:hi] = True
-      assert not tile[:, ~visited].any() and lo <= full_lo <= full_hi <= hi
-      assert tile[:, full_lo:full_hi].all()
+@st.composite
+def _packings(draw):
+  """(time, document cuts, window, query block, key block, rows of a tile) for the block-range test."""
+  time = draw(st.sampled_from((37, PADDED)))  # padded or not (two lengths: document_bounds compiles per shape)
+  cuts = sorted(draw(st.lists(st.integers(1, time - 1), max_size=6, unique=True)))
+  window = draw(st.integers(1, PADDED + 8))
+  bq, bk, rows = (draw(st.sampled_from((4, 8, 16))) for _ in range(3))
+  return time, cuts, window, bq, bk, rows
+
+
+def _visited(bounds, tile):
+  lo, full_lo, full_hi, hi = (int(x[tile]) for x in bounds)
+  assert lo <= full_lo <= full_hi <= hi
+  return lo, full_lo, full_hi, hi
+
+
+# derandomize: the same examples every run (a fixed cost of a few seconds); database=None: no .hypothesis/.
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(_packings())
+def test_document_block_ranges_are_the_blocks_that_hold_a_pair(packing):
+  """The block ranges the kernels visit with packed documents (Triton's, and the Mosaic GPU kernels'
+  with ``mgpu_skip_outside_documents``, which read the first and last row's bound), against brute
+  force: the blocks that hold a pair (t, s) of one document with 0 ≤ t − s < window. Visited are
+  exactly those, every pair of the unmasked interior is such a pair, and a tile's halves (the Mosaic
+  GPU compute warpgroups' own bands) lie inside the whole tile's range (the memory warpgroup's)."""
+  time, cuts, window, bq, bk, rows = packing
+  document = np.searchsorted(np.asarray(cuts, int), np.arange(PADDED), side="right")
+  document[time:] = len(cuts) + 1  # the padding
+  t, s = np.arange(PADDED)[:, None], np.arange(PADDED)[None, :]
+  pairs = (t - s >= 0) & (t - s < window) & (document[:, None] == document[None, :])
+  segment_ids = jnp.asarray(np.cumsum(np.isin(np.arange(time), cuts))[None], jnp.int32)
+  doc_start, doc_end = document_bounds(segment_ids, PADDED)
+  # Fixed-length vectors of tile starts (repeated): one shape, so the eager ops compile once.
+  tile_starts = lambda size: jnp.asarray(np.resize(np.arange(0, PADDED, size), PADDED // 4), jnp.int32)
+
+  def key_ranges(size):  # query tiles of ``size`` rows → their key blocks of ``bk`` (numpy [4, tiles])
+    bounds = mosaic_gpu._tile_key_blocks(tile_starts(size), size, bk, window, doc_start, 0)
+    return np.asarray(tile_starts(size)), np.stack(bounds)
+
+  def query_ranges(size):  # key tiles of ``size`` rows → the query blocks of ``bq`` that read them
+    bounds = mosaic_gpu._tile_query_blocks(tile_starts(size), size, bq, window, PADDED // bq, doc_end, 0)
+    return np.asarray(tile_starts(size)), np.stack(bounds)
+
+  keys, queries = ({size: f(size) for size in (rows, 2 * rows)} for f in (key_ranges, query_ranges))
+  for size in (rows, 2 * rows):
+    starts, bounds = keys[size]
+    for tile, q_start in enumerate(starts):
+      lo, full_lo, full_hi, hi = _visited(bounds, tile)
+      held = pairs[q_start:q_start + size].reshape(size, -1, bk)  # [rows, key block, keys]
+      assert list(np.flatnonzero(held.any(axis=(0, 2)))) == list(range(lo, hi)), (q_start, lo, hi)
+      assert held[:, full_lo:full_hi].all()
+    starts, bounds = queries[size]
+    for tile, k_start in enumerate(starts):
+      lo, full_lo, full_hi, hi = _visited(bounds, tile)
+      held = pairs[:, k_start:k_start + size].T.reshape(size, -1, bq)  # [keys, query block, queries]
+      assert list(np.flatnonzero(held.any(axis=(0, 2)))) == list(range(lo, hi)), (k_start, lo, hi)
+      assert held[:, full_lo:full_hi].all()
+
+  # Triton's loops (from the min and max of a block's bounds) are the same ranges.
+  starts, bounds = keys[rows]
+  per_tile = np.asarray(doc_start[0]).reshape(-1, rows)
+  first, last = (np.resize(f(per_tile, axis=1), starts.shape) for f in (np.min, np.max))
+  triton = _document_key_blocks(_key_blocks(jnp.asarray(starts), rows, bk, window), jnp.asarray(first),
+                                jnp.asarray(last), bk)
+  np.testing.assert_array_equal(np.stack(triton), bounds)
+  # A tile's halves (the Mosaic GPU compute warpgroups' own bands: tiles of ``rows``) inside the whole
+  # tile's range (the memory warpgroup's: tiles of 2·rows), non-empty.
+  for ranges in (keys, queries):
+    (_, halves), (_, wholes) = ranges[rows], ranges[2 * rows]
+    for half in range(PADDED // rows):
+      assert wholes[0][half // 2] <= halves[0][half] < halves[-1][half] <= wholes[-1][half // 2]
 
 
 def test_document_bounds_with_padding():
@@ -231,15 +277,23 @@ def test_segmented_kernels_lower_for_gpu(lower_for_gpu):
   assert lower_for_gpu(_segmented_grad(f), q, kv, kv, seg).count("xla.gpu.triton") == 3
 
 
+def _lower_for_cuda(fn, *args) -> str:
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("pingpong", [False, True])
-def test_segmented_mosaic_gpu_kernels_lower_for_cuda(pingpong):
+def test_segmented_mosaic_gpu_kernels_lower_for_cuda(pingpong, skip):
   """The wgmma kernels with document masks (forward, dK/dV, dQ) built for CUDA from this host: the
   default schedule at the benchmark's size (shared memory: the document bounds go to registers, not
   shared memory) and, with GQA and a window off the block grid, at a small one; the other schedules
-  of tests/test_pallas_window_attention.py at the small one. Mosaic GPU's interpreter has no wgmma:
-  their values are checked on a GPU (``python -m kernels.window_attention.bench --segments N``
-  checks every kernel against the reference before timing it)."""
-  blocks = PallasBlocks(fwd_kernel="mosaic_gpu", bwd_kernel="mosaic_gpu", mgpu_pingpong=pingpong)
+  of tests/test_pallas_window_attention.py at the small one. ``skip``: with the band cut to the
+  documents (``mgpu_skip_outside_documents``: per-tile block counts from scalar loads of the bounds).
+  Mosaic GPU's interpreter has no wgmma: their values are checked on a GPU
+  (``python -m kernels.window_attention.bench --segments N`` checks every kernel against the
+  reference before timing it)."""
+  blocks = PallasBlocks(fwd_kernel="mosaic_gpu", bwd_kernel="mosaic_gpu", mgpu_pingpong=pingpong,
+                        mgpu_skip_outside_documents=skip)
   shapes = [(1, 256, 4, 1, 64, 100)]  # (batch, time, heads, kv_heads, dim, window)
   if pingpong:
     shapes.append((4, 8192, 16, 16, 128, 1024))
@@ -252,5 +306,23 @@ def test_segmented_mosaic_gpu_kernels_lower_for_cuda(pingpong):
     f = lambda q, k, v, s: window_attention(q, k, v, window=window, impl="pallas", pallas_target="triton",
                                             pallas_blocks=blocks, segment_ids=s)
     for fn, kernels in ((f, 1), (_segmented_grad(f), 3)):
-      text = jax.jit(fn).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
+      text = _lower_for_cuda(fn, q, kv, kv, seg)
       assert "triton" not in text and text.count("mosaic_gpu") >= kernels
+
+
+def test_mosaic_gpu_skip_outside_documents_reaches_every_kernel():
+  """``mgpu_skip_outside_documents`` changes all three Mosaic GPU kernels of a call with segment ids:
+  none keeps the module of the default, which streams the whole band."""
+  q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+  def kernel_hashes(skip):
+    blocks = PallasBlocks(fwd_kernel="mosaic_gpu", bwd_kernel="mosaic_gpu", mgpu_skip_outside_documents=skip)
+    f = lambda q, k, v, s: window_attention(q, k, v, window=100, impl="pallas", pallas_target="triton",
+                                            pallas_blocks=blocks, segment_ids=s)
+    hashes = re.findall(r'kernel_hash = "([^"]*)"', _lower_for_cuda(_segmented_grad(f), q, kv, kv, seg))
+    assert len(set(hashes)) == 3, len(hashes)  # forward, dK/dV, dQ
+    return set(hashes)
+
+  assert not kernel_hashes(True) & kernel_hashes(False)

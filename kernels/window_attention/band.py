@@ -1,5 +1,5 @@
-"""Which key blocks a query block reads (and the reverse), and the loops over them: the band
-arithmetic every flash-attention lowering shares (Triton, Mosaic TPU, Mosaic GPU)."""
+"""Which key blocks a query block reads (and the reverse), narrowed to packed documents, and the loops
+over them: the band arithmetic every flash-attention lowering shares (Triton, Mosaic TPU, Mosaic GPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ def _i32(x: int):
 def _div(x, d: int):
   """Floor division of a non-negative traced int32 (``lax.div`` truncates; ``//`` adds a sign fix-up)."""
   return jax.lax.div(x, _i32(d))
-
 
 
 def _band(shape, q_start, k_start, window: int, *, keys_first: bool = False):
@@ -44,6 +43,29 @@ def _query_blocks(k_start, bq: int, bk: int, window: int, n_q_blocks: int):
   full_lo = jnp.clip(_div(k_start + (bk - 1) + (bq - 1), bq), lo, hi)
   full_hi = jnp.clip(_div(k_start + window, bq), full_lo, hi)
   return lo, full_lo, full_hi, hi
+
+
+def _document_key_blocks(bounds, first_start, last_start, bk: int):
+  """``_key_blocks``' ``(lo, full_lo, full_hi, hi)`` narrowed to the query block's documents (its
+  rows' ``doc_start`` span ``[first_start, last_start]``; starts never decrease along a row, so these
+  are its first and last row's): no block wholly before ``first_start``, and the unmasked interior
+  only where every key is at or past ``last_start``. Each row reaches a contiguous run of keys ending
+  at itself, so ``[lo, hi)`` is exactly the blocks that hold a pair of one document in the band."""
+  lo, full_lo, full_hi, hi = bounds
+  lo = jnp.maximum(lo, _div(first_start, bk))
+  full_lo = jnp.clip(jnp.maximum(full_lo, _div(last_start + (bk - 1), bk)), lo, hi)
+  return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def _document_query_blocks(bounds, first_end, last_end, bq: int):
+  """``_query_blocks``' bounds narrowed to the key block's documents (its rows' ``doc_end`` span
+  ``[first_end, last_end]``, its first and last row's): no query block wholly at or past
+  ``last_end``, and the unmasked interior only where every query is before ``first_end``. As for
+  :func:`_document_key_blocks`, ``[lo, hi)`` is exactly the blocks that hold a pair."""
+  lo, full_lo, full_hi, hi = bounds
+  hi = jnp.minimum(hi, _div(last_end + (bq - 1), bq))
+  full_lo = jnp.clip(full_lo, lo, hi)
+  return lo, full_lo, jnp.clip(jnp.minimum(full_hi, _div(first_end, bq)), full_lo, hi), hi
 
 
 def _band_loops(bounds, step, carry, split: bool):

@@ -13,7 +13,12 @@ block, head, batch) tiles, so the next tile's keys stream in while the last tile
 
 Packed documents (``doc_start`` / ``doc_end``, see ``pallas.document_bounds``): each warpgroup reads
 its rows' document bounds from global memory into registers and masks every block of the band (which
-is streamed as without documents).
+is streamed as without documents). With ``skip_outside_documents`` the band is cut instead to the
+blocks that meet the tile's documents (``band._document_key_blocks`` / ``_document_query_blocks``,
+from the first and last row's bound, read as scalars from global memory by every warpgroup, the
+memory one included, so all three count the same blocks per tile), and only the blocks a boundary or
+the band's edge cuts are masked. That variant has been built for CUDA but not yet run on a GPU
+(``PallasBlocks.mgpu_skip_outside_documents``, off by default).
 
 Causal and GQA/MQA (a query head reads key/value head ``h // group``); no soft-cap, 16-bit inputs,
 ``dim`` a multiple of 64 up to 128, ``time`` a multiple of 128 (``supports``; the caller runs Triton
@@ -33,7 +38,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.dispatch import gpu_sm_count
 from kernels.tiling import swizzled as _swizzled
-from kernels.window_attention.band import _band_loops, _key_blocks, _query_blocks
+from kernels.window_attention.band import (_band_loops, _document_key_blocks, _document_query_blocks, _key_blocks,
+                                           _query_blocks)
 
 BLOCK_Q = 64  # query rows per compute warpgroup (one wgmma's M)
 CTA_ROWS = 2 * BLOCK_Q
@@ -70,6 +76,25 @@ def _own_band(cta_bounds, own_bounds, step, skip, carry):
   return carry
 
 
+def _tile_key_blocks(q_start, rows: int, block_kv: int, window: int, starts_ref=None, b=None):
+  """Key blocks ``(lo, full_lo, full_hi, hi)`` of query rows ``[q_start, q_start + rows)``; given
+  ``starts_ref`` (``doc_start [batch, time]`` in global memory) and the row of the batch ``b``, only
+  those that meet the rows' documents (two scalar loads: starts never decrease along a row)."""
+  bounds = _key_blocks(q_start, rows, block_kv, window)
+  if starts_ref is None:
+    return bounds
+  return _document_key_blocks(bounds, starts_ref[b, q_start], starts_ref[b, q_start + (rows - 1)], block_kv)
+
+
+def _tile_query_blocks(k_start, rows: int, block_q: int, window: int, n_q_blocks: int, ends_ref=None, b=None):
+  """Query blocks ``(lo, full_lo, full_hi, hi)`` that read key rows ``[k_start, k_start + rows)``;
+  given ``ends_ref`` (``doc_end [batch, time]``) and ``b``, only those that meet the keys' documents."""
+  bounds = _query_blocks(k_start, block_q, rows, window, n_q_blocks)
+  if ends_ref is None:
+    return bounds
+  return _document_query_blocks(bounds, ends_ref[b, k_start], ends_ref[b, k_start + (rows - 1)], block_q)
+
+
 def _tiles(n_tiles: int, ctas: int, blocks: int, heads: int):
   """This CTA's tile count and ``tile(i)``: its i-th tile's (batch, head, first row), tiles being
   (block of CTA_ROWS rows, head, batch) with the row block fastest, taken ``cta, cta + ctas, …``."""
@@ -101,7 +126,7 @@ def _store_tile(stores):
 
 def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: int = 2,
             pingpong: bool = False, own_band: bool = True, softmax_fence: bool = True, persistent: bool = True,
-            doc_start=None):
+            doc_start=None, skip_outside_documents: bool = False):
   """``(o, lse)`` of causal attention over the band of ``window`` keys (see the module docstring).
 
   q: ``[batch, time, heads, dim]``; k, v: ``[batch, time, kv_heads, dim]``. ``pingpong``: the two
@@ -116,7 +141,11 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   ``doc_start``: None, or int32 ``[batch, time]``, each position's document start (packed
   documents): each warpgroup reads its rows' starts from global memory into registers (64 words a
   tile, no shared memory or barrier) and masks every block of its band with ``key ≥ start``; the
-  streamed band is the same as without documents.
+  streamed band is the same as without documents. ``skip_outside_documents`` (with ``doc_start``):
+  the band of each tile (the memory warpgroup's stream and each compute warpgroup's own band)
+  starts at the block of its first row's document start instead, and only blocks that a boundary
+  or the band's edge cuts are masked; a CTA's blocks per tile then vary, and all three warpgroups
+  count them from the same two starts.
   """
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
@@ -130,11 +159,13 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
   ctas = _ctas(n_tiles, persistent)
 
   documents = doc_start is not None
+  cut = documents and skip_outside_documents
 
   def kernel(q_ref, k_ref, v_ref, starts_ref, o_ref, lse_ref, scoped):
     (q_smem, o_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     wg = jax.lax.axis_index("wg")
     n_mine, tile_at = _tiles(n_tiles, ctas, blocks, heads)
+    cut_ref = starts_ref if cut else None  # the band narrowed to the documents (read per tile)
 
     def meet():  # both compute warpgroups arrive; each goes on once the other has
       if pingpong:
@@ -160,15 +191,16 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
 
       def one_tile(i, base):  # base: blocks streamed before this tile (slots turn over across tiles)
         b, h, q_cta = tile_at(i)
-        bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+        bounds = _tile_key_blocks(q_cta, CTA_ROWS, block_kv, window, cut_ref, b)
         lo, hi = bounds[0], bounds[-1]
         q_start = q_cta + wg * BLOCK_Q
-        own_bounds = _key_blocks(q_start, BLOCK_Q, block_kv, window) if own_band else bounds
+        own_bounds = _tile_key_blocks(q_start, BLOCK_Q, block_kv, window, cut_ref, b) if own_band else bounds
         slot_of = lambda j: jax.lax.rem(base + j - lo, stages)
         plgpu.barrier_wait(q_ready.at[wg])
         starts = None
-        if documents:  # a boundary may cut any block of the band: every step masks
-          own_bounds = _all_masked(own_bounds)
+        if documents:
+          if not cut:  # a boundary may cut any block of the band: every step masks
+            own_bounds = _all_masked(own_bounds)
           starts = _load_vector(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row_layout, optimized=False)
 
         def skip(j):
@@ -232,7 +264,8 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       _stream_key_blocks(n_mine, tile_at, block_kv=block_kv, window=window, group=group, kv_refs=(k_ref, v_ref),
-                         kv_slots=(k_smem, v_smem), stages=stages, barriers=((k_ready, k_free), (v_ready, v_free)))
+                         kv_slots=(k_smem, v_smem), stages=stages, barriers=((k_ready, k_free), (v_ready, v_free)),
+                         starts_ref=cut_ref)
 
   def entry(*refs):
     (q_ref, k_ref, v_ref), starts_ref, (o_ref, lse_ref) = refs[:3], (refs[3] if documents else None), refs[-2:]
@@ -291,13 +324,14 @@ def _stream_blocks(base, steps, stages: int, copies, barriers):
 
 
 def _stream_key_blocks(n_mine, tile_at, *, block_kv: int, window: int, group: int, kv_refs, kv_slots,
-                       stages: int, barriers):
+                       stages: int, barriers, starts_ref=None):
   """The memory warpgroup of a query-block kernel (forward, dQ): for each of this CTA's tiles, the
   key and value blocks of its band (of kv head ``h // group``) into ``kv_slots``. ``barriers``: one
-  (ready, free) pair for K and V together, or one each."""
+  (ready, free) pair for K and V together, or one each. ``starts_ref``: the band cut to the tile's
+  documents (``_tile_key_blocks``, as its compute warpgroups cut it)."""
   def one_tile(i, base):
     b, h, q_cta = tile_at(i)
-    lo, *_, hi = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+    lo, *_, hi = _tile_key_blocks(q_cta, CTA_ROWS, block_kv, window, starts_ref, b)
     kv_head = jax.lax.div(h, jnp.int32(group))
 
     def copies(i, slot):
@@ -351,7 +385,8 @@ def _resident_tiles(n_mine, load_own, one_tile):
 
 
 def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 64, block_kv: int = 64,
-             stages: int = 2, own_band: bool = True, persistent: bool = False, doc_start=None, doc_end=None):
+             stages: int = 2, own_band: bool = True, persistent: bool = False, doc_start=None, doc_end=None,
+             skip_outside_documents: bool = False):
   """``(dq, dk, dv)`` from the forward's ``o`` and ``lse`` (see the section comment); shapes as ``forward``.
 
   ``own_band`` and ``persistent`` as ``forward``'s: each warpgroup skips the blocks its 64 rows do not
@@ -361,7 +396,10 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   ``doc_start``, ``doc_end`` (packed documents; both or neither): int32 ``[batch, time]``, each
   position's document start and end. Each kernel reads them for its resident rows from global
   memory into registers (dK/dV: its keys' ends, masking query ``< end``; dQ: its queries' starts,
-  masking key ``≥ start``) and masks every block it visits.
+  masking key ``≥ start``) and masks every block it visits. ``skip_outside_documents`` (with
+  documents): as ``forward``'s, the dQ kernel's key blocks start at its tile's first document start,
+  and the dK/dV kernel's query blocks (per query head of the group) end at the block of its tile's
+  last document end; only blocks a boundary or the band's edge cuts are masked.
   """
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -377,6 +415,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
   documents = doc_start is not None
   if documents != (doc_end is not None):
     raise ValueError("window_attention_mgpu.backward: pass both doc_start and doc_end, or neither")
+  cut = documents and skip_outside_documents
   dq_stages = max(2, min(stages, (SMEM_BUDGET - 6 * tile_bytes - 2 * 2 * BLOCK_Q * 4) // (2 * block_kv * dim * q.dtype.itemsize)))
   dkv_tiles, dq_tiles = blocks * kv_heads * batch, blocks * heads * batch
   dkv_ctas, dq_ctas = _ctas(dkv_tiles, persistent), _ctas(dq_tiles, persistent)
@@ -389,10 +428,11 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
       (k_res, v_res, dk_out, dv_out, q_s, do_s, lse_s, delta_s), (ready, free, own) = scoped
       wg = jax.lax.axis_index("wg")
       n_mine, tile_at = _tiles(dkv_tiles, dkv_ctas, blocks, kv_heads)
+      cut_ref = ends_ref if cut else None  # the band narrowed to the documents (read per tile)
 
-      def tile_bounds(i):
+      def tile_bounds(i):  # (the compute and memory warpgroups' shared count of the tile's blocks)
         b, kv_head, k_cta = tile_at(i)
-        bounds = _query_blocks(k_cta, block_q, CTA_ROWS, window, time // block_q)
+        bounds = _tile_query_blocks(k_cta, CTA_ROWS, block_q, window, time // block_q, cut_ref, b)
         return b, kv_head, k_cta, bounds, bounds[-1] - bounds[0]
 
       @pl.when(wg < 2)
@@ -410,11 +450,13 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           lo = bounds[0]
           k_start = k_cta + wg * BLOCK_Q
           rows = (b, pl.ds(k_start, BLOCK_Q), kv_head)
-          own_bounds = _query_blocks(k_start, block_q, BLOCK_Q, window, time // block_q) if own_band else bounds
+          own_bounds = (_tile_query_blocks(k_start, BLOCK_Q, block_q, window, time // block_q, cut_ref, b)
+                        if own_band else bounds)
           plgpu.barrier_wait(own.at[wg])
           ends = None
-          if documents:  # a boundary may cut any block of the band: every step masks
-            own_bounds = _all_masked(own_bounds)
+          if documents:
+            if not cut:  # a boundary may cut any block of the band: every step masks
+              own_bounds = _all_masked(own_bounds)
             ends = _load_vector(ends_ref.at[b, pl.ds(k_start, BLOCK_Q)], wgmma_layout.reduce(1), optimized=False)
 
           def step(qb, carry, g, masked: bool):
@@ -496,6 +538,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
       (q_res, do_res, dq_out, vec_s, k_s, v_s), (ready, free, own) = scoped
       wg = jax.lax.axis_index("wg")
       n_mine, tile_at = _tiles(dq_tiles, dq_ctas, blocks, heads)
+      cut_ref = starts_ref if cut else None  # the band narrowed to the documents (read per tile)
 
       @pl.when(wg < 2)
       def _compute():
@@ -512,15 +555,16 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
 
         def one_tile(i, base):
           b, h, q_cta = tile_at(i)
-          bounds = _key_blocks(q_cta, CTA_ROWS, block_kv, window)
+          bounds = _tile_key_blocks(q_cta, CTA_ROWS, block_kv, window, cut_ref, b)
           lo, hi = bounds[0], bounds[-1]
           q_start = q_cta + wg * BLOCK_Q
-          own_bounds = _key_blocks(q_start, BLOCK_Q, block_kv, window) if own_band else bounds
+          own_bounds = _tile_key_blocks(q_start, BLOCK_Q, block_kv, window, cut_ref, b) if own_band else bounds
           plgpu.barrier_wait(own.at[wg])
           lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
           starts = None
-          if documents:  # a boundary may cut any block of the band: every step masks
-            own_bounds = _all_masked(own_bounds)
+          if documents:
+            if not cut:  # a boundary may cut any block of the band: every step masks
+              own_bounds = _all_masked(own_bounds)
             starts = _load_vector(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row, optimized=False)
 
           def step(j, dq, masked: bool):
@@ -560,7 +604,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
         plgpu.set_max_registers(24, action="decrease")
 
         _stream_key_blocks(n_mine, tile_at, block_kv=block_kv, window=window, group=group, kv_refs=(k_ref, v_ref),
-                           kv_slots=(k_s, v_s), stages=dq_stages, barriers=((ready, free),))
+                           kv_slots=(k_s, v_s), stages=dq_stages, barriers=((ready, free),), starts_ref=cut_ref)
 
     rows_smem = _swizzled((2, BLOCK_Q, dim), dtype)
     pl.run_scoped(kernel, (rows_smem, rows_smem, rows_smem, plgpu.SMEM((2, 2, BLOCK_Q), f32),

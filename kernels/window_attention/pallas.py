@@ -22,7 +22,8 @@ from kernels.dispatch import mosaic_gpu_or_triton, pallas_layout, tma_gpu
 from kernels.pallas_compat import lowered_once, mosaic_params, triton_params
 from kernels.tiling import next_pow2, round_up
 from kernels.window_attention import mosaic_gpu as window_attention_mgpu
-from kernels.window_attention.band import _band, _band_loops, _div, _i32, _key_blocks, _query_blocks
+from kernels.window_attention.band import (_band, _band_loops, _div, _document_key_blocks, _document_query_blocks, _i32,
+                                           _key_blocks, _query_blocks)
 from kernels.window_attention.reference import _check
 
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]
@@ -89,6 +90,14 @@ class PallasBlocks:
   mgpu_softmax_fence: bool = True
   mgpu_persistent: bool = True
   mgpu_bwd_persistent: bool = False
+  # ``mgpu_skip_outside_documents`` (packed documents, issue 23): the Mosaic GPU kernels visit, and
+  # their memory warpgroups stream, only the blocks that meet their tile's documents (as Triton does:
+  # keys from the tile's first document start, queries up to its keys' last document end), and mask
+  # only the blocks a boundary or the band's edge cuts. Off by default because Mosaic GPU kernels do
+  # not run on CPU: the tests only build this variant, and until ``kernels/window_attention/bench.py
+  # --segments N`` has checked it on a GPU, ``auto`` keeps the kernels that were checked there (they
+  # stream the whole band and mask every block). No effect without segment ids.
+  mgpu_skip_outside_documents: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +155,9 @@ def _logits(a, b, cfg: _Flash, unit: float):
 # blocks wholly before the first start (query blocks wholly past the last end) are not visited, and
 # only blocks a boundary cuts are masked. Mosaic TPU reads the streamed side's, as a lane-dense row
 # (``[batch, 8, time]``, like the backward's lse and Δ: the key block's ends in the forward and dQ,
-# the query block's starts in dK/dV), and visits the band as without documents.
+# the query block's starts in dK/dV), and visits the band as without documents. The Mosaic GPU kernels
+# read the resident side's, as Triton, and narrow their loops the same way (``band``'s
+# ``_document_key_blocks`` / ``_document_query_blocks``) with ``PallasBlocks.mgpu_skip_outside_documents``.
 
 
 def document_bounds(segment_ids, padded: int):
@@ -182,16 +193,6 @@ def _in_document(shape, cols, bound, *, keys_first: bool):
   return col < bound[:, None] if keys_first else col >= bound[:, None]
 
 
-def _document_key_blocks(bounds, first_start, last_start, bk: int):
-  """``_key_blocks``' ``(lo, full_lo, full_hi, hi)`` narrowed to the query block's documents (its
-  rows' starts span ``[first_start, last_start]``): no block wholly before ``first_start``, and the
-  unmasked interior only where every key is at or past ``last_start``."""
-  lo, full_lo, full_hi, hi = bounds
-  lo = jnp.maximum(lo, _div(first_start, bk))
-  full_lo = jnp.clip(jnp.maximum(full_lo, _div(last_start + (bk - 1), bk)), lo, hi)
-  return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
-
-
 def _query_key_blocks(q_start, starts, cfg, bq: int, bk: int):
   """The key blocks a query-block kernel visits: the band's, narrowed to its rows' documents
   (``starts``: their ``doc_start``, None without documents)."""
@@ -199,16 +200,6 @@ def _query_key_blocks(q_start, starts, cfg, bq: int, bk: int):
   if starts is None:
     return bounds
   return _document_key_blocks(bounds, jnp.min(starts), jnp.max(starts), bk)
-
-
-def _document_query_blocks(bounds, first_end, last_end, bq: int):
-  """``_query_blocks``' bounds narrowed to the key block's documents (its rows' ends span
-  ``[first_end, last_end]``): no query block wholly at or past ``last_end``, and the unmasked
-  interior only where every query is before ``first_end``."""
-  lo, full_lo, full_hi, hi = bounds
-  hi = jnp.minimum(hi, _div(last_end + (bq - 1), bq))
-  full_lo = jnp.clip(full_lo, lo, hi)
-  return lo, full_lo, jnp.clip(jnp.minimum(full_hi, _div(first_end, bq)), full_lo, hi), hi
 
 
 # --- Triton (GPU): one program per query (or key) block, looping over the band --------------------
@@ -600,7 +591,8 @@ def _flash_fwd(q, k, v, doc_start, doc_end, cfg: _Flash):
     o, lse = window_attention_mgpu.forward(q, k, v, window=cfg.window, scale=cfg.scale, block_kv=b.mgpu_kv,
                                            stages=b.mgpu_stages, pingpong=b.mgpu_pingpong,
                                            own_band=b.mgpu_own_band, softmax_fence=b.mgpu_softmax_fence,
-                                           persistent=b.mgpu_persistent, doc_start=doc_start)
+                                           persistent=b.mgpu_persistent, doc_start=doc_start,
+                                           skip_outside_documents=b.mgpu_skip_outside_documents)
   elif cfg.target == "triton":
     o, lse = _triton_forward(q, k, v, doc_start, cfg)
   else:
@@ -615,7 +607,8 @@ def _flash_bwd(cfg: _Flash, residuals, do):
     grads = window_attention_mgpu.backward(q, k, v, o, lse, do, window=cfg.window, scale=cfg.scale,
                                            block_q=b.mgpu_bwd_q, block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages,
                                            own_band=b.mgpu_own_band, persistent=b.mgpu_bwd_persistent,
-                                           doc_start=doc_start, doc_end=doc_end)
+                                           doc_start=doc_start, doc_end=doc_end,
+                                           skip_outside_documents=b.mgpu_skip_outside_documents)
   else:
     grads = (_triton_backward if cfg.target == "triton" else _mosaic_backward)(q, k, v, o, lse, do, doc_start,
                                                                                doc_end, cfg)
