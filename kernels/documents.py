@@ -10,7 +10,8 @@ def starts(segment_ids, *, first: bool):
   """bool ``[batch, time]``: True where the id changes from t − 1 to t; at t = 0, ``first`` (False where
   an ``initial_state`` flows into the row's first document, True where a row starts fresh)."""
   change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.full_like(change[:, :1], first), change], axis=1)
+  # (not full_like(change[:, :1]): with one position, change has no column to copy the shape of)
+  return jnp.concatenate([jnp.full((segment_ids.shape[0], 1), first, bool), change], axis=1)
 
 
 def document_index(segment_ids):

@@ -109,6 +109,16 @@ def test_window_attention_masks_documents(impl, window):
   close(packed, jnp.concatenate([a, b], axis=1))
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_window_attention_one_position_with_segment_ids(impl):
+  """A row of one position is one document: the same output as without ids (not an empty one)."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(key, (2, 1, 2, 8)) for key in keys)
+  packed = window_attention(q, k, v, window=4, impl=impl, segment_ids=jnp.zeros((2, 1), jnp.int32))
+  assert packed.shape == q.shape
+  close(packed, window_attention(q, k, v, window=4, impl="reference"))
+
+
 def test_causal_conv_reads_no_earlier_document():
   conv = CausalConv1D(3, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(params=0))
   conv.bias[...] = jnp.ones((3,))
