@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -86,3 +87,19 @@ def lowered_once(core, static_argnums: tuple[int, ...]):
                          check_vma=False)(*(args[i] for i in arrays))
 
   return call
+
+
+@functools.cache
+def _mgpu_load_takes_index() -> bool:
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, ...)
+
+
+def mgpu_load(ref, layout, *, optimized: bool = True):
+  """A vector into Mosaic GPU registers of ``layout``: from shared memory, or from global memory with
+  ``optimized=False`` (plain per-thread loads, which Mosaic GPU allows there; its vectorized path reads
+  shared memory only). Spelled for every supported jax (0.10's ``load`` takes an index)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  if _mgpu_load_takes_index():
+    return plgpu.load(ref, (), layout=layout, optimized=optimized)
+  return plgpu.load(ref, layout=layout, optimized=optimized)

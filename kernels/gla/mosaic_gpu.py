@@ -50,13 +50,13 @@ reading of A in the interpreter; the GPU check compares it with the reference).
 
 from __future__ import annotations
 
-import inspect
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.pallas_compat import mgpu_load
 from kernels.tiling import swizzled as _swizzled
 
 CHUNK = 64  # rows per CTA: one wgmma's M
@@ -100,17 +100,6 @@ def entering_state_reaches(first):
 def same_document(first, s):
   """Whether key row ``s`` (≤ the query row t, chunk-local) lies in t's document, ``first`` = t's."""
   return s >= first
-
-
-_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, ...)
-
-
-def _load_from_gmem(ref, layout):
-  """A vector from global memory in registers of ``layout`` (plain per-thread loads: Mosaic GPU's
-  vectorized path reads shared memory only)."""
-  if _LOAD_TAKES_INDEX:
-    return plgpu.load(ref, (), layout=layout, optimized=False)
-  return plgpu.load(ref, layout=layout, optimized=False)
 
 
 def decay_parts(g, min_log_decay: float):
@@ -160,7 +149,7 @@ def output(q, k, v, g_parts, states, *, min_log_decay: float, first_rows=None):
                        (st_ref.at[bi, h, n], st_s)):
         plgpu.copy_gmem_to_smem(src, dst, loaded)
       # The rows' document firsts (64 words) load while the copies are in flight.
-      first = _load_from_gmem(first_ref.at[bi, pl.ds(n * CHUNK, CHUNK)], row_layout) if documents else None
+      first = mgpu_load(first_ref.at[bi, pl.ds(n * CHUNK, CHUNK)], row_layout, optimized=False) if documents else None
       plgpu.barrier_wait(loaded)
       if n_parts == 1:  # capped here (exact in bf16)
         g_s[...] = jnp.maximum(g_s[...].astype(f32), min_log_decay).astype(g_s.dtype)

@@ -28,7 +28,6 @@ build them for CUDA; the GPU benchmark checks them against the reference before 
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import jax
@@ -37,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.dispatch import gpu_sm_count
+from kernels.pallas_compat import mgpu_load
 from kernels.tiling import swizzled as _swizzled
 from kernels.window_attention.band import (_band_loops, _document_key_blocks, _document_query_blocks, _key_blocks,
                                            _query_blocks)
@@ -201,7 +201,7 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
         if documents:
           if not cut:  # a boundary may cut any block of the band: every step masks
             own_bounds = _all_masked(own_bounds)
-          starts = _load_vector(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row_layout, optimized=False)
+          starts = mgpu_load(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row_layout, optimized=False)
 
         def skip(j):
           slot = slot_of(j)
@@ -292,17 +292,6 @@ def forward(q, k, v, *, window: int, scale: float, block_kv: int = 128, stages: 
 #          dp = dO Vᵀ,  ds = p ⊙ (dp − Δ),  dQ += scale · ds K.
 # Δ = rowsum(O ⊙ dO) comes from XLA. Every product reads shared memory and completes before its slot is
 # released (its result is read), so the two warpgroups free a slot with one arrival each.
-
-_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters  # jax 0.10: load(ref, idx, ...)
-
-
-def _load_vector(ref, layout, optimized: bool = True):
-  """A vector from shared memory, or from global memory (``optimized=False``: plain per-thread loads,
-  which Mosaic GPU allows there; its vectorized path reads shared memory only)."""
-  if _LOAD_TAKES_INDEX:
-    return plgpu.load(ref, (), layout=layout, optimized=optimized)
-  return plgpu.load(ref, layout=layout, optimized=optimized)
-
 
 def _stream_blocks(base, steps, stages: int, copies, barriers):
   """The memory warpgroup: step i's copies into slot ``(base + i) % stages`` (``base``: blocks
@@ -457,7 +446,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           if documents:
             if not cut:  # a boundary may cut any block of the band: every step masks
               own_bounds = _all_masked(own_bounds)
-            ends = _load_vector(ends_ref.at[b, pl.ds(k_start, BLOCK_Q)], wgmma_layout.reduce(1), optimized=False)
+            ends = mgpu_load(ends_ref.at[b, pl.ds(k_start, BLOCK_Q)], wgmma_layout.reduce(1), optimized=False)
 
           def step(qb, carry, g, masked: bool):
             dk, dv = carry
@@ -470,7 +459,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
             s_t = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, block_q), f32))
             if masked:
               s_t = _masked(s_t, k_start, qb * block_q, window, keys_first=True, bound=ends)
-            lse_t = _load_vector(lse_s.at[slot], wgmma_layout.reduce(0))
+            lse_t = mgpu_load(lse_s.at[slot], wgmma_layout.reduce(0))
             p_t = jnp.exp2(s_t * c - jax.lax.broadcast_in_dim(lse_t, s_t.shape, [1]))
 
             def values(refs):
@@ -479,7 +468,7 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
               plgpu.wgmma(dp_ref_acc, v_res.at[wg], do_s.at[slot].T)
             zeros = plgpu.layout_cast(jnp.zeros(s_t.shape, f32), wgmma_layout)
             dv, dp_t = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-            delta_t = _load_vector(delta_s.at[slot], wgmma_layout.reduce(0))
+            delta_t = mgpu_load(delta_s.at[slot], wgmma_layout.reduce(0))
             ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta_t, s_t.shape, [1]))
 
             def keys(acc_ref):
@@ -560,12 +549,12 @@ def backward(q, k, v, o, lse, do, *, window: int, scale: float, block_q: int = 6
           q_start = q_cta + wg * BLOCK_Q
           own_bounds = _tile_key_blocks(q_start, BLOCK_Q, block_kv, window, cut_ref, b) if own_band else bounds
           plgpu.barrier_wait(own.at[wg])
-          lse_q, delta_q = _load_vector(vec_s.at[wg, 0], row), _load_vector(vec_s.at[wg, 1], row)
+          lse_q, delta_q = mgpu_load(vec_s.at[wg, 0], row), mgpu_load(vec_s.at[wg, 1], row)
           starts = None
           if documents:
             if not cut:  # a boundary may cut any block of the band: every step masks
               own_bounds = _all_masked(own_bounds)
-            starts = _load_vector(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row, optimized=False)
+            starts = mgpu_load(starts_ref.at[b, pl.ds(q_start, BLOCK_Q)], row, optimized=False)
 
           def step(j, dq, masked: bool):
             slot = jax.lax.rem(base + j - lo, dq_stages)
