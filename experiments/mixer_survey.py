@@ -1,94 +1,198 @@
-"""The mixer survey: every recurrent mixer hybridized with a small sliding window — which beat Mamba?
+"""The mixer survey: every recurrent mixer, pure and hybridized with sliding windows — which beat Mamba?
 
-The study this project exists for. Griffin (De et al. 2024), Based (Arora et al. 2024), SWAX (Cabannes
-et al. 2025) and Jamba (Lieber et al. 2024) each pair one recurrent block with (sliding-window)
-attention; none compares the recurrent blocks once hybridized. Here every recurrent mixer of
-``hybrids.mixers.MIXERS`` is put in the Griffin pattern ``(m, m, swa)`` with a small window (128
-bytes), matched in non-embedding parameters (``model.size``, ``hybrids/sizes.py``) and trained on the
-same tokens (Chinchilla's 20 per parameter) at three sizes, so the report's loss-vs-FLOPs power-law
-fits rank the hybrids against the Mamba hybrid ``(mamba, mamba, swa)``; global attention and SWA
-alone are the reference lines.
+The study this project exists for (issue 25). Griffin (De et al. 2024), Based (Arora et al. 2024),
+SWAX (Cabannes et al. 2025) and Jamba (Lieber et al. 2024) each pair one recurrent block with
+(sliding-window) attention; none compares the recurrent blocks once hybridized. Here every recurrent
+mixer of ``hybrids.mixers.MIXERS`` runs pure ``(m,)`` and in the Griffin pattern ``(m, m, swa)`` with a
+small window (64 tokens) and a larger one (512), matched in non-embedding parameters (``model.size``,
+``hybrids/sizes.py``) and trained on Chinchilla's 20 tokens per parameter at four sizes, each at three
+learning rates; global attention, FoX (attention with a forget gate) and SWA alone are the references.
+``python -m launch report`` then keeps each (pattern, size)'s best learning rate (flagging optima at the
+edge of the grid), fits L(C) = E + A·C^(−α) per pattern with bootstrap intervals, ranks the patterns at
+10× the largest budget, says which hybrids beat the Mamba hybrid ``(mamba, mamba, swa)`` of the same
+window, and gives the pure − hybrid gap per mixer.
 
-Grid: one pattern per registered mixer (every recurrent one in ``(m, m, swa)``, plus attention and SWA
-alone; FoX, softmax attention with a forget gate, counts as attention and runs alone) × sizes 5m, 20m,
-50m, i.e. ``3 × len(MIXERS)`` runs; seq_len 2048, 2^17 tokens a step.
+Grid (full): ``len(RECURRENT)`` mixers × {pure, hybrid w=64, hybrid w=512} + attention + FoX + SWA at
+w=64 and w=512, i.e. ``3 · len(RECURRENT) + 4`` patterns (64 with today's 20 recurrent mixers) × 4
+sizes × 3 learning rates (``LR[size] · {1/2, 1, 2}``) = 768 runs; seq_len 1024.
 
-Data: the byte-level GCIDE dictionary corpus as prepared shards (vocab 257). Prepare it once:
+===== ====================== ============= ======================== ============== =======
+size  (d_model, layers, heads) non-embedding tokens (20/param)        tokens a step  steps
+===== ====================== ============= ======================== ============== =======
+1m    (128, 4, 4)            0.85M         17.1M                    2^15           521
+2m    (128, 8, 4)            1.71M         34.1M                    2^15           1041
+5m    (256, 6, 4)            5.12M         102.3M                   2^16           1561
+10m   (384, 6, 6)            11.51M        230.1M                   2^17           1756
+===== ====================== ============= ======================== ============== =======
 
-    python -m hybrids.data.prepare --input '/usr/share/dictd/gcide.dict.dz' --tokenizer bytes --output data/gcide-bytes
+(non-embedding counts of the global-attention baseline that every pattern is matched to; 13.5× span).
+``2m`` and ``10m`` were added to ``hybrids.sizes.LADDER`` for this survey (widths and head counts the
+ladder already used, so no mixer meets a new head shape). The largest size is
+bounded by the corpus: 10m's 230M tokens must not repeat any of the train split's tokens (below).
 
-Commands:
+Corpus: the C sources (``*.c``, ``*.h``) of Linux 6.1 as Debian ships them (package
+``linux-source-6.1``, 6.1.176-1), without ``drivers/gpu/drm/amd/include/asic_reg/`` (400 MB of
+generated register tables: 51% of the ``.c``/``.h`` bytes, nearly free to predict, they would dominate
+the loss); 54,723 files, 777 MB; one file is one document (``--doc-bytes`` above the largest, 1.7 MB);
+1% of the documents held out (``hybrids.data.prepare``'s deterministic rule, seed 0). Tokenizer: a
+byte-level BPE of 16,384 ids trained on 256 MB of the train split: the vocabulary stays uint16, the
+embedding (16384 × 128 = 2.1M at 1m) stays near the smallest model's non-embedding size rather than
+dwarfing it as 32k+ would, and C code still compresses to 2.5 bytes a token (so a 64-token window
+spans ~4 lines of code, 512 tokens ~ a function). Prepared with the command below on 2 shared CPU
+cores in 937 s (listing ~15 s, BPE training on 256 MB ~3 min, tokenizing the rest): train 307,058,998
+tokens (54,152 documents, 5 shards), held out 3,163,754 tokens (547 documents); 16,384 ids learned,
+uint16, ``tokenizers`` 0.23.3 (``manifest.json`` holds the exact counts; ``get_sweep`` checks them, below).
+At 230M tokens, 10m reads 75% of the train split once; 20m (384M) would repeat tokens.
 
-    python -m launch sweep experiments/mixer_survey.py --backend local          # 3 × len(MIXERS) runs (cluster)
-    python -m launch sweep experiments/mixer_survey.py:small --backend local    # len(MIXERS) runs
-    python -m launch report runs/mixer_survey        # a variant's runs: runs/mixer_survey-VARIANT
+Prepare it here (offline after the download; reads the archive as a stream, never extracts it):
 
-Variants: ``None`` (full, above; days of GPU time); ``small`` (every pattern at 1m only, 20
-tokens/param, seq_len 1024: one run per mixer of ~500 steps, ~1 h on one GPU); ``tiny`` (a few-second CPU smoke
-test, 2 points, used by ``tests/test_experiments.py``).
+    mkdir -p build/linux && cd build/linux
+    apt-get -oAPT::Architecture=amd64 download linux-source-6.1          # linux-source-6.1_6.1.176-1_all.deb, 139 MB
+    ar p linux-source-6.1_*_all.deb data.tar.xz | tar -xJO ./usr/src/linux-source-6.1.tar.xz > linux-source-6.1.tar.xz
+    cd ../.. && python -m hybrids.data.prepare --input build/linux/linux-source-6.1.tar.xz \\
+        --members '*.c,*.h' --exclude-members '*/asic_reg/*' --doc-bytes 33554432 \\
+        --tokenizer bpe:16384 --output data/linux-6.1-bpe16k
+
+Carry to the GPU machine (no internet; ≤ 64 MiB a call; a fresh machine each slot, so once per slot):
+the 138 MB inner tarball in three parts (the .deb itself is no smaller: its xz of an xz), and the
+tokenizer.json trained here so both machines tokenize alike (``--tokenizer-file``). ``build/`` is
+git-ignored, so only what a call's ``carry`` names travels:
+
+    cd build/linux && split -b 46000000 -d linux-source-6.1.tar.xz linux-source-6.1.tar.xz.part-
+    sha256sum linux-source-6.1.tar.xz > linux-source-6.1.tar.xz.sha256
+    cp ../../data/linux-6.1-bpe16k/tokenizer.json ../../data/linux-6.1-bpe16k/manifest.json .
+
+    # call 1: carry ["build/linux/linux-source-6.1.tar.xz.part-00", "build/linux/tokenizer.json",
+    #                "build/linux/manifest.json", "build/linux/linux-source-6.1.tar.xz.sha256"]
+    # call 2: carry ["build/linux/linux-source-6.1.tar.xz.part-01"]        command: true
+    # call 3: carry ["build/linux/linux-source-6.1.tar.xz.part-02"], command:
+    cat build/linux/linux-source-6.1.tar.xz.part-0? > build/linux/linux-source-6.1.tar.xz \\
+      && (cd build/linux && sha256sum -c linux-source-6.1.tar.xz.sha256) \\
+      && python -m hybrids.data.prepare --input build/linux/linux-source-6.1.tar.xz \\
+           --members '*.c,*.h' --exclude-members '*/asic_reg/*' --doc-bytes 33554432 --tokenizer bpe:16384 \\
+           --tokenizer-file build/linux/tokenizer.json --output data/linux-6.1-bpe16k --no-progress \\
+      && python -c "import json; a, b = (json.load(open(p))['splits'] for p in ('build/linux/manifest.json',
+           'data/linux-6.1-bpe16k/manifest.json')); assert a == b, 'tokenized differently'; print('same shards')"
+
+(ignored files a call leaves on the machine are kept for the next call of the same slot; the last
+line checks every shard's sha256 against the ones prepared here.) Then, in the same slot:
+
+    python -m launch sweep experiments/mixer_survey.py:1m --backend local --runs-per-device N --root runs
+    python -m launch report runs/mixer_survey-1m        # or all slices' runs together: see launch report
+
+Variants: ``None`` (full, 768 runs: about days of one H100 — unmeasured); ``1m``, ``2m``, ``5m``,
+``10m``: the full grid at one size (192 runs each), the slices a GPU slot works through (the sweep is
+idempotent: re-running a slice starts only the points without a finished run); ``small``: every
+pattern at 1m at its table learning rate only (64 runs, no lr selection); ``tiny``: a few-second CPU
+smoke test (2 points, used by ``tests/test_experiments.py``).
+
+Corpus check: ``get_sweep`` refuses, in one line naming ``train.steps × train.batch_size ×
+data.seq_len`` and ``data.path``, any point whose training tokens exceed the train split of the
+prepared corpus (``manifest.json``), before anything is compiled or written — when ``DATA_PATH``
+exists locally. When it does not (a machine that has not prepared it yet, or a ``gs://`` path), the
+check is skipped and the run's own validation refuses a missing corpus when it starts.
 """
 
 from __future__ import annotations
 
-from hybrids.config import base_config, check_variant, smoke_test
+import json
+import os
+
+from hybrids.config import ConfigError, base_config, check_variant, smoke_test
 from hybrids.mixers import MIXERS
 from hybrids.sizes import chinchilla_steps
 
-DATA_PATH = "data/gcide-bytes"
+DATA_PATH = "data/linux-6.1-bpe16k"
 ATTENTION_MIXERS = ("attention", "swa", "fox")  # references: run alone, not in (m, m, swa)
 RECURRENT = tuple(name for name in MIXERS if name not in ATTENTION_MIXERS)
-WINDOW = 128
-SIZES = ("5m", "20m", "50m")
-LR = {"1m": 3e-3, "5m": 2e-3, "20m": 1.5e-3, "50m": 1e-3}
-VARIANTS = ("small", "tiny")
-# Per variant: (sizes, seq_len, tokens per step).
-BUDGET = {None: (SIZES, 2048, 2**17), "small": (("1m",), 1024, 2**15)}
+WINDOWS = (64, 512)   # the small window the survey is about, and one larger
+SIZES = ("1m", "2m", "5m", "10m")
+SEQ_LEN = 1024
+TOKENS_PER_STEP = {"1m": 2**15, "2m": 2**15, "5m": 2**16, "10m": 2**17}
+LR = {"1m": 3e-3, "2m": 2.5e-3, "5m": 2e-3, "10m": 1.5e-3}
+LR_FACTORS = (0.5, 1.0, 2.0)
+TOKENS_PER_PARAM = 20
+VARIANTS = ("small",) + SIZES + ("tiny",)
 
 
-def patterns() -> list[tuple[str, ...]]:
-  """``(m, m, swa)`` for every recurrent mixer, then the attention-only references."""
-  return [(m, m, "swa") for m in RECURRENT] + [(m,) for m in ATTENTION_MIXERS]
+
+
+def patterns() -> list[tuple[tuple[str, ...], int]]:
+  """``(pattern, window)``: every recurrent mixer pure and in ``(m, m, swa)`` at each window, then the
+  references (attention, FoX, SWA alone at each window). The window of a pattern without SWA is unused;
+  it is kept at the first so that those runs' configs do not differ by it."""
+  out = [((m,), WINDOWS[0]) for m in RECURRENT]
+  out += [((m, m, "swa"), w) for w in WINDOWS for m in RECURRENT]
+  out += [(("attention",), WINDOWS[0]), (("fox",), WINDOWS[0])] + [(("swa",), w) for w in WINDOWS]
+  return out
 
 
 def get_config(arg: str | None = None):
-  """The Mamba hybrid (mamba, mamba, swa) at 5m; points set pattern, size, steps."""
+  """The Mamba hybrid (mamba, mamba, swa) at 1m on the Linux corpus; points set pattern, window, size, lr, steps."""
   check_variant("mixer_survey", arg, VARIANTS)
   c = base_config("shards")
   c.data.path = DATA_PATH
-  c.data.seq_len = 2048
-  c.model.size = "5m"
+  c.data.seq_len = SEQ_LEN
+  c.model.size = "1m"
   c.model.pattern = ("mamba", "mamba", "swa")
-  c.model.window = WINDOW
-  c.train.batch_size = 2**17 // c.data.seq_len
-  c.train.lr = LR["5m"]
-  c.train.steps = 1000
-  c.train.warmup_steps = 100
-  c.train.eval_every = 1000
-  c.train.eval_batches = 8
-  c.train.checkpoint_every = 500
+  c.model.window = WINDOWS[0]
+  c.train.batch_size = TOKENS_PER_STEP["1m"] // SEQ_LEN
+  c.train.lr = LR["1m"]
+  c.train.steps = 500
+  c.train.warmup_steps = 50
+  c.train.eval_every = 500
+  c.train.eval_batches = 16
+  c.train.checkpoint_every = 250
   c.train.log_every = 20
-  if arg == "small":
-    c.data.seq_len = 1024
-    c.model.size = "1m"
-    c.train.batch_size = 2**15 // c.data.seq_len
-    c.train.lr = LR["1m"]
-  elif arg == "tiny":
+  if arg == "tiny":
     smoke_test(c, steps=2, batch_size=2, n_layers=3, num_heads=2, window=8)
   return c
 
 
-def get_sweep(h, arg: str | None = None):
-  """Points of variant ``arg`` (module docstring)."""
+def rung(base, size: str) -> dict:
+  """The fields one size sets: its shape, the batch of its tokens a step, Chinchilla's steps, schedules."""
+  tokens_per_step = TOKENS_PER_STEP[size]
+  steps = chinchilla_steps(base.model, size, tokens_per_step=tokens_per_step, tokens_per_param=TOKENS_PER_PARAM)
+  return {"model.size": size, "train.batch_size": tokens_per_step // SEQ_LEN, "train.steps": steps,
+          "train.warmup_steps": min(100, steps // 10), "train.eval_every": max(steps // 4, 1),
+          "train.checkpoint_every": max(steps // 4, 1)}
+
+
+def check_corpus(points: list[dict], base, path: str = DATA_PATH) -> None:
+  """Refuse (ConfigError, one line) a point that would see more tokens than ``path``'s train split;
+  a no-op when ``path`` holds no local ``manifest.json`` (module docstring)."""
+  manifest_path = os.path.join(path, "manifest.json")
+  if not os.path.isfile(manifest_path):
+    return
+  with open(manifest_path) as f:
+    available = json.load(f)["splits"]["train"]["tokens"]
+  for point in points:
+    get = lambda field: point.get(field, base[field.split(".")[0]][field.split(".")[1]])
+    steps, batch, seq_len = get("train.steps"), get("train.batch_size"), get("data.seq_len")
+    if steps * batch * seq_len > available:
+      raise ConfigError(
+          f"mixer_survey: train.steps × train.batch_size × data.seq_len = {steps} × {batch} × {seq_len} = "
+          f"{steps * batch * seq_len:,} tokens (model.size={get('model.size')!r}) exceed the {available:,} train "
+          f"tokens of data.path={path!r} ({manifest_path}): tokens would repeat; prepare a larger corpus or drop "
+          "that size")
+
+
+def get_sweep(h, arg: str | None = None, check_corpus_tokens: bool = True):
+  """Points of variant ``arg`` (module docstring); ``check_corpus_tokens=False`` skips the corpus check
+  (the tests list the full grid against a small stand-in corpus)."""
   check_variant("mixer_survey", arg, VARIANTS)
   variant = [h.sweep("config", [arg])] if arg else []
   if arg == "tiny":
     return h.product(variant + [h.sweep("model.pattern", [("gla", "gla", "swa"), ("mamba", "mamba", "swa")])])
-  sizes, _, tokens_per_step = BUDGET[arg]
   base = get_config(arg)
-  rungs = []
-  for size in sizes:
-    steps = chinchilla_steps(base.model, size, tokens_per_step=tokens_per_step)
-    rungs.append({"model.size": size, "train.steps": steps, "train.lr": LR[size],
-                  "train.warmup_steps": min(100, steps // 10), "train.eval_every": max(steps // 4, 1),
-                  "train.checkpoint_every": max(steps // 4, 1)})
-  return h.product(variant + [rungs, h.sweep("model.pattern", patterns())])
+  grid = []
+  for size in ((arg,) if arg in SIZES else ("1m",) if arg == "small" else SIZES):
+    fields = rung(base, size)
+    factors = (1.0,) if arg == "small" else LR_FACTORS
+    for pattern, window in patterns():
+      for factor in factors:
+        grid.append(fields | {"model.pattern": pattern, "model.window": window, "train.lr": LR[size] * factor})
+  points = h.product(variant + [grid])
+  if check_corpus_tokens:
+    check_corpus(points, base)
+  return points

@@ -19,7 +19,10 @@ from 0.05 to 2); L-BFGS-B (``scipy.optimize.minimize``) starts from the best ``n
   OpenBLAS's threads on a busy 2-core machine.
 
 The 95% interval of α is a percentile bootstrap over runs: resample the (C, L) points with
-replacement, refit (warm-started from the full-data optimum), take the 2.5 / 97.5 percentiles.
+replacement, refit (warm-started from the full-data optimum), take the 2.5 / 97.5 percentiles. Each
+resample's law is kept (``PowerLawFit.draws``), so the loss at any budget — a common one inside the
+data, or 10× beyond it — gets the same kind of interval (``loss_ci``), and two independently fitted
+series' draws, paired in order, give an interval of their difference (``difference_ci``).
 Fewer than ``MIN_POINTS`` distinct budgets give no fit (``None``).
 
 IsoFLOP (Chinchilla Approach 2): at one budget, loss against ``log N`` is a parabola; its vertex is
@@ -62,9 +65,30 @@ class PowerLawFit:
   alpha_ci: tuple[float, float] | None = None
   E_ci: tuple[float, float] | None = None
   n_bootstrap: int = 0                     # resamples that produced a fit
+  draws: tuple[tuple[float, float, float], ...] = ()  # (E, A, α) of each of those resamples
+  ci: float = 0.95
 
   def predict(self, compute) -> np.ndarray:
     return self.E + self.A * np.asarray(compute, dtype=np.float64) ** (-self.alpha)
+
+  def predict_draws(self, compute: float) -> np.ndarray:
+    """The loss at ``compute`` under each bootstrap resample's law: ``[n_bootstrap]``."""
+    if not self.draws:
+      return np.zeros(0)
+    e, a, alpha = np.asarray(self.draws, dtype=np.float64).T
+    return e + a * float(compute) ** (-alpha)
+
+  def loss_ci(self, compute: float) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the loss at ``compute`` (inside or beyond the fitted budgets)."""
+    return percentile_interval(self.predict_draws(compute), self.ci)
+
+
+def percentile_interval(values, ci: float = 0.95) -> tuple[float, float] | None:
+  """The central ``ci`` percentile interval of ``values``; ``None`` with fewer than 10 of them."""
+  values = np.asarray(values, dtype=np.float64)
+  if len(values) < 10:
+    return None
+  return tuple(float(p) for p in np.percentile(values, (100 * (1 - ci) / 2, 100 * (1 + ci) / 2)))
 
 
 def _objective(theta: np.ndarray, x: np.ndarray, log_loss: np.ndarray, delta: float):
@@ -139,7 +163,7 @@ def _fit_power_law(compute, loss, *, delta, n_starts, n_bootstrap, ci, seed) -> 
   e, a, alpha = best.x
   to_raw = lambda a_, alpha_: math.exp(a_ + alpha_ * log_c0)  # A' · (C/C0)^-α = (A' C0^α) · C^-α
 
-  alphas, es = [], []
+  alphas, es, draws = [], [], []
   rng = np.random.default_rng(seed)
   for _ in range(n_bootstrap):
     idx = rng.integers(0, len(c), size=len(c))
@@ -150,10 +174,23 @@ def _fit_power_law(compute, loss, *, delta, n_starts, n_bootstrap, ci, seed) -> 
     if res is not None:
       es.append(math.exp(res.x[0]))
       alphas.append(res.x[2])
-  q = (100 * (1 - ci) / 2, 100 * (1 + ci) / 2)
-  interval = lambda v: tuple(float(p) for p in np.percentile(v, q)) if len(v) >= 10 else None
+      draws.append((es[-1], to_raw(res.x[1], res.x[2]), float(res.x[2])))
   return PowerLawFit(E=math.exp(e), A=to_raw(a, alpha), alpha=float(alpha), n=len(c), objective=float(best.fun),
-                     alpha_ci=interval(alphas), E_ci=interval(es), n_bootstrap=len(alphas))
+                     alpha_ci=percentile_interval(alphas, ci), E_ci=percentile_interval(es, ci),
+                     n_bootstrap=len(alphas), draws=tuple(draws), ci=ci)
+
+
+def difference_ci(first: PowerLawFit, second: PowerLawFit, compute: float,
+                  ci: float = 0.95) -> tuple[float, tuple[float, float] | None]:
+  """``L_first(C) − L_second(C)`` at ``compute`` and its bootstrap interval.
+
+  The two fits resample different runs independently, so pairing their draws in order samples
+  the difference of two independent estimates; ``None`` for the interval when either has < 10 draws.
+  """
+  point = float(first.predict(compute) - second.predict(compute))
+  a, b = first.predict_draws(compute), second.predict_draws(compute)
+  n = min(len(a), len(b))
+  return point, percentile_interval(a[:n] - b[:n], ci)
 
 
 # ----------------------------------------------------------------------------- isoFLOP

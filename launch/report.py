@@ -22,6 +22,11 @@ and PNGs beside them (matplotlib, Agg), each plot only when it can answer its qu
   grid, bootstrap 95% interval of α) fitted to each series' compute frontier (its lowest loss per
   budget) — only for series with ≥ 3 budgets spanning ≥ 3× in FLOPs (``MIN_FLOPS_SPAN``): a sweep at one
   budget (a window or length ablation) gets a line saying why there is no plot, not a plot of a point cloud;
+- survey tables (``survey_section``; when ≥ 2 series have fits): every fitted series ranked by its predicted
+  loss at 10× the largest budget, with its loss at the common budget (the largest every series reached),
+  α and 95% bootstrap intervals of each; each hybrid ``(m, m, swa)`` against the Mamba hybrid of the same
+  window (the interval of the loss difference, and one sentence naming those that beat it, lose, or
+  cannot be told apart); the pure − hybrid gap per recurrent mixer at both budgets, with intervals;
 - ``isoflop.png``: loss vs non-embedding params per budget with its parabola and compute-optimal size,
   when a budget has ≥ 3 sizes of one mixer (Chinchilla Approach 2);
 - ``retrieval_<run>.png``: retrieval accuracy heatmap, length × depth (``eval/retrieval.json``);
@@ -40,7 +45,8 @@ points of ``sweep.json`` without a finished run. ``report.json`` (written atomic
 (each run's ``run_id``, ``config`` = config.json and ``summary`` = summary.json, its lr, cell and derived
 FLOPs / loss / accuracy: ``pandas.json_normalize(report["runs"])`` gives one row per run), ``cells`` (the
 varying fields, metric, every lr with its metric and run, best lr, tied lrs, edge flag, missing lrs),
-``fits`` (E, A, α, CIs, frontier, whether plotted), ``isoflop``, ``figures`` and ``missing``.
+``fits`` (E, A, α, CIs, frontier, whether plotted), ``survey`` (the budgets, ranking, comparisons with the
+Mamba hybrid and pure − hybrid gaps, or null), ``isoflop``, ``figures`` and ``missing``.
 
 A run is grouped by its mixer label: the mixers of its layers joined by ``+`` (``rglru+swa`` for
 ``('rglru', 'rglru', 'swa')``), with the named topology of ``hybrids.topologies`` it matches; series
@@ -481,6 +487,8 @@ class SeriesFit:
   fit: fit_lib.PowerLawFit | None
   frontier: list[tuple[float, float]]       # (FLOPs, loss): the best run of each budget
   note: str = ""
+  mixers: tuple[str, ...] = ()              # the series' mixers, in order of first appearance
+  window: int | None = None                 # its SWA window, if it has SWA layers
 
   @property
   def span(self) -> float:
@@ -508,7 +516,8 @@ def fit_series(runs: list[Run], *, n_bootstrap: int, seed: int) -> list[SeriesFi
       if b not in best or run.loss < best[b].loss:
         best[b] = run
     frontier = sorted((r.flops, r.loss) for r in best.values())
-    entry = SeriesFit(series, None, frontier)
+    names = tuple(dict.fromkeys(n for entry in members[0].layers for n in entry.split("|")))
+    entry = SeriesFit(series, None, frontier, mixers=names, window=members[0].window)
     if len(frontier) < fit_lib.MIN_POINTS:
       entry.note = f"{len(frontier)} budget(s): no fit (needs ≥ {fit_lib.MIN_POINTS})"
     elif entry.span < MIN_FLOPS_SPAN:
@@ -525,6 +534,120 @@ def fit_series(runs: list[Run], *, n_bootstrap: int, seed: int) -> list[SeriesFi
                       "the error")
     out.append(entry)
   return out
+
+
+# ----------------------------------------------------------------------------- the survey's questions
+
+REFERENCE_MIXERS = ("attention", "swa", "fox")   # attention-like: references, never "the recurrent mixer"
+MAMBA_HYBRID = ("mamba", "swa")                   # the hybrid every other is measured against
+EXTRAPOLATION = 10.0                              # rank at this multiple of the largest budget
+
+
+def _kind(f: SeriesFit) -> tuple[str, str | None]:
+  """``("pure", m)``, ``("hybrid", m)`` (one recurrent mixer with SWA) or ``("reference"/"other", None)``."""
+  recurrent = [m for m in f.mixers if m not in REFERENCE_MIXERS]
+  if len(recurrent) == 1 and set(f.mixers) == {recurrent[0]}:
+    return "pure", recurrent[0]
+  if len(recurrent) == 1 and set(f.mixers) == {recurrent[0], "swa"}:
+    return "hybrid", recurrent[0]
+  return ("reference", None) if not recurrent else ("other", None)
+
+
+def _ci_text(ci: tuple[float, float] | None, spec: str = ".4f") -> str:
+  return f"[{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "—"
+
+
+def _verdict(ci: tuple[float, float] | None) -> str:
+  if ci is None:
+    return "no interval"
+  return "lower" if ci[1] < 0 else "higher" if ci[0] > 0 else "not distinguishable"
+
+
+def survey_section(fits: list[SeriesFit]) -> tuple[list[str], dict | None]:
+  """Markdown and JSON answering the survey (``experiments/mixer_survey.py``) from the power-law fits.
+
+  Budgets: the *common budget* is the largest one every fitted series reached (the smallest of
+  their largest frontier FLOPs: an interpolation for all); the *ranking budget* is ``EXTRAPOLATION``
+  × the largest frontier FLOPs of any series (an extrapolation for all). Every interval is the
+  series' bootstrap (``launch.fit``); a difference between two series pairs their resamples. Needs
+  ≥ 2 fitted series; empty otherwise.
+  """
+  fitted = [f for f in fits if f.fit is not None]
+  if len(fitted) < 2:
+    return [], None
+  common = min(f.frontier[-1][0] for f in fitted)
+  target = EXTRAPOLATION * max(f.frontier[-1][0] for f in fitted)
+  ranked = sorted(fitted, key=lambda f: float(f.fit.predict(target)))
+  md = ["## Ranking at 10× the largest budget", "",
+        f"Each series' fit L(C) = E + A·C^(−α) evaluated at the common budget C = {common:.3g} FLOPs (the largest "
+        f"every series reached) and at {EXTRAPOLATION:g}× the largest budget, C = {target:.3g} FLOPs (an "
+        "extrapolation: trust it as far as the fits' intervals and the number of budgets allow); "
+        "95% percentile bootstrap intervals over each series' runs. Ranked by the loss at the larger budget.", ""]
+  rows, ranking = [], []
+  for i, f in enumerate(ranked, 1):
+    kind, _ = _kind(f)
+    at_common, at_target = float(f.fit.predict(common)), float(f.fit.predict(target))
+    ci_common, ci_target = f.fit.loss_ci(common), f.fit.loss_ci(target)
+    rows.append([str(i), f.series, kind, str(len(f.frontier)), f"{f.fit.alpha:.3f} {_ci_text(f.fit.alpha_ci, '.3f')}",
+                 f"{at_common:.4f} {_ci_text(ci_common)}", f"{at_target:.4f} {_ci_text(ci_target)}"])
+    ranking.append({"rank": i, "series": f.series, "kind": kind, "budgets": len(f.frontier), "alpha": f.fit.alpha,
+                    "alpha_ci": f.fit.alpha_ci, "loss_common": at_common, "loss_common_ci": ci_common,
+                    "loss_target": at_target, "loss_target_ci": ci_target})
+  md += _table(["rank", "series", "kind", "budgets", "α [95% CI]", f"loss at {common:.3g} [95% CI]",
+                f"loss at {target:.3g} [95% CI]"], rows) + [""]
+  if any(len(f.frontier) < 6 for f in fitted):
+    md += ["Fewer than 6 budgets in a series: its bootstrap resamples nearly interpolate, so these intervals "
+           "understate the error.", ""]
+
+  # Which hybrids beat the Mamba hybrid of the same window.
+  mamba = {f.window: f for f in fitted if _kind(f) == ("hybrid", "mamba")}
+  versus = []
+  for f in ranked:
+    kind, mixer = _kind(f)
+    if kind != "hybrid" or mixer == "mamba" or f.window not in mamba:
+      continue
+    gap, ci = fit_lib.difference_ci(f.fit, mamba[f.window].fit, target)
+    versus.append({"series": f.series, "mamba_series": mamba[f.window].series, "window": f.window,
+                   "difference": gap, "difference_ci": ci, "verdict": _verdict(ci)})
+  md += ["## Hybrids against the Mamba hybrid", ""]
+  if not mamba:
+    md += ["No fitted Mamba hybrid (mamba, mamba, swa): nothing to compare against.", ""]
+  elif not versus:
+    md += ["No other fitted hybrid shares a window with the Mamba hybrid.", ""]
+  else:
+    md += [f"Loss of each hybrid minus the Mamba hybrid's of the same window at C = {target:.3g} FLOPs, with the "
+           "95% bootstrap interval of the difference; *lower* means the interval lies below 0.", ""]
+    md += _table(["hybrid", "window", "Δ loss vs Mamba hybrid [95% CI]", "verdict"],
+                 [[v["series"], str(v["window"]), f"{v['difference']:+.4f} {_ci_text(v['difference_ci'], '+.4f')}",
+                   v["verdict"]] for v in versus]) + [""]
+    beat = [v["series"] for v in versus if v["verdict"] == "lower"]
+    worse = [v["series"] for v in versus if v["verdict"] == "higher"]
+    unclear = [v["series"] for v in versus if v["verdict"] not in ("lower", "higher")]
+    md += [f"Beat the Mamba hybrid (interval below 0): {', '.join(beat) if beat else 'none'}. "
+           f"Worse than it (interval above 0): {', '.join(worse) if worse else 'none'}. "
+           f"Not distinguishable: {', '.join(unclear) if unclear else 'none'}.", ""]
+
+  # Pure − hybrid gap per recurrent mixer (positive: hybridizing helps).
+  pure = {mixer: f for f in fitted for kind, mixer in [_kind(f)] if kind == "pure"}
+  gaps = []
+  for f in fitted:
+    kind, mixer = _kind(f)
+    if kind == "hybrid" and mixer in pure:
+      entry = {"mixer": mixer, "pure_series": pure[mixer].series, "hybrid_series": f.series, "window": f.window}
+      for key, budget in (("common", common), ("target", target)):
+        gap, ci = fit_lib.difference_ci(pure[mixer].fit, f.fit, budget)
+        entry[f"gap_{key}"], entry[f"gap_{key}_ci"] = gap, ci
+      gaps.append(entry)
+  if gaps:
+    md += ["## Pure − hybrid gap per mixer", "",
+           "Loss of the pure stack minus its hybrid's (positive: the hybrid is better), at the common budget and at "
+           "the ranking budget, with 95% bootstrap intervals of the difference.", ""]
+    md += _table(["mixer", "hybrid", f"gap at {common:.3g} [95% CI]", f"gap at {target:.3g} [95% CI]"],
+                 [[g["mixer"], g["hybrid_series"], f"{g['gap_common']:+.4f} {_ci_text(g['gap_common_ci'], '+.4f')}",
+                   f"{g['gap_target']:+.4f} {_ci_text(g['gap_target_ci'], '+.4f')}"]
+                  for g in sorted(gaps, key=lambda g: (g["mixer"], g["window"] or 0))]) + [""]
+  return md, {"common_budget": common, "target_budget": target, "ranking": ranking, "versus_mamba_hybrid": versus,
+              "pure_minus_hybrid": gaps}
 
 
 @dataclasses.dataclass
@@ -1052,7 +1175,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[SeriesFit], curves: list[IsoFlop],
-                figures: list[str], missing: list[list[str]]) -> dict:
+                figures: list[str], missing: list[list[str]], survey: dict | None = None) -> dict:
   """What ``report.json`` holds: every run (resolved config + summary), the per-cell bests and the fits."""
   cell_of = {r.run_id: i for i, c in enumerate(cells) for r in c.runs}
   best_ids = {c.best.run_id for c in cells if c.best is not None}
@@ -1089,6 +1212,7 @@ def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[Series
               "coeffs": list(c.fit.coeffs) if c.fit else None} for c in curves]
   return _json_safe({"root": root, "generated_by": f"python -m launch report {root}", "runs": runs_out,
                      "cells": cells_out, "fits": fits_out, "isoflop": iso_out, "figures": figures,
+                     "survey": survey,
                      "missing": [{"run_id": a, "state": b, "point": c} for a, b, c in missing]})
 
 
@@ -1254,6 +1378,9 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
            f"{MIN_FLOPS_SPAN:g}× in training FLOPs (these runs span {min(flops):.3g} to {max(flops):.3g} FLOPs, "
            f"{_ratio(max(flops) / min(flops))}×).", ""]
 
+  survey_md, survey = survey_section(fits)
+  md += survey_md
+
   curves = isoflop_curves(runs)
   figure = plot_isoflop(curves, out)
   if figure:
@@ -1343,7 +1470,7 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
 
   if problems:
     md += ["## Notes", ""] + [f"- {p}" for p in problems] + [""]
-  data = report_data(root, runs, cells, fits, curves, figures, missing)
+  data = report_data(root, runs, cells, fits, curves, figures, missing, survey)
   _write_atomic(os.path.join(out, "report.json"), json.dumps(data, indent=1, allow_nan=False) + "\n")
   path = os.path.join(out, "report.md")
   _write_atomic(path, "\n".join(md))

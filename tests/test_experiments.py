@@ -29,6 +29,8 @@ from launch import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MQAR_EXPERIMENTS = ("zoology_mqar", "based_tradeoff")
+SURVEY_RECURRENT = [m for m in MIXERS if m not in ("attention", "swa", "fox")]
+SURVEY_PATTERNS = 3 * len(SURVEY_RECURRENT) + 4
 TEXT_EXPERIMENTS = ("scaling", "griffin_window", "swax", "hybrid_topology", "mixer_survey")
 # (experiment, variant) → points, as each module docstring documents them.
 SWEEP_SIZES = {
@@ -40,8 +42,11 @@ SWEEP_SIZES = {
     ("griffin_window", "tiny"): 2,
     ("swax", None): 10, ("swax", "small"): 3, ("swax", "tiny"): 2,
     ("hybrid_topology", None): 42, ("hybrid_topology", "small"): 4, ("hybrid_topology", "tiny"): 2,
-    # One pattern per registered mixer (three sizes in full): a new mixer joins the survey.
-    ("mixer_survey", None): 3 * len(MIXERS), ("mixer_survey", "small"): len(MIXERS), ("mixer_survey", "tiny"): 2,
+    # Every recurrent mixer pure and hybrid at two windows, plus 4 references (a new mixer joins the survey),
+    # × 3 learning rates, at 4 sizes in full and one size per slice; small: 1m at one lr.
+    ("mixer_survey", None): 4 * 3 * SURVEY_PATTERNS, ("mixer_survey", "small"): SURVEY_PATTERNS,
+    ("mixer_survey", "tiny"): 2,
+    **{("mixer_survey", size): 3 * SURVEY_PATTERNS for size in ("1m", "2m", "5m", "10m")},
 }
 # Resolved in full through launch.sweep.expand as well (cheap: no size presets to match).
 FULLY_RESOLVED = {key for key in SWEEP_SIZES if key[1] == "tiny" or (key[0] in MQAR_EXPERIMENTS and key[1])}
@@ -55,6 +60,15 @@ def spec_of(name: str, variant: str | None) -> str:
   return path_of(name) + (f":{variant}" if variant else "")
 
 
+def grid_points(name: str, variant: str | None) -> list[dict]:
+  """``sweep_points``, but the survey's full grids without its corpus check: the stand-in corpus of
+  ``corpus_dir`` is far smaller than the one the survey is sized for (the check has its own test)."""
+  if name != "mixer_survey" or variant == "tiny":
+    return sweep_lib.sweep_points(spec_of(name, variant))
+  module = config_lib.load_experiment(path_of(name))
+  return [sweep_lib.plain(p) for p in module.get_sweep(sweep_lib.SweepHelpers(), variant, check_corpus_tokens=False)]
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
   """A working directory holding ``data/gcide-bytes``: ~35 KB of text, both splits > 8193 bytes
@@ -64,8 +78,9 @@ def corpus_dir(tmp_path_factory):
   words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxers".split()
   text = "".join(" ".join(rng.choice(words) for _ in range(8)) + ".\n" for _ in range(800))
   (root / "corpus.txt").write_text(text)
-  prepare.prepare(str(root / "corpus.txt"), "bytes", str(root / "data" / "gcide-bytes"), heldout_fraction=0.5,
-                  doc_bytes=2048, progress=False, log=lambda *_: None)
+  for name in ("gcide-bytes", "linux-6.1-bpe16k"):  # the survey's corpus: the same stand-in
+    prepare.prepare(str(root / "corpus.txt"), "bytes", str(root / "data" / name), heldout_fraction=0.5,
+                    doc_bytes=2048, progress=False, log=lambda *_: None)
   previous = os.getcwd()
   os.chdir(root)
   yield root
@@ -79,7 +94,7 @@ def canonical(config) -> str:
 @pytest.mark.parametrize("name,variant", sorted(SWEEP_SIZES, key=lambda k: (k[0], k[1] or "")))
 def test_sweep_size_validity_and_uniqueness(name, variant, corpus_dir):
   spec = spec_of(name, variant)
-  points = sweep_lib.sweep_points(spec)
+  points = grid_points(name, variant)
   assert len(points) == SWEEP_SIZES[(name, variant)]
   assert len({json.dumps(p, sort_keys=True) for p in points}) == len(points), "a point is listed twice"
   module = config_lib.load_experiment(path_of(name))
@@ -113,8 +128,16 @@ def test_documented_grids_match_their_axes():
   # Learned positions for attention alone, as Zoology's configs.
   assert {tuple(p["model.pattern"]) for p in points if p["model.position"] == "learned"} == {("attention",)}
   survey = config_lib.load_experiment(path_of("mixer_survey"))
-  from hybrids.mixers import MIXERS
-  assert set(survey.RECURRENT) | set(survey.ATTENTION_MIXERS) == set(MIXERS) and len(survey.patterns()) == len(MIXERS)
+  assert set(survey.RECURRENT) | set(survey.ATTENTION_MIXERS) == set(MIXERS)
+  assert len(survey.patterns()) == SURVEY_PATTERNS == 3 * len(survey.RECURRENT) + 4
+  stacks = {tuple(p) for p, _ in survey.patterns()}
+  for m in survey.RECURRENT:  # pure, and hybrid at every window
+    assert (m,) in stacks and {w for p, w in survey.patterns() if p == (m, m, "swa")} == set(survey.WINDOWS)
+  assert min(survey.WINDOWS) <= 128 < max(survey.WINDOWS)
+  points = grid_points("mixer_survey", None)
+  for size in survey.SIZES:  # each (pattern, size) at 3 learning rates centred on the table's
+    lrs = sorted({p["train.lr"] for p in points if p["model.size"] == size})
+    assert lrs == pytest.approx([survey.LR[size] / 2, survey.LR[size], 2 * survey.LR[size]])
 
 
 @pytest.mark.parametrize("name", TEXT_EXPERIMENTS)
@@ -124,7 +147,7 @@ def test_steps_follow_tokens_per_param(name, corpus_dir):
   from hybrids.config import model_config
   from hybrids.sizes import apply_size, non_embedding_params
 
-  points = sweep_lib.sweep_points(spec_of(name, None))
+  points = grid_points(name, None)
   module = config_lib.load_experiment(path_of(name))
   base = module.get_config(None)
   by_size = {}
@@ -222,3 +245,29 @@ def test_zoology_compare_puts_our_best_beside_the_published_cell(tmp_path):
   based = next(line for line in table if line.startswith("| based | (256, 16)"))
   assert "0.500 / —" in based  # not in the published figure
   assert not any(line.startswith("| hyena") for line in table)  # no runs: no row
+
+
+def test_survey_sizes_span_10x_and_the_corpus_check_refuses_repeated_tokens(corpus_dir, tmp_path):
+  """Four sizes over ≥ 10× in non-embedding parameters; a slice whose tokens exceed the prepared train
+  split is refused in one line naming the fields; without a local corpus the check is skipped."""
+  from hybrids.config import model_config
+  from hybrids.sizes import apply_size, non_embedding_params
+
+  survey = config_lib.load_experiment(path_of("mixer_survey"))
+  counts = []
+  for size in survey.SIZES:
+    baseline = model_config()
+    baseline.size, baseline.pattern = size, ("attention",)
+    counts.append(non_embedding_params(apply_size(baseline)))
+  assert len(counts) >= 4 and counts == sorted(counts) and counts[-1] / counts[0] >= 10
+  with open(os.path.join(survey.DATA_PATH, "manifest.json")) as f:
+    available = json.load(f)["splits"]["train"]["tokens"]
+  with pytest.raises(config_lib.ConfigError) as refused:
+    sweep_lib.sweep_points(spec_of("mixer_survey", "1m"))
+  message = str(refused.value)
+  assert "\n" not in message and f"exceed the {available:,} train tokens of data.path='{survey.DATA_PATH}'" in message
+  assert "train.steps × train.batch_size × data.seq_len = 521 × 32 × 1024" in message
+  assert len(sweep_lib.sweep_points(spec_of("mixer_survey", "tiny"))) == 2  # 2 × 2 × 32 tokens fit
+  os.chdir(tmp_path)  # no data/ here: nothing to check against (corpus_dir's fixture restores the cwd)
+  assert len(sweep_lib.sweep_points(spec_of("mixer_survey", "1m"))) == 3 * SURVEY_PATTERNS
+  os.chdir(corpus_dir)

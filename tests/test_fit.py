@@ -87,3 +87,33 @@ def test_loglog_line_and_budget_groups():
   assert fit_lib.fit_loglog_line([1e18, 1e18], [1.0, 2.0]) is None
   # Runs aimed at one budget differ a little in analytic FLOPs; 10× apart are different budgets.
   assert fit_lib.group_budgets([1.1e18, 1e18, 1e19, 0.95e18, 1.05e19, 1e20]) == [0, 0, 1, 0, 1, 2]
+
+
+def test_loss_interval_at_a_budget_contains_the_law_and_widens_beyond_the_data():
+  # Same 1% noise as above; the interval is the bootstrap's, so it must hold the true loss both at a
+  # budget inside the data and at 10× the largest one, and be wider out there (extrapolation).
+  rng = np.random.default_rng(0)
+  loss = _law(COMPUTE) * np.exp(rng.normal(0.0, 0.01, COMPUTE.shape))
+  fit = fit_lib.fit_power_law(COMPUTE, loss, n_bootstrap=100, seed=0)
+  inside, beyond = 1e17, 10 * COMPUTE.max()
+  widths = []
+  for budget in (inside, beyond):
+    lo, hi = fit.loss_ci(budget)
+    assert lo < _law(budget) < hi and lo < float(fit.predict(budget)) < hi
+    widths.append(hi - lo)
+  assert widths[1] > widths[0]
+  assert len(fit.predict_draws(inside)) == fit.n_bootstrap == 100
+  assert fit_lib.fit_power_law(COMPUTE, loss, n_bootstrap=0).loss_ci(inside) is None
+
+
+def test_difference_interval_separates_two_laws_and_not_a_law_from_itself():
+  rng = np.random.default_rng(2)
+  noisy = lambda law: law(COMPUTE) * np.exp(rng.normal(0.0, 0.005, COMPUTE.shape))
+  worse = lambda c: _law(c) + 0.1  # the same law shifted up by 0.1 nats: E is 1.6
+  base = fit_lib.fit_power_law(COMPUTE, noisy(_law), n_bootstrap=100, seed=0)
+  shifted = fit_lib.fit_power_law(COMPUTE, noisy(worse), n_bootstrap=100, seed=1)
+  again = fit_lib.fit_power_law(COMPUTE, noisy(_law), n_bootstrap=100, seed=2)
+  gap, (lo, hi) = fit_lib.difference_ci(shifted, base, 1e18)
+  assert 0 < lo < 0.1 < hi and lo < gap < hi
+  gap, (lo, hi) = fit_lib.difference_ci(again, base, 1e18)
+  assert lo < 0 < hi

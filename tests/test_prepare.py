@@ -256,3 +256,113 @@ def test_train_runs_on_shards(corpus, tmp_path):
   assert summary["status"] == "done" and summary["step"] == 3
   assert np.isfinite(summary["eval"]["eval_loss"])
   assert json.load(open(tmp_path / "run" / "config.json"))["model"]["vocab_size"] == 257
+
+
+def write_archive(path, members, mode="w:xz"):
+  """A tar archive of ``[(name, body or None for a directory)]``, in that order."""
+  import io
+  import tarfile
+
+  with tarfile.open(path, mode) as archive:
+    for name, body in members:
+      info = tarfile.TarInfo(name)
+      if body is None:
+        info.type = tarfile.DIRTYPE
+        archive.addfile(info)
+      else:
+        info.size = len(body)
+        archive.addfile(info, io.BytesIO(body))
+  return path
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+  """Source-like members in a non-sorted order, some to skip; plus the ordered bodies kept."""
+  root = tmp_path_factory.mktemp("archive")
+  rng = np.random.default_rng(1)
+
+  def body(lines):
+    return "".join(" ".join(rng.choice(WORDS, size=6)) + ";\n" for _ in range(lines)).encode()
+
+  members = [("src/", None), ("src/zeta.c", body(30)), ("src/alpha.h", body(12)), ("src/notes.txt", body(5)),
+             ("src/gen/regs.h", body(50)), ("src/lib/empty.c", b""), ("src/lib/beta.c", body(20))]
+  kept = [b for n, b in members if b is not None and n.endswith((".c", ".h")) and "/gen/" not in n]
+  return {"root": root, "members": members, "kept": kept,
+          "xz": write_archive(str(root / "src.tar.xz"), members),
+          "gz": write_archive(str(root / "more.tar.gz"), [("more/last.c", body(8))], mode="w:gz")}
+
+
+def test_tar_members_are_streamed_as_documents_in_archive_order(archive):
+  options = OPTIONS | {"doc_bytes": 10_000}  # above every member: one member, one document
+  out = str(archive["root"] / "members")
+  manifest = prepare.prepare(archive["xz"], "bytes", out, members="*.c, *.h", exclude_members="*/gen/*",
+                             progress=False, log=lambda *_: None, **options)
+  assert manifest["options"]["members"] == "*.c,*.h" and manifest["options"]["exclude_members"] == "*/gen/*"
+  # The empty member is selected (counted) but yields no document, as an empty file does.
+  assert manifest["source"]["archive_members"] == [
+      {"path": archive["xz"], "members": 4, "member_bytes": sum(map(len, archive["kept"]))}]
+  expected = expected_documents(dict(enumerate(archive["kept"])), **{
+      k: options[k] for k in ("doc_bytes", "heldout_fraction", "seed")})
+  assert expected["heldout"] and expected["train"]
+  for split in shards.SPLITS:
+    assert text.bytes_decode(split_tokens(out, split)) == expected[split]
+  # Members are cut at line breaks like files; archives are read in sorted path order.
+  both = ",".join([archive["gz"], archive["xz"]])
+  out_cut = str(archive["root"] / "members-cut")
+  prepare.prepare(both, "bytes", out_cut, members="*.c,*.h", exclude_members="*/gen/*", progress=False,
+                  log=lambda *_: None, **OPTIONS)
+  bodies = [dict(read_archive_members(archive["gz"]))["more/last.c"]] + archive["kept"]  # more.tar.gz < src.tar.xz
+  expected = expected_documents(dict(enumerate(bodies)), **{
+      k: OPTIONS[k] for k in ("doc_bytes", "heldout_fraction", "seed")})
+  assert len(expected["train"]) + len(expected["heldout"]) > len(bodies)
+  for split in shards.SPLITS:
+    assert text.bytes_decode(split_tokens(out_cut, split)) == expected[split]
+  # The member globs are part of the preparation: a re-run is a no-op, other globs are refused.
+  messages = []
+  prepare.prepare(archive["xz"], "bytes", out, members="*.c,*.h", exclude_members="*/gen/*",
+                  progress=False, log=messages.append, **options)
+  assert "nothing to do" in messages[0]
+  with pytest.raises(ValueError, match=r"--exclude-members: '\*/gen/\*' there, None now"):
+    prepare.prepare(archive["xz"], "bytes", out, members="*.c,*.h", progress=False, **options)
+
+
+def read_archive_members(path):
+  """``[(name, body)]`` of a tar archive's regular files, read back with tarfile."""
+  import tarfile
+
+  with tarfile.open(path) as archive:
+    return [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
+
+
+def test_bad_member_options_are_refused_before_anything_is_written(archive, corpus):
+  target = archive["root"] / "never"
+  cases = [
+      (dict(members="*.rs"), r"--members='\*.rs' selects no member of '.*src.tar.xz'"),
+      (dict(members=" , "), r"--members=' , ' is invalid: must be comma-separated globs"),
+      (dict(exclude_members="*.h"), r"--exclude-members='\*.h' needs --members"),
+  ]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=message):
+      prepare.prepare(archive["xz"], "bytes", str(target), progress=False, **kwargs, **OPTIONS)
+  with pytest.raises(ValueError, match=r"is not a readable tar archive"):
+    prepare.prepare(corpus["pattern"], "bytes", str(target), members="*", progress=False, **OPTIONS)
+  assert not target.exists()
+
+
+def test_a_given_tokenizer_file_tokenizes_exactly_as_the_preparation_that_trained_it(archive):
+  trained = str(archive["root"] / "bpe-trained")
+  first = prepare.prepare(archive["xz"], "bpe:300", trained, members="*.c,*.h", progress=False,
+                          log=lambda *_: None, **OPTIONS)
+  tokenizer_file = os.path.join(trained, "tokenizer.json")
+  reused = str(archive["root"] / "bpe-reused")
+  second = prepare.prepare(archive["xz"], "bpe:300", reused, members="*.c,*.h", tokenizer_file=tokenizer_file,
+                           progress=False, log=lambda *_: None, **OPTIONS)
+  assert first["splits"] == second["splits"]  # same shards: token counts, documents, sha256
+  assert open(os.path.join(reused, "tokenizer.json")).read() == open(tokenizer_file).read()
+  assert second["options"]["tokenizer_file_sha256"] == hashlib.sha256(
+      open(tokenizer_file, "rb").read()).hexdigest() and "bpe_sample_bytes" not in second["options"]
+  with pytest.raises(ValueError, match=r"--tokenizer-file=.* needs --tokenizer=bpe:VOCAB"):
+    prepare.prepare(archive["xz"], "bytes", reused + "-x", tokenizer_file=tokenizer_file, progress=False)
+  with pytest.raises(ValueError, match=r"has \d+ ids; --tokenizer=bpe:280 needs at most 280 ids"):
+    prepare.prepare(archive["xz"], "bpe:280", reused + "-x", tokenizer_file=tokenizer_file, progress=False)
+  assert not os.path.exists(reused + "-x")

@@ -359,3 +359,58 @@ def test_empty_or_missing_root_is_a_clear_error(tmp_path, capsys):
   assert not (empty / "report").exists()  # nothing written
   assert report.main([str(tmp_path / "nope")]) == 2
   assert "is not a directory" in capsys.readouterr().err
+
+
+# A miniature survey: pure and hybrid stacks with known laws; the Mamba hybrid is the yardstick.
+SURVEY_LAWS = {  # pattern → (E, α): same A, so at every budget the order of E is the order of losses
+    ("mamba", "mamba", "swa"): (1.20, 0.30),
+    ("gla", "gla", "swa"): (1.05, 0.30),      # clearly better than the Mamba hybrid
+    ("rglru", "rglru", "swa"): (1.35, 0.30),  # clearly worse
+    ("mamba",): (1.40, 0.30),                 # pure Mamba: its hybrid is 0.2 nats better
+    ("gla",): (1.15, 0.30),                   # pure GLA: its hybrid is 0.1 nats better
+    ("attention",): (1.10, 0.28),             # a reference, ranked but never "a hybrid"
+}
+
+
+def test_survey_ranks_hybrids_and_names_those_that_beat_the_mamba_hybrid(tmp_path):
+  root = str(tmp_path / "survey")
+  rng = np.random.default_rng(3)
+  sizes = (1e6, 2.5e6, 5e6, 1.2e7)  # non-embedding params: 12× span, as the survey's ladder
+  for pattern, (e, alpha) in SURVEY_LAWS.items():
+    for n in sizes:
+      compute = 6 * n * 20 * n
+      for lr, penalty in ((1e-3, 0.0), (3e-3, 0.05)):  # the worse lr must not enter the fit
+        config = _config(pattern, 64, size="", data="shards")
+        config["train"]["lr"] = lr
+        config["train"]["steps"] = int(n)  # sizes differ in steps: one cell per (pattern, size)
+        loss = (e + 2.0 * 1e12**alpha * compute**-alpha) * float(np.exp(rng.normal(0, 0.002))) + penalty
+        write_run(root, f"s-{'-'.join(pattern)}-{int(n)}-{lr:g}", config, loss=loss, non_embedding=n, tokens=20 * n)
+  path = report.build_report(root, str(tmp_path / "out"), n_bootstrap=60)
+  md = open(path).read()
+  survey = json.load(open(os.path.join(str(tmp_path / "out"), "report.json")))["survey"]
+  kinds = {r["series"]: r["kind"] for r in survey["ranking"]}
+  assert sorted(kinds.values()) == ["hybrid"] * 3 + ["pure"] * 2 + ["reference"]
+  # Ranked by the loss at 10× the largest budget, which the laws order by E.
+  by_e = sorted(SURVEY_LAWS, key=lambda p: SURVEY_LAWS[p][0])
+  assert [r["series"].split(" ")[0] for r in survey["ranking"]] == [
+      "+".join(dict.fromkeys(p)) for p in by_e]
+  largest = max(6 * 20 * n * n for n in sizes)
+  assert survey["target_budget"] == pytest.approx(10 * largest, rel=0.01)
+  assert survey["common_budget"] == pytest.approx(largest, rel=0.01)
+  for r in survey["ranking"]:
+    lo, hi = r["loss_target_ci"]
+    assert lo <= r["loss_target"] <= hi and r["loss_common_ci"][1] - r["loss_common_ci"][0] < hi - lo
+  verdicts = {v["series"].split(" ")[0]: v["verdict"] for v in survey["versus_mamba_hybrid"]}
+  assert verdicts == {"gla+swa": "lower", "rglru+swa": "higher"}
+  gla = next(v for v in survey["versus_mamba_hybrid"] if v["series"].startswith("gla+swa"))
+  lo, hi = gla["difference_ci"]
+  assert lo < -0.15 < hi and abs(gla["difference"] + 0.15) < 0.02  # E differs by 0.15; A and α are shared
+  gaps = {g["mixer"]: g for g in survey["pure_minus_hybrid"]}
+  assert set(gaps) == {"mamba", "gla"}
+  for mixer, true_gap in (("mamba", 0.2), ("gla", 0.1)):
+    lo, hi = gaps[mixer]["gap_common_ci"]
+    assert lo < true_gap < hi and abs(gaps[mixer]["gap_common"] - true_gap) < 0.02
+  statement = _section(md, "Hybrids against the Mamba hybrid")
+  assert re.search(r"Beat the Mamba hybrid \(interval below 0\): gla\+swa[^.]*\. Worse than it \(interval above "
+                   r"0\): rglru\+swa", statement)
+  assert "## Ranking at 10× the largest budget" in md and "## Pure − hybrid gap per mixer" in md

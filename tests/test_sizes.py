@@ -33,8 +33,8 @@ def test_every_mixer_matches_the_attention_baseline(size):
 def test_size_preset_through_resolve_and_bad_size():
   config = resolve(get_config(QUICKSTART + ":rglru", {"model.size": "1m", "data.seq_len": 64}))
   assert config.model.d_model == 128 and config.model.n_layers == 4
-  with pytest.raises(ConfigError, match="model.size='2m'; valid: 1m, 5m"):
-    resolve(get_config(QUICKSTART + ":rglru", {"model.size": "2m"}))
+  with pytest.raises(ConfigError, match="model.size='3m'; valid: 1m, 2m, 5m, 10m, 20m"):
+    resolve(get_config(QUICKSTART + ":rglru", {"model.size": "3m"}))
 
 
 def test_count_from_one_period_equals_the_full_build():

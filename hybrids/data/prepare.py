@@ -12,8 +12,14 @@ What it does, streaming file by file (never the whole corpus in memory):
 
 * Input: a glob (``**`` allowed; several separated by commas); matches are de-duplicated and
   sorted; ``.gz`` / ``.dz`` (dictzip) files are decompressed by extension.
-* Documents: each file is cut into documents of about ``--doc-bytes`` bytes, each ending at a line
-  break (a smaller file is one document); every document is followed by the end-of-document token.
+* Archives: with ``--members '*.c,*.h'`` every input is a tar archive (``.tar``, ``.tar.gz``,
+  ``.tar.xz``, ``.tar.bz2``) read as one forward stream, never extracted to disk; its regular-file
+  members whose name (path inside the archive) matches a glob, and no ``--exclude-members`` glob,
+  take the place of files, in archive order (``fnmatch``: ``*`` crosses ``/``). One listing pass
+  first counts them (``source.archive_members`` in the manifest) and sizes the BPE sample.
+* Documents: each file (or member) is cut into documents of about ``--doc-bytes`` bytes, each
+  ending at a line break (a smaller one is one document: a ``--doc-bytes`` above the largest makes
+  one file one document); every document is followed by the end-of-document token.
 * Held-out split, deterministic: document ``g`` (counted over the whole corpus, in file order) is
   held out iff ``floor((g + 1) * f + phase) > floor(g * f + phase)`` (``f = --heldout-fraction``,
   ``phase`` uniform in [0, 1) from ``--seed``), so the held-out share tracks ``f`` at every prefix
@@ -22,7 +28,8 @@ What it does, streaming file by file (never the whole corpus in memory):
 * Tokenizers (shared with :mod:`hybrids.data.text`): ``bytes`` (vocab 257, EOD 256) or
   ``bpe:VOCAB``, a byte-level BPE (HF ``tokenizers``) trained on the first ``--bpe-sample-bytes``
   of the train split only (visiting files in a seeded random order so the sample spans files) and
-  saved as ``tokenizer.json``.
+  saved as ``tokenizer.json``. ``--tokenizer-file PATH`` tokenizes with a given ``tokenizer.json``
+  instead of training one (another machine then writes the same shards, sha256 for sha256).
 * Output ``DIR``: ``{split}-{k:05d}.npy`` shards of ``--shard-tokens`` tokens (the last one of a
   split shorter), uint16 when the vocabulary fits, else uint32, and ``manifest.json`` (format,
   tokenizer spec (as ``data.tokenizer``), vocab_size, eod, tokenizer_file, dtype, per split:
@@ -38,7 +45,9 @@ What it does, streaming file by file (never the whole corpus in memory):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -47,6 +56,7 @@ import os
 import platform
 import shutil
 import sys
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -81,37 +91,102 @@ def _check_options(*, tokenizer: str, heldout_fraction: float, seed: int, doc_by
 # Reading: documents and the held-out rule
 # ----------------------------------------------------------------------------
 
-def _open_raw(path: str):
-  """(raw file, decompressed reader): progress is measured on the raw (on-disk) bytes."""
-  raw = open(path, "rb")
-  return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(_text.GZIP_SUFFIXES) else raw)
+@dataclasses.dataclass(frozen=True)
+class MemberFilter:
+  """Which members of a tar archive are documents: regular files whose name (the full path inside
+  the archive, e.g. ``linux-source-6.1/kernel/fork.c``) matches an ``include`` glob and no
+  ``exclude`` glob (``fnmatch``: ``*`` also crosses ``/``, so ``*.c`` is every C file)."""
+  include: tuple[str, ...]
+  exclude: tuple[str, ...] = ()
+
+  def __call__(self, member: tarfile.TarInfo) -> bool:
+    return (member.isfile() and any(fnmatch.fnmatchcase(member.name, g) for g in self.include)
+            and not any(fnmatch.fnmatchcase(member.name, g) for g in self.exclude))
 
 
-def iter_documents(paths: list[str], doc_bytes: int, progress=None) -> Iterator[tuple[bytes, bool]]:
-  """Yield ``(document, is_last_of_corpus)``: each file cut into ~``doc_bytes`` at line breaks.
+def parse_globs(text: Any, field: str) -> tuple[str, ...]:
+  """``"*.c, *.h"`` → ``("*.c", "*.h")``; ValueError naming ``field`` if no glob is left."""
+  globs = tuple(g.strip() for g in text.split(",") if g.strip()) if isinstance(text, str) else ()
+  if not globs:
+    raise ValueError(f"{field}={text!r} is invalid: must be comma-separated globs over member names, "
+                     "e.g. '*.c,*.h'")
+  return globs
+
+
+def _sources(raw, path: str, members: MemberFilter | None) -> Iterator[Any]:
+  """Readers of the document sources in one input: the (decompressed) file itself, or each member
+  of the tar archive that ``members`` selects, in archive order, streamed (never extracted)."""
+  if members is None:
+    if path.endswith(_text.GZIP_SUFFIXES):
+      with gzip.GzipFile(fileobj=raw, mode="rb") as reader:
+        yield reader
+    else:
+      yield raw
+    return
+  try:
+    # "r|*": one forward pass over a (gz/bz2/xz-compressed) stream; members are read as they come.
+    with tarfile.open(fileobj=raw, mode="r|*") as archive:
+      for member in archive:
+        if members(member):
+          yield archive.extractfile(member)
+  except tarfile.ReadError as e:
+    raise ValueError(f"--input file {path!r} is not a readable tar archive ({e}); --members reads "
+                     "tar archives (.tar, .tar.gz, .tar.xz, .tar.bz2) only") from None
+
+
+def iter_documents(paths: list[str], doc_bytes: int, progress=None,
+                   members: MemberFilter | None = None) -> Iterator[tuple[bytes, bool]]:
+  """Yield ``(document, is_last_of_corpus)``: each file (or selected archive member) cut into
+  ~``doc_bytes`` at line breaks.
 
   A document is ``read(doc_bytes)`` completed to the end of its line (at most ``doc_bytes``
-  more); empty files yield nothing. ``progress`` (a tqdm bar) advances by on-disk bytes.
+  more); empty sources yield nothing. ``progress`` (a tqdm bar) advances by on-disk bytes.
   """
   pending: bytes | None = None   # one document of look-ahead, to know which one is last
   for path in paths:
-    raw, reader = _open_raw(path)
-    with raw, reader:
+    with open(path, "rb") as raw:
       position = 0
-      while True:
-        doc = reader.read(doc_bytes)
-        if not doc:
-          break
-        if not doc.endswith(b"\n"):
-          doc += reader.readline(doc_bytes)
-        if progress is not None:
-          progress.update(raw.tell() - position)
-          position = raw.tell()
-        if pending is not None:
-          yield pending, False
-        pending = doc
+      for reader in _sources(raw, path, members):
+        while True:
+          doc = reader.read(doc_bytes)
+          if not doc:
+            break
+          if not doc.endswith(b"\n"):
+            doc += reader.readline(doc_bytes)
+          if progress is not None:
+            progress.update(raw.tell() - position)
+            position = raw.tell()
+          if pending is not None:
+            yield pending, False
+          pending = doc
   if pending is not None:
     yield pending, True
+
+
+def list_members(paths: list[str], members: MemberFilter, progress: bool = False) -> list[dict[str, Any]]:
+  """Per archive: how many members ``members`` selects and their uncompressed bytes (one pass of
+  decompression, headers only kept); ValueError if an archive selects none."""
+  listing = []
+  with _bar(sum(os.path.getsize(p) for p in paths), "listing archive members", progress) as bar:
+    for path in paths:
+      count = size = position = 0
+      with open(path, "rb") as raw:
+        try:
+          with tarfile.open(fileobj=raw, mode="r|*") as archive:
+            for member in archive:
+              if members(member):
+                count, size = count + 1, size + member.size
+              bar.update(raw.tell() - position)
+              position = raw.tell()
+        except tarfile.ReadError as e:
+          raise ValueError(f"--input file {path!r} is not a readable tar archive ({e}); --members reads "
+                           "tar archives (.tar, .tar.gz, .tar.xz, .tar.bz2) only") from None
+      if not count:
+        raise ValueError(f"--members={','.join(members.include)!r}"
+                         + (f" --exclude-members={','.join(members.exclude)!r}" if members.exclude else "")
+                         + f" selects no member of {path!r}")
+      listing.append({"path": path, "members": count, "member_bytes": size})
+  return listing
 
 
 class HeldoutRule:
@@ -133,10 +208,10 @@ class HeldoutRule:
 
 
 def split_documents(paths: list[str], *, doc_bytes: int, heldout_fraction: float, seed: int,
-                    progress=None) -> Iterator[tuple[str, bytes]]:
+                    progress=None, members: MemberFilter | None = None) -> Iterator[tuple[str, bytes]]:
   """Yield ``(split, document)`` for the whole corpus, in order."""
   rule = HeldoutRule(heldout_fraction, seed)
-  for doc, is_last in iter_documents(paths, doc_bytes, progress):
+  for doc, is_last in iter_documents(paths, doc_bytes, progress, members):
     yield (_shards.HELDOUT_SPLIT if rule(is_last) else _shards.TRAIN_SPLIT), doc
 
 
@@ -201,19 +276,22 @@ class ShardWriter:
 # ----------------------------------------------------------------------------
 
 def bpe_sample(paths: list[str], *, sample_bytes: int, doc_bytes: int, heldout_fraction: float,
-               seed: int, progress: bool = False) -> list[bytes]:
+               seed: int, progress: bool = False, members: MemberFilter | None = None,
+               content_bytes: int | None = None) -> list[bytes]:
   """A seeded random subset of the train split's documents, about ``sample_bytes`` in all.
 
-  Each train document is kept with probability ``min(1, sample_bytes / on-disk input bytes)``
-  (so the sample spans the corpus), until ``sample_bytes`` are kept; reading stops there.
+  Each train document is kept with probability ``min(1, sample_bytes / content_bytes)`` (so the
+  sample spans the corpus), until ``sample_bytes`` are kept; reading stops there.
+  ``content_bytes``: the selected archive members' uncompressed bytes (``list_members``); the
+  on-disk input bytes when not given.
   """
   input_bytes = sum(os.path.getsize(p) for p in paths)
-  keep = min(1.0, sample_bytes / max(1, input_bytes))
+  keep = min(1.0, sample_bytes / max(1, input_bytes if content_bytes is None else content_bytes))
   rng = np.random.default_rng([seed, 13])
   sample, size = [], 0
   with _bar(input_bytes, "sampling the train split for BPE", progress) as bar:
     for split, doc in split_documents(paths, doc_bytes=doc_bytes, heldout_fraction=heldout_fraction,
-                                      seed=seed, progress=bar):
+                                      seed=seed, progress=bar, members=members):
       if split == _shards.TRAIN_SPLIT and rng.random() < keep:
         sample.append(doc)
         size += len(doc)
@@ -267,10 +345,11 @@ def _existing(output: epath.Path, request: dict[str, Any]) -> dict[str, Any] | N
     return None
   manifest = _shards.read_manifest(str(output))
   theirs = _request(manifest)
-  differences = [k for k in request if theirs.get(k) != request[k]]
+  # Both ways: an option recorded there but not asked now (e.g. --exclude-members) differs too.
+  differences = [k for k in {**theirs, **request} if theirs.get(k) != request.get(k)]
   if differences:
     detail = "; ".join(
-        f"{k}: {_short(theirs.get(k))} there, {_short(request[k])} now" for k in differences)
+        f"{k}: {_short(theirs.get(k))} there, {_short(request.get(k))} now" for k in differences)
     raise ValueError(f"--output={str(output)!r} was prepared differently ({detail}); choose another "
                      "--output, or delete that directory yourself to redo it (nothing was changed)")
   return manifest
@@ -289,10 +368,15 @@ def _short(value: Any) -> str:
 def prepare(input: Any, tokenizer: str, output: str, *,  # noqa: A002 (the CLI's name)
             heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0,
             doc_bytes: int = DEFAULT_DOC_BYTES, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE_BYTES, progress: bool = True,
-            log=print) -> dict[str, Any]:
+            bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE_BYTES, members: str | None = None,
+            exclude_members: str | None = None, tokenizer_file: str | None = None,
+            progress: bool = True, log=print) -> dict[str, Any]:
   """Prepare ``output`` from the files matching ``input`` (module docstring); return its manifest.
 
+  ``members`` / ``exclude_members``: comma-separated globs; when given, every input is a tar
+  archive and its selected members are the documents (:class:`MemberFilter`).
+  ``tokenizer_file``: a ``tokenizer.json`` (of an earlier ``bpe:VOCAB`` preparation) to tokenize
+  with instead of training one, so two machines tokenize alike.
   All arguments are checked, and an existing ``output`` compared, before any file is read.
   """
   _check_options(tokenizer=tokenizer, heldout_fraction=heldout_fraction, seed=seed,
@@ -300,12 +384,27 @@ def prepare(input: Any, tokenizer: str, output: str, *,  # noqa: A002 (the CLI's
   if not isinstance(output, (str, os.PathLike)) or not str(output):
     raise ValueError(f"--output={output!r} is invalid: must be a directory path (local or gs://…)")
   kind, vocab = _text.parse_tokenizer(tokenizer, field="--tokenizer")
+  member_filter = None
+  if members is not None:
+    member_filter = MemberFilter(parse_globs(members, "--members"),
+                                 parse_globs(exclude_members, "--exclude-members") if exclude_members else ())
+  elif exclude_members is not None:
+    raise ValueError(f"--exclude-members={exclude_members!r} needs --members (it filters archive members)")
+  given_tokenizer = None
+  if tokenizer_file is not None:
+    given_tokenizer = _given_tokenizer(tokenizer_file, kind, vocab)
   paths = _text.resolve_files(input, field="--input")
   files = [{"path": p, "bytes": os.path.getsize(p)} for p in paths]
   options = {"heldout_fraction": float(heldout_fraction), "seed": seed, "doc_bytes": doc_bytes,
              "shard_tokens": shard_tokens}
-  if kind == "bpe":  # only then does it change the output
+  if kind == "bpe" and given_tokenizer is None:  # only then does it change the output
     options["bpe_sample_bytes"] = bpe_sample_bytes
+  if member_filter is not None:  # absent otherwise, so earlier manifests still compare equal
+    options["members"] = ",".join(member_filter.include)
+    if member_filter.exclude:
+      options["exclude_members"] = ",".join(member_filter.exclude)
+  if given_tokenizer is not None:
+    options["tokenizer_file_sha256"] = hashlib.sha256(given_tokenizer.encode()).hexdigest()
   manifest: dict[str, Any] = {
       "format": _shards.FORMAT,
       "source": {"pattern": input, "file_count": len(files),
@@ -321,6 +420,11 @@ def prepare(input: Any, tokenizer: str, output: str, *,  # noqa: A002 (the CLI's
   if found is not None:
     log(f"{output} is already prepared from the same {len(files)} files and options; nothing to do")
     return found
+  content_bytes = None
+  if member_filter is not None:
+    listing = list_members(paths, member_filter, progress=progress)
+    manifest["source"]["archive_members"] = listing
+    content_bytes = sum(entry["member_bytes"] for entry in listing)
 
   remote = _shards.is_remote(str(output))
   if remote:
@@ -337,7 +441,9 @@ def prepare(input: Any, tokenizer: str, output: str, *,  # noqa: A002 (the CLI's
   started = datetime.datetime.now(datetime.timezone.utc)
   try:
     _build(build, manifest, paths=paths, kind=kind, vocab=vocab, progress=progress,
-           **(options | {"bpe_sample_bytes": bpe_sample_bytes}))
+           heldout_fraction=heldout_fraction, seed=seed, doc_bytes=doc_bytes, shard_tokens=shard_tokens,
+           bpe_sample_bytes=bpe_sample_bytes, members=member_filter, content_bytes=content_bytes,
+           given_tokenizer=given_tokenizer)
     manifest["created"] = started.isoformat(timespec="seconds")
     manifest["seconds"] = round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
     manifest["versions"] = _versions()
@@ -362,9 +468,28 @@ def prepare(input: Any, tokenizer: str, output: str, *,  # noqa: A002 (the CLI's
   return manifest
 
 
+def _given_tokenizer(path: str, kind: str, vocab: int) -> str:
+  """The text of ``--tokenizer-file``, checked against ``--tokenizer`` (ValueError otherwise)."""
+  if kind != "bpe":
+    raise ValueError(f"--tokenizer-file={path!r} needs --tokenizer=bpe:VOCAB")
+  try:
+    text = open(path).read()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(text)
+  except Exception as e:  # noqa: BLE001 (tokenizers raises its own Exception type on bad JSON)
+    raise ValueError(f"--tokenizer-file={path!r} is not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+  if tok.token_to_id(_text.BPE_EOD) is None or tok.get_vocab_size() > vocab:
+    raise ValueError(f"--tokenizer-file={path!r} has {tok.get_vocab_size()} ids"
+                     + ("" if tok.token_to_id(_text.BPE_EOD) is not None else f" and no {_text.BPE_EOD}")
+                     + f"; --tokenizer=bpe:{vocab} needs at most {vocab} ids and {_text.BPE_EOD}")
+  return text
+
+
 def _build(build: epath.Path, manifest: dict[str, Any], *, paths: list[str], kind: str, vocab: int,
            progress: bool, heldout_fraction: float, seed: int, doc_bytes: int, shard_tokens: int,
-           bpe_sample_bytes: int) -> None:
+           bpe_sample_bytes: int, members: MemberFilter | None = None, content_bytes: int | None = None,
+           given_tokenizer: str | None = None) -> None:
   """Tokenize the corpus into shards under ``build``; fill ``manifest``'s tokenizer/dtype/splits."""
   dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
   if kind == "bytes":
@@ -372,13 +497,17 @@ def _build(build: epath.Path, manifest: dict[str, Any], *, paths: list[str], kin
   else:
     from tokenizers import Tokenizer
 
-    sample = bpe_sample(paths, sample_bytes=bpe_sample_bytes, doc_bytes=doc_bytes,
-                        heldout_fraction=heldout_fraction, seed=seed, progress=progress)
-    if not sample:
-      raise ValueError("the train split is empty: there is nothing to train the BPE on; "
-                       "add text or lower --doc-bytes")
-    (build / _text.TOKENIZER_FILE).write_text(_text.train_bpe(sample, vocab).to_str())
-    del sample
+    if given_tokenizer is not None:
+      (build / _text.TOKENIZER_FILE).write_text(given_tokenizer)
+    else:
+      sample = bpe_sample(paths, sample_bytes=bpe_sample_bytes, doc_bytes=doc_bytes,
+                          heldout_fraction=heldout_fraction, seed=seed, progress=progress, members=members,
+                          content_bytes=content_bytes)
+      if not sample:
+        raise ValueError("the train split is empty: there is nothing to train the BPE on; "
+                         "add text or lower --doc-bytes")
+      (build / _text.TOKENIZER_FILE).write_text(_text.train_bpe(sample, vocab).to_str())
+      del sample
     # Tokenize with what is on disk, exactly as a later reader of tokenizer.json would.
     tok = Tokenizer.from_str((build / _text.TOKENIZER_FILE).read_text())
     eod = tok.token_to_id(_text.BPE_EOD)
@@ -399,7 +528,7 @@ def _build(build: epath.Path, manifest: dict[str, Any], *, paths: list[str], kin
   total = sum(os.path.getsize(p) for p in paths)
   with _bar(total, "tokenizing", progress) as bar:
     for split, doc in split_documents(paths, doc_bytes=doc_bytes, heldout_fraction=heldout_fraction,
-                                      seed=seed, progress=bar):
+                                      seed=seed, progress=bar, members=members):
       if tok is None:
         writers[split].add(_text.bytes_encode([doc]), 1)
       else:
@@ -439,15 +568,26 @@ def main(argv: list[str] | None = None) -> int:
                       help="tokens per shard (default: %(default)s)")
   parser.add_argument("--bpe-sample-bytes", type=int, default=DEFAULT_BPE_SAMPLE_BYTES,
                       help="bytes of the train split the BPE is trained on (default: %(default)s)")
+  parser.add_argument("--members", default=None,
+                      help="read every --input file as a tar archive (.tar, .tar.gz, .tar.xz, .tar.bz2), "
+                           "streamed, and take its regular-file members whose name matches one of these "
+                           "comma-separated globs as the documents, e.g. '*.c,*.h' ('*' crosses '/')")
+  parser.add_argument("--exclude-members", default=None,
+                      help="with --members: skip members matching these comma-separated globs")
+  parser.add_argument("--tokenizer-file", default=None,
+                      help="with --tokenizer=bpe:VOCAB: tokenize with this tokenizer.json (e.g. from an "
+                           "earlier preparation on another machine) instead of training one")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   try:
     prepare(args.input, args.tokenizer, args.output, heldout_fraction=args.heldout_fraction,
             seed=args.seed, doc_bytes=args.doc_bytes, shard_tokens=args.shard_tokens,
-            bpe_sample_bytes=args.bpe_sample_bytes, progress=not args.no_progress)
+            bpe_sample_bytes=args.bpe_sample_bytes, members=args.members,
+            exclude_members=args.exclude_members, tokenizer_file=args.tokenizer_file,
+            progress=not args.no_progress)
   except ValueError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
-  except (OSError, EOFError) as e:  # an unreadable input, a truncated .gz, an unwritable --output
+  except (OSError, EOFError, tarfile.TarError) as e:  # unreadable input, truncated .gz/.xz, unwritable --output
     parser.exit(2, f"{parser.prog}: error: {type(e).__name__}: {e}\n")
   return 0
 
