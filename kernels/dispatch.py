@@ -292,3 +292,30 @@ def dplr(requested: str, impls: tuple[str, ...], *, chunk_problem: str | None = 
   pallas = _pallas(backend(), interpret, layout, gpu_measured=_DPLR_GPU_UNMEASURED, tpu_measured=_TPU_UNMEASURED)
   pallas = [dataclasses.replace(c, problem=c.problem or chunk_problem) for c in pallas]
   return choose("dplr", requested, impls, pallas + _tail())
+
+
+# Forgetting attention (FoX): the window-attention flash kernels with the bias c_i − c_j added tile by
+# tile (kernels.forgetting_attention), never yet timed against its XLA band on a GPU.
+_FOX_GPU_UNMEASURED = ("not yet measured faster than xla on a GPU (python -m kernels.forgetting_attention.bench); "
+                       "auto stays xla until it is")
+_FOX_NO_MOSAIC_GPU = "the Hopper Mosaic GPU window-attention kernels take no bias c_i − c_j; Triton runs it"
+
+
+def forgetting_attention(requested: str, impls: tuple[str, ...], *, interpret: bool = False,
+                         layout: str | None = None) -> Choice:
+  """Forgetting attention (``kernels.forgetting_attention``): the XLA band under ``"auto"`` everywhere
+  until the Pallas kernels are measured faster; ``"pallas"`` runs the Triton kernels on a GPU (the
+  Mosaic GPU window kernels take no bias: recorded), Mosaic on a TPU, and on a CPU only interpreted
+  (or lowered for another platform from this host)."""
+  platform = backend()
+  if platform == "gpu" and layout != "mosaic":
+    pallas = [Candidate("pallas", "mosaic_gpu", problem=_FOX_NO_MOSAIC_GPU),
+              Candidate("pallas", "triton", unmeasured=_FOX_GPU_UNMEASURED)]
+  elif platform in ("gpu", "tpu"):
+    pallas = [Candidate("pallas", lowering_of(layout or "mosaic"), unmeasured=_TPU_UNMEASURED)]
+  elif interpret or layout is not None:  # interpreted, or lowered for another platform from this host
+    pallas = [Candidate("pallas", lowering_of(layout or "triton"), unmeasured=_CPU_PALLAS)]
+  else:
+    pallas = [Candidate("pallas", problem=f"needs a GPU or TPU (backend is {platform!r}); pass interpret=True "
+                        "to run the kernel in the Pallas interpreter", unmeasured=_CPU_PALLAS)]
+  return choose("forgetting_attention", requested, impls, pallas + _tail())

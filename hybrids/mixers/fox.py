@@ -7,7 +7,8 @@ basic ("LLaMA") FoX of the authors' ``ForgettingAttentionLayer`` (``fgate_type="
     f_t = σ(w_fᵀ x_t + b_f)                                 one forget gate per query head
     o_i = Σ_{j ≤ i} softmax_j(q_i·k_j/√d_head + Σ_{j<l≤i} log f_l) v_j,   y_t = W_o o_t
 
-``kernels.forgetting_attention`` computes it. ``num_kv_heads`` key/value heads serve groups of query
+``kernels.forgetting_attention`` computes it (``model.fox_impl``: ``"auto"``, ``"xla"``, ``"reference"``
+or ``"pallas"``, its flash kernels on GPU or TPU). ``num_kv_heads`` key/value heads serve groups of query
 heads as in attention (GQA/MQA; the authors' layer leaves GQA untested); each query head keeps its
 own gate. ``model.fox_window`` W > 0 restricts keys to ``i − W < j ≤ i`` (the blocked band, O(T·W));
 0 is global causal attention. (A field of its own: the shared ``model.window`` must be ≥ 1 and
@@ -41,6 +42,7 @@ from hybrids.cost import Flops, window_attention_flops
 from hybrids.layers import dtype_of, linear
 from hybrids.mixers.attention import Attention
 from hybrids.mixers.contract import HEAD_DIM, Setting
+from kernels.forgetting_attention import IMPLS as FOX_IMPLS
 from kernels.forgetting_attention import MASKED, decode_forgetting_attention, forgetting_attention
 from kernels.window_attention import document_index
 
@@ -54,6 +56,8 @@ class ForgettingTransformer(nnx.Module):
       "num_kv_heads": Attention.SETTINGS["num_kv_heads"],
       "head_dim": HEAD_DIM,
       "fox_window": Setting(0, "FoX's band; 0: global causal attention", 0),
+      "fox_impl": Setting("auto", "kernels.forgetting_attention implementation: auto (xla), xla, reference or "
+                          "pallas (flash kernels: Triton on GPU, Mosaic on TPU)"),
   }
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -61,6 +65,7 @@ class ForgettingTransformer(nnx.Module):
     self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
     self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
     self.window = int(cfg.fox_window) or None
+    self.impl = cfg.fox_impl
     self.dtype = dtype_of(cfg.dtype)
     self.q_proj = linear(cfg, cfg.d_model, self.num_heads * self.head_dim, rngs=rngs)
     self.k_proj = linear(cfg, cfg.d_model, self.num_kv_heads * self.head_dim, rngs=rngs)
@@ -71,8 +76,9 @@ class ForgettingTransformer(nnx.Module):
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
     """Raise ValueError (naming the field) for settings this mixer cannot run with."""
-    from hybrids.checks import check_int
+    from hybrids.checks import check_choice, check_int
     check_int(cfg.fox_window, "model.fox_window", 0, note=" (FoX's band; 0: global causal attention)")
+    check_choice(cfg.fox_impl, "model.fox_impl", FOX_IMPLS)
     if cfg.fox_window > seq_len:
       raise ValueError(f"model.fox_window={cfg.fox_window} exceeds data.seq_len={seq_len}: the band would be "
                        "global attention; set model.fox_window=0 (global) or a window ≤ seq_len")
@@ -100,7 +106,7 @@ class ForgettingTransformer(nnx.Module):
     and the returned state is the last document's alone.
     """
     q, k, v, log_f = self._project(x)
-    o = forgetting_attention(q, k, v, log_f, window=self.window, segment_ids=segment_ids)
+    o = forgetting_attention(q, k, v, log_f, window=self.window, segment_ids=segment_ids, impl=self.impl)
     y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
     if not return_state:
       return y

@@ -3,6 +3,11 @@
 (and that the Mosaic GPU kernels of ``kernels/window_attention/mosaic_gpu.py`` plug into on Hopper),
 and :func:`flash_window_attention`, which pads and lays out a call for its lowering. The algorithm is
 described in ``kernels/window_attention/__init__.py``; measured tilings in ``kernels/BENCHMARKS.md``.
+
+An optional decay bias (``flash_window_attention(..., decay_bias=c)``: each logit gets ``c_i − c_j``,
+forgetting attention's cumulative log forget gate, ``kernels/forgetting_attention``) enters the Triton
+and Mosaic TPU kernels, whose backward then also returns ``dc``; without it (``_Flash.bias`` False)
+the kernels are traced exactly as before. The Mosaic GPU kernels take no bias.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from kernels.window_attention.band import (_band, _band_loops, _div, _document_k
 from kernels.window_attention.reference import _check
 
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]
+# Why a call with a decay bias (forgetting attention) runs the Triton kernels on Hopper too.
+NO_DECAY_BIAS = "takes no decay bias (the Hopper Mosaic GPU window kernels have no bias input)"
 _MASKED = -1e30  # finite so a fully masked padded row gives zeros, not NaN
 _LOG2E = math.log2(math.e)
 
@@ -110,6 +117,7 @@ class _Flash:
   blocks: PallasBlocks
   interpret: bool
   documents: bool = False  # packed documents: the kernels take doc_start / doc_end (document_bounds)
+  bias: bool = False  # a decay bias: the logit of query i, key j gets c_i − c_j (the kernels take c)
 
 
 
@@ -144,6 +152,21 @@ def _logits(a, b, cfg: _Flash, unit: float):
     return x, cfg.scale * unit, None
   t = jnp.tanh(x * (cfg.scale / cfg.softcap))
   return t, cfg.softcap * unit, t
+
+
+# --- the decay bias (forgetting attention) ---------------------------------------------------------
+# ``c`` per (position, head), f32 ``[batch, heads, time]`` as lse: the logit of query i and key j gets
+# ``c_i − c_j`` (FoX: c the cumulative log forget gate, so the bias is ≤ 0 for every pair the band
+# reads; pairs a mask drops are set to −inf before any exp, so a large ``c_i − c_j`` of a future key
+# or another document never reaches one). Triton reads c in base-2 units (scaled by log₂e once, in
+# XLA). Its gradient needs nothing new: ``ds`` is the logit's gradient, so ``dc_i = Σ_j ds_ij`` (a row
+# sum in the dQ kernel) ``− Σ_l ds_li`` (a column sum, in the dK/dV kernel, per query head).
+
+
+def _plus_bias(s, c, query_bias, key_bias):
+  """The logits ``s · c`` (as :func:`_logits` gives them) plus ``query_bias − key_bias``, both already
+  shaped to broadcast over the tile, as ``(logits, 1.0)``: the kernels go on with ``s · c``."""
+  return s * c + (query_bias - key_bias), 1.0
 
 
 # --- packed documents (segment_ids) ---------------------------------------------------------------
@@ -207,17 +230,21 @@ def _query_key_blocks(q_start, starts, cfg, bq: int, bk: int):
 # kv head, i.e. a base pointer, and the loop loads the band's tiles from it.
 
 def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
-  # refs: q, k, v, [doc_start (cfg.documents)], o, lse
+  # refs: q, k, v, [doc_start (cfg.documents)], [c: the head's whole row (cfg.bias)], o, lse
   (q_ref, k_ref, v_ref), (o_ref, lse_ref) = refs[:3], refs[-2:]
   q_start = pl.program_id(0) * bq
   q = q_ref[...]
   starts = refs[3][...] if cfg.documents else None
+  bias_ref = refs[3 + cfg.documents] if cfg.bias else None
+  q_bias = bias_ref[pl.ds(q_start, bq)][:, None] if cfg.bias else None
 
   def step(j, carry, masked):
     acc, m, l = carry
     k_start = pl.multiple_of(j * bk, bk)
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, _ = _logits(q, k, cfg, _LOG2E)
+    if cfg.bias:
+      s, c = _plus_bias(s, c, q_bias, bias_ref[pl.ds(k_start, bk)][None, :])
     if masked:
       s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, starts), s, -jnp.inf)
     # m starts finite, so a row with no allowed key in this tile keeps alpha = 1 and p = 0.
@@ -235,8 +262,11 @@ def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
 def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blocks: int):
   # Transposed tiles ([keys, queries]) so the per-query lse and Δ broadcast along rows and dK, dV
   # are plain products (pᵀ·dO, dsᵀ·Q) with no transposes of the tile.
-  # refs: q, k, v, do, lse, Δ, [doc_end (cfg.documents)], dk, dv
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = refs[:6], refs[-2:]
+  # refs: q, k, v, do, lse, Δ, [doc_end (cfg.documents)], [c of the group's heads (cfg.bias)], dk, dv,
+  # [dc: the group's heads' −Σ_queries ds for these keys (cfg.bias)]
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:6]
+  (dk_ref, dv_ref), dc_ref = (refs[-3:-1], refs[-1]) if cfg.bias else (refs[-2:], None)
+  bias_ref = refs[6 + cfg.documents] if cfg.bias else None
   k_start = pl.program_id(0) * bk
   k, v = k_ref[...], v_ref[...]
   bounds = _query_blocks(k_start, bq, bk, cfg.window, n_q_blocks)
@@ -245,12 +275,14 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
     bounds = _document_query_blocks(bounds, jnp.min(ends), jnp.max(ends), bq)
 
   def step(i, carry, masked, head):
-    dk, dv = carry
+    dk, dv = carry[:2]
     q_start = pl.multiple_of(i * bq, bq)
     rows = pl.ds(q_start, bq)
     q, do = q_ref[rows, head, :], do_ref[rows, head, :]
     lse, delta = lse_ref[head, rows], delta_ref[head, rows]
     s, c, t = _logits(k, q, cfg, _LOG2E)
+    if cfg.bias:
+      s, c = _plus_bias(s, c, bias_ref[head, rows][None, :], bias_ref[head, pl.ds(k_start, bk)][:, None])
     if masked:
       s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, ends, keys_first=True), s, -jnp.inf)
     p = jnp.exp2(s * c - lse[None, :])
@@ -258,10 +290,18 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
     ds = p * (_mm_nt(v, do) - delta[None, :])
     if t is not None:
       ds = ds * (1.0 - t * t)
+    if cfg.bias:
+      return dk + _mm(ds.astype(q.dtype), q), dv, carry[2] + jnp.sum(ds, axis=1)
     return dk + _mm(ds.astype(q.dtype), q), dv
 
   def one_head(head, carry):
-    return _band_loops(bounds, functools.partial(step, head=head), carry, cfg.blocks.split_mask)
+    if not cfg.bias:
+      return _band_loops(bounds, functools.partial(step, head=head), carry, cfg.blocks.split_mask)
+    # c is per query head: each head's column sums are written out, not summed over the group.
+    *carry, dc = _band_loops(bounds, functools.partial(step, head=head), (*carry, jnp.zeros((bk,), jnp.float32)),
+                             cfg.blocks.split_mask)
+    dc_ref[head, :] = -dc
+    return tuple(carry)
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   # The group's query heads all read this kv head: summing them here avoids a [.., heads, ..] dK.
@@ -273,32 +313,54 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
 def _triton_dq_kernel(*refs, cfg: _Flash, bq: int, bk: int):
   # Runs before the dK/dV kernel and also produces Δ = rowsum(o ⊙ dO) for it: this program reads
   # its rows of dO anyway, which saves a separate pass over o and dO.
-  # refs: q, k, v, o, do, lse, [doc_start (cfg.documents)], dq, Δ
-  (q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref), (dq_ref, delta_ref) = refs[:6], refs[-2:]
+  # refs: q, k, v, o, do, lse, [doc_start (cfg.documents)], [c: the head's whole row (cfg.bias)], dq, Δ,
+  # [dc: Σ_keys ds of these rows (cfg.bias)]
+  (q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref) = refs[:6]
+  (dq_ref, delta_ref), dc_ref = (refs[-3:-1], refs[-1]) if cfg.bias else (refs[-2:], None)
   q_start = pl.program_id(0) * bq
   q, do, lse = q_ref[...], do_ref[...], lse_ref[...]
   starts = refs[6][...] if cfg.documents else None
+  bias_ref = refs[6 + cfg.documents] if cfg.bias else None
+  q_bias = bias_ref[pl.ds(q_start, bq)][:, None] if cfg.bias else None
   delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
   delta_ref[...] = delta
 
-  def step(j, dq, masked):
+  def step(j, carry, masked):
     k_start = pl.multiple_of(j * bk, bk)
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, t = _logits(q, k, cfg, _LOG2E)
+    if cfg.bias:
+      s, c = _plus_bias(s, c, q_bias, bias_ref[pl.ds(k_start, bk)][None, :])
     if masked:
       s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, starts), s, -jnp.inf)
     p = jnp.exp2(s * c - lse[:, None])
     ds = p * (_mm_nt(do, v) - delta[:, None])
     if t is not None:
       ds = ds * (1.0 - t * t)
-    return dq + _mm(ds.astype(k.dtype), k)
+    if cfg.bias:
+      dq, dc = carry
+      return dq + _mm(ds.astype(k.dtype), k), dc + jnp.sum(ds, axis=1)
+    return carry + _mm(ds.astype(k.dtype), k)
 
-  dq = _band_loops(_query_key_blocks(q_start, starts, cfg, bq, bk), step, jnp.zeros(q.shape, jnp.float32),
-                   cfg.blocks.split_mask)
+  carry = jnp.zeros(q.shape, jnp.float32)
+  if cfg.bias:
+    carry = (carry, jnp.zeros((bq,), jnp.float32))
+  dq = _band_loops(_query_key_blocks(q_start, starts, cfg, bq, bk), step, carry, cfg.blocks.split_mask)
+  if cfg.bias:
+    dq, dc = dq
+    dc_ref[...] = dc
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _triton_forward(q, k, v, doc_start, cfg: _Flash):
+def _triton_bias(bias, cfg: _Flash):
+  """The spec and operand list of c (``[batch, heads, time]``, in base-2 units) for a Triton kernel
+  over grid (block, batch, head): the head's whole row, as the keys are. Empty without a bias."""
+  if not cfg.bias:
+    return [], []
+  return [pl.BlockSpec((None, None, bias.shape[-1]), lambda i, n, h: (n, h, 0))], [bias * _LOG2E]
+
+
+def _triton_forward(q, k, v, doc_start, bias, cfg: _Flash):
   batch, time, heads, dim = q.shape
   group = heads // k.shape[2]
   b = cfg.blocks
@@ -306,53 +368,60 @@ def _triton_forward(q, k, v, doc_start, cfg: _Flash):
   q_spec = pl.BlockSpec((None, bq, None, dim), lambda i, n, h: (n, i, h, 0))
   kv_spec = pl.BlockSpec((None, time, None, dim), lambda i, n, h: (n, 0, _div(h, group), 0))
   documents = [pl.BlockSpec((None, bq), lambda i, n, h: (n, i))] if cfg.documents else []
+  bias_spec, bias = _triton_bias(bias, cfg)
   return pl.pallas_call(
       functools.partial(_triton_fwd_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(time // bq, batch, heads),  # query blocks fastest: neighbours share their keys in L2
-      in_specs=[q_spec, kv_spec, kv_spec, *documents],
+      in_specs=[q_spec, kv_spec, kv_spec, *documents, *bias_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, time), jnp.float32)],
       compiler_params=triton_params(b.fwd_warps, b.fwd_stages),
       interpret=cfg.interpret, name="window_attention_fwd",
-  )(q, k, v, *([doc_start] if cfg.documents else []))
+  )(q, k, v, *([doc_start] if cfg.documents else []), *bias)
 
 
-def _triton_backward(q, k, v, o, lse, do, doc_start, doc_end, cfg: _Flash):
+def _triton_backward(q, k, v, o, lse, do, doc_start, doc_end, bias, cfg: _Flash):
   batch, time, heads, dim = q.shape
   kv_heads = k.shape[2]
   group = heads // kv_heads
   b = cfg.blocks
+  bias_spec, bias = _triton_bias(bias, cfg)
 
   bq, bk = b.dq_q, b.dq_k
   q_block = pl.BlockSpec((None, bq, None, dim), lambda i, n, h: (n, i, h, 0))
   stat_block = pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))
   kv_seq = pl.BlockSpec((None, time, None, dim), lambda i, n, h: (n, 0, _div(h, group), 0))
   documents = [pl.BlockSpec((None, bq), lambda i, n, h: (n, i))] if cfg.documents else []
-  dq, delta = pl.pallas_call(
+  stat_shape = jax.ShapeDtypeStruct(lse.shape, jnp.float32)
+  dq, delta, *dc_rows = pl.pallas_call(
       functools.partial(_triton_dq_kernel, cfg=cfg, bq=bq, bk=bk),
       grid=(time // bq, batch, heads),
-      in_specs=[q_block, kv_seq, kv_seq, q_block, q_block, stat_block, *documents],
-      out_specs=[q_block, stat_block],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse.shape, jnp.float32)],
+      in_specs=[q_block, kv_seq, kv_seq, q_block, q_block, stat_block, *documents, *bias_spec],
+      out_specs=[q_block, stat_block, *([stat_block] if cfg.bias else [])],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, *([stat_shape] if cfg.bias else [])],
       compiler_params=triton_params(b.dq_warps, b.dq_stages),
       interpret=cfg.interpret, name="window_attention_dq",
-  )(q, k, v, o, do, lse, *([doc_start] if cfg.documents else []))
+  )(q, k, v, o, do, lse, *([doc_start] if cfg.documents else []), *bias)
 
   bq, bk = b.dkv_q, b.dkv_k
   group_seq = pl.BlockSpec((None, time, group, dim), lambda j, n, h: (n, 0, h, 0))
   group_stat = pl.BlockSpec((None, group, time), lambda j, n, h: (n, h, 0))
   kv_block = pl.BlockSpec((None, bk, None, dim), lambda j, n, h: (n, j, h, 0))
   documents = [pl.BlockSpec((None, bk), lambda j, n, h: (n, j))] if cfg.documents else []
-  dk, dv = pl.pallas_call(
+  # c of the group's query heads, and their column sums of ds for this key block.
+  bias_spec = [group_stat] if cfg.bias else []
+  dc_spec = [pl.BlockSpec((None, group, bk), lambda j, n, h: (n, h, j))] if cfg.bias else []
+  dk, dv, *dc_cols = pl.pallas_call(
       functools.partial(_triton_dkv_kernel, cfg=cfg, bq=bq, bk=bk, group=group, n_q_blocks=time // bq),
       grid=(time // bk, batch, kv_heads),
-      in_specs=[group_seq, kv_block, kv_block, group_seq, group_stat, group_stat, *documents],
-      out_specs=[kv_block, kv_block],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      in_specs=[group_seq, kv_block, kv_block, group_seq, group_stat, group_stat, *documents, *bias_spec],
+      out_specs=[kv_block, kv_block, *dc_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 *([stat_shape] if cfg.bias else [])],
       compiler_params=triton_params(b.dkv_warps, b.dkv_stages),
       interpret=cfg.interpret, name="window_attention_dkv",
-  )(q, k, v, do, lse, delta, *([doc_end] if cfg.documents else []))
-  return dq, dk, dv
+  )(q, k, v, do, lse, delta, *([doc_end] if cfg.documents else []), *bias)
+  return dq, dk, dv, (dc_rows[0] + dc_cols[0] if cfg.bias else None)
 
 
 # --- Mosaic (TPU): the band is a grid axis; accumulators live in VMEM scratch ----------------------
@@ -382,6 +451,26 @@ def _split_refs(refs, n_in: int, documents: bool):
   return refs[:n_in], None, refs[n_in:]
 
 
+def _bias_refs(rest, cfg: _Flash):
+  """The refs after the inputs and document bound as (the two views of c, or (None, None); the rest):
+  the resident block's c lane-replicated (``[rows, 128]``) and the streamed block's as a row
+  replicated over 8 sublanes (``[8, cols]``), the layouts of lse and Δ."""
+  return (tuple(rest[:2]), rest[2:]) if cfg.bias else ((None, None), rest)
+
+
+def _mosaic_bias(bias):
+  """c ``[batch, heads, time]`` as the Mosaic kernels read it: lane-replicated ``[batch, heads, time,
+  128]`` (the resident block's rows) and sublane-replicated ``[batch, heads, 8, time]`` (the streamed block's)."""
+  batch, heads, time = bias.shape
+  return (jnp.broadcast_to(bias[..., None], (batch, heads, time, _LANES)),
+          jnp.broadcast_to(bias[:, :, None, :], (batch, heads, _SUBLANES, time)))
+
+
+def _row_sums(x):
+  """``Σ`` over a tile's columns, lane-replicated ``[rows, 128]``."""
+  return jnp.broadcast_to(jnp.sum(x, axis=1, keepdims=True), (x.shape[0], _LANES))
+
+
 def _allowed_rows(shape, q_start, k_start, cfg, bound_ref, *, keys_first: bool = False):
   """A Mosaic TPU tile's mask: the band, cut at document boundaries when ``cfg.documents``
   (:func:`_in_document_rows`, from the columns' bounds)."""
@@ -402,8 +491,10 @@ def _in_document_rows(shape, rows, bound_ref, *, keys_first: bool):
 
 
 def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
-  # refs: q, k, v, [the key block's doc_end (cfg.documents)], o, lse, then m, l, acc scratch
-  (q_ref, k_ref, v_ref), ends_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, 3, cfg.documents)
+  # refs: q, k, v, [the key block's doc_end (cfg.documents)], [the query block's c, the key block's c
+  # (cfg.bias)], o, lse, then m, l, acc scratch
+  (q_ref, k_ref, v_ref), ends_ref, rest = _split_refs(refs, 3, cfg.documents)
+  (q_bias_ref, k_bias_ref), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _bias_refs(rest, cfg)
   i, j = pl.program_id(2), pl.program_id(3)
   kb = i - (n_band - 1) + j
 
@@ -417,6 +508,8 @@ def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
   def _accumulate():
     v = v_ref[...]
     s, c, _ = _logits(q_ref[...], k_ref[...], cfg, 1.0)
+    if cfg.bias:
+      s, c = _plus_bias(s, c, q_bias_ref[:, :1], k_bias_ref[:1, :])
     s = jnp.where(_allowed_rows(s.shape, i * blk, kb * blk, cfg, ends_ref), s * c, -jnp.inf)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -435,9 +528,12 @@ def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
 
 def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int, group: int):
   # Keys-first tiles, as in the Triton kernel: lse and Δ (and the queries' doc_start) are rows.
-  # refs: q, k, v, do, lse, Δ, [the query block's doc_start (cfg.documents)], dk, dv, then dk, dv scratch
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), starts_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = \
-      _split_refs(refs, 6, cfg.documents)
+  # refs: q, k, v, do, lse, Δ, [the query block's doc_start (cfg.documents)], [the key block's c, the
+  # query block's c, both of the step's query head (cfg.bias)], dk, dv, [dc of the step's query head
+  # (cfg.bias)], then dk, dv scratch
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), starts_ref, rest = _split_refs(refs, 6, cfg.documents)
+  (k_bias_ref, q_bias_ref), rest = _bias_refs(rest, cfg)
+  (dk_ref, dv_ref), dc_ref, (dk_sc, dv_sc) = rest[:2], (rest[2] if cfg.bias else None), rest[-2:]
   kb, step = pl.program_id(2), pl.program_id(3)
   qb = kb + jax.lax.rem(step, _i32(n_band))
 
@@ -446,10 +542,17 @@ def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int,
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
+  if cfg.bias:  # one query head's column sums over its n_band consecutive steps
+    @pl.when(jax.lax.rem(step, _i32(n_band)) == 0)
+    def _init_dc():
+      dc_ref[...] = jnp.zeros(dc_ref.shape, jnp.float32)
+
   @pl.when(qb < n_blocks)
   def _accumulate():
     q, do = q_ref[...], do_ref[...]
     s, c, t = _logits(k_ref[...], q, cfg, 1.0)
+    if cfg.bias:
+      s, c = _plus_bias(s, c, q_bias_ref[:1, :], k_bias_ref[:, :1])
     s = jnp.where(_allowed_rows(s.shape, qb * blk, kb * blk, cfg, starts_ref, keys_first=True), s * c, -jnp.inf)
     p = jnp.exp(s - lse_ref[:1, :])
     dv_sc[...] += _mm(p.astype(do.dtype), do)
@@ -457,6 +560,8 @@ def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int,
     if t is not None:
       ds = ds * (1.0 - t * t)
     dk_sc[...] += _mm(ds.astype(q.dtype), q)
+    if cfg.bias:
+      dc_ref[...] -= _row_sums(ds)
 
   @pl.when(step == group * n_band - 1)
   def _finish():
@@ -465,25 +570,34 @@ def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int,
 
 
 def _mosaic_dq_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
-  # refs: q, k, v, do, lse, Δ, [the key block's doc_end (cfg.documents)], dq, then dq scratch
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), ends_ref, (dq_ref, dq_sc) = _split_refs(refs, 6, cfg.documents)
+  # refs: q, k, v, do, lse, Δ, [the key block's doc_end (cfg.documents)], [the query block's c, the key
+  # block's c (cfg.bias)], dq, [dc (cfg.bias)], then dq scratch
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), ends_ref, rest = _split_refs(refs, 6, cfg.documents)
+  (q_bias_ref, k_bias_ref), rest = _bias_refs(rest, cfg)
+  (dq_ref, dc_ref, dq_sc) = rest if cfg.bias else (rest[0], None, rest[1])
   i, j = pl.program_id(2), pl.program_id(3)
   kb = i - (n_band - 1) + j
 
   @pl.when(j == 0)
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+    if cfg.bias:
+      dc_ref[...] = jnp.zeros(dc_ref.shape, jnp.float32)
 
   @pl.when(kb >= 0)
   def _accumulate():
     k = k_ref[...]
     s, c, t = _logits(q_ref[...], k, cfg, 1.0)
+    if cfg.bias:
+      s, c = _plus_bias(s, c, q_bias_ref[:, :1], k_bias_ref[:1, :])
     s = jnp.where(_allowed_rows(s.shape, i * blk, kb * blk, cfg, ends_ref), s * c, -jnp.inf)
     p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
     ds = p * (_mm_nt(do_ref[...], v_ref[...]) - jnp.expand_dims(delta_ref[0], -1))
     if t is not None:
       ds = ds * (1.0 - t * t)
     dq_sc[...] += _mm(ds.astype(k.dtype), k)
+    if cfg.bias:
+      dc_ref[...] += _row_sums(ds)
 
   @pl.when(j == n_band - 1)
   def _finish():
@@ -512,7 +626,17 @@ def _mosaic_key_documents(blk, n_band):
   return pl.BlockSpec((None, _SUBLANES, blk), lambda n, h, i, j: (n, 0, jnp.maximum(i - (n_band - 1) + j, 0)))
 
 
-def _mosaic_forward(q, k, v, doc_end, cfg: _Flash):
+def _mosaic_query_side_bias(blk, n_band, cfg: _Flash):
+  """Specs of c over the query-side grid: the query block's (lanes, ``[.., time, 128]``) and the band's
+  key block's (a row, ``[.., 8, time]``); both of the query head. Empty without a bias."""
+  if not cfg.bias:
+    return []
+  key_block = lambda n, h, i, j: (n, h, 0, jnp.maximum(i - (n_band - 1) + j, 0))
+  return [pl.BlockSpec((None, None, blk, _LANES), lambda n, h, i, j: (n, h, i, 0)),
+          pl.BlockSpec((None, None, _SUBLANES, blk), key_block)]
+
+
+def _mosaic_forward(q, k, v, doc_end, bias, cfg: _Flash):
   batch, heads, time, dim = q.shape
   group = heads // k.shape[1]
   blk, n_blocks, n_band = _mosaic_band(cfg, time)
@@ -521,18 +645,18 @@ def _mosaic_forward(q, k, v, doc_end, cfg: _Flash):
   o, lse = pl.pallas_call(
       functools.partial(_mosaic_fwd_kernel, cfg=cfg, blk=blk, n_band=n_band),
       grid=(batch, heads, n_blocks, n_band),
-      in_specs=[rows, keys, keys, *documents],
+      in_specs=[rows, keys, keys, *documents, *_mosaic_query_side_bias(blk, n_band, cfg)],
       out_specs=[rows, pl.BlockSpec((None, None, blk, _LANES), lambda n, h, i, j: (n, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, time, _LANES), jnp.float32)],
       scratch_shapes=[_vmem((blk, _LANES)), _vmem((blk, _LANES)), _vmem((blk, dim))],
       compiler_params=_mosaic_params(4),
       interpret=cfg.interpret, name="window_attention_fwd",
-  )(q, k, v, *([doc_end] if cfg.documents else []))
+  )(q, k, v, *([doc_end] if cfg.documents else []), *(_mosaic_bias(bias) if cfg.bias else ()))
   return o, lse[..., 0]
 
 
-def _mosaic_backward(q, k, v, o, lse, do, doc_start, doc_end, cfg: _Flash):
+def _mosaic_backward(q, k, v, o, lse, do, doc_start, doc_end, bias, cfg: _Flash):
   batch, heads, time, dim = q.shape
   kv_heads = k.shape[1]
   group = heads // kv_heads
@@ -549,43 +673,52 @@ def _mosaic_backward(q, k, v, o, lse, do, doc_start, doc_end, cfg: _Flash):
   kv_rows = pl.BlockSpec((None, None, blk, dim), lambda n, h, kb, s: (n, h, kb, 0))
   documents = ([pl.BlockSpec((None, _SUBLANES, blk), lambda *g: (g[0], 0, query_block(*g)[2]))]
                if cfg.documents else [])
-  dk, dv = pl.pallas_call(
+  bias = _mosaic_bias(bias) if cfg.bias else ()
+  lanes_shape = jax.ShapeDtypeStruct((batch, heads, time, _LANES), jnp.float32)
+  # c of the step's query head: the key block's (lanes; dc is written in the same blocks) and the
+  # query block's (a row). The dc block moves on with the query head, every n_band steps.
+  key_lanes = pl.BlockSpec((None, None, blk, _LANES), lambda *g: (g[0], query_block(*g)[1], g[2], 0))
+  bias_specs = [key_lanes, q_stats] if cfg.bias else []
+  dk, dv, *dc_cols = pl.pallas_call(
       functools.partial(_mosaic_dkv_kernel, cfg=cfg, blk=blk, n_band=n_band, n_blocks=n_blocks, group=group),
       grid=(batch, kv_heads, n_blocks, group * n_band),
-      in_specs=[q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats, *documents],
-      out_specs=[kv_rows, kv_rows],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      in_specs=[q_rows, kv_rows, kv_rows, q_rows, q_stats, q_stats, *documents, *bias_specs],
+      out_specs=[kv_rows, kv_rows, *([key_lanes] if cfg.bias else [])],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 *([lanes_shape] if cfg.bias else [])],
       scratch_shapes=[_vmem((blk, dim)), _vmem((blk, dim))],
       compiler_params=_mosaic_params(4),
       interpret=cfg.interpret, name="window_attention_dkv",
-  )(q, k, v, do, lse, delta, *([doc_start] if cfg.documents else []))
+  )(q, k, v, do, lse, delta, *([doc_start] if cfg.documents else []), *bias)
 
   rows, stats, keys = _mosaic_query_side_specs(blk, dim, n_band, group)
   documents = [_mosaic_key_documents(blk, n_band)] if cfg.documents else []
-  dq = pl.pallas_call(
+  bias_specs = _mosaic_query_side_bias(blk, n_band, cfg)
+  dq, *dc_rows = pl.pallas_call(
       functools.partial(_mosaic_dq_kernel, cfg=cfg, blk=blk, n_band=n_band),
       grid=(batch, heads, n_blocks, n_band),
-      in_specs=[rows, keys, keys, rows, stats, stats, *documents],
-      out_specs=rows,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      in_specs=[rows, keys, keys, rows, stats, stats, *documents, *bias_specs],
+      out_specs=[rows, *bias_specs[:1]],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *([lanes_shape] if cfg.bias else [])],
       scratch_shapes=[_vmem((blk, dim))],
       compiler_params=_mosaic_params(4),
       interpret=cfg.interpret, name="window_attention_dq",
-  )(q, k, v, do, lse, delta, *([doc_end] if cfg.documents else []))
-  return dq, dk, dv
+  )(q, k, v, do, lse, delta, *([doc_end] if cfg.documents else []), *bias)
+  return dq, dk, dv, (dc_rows[0][..., 0] + dc_cols[0][..., 0] if cfg.bias else None)
 
 
 # --- the differentiable core: inputs already padded and laid out for the target -------------------
 
 # ``doc_start``, ``doc_end``: None, or the int32 bounds of ``document_bounds`` (``[batch, time]``; the
-# Mosaic TPU layout ``[batch, 8, time]``); integer inputs, so their cotangents are None.
+# Mosaic TPU layout ``[batch, 8, time]``); integer inputs, so their cotangents are None. ``bias``:
+# None, or the decay bias c, f32 ``[batch, heads, time]`` (cfg.bias), whose cotangent the backward forms.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, doc_start, doc_end, cfg: _Flash):
-  return _flash_fwd(q, k, v, doc_start, doc_end, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, doc_start, doc_end, bias, cfg: _Flash):
+  return _flash_fwd(q, k, v, doc_start, doc_end, bias, cfg)[0]
 
 
-def _flash_fwd(q, k, v, doc_start, doc_end, cfg: _Flash):
+def _flash_fwd(q, k, v, doc_start, doc_end, bias, cfg: _Flash):
   if cfg.target == "triton" and cfg.blocks.fwd_kernel == "mosaic_gpu":
     b = cfg.blocks
     o, lse = window_attention_mgpu.forward(q, k, v, window=cfg.window, scale=cfg.scale, block_kv=b.mgpu_kv,
@@ -594,29 +727,31 @@ def _flash_fwd(q, k, v, doc_start, doc_end, cfg: _Flash):
                                            persistent=b.mgpu_persistent, doc_start=doc_start,
                                            skip_outside_documents=b.mgpu_skip_outside_documents)
   elif cfg.target == "triton":
-    o, lse = _triton_forward(q, k, v, doc_start, cfg)
+    o, lse = _triton_forward(q, k, v, doc_start, bias, cfg)
   else:
-    o, lse = _mosaic_forward(q, k, v, doc_end, cfg)
-  return o, (q, k, v, o, lse, doc_start, doc_end)
+    o, lse = _mosaic_forward(q, k, v, doc_end, bias, cfg)
+  return o, (q, k, v, o, lse, doc_start, doc_end, bias)
 
 
 def _flash_bwd(cfg: _Flash, residuals, do):
   b = cfg.blocks
-  q, k, v, o, lse, doc_start, doc_end = residuals
+  q, k, v, o, lse, doc_start, doc_end, bias = residuals
   if cfg.target == "triton" and b.bwd_kernel == "mosaic_gpu":
     grads = window_attention_mgpu.backward(q, k, v, o, lse, do, window=cfg.window, scale=cfg.scale,
                                            block_q=b.mgpu_bwd_q, block_kv=b.mgpu_bwd_kv, stages=b.mgpu_bwd_stages,
                                            own_band=b.mgpu_own_band, persistent=b.mgpu_bwd_persistent,
                                            doc_start=doc_start, doc_end=doc_end,
                                            skip_outside_documents=b.mgpu_skip_outside_documents)
+    grads = (*grads, None)  # (no bias: flash_window_attention keeps biased calls on Triton)
   else:
     grads = (_triton_backward if cfg.target == "triton" else _mosaic_backward)(q, k, v, o, lse, do, doc_start,
-                                                                               doc_end, cfg)
-  return (*grads, None, None)
+                                                                               doc_end, bias, cfg)
+  dq, dk, dv, dbias = grads
+  return dq, dk, dv, None, None, dbias
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-_flash_shared = lowered_once(_flash, static_argnums=(5,))
+_flash_shared = lowered_once(_flash, static_argnums=(6,))
 
 
 _next_pow2 = next_pow2
@@ -647,13 +782,22 @@ def _pallas_target(target: str | None, interpret: bool) -> str:
 
 def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float | None = None,
                            interpret: bool = False, target: PallasTarget | None = None,
-                           blocks: PallasBlocks | None = None, segment_ids=None):
+                           blocks: PallasBlocks | None = None, segment_ids=None, decay_bias=None):
   """The Pallas path of :func:`window_attention` (same arguments and result). ``segment_ids``
   (``int [batch, time]``): packed documents, a new one wherever the id changes; the kernels mask
-  across them (``document_bounds``)."""
+  across them (``document_bounds``). ``decay_bias``: optional ``c``, ``[batch, time, heads]`` (read in
+  float32, differentiable): the logit of query ``i`` and key ``j`` of head ``h`` gets ``c_ih − c_jh``
+  (forgetting attention's cumulative log forget gate, ``kernels.forgetting_attention``); it should
+  not increase along a document, so every pair the band reads has a bias ≤ 0. No soft-cap with it;
+  the Mosaic GPU kernels take none (Triton runs it on every GPU)."""
   _check(q, k, v, window)
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"window_attention: segment_ids{segment_ids.shape} must be [batch, time] = {q.shape[:2]}")
+  if decay_bias is not None:
+    if decay_bias.shape != q.shape[:3]:
+      raise ValueError(f"window_attention: decay_bias{decay_bias.shape} must be [batch, time, heads] = {q.shape[:3]}")
+    if softcap is not None:
+      raise ValueError("window_attention: decay_bias with a soft-cap is not supported (the bias is added after it)")
   target = _pallas_target(target, interpret)
   batch, time, heads, dim = q.shape
   if blocks is None:
@@ -679,20 +823,27 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   if target == "triton":
     problem = window_attention_mgpu.supports(jax.ShapeDtypeStruct((batch, padded, heads, dim + pad_dim), q.dtype),
                                              k, softcap)
+    if decay_bias is not None:
+      problem = NO_DECAY_BIAS
     blocks = dataclasses.replace(blocks, **{
         field: mosaic_gpu_or_triton(getattr(blocks, field), problem, interpret=interpret, hopper=tma_gpu(),
                                     field=f"window_attention: PallasBlocks.{field}")
         for field in ("fwd_kernel", "bwd_kernel")})
   cfg = _Flash(window=padded if window is None else min(window, padded), softcap=softcap,
-               scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret, documents=documents)
+               scale=1.0 / math.sqrt(dim), target=target, blocks=blocks, interpret=interpret, documents=documents,
+               bias=decay_bias is not None)
   widths = ((0, 0), (0, padded - time), (0, 0), (0, pad_dim))
   q, k, v = (jnp.pad(x, widths) if padded > time or pad_dim else x for x in (q, k, v))
-  doc_start = doc_end = None
+  doc_start = doc_end = bias = None
   if documents:
     doc_start, doc_end = document_bounds(segment_ids, padded)
+  if decay_bias is not None:
+    # Padding repeats the last c: a padded query's pairs get a bias ≤ 0 too (its cotangent is 0).
+    bias = jnp.pad(rearrange(decay_bias.astype(jnp.float32), "b t h -> b h t"), ((0, 0), (0, 0), (0, padded - time)),
+                   mode="edge")
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     if documents:  # rows replicated over 8 sublanes, as the backward's lse and Δ
       doc_start, doc_end = (jnp.broadcast_to(x[:, None, :], (batch, _SUBLANES, padded)) for x in (doc_start, doc_end))
-    return rearrange(_flash_shared(q, k, v, doc_start, doc_end, cfg), "b h t d -> b t h d")[:, :time]
-  return _flash_shared(q, k, v, doc_start, doc_end, cfg)[:, :time, :, :dim]
+    return rearrange(_flash_shared(q, k, v, doc_start, doc_end, bias, cfg), "b h t d -> b t h d")[:, :time]
+  return _flash_shared(q, k, v, doc_start, doc_end, bias, cfg)[:, :time, :, :dim]
