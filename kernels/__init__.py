@@ -11,9 +11,10 @@ platform, the call's shapes and dtypes and what was measured fastest (``kernels/
                        RWKV-6, HGRN2)
     delta/             the (gated) delta rule (DeltaNet, Gated DeltaNet)
     dplr/              the generalized delta rule, diagonal-plus-rank-one (KDA, RWKV-7, Gated DeltaProduct;
-                       reference and XLA only so far)
+                       its Pallas path is the delta rule's state-pass kernel, generalised)
     window_attention/  causal sliding-window softmax attention
-    forgetting_attention/  softmax attention with a forget gate (FoX; reference and XLA only)
+    forgetting_attention/  softmax attention with a forget gate (FoX; its Pallas path is the window-attention
+                       flash kernels with a decay bias)
 
 Each holds ``reference.py``, ``xla.py``, its Pallas lowerings where it has them and ``bench.py``; ``tiling.py`` and
 ``pallas_compat.py`` are shared. Nothing here imports the models (``hybrids``) or the launcher.
@@ -24,7 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import delta, dispatch, dplr, gla, scan, window_attention as _attention
+from kernels import delta, dispatch, dplr, forgetting_attention as _forgetting, gla, scan
+from kernels import window_attention as _attention
 from kernels.scan import linear_scan, linear_scan_reference
 from kernels.window_attention import window_attention, window_attention_reference
 
@@ -46,6 +48,7 @@ def _choices(model_cfg, segments: bool = False) -> dict[str, dispatch.Choice]:
       "gla": gla.choice(head_dim, head_dim, m.gla_impl, dtype=jnp.dtype(m.dtype)),
       "delta": delta.choice(int(m.get("chunk_size", 16)), head_dim, head_dim, m.delta_impl),
       "dplr": dplr.choice(m.get("dplr_impl", "auto")),
+      "forgetting_attention": _forgetting.choice(m.get("fox_impl", "auto")),
   }
 
 

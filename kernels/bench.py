@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-KERNELS = ("scan", "gla", "window_attention", "delta", "dplr")
+KERNELS = ("scan", "gla", "window_attention", "delta", "dplr", "forgetting_attention")
 
 # Measured ceilings of the H100 this project benchmarks on (device README: copy ≈3.0 TB/s counting read+write).
 HBM_BYTES_PER_S = {"gpu": 3.0e12, "tpu": 8.2e11, "cpu": 2.0e10}

@@ -185,8 +185,10 @@ def test_kernel_rejects_bad_arguments():
     forgetting_attention(q, k, v, log_f[..., :1])
   with pytest.raises(ValueError, match="window"):
     forgetting_attention(q, k, v, log_f, window=0)
-  with pytest.raises(ValueError, match="impl"):
-    forgetting_attention(q, k, v, log_f, impl="pallas")
+  with pytest.raises(ValueError, match="impl='pallas' needs a GPU or TPU .* pass interpret=True"):
+    forgetting_attention(q, k, v, log_f, impl="pallas")  # on CPU the kernel runs only interpreted
+  with pytest.raises(ValueError, match="unknown impl 'triton'"):
+    forgetting_attention(q, k, v, log_f, impl="triton")
   with pytest.raises(ValueError, match="segment_ids"):
     forgetting_attention(q, k, v, log_f, segment_ids=jnp.zeros((BATCH, TIME), jnp.float32))
 

@@ -290,20 +290,23 @@ def test_resolve_impls_names_what_auto_runs(monkeypatch):
   from kernels import resolve_impls
 
   m = base_config("mqar").model
-  assert resolve_impls(m) == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla", "dplr": "xla"}  # CPU
+  assert resolve_impls(m) == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla", "dplr": "xla",
+                            "forgetting_attention": "xla"}  # CPU
   m.scan_impl = "reference"
   assert resolve_impls(m)["scan"] == "reference"  # an explicit choice is kept
   m.scan_impl = "auto"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the rules as a CUDA host applies them
   m.dtype, m.attn_softcap, m.chunk_size = "bfloat16", 0.0, 16
-  assert resolve_impls(m) == {"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "pallas", "dplr": "xla"}
+  assert resolve_impls(m) == {"attention": "cudnn", "scan": "pallas", "gla": "pallas", "delta": "pallas", "dplr": "xla",
+                            "forgetting_attention": "xla"}
   m.dtype, m.chunk_size = "float32", 8  # cuDNN needs 16-bit inputs; Pallas delta needs a chunk ≥ 16
   # float32 attention and GLA: XLA (the Pallas kernels were slower there where measured)
-  assert resolve_impls(m) == {"attention": "xla", "scan": "pallas", "gla": "xla", "delta": "xla", "dplr": "xla"}
+  assert resolve_impls(m) == {"attention": "xla", "scan": "pallas", "gla": "xla", "delta": "xla", "dplr": "xla",
+                              "forgetting_attention": "xla"}
   assert "float32" in importlib.import_module("kernels").kernel_choices(m)["gla"]["rejected"]["pallas/triton"]
   m.attention_impl = m.gla_impl = "pallas"  # asked for by name, they run
   assert resolve_impls(m) == {"attention": "pallas/triton", "scan": "pallas", "gla": "pallas", "delta": "xla",
-                              "dplr": "xla"}
+                              "dplr": "xla", "forgetting_attention": "xla"}
   m.attention_impl = m.gla_impl = "auto"
   wa = importlib.import_module("kernels.window_attention")  # (the package exports a function of that name)
   monkeypatch.setattr(wa, "tma_gpu", lambda: True)  # a Hopper host: our Mosaic GPU kernels for 16-bit heads
