@@ -3,7 +3,8 @@ rotations as RoPE on B and C, MIMO as sub-steps of time) against the paper's com
 written out token by token here (outputs, final state, every gradient; packed documents with starts
 inside a chunk, on a chunk edge and one-token documents), the step face against the parallel one for
 MIMO, the wrapped angle sum, and the config checks. The registry tests (test_mixers, test_contract,
-test_segments) cover SISO's two faces and packed rows.
+test_segments) cover SISO's two faces and packed rows; tests/test_peer_b.py compares SISO and MIMO with
+the authors' released module (fixtures ``peer_b_mamba3*.npz``).
 
     JAX_PLATFORMS=cpu python -m pytest -q -n 0 tests/test_mamba3.py
 """

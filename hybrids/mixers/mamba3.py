@@ -4,7 +4,10 @@ embeddings of B and C, and optional MIMO.
 Lahoti, Li, Chen, Wang, Bick, Kolter, Dao & Gu 2026, "Mamba-3: Improved Sequence Modeling using State
 Space Principles" (ICLR 2026, arXiv 2603.15569); the released module is ``mamba_ssm/modules/mamba3.py``
 of github.com/state-spaces/mamba, whose reference recurrences (``tests/ops/triton/test_mamba3_siso.py``,
-``tests/ops/tilelang/test_mamba3_mimo.py``) fix the details the paper leaves open. Per token, with
+``tests/ops/tilelang/test_mamba3_mimo.py``) fix the details the paper leaves open
+(``tests/test_peer_b.py`` checks this mixer, SISO and MIMO, both faces, states, gradients and packed
+documents, against that module at commit e9594ce with its kernels replaced by those references,
+through a committed fixture). Per token, with
 ``R = model.mamba3_mimo_rank`` (1: SISO), heads ``h`` of ``P = d_inner / num_heads`` channels and
 state size ``N = model.d_state``:
 
@@ -50,7 +53,8 @@ Where this differs from the paper and the released code:
 - A: the release's current heavy-tail activation ``f`` (state-spaces/mamba c69aaab, a stability fix
   after publication); the first release used softplus;
 - rotation pairs: adjacent channels ``(2i, 2i+1)`` for SISO and MIMO (the release's MIMO kernel pairs
-  ``i`` with ``i + N/2``: a fixed permutation of the state channels, the same model family);
+  ``i`` with ``i + N/2``: a fixed permutation of the state channels, the same model family, which the
+  peer fixture applies to the B/C weights to match the release exactly);
   ``rope_fraction`` any value in (0, 1] (the release allows 0.5 and 1);
 - no RMSNorm before ``W_out`` (the release's default ``is_outproj_norm=False``; its option is not offered);
 - kernels: ``kernels.gla`` with the trapezoid folded into the keys and a per-token correction, MIMO as
