@@ -44,7 +44,8 @@ def test_run_directory_contract(uninterrupted):
   assert s["params"] > s["non_embedding_params"] > 0
   assert s["tokens_per_sec"] > 0 and s["eval"]["step"] == 12
   assert {"jax", "flax", "optax", "orbax-checkpoint", "grain"} <= set(s["versions"])
-  assert s["impl"] == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla", "dplr": "xla"}  # "auto" on CPU
+  assert s["impl"] == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla", "dplr": "xla",
+                       "forgetting_attention": "xla"}  # "auto" on CPU
   assert s["compile"]["scan_layers"] is True and s["compile"]["xla_options"] == {}  # no XLA options on CPU
   assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == ["12", "4", "8"]
 
