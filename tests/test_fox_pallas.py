@@ -4,9 +4,11 @@ decay bias ``c_i − c_j``) against ``forgetting_attention_reference``.
 Both lowerings (Triton for GPU, Mosaic for TPU) run in the Pallas interpreter on CPU with tiny tiles,
 so every case crosses several blocks: outputs and the gradients of q, k, v and log_forget on fresh
 random inputs, odd lengths (padding), windows shorter and longer than the row and None, GQA/MQA, gates
-near 0 (log f ≈ −20) and near 1, documents whose boundaries cut blocks. The Mosaic kernels are also
-lowered for TPU and the Triton kernels for CUDA from this host; the dispatch's verdicts and the fox
-mixer's ``model.fox_impl`` are checked last. (The window-attention kernels without a bias keep their
+near 0 (log f ≈ −20) and near 1, documents whose boundaries cut blocks. Long documents of strong
+gates (issue 24): the two float32 parts of c and the output and gradients of a 1537-step row against
+float64, at the XLA band's tolerance. The Mosaic kernels are also lowered for TPU and the Triton
+kernels for CUDA from this host; the dispatch's verdicts and the fox mixer's ``model.fox_impl`` are
+checked last. (The window-attention kernels without a bias keep their
 own tests: tests/test_pallas_window_attention.py, tests/test_window_segments.py.)
 
     JAX_PLATFORMS=cpu python -m pytest -q -n 0 tests/test_fox_pallas.py
@@ -27,7 +29,9 @@ from hybrids.mixers import fox as fox_mixer
 from hybrids.mixers import get_mixer
 from hybrids.train import resolve
 from kernels import dispatch
-from kernels.forgetting_attention import choice, forgetting_attention, forgetting_attention_reference
+from kernels.forgetting_attention import (choice, cumulative_log_forget, forgetting_attention,
+                                      forgetting_attention_reference)
+from kernels.forgetting_attention.pallas import cumulative_log_forget_parts
 from kernels.window_attention import PallasBlocks
 from kernels.window_attention.pallas import NO_DECAY_BIAS, flash_window_attention
 
@@ -204,6 +208,113 @@ def test_dispatch_records_why(monkeypatch):
   assert choice().impl == "xla" and choice("pallas").name == "pallas/mosaic_tpu"
   with pytest.raises(ValueError, match="pallas_target"):
     choice("pallas", pallas_target="cuda")
+
+
+# ----------------------------------------------------------------- long documents (issue 24)
+# 1537 steps of log f ≈ −3 put |c| near 4600, where float32's spacing is ~5e-4: one float32 c per
+# position loses that much of every bias c_i − c_j. The kernels get c as two float32 parts.
+
+LONG_TIME, LONG_WINDOW = 1537, 3
+LONG_DOCS = (700, 1, 836)  # a one-token document between two long ones
+# Tiles of 16 and 32 rows: the band of width 3 crosses a block edge every few rows.
+LONG_TILES = PallasBlocks(fwd_q=32, fwd_k=16, dkv_q=16, dkv_k=32, dq_q=32, dq_k=16, block=32)
+
+
+def _long_row(seed):
+  """``q, k, v, log_f, do`` of one head, head_dim 4, over ``LONG_TIME`` steps of strong gates."""
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q, k, v, do = (jax.random.normal(key, (1, LONG_TIME, 1, 4)) for key in keys[:4])
+  log_f = -3.0 + 0.5 * jax.random.normal(keys[4], (1, LONG_TIME, 1))
+  return q, k, v, jnp.minimum(log_f, 0.0), do
+
+
+def _documents(time, lengths):
+  """Document number of each step, ``int [time]`` (lengths in order; they must cover ``time``)."""
+  assert sum(lengths) == time
+  return np.repeat(np.arange(len(lengths)), lengths)
+
+
+def _cumsum_f64(log_f, doc):
+  """The document-restarting cumulative sum in float64, ``[time]`` (``doc`` non-decreasing)."""
+  c = np.cumsum(log_f)
+  first = np.searchsorted(doc, doc)  # each step's document start
+  return c - np.concatenate([[0.0], c])[first]
+
+
+def _band_f64(q, k, v, log_f, do, window, doc):
+  """Windowed forgetting attention and its gradients in float64 (one head; ``doc`` the document of
+  each step): ``(out, dq, dk, dv, dlog_f)``, written out from the definition, independent of the
+  kernels' algebra."""
+  q, k, v, log_f, do = (np.asarray(a, np.float64)[0, :, 0] for a in (q, k, v, log_f, do))
+  time, scale = q.shape[0], 1.0 / np.sqrt(q.shape[-1])
+  c = _cumsum_f64(log_f, doc)
+  rows = np.arange(time)[:, None]
+  cols = rows - np.arange(window)[None]  # key of each (row, offset)
+  allowed = (cols >= 0) & (doc[np.maximum(cols, 0)] == doc[rows])
+  cols = np.maximum(cols, 0)
+  logits = np.einsum("td,twd->tw", q, k[cols]) * scale + c[rows] - c[cols]
+  logits = np.where(allowed, logits, -np.inf)
+  p = np.exp(logits - logits.max(axis=1, keepdims=True))
+  p /= p.sum(axis=1, keepdims=True)
+  out = np.einsum("tw,twd->td", p, v[cols])
+  dp = np.einsum("td,twd->tw", do, v[cols])
+  ds = p * (dp - np.sum(p * dp, axis=1, keepdims=True))  # the logits' gradient; 0 where not allowed
+  dq = np.einsum("tw,twd->td", ds, k[cols]) * scale
+  dk, dv = np.zeros_like(k), np.zeros_like(v)
+  np.add.at(dk, cols, ds[..., None] * q[:, None] * scale)
+  np.add.at(dv, cols, p[..., None] * do[:, None])
+  dlog_f = np.zeros(time)  # the pair (i, i − w) reads log f of steps i − w + 1 … i
+  for w in range(1, window):
+    for m in range(w):
+      dlog_f[:time - m] += ds[m:, w]
+  return out, dq, dk, dv, dlog_f
+
+
+def test_bias_parts_hold_the_cumulative_sum_exactly():
+  """``cumulative_log_forget_parts``: ``hi`` is c rounded to float32 and ``hi + lo`` is c to ~1e-12
+  (float32 alone: ~1e-4 here), restarting at documents; its gradient is the reverse
+  document-restarting sum of the cotangent (float64), as for the one-part sum."""
+  rng = np.random.default_rng(7)
+  log_f = jnp.asarray(-3.0 + 0.5 * rng.standard_normal((1, LONG_TIME, 2)), jnp.float32)
+  doc = _documents(LONG_TIME, LONG_DOCS)
+  segment_ids = jnp.asarray(doc[None] % 2, jnp.int32)  # recurring ids: the renumbering's job
+  cotangent = rng.standard_normal(log_f.shape).astype(np.float32)
+
+  @jax.jit
+  def run(log_f):
+    (hi, lo), vjp = jax.vjp(lambda x: cumulative_log_forget_parts(x, segment_ids), log_f)
+    return hi, lo, cumulative_log_forget(log_f, segment_ids), vjp((cotangent, cotangent))[0]
+  hi, lo, one_part, grad = run(log_f)
+  exact = np.stack([_cumsum_f64(np.asarray(log_f, np.float64)[0, :, h], doc) for h in range(2)], axis=-1)
+  np.testing.assert_array_equal(np.asarray(hi)[0], exact.astype(np.float32))
+  two_parts = np.asarray(hi, np.float64)[0] + np.asarray(lo, np.float64)[0]
+  assert np.max(np.abs(two_parts - exact)) <= 1e-12 * np.max(np.abs(exact))
+  assert np.max(np.abs(np.asarray(one_part, np.float64)[0] - exact)) > 1e-5  # what the second part is for
+
+  # Both parts get the cotangent of c (as the kernels give them): it counts once.
+  # Reversed, the documents run backwards: −doc numbers them in increasing order again.
+  expected = np.stack([_cumsum_f64(np.asarray(cotangent, np.float64)[0, ::-1, h], -doc[::-1])[::-1]
+                       for h in range(2)], axis=-1)
+  np.testing.assert_allclose(np.asarray(grad)[0], expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("target,documents", [("triton", False), ("mosaic", True)])
+def test_long_row_keeps_the_bias_exact(target, documents):
+  """The setup of tests/test_fox.py::test_band_keeps_the_bias_exact_along_a_long_row, gradients too:
+  against float64, the Pallas path (interpreted) keeps the tolerance the XLA band keeps (checked
+  beside it), for the output and every gradient (none is rounding-sized: with log f ≈ −3 a query's
+  previous key still has weight ~e⁻³); a one-part c would miss it by far (3.7e-4 on the output)."""
+  q, k, v, log_f, do = _long_row(seed=4)
+  doc = _documents(LONG_TIME, LONG_DOCS) if documents else np.zeros(LONG_TIME, int)
+  segment_ids = jnp.asarray(doc[None] % 2, jnp.int32) if documents else None
+  expected = _band_f64(q, k, v, log_f, do, LONG_WINDOW, doc)
+  pallas = dict(impl="pallas", interpret=True, pallas_target=target, pallas_blocks=LONG_TILES)
+  for options in (dict(impl="xla", block_size=2), pallas):
+    got = _value_and_grads(functools.partial(forgetting_attention, window=LONG_WINDOW, segment_ids=segment_ids,
+                                             **options), q, k, v, log_f, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlog_forget"), got, expected):
+      error = np.max(np.abs(np.asarray(a, np.float64)[0, :, 0] - b))
+      assert error <= 1e-5 * max(1.0, np.max(np.abs(b))), (options["impl"], name, error)
 
 
 # ------------------------------------------------------------------------------------------- mixer

@@ -22,14 +22,16 @@ Implementations:
 - ``"pallas"``: flash attention, O(T·W) with a window and O(T²/2) without, never forming a score
   matrix: the sliding-window flash kernels of ``kernels/window_attention/pallas.py`` (forward, dQ and
   dK/dV kernels with lse residuals, band block ranges, document bounds) with their optional decay
-  bias, which adds ``c_i − c_j`` to each logit tile from ``c`` in float32 (``pallas.py``; the authors'
-  Triton kernel does the same). Its backward also returns ``dc`` (row sums of the tiles' ``dS`` in the
-  dQ kernel, minus column sums in the dK/dV kernel); ``d log f`` is the reverse, document-restarting
-  cumulative sum of ``dc``, in XLA. Lowerings: Triton on GPU (the Hopper Mosaic GPU window kernels
-  take no bias, so Hopper runs Triton too), Mosaic on TPU (lowering tested only), the Pallas
-  interpreter on CPU with ``interpret=True``. Rounding: one float32 ``c`` per position loses about
-  ``|c|·2⁻²⁴`` of each bias, and ``|c|`` grows along a document (``T·|log f|``), where ``"xla"`` keeps
-  its bias to block-local sums; long documents of strong gates are more exact on ``"xla"``.
+  bias, which adds ``c_i − c_j`` to each logit tile. Its backward also returns ``dc`` (row sums of the
+  tiles' ``dS`` in the dQ kernel, minus column sums in the dK/dV kernel); ``d log f`` is the reverse,
+  document-restarting cumulative sum of ``dc``, in XLA. Lowerings: Triton on GPU (the Hopper Mosaic
+  GPU window kernels take no bias, so Hopper runs Triton too), Mosaic on TPU (lowering tested only),
+  the Pallas interpreter on CPU with ``interpret=True``. Rounding (issue 24): ``|c|`` grows along a
+  document (``T·|log f|``), and one float32 ``c`` per position (as in the authors' Triton kernel)
+  would lose about ``|c|·2⁻²⁴`` of each bias; so ``c`` reaches the kernels as two float32 parts
+  ``hi + lo`` from a compensated cumulative sum, and they form ``(hi_i − hi_j) + (lo_i − lo_j)``,
+  whose rounding is that of the bias itself, as in ``"xla"`` (``pallas.py`` says why this and not a
+  per-block reference).
 - ``"auto"``: ``"xla"`` on every platform until a GPU benchmark (``bench.py``) shows ``"pallas"``
   faster; :func:`choice` (``kernels.dispatch.forgetting_attention``) records why each other
   candidate was passed over.

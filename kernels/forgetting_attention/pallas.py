@@ -2,21 +2,98 @@
 ``kernels/window_attention/pallas.py`` (Triton on GPU, Mosaic on TPU) with their decay bias.
 
 The kernels add ``c_i − c_j`` to each logit tile by tile, ``c`` the (document-restarting) cumulative
-log forget gate in float32, read per query head: query rows their own ``c_i``, key columns ``c_j``.
-The band's masks (window, causality, documents) drop a pair before any exp, so the only biases that
-reach one are ``Σ_{j<l≤i} log f_l ≤ 0``. The backward returns ``dc`` from the tiles' softmax-logit
-gradients ``dS`` (``dc_i = Σ_j dS_ij − Σ_l dS_li``: row sums in the dQ kernel, column sums in the
-dK/dV kernel); ``d log f``, the reverse document-restarting cumulative sum of ``dc``, is XLA's
-gradient of :func:`cumulative_log_forget`.
+log forget gate, read per query head: query rows their own ``c_i``, key columns ``c_j``. The band's
+masks (window, causality, documents) drop a pair before any exp, so the only biases that reach one
+are ``Σ_{j<l≤i} log f_l ≤ 0``. The backward returns ``dc`` from the tiles' softmax-logit gradients
+``dS`` (``dc_i = Σ_j dS_ij − Σ_l dS_li``: row sums in the dQ kernel, column sums in the dK/dV kernel);
+``d log f`` is the reverse, document-restarting cumulative sum of ``dc``, in XLA.
 
-Rounding: ``c`` runs the length of a document, so ``c_i − c_j`` loses about ``|c_i|·2⁻²⁴`` (as in the
-authors' kernel); the XLA band forms its bias from block-local sums instead (``xla.py``).
+Rounding: ``|c|`` grows along a document (``T·|log f|``), and one float32 ``c`` per position would lose
+``|c|·2⁻²⁴`` of every bias (as the authors' kernel does; 1537 steps of ``log f ≈ −3`` put ``|c|`` near
+4600 and the output 4e-4 off). So ``c`` goes to the kernels as two float32 parts, ``hi = fl(c)`` and
+``lo`` ≈ ``c − hi``, from a compensated cumulative sum (TwoSum in an associative scan: no float64,
+which GPUs run slowly and TPUs not at all), and the kernels form ``(hi_i − hi_j) + (lo_i − lo_j)``:
+``hi_i − hi_j`` is exact for the nearby ``c`` of one sign a band pairs, so each bias keeps the
+rounding of its own size, as the block-local sums of the XLA band (``xla.py``) do. Chosen over
+subtracting a per-block reference ``c`` in the kernels because the parts are per position: every
+kernel (forward, dQ, dK/dV; Triton's three tilings and Mosaic's one) reads them as it read ``c``, with
+one more vector per tile and two more subtractions per logit, and no kernel needs to know a block
+structure. The gradient reaches both parts identically (the logits read only ``hi + lo``); ``d log f``
+takes it once, as differentiating TwoSum would (``hi`` carries the first-order change, ``lo`` only
+rounding), and its reverse sum runs over ``dc``, whose partial sums stay small (a document's ``dc``
+sums to zero), so it needs no second part.
 """
 
 from __future__ import annotations
 
-from kernels.forgetting_attention.reference import cumulative_log_forget
+import jax
+import jax.numpy as jnp
+
+from kernels.forgetting_attention.reference import document_starts
 from kernels.window_attention.pallas import PallasBlocks, PallasTarget, flash_window_attention
+
+
+def _two_sum(a, b):
+  """``(s, e)`` with ``s = fl(a + b)`` and ``e`` its rounding error, exactly (Knuth's TwoSum: no
+  branch on which of ``a``, ``b`` is larger)."""
+  s = a + b
+  b_part = s - a
+  return s, (a - (s - b_part)) + (b - b_part)
+
+
+def _add_parts(x, y):
+  """``(hi, lo) + (hi, lo)`` in double-float arithmetic. Both sums of ``log f ≤ 0`` share a sign, so
+  nothing cancels and the result keeps about 2⁻⁴⁴ of its size."""
+  s, e = _two_sum(x[0], y[0])
+  e = e + (x[1] + y[1])
+  hi = s + e
+  return hi, e - (hi - s)  # |s| ≥ |e|: the error of hi = fl(s + e) in two operations
+
+
+def _segmented(add):
+  """An associative-scan combine of ``(value, start)`` pairs: a start discards what came before it."""
+  def combine(earlier, later):
+    (value_a, start_a), (value_b, start_b) = earlier, later
+    summed = add(value_a, value_b)
+    return jax.tree.map(lambda b, s: jnp.where(start_b, b, s), value_b, summed), start_a | start_b
+  return combine
+
+
+@jax.custom_vjp
+def _cumulative_parts(log_forget, starts):
+  """``c = Σ_{document start ≤ l ≤ t} log f_l`` as two float32 parts ``(hi, lo)``, ``hi + lo = c`` to
+  about 2⁻⁴⁴·|c|. ``log_forget``: f32 ``[batch, time, heads]``; ``starts``: bool, the same shape."""
+  parts = (log_forget, jnp.zeros_like(log_forget))
+  return jax.lax.associative_scan(_segmented(_add_parts), (parts, starts), axis=1)[0]
+
+
+def _cumulative_parts_fwd(log_forget, starts):
+  return _cumulative_parts(log_forget, starts), starts
+
+
+def _cumulative_parts_bwd(starts, cotangents):
+  d_hi, _ = cotangents  # the same dc as d_lo (the flash core's): taken once, for c = hi + lo
+  ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)  # last step of a document
+  add = lambda a, b: a + b
+  d_log_forget = jax.lax.associative_scan(_segmented(add), (d_hi, ends), axis=1, reverse=True)[0]
+  return d_log_forget, None
+
+
+_cumulative_parts.defvjp(_cumulative_parts_fwd, _cumulative_parts_bwd)
+
+
+def cumulative_log_forget_parts(log_forget, segment_ids=None):
+  """The cumulative log forget gate of :func:`kernels.forgetting_attention.cumulative_log_forget`
+  (restarting at each document of ``segment_ids [batch, time]``) as two float32 parts ``(hi, lo)``,
+  each ``[batch, time, heads]``: ``hi`` is ``c`` rounded to float32 and ``lo`` the remainder, so
+  ``hi + lo`` keeps ``c`` far beyond float32 (module docstring). Differentiable: the cotangent of
+  ``hi`` is taken as that of ``c`` (the kernels give ``lo`` the same one)."""
+  log_forget = log_forget.astype(jnp.float32)
+  if segment_ids is None:
+    starts = jnp.zeros(log_forget.shape[:2], bool).at[:, 0].set(True)
+  else:
+    starts = document_starts(segment_ids)
+  return _cumulative_parts(log_forget, jnp.broadcast_to(starts[..., None], log_forget.shape))
 
 
 def flash_forgetting_attention(q, k, v, log_forget, *, window: int | None = None, segment_ids=None,
@@ -24,6 +101,6 @@ def flash_forgetting_attention(q, k, v, log_forget, *, window: int | None = None
                                blocks: PallasBlocks | None = None):
   """The Pallas path of :func:`kernels.forgetting_attention.forgetting_attention` (same arguments and
   result; ``segment_ids`` already renumbered by ``document_index``, or None)."""
-  c = cumulative_log_forget(log_forget, segment_ids)  # [batch, time, heads], f32
+  c_parts = cumulative_log_forget_parts(log_forget, segment_ids)  # (hi, lo), each [batch, time, heads]
   return flash_window_attention(q, k, v, window=window, interpret=interpret, target=target, blocks=blocks,
-                                segment_ids=segment_ids, decay_bias=c)
+                                segment_ids=segment_ids, decay_bias=c_parts)

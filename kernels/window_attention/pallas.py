@@ -6,8 +6,9 @@ described in ``kernels/window_attention/__init__.py``; measured tilings in ``ker
 
 An optional decay bias (``flash_window_attention(..., decay_bias=c)``: each logit gets ``c_i − c_j``,
 forgetting attention's cumulative log forget gate, ``kernels/forgetting_attention``) enters the Triton
-and Mosaic TPU kernels, whose backward then also returns ``dc``; without it (``_Flash.bias`` False)
-the kernels are traced exactly as before. The Mosaic GPU kernels take no bias.
+and Mosaic TPU kernels as two float32 parts ``c = hi + lo`` (so a long ``c`` keeps its differences
+exact), and their backward then also returns ``dc``; without it (``_Flash.bias`` False) the kernels
+are traced exactly as before. The Mosaic GPU kernels take no bias.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class _Flash:
   blocks: PallasBlocks
   interpret: bool
   documents: bool = False  # packed documents: the kernels take doc_start / doc_end (document_bounds)
-  bias: bool = False  # a decay bias: the logit of query i, key j gets c_i − c_j (the kernels take c)
+  bias: bool = False  # a decay bias: the logit of query i, key j gets c_i − c_j (the kernels take c's two parts)
 
 
 
@@ -155,18 +156,26 @@ def _logits(a, b, cfg: _Flash, unit: float):
 
 
 # --- the decay bias (forgetting attention) ---------------------------------------------------------
-# ``c`` per (position, head), f32 ``[batch, heads, time]`` as lse: the logit of query i and key j gets
+# ``c`` per (position, head) as two f32 parts, ``hi`` and ``lo`` (each ``[batch, heads, time]`` as lse;
+# the core takes them stacked, ``[batch, 2, heads, time]``): the logit of query i and key j gets
 # ``c_i − c_j`` (FoX: c the cumulative log forget gate, so the bias is ≤ 0 for every pair the band
 # reads; pairs a mask drops are set to −inf before any exp, so a large ``c_i − c_j`` of a future key
-# or another document never reaches one). Triton reads c in base-2 units (scaled by log₂e once, in
-# XLA). Its gradient needs nothing new: ``ds`` is the logit's gradient, so ``dc_i = Σ_j ds_ij`` (a row
-# sum in the dQ kernel) ``− Σ_l ds_li`` (a column sum, in the dK/dV kernel, per query head).
+# or another document never reaches one). Why two parts: ``|c|`` grows along a document, and one f32
+# per position would lose ``|c|·2⁻²⁴`` of every bias; ``(hi_i − hi_j) + (lo_i − lo_j)`` loses only
+# ``|c_i − c_j|·2⁻²⁴`` (a difference rounds at its own size; ``hi_i − hi_j`` of two nearby ``c`` of one
+# sign, a band's pairs, is even exact, Sterbenz). For the same reason Triton scales the difference,
+# not c, by log₂e (a base-2 ``hi`` would round at ``|c|·2⁻²⁴`` again). The gradient needs nothing
+# new: ``ds`` is the logit's gradient, so ``dc_i = Σ_j ds_ij`` (a row sum in the dQ kernel)
+# ``− Σ_l ds_li`` (a column sum, in the dK/dV kernel, per query head), the same for both parts.
 
 
-def _plus_bias(s, c, query_bias, key_bias):
-  """The logits ``s · c`` (as :func:`_logits` gives them) plus ``query_bias − key_bias``, both already
-  shaped to broadcast over the tile, as ``(logits, 1.0)``: the kernels go on with ``s · c``."""
-  return s * c + (query_bias - key_bias), 1.0
+def _plus_bias(s, c, query_bias, key_bias, unit: float):
+  """The logits ``s · c`` (as :func:`_logits` gives them, in units of ``1/unit``) plus ``c_i − c_j``:
+  ``query_bias`` and ``key_bias`` are ``(hi, lo)`` pairs already shaped to broadcast over the tile.
+  Returns ``(logits, 1.0)``: the kernels go on with ``s · c``."""
+  (query_hi, query_lo), (key_hi, key_lo) = query_bias, key_bias
+  bias = (query_hi - key_hi) + (query_lo - key_lo)
+  return s * c + (bias if unit == 1.0 else bias * unit), 1.0
 
 
 # --- packed documents (segment_ids) ---------------------------------------------------------------
@@ -230,13 +239,13 @@ def _query_key_blocks(q_start, starts, cfg, bq: int, bk: int):
 # kv head, i.e. a base pointer, and the loop loads the band's tiles from it.
 
 def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
-  # refs: q, k, v, [doc_start (cfg.documents)], [c: the head's whole row (cfg.bias)], o, lse
+  # refs: q, k, v, [doc_start (cfg.documents)], [c's hi, lo: the head's whole row (cfg.bias)], o, lse
   (q_ref, k_ref, v_ref), (o_ref, lse_ref) = refs[:3], refs[-2:]
   q_start = pl.program_id(0) * bq
   q = q_ref[...]
   starts = refs[3][...] if cfg.documents else None
-  bias_ref = refs[3 + cfg.documents] if cfg.bias else None
-  q_bias = bias_ref[pl.ds(q_start, bq)][:, None] if cfg.bias else None
+  bias_refs = refs[3 + cfg.documents:5 + cfg.documents] if cfg.bias else ()
+  q_bias = tuple(r[pl.ds(q_start, bq)][:, None] for r in bias_refs)
 
   def step(j, carry, masked):
     acc, m, l = carry
@@ -244,7 +253,7 @@ def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, _ = _logits(q, k, cfg, _LOG2E)
     if cfg.bias:
-      s, c = _plus_bias(s, c, q_bias, bias_ref[pl.ds(k_start, bk)][None, :])
+      s, c = _plus_bias(s, c, q_bias, tuple(r[pl.ds(k_start, bk)][None, :] for r in bias_refs), _LOG2E)
     if masked:
       s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, starts), s, -jnp.inf)
     # m starts finite, so a row with no allowed key in this tile keeps alpha = 1 and p = 0.
@@ -262,11 +271,11 @@ def _triton_fwd_kernel(*refs, cfg: _Flash, bq: int, bk: int):
 def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blocks: int):
   # Transposed tiles ([keys, queries]) so the per-query lse and Δ broadcast along rows and dK, dV
   # are plain products (pᵀ·dO, dsᵀ·Q) with no transposes of the tile.
-  # refs: q, k, v, do, lse, Δ, [doc_end (cfg.documents)], [c of the group's heads (cfg.bias)], dk, dv,
-  # [dc: the group's heads' −Σ_queries ds for these keys (cfg.bias)]
+  # refs: q, k, v, do, lse, Δ, [doc_end (cfg.documents)], [c's hi, lo of the group's heads (cfg.bias)],
+  # dk, dv, [dc: the group's heads' −Σ_queries ds for these keys (cfg.bias)]
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref) = refs[:6]
   (dk_ref, dv_ref), dc_ref = (refs[-3:-1], refs[-1]) if cfg.bias else (refs[-2:], None)
-  bias_ref = refs[6 + cfg.documents] if cfg.bias else None
+  bias_refs = refs[6 + cfg.documents:8 + cfg.documents] if cfg.bias else ()
   k_start = pl.program_id(0) * bk
   k, v = k_ref[...], v_ref[...]
   bounds = _query_blocks(k_start, bq, bk, cfg.window, n_q_blocks)
@@ -282,7 +291,8 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
     lse, delta = lse_ref[head, rows], delta_ref[head, rows]
     s, c, t = _logits(k, q, cfg, _LOG2E)
     if cfg.bias:
-      s, c = _plus_bias(s, c, bias_ref[head, rows][None, :], bias_ref[head, pl.ds(k_start, bk)][:, None])
+      s, c = _plus_bias(s, c, tuple(r[head, rows][None, :] for r in bias_refs),
+                        tuple(r[head, pl.ds(k_start, bk)][:, None] for r in bias_refs), _LOG2E)
     if masked:
       s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, ends, keys_first=True), s, -jnp.inf)
     p = jnp.exp2(s * c - lse[None, :])
@@ -313,15 +323,15 @@ def _triton_dkv_kernel(*refs, cfg: _Flash, bq: int, bk: int, group: int, n_q_blo
 def _triton_dq_kernel(*refs, cfg: _Flash, bq: int, bk: int):
   # Runs before the dK/dV kernel and also produces Δ = rowsum(o ⊙ dO) for it: this program reads
   # its rows of dO anyway, which saves a separate pass over o and dO.
-  # refs: q, k, v, o, do, lse, [doc_start (cfg.documents)], [c: the head's whole row (cfg.bias)], dq, Δ,
-  # [dc: Σ_keys ds of these rows (cfg.bias)]
+  # refs: q, k, v, o, do, lse, [doc_start (cfg.documents)], [c's hi, lo: the head's whole row (cfg.bias)],
+  # dq, Δ, [dc: Σ_keys ds of these rows (cfg.bias)]
   (q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref) = refs[:6]
   (dq_ref, delta_ref), dc_ref = (refs[-3:-1], refs[-1]) if cfg.bias else (refs[-2:], None)
   q_start = pl.program_id(0) * bq
   q, do, lse = q_ref[...], do_ref[...], lse_ref[...]
   starts = refs[6][...] if cfg.documents else None
-  bias_ref = refs[6 + cfg.documents] if cfg.bias else None
-  q_bias = bias_ref[pl.ds(q_start, bq)][:, None] if cfg.bias else None
+  bias_refs = refs[6 + cfg.documents:8 + cfg.documents] if cfg.bias else ()
+  q_bias = tuple(r[pl.ds(q_start, bq)][:, None] for r in bias_refs)
   delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
   delta_ref[...] = delta
 
@@ -330,7 +340,7 @@ def _triton_dq_kernel(*refs, cfg: _Flash, bq: int, bk: int):
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     s, c, t = _logits(q, k, cfg, _LOG2E)
     if cfg.bias:
-      s, c = _plus_bias(s, c, q_bias, bias_ref[pl.ds(k_start, bk)][None, :])
+      s, c = _plus_bias(s, c, q_bias, tuple(r[pl.ds(k_start, bk)][None, :] for r in bias_refs), _LOG2E)
     if masked:
       s = jnp.where(_allowed(s.shape, q_start, k_start, cfg, starts), s, -jnp.inf)
     p = jnp.exp2(s * c - lse[:, None])
@@ -353,11 +363,11 @@ def _triton_dq_kernel(*refs, cfg: _Flash, bq: int, bk: int):
 
 
 def _triton_bias(bias, cfg: _Flash):
-  """The spec and operand list of c (``[batch, heads, time]``, in base-2 units) for a Triton kernel
-  over grid (block, batch, head): the head's whole row, as the keys are. Empty without a bias."""
+  """The specs and operands of c's two parts (``bias``: ``[batch, 2, heads, time]``) for a Triton
+  kernel over grid (block, batch, head): the head's whole row, as the keys are. Empty without a bias."""
   if not cfg.bias:
     return [], []
-  return [pl.BlockSpec((None, None, bias.shape[-1]), lambda i, n, h: (n, h, 0))], [bias * _LOG2E]
+  return [pl.BlockSpec((None, None, bias.shape[-1]), lambda i, n, h: (n, h, 0))] * 2, [bias[:, 0], bias[:, 1]]
 
 
 def _triton_forward(q, k, v, doc_start, bias, cfg: _Flash):
@@ -408,8 +418,8 @@ def _triton_backward(q, k, v, o, lse, do, doc_start, doc_end, bias, cfg: _Flash)
   group_stat = pl.BlockSpec((None, group, time), lambda j, n, h: (n, h, 0))
   kv_block = pl.BlockSpec((None, bk, None, dim), lambda j, n, h: (n, j, h, 0))
   documents = [pl.BlockSpec((None, bk), lambda j, n, h: (n, j))] if cfg.documents else []
-  # c of the group's query heads, and their column sums of ds for this key block.
-  bias_spec = [group_stat] if cfg.bias else []
+  # c of the group's query heads (both parts), and their column sums of ds for this key block.
+  bias_spec = [group_stat] * 2 if cfg.bias else []
   dc_spec = [pl.BlockSpec((None, group, bk), lambda j, n, h: (n, h, j))] if cfg.bias else []
   dk, dv, *dc_cols = pl.pallas_call(
       functools.partial(_triton_dkv_kernel, cfg=cfg, bq=bq, bk=bk, group=group, n_q_blocks=time // bq),
@@ -452,18 +462,30 @@ def _split_refs(refs, n_in: int, documents: bool):
 
 
 def _bias_refs(rest, cfg: _Flash):
-  """The refs after the inputs and document bound as (the two views of c, or (None, None); the rest):
-  the resident block's c lane-replicated (``[rows, 128]``) and the streamed block's as a row
-  replicated over 8 sublanes (``[8, cols]``), the layouts of lse and Δ."""
-  return (tuple(rest[:2]), rest[2:]) if cfg.bias else ((None, None), rest)
+  """The refs after the inputs and document bound as (the two views of c, each a ``(hi, lo)`` pair of
+  refs, or (None, None); the rest): the resident block's c lane-replicated (``[rows, 128]``) and the
+  streamed block's as a row replicated over 8 sublanes (``[8, cols]``), the layouts of lse and Δ."""
+  return ((tuple(rest[:2]), tuple(rest[2:4])), rest[4:]) if cfg.bias else ((None, None), rest)
 
 
 def _mosaic_bias(bias):
-  """c ``[batch, heads, time]`` as the Mosaic kernels read it: lane-replicated ``[batch, heads, time,
-  128]`` (the resident block's rows) and sublane-replicated ``[batch, heads, 8, time]`` (the streamed block's)."""
-  batch, heads, time = bias.shape
-  return (jnp.broadcast_to(bias[..., None], (batch, heads, time, _LANES)),
-          jnp.broadcast_to(bias[:, :, None, :], (batch, heads, _SUBLANES, time)))
+  """c's parts (``bias``: ``[batch, 2, heads, time]``) as the Mosaic kernels read them: hi and lo
+  lane-replicated ``[batch, heads, time, 128]`` (the resident block's rows), then hi and lo
+  sublane-replicated ``[batch, heads, 8, time]`` (the streamed block's)."""
+  batch, _, heads, time = bias.shape
+  parts = (bias[:, 0], bias[:, 1])
+  return (*(jnp.broadcast_to(x[..., None], (batch, heads, time, _LANES)) for x in parts),
+          *(jnp.broadcast_to(x[:, :, None, :], (batch, heads, _SUBLANES, time)) for x in parts))
+
+
+def _lane_bias(refs):
+  """A lane-replicated ``(hi, lo)`` pair of refs as the tile's rows' c: ``[rows, 1]`` each."""
+  return tuple(r[:, :1] for r in refs)
+
+
+def _row_bias(refs):
+  """A sublane-replicated ``(hi, lo)`` pair of refs as the tile's columns' c: ``[1, cols]`` each."""
+  return tuple(r[:1, :] for r in refs)
 
 
 def _row_sums(x):
@@ -491,8 +513,8 @@ def _in_document_rows(shape, rows, bound_ref, *, keys_first: bool):
 
 
 def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
-  # refs: q, k, v, [the key block's doc_end (cfg.documents)], [the query block's c, the key block's c
-  # (cfg.bias)], o, lse, then m, l, acc scratch
+  # refs: q, k, v, [the key block's doc_end (cfg.documents)], [the query block's c (hi, lo), the key
+  # block's c (hi, lo) (cfg.bias)], o, lse, then m, l, acc scratch
   (q_ref, k_ref, v_ref), ends_ref, rest = _split_refs(refs, 3, cfg.documents)
   (q_bias_ref, k_bias_ref), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _bias_refs(rest, cfg)
   i, j = pl.program_id(2), pl.program_id(3)
@@ -509,7 +531,7 @@ def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
     v = v_ref[...]
     s, c, _ = _logits(q_ref[...], k_ref[...], cfg, 1.0)
     if cfg.bias:
-      s, c = _plus_bias(s, c, q_bias_ref[:, :1], k_bias_ref[:1, :])
+      s, c = _plus_bias(s, c, _lane_bias(q_bias_ref), _row_bias(k_bias_ref), 1.0)
     s = jnp.where(_allowed_rows(s.shape, i * blk, kb * blk, cfg, ends_ref), s * c, -jnp.inf)
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -528,9 +550,9 @@ def _mosaic_fwd_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
 
 def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int, group: int):
   # Keys-first tiles, as in the Triton kernel: lse and Δ (and the queries' doc_start) are rows.
-  # refs: q, k, v, do, lse, Δ, [the query block's doc_start (cfg.documents)], [the key block's c, the
-  # query block's c, both of the step's query head (cfg.bias)], dk, dv, [dc of the step's query head
-  # (cfg.bias)], then dk, dv scratch
+  # refs: q, k, v, do, lse, Δ, [the query block's doc_start (cfg.documents)], [the key block's c (hi,
+  # lo), the query block's c (hi, lo), both of the step's query head (cfg.bias)], dk, dv, [dc of the
+  # step's query head (cfg.bias)], then dk, dv scratch
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), starts_ref, rest = _split_refs(refs, 6, cfg.documents)
   (k_bias_ref, q_bias_ref), rest = _bias_refs(rest, cfg)
   (dk_ref, dv_ref), dc_ref, (dk_sc, dv_sc) = rest[:2], (rest[2] if cfg.bias else None), rest[-2:]
@@ -552,7 +574,7 @@ def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int,
     q, do = q_ref[...], do_ref[...]
     s, c, t = _logits(k_ref[...], q, cfg, 1.0)
     if cfg.bias:
-      s, c = _plus_bias(s, c, q_bias_ref[:1, :], k_bias_ref[:, :1])
+      s, c = _plus_bias(s, c, _row_bias(q_bias_ref), _lane_bias(k_bias_ref), 1.0)
     s = jnp.where(_allowed_rows(s.shape, qb * blk, kb * blk, cfg, starts_ref, keys_first=True), s * c, -jnp.inf)
     p = jnp.exp(s - lse_ref[:1, :])
     dv_sc[...] += _mm(p.astype(do.dtype), do)
@@ -570,8 +592,8 @@ def _mosaic_dkv_kernel(*refs, cfg: _Flash, blk: int, n_band: int, n_blocks: int,
 
 
 def _mosaic_dq_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
-  # refs: q, k, v, do, lse, Δ, [the key block's doc_end (cfg.documents)], [the query block's c, the key
-  # block's c (cfg.bias)], dq, [dc (cfg.bias)], then dq scratch
+  # refs: q, k, v, do, lse, Δ, [the key block's doc_end (cfg.documents)], [the query block's c (hi, lo),
+  # the key block's c (hi, lo) (cfg.bias)], dq, [dc (cfg.bias)], then dq scratch
   (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), ends_ref, rest = _split_refs(refs, 6, cfg.documents)
   (q_bias_ref, k_bias_ref), rest = _bias_refs(rest, cfg)
   (dq_ref, dc_ref, dq_sc) = rest if cfg.bias else (rest[0], None, rest[1])
@@ -589,7 +611,7 @@ def _mosaic_dq_kernel(*refs, cfg: _Flash, blk: int, n_band: int):
     k = k_ref[...]
     s, c, t = _logits(q_ref[...], k, cfg, 1.0)
     if cfg.bias:
-      s, c = _plus_bias(s, c, q_bias_ref[:, :1], k_bias_ref[:1, :])
+      s, c = _plus_bias(s, c, _lane_bias(q_bias_ref), _row_bias(k_bias_ref), 1.0)
     s = jnp.where(_allowed_rows(s.shape, i * blk, kb * blk, cfg, ends_ref), s * c, -jnp.inf)
     p = jnp.exp(s - jnp.expand_dims(lse_ref[0], -1))
     ds = p * (_mm_nt(do_ref[...], v_ref[...]) - jnp.expand_dims(delta_ref[0], -1))
@@ -627,13 +649,13 @@ def _mosaic_key_documents(blk, n_band):
 
 
 def _mosaic_query_side_bias(blk, n_band, cfg: _Flash):
-  """Specs of c over the query-side grid: the query block's (lanes, ``[.., time, 128]``) and the band's
-  key block's (a row, ``[.., 8, time]``); both of the query head. Empty without a bias."""
+  """Specs of c's hi and lo over the query-side grid: the query block's (lanes, ``[.., time, 128]``),
+  then the band's key block's (a row, ``[.., 8, time]``); all of the query head. Empty without a bias."""
   if not cfg.bias:
     return []
   key_block = lambda n, h, i, j: (n, h, 0, jnp.maximum(i - (n_band - 1) + j, 0))
-  return [pl.BlockSpec((None, None, blk, _LANES), lambda n, h, i, j: (n, h, i, 0)),
-          pl.BlockSpec((None, None, _SUBLANES, blk), key_block)]
+  return [pl.BlockSpec((None, None, blk, _LANES), lambda n, h, i, j: (n, h, i, 0))] * 2 + [
+      pl.BlockSpec((None, None, _SUBLANES, blk), key_block)] * 2
 
 
 def _mosaic_forward(q, k, v, doc_end, bias, cfg: _Flash):
@@ -675,10 +697,10 @@ def _mosaic_backward(q, k, v, o, lse, do, doc_start, doc_end, bias, cfg: _Flash)
                if cfg.documents else [])
   bias = _mosaic_bias(bias) if cfg.bias else ()
   lanes_shape = jax.ShapeDtypeStruct((batch, heads, time, _LANES), jnp.float32)
-  # c of the step's query head: the key block's (lanes; dc is written in the same blocks) and the
-  # query block's (a row). The dc block moves on with the query head, every n_band steps.
+  # c (hi, lo) of the step's query head: the key block's (lanes; dc is written in the same blocks) and
+  # the query block's (a row). The dc block moves on with the query head, every n_band steps.
   key_lanes = pl.BlockSpec((None, None, blk, _LANES), lambda *g: (g[0], query_block(*g)[1], g[2], 0))
-  bias_specs = [key_lanes, q_stats] if cfg.bias else []
+  bias_specs = [key_lanes] * 2 + [q_stats] * 2 if cfg.bias else []
   dk, dv, *dc_cols = pl.pallas_call(
       functools.partial(_mosaic_dkv_kernel, cfg=cfg, blk=blk, n_band=n_band, n_blocks=n_blocks, group=group),
       grid=(batch, kv_heads, n_blocks, group * n_band),
@@ -711,7 +733,8 @@ def _mosaic_backward(q, k, v, o, lse, do, doc_start, doc_end, bias, cfg: _Flash)
 
 # ``doc_start``, ``doc_end``: None, or the int32 bounds of ``document_bounds`` (``[batch, time]``; the
 # Mosaic TPU layout ``[batch, 8, time]``); integer inputs, so their cotangents are None. ``bias``:
-# None, or the decay bias c, f32 ``[batch, heads, time]`` (cfg.bias), whose cotangent the backward forms.
+# None, or the decay bias c as its two f32 parts, ``[batch, 2, heads, time]`` (hi, lo; cfg.bias), whose
+# cotangent the backward forms: the kernels' dc for each part, since the logits read only hi + lo.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash(q, k, v, doc_start, doc_end, bias, cfg: _Flash):
@@ -746,8 +769,8 @@ def _flash_bwd(cfg: _Flash, residuals, do):
   else:
     grads = (_triton_backward if cfg.target == "triton" else _mosaic_backward)(q, k, v, o, lse, do, doc_start,
                                                                                doc_end, bias, cfg)
-  dq, dk, dv, dbias = grads
-  return dq, dk, dv, None, None, dbias
+  dq, dk, dv, dc = grads
+  return dq, dk, dv, None, None, (None if dc is None else jnp.stack([dc, dc], axis=1))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -786,16 +809,21 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
   """The Pallas path of :func:`window_attention` (same arguments and result). ``segment_ids``
   (``int [batch, time]``): packed documents, a new one wherever the id changes; the kernels mask
   across them (``document_bounds``). ``decay_bias``: optional ``c``, ``[batch, time, heads]`` (read in
-  float32, differentiable): the logit of query ``i`` and key ``j`` of head ``h`` gets ``c_ih − c_jh``
-  (forgetting attention's cumulative log forget gate, ``kernels.forgetting_attention``); it should
-  not increase along a document, so every pair the band reads has a bias ≤ 0. No soft-cap with it;
-  the Mosaic GPU kernels take none (Triton runs it on every GPU)."""
+  float32, differentiable), or a pair ``(hi, lo)`` of such arrays standing for ``c = hi + lo`` (a
+  ``c`` too long for one float32 to keep its differences; each part gets ``dc``): the logit of query
+  ``i`` and key ``j`` of head ``h`` gets ``c_ih − c_jh`` (forgetting attention's cumulative log forget
+  gate, ``kernels.forgetting_attention``); it should not increase along a document, so every pair the
+  band reads has a bias ≤ 0. No soft-cap with it; the Mosaic GPU kernels take none (Triton runs it on
+  every GPU)."""
   _check(q, k, v, window)
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"window_attention: segment_ids{segment_ids.shape} must be [batch, time] = {q.shape[:2]}")
   if decay_bias is not None:
-    if decay_bias.shape != q.shape[:3]:
-      raise ValueError(f"window_attention: decay_bias{decay_bias.shape} must be [batch, time, heads] = {q.shape[:3]}")
+    if not isinstance(decay_bias, (tuple, list)):
+      decay_bias = (decay_bias, jnp.zeros(decay_bias.shape, jnp.float32))  # one part: lo = 0
+    if len(decay_bias) != 2 or any(part.shape != q.shape[:3] for part in decay_bias):
+      raise ValueError(f"window_attention: decay_bias must be c or (c_hi, c_lo), each [batch, time, heads] = "
+                       f"{q.shape[:3]}; got {[getattr(part, 'shape', part) for part in decay_bias]}")
     if softcap is not None:
       raise ValueError("window_attention: decay_bias with a soft-cap is not supported (the bias is added after it)")
   target = _pallas_target(target, interpret)
@@ -839,8 +867,8 @@ def flash_window_attention(q, k, v, *, window: int | None = None, softcap: float
     doc_start, doc_end = document_bounds(segment_ids, padded)
   if decay_bias is not None:
     # Padding repeats the last c: a padded query's pairs get a bias ≤ 0 too (its cotangent is 0).
-    bias = jnp.pad(rearrange(decay_bias.astype(jnp.float32), "b t h -> b h t"), ((0, 0), (0, 0), (0, padded - time)),
-                   mode="edge")
+    bias = jnp.stack([part.astype(jnp.float32) for part in decay_bias], axis=1)  # [b, 2, t, h]
+    bias = jnp.pad(rearrange(bias, "b p t h -> b p h t"), ((0, 0), (0, 0), (0, 0), (0, padded - time)), mode="edge")
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     if documents:  # rows replicated over 8 sublanes, as the backward's lse and Δ
