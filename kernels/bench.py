@@ -114,6 +114,66 @@ def check_out_and_grads(name: str, ours, ref, arg_names: Sequence[str], tol: flo
   return max(errs)
 
 
+def torch_peer(ctx: Context, name: str, run: Callable, sets, n_args: int, ref, arg_names: Sequence[str], tol: float,
+               log) -> tuple[dict, None]:
+  """Check and time a torch peer ``run(*inputs) -> out`` on the same inputs as ours.
+
+  ``sets``: tuples of jax arrays, the first ``n_args`` the inputs, the last the output's cotangent
+  (``[batch, time, heads, ...]``; bf16 stays bf16 on the GPU, anything else goes as f32). ``ref``: the
+  reference ``(out, grads)`` on :func:`head_slice` of ``sets[0]``. The peer runs once on ``sets[0]``
+  and is checked (output, and each gradient unless its backward fails, e.g. a Triton it cannot compile
+  for: then the forward alone is checked and timed and the error goes to ``note``), then its forward
+  and forward+backward are timed over the rotating sets. Returns ``(timings, None)`` for
+  :func:`peer_row`."""
+  import traceback
+
+  import torch
+
+  def to_torch(x):
+    dtype = torch.bfloat16 if x.dtype == jax.numpy.bfloat16 else torch.float32
+    return torch.from_numpy(np.asarray(x.astype(np.float32))).to("cuda", dtype)
+
+  tsets = [tuple(to_torch(x) for x in s) for s in sets]
+  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
+  leaves = [x.clone().requires_grad_() for x in tsets[0][:n_args]]
+  out = run(*leaves)
+  bwd_error = None
+  try:
+    out.backward(tsets[0][n_args])
+    torch.cuda.synchronize()
+  except Exception as e:
+    traceback.print_exc()
+    bwd_error = f"backward failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  if bwd_error is None:
+    err = check_out_and_grads(name, (back(out), tuple(back(x.grad) for x in leaves)), ref, arg_names, tol)
+  else:
+    err = check(f"{name} out", back(out), ref[0], tol)
+  log(f"{name}: checked (rel err {err:.2e}){' forward only: ' + bwd_error if bwd_error else ''}")
+  calls = {"n": 0}
+
+  def next_set(pool):
+    calls["n"] += 1
+    return pool[calls["n"] % len(pool)]
+
+  def fwd():
+    with torch.no_grad():
+      run(*next_set(tsets)[:n_args])
+
+  timing = dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=None, rel_err=err)
+  if bwd_error is not None:
+    return dict(timing, note=bwd_error), None
+  grad_sets = [tuple(x.clone().requires_grad_() for x in s[:n_args]) + (s[n_args],) for s in tsets]
+
+  def fwdbwd():
+    args = next_set(grad_sets)
+    for x in args[:n_args]:
+      x.grad = None
+    run(*args[:n_args]).backward(args[n_args])
+
+  timing["fwdbwd_ms"] = ctx.time_torch(fwdbwd)
+  return timing, None
+
+
 def head_slice(tree):
   """The slice a token-by-token reference can afford at full size: batch 0, heads 0–1, every token
   of ``[batch, time, heads, ...]`` arrays."""

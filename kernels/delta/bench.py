@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import (Context, check, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, vjp_fns, write_report)
+from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
+                           progress_log, torch_peer, vjp_fns, write_report)
 from kernels.delta import pallas as P
 from kernels.delta import xla as X
 from kernels.delta.pallas import PallasConfig
@@ -126,49 +125,7 @@ def _fla(ctx, gated, sets, ref):
   except Exception as e:  # the peer is optional: report why it was not measured
     return None, f"not measured: {type(e).__name__}: {e}"
 
-  def to_torch(x):  # bf16 stays bf16, the f32 log-decay stays f32
-    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
-    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", dtype)
-
-  n_args = len(sets[0]) - 1
-  tsets = [tuple(to_torch(x) for x in s) for s in sets]
-  leaves = [x.clone().requires_grad_() for x in tsets[0][:n_args]]
-  o = run(*leaves)
-  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
-  bwd_error = None
-  try:
-    o.backward(tsets[0][n_args])
-    torch.cuda.synchronize()
-  except Exception as e:  # e.g. fla's backward on Triton < 3.7.1 on Hopper
-    traceback.print_exc()
-    bwd_error = f"backward failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-  if bwd_error is None:
-    err = _check_all(name, (back(o), tuple(back(x.grad) for x in leaves)), ref)
-  else:
-    err = check(f"{name} out", back(o), ref[0], TOL)
-  _log(f"{name}: checked (rel err {err:.2e}){' forward only: ' + bwd_error if bwd_error else ''}")
-  state = {"i": 0}
-
-  def fwd():
-    args = tsets[state["i"] % len(tsets)]
-    state["i"] += 1
-    with torch.no_grad():
-      run(*args[:n_args])
-
-  timing = dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=None, rel_err=err)
-  if bwd_error is not None:
-    return dict(timing, note=bwd_error), None
-  grad_sets = [tuple(x.clone().requires_grad_() for x in s[:n_args]) + (s[n_args],) for s in tsets]
-
-  def fwdbwd():
-    args = grad_sets[state["i"] % len(grad_sets)]
-    state["i"] += 1
-    for x in args[:n_args]:
-      x.grad = None
-    run(*args[:n_args]).backward(args[n_args])
-
-  timing["fwdbwd_ms"] = ctx.time_torch(fwdbwd)
-  return timing, None
+  return torch_peer(ctx, name, run, sets, len(sets[0]) - 1, ref, NAMES, TOL, _log)
 
 
 ROWS = ("pallas64", "fla", "pallas16", "xla16")

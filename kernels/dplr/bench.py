@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import (Context, check, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, vjp_fns, write_report)
+from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
+                           progress_log, torch_peer, vjp_fns, write_report)
 from kernels.dplr import delta_rule_as_dplr, dplr
 
 FULL = (4, 8192, 16, 128, 128)  # batch, time, heads, d_k, d_v
@@ -134,50 +133,7 @@ def _fla(ctx, variant, sets, ref):
   except Exception as e:  # the peer is optional: report why it was not measured
     return None, f"not measured: {type(e).__name__}: {e}"
 
-  def to_torch(x):  # bf16 stays bf16, the f32 log-decays stay f32
-    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
-    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", dtype)
-
-  name, n_args = PEERS[variant], len(sets[0]) - 1
-  tsets = [tuple(to_torch(x) for x in s) for s in sets]
-  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
-  leaves = [x.clone().requires_grad_() for x in tsets[0][:n_args]]
-  o = run(*leaves)
-  bwd_error = None
-  try:
-    o.backward(tsets[0][n_args])
-    torch.cuda.synchronize()
-  except Exception as e:  # e.g. a backward this Triton cannot compile
-    traceback.print_exc()
-    bwd_error = f"backward failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-  if bwd_error is None:
-    err = check_out_and_grads(name, (back(o), tuple(back(x.grad) for x in leaves)), ref, NAMES[variant], TOL)
-  else:
-    err = check(f"{name} out", back(o), ref[0], TOL)
-  _log(f"{name}: checked (rel err {err:.2e}){' forward only: ' + bwd_error if bwd_error else ''}")
-  calls = {"n": 0}
-
-  def next_set(pool):
-    calls["n"] += 1
-    return pool[calls["n"] % len(pool)]
-
-  def fwd():
-    with torch.no_grad():
-      run(*next_set(tsets)[:n_args])
-
-  timing = dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=None, rel_err=err)
-  if bwd_error is not None:
-    return dict(timing, note=bwd_error), None
-  grad_sets = [tuple(x.clone().requires_grad_() for x in s[:n_args]) + (s[n_args],) for s in tsets]
-
-  def fwdbwd():
-    args = next_set(grad_sets)
-    for x in args[:n_args]:
-      x.grad = None
-    run(*args[:n_args]).backward(args[n_args])
-
-  timing["fwdbwd_ms"] = ctx.time_torch(fwdbwd)
-  return timing, None
+  return torch_peer(ctx, PEERS[variant], run, sets, len(sets[0]) - 1, ref, NAMES[variant], TOL, _log)
 
 
 def _run_one(ctx: Context, variant: str, shape, which=ROWS) -> list[dict]:

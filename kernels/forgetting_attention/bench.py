@@ -31,10 +31,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, vjp_fns, write_report)
+                           progress_log, torch_peer, vjp_fns, write_report)
 from kernels.forgetting_attention import forgetting_attention, forgetting_attention_reference
 from kernels.window_attention.bench import band_pairs
 
@@ -79,36 +78,7 @@ def _authors(ctx, sets, ref, window):
   if ctx.platform != "gpu" or not torch.cuda.is_available():
     return None, "needs a CUDA GPU"
 
-  def to_torch(x):  # bf16 stays bf16, log f stays f32; [batch, time, heads, ...] as ours
-    dtype = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
-    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", dtype)
-
-  tsets = [tuple(to_torch(x) for x in s) for s in sets]
-  leaves = [x.clone().requires_grad_() for x in tsets[0][:4]]
-  out = authors(*leaves)
-  out.backward(tsets[0][4])
-  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
-  err = check_out_and_grads(PEER, (back(out), tuple(back(x.grad) for x in leaves)), ref, NAMES, TOL)
-  _log(f"{PEER}: checked (rel err {err:.2e})")
-  calls = {"n": 0}
-
-  def next_set(pool):
-    calls["n"] += 1
-    return pool[calls["n"] % len(pool)]
-
-  def fwd():
-    with torch.no_grad():
-      authors(*next_set(tsets)[:4])
-
-  grad_sets = [tuple(x.clone().requires_grad_() for x in s[:4]) + (s[4],) for s in tsets]
-
-  def fwdbwd():
-    args = next_set(grad_sets)
-    for x in args[:4]:
-      x.grad = None
-    authors(*args[:4]).backward(args[4])
-
-  return dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=ctx.time_torch(fwdbwd), rel_err=err), None
+  return torch_peer(ctx, PEER, authors, sets, 4, ref, NAMES, TOL, _log)
 
 
 def _run_shape(ctx: Context, shape) -> list[dict]:

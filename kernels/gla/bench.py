@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, vjp_fns, write_report)
+                           progress_log, torch_peer, vjp_fns, write_report)
 from kernels.dispatch import tma_gpu
 from kernels.gla import PallasConfig, gla
 from kernels.gla.reference import _document_starts
@@ -112,35 +112,8 @@ def _fla(ctx, sets, ref):
   except Exception as e:  # the peer is optional: report why it was not measured
     return None, f"not measured: {type(e).__name__}: {e}"
 
-  def to_torch(x):
-    return torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", torch.bfloat16)
-
-  tsets = [tuple(to_torch(x) for x in s) for s in sets]
-  leaves = [x.clone().requires_grad_() for x in tsets[0][:4]]
-  o, _ = chunk_gla(*leaves, scale=1.0)
-  o.backward(tsets[0][4])
-  back = lambda x: x.detach()[:1, :, :2].float().cpu().numpy()
-  err = _check_all("fla chunk_gla", (back(o), tuple(back(x.grad) for x in leaves)), ref)
-  _log(f"fla chunk_gla: checked (rel err {err:.2e})")
-  state = {"i": 0}
-
-  def fwd():
-    q, k, v, g, _ = tsets[state["i"] % len(tsets)]
-    state["i"] += 1
-    with torch.no_grad():
-      chunk_gla(q, k, v, g, scale=1.0)
-
-  leaves = [tuple(x.clone().requires_grad_() for x in s[:4]) + (s[4],) for s in tsets]
-
-  def fwdbwd():
-    q, k, v, g, do = leaves[state["i"] % len(leaves)]
-    state["i"] += 1
-    for x in (q, k, v, g):
-      x.grad = None
-    o, _ = chunk_gla(q, k, v, g, scale=1.0)
-    o.backward(do)
-
-  return dict(fwd_ms=ctx.time_torch(fwd), fwdbwd_ms=ctx.time_torch(fwdbwd), rel_err=err), None
+  run = lambda q, k, v, g: chunk_gla(q, k, v, g, scale=1.0)[0]
+  return torch_peer(ctx, "fla chunk_gla", run, sets, 4, ref, ("q", "k", "v", "g"), TOL, _log)
 
 
 def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = True,
