@@ -696,6 +696,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   """
   config = resolve(config)  # every config error surfaces here, before any compile or write
   document_eod(config)  # data.document_boundaries (optional field): refused unless every mixer takes segments
+  check_kernels_run_here(config)
   # checked, not compiled
   mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
   primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
@@ -721,6 +722,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
               f"nothing to train; {SUMMARY_FILE} left as it is", flush=True)
       return finished
     return _train(config, workdir, mesh, stop_after_steps=stop_after_steps, progress=progress)
+
+
+def check_kernels_run_here(config: ml_collections.ConfigDict) -> None:
+  """One line (ConfigError) before anything is compiled or written if a kernel the model asks for by
+  name cannot run on this platform. ``resolve`` checks the names wherever it runs (a launcher's host
+  may have no GPU); this checks the platform the run trains on: a ``model.*_impl="pallas"`` on a CPU
+  (the trainer does not interpret Pallas kernels), cuDNN without a CUDA GPU, a request a kernel family's
+  dispatch refuses for the model's shapes."""
+  model = config.model
+  fields = sorted(f for f in model if f.endswith("_impl"))
+  if jax.default_backend() == "cpu":
+    for field in fields:
+      if model[field] == "pallas":
+        raise config_lib.ConfigError(
+            f"model.{field}='pallas': Pallas kernels need a GPU or TPU (backend is 'cpu'; training does not "
+            "interpret them); valid here: auto, xla, reference")
+  try:
+    kernels.kernel_choices(model, segments=document_eod(config) is not None)
+  except ValueError as e:
+    asked = ", ".join(f"model.{f}={model[f]!r}" for f in fields if model[f] != "auto")
+    raise config_lib.ConfigError(f"{asked or 'the kernel choice'}: {e}") from None
 
 
 def _finished_summary(workdir: str) -> dict | None:

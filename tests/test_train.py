@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,3 +235,18 @@ def test_threefry_kernel_is_scoped_and_changes_no_bits():
     raise RuntimeError("the flag is restored on errors too")
   assert jax.config.jax_threefry_gpu_kernel_lowering == before
   assert bool(jnp.array_equal(inside, draw()))  # the same bits (on the GPU: .data check, BENCHMARKS)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("gla_impl", "pallas", "model.gla_impl='pallas': Pallas kernels need a GPU or TPU"),
+    ("scan_impl", "pallas", "model.scan_impl='pallas': Pallas kernels need a GPU or TPU"),
+    ("attention_impl", "cudnn", "model.attention_impl='cudnn': window_attention: impl='cudnn' needs an NVIDIA GPU"),
+])
+def test_a_kernel_this_platform_cannot_run_is_refused_before_anything_is_written(tmp_path, field, value, says):
+  """On the CPU the tests run on: one line naming the field, no run directory (nothing compiled)."""
+  from hybrids.config import ConfigError
+  config = get_config(TINY, {f"model.{field}": value})
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=re.escape(says)):
+    train(config, str(workdir), progress=False)
+  assert not workdir.exists()
