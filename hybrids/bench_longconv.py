@@ -1,0 +1,131 @@
+"""Packed documents in the long convolutions (Hyena, BaseConv, S4D): what the segmented modal scan costs.
+
+    python -m hybrids.bench_longconv --json longconv.json      # B4 T8192, 1024 channels, 16 modes
+    python -m hybrids.bench_longconv --quick                   # a tiny shape (checks the script)
+
+A row of one document runs the FFT convolution (:func:`hybrids.longconv.causal_fft_conv` of the
+materialised filter); packed documents run :func:`hybrids.longconv.segmented_modal_conv`, a chunked
+modal scan. Rows, forward and forward+backward (gradients of the input and of the filter's poles and
+residues), timed in the same process as in ``kernels.bench``:
+
+- FFT convolution, one document a row (what a row without ``segment_ids`` runs);
+- segmented scan, one document a row (the same output: the scan's own cost);
+- segmented scan, ``--segments`` documents a row.
+
+Each is checked before it is timed: the scan with one document against the FFT convolution, with N
+documents against every document convolved alone by FFT. The issue-23 target is that documents cost
+≤ 5 % against the first row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrids.longconv import SEGMENT_CHUNK, causal_fft_conv, modal_kernel, segmented_modal_conv
+from kernels.bench import Context, check, format_table, write_report
+
+FULL = (4, 8192, 1024, 16)  # batch, time, channels, modes
+QUICK = (2, 96, 8, 4)
+TOL = 1e-4  # float32 on both sides; the scan and the FFT round differently
+
+
+def _inputs(seed: int, batch: int, time: int, channels: int, modes: int):
+  ku, kr, ka, kre, kim, kg = jax.random.split(jax.random.key(seed), 6)
+  u = jax.random.normal(ku, (batch, time, channels), jnp.float32)
+  rate = jnp.exp(jax.random.uniform(kr, (channels, modes), minval=np.log(1e-3), maxval=np.log(1e-1)))
+  log_poles = (-rate + 1j * jax.random.uniform(ka, (channels, modes), maxval=np.pi)).astype(jnp.complex64)
+  residues = ((jax.random.normal(kre, (channels, modes)) + 1j * jax.random.normal(kim, (channels, modes)))
+              / np.sqrt(modes)).astype(jnp.complex64)
+  cotangent = jax.random.normal(kg, (batch, time, channels), jnp.float32)
+  return u, log_poles, residues, cotangent
+
+
+def documents(batch: int, time: int, count: int, seed: int = 0):
+  """``int32 [batch, time]``: each row cut into ``count`` documents at random positions."""
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((batch, time), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, time), size=count - 1, replace=False))
+    for cut in cuts:
+      ids[row, cut:] += 1
+  return jnp.asarray(ids)
+
+
+def _fft(u, log_poles, residues):
+  return causal_fft_conv(u, modal_kernel(log_poles, residues, u.shape[1]))
+
+
+def _by_document(u, log_poles, residues, segment_ids):
+  """Every document convolved alone by FFT: the definition the scan must meet."""
+  out = np.zeros(u.shape, np.float32)
+  ids = np.asarray(segment_ids)
+  for row in range(u.shape[0]):
+    starts = [0] + [t for t in range(1, u.shape[1]) if ids[row, t] != ids[row, t - 1]] + [u.shape[1]]
+    for a, b in zip(starts[:-1], starts[1:]):
+      out[row, a:b] = np.asarray(_fft(u[row:row + 1, a:b], log_poles, residues))[0]
+  return out
+
+
+def _fns(f):
+  """``(forward, forward+backward)`` jitted, the latter returning the gradients of u, poles, residues."""
+  def fwdbwd(u, log_poles, residues, cotangent):
+    out, vjp = jax.vjp(f, u, log_poles, residues)
+    return vjp(cotangent)
+
+  return jax.jit(f), jax.jit(fwdbwd)
+
+
+def run(ctx: Context, segments: int) -> list[dict]:
+  batch, time, channels, modes = QUICK if ctx.quick else FULL
+  sets = [_inputs(seed, batch, time, channels, modes) for seed in range(1 if ctx.quick else 3)]
+  u, log_poles, residues, _ = sets[0]
+  one = jnp.zeros((batch, time), jnp.int32)
+  packed = documents(batch, time, segments)
+  reference = np.asarray(_fft(u, log_poles, residues))
+  candidates = [
+      ("fft conv, 1 doc/row", lambda u, p, r: _fft(u, p, r), None),
+      ("segmented scan, 1 doc/row", lambda u, p, r: segmented_modal_conv(u, p, r, one)[0], None),
+      (f"segmented scan, {segments} docs/row", lambda u, p, r: segmented_modal_conv(u, p, r, packed)[0],
+       _by_document(u, log_poles, residues, packed)),
+  ]
+  label = f"B{batch} T{time} C{channels} modes{modes} f32 (chunk {SEGMENT_CHUNK})"
+  rows = []
+  for name, f, expected in candidates:
+    fwd, fwdbwd = _fns(f)
+    err = check(name, np.asarray(fwd(u, log_poles, residues)), reference if expected is None else expected, TOL)
+    rows.append(dict(kernel="longconv", shape=label, impl=name, ours=True, rel_err=err,
+                     fwd_ms=ctx.time_jax(fwd, [s[:3] for s in sets]), fwdbwd_ms=ctx.time_jax(fwdbwd, sets),
+                     segments=None if expected is None else segments))
+    print(f"  {name}: fwd {rows[-1]['fwd_ms']:.3f} ms, fwd+bwd {rows[-1]['fwdbwd_ms']:.3f} ms", flush=True)
+  base = rows[0]
+  for row in rows[1:]:
+    row["cost_fwd"] = row["fwd_ms"] / base["fwd_ms"] - 1
+    row["cost_fwdbwd"] = row["fwdbwd_ms"] / base["fwdbwd_ms"] - 1
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m hybrids.bench_longconv", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--segments", type=int, default=4, help="documents a row in the last row (≥ 2)")
+  parser.add_argument("--quick", action="store_true", help="a tiny shape (checks the script, not the speed)")
+  parser.add_argument("--json", default="", help="write the rows, device and versions here")
+  args = parser.parse_args(argv)
+  if args.segments < 2:
+    parser.error(f"--segments: documents per row, ≥ 2, got {args.segments}")
+  ctx = Context(quick=args.quick, platform=jax.devices()[0].platform)
+  rows = run(ctx, args.segments)
+  print(format_table(rows))
+  for row in rows[1:]:
+    print(f"  {row['impl']}: {100 * row['cost_fwd']:+.0f} % fwd, {100 * row['cost_fwdbwd']:+.0f} % fwd+bwd "
+          "against the FFT convolution")
+  write_report("hybrids.bench_longconv", argv, rows, args.json, segments=args.segments)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
