@@ -65,14 +65,18 @@ Implementations:
   ``U = Ũ − W S``, a chunk decay ``Γ`` per key channel or per head and an added write ``X``, and this
   form is it with ``W → −W``, ``K̂ → −Â``, ``X = Σ_s e^{G_C − G_s} ⊙ k_s v_sᵀ`` (``pallas.py``). The
   precompute (pair matrices, the UT solve, masks of packed documents) and the outputs stay XLA; every
-  exponent is the chunked form's, ≤ 0. ``chunk_size`` must be a power of two ≥ 16 (Triton tiles). For
+  exponent is the chunked form's, ≤ 0. With ``precompute="pallas"`` the precompute too is one Pallas
+  (Triton) kernel per (batch, chunk, head) (``precompute.py``; its backward is the XLA precompute's
+  vjp, recomputed); the default stays ``"xla"`` until a GPU run (``bench.py --rows pallas_pre``)
+  measures it faster. ``chunk_size`` must be a power of two ≥ 16 (Triton tiles). For
   16-bit q, k, v, a, b the kernel's two dots take W, Â and the state rounded to that dtype (f32
   accumulation and state).
 - ``"auto"``: ``"xla"``, until the Pallas path is measured faster on a GPU (``bench.py``;
   :func:`kernels.dispatch.dplr` records the reason).
 
 Files: ``reference.py`` (the recurrence, :func:`dplr_step`), ``xla.py`` (the chunked form),
-``pallas.py`` (the chunk pass on the delta rule's Pallas kernel), ``bench.py`` (ours against fla's
+``pallas.py`` (the chunk pass on the delta rule's Pallas kernel), ``precompute.py`` (the precompute as
+one Pallas kernel), ``bench.py`` (ours against fla's
 ``chunk_kda``, ``chunk_rwkv7`` and ``chunk_gated_delta_rule``).
 """
 
@@ -88,10 +92,12 @@ from kernels.delta.pallas import _is_pow2_tile as is_pallas_chunk
 from kernels.delta.pallas import check_arguments as check_pallas_arguments
 from kernels.dplr.pallas import PallasConfig, PallasTarget
 from kernels.dplr.pallas import state_pass as pallas_state_pass
+from kernels.dplr.precompute import precompute as pallas_precompute
 from kernels.dplr.reference import _check, dplr_reference, dplr_step
 from kernels.dplr.xla import _dplr_chunked
 
 Impl = Literal["auto", "xla", "reference", "pallas"]
+Precompute = Literal["xla", "pallas"]
 IMPLS = ("auto", "xla", "reference", "pallas")
 
 __all__ = ["IMPLS", "PallasConfig", "choice", "delta_rule_as_dplr", "dplr", "dplr_reference", "dplr_step"]
@@ -108,7 +114,7 @@ def choice(requested: str = "auto", *, chunk_size: int = 16, interpret: bool = F
 
 def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None, chunk_size: int = 16,
          impl: Impl = "auto", interpret: bool = False, pallas_target: PallasTarget | None = None,
-         pallas_config: PallasConfig | None = None):
+         pallas_config: PallasConfig | None = None, precompute: Precompute = "xla"):
   """``S_t = (Diag(e^{log_decay_t}) − a_t b_tᵀ) S_{t−1} + k_t v_tᵀ``, ``o_t = S_tᵀ q_t`` (module docstring).
 
   Args:
@@ -128,16 +134,26 @@ def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None,
     pallas_target: ``"triton"`` or ``"mosaic_tpu"`` (older name ``"mosaic"``) kernels (default: by
       platform at lowering time; Triton when interpreting).
     pallas_config: Triton launch parameters (:class:`kernels.delta.pallas.PallasConfig`; the state pass
-      reads ``block_v``, ``warps`` and ``stages``).
+      reads ``block_v``, ``warps`` and ``stages``; the precompute kernel ``wy_warps``).
+    precompute: with ``impl="pallas"`` and a Triton lowering, ``"pallas"`` runs the chunk precompute
+      (pair products, UT solve, decays to the chunk end) as one Pallas kernel
+      (:func:`kernels.dplr.precompute.precompute`; backward: the XLA form's vjp) instead of XLA
+      (``"xla"``, the default until a GPU run measures the kernel faster).
   Returns:
     ``(o [batch, time, heads, d_v] in v.dtype, final_state f32 [batch, heads, d_k, d_v])``.
   """
   _check(q, k, v, a, b, log_decay, initial_state, segment_ids)
+  if precompute not in ("xla", "pallas"):
+    raise ValueError(f"dplr: precompute={precompute!r} must be 'xla' or 'pallas'")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"dplr: chunk_size={chunk_size!r} must be a positive integer")
   if impl == "pallas":  # (the kernels' own messages for their arguments first)
     check_pallas_arguments(chunk_size, pallas_target, pallas_config, family="dplr")
   impl = choice(impl, chunk_size=chunk_size, interpret=interpret, pallas_target=pallas_target).impl
+  if precompute == "pallas" and (impl != "pallas" or pallas_target not in (None, "triton")
+                                 or (pallas_target is None and dispatch.backend() == "tpu")):
+    raise ValueError(f"dplr: precompute='pallas' runs with impl='pallas' and the Triton layout only "
+                     f"(got impl={impl!r}, pallas_target={pallas_target!r}, backend {dispatch.backend()!r})")
   if impl == "reference":
     return dplr_reference(q, k, v, a, b, log_decay, initial_state, segment_ids)
   if impl == "pallas":
@@ -146,6 +162,10 @@ def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None,
     dot_dtype = dtype.name if dtype.itemsize == 2 else "float32"
     state_pass = functools.partial(pallas_state_pass, dot_dtype=dot_dtype, interpret=interpret,
                                    target=pallas_target, config=pallas_config)
+    if precompute == "pallas":
+      warps = (pallas_config or PallasConfig()).wy_warps
+      chunks = functools.partial(pallas_precompute, interpret=interpret, warps=warps)
+      return _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size, segment_ids, state_pass, chunks)
     return _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size, segment_ids, state_pass)
   return _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size, segment_ids)
 

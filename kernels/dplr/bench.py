@@ -55,7 +55,7 @@ TOL = 2e-2  # bf16 inputs against an f32 reference
 N_SETS = 3
 CHUNK = 16
 VARIANTS = ("kda", "rwkv7", "gated_delta")
-ROWS = ("pallas", "fla", "xla")
+ROWS = ("pallas", "pallas_pre", "fla", "xla")
 # The arguments of each variant, in the order our function and fla's take them (gradient names).
 NAMES = {"kda": ("q", "k", "v", "beta", "g"), "gated_delta": ("q", "k", "v", "beta", "g"),
          "rwkv7": ("r", "w", "k", "v", "kappa", "iclr")}
@@ -157,11 +157,15 @@ def _run_one(ctx: Context, variant: str, shape, which=ROWS) -> list[dict]:
   makers = {
       "pallas": lambda: ours(f"pallas C={CHUNK} (ours)", impl="pallas", chunk_size=CHUNK,
                              interpret=ctx.platform == "cpu"),
+      # The precompute as one Pallas kernel too (dplr's precompute="pallas"; its default is "xla" until
+      # this row is measured faster than the one above on a GPU).
+      "pallas_pre": lambda: ours(f"pallas+precompute kernel C={CHUNK} (ours)", impl="pallas",
+                                 chunk_size=CHUNK, precompute="pallas", interpret=ctx.platform == "cpu"),
       "fla": lambda: peer_row(base, f"{PEERS[variant]} (Triton)", lambda: _fla(ctx, variant, sets, ref), _log),
       "xla": lambda: ours(f"xla chunked C={CHUNK} (ours)", impl="xla", chunk_size=CHUNK),
   }
   rows = {name: makers[name]() for name in which}
-  return [rows[name] for name in ("pallas", "xla", "fla") if name in rows]  # the table: ours, then the peer
+  return [rows[name] for name in ("pallas", "pallas_pre", "xla", "fla") if name in rows]  # the table: ours, then the peer
 
 
 def run(ctx: Context, which=ROWS, variants=VARIANTS) -> list[dict]:

@@ -149,11 +149,12 @@ def _scan_pass(w, u_tilde, a_to_end, kv_to_end, chunk_decay, state0):
 
 
 def _dplr_chunked(q, k, v, a, b, log_decay, initial_state, chunk_size: int, segment_ids=None,
-                  state_pass=_scan_pass):
+                  state_pass=_scan_pass, precompute=_precompute):
   """The chunked form; ``state_pass``: the sequential pass over chunks (:func:`_scan_pass` or the
-  Pallas kernel of ``kernels.dplr.pallas``, same signature)."""
+  Pallas kernel of ``kernels.dplr.pallas``, same signature); ``precompute``: the chunk-parallel work
+  before it (:func:`_precompute` or the Pallas kernel of ``kernels.dplr.precompute``, same signature)."""
   batch, time, heads, d_k = q.shape
-  c = _precompute(q, k, v, a, b, log_decay, chunk_size, segment_ids)
+  c = precompute(q, k, v, a, b, log_decay, chunk_size, segment_ids)
   state0 = _state0(initial_state, batch, heads, d_k, v.shape[-1])
   entering, u, final = state_pass(c.w, c.u_tilde, c.a_to_end, c.kv_to_end, c.chunk_decay, state0)
   # o_t = S_tᵀ q_t = (q_t e^{G_t})ᵀ S₀ + Σ_{s≤t} M_qk[t, s] v_s − Σ_{s≤t} M_qa[t, s] u_s
