@@ -247,7 +247,7 @@ def _mosaic_gpu_operands(text):
   return [len(args.split(",")) for args in re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)]
 
 
-def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch):
+def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch, cuda_lowering):
   """The output kernel with document masks (its rows' firsts read from global memory, the selects on A
   and q e^{b}) builds for CUDA from this host at the benchmark's size and at d_k 64 / d_v 128 with an f32
   log-decay (two bf16 parts), taking one more operand than without documents; and in the whole
@@ -281,12 +281,7 @@ def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch):
     grad = jax.value_and_grad(lambda *a, fwd=fwd: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
     # forward: states and output | states; + reverse states, dq/dk, dv
     for fn, triton in ((fwd, 1 if mosaic_gpu else 2), (grad, 4 if mosaic_gpu else 5)):
-      try:
-        text = jax.jit(fn).trace(x, x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
-      except RuntimeError as e:
-        if "No supported GPU" not in str(e):
-          raise
-        pytest.skip("this jax (>= 0.12) lowers Pallas-Triton only with a CUDA device present; CI's jax 0.10.2 runs it")
+      text = cuda_lowering(lambda fn=fn: jax.jit(fn).trace(x, x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text())
       assert text.count("__gpu$xla.gpu.triton") == triton
       assert len(_mosaic_gpu_operands(text)) == (1 if mosaic_gpu else 0)
 
