@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from kernels.delta.reference import _state0, state_resets
+from kernels.documents import segmented_cumsum
 
 _NEG = -1e30
 
@@ -105,20 +106,6 @@ class _Chunks(NamedTuple):
   reaches: jax.Array | None = None
 
 
-def _segmented_cumsum(x, starts):
-  """Cumulative sum of ``x [..., c]`` along its last axis, restarting at every ``starts`` (bool,
-  broadcast against ``x``): the sum over the current document only, so a later document's partial sums
-  are not differences of one long sum (whose magnitude, after strong decays, would cost them their
-  precision)."""
-  starts = jnp.broadcast_to(starts, x.shape)
-
-  def combine(left, right):
-    (x_l, start_l), (x_r, start_r) = left, right
-    return jnp.where(start_r, x_r, x_l + x_r), start_l | start_r
-
-  return jax.lax.associative_scan(combine, (x, starts), axis=x.ndim - 1)[0]
-
-
 def chunk_documents(segment_ids, chunk_size: int):
   """``segment_ids: int [batch, time]`` → ``(starts bool, doc int32)``, both ``[batch, chunks, 1, chunk]``
   (padded to whole chunks, the padding in the last document): ``starts`` where the id changes from the
@@ -163,6 +150,14 @@ def wy_system(k, v, b, beta, doc=None):
   return a, v * beta[..., None], k * scale[..., None]
 
 
+def to_chunks(x, chunk_size: int):
+  """``[batch, time, heads, ...]`` → f32 ``[batch, chunks, heads, chunk_size, ...]``, the time axis
+  zero-padded at the end to whole chunks (the callers make zero rows write and read nothing)."""
+  pad = -x.shape[1] % chunk_size
+  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  return rearrange(x, "b (n c) h ... -> b n h c ...", c=chunk_size)
+
+
 def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors_xla, *,
                 segment_ids=None) -> _Chunks:
   """Chunks, cumulative log-decays and the WY factors ``[Ũ | W] = (I + A)⁻¹ [diag(β) V | diag(βγ) K]``
@@ -170,12 +165,9 @@ def _precompute(q, k, v, beta, log_decay, chunk_size: int, wy_factors=wy_factors
   None or int ``[batch, time]`` (:func:`_segment_chunks`)."""
   batch, time, heads, d_k = q.shape
   n = -(-time // chunk_size)
-  pad = n * chunk_size - time
   # Padding: β = 0 and k = v = 0 give u = 0 and leave the state untouched; log-decay 0 keeps γ;
   # padded outputs are dropped.
-  pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) h ... -> b n h c ...",
-                               c=chunk_size)
+  chunks = lambda x: to_chunks(x, chunk_size)
   q_h, k_h, v_h, beta_h = chunks(q), chunks(k), chunks(v), chunks(beta)  # [b n h c (d)]
   if segment_ids is not None:
     log_decay_h = None if log_decay is None else chunks(log_decay)
@@ -213,7 +205,7 @@ def _segment_chunks(q_h, k_h, v_h, beta_h, log_decay_h, documents, wy_factors) -
   if log_decay_h is None:
     b_h = jnp.zeros(beta_h.shape, jnp.float32)
   else:
-    b_h = _segmented_cumsum(jnp.where(starts, 0.0, log_decay_h), starts)
+    b_h = segmented_cumsum(jnp.where(starts, 0.0, log_decay_h), starts, axis=-1)
 
   t_idx = jnp.arange(beta_h.shape[-1])
   same = (t_idx[:, None] >= t_idx[None, :]) & (doc[..., :, None] == doc[..., None, :])  # [b n 1 t s]

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from kernels.delta.xla import chunk_documents, wy_solve
+from kernels.delta.xla import chunk_documents, to_chunks, wy_solve
 from kernels.dplr.reference import _state0
+from kernels.documents import segmented_cumsum
 
 _NEG = -1e30
 
@@ -28,20 +29,6 @@ class _Chunks(NamedTuple):
   chunk_decay: jax.Array  # [b n h (k)]  e^{G_C}, zero where a document starts in the chunk
   m_qk: jax.Array         # [b n h t s]  Σ_i q_ti k_si e^{G_ti − G_si}  (s ≤ t, one document)
   m_qa: jax.Array         # [b n h t s]  the same with a_s
-
-
-def _cumsum(x, axis: int, starts=None):
-  """Cumulative sum of ``x`` along ``axis``, restarting at every ``starts`` (bool, broadcast against
-  ``x``; None: no restart), so a later document's partial sums are not differences of one long sum."""
-  if starts is None:
-    return jnp.cumsum(x, axis=axis)
-  starts = jnp.broadcast_to(starts, x.shape)
-
-  def combine(left, right):
-    (x_l, start_l), (x_r, start_r) = left, right
-    return jnp.where(start_r, x_r, x_l + x_r), start_l | start_r
-
-  return jax.lax.associative_scan(combine, (x, starts), axis=axis % x.ndim)[0]
 
 
 def _pair_gain(log_gain_t, log_gain_s, mask, per_key: bool):
@@ -65,12 +52,9 @@ def _pair_products(x, y, gain):
 def _precompute(q, k, v, a, b, log_decay, chunk_size: int, segment_ids=None) -> _Chunks:
   batch, time, heads, d_k = q.shape
   n = -(-time // chunk_size)
-  pad = n * chunk_size - time
   # Padding: k = a = b = v = 0 write and read nothing, log-decay 0 keeps the state; padded outputs
   # are dropped (and padded rows start no document: chunk_documents puts them in the last one).
-  pad4 = ((0, 0), (0, pad), (0, 0), (0, 0))
-  chunks = lambda x: rearrange(jnp.pad(x.astype(jnp.float32), pad4[:x.ndim]), "b (n c) h ... -> b n h c ...",
-                               c=chunk_size)
+  chunks = lambda x: to_chunks(x, chunk_size)
   q_h, k_h, v_h, a_h, b_h = (chunks(x) for x in (q, k, v, a, b))  # [b n h c d]
   per_key = log_decay is not None and log_decay.ndim == 4
   if log_decay is None:  # (a cumsum of zeros would be constant-folded by XLA, for seconds)
@@ -88,7 +72,8 @@ def _precompute(q, k, v, a, b, log_decay, chunk_size: int, segment_ids=None) -> 
     # log-decay restarts there and every difference used below spans one document.
     g = jnp.where(expand(starts), 0.0, g)
     same = doc[..., :, None] == doc[..., None, :]  # [b n 1 t s]
-  log_gain = _cumsum(g, row_axis, None if starts is None else expand(starts))  # G_t, inclusive, ≤ 0
+  # G_t, inclusive, ≤ 0; restarting at each document start
+  log_gain = jnp.cumsum(g, axis=row_axis) if starts is None else segmented_cumsum(g, expand(starts), axis=row_axis)
   # G_{t−1}: the decay between the chunk's (or t's document's) start and the state b_t reads.
   shifted = jnp.concatenate([jnp.zeros_like(jax.lax.slice_in_dim(log_gain, 0, 1, axis=row_axis % g.ndim)),
                              jax.lax.slice_in_dim(log_gain, 0, chunk_size - 1, axis=row_axis % g.ndim)],

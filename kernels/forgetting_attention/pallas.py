@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.documents import segmented_scan
 from kernels.forgetting_attention.reference import document_starts
 from kernels.window_attention.pallas import PallasBlocks, PallasTarget, flash_window_attention
 
@@ -50,21 +51,12 @@ def _add_parts(x, y):
   return hi, e - (hi - s)  # |s| ≥ |e|: the error of hi = fl(s + e) in two operations
 
 
-def _segmented(add):
-  """An associative-scan combine of ``(value, start)`` pairs: a start discards what came before it."""
-  def combine(earlier, later):
-    (value_a, start_a), (value_b, start_b) = earlier, later
-    summed = add(value_a, value_b)
-    return jax.tree.map(lambda b, s: jnp.where(start_b, b, s), value_b, summed), start_a | start_b
-  return combine
-
-
 @jax.custom_vjp
 def _cumulative_parts(log_forget, starts):
   """``c = Σ_{document start ≤ l ≤ t} log f_l`` as two float32 parts ``(hi, lo)``, ``hi + lo = c`` to
   about 2⁻⁴⁴·|c|. ``log_forget``: f32 ``[batch, time, heads]``; ``starts``: bool, the same shape."""
   parts = (log_forget, jnp.zeros_like(log_forget))
-  return jax.lax.associative_scan(_segmented(_add_parts), (parts, starts), axis=1)[0]
+  return segmented_scan(_add_parts, parts, starts, axis=1)
 
 
 def _cumulative_parts_fwd(log_forget, starts):
@@ -74,8 +66,7 @@ def _cumulative_parts_fwd(log_forget, starts):
 def _cumulative_parts_bwd(starts, cotangents):
   d_hi, _ = cotangents  # the same dc as d_lo (the flash core's): taken once, for c = hi + lo
   ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=1)  # last step of a document
-  add = lambda a, b: a + b
-  d_log_forget = jax.lax.associative_scan(_segmented(add), (d_hi, ends), axis=1, reverse=True)[0]
+  d_log_forget = segmented_scan(jnp.add, d_hi, ends, axis=1, reverse=True)
   return d_log_forget, None
 
 

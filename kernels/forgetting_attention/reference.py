@@ -48,13 +48,7 @@ def cumulative_log_forget(log_forget, segment_ids=None):
   log_forget = log_forget.astype(jnp.float32)
   if segment_ids is None:
     return jnp.cumsum(log_forget, axis=1)
-  starts = jnp.broadcast_to(document_starts(segment_ids)[..., None], log_forget.shape)
-
-  def combine(earlier, later):  # a segmented sum: a start discards what came before it
-    (sum_a, start_a), (sum_b, start_b) = earlier, later
-    return jnp.where(start_b, sum_b, sum_a + sum_b), start_a | start_b
-
-  return jax.lax.associative_scan(combine, (log_forget, starts), axis=1)[0]
+  return documents.segmented_cumsum(log_forget, document_starts(segment_ids)[..., None], axis=1)
 
 
 def forgetting_attention_reference(q, k, v, log_forget, *, window: int | None = None, segment_ids=None):
