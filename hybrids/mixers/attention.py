@@ -26,6 +26,20 @@ from hybrids.mixers.contract import HEAD_DIM, ROPE_BASE, Setting
 from kernels.window_attention import decode_attention, window_attention
 
 
+def check_head_shapes(cfg) -> None:
+  """The query / key-value head layout every softmax-attention mixer shares (ValueError naming the field):
+  ``model.head_dim`` (0: d_model // num_heads), ``model.num_kv_heads`` (0: num_heads) dividing num_heads."""
+  from hybrids.checks import check_int
+  check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
+  check_int(cfg.num_kv_heads, "model.num_kv_heads", 0, note=" (0: = model.num_heads)")
+  if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
+    raise ValueError(f"model.num_heads={cfg.num_heads} must be positive and divide model.d_model={cfg.d_model}"
+                     " (or set model.head_dim)")
+  kv = cfg.num_kv_heads or cfg.num_heads
+  if kv <= 0 or cfg.num_heads % kv:
+    raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}")
+
+
 class Attention(nnx.Module):
   """Causal attention; ``window`` is None here (global) and set by :class:`SlidingWindowAttention`."""
 
@@ -61,17 +75,10 @@ class Attention(nnx.Module):
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
     """Raise ValueError (naming the field) for settings this mixer cannot run with."""
-    from hybrids.checks import check_int, check_number
-    check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
-    check_int(cfg.num_kv_heads, "model.num_kv_heads", 0, note=" (0: = model.num_heads)")
+    from hybrids.checks import check_number
+    check_head_shapes(cfg)
     check_number(cfg.rope_base, "model.rope_base", 0, lo_open=True)
     check_number(cfg.attn_softcap, "model.attn_softcap", 0, note=" (0: off)")
-    if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
-      raise ValueError(f"model.num_heads={cfg.num_heads} must be positive and divide model.d_model={cfg.d_model}"
-                       " (or set model.head_dim)")
-    kv = cfg.num_kv_heads or cfg.num_heads
-    if kv <= 0 or cfg.num_heads % kv:
-      raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}")
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
     if head_dim % 2 and cfg.position == "rope":
       raise ValueError(f"head dim {head_dim} (model.head_dim or d_model/num_heads) must be even for RoPE")

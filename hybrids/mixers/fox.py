@@ -40,7 +40,7 @@ from flax import nnx
 
 from hybrids.cost import Flops, window_attention_flops
 from hybrids.layers import dtype_of, linear
-from hybrids.mixers.attention import Attention
+from hybrids.mixers.attention import Attention, check_head_shapes
 from hybrids.mixers.contract import HEAD_DIM, Setting
 from kernels.forgetting_attention import IMPLS as FOX_IMPLS
 from kernels.forgetting_attention import MASKED, decode_forgetting_attention, forgetting_attention
@@ -82,14 +82,7 @@ class ForgettingTransformer(nnx.Module):
     if cfg.fox_window > seq_len:
       raise ValueError(f"model.fox_window={cfg.fox_window} exceeds data.seq_len={seq_len}: the band would be "
                        "global attention; set model.fox_window=0 (global) or a window ≤ seq_len")
-    check_int(cfg.head_dim, "model.head_dim", 0, note=" (0: model.d_model // model.num_heads)")
-    check_int(cfg.num_kv_heads, "model.num_kv_heads", 0, note=" (0: = model.num_heads)")
-    if cfg.num_heads <= 0 or (not cfg.head_dim and cfg.d_model % cfg.num_heads):
-      raise ValueError(f"model.num_heads={cfg.num_heads} must be positive and divide model.d_model={cfg.d_model}"
-                       " (or set model.head_dim)")
-    kv = cfg.num_kv_heads or cfg.num_heads
-    if kv <= 0 or cfg.num_heads % kv:
-      raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads}")
+    check_head_shapes(cfg)
 
   def _project(self, x):
     """``x: [..., d_model]`` → q ``[..., heads, d]``, k, v ``[..., kv_heads, d]``, log f f32 ``[..., heads]``."""
