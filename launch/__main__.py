@@ -1,7 +1,7 @@
 """``python -m launch {sweep,status,report}``: run an experiment's sweep, watch it, report on it.
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
-        [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N]
+        [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]]
     python -m launch status runs/NAME
     python -m launch report runs/NAME
 
@@ -13,7 +13,8 @@ retried: resuming replays the same steps). ROOT defaults to ``runs/NAME`` (``run
 ARG). ``--filter model.window=16`` keeps points whose resolved config has that value (repeat a field
 for alternatives; ``config=ARG`` matches the get_config argument, ``model.mixer=swa`` any layer's
 mixer). ``--runs-per-device N`` (local) packs N runs onto each GPU (or device group) at once, each
-with a 1/N share of its memory (launch/local.py). Exit status: 0 all done (local) or all submitted,
+with a 1/N share of its memory, and ``--mps`` makes them clients of a CUDA MPS daemon so their kernels
+overlap (launch/local.py). Exit status: 0 all done (local) or all submitted,
 1 some failed, 2 bad input, 130 stopped.
 """
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--runs-per-device", default="1", metavar="N",
                  help="runs at once on each GPU / device group (1-64; each gets a 1/N memory share: "
                  "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9/N, no preallocation); on CPU N at once; not on TPU")
+  g.add_argument("--mps", action="store_true",
+                 help="run the packed runs as clients of a CUDA MPS daemon (the one running, else one started "
+                 "for the sweep and stopped after it), so their kernels overlap; GPU, --runs-per-device ≥ 2")
   g = s.add_argument_group("slurm")
   g.add_argument("--slurm-partition", default=None)
   g.add_argument("--slurm-time-min", type=int, default=1440, help="time limit of each array task, minutes")
@@ -141,6 +145,10 @@ def cmd_sweep(args) -> int:
         raise ValueError(f"--runs-per-device={args.runs_per_device} applies to --backend local only")
       if args.runs_per_device > 1 and args.backend == "local":
         local.parse_runs_per_device(args.runs_per_device, local.detect_devices()[0])  # refused on TPU
+      if args.mps:
+        if args.backend != "local":
+          raise ValueError("--mps applies to --backend local only")
+        local.Mps.check(local.detect_devices()[0], args.runs_per_device)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     cloud_opts = None
@@ -194,7 +202,7 @@ def cmd_sweep(args) -> int:
       print(f"[launch] {row['run']}: {row['action']}")
   if args.backend == "local":
     code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
-                     runs_per_device=args.runs_per_device, live=not args.no_progress) if todo else 0
+                     runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress) if todo else 0
     for row in rows:
       row.update(runs.run_state(row["workdir"]))
     summaries = [{"run": r["run"], "point": r["point"], **r["summary"], "status": r["status"]} for r in rows]

@@ -1,11 +1,13 @@
 """Points per hour of a local sweep, one run per device against N runs packed per device.
 
     python -m launch.bench_packing --experiment experiments/zoology_mqar.py:small --root /tmp/packing \\
-        --runs-per-device 1,4,8 --limit 8 [--steps 1000] [--filter model.d_model=64]
+        --runs-per-device 1,4,8,8mps --limit 8 [--steps 1000] [--filter model.d_model=64]
 
 Runs the same points once per N, each time in a fresh root ``ROOT/rpd-N``, through the public entry
 ``python -m launch sweep SPEC --backend local --runs-per-device N --root ROOT/rpd-N``, and times the
 whole sweep (start-up and compilation included: each root has its own empty compilation cache).
+``Nmps`` (e.g. ``8mps``) runs N per device as clients of a CUDA MPS daemon (the sweep's ``--mps``), in
+``ROOT/rpd-Nmps``.
 Prints points/hour and the speedup over the first N given, and writes ``ROOT/packing.json``. For
 one-GPU numbers on a multi-GPU host, set ``CUDA_VISIBLE_DEVICES=0``.
 
@@ -138,9 +140,30 @@ def device_name() -> str:
   return "cpu" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") else "unknown"
 
 
-def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str) -> dict:
+def parse_counts(value: str) -> list[tuple[int, bool]]:
+  """``--runs-per-device``: comma-separated ``N`` or ``Nmps`` (N runs per device under CUDA MPS)."""
+  counts = []
+  for token in (t.strip() for t in value.split(",")):
+    if not token:
+      continue
+    mps = token.endswith("mps")
+    digits = token[:-3] if mps else token
+    if not digits.isdigit() or int(digits) < 1:
+      raise ValueError(f"--runs-per-device {value!r}: {token!r} is not N or Nmps (N ≥ 1), e.g. 1,8,8mps")
+    counts.append((int(digits), mps))
+  if not counts:
+    raise ValueError("--runs-per-device needs a value, e.g. 1,8,8mps")
+  return counts
+
+
+def label(n: int, mps: bool) -> str:
+  return f"{n}mps" if mps else str(n)
+
+
+def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str, mps: bool = False) -> dict:
   argv = [python, "-m", "launch", "sweep", spec, "--backend", "local", "--runs-per-device", str(n),
-          "--root", root, "--no-progress", *[a for f in filters for a in ("--filter", f)]]
+          *(["--mps"] if mps else []), "--root", root, "--no-progress",
+          *[a for f in filters for a in ("--filter", f)]]
   print(f"[bench] {' '.join(argv[1:])}", flush=True)
   os.makedirs(root, exist_ok=True)
   open(os.path.join(root, MARKER), "w").close()
@@ -154,7 +177,7 @@ def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str) -> 
       summaries[name] = runs.read_summary(os.path.join(root, name))
   done = sum(1 for s in summaries.values() if s.get("status") == "done")
   tps = [s["tokens_per_sec"] for s in summaries.values() if s.get("tokens_per_sec")]
-  return {"runs_per_device": n, "returncode": code, "wall_s": round(wall, 1), "points": len(summaries),
+  return {"runs_per_device": n, "mps": mps, "label": label(n, mps), "returncode": code, "wall_s": round(wall, 1), "points": len(summaries),
           "done": done, "points_per_hour": round(done / wall * 3600, 1) if wall > 0 else None,
           "mean_run_tokens_per_sec": round(sum(tps) / len(tps)) if tps else None, **gpu.result(),
           "_runs": {rid: {"train_loss": s.get("train_loss"), "eval": s.get("eval")} for rid, s in summaries.items()}}
@@ -175,7 +198,7 @@ def compare(results: list[dict]) -> dict:
       for x, y in pairs:
         if isinstance(x, (int, float)) and isinstance(y, (int, float)):
           worst = max(worst, abs(x - y))
-    out[str(r["runs_per_device"])] = worst
+    out[r["label"]] = worst
   return out
 
 
@@ -184,20 +207,21 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--experiment", required=True, help="FILE[:ARG], e.g. experiments/zoology_mqar.py:small")
   parser.add_argument("--root", required=True, help="benchmark directory: ROOT/rpd-N per N, ROOT/packing.json")
-  parser.add_argument("--runs-per-device", default="1,4,8", help="comma-separated N values; the first is the baseline")
+  parser.add_argument("--runs-per-device", default="1,4,8",
+                      help="comma-separated N (or Nmps: under CUDA MPS) values; the first is the baseline")
   parser.add_argument("--limit", type=int, default=None, help="K points, spread evenly over the sweep")
   parser.add_argument("--steps", type=int, default=None, help="train.steps of every point (default: the experiment's)")
   parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="passed to the sweep")
   parser.add_argument("--python", default=sys.executable)
   args = parser.parse_args(argv)
   try:
-    ns = [int(x) for x in args.runs_per_device.split(",") if x.strip()]
-  except ValueError:
-    parser.error(f"--runs-per-device {args.runs_per_device!r}: expected comma-separated integers, e.g. 1,4,8")
-  if not ns or args.limit is not None and args.limit < 1 or args.steps is not None and args.steps < 1:
-    parser.error("--runs-per-device needs a value; --limit and --steps must be ≥ 1")
-  for n in ns:
-    root = os.path.join(args.root, f"rpd-{n}")
+    counts = parse_counts(args.runs_per_device)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.limit is not None and args.limit < 1 or args.steps is not None and args.steps < 1:
+    parser.error("--limit and --steps must be ≥ 1")
+  for n, mps in counts:
+    root = os.path.join(args.root, f"rpd-{label(n, mps)}")
     if os.path.exists(root):
       if not os.path.exists(os.path.join(root, MARKER)):
         parser.error(f"{root} exists and was not written by this benchmark; pick another --root")
@@ -207,17 +231,18 @@ def main(argv=None) -> int:
 
   device = device_name()
   results = []
-  for n in ns:
-    results.append(run_sweep(spec, os.path.join(args.root, f"rpd-{n}"), n, args.filter, args.python))
+  for n, mps in counts:
+    results.append(run_sweep(spec, os.path.join(args.root, f"rpd-{label(n, mps)}"), n, args.filter, args.python, mps))
     r = results[-1]
-    print(f"[bench] N={n}: {r['done']}/{r['points']} done in {r['wall_s']} s (exit {r['returncode']})", flush=True)
+    print(f"[bench] N={r['label']}: {r['done']}/{r['points']} done in {r['wall_s']} s (exit {r['returncode']})",
+          flush=True)
   base = results[0]["points_per_hour"] or 0
   for r in results:
     r["speedup"] = round(r["points_per_hour"] / base, 2) if base and r["points_per_hour"] else None
   diffs = compare(results)
 
   header = ("runs/device", "points", "done", "wall s", "points/h", "speedup", "run tok/s", "peak MiB", "util %")
-  rows = [(r["runs_per_device"], r["points"], r["done"], r["wall_s"], r["points_per_hour"], r["speedup"],
+  rows = [(r["label"], r["points"], r["done"], r["wall_s"], r["points_per_hour"], r["speedup"],
            r["mean_run_tokens_per_sec"], r.get("peak_memory_mib", "—"), r.get("mean_utilization_pct", "—"))
           for r in results]
   widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -225,7 +250,7 @@ def main(argv=None) -> int:
         (f", {args.steps} steps" if args.steps else ""))
   for row in (header, *rows):
     print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
-  print("largest |Δ| of final losses / eval metrics vs N=%d: %s" % (ns[0], diffs))
+  print(f"largest |Δ| of final losses / eval metrics vs N={results[0]['label']}: {diffs}")
 
   out = {"experiment": args.experiment, "spec": spec, "limit": args.limit, "steps": args.steps,
          "filters": args.filter, "device": device, "created": runs.now_iso(),

@@ -38,7 +38,7 @@ SWEEP_SIZES = {
     ("zoology_mqar", "tiny"): 2,
     ("based_tradeoff", None): 148, ("based_tradeoff", "small"): 22, ("based_tradeoff", "tiny"): 2,
     ("scaling", None): 60, ("scaling", "small"): 8, ("scaling", "gpu"): 4, ("scaling", "tiny"): 2,
-    ("griffin_window", None): 33, ("griffin_window", "small"): 9, ("griffin_window", "gpu"): 6,
+    ("griffin_window", None): 33, ("griffin_window", "small"): 9, ("griffin_window", "gpu"): 9,
     ("griffin_window", "tiny"): 2,
     ("swax", None): 10, ("swax", "small"): 3, ("swax", "tiny"): 2,
     ("hybrid_topology", None): 42, ("hybrid_topology", "small"): 4, ("hybrid_topology", "tiny"): 2,

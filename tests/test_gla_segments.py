@@ -220,26 +220,20 @@ def test_segment_ids_are_validated():
         gla(q, q, q, segment_ids=bad, impl=impl, interpret=True)
 
 
-def test_segments_take_the_triton_output_stage_until_the_mosaic_gpu_masks_have_run(monkeypatch):
-  """The Mosaic GPU output stage's document masks have not yet run on a GPU: with segment ids the
-  default on Hopper is the Triton output kernel, with that reason; asking for Mosaic GPU runs them; a
+def test_segments_take_the_mosaic_gpu_output_stage_on_hopper(monkeypatch):
+  """Documents do not change the output stage: on Hopper the default is Mosaic GPU's (its masks were
+  checked against the reference on an H100, kernels/BENCHMARKS.md); "triton" asks for the other; a
   call the Mosaic GPU stage cannot take names its own reason."""
   from kernels.gla import pallas as G
   x = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
   monkeypatch.setattr(G, "tma_gpu", lambda: True)
   assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == ("mosaic_gpu", None)
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False, segmented=True) == (
-      "triton", G.MOSAIC_GPU_DOCUMENTS_UNCHECKED)
-  assert "not yet run on a GPU" in G.MOSAIC_GPU_DOCUMENTS_UNCHECKED
-  assert G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu"), interpret=False, segmented=True) == (
-      "mosaic_gpu", None)
-  assert G._output_stage(x, x, None, PallasConfig(), interpret=False, segmented=True) == (
+  assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == (
+      "triton", "PallasConfig.out_kernel='triton'")
+  assert G._output_stage(x, x, None, PallasConfig(), interpret=False) == (
       "triton", "needs a bfloat16, float16 or float32 log-decay (got None)")
   with pytest.raises(ValueError, match=r"out_kernel='mosaic_gpu' needs PallasConfig.chunk=64 \(got 32\); use 'triton'"):
-    G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu", chunk=32), interpret=False, segmented=True)
-  monkeypatch.setattr(G, "tma_gpu", lambda: False)  # not the masks: no Hopper
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False, segmented=True) == (
-      "triton", "needs a Hopper GPU (TMA and wgmma)")
+    G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu", chunk=32), interpret=False)
 
 
 def _mosaic_gpu_operands(text):
@@ -251,8 +245,8 @@ def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch, cuda_lowering)
   """The output kernel with document masks (its rows' firsts read from global memory, the selects on A
   and q e^{b}) builds for CUDA from this host at the benchmark's size and at d_k 64 / d_v 128 with an f32
   log-decay (two bf16 parts), taking one more operand than without documents; and in the whole
-  forward and gradient on a Hopper (tma_gpu patched), documents take the Triton output kernel by
-  default and the Mosaic GPU one with ``out_kernel="mosaic_gpu"``."""
+  forward and gradient on a Hopper (tma_gpu patched), documents take the Mosaic GPU output kernel by
+  default and the Triton one with ``out_kernel="triton"``."""
   from kernels.gla import mosaic_gpu as gla_mgpu
   from kernels.gla import pallas as G
   for batch, time, heads, dk, dv, decay in ((4, 8192, 16, 128, 128, jnp.bfloat16), (1, 256, 2, 64, 128, jnp.float32)):
@@ -275,7 +269,7 @@ def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch, cuda_lowering)
   shape = (1, 256, 2, 128)
   x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   seg = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
-  for config, mosaic_gpu in ((PallasConfig(), False), (PallasConfig(out_kernel="mosaic_gpu"), True)):
+  for config, mosaic_gpu in ((PallasConfig(), True), (PallasConfig(out_kernel="triton"), False)):
     fwd = lambda q, k, v, g, seg, config=config: gla(q, k, v, g, segment_ids=seg, impl="pallas", pallas_target="triton",
                                                       pallas_config=config)[0]
     grad = jax.value_and_grad(lambda *a, fwd=fwd: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))

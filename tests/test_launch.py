@@ -467,6 +467,76 @@ def test_runs_per_device_is_validated_before_anything_is_written(tmp_path, capsy
   assert not root.exists()
 
 
+FAKE_MPS_CONTROL = """#!/bin/sh
+# A stand-in for nvidia-cuda-mps-control: -d makes the control pipe; "quit" on stdin removes it.
+if [ "$1" = "-d" ]; then
+  [ -n "$FAIL" ] && { echo "cannot start" >&2; exit 1; }
+  echo pid > "$CUDA_MPS_PIPE_DIRECTORY/control"; echo started >> "$LOG"; exit 0
+fi
+read cmd; [ "$cmd" = quit ] && rm -f "$CUDA_MPS_PIPE_DIRECTORY/control" && echo quit >> "$LOG"
+"""
+
+
+def test_mps_is_checked_before_anything_is_written_and_stops_only_its_own_daemon(tmp_path, capsys, monkeypatch):
+  """--mps: one line naming what is missing, before anything is written; a daemon already listening
+  is used and left running; otherwise one is started in a temporary directory, its pipe reaches the
+  children's environment, and it quits at the end; a daemon that does not start is an error."""
+  from launch import local
+  from launch.__main__ import main
+
+  exp = write_experiment(tmp_path)
+  root = tmp_path / "root"
+  for argv, message in (([], "--mps needs NVIDIA GPUs (this host: cpu)"),
+                        (["--backend", "slurm", "--runs-per-device", "1"], "--mps applies to --backend local only")):
+    assert main(["sweep", exp, "--root", str(root), "--runs-per-device", "2", "--mps", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+  monkeypatch.setattr(local, "detect_devices", lambda environ=None: ("gpu", ["0"]))
+  assert main(["sweep", exp, "--root", str(root), "--mps"]) == 2
+  assert "give --runs-per-device N ≥ 2" in capsys.readouterr().err
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+  assert main(["sweep", exp, "--root", str(root), "--runs-per-device", "2", "--mps"]) == 2
+  assert "nvidia-cuda-mps-control is not on PATH" in capsys.readouterr().err
+  assert not root.exists()
+
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  control = bin_dir / "nvidia-cuda-mps-control"
+  control.write_text(FAKE_MPS_CONTROL)
+  control.chmod(0o755)
+  log = tmp_path / "mps.log"
+  base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(log)}
+  monkeypatch.setenv("PATH", base["PATH"])
+  local.Mps.check("gpu", 2)
+  daemon = local.Mps(base).start()
+  pipe = daemon.env()["CUDA_MPS_PIPE_DIRECTORY"]
+  assert os.path.exists(os.path.join(pipe, "control")) and "started for this sweep" in daemon.note
+  assert daemon.env()["CUDA_MPS_LOG_DIRECTORY"].startswith(daemon.owned)
+  owned = daemon.owned
+  daemon.stop()
+  assert log.read_text().split() == ["started", "quit"] and not os.path.exists(owned)
+
+  running = tmp_path / "running"
+  running.mkdir()
+  (running / "control").write_text("pid")
+  daemon = local.Mps({**base, "CUDA_MPS_PIPE_DIRECTORY": str(running)}).start()
+  assert daemon.env() == {"CUDA_MPS_PIPE_DIRECTORY": str(running)} and "already listening" in daemon.note
+  daemon.stop()
+  assert (running / "control").exists() and log.read_text().split() == ["started", "quit"]  # not ours: left
+
+  with pytest.raises(RuntimeError, match="did not start a daemon .exit 1: cannot start"):
+    local.Mps({**base, "FAIL": "1"}).start()
+
+
+def test_bench_packing_counts():
+  from launch import bench_packing
+  assert bench_packing.parse_counts("1, 8,8mps") == [(1, False), (8, False), (8, True)]
+  assert bench_packing.label(8, True) == "8mps"
+  for bad in ("", "0", "x", "8 mps", "mps"):
+    with pytest.raises(ValueError, match="--runs-per-device"):
+      bench_packing.parse_counts(bad)
+
+
 def test_packed_slots_and_their_environment():
   from launch import local
 

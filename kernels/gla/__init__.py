@@ -58,10 +58,7 @@ Implementations:
   step (``MIN_LOG_DECAY``). On Hopper its output stage is a Mosaic GPU kernel (``mosaic_gpu.py``).
   With ``log_input_gate`` (mLSTM) there is no kernel: ``"pallas"`` runs ``"xla"``, a choice
   :func:`kernels.dispatch.gla` records. With ``segment_ids`` the kernels apply the document masks
-  themselves. The Mosaic GPU output stage has them too, but they have not yet run on a GPU, so on
-  Hopper documents take the Triton output stage by default (``pallas._output_stage`` gives the reason,
-  ``pallas.MOSAIC_GPU_DOCUMENTS_UNCHECKED``) and ``PallasConfig.out_kernel="mosaic_gpu"`` runs the
-  Mosaic GPU masks (``bench.py --segments`` times and checks them in a row of their own).
+  themselves, the Mosaic GPU output stage's included (checked on an H100; ``bench.py --segments``).
 - ``"auto"``: ``"pallas"`` on GPU for head dims ≤ 128 (those measured; ``kernels/BENCHMARKS.md``),
   ``"xla"`` elsewhere (the Mosaic TPU kernels are export-tested only, never timed on a TPU).
 

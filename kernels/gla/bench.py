@@ -15,12 +15,10 @@ With ``--segments N`` each of our implementations is also timed with ``segment_i
 row into N documents at random positions (``segment_ids``; the same cuts for every input set),
 beside the same call without them; those rows carry ``"segments": N`` (the others None), and the
 JSON report, the same as ``python -m kernels.bench`` writes, a top-level ``"segments"``. On GPU each
-Pallas row's ``note`` names its output stage and why it is not Mosaic GPU. On Hopper, documents take
-the Triton output stage by default (the Mosaic GPU stage's document masks have not yet run on a GPU),
-so one more row, "pallas mosaic_gpu output (ours) N docs/row", asks for the Mosaic GPU stage
-(``PallasConfig.out_kernel="mosaic_gpu"``) with the same documents: checked against the reference
-like every row, and where it does not match it is recorded as "— WRONG" with the mismatch in its
-note (not timed, and the benchmark goes on).
+Pallas row's ``note`` names its output stage and why it is not Mosaic GPU. On Hopper the default
+output stage is Mosaic GPU's with documents too, so one more row, "pallas triton output (ours) N
+docs/row", times the Triton stage (``PallasConfig.out_kernel="triton"``) with the same documents,
+checked like every row.
 
 Every implementation is checked before it is timed, on the very program that is timed (full
 shape): its output and each gradient for batch 0, heads 0–1 (all 8192 tokens) against the
@@ -146,7 +144,7 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
       rows.append(dict(row, segments=segments))
     if kwargs.get("impl") == "pallas" and not on_cpu:
       for row in rows:
-        row.setdefault("note", _output_stage_note(sets[0], kwargs.get("pallas_config"), row["segments"] is not None))
+        row.setdefault("note", _output_stage_note(sets[0], kwargs.get("pallas_config")))
     return rows
 
   def peer():
@@ -155,39 +153,26 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
   # Ours first: the peer's autotuning can take minutes and a time limit may end the run there.
   rows = ours("pallas (ours)", impl="pallas", interpret=on_cpu, pallas_config=config)
   if segments is not None and not on_cpu and tma_gpu():
-    mosaic = dataclasses.replace(config or PallasConfig(), out_kernel="mosaic_gpu")
-    rows.append(_unchecked_row(ctx, base, f"pallas mosaic_gpu output (ours) {segments} docs/row",
-                               _fns(impl="pallas", pallas_config=mosaic, segment_ids=seg), sets, ref_seg, segments))
+    triton = dataclasses.replace(config or PallasConfig(), out_kernel="triton")
+    row = checked_row(ctx, base, f"pallas triton output (ours) {segments} docs/row",
+                      _fns(impl="pallas", pallas_config=triton, segment_ids=seg), sets, ref_seg, _check_all, _log)
+    rows.append(dict(row, segments=segments, note=_output_stage_note(sets[0], triton)))
   if with_xla:
     rows += ours(f"xla chunked C={XLA_CHUNK} (ours)", impl="xla", chunk_size=XLA_CHUNK)
   _log("rows so far: " + json.dumps([{k: r.get(k) for k in ("impl", "fwd_ms", "fwdbwd_ms", "rel_err")} for r in rows]))
   return rows + [peer()]
 
 
-def _output_stage_note(args, config: PallasConfig | None, segmented: bool) -> str:
+def _output_stage_note(args, config: PallasConfig | None) -> str:
   """The output stage a Pallas row ran on this GPU and, if not Mosaic GPU, why (the full-size inputs
   need no padding: time is a multiple of the chunk, head dims powers of two)."""
   from kernels.gla import pallas as G
   q, _, v, g, _ = args
   try:
-    stage, why = G._output_stage(q, v, g, config or PallasConfig(), interpret=False,
-                                  segmented=segmented)
+    stage, why = G._output_stage(q, v, g, config or PallasConfig(), interpret=False)
   except ValueError as e:  # an explicit out_kernel this call cannot take (the row says skipped)
     return f"output stage: {e}"
   return f"output stage {stage}" + (f": {why}" if why else "")
-
-
-def _unchecked_row(ctx, base, name, fns, sets, ref, segments: int) -> dict:
-  """A row for a kernel that has not yet run on a GPU (the Mosaic GPU output stage's document masks):
-  checked and timed as every row, but a mismatch is the finding, recorded as "— WRONG" with the error
-  in its note (never timed), not the end of the benchmark."""
-  try:
-    row = checked_row(ctx, base, name, fns, sets, ref, _check_all, _log)
-  except AssertionError as e:
-    _log(f"{name}: WRONG: {str(e).splitlines()[0][:200]}")
-    row = dict(base, impl=f"{name} — WRONG", ours=True, fwd_ms=None, fwdbwd_ms=None,
-               note=f"mismatch: {str(e).splitlines()[0][:200]}")
-  return dict(row, segments=segments)
 
 
 # --- tuning: the Pallas kernels one at a time --------------------------------------------------------

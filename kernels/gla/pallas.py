@@ -102,11 +102,6 @@ EXACT_DOTS = ("ieee", "tf32x3")
 OUT_KERNELS = (None, "triton", "mosaic_gpu")
 _SUB = 16  # rows of a sub-chunk (the smallest tile a Triton dot takes)
 MIN_LOG_DECAY = -20.0  # the Pallas kernels treat log α < −20 as −20 (see the section comment)
-# Why documents take the Triton output stage by default on Hopper: the Mosaic GPU stage's masks are
-# lowered (tests) but unchecked; kernels.gla.bench --segments times them with out_kernel="mosaic_gpu"
-# and checks them against the reference.
-MOSAIC_GPU_DOCUMENTS_UNCHECKED = ("document masks (segment_ids) not yet run on a GPU: Triton takes them unless "
-                                  "PallasConfig.out_kernel='mosaic_gpu'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +138,10 @@ class PallasConfig:
   unroll: bool = False
   # The forward's output stage on GPU: "triton" (``_output_kernel``) or "mosaic_gpu"
   # (``kernels/gla/mosaic_gpu.py``: one chunk of 64 rows per CTA, every product a wgmma; Hopper, bf16
-  # q, k, v with a decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, else
-  # "triton"; with documents (segment_ids) "triton" until the Mosaic GPU masks have run on a GPU
-  # (MOSAIC_GPU_DOCUMENTS_UNCHECKED), which "mosaic_gpu" runs. It stores each chunk's whole score
-  # matrix for the dv kernel. H100, B4 T8192 H16 d128:
-  # output stage 1.76 → 0.68 ms with a bf16 log-decay; fwd 2.2 → 1.55 ms with an f32 one.
+  # q, k, v with a decay, d_k and d_v of 64 or 128). None: "mosaic_gpu" where it runs, with or
+  # without documents (its document masks were checked against the reference on an H100, and with 4
+  # documents a row they keep most of its speed: kernels/BENCHMARKS.md), else "triton". It stores each
+  # chunk's whole score matrix for the dv kernel.
   out_kernel: str | None = None
 
 
@@ -754,14 +748,11 @@ _next_pow2 = next_pow2
 _round_up = round_up
 
 
-def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool, segmented: bool = False) -> tuple[str, str | None]:
+def _output_stage(q, v, g, cfg: PallasConfig, *, interpret: bool) -> tuple[str, str | None]:
   """``(stage, why not Mosaic GPU)``: the GPU output stage for the padded Triton-layout problem,
-  ``cfg.out_kernel``, or for None "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``) and
-  has been checked (with documents, not yet: MOSAIC_GPU_DOCUMENTS_UNCHECKED), else "triton"; and why
-  it is not "mosaic_gpu" (None when it is)."""
+  ``cfg.out_kernel``, or for None "mosaic_gpu" where it runs (a Hopper GPU, ``gla_mgpu.supports``;
+  documents or not), else "triton"; and why it is not "mosaic_gpu" (None when it is)."""
   problem, hopper = gla_mgpu.supports(q, v, g, cfg.chunk), tma_gpu()
-  if segmented and problem is None and hopper and cfg.out_kernel is None:
-    problem = MOSAIC_GPU_DOCUMENTS_UNCHECKED
   stage = mosaic_gpu_or_triton(cfg.out_kernel, problem, interpret=interpret, hopper=hopper,
                                field="gla: PallasConfig.out_kernel")
   if stage == "mosaic_gpu":
@@ -821,8 +812,7 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, segment_ids=None, *, t
   if target == "mosaic":
     q, k, v = (rearrange(x, "b t h d -> b h t d") for x in (q, k, v))
     g = None if g is None else rearrange(g, "b t h d -> b h t d")
-  mgpu_out = target == "triton" and _output_stage(q, v, g, cfg, interpret=interpret,
-                                                    segmented=ell is not None)[0] == "mosaic_gpu"
+  mgpu_out = target == "triton" and _output_stage(q, v, g, cfg, interpret=interpret)[0] == "mosaic_gpu"
   plan = _Plan(target=target, interpret=interpret, cfg=cfg, heads=heads, chunks=padded // chunk, dk=dk,
                dv=dv, decay=g is not None, dot_dtype=dot_dtype.name, mgpu_out=mgpu_out, segmented=ell is not None)
   o, final = _pallas_core_shared(q, k, v, g, s0, ell, plan)

@@ -15,16 +15,14 @@ forward ``4·B·H·D·pairs`` (QKᵀ and PV), backward ``10·B·H·D·pairs`` (Q
 ``--segments N`` (packed documents, issue 23): each shape is timed as above and again with
 ``segment_ids`` cutting every row into N documents of random lengths (different per row), checked
 against the reference with the same ids; torch's flex_attention gets the same document mask, cuDNN
-is skipped with the dispatch's reason. On a GPU the Mosaic GPU kernels get two rows of their own:
-as ``auto`` runs them (the whole band streamed, every block masked) and with their band cut to the
-documents (``PallasBlocks.mgpu_skip_outside_documents``, last); either one's mismatch is recorded as
-WRONG, not timed. Every row carries ``"segments"``: its documents per row (0: no ``segment_ids``).
+is skipped with the dispatch's reason. On a GPU the Mosaic GPU kernels get one more row: the whole
+band streamed and every block masked (``PallasBlocks(mgpu_skip_outside_documents=False)``), against
+``auto``'s band cut to the documents. Every row carries ``"segments"``: its documents per row (0: no
+``segment_ids``).
 The floor stays that of the unsegmented band (an upper bound on the work).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -175,28 +173,17 @@ def _run_shape(ctx, shape, documents: int) -> list[dict]:
   if not on_cpu:  # the Triton kernels, which the Mosaic GPU ones replace on Hopper
     triton = PallasBlocks(fwd_kernel="triton", bwd_kernel="triton")
     candidates.insert(1, ("pallas triton (ours)", True, dict(impl="pallas", pallas_blocks=triton)))
-    if documents:  # the Hopper kernels' document masks, which auto does not pick until this row passes
-      mosaic = PallasBlocks(fwd_kernel="mosaic_gpu", bwd_kernel="mosaic_gpu")
-      candidates.insert(2, ("pallas mosaic_gpu (ours)", True, dict(impl="pallas", pallas_blocks=mosaic)))
-      # and their band cut to the documents (issue 23), not yet run on a GPU: last, so that the other
-      # rows are printed before it runs (a producer/consumer count that disagrees would hang the kernel)
-      skip = dataclasses.replace(mosaic, mgpu_skip_outside_documents=True)
-      candidates.append(("pallas mosaic_gpu skip outside documents (ours)", True,
-                         dict(impl="pallas", pallas_blocks=skip)))
+    if documents:  # the Hopper kernels streaming the whole band, masked (the default cuts it to the documents)
+      whole = PallasBlocks(fwd_kernel="mosaic_gpu", bwd_kernel="mosaic_gpu", mgpu_skip_outside_documents=False)
+      candidates.insert(2, ("pallas mosaic_gpu whole band (ours)", True, dict(impl="pallas", pallas_blocks=whole)))
   for name, ours, kwargs in candidates:
     fn = lambda q, k, v, kwargs=kwargs: window_attention(q, k, v, window=window, segment_ids=segment_ids, **kwargs)
     row = dict(base, impl=name, ours=ours, fwd_ms=None, fwdbwd_ms=None)
     try:
       fwd, both, fwdbwd = _fwd_and_grads(fn)
       row["rel_err"] = _check_all(name, both(*sets[0]), ref)
-    except AssertionError as e:
-      if "mosaic_gpu" not in name or not documents:
-        raise  # a wrong kernel stops the benchmark
-      # the Hopper kernels' document variants (mgpu_skip_outside_documents not yet run on a GPU): a mismatch is recorded, never timed
-      row.update(impl=f"{name} — WRONG", note=f"mismatch: {str(e).splitlines()[0][:200]}")
-      rows.append(row)
-      _progress(row)
-      continue
+    except AssertionError:
+      raise  # a wrong kernel stops the benchmark
     except Exception as e:  # an implementation this platform or shape lacks (cuDNN off GPU)
       row["note"] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
       row["impl"] = f"{name} — skipped"

@@ -17,8 +17,8 @@ is streamed as without documents). With ``skip_outside_documents`` the band is c
 blocks that meet the tile's documents (``band._document_key_blocks`` / ``_document_query_blocks``,
 from the first and last row's bound, read as scalars from global memory by every warpgroup, the
 memory one included, so all three count the same blocks per tile), and only the blocks a boundary or
-the band's edge cuts are masked. That variant has been built for CUDA but not yet run on a GPU
-(``PallasBlocks.mgpu_skip_outside_documents``, off by default).
+the band's edge cuts are masked (``PallasBlocks.mgpu_skip_outside_documents``, the default; checked
+against the reference on an H100).
 
 Causal and GQA/MQA (a query head reads key/value head ``h // group``); no soft-cap, 16-bit inputs,
 ``dim`` a multiple of 64 up to 128, ``time`` a multiple of 128 (``supports``; the caller runs Triton

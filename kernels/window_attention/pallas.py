@@ -101,11 +101,11 @@ class PallasBlocks:
   # ``mgpu_skip_outside_documents`` (packed documents, issue 23): the Mosaic GPU kernels visit, and
   # their memory warpgroups stream, only the blocks that meet their tile's documents (as Triton does:
   # keys from the tile's first document start, queries up to its keys' last document end), and mask
-  # only the blocks a boundary or the band's edge cuts. Off by default because Mosaic GPU kernels do
-  # not run on CPU: the tests only build this variant, and until ``kernels/window_attention/bench.py
-  # --segments N`` has checked it on a GPU, ``auto`` keeps the kernels that were checked there (they
-  # stream the whole band and mask every block). No effect without segment ids.
-  mgpu_skip_outside_documents: bool = False
+  # only the blocks a boundary or the band's edge cuts. False streams the whole band and masks every
+  # block (the first version; kept as the benchmark's comparison). H100, B4 T8192 H16 d128 W1024, 4
+  # documents a row: 0.655 / 2.654 ms → 0.568 / 2.160 ms fwd / fwd+bwd (kernels/BENCHMARKS.md). No
+  # effect without segment ids.
+  mgpu_skip_outside_documents: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
