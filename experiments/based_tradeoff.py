@@ -84,7 +84,7 @@ What still differs from Zoology (each a known gap; none is measured to move a po
 Commands:
 
     python -m launch sweep experiments/based_tradeoff.py --backend local          # 148 runs
-    python -m launch sweep experiments/based_tradeoff.py:small --backend local    # 22 runs, one GPU
+    python -m launch sweep experiments/based_tradeoff.py:small --backend local --runs-per-device 8 --mps  # 22 runs, one GPU
     python -m launch report runs/based_tradeoff        # a variant's runs: runs/based_tradeoff-VARIANT
 
 Variants (``get_config(arg)`` and ``get_sweep(h, arg)`` take the same ``arg``):

@@ -77,7 +77,7 @@ git-ignored, so only what a call's ``carry`` names travels:
 (ignored files a call leaves on the machine are kept for the next call of the same slot; the last
 line checks every shard's sha256 against the ones prepared here.) Then, in the same slot:
 
-    python -m launch sweep experiments/mixer_survey.py:1m --backend local --runs-per-device N --root runs
+    python -m launch sweep experiments/mixer_survey.py:1m --backend local --runs-per-device N --mps --root runs
     python -m launch report runs/mixer_survey-1m        # or all slices' runs together: see launch report
 
 Variants: ``None`` (full, 768 runs: about days of one H100 — unmeasured); ``1m``, ``2m``, ``5m``,

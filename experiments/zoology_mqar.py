@@ -46,7 +46,7 @@ What differs (each listed, none known to move a cell; the first ones are unteste
 Commands (accuracy on the answers is ``eval.eval_accuracy`` of each run's ``summary.json``):
 
     python -m launch sweep experiments/zoology_mqar.py --backend local            # full grid, 640 runs
-    python -m launch sweep experiments/zoology_mqar.py:figure2 --backend local --runs-per-device 8
+    python -m launch sweep experiments/zoology_mqar.py:figure2 --backend local --runs-per-device 8 --mps   # CUDA MPS: kernels of the 8 overlap
     python -m launch sweep experiments/zoology_mqar.py:small --backend local      # 36 runs
     python -m launch report runs/zoology_mqar-figure2
     python experiments/zoology_mqar.py runs/zoology_mqar-figure2/report.json   # ours vs published, per cell
