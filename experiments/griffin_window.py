@@ -18,7 +18,7 @@ Commands (then the loss by position inside the context, per run):
 
     python -m launch sweep experiments/griffin_window.py --backend local          # 33 runs (cluster)
     python -m launch sweep experiments/griffin_window.py:small --backend local    # 9 runs
-    python -m launch sweep experiments/griffin_window.py:gpu --backend local --runs-per-device 9 --mps  # 9 runs, one H100
+    python -m launch sweep experiments/griffin_window.py:gpu --backend local --runs-per-device 3 --mps  # 9 runs, one H100
     python -m hybrids.evaluate --workdir runs/griffin_window/RUN --eval position --lengths 2048,4096,8192
     python -m launch report runs/griffin_window        # a variant's runs: runs/griffin_window-VARIANT
 
@@ -29,8 +29,8 @@ Variants:
 - ``small``: size 5m, 3 lengths × (Griffin-1024, global, local-1024) = 9 runs, 2^17 tokens a step,
   20 tokens/param (~780 steps); ~30 min on one GPU.
 - ``gpu``: size 5m, 3 lengths × (Griffin-128, Griffin-1024, global) = 9 runs of 250 steps × 2^16
-  tokens, bf16, the XLA scan (the Pallas scan compiles for minutes); ~3 min on one H100 with the 9
-  packed (estimate: ~20 s compile + ~30 s of steps each). Expected: Griffin's eval loss below global
+  tokens, bf16, the XLA scan (the Pallas scan compiles for minutes); ~3–5 min on one H100, 3 at a
+  time under MPS (estimate: ~20 s compile + ~30 s of steps each; 3 per GPU fitted in the first run). Expected: Griffin's eval loss below global
   attention's at 2k, 4k and 8k with either window, and the window mattering little (the paper's
   finding at 1024 vs 2048; 128 is the smallest of its grid).
 - ``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
