@@ -1,6 +1,7 @@
 """Which implementation of each kernel family runs a call, and why every other one does not.
 
-One place decides for all four families (``scan``, ``gla``, ``delta``, ``attention``): ``xla``,
+One place decides for every family (``scan``, ``gla``, ``delta``, ``attention``, ``dplr``,
+``forgetting_attention``): ``xla``,
 ``pallas`` with its lowering, ``cudnn`` or ``reference``. The lowerings have one name each, here and
 in every record: ``"triton"`` (GPU), ``"mosaic_gpu"`` (Hopper and newer: TMA and wgmma) and
 ``"mosaic_tpu"``. (``pallas_target`` still accepts ``"mosaic"``, its older name for ``"mosaic_tpu"``;
@@ -28,7 +29,6 @@ import dataclasses
 
 import jax
 
-FAMILIES = ("attention", "scan", "gla", "delta")
 LOWERINGS = ("triton", "mosaic_gpu", "mosaic_tpu")
 PALLAS_TARGETS = ("triton", "mosaic_tpu", "mosaic")  # "mosaic": the older name of "mosaic_tpu"
 # The entry point each family's messages name.
@@ -245,9 +245,25 @@ def delta(requested: str, impls: tuple[str, ...], *, chunk_problem: str | None, 
           interpret: bool = False, layout: str | None = None) -> Choice:
   """The delta rule: the Pallas state pass on GPU for chunks its tiles take (``chunk_problem``: why
   not) and measured head dims, the XLA chunked form elsewhere."""
-  pallas = _pallas(backend(), interpret, layout, gpu_measured=_head_dims(d_k, d_v), tpu_measured=_TPU_UNMEASURED)
+  return _chunked("delta", requested, impls, chunk_problem=chunk_problem, interpret=interpret, layout=layout,
+                  gpu_measured=_head_dims(d_k, d_v))
+
+
+def _chunked(family: str, requested: str, impls: tuple[str, ...], *, chunk_problem: str | None,
+             interpret: bool, layout: str | None, gpu_measured: str | None) -> Choice:
+  """The delta-rule state pass's families (``delta``, ``dplr``): Pallas for chunks its tiles take."""
+  pallas = _pallas(backend(), interpret, layout, gpu_measured=gpu_measured, tpu_measured=_TPU_UNMEASURED)
   pallas = [dataclasses.replace(c, problem=c.problem or chunk_problem) for c in pallas]
-  return choose("delta", requested, impls, pallas + _tail())
+  return choose(family, requested, impls, pallas + _tail())
+
+
+def _pallas_off_accelerator(platform: str, interpret: bool, layout: str | None) -> list[Candidate]:
+  """The Pallas candidate on a host with neither GPU nor TPU: interpreted, or lowered for another
+  platform (an explicit layout), else refused with how to interpret it."""
+  if interpret or layout is not None:
+    return [Candidate("pallas", lowering_of(layout or "triton"), unmeasured=_CPU_PALLAS)]
+  return [Candidate("pallas", problem=f"needs a GPU or TPU (backend is {platform!r}); pass interpret=True "
+                    "to run the kernel in the Pallas interpreter", unmeasured=_CPU_PALLAS)]
 
 
 def attention(requested: str, impls: tuple[str, ...], *, head_dim: int, mosaic_gpu_problem: str | None,
@@ -267,11 +283,8 @@ def attention(requested: str, impls: tuple[str, ...], *, head_dim: int, mosaic_g
               Candidate("pallas", fallback, unmeasured=_GPU_FLOAT32 if _float32(dtype) else None)]
   elif platform == "tpu":
     pallas = [Candidate("pallas", lowering_of(layout or "mosaic"))]
-  elif interpret or layout is not None:  # interpreted, or lowered for another platform from this host
-    pallas = [Candidate("pallas", lowering_of(layout or "triton"), unmeasured=_CPU_PALLAS)]
   else:
-    pallas = [Candidate("pallas", problem=f"needs a GPU or TPU (backend is {platform!r}); pass interpret=True "
-                        "to run the kernel in the Pallas interpreter", unmeasured=_CPU_PALLAS)]
+    pallas = _pallas_off_accelerator(platform, interpret, layout)
   if not any(c.impl == "cudnn" for c in pallas):
     pallas.append(Candidate("cudnn", problem=cudnn_problem))
   return choose("attention", requested, impls, pallas + _tail())
@@ -289,9 +302,8 @@ def dplr(requested: str, impls: tuple[str, ...], *, chunk_problem: str | None = 
   form under ``"auto"`` everywhere until the Pallas state pass is measured faster; ``"pallas"`` runs it
   (Triton on GPU, Mosaic TPU, interpreted where asked) for chunks its tiles take (``chunk_problem``:
   why not)."""
-  pallas = _pallas(backend(), interpret, layout, gpu_measured=_DPLR_GPU_UNMEASURED, tpu_measured=_TPU_UNMEASURED)
-  pallas = [dataclasses.replace(c, problem=c.problem or chunk_problem) for c in pallas]
-  return choose("dplr", requested, impls, pallas + _tail())
+  return _chunked("dplr", requested, impls, chunk_problem=chunk_problem, interpret=interpret, layout=layout,
+                  gpu_measured=_DPLR_GPU_UNMEASURED)
 
 
 # Forgetting attention (FoX): the window-attention flash kernels with the bias c_i − c_j added tile by
@@ -313,9 +325,6 @@ def forgetting_attention(requested: str, impls: tuple[str, ...], *, interpret: b
               Candidate("pallas", "triton", unmeasured=_FOX_GPU_UNMEASURED)]
   elif platform in ("gpu", "tpu"):
     pallas = [Candidate("pallas", lowering_of(layout or "mosaic"), unmeasured=_TPU_UNMEASURED)]
-  elif interpret or layout is not None:  # interpreted, or lowered for another platform from this host
-    pallas = [Candidate("pallas", lowering_of(layout or "triton"), unmeasured=_CPU_PALLAS)]
   else:
-    pallas = [Candidate("pallas", problem=f"needs a GPU or TPU (backend is {platform!r}); pass interpret=True "
-                        "to run the kernel in the Pallas interpreter", unmeasured=_CPU_PALLAS)]
+    pallas = _pallas_off_accelerator(platform, interpret, layout)
   return choose("forgetting_attention", requested, impls, pallas + _tail())

@@ -10,8 +10,8 @@ gate). Compared: outputs (and the stabiliser m), the final state (the row's last
 gradients wrt q, k, v, the log-decay, the input gate and the initial state for a random cotangent of
 every output. The Pallas kernels run in the interpreter with small tiles (chunks of 16 and 32 rows).
 Hopper's Mosaic GPU output stage cannot interpret: it is built for CUDA, its mask arithmetic is checked
-against the Triton output stage's, and its routing (Triton by default until its masks have run on a
-GPU) is pinned.
+against the Triton output stage's, and its routing (Mosaic GPU by default on Hopper, documents or
+not) is pinned.
 """
 
 import dataclasses
@@ -220,22 +220,6 @@ def test_segment_ids_are_validated():
         gla(q, q, q, segment_ids=bad, impl=impl, interpret=True)
 
 
-def test_segments_take_the_mosaic_gpu_output_stage_on_hopper(monkeypatch):
-  """Documents do not change the output stage: on Hopper the default is Mosaic GPU's (its masks were
-  checked against the reference on an H100, kernels/BENCHMARKS.md); "triton" asks for the other; a
-  call the Mosaic GPU stage cannot take names its own reason."""
-  from kernels.gla import pallas as G
-  x = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
-  monkeypatch.setattr(G, "tma_gpu", lambda: True)
-  assert G._output_stage(x, x, x, PallasConfig(), interpret=False) == ("mosaic_gpu", None)
-  assert G._output_stage(x, x, x, PallasConfig(out_kernel="triton"), interpret=False) == (
-      "triton", "PallasConfig.out_kernel='triton'")
-  assert G._output_stage(x, x, None, PallasConfig(), interpret=False) == (
-      "triton", "needs a bfloat16, float16 or float32 log-decay (got None)")
-  with pytest.raises(ValueError, match=r"out_kernel='mosaic_gpu' needs PallasConfig.chunk=64 \(got 32\); use 'triton'"):
-    G._output_stage(x, x, x, PallasConfig(out_kernel="mosaic_gpu", chunk=32), interpret=False)
-
-
 def _mosaic_gpu_operands(text):
   """The operand count of each Mosaic GPU custom call in a lowered module's text."""
   return [len(args.split(",")) for args in re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)]
@@ -257,8 +241,7 @@ def test_segmented_mosaic_gpu_output_lowers_for_cuda(monkeypatch, cuda_lowering)
     ell = jax.ShapeDtypeStruct((batch, time, 1), jnp.float32)
 
     def f(q, k, v, g, st, ell=None):
-      firsts = None if ell is None else gla_mgpu.document_firsts(ell)
-      return gla_mgpu.output(q, k, v, gla_mgpu.decay_parts(g, -20.0), st, min_log_decay=-20.0, first_rows=firsts)
+      return gla_mgpu.output(q, k, v, gla_mgpu.decay_parts(g, -20.0), st, min_log_decay=-20.0, ell=ell)
 
     lower = lambda *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     plain = _mosaic_gpu_operands(lower(q, q, v, g, states))

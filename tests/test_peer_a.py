@@ -96,8 +96,6 @@ _spec.loader.exec_module(maker)  # sizes, the parameter mapping, and make() wher
 TOL = 1e-5  # max |ours − fla| / max |fla|, float32 on both sides
 FLA_EPS = 1e-10  # fla's linear-attention normaliser guard
 KERNEL_IMPLS = ("reference", "xla", "pallas")  # Pallas in interpret mode
-# kernels.forgetting_attention has no Pallas kernel yet
-NO_PALLAS = ("fox",)
 # Each test run checks the kernels' definition against fla, at the kernel level and inside the mixers
 # (which compose the same way on every implementation); the chunked and Pallas paths are checked against
 # the definition (outputs, state, every gradient) in test_kernels.py, test_delta.py, test_*_segments.py
@@ -132,8 +130,7 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
   interpret = impl == "pallas"
   seg = {} if segment_ids is None else {"segment_ids": segment_ids}
   run_gla = functools.partial(gla, chunk_size=maker.CHUNK, impl=impl, interpret=interpret, **seg)
-  dplr_chunk = DELTA_PALLAS_CHUNK if interpret else maker.CHUNK  # the same tiles as the delta rule's
-  dplr_pallas = {"interpret": True} if interpret else {}
+  chunk = DELTA_PALLAS_CHUNK if interpret else maker.CHUNK  # the delta rule's (and dplr's) Pallas tiles
   if name == "gla":
     d_k = t["q"].shape[-1]
     return run_gla(t["q"] * d_k ** -0.5, t["k"], t["v"], t["gk"], h0)  # fla's scale on q
@@ -154,7 +151,6 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
     o, _ = run_gla(t["q"], t["k"] * d ** -0.5, t["v"], log_decay)  # fla scales q, ours k: same q·k
     return (o,)
   if name in ("deltanet", "gated_deltanet"):
-    chunk = DELTA_PALLAS_CHUNK if impl == "pallas" else maker.CHUNK
     q = t["q"] * t["q"].shape[-1] ** -0.5 if name == "deltanet" else t["q"]  # fla's fixed q scale
     return delta_rule(q, t["k"], t["v"], t["beta"], t.get("g"), h0, chunk_size=chunk, impl=impl,
                       interpret=interpret, **seg)
@@ -166,17 +162,17 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
     return linear_scan(jnp.exp(t["g"]), t["x"], h0, impl=impl, interpret=interpret)
   if name == "kda":
     keys, a, b = delta_rule_as_dplr(t["k"], t["beta"], t["g"])
-    return dplr(t["q"], keys, t["v"], a, b, t["g"], h0, chunk_size=dplr_chunk, impl=impl, **dplr_pallas, **seg)
+    return dplr(t["q"], keys, t["v"], a, b, t["g"], h0, chunk_size=chunk, impl=impl, interpret=interpret, **seg)
   if name == "rwkv7":
     # fla: S_t = Diag(e^gk) S + β (αᵀ S) + k vᵀ; ours: Diag(e^gk) S − a (bᵀ S) + k vᵀ, so a = β, b = −α.
     q = t["q"] * t["q"].shape[-1] ** -0.5  # dplr_recurrence's fixed q scale
-    return dplr(q, t["k"], t["v"], t["beta"], -t["alpha"], t["gk"], h0, chunk_size=dplr_chunk, impl=impl,
-                **dplr_pallas, **seg)
+    return dplr(q, t["k"], t["v"], t["beta"], -t["alpha"], t["gk"], h0, chunk_size=chunk, impl=impl,
+                interpret=interpret, **seg)
   if name == "hgrn2":
     d_k = t["q"].shape[-1]
     return run_gla(t["q"] * d_k ** -0.5, t["k"], t["v"], t["gk"], h0)  # fla's scale on q
   if name == "fox":
-    return (forgetting_attention(t["q"], t["k"], t["v"], t["g"], impl=impl, **seg),)
+    return (forgetting_attention(t["q"], t["k"], t["v"], t["g"], impl=impl, interpret=interpret, **seg),)
   if name == "gated_deltaproduct":
     # Token t as sub-steps (t, 1) … (t, n_h): the decay on the first, q_t read on the last (as the mixer).
     batch, time, heads, _ = t["q"].shape
@@ -187,7 +183,7 @@ def ours_kernel(name, t, h0, impl, segment_ids=None):
     keys, a, b = delta_rule_as_dplr(t["k"], t["beta"], log_decay)
     sub_seg = {} if segment_ids is None else {"segment_ids": jnp.repeat(segment_ids, steps, axis=1)}
     o, s = dplr(q, keys, t["v"], a, b, log_decay, h0, chunk_size=DELTA_PALLAS_CHUNK if interpret else maker.SUB_STEP_CHUNK,
-                impl=impl, **dplr_pallas, **sub_seg)
+                impl=impl, interpret=interpret, **sub_seg)
     return o.reshape((batch, time, steps) + o.shape[2:])[:, :, -1], s
   raise ValueError(f"ours_kernel: unknown mixer {name!r}; valid: {maker.MIXERS}")
 
@@ -266,8 +262,6 @@ def all_errors(name, fixture) -> dict[str, float]:
   """Every comparison for mixer ``name``, on every implementation (the fixture script records these)."""
   errors = {}
   for impl in KERNEL_IMPLS:
-    if impl == "pallas" and name in NO_PALLAS:
-      continue
     errors.update(kernel_errors(name, fixture, impl))
     if impl != "pallas":  # the mixers' chunk of 4 is below the delta rule's Pallas tiles; same kernels as above
       errors.update({f"{k} [{impl}]": v for k, v in mixer_errors(name, fixture, impl).items()})

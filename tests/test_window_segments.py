@@ -312,7 +312,7 @@ def test_segmented_mosaic_gpu_kernels_lower_for_cuda(pingpong, skip):
 
 def test_mosaic_gpu_skip_outside_documents_reaches_every_kernel():
   """``mgpu_skip_outside_documents`` changes all three Mosaic GPU kernels of a call with segment ids:
-  none keeps the module of the default, which streams the whole band."""
+  none keeps the module of the whole-band variant (``False``), which streams and masks every block."""
   q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)

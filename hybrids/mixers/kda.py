@@ -53,7 +53,8 @@ def check_dplr_config(cfg) -> None:
     raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
   check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
   check_choice(cfg.dplr_impl, "model.dplr_impl", DPLR_IMPLS)
-  if cfg.dplr_impl == "pallas" and (cfg.chunk_size < 16 or cfg.chunk_size & (cfg.chunk_size - 1)):
+  from kernels.dplr import is_pallas_chunk
+  if cfg.dplr_impl == "pallas" and not is_pallas_chunk(cfg.chunk_size):
     raise ValueError(f"model.chunk_size={cfg.chunk_size} must be a power of two ≥ 16 with model.dplr_impl='pallas'")
 
 

@@ -149,9 +149,9 @@ def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None,
     raise ValueError(f"dplr: chunk_size={chunk_size!r} must be a positive integer")
   if impl == "pallas":  # (the kernels' own messages for their arguments first)
     check_pallas_arguments(chunk_size, pallas_target, pallas_config, family="dplr")
-  impl = choice(impl, chunk_size=chunk_size, interpret=interpret, pallas_target=pallas_target).impl
-  if precompute == "pallas" and (impl != "pallas" or pallas_target not in (None, "triton")
-                                 or (pallas_target is None and dispatch.backend() == "tpu")):
+  taken = choice(impl, chunk_size=chunk_size, interpret=interpret, pallas_target=pallas_target)
+  impl = taken.impl
+  if precompute == "pallas" and (impl != "pallas" or taken.lowering == "mosaic_tpu"):
     raise ValueError(f"dplr: precompute='pallas' runs with impl='pallas' and the Triton layout only "
                      f"(got impl={impl!r}, pallas_target={pallas_target!r}, backend {dispatch.backend()!r})")
   if impl == "reference":

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.delta.pallas import MIN_TILE, _is_pow2_tile
-from kernels.delta.xla import chunk_documents, unit_lower_inverse
+from kernels.delta.reference import state_resets
+from kernels.delta.xla import chunk_documents, to_chunks, unit_lower_inverse
 from kernels.dplr.xla import _Chunks, _precompute
 from kernels.pallas_compat import SQUEEZED, lowered_once, triton_params
 from kernels.tiling import next_pow2
@@ -105,7 +106,6 @@ def _kernel(q_ref, k_ref, v_ref, a_ref, b_ref, g_ref, *refs, per_key: bool, segm
       total = part if total is None else total + part
     log_gain.append(total)
   if not per_key:  # the 16 equal columns of a per-head decay: one column
-    gains16 = log_gain
     log_gain = [jnp.max(x, axis=1, keepdims=True) for x in log_gain]
     g = [jnp.max(x, axis=1, keepdims=True) for x in g]
   log_read = [lg - gi for lg, gi in zip(log_gain, g)]  # G_{t−1}; 0 at starts and the chunk's first row
@@ -185,8 +185,7 @@ def _kernel(q_ref, k_ref, v_ref, a_ref, b_ref, g_ref, *refs, per_key: bool, segm
     part = dot(k[i] * to_end, v[i], 0, 0)
     kv = part if kv is None else kv + part
   kv_ref[...] = kv
-  g_end_out = g_end if per_key else row_of(gains16[nb - 1], BLOCK - 1)  # [1, d_k | 16]
-  decay_ref[...] = _masked_exp(g_end_out, None if not segmented else doc_end == 0) + jnp.zeros(
+  decay_ref[...] = _masked_exp(g_end, None if not segmented else doc_end == 0) + jnp.zeros(
       decay_ref.shape, _F32)
 
 
@@ -234,19 +233,16 @@ def _forward(q, k, v, a, b, log_decay, segment_ids, chunk_size, interpret, warps
     g = jnp.broadcast_to(log_decay.astype(_F32)[..., None], (batch, time, heads, MIN_TILE))
   doc = None
   if segment_ids is not None:
-    starts, doc_chunked = chunk_documents(segment_ids, c)  # [b n 1 c]
-    starts = starts.reshape(batch, n * c)[:, :time]
+    _, doc_chunked = chunk_documents(segment_ids, c)  # [b n 1 c]
     # A start's own log-decay only multiplies the state it discards (as in _precompute).
-    g = jnp.where(starts[:, :, None, None], 0.0, g)
+    g = jnp.where(state_resets(segment_ids)[:, :, None, None], 0.0, g)
     doc = doc_chunked.reshape(batch, n * c, 1).astype(jnp.int32)
   g = pad(g, dk if per_key else MIN_TILE)
   q_in, w, u_tilde, a_end, kv, decay, m_qk, m_qa = _call(
       pad(q, dk), pad(k, dk), pad(v, dv), pad(a, dk), pad(b, dk), g, doc, per_key=per_key,
       interpret=interpret, warps=warps, chunk_size=c)
   chunk_decay = decay[..., 0, :d_k] if per_key else decay[..., 0, 0]
-  v_chunks = jnp.pad(v.astype(_F32), ((0, 0), (0, pad_t), (0, 0), (0, 0)))
-  v_chunks = v_chunks.reshape(batch, n, c, heads, d_v).transpose(0, 1, 3, 2, 4)
-  return _Chunks(q_in=q_in[..., :d_k], v=v_chunks, w=w[..., :d_k], u_tilde=u_tilde[..., :d_v],
+  return _Chunks(q_in=q_in[..., :d_k], v=to_chunks(v, c), w=w[..., :d_k], u_tilde=u_tilde[..., :d_v],
                  a_to_end=a_end[..., :d_k], kv_to_end=kv[..., :d_k, :d_v], chunk_decay=chunk_decay,
                  m_qk=m_qk, m_qa=m_qa)
 

@@ -213,9 +213,8 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL, segments: int |
   from kernels.gla import mosaic_gpu as gla_mgpu
   if tma_gpu() and not gla_mgpu.supports(q, v, g, cfg.chunk):  # the Mosaic GPU output stage and its dv
     mplan = dataclasses.replace(plan, mgpu_out=True)
-    firsts = None if ell is None else gla_mgpu.document_firsts(ell)
     fns["output_mgpu"] = jax.jit(lambda q, k, v, g, st: gla_mgpu.output(
-        q, k, v, gla_mgpu.decay_parts(g, G.MIN_LOG_DECAY), st, min_log_decay=G.MIN_LOG_DECAY, first_rows=firsts))
+        q, k, v, gla_mgpu.decay_parts(g, G.MIN_LOG_DECAY), st, min_log_decay=G.MIN_LOG_DECAY, ell=ell))
     fns["dv_mgpu"] = jax.jit(lambda *a: G._dv_call(mplan, *a, ell=ell))
     args["output_mgpu"] = (q, k, v, g, states)
     args["dv_mgpu"] = (q, k, g, do, fns["output_mgpu"](*args["output_mgpu"])[1], e_states)

@@ -27,7 +27,7 @@ unstacked parts, gave wrong values on an H100; see kernels/BENCHMARKS.md.) The k
 also writes each chunk's masked score matrix A (f32), which the dv kernel reads instead of
 recomputing the diagonal blocks.
 
-Packed documents (``first_rows``, from ``kernels/gla/pallas.py``'s ℓ by :func:`document_firsts`):
+Packed documents (``ell``, ``kernels/gla/pallas.py``'s ℓ, read as :func:`document_firsts`):
 the kernel applies the masks of the Triton output stage to whole chunks. Each CTA reads its 64 rows'
 ``first`` (int32: the chunk-local row where the row's document starts, −1 where no start lies in the
 chunk up to the row) from global memory into registers, as the window-attention
@@ -36,10 +36,9 @@ factor is as without documents. Then the state entering the chunk reaches row t 
 (no start in the chunk up to t: q e^{b} is zeroed on the other rows), and a pair (t, s ≤ t) counts only
 if ``s ≥ first_t`` (one select on the assembled A, which the output product and the stored residual
 both read, so the dv kernel gets the masked diagonal blocks too). The rest of the backward (states,
-dq/dk, dv's carried state) is the Triton kernels', which take ℓ themselves. These masks have been
-lowered for CUDA (tests) but not yet run on a GPU: documents take the Triton output stage unless
-``PallasConfig.out_kernel="mosaic_gpu"`` asks for this one (``kernels.gla.bench --segments`` does, and
-checks it against the reference).
+dq/dk, dv's carried state) is the Triton kernels', which take ℓ themselves. These masks were checked
+against the reference on an H100 (``kernels.gla.bench --segments``), so documents take this output
+stage like any other call it supports.
 
 Inputs: q, k ``[batch, time, heads, d_k]`` and v ``[batch, time, heads, d_v]`` (bf16), the
 log-decay parts (``decay_parts``), the entering states ``[batch, heads, chunks, d_v, d_k]``, and with
@@ -64,8 +63,7 @@ _BLOCK = 16  # rows per block of the reference scheme (module docstring)
 
 
 def supports(q, v, g, chunk: int) -> str | None:
-  """Why this kernel cannot run the call (None: it can), with or without documents (``segment_ids``;
-  pallas.py keeps those on the Triton output stage by default until these masks have run on a GPU)."""
+  """Why this kernel cannot run the call (None: it can), with or without documents (``segment_ids``)."""
   if chunk != CHUNK:
     return f"needs PallasConfig.chunk={CHUNK} (got {chunk})"
   if q.dtype != jnp.bfloat16 or v.dtype != q.dtype:  # (f16's range cannot hold the e^{±70} factors)
@@ -112,13 +110,15 @@ def decay_parts(g, min_log_decay: float):
   return hi, (capped - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def output(q, k, v, g_parts, states, *, min_log_decay: float, first_rows=None):
+def output(q, k, v, g_parts, states, *, min_log_decay: float, ell=None):
   """``(o [batch, time, heads, d_v], scores f32 [batch, time, heads, 64])``: the output in v's dtype
   and each chunk's masked intra-chunk scores A (row t: A_t,s for the chunk's 64 s), which the dv
   kernel reads back (see the module docstring). ``g_parts``: ``decay_parts(g, min_log_decay)``;
-  ``first_rows``: None, or int32 ``[batch, time]`` (:func:`document_firsts`) for packed documents."""
+  ``ell``: None, or pallas.py's ℓ ``f32 [batch, time, 1]`` for packed documents (the kernel reads
+  their :func:`document_firsts`)."""
   n_parts = len(g_parts)
-  documents = first_rows is not None
+  documents = ell is not None
+  first_rows = document_firsts(ell) if documents else None
   batch, time, heads, dk = q.shape
   dv = v.shape[-1]
   dtype = q.dtype

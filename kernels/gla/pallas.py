@@ -93,8 +93,7 @@ from kernels.tiling import next_pow2, round_up
 # on the rows whose document reaches the sub-chunk's end; the carry handed to the previous sub-chunk
 # is Y at row 0 unless row 0 starts a document; a chunk's own carry is Σ_v E ⊙ S_end as before (E
 # already masked). The Mosaic GPU output stage applies the same masks to whole chunks (its module
-# docstring); they have not yet run on a GPU, so with documents the Triton output stage runs unless
-# PallasConfig.out_kernel="mosaic_gpu" asks for it (``_output_stage`` says why).
+# docstring), checked on an H100: documents take whichever output stage ``_output_stage`` picks.
 # ----------------------------------------------------------------------------------------------------
 
 PallasTarget = Literal["triton", "mosaic_tpu", "mosaic"]  # "mosaic": the older name of "mosaic_tpu"
@@ -721,8 +720,7 @@ def _pallas_core_fwd(q, k, v, g, s0, ell, plan: _Plan):
   states, final = _states_call(plan, k, g, v, s0, reverse=False, ell=ell)
   if plan.mgpu_out:
     parts = gla_mgpu.decay_parts(g, MIN_LOG_DECAY)
-    firsts = None if ell is None else gla_mgpu.document_firsts(ell)
-    o, at = gla_mgpu.output(q, k, v, parts, states, min_log_decay=MIN_LOG_DECAY, first_rows=firsts)
+    o, at = gla_mgpu.output(q, k, v, parts, states, min_log_decay=MIN_LOG_DECAY, ell=ell)
   else:
     o, at = _output_call(plan, q, k, g, v, states, ell)
   return (o, final), (q, k, v, g, states, at, ell)
@@ -828,8 +826,7 @@ def gla_pallas(q, k, v, log_decay=None, initial_state=None, *, segment_ids=None,
   ``target`` picks the kernel layout; ``None`` decides at lowering time (Mosaic when lowered for TPU,
   Triton otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host gets the TPU kernels.
   ``interpret=True`` runs either layout in the Pallas interpreter (there ``None`` means Triton).
-  With ``segment_ids`` the output stage on GPU is the Triton kernel by default (the Mosaic GPU one's
-  document masks have not yet run on a GPU); ``PallasConfig.out_kernel="mosaic_gpu"`` runs them.
+  With ``segment_ids`` every kernel applies the document masks, the Mosaic GPU output stage's too.
   """
   _check(q, k, v, log_decay, initial_state, segment_ids=segment_ids)
   cfg = config or PallasConfig()

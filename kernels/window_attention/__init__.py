@@ -52,8 +52,9 @@ by id; the Pallas kernels (Triton, Mosaic TPU, Mosaic GPU) take each position's 
 end (``pallas.document_bounds``) and mask in-kernel: in the forward and dQ kernels query ``t`` reads
 key ``s`` only if ``s ≥ start(t)``, in the dK/dV kernel only if ``t < end(s)`` (the band gives
 causality). Triton also skips the key (query) blocks wholly outside the documents of its query (key)
-block and masks only the blocks a boundary cuts; Mosaic TPU and Mosaic GPU visit the band as without
-documents and mask every block. cuDNN takes no document mask through jax (``"auto"`` passes it over
+block and masks only the blocks a boundary cuts, and so do the Mosaic GPU kernels
+(``PallasBlocks.mgpu_skip_outside_documents``, the default); Mosaic TPU visits the band as without
+documents and masks every block. cuDNN takes no document mask through jax (``"auto"`` passes it over
 and records why).
 
 Files: ``reference.py`` (the definition, decode), ``xla.py`` (the blocked band), ``band.py`` (the
