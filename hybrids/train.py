@@ -695,8 +695,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
   holder). A run whose summary says "done" is not touched again: this returns that summary and says so.
   """
   config = resolve(config)  # every config error surfaces here, before any compile or write
-  document_eod(config)  # data.document_boundaries (optional field): refused unless every mixer takes segments
-  check_kernels_run_here(config)
+  # data.document_boundaries (optional field): refused unless every mixer takes segments
+  check_kernels_run_here(config, segments=document_eod(config) is not None)
   # checked, not compiled
   mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
   primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
@@ -724,12 +724,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     return _train(config, workdir, mesh, stop_after_steps=stop_after_steps, progress=progress)
 
 
-def check_kernels_run_here(config: ml_collections.ConfigDict) -> None:
+def check_kernels_run_here(config: ml_collections.ConfigDict, *, segments: bool) -> None:
   """One line (ConfigError) before anything is compiled or written if a kernel the model asks for by
   name cannot run on this platform. ``resolve`` checks the names wherever it runs (a launcher's host
   may have no GPU); this checks the platform the run trains on: a ``model.*_impl="pallas"`` on a CPU
   (the trainer does not interpret Pallas kernels), cuDNN without a CUDA GPU, a request a kernel family's
-  dispatch refuses for the model's shapes."""
+  dispatch refuses for the model's shapes. ``segments``: the model gets packed documents."""
   model = config.model
   fields = sorted(f for f in model if f.endswith("_impl"))
   if jax.default_backend() == "cpu":
@@ -739,7 +739,7 @@ def check_kernels_run_here(config: ml_collections.ConfigDict) -> None:
             f"model.{field}='pallas': Pallas kernels need a GPU or TPU (backend is 'cpu'; training does not "
             "interpret them); valid here: auto, xla, reference")
   try:
-    kernels.kernel_choices(model, segments=document_eod(config) is not None)
+    kernels.kernel_choices(model, segments=segments)
   except ValueError as e:
     asked = ", ".join(f"model.{f}={model[f]!r}" for f in fields if model[f] != "auto")
     raise config_lib.ConfigError(f"{asked or 'the kernel choice'}: {e}") from None

@@ -143,12 +143,13 @@ def cmd_sweep(args) -> int:
       args.runs_per_device = local.parse_runs_per_device(args.runs_per_device)
       if args.runs_per_device > 1 and args.backend != "local":
         raise ValueError(f"--runs-per-device={args.runs_per_device} applies to --backend local only")
+      platform = local.detect_devices()[0] if args.backend == "local" else None
       if args.runs_per_device > 1 and args.backend == "local":
-        local.parse_runs_per_device(args.runs_per_device, local.detect_devices()[0])  # refused on TPU
+        local.parse_runs_per_device(args.runs_per_device, platform)  # refused on TPU
       if args.mps:
         if args.backend != "local":
           raise ValueError("--mps applies to --backend local only")
-        local.Mps.check(local.detect_devices()[0], args.runs_per_device)
+        local.Mps.check(platform, args.runs_per_device)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     cloud_opts = None

@@ -538,8 +538,10 @@ def fit_series(runs: list[Run], *, n_bootstrap: int, seed: int) -> list[SeriesFi
 
 # ----------------------------------------------------------------------------- the survey's questions
 
-REFERENCE_MIXERS = ("attention", "swa", "fox")   # attention-like: references, never "the recurrent mixer"
-MAMBA_HYBRID = ("mamba", "swa")                   # the hybrid every other is measured against
+# Attention-like: references, never "the recurrent mixer" (experiments/mixer_survey.py's ATTENTION_MIXERS;
+# written here too so that `launch report` does not import the models).
+REFERENCE_MIXERS = ("attention", "swa", "fox")
+MAMBA_HYBRID = ("hybrid", "mamba")                # the hybrid every other is measured against (a _kind)
 EXTRAPOLATION = 10.0                              # rank at this multiple of the largest budget
 
 
@@ -600,7 +602,7 @@ def survey_section(fits: list[SeriesFit]) -> tuple[list[str], dict | None]:
            "understate the error.", ""]
 
   # Which hybrids beat the Mamba hybrid of the same window.
-  mamba = {f.window: f for f in fitted if _kind(f) == ("hybrid", "mamba")}
+  mamba = {f.window: f for f in fitted if _kind(f) == MAMBA_HYBRID}
   versus = []
   for f in ranked:
     kind, mixer = _kind(f)

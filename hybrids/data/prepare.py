@@ -123,12 +123,18 @@ def _sources(raw, path: str, members: MemberFilter | None) -> Iterator[Any]:
     else:
       yield raw
     return
+  for archive, member in _tar_members(raw, path):
+    if members(member):
+      yield archive.extractfile(member)
+
+
+def _tar_members(raw, path: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+  """``(archive, member)`` for every member of the tar archive read from ``raw``, in one forward pass
+  ("r|*": a gz/bz2/xz-compressed stream, members read as they come); ValueError if it is not one."""
   try:
-    # "r|*": one forward pass over a (gz/bz2/xz-compressed) stream; members are read as they come.
     with tarfile.open(fileobj=raw, mode="r|*") as archive:
       for member in archive:
-        if members(member):
-          yield archive.extractfile(member)
+        yield archive, member
   except tarfile.ReadError as e:
     raise ValueError(f"--input file {path!r} is not a readable tar archive ({e}); --members reads "
                      "tar archives (.tar, .tar.gz, .tar.xz, .tar.bz2) only") from None
@@ -171,16 +177,11 @@ def list_members(paths: list[str], members: MemberFilter, progress: bool = False
     for path in paths:
       count = size = position = 0
       with open(path, "rb") as raw:
-        try:
-          with tarfile.open(fileobj=raw, mode="r|*") as archive:
-            for member in archive:
-              if members(member):
-                count, size = count + 1, size + member.size
-              bar.update(raw.tell() - position)
-              position = raw.tell()
-        except tarfile.ReadError as e:
-          raise ValueError(f"--input file {path!r} is not a readable tar archive ({e}); --members reads "
-                           "tar archives (.tar, .tar.gz, .tar.xz, .tar.bz2) only") from None
+        for _, member in _tar_members(raw, path):
+          if members(member):
+            count, size = count + 1, size + member.size
+          bar.update(raw.tell() - position)
+          position = raw.tell()
       if not count:
         raise ValueError(f"--members={','.join(members.include)!r}"
                          + (f" --exclude-members={','.join(members.exclude)!r}" if members.exclude else "")
