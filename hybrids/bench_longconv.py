@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrids.longconv import SEGMENT_CHUNK, causal_fft_conv, modal_kernel, segmented_modal_conv
-from kernels.bench import Context, check, format_table, write_report
+from kernels.bench import Context, check, format_table, random_documents, vjp_fns, write_report
 
 FULL = (4, 8192, 1024, 16)  # batch, time, channels, modes
 QUICK = (2, 96, 8, 4)
@@ -45,17 +45,6 @@ def _inputs(seed: int, batch: int, time: int, channels: int, modes: int):
   return u, log_poles, residues, cotangent
 
 
-def documents(batch: int, time: int, count: int, seed: int = 0):
-  """``int32 [batch, time]``: each row cut into ``count`` documents at random positions."""
-  rng = np.random.default_rng(seed)
-  ids = np.zeros((batch, time), np.int32)
-  for row in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, time), size=count - 1, replace=False))
-    for cut in cuts:
-      ids[row, cut:] += 1
-  return jnp.asarray(ids)
-
-
 def _fft(u, log_poles, residues):
   return causal_fft_conv(u, modal_kernel(log_poles, residues, u.shape[1]))
 
@@ -71,21 +60,12 @@ def _by_document(u, log_poles, residues, segment_ids):
   return out
 
 
-def _fns(f):
-  """``(forward, forward+backward)`` jitted, the latter returning the gradients of u, poles, residues."""
-  def fwdbwd(u, log_poles, residues, cotangent):
-    out, vjp = jax.vjp(f, u, log_poles, residues)
-    return vjp(cotangent)
-
-  return jax.jit(f), jax.jit(fwdbwd)
-
-
 def run(ctx: Context, segments: int) -> list[dict]:
   batch, time, channels, modes = QUICK if ctx.quick else FULL
   sets = [_inputs(seed, batch, time, channels, modes) for seed in range(1 if ctx.quick else 3)]
   u, log_poles, residues, _ = sets[0]
   one = jnp.zeros((batch, time), jnp.int32)
-  packed = documents(batch, time, segments)
+  packed = random_documents(batch, time, segments)
   reference = np.asarray(_fft(u, log_poles, residues))
   candidates = [
       ("fft conv, 1 doc/row", lambda u, p, r: _fft(u, p, r), None),
@@ -96,7 +76,7 @@ def run(ctx: Context, segments: int) -> list[dict]:
   label = f"B{batch} T{time} C{channels} modes{modes} f32 (chunk {SEGMENT_CHUNK})"
   rows = []
   for name, f, expected in candidates:
-    fwd, fwdbwd = _fns(f)
+    fwd, fwdbwd, _ = vjp_fns(f)
     err = check(name, np.asarray(fwd(u, log_poles, residues)), reference if expected is None else expected, TOL)
     rows.append(dict(kernel="longconv", shape=label, impl=name, ours=True, rel_err=err,
                      fwd_ms=ctx.time_jax(fwd, [s[:3] for s in sets]), fwdbwd_ms=ctx.time_jax(fwdbwd, sets),

@@ -96,6 +96,18 @@ def check(name: str, ours, ref, tol: float) -> float:
 # --- shared by the matrix-state benchmarks (bench_gla, bench_delta) ---------------------------------
 
 
+def random_documents(batch: int, time: int, documents: int, seed: int = 0):
+  """``int32 [batch, time]``, ids 0, 1, …: each row cut into ``documents`` documents at distinct random
+  positions (the packed-document rows of every ``--segments`` benchmark)."""
+  if not 1 <= documents <= time:
+    raise ValueError(f"segments={documents} must be between 1 and the row length {time}")
+  rng = np.random.default_rng(seed)
+  starts = np.zeros((batch, time), np.int32)
+  for row in starts:
+    row[rng.choice(np.arange(1, time), documents - 1, replace=False)] = 1
+  return jax.numpy.asarray(np.cumsum(starts, axis=1), np.int32)
+
+
 def vjp_fns(f: Callable):
   """For ``f(*args) -> out``: jit(*args) → out; jit(*args, cotangent) → grads; jit(*args, cotangent)
   → (out, grads)."""
@@ -114,9 +126,11 @@ def check_out_and_grads(name: str, ours, ref, arg_names: Sequence[str], tol: flo
   return max(errs)
 
 
-def torch_peer(ctx: Context, name: str, run: Callable, sets, n_args: int, ref, arg_names: Sequence[str], tol: float,
-               log) -> tuple[dict, None]:
-  """Check and time a torch peer ``run(*inputs) -> out`` on the same inputs as ours.
+def torch_peer(ctx: Context, name: str, load: Callable[[], Callable], sets, n_args: int, ref, arg_names: Sequence[str],
+               tol: float, log) -> tuple[dict | None, str | None]:
+  """Check and time a torch peer ``run(*inputs) -> out`` on the same inputs as ours, ``run = load()``
+  (which imports the peer's package). The peer is optional: ``(None, why not)`` where torch or its
+  package is missing (``"not measured: …"``) or there is no CUDA GPU.
 
   ``sets``: tuples of jax arrays, the first ``n_args`` the inputs, the last the output's cotangent
   (``[batch, time, heads, ...]``; bf16 stays bf16 on the GPU, anything else goes as f32). ``ref``: the
@@ -127,7 +141,13 @@ def torch_peer(ctx: Context, name: str, run: Callable, sets, n_args: int, ref, a
   :func:`peer_row`."""
   import traceback
 
-  import torch
+  try:
+    import torch
+    run = load()
+  except Exception as e:  # the peer is optional: report why it was not measured
+    return None, f"not measured: {type(e).__name__}: {e}"
+  if ctx.platform != "gpu" or not torch.cuda.is_available():
+    return None, "needs a CUDA GPU"
 
   def to_torch(x):
     dtype = torch.bfloat16 if x.dtype == jax.numpy.bfloat16 else torch.float32

@@ -38,10 +38,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, torch_peer, vjp_fns, write_report)
+                           progress_log, random_documents, torch_peer, vjp_fns, write_report)
 from kernels.delta import pallas as P
 from kernels.delta import xla as X
 from kernels.delta.pallas import PallasConfig
@@ -59,17 +58,6 @@ NAMES = ("q", "k", "v", "beta", "g")
 def _label(gated, batch, time, heads, dk, dv, segments=0):
   return (f"B{batch} T{time} H{heads} Dk{dk} Dv{dv} bf16 " + ("gated (per-head decay)" if gated else "ungated")
           + (f" {segments} docs/row" if segments else ""))
-
-
-def _segment_ids(batch: int, time: int, documents: int, seed: int = 0):
-  """int32 ``[batch, time]``: each row cut into ``documents`` documents at distinct random positions."""
-  if not 2 <= documents <= time:
-    raise ValueError(f"bench_delta: segments={documents} must be between 2 and the row length {time}")
-  rng = np.random.default_rng(seed)
-  starts = np.zeros((batch, time), np.int32)
-  for row in starts:
-    row[rng.choice(np.arange(1, time), documents - 1, replace=False)] = 1
-  return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
 
 
 def _inputs(seed, gated, batch, time, heads, dk, dv):
@@ -108,24 +96,14 @@ def _fla(ctx, gated, sets, ref):
   """fla chunk_(gated_)delta_rule: (timings dict, None) or (None, why not). A backward that fails
   leaves the forward timed and checked, with the error in ``note``."""
   name = "fla chunk_gated_delta_rule" if gated else "fla chunk_delta_rule"
-  try:
-    import torch
+  def load():
     if gated:
       from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+      return lambda q, k, v, beta, g: chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0]
+    from fla.ops.delta_rule import chunk_delta_rule
+    return lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta, scale=1.0)[0]
 
-      def run(q, k, v, beta, g):
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0]
-    else:
-      from fla.ops.delta_rule import chunk_delta_rule
-
-      def run(q, k, v, beta):
-        return chunk_delta_rule(q, k, v, beta, scale=1.0)[0]
-    if ctx.platform != "gpu" or not torch.cuda.is_available():
-      return None, "needs a CUDA GPU"
-  except Exception as e:  # the peer is optional: report why it was not measured
-    return None, f"not measured: {type(e).__name__}: {e}"
-
-  return torch_peer(ctx, name, run, sets, len(sets[0]) - 1, ref, NAMES, TOL, _log)
+  return torch_peer(ctx, name, load, sets, len(sets[0]) - 1, ref, NAMES, TOL, _log)
 
 
 ROWS = ("pallas64", "fla", "pallas16", "xla16")
@@ -135,7 +113,7 @@ def _run_one(ctx: Context, gated: bool, shape, which=ROWS, segments: int = 0) ->
   """The rows ``which`` for one shape; ``segments``: documents per row (0: no segment_ids)."""
   batch, time, heads, dk, dv = shape
   sets = [_inputs(seed, gated, *shape) for seed in range(1 if ctx.quick else N_SETS)]
-  segment_ids = _segment_ids(batch, time, segments) if segments else None
+  segment_ids = random_documents(batch, time, segments) if segments else None
   packed = {} if segment_ids is None else {"segment_ids": segment_ids}
   ref = jax.block_until_ready(_reference(head_slice(sets[0]), None if segment_ids is None else segment_ids[:1]))
   _log(f"reference ready ({_label(gated, *shape, segments)})")

@@ -125,15 +125,7 @@ def _fla_kernel(variant):
 def _fla(ctx, variant, sets, ref):
   """fla's kernel of the variant: (timings dict, None) or (None, why not). A backward that fails leaves
   the forward checked and timed, with the error in ``note``."""
-  try:
-    import torch
-    run = _fla_kernel(variant)
-    if ctx.platform != "gpu" or not torch.cuda.is_available():
-      return None, "needs a CUDA GPU"
-  except Exception as e:  # the peer is optional: report why it was not measured
-    return None, f"not measured: {type(e).__name__}: {e}"
-
-  return torch_peer(ctx, PEERS[variant], run, sets, len(sets[0]) - 1, ref, NAMES[variant], TOL, _log)
+  return torch_peer(ctx, PEERS[variant], lambda: _fla_kernel(variant), sets, len(sets[0]) - 1, ref, NAMES[variant], TOL, _log)
 
 
 def _run_one(ctx: Context, variant: str, shape, which=ROWS) -> list[dict]:

@@ -70,15 +70,11 @@ def _authors(ctx, sets, ref, window):
   """The authors' Triton kernel: (timings dict, None) or (None, why not)."""
   if window is not None:
     return None, "the authors' kernel is causal over the whole row (no window)"
-  try:
-    import torch
-    from forgetting_transformer import forgetting_attention as authors
-  except Exception as e:  # the peer is optional: report why it was not measured
-    return None, f"not measured: {type(e).__name__}: {e}"
-  if ctx.platform != "gpu" or not torch.cuda.is_available():
-    return None, "needs a CUDA GPU"
+  def load():
+    from forgetting_transformer import forgetting_attention
+    return forgetting_attention
 
-  return torch_peer(ctx, PEER, authors, sets, 4, ref, NAMES, TOL, _log)
+  return torch_peer(ctx, PEER, load, sets, 4, ref, NAMES, TOL, _log)
 
 
 def _run_shape(ctx: Context, shape) -> list[dict]:

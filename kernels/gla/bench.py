@@ -41,10 +41,9 @@ import time as _time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels.bench import (Context, check_out_and_grads, checked_row, format_table, head_slice, peer_row,
-                           progress_log, torch_peer, vjp_fns, write_report)
+                           progress_log, random_documents, torch_peer, vjp_fns, write_report)
 from kernels.dispatch import tma_gpu
 from kernels.gla import PallasConfig, gla
 from kernels.gla.reference import _document_starts
@@ -71,17 +70,6 @@ def _inputs(seed, batch, time, heads, dk, dv):
   return q, k, v, g, do
 
 
-def segment_ids(batch: int, time: int, documents: int, seed: int = 0):
-  """``int32 [batch, time]``: each row cut into ``documents`` documents at random positions."""
-  if not 1 <= documents <= time:
-    raise ValueError(f"segments={documents} must be between 1 and the row length {time}")
-  rng = np.random.default_rng(seed)
-  starts = np.zeros((batch, time), np.int32)
-  for row in range(batch):
-    starts[row, rng.choice(np.arange(1, time), documents - 1, replace=False)] = 1
-  return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
-
-
 def _fns(**kwargs):
   """jit(q, k, v, g) → o; jit(q, k, v, g, do) → (dq, dk, dv, dg); jit(…, do) → (o, grads)."""
   return vjp_fns(lambda q, k, v, g: gla(q, k, v, g, **kwargs)[0])
@@ -102,16 +90,11 @@ _log = progress_log("bench_gla")
 
 def _fla(ctx, sets, ref):
   """fla chunk_gla: (timings dict, None) or (None, why not)."""
-  try:
-    import torch
+  def load():
     from fla.ops.gla import chunk_gla
-    if ctx.platform != "gpu" or not torch.cuda.is_available():
-      return None, "needs a CUDA GPU"
-  except Exception as e:  # the peer is optional: report why it was not measured
-    return None, f"not measured: {type(e).__name__}: {e}"
+    return lambda q, k, v, g: chunk_gla(q, k, v, g, scale=1.0)[0]
 
-  run = lambda q, k, v, g: chunk_gla(q, k, v, g, scale=1.0)[0]
-  return torch_peer(ctx, "fla chunk_gla", run, sets, 4, ref, ("q", "k", "v", "g"), TOL, _log)
+  return torch_peer(ctx, "fla chunk_gla", load, sets, 4, ref, ("q", "k", "v", "g"), TOL, _log)
 
 
 def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = True,
@@ -125,7 +108,7 @@ def run(ctx: Context, config: PallasConfig | None = None, *, with_xla: bool = Tr
   _log(f"reference ready ({_label(*shape)})")
   seg = ref_seg = None
   if segments is not None:
-    seg = segment_ids(batch, time, segments)
+    seg = random_documents(batch, time, segments)
     ref_seg = jax.block_until_ready(_reference(head_slice(sets[0]), seg[:1]))
     _log(f"reference with {segments} documents per row ready")
   n_qk, n_v = batch * time * heads * dk, batch * time * heads * dv
@@ -192,7 +175,7 @@ def kernel_times(ctx: Context, config: PallasConfig, shape=FULL, segments: int |
   s0 = jnp.zeros((batch, heads, dv, dk), jnp.float32)
   ell = None
   if segments is not None:
-    ell = G._chunk_start_counts(_document_starts(segment_ids(batch, time, segments)), cfg.chunk, time)
+    ell = G._chunk_start_counts(_document_starts(random_documents(batch, time, segments)), cfg.chunk, time)
   fns = {
       "states": jax.jit(lambda *a: G._states_call(plan, *a, reverse=False, ell=ell)),
       "output": jax.jit(lambda *a: G._output_call(plan, *a, ell=ell)),

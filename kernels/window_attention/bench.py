@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import Context, check, format_table, write_report
+from kernels.bench import Context, check, format_table, random_documents, write_report
 from kernels.window_attention import PallasBlocks, window_attention
 
 SHAPES = [  # (batch, time, heads, head_dim, window)
@@ -51,16 +51,6 @@ def band_pairs(time: int, window: int) -> int:
 
 def _label(batch, time, heads, dim, window, documents=0):
   return f"B{batch} T{time} H{heads} D{dim} W{window} bf16" + (f" · {documents} docs/row" if documents else "")
-
-
-def _segment_ids(batch, time, documents: int, seed: int = 0):
-  """int32 ``[batch, time]``: each row cut into ``documents`` of random lengths (≥ 1), ids 0, 1, …"""
-  rng = np.random.default_rng(seed)
-  rows = []
-  for _ in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, time), size=documents - 1, replace=False))
-    rows.append(np.searchsorted(cuts, np.arange(time), side="right"))
-  return jnp.asarray(np.stack(rows), jnp.int32)
 
 
 def _inputs(key, batch, time, heads, dim):
@@ -155,7 +145,7 @@ def _run_shape(ctx, shape, documents: int) -> list[dict]:
   rows = []
   on_cpu = ctx.platform == "cpu"
   batch, time, heads, dim, window = shape
-  segment_ids = _segment_ids(batch, time, documents) if documents else None
+  segment_ids = random_documents(batch, time, documents) if documents else None
   sets = [_inputs(jax.random.key(i), batch, time, heads, dim) for i in range(1 if ctx.quick else 3)]
   ref, ref_name = _reference(*sets[0], window, segment_ids)
   pairs = band_pairs(time, window) * batch * heads
