@@ -67,8 +67,9 @@ Implementations:
   precompute (pair matrices, the UT solve, masks of packed documents) and the outputs stay XLA; every
   exponent is the chunked form's, ≤ 0. With ``precompute="pallas"`` the precompute too is one Pallas
   (Triton) kernel per (batch, chunk, head) (``precompute.py``; its backward is the XLA precompute's
-  vjp, recomputed); the default stays ``"xla"`` until a GPU run (``bench.py --rows pallas_pre``)
-  measures it faster. ``chunk_size`` must be a power of two ≥ 16 (Triton tiles). For
+  vjp, recomputed, so a training step pays the XLA forward again: it can win on forward-only calls —
+  prefill, evaluation — only); the default stays ``"xla"`` until a GPU run (``bench.py --rows
+  pallas_pre``) measures it faster. ``chunk_size`` must be a power of two ≥ 16 (Triton tiles). For
   16-bit q, k, v, a, b the kernel's two dots take W, Â and the state rounded to that dtype (f32
   accumulation and state).
 - ``"auto"``: ``"xla"``, until the Pallas path is measured faster on a GPU (``bench.py``;
