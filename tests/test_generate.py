@@ -39,6 +39,11 @@ def test_sampling_respects_top_k_and_is_reproducible():
   np.testing.assert_array_equal(a, generate(model, prompt, 6))  # top-1 sampling is greedy
   b = generate(model, prompt, 6, temperature=1.5, top_k=5, rng=jax.random.key(2))
   np.testing.assert_array_equal(b, generate(model, prompt, 6, temperature=1.5, top_k=5, rng=jax.random.key(2)))
+  # Every sampled token is among the 5 most likely after its prefix (the full forward's logits), and
+  # the samples are not all greedy (else this would not test the sampling).
+  logits = model(b)[:, 1:-1]  # position t predicts token t + 1; tokens 2… were sampled
+  rank = jnp.sum(logits > jnp.take_along_axis(logits, b[:, 2:, None], -1), axis=-1)
+  assert int(jnp.max(rank)) < 5 and int(jnp.max(rank)) > 0, rank
 
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))

@@ -179,7 +179,7 @@ def test_rglru_matches_its_equations():
     # recurrentgemma's reset: the document's first token enters undamped (a = 0, multiplier 1).
     h = (i_gate * u) if t == 0 else a * h + np.sqrt(1 - a ** 2) * (i_gate * u)
     outs.append((h * gelu(x[0, t] @ p["gate_proj"]["kernel"])) @ p["out_proj"]["kernel"])
-  _close(block(jnp.asarray(x, jnp.float32))[0], np.stack(outs), tol=1e-4)
+  _close(block(jnp.asarray(x, jnp.float32))[0], np.stack(outs), tol=1e-5)
 
 
 def test_unknown_mixer_lists_valid_ones():
@@ -243,15 +243,27 @@ def test_mamba_recurrence_matches_selective_scan_definition():
 
 
 def test_s4d_convolution_kernel_is_the_unrolled_recurrence():
-  """K_l = 2 Re(Σ_n C_n B̄_n Ā_n^l): the impulse response of the recurrent face."""
-  s4d = make("s4d", d_state=8).module
-  a_bar, b_bar, c = s4d._discrete()
-  h = np.zeros(a_bar.shape, np.complex128)
+  """The filter S4D's parallel face convolves with (``S4D.kernel``) is the impulse response of the
+  discretised system, h_t = Ā h_{t−1} + B̄ δ_t, K_t = 2 Re(C·h_t), unrolled in float64 numpy from the
+  raw parameters (ZOH: Ā = exp(ΔA), B̄ = (Ā − 1)/A)."""
+  time = 13
+  s4d = get_mixer("s4d")(small_config(d_state=8), rngs=nnx.Rngs(params=0))
+  # Random poles, not the S4D-Lin init's shared real part and integer multiples of π.
+  rng = np.random.default_rng(8)
+  s4d.log_neg_a_real[...] = jnp.asarray(rng.uniform(-3.0, 1.0, s4d.log_neg_a_real.shape), jnp.float32)
+  s4d.a_imag[...] = jnp.asarray(rng.uniform(0.0, 10.0, s4d.a_imag.shape), jnp.float32)
+  kernel = s4d.kernel(time)
+  assert kernel.shape == (16, time)
+
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(s4d)))
+  a = -np.exp(p["log_neg_a_real"]) + 1j * p["a_imag"]
+  a_bar = np.exp(np.exp(p["log_dt"])[:, None] * a)
+  b_bar, c = (a_bar - 1) / a, p["c"][0] + 1j * p["c"][1]
+  h = np.zeros(a.shape, np.complex128)
   impulse = []
-  for t in range(6):
-    h = np.asarray(a_bar) * h + np.asarray(b_bar) * (1.0 if t == 0 else 0.0)
-    impulse.append(2 * np.real(np.sum(np.asarray(c) * h, -1)))
-  kernel = 2 * np.real(np.einsum("dn,dnl->dl", np.asarray(c * b_bar), np.asarray(a_bar)[..., None] ** np.arange(6)))
+  for t in range(time):
+    h = a_bar * h + b_bar * (1.0 if t == 0 else 0.0)
+    impulse.append(2 * np.real(np.sum(c * h, -1)))
   _close(kernel.T, np.stack(impulse), tol=1e-5)
 
 

@@ -49,7 +49,9 @@ def test_bf16_compute_keeps_f32_params():
   logits = model(tokens)
   ref = HybridLM(cfg(), rngs=nnx.Rngs(params=0))(tokens)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-  assert float(jnp.max(jnp.abs(logits - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+  # bf16's ε is 7.8e-3 and the error passes through every layer: about 1 % of the largest logit
+  # (0.7–1.0 % over four seeds); 3 % leaves room for the seed, not for a wrong dtype path.
+  assert float(jnp.max(jnp.abs(logits - ref))) < 3e-2 * float(jnp.max(jnp.abs(ref)))
 
 
 def test_remat_gives_identical_gradients():
@@ -74,7 +76,7 @@ def test_prefill_then_step_equals_full_forward(pattern):
   step = jax.jit(lambda g, s, tok, st: nnx.merge(g, s).step(tok, st), static_argnums=0)
   for t in range(6, 11):
     step_logits, states = step(graphdef, params, tokens[:, t], states)
-    np.testing.assert_allclose(step_logits, full[:, t], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(step_logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
 def assert_decodes_like_forward(model, tokens, prefix: int):
@@ -85,7 +87,7 @@ def assert_decodes_like_forward(model, tokens, prefix: int):
   step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
   for t in range(prefix, tokens.shape[1]):
     logits, states = step(params, tokens[:, t], states)
-    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("merge", ["sum", "gate", "concat"])
@@ -199,7 +201,7 @@ def test_jamba_style_moe_every_other_layer_decodes_like_its_forward():
   step = jax.jit(lambda p, tok, st: nnx.merge(graphdef, p).step(tok, st))
   for t in range(5, 8):
     logits, states = step(params, tokens[:, t], states)
-    np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
 def _loss_and_grads(model, tokens, scan_layers):

@@ -129,12 +129,20 @@ def test_pallas_rejects_bad_chunk_and_defers_input_gate():
     gla(q, q, q, impl="pallas", interpret=True, pallas_config=PallasConfig(chunk=24))
   with pytest.raises(ValueError, match=r"exact_dots='tf32'; valid: \('ieee', 'tf32x3'\)"):
     gla(q, q, q, impl="pallas", interpret=True, pallas_config=PallasConfig(exact_dots="tf32"))
-  # The mLSTM input gate has no kernel: impl="pallas" runs the xla chunked form (same function).
-  log_i = jnp.zeros((1, 8, 2))
-  both = jax.jit(lambda q, log_i: [gla(q, q, q, None, log_input_gate=log_i, impl=impl, chunk_size=4)
-                                   for impl in ("pallas", "xla")])
-  ours, xla = both(q, log_i)
+  # The mLSTM input gate has no kernel: impl="pallas" runs the xla chunked form (same function), so
+  # its program holds no Pallas kernel and its results are bit for bit the xla ones.
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 11, 2, 16)), jnp.float32) for _ in range(3))
+  log_decay = jnp.asarray(np.log(rng.uniform(0.5, 1.0, (1, 11, 2))), jnp.float32)  # per head
+  log_i = jnp.asarray(rng.standard_normal((1, 11, 2)), jnp.float32)
+  run = lambda impl: lambda q, k, v, ld, log_i: gla(q, k, v, ld, log_input_gate=log_i, impl=impl, chunk_size=4)
+  args = (q, k, v, log_decay, log_i)
+  assert "pallas_call" not in str(jax.make_jaxpr(run("pallas"))(*args))
+  assert "pallas_call" in str(jax.make_jaxpr(lambda q, k, v, ld: gla(q, k, v, ld, impl="pallas", interpret=True,
+                                                                       pallas_config=SMALL))(*args[:4]))
+  ours, xla = jax.jit(lambda *a: [run(impl)(*a) for impl in ("pallas", "xla")])(*args)
   assert len(ours) == 3 and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)))
+  assert np.max(np.abs(np.asarray(ours[0]))) > 0.1  # a real output, not the zeros of zero inputs
 
 
 def _lowering_fns(**kwargs):

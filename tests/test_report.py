@@ -333,12 +333,11 @@ def test_report_json_holds_every_run_and_the_fits(sweep):
     assert fits[label]["plotted"] and len(fits[label]["alpha_ci"]) == 2 and fits[label]["n"] == len(WIDTHS)
   assert {m["run_id"] for m in data["missing"]} == {"fake-failed", "fake-pending"}
   assert not any(name.endswith(".tmp") or ".tmp" in name for name in os.listdir(os.path.join(root, "report")))
-  try:
-    import pandas
-  except ImportError:
-    return
-  frame = pandas.json_normalize(data["runs"])
-  assert len(frame) == len(run_dirs) and "config.model.d_model" in frame and "summary.eval.eval_loss" in frame
+  # Each run is one nested record, so pandas.json_normalize(data["runs"]) gives one row per run with
+  # columns such as config.model.d_model and summary.eval.eval_loss (pandas is not a dependency).
+  done = [r for r in data["runs"] if r["summary"].get("status") == "done"]
+  assert done and all(isinstance(r["config"]["model"]["d_model"], int) and "eval_loss" in r["summary"]["eval"]
+                      for r in done)
 
 
 def test_log_ticks_are_few_round_and_inside_the_range():

@@ -27,7 +27,9 @@ def test_every_mixer_matches_the_attention_baseline(size):
   for pattern in [(name,) for name in sorted(MIXERS)] + [("rglru", "rglru", "swa"), ("mamba2|swa",)]:
     cfg = _preset(size, pattern)
     assert (cfg.d_model, cfg.n_layers, cfg.num_heads) == LADDER[size]
-    assert abs(non_embedding_params(cfg) - target) <= TOLERANCE * target, (pattern, cfg.mlp_expansion)
+    # apply_size itself refuses beyond ±TOLERANCE (10 %); the presets must do much better than that
+    # bound: within 1 %, about one 8-unit step of the MLP width at these sizes (worst today 0.6 %).
+    assert abs(non_embedding_params(cfg) - target) <= 0.01 * target, (pattern, cfg.mlp_expansion)
 
 
 def test_size_preset_through_resolve_and_bad_size():

@@ -65,6 +65,11 @@ class S4D(nnx.Module):
     dt_a, b_bar, c = self._zoh()
     return jnp.exp(dt_a), b_bar, c
 
+  def kernel(self, length: int):
+    """The convolution face's filter ``K [d_model, length]``, ``K_l = Re Σ_n 2 C_n B̄_n Ā_n^l``."""
+    log_a_bar, b_bar, c = self._zoh()
+    return modal_kernel(log_a_bar, 2.0 * c * b_bar, length)
+
   def _out(self, y, u):
     y = y + self.d_skip[...].astype(jnp.float32) * u.astype(jnp.float32)
     # The exact (erf) GELU, as the S4 authors' nn.GELU(); jax's default is the tanh approximation.
@@ -81,7 +86,7 @@ class S4D(nnx.Module):
       y, modes = segmented_modal_conv(u, log_a_bar, 2.0 * c * b_bar, segment_ids)
       out = self._out(y, u)
       return (out, {"h": b_bar * modes}) if return_state else out
-    y = causal_fft_conv(u, modal_kernel(log_a_bar, 2.0 * c * b_bar, u.shape[1]))  # K_l = Re Σ 2 C B̄ Ā^l
+    y = causal_fft_conv(u, self.kernel(u.shape[1]))
     out = self._out(y, u)
     if not return_state:
       return out
