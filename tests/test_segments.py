@@ -65,6 +65,13 @@ def compiled(f, *args):
   return jax.jit(f).lower(*args).compile(compiler_options=_FAST_COMPILE)(*args)
 
 
+# Gradient tolerances above the default: over five input seeds the worst entries (|a − b| / (1 + |b|)
+# up to 1e-5 for a mixer, 1.5e-5 for the modal convolution, 3.3e-5 for a model) were small entries of
+# leaves whose largest are 15–50, i.e. ~1e-6 of the leaf's scale: the packed and the alone rows sum the
+# same terms in another order. Each is about 3× the worst seen.
+MIXER_GRAD_TOL, MODAL_GRAD_TOL, MODEL_GRAD_TOL = 3e-5, 5e-5, 1e-4
+
+
 def close(a, b, tol=2e-5):
   a, b = np.asarray(a), np.asarray(b)
   if np.iscomplexobj(a) or np.iscomplexobj(b):  # the modal states: both parts
@@ -96,8 +103,12 @@ def test_document_positions_restart():
   np.testing.assert_array_equal(document_starts(seg)[0], [1, 0, 0, 1, 0, 1])
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-@pytest.mark.parametrize("window", [None, 3, 6, 64])
+@pytest.mark.parametrize("impl,window", [
+    *(("reference", window) for window in (None, 3, 6, 64)),
+    # The "xla" path hands a window of None or ≥ the row's length to the reference (the dense form),
+    # so its cases stay below the row's 12: 11 is longer than either document, 6 lies between them.
+    *(("xla", window) for window in (3, 6, 11)),
+])
 def test_window_attention_masks_documents(impl, window):
   keys = jax.random.split(jax.random.key(0), 3)
   t = LEN_A + LEN_B
@@ -171,7 +182,7 @@ def test_segmented_modal_conv_equals_each_document_convolved_alone():
   (grads, (y, state)), (grads_ref, (y_ref, state_ref)) = compiled(both, params, u)
   close(y, y_ref)
   close(state, state_ref)
-  jax.tree.map(lambda a, b: close(a, b, 1e-4), grads, grads_ref)
+  jax.tree.map(lambda a, b: close(a, b, MODAL_GRAD_TOL), grads, grads_ref)
 
 
 def test_segmented_modal_conv_refuses_a_bad_chunk():
@@ -227,8 +238,8 @@ def test_mixer_packed_equals_documents_alone(name):
     jax.tree.map(lambda p, a: close(p, b_rows(a)), packed_state, alone_state)
   elif recurrent:  # a cache that also holds A: decoding on from it continues B as if alone
     close(packed_state[1][0], b_rows(alone_state[1][0]))
-  jax.tree.map(lambda p, a: close(p, a, 1e-4), g_params, g_params_alone)  # Σ over A's and B's rows
-  close(g_x, packed_again(g_x_alone), 1e-4)
+  jax.tree.map(lambda p, a: close(p, a, MIXER_GRAD_TOL), g_params, g_params_alone)  # Σ over A's and B's rows
+  close(g_x, packed_again(g_x_alone), MIXER_GRAD_TOL)
 
 
 def test_mixer_without_support_refuses_segment_ids(unsupported):
@@ -261,10 +272,10 @@ def test_model_packed_equals_documents_alone(pattern, position, scan, n_layers):
     return grad(p, tokens, seg, scan), grad(p, alone(tokens), None), nnx.merge(graphdef, p)(tokens)
 
   (g_packed, packed), (g_alone, logits_alone), one_document = compiled(everything, params, tokens)
-  close(packed, packed_again(logits_alone), 1e-4)
+  close(packed, packed_again(logits_alone))
   # Without ids the row is one document: B then reads A (the ids do change something).
   assert not np.allclose(one_document[:, LEN_DOC:], packed[:, LEN_DOC:], atol=1e-4)
-  jax.tree.map(lambda p, a: close(p, a, 2e-4), g_packed, g_alone)
+  jax.tree.map(lambda p, a: close(p, a, MODEL_GRAD_TOL), g_packed, g_alone)
 
 
 def test_model_refuses_an_unsupported_mixer_in_a_group(unsupported):
