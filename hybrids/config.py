@@ -144,8 +144,16 @@ def _positive_int(value, field: str) -> None:
     raise ConfigError(f"{field}={value!r} must be a positive integer")
 
 
-# The top-level fields and sections of a config; ``data`` is checked by hybrids.data (it has optional fields).
+# The top-level fields and sections of a config; ``data``'s values are checked by hybrids.data (it has optional fields).
 TOP_LEVEL = ("seed", "model", "data", "train", "runtime")
+
+
+def data_fields() -> tuple[str, ...]:
+  """Every field a ``data`` section may hold: each dataset's, ``seq_len`` and the optional ones."""
+  fields = {"seq_len", *data_lib.DATASET_ONLY_FIELDS, *data_lib.SEGMENT_FIELDS}
+  for name in data_lib.DATASETS:
+    fields.update(data_lib.default_config(name).keys())
+  return tuple(sorted(fields))
 
 
 # Fields read only by some layers: (type, lower bound, note); the mixers' own fields carry theirs in
@@ -164,6 +172,30 @@ def _field_ranges() -> dict:
   return {**out, **FIELD_RANGES}
 
 
+def _check_unread_choices(m, used: set[str], seq_len: int) -> None:
+  """A mixer's choice field (a string, e.g. its kernel implementation) that no layer of ``model.pattern``
+  reads, set away from its default, is checked by the mixers that declare it on the default model: a
+  misspelt choice is refused, not ignored. (Numeric fields get :func:`_field_ranges` instead: their finer
+  rules depend on the shapes of a model that does not use them.)"""
+  read = {field for name in used for field in MIXERS[name].SETTINGS}
+  for field, setting in sorted(mixer_settings().items()):
+    if not isinstance(setting.default, str) or field in read or m[field] == setting.default:
+      continue
+    probe = model_config()
+    probe[field] = m[field]
+    owners = [name for name, mixer in MIXERS.items() if field in mixer.SETTINGS]
+    errors = []
+    for name in owners:
+      try:
+        MIXERS[name].check_config(probe, seq_len=seq_len)
+      except ValueError as e:
+        errors.append(str(e))
+    if len(errors) == len(owners) and f"model.{field}" in errors[0]:
+      readers = (f"the {owners[0]!r} mixer, which model.pattern does not use" if len(owners) == 1 else
+                 f"the {', '.join(map(repr, owners))} mixers, none of which model.pattern uses")
+      raise ConfigError(f"{errors[0]} (read by {readers})")
+
+
 def _check_fields(config) -> None:
   """Every section holds exactly the fields of the defaults, each of the defaults' type (a float field takes an int)."""
   unknown = sorted(set(config.keys()) - set(TOP_LEVEL))
@@ -173,6 +205,13 @@ def _check_fields(config) -> None:
     if not isinstance(config.get(name), ml_collections.ConfigDict):
       raise ConfigError(f"config.{name} is missing or not a section (got {config.get(name)!r})")
   check_int(config.get("seed"), "seed", 0, 2**32 - 1)
+  # The data sources read their fields with defaults: a misspelt one would be dropped silently.
+  unknown = sorted(set(config.data.keys()) - set(data_fields()))
+  if unknown:
+    raise ConfigError(f"unknown config field 'data.{unknown[0]}'; valid: {', '.join(data_fields())}")
+  boundaries = config.data.get("document_boundaries", True)
+  if not isinstance(boundaries, bool):  # read as a truth value: the string 'false' would switch them on
+    raise ConfigError(f"data.document_boundaries={boundaries!r} must be True or False")
   for name, defaults in (("model", model_config()), ("train", train_config())):
     section = config[name]
     unknown = sorted(set(section.keys()) - set(defaults.keys()))
@@ -195,6 +234,9 @@ def _check_fields(config) -> None:
       elif isinstance(default, tuple) and not isinstance(value, (tuple, list)):
         raise ConfigError(f"{field}={value!r} must be a tuple (default {default!r})")
   runtime = config.get("runtime")
+  if runtime is not None and not isinstance(runtime, ml_collections.ConfigDict):
+    raise ConfigError(f"config.runtime is not a section (got {runtime!r}); valid fields: "
+                      f"{', '.join(sorted(runtime_config().keys()))}")
   if runtime is not None:
     defaults = runtime_config()
     unknown = sorted(set(runtime.keys()) - set(defaults.keys()))
@@ -280,6 +322,7 @@ def validate(config) -> None:
       MIXERS[name].check_config(m, seq_len=seq_len)
     except ValueError as e:
       raise ConfigError(f"mixer {name!r}: {e}") from None
+  _check_unread_choices(m, used, seq_len)
   # The mixers' fields that no layer reads still get the range every mixer reading them needs.
   for field, (kind, lo, note) in _field_ranges().items():
     if kind is int:
@@ -290,6 +333,9 @@ def validate(config) -> None:
   if m.moe_every:
     _positive_int(m.num_experts, "model.num_experts")
     check_int(m.moe_top_k, "model.moe_top_k", 1, m.num_experts, note=" (at most model.num_experts)")
+  if m.moe_every > m.n_layers:  # layer i is a MoE where i % moe_every == moe_every - 1 (HybridLM)
+    raise ConfigError(f"model.moe_every={m.moe_every} exceeds model.n_layers={m.n_layers}: no layer's MLP would be a "
+                      f"MoE; valid: 0 (dense MLPs) or 1 … {m.n_layers}")
   if m.moe_every < 0 or (m.moe_every and not 1 <= m.moe_top_k <= m.num_experts):
     raise ConfigError(f"model.moe_every={m.moe_every} must be ≥ 0 and model.moe_top_k={m.moe_top_k} in "
                       f"[1, model.num_experts={m.num_experts}]")
@@ -349,6 +395,9 @@ def validate(config) -> None:
         raise ConfigError(f"train.window_choices={choices}: each window must be an int in [1, data.seq_len={seq_len}]")
   if not 0 <= t.window_anneal_steps <= t.steps:
     raise ConfigError(f"train.window_anneal_steps={t.window_anneal_steps} must be in [0, train.steps={t.steps}]")
+  if t.window_anneal_steps and not choices:
+    raise ConfigError(f"train.window_anneal_steps={t.window_anneal_steps} anneals stochastic windows, but "
+                      "train.window_choices=() (off); set train.window_choices or train.window_anneal_steps=0")
   try:
     data_lib.validate(config.data, seq_len=seq_len)
   except ValueError as e:
@@ -368,6 +417,8 @@ def _validate_mesh(config, batch_size: int) -> None:
     return
   mesh = runtime.get("mesh") or {}
   valid = tuple(runtime_config().mesh.keys())
+  if not isinstance(mesh, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f"runtime.mesh={mesh!r} must be a section of axis sizes; valid axes: {', '.join(valid)}")
   unknown = sorted(set(mesh.keys()) - set(valid))
   if unknown:
     raise ConfigError(f"runtime.mesh has unknown axes {unknown}; valid: {', '.join(valid)}")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybrids.config import ConfigError, get_config
+from hybrids.config import ConfigError, get_config, resolve
 from hybrids.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +80,13 @@ BAD_CONFIGS = [
     ({"runtime.mesh.fsdp": 0}, "runtime.mesh.fsdp"),
     ({"data.seq_len": 0}, "data.seq_len"),
     ({"data.vocab_size": 3}, "vocab_size"),
+    # Each would be dropped or do nothing, silently.
+    ({"data.num_kv_pair": 3}, "data.num_kv_pair"),  # misspelt: the data sources read fields with defaults
+    ({"model.moe_every": 5}, "model.moe_every"),  # more than the tiny config's 3 layers: no MoE layer at all
+    ({"train.window_anneal_steps": 2}, "train.window_anneal_steps"),  # no train.window_choices to anneal from
+    # Not sections: a one-line refusal, not an AttributeError.
+    ({"runtime.mesh": 4}, "runtime.mesh"),
+    ({"runtime": "local"}, "config.runtime"),
 ]
 
 
@@ -112,6 +119,27 @@ def test_unknown_fields_in_a_section_are_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"unknown config field 'model.windw'; valid: .*window"):
     train(config, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
+
+
+# Refused by resolve() itself, which alone serves ``launch sweep --dry-run`` and the flops and sharding CLIs
+# (the trainer's later checks caught the text and kernel cases before it wrote, but only there).
+RESOLVE_REFUSES = [
+    # A non-empty string is true: the boundaries would stay on (MQAR ignores the field, but not its type).
+    ({"data.name": "text", "data.files": os.path.join(REPO, "README.md"), "data.document_boundaries": "false"},
+     "data.document_boundaries='false' must be True or False"),
+    ({"data.document_boundaries": "no"}, "data.document_boundaries='no' must be True or False"),
+    # No layer of the tiny config's pattern reads these: a misspelt choice is refused all the same.
+    ({"model.fox_impl": "cuda"}, "model.fox_impl='cuda'; valid: auto, xla, reference, pallas"),
+    ({"model.dplr_impl": "triton"}, "model.dplr_impl='triton'; valid: auto, xla, reference, pallas"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", RESOLVE_REFUSES, ids=[" ".join(f"{k}={v}" for k, v in o.items())
+                                                                    for o, _ in RESOLVE_REFUSES])
+def test_resolve_alone_refuses_them(overrides, message):
+  with pytest.raises(ConfigError) as caught:
+    resolve(_config(overrides))
+  assert str(caught.value).startswith(message) and "\n" not in str(caught.value), caught.value
 
 
 @pytest.mark.parametrize("content,message", [(b"", "has 0 bytes"), (b"abc", "fewer than data.seq_len")])
@@ -153,6 +181,10 @@ FIELDS = {
     "model.chunk_size": ([8, 16], [0, -16]),
     "model.d_state": ([4, 8], [0, -2]),
     "model.pattern": ([("rglru", "swa"), ("mamba2",), ("gla",), ("mlstm", "swa")], [(), ("mamba9",)]),
+    "model.moe_every": ([0], [-1, 4, 9]),  # the tiny config has 3 layers (pattern ("mamba2",): 3 layers too)
+    "model.fox_impl": (["auto", "xla"], ["cuda", "XLA"]),  # in no drawn pattern: checked all the same
+    "model.dplr_impl": (["auto", "reference"], ["triton"]),
+    "train.window_anneal_steps": ([0], [-1, 2, 99]),  # no train.window_choices in the tiny config
 }
 
 
@@ -325,5 +357,5 @@ def test_prepare_mistakes_are_one_line_exit_2(tmp_path, capsys, argv, message):
 
 
 # How many kinds of bad input this file and tests/test_generate_cli.py try (the README quotes it).
-BAD_INPUT_KINDS = (len(BAD_CONFIGS) + 1 + 2 + len(TRAIN_CLI) + 3 + len(LAUNCH_CLI) + len(EVALUATE_CLI)
+BAD_INPUT_KINDS = (len(BAD_CONFIGS) + len(RESOLVE_REFUSES) + 1 + 2 + len(TRAIN_CLI) + 3 + len(LAUNCH_CLI) + len(EVALUATE_CLI)
                    + len(PREPARE_CLI))
