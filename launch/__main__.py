@@ -202,8 +202,12 @@ def cmd_sweep(args) -> int:
     if row["action"].startswith("skip"):
       print(f"[launch] {row['run']}: {row['action']}")
   if args.backend == "local":
-    code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
-                     runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress) if todo else 0
+    try:
+      code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
+                       runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress) if todo else 0
+    except local.MpsError as e:  # before any run started: the runs' directories are untouched
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     for row in rows:
       row.update(runs.run_state(row["workdir"]))
     summaries = [{"run": r["run"], "point": r["point"], **r["summary"], "status": r["status"]} for r in rows]

@@ -103,6 +103,10 @@ def parse_runs_per_device(value, platform: str | None = None) -> int:
   return n
 
 
+class MpsError(RuntimeError):
+  """``--mps`` cannot serve the packed runs here (the daemon does not start, or serves no client)."""
+
+
 class Mps:
   """A CUDA MPS control daemon for the packed runs of one sweep (``--mps``).
 
@@ -116,6 +120,11 @@ class Mps:
   CONTROL = "nvidia-cuda-mps-control"
   DEFAULT_PIPE_DIRECTORY = "/tmp/nvidia-mps"
   START_TIMEOUT_S = 30.0
+  # A client that must see the GPU through the daemon before any run starts: a daemon can start and
+  # still serve no client (on one H200 host every packed run failed with "no supported devices found
+  # for platform CUDA"), and each run would then fail alone and count as a failed attempt.
+  PROBE = (sys.executable, "-c", "import jax; jax.devices('gpu')")
+  PROBE_TIMEOUT_S = 180.0
 
   def __init__(self, environ=None):
     self.environ = dict(os.environ if environ is None else environ)
@@ -142,6 +151,7 @@ class Mps:
     if self._listening(pipe_dir):
       self.pipe_dir, self.log_dir = pipe_dir, self.environ.get("CUDA_MPS_LOG_DIRECTORY")
       self.note = f"on (the daemon already listening at {pipe_dir})"
+      self._probe()
       return self
     self.owned = tempfile.mkdtemp(prefix="hybrids-mps-")
     self.pipe_dir, self.log_dir = os.path.join(self.owned, "pipe"), os.path.join(self.owned, "log")
@@ -155,10 +165,27 @@ class Mps:
     if result.returncode != 0 or not self._listening(self.pipe_dir):
       shutil.rmtree(self.owned, ignore_errors=True)
       self.owned = None
-      raise RuntimeError(f"--mps: `{self.CONTROL} -d` did not start a daemon (exit {result.returncode}: "
+      raise MpsError(f"--mps: `{self.CONTROL} -d` did not start a daemon (exit {result.returncode}: "
                          f"{(result.stderr or result.stdout).strip()[:200]})")
     self.note = f"on (a daemon started for this sweep at {self.pipe_dir})"
+    self._probe()
     return self
+
+  def _probe(self) -> None:
+    """Refuse, in one line, a daemon through which a CUDA client cannot reach the GPU."""
+    env = {**self.environ, **self.env(), "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    try:
+      result = subprocess.run(self.PROBE, env=env, capture_output=True, text=True, timeout=self.PROBE_TIMEOUT_S)
+      failure = None if result.returncode == 0 else (result.stderr or result.stdout).strip().splitlines()[-1:]
+    except (OSError, subprocess.TimeoutExpired) as e:
+      failure = [f"{type(e).__name__}: {e}"]
+    if failure is None:
+      return
+    where = self.pipe_dir
+    self.stop()
+    reason = failure[0][:200] if failure else "no output"
+    raise MpsError(f"--mps: a CUDA client cannot reach the GPU through the MPS daemon at {where} ({reason}); "
+                       "run without --mps (the packed runs then time-share the GPU)")
 
   def env(self) -> dict[str, str]:
     if self.pipe_dir is None:

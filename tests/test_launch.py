@@ -508,6 +508,7 @@ def test_mps_is_checked_before_anything_is_written_and_stops_only_its_own_daemon
   base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(log)}
   monkeypatch.setenv("PATH", base["PATH"])
   local.Mps.check("gpu", 2)
+  monkeypatch.setattr(local.Mps, "PROBE", ("true",))  # a client that reaches the GPU
   daemon = local.Mps(base).start()
   pipe = daemon.env()["CUDA_MPS_PIPE_DIRECTORY"]
   assert os.path.exists(os.path.join(pipe, "control")) and "started for this sweep" in daemon.note
@@ -524,8 +525,22 @@ def test_mps_is_checked_before_anything_is_written_and_stops_only_its_own_daemon
   daemon.stop()
   assert (running / "control").exists() and log.read_text().split() == ["started", "quit"]  # not ours: left
 
-  with pytest.raises(RuntimeError, match="did not start a daemon .exit 1: cannot start"):
+  with pytest.raises(local.MpsError, match="did not start a daemon .exit 1: cannot start"):
     local.Mps({**base, "FAIL": "1"}).start()
+
+  # A daemon that starts but serves no client: refused in one line, and the daemon started here quits.
+  monkeypatch.setattr(local.Mps, "PROBE", ("sh", "-c", "echo Traceback >&2; echo 'RuntimeError: Unable to initialize "
+                                           "backend cuda: no supported devices found for platform CUDA' >&2; exit 1"))
+  with pytest.raises(local.MpsError, match="cannot reach the GPU through the MPS daemon .* no supported devices .*"
+                                           "run without --mps"):
+    local.Mps(base).start()
+  assert log.read_text().split() == ["started", "quit", "started", "quit"]
+  monkeypatch.setattr(local, "detect_devices", lambda environ=None: ("gpu", ["0"]))
+  fresh = tmp_path / "fresh"
+  assert main(["sweep", exp, "--root", str(fresh), "--runs-per-device", "2", "--mps"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "cannot reach the GPU through the MPS daemon" in err, err
+  assert not any(p.name != "sweep.json" for p in fresh.iterdir())  # no run directory was made
 
 
 def test_bench_packing_counts():
