@@ -29,10 +29,11 @@ Variants:
 - ``small``: size 5m, 3 lengths × (Griffin-1024, global, local-1024) = 9 runs, 2^17 tokens a step,
   20 tokens/param (~780 steps); ~30 min on one GPU.
 - ``gpu``: size 5m, 3 lengths × (Griffin-128, Griffin-1024, global) = 9 runs of 250 steps × 2^16
-  tokens, bf16, the XLA scan (the Pallas scan compiles for minutes); ~3–5 min on one H100, 3 at a
-  time under MPS (estimate: ~20 s compile + ~30 s of steps each; 3 per GPU fitted in the first run). Expected: Griffin's eval loss below global
-  attention's at 2k, 4k and 8k with either window, and the window mattering little (the paper's
-  finding at 1024 vs 2048; 128 is the smallest of its grid).
+  tokens, bf16, the XLA scan (the Pallas scan compiles for minutes); about 7.5 min on one H200 three at
+  a time without MPS (2026-12-07; ``--mps`` halves that where the host's MPS serves clients, see
+  ``launch/local.py``). Expected: Griffin's eval loss below global attention's at 2k, 4k and 8k with
+  either window, and the window mattering little (the paper's finding at 1024 vs 2048; 128 is the
+  smallest of its grid).
 - ``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
 """
 
