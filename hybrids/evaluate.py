@@ -18,18 +18,23 @@ Evals (``--eval``, a comma list of ``EVALS``):
 
 * ``loss``: mean next-token loss, perplexity and accuracy on held-out sequences of each length
   (default: the training ``data.seq_len``; the run's own held-out split: text windows, or MQAR's eval
-  stream). At the training length it equals the training loop's final eval at the same step.
+  stream). At the training length it equals the training loop's final eval at the same step: scored as
+  the trainer scores (``hybrids.train.Trainer``), so with ``data.document_boundaries`` (text and shards
+  runs, on by default) each packed document of a row runs as if alone and the label right after an
+  end-of-document token (the next document's first token) is not scored.
 * ``position``: mean loss at each position over held-out sequences of each length (default ``T`` and
   ``4T``, ``T`` = training ``data.seq_len``): does the loss keep falling past the SWA window and past the
   training length? (SWA and recurrent mixers can extrapolate; global attention with RoPE may not — we
-  measure.) Positions without scored labels (most of an MQAR sequence) are ``null``.
+  measure.) Positions without scored labels (most of an MQAR sequence) are ``null``. Scored as ``loss``
+  is: with packed documents kept apart, a position is the row's, not a document's.
 * ``mqar``: Zoology's MQAR accuracy (fraction of queried values predicted) at every
   ``--lengths`` × ``--kv-pairs`` point (defaults: ``T`` and the training ``num_kv_pairs``); points where
   ``4·K > L`` are skipped and listed. Only for runs trained on MQAR (``data.name = "mqar"``).
 * ``retrieval``: accuracy on a grid ``--lengths`` × ``--depths`` (defaults ``T, 2T, 4T, 8T`` and
   ``0, 0.25, 0.5, 0.75, 1``) with ``--samples`` probes per cell, for each of ``--tasks``
   (:mod:`hybrids.data.retrieval`): ``passkey`` and ``niah`` for text runs (filler: the corpus's held-out
-  split, or the built-in filler when the corpus is no longer readable), ``mqar`` for MQAR runs (their
+  split, its end-of-document tokens dropped when the run kept documents apart, so a probe is one
+  document; or the built-in filler when the corpus is no longer readable), ``mqar`` for MQAR runs (their
   vocabulary is not text, so retrieval means the key→value block at a depth of a long sequence of
   filler tokens, queried at the end).
 
@@ -38,7 +43,9 @@ Faces and memory (``--face``): ``parallel`` (default) scores a batch with one fo
 attention on the XLA path, ``[batch, heads, L, L]`` scores, which is what stops fitting first at long
 ``L``. ``recurrent`` runs the mixers' decode step token by token in one compiled ``lax.scan``: memory is
 the decode state (constant in ``L`` for every mixer but global attention, whose cache holds ``L`` keys
-and values), much slower. Both compute the same function (tests/test_model.py, tests/test_evaluate.py). The batch
+and values), much slower. Both compute the same function (tests/test_model.py, tests/test_evaluate.py). One
+decode state per row cannot keep packed documents apart, so ``recurrent`` is refused for ``loss`` and
+``position`` on runs with ``data.document_boundaries`` on (their retrieval probes are one document each). The batch
 size defaults to the training batch's token count divided by ``L`` (``--batch-size`` overrides).
 ``--window W`` evaluates with another SWA band (SWAX trains with sampled windows).
 
@@ -74,6 +81,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import warnings
 from typing import Any
 
@@ -82,6 +90,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from hybrids import config as config_lib
@@ -89,10 +98,15 @@ from hybrids import data as data_lib
 from hybrids import rundir
 from hybrids import train as train_lib
 from hybrids.data import retrieval
+from hybrids.data import shards as data_shards
+from hybrids.data import text as data_text
 from hybrids.data.pipeline import IGNORE_LABEL, finite_batches
 from hybrids.model import HybridLM, layer_pattern
 
 EVALS = ("loss", "position", "mqar", "retrieval")
+# The evals that score the run's held-out rows: on text and shards, packed documents (the others build
+# their own one-document rows).
+PACKED_EVALS = ("loss", "position")
 FACES = ("parallel", "recurrent")
 EVAL_DIR = rundir.EVAL_DIR
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -155,20 +169,52 @@ def _has_swa(config) -> bool:
 
 
 def _tokenizer(config, run_dir: str) -> retrieval.Tokenizer:
-  """The run's tokenizer: ``data.tokenizer`` (text runs) or a prepared corpus's manifest (``data.path``)."""
-  spec = config.data.get("tokenizer", "bytes")
-  directories = [run_dir]
-  data_path = config.data.get("path", "")
-  if data_path:
-    directories.append(data_path)
-    manifest = os.path.join(data_path, "manifest.json")
-    if os.path.isfile(manifest):
-      with open(manifest) as f:
-        spec = json.load(f).get("tokenizer", spec)
+  """The run's tokenizer: ``data.tokenizer`` (text runs; a BPE's ``tokenizer.json`` is in the run directory),
+  or the one a shards run's prepared data names in its manifest (``data.path``, local or ``gs://…``).
+
+  A shards run's ``data.tokenizer`` is only the text dataset's default, never what its shards were
+  tokenized with: when the manifest cannot be read, EvalError says so rather than falling back to it.
+  """
+  if config.data.name == "shards":
+    return _shards_tokenizer(config.data.get("path", ""))
   try:
-    return retrieval.load_tokenizer(spec, directories)
+    return retrieval.load_tokenizer(config.data.get("tokenizer", "bytes"), [run_dir])
   except ValueError as e:
-    raise EvalError(f"retrieval needs the run's tokenizer: {e}") from None
+    raise EvalError(f"the run's tokenizer cannot be loaded: {e}") from None
+
+
+def _shards_tokenizer(data_path: str) -> retrieval.Tokenizer:
+  """The tokenizer named by the manifest of the prepared directory ``data_path`` (its ``tokenizer.json`` beside it)."""
+  try:
+    manifest = data_shards.read_manifest(data_path)
+  except ValueError as e:
+    raise EvalError(f"a shards run's tokenizer is the one its manifest names, which cannot be read: {e}") from None
+  spec = manifest.get("tokenizer")
+  if not isinstance(spec, str) or not spec.startswith("bpe:"):
+    try:
+      return retrieval.load_tokenizer(spec, [])
+    except ValueError as e:
+      raise EvalError(f"data.path={data_path!r}: the manifest's tokenizer is unusable here: {e}") from None
+  source = epath.Path(data_path) / manifest.get("tokenizer_file", data_text.TOKENIZER_FILE)
+  if not source.exists():
+    raise EvalError(f"data.path={data_path!r}: its manifest names tokenizer {spec!r}, but {source} is missing")
+  if not data_shards.is_remote(data_path):
+    return retrieval.HFTokenizer(str(source))
+  with tempfile.TemporaryDirectory() as local:  # tokenizers reads local files only; it is parsed at once
+    copy = os.path.join(local, data_text.TOKENIZER_FILE)
+    with open(copy, "w") as f:
+      f.write(source.read_text())
+    tokenizer = retrieval.HFTokenizer(copy)
+  tokenizer.name = f"tokenizer.json ({source})"
+  return tokenizer
+
+
+def _document_eod(config) -> int | None:
+  """The trainer's end-of-document token (:func:`hybrids.train.document_eod`; None: rows are one document)."""
+  try:
+    return train_lib.document_eod(config)
+  except ValueError as e:  # a ConfigError naming its field, or a shards manifest that cannot be read
+    raise EvalError(str(e)) from None
 
 
 def plan(args, config, run_dir: str) -> dict[str, Any]:
@@ -235,8 +281,14 @@ def plan(args, config, run_dir: str) -> dict[str, Any]:
           retrieval.make_examples(task, length=n, depth=0.0, samples=1, tokenizer=tokenizer, filler=probe_filler)
         except ValueError as e:
           raise EvalError(f"--eval=retrieval --lengths: {task}: {e}") from None
+  document_eod = _document_eod(config)
+  packed = [name for name in evals if name in PACKED_EVALS]
+  if args.face == "recurrent" and document_eod is not None and packed:
+    raise EvalError(f"--face=recurrent --eval={','.join(packed)}: data.document_boundaries=True (this run's "
+                    "held-out rows pack several documents, each scored as if alone) needs --face=parallel; one "
+                    "decode state per row cannot restart at each document")
   return {"evals": evals, "lengths": per_eval, "depths": depths, "kv_pairs": kv_pairs, "tasks": tasks,
-          "tokenizer": tokenizer}
+          "tokenizer": tokenizer, "document_eod": document_eod}
 
 
 # ----------------------------------------------------------------------------- model and scoring
@@ -278,14 +330,20 @@ def token_scores(logits, labels):
   return jnp.where(mask, nll, 0.0), (jnp.argmax(logits, -1) == safe) & mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "face", "window"))
-def _scores(graphdef, state, inputs, labels, *, face: str, window: int | None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "face", "window", "document_eod", "scan_layers"))
+def _scores(graphdef, state, batch, *, face: str, window: int | None, document_eod: int | None, scan_layers: bool):
+  """``batch`` ``{"inputs", "labels"[, "segment_ids"]}: int [batch, L]`` → (nll, correct, scored) ``[batch, L]``."""
   # Module-level jit keyed on the (hashable) graphdef: evaluating the same model again reuses the compile.
   model = nnx.merge(graphdef, state)
   if window is not None:
     model.set_window(window)
   if face == "parallel":
-    return token_scores(model(inputs), labels)
+    # The training loop's own scoring (packed documents kept apart, the label after an EOD unscored),
+    # so that the held-out loss is its eval's; only its ``_scored`` is used, hence no state or optimizer.
+    trainer = train_lib.Trainer(graphdef, None, None, scan_layers=scan_layers, document_eod=document_eod)
+    logits, labels, _ = trainer._scored(model, batch)
+    return (*token_scores(logits, labels), labels != IGNORE_LABEL)
+  inputs, labels = batch["inputs"], batch["labels"]
   states = model.init_state(inputs.shape[0], max_len=inputs.shape[1])
 
   def step(states, xs):
@@ -294,21 +352,37 @@ def _scores(graphdef, state, inputs, labels, *, face: str, window: int | None):
     return states, token_scores(logits, label)
 
   _, (nll, correct) = jax.lax.scan(step, states, (inputs.T, labels.T))
-  return nll.T, correct.T
+  return nll.T, correct.T, labels != IGNORE_LABEL
 
 
 class Scorer:
-  """``batch → (nll f64 [batch, L], correct bool [batch, L])`` for a restored model, on the chosen face."""
+  """``batch → (nll f64 [batch, L], correct bool [batch, L], scored bool [batch, L])`` for a restored model, on
+  the chosen face; ``scored``: the positions whose label counts (not ``IGNORE_LABEL``, and with
+  ``document_eod`` not the label right after an EOD, as in the training loop's eval).
 
-  def __init__(self, graphdef, abstract_state, params, *, face: str, window: int | None):
+  ``document_eod`` (:func:`hybrids.train.document_eod`): the parallel face keeps a row's packed documents
+  apart as the trainer does. The recurrent face carries one decode state through a row, so it refuses a
+  row holding that token (:func:`plan` refuses it for the evals of packed held-out rows beforehand).
+  """
+
+  def __init__(self, graphdef, abstract_state, params, *, face: str, window: int | None,
+               document_eod: int | None = None, scan_layers: bool = True):
     self.graphdef, self.face, self.window = graphdef, face, window
+    self.document_eod, self.scan_layers = document_eod, bool(scan_layers)
     self.state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(self.state, params)
 
-  def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    nll, correct = _scores(self.graphdef, self.state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["labels"]),
-                           face=self.face, window=self.window)
-    return np.asarray(nll, np.float64), np.asarray(correct)
+  def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labelled_rows = (batch["labels"] != IGNORE_LABEL).any(-1, keepdims=True)  # padding rows' inputs are 0: BPE's EOD
+    if (self.face == "recurrent" and self.document_eod is not None
+        and ((batch["inputs"] == self.document_eod) & labelled_rows).any()):
+      raise EvalError(f"--face=recurrent: a row holds the end-of-document token {self.document_eod} "
+                      "(data.document_boundaries=True), which one decode state per row cannot keep apart; "
+                      "use --face=parallel")
+    nll, correct, scored = _scores(self.graphdef, self.state, {k: jnp.asarray(v) for k, v in batch.items()},
+                                   face=self.face, window=self.window, document_eod=self.document_eod,
+                                   scan_layers=self.scan_layers)
+    return np.asarray(nll, np.float64), np.asarray(correct), np.asarray(scored)
 
 
 def batch_size_for(config, length: int, requested: int | None) -> int:
@@ -344,9 +418,8 @@ def eval_loss(ctx, lengths: list[int]) -> tuple[dict, dict]:
   for n in lengths:
     loss_sum = correct_sum = count = 0.0
     for batch in heldout_batches(ctx.config, ctx.run_dir, n, ctx.batch_size(n), ctx.num_batches):
-      nll, correct = ctx.scorer(batch)
-      loss_sum, correct_sum = loss_sum + nll.sum(), correct_sum + correct.sum()
-      count += float((batch["labels"] != IGNORE_LABEL).sum())
+      nll, correct, scored = ctx.scorer(batch)
+      loss_sum, correct_sum, count = loss_sum + nll.sum(), correct_sum + correct.sum(), count + float(scored.sum())
     loss = loss_sum / max(count, 1.0)
     out["loss"].append(loss)
     out["perplexity"].append(math.exp(min(loss, 80.0)))
@@ -361,8 +434,7 @@ def eval_position(ctx, lengths: list[int]) -> tuple[dict, dict]:
   for n in lengths:
     loss_sum, count, rows = np.zeros(n), np.zeros(n), 0
     for batch in heldout_batches(ctx.config, ctx.run_dir, n, ctx.batch_size(n), ctx.num_batches):
-      nll, _ = ctx.scorer(batch)
-      scored = batch["labels"] != IGNORE_LABEL
+      nll, _, scored = ctx.scorer(batch)
       loss_sum, count = loss_sum + nll.sum(0), count + scored.sum(0)
       rows += int(scored.any(-1).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -390,9 +462,8 @@ def eval_mqar(ctx, lengths: list[int], kv_pairs: list[int]) -> tuple[dict, dict]
                                      random_non_queries=bool(d.random_non_queries), seed=int(d.seed))
       loss_sum = correct_sum = count = 0.0
       for batch in finite_batches(source, batch_size=ctx.batch_size(n)):
-        nll, correct = ctx.scorer(batch)
-        loss_sum, correct_sum = loss_sum + nll.sum(), correct_sum + correct.sum()
-        count += float((batch["labels"] != IGNORE_LABEL).sum())
+        nll, correct, scored = ctx.scorer(batch)
+        loss_sum, correct_sum, count = loss_sum + nll.sum(), correct_sum + correct.sum(), count + float(scored.sum())
       out["lengths"].append(n)
       out["num_kv_pairs"].append(k)
       out["accuracy"].append(correct_sum / count)
@@ -401,8 +472,13 @@ def eval_mqar(ctx, lengths: list[int], kv_pairs: list[int]) -> tuple[dict, dict]
   return out, {"accuracy": float(np.mean(out["accuracy"])), "by_point": by_point}
 
 
-def heldout_filler(config, run_dir: str, min_tokens: int) -> np.ndarray | None:
-  """≥ ``min_tokens`` of the held-out split as one token stream (fewer if the split is smaller); None if unreadable."""
+def heldout_filler(config, run_dir: str, min_tokens: int, document_eod: int | None = None) -> np.ndarray | None:
+  """≥ ``min_tokens`` of the held-out split as one token stream (fewer if the split is smaller); None if unreadable.
+
+  ``document_eod`` (set when the run kept packed documents apart): its EOD tokens are dropped, so that a
+  probe is one document, as the model saw every context in training (with them, the parallel face would
+  cut the needle off from the question, and the recurrent face could not run it).
+  """
   seq_len = int(config.data.seq_len)
   windows = -(-min_tokens // (seq_len + 1))
   batch_size = min(windows, 64)
@@ -415,13 +491,14 @@ def heldout_filler(config, run_dir: str, min_tokens: int) -> np.ndarray | None:
   # A window is inputs plus its last label: consecutive windows rebuild the split's token stream.
   rows = [np.concatenate([i, l[-1:]]) for b in batches for i, l in zip(b["inputs"], b["labels"])
           if (l != IGNORE_LABEL).any()]
-  return np.concatenate(rows).astype(np.int32)
+  stream = np.concatenate(rows).astype(np.int32)
+  return stream if document_eod is None else stream[stream != document_eod]
 
 
 def eval_retrieval(ctx, lengths: list[int], depths: list[float], tasks: list[str], kv_pairs) -> tuple[dict, dict]:
   filler, filler_kind = None, "random tokens"
   if tasks[0] != "mqar":
-    filler = heldout_filler(ctx.config, ctx.run_dir, 2 * max(lengths))
+    filler = heldout_filler(ctx.config, ctx.run_dir, 2 * max(lengths), ctx.document_eod)
     filler_kind = "heldout" if filler is not None else "builtin"
     if filler is None:
       filler = retrieval.filler_stream(ctx.tokenizer)
@@ -435,7 +512,7 @@ def eval_retrieval(ctx, lengths: list[int], depths: list[float], tasks: list[str
           vocab_size=int(ctx.config.data.vocab_size), num_kv_pairs=kv or 0)]
       scores = []
       for batch in pad_batches([{"inputs": e.inputs, "labels": e.labels} for e in examples], ctx.batch_size(n)):
-        _, correct = ctx.scorer(batch)
+        _, correct, _ = ctx.scorer(batch)
         scores.append(retrieval.example_accuracy(correct, batch["labels"], exact_match=retrieval.exact_match(task)))
       scores = np.concatenate(scores)[:len(examples)].reshape(len(depths), ctx.samples)
       grid.append([float(s) for s in scores.mean(-1)])
@@ -547,8 +624,10 @@ def main(argv: list[str] | None = None) -> int:
   window = args.window or (int(config.model.window) if _has_swa(config) else None)
   ctx = _Context(config=config, run_dir=run_dir, seed=args.seed, samples=args.samples,
                  num_batches=args.batches or int(config.train.eval_batches), requested_batch_size=args.batch_size,
-                 window=window, tokenizer=request["tokenizer"],
-                 scorer=Scorer(graphdef, abstract_state, params, face=args.face, window=args.window))
+                 window=window, tokenizer=request["tokenizer"], document_eod=request["document_eod"],
+                 scorer=Scorer(graphdef, abstract_state, params, face=args.face, window=args.window,
+                               document_eod=request["document_eod"],
+                               scan_layers=bool((config.get("runtime") or {}).get("scan_layers", True))))
   lengths = request["lengths"]
   for name in request["evals"]:
     try:

@@ -16,7 +16,7 @@ from hybrids import evaluate
 from hybrids.config import get_config, identity
 from hybrids.data import retrieval
 from hybrids.data.pipeline import IGNORE_LABEL
-from hybrids.train import resolve, train
+from hybrids.train import document_eod, resolve, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "quickstart.py") + ":tiny"
@@ -232,3 +232,139 @@ def test_missing_and_corrupt_run_directories(mqar_run, tmp_path, capsys):
   corrupt(copy, 2)
   assert evaluate.main(["--workdir", copy, "--eval", "loss"]) == 2
   assert "could be read" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- packed documents
+
+@pytest.fixture(scope="module")
+def packed_text_run(tmp_path_factory):
+  """A byte-level text run trained for 2 steps on 60 short documents (one per file), so that every held-out
+  row of 32 tokens packs several of them; ``data.document_boundaries`` is on (the default)."""
+  corpus = tmp_path_factory.mktemp("packed_corpus")
+  rng = np.random.default_rng(1)
+  words = "cat dog sun sky red blue ran sat".split()
+  for i in range(60):
+    (corpus / f"{i:02d}.txt").write_text(" ".join(rng.choice(words, int(rng.integers(1, 4)))) + ".")
+  workdir = str(tmp_path_factory.mktemp("packed_text"))
+  train(get_config(TINY, {**ONE_SWA_LAYER, "data.name": "text", "data.files": str(corpus / "*.txt"),
+                          "data.heldout_fraction": 0.3, "train.steps": 2, "train.warmup_steps": 1,
+                          "train.checkpoint_every": 2, "train.eval_every": 0}), workdir, progress=False)
+  return workdir
+
+
+def test_packed_text_heldout_loss_equals_the_training_loops_final_eval(packed_text_run):
+  config = evaluate.load_config(packed_text_run)
+  eod = document_eod(config)
+  assert eod == 256
+  batches = evaluate.heldout_batches(config, packed_text_run, 32, int(config.train.batch_size),
+                                     int(config.train.eval_batches))
+  assert all((row[:-1] == eod).sum() >= 2 for b in batches for row in b["inputs"])  # ≥ 3 documents a row
+
+  assert evaluate.main(["--workdir", packed_text_run, "--eval", "loss,position"]) == 0
+  summary = read_json(packed_text_run, "summary.json")
+  loss = read_json(packed_text_run, "eval", "loss.json")
+  assert loss["step"] == summary["eval"]["step"] == 2 and loss["lengths"] == [32]
+  np.testing.assert_allclose(loss["loss"][0], summary["eval"]["eval_loss"], rtol=1e-5)
+  np.testing.assert_allclose(loss["accuracy"][0], summary["eval"]["eval_token_accuracy"], rtol=1e-5)
+  # Every position but the one after each EOD (the next document's first token, not scored).
+  scored = sum(int((b["labels"] != IGNORE_LABEL).sum() - (b["inputs"] == eod).sum()) for b in batches)
+  assert loss["tokens"] == [scored]
+  np.testing.assert_allclose(summary["evals"]["position"]["mean_loss"]["32"], loss["loss"][0], rtol=1e-6)
+
+  # Documents run into each other, and the cross-document labels scored: another loss.
+  _, graphdef, abstract_state, params = evaluate.restore_params(packed_text_run, config)
+  leaky = evaluate.Scorer(graphdef, abstract_state, params, face="parallel", window=None, document_eod=None)
+  nll = sum(leaky(b)[0].sum() for b in batches)
+  count = sum(int((b["labels"] != IGNORE_LABEL).sum()) for b in batches)
+  assert abs(nll / count - summary["eval"]["eval_loss"]) > 1e-3
+
+
+def test_recurrent_face_is_refused_for_packed_heldout_rows(packed_text_run, capsys):
+  before = sorted(os.listdir(packed_text_run))
+  eval_dir = os.path.join(packed_text_run, "eval")
+  written = sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else None
+  for evals in ("loss", "position", "position,retrieval"):
+    argv = ["--workdir", packed_text_run, "--eval", evals, "--face", "recurrent", "--lengths", "320"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--face=recurrent" in err and "data.document_boundaries=True" in err and "--face=parallel" in err
+  assert sorted(os.listdir(packed_text_run)) == before
+  assert (sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else None) == written
+  # The scorer itself refuses a labelled row holding an EOD on that face; an unlabelled row (padding) may hold one.
+  config = evaluate.load_config(packed_text_run)
+  _, graphdef, abstract_state, params = evaluate.restore_params(packed_text_run, config)
+  scorer = evaluate.Scorer(graphdef, abstract_state, params, face="recurrent", window=None, document_eod=256)
+  ignored = [IGNORE_LABEL] * 4
+  with pytest.raises(evaluate.EvalError, match="--face=recurrent: a row holds the end-of-document token 256"):
+    scorer({"inputs": np.array([[5, 6, 256, 7], [1, 2, 3, 4]], np.int32),
+            "labels": np.array([[6, 256, 7, 8], ignored], np.int32)})
+  labels = np.array([[6, 7, 8, 9], ignored], np.int32)
+  nll, _, scored = scorer({"inputs": np.array([[5, 6, 7, 8], [256] * 4], np.int32), "labels": labels})
+  np.testing.assert_array_equal(scored, labels != IGNORE_LABEL)
+  assert (nll[0] > 0).all() and (nll[1] == 0).all()
+  # Retrieval probes are one document each: its filler drops the held-out split's EOD tokens.
+  args = evaluate.parser().parse_args(["--workdir", packed_text_run, "--eval", "retrieval", "--face", "recurrent",
+                                       "--lengths", "320"])
+  assert evaluate.plan(args, config, packed_text_run)["document_eod"] == 256
+  stream = evaluate.heldout_filler(config, packed_text_run, 200)
+  assert (stream == 256).sum() >= 2  # held-out documents, each closed by its EOD
+  filler = evaluate.heldout_filler(config, packed_text_run, 200, document_eod=256)
+  np.testing.assert_array_equal(filler, stream[stream != 256])  # the same text, documents run together
+
+
+# ----------------------------------------------------------------------------- a shards run's tokenizer
+
+@pytest.fixture(scope="module")
+def bpe_shards(tmp_path_factory):
+  """A BPE-prepared shards directory and a run directory whose config reads it (no checkpoint needed)."""
+  from hybrids.data import prepare
+  root = tmp_path_factory.mktemp("bpe_shards")
+  rng = np.random.default_rng(2)
+  words = "the quick brown fox jumps over a lazy dog while wizards judge boxing matches".split()
+  (root / "corpus.txt").write_text("".join(" ".join(rng.choice(words, 8)) + ".\n" for _ in range(200)))
+  data_path = str(root / "shards")
+  prepare.prepare(str(root / "corpus.txt"), "bpe:300", data_path, progress=False, log=lambda *_: None,
+                  heldout_fraction=0.2, doc_bytes=300)
+  run = root / "run"
+  run.mkdir()
+  config = resolve(get_config(TINY, {**ONE_SWA_LAYER, "data.name": "shards", "data.path": data_path}))
+  assert config.data.tokenizer == "bytes"  # the text dataset's default, not what the shards hold
+  (run / "config.json").write_text(json.dumps(identity(config)))
+  return {"data_path": data_path, "run": str(run)}
+
+
+def test_shards_run_gets_its_manifests_bpe_tokenizer(bpe_shards, monkeypatch):
+  from tokenizers import Tokenizer
+  config = evaluate.load_config(bpe_shards["run"])
+  expected = Tokenizer.from_file(os.path.join(bpe_shards["data_path"], "tokenizer.json"))
+  text = "the lazy fox judges wizards"
+  tokenizer = evaluate._tokenizer(config, bpe_shards["run"])
+  assert isinstance(tokenizer, retrieval.HFTokenizer) and bpe_shards["data_path"] in tokenizer.name
+  assert tokenizer.encode(text).tolist() == expected.encode(text, add_special_tokens=False).ids
+  assert len(tokenizer.encode(text)) < len(text.encode())  # not bytes
+  # A remote data.path (gs://…) is read through epath; tokenizers then loads a local copy.
+  monkeypatch.setattr(evaluate.data_shards, "is_remote", lambda path: True)
+  remote = evaluate._tokenizer(config, bpe_shards["run"])
+  assert remote.encode(text).tolist() == tokenizer.encode(text).tolist() and "tokenizer.json" in remote.name
+
+
+def test_shards_run_without_its_manifest_is_one_error_not_bytes(bpe_shards, tmp_path, capsys):
+  from hybrids import generate
+  run = tmp_path / "run"
+  shutil.copytree(bpe_shards["run"], run)
+  moved = str(tmp_path / "moved")
+  shutil.copytree(bpe_shards["data_path"], moved)
+  config = json.loads((run / "config.json").read_text())
+  config["data"]["path"] = moved
+  (run / "config.json").write_text(json.dumps(config))
+  assert isinstance(evaluate._tokenizer(evaluate.load_config(str(run)), str(run)), retrieval.HFTokenizer)
+  shutil.rmtree(moved)  # the data moved away after training
+  with pytest.raises(evaluate.EvalError, match=rf"data.path='{moved}' holds no manifest.json"):
+    evaluate._tokenizer(evaluate.load_config(str(run)), str(run))
+  assert evaluate.main(["--workdir", str(run), "--eval", "retrieval"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and moved in err and "manifest.json" in err
+  assert generate.main(["--workdir", str(run), "--prompt", "the fox"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "--prompt needs the run's tokenizer" in err and "manifest.json" in err
