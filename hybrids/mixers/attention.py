@@ -11,7 +11,9 @@ RoPE: Su et al. 2021.
 attention) or ``"none"`` the model adds positions at the embedding, or none at all.
 
 Recurrent face: a key/value cache of ``max_len`` slots, so decoding memory grows with the sequence
-(O(T)) — the one mixer for which it does; ``swa`` bounds it to the window.
+(O(T)) — the one mixer for which it does; ``swa`` bounds it to the window. After a packed prefill
+(``segment_ids``) the cache holds the row's last document alone, at the slots and position it would
+have had alone, so ``pos`` is then per row: rows' last documents differ in length.
 """
 
 from __future__ import annotations
@@ -96,19 +98,37 @@ class Attention(nnx.Module):
 
     ``max_len``: cache slots of the returned state (global attention only; default ``time``).
     ``segment_ids: int [batch, time]``: packed documents; RoPE positions restart at each document
-    and no query reads a key of another document. The decode state of a packed row is not defined
-    yet (a ValueError with ``return_state``).
+    and no query reads a key of another document; the returned state is the row's last document's
+    alone (``pos: int32[batch]``, each row's length of it).
     """
     time = x.shape[1]
-    if segment_ids is not None and return_state:
-      raise ValueError(f"{type(self).__name__}: the decode state of a packed row (segment_ids) is not supported yet")
     positions = jnp.arange(time) if segment_ids is None else document_positions(segment_ids)
     q, k, v = self._project(x, positions)
     o = window_attention(q, k, v, window=self.window, softcap=self.softcap, impl=self.impl, segment_ids=segment_ids)
     y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
     if not return_state:
       return y
-    return y, self._prefill_state(k, v, max_len)
+    if segment_ids is None:
+      return y, self._prefill_state(k, v, max_len)
+    return y, self._last_document_state(k, v, max_len, positions)
+
+  def _last_document_state(self, k, v, max_len, positions):
+    """The state after each row's last document alone: its keys (RoPE already at its own positions)
+    and values at the slots they would have had alone, ``pos`` its length; earlier documents' are
+    dropped. ``positions: int32 [batch, time]``, each token's place in its document."""
+    time = k.shape[1]
+    length = positions[:, -1] + 1  # int32 [batch]
+    start = time - length
+    own = (jnp.arange(time) >= start[:, None])[..., None, None]
+    state = self._prefill_state(jnp.where(own, k, 0), jnp.where(own, v, 0), max_len)
+    # _prefill_state puts row position p at slot p mod slots (the growing cache and SWA's ring alike);
+    # alone, the document's position p − start would be there: rotate each row's slots back by start.
+    slots = state["k"].shape[1]
+    source = ((jnp.arange(slots) + start[:, None]) % slots)[..., None, None]
+    state["k"] = jnp.take_along_axis(state["k"], source, axis=1)
+    state["v"] = jnp.take_along_axis(state["v"], source, axis=1)
+    state["pos"] = length
+    return state
 
   def _prefill_state(self, k, v, max_len):
     batch, time = k.shape[:2]
@@ -122,7 +142,8 @@ class Attention(nnx.Module):
     return state
 
   def init_state(self, batch: int, *, max_len: int | None = None):
-    """KV cache ``{"k", "v": [batch, max_len, kv_heads, head_dim], "pos": int32[]}``."""
+    """KV cache ``{"k", "v": [batch, max_len, kv_heads, head_dim], "pos": int32[]}`` (``pos: int32[batch]``
+    after a packed prefill)."""
     if not max_len:
       raise ValueError("attention: global attention's decode cache needs max_len (prompt + new tokens)")
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
@@ -130,16 +151,21 @@ class Attention(nnx.Module):
 
   def _slot_and_valid(self, pos, slots):
     # A growing cache: write at pos, read everything written so far. Decoding past max_len is a
-    # caller error (generate sizes the cache); the write would clamp onto the last slot.
+    # caller error (generate sizes the cache); the write past the last slot would be dropped.
     return pos, jnp.arange(slots) <= pos
 
   def step(self, x_t, state):
     """Recurrent face. ``x_t: [batch, d_model]`` → ``(y_t [batch, d_model], new state)``."""
     pos = state["pos"]
-    q, k, v = self._project(x_t[:, None], pos[None])
-    slot, valid = self._slot_and_valid(pos, state["k"].shape[1])
-    k_cache = state["k"].at[:, slot].set(k[:, 0].astype(self.dtype))
-    v_cache = state["v"].at[:, slot].set(v[:, 0].astype(self.dtype))
+    q, k, v = self._project(x_t[:, None], pos[..., None])
+    if pos.ndim:  # after a packed prefill: each row at its own place in its last document
+      slot, valid = self._slot_and_valid(pos[:, None], state["k"].shape[1])  # [batch, 1], [batch, slots]
+      index = (jnp.arange(x_t.shape[0]), slot[:, 0])
+    else:
+      slot, valid = self._slot_and_valid(pos, state["k"].shape[1])
+      index = (slice(None), slot)
+    k_cache = state["k"].at[index].set(k[:, 0].astype(self.dtype))
+    v_cache = state["v"].at[index].set(v[:, 0].astype(self.dtype))
     o = decode_attention(q[:, 0], k_cache, v_cache, valid, softcap=self.softcap)
     y = self.o_proj(rearrange(o, "b h d -> b (h d)"))
     return y, {"k": k_cache, "v": v_cache, "pos": pos + 1}
