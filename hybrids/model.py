@@ -17,7 +17,8 @@ Decode state: ``{"layers": [one state per layer], "pos": int32[]}`` (the next po
 
 ``scan_layers=True`` runs the training forward as a ``lax.scan`` over repeats of the layer period
 (the pattern, or the least common multiple of the pattern and ``moe_every``), so XLA compiles one
-period instead of ``n_layers`` layers: a smaller program, a shorter compile. The parameters stay one
+period instead of ``n_layers`` layers: a smaller program, a shorter compile (a period repeated fewer
+than twice runs unrolled: ``HybridLM.scan_fallback`` says why). The parameters stay one
 module per layer (checkpoints, sharding rules and decoding are unchanged); the period's blocks are
 stacked inside the step, a copy of the parameters (and of their gradients) per step, which costs a
 small share of the step time (figures: ``kernels/BENCHMARKS.md``).
@@ -99,7 +100,8 @@ class HybridLM(nnx.Module):
     """Training / scoring forward pass (parallel face of every mixer).
 
     ``return_aux``: also return ``{"moe_balance": mean load-balancing loss over MoE layers}``.
-    ``scan_layers``: scan over repeats of the layer period (same values; compiles once per period).
+    ``scan_layers``: scan over repeats of the layer period where the stack allows it (:meth:`scans_layers`;
+    same values; compiles once per period).
     ``logits_at``: ``int [batch, k]`` positions; the logits are then ``[batch, k, vocab]``, those
     positions' rows only (MQAR scores 16 of 256 positions: the vocabulary head, the largest matmul of
     a small model, then costs 16× less; the norm and head act per position, so the values are the same).
@@ -116,7 +118,7 @@ class HybridLM(nnx.Module):
         raise ValueError(f"segment_ids{segment_ids.shape} must be shaped as tokens{tokens.shape}")
       positions = document_positions(segment_ids)
     x = self._embed(tokens, positions)
-    x, balances = (self._scanned_blocks(x, segment_ids) if scan_layers
+    x, balances = (self._scanned_blocks(x, segment_ids) if self.scans_layers(scan_layers)
                    else self._unrolled_blocks(x, self.blocks, segment_ids))
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
@@ -137,16 +139,28 @@ class HybridLM(nnx.Module):
         balances.append(balance)
     return x, balances
 
-  def _scanned_blocks(self, x, segment_ids=None):
-    """``lax.scan`` over the ``n_layers // period`` repeats; the remaining layers run unrolled after."""
+  def scan_fallback(self) -> str | None:
+    """Why ``__call__(scan_layers=True)`` runs the layers unrolled instead (None: it scans)."""
     repeats = len(self.blocks) // self.period
     if repeats < 2:
-      return self._unrolled_blocks(x, self.blocks, segment_ids)
+      return f"the layer period ({self.period} layers) repeats {repeats}× in {len(self.blocks)} layers; a scan needs 2"
+    for j in range(self.period):
+      graphdefs = [nnx.graphdef(self.blocks[r * self.period + j]) for r in range(repeats)]
+      if any(g != graphdefs[0] for g in graphdefs):
+        return f"layer {j} of the period differs in structure between repeats"
+    return None
+
+  def scans_layers(self, scan_layers: bool) -> bool:
+    """Whether ``__call__(scan_layers=scan_layers)`` runs a ``lax.scan`` (see :meth:`scan_fallback`)."""
+    return bool(scan_layers) and self.scan_fallback() is None
+
+  def _scanned_blocks(self, x, segment_ids=None):
+    """``lax.scan`` over the ``n_layers // period`` repeats; the remaining layers run unrolled after.
+    Only for a stack that :meth:`scans_layers`."""
+    repeats = len(self.blocks) // self.period
     graphdefs, stacked = [], []
     for j in range(self.period):
       splits = [nnx.split(self.blocks[r * self.period + j]) for r in range(repeats)]
-      if any(g != splits[0][0] for g, _ in splits):  # not one structure per position: nothing to scan
-        return self._unrolled_blocks(x, self.blocks, segment_ids)
       graphdefs.append(splits[0][0])
       stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *[s for _, s in splits]))
     is_moe = [self.blocks[j].is_moe for j in range(self.period)]

@@ -175,14 +175,17 @@ def write_summary(workdir: str, summary: dict) -> None:
 
 
 def append_to_summary(workdir: str, key: str, entries: list[dict]) -> None:
-  """Append ``entries`` to ``summary.json[key]``, only when a readable summary exists."""
+  """Append ``entries`` to ``summary.json[key]``, only when a summary exists. Raises
+  :class:`RunDirectoryError` (naming the entries, which are not recorded) when it cannot be read: the
+  file is left as found, as the trainer's strict read would refuse it too."""
   path = os.path.join(workdir, SUMMARY_FILE)
   if not entries or not os.path.exists(path):
     return
   try:
     summary = read_summary(workdir, strict=True)
-  except (OSError, ValueError):
-    return
+  except (OSError, ValueError) as e:
+    raise RunDirectoryError(f"{path} is unreadable ({type(e).__name__}: {e}); could not record "
+                            f"{key}: {json.dumps(entries, default=str)}") from e
   summary[key] = list(summary.get(key) or []) + entries
   write_summary(workdir, summary)
 

@@ -467,7 +467,9 @@ def step_compiler_options(platform: str) -> dict[str, Any] | None:
 # file is handled like an unreadable checkpoint. ``WORKDIR/checksums_since.json`` records the first
 # step saved with checksums: a step from then on without its checksum file was cut between orbax's
 # commit and ours (a SIGKILL) and is set aside like a corrupt one; an older step (written before
-# checksums existed) is restored unverified, with a warning. The file names are ``hybrids.rundir``'s.
+# checksums existed) is restored unverified, with a warning. While ``checksums_since.json`` exists but
+# cannot be parsed, no step without its checksum file is trusted (those two cases cannot be told apart),
+# and the file is left as found. The file names are ``hybrids.rundir``'s.
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -506,7 +508,11 @@ def verify_checksums(checkpoints_dir: str, step: int) -> str | None:
   step_dir = os.path.join(checkpoints_dir, str(step))
   path = os.path.join(step_dir, CHECKSUM_FILE)
   if not os.path.exists(path):
-    since = _checksums_since(checkpoints_dir)
+    try:
+      since = _checksums_since(checkpoints_dir)
+    except _SinceUnreadable as e:  # a cut save cannot be told from an older step: not trusted
+      return (f"{e} and the step has no {CHECKSUM_FILE}: it may have been cut before its checksums were "
+              "committed")
     if since is not None and step >= since:
       return (f"no {CHECKSUM_FILE}, though every step from {since} on is saved with one: "
               "the save was cut before its checksums were committed")
@@ -531,19 +537,32 @@ class _Unverified(Exception):
   """A step saved before checksums existed."""
 
 
+class _SinceUnreadable(Exception):
+  """``checksums_since.json`` exists but cannot be read or parsed."""
+
+
 def _checksums_since(checkpoints_dir: str) -> int | None:
+  """The first step saved with checksums; None when no step has been (the file is missing: a run
+  directory from before checksums, or one not yet checkpointed). Raises :class:`_SinceUnreadable`."""
+  path = os.path.join(os.path.dirname(checkpoints_dir), CHECKSUMS_SINCE_FILE)
   try:
-    with open(os.path.join(os.path.dirname(checkpoints_dir), CHECKSUMS_SINCE_FILE)) as f:
+    with open(path) as f:
       return int(json.load(f)["step"])
-  except (OSError, ValueError, KeyError, TypeError):
+  except FileNotFoundError:
     return None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise _SinceUnreadable(f"{CHECKSUMS_SINCE_FILE} is unreadable ({type(e).__name__}: {e})") from None
 
 
 def save_checkpoint(manager, step: int, params, opt_state, data_state) -> None:
   """Save synchronously, then commit the step's checksums (process 0, after orbax's own commit)."""
   directory = os.fspath(manager.directory)
   primary = jax.process_index() == 0
-  if primary and _checksums_since(directory) is None:  # before the first checksummed step exists
+  try:
+    first_checksummed = primary and _checksums_since(directory) is None  # before the first checksummed step exists
+  except _SinceUnreadable:  # kept as found: a step without checksums stays untrusted (verify_checksums)
+    first_checksummed = False
+  if first_checksummed:
     _write_json(os.path.join(os.path.dirname(directory), CHECKSUMS_SINCE_FILE), {"step": step})
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
@@ -781,6 +800,17 @@ def _finite_leaves(leaves):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _scan_layers_record(trainer: Trainer) -> dict[str, Any]:
+  """``summary["compile"]``'s ``scan_layers``: whether the forward does scan; where ``runtime.scan_layers``
+  asked for a scan the stack cannot take, also ``scan_layers_requested`` and ``scan_layers_fallback`` (why)."""
+  model = nnx.merge(trainer.graphdef, trainer.abstract_state)  # abstract: no parameter is touched
+  scans = model.scans_layers(trainer.scan_layers)
+  if scans == trainer.scan_layers:
+    return {"scan_layers": scans}
+  return {"scan_layers": scans, "scan_layers_requested": trainer.scan_layers,
+          "scan_layers_fallback": model.scan_fallback()}
+
+
 def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress: bool) -> dict[str, Any]:
   """The loop of :func:`train`, run under the run's lock on a resolved config and a checked mesh."""
   use_compilation_cache(config.runtime.get("compilation_cache_dir", ""))
@@ -817,14 +847,15 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
       "impl": kernels.resolve_impls(config.model, segments=packed_documents),
       "kernels": kernels.kernel_choices(config.model, segments=packed_documents),  # lowering, and why each other candidate was not taken
-      "compile": {"scan_layers": bool(config.runtime.get("scan_layers", True)),
+      "compile": {**_scan_layers_record(trainer),
                   "cache_dir": jax.config.jax_compilation_cache_dir or "",
                   "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
   }
   try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training
     summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=start_step * batch_size * seq_len))
   except Exception as e:  # noqa: BLE001
-    warnings.warn(f"FLOP accounting failed ({type(e).__name__}: {e}); summary.json will lack FLOPs")
+    summary["flops_error"] = f"{type(e).__name__}: {e}"  # the report says its FLOPs are estimated, and why
+    warnings.warn(f"FLOP accounting failed ({summary['flops_error']}); summary.json will lack FLOPs")
   previous = rundir.read_summary(workdir, strict=True)  # a summary that cannot be read stops the run here
   if previous:
     # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.

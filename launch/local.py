@@ -56,11 +56,15 @@ def run_point_argv(experiment: str, point: dict, workdir: str, *, python: str | 
           "--point-json", json.dumps(point, sort_keys=True), "--workdir", workdir, *extra]
 
 
+_SMI_FAILURES_SHOWN: set[str] = set()  # detect_devices names each nvidia-smi failure once per process
+
+
 def detect_devices(environ=None) -> tuple[str, list[str]]:
   """``(platform, device ids)`` of this host's accelerators, without initialising JAX.
 
   ``JAX_PLATFORMS=cpu`` (as in the tests) means CPU; a set ``CUDA_VISIBLE_DEVICES`` is taken as the
   GPUs to use; otherwise ``nvidia-smi -L`` counts GPUs and ``/dev/accel*`` / ``/dev/vfio/N`` TPU chips.
+  An ``nvidia-smi`` that fails or times out is named on stderr when the host is then taken as CPU-only.
   """
   environ = os.environ if environ is None else environ
   platforms = environ.get("JAX_PLATFORMS", "")
@@ -68,17 +72,25 @@ def detect_devices(environ=None) -> tuple[str, list[str]]:
     return "cpu", []
   if environ.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
     return "gpu", [d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+  smi_failure = ""  # nvidia-smi is there but failed: a broken driver, not a CPU host
   if shutil.which("nvidia-smi"):
     try:
-      listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-      listing = ""
+      result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+      listing = result.stdout
+      if result.returncode != 0:
+        smi_failure = f"exit {result.returncode}: {' '.join((result.stderr or result.stdout).split())[-200:]}"
+    except (OSError, subprocess.SubprocessError) as e:
+      listing, smi_failure = "", f"{type(e).__name__}: {e}"
     gpus = [line for line in listing.splitlines() if line.startswith("GPU ")]
     if gpus:
       return "gpu", [str(i) for i in range(len(gpus))]
   chips = sorted(glob.glob("/dev/accel[0-9]*")) or sorted(p for p in glob.glob("/dev/vfio/*") if p[-1].isdigit())
   if chips:
     return "tpu", [str(i) for i in range(len(chips))]
+  if smi_failure and smi_failure not in _SMI_FAILURES_SHOWN:  # a sweep counts devices twice: one line
+    _SMI_FAILURES_SHOWN.add(smi_failure)
+    print(f"launch: `nvidia-smi -L` failed ({smi_failure}); the sweep treats this host as CPU-only (no device "
+          "pinned per run; set CUDA_VISIBLE_DEVICES to name the GPUs)", file=sys.stderr)
   return "cpu", []
 
 

@@ -98,8 +98,9 @@ def _read_json(path: str, problems: list[str]) -> Any:
     return None
 
 
-def _read_metrics(path: str) -> tuple[dict | None, dict | None]:
-  """The last eval record and the last training record of ``metrics.jsonl`` (torn lines skipped)."""
+def _read_metrics(path: str, problems: list[str]) -> tuple[dict | None, dict | None]:
+  """The last eval record and the last training record of ``metrics.jsonl`` (torn lines skipped; a
+  missing file is none, another that cannot be read is named in ``problems``)."""
   last_eval = last_train = None
   try:
     with open(path) as f:
@@ -112,8 +113,10 @@ def _read_metrics(path: str) -> tuple[dict | None, dict | None]:
           last_eval = record
         elif "loss" in record:
           last_train = record
-  except OSError:
+  except FileNotFoundError:
     pass
+  except OSError as e:
+    problems.append(f"`{path}` is unreadable ({type(e).__name__}: {e}); its losses are not used")
   return last_eval, last_train
 
 
@@ -214,8 +217,12 @@ def load_run(path: str, problems: list[str]) -> Run | None:
     run.flops, run.flops_source = _finite(summary["flops_per_token_train"]) * run.tokens, "per-token"
   elif run.params is not None and run.tokens:
     run.flops, run.flops_source = 6.0 * run.params * run.tokens, "6·params·tokens"
+  if summary.get("flops_error") and run.flops_source in ("6·params·tokens", ""):  # a bug to fix, not an old run
+    estimate = "estimated as 6 · params · tokens" if run.flops_source == "6·params·tokens" else "missing"
+    problems.append(f"`{run.run_id}`: FLOPs {estimate} because FLOP accounting failed in training "
+                    f"({summary['flops_error']})")
 
-  last_eval, last_train = _read_metrics(os.path.join(path, rundir.METRICS_FILE))
+  last_eval, last_train = _read_metrics(os.path.join(path, rundir.METRICS_FILE), problems)
   ev = summary.get("eval") if isinstance(summary.get("eval"), dict) else None
   if ev is None and last_eval is not None:
     ev, run.loss_source = last_eval, "metrics eval"

@@ -267,6 +267,29 @@ def test_local_devices_are_found_without_jax_and_split_into_groups():
   assert local.child_env("cpu", None, 0, base={"A": "1"}) == {"A": "1"}
 
 
+def test_a_failing_nvidia_smi_is_named_once_and_the_host_taken_as_cpu(tmp_path, monkeypatch, capsys):
+  from launch import local
+
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  smi = bin_dir / "nvidia-smi"
+  smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
+  smi.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setattr(local, "_SMI_FAILURES_SHOWN", set())
+  monkeypatch.setattr(local.glob, "glob", lambda pattern: [])  # whatever this host has: no TPU chips
+  assert local.detect_devices({}) == ("gpu", ["0", "1"])
+  smi.write_text("#!/bin/sh\necho 'Failed to initialize NVML: Driver/library version mismatch'\nexit 1\n")
+  assert local.detect_devices({}) == ("cpu", [])
+  assert local.detect_devices({}) == ("cpu", [])  # a sweep counts twice: one line
+  err = capsys.readouterr().err
+  assert err == ("launch: `nvidia-smi -L` failed (exit 1: Failed to initialize NVML: Driver/library version "
+                 "mismatch); the sweep treats this host as CPU-only (no device pinned per run; set "
+                 "CUDA_VISIBLE_DEVICES to name the GPUs)\n")
+  monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi: a CPU host, nothing to say
+  assert local.detect_devices({}) == ("cpu", []) and capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------- run states, status, retries
 
 def _fake_run(root, rid, *, summary=None, attempts=None, metrics=None):

@@ -127,6 +127,28 @@ def test_run_table_lists_every_run_sorted(sweep):
   assert "6 · params · tokens" in runs and "`fake-mamba-64`" in runs.split("6 · params · tokens", 1)[1]
 
 
+def test_failed_flop_accounting_and_unreadable_metrics_are_named_per_run(tmp_path):
+  root = str(tmp_path / "runs")
+  write_run(root, "no-flops", _config(("attention",), 64), loss=2.0, flops=False)
+  path = os.path.join(root, "no-flops", "summary.json")
+  with open(path) as f:
+    summary = json.load(f)
+  _write(path, {**summary, "flops_error": "NotImplementedError: mixer 'x' has no flops()"})
+  write_run(root, "old-style", _config(("attention",), 64), loss=2.0, flops=False)  # no error: no note
+  write_run(root, "metrics-dir", _config(("attention",), 64), status="running")
+  metrics = os.path.join(root, "metrics-dir", "metrics.jsonl")
+  os.remove(metrics)
+  os.mkdir(metrics)  # open() raises IsADirectoryError, an OSError
+  problems = []
+  runs = {r.run_id: r for r in report.load_runs(root, problems)}
+  assert runs["no-flops"].flops_source == runs["old-style"].flops_source == "6·params·tokens"
+  assert problems == [
+      f"`{metrics}` is unreadable (IsADirectoryError: [Errno 21] Is a directory: {metrics!r}); its losses are not used",
+      "`no-flops`: FLOPs estimated as 6 · params · tokens because FLOP accounting failed in training "
+      "(NotImplementedError: mixer 'x' has no flops())"]
+  assert runs["metrics-dir"].loss is None
+
+
 def test_fits_recover_each_mixers_exponent(sweep):
   _, md = sweep
   fits = _section(md, "Loss vs training FLOPs")

@@ -103,8 +103,10 @@ def test_summary_read_write_and_append(tmp_path):
   assert rundir.read_summary(workdir) == {"status": "running", "step": 8,
                                           "corrupt_checkpoints": [{"step": 4}, {"step": 8}]}
   (tmp_path / rundir.SUMMARY_FILE).write_text('{"status": ')
-  rundir.append_to_summary(workdir, "corrupt_checkpoints", [{"step": 12}])  # unreadable: left alone
-  assert (tmp_path / rundir.SUMMARY_FILE).read_text() == '{"status": '
+  with pytest.raises(rundir.RunDirectoryError, match=r"unreadable \(JSONDecodeError.*could not record "
+                                                     r"corrupt_checkpoints: \[\{\"step\": 12\}\]"):
+    rundir.append_to_summary(workdir, "corrupt_checkpoints", [{"step": 12}])
+  assert (tmp_path / rundir.SUMMARY_FILE).read_text() == '{"status": '  # left as found
   assert rundir.read_summary(workdir) == {}
   with pytest.raises(json.JSONDecodeError):
     rundir.read_summary(workdir, strict=True)

@@ -47,7 +47,11 @@ def test_run_directory_contract(uninterrupted):
   assert {"jax", "flax", "optax", "orbax-checkpoint", "grain"} <= set(s["versions"])
   assert s["impl"] == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla", "dplr": "xla",
                        "forgetting_attention": "xla"}  # "auto" on CPU
-  assert s["compile"]["scan_layers"] is True and s["compile"]["xla_options"] == {}  # no XLA options on CPU
+  assert s["compile"]["xla_options"] == {}  # no XLA options on CPU
+  # TINY's 3 layers are one Griffin period: asked to scan, the stack runs unrolled, and says so.
+  assert s["compile"]["scan_layers"] is False and s["compile"]["scan_layers_requested"] is True
+  assert "repeats 1× in 3 layers" in s["compile"]["scan_layers_fallback"]
+  assert "flops_error" not in s and s["train_flops"] > 0
   assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == ["12", "4", "8"]
 
 
@@ -250,3 +254,61 @@ def test_a_kernel_this_platform_cannot_run_is_refused_before_anything_is_written
   with pytest.raises(ConfigError, match=re.escape(says)):
     train(config, str(workdir), progress=False)
   assert not workdir.exists()
+
+
+def test_scans_layers_is_what_the_forward_does():
+  from flax import nnx
+  from hybrids.model import HybridLM
+  from hybrids.train import resolve
+
+  def model(n_layers):
+    config = resolve(get_config(TINY, {"model.n_layers": n_layers}))
+    return nnx.eval_shape(lambda: HybridLM(config.model, rngs=nnx.Rngs(params=0)))
+
+  one_period, two_periods = model(3), model(7)  # (rglru, rglru, swa) once; twice + 1 layer after
+  assert not one_period.scans_layers(True) and "a scan needs 2" in one_period.scan_fallback()
+  assert two_periods.scans_layers(True) and two_periods.scan_fallback() is None
+  assert not two_periods.scans_layers(False)
+
+
+def test_failed_flop_accounting_is_recorded_in_the_summary(tmp_path, monkeypatch):
+  from hybrids import flops as flops_lib
+
+  def broken(*args, **kwargs):
+    raise NotImplementedError("mixer 'rglru' has no flops()")
+
+  monkeypatch.setattr(flops_lib, "summary_fields", broken)
+  config = get_config(TINY, {"train.steps": 3, "train.eval_every": 0, "train.checkpoint_every": 3})
+  with pytest.warns(UserWarning, match="FLOP accounting failed"):
+    s = train(config, str(tmp_path), progress=False)
+  assert s["status"] == "done" and "train_flops" not in s
+  assert summary(str(tmp_path))["flops_error"] == "NotImplementedError: mixer 'rglru' has no flops()"
+
+
+def test_unparsable_checksums_since_leaves_a_step_without_checksums_untrusted(uninterrupted, tmp_path):
+  """A missing checksums_since.json is an older run (test_integrity); an unparsable one trusts no step
+  that lacks its checksums.json: it is set aside and recorded, as a corrupt one is."""
+  import shutil
+
+  from hybrids import evaluate
+  from hybrids import train as train_lib
+
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(uninterrupted, workdir)
+  since = os.path.join(workdir, train_lib.CHECKSUMS_SINCE_FILE)
+  open(since, "w").write('{"step": ')
+  os.remove(os.path.join(workdir, "checkpoints", "12", train_lib.CHECKSUM_FILE))
+  config = evaluate.load_config(workdir)
+  with pytest.warns(UserWarning, match=r"resumed from step 8;.*step 12: checksums_since.json is unreadable "
+                                       r"\(JSONDecodeError.*no checksums.json"):
+    step, _, _, _ = evaluate.restore_params(workdir, config)
+  assert step == 8  # step 8 carries its own checksums: verified without the since file
+  (moved,) = summary(workdir)["corrupt_checkpoints"]
+  assert moved["step"] == 12 and "checksums_since.json is unreadable" in moved["reason"]
+  assert open(since).read() == '{"step": '  # left as found
+
+  for step in ("4", "8"):  # no step left with checksums: all kept, and refused
+    os.remove(os.path.join(workdir, "checkpoints", step, train_lib.CHECKSUM_FILE))
+  with pytest.raises(evaluate.EvalError, match=r"(?s)could be read and verified.*step 8: checksums_since.json"):
+    evaluate.restore_params(workdir, config)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
