@@ -44,6 +44,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -183,6 +184,33 @@ def _tensor_dim(names: tuple, ndim: int, layer_mixers: Sequence[str]) -> int | N
   return None
 
 
+def _partition(names: tuple, shape: Sequence[int], axis_sizes: Mapping[str, int],
+               layer_mixers: Sequence[str]) -> tuple[PartitionSpec, tuple[str, ...]]:
+  """:func:`partition_spec`, and the axes its rules wanted to split this parameter over but could not
+  (no dimension they would use is divisible by the axis size): ``("tensor",)``, ``("fsdp",)``, both or ``()``."""
+  spec: list[Any] = [None] * len(shape)
+  if len(shape) < 2:
+    return PartitionSpec(), ()
+  tensor, fsdp = axis_sizes.get("tensor", 1), axis_sizes.get("fsdp", 1)
+  unsplit = []
+  if tensor > 1:
+    dim = _tensor_dim(tuple(names), len(shape), layer_mixers)
+    if dim is not None:
+      if shape[dim] % tensor == 0:
+        spec[dim] = "tensor"
+      else:
+        unsplit.append("tensor")
+  if fsdp > 1:
+    free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
+    if free:
+      spec[max(free, key=lambda d: (shape[d], -d))] = "fsdp"
+    else:
+      unsplit.append("fsdp")
+  while spec and spec[-1] is None:
+    spec.pop()
+  return PartitionSpec(*spec), tuple(unsplit)
+
+
 def partition_spec(names: tuple, shape: Sequence[int], axis_sizes: Mapping[str, int],
                    layer_mixers: Sequence[str] = ()) -> PartitionSpec:
   """The ``PartitionSpec`` of one parameter from its path ``names`` and ``shape``.
@@ -191,29 +219,75 @@ def partition_spec(names: tuple, shape: Sequence[int], axis_sizes: Mapping[str, 
   A matrix gets ``tensor`` on its Megatron dimension (see :data:`COLUMN_PARALLEL`) when its layer's
   mixer is in :data:`TENSOR_MIXERS` and the size divides, then ``fsdp`` on its largest other
   dimension that the fsdp size divides (the first of equals: the vocabulary of the embedding).
-  A dimension nothing divides stays whole, so every spec is valid for any shape.
+  A dimension nothing divides stays whole, so every spec is valid for any shape; such matrices are
+  listed by :func:`replicated_params` and :func:`param_specs` warns about them.
   """
-  spec: list[Any] = [None] * len(shape)
-  if len(shape) < 2:
-    return PartitionSpec()
-  tensor, fsdp = axis_sizes.get("tensor", 1), axis_sizes.get("fsdp", 1)
-  if tensor > 1:
-    dim = _tensor_dim(tuple(names), len(shape), layer_mixers)
-    if dim is not None and shape[dim] % tensor == 0:
-      spec[dim] = "tensor"
-  if fsdp > 1:
-    free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
-    if free:
-      spec[max(free, key=lambda d: (shape[d], -d))] = "fsdp"
-  while spec and spec[-1] is None:
-    spec.pop()
-  return PartitionSpec(*spec)
+  return _partition(names, shape, axis_sizes, layer_mixers)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicatedParam:
+  """A matrix the partition rules wanted to split over ``axis`` but left whole on it: no dimension the
+  rule would use is divisible by ``axis_size``, so each of the axis's devices holds all ``bytes``."""
+
+  name: str          # the parameter's path, "blocks/0/mixer/q_proj/kernel"
+  shape: tuple[int, ...]
+  bytes: int         # of the whole parameter
+  axis: str          # "tensor" or "fsdp"
+  axis_size: int
+
+
+def _param_bytes(x) -> int:
+  dtype = getattr(x, "dtype", None)
+  return math.prod(x.shape) * (np.dtype(dtype).itemsize if dtype is not None else 0)
+
+
+def _specs_and_replicated(params, axis_sizes: Mapping[str, int], layer_mixers: Sequence[str]):
+  replicated_list: list[ReplicatedParam] = []
+
+  def one(path, x):
+    names = _names(path)
+    spec, unsplit = _partition(names, x.shape, axis_sizes, layer_mixers)
+    for axis in unsplit:
+      replicated_list.append(ReplicatedParam("/".join(str(n) for n in names), tuple(int(n) for n in x.shape),
+                                             _param_bytes(x), axis, int(axis_sizes[axis])))
+    return spec
+
+  return jax.tree_util.tree_map_with_path(one, params), replicated_list
+
+
+def replicated_params(params, axis_sizes: Mapping[str, int],
+                      layer_mixers: Sequence[str] = ()) -> list[ReplicatedParam]:
+  """The matrices of ``params`` that ``axis_sizes`` leaves whole on an axis the rules would split them
+  over (one entry per parameter and axis), in tree order; empty when every split happened. For
+  ``summary.json``: ``[dataclasses.asdict(r) for r in replicated_params(...)]``."""
+  return _specs_and_replicated(params, axis_sizes, layer_mixers)[1]
+
+
+def _warn_replicated(replicated_list: Sequence[ReplicatedParam], shown: int = 3) -> None:
+  """One warning for a whole spec computation, one clause per axis."""
+  if not replicated_list:
+    return
+  clauses = []
+  for axis in AXES:
+    hits = [r for r in replicated_list if r.axis == axis]
+    if hits:
+      names = ", ".join(f"{r.name} {list(r.shape)}" for r in hits[:shown]) + (", ..." if len(hits) > shown else "")
+      clauses.append(f"{len(hits)} parameter(s), {sum(r.bytes for r in hits):,} bytes, not split over "
+                     f"runtime.mesh.{axis}={hits[0].axis_size} (no dimension the rule uses is divisible by "
+                     f"{hits[0].axis_size}): {names}")
+  warnings.warn("sharding: " + "; ".join(clauses) + ". They are replicated on that axis (every device of it "
+                "holds them whole); hybrids.sharding.replicated_params lists them all.", stacklevel=3)
 
 
 def param_specs(params, axis_sizes: Mapping[str, int], layer_mixers: Sequence[str] = ()):
-  """``partition_spec`` of every leaf of ``params`` (a pure dict, arrays or ``ShapeDtypeStruct``)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: partition_spec(_names(path), x.shape, axis_sizes, layer_mixers), params)
+  """``partition_spec`` of every leaf of ``params`` (a pure dict, arrays or ``ShapeDtypeStruct``).
+
+  Warns once (``warnings.warn``) when a matrix the rules would split is left whole on an axis of size
+  above one (see :func:`replicated_params`)."""
+  specs, replicated_list = _specs_and_replicated(params, axis_sizes, layer_mixers)
+  _warn_replicated(replicated_list)
+  return specs
 
 
 def params_shardings(params, mesh: Mesh, layer_mixers: Sequence[str] = ()):

@@ -845,6 +845,9 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
   summary: dict[str, Any] = {
       "status": "running", "step": start_step, "steps": t.steps, **counts,
       "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
+      # matrices the sharding rules wanted to split on a mesh axis but left whole (sizes do not divide)
+      "replicated_params": [dataclasses.asdict(r) for r in
+                            sharding_lib.replicated_params(params, dict(mesh.shape), layer_pattern(config.model))],
       "impl": kernels.resolve_impls(config.model, segments=packed_documents),
       "kernels": kernels.kernel_choices(config.model, segments=packed_documents),  # lowering, and why each other candidate was not taken
       "compile": {**_scan_layers_record(trainer),
@@ -940,7 +943,11 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
         window = window_for_step(t, step + 1, config.seed)
         if step == start_step:
           clock = time.perf_counter()
-          params, opt_state, metrics = train_step(params, opt_state, batch, window)
+          # The step's one trace makes each kernel call's choice at its own shapes and dtypes, which may
+          # differ from the model-wide `kernels` (a wider head, float32 inputs): kept beside them.
+          with kernels.dispatch.recording() as kernel_calls:
+            params, opt_state, metrics = train_step(params, opt_state, batch, window)
+          summary["kernels_per_call"] = kernel_calls
           jax.block_until_ready(metrics)
           timing["first_step_s"] = time.perf_counter() - clock
         else:

@@ -37,8 +37,9 @@ __all__ = ["kernel_choices", "linear_scan", "linear_scan_reference", "resolve_im
 def _choices(model_cfg, segments: bool = False) -> dict[str, dispatch.Choice]:
   """Each family's :class:`kernels.dispatch.Choice` at the model's shapes: attention for its head_dim,
   compute dtype and soft-cap; GLA for its head dims; the delta rule for its chunk size. (Per call,
-  wider heads, e.g. Based's feature map, and the mLSTM's input gate may choose differently; the
-  dispatch records why.) ``segments``: the model is given ``segment_ids`` (packed documents)."""
+  wider heads, e.g. Based's feature map, float32 inputs and the mLSTM's input gate may choose
+  differently: :func:`kernels.dispatch.recording` keeps each call's choice, as ``summary.json``'s
+  ``kernels_per_call``.) ``segments``: the model is given ``segment_ids`` (packed documents)."""
   m = model_cfg
   head_dim = m.get("head_dim") or m.d_model // m.num_heads
   q = jax.ShapeDtypeStruct((1, 1, m.num_heads, head_dim), jnp.dtype(m.dtype))

@@ -18,6 +18,11 @@ the rules here order the candidates by what was measured fastest on each platfor
   chunked form (:func:`gla`). Inside the Pallas scan, ``PallasConfig.gpu_kernel="mosaic"`` still
   takes Triton for a ragged or time-split call (``kernels/scan/pallas.py`` ``_resolve``).
 
+Each family's entry point passes the choice it makes for a call through :func:`called`, so that a
+:func:`recording` around a trace (the train step's first) keeps what every call ran, with the call's
+shapes and dtypes: a model's layers may choose differently from one another and from the model-wide
+choice (a wider head, float32 inputs).
+
 The platform probes (:func:`backend`, :func:`tma_gpu`, :func:`gpu_sm_count`, :func:`nvidia_gpu`)
 live here too, so every choice reads the platform the same way. This module imports no kernel: the
 families import it.
@@ -25,6 +30,8 @@ families import it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -182,6 +189,48 @@ def choose(family: str, requested: str, impls: tuple[str, ...], candidates: list
     raise ValueError(f"{label}: impl={requested!r} {problem}; use impl={other}")
   rejected = tuple((c.name, c.problem) for c in mine if c is not chosen and c.problem)
   return Choice(family, requested, chosen.impl, chosen.lowering, rejected)
+
+
+# --- the record of the calls traced -------------------------------------------------------------------
+
+# The lists of the active recordings, innermost last.
+_RECORDINGS: contextvars.ContextVar[tuple[list[dict], ...]] = contextvars.ContextVar("recordings", default=())
+
+
+@contextlib.contextmanager
+def recording():
+  """Keeps every choice made at a call site while active (:func:`called`), once per distinct call and
+  outcome, in the order first made: yields the list, of ``{"family", "call", "requested", "impl",
+  "lowering", "rejected"}`` (:meth:`Choice.record` plus the family and the call's arguments, e.g.
+  ``"q=bfloat16[2,64,4,128], v=bfloat16[2,64,4,128]"``). Choices happen when a call is traced, so
+  wrap the first call of a jitted function (a cached trace makes none). Nested recordings each keep
+  the calls made inside them."""
+  calls: list[dict] = []
+  token = _RECORDINGS.set(_RECORDINGS.get() + (calls,))
+  try:
+    yield calls
+  finally:
+    _RECORDINGS.reset(token)
+
+
+def _described(value) -> str:
+  shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+  if shape is not None and dtype is not None:
+    return f"{dtype}[{','.join(map(str, shape))}]"
+  return repr(value)
+
+
+def called(choice: Choice, **arguments) -> Choice:
+  """``choice``, made by a family's entry point for one call, noted in every active :func:`recording`
+  with the ``arguments`` it was made from (arrays as ``dtype[shape]``; None ones left out)."""
+  recordings = _RECORDINGS.get()
+  if recordings:
+    call = ", ".join(f"{name}={_described(value)}" for name, value in arguments.items() if value is not None)
+    entry = {"family": choice.family, "call": call, **choice.record()}
+    for calls in recordings:
+      if entry not in calls:
+        calls.append(entry)
+  return choice
 
 
 def _tail() -> list[Candidate]:

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -38,6 +39,9 @@ def mosaic_params(dimension_semantics: tuple[str, ...]):
 
 
 _BATCH_MESH: contextvars.ContextVar = contextvars.ContextVar("batch_mesh", default=None)
+# (kernel core, argument shapes, shard count) already warned about: a step retraced for eval, or a
+# core called once per layer, would otherwise repeat the same warning.
+_WARNED_UNSPLIT: set = set()
 
 
 @contextlib.contextmanager
@@ -47,7 +51,8 @@ def batch_parallel(mesh: Mesh, axes: Sequence[str]):
   rows. XLA's SPMD partitioner has no rule for a Pallas custom call, so under a plain jit with a
   batch-sharded input it would gather the whole batch onto every device and run it there (MaxText
   wraps its Pallas kernels in ``shard_map`` for the same reason). The kernels are independent per
-  batch row, so this changes where they run, not what they compute."""
+  batch row, so this changes where they run, not what they compute. A core whose batch the shard count
+  does not divide runs unsplit, the whole batch on every device, and says so once (``warnings.warn``)."""
   token = _BATCH_MESH.set((mesh, tuple(axes)))
   try:
     yield
@@ -72,7 +77,10 @@ def lowered_once(core, static_argnums: tuple[int, ...]):
     mesh, axes = context
     arrays = [i for i, a in enumerate(args) if i not in static and a is not None]
     shards = math.prod(mesh.shape[a] for a in axes)
-    if shards == 1 or any(args[i].shape[0] % shards for i in arrays):
+    if shards == 1:
+      return jitted(*args)
+    if any(args[i].shape[0] % shards for i in arrays):
+      _warn_unsplit(core, [args[i].shape for i in arrays], shards, axes)
       return jitted(*args)  # e.g. a batch of one sequence: nothing to split
 
     def per_shard(*rows):
@@ -87,6 +95,22 @@ def lowered_once(core, static_argnums: tuple[int, ...]):
                          check_vma=False)(*(args[i] for i in arrays))
 
   return call
+
+
+def _warn_unsplit(core, shapes: list[tuple[int, ...]], shards: int, axes: tuple[str, ...]) -> None:
+  """Say once per (core, shapes, shard count) that a kernel runs unsplit under :func:`batch_parallel`:
+  every device then computes the whole batch, which is correct but costs the split's speed-up and memory."""
+  name = f"{getattr(core, '__module__', '?')}.{getattr(core, '__qualname__', repr(core))}"
+  key = (name, tuple(tuple(s) for s in shapes), shards)
+  if key in _WARNED_UNSPLIT:
+    return
+  _WARNED_UNSPLIT.add(key)
+  batch = next(s[0] for s in shapes if s[0] % shards)
+  warnings.warn(
+      f"batch_parallel: kernel {name} got a batch of {batch} rows, not divisible by the {shards} shards of "
+      f"mesh axes {axes}; it runs without shard_map, so every device computes the whole batch of {batch} "
+      f"(correct, but no speed-up from the split and the full batch's memory on each device). "
+      f"Argument shapes: {[tuple(s) for s in shapes]}", stacklevel=3)
 
 
 @functools.cache

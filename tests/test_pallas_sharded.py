@@ -25,7 +25,47 @@ def test_kernels_run_per_batch_shard_and_match_the_unsharded_run():
   assert "batch of 2 on 4 shards: unsplit, equal" in done.stdout, done.stdout
 
 
+def test_an_unsplit_batch_is_warned_about_once_per_shape_and_shard_count():
+  """A stand-in core under a 4-shard abstract mesh: batches 4 and 8 split (shard_map, no warning);
+  batches 2 and 6 run whole on every device, each shape warned about once however often it is traced."""
+  import warnings
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import AbstractMesh
+
+  from kernels import pallas_compat
+
+  def stand_in_core(x, scale):
+    return jnp.sin(x) * scale
+
+  core = pallas_compat.lowered_once(stand_in_core, static_argnums=(1,))
+  mesh = AbstractMesh((2, 2, 1), ("data", "fsdp", "tensor"))
+
+  def traced(batch):
+    x = jax.random.normal(jax.random.PRNGKey(batch), (batch, 3))
+    with pallas_compat.batch_parallel(mesh, ("data", "fsdp")):
+      jaxpr = str(jax.make_jaxpr(lambda x: core(x, 2.0))(x))
+    return x, jaxpr
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for batch in (4, 2, 8, 2, 6, 6):
+      x, jaxpr = traced(batch)
+      assert ("shard_map" in jaxpr) == (batch % 4 == 0), (batch, jaxpr)
+      if batch % 4:  # the unsplit path still computes the kernel on the whole batch
+        np.testing.assert_allclose(np.asarray(core(x, 2.0)), np.asarray(stand_in_core(x, 2.0)), rtol=1e-6)
+  messages = [str(w.message) for w in caught if "batch_parallel" in str(w.message)]
+  assert len(messages) == 2, messages
+  for batch, message in zip((2, 6), messages):
+    assert "stand_in_core" in message and f"batch of {batch} rows" in message and "the 4 shards" in message
+    assert "every device computes the whole batch" in message
+
+
 def _main():
+  import warnings
+
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -79,7 +119,12 @@ def _main():
     check(name, fn, args, expect_split=True)
     print(f"{name}: sharded per batch shard, equal", flush=True)
   fn, args = cases(2)["scan"]
-  check("scan, batch 2", fn, args, expect_split=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    check("scan, batch 2", fn, args, expect_split=False)
+  unsplit = [str(w.message) for w in caught if "batch_parallel" in str(w.message)]
+  # Traced twice (jaxpr, jit); the custom_vjp core holds forward and backward: one warning, naming it.
+  assert len(unsplit) == 1 and "_scan_core" in unsplit[0] and "batch of 2 rows" in unsplit[0], unsplit
   print("batch of 2 on 4 shards: unsplit, equal", flush=True)
 
 

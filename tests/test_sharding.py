@@ -71,6 +71,70 @@ def _check_valid(params, specs, axis_sizes):
     assert ("fsdp" in used) == can_fsdp, (where, x.shape, spec)
 
 
+def _check_replicated_listed(params, layers, even_specs, odd_specs, listed):
+  """``listed`` (at fsdp=3, tensor=5) names exactly the matrices left whole on an axis their rule uses:
+  fsdp for every matrix without "fsdp" in its spec, tensor for those split over tensor at size 2 but not 5."""
+  import jax
+  import numpy as np
+  from jax.sharding import PartitionSpec
+  is_spec = lambda s: isinstance(s, PartitionSpec)
+  expected = []
+  for (path, x), even, odd in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree.leaves(even_specs, is_leaf=is_spec), jax.tree.leaves(odd_specs, is_leaf=is_spec)):
+    if x.ndim < 2:
+      continue
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    row = (name, tuple(x.shape), int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize)
+    if "tensor" in even and "tensor" not in odd:
+      expected.append((*row, "tensor", 5))
+    if "fsdp" not in odd:
+      expected.append((*row, "fsdp", 3))
+  got = [(r.name, r.shape, r.bytes, r.axis, r.axis_size) for r in listed]
+  assert sorted(got) == sorted(expected)
+  assert any(axis == "tensor" for *_, axis, _ in got) and any(axis == "fsdp" for *_, axis, _ in got)
+
+
+def test_matrices_left_whole_are_listed_and_warned_once():
+  import dataclasses
+  import warnings
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec
+
+  from hybrids import sharding
+  width = 3 * 4 + 2  # divisible by 2, not by 4
+  matrix = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  params = {"blocks": {0: {"mixer": {"q_proj": {"kernel": matrix(64, width)}, "o_proj": {"kernel": matrix(width, 64)}},
+                           "mlp": {"up": {"kernel": matrix(64, 128)}, "down": {"kernel": matrix(128, 64)}},
+                           "mlp_norm": {"scale": matrix(width)}}},
+            "embed": {"embedding": matrix(width, width, dtype=jnp.bfloat16)}}
+  axis_sizes = {"data": 1, "fsdp": 4, "tensor": 4}
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    specs = sharding.param_specs(params, axis_sizes, ("swa",))
+  assert len(caught) == 1
+  message = str(caught[0].message)
+  bf16_bytes = jnp.dtype(jnp.bfloat16).itemsize
+  assert f"2 parameter(s), {2 * 64 * width * 4:,} bytes, not split over runtime.mesh.tensor=4" in message
+  assert f"1 parameter(s), {width * width * bf16_bytes:,} bytes, not split over runtime.mesh.fsdp=4" in message
+  assert "blocks/0/mixer/q_proj/kernel" in message and "embed/embedding" in message
+  # The q/o projections still get fsdp on their other dimension; the embedding stays whole.
+  assert specs["blocks"][0]["mixer"]["q_proj"]["kernel"] == PartitionSpec("fsdp")
+  assert specs["embed"]["embedding"] == PartitionSpec()
+  listed = sharding.replicated_params(params, axis_sizes, ("swa",))
+  assert sorted((r.name, r.axis) for r in listed) == [("blocks/0/mixer/o_proj/kernel", "tensor"),
+                                                       ("blocks/0/mixer/q_proj/kernel", "tensor"),
+                                                       ("embed/embedding", "fsdp")]
+  assert dataclasses.asdict(listed[-1]) == {"name": "embed/embedding", "shape": (width, width),
+                                           "bytes": width * width * bf16_bytes, "axis": "fsdp", "axis_size": 4}
+  # Sizes that divide everything: nothing listed, nothing said.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    sharding.param_specs(params, {"data": 1, "fsdp": 2, "tensor": 2}, ("swa",))
+  assert caught == [] and sharding.replicated_params(params, {"data": 1, "fsdp": 2, "tensor": 2}, ("swa",)) == []
+
+
 @pytest.mark.parametrize("pattern", ["every_mixer", "parallel_moe_untied", "sequential_no_mlp"])
 def test_every_parameter_of_every_mixer_gets_a_valid_spec(pattern):
   import jax
@@ -91,9 +155,14 @@ def test_every_parameter_of_every_mixer_gets_a_valid_spec(pattern):
   axis_sizes = {"data": 2, "fsdp": 4, "tensor": 2}
   specs = sharding.param_specs(params, axis_sizes, layers)
   _check_valid(params, specs, axis_sizes)
-  # fsdp 3 divides almost nothing: specs stay valid by leaving such dimensions whole.
-  _check_valid(params, sharding.param_specs(params, {"data": 1, "fsdp": 3, "tensor": 5}, layers),
-               {"data": 1, "fsdp": 3, "tensor": 5})
+  # fsdp 3 divides almost nothing: specs stay valid by leaving such dimensions whole, and say so.
+  odd_sizes = {"data": 1, "fsdp": 3, "tensor": 5}
+  with pytest.warns(UserWarning, match=r"not split over runtime.mesh.fsdp=3") as caught:
+    odd_specs = sharding.param_specs(params, odd_sizes, layers)
+  assert len([w for w in caught if "sharding:" in str(w.message)]) == 1  # one summary per call
+  _check_valid(params, odd_specs, odd_sizes)
+  _check_replicated_listed(params, layers, specs, odd_specs, sharding.replicated_params(params, odd_sizes, layers))
+  assert sharding.replicated_params(params, axis_sizes, layers) == []  # every wanted split happened at 4 × 2
   assert specs["embed"]["embedding"] == PartitionSpec("fsdp")  # [vocab, d_model]: over the vocabulary
   for i, name in enumerate(layers):
     block = specs["blocks"][i]

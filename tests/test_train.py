@@ -47,7 +47,13 @@ def test_run_directory_contract(uninterrupted):
   assert {"jax", "flax", "optax", "orbax-checkpoint", "grain"} <= set(s["versions"])
   assert s["impl"] == {"attention": "xla", "scan": "xla", "gla": "xla", "delta": "xla", "dplr": "xla",
                        "forgetting_attention": "xla"}  # "auto" on CPU
+  # Griffin's calls, each recorded at its own shapes with what ran and why the others did not
+  assert {c["family"] for c in s["kernels_per_call"]} == {"scan", "attention"}
+  for call in s["kernels_per_call"]:
+    assert call["call"].startswith(("a=", "q=")) and call["impl"] == s["impl"][call["family"]]
+    assert call["rejected"] and "reference" in call["rejected"]
   assert s["compile"]["xla_options"] == {}  # no XLA options on CPU
+  assert s["replicated_params"] == []  # one device: no mesh axis to split on, nothing left whole
   # TINY's 3 layers are one Griffin period: asked to scan, the stack runs unrolled, and says so.
   assert s["compile"]["scan_layers"] is False and s["compile"]["scan_layers_requested"] is True
   assert "repeats 1× in 3 layers" in s["compile"]["scan_layers_fallback"]

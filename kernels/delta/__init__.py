@@ -127,7 +127,8 @@ def delta_rule(q, k, v, beta, log_decay=None, initial_state=None, *, segment_ids
     raise ValueError(f"delta_rule: chunk_size={chunk_size!r} must be a positive integer")
   if impl == "pallas":  # (the kernels' own messages for their arguments first)
     check_pallas_arguments(chunk_size, pallas_target, pallas_config)
-  impl = choice(chunk_size, q.shape[-1], v.shape[-1], impl, interpret=interpret, pallas_target=pallas_target).impl
+  taken = choice(chunk_size, q.shape[-1], v.shape[-1], impl, interpret=interpret, pallas_target=pallas_target)
+  impl = dispatch.called(taken, q=q, v=v, chunk_size=chunk_size).impl
   if impl == "reference":
     return delta_rule_reference(q, k, v, beta, log_decay, initial_state, segment_ids)
   if impl == "pallas":

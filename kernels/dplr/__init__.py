@@ -150,7 +150,8 @@ def dplr(q, k, v, a, b, log_decay=None, initial_state=None, *, segment_ids=None,
     raise ValueError(f"dplr: chunk_size={chunk_size!r} must be a positive integer")
   if impl == "pallas":  # (the kernels' own messages for their arguments first)
     check_pallas_arguments(chunk_size, pallas_target, pallas_config, family="dplr")
-  taken = choice(impl, chunk_size=chunk_size, interpret=interpret, pallas_target=pallas_target)
+  taken = dispatch.called(choice(impl, chunk_size=chunk_size, interpret=interpret, pallas_target=pallas_target),
+                          q=q, v=v, chunk_size=chunk_size)
   impl = taken.impl
   if precompute == "pallas" and (impl != "pallas" or taken.lowering == "mosaic_tpu"):
     raise ValueError(f"dplr: precompute='pallas' runs with impl='pallas' and the Triton layout only "

@@ -108,7 +108,7 @@ def forgetting_attention(q, k, v, log_forget, *, window: int | None = None, segm
     raise ValueError(f"forgetting_attention: unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
   if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
     raise ValueError(f"forgetting_attention: block_size must be a positive int or None, got {block_size!r}")
-  impl = choice(impl, interpret=interpret, pallas_target=pallas_target).impl
+  impl = dispatch.called(choice(impl, interpret=interpret, pallas_target=pallas_target), q=q).impl
   ids = None if segment_ids is None else document_index(segment_ids)
   if impl == "pallas":
     return flash_forgetting_attention(q, k, v, log_forget, window=window, segment_ids=ids, interpret=interpret,

@@ -128,8 +128,9 @@ def gla(q, k, v, log_decay=None, initial_state=None, *, log_input_gate=None, seg
     raise ValueError(f"gla: unknown impl {impl!r}; valid: {IMPLS}")
   if chunk_size <= 0:
     raise ValueError(f"gla: chunk_size={chunk_size} must be positive")
-  impl = choice(q.shape[-1], v.shape[-1], impl, gated=log_input_gate is not None, interpret=interpret, dtype=q.dtype,
-                pallas_target=pallas_target).impl
+  taken = choice(q.shape[-1], v.shape[-1], impl, gated=log_input_gate is not None, interpret=interpret, dtype=q.dtype,
+                 pallas_target=pallas_target)
+  impl = dispatch.called(taken, q=q, v=v, log_input_gate=log_input_gate).impl
   if impl == "reference":
     return gla_reference(q, k, v, log_decay, initial_state, log_input_gate=log_input_gate, segment_ids=segment_ids)
   if impl == "pallas":

@@ -54,7 +54,7 @@ def linear_scan(a, b, h0=None, *, reverse: bool = False, impl: Impl = "auto", in
     ``(h [batch, time, *features] in b.dtype, h_last [batch, *features] in float32)``.
   """
   _check(a, b, h0)
-  impl = choice(impl, interpret=interpret).impl
+  impl = dispatch.called(choice(impl, interpret=interpret), a=a, b=b).impl
   if impl == "reference":
     return linear_scan_reference(a, b, h0, reverse=reverse)
   if impl == "pallas":

@@ -165,8 +165,8 @@ def window_attention(q, k, v, *, window: int | None = None, softcap: float | Non
     if segment_ids.shape != q.shape[:2]:
       raise ValueError(f"window_attention: segment_ids{segment_ids.shape} must be [batch, time] = {q.shape[:2]}")
     segment_ids = document_index(segment_ids)
-  impl = choice(q, softcap, impl, interpret=interpret, pallas_target=pallas_target,
-                segments=segment_ids is not None).impl
+  taken = choice(q, softcap, impl, interpret=interpret, pallas_target=pallas_target, segments=segment_ids is not None)
+  impl = dispatch.called(taken, q=q, softcap=softcap, segment_ids=segment_ids).impl
   if impl == "cudnn":
     return cudnn.attention(q, k, v, window, softcap)
   if impl == "pallas":
