@@ -339,9 +339,9 @@ def _scores(graphdef, state, batch, *, face: str, window: int | None, document_e
     model.set_window(window)
   if face == "parallel":
     # The training loop's own scoring (packed documents kept apart, the label after an EOD unscored),
-    # so that the held-out loss is its eval's; only its ``_scored`` is used, hence no state or optimizer.
+    # so that the held-out loss is its eval's; only its ``scored`` is used, hence no state or optimizer.
     trainer = train_lib.Trainer(graphdef, None, None, scan_layers=scan_layers, document_eod=document_eod)
-    logits, labels, _ = trainer._scored(model, batch)
+    logits, labels, _ = trainer.scored(model, batch)
     return (*token_scores(logits, labels), labels != IGNORE_LABEL)
   inputs, labels = batch["inputs"], batch["labels"]
   states = model.init_state(inputs.shape[0], max_len=inputs.shape[1])

@@ -245,7 +245,7 @@ class Trainer:
       model.set_window(window)
     return model
 
-  def _scored(self, model, batch, slots: int = 0, **kwargs):
+  def scored(self, model, batch, slots: int = 0, **kwargs):
     """``(logits, labels, aux)`` at the scored positions (all, or the first ``slots`` labelled ones)."""
     labels, positions = batch["labels"], None
     if self.document_eod is not None:  # packed documents, each run as if alone (issue 23)
@@ -263,7 +263,7 @@ class Trainer:
     return logits, labels, aux
 
   def _loss(self, params, batch, window):
-    logits, labels, aux = self._scored(self.model(params, window), batch, self.label_slots)
+    logits, labels, aux = self.scored(self.model(params, window), batch, self.label_slots)
     loss_sum, correct, count = lm_loss(logits, labels)
     count = jnp.maximum(count, 1)
     loss = loss_sum / count
@@ -280,7 +280,7 @@ class Trainer:
     return params, opt_state, metrics
 
   def eval_step(self, params, batch):
-    logits, labels, _ = self._scored(self.model(params), batch, self.eval_label_slots)
+    logits, labels, _ = self.scored(self.model(params), batch, self.eval_label_slots)
     return lm_loss(logits, labels)
 
 

@@ -53,5 +53,5 @@ def test_packed_loss_is_the_sum_of_each_documents_loss(pattern):
 def test_the_label_after_eod_is_not_scored():
   t, params = trainer(("attention",), EOD)
   batch = rows(np.array([3, 4]), np.array([5]))
-  logits, labels, _ = t._scored(t.model(params), batch)
+  logits, labels, _ = t.scored(t.model(params), batch)
   np.testing.assert_array_equal(labels[0], [4, EOD, IGNORE_LABEL, EOD, IGNORE_LABEL])
