@@ -143,7 +143,8 @@ def cmd_sweep(args) -> int:
       args.runs_per_device = local.parse_runs_per_device(args.runs_per_device)
       if args.runs_per_device > 1 and args.backend != "local":
         raise ValueError(f"--runs-per-device={args.runs_per_device} applies to --backend local only")
-      platform = local.detect_devices()[0] if args.backend == "local" else None
+      detected = local.detect_devices() if args.backend == "local" else None  # once per sweep: run() reuses it
+      platform = detected[0] if detected else None
       if args.runs_per_device > 1 and args.backend == "local":
         local.parse_runs_per_device(args.runs_per_device, platform)  # refused on TPU
       if args.mps:
@@ -204,7 +205,8 @@ def cmd_sweep(args) -> int:
   if args.backend == "local":
     try:
       code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
-                       runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress) if todo else 0
+                       runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress,
+                       detected=detected) if todo else 0
     except local.MpsError as e:  # before any run started: the runs' directories are untouched
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -87,7 +87,7 @@ def detect_devices(environ=None) -> tuple[str, list[str]]:
   chips = sorted(glob.glob("/dev/accel[0-9]*")) or sorted(p for p in glob.glob("/dev/vfio/*") if p[-1].isdigit())
   if chips:
     return "tpu", [str(i) for i in range(len(chips))]
-  if smi_failure and smi_failure not in _SMI_FAILURES_SHOWN:  # a sweep counts devices twice: one line
+  if smi_failure and smi_failure not in _SMI_FAILURES_SHOWN:  # one line per process, however often asked
     _SMI_FAILURES_SHOWN.add(smi_failure)
     print(f"launch: `nvidia-smi -L` failed ({smi_failure}); the sweep treats this host as CPU-only (no device "
           "pinned per run; set CUDA_VISIBLE_DEVICES to name the GPUs)", file=sys.stderr)
@@ -322,13 +322,14 @@ class StatusDisplay:
 
 
 def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, devices_per_run: int = 1,
-        runs_per_device: int = 1, mps: bool = False, live: bool = True, poll_s: float = 0.5) -> int:
+        runs_per_device: int = 1, mps: bool = False, live: bool = True, poll_s: float = 0.5,
+        detected: tuple[str, list[str]] | None = None) -> int:
   """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, or 130 if stopped.
 
   Rows are updated in place with each run's final state. ``mps``: the packed runs are clients of a
-  CUDA MPS daemon (:class:`Mps`).
+  CUDA MPS daemon (:class:`Mps`). ``detected``: :func:`detect_devices`' answer if the caller has it.
   """
-  platform, devices = detect_devices()
+  platform, devices = detected or detect_devices()
   runs_per_device = parse_runs_per_device(runs_per_device, platform)
   daemon = Mps()
   if mps:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from hybrids.config import model_config
 from hybrids.mixers import MIXERS
+from test_segments import close  # the packed-document comparison (f32, 2e-5)
 
 D_MODEL, STEPS = 16, 3
 DOCUMENTS = [(2, 4, 5), (4, 7)]  # per row, its documents' lengths; ids 0, 1, 0 in row 0
@@ -25,10 +26,6 @@ MAX_LEN = TIME + STEPS  # global attention's cache slots, packed and alone alike
 def _segment_ids():
   rows = [np.concatenate([np.full(n, i % 2, np.int32) for i, n in enumerate(lengths)]) for lengths in DOCUMENTS]
   return jnp.asarray(np.stack(rows))
-
-
-def _close(a, b):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("name,window", [("attention", None), ("swa", 3), ("swa", 9)])
@@ -63,7 +60,7 @@ def test_packed_state_is_the_last_documents_alone(name, window):
   for row in range(len(DOCUMENTS)):
     alone, y_alone, after_alone = alone_rows[row]
     for of_row, of_alone in ((packed, alone), (after_packed, after_alone)):  # before and after decoding
-      _close(of_row["k"][row], of_alone["k"][0])
-      _close(of_row["v"][row], of_alone["v"][0])
+      close(of_row["k"][row], of_alone["k"][0])
+      close(of_row["v"][row], of_alone["v"][0])
       assert int(of_row["pos"][row]) == int(of_alone["pos"])
-    _close(y_packed[:, row], y_alone[:, 0])
+    close(y_packed[:, row], y_alone[:, 0])
