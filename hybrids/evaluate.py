@@ -81,7 +81,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from typing import Any
 
@@ -198,15 +197,7 @@ def _shards_tokenizer(data_path: str) -> retrieval.Tokenizer:
   source = epath.Path(data_path) / manifest.get("tokenizer_file", data_text.TOKENIZER_FILE)
   if not source.exists():
     raise EvalError(f"data.path={data_path!r}: its manifest names tokenizer {spec!r}, but {source} is missing")
-  if not data_shards.is_remote(data_path):
-    return retrieval.HFTokenizer(str(source))
-  with tempfile.TemporaryDirectory() as local:  # tokenizers reads local files only; it is parsed at once
-    copy = os.path.join(local, data_text.TOKENIZER_FILE)
-    with open(copy, "w") as f:
-      f.write(source.read_text())
-    tokenizer = retrieval.HFTokenizer(copy)
-  tokenizer.name = f"tokenizer.json ({source})"
-  return tokenizer
+  return retrieval.HFTokenizer(str(source), text=source.read_text())  # local or gs://
 
 
 def _document_eod(config) -> int | None:

@@ -95,11 +95,12 @@ class ByteTokenizer:
 class HFTokenizer:
   """A HuggingFace ``tokenizers`` tokenizer loaded from a ``tokenizer.json``."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, text: str | None = None):
+    """``text``: the file's contents, already read (e.g. from ``gs://``; ``tokenizers`` opens local files only)."""
     from tokenizers import Tokenizer as _Tokenizer
 
     self.name = f"tokenizer.json ({path})"
-    self._tokenizer = _Tokenizer.from_file(path)
+    self._tokenizer = _Tokenizer.from_file(path) if text is None else _Tokenizer.from_str(text)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)

@@ -39,7 +39,7 @@ from hybrids.layers import CausalConv1D, HeadNorm, dtype_of, linear
 from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH, Setting
 from hybrids.mixers.deltanet import l2_normalize
 from kernels.dplr import IMPLS as DPLR_IMPLS
-from kernels.dplr import delta_rule_as_dplr, dplr, dplr_step
+from kernels.dplr import delta_rule_as_dplr, dplr, dplr_step, is_pallas_chunk
 
 # The kernel field of the three kernels.dplr mixers (kda, rwkv7, gated_deltaproduct), declared alike.
 DPLR_IMPL = Setting("auto", "kernels.dplr implementation: auto, xla, reference or pallas (chunk_size a power of two ≥ 16)")
@@ -53,7 +53,6 @@ def check_dplr_config(cfg) -> None:
     raise ValueError(f"model.num_heads={cfg.num_heads} must divide model.d_model={cfg.d_model}")
   check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
   check_choice(cfg.dplr_impl, "model.dplr_impl", DPLR_IMPLS)
-  from kernels.dplr import is_pallas_chunk
   if cfg.dplr_impl == "pallas" and not is_pallas_chunk(cfg.chunk_size):
     raise ValueError(f"model.chunk_size={cfg.chunk_size} must be a power of two ≥ 16 with model.dplr_impl='pallas'")
 
