@@ -106,6 +106,29 @@ def _real_contract(spec: str, real_operand, complex_operand):
   return jax.lax.complex(contract(jnp.real(complex_operand)), contract(jnp.imag(complex_operand)))
 
 
+def chunk_taps(u, reach, kernel):
+  """The short part of the segmented convolution: ``y_t = Σ_{l ≤ reach_t} h_l u_{t−l}``.
+
+  Args:
+    u: float32 ``[batch, time, channels]``.
+    reach: int32 ``[batch, time]``: the last lag position t may read (its offset in its chunk's part of
+      its document, so no lag crosses a chunk or document start).
+    kernel: float32 ``[channels, lags]``, ``h``.
+  Returns float32 ``[batch, time, channels]``.
+  """
+  lags = kernel.shape[1]
+  time = u.shape[1]
+  u_pad = jnp.pad(u, ((0, 0), (lags, 0), (0, 0)))
+
+  @jax.checkpoint  # the backward recomputes each lag's tap: no per-lag copy of the input is kept
+  def tap(y, lag):
+    seen = jax.lax.dynamic_slice_in_dim(u_pad, lags - lag, time, axis=1)
+    weight = jax.lax.dynamic_index_in_dim(kernel, lag, axis=1, keepdims=False)
+    return y + weight * jnp.where((reach >= lag)[..., None], seen, 0.0), None
+
+  return jax.lax.scan(tap, jnp.zeros_like(u), jnp.arange(lags))[0]
+
+
 def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int = SEGMENT_CHUNK):
   """The modal convolution of each document of a packed row alone, by the chunked modal scan of the
   module docstring.
@@ -130,26 +153,14 @@ def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int
   u32 = jnp.pad(u.astype(jnp.float32), ((0, 0), (pad, 0), (0, 0)))
   u_c = u32.reshape(batch, n_chunks, chunk_size, channels)
   starts = jnp.pad(document_starts(segment_ids), ((0, 0), (pad, 0)), constant_values=True)
-  document = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [batch, padded time]; equal = one document
   # count: starts at or before each position of its chunk; equal counts = one document of that chunk.
   count = jnp.cumsum(starts.reshape(batch, n_chunks, chunk_size).astype(jnp.int32), axis=2)
 
-  # Inside a chunk: lag l reads u_{t−l} when t−l is in t's chunk (l ≤ t mod C) and in t's document.
-  kernel = modal_kernel(log_poles, residues, chunk_size)  # [channels, chunk_size]
-  u_pad = jnp.pad(u32, ((0, 0), (chunk_size, 0), (0, 0)))
-  document_pad = jnp.pad(document, ((0, 0), (chunk_size, 0)), constant_values=-1)
-  in_chunk = jnp.arange(n_chunks * chunk_size) % chunk_size
-
-  @jax.checkpoint  # the backward recomputes each lag's tap: no per-lag copy of the input is kept
-  def tap(intra, lag):
-    start = chunk_size - lag
-    same = (jax.lax.dynamic_slice_in_dim(document_pad, start, document.shape[1], axis=1) == document) & (
-        in_chunk >= lag)
-    seen = jax.lax.dynamic_slice_in_dim(u_pad, start, document.shape[1], axis=1)
-    weight = jax.lax.dynamic_index_in_dim(kernel, lag, axis=1, keepdims=False)
-    return intra + weight * jnp.where(same[..., None], seen, 0.0), None
-
-  intra, _ = jax.lax.scan(tap, jnp.zeros_like(u32), jnp.arange(chunk_size))
+  # Inside a chunk: lag l reads u_{t−l} when t−l is in t's chunk and in t's document, i.e. l ≤ reach_t.
+  t = jnp.arange(n_chunks * chunk_size, dtype=jnp.int32)
+  since_start = t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+  reach = jnp.minimum(since_start, t % chunk_size)
+  intra = chunk_taps(u32, reach, modal_kernel(log_poles, residues, chunk_size))
   intra = intra.reshape(u_c.shape)
 
   # Across chunks: the state at each chunk end, from the chunk's last document and the state before.
