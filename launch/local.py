@@ -193,11 +193,25 @@ class Mps:
       failure = [f"{type(e).__name__}: {e}"]
     if failure is None:
       return
-    where = self.pipe_dir
+    where, daemon_said = self.pipe_dir, self._last_log_line()
     self.stop()
     reason = failure[0][:200] if failure else "no output"
-    raise MpsError(f"--mps: a CUDA client cannot reach the GPU through the MPS daemon at {where} ({reason}); "
-                       "run without --mps (the packed runs then time-share the GPU)")
+    daemon_said = f"; the daemon's log: {daemon_said[:200]}" if daemon_said else ""
+    raise MpsError(f"--mps: a CUDA client cannot reach the GPU through the MPS daemon at {where} ({reason}"
+                   f"{daemon_said}); run without --mps (the packed runs then time-share the GPU)")
+
+  def _last_log_line(self) -> str:
+    """The last line the MPS server (else the control daemon) logged: it says why no client was served,
+    where the client itself only says it found no device."""
+    for name in ("server.log", "control.log"):
+      try:
+        with open(os.path.join(self.log_dir or "", name), errors="replace") as f:
+          lines = [line.strip() for line in f if line.strip()]
+      except OSError:
+        continue
+      if lines:
+        return lines[-1]
+    return ""
 
   def env(self) -> dict[str, str]:
     if self.pipe_dir is None:

@@ -558,6 +558,12 @@ def test_mps_is_checked_before_anything_is_written_and_stops_only_its_own_daemon
                                            "run without --mps"):
     local.Mps(base).start()
   assert log.read_text().split() == ["started", "quit", "started", "quit"]
+  # What the MPS server logged says why; the refusal carries its last line.
+  monkeypatch.setattr(local.Mps, "PROBE", ("sh", "-c", 'echo "[2026-12-07] Failed to start server: device busy" '
+                                           '> "$CUDA_MPS_LOG_DIRECTORY/server.log"; echo no device >&2; exit 1'))
+  with pytest.raises(local.MpsError, match=r"\(no device; the daemon's log: \[2026-12-07\] Failed to start "
+                                           r"server: device busy\); run without --mps"):
+    local.Mps(base).start()
   monkeypatch.setattr(local, "detect_devices", lambda environ=None: ("gpu", ["0"]))
   fresh = tmp_path / "fresh"
   assert main(["sweep", exp, "--root", str(fresh), "--runs-per-device", "2", "--mps"]) == 2
