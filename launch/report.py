@@ -689,11 +689,29 @@ def isoflop_curves(runs: list[Run]) -> list[IsoFlop]:
 
 
 def _mqar_panels(runs: list[Run], require: str) -> dict[tuple, list[Run]]:
+  """Finished MQAR runs by what they were tested on: ``(seq_len, kv pairs)``, or, for runs tested on a
+  mixture (``data.eval_segments``, Based's Fig. 2), ``("mixture", segments)``: those runs share one
+  test whatever length each trained at, so they share one panel."""
   panels = defaultdict(list)
   for run in runs:
     if run.status == FINISHED and run.is_mqar and run.accuracy is not None and getattr(run, require) is not None:
-      panels[(run.seq_len, run.data.get("num_kv_pairs"))].append(run)
-  return dict(sorted(panels.items(), key=lambda kv: tuple(x or 0 for x in kv[0])))
+      segments = run.data.get("eval_segments")
+      key = ("mixture", tuple(tuple(s) for s in segments)) if segments else (run.seq_len, run.data.get("num_kv_pairs"))
+      panels[key].append(run)
+  return dict(sorted(panels.items(), key=lambda kv: (kv[0][0] == "mixture", str(kv[0]))))
+
+
+def _is_mixture(panel: tuple) -> bool:
+  return panel[0] == "mixture"
+
+
+def _panel_title(panel: tuple) -> str:
+  if not _is_mixture(panel):
+    return f"seq_len {panel[0]}, {panel[1]} kv pairs"
+  segments = panel[1]
+  lengths, pairs = [s[0] for s in segments], [s[1] for s in segments]
+  return (f"test: mixture of {len(segments)} segments, "
+          f"seq_len {min(lengths)}–{max(lengths)}, {min(pairs)}–{max(pairs)} kv pairs")
 
 
 def _mqar_key(run: Run) -> str:
@@ -841,6 +859,8 @@ def mqar_width_table(runs: list[Run]) -> dict[tuple, dict[str, dict[int, Run]]]:
   """(seq_len, kv pairs) → line (mixer) → d_model → the best run (over lr and the other swept fields)."""
   table: dict[tuple, dict[str, dict[int, Run]]] = {}
   for panel, members in _mqar_panels(runs, "label").items():
+    if _is_mixture(panel):  # Based's Fig. 2 sweeps each mixer's state knob: its question is the state plot
+      continue
     lines: dict[str, dict[int, Run]] = defaultdict(dict)
     for r in members:
       d = r.model.get("d_model")
@@ -862,7 +882,7 @@ def plot_mqar_width(runs: list[Run], out: str, edge: frozenset[str] = frozenset(
   fig, axes = _figure(len(table))
   colors = _colors(key for lines in table.values() for key in lines)
   any_edge = False
-  for ax, ((seq_len, kv), lines) in zip(axes, table.items()):
+  for ax, (panel, lines) in zip(axes, table.items()):
     for key, by_width in lines.items():
       widths = sorted(by_width)
       ax.plot(widths, [by_width[w].accuracy for w in widths], color=colors[key], label=key, lw=1.4, marker="o", ms=5)
@@ -872,8 +892,7 @@ def plot_mqar_width(runs: list[Run], out: str, edge: frozenset[str] = frozenset(
         ax.plot(hollow, [by_width[w].accuracy for w in hollow], ls="none", marker="o", ms=5, color=colors[key],
                 markerfacecolor="white")
     widths = sorted({d for line in lines.values() for d in line})
-    ax.set(xlabel="d_model", ylabel="MQAR accuracy (best lr)", ylim=(-0.02, 1.02),
-           title=f"seq_len {seq_len}, {kv} kv pairs")
+    ax.set(xlabel="d_model", ylabel="MQAR accuracy (best lr)", ylim=(-0.02, 1.02), title=_panel_title(panel))
     ax.set_xscale("log", base=2)
     ax.set_xlim(widths[0] / 1.25, widths[-1] * 1.25)
     ax.set_xticks(widths, [str(w) for w in widths])
@@ -914,7 +933,7 @@ def plot_state_tradeoff(runs: list[Run], out: str, edge: frozenset[str] = frozen
     return None
   fig, axes = _figure(len(panels))
   colors = _colors(r.label for v in panels.values() for r in v)
-  for ax, ((seq_len, kv), members) in zip(axes, panels.items()):
+  for ax, (panel, members) in zip(axes, panels.items()):
     for label in sorted({r.label for r in members}):
       mine = [r for r in members if r.label == label]
       ax.scatter([], [], s=18, color=colors[label], label=label)  # legend: filled whatever the first point is
@@ -926,10 +945,56 @@ def plot_state_tradeoff(runs: list[Run], out: str, edge: frozenset[str] = frozen
     if any(r.run_id in edge for r in members):
       ax.scatter([], [], s=18, edgecolors="gray", facecolors="white", label="best lr at grid edge")
     ax.set(xscale="log", xlabel="recurrent state (bytes / sequence)", ylabel="MQAR accuracy (best lr)",
-           ylim=(-0.02, 1.02), title=f"seq_len {seq_len}, {kv} kv pairs")
+           ylim=(-0.02, 1.02), title=_panel_title(panel).replace(", seq_len", "\nseq_len"))
     _log_ticks(ax.xaxis, [r.state_bytes for r in members], max_ticks=6)
     ax.legend(fontsize=7, loc="lower right")
   return _save(fig, out, "state_tradeoff.png")
+
+
+def state_tradeoff_section(best: list[Run], cells: list[Cell]) -> list[str]:
+  """Markdown: per panel of the state plot, every best-lr point by state size — mixer, the fields that
+  set its state (those that vary among the mixer's points), accuracy and winning lr, and whether it
+  is on the Pareto frontier."""
+  cell_of = {c.best.run_id: c for c in cells if c.best is not None}
+  md = []
+  for panel, members in _mqar_panels(best, "state_bytes").items():
+    if len(members) < 2:
+      continue
+    frontier = set(pareto_frontier([(r.state_bytes, r.accuracy) for r in members]))
+    knobs = {}
+    for label in {r.label for r in members}:
+      mine = [r for r in members if r.label == label]
+      knobs[label] = [k for k in STATE_KNOBS if len({json.dumps(r.model.get(k)) for r in mine}) > 1]
+    rows = []
+    for r in sorted(members, key=lambda r: (r.state_bytes, -r.accuracy)):
+      c = cell_of.get(r.run_id)
+      lr = f"{_lr_text(run_lr(r))}" + (f" of {len(c.grid)}" if c is not None and len(c.grid) > 1 else "")
+      flags = ((" **edge**" if c is not None and c.edge else "") + (" (incomplete)" if c is not None and c.missing else ""))
+      knob = ", ".join(f"{k}={r.model.get(k)}" for k in knobs[r.label]) or "—"
+      rows.append([r.label, knob, f"{r.state_bytes:,.0f}", f"{r.accuracy:.3f}", lr + flags,
+                   "yes" if (r.state_bytes, r.accuracy) in frontier else ""])
+    md += [f"{_panel_title(panel)} — each point's best learning rate, by state size:", ""]
+    md += _table(["mixer", "state knob", "state bytes / sequence", "accuracy", "lr", "on the frontier"], rows) + [""]
+  return md
+
+
+# Model fields that set a mixer's recurrent state (Based Fig. 2's knobs); the state table names those a
+# mixer's points differ in.
+STATE_KNOBS = ("d_model", "feature_dim", "window", "d_state", "key_expansion", "heads", "head_dim")
+
+
+# The figures a report writes into ``out`` (fixed names, and one per evaluated run).
+REPORT_FIGURES = ("loss_vs_flops.png", "isoflop.png", "mqar_vs_width.png", "state_tradeoff.png", "window_ablation.png")
+REPORT_FIGURE_PREFIXES = ("retrieval_", "position_")
+
+
+def _remove_stale_figures(out: str, drawn: list[str]) -> None:
+  """A figure an earlier report drew in ``out`` and this one did not (its question no longer applies, or
+  a fixed report stopped drawing it) would sit beside report.md as if current: removed."""
+  for name in os.listdir(out):
+    ours = name in REPORT_FIGURES or (name.endswith(".png") and name.startswith(REPORT_FIGURE_PREFIXES))
+    if ours and name not in drawn:
+      os.remove(os.path.join(out, name))
 
 
 def _safe(name: str) -> str:
@@ -1282,7 +1347,7 @@ def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:
     return []
   cell_of = {c.best.run_id: c for c in cells if c.best is not None}
   md = []
-  for (seq_len, kv), lines in table.items():
+  for panel, lines in table.items():
     widths = sorted({d for line in lines.values() for d in line})
     rows = []
     for key, by_width in lines.items():
@@ -1300,7 +1365,7 @@ def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:
                  + (" (incomplete)" if c is not None and c.missing else ""))
         cols.append(f"{r.accuracy:.3f} ({lr}){flags}")
       rows.append([key, *cols])
-    md += [f"seq_len {seq_len}, {kv} kv pairs — accuracy of the best learning rate "
+    md += [f"{_panel_title(panel)} — accuracy of the best learning rate "
            "(lr shown; \"of n\": lrs tried):", ""]
     md += _table(["mixer", *(f"d_model {w}" for w in widths)], rows) + [""]
   return md
@@ -1358,6 +1423,7 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
     md += ["## MQAR accuracy vs state size", "", "Accuracy of each cell's best learning rate vs recurrent state "
            "bytes per sequence; dashed: Pareto frontier (Based Fig. 2).", "",
            f"![MQAR accuracy vs state size]({figure})", ""]
+    md += state_tradeoff_section(best, cells)
 
   fits = fit_series(runs, n_bootstrap=n_bootstrap, seed=seed)
   figure = plot_loss_vs_flops(runs, fits, out)
@@ -1479,6 +1545,7 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
 
   if problems:
     md += ["## Notes", ""] + [f"- {p}" for p in problems] + [""]
+  _remove_stale_figures(out, figures)
   data = report_data(root, runs, cells, fits, curves, figures, missing, survey)
   _write_atomic(os.path.join(out, "report.json"), json.dumps(data, indent=1, allow_nan=False) + "\n")
   path = os.path.join(out, "report.md")

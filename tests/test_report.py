@@ -334,6 +334,40 @@ def test_learning_rate_cells_best_edge_and_missing(tmp_path):
                    flags=re.M)
 
 
+def test_based_tradeoff_runs_share_one_state_panel_and_stale_figures_go(tmp_path):
+  """Based's Fig. 2: runs tested on one mixture (``data.eval_segments``) share one panel whatever length
+  each trained at; the report draws accuracy vs state with a table by state size (knob named, frontier
+  marked) and no width plot, and removes the width plot an earlier report left in ``--out``."""
+  root, out = str(tmp_path / "bt"), tmp_path / "out"
+  mixture = [[64, 4, 1000], [256, 64, 1000], [1024, 256, 1000]]
+  points = {  # run → (pattern, d_model, seq_len, knob, state bytes, accuracy)
+      "attn": (("baseconv", "attention"), 64, 1024, {}, 500_000.0, 0.99),
+      "based8": (("baseconv", "based"), 64, 256, {"feature_dim": 8}, 20_000.0, 0.75),
+      "based16": (("baseconv", "based"), 128, 256, {"feature_dim": 16}, 70_000.0, 0.86),
+      "swa64": (("baseconv", "swa"), 128, 256, {"window": 64}, 60_000.0, 0.5),
+      "swa16": (("baseconv", "swa"), 128, 256, {"window": 16}, 18_000.0, 0.15),
+  }
+  for run_id, (pattern, d, seq_len, knob, state, acc) in points.items():
+    config = _config(pattern, d, seq_len=seq_len, kv=64)
+    config["data"]["eval_segments"] = mixture
+    config["model"].update(knob)
+    write_run(root, run_id, config, loss=1.0 - acc, accuracy=acc, state_bytes=state)
+  os.makedirs(out)
+  (out / "mqar_vs_width.png").write_bytes(b"an earlier report's")
+  (out / "notes.png").write_bytes(b"not the report's")
+  assert report.main([root, "--bootstrap", "0", "--out", str(out)]) == 0
+  md = (out / "report.md").read_text()
+  assert not (out / "mqar_vs_width.png").exists() and "## MQAR accuracy vs width" not in md
+  assert (out / "notes.png").exists() and (out / "state_tradeoff.png").stat().st_size > 1000
+  assert json.loads((out / "report.json").read_text())["figures"] == ["state_tradeoff.png"]
+  state = _section(md, "MQAR accuracy vs state size")
+  assert "test: mixture of 3 segments, seq_len 64–1024, 4–256 kv pairs — each point's best learning rate" in state
+  rows = [l for l in state.splitlines() if l.startswith("| baseconv")]
+  assert [r.split(" | ")[1] for r in rows] == ["window=16", "d_model=64, feature_dim=8", "window=64",
+                                               "d_model=128, feature_dim=16", "—"]
+  assert [r.rstrip(" |").endswith("yes") for r in rows] == [True, True, False, True, True]
+
+
 def test_report_json_holds_every_run_and_the_fits(sweep):
   root, md = sweep
   with open(os.path.join(root, "report", "report.json")) as f:
