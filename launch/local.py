@@ -372,6 +372,12 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
   display = StatusDisplay(todo, live)
   queue = list(todo)
   active: dict[int, tuple[subprocess.Popen, dict, object]] = {}  # slot → (process, row, log file)
+  packed = platform == "gpu" and runs_per_device > 1
+  # Runs that ran out of memory beside packed runs: each is retried once with the GPUs to itself (the
+  # other slots drain first and wait), since its share of memory, not the run, was what failed.
+  alone: list[dict] = []
+  retried_alone: set[str] = set()
+  log_start: dict[str, int] = {}  # run → where this attempt's output starts in its launch.log
   stop = {"signum": None}
 
   def on_signal(signum, frame):
@@ -383,18 +389,27 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
 
   previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
-    while (queue and stop["signum"] is None) or active:
+    while ((queue or alone) and stop["signum"] is None) or active:
       for slot in range(slots):
-        if slot in active or not queue or stop["signum"] is not None:
+        if slot in active or stop["signum"] is not None:
           continue
-        row = queue.pop(0)
+        if alone:
+          if active:  # the GPUs drain before a run that needs them to itself
+            break
+          row, share = alone.pop(0), 1
+        elif queue and not any(r.get("alone") for _, r, _ in active.values()):
+          row, share = queue.pop(0), runs_per_device
+        else:
+          continue
         os.makedirs(row["workdir"], exist_ok=True)
         log = open(os.path.join(row["workdir"], runs.LOG_FILE), "a")
+        log_start[row["run"]] = log.tell()
         argv = run_point_argv(experiment, row["point"], row["workdir"],
                               extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
-        env = {**child_env(platform, slot_groups[slot], slot, runs_per_device=runs_per_device), **daemon.env()}
+        env = {**child_env(platform, slot_groups[slot], slot, runs_per_device=share), **daemon.env()}
         log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot}, {_placement(slot_groups[slot])}, "
-                  f"runs-per-device {runs_per_device}, mem fraction {_mem_fraction(env)}, MPS {daemon.note})\n")
+                  f"runs-per-device {share}, mem fraction {_mem_fraction(env)}, MPS {daemon.note}"
+                  f"{', retried alone after running out of memory beside packed runs' if share == 1 and packed else ''})\n")
         log.flush()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
@@ -403,7 +418,15 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
         if proc.poll() is not None:
           log.close()
           row["returncode"] = proc.returncode
+          row.pop("alone", None)
           del active[slot]
+          if (packed and proc.returncode != 0 and row["run"] not in retried_alone and stop["signum"] is None
+              and _ran_out_of_memory(os.path.join(row["workdir"], runs.LOG_FILE), log_start[row["run"]])):
+            retried_alone.add(row["run"])
+            row["alone"] = True
+            alone.append(row)
+            print(f"[launch] {row['run']}: out of GPU memory beside {runs_per_device - 1} packed run(s); "
+                  "retrying it once with the GPUs to itself", flush=True)
       if stop["signum"] is not None:
         _terminate([proc for proc, _, _ in active.values()])
       display.update()
@@ -415,6 +438,21 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
     display.update()
     display.close()
   return 130 if stop["signum"] is not None else 0
+
+
+# What XLA and the CUDA allocator print when an allocation fails (BFC allocator, autotuner, cuBLAS/cuDNN).
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY")
+
+
+def _ran_out_of_memory(log_path: str, start: int) -> bool:
+  """Whether the attempt whose output starts at byte ``start`` of ``log_path`` failed for memory."""
+  try:
+    with open(log_path, "rb") as f:
+      f.seek(start)
+      text = f.read().decode("utf-8", "replace").lower()
+  except OSError:
+    return False
+  return any(marker.lower() in text for marker in OUT_OF_MEMORY)
 
 
 def _placement(group: list[str] | None) -> str:

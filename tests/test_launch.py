@@ -608,6 +608,57 @@ def test_packed_slots_and_their_environment():
   assert local.parse_runs_per_device("1", "tpu") == 1
 
 
+FAKE_POINT = """
+import json, os, sys, time
+workdir, name = sys.argv[1], os.path.basename(sys.argv[1])
+packed = "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ
+with open(os.path.join(os.path.dirname(workdir), "events"), "a") as f:
+  f.write(json.dumps([name, "start", packed, time.time()]) + "\\n")
+time.sleep(0.3)
+with open(os.path.join(os.path.dirname(workdir), "events"), "a") as f:
+  f.write(json.dumps([name, "end", packed, time.time()]) + "\\n")
+if name == "big" and packed or name == "huge":
+  print("jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.40GiB")
+  sys.exit(1)
+if name == "broken":
+  print("ValueError: not a memory problem")
+  sys.exit(1)
+"""
+
+
+def test_a_packed_run_out_of_memory_is_retried_once_alone(tmp_path, monkeypatch, capsys):
+  """A run that fails for memory beside packed runs reruns once with the GPU to itself (nothing else
+  running meanwhile, no memory share); one that fails otherwise, or again alone, is not retried."""
+  from launch import local
+
+  script = tmp_path / "fake_point.py"  # a file, so the log's command line does not hold its text
+  script.write_text(FAKE_POINT)
+  monkeypatch.setattr(local, "run_point_argv", lambda experiment, point, workdir, extra=(): [
+      sys.executable, str(script), workdir])
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  names = ["a", "big", "b", "broken", "huge", "c"]
+  todo = [{"run": n, "point": {}, "workdir": str(tmp_path / n)} for n in names]
+  assert local._run("exp.py", todo, "gpu", ["0"], local.Mps(), max_parallel=None, devices_per_run=1,
+                    runs_per_device=3, live=False, poll_s=0.02) == 0
+  out = capsys.readouterr().out
+  assert "big: out of GPU memory beside 2 packed run(s); retrying it once with the GPUs to itself" in out
+  assert "huge: out of GPU memory" in out and "broken: out of GPU memory" not in out
+  codes = {row["run"]: row["returncode"] for row in todo}
+  assert codes == {"a": 0, "big": 0, "b": 0, "broken": 1, "huge": 1, "c": 0}
+  events = [json.loads(line) for line in (tmp_path / "events").read_text().splitlines()]
+  starts = {n: [p for name, what, p, _ in events if name == n and what == "start"] for n in names}
+  assert starts["big"] == [True, False] and starts["huge"] == [True, False] and starts["broken"] == [True]
+  # While a run has the GPU to itself, no other run is running.
+  for name in ("big", "huge"):
+    t0 = next(t for n, w, p, t in events if n == name and w == "start" and not p)
+    t1 = next(t for n, w, p, t in events if n == name and w == "end" and not p)
+    assert not [n for n, w, p, t in events if n != name and t0 <= t <= t1]  # nothing starts or ends meanwhile
+    started = sum(1 for n, w, p, t in events if n != name and w == "start" and t < t0)
+    assert started == sum(1 for n, w, p, t in events if n != name and w == "end" and t < t0)  # nor runs on
+  log = (tmp_path / "big" / runs.LOG_FILE).read_text()
+  assert log.count("runs-per-device 3") == 1 and "runs-per-device 1, mem fraction default, MPS off, retried alone" in log
+
+
 def test_a_packed_run_computes_what_it_computes_alone(tmp_path, monkeypatch, capsys):
   """The same two points, one at a time and both at once (--runs-per-device 2 on CPU): every logged
   loss and the final eval are identical."""
