@@ -9,8 +9,11 @@ modal scan. Rows, forward and forward+backward (gradients of the input and of th
 residues), timed in the same process as in ``kernels.bench``:
 
 - FFT convolution, one document a row (what a row without ``segment_ids`` runs);
-- segmented scan, one document a row (the same output: the scan's own cost);
-- segmented scan, ``--segments`` documents a row.
+- the segmented scan with each form of its in-chunk taps (``hybrids.longconv.CHUNK_TAPS``), one
+  document a row (the same output: the scan's own cost) and ``--segments`` documents a row.
+
+fwd+bwd is the output and every gradient together, as a training step needs them (earlier rows in
+kernels/BENCHMARKS.md timed the gradients alone, which lets XLA skip a linear op's forward).
 
 Each is checked before it is timed: the scan with one document against the FFT convolution, with N
 documents against every document convolved alone by FFT. The issue-23 target is that documents cost
@@ -20,13 +23,14 @@ documents against every document convolved alone by FFT. The issue-23 target is 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrids.longconv import SEGMENT_CHUNK, causal_fft_conv, modal_kernel, segmented_modal_conv
+from hybrids.longconv import CHUNK_TAPS, SEGMENT_CHUNK, causal_fft_conv, modal_kernel, segmented_modal_conv
 from kernels.bench import Context, check, format_table, random_documents, vjp_fns, write_report
 
 FULL = (4, 8192, 1024, 16)  # batch, time, channels, modes
@@ -60,6 +64,10 @@ def _by_document(u, log_poles, residues, segment_ids):
   return out
 
 
+def _segmented(u, log_poles, residues, *, segment_ids, taps: str):
+  return segmented_modal_conv(u, log_poles, residues, segment_ids, taps=taps)[0]
+
+
 def run(ctx: Context, segments: int) -> list[dict]:
   batch, time, channels, modes = QUICK if ctx.quick else FULL
   sets = [_inputs(seed, batch, time, channels, modes) for seed in range(1 if ctx.quick else 3)]
@@ -67,16 +75,19 @@ def run(ctx: Context, segments: int) -> list[dict]:
   one = jnp.zeros((batch, time), jnp.int32)
   packed = random_documents(batch, time, segments)
   reference = np.asarray(_fft(u, log_poles, residues))
-  candidates = [
-      ("fft conv, 1 doc/row", lambda u, p, r: _fft(u, p, r), None),
-      ("segmented scan, 1 doc/row", lambda u, p, r: segmented_modal_conv(u, p, r, one)[0], None),
-      (f"segmented scan, {segments} docs/row", lambda u, p, r: segmented_modal_conv(u, p, r, packed)[0],
-       _by_document(u, log_poles, residues, packed)),
-  ]
+  by_document = _by_document(u, log_poles, residues, packed)
+  candidates = [("fft conv, 1 doc/row", lambda u, p, r: _fft(u, p, r), None)]
+  for taps in CHUNK_TAPS:
+    candidates += [
+        (f"segmented, {taps} taps, 1 doc/row", functools.partial(_segmented, segment_ids=one, taps=taps), None),
+        (f"segmented, {taps} taps, {segments} docs/row", functools.partial(_segmented, segment_ids=packed, taps=taps),
+         by_document)]
   label = f"B{batch} T{time} C{channels} modes{modes} f32 (chunk {SEGMENT_CHUNK})"
   rows = []
   for name, f, expected in candidates:
-    fwd, fwdbwd, _ = vjp_fns(f)
+    # fwd+bwd: the output and every gradient, as a training step needs them (the gradients alone would
+    # let XLA drop a linear op's forward, which they do not need).
+    fwd, _, fwdbwd = vjp_fns(f)
     err = check(name, np.asarray(fwd(u, log_poles, residues)), reference if expected is None else expected, TOL)
     rows.append(dict(kernel="longconv", shape=label, impl=name, ours=True, rel_err=err,
                      fwd_ms=ctx.time_jax(fwd, [s[:3] for s in sets]), fwdbwd_ms=ctx.time_jax(fwdbwd, sets),

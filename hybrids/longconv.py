@@ -106,8 +106,20 @@ def _real_contract(spec: str, real_operand, complex_operand):
   return jax.lax.complex(contract(jnp.real(complex_operand)), contract(jnp.imag(complex_operand)))
 
 
-def chunk_taps(u, reach, kernel):
-  """The short part of the segmented convolution: ``y_t = Σ_{l ≤ reach_t} h_l u_{t−l}``.
+def _shifted(x, lag: int):
+  """``x_{t−lag}`` along axis 1 (zeros before the row); ``lag < 0`` reads ahead (zeros after it)."""
+  if lag == 0:
+    return x
+  time = x.shape[1]
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (lag, 0) if lag > 0 else (0, -lag)
+  padded = jnp.pad(x, widths)
+  return padded[:, :time] if lag > 0 else padded[:, -lag:]
+
+
+def chunk_taps_scan(u, reach, kernel):
+  """The short part of the segmented convolution: ``y_t = Σ_{l ≤ reach_t} h_l u_{t−l}``, one lag per
+  step of a ``lax.scan`` (each step re-reads and re-writes ``y``: ``lags`` passes over the input).
 
   Args:
     u: float32 ``[batch, time, channels]``.
@@ -129,7 +141,41 @@ def chunk_taps(u, reach, kernel):
   return jax.lax.scan(tap, jnp.zeros_like(u), jnp.arange(lags))[0]
 
 
-def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int = SEGMENT_CHUNK):
+@jax.custom_vjp
+def chunk_taps_unrolled(u, reach, kernel):
+  """:func:`chunk_taps_scan`'s result with the lags unrolled, so that XLA can fuse all of them into one
+  pass over the input (forward and ``∂u``); its own backward, so that no per-lag copy is kept."""
+  reach = jax.lax.optimization_barrier(reach)  # computed once, not again inside every lag's fusion
+  y = jnp.zeros_like(u)
+  for lag in range(kernel.shape[1]):
+    y = y + kernel[:, lag] * jnp.where((reach >= lag)[..., None], _shifted(u, lag), 0.0)
+  return y
+
+
+def _chunk_taps_unrolled_fwd(u, reach, kernel):
+  return chunk_taps_unrolled(u, reach, kernel), (u, reach, kernel)
+
+
+def _chunk_taps_unrolled_bwd(residuals, cotangent):
+  """``∂u_s = Σ_l h_l [l ≤ reach_{s+l}] ∂y_{s+l}``, ``∂h_l = Σ_{b,t} [l ≤ reach_t] ∂y_t u_{t−l}``."""
+  u, reach, kernel = residuals
+  d_u, d_kernel = jnp.zeros_like(u), []
+  for lag in range(kernel.shape[1]):
+    read = jnp.where((reach >= lag)[..., None], cotangent, 0.0)
+    d_u = d_u + kernel[:, lag] * _shifted(read, -lag)
+    d_kernel.append(jnp.sum(read * _shifted(u, lag), axis=(0, 1)))
+  return d_u, None, jnp.stack(d_kernel, axis=1)
+
+
+chunk_taps_unrolled.defvjp(_chunk_taps_unrolled_fwd, _chunk_taps_unrolled_bwd)
+
+# How the segmented face computes its in-chunk taps (the same numbers; which is faster depends on what
+# XLA fuses: `python -m hybrids.bench_longconv` times both).
+CHUNK_TAPS = {"scan": chunk_taps_scan, "unrolled": chunk_taps_unrolled}
+
+
+def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int = SEGMENT_CHUNK,
+                         taps: str = "scan"):
   """The modal convolution of each document of a packed row alone, by the chunked modal scan of the
   module docstring.
 
@@ -139,12 +185,15 @@ def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int
     segment_ids: ``int [batch, time]``; equal consecutive ids are one document, a change of id starts
       the next (position 0 starts one).
     chunk_size: tokens a chunk (see :data:`SEGMENT_CHUNK`).
+    taps: how the in-chunk taps run, a key of :data:`CHUNK_TAPS`.
   Returns:
     ``(y float32 [batch, time, channels], s complex64 [batch, channels, modes])``: ``y_t = Σ_{t₀≤s≤t}
     h_{t−s} u_s`` and the state after the row's last document alone, ``s = Σ_{s≥t₀} λ^{T−1−s} u_s``.
   """
   if chunk_size <= 0:
     raise ValueError(f"segmented_modal_conv: chunk_size={chunk_size} must be positive")
+  if taps not in CHUNK_TAPS:
+    raise ValueError(f"segmented_modal_conv: taps={taps!r} is not one of {sorted(CHUNK_TAPS)}")
   batch, time, channels = u.shape
   pad = -time % chunk_size
   n_chunks = (time + pad) // chunk_size
@@ -160,7 +209,7 @@ def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int
   t = jnp.arange(n_chunks * chunk_size, dtype=jnp.int32)
   since_start = t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
   reach = jnp.minimum(since_start, t % chunk_size)
-  intra = chunk_taps(u32, reach, modal_kernel(log_poles, residues, chunk_size))
+  intra = CHUNK_TAPS[taps](u32, reach, modal_kernel(log_poles, residues, chunk_size))
   intra = intra.reshape(u_c.shape)
 
   # Across chunks: the state at each chunk end, from the chunk's last document and the state before.

@@ -8,6 +8,7 @@ against a direct FFT convolution of each document.
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from hybrids.data import pipeline
 from hybrids.data.shards import ShardWindowSource
 from hybrids.data.text import TokenWindowSource
 from hybrids.layers import CausalConv1D, document_positions, document_starts
-from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel, segmented_modal_conv
+from hybrids.longconv import CHUNK_TAPS, causal_fft_conv, modal_final_state, modal_kernel, segmented_modal_conv
 from hybrids.mixers import MIXERS
 from hybrids.mixers.contract import supports_segments
 from hybrids.mixers.gla import GatedLinearAttention
@@ -145,10 +146,11 @@ def test_causal_conv_reads_no_earlier_document():
   close(state, conv(x[:, LEN_A:LEN_A + 2], return_state=True)[1])
 
 
-def test_segmented_modal_conv_equals_each_document_convolved_alone():
+@pytest.mark.parametrize("taps", sorted(CHUNK_TAPS))
+def test_segmented_modal_conv_equals_each_document_convolved_alone(taps):
   """Documents of 1 to 12 tokens, different in each row, starting at t = 0, inside chunks of 4 and on
   their edges (the mixers' tests run one padded chunk of 32): outputs, the last document's state and
-  every gradient equal a direct FFT convolution of each document alone."""
+  every gradient equal a direct FFT convolution of each document alone, with either form of the taps."""
   keys = jax.random.split(jax.random.key(5), 4)
   channels, modes, chunk_size = 3, 4, 4
   # Decay rates exp(ν) from ~0.007 (a memory of ~150 tokens, as the mixers' slowest) to ~1.6 (< 1 token).
@@ -161,7 +163,7 @@ def test_segmented_modal_conv_equals_each_document_convolved_alone():
   filters = lambda p: (jax.lax.complex(-jnp.exp(p["rate"]), p["angle"]), jax.lax.complex(*p["residues"]))
 
   def packed(p, u):
-    return segmented_modal_conv(u, *filters(p), seg, chunk_size=chunk_size)
+    return segmented_modal_conv(u, *filters(p), seg, chunk_size=chunk_size, taps=taps)
 
   def alone(p, u):
     log_poles, residues = filters(p)
@@ -186,10 +188,13 @@ def test_segmented_modal_conv_equals_each_document_convolved_alone():
   jax.tree.map(lambda a, b: close(a, b, MODAL_GRAD_TOL), grads, grads_ref)
 
 
-def test_segmented_modal_conv_refuses_a_bad_chunk():
+def test_segmented_modal_conv_refuses_a_bad_chunk_or_taps():
+  args = (jnp.zeros((1, 4, 2)), jnp.zeros((2, 3), jnp.complex64), jnp.zeros((2, 3), jnp.complex64),
+          jnp.zeros((1, 4), jnp.int32))
   with pytest.raises(ValueError, match="chunk_size=0"):
-    segmented_modal_conv(jnp.zeros((1, 4, 2)), jnp.zeros((2, 3), jnp.complex64), jnp.zeros((2, 3), jnp.complex64),
-                         jnp.zeros((1, 4), jnp.int32), chunk_size=0)
+    segmented_modal_conv(*args, chunk_size=0)
+  with pytest.raises(ValueError, match=r"taps='fft' is not one of \['scan', 'unrolled'\]"):
+    segmented_modal_conv(*args, taps="fft")
 
 
 def alone(x):
@@ -358,3 +363,16 @@ def test_text_run_trains_with_segment_ids(tmp_path, monkeypatch):
   s = train_lib.train(text_config(tmp_path, ("mamba", "swa")), str(tmp_path / "run"), progress=False)
   assert s["status"] == "done" and np.isfinite(s["train_loss"])
   assert seen and all(ids is not None for ids in seen)
+
+
+def test_bench_longconv_checks_every_row_before_timing_it(tmp_path):
+  """``python -m hybrids.bench_longconv --quick``: every form of the taps, one and several documents a
+  row, each checked against the FFT of every document alone, rows written to the JSON."""
+  from hybrids import bench_longconv
+
+  path = tmp_path / "longconv.json"
+  assert bench_longconv.main(["--quick", "--segments", "3", "--json", str(path)]) == 0
+  rows = json.loads(path.read_text())["rows"]
+  assert [r["impl"] for r in rows] == ["fft conv, 1 doc/row"] + [
+      f"segmented, {taps} taps, {n}" for taps in CHUNK_TAPS for n in ("1 doc/row", "3 docs/row")]
+  assert all(r["rel_err"] < bench_longconv.TOL and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
