@@ -377,6 +377,7 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
   # other slots drain first and wait), since its share of memory, not the run, was what failed.
   alone: list[dict] = []
   retried_alone: set[str] = set()
+  solo: int | None = None  # the slot of the run that has the GPUs to itself, while it runs
   log_start: dict[str, int] = {}  # run → where this attempt's output starts in its launch.log
   stop = {"signum": None}
 
@@ -396,8 +397,8 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
         if alone:
           if active:  # the GPUs drain before a run that needs them to itself
             break
-          row, share = alone.pop(0), 1
-        elif queue and not any(r.get("alone") for _, r, _ in active.values()):
+          row, share, solo = alone.pop(0), 1, slot
+        elif queue and solo is None:
           row, share = queue.pop(0), runs_per_device
         else:
           continue
@@ -418,12 +419,11 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
         if proc.poll() is not None:
           log.close()
           row["returncode"] = proc.returncode
-          row.pop("alone", None)
           del active[slot]
+          solo = None if slot == solo else solo
           if (packed and proc.returncode != 0 and row["run"] not in retried_alone and stop["signum"] is None
               and _ran_out_of_memory(os.path.join(row["workdir"], runs.LOG_FILE), log_start[row["run"]])):
             retried_alone.add(row["run"])
-            row["alone"] = True
             alone.append(row)
             print(f"[launch] {row['run']}: out of GPU memory beside {runs_per_device - 1} packed run(s); "
                   "retrying it once with the GPUs to itself", flush=True)
