@@ -967,11 +967,9 @@ def state_tradeoff_section(best: list[Run], cells: list[Cell]) -> list[str]:
       knobs[label] = [k for k in STATE_KNOBS if len({json.dumps(r.model.get(k)) for r in mine}) > 1]
     rows = []
     for r in sorted(members, key=lambda r: (r.state_bytes, -r.accuracy)):
-      c = cell_of.get(r.run_id)
-      lr = f"{_lr_text(run_lr(r))}" + (f" of {len(c.grid)}" if c is not None and len(c.grid) > 1 else "")
-      flags = ((" **edge**" if c is not None and c.edge else "") + (" (incomplete)" if c is not None and c.missing else ""))
       knob = ", ".join(f"{k}={r.model.get(k)}" for k in knobs[r.label]) or "—"
-      rows.append([r.label, knob, f"{r.state_bytes:,.0f}", f"{r.accuracy:.3f}", lr + flags,
+      lr, flags = _chosen_lr(r, cell_of)
+      rows.append([r.label, knob, f"{r.state_bytes:,.0f}", f"{r.accuracy:.3f}", lr.removeprefix("lr ") + flags,
                    "yes" if (r.state_bytes, r.accuracy) in frontier else ""])
     md += [f"{_panel_title(panel)} — each point's best learning rate, by state size:", ""]
     md += _table(["mixer", "state knob", "state bytes / sequence", "accuracy", "lr", "on the frontier"], rows) + [""]
@@ -1340,6 +1338,14 @@ def learning_rate_section(cells: list[Cell]) -> list[str]:
   return md
 
 
+def _chosen_lr(run: Run, cell_of: dict[str, Cell]) -> tuple[str, str]:
+  """``("lr 2.2e-3 of 4", " **edge** (incomplete)")``: a best-lr run's rate, how many its cell tried, and
+  its cell's flags."""
+  c = cell_of.get(run.run_id)
+  lr = f"lr {_lr_text(run_lr(run))}" + (f" of {len(c.grid)}" if c is not None and len(c.grid) > 1 else "")
+  return lr, (" **edge**" if c is not None and c.edge else "") + (" (incomplete)" if c is not None and c.missing else "")
+
+
 def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:
   """Markdown: per (seq_len, kv pairs), MQAR accuracy of each mixer at each width, with its winning lr."""
   table = mqar_width_table(best)
@@ -1357,12 +1363,7 @@ def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:
         if r is None:
           cols.append("—")
           continue
-        c = cell_of.get(r.run_id)
-        lr = f"lr {_lr_text(run_lr(r))}"
-        if c is not None and len(c.grid) > 1:
-          lr += f" of {len(c.grid)}"
-        flags = ((" **edge**" if c is not None and c.edge else "")
-                 + (" (incomplete)" if c is not None and c.missing else ""))
+        lr, flags = _chosen_lr(r, cell_of)
         cols.append(f"{r.accuracy:.3f} ({lr}){flags}")
       rows.append([key, *cols])
     md += [f"{_panel_title(panel)} — accuracy of the best learning rate "
