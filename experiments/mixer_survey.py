@@ -83,8 +83,21 @@ line checks every shard's sha256 against the ones prepared here.) Then, in the s
 Variants: ``None`` (full, 768 runs: about days of one H100 — unmeasured); ``1m``, ``2m``, ``5m``,
 ``10m``: the full grid at one size (192 runs each), the slices a GPU slot works through (the sweep is
 idempotent: re-running a slice starts only the points without a finished run); ``small``: every
-pattern at 1m at its table learning rate only (64 runs, no lr selection); ``tiny``: a few-second CPU
-smoke test (2 points, used by ``tests/test_experiments.py``).
+pattern at 1m at its table learning rate only (64 runs, no lr selection); ``pilot``: ``small`` on a
+subset of the corpus that fits one GPU call's carry (below), the first run of every pattern on a GPU
+(a look at the pipeline and at each mixer on real packed text, not a comparison: one untuned learning
+rate, one size); ``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
+
+The pilot corpus: the ``fs/``, ``kernel/`` and ``mm/`` C sources of the same archive (58.9 MB), the
+same tokenizer (``--tokenizer-file``), 1% held out; its train split must hold 1m's 17.1M tokens
+(``check_corpus`` refuses otherwise). Its shards travel in one call beside the code:
+
+    python -m hybrids.data.prepare --input build/linux/linux-source-6.1.tar.xz \
+        --members 'linux-source-6.1/fs/*.c,linux-source-6.1/fs/*.h,linux-source-6.1/kernel/*.c,linux-source-6.1/kernel/*.h,linux-source-6.1/mm/*.c,linux-source-6.1/mm/*.h' \
+        --doc-bytes 33554432 --tokenizer bpe:16384 --tokenizer-file build/linux/tokenizer.json \
+        --output data/linux-6.1-bpe16k-pilot
+    # on the GPU machine, carry ["data/linux-6.1-bpe16k-pilot", …]:
+    python -m launch sweep experiments/mixer_survey.py:pilot --backend local --runs-per-device 8 --mps --root runs
 
 Corpus check: ``get_sweep`` refuses, in one line naming ``train.steps × train.batch_size ×
 data.seq_len`` and ``data.path``, any point whose training tokens exceed the train split of the
@@ -103,6 +116,7 @@ from hybrids.mixers import MIXERS
 from hybrids.sizes import chinchilla_steps
 
 DATA_PATH = "data/linux-6.1-bpe16k"
+PILOT_DATA_PATH = "data/linux-6.1-bpe16k-pilot"  # fs/, kernel/, mm/ of the same sources, same tokenizer
 ATTENTION_MIXERS = ("attention", "swa", "fox")  # references: run alone, not in (m, m, swa)
 RECURRENT = tuple(name for name in MIXERS if name not in ATTENTION_MIXERS)
 WINDOWS = (64, 512)   # the small window the survey is about, and one larger
@@ -112,7 +126,7 @@ TOKENS_PER_STEP = {"1m": 2**15, "2m": 2**15, "5m": 2**16, "10m": 2**17}
 LR = {"1m": 3e-3, "2m": 2.5e-3, "5m": 2e-3, "10m": 1.5e-3}
 LR_FACTORS = (0.5, 1.0, 2.0)
 TOKENS_PER_PARAM = 20
-VARIANTS = ("small",) + SIZES + ("tiny",)
+VARIANTS = ("small", "pilot") + SIZES + ("tiny",)
 
 
 
@@ -131,7 +145,7 @@ def get_config(arg: str | None = None):
   """The Mamba hybrid (mamba, mamba, swa) at 1m on the Linux corpus; points set pattern, window, size, lr, steps."""
   check_variant("mixer_survey", arg, VARIANTS)
   c = base_config("shards")
-  c.data.path = DATA_PATH
+  c.data.path = PILOT_DATA_PATH if arg == "pilot" else DATA_PATH
   c.data.seq_len = SEQ_LEN
   c.model.size = "1m"
   c.model.pattern = ("mamba", "mamba", "swa")
@@ -186,13 +200,13 @@ def get_sweep(h, arg: str | None = None, check_corpus_tokens: bool = True):
     return h.product(variant + [h.sweep("model.pattern", [("gla", "gla", "swa"), ("mamba", "mamba", "swa")])])
   base = get_config(arg)
   grid = []
-  for size in ((arg,) if arg in SIZES else ("1m",) if arg == "small" else SIZES):
+  for size in ((arg,) if arg in SIZES else ("1m",) if arg in ("small", "pilot") else SIZES):
     fields = rung(base, size)
-    factors = (1.0,) if arg == "small" else LR_FACTORS
+    factors = (1.0,) if arg in ("small", "pilot") else LR_FACTORS
     for pattern, window in patterns():
       for factor in factors:
         grid.append(fields | {"model.pattern": pattern, "model.window": window, "train.lr": LR[size] * factor})
   points = h.product(variant + [grid])
   if check_corpus_tokens:
-    check_corpus(points, base)
+    check_corpus(points, base, base.data.path)
   return points

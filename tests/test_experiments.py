@@ -45,6 +45,7 @@ SWEEP_SIZES = {
     # Every recurrent mixer pure and hybrid at two windows, plus 4 references (a new mixer joins the survey),
     # × 3 learning rates, at 4 sizes in full and one size per slice; small: 1m at one lr.
     ("mixer_survey", None): 4 * 3 * SURVEY_PATTERNS, ("mixer_survey", "small"): SURVEY_PATTERNS,
+    ("mixer_survey", "pilot"): SURVEY_PATTERNS,
     ("mixer_survey", "tiny"): 2,
     **{("mixer_survey", size): 3 * SURVEY_PATTERNS for size in ("1m", "2m", "5m", "10m")},
 }
@@ -78,7 +79,7 @@ def corpus_dir(tmp_path_factory):
   words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxers".split()
   text = "".join(" ".join(rng.choice(words) for _ in range(8)) + ".\n" for _ in range(800))
   (root / "corpus.txt").write_text(text)
-  for name in ("gcide-bytes", "linux-6.1-bpe16k"):  # the survey's corpus: the same stand-in
+  for name in ("gcide-bytes", "linux-6.1-bpe16k", "linux-6.1-bpe16k-pilot"):  # the survey's corpora: the same stand-in
     prepare.prepare(str(root / "corpus.txt"), "bytes", str(root / "data" / name), heldout_fraction=0.5,
                     doc_bytes=2048, progress=False, log=lambda *_: None)
   previous = os.getcwd()
