@@ -27,6 +27,11 @@ and PNGs beside them (matplotlib, Agg), each plot only when it can answer its qu
   α and 95% bootstrap intervals of each; each hybrid ``(m, m, swa)`` against the Mamba hybrid of the same
   window (the interval of the loss difference, and one sentence naming those that beat it, lose, or
   cannot be told apart); the pure − hybrid gap per recurrent mixer at both budgets, with intervals;
+- ``survey_one_budget.png`` with its tables (``one_budget_section``; survey runs — recurrent mixers pure and
+  as ``(m, m, swa)`` — with no fit yet, e.g. the survey's pilot at one size): per size, each mixer's
+  best-lr loss pure (hollow) and hybridized at each window, references as vertical lines, and a table of
+  the losses, the pure − hybrid gap and the difference to the Mamba hybrid per window, saying so when a
+  cell tried one learning rate; it replaces the window ablation for such runs;
 - ``isoflop.png``: loss vs non-embedding params per budget with its parabola and compute-optimal size,
   when a budget has ≥ 3 sizes of one mixer (Chinchilla Approach 2);
 - ``retrieval_<run>.png``: retrieval accuracy heatmap, length × depth (``eval/retrieval.json``);
@@ -46,7 +51,7 @@ points of ``sweep.json`` without a finished run. ``report.json`` (written atomic
 FLOPs / loss / accuracy: ``pandas.json_normalize(report["runs"])`` gives one row per run), ``cells`` (the
 varying fields, metric, every lr with its metric and run, best lr, tied lrs, edge flag, missing lrs),
 ``fits`` (E, A, α, CIs, frontier, whether plotted), ``survey`` (the budgets, ranking, comparisons with the
-Mamba hybrid and pure − hybrid gaps, or null), ``isoflop``, ``figures`` and ``missing``.
+Mamba hybrid and pure − hybrid gaps; ``{"one_budget": [...]}`` for a survey with no fit; or null), ``isoflop``, ``figures`` and ``missing``.
 
 A run is grouped by its mixer label: the mixers of its layers joined by ``+`` (``rglru+swa`` for
 ``('rglru', 'rglru', 'swa')``), with the named topology of ``hybrids.topologies`` it matches; series
@@ -552,8 +557,9 @@ MAMBA_HYBRID = ("hybrid", "mamba")                # the hybrid every other is me
 EXTRAPOLATION = 10.0                              # rank at this multiple of the largest budget
 
 
-def _kind(f: SeriesFit) -> tuple[str, str | None]:
-  """``("pure", m)``, ``("hybrid", m)`` (one recurrent mixer with SWA) or ``("reference"/"other", None)``."""
+def _kind(f: SeriesFit | Run) -> tuple[str, str | None]:
+  """``("pure", m)``, ``("hybrid", m)`` (one recurrent mixer with SWA) or ``("reference"/"other", None)``
+  of a fitted series or of a run."""
   recurrent = [m for m in f.mixers if m not in REFERENCE_MIXERS]
   if len(recurrent) == 1 and set(f.mixers) == {recurrent[0]}:
     return "pure", recurrent[0]
@@ -657,6 +663,123 @@ def survey_section(fits: list[SeriesFit]) -> tuple[list[str], dict | None]:
                   for g in sorted(gaps, key=lambda g: (g["mixer"], g["window"] or 0))]) + [""]
   return md, {"common_budget": common, "target_budget": target, "ranking": ranking, "versus_mamba_hybrid": versus,
               "pure_minus_hybrid": gaps}
+
+
+@dataclasses.dataclass
+class OneBudgetSurvey:
+  """The survey's runs at one size, where no scaling fit exists yet (a pilot, or one slice): each
+  recurrent mixer's best-lr loss pure and hybridized at each window, and the references."""
+  size: str
+  windows: list[int]
+  mixers: dict[str, dict]             # mixer → {"pure": Run | None, window: Run}
+  references: list[Run]               # attention, FoX, SWA alone
+  single_lr: bool                     # some cell tried one learning rate: not comparable across mixers
+
+
+def one_budget_surveys(best: list[Run], cells: list[Cell]) -> list[OneBudgetSurvey]:
+  """Per size (``model.size``, else non-embedding params), the survey view of the best-lr runs — when
+  that size has at least one recurrent mixer both pure and hybridized."""
+  by_size = defaultdict(list)
+  for r in best:
+    if r.status == FINISHED and r.loss is not None and not r.is_mqar:
+      by_size[r.model.get("size") or _count(r.non_embedding_params)].append(r)
+  grid = {c.best.run_id: len(c.grid) for c in cells if c.best is not None}
+  out = []
+  for size, members in sorted(by_size.items(), key=lambda kv: min(r.non_embedding_params or 0 for r in kv[1])):
+    mixers: dict[str, dict] = defaultdict(dict)
+    references = []
+    for r in members:
+      kind, mixer = _kind(r)
+      if kind == "pure":
+        mixers[mixer]["pure"] = r
+      elif kind == "hybrid":
+        mixers[mixer][r.window] = r
+      elif kind == "reference":
+        references.append(r)
+    if not any("pure" in v and len(v) > 1 for v in mixers.values()):
+      continue
+    windows = sorted({w for v in mixers.values() for w in v if w != "pure"})
+    out.append(OneBudgetSurvey(str(size), windows, dict(mixers), sorted(references, key=lambda r: (r.label, r.window or 0)),
+                               any(grid.get(r.run_id, 1) < 2 for r in members)))
+  return out
+
+
+def _survey_order(survey: OneBudgetSurvey) -> list[str]:
+  """Mixers by their hybrid's loss at the smallest window (the survey's question), then pure loss."""
+  first = survey.windows[0] if survey.windows else None
+  key = lambda m: (survey.mixers[m].get(first).loss if survey.mixers[m].get(first) else math.inf,
+                   survey.mixers[m]["pure"].loss if "pure" in survey.mixers[m] else math.inf)
+  return sorted(survey.mixers, key=key)
+
+
+def one_budget_section(surveys: list[OneBudgetSurvey], figure: str | None) -> tuple[list[str], list[dict]]:
+  """Markdown and JSON: per size, each mixer's pure and hybrid losses, its pure − hybrid gap per window,
+  and the hybrid's difference to the Mamba hybrid of the same window (no intervals: one run each)."""
+  md, data = [], []
+  if not surveys:
+    return md, data
+  md += ["## The survey at one budget", "",
+         "No scaling fit yet (one size, or too few budgets): each recurrent mixer's eval loss at its best "
+         "learning rate, pure and as `(m, m, swa)` at each window; gap = pure − hybrid (positive: the window "
+         "helps); vs Mamba = hybrid − the Mamba hybrid of the same window (negative: better). One run per "
+         "entry, so no intervals.", ""] + ([f"![the survey at one budget]({figure})", ""] if figure else [])
+  for survey in surveys:
+    if survey.single_lr:
+      md += [f"**{survey.size}: one learning rate per cell (untuned): differences between mixers may be the "
+             "learning rate's, not the mixer's.**", ""]
+    mamba = survey.mixers.get("mamba", {})
+    rows = []
+    for m in _survey_order(survey):
+      entry = survey.mixers[m]
+      pure = entry.get("pure")
+      row = [m, _num(pure.loss, ".4f") if pure else "—"]
+      record = {"size": survey.size, "mixer": m, "pure": pure.loss if pure else None}
+      for w in survey.windows:
+        hybrid = entry.get(w)
+        gap = pure.loss - hybrid.loss if pure and hybrid else None
+        versus = hybrid.loss - mamba[w].loss if hybrid and w in mamba and m != "mamba" else None
+        row += [_num(hybrid.loss, ".4f") if hybrid else "—", _num(gap, "+.4f"), _num(versus, "+.4f")]
+        record |= {f"hybrid_w{w}": hybrid.loss if hybrid else None, f"gap_w{w}": gap, f"vs_mamba_w{w}": versus}
+      rows.append(row)
+      data.append(record)
+    header = ["mixer", "pure"] + [x for w in survey.windows for x in (f"hybrid w={w}", f"gap w={w}", f"vs Mamba w={w}")]
+    md += [f"{survey.size} (sorted by the hybrid at the smallest window):", ""] + _table(header, rows) + [""]
+    if survey.references:
+      md += ["References: " + ", ".join(f"{r.label}" + (f" w={r.window}" if r.window else "") + f" {r.loss:.4f}"
+                                       for r in survey.references) + ".", ""]
+  return md, data
+
+
+def plot_one_budget(surveys: list[OneBudgetSurvey], out: str) -> str | None:
+  """One panel per size: mixers down the side (best hybrid first), eval loss across; pure hollow, each
+  window's hybrid filled; references as vertical lines."""
+  if not surveys:
+    return None
+  import matplotlib.pyplot as plt
+
+  tallest = max(len(s.mixers) for s in surveys)
+  fig, axes = plt.subplots(1, len(surveys), figsize=(6.8 * len(surveys), 1.4 + 0.32 * tallest), squeeze=False)
+  markers = ["o", "^", "s", "D"]
+  for ax, survey in zip(axes[0], surveys):
+    order = _survey_order(survey)[::-1]  # best at the top
+    y = {m: i for i, m in enumerate(order)}
+    pure = [(survey.mixers[m]["pure"].loss, y[m]) for m in order if "pure" in survey.mixers[m]]
+    ax.scatter(*zip(*pure), facecolors="white", edgecolors="black", s=30, label="pure", zorder=3)
+    for i, w in enumerate(survey.windows):
+      points = [(survey.mixers[m][w].loss, y[m]) for m in order if w in survey.mixers[m]]
+      if points:
+        ax.scatter(*zip(*points), marker=markers[(i + 1) % len(markers)], s=30, zorder=3, label=f"(m, m, swa) w={w}")
+    for m in order:  # the window's effect, pure → hybrid
+      ends = [survey.mixers[m][k].loss for k in ["pure", *survey.windows] if k in survey.mixers[m]]
+      ax.plot([min(ends), max(ends)], [y[m], y[m]], color="gray", lw=0.8, zorder=1)
+    styles = ["--", ":", "-.", (0, (1, 3))]
+    for j, r in enumerate(survey.references):
+      ax.axvline(r.loss, color="gray", ls=styles[j % len(styles)], lw=1,
+                 label=f"{r.label}" + (f" w={r.window}" if r.window else ""))
+    ax.set_yticks(range(len(order)), order)
+    ax.set(xlabel="eval loss (best lr)", title=f"{survey.size}" + (", one lr per cell" if survey.single_lr else ""))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the rows
+  return _save(fig, out, "survey_one_budget.png")
 
 
 @dataclasses.dataclass
@@ -982,7 +1105,8 @@ STATE_KNOBS = ("d_model", "feature_dim", "window", "d_state", "key_expansion", "
 
 
 # The figures a report writes into ``out`` (fixed names, and one per evaluated run).
-REPORT_FIGURES = ("loss_vs_flops.png", "isoflop.png", "mqar_vs_width.png", "state_tradeoff.png", "window_ablation.png")
+REPORT_FIGURES = ("loss_vs_flops.png", "isoflop.png", "mqar_vs_width.png", "state_tradeoff.png", "window_ablation.png",
+                  "survey_one_budget.png")
 REPORT_FIGURE_PREFIXES = ("retrieval_", "position_")
 
 
@@ -1398,8 +1522,10 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
   best = best_runs(runs, cells)
   edge = frozenset(c.best.run_id for c in cells if c.edge and c.best is not None)
 
-  # The study's own question first: the window ablation, then MQAR accuracy; loss vs FLOPs after.
-  ablation = window_ablation(best)
+  # The study's own question first: the window ablation, then MQAR accuracy; loss vs FLOPs after. Survey
+  # runs (recurrent mixers pure and hybridized) have their own one-budget view instead of the ablation.
+  one_budget = one_budget_surveys(best, cells)
+  ablation = window_ablation([] if one_budget else best)
   figure = plot_window_ablation(ablation, out)
   if figure:
     figures.append(figure)
@@ -1456,6 +1582,13 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
 
   survey_md, survey = survey_section(fits)
   md += survey_md
+  if survey is None and one_budget:
+    figure = plot_one_budget(one_budget, out)
+    if figure:
+      figures.append(figure)
+    one_md, one_data = one_budget_section(one_budget, figure)
+    md += one_md
+    survey = {"one_budget": one_data}
 
   curves = isoflop_curves(runs)
   figure = plot_isoflop(curves, out)

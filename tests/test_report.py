@@ -427,6 +427,36 @@ SURVEY_LAWS = {  # pattern → (E, α): same A, so at every budget the order of 
 }
 
 
+def test_survey_at_one_budget_shows_each_mixer_pure_and_hybridized(tmp_path):
+  """The survey's pilot (one size, one lr, no fit possible): a table and a plot of each recurrent mixer
+  pure and as (m, m, swa) per window, sorted by the hybrid at the smallest window, with the gap and the
+  difference to the Mamba hybrid; the untuned lr is said; no window ablation (this view replaces it)."""
+  root, out = str(tmp_path / "pilot"), tmp_path / "out"
+  pure = {"mamba": 4.0, "gla": 3.9, "rglru": 4.2}
+  gain = {64: 0.2, 512: 0.3}
+  for m, loss in pure.items():
+    for pattern, window, value in [((m,), 64, loss)] + [((m, m, "swa"), w, loss - g) for w, g in gain.items()]:
+      write_run(root, f"p-{'-'.join(pattern)}-{window}", _config(pattern, 128, window=window, size="1m", data="shards"),
+                loss=value, non_embedding=0.85e6, tokens=17e6)
+  for pattern, window, value in ((("attention",), 64, 3.85), (("swa",), 64, 4.1)):
+    write_run(root, f"p-{pattern[0]}-{window}", _config(pattern, 128, window=window, size="1m", data="shards"),
+              loss=value, non_embedding=0.85e6, tokens=17e6)
+  assert report.main([root, "--bootstrap", "0", "--out", str(out)]) == 0
+  md = (out / "report.md").read_text()
+  data = json.loads((out / "report.json").read_text())
+  assert data["figures"] == ["survey_one_budget.png"] and "## Window ablation" not in md
+  assert (out / "survey_one_budget.png").stat().st_size > 1000
+  section = _section(md, "The survey at one budget")
+  assert "**1m: one learning rate per cell (untuned)" in section
+  rows = [l for l in section.splitlines() if l.startswith("| ") and not l.startswith("| mixer")]
+  assert [r.split(" | ")[0].strip("| ") for r in rows] == ["gla", "mamba", "rglru"]
+  assert rows[0] == "| gla | 3.9000 | 3.7000 | +0.2000 | -0.1000 | 3.6000 | +0.3000 | -0.1000 |"
+  assert rows[1] == "| mamba | 4.0000 | 3.8000 | +0.2000 | — | 3.7000 | +0.3000 | — |"
+  assert "References: attention 3.8500, swa w=64 4.1000." in section
+  one = {r["mixer"]: r for r in data["survey"]["one_budget"]}
+  assert one["rglru"]["vs_mamba_w512"] == pytest.approx(0.2) and one["gla"]["gap_w64"] == pytest.approx(0.2)
+
+
 def test_survey_ranks_hybrids_and_names_those_that_beat_the_mamba_hybrid(tmp_path):
   root = str(tmp_path / "survey")
   rng = np.random.default_rng(3)
