@@ -97,13 +97,18 @@ def _cloud_options(args):
 
 def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") -> tuple[list[dict], list[dict]]:
   """``(all rows, rows to launch)``: done, diverged and given-up runs are not launched again, nor
-  (except locally, where the new process waits for the run's lock) runs that are training now."""
+  (except locally, where the new process waits for the run's lock) runs that are training now.
+
+  Runs that resume from a checkpoint are launched first, the furthest trained first, then the rest in
+  the sweep's order: in a time-limited slot, work already done is finished before new work starts (and
+  a checkpoint carried into the slot is used in it)."""
   from launch import runs
 
   rows, todo = [], []
   for rid, point, _ in selected:
     row = {"run": rid, "point": point, "workdir": os.path.join(root, rid)}
     row.update(runs.run_state(row["workdir"]))
+    row["resume_step"] = runs.latest_checkpoint_step(row["workdir"]) if row["status"] != "pending" else 0
     if row["status"] == "done":
       row["action"] = "skip (done)"
     elif row["status"] == "diverged":
@@ -114,10 +119,11 @@ def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") 
       row["action"] = f"skip (failed {row['failures']} times > --max-retries {max_retries})"
     else:
       row["action"] = {"pending": "start", "running": "wait for the live process, then resume",
-                       "interrupted": f"resume from step {runs.latest_checkpoint_step(row['workdir'])}",
+                       "interrupted": f"resume from step {row['resume_step']}",
                        "failed": f"retry ({row['failures']} failure(s) so far)"}.get(row["status"], "start")
       todo.append(row)
     rows.append(row)
+  todo.sort(key=lambda row: -row["resume_step"])  # stable: the sweep's order within each step
   return rows, todo
 
 

@@ -352,6 +352,23 @@ def test_status_table_and_retry_limit(tmp_path, capsys):
   assert main(["status", str(tmp_path / "missing")]) == 2
 
 
+def test_runs_resuming_from_a_checkpoint_launch_first(tmp_path):
+  """In a time-limited slot, finish what has started: runs with a checkpoint go first, the furthest
+  trained first; the rest (new runs, runs cut before their first checkpoint) keep the sweep's order."""
+  from launch.__main__ import plan_rows
+
+  root = tmp_path / "sweep"
+  for rid, step in (("s-new", None), ("s-40", 40), ("s-cut", 0), ("s-80", 80)):
+    workdir = _fake_run(root, rid, summary=None if step is None else {"status": "interrupted", "step": step,
+                                                                      "steps": 100})
+    if step:
+      os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
+  rows, todo = plan_rows(str(root), [(rid, {}, None) for rid in ("s-new", "s-40", "s-cut", "s-80")], max_retries=2)
+  assert [r["run"] for r in todo] == ["s-80", "s-40", "s-new", "s-cut"]
+  assert [r["run"] for r in rows] == ["s-new", "s-40", "s-cut", "s-80"]  # the table keeps the sweep's order
+  assert {r["run"]: r["action"] for r in rows}["s-80"] == "resume from step 80"
+
+
 # ----------------------------------------------------------------------------- reliability
 
 def _wait_for_steps(targets, proc, timeout=300):
