@@ -108,7 +108,8 @@ def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") 
   for rid, point, _ in selected:
     row = {"run": rid, "point": point, "workdir": os.path.join(root, rid)}
     row.update(runs.run_state(row["workdir"]))
-    row["resume_step"] = runs.latest_checkpoint_step(row["workdir"]) if row["status"] != "pending" else 0
+    resumes = row["status"] in ("interrupted", "failed")  # not pending, nor held by a live process
+    row["resume_step"] = runs.latest_checkpoint_step(row["workdir"]) if resumes else 0
     if row["status"] == "done":
       row["action"] = "skip (done)"
     elif row["status"] == "diverged":
@@ -119,7 +120,7 @@ def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") 
       row["action"] = f"skip (failed {row['failures']} times > --max-retries {max_retries})"
     else:
       row["action"] = {"pending": "start", "running": "wait for the live process, then resume",
-                       "interrupted": f"resume from step {row['resume_step']}",
+                       "interrupted": f"resume from step {runs.latest_checkpoint_step(row['workdir'])}",
                        "failed": f"retry ({row['failures']} failure(s) so far)"}.get(row["status"], "start")
       todo.append(row)
     rows.append(row)

@@ -203,9 +203,11 @@ class Mps:
   def _last_log_line(self) -> str:
     """The last line the MPS server (else the control daemon) logged: it says why no client was served,
     where the client itself only says it found no device."""
+    if not self.log_dir:  # a daemon found running with no log directory named: not ours to guess
+      return ""
     for name in ("server.log", "control.log"):
       try:
-        with open(os.path.join(self.log_dir or "", name), errors="replace") as f:
+        with open(os.path.join(self.log_dir, name), errors="replace") as f:
           lines = [line.strip() for line in f if line.strip()]
       except OSError:
         continue
@@ -440,8 +442,9 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
   return 130 if stop["signum"] is not None else 0
 
 
-# What XLA and the CUDA allocator print when an allocation fails (BFC allocator, autotuner, cuBLAS/cuDNN).
-OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY")
+# What a failed allocation raises (XLA's status code; the CUDA driver's error). Not "out of memory" alone:
+# XLA's allocator also logs "ran out of memory ... this is not a failure" while autotuning.
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "CUDA_ERROR_OUT_OF_MEMORY")
 
 
 def _ran_out_of_memory(log_path: str, start: int) -> bool:
@@ -449,10 +452,10 @@ def _ran_out_of_memory(log_path: str, start: int) -> bool:
   try:
     with open(log_path, "rb") as f:
       f.seek(start)
-      text = f.read().decode("utf-8", "replace").lower()
+      text = f.read().decode("utf-8", "replace")
   except OSError:
     return False
-  return any(marker.lower() in text for marker in OUT_OF_MEMORY)
+  return any(marker in text for marker in OUT_OF_MEMORY)
 
 
 def _placement(group: list[str] | None) -> str:

@@ -674,33 +674,35 @@ class OneBudgetSurvey:
   mixers: dict[str, dict]             # mixer → {"pure": Run | None, window: Run}
   references: list[Run]               # attention, FoX, SWA alone
   single_lr: bool                     # some cell tried one learning rate: not comparable across mixers
+  merged: list[str] = dataclasses.field(default_factory=list)  # runs left out: another had their entry
 
 
 def one_budget_surveys(best: list[Run], cells: list[Cell]) -> list[OneBudgetSurvey]:
   """Per size (``model.size``, else non-embedding params), the survey view of the best-lr runs — when
   that size has at least one recurrent mixer both pure and hybridized."""
   by_size = defaultdict(list)
-  for r in best:
-    if r.status == FINISHED and r.loss is not None and not r.is_mqar:
+  for r in best:  # eval losses only (a run without an eval shows its training loss elsewhere)
+    if r.status == FINISHED and r.loss is not None and r.loss_source != "train" and not r.is_mqar:
       by_size[r.model.get("size") or _count(r.non_embedding_params)].append(r)
   grid = {c.best.run_id: len(c.grid) for c in cells if c.best is not None}
   out = []
   for size, members in sorted(by_size.items(), key=lambda kv: min(r.non_embedding_params or 0 for r in kv[1])):
     mixers: dict[str, dict] = defaultdict(dict)
-    references = []
-    for r in members:
+    references, merged = [], []
+    for r in sorted(members, key=lambda r: r.loss):  # where two runs share an entry, the better is kept
       kind, mixer = _kind(r)
-      if kind == "pure":
-        mixers[mixer]["pure"] = r
-      elif kind == "hybrid":
-        mixers[mixer][r.window] = r
-      elif kind == "reference":
+      slot = "pure" if kind == "pure" else r.window if kind == "hybrid" and r.window is not None else None
+      if kind == "reference":
         references.append(r)
+      elif slot is not None and slot in mixers[mixer]:
+        merged.append(f"`{r.run_id}` ({r.series}) behind `{mixers[mixer][slot].run_id}`")
+      elif slot is not None:
+        mixers[mixer][slot] = r
     if not any("pure" in v and len(v) > 1 for v in mixers.values()):
       continue
     windows = sorted({w for v in mixers.values() for w in v if w != "pure"})
     out.append(OneBudgetSurvey(str(size), windows, dict(mixers), sorted(references, key=lambda r: (r.label, r.window or 0)),
-                               any(grid.get(r.run_id, 1) < 2 for r in members)))
+                               any(grid.get(r.run_id, 1) < 2 for r in members), merged))
   return out
 
 
@@ -747,6 +749,9 @@ def one_budget_section(surveys: list[OneBudgetSurvey], figure: str | None) -> tu
     if survey.references:
       md += ["References: " + ", ".join(f"{r.label}" + (f" w={r.window}" if r.window else "") + f" {r.loss:.4f}"
                                        for r in survey.references) + ".", ""]
+    if survey.merged:
+      md += ["Left out (another run of the same mixer and window at this size had a lower loss): "
+             + "; ".join(survey.merged) + ".", ""]
   return md, data
 
 
@@ -821,7 +826,8 @@ def _mqar_panels(runs: list[Run], require: str) -> dict[tuple, list[Run]]:
       segments = run.data.get("eval_segments")
       key = ("mixture", tuple(tuple(s) for s in segments)) if segments else (run.seq_len, run.data.get("num_kv_pairs"))
       panels[key].append(run)
-  return dict(sorted(panels.items(), key=lambda kv: (kv[0][0] == "mixture", str(kv[0]))))
+  return dict(sorted(panels.items(), key=lambda kv: (1, str(kv[0])) if _is_mixture(kv[0])
+                     else (0, tuple(x or 0 for x in kv[0]))))
 
 
 def _is_mixture(panel: tuple) -> bool:
@@ -1111,11 +1117,18 @@ REPORT_FIGURE_PREFIXES = ("retrieval_", "position_")
 
 
 def _remove_stale_figures(out: str, drawn: list[str]) -> None:
-  """A figure an earlier report drew in ``out`` and this one did not (its question no longer applies, or
-  a fixed report stopped drawing it) would sit beside report.md as if current: removed."""
-  for name in os.listdir(out):
-    ours = name in REPORT_FIGURES or (name.endswith(".png") and name.startswith(REPORT_FIGURE_PREFIXES))
-    if ours and name not in drawn:
+  """A figure the previous report in ``out`` drew (its ``report.json`` lists it) and this one did not —
+  its question no longer applies, or a fixed report stopped drawing it — would sit beside report.md as
+  if current: removed. Nothing the previous report did not write is touched."""
+  try:
+    with open(os.path.join(out, "report.json")) as f:
+      previous = json.load(f).get("figures") or []
+  except (OSError, ValueError, AttributeError):
+    return
+  for name in previous:
+    ours = isinstance(name, str) and os.path.basename(name) == name and (
+        name in REPORT_FIGURES or (name.endswith(".png") and name.startswith(REPORT_FIGURE_PREFIXES)))
+    if ours and name not in drawn and os.path.isfile(os.path.join(out, name)):
       os.remove(os.path.join(out, name))
 
 
@@ -1524,7 +1537,9 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
 
   # The study's own question first: the window ablation, then MQAR accuracy; loss vs FLOPs after. Survey
   # runs (recurrent mixers pure and hybridized) have their own one-budget view instead of the ablation.
-  one_budget = one_budget_surveys(best, cells)
+  fits = fit_series(runs, n_bootstrap=n_bootstrap, seed=seed)
+  survey_md, survey = survey_section(fits)
+  one_budget = one_budget_surveys(best, cells) if survey is None else []
   ablation = window_ablation([] if one_budget else best)
   figure = plot_window_ablation(ablation, out)
   if figure:
@@ -1552,7 +1567,6 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
            f"![MQAR accuracy vs state size]({figure})", ""]
     md += state_tradeoff_section(best, cells)
 
-  fits = fit_series(runs, n_bootstrap=n_bootstrap, seed=seed)
   figure = plot_loss_vs_flops(runs, fits, out)
   if figure:
     figures.append(figure)
@@ -1580,9 +1594,8 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
            f"{MIN_FLOPS_SPAN:g}× in training FLOPs (these runs span {min(flops):.3g} to {max(flops):.3g} FLOPs, "
            f"{_ratio(max(flops) / min(flops))}×).", ""]
 
-  survey_md, survey = survey_section(fits)
   md += survey_md
-  if survey is None and one_budget:
+  if one_budget:
     figure = plot_one_budget(one_budget, out)
     if figure:
       figures.append(figure)

@@ -358,14 +358,16 @@ def test_runs_resuming_from_a_checkpoint_launch_first(tmp_path):
   from launch.__main__ import plan_rows
 
   root = tmp_path / "sweep"
-  for rid, step in (("s-new", None), ("s-40", 40), ("s-cut", 0), ("s-80", 80)):
+  names = ("s-new", "s-40", "s-live", "s-cut", "s-80")
+  for rid, step in zip(names, (None, 40, 90, 0, 80)):
     workdir = _fake_run(root, rid, summary=None if step is None else {"status": "interrupted", "step": step,
                                                                       "steps": 100})
     if step:
       os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
-  rows, todo = plan_rows(str(root), [(rid, {}, None) for rid in ("s-new", "s-40", "s-cut", "s-80")], max_retries=2)
-  assert [r["run"] for r in todo] == ["s-80", "s-40", "s-new", "s-cut"]
-  assert [r["run"] for r in rows] == ["s-new", "s-40", "s-cut", "s-80"]  # the table keeps the sweep's order
+  with runs.run_lock(str(root / "s-live")):  # a live process holds it: it waits for the lock, so not first
+    rows, todo = plan_rows(str(root), [(rid, {}, None) for rid in names], max_retries=2)
+  assert [r["run"] for r in todo] == ["s-80", "s-40", "s-new", "s-live", "s-cut"]
+  assert [r["run"] for r in rows] == list(names)  # the table keeps the sweep's order
   assert {r["run"]: r["action"] for r in rows}["s-80"] == "resume from step 80"
 
 
@@ -581,6 +583,13 @@ def test_mps_is_checked_before_anything_is_written_and_stops_only_its_own_daemon
   with pytest.raises(local.MpsError, match=r"\(no device; the daemon's log: \[2026-12-07\] Failed to start "
                                            r"server: device busy\); run without --mps"):
     local.Mps(base).start()
+  # A daemon found running with no log directory named: no log is guessed (not a server.log of the cwd).
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "server.log").write_text("someone else's log\n")
+  monkeypatch.setattr(local.Mps, "PROBE", ("sh", "-c", "echo no device >&2; exit 1"))
+  with pytest.raises(local.MpsError, match=r"\(no device\); run without --mps") as refused:
+    local.Mps({**base, "CUDA_MPS_PIPE_DIRECTORY": str(running)}).start()
+  assert "someone else's" not in str(refused.value)
   monkeypatch.setattr(local, "detect_devices", lambda environ=None: ("gpu", ["0"]))
   fresh = tmp_path / "fresh"
   assert main(["sweep", exp, "--root", str(fresh), "--runs-per-device", "2", "--mps"]) == 2
@@ -637,7 +646,9 @@ with open(os.path.join(os.path.dirname(workdir), "events"), "a") as f:
 if name == "big" and packed or name == "huge":
   print("jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.40GiB")
   sys.exit(1)
-if name == "broken":
+if name == "broken":  # XLA's allocator logs this while autotuning; it is not what failed
+  print("W bfc_allocator.cc:296] Allocator (GPU_0_bfc) ran out of memory trying to allocate 2.40GiB. The caller "
+        "indicates that this is not a failure, but this may mean that there could be performance gains")
   print("ValueError: not a memory problem")
   sys.exit(1)
 """

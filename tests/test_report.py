@@ -337,7 +337,8 @@ def test_learning_rate_cells_best_edge_and_missing(tmp_path):
 def test_based_tradeoff_runs_share_one_state_panel_and_stale_figures_go(tmp_path):
   """Based's Fig. 2: runs tested on one mixture (``data.eval_segments``) share one panel whatever length
   each trained at; the report draws accuracy vs state with a table by state size (knob named, frontier
-  marked) and no width plot, and removes the width plot an earlier report left in ``--out``."""
+  marked) and no width plot, and removes the width plot the earlier report in ``--out`` drew (only what
+  that report's report.json lists)."""
   root, out = str(tmp_path / "bt"), tmp_path / "out"
   mixture = [[64, 4, 1000], [256, 64, 1000], [1024, 256, 1000]]
   points = {  # run → (pattern, d_model, seq_len, knob, state bytes, accuracy)
@@ -354,11 +355,14 @@ def test_based_tradeoff_runs_share_one_state_panel_and_stale_figures_go(tmp_path
     write_run(root, run_id, config, loss=1.0 - acc, accuracy=acc, state_bytes=state)
   os.makedirs(out)
   (out / "mqar_vs_width.png").write_bytes(b"an earlier report's")
-  (out / "notes.png").write_bytes(b"not the report's")
+  (out / "report.json").write_text(json.dumps({"figures": ["mqar_vs_width.png"]}))  # the earlier report's list
+  for mine in ("notes.png", "position_embeddings.png"):  # the user's, though one has a report-like name
+    (out / mine).write_bytes(b"not the report's")
   assert report.main([root, "--bootstrap", "0", "--out", str(out)]) == 0
   md = (out / "report.md").read_text()
   assert not (out / "mqar_vs_width.png").exists() and "## MQAR accuracy vs width" not in md
-  assert (out / "notes.png").exists() and (out / "state_tradeoff.png").stat().st_size > 1000
+  assert (out / "notes.png").exists() and (out / "position_embeddings.png").exists()
+  assert (out / "state_tradeoff.png").stat().st_size > 1000
   assert json.loads((out / "report.json").read_text())["figures"] == ["state_tradeoff.png"]
   state = _section(md, "MQAR accuracy vs state size")
   assert "test: mixture of 3 segments, seq_len 64–1024, 4–256 kv pairs — each point's best learning rate" in state
@@ -457,6 +461,19 @@ def test_survey_at_one_budget_shows_each_mixer_pure_and_hybridized(tmp_path):
   assert one["rglru"]["vs_mamba_w512"] == pytest.approx(0.2) and one["gla"]["gap_w64"] == pytest.approx(0.2)
 
 
+def test_mqar_panels_run_in_order_of_length(tmp_path):
+  """Panels (and their tables) by sequence length as numbers: 64, 128, 1024 — not as text."""
+  root = str(tmp_path / "mqar")
+  for seq_len in (1024, 64, 128):
+    for d in (64, 128):
+      write_run(root, f"a-{seq_len}-{d}", _config(("attention",), d, seq_len=seq_len), loss=0.5, accuracy=0.9,
+                state_bytes=float(seq_len * d))
+  assert report.main([root, "--bootstrap", "0", "--out", str(tmp_path / "out")]) == 0
+  md = (tmp_path / "out" / "report.md").read_text()
+  at = [md.index(f"seq_len {n}, 4 kv pairs — accuracy") for n in (64, 128, 1024)]
+  assert at == sorted(at)
+
+
 def test_survey_ranks_hybrids_and_names_those_that_beat_the_mamba_hybrid(tmp_path):
   root = str(tmp_path / "survey")
   rng = np.random.default_rng(3)
@@ -495,6 +512,7 @@ def test_survey_ranks_hybrids_and_names_those_that_beat_the_mamba_hybrid(tmp_pat
   for mixer, true_gap in (("mamba", 0.2), ("gla", 0.1)):
     lo, hi = gaps[mixer]["gap_common_ci"]
     assert lo < true_gap < hi and abs(gaps[mixer]["gap_common"] - true_gap) < 0.02
+  assert "## The survey at one budget" not in md and "one_budget" not in survey  # fitted: the fits answer it
   statement = _section(md, "Hybrids against the Mamba hybrid")
   assert re.search(r"Beat the Mamba hybrid \(interval below 0\): gla\+swa[^.]*\. Worse than it \(interval above "
                    r"0\): rglru\+swa", statement)
