@@ -120,7 +120,7 @@ def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") 
       row["action"] = f"skip (failed {row['failures']} times > --max-retries {max_retries})"
     else:
       row["action"] = {"pending": "start", "running": "wait for the live process, then resume",
-                       "interrupted": f"resume from step {runs.latest_checkpoint_step(row['workdir'])}",
+                       "interrupted": f"resume from step {row['resume_step']}",
                        "failed": f"retry ({row['failures']} failure(s) so far)"}.get(row["status"], "start")
       todo.append(row)
     rows.append(row)
