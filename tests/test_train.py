@@ -321,15 +321,17 @@ def test_unparsable_checksums_since_leaves_a_step_without_checksums_untrusted(un
 
 
 def test_bench_step_times_the_loop_piece_by_piece(tmp_path, capsys):
-  """``python -m hybrids.bench_step``: the four loops of its docstring on the config's own step and
-  pipeline, rows in the JSON; a misspelt field is one error line, exit status 2, before anything runs."""
+  """``python -m hybrids.bench_step``: the loops of its docstring on the config's own step and
+  pipeline (row 5: two runs vmapped into one step), rows in the JSON; a misspelt field or a group of one
+  is one error line, exit status 2, before anything runs."""
   from hybrids import bench_step
 
   path, spec = tmp_path / "step.json", os.path.join(REPO, "experiments", "zoology_mqar.py:tiny")
   assert bench_step.main(["bench_step", "--config", spec, "--steps", "2",
-                          "--json", str(path), "--config.train.log_every=2"]) == 0
+                          "--json", str(path), "--config.train.log_every=2", "--lr-group", "2"]) == 0
   report = json.loads(path.read_text())
-  assert [r["loop"][:2] for r in report["rows"]] == ["1.", "2.", "3.", "4."]
+  assert [r["loop"][:2] for r in report["rows"]] == ["1.", "2.", "3.", "4.", "5."]
+  assert report["rows"][4]["lr_group"] == 2
   assert "fetched every 2 steps" in report["rows"][3]["loop"]
   assert all(r["ms_per_step"] > 0 and r["tokens_per_sec"] > 0 for r in report["rows"])
   assert report["overrides"] == {"train.log_every": "2"}
@@ -337,3 +339,6 @@ def test_bench_step_times_the_loop_piece_by_piece(tmp_path, capsys):
   assert bench_step.main(["bench_step", "--config", spec, "--config.train.stepz=3"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "train.stepz" in err
+  with pytest.raises(SystemExit) as exit_info:
+    bench_step.main(["bench_step", "--config", spec, "--lr-group", "1"])
+  assert exit_info.value.code == 2 and "--lr-group" in capsys.readouterr().err
