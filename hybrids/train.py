@@ -269,10 +269,13 @@ class Trainer:
     loss = loss_sum / count
     return loss + self.moe_balance_weight * aux["moe_balance"], (loss, correct / count, aux["moe_balance"])
 
-  def train_step(self, params, opt_state, batch, window: int | None = None):
-    """One update; ``window`` (static) overrides the SWA band for this step (SWAX)."""
+  def train_step(self, params, opt_state, batch, window: int | None = None, lr_scale=None):
+    """One update; ``window`` (static) overrides the SWA band for this step (SWAX); ``lr_scale`` (a
+    lockstep group's member learning rate, :func:`group_steps`) multiplies the update."""
     (_, (loss, accuracy, balance)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, window)
     updates, opt_state = self.tx.update(grads, opt_state, params)
+    if lr_scale is not None:
+      updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
     if self.has_moe:
@@ -310,8 +313,9 @@ def _labelled_rows(labels):
   return jnp.sum(jnp.any(labels != data_lib.IGNORE_LABEL, axis=1))
 
 
-def evaluate(trainer: Trainer, eval_step, params, batches) -> dict[str, float]:
-  """Loss, perplexity and accuracy over ``batches``.
+def evaluate(trainer: Trainer, eval_step, params, batches, members: int = 0):
+  """Loss, perplexity and accuracy over ``batches``; with ``members`` (a lockstep group, whose
+  ``eval_step`` returns one value per member), a list of them, one per member.
 
   ``eval_loss`` and ``eval_token_accuracy`` pool every labelled position. ``eval_accuracy`` is the
   mean over examples of each example's accuracy (Zoology's ``valid/accuracy``), computed as the batches'
@@ -321,17 +325,22 @@ def evaluate(trainer: Trainer, eval_step, params, batches) -> dict[str, float]:
   equal; on a mixture of MQAR cells they differ (a K = 256 example counts 64 × a K = 4 one in the pooled
   token accuracy, once in ``eval_accuracy``).
   """
-  loss_sum = correct = count = 0.0
-  example_accuracy = examples = 0.0
+  width = max(members, 1)
+  loss_sum, correct, count = np.zeros(width), np.zeros(width), np.zeros(width)
+  example_accuracy, examples = np.zeros(width), 0.0
   for batch in batches:
-    l, c, n = jax.device_get(eval_step(params, batch))
-    loss_sum, correct, count = loss_sum + float(l), correct + float(c), count + float(n)
-    if float(n):
+    l, c, n = (np.atleast_1d(np.asarray(x, np.float64)) for x in jax.device_get(eval_step(params, batch)))
+    loss_sum, correct, count = loss_sum + l, correct + c, count + n
+    if n.any():  # every member scores the same positions
       rows = float(jax.device_get(_labelled_rows(batch["labels"])))
-      example_accuracy, examples = example_accuracy + rows * float(c) / float(n), examples + rows
-  loss = loss_sum / max(count, 1.0)
-  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
-          "eval_accuracy": example_accuracy / max(examples, 1.0), "eval_token_accuracy": correct / max(count, 1.0)}
+      example_accuracy, examples = example_accuracy + rows * c / np.maximum(n, 1.0), examples + rows
+  results = []
+  for i in range(width):
+    loss = float(loss_sum[i]) / max(float(count[i]), 1.0)
+    results.append({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
+                    "eval_accuracy": float(example_accuracy[i]) / max(examples, 1.0),
+                    "eval_token_accuracy": float(correct[i]) / max(float(count[i]), 1.0)})
+  return results if members else results[0]
 
 
 @dataclasses.dataclass
@@ -416,6 +425,34 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   eval_step = jax.jit(per_batch_shard(trainer.eval_step), in_shardings=(params_sharding, batch_sharding),
                       out_shardings=replicated, compiler_options=options)
   return Setup(trainer, mesh, params, opt_state, train_step, eval_step, batch_sharding, placed.counts)
+
+
+def group_steps(trainer: Trainer, config: ml_collections.ConfigDict):
+  """The jitted steps of a lockstep group (:func:`train_group`): ``(params[G], opt_state[G], batch,
+  lrs[G], active[G], window) → (params[G], opt_state[G], metrics[G])`` and ``(params[G], batch) →
+  (loss_sum, correct, count)[G]``, ``jax.vmap`` over the members, the batch shared.
+
+  The optimizer is the config's with a peak learning rate of 1 (:func:`lr_schedule`'s shape), its update
+  multiplied by each member's ``lr``: AdamW's update is linear in the learning rate, so this is the
+  member's own optimizer up to the rounding of that one product, and its state has the same structure
+  (a member's checkpoint resumes alone, and a lone run's in a group). An inactive member's parameters
+  and optimizer state are kept as they were (it stopped early or diverged).
+  """
+  unit = config.train.copy_and_resolve_references()
+  with unit.unlocked():
+    unit.lr = 1.0
+  unit_trainer = dataclasses.replace(trainer, tx=make_optimizer(unit, layer_pattern(config.model)))
+
+  def member(params, opt_state, batch, lr, active, window):
+    new_params, new_opt, metrics = unit_trainer.train_step(params, opt_state, batch, window, lr_scale=lr)
+    keep = lambda new, old: jnp.where(active, new, old)
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), metrics
+
+  options = step_compiler_options(jax.devices()[0].platform)
+  train_step = jax.jit(jax.vmap(member, in_axes=(0, 0, None, 0, 0, None)), donate_argnums=(0, 1),
+                       static_argnums=5, compiler_options=options)
+  eval_step = jax.jit(jax.vmap(trainer.eval_step, in_axes=(0, None)), compiler_options=options)
+  return train_step, eval_step
 
 
 @contextlib.contextmanager
@@ -743,6 +780,82 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: 
     return _train(config, workdir, mesh, stop_after_steps=stop_after_steps, progress=progress)
 
 
+def group_key(config: ml_collections.ConfigDict) -> str:
+  """What members of one lockstep group share: the whole resolved config but ``train.lr``."""
+  d = resolve(config).to_dict()
+  d["train"].pop("lr", None)
+  return json.dumps(d, sort_keys=True, default=str)
+
+
+def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
+                stop_after_steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+  """Train runs that differ only in ``train.lr`` together, in lockstep; their summaries, in order.
+
+  A small model leaves most of a GPU idle, and a learning-rate sweep trains the same model on the same
+  batches G times: here one process builds it once and steps every member at once (``jax.vmap`` over
+  their parameters and optimizer states, :func:`group_steps`). Each member is its own run in every
+  other way: its run directory, lock, ``config.json``, checkpoints, metrics, evals, early stop and
+  summary are the ones it would have alone, so a member resumes alone or in another group. What
+  differs from training alone is the rounding of the learning rate's product (tests compare the two).
+  Members already done are left as they are; the rest must resume from the same step (:class:`RunDirectoryError`
+  names them otherwise). One device per group: a mesh of several devices is refused.
+  """
+  if len(configs) != len(workdirs) or not configs:
+    raise ValueError(f"train_group: {len(configs)} configs for {len(workdirs)} run directories")
+  configs = [resolve(c) for c in configs]
+  key = group_key(configs[0])
+  for c, w in zip(configs[1:], workdirs[1:]):
+    if group_key(c) != key:
+      raise config_lib.ConfigError(f"train_group: {w} differs from {workdirs[0]} in more than train.lr; a lockstep "
+                                   "group shares everything else (model, data, seed, schedule)")
+  if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
+    raise ValueError("train_group: a run directory is named twice")
+  config = configs[0]
+  check_kernels_run_here(config, segments=document_eod(config) is not None)
+  mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
+  if mesh.devices.size != 1 or jax.process_count() != 1:
+    raise config_lib.ConfigError(f"train_group: one device per group (this mesh has {mesh.devices.size} devices "
+                                 f"over {jax.process_count()} processes); train larger runs one by one")
+  summaries: list[dict | None] = [None] * len(configs)
+  with contextlib.ExitStack() as held:
+    for w in workdirs:
+      try:
+        held.enter_context(rundir.run_lock(w, wait_s=LOCK_WAIT_S))
+      except rundir.RunBusy as e:
+        raise RunBusyError(f"{e}; refusing to write into it as a second trainer") from None
+    todo = []
+    for i, (c, w) in enumerate(zip(configs, workdirs)):
+      rundir.prepare(c, w, write=True)
+      finished = _finished_summary(w)
+      if finished is not None:
+        print(f"{os.path.abspath(w)} is already done (step {finished.get('step')}/{finished.get('steps')}): "
+              f"nothing to train; {SUMMARY_FILE} left as it is", flush=True)
+        summaries[i] = finished
+      else:
+        todo.append(i)
+    if todo:
+      use_compilation_cache(config.runtime.get("compilation_cache_dir", ""))
+      setup = build(configs[todo[0]], mesh)
+      runs = []
+      try:
+        for i in todo:
+          runs.append(_Run(configs[i], workdirs[i], setup, mesh))
+        starts = {(r.start_step, json.dumps(r.data_state, sort_keys=True, default=str)) for r in runs}
+        if len(starts) > 1:
+          raise RunDirectoryError("train_group: the members resume from different steps ("
+                                  + ", ".join(f"{r.workdir}: {r.start_step}" for r in runs)
+                                  + "); train them in groups that resume together, or one by one")
+      except BaseException:
+        for r in runs:
+          r.manager.close()
+          if r.writer is not None:
+            r.writer.close()
+        raise
+      for i, summary in zip(todo, _loop(runs, setup, stop_after_steps=stop_after_steps, progress=progress)):
+        summaries[i] = summary
+  return summaries
+
+
 def check_kernels_run_here(config: ml_collections.ConfigDict, *, segments: bool) -> None:
   """One line (ConfigError) before anything is compiled or written if a kernel the model asks for by
   name cannot run on this platform. ``resolve`` checks the names wherever it runs (a launcher's host
@@ -811,218 +924,329 @@ def _scan_layers_record(trainer: Trainer) -> dict[str, Any]:
           "scan_layers_fallback": model.scan_fallback()}
 
 
-def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress: bool) -> dict[str, Any]:
-  """The loop of :func:`train`, run under the run's lock on a resolved config and a checked mesh."""
-  use_compilation_cache(config.runtime.get("compilation_cache_dir", ""))
-  t = config.train
-  batch_size, seq_len = t.batch_size, config.data.seq_len
-  primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
+class _Run:
+  """One run directory while it trains: its checkpoints, ``metrics.jsonl``, TensorBoard log and
+  ``summary.json``. The loop (:func:`_loop`) drives one of these, or several that train in lockstep
+  (:func:`train_group`)."""
 
-  setup = build(config, mesh)
-  trainer, params, opt_state = setup.trainer, setup.params, setup.opt_state
-  train_step, eval_step, counts = setup.train_step, setup.eval_step, setup.counts
-  schedule = lr_schedule(t)
+  def __init__(self, config, workdir: str, setup: Setup, mesh):
+    self.config, self.workdir = config, workdir
+    self.primary = jax.process_index() == 0  # writes the run directory's files; every process checkpoints
+    t = config.train
+    integrity: dict[str, Any] = {}
+    self.manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, setup.params, setup.opt_state,
+                                                report=integrity)
+    self.metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
+    self.start_step, self.params, self.opt_state, self.data_state = 0, setup.params, setup.opt_state, None
+    if restored is not None:
+      self.start_step, self.params, self.opt_state, self.data_state = restored
+    if self.primary:  # from scratch too: lines a run killed before its first checkpoint logged are redone
+      _truncate_metrics(self.metrics_path, self.start_step)
+    self.schedule = lr_schedule(t)
+    batch_size, seq_len = t.batch_size, config.data.seq_len
+    packed_documents = document_eod(config) is not None  # the model gets segment_ids: kernels choose for them
+    summary: dict[str, Any] = {
+        "status": "running", "step": self.start_step, "steps": t.steps, **setup.counts,
+        "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
+        # matrices the sharding rules wanted to split on a mesh axis but left whole (sizes do not divide)
+        "replicated_params": [dataclasses.asdict(r) for r in
+                              sharding_lib.replicated_params(setup.params, dict(mesh.shape),
+                                                             layer_pattern(config.model))],
+        "impl": kernels.resolve_impls(config.model, segments=packed_documents),
+        "kernels": kernels.kernel_choices(config.model, segments=packed_documents),  # lowering, and why each other candidate was not taken
+        "compile": {**_scan_layers_record(setup.trainer),
+                    "cache_dir": jax.config.jax_compilation_cache_dir or "",
+                    "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
+    }
+    try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training
+      summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=self.start_step * batch_size * seq_len))
+    except Exception as e:  # noqa: BLE001
+      summary["flops_error"] = f"{type(e).__name__}: {e}"  # the report says its FLOPs are estimated, and why
+      warnings.warn(f"FLOP accounting failed ({summary['flops_error']}); summary.json will lack FLOPs")
+    previous = rundir.read_summary(workdir, strict=True)  # a summary that cannot be read stops the run here
+    if previous:
+      # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.
+      summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds", "early_stop", "corrupt_checkpoints")
+                      if k in previous})
+    recorded = list(summary.get("corrupt_checkpoints", []))  # restore_checkpoint wrote them when a summary existed
+    if integrity.get("corrupt_checkpoints") and integrity["corrupt_checkpoints"][-1] not in recorded:
+      summary["corrupt_checkpoints"] = recorded + integrity["corrupt_checkpoints"]
+    if "restored_checkpoint" in integrity:
+      summary["restored_checkpoint"] = integrity["restored_checkpoint"]
+    self.summary = summary
+    self.write_summary()
+    from tensorboardX import SummaryWriter  # imported late: it pulls in protobuf
+    self.writer = SummaryWriter(os.path.join(workdir, rundir.TB_DIR)) if self.primary else None
+    self.early = previous_early_stop(workdir, self.start_step) if restored is not None else None
+    self.last_loss = float("nan")
+    self.status = "running"
+    self.step = self.start_step
 
-  dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
-                                   workdir=workdir, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  iterator = data_lib.make_iterator(dataset)
-  eval_data = [sharding_lib.place_global_batch(b, setup.batch_sharding) for b in
-               data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=workdir,
-                                     num_batches=t.eval_batches)]
+  def write_summary(self) -> None:
+    if self.primary:
+      rundir.write_summary(self.workdir, self.summary)
 
-  integrity: dict[str, Any] = {}
-  manager, restored = restore_checkpoint(workdir, t.keep_checkpoints, params, opt_state, report=integrity)
-  metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
-  start_step = 0
-  if restored is not None:
-    start_step, params, opt_state, data_state = restored
-    iterator.set_state(data_state)
-  if primary:  # from scratch too: lines a run killed before its first checkpoint logged are redone
-    _truncate_metrics(metrics_path, start_step)
+  def scalar(self, tag: str, value: float, at_step: int) -> None:
+    if self.writer is not None:
+      self.writer.add_scalar(tag, value, at_step)
 
-  packed_documents = document_eod(config) is not None  # the model gets segment_ids: kernels choose for them
-  summary: dict[str, Any] = {
-      "status": "running", "step": start_step, "steps": t.steps, **counts,
-      "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
-      # matrices the sharding rules wanted to split on a mesh axis but left whole (sizes do not divide)
-      "replicated_params": [dataclasses.asdict(r) for r in
-                            sharding_lib.replicated_params(params, dict(mesh.shape), layer_pattern(config.model))],
-      "impl": kernels.resolve_impls(config.model, segments=packed_documents),
-      "kernels": kernels.kernel_choices(config.model, segments=packed_documents),  # lowering, and why each other candidate was not taken
-      "compile": {**_scan_layers_record(trainer),
-                  "cache_dir": jax.config.jax_compilation_cache_dir or "",
-                  "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
-  }
-  try:  # the report's x-axis (FLOPs) and Based's (state bytes); a gap there must not stop training
-    summary.update(flops_lib.summary_fields(config.model, seq_len, tokens=start_step * batch_size * seq_len))
-  except Exception as e:  # noqa: BLE001
-    summary["flops_error"] = f"{type(e).__name__}: {e}"  # the report says its FLOPs are estimated, and why
-    warnings.warn(f"FLOP accounting failed ({summary['flops_error']}); summary.json will lack FLOPs")
-  previous = rundir.read_summary(workdir, strict=True)  # a summary that cannot be read stops the run here
-  if previous:
-    # `evals` is written by `python -m hybrids.evaluate` between runs; a resume keeps it.
-    summary.update({k: previous[k] for k in ("eval", "evals", "wall_seconds", "early_stop", "corrupt_checkpoints")
-                    if k in previous})
-  recorded = list(summary.get("corrupt_checkpoints", []))  # restore_checkpoint wrote them when a summary existed
-  if integrity.get("corrupt_checkpoints") and integrity["corrupt_checkpoints"][-1] not in recorded:
-    summary["corrupt_checkpoints"] = recorded + integrity["corrupt_checkpoints"]
-  if "restored_checkpoint" in integrity:
-    summary["restored_checkpoint"] = integrity["restored_checkpoint"]
-
-  def write_summary() -> None:
-    if primary:
-      rundir.write_summary(workdir, summary)
-
-  write_summary()
-  from tensorboardX import SummaryWriter  # imported late: it pulls in protobuf
-  writer = SummaryWriter(os.path.join(workdir, rundir.TB_DIR)) if primary else None
-
-  def scalar(tag: str, value: float, at_step: int) -> None:
-    if writer is not None:
-      writer.add_scalar(tag, value, at_step)
-
-  from tqdm.auto import tqdm
-
-  step = start_step
-  pending: list[tuple[int, dict]] = []
-  last_loss = float("nan")
-  timed_tokens, timed_seconds = 0, 0.0
-  tick = None  # time of the last flushed step, once the first (compiling) step is done
-  status = "running"
-
-  def kept_checkpoint() -> str:
-    kept = manager.latest_step()
+  def kept_checkpoint(self) -> str:
+    kept = self.manager.latest_step()
     if kept is None:
-      return (f"no checkpoint is kept: none was saved before it (train.checkpoint_every={t.checkpoint_every}, "
-              f"started from step {start_step})")
+      return (f"no checkpoint is kept: none was saved before it (train.checkpoint_every="
+              f"{self.config.train.checkpoint_every}, started from step {self.start_step})")
     return f"the last checkpoint with finite parameters is kept (step {kept})"
 
-  def flush() -> None:
-    """One host sync for all steps since the last flush: log, check finiteness."""
-    nonlocal last_loss, tick, timed_tokens, timed_seconds
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    now = time.perf_counter()
-    if tick is not None:
-      timed_tokens += len(pending) * batch_size * seq_len
-      timed_seconds += now - tick
-    tick = now
-    with open(metrics_path, "a") if primary else contextlib.nullcontext() as f:
-      for (s, _), m in zip(pending, fetched):
+  def log(self, records: list[tuple[int, dict]]) -> None:
+    """Write fetched step metrics; :class:`DivergedError` at the first non-finite one."""
+    with open(self.metrics_path, "a") if self.primary else contextlib.nullcontext() as f:
+      for s, m in records:
         # lr of the update that produced step s (optax counts updates from 0)
-        record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(schedule(s - 1))}
+        record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(self.schedule(s - 1))}
         bad = sorted((k for k, v in record.items() if not math.isfinite(v)), key=lambda k: (k != "loss", k))
         if bad:
           also = f" (also non-finite: {', '.join(bad[1:])})" if bad[1:] else ""
           finite = "" if "loss" in bad else f" while the loss was finite ({record['loss']:.6g})"
-          raise DivergedError(f"non-finite {bad[0]} at step {s}{finite}{also}: {record}; {kept_checkpoint()}. "
+          raise DivergedError(f"non-finite {bad[0]} at step {s}{finite}{also}: {record}; {self.kept_checkpoint()}. "
                               "Lower train.lr or raise train.warmup_steps.")
         if f is not None:
           f.write(json.dumps(record) + "\n")
         for k, v in record.items():
           if k != "step":
-            scalar(f"train/{k}", v, s)
-    last_loss = float(fetched[-1]["loss"])
+            self.scalar(f"train/{k}", v, s)
+    if records:
+      self.last_loss = float(records[-1][1]["loss"])
+
+  def record_eval(self, step: int, result: dict[str, float]) -> bool:
+    """Write an eval; True when it stops the run early (``train.stop_at_accuracy``)."""
+    t = self.config.train
+    if self.primary:
+      with open(self.metrics_path, "a") as f:
+        f.write(json.dumps({"step": step, **result}) + "\n")
+    for k, v in result.items():
+      self.scalar(f"eval/{k.removeprefix('eval_')}", v, step)
+    self.summary["eval"] = {"step": step, **result}
+    if t.stop_at_accuracy and result["eval_accuracy"] > t.stop_at_accuracy and step < t.steps:
+      self.early = {"step": step, "reason": f"eval_accuracy {result['eval_accuracy']:.4f} > "
+                                            f"train.stop_at_accuracy={t.stop_at_accuracy}"}
+      self.summary["early_stop"] = self.early
+      return True
+    return False
+
+  def save(self, step: int, params, opt_state, data_state) -> None:
+    if not _all_finite((params, opt_state)):  # a checkpoint must never hold what it cannot resume from
+      raise DivergedError(f"non-finite parameters or optimizer state after step {step} (its loss and "
+                          f"gradient norm were finite); not saved; {self.kept_checkpoint()}. "
+                          "Lower train.lr or raise train.warmup_steps.")
+    save_checkpoint(self.manager, step, params, opt_state, data_state)
+
+  def close(self, timing: dict[str, float], timed_tokens: int, timed_seconds: float, wall_seconds: float) -> dict:
+    """Final summary (status, step, rates, time split), written; the writer and checkpoints closed."""
+    t = self.config.train
+    if self.writer is not None:
+      self.writer.close()
+    self.manager.close()
+    tokens = self.step * t.batch_size * self.config.data.seq_len
+    self.summary.update({
+        "status": self.status, "step": self.step, "tokens": tokens,
+        "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
+        "train_loss": self.last_loss if math.isfinite(self.last_loss) else None,
+        "wall_seconds": self.summary.get("wall_seconds", 0.0) + wall_seconds,
+        "time_split": {**{k: round(v, 3) for k, v in timing.items()},
+                       "steps_s": round(max(0.0, wall_seconds - sum(timing.values())), 3)},
+    })
+    if "flops_per_token_train" in self.summary:
+      self.summary["train_flops"] = self.summary["flops_per_token_train"] * tokens
+    self.write_summary()
+    return self.summary
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _member(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress: bool) -> dict[str, Any]:
+  """The loop of :func:`train`, run under the run's lock on a resolved config and a checked mesh."""
+  use_compilation_cache(config.runtime.get("compilation_cache_dir", ""))
+  setup = build(config, mesh)
+  return _loop([_Run(config, workdir, setup, mesh)], setup, stop_after_steps=stop_after_steps, progress=progress)[0]
+
+
+def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progress: bool) -> list[dict[str, Any]]:
+  """Train ``runs`` to their ends (one run, or a lockstep group: see :func:`train_group`); their summaries.
+
+  A group shares the batches, the step count and the schedule's shape; each member keeps its own
+  parameters, optimizer state, learning rate, early stop, divergence and files. A member that stops
+  (early, or diverged) stays in the stacked step, frozen (its update is dropped), until all have stopped.
+  """
+  config = runs[0].config
+  t = config.train
+  batch_size, seq_len = t.batch_size, config.data.seq_len
+  grouped = len(runs) > 1
+  start_step = runs[0].start_step
+  dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
+                                   workdir=runs[0].workdir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  iterator = data_lib.make_iterator(dataset)
+  if runs[0].data_state is not None:
+    iterator.set_state(runs[0].data_state)
+  eval_data = [sharding_lib.place_global_batch(b, setup.batch_sharding) for b in
+               data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=runs[0].workdir,
+                                     num_batches=t.eval_batches)]
+  if grouped:
+    params, opt_state = _stack([r.params for r in runs]), _stack([r.opt_state for r in runs])
+    lrs = jnp.asarray([r.config.train.lr for r in runs], jnp.float32)
+    group_step, group_eval = group_steps(setup.trainer, runs[0].config)
+  else:
+    params, opt_state = runs[0].params, runs[0].opt_state
+  active = [r.early is None for r in runs]  # members still training
+  for run in runs:
+    if run.early is not None:  # resumed at its early stop: nothing left to train
+      run.status = "done"
+
+  from tqdm.auto import tqdm
+
+  step = start_step
+  pending: list[tuple[int, Any, list[bool]]] = []  # (step, its metrics on the device, which members it trained)
+  timed_tokens, timed_seconds = 0, 0.0
+  tick = None  # time of the last flushed step, once the first (compiling) step is done
+
+  def fail(i: int, e: BaseException, status: str) -> None:
+    """Member ``i`` of a group stops with ``status``; the others go on (a lone run re-raises)."""
+    if not grouped:
+      raise e
+    runs[i].status, runs[i].step, active[i] = status, step, False
+    runs[i].summary["error"] = str(e)
+    print(f"error: {runs[i].workdir}: {e}", file=sys.stderr, flush=True)
+
+  def flush() -> None:
+    """One host sync for all steps since the last flush: log, check finiteness."""
+    nonlocal tick, timed_tokens, timed_seconds
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m, _ in pending])
+    now = time.perf_counter()
+    if tick is not None:
+      timed_tokens += len(pending) * batch_size * seq_len
+      timed_seconds += now - tick
+    tick = now
+    for i, run in enumerate(runs):
+      mine = [(s, m if not grouped else {k: v[i] for k, v in m.items()})
+              for (s, _, live), m in zip(pending, fetched) if live[i]]
+      try:
+        run.log(mine)
+      except DivergedError as e:
+        fail(i, e, "diverged")
     pending.clear()
 
-  bar = tqdm(total=t.steps, initial=start_step, disable=not (progress and primary), dynamic_ncols=True, unit="step",
-             desc=os.path.basename(os.path.abspath(workdir)))
+  bar = tqdm(total=t.steps, initial=start_step, disable=not (progress and runs[0].primary), dynamic_ncols=True,
+             unit="step", desc=os.path.basename(os.path.abspath(runs[0].workdir)) + (f" +{len(runs) - 1}" if grouped else ""))
   wall_start = time.perf_counter()
   # Where the wall time goes: the first step (compile), waiting for batches on the host, evals, saves;
   # the rest is the device running the steps (dispatch is asynchronous, so it shows up at the syncs).
   timing = {"first_step_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
-  early = previous_early_stop(workdir, start_step) if restored is not None else None
+  interrupted = False
   try:
     with _StopRequest() as stop:
-      while step < t.steps and early is None:
+      while step < t.steps and any(active):
         clock = time.perf_counter()
         batch = sharding_lib.shard_batch(next(iterator), setup.batch_sharding)
         timing["data_s"] += time.perf_counter() - clock
         window = window_for_step(t, step + 1, config.seed)
+        if grouped:
+          run_step = lambda p, o, b, w: group_step(p, o, b, lrs, jnp.asarray(active), w)
+        else:
+          run_step = setup.train_step
         if step == start_step:
           clock = time.perf_counter()
           # The step's one trace makes each kernel call's choice at its own shapes and dtypes, which may
           # differ from the model-wide `kernels` (a wider head, float32 inputs): kept beside them.
           with kernels.dispatch.recording() as kernel_calls:
-            params, opt_state, metrics = train_step(params, opt_state, batch, window)
-          summary["kernels_per_call"] = kernel_calls
+            params, opt_state, metrics = run_step(params, opt_state, batch, window)
+          for run in runs:
+            run.summary["kernels_per_call"] = kernel_calls
           jax.block_until_ready(metrics)
           timing["first_step_s"] = time.perf_counter() - clock
         else:
-          params, opt_state, metrics = train_step(params, opt_state, batch, window)
+          params, opt_state, metrics = run_step(params, opt_state, batch, window)
         step += 1
+        for i, run in enumerate(runs):
+          if active[i]:
+            run.step = step
         if t.window_choices:
-          metrics["window"] = window or config.model.window
-        pending.append((step, metrics))
+          metrics["window"] = (jnp.full((len(runs),), window or config.model.window) if grouped
+                               else window or config.model.window)
+        pending.append((step, metrics, list(active)))
         stopping = stop.signum is not None or (stop_after_steps is not None and step - start_step >= stop_after_steps)
         is_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
         is_ckpt = step == t.steps or step % t.checkpoint_every == 0 or stopping
         if step % t.log_every == 0 or is_eval or is_ckpt or tick is None:
           flush()
           tokens_per_sec = timed_tokens / timed_seconds if timed_seconds else float("nan")
-          bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+          losses = [r.last_loss for r, a in zip(runs, active) if a] or [float("nan")]
+          bar.set_postfix(loss=f"{min(losses):.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         bar.update(1)
+        saving = [is_ckpt and a for a in active]
         if is_eval:
           clock = time.perf_counter()
-          result = evaluate(trainer, eval_step, params, eval_data)
+          if grouped:
+            results = evaluate(setup.trainer, group_eval, params, eval_data, members=len(runs))
+          else:
+            results = [evaluate(setup.trainer, setup.eval_step, params, eval_data)]
           timing["eval_s"] += time.perf_counter() - clock
-          if primary:
-            with open(metrics_path, "a") as f:
-              f.write(json.dumps({"step": step, **result}) + "\n")
-          for k, v in result.items():
-            scalar(f"eval/{k.removeprefix('eval_')}", v, step)
-          summary["eval"] = {"step": step, **result}
-          if t.stop_at_accuracy and result["eval_accuracy"] > t.stop_at_accuracy and step < t.steps:
-            early = {"step": step, "reason": f"eval_accuracy {result['eval_accuracy']:.4f} > "
-                                             f"train.stop_at_accuracy={t.stop_at_accuracy}"}
-            summary["early_stop"] = early
-            is_ckpt = True
-        if is_ckpt:
+          for i, (run, result) in enumerate(zip(runs, results)):
+            if active[i] and run.record_eval(step, result):
+              saving[i] = True  # an early stop ends on a checkpoint
+        if any(saving):
           clock = time.perf_counter()
-          if not _all_finite((params, opt_state)):  # a checkpoint must never hold what it cannot resume from
-            raise DivergedError(f"non-finite parameters or optimizer state after step {step} (its loss and "
-                                f"gradient norm were finite); not saved; {kept_checkpoint()}. "
-                                "Lower train.lr or raise train.warmup_steps.")
-          save_checkpoint(manager, step, params, opt_state, iterator.get_state())
+          data_state = iterator.get_state()
+          for i, run in enumerate(runs):
+            if not saving[i]:
+              continue
+            try:
+              if grouped:
+                run.save(step, _member(params, i), _member(opt_state, i), data_state)
+              else:
+                run.save(step, params, opt_state, data_state)
+            except DivergedError as e:
+              fail(i, e, "diverged")
           timing["checkpoint_s"] += time.perf_counter() - clock
-        if (is_eval or is_ckpt) and tick is not None:
+        for i, run in enumerate(runs):
+          if active[i] and run.early is not None:
+            run.status, active[i] = "done", False
+        if (is_eval or any(saving)) and tick is not None:
           tick = time.perf_counter()  # tokens/s measures training steps, not evals or saves
-        if stopping and step < t.steps and early is None:
-          status = "interrupted"
+        if stopping and step < t.steps and any(active):
+          interrupted = True
           break
-      else:
-        status = "done"
-  except DivergedError as e:
-    status = "diverged"
-    summary["error"] = str(e)
+      for i, run in enumerate(runs):
+        if active[i]:
+          run.status = "interrupted" if interrupted else "done"
+  except DivergedError as e:  # a lone run's (a group's members are failed one by one above)
+    runs[0].status = "diverged"
+    runs[0].summary["error"] = str(e)
     raise
   except KeyboardInterrupt:
-    status = "interrupted"
-    summary["error"] = "killed by a second Ctrl-C before a checkpoint; resumes from the previous one"
+    for i, run in enumerate(runs):
+      if active[i] or run.status == "running":
+        run.status = "interrupted"
+        run.summary["error"] = "killed by a second Ctrl-C before a checkpoint; resumes from the previous one"
     raise
   except BaseException as e:
-    status = "failed"
-    summary["error"] = f"{type(e).__name__}: {e}"
+    for i, run in enumerate(runs):
+      if active[i] or run.status == "running":
+        run.status = "failed"
+        run.summary["error"] = f"{type(e).__name__}: {e}"
     raise
   finally:
     bar.close()
-    if writer is not None:
-      writer.close()
-    manager.close()
-    summary.update({
-        "status": status, "step": step, "tokens": step * batch_size * seq_len,
-        "tokens_per_sec": timed_tokens / timed_seconds if timed_seconds else None,
-        "train_loss": last_loss if math.isfinite(last_loss) else None,
-        "wall_seconds": summary.get("wall_seconds", 0.0) + time.perf_counter() - wall_start,
-        "time_split": {**{k: round(v, 3) for k, v in timing.items()},
-                       "steps_s": round(max(0.0, time.perf_counter() - wall_start - sum(timing.values())), 3)},
-    })
-    if "flops_per_token_train" in summary:
-      summary["train_flops"] = summary["flops_per_token_train"] * summary["tokens"]
-    write_summary()
-  return summary
+    wall = time.perf_counter() - wall_start
+    summaries = [run.close(timing, timed_tokens, timed_seconds, wall) for run in runs]
+  return summaries
 
 
 # ----------------------------------------------------------------------------- command line

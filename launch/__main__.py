@@ -1,7 +1,7 @@
 """``python -m launch {sweep,status,report}``: run an experiment's sweep, watch it, report on it.
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
-        [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]]
+        [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]] [--lr-group G]
     python -m launch status runs/NAME
     python -m launch report runs/NAME
 
@@ -14,7 +14,8 @@ ARG). ``--filter model.window=16`` keeps points whose resolved config has that v
 for alternatives; ``config=ARG`` matches the get_config argument, ``model.mixer=swa`` any layer's
 mixer). ``--runs-per-device N`` (local) packs N runs onto each GPU (or device group) at once, each
 with a 1/N share of its memory, and ``--mps`` makes them clients of a CUDA MPS daemon so their kernels
-overlap (launch/local.py). Exit status: 0 all done (local) or all submitted,
+overlap (launch/local.py); ``--lr-group G`` trains up to G points that differ only in their learning rate
+together in one process (``hybrids.train.train_group``). Exit status: 0 all done (local) or all submitted,
 1 some failed, 2 bad input, 130 stopped.
 """
 
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--runs-per-device", default="1", metavar="N",
                  help="runs at once on each GPU / device group (1-64; each gets a 1/N memory share: "
                  "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9/N, no preallocation); on CPU N at once; not on TPU")
+  g.add_argument("--lr-group", type=int, default=1, metavar="G",
+                 help="train up to G points that differ only in train.lr (and resume from the same step) as one "
+                 "lockstep group in one process, their steps vmapped together (default 1: one process per point)")
   g.add_argument("--mps", action="store_true",
                  help="run the packed runs as clients of a CUDA MPS daemon (the one running, else one started "
                  "for the sweep and stopped after it), so their kernels overlap; GPU, --runs-per-device ≥ 2")
@@ -146,6 +150,11 @@ def cmd_sweep(args) -> int:
       raise ConfigError(f"--max-retries={args.max_retries} must be ≥ 0")
     if args.devices_per_run < 1:
       raise ConfigError(f"--devices-per-run={args.devices_per_run} must be ≥ 1")
+    if args.lr_group < 1:
+      raise ConfigError(f"--lr-group={args.lr_group} must be ≥ 1 (runs trained together in one process)")
+    if args.lr_group > 1 and (args.backend != "local" or args.devices_per_run != 1):
+      raise ConfigError(f"--lr-group={args.lr_group} applies to --backend local with one device per run "
+                        f"(got --backend {args.backend}, --devices-per-run {args.devices_per_run})")
     try:
       args.runs_per_device = local.parse_runs_per_device(args.runs_per_device)
       if args.runs_per_device > 1 and args.backend != "local":
@@ -184,6 +193,9 @@ def cmd_sweep(args) -> int:
           file=sys.stderr)
     return 2
   rows, todo = plan_rows(root, selected, max_retries=args.max_retries, backend=args.backend)
+  units = None
+  if args.lr_group > 1:
+    units = local.lr_groups(todo, {rid: config for rid, _, config in selected}, args.lr_group)
   remote_root = (cloud_opts.remote_root if cloud_opts and cloud_opts.remote_root else root)
   for row in todo:
     row["remote_workdir"] = os.path.join(remote_root, row["run"])
@@ -196,8 +208,8 @@ def cmd_sweep(args) -> int:
     if args.backend in ("local", "slurm"):
       if args.backend == "slurm" and todo:
         print("# each array task runs, in-process, the equivalent of:")
-      for row in todo:
-        print(shlex.join(local.run_point_argv(args.experiment, row["point"], row["workdir"])))
+      for unit in units or [[row] for row in todo]:
+        print(shlex.join(local.unit_argv(args.experiment, unit)))
       if args.backend == "slurm":
         print(f"# one submitit job array, parameters: {slurm.executor_parameters(args, sweep_lib.sweep_name(args.experiment), len(todo))}")
     else:
@@ -213,7 +225,7 @@ def cmd_sweep(args) -> int:
     try:
       code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
                        runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress,
-                       detected=detected) if todo else 0
+                       detected=detected, units=units) if todo else 0
     except local.MpsError as e:  # before any run started: the runs' directories are untouched
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -22,6 +22,11 @@ each run's status, step and loss from its run directory. Ctrl-C or SIGTERM sends
 child — each saves a checkpoint and exits — and children also get SIGTERM if this process dies
 (``PR_SET_PDEATHSIG``), so a killed sweep loses at most the steps since their last save.
 Each run's output goes to ``RUN/launch.log``.
+
+``--lr-group G`` (``launch sweep``) trains up to G points that differ only in ``train.lr`` (and resume
+from the same step) as one lockstep group in one process (``hybrids.train.train_group``): the model is
+built once and the members step together, their parameters stacked under ``jax.vmap``. A group fills
+one slot; its output goes to its first member's ``launch.log``, and each other member's log says where.
 """
 
 from __future__ import annotations
@@ -50,10 +55,18 @@ PACKED_MEMORY_SHARE = 0.9
 
 
 def run_point_argv(experiment: str, point: dict, workdir: str, *, python: str | None = None,
-                   extra: tuple[str, ...] = ()) -> list[str]:
-  """The argv that trains one point; the point is one JSON argv element, never shell text."""
+                   extra: tuple[str, ...] = (), members: tuple[tuple[dict, str], ...] = ()) -> list[str]:
+  """The argv that trains one point (with ``members``, ``(point, workdir)`` pairs, a lockstep group led
+  by it); every point is one JSON argv element, never shell text."""
+  more = [arg for p, w in members for arg in ("--point-json", json.dumps(p, sort_keys=True), "--workdir", w)]
   return [python or sys.executable, "-m", "launch.run_point", "--experiment", experiment,
-          "--point-json", json.dumps(point, sort_keys=True), "--workdir", workdir, *extra]
+          "--point-json", json.dumps(point, sort_keys=True), "--workdir", workdir, *more, *extra]
+
+
+def unit_argv(experiment: str, unit: list[dict], *, extra: tuple[str, ...] = ()) -> list[str]:
+  """:func:`run_point_argv` for a unit of todo rows (one run, or a lockstep group)."""
+  members = {"members": tuple((r["point"], r["workdir"]) for r in unit[1:])} if unit[1:] else {}
+  return run_point_argv(experiment, unit[0]["point"], unit[0]["workdir"], extra=extra, **members)
 
 
 _SMI_FAILURES_SHOWN: set[str] = set()  # detect_devices names each nvidia-smi failure once per process
@@ -339,11 +352,13 @@ class StatusDisplay:
 
 def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, devices_per_run: int = 1,
         runs_per_device: int = 1, mps: bool = False, live: bool = True, poll_s: float = 0.5,
-        detected: tuple[str, list[str]] | None = None) -> int:
+        detected: tuple[str, list[str]] | None = None, units: list[list[dict]] | None = None) -> int:
   """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, or 130 if stopped.
 
   Rows are updated in place with each run's final state. ``mps``: the packed runs are clients of a
   CUDA MPS daemon (:class:`Mps`). ``detected``: :func:`detect_devices`' answer if the caller has it.
+  ``units``: the rows of ``todo`` partitioned into lockstep groups (:func:`lr_groups`), one process
+  each; default, one process per row.
   """
   platform, devices = detected or detect_devices()
   runs_per_device = parse_runs_per_device(runs_per_device, platform)
@@ -353,15 +368,18 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
     daemon.start()
   try:
     return _run(experiment, todo, platform, devices, daemon, max_parallel=max_parallel,
-                devices_per_run=devices_per_run, runs_per_device=runs_per_device, live=live, poll_s=poll_s)
+                devices_per_run=devices_per_run, runs_per_device=runs_per_device, live=live, poll_s=poll_s,
+                units=units)
   finally:
     daemon.stop()
 
 
 def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], daemon: Mps, *,
-         max_parallel: int | None, devices_per_run: int, runs_per_device: int, live: bool, poll_s: float) -> int:
+         max_parallel: int | None, devices_per_run: int, runs_per_device: int, live: bool, poll_s: float,
+         units: list[list[dict]] | None = None) -> int:
+  units = units if units is not None else [[row] for row in todo]
   slot_groups = plan_slots(platform, devices, devices_per_run=devices_per_run, runs_per_device=runs_per_device,
-                           max_parallel=max_parallel, n_runs=len(todo))
+                           max_parallel=max_parallel, n_runs=len(units))
   slots = len(slot_groups)
   packing = f"runs-per-device {runs_per_device}"
   if platform == "gpu" and runs_per_device > 1:
@@ -369,15 +387,16 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
     packing += f", XLA_PYTHON_CLIENT_MEM_FRACTION={env['XLA_PYTHON_CLIENT_MEM_FRACTION']} each, MPS {daemon.note}"
   groups = [g for i, g in enumerate(slot_groups) if g is not None and g not in slot_groups[:i]]
   where = f"on {platform} device groups {groups}" if groups else f"({platform})"
-  print(f"[launch] local: {len(todo)} run(s), {slots} at a time {where}; {packing}", flush=True)
+  grouped = f" in {len(units)} lockstep group(s)" if len(units) < len(todo) else ""
+  print(f"[launch] local: {len(todo)} run(s){grouped}, {slots} at a time {where}; {packing}", flush=True)
 
   display = StatusDisplay(todo, live)
-  queue = list(todo)
-  active: dict[int, tuple[subprocess.Popen, dict, object]] = {}  # slot → (process, row, log file)
+  queue = list(units)
+  active: dict[int, tuple[subprocess.Popen, list[dict], object]] = {}  # slot → (process, its rows, log file)
   packed = platform == "gpu" and runs_per_device > 1
   # Runs that ran out of memory beside packed runs: each is retried once with the GPUs to itself (the
   # other slots drain first and wait), since its share of memory, not the run, was what failed.
-  alone: list[dict] = []
+  alone: list[list[dict]] = []
   retried_alone: set[str] = set()
   solo: int | None = None  # the slot of the run that has the GPUs to itself, while it runs
   log_start: dict[str, int] = {}  # run → where this attempt's output starts in its launch.log
@@ -399,36 +418,45 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
         if alone:
           if active:  # the GPUs drain before a run that needs them to itself
             break
-          row, share, solo = alone.pop(0), 1, slot
+          unit, share, solo = alone.pop(0), 1, slot
         elif queue and solo is None:
-          row, share = queue.pop(0), runs_per_device
+          unit, share = queue.pop(0), runs_per_device
         else:
           continue
-        os.makedirs(row["workdir"], exist_ok=True)
+        row = unit[0]  # a group's output goes to its first member's log
+        for member in unit:
+          os.makedirs(member["workdir"], exist_ok=True)
         log = open(os.path.join(row["workdir"], runs.LOG_FILE), "a")
         log_start[row["run"]] = log.tell()
-        argv = run_point_argv(experiment, row["point"], row["workdir"],
-                              extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
+        argv = unit_argv(experiment, unit, extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
         env = {**child_env(platform, slot_groups[slot], slot, runs_per_device=share), **daemon.env()}
+        group = f", a lockstep group of {len(unit)}: {' '.join(m['run'] for m in unit)}" if len(unit) > 1 else ""
         log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot}, {_placement(slot_groups[slot])}, "
                   f"runs-per-device {share}, mem fraction {_mem_fraction(env)}, MPS {daemon.note}"
-                  f"{', retried alone after running out of memory beside packed runs' if share == 1 and packed else ''})\n")
+                  f"{', retried alone after running out of memory beside packed runs' if share == 1 and packed else ''}"
+                  f"{group})\n")
         log.flush()
+        for member in unit[1:]:
+          with open(os.path.join(member["workdir"], runs.LOG_FILE), "a") as f:
+            f.write(f"\n# {runs.now_iso()} trained in a lockstep group led by {row['run']}: its output is in "
+                    f"{os.path.join(row['workdir'], runs.LOG_FILE)}\n")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        active[slot] = (proc, row, log)
-      for slot, (proc, row, log) in list(active.items()):
+        active[slot] = (proc, unit, log)
+      for slot, (proc, unit, log) in list(active.items()):
         if proc.poll() is not None:
           log.close()
-          row["returncode"] = proc.returncode
+          row = unit[0]
+          for member in unit:
+            member["returncode"] = proc.returncode
           del active[slot]
           solo = None if slot == solo else solo
           if (packed and proc.returncode != 0 and row["run"] not in retried_alone and stop["signum"] is None
               and _ran_out_of_memory(os.path.join(row["workdir"], runs.LOG_FILE), log_start[row["run"]])):
             retried_alone.add(row["run"])
-            alone.append(row)
-            print(f"[launch] {row['run']}: out of GPU memory beside {runs_per_device - 1} packed run(s); "
-                  "retrying it once with the GPUs to itself", flush=True)
+            alone.append(unit)
+            print(f"[launch] {row['run']}{f' (a group of {len(unit)})' if len(unit) > 1 else ''}: out of GPU memory "
+                  f"beside {runs_per_device - 1} packed run(s); retrying it once with the GPUs to itself", flush=True)
       if stop["signum"] is not None:
         _terminate([proc for proc, _, _ in active.values()])
       display.update()
@@ -440,6 +468,26 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
     display.update()
     display.close()
   return 130 if stop["signum"] is not None else 0
+
+
+def lr_groups(todo: list[dict], configs: dict[str, object], size: int) -> list[list[dict]]:
+  """``todo`` partitioned into units of at most ``size`` rows that differ only in ``train.lr`` and
+  resume from the same step (``configs``: run → resolved config); in the order of each unit's first row."""
+  from hybrids.train import group_key
+
+  units: list[list[dict]] = []
+  open_unit: dict[tuple, list[dict]] = {}
+  for row in todo:
+    if row.get("status") == "running":  # held by a live process: it resumes alone, from wherever that one stops
+      units.append([row])
+      continue
+    key = (group_key(configs[row["run"]]), row.get("resume_step", 0))
+    unit = open_unit.get(key)
+    if unit is None or len(unit) >= size:
+      unit = open_unit[key] = []
+      units.append(unit)
+    unit.append(row)
+  return units
 
 
 # What a failed allocation raises (XLA's status code; the CUDA driver's error). Not "out of memory" alone:

@@ -10,6 +10,11 @@ held while training (``hybrids.train`` takes the same lock again); a run already
 then returns at once, without building the model. Each attempt is recorded in ``launch.json``.
 Exit status: 0 done, 2 bad config or run directory, 3 diverged, 1 failed, 75 busy (another process
 trains the run), 143 interrupted (SIGTERM: checkpoint saved, resumes on the next launch).
+
+Several ``--point-json P --workdir W`` pairs train the points as one lockstep group
+(``hybrids.train.train_group``: runs that differ only in ``train.lr``, stepped together in this one
+process; ``launch sweep --lr-group G`` forms them). Each member is checked, locked and recorded as
+above; the exit status is the worst of the members' (2, 1, 75, 143, 3, then 0).
 """
 
 from __future__ import annotations
@@ -86,6 +91,78 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
   return (EXIT_DONE if summary.get("status") == "done" else EXIT_INTERRUPTED), summary
 
 
+# A group's exit status: its worst member's, in this order.
+_SEVERITY = (EXIT_CONFIG, EXIT_FAILED, EXIT_BUSY, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_DONE)
+
+
+def execute_group(experiment: str, points: list[dict], workdirs: list[str], *, lock_wait_s: float = 0.0,
+                  progress: bool = False, **attempt_info) -> tuple[int, list[dict]]:
+  """:func:`execute` for a lockstep group: each point resolved and checked against its directory's
+  name, every lock taken, done members left alone, the rest trained together; ``(exit status, summaries)``."""
+  import contextlib
+
+  from hybrids.config import ConfigError
+  from hybrids.train import train_group
+  from launch import sweep as sweep_lib
+
+  configs = []
+  for point, workdir in zip(points, workdirs):
+    try:
+      config = sweep_lib.resolve_point(experiment, point)
+      share_compilation_cache(config, workdir)
+    except (ConfigError, ValueError, OSError) as e:
+      print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
+      return EXIT_CONFIG, [{} for _ in points]
+    expected, actual = os.path.basename(os.path.normpath(workdir)), sweep_lib.run_id(experiment, config)
+    if actual != expected:
+      print(f"error: point {json.dumps(point)} of {experiment} resolves to run id {actual}, not {expected}: "
+            "the experiment file changed since the sweep was expanded, or --workdir is another run's", file=sys.stderr)
+      return EXIT_CONFIG, [{} for _ in points]
+    configs.append(config)
+  codes, summaries = [EXIT_DONE] * len(points), [{} for _ in points]
+  try:
+    with contextlib.ExitStack() as held:
+      for workdir in workdirs:
+        held.enter_context(runs.run_lock(workdir, wait_s=lock_wait_s))
+      todo = []
+      for i, workdir in enumerate(workdirs):
+        if _already_done(workdir, configs[i]):
+          print(f"[launch] {os.path.basename(workdir)} is already done: {json.dumps(points[i], sort_keys=True)}", flush=True)
+          summaries[i] = runs.read_summary(workdir)
+          continue
+        resumed_from = runs.latest_checkpoint_step(workdir)
+        attempt = runs.start_attempt(workdir, resumed_from=resumed_from, group=len(points), **attempt_info)
+        print(f"[launch] {os.path.basename(workdir)} attempt {attempt}, from step {resumed_from}, in a group of "
+              f"{len(points)}: {json.dumps(points[i])}", flush=True)
+        todo.append(i)
+      if todo:
+        try:
+          train_group([configs[i] for i in todo], [workdirs[i] for i in todo], progress=progress)
+        except (ConfigError, rundir.RunDirectoryError) as e:
+          print(f"error: {e}", file=sys.stderr)
+          for i in todo:
+            runs.end_attempt(workdirs[i], "failed", error=str(e))
+            codes[i] = EXIT_CONFIG
+        except Exception as e:  # noqa: BLE001  (recorded so that a relaunch retries it up to --max-retries)
+          traceback.print_exc()
+          for i in todo:
+            runs.end_attempt(workdirs[i], "failed", error=f"{type(e).__name__}: {e}")
+            codes[i] = EXIT_FAILED
+        else:
+          for i in todo:
+            summary = runs.read_summary(workdirs[i])
+            status = summary.get("status")
+            runs.end_attempt(workdirs[i], status, **({"step": summary.get("step")} if status != "diverged"
+                                                      else {"error": summary.get("error", "")}))
+            codes[i] = {"done": EXIT_DONE, "diverged": EXIT_DIVERGED}.get(status, EXIT_INTERRUPTED)
+        for i in todo:
+          summaries[i] = runs.read_summary(workdirs[i])
+  except runs.RunBusy as e:
+    print(f"[launch] {e}; leaving the group alone", file=sys.stderr)
+    return EXIT_BUSY, summaries
+  return min(codes, key=_SEVERITY.index), summaries
+
+
 def share_compilation_cache(config, workdir: str, env=os.environ) -> None:
   """Runs of one sweep share compiled steps in ``<sweep root>/.jax_cache``, unless the config's
   ``runtime.compilation_cache_dir`` or JAX's own ``JAX_COMPILATION_CACHE_DIR`` already names a cache."""
@@ -104,20 +181,28 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m launch.run_point", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--experiment", required=True, help="experiment file, optionally FILE:ARG")
-  parser.add_argument("--point-json", required=True, help="the point's overrides as one JSON object")
-  parser.add_argument("--workdir", required=True, help="the run directory, ROOT/RUNID")
+  parser.add_argument("--point-json", required=True, action="append",
+                      help="the point's overrides as one JSON object (several, each with its --workdir: a lockstep group)")
+  parser.add_argument("--workdir", required=True, action="append", help="the run directory, ROOT/RUNID")
   parser.add_argument("--run-id", default=None, help="expected run id (default: the name of --workdir)")
   parser.add_argument("--lock-wait", type=float, default=0.0,
                       help="seconds to wait for another process that still holds the run's lock")
   parser.add_argument("--backend", default="direct", help="recorded in launch.json")
   parser.add_argument("--progress", action="store_true", help="show the training progress bar")
   args = parser.parse_args(argv)
-  try:
-    point = json.loads(args.point_json)
-  except json.JSONDecodeError as e:
-    parser.error(f"--point-json is not valid JSON: {e}")
-  if not isinstance(point, dict):
-    parser.error("--point-json must be a JSON object of config overrides")
+  if len(args.point_json) != len(args.workdir):
+    parser.error(f"{len(args.point_json)} --point-json for {len(args.workdir)} --workdir: one run directory per point")
+  if len(args.workdir) > 1 and args.run_id:
+    parser.error("--run-id names one run; a group's directories are named by their run ids")
+  points = []
+  for text in args.point_json:
+    try:
+      point = json.loads(text)
+    except json.JSONDecodeError as e:
+      parser.error(f"--point-json is not valid JSON: {e}")
+    if not isinstance(point, dict):
+      parser.error("--point-json must be a JSON object of config overrides")
+    points.append(point)
 
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
@@ -125,12 +210,18 @@ def main(argv=None) -> int:
   for env, key in (("SLURM_JOB_ID", "job_id"), ("CUDA_VISIBLE_DEVICES", "devices"), ("TPU_VISIBLE_CHIPS", "devices")):
     if os.environ.get(env):
       info[key] = os.environ[env]
-  code, summary = execute(args.experiment, point, args.workdir, run_id=args.run_id, lock_wait_s=args.lock_wait,
-                          progress=args.progress, **info)
-  if summary:
-    ev = summary.get("eval") or {}
-    print(f"{summary.get('status')}: step {summary.get('step')}/{summary.get('steps')}, train loss "
-          f"{summary.get('train_loss')}, eval loss {ev.get('eval_loss')} → {os.path.abspath(args.workdir)}", flush=True)
+  if len(points) == 1:
+    code, summary = execute(args.experiment, points[0], args.workdir[0], run_id=args.run_id, lock_wait_s=args.lock_wait,
+                            progress=args.progress, **info)
+    summaries = [summary]
+  else:
+    code, summaries = execute_group(args.experiment, points, args.workdir, lock_wait_s=args.lock_wait,
+                                    progress=args.progress, **info)
+  for summary, workdir in zip(summaries, args.workdir):
+    if summary:
+      ev = summary.get("eval") or {}
+      print(f"{summary.get('status')}: step {summary.get('step')}/{summary.get('steps')}, train loss "
+            f"{summary.get('train_loss')}, eval loss {ev.get('eval_loss')} → {os.path.abspath(workdir)}", flush=True)
   return code
 
 

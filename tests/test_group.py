@@ -1,0 +1,159 @@
+"""Lockstep groups (``hybrids.train.train_group``): runs that differ only in their learning rate,
+trained together in one process, each exactly the run it would be alone but for the rounding of the
+learning rate's product."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hybrids.config import ConfigError, get_config
+from hybrids.train import RunDirectoryError, train, train_group
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "experiments", "quickstart.py") + ":tiny"
+LRS = (3e-3, 1e-2)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+def _same_run(group_dir, alone_dir):
+  """A member's files against the same run trained alone: the same steps, evals and config; losses,
+  gradient norms and evals equal up to the learning rate's rounding."""
+  (steps_g, evals_g), (steps_a, evals_a) = _rows(group_dir), _rows(alone_dir)
+  assert [r["step"] for r in steps_g] == [r["step"] for r in steps_a]
+  assert [r["step"] for r in evals_g] == [r["step"] for r in evals_a] and evals_a
+  for key in ("loss", "grad_norm", "lr", "accuracy"):
+    np.testing.assert_allclose([r[key] for r in steps_g], [r[key] for r in steps_a], rtol=2e-5, atol=1e-7, err_msg=key)
+  for key in ("eval_loss", "eval_accuracy"):
+    np.testing.assert_allclose([r[key] for r in evals_g], [r[key] for r in evals_a], rtol=2e-5, atol=1e-7, err_msg=key)
+  g, a = _summary(group_dir), _summary(alone_dir)
+  assert (g["status"], g["step"], g["tokens"], g.get("early_stop")) == (a["status"], a["step"], a["tokens"], a.get("early_stop"))
+  assert open(os.path.join(group_dir, "config.json")).read() == open(os.path.join(alone_dir, "config.json")).read()
+  last = lambda d: max(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit())
+  assert last(group_dir) == last(alone_dir) == a["step"]
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+  """Each learning rate of the group trained alone, uninterrupted."""
+  dirs = []
+  for lr in LRS:
+    workdir = str(tmp_path_factory.mktemp(f"alone-{lr}"))
+    train(get_config(TINY, {"train.lr": lr}), workdir, progress=False)
+    dirs.append(workdir)
+  return dirs
+
+
+def test_each_member_of_a_group_is_the_run_it_would_be_alone(alone, tmp_path):
+  dirs = [str(tmp_path / f"m{i}") for i in range(len(LRS))]
+  summaries = train_group([get_config(TINY, {"train.lr": lr}) for lr in LRS], dirs, progress=False)
+  assert [s["status"] for s in summaries] == ["done"] * len(LRS)
+  for group_dir, alone_dir in zip(dirs, alone):
+    _same_run(group_dir, alone_dir)
+  # The learning rates differ, and so do the runs: the group did not train one model twice.
+  assert _rows(dirs[0])[0][-1]["loss"] != _rows(dirs[1])[0][-1]["loss"]
+  # Done members are left alone by a second launch.
+  again = train_group([get_config(TINY, {"train.lr": lr}) for lr in LRS], dirs, progress=False)
+  assert [s["step"] for s in again] == [s["step"] for s in summaries]
+
+
+def test_an_interrupted_group_resumes_alone_or_together(alone, tmp_path):
+  dirs = [str(tmp_path / f"m{i}") for i in range(len(LRS))]
+  configs = [get_config(TINY, {"train.lr": lr}) for lr in LRS]
+  first = train_group(configs, dirs, stop_after_steps=5, progress=False)
+  assert [(s["status"], s["step"]) for s in first] == [("interrupted", 5)] * len(LRS)
+  train(configs[0], dirs[0], progress=False)  # a member's checkpoint resumes alone...
+  train_group(configs[1:], dirs[1:], progress=False)  # ...or in a group (here of one)
+  for group_dir, alone_dir in zip(dirs, alone):
+    _same_run(group_dir, alone_dir)
+  # a group of members that resume from different steps is refused, naming them
+  more = [str(tmp_path / f"n{i}") for i in range(len(LRS))]
+  train(configs[0], more[0], stop_after_steps=3, progress=False)
+  with pytest.raises(RunDirectoryError, match="resume from different steps"):
+    train_group(configs, more, progress=False)
+
+
+def test_a_diverged_member_stops_alone_and_the_others_go_on(alone, tmp_path):
+  dirs = [str(tmp_path / "good"), str(tmp_path / "bad")]
+  summaries = train_group([get_config(TINY, {"train.lr": LRS[0]}), get_config(TINY, {"train.lr": 1e30})], dirs,
+                          progress=False)
+  assert summaries[1]["status"] == "diverged" and "non-finite" in summaries[1]["error"]
+  assert summaries[0]["status"] == "done"
+  _same_run(dirs[0], alone[0])
+
+
+def test_an_early_stopped_member_is_frozen_at_its_stop(tmp_path):
+  """MQAR with ``train.stop_at_accuracy``: the member that reaches it first stops there (its summary,
+  checkpoint and metrics end at that eval, as alone), the other trains on."""
+  spec = os.path.join(REPO, "experiments", "zoology_mqar.py") + ":tiny"
+  over = lambda lr: get_config(spec, {"train.lr": lr, "train.steps": 40, "train.eval_every": 4,
+                                      "train.checkpoint_every": 8, "train.stop_at_accuracy": 0.05})
+  lrs = (1e-2, 1e-5)
+  dirs = [str(tmp_path / f"g{i}") for i in range(2)]
+  alone = [str(tmp_path / f"a{i}") for i in range(2)]
+  train_group([over(lr) for lr in lrs], dirs, progress=False)
+  for lr, workdir in zip(lrs, alone):
+    train(over(lr), workdir, progress=False)
+  stops = [_summary(d).get("early_stop") for d in alone]
+  assert stops[0] is not None and stops[1] is None, stops  # the setting this test needs
+  for group_dir, alone_dir in zip(dirs, alone):
+    _same_run(group_dir, alone_dir)
+
+
+def test_a_group_is_refused_before_anything_is_written(tmp_path):
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  with pytest.raises(ConfigError, match="more than train.lr"):
+    train_group([get_config(TINY), get_config(TINY, {"model.window": 4})], dirs, progress=False)
+  with pytest.raises(ValueError, match="named twice"):
+    train_group([get_config(TINY), get_config(TINY, {"train.lr": 1e-2})], [dirs[0], dirs[0]], progress=False)
+  assert not any(os.path.exists(d) for d in dirs)
+
+
+def test_a_sweep_trains_a_cells_learning_rates_as_one_group(tmp_path, monkeypatch, capsys):
+  """``launch sweep --lr-group 2``: the two learning rates of the launcher's test sweep run in one
+  process, each run directory as a sweep of single runs leaves it (within the lr's rounding); the
+  dry run prints the one command; bad values are one line before anything is written."""
+  from launch import runs
+  from launch import sweep as sweep_lib
+  from launch.__main__ import main
+  from tests.test_launch import write_experiment
+
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  exp = write_experiment(tmp_path, steps=12)
+  expanded = sweep_lib.expand(exp)
+  assert len(expanded) == 2
+  roots = {g: tmp_path / f"group-{g}" for g in (1, 2)}
+  assert main(["sweep", exp, "--root", str(roots[2]), "--lr-group", "2", "--dry-run"]) == 0
+  commands = [line for line in capsys.readouterr().out.splitlines() if "launch.run_point" in line]
+  assert len(commands) == 1 and commands[0].count("--point-json") == 2, commands
+  for g, root in roots.items():
+    assert main(["sweep", exp, "--root", str(root), "--lr-group", str(g), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert ("2 run(s) in 1 lockstep group(s), 1 at a time" in out) == (g == 2), out
+  lead, other = (str(roots[2] / rid) for rid, _, _ in expanded)
+  assert "trained in a lockstep group led by" in open(os.path.join(other, runs.LOG_FILE)).read()
+  assert "a lockstep group of 2" in open(os.path.join(lead, runs.LOG_FILE)).read()
+  for rid, _, _ in expanded:
+    alone, grouped = str(roots[1] / rid), str(roots[2] / rid)
+    assert [a["status"] for a in runs.read_attempts(grouped)] == ["done"]
+    assert runs.read_attempts(grouped)[0]["group"] == 2
+    _same_run(grouped, alone)
+  for bad, says in ((["--lr-group", "0"], "--lr-group=0 must be ≥ 1"),
+                    (["--lr-group", "2", "--backend", "slurm"], "applies to --backend local")):
+    assert main(["sweep", exp, "--root", str(tmp_path / "bad"), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+  assert not (tmp_path / "bad").exists()
