@@ -1101,6 +1101,9 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
     params, opt_state = _stack([r.params for r in runs]), _stack([r.opt_state for r in runs])
     lrs = jnp.asarray([r.config.train.lr for r in runs], jnp.float32)
     group_step, group_eval = group_steps(setup.trainer, runs[0].config)
+    members = [os.path.basename(os.path.abspath(r.workdir)) for r in runs]
+    for run in runs:  # provenance: these runs stepped together (train_group)
+      run.summary["lockstep_group"] = members
   else:
     params, opt_state = runs[0].params, runs[0].opt_state
   active = [r.early is None for r in runs]  # members still training
@@ -1115,13 +1118,22 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
   timed_tokens, timed_seconds = 0, 0.0
   tick = None  # time of the last flushed step, once the first (compiling) step is done
 
+  closed = [False] * len(runs)
+
+  def close(i: int) -> None:
+    """Member ``i``'s final summary, written when it stops (a group's others may train on for long)."""
+    if not closed[i]:
+      closed[i] = True
+      runs[i].close(timing, timed_tokens, timed_seconds, time.perf_counter() - wall_start)
+
   def fail(i: int, e: BaseException, status: str) -> None:
     """Member ``i`` of a group stops with ``status``; the others go on (a lone run re-raises)."""
     if not grouped:
       raise e
-    runs[i].status, runs[i].step, active[i] = status, step, False
+    runs[i].status, active[i] = status, False
     runs[i].summary["error"] = str(e)
     print(f"error: {runs[i].workdir}: {e}", file=sys.stderr, flush=True)
+    close(i)
 
   def flush() -> None:
     """One host sync for all steps since the last flush: log, check finiteness."""
@@ -1150,6 +1162,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
   # the rest is the device running the steps (dispatch is asynchronous, so it shows up at the syncs).
   timing = {"first_step_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
   interrupted = False
+  active_flags = placed_flags = None  # a group's active members, and that mask on the device
   try:
     with _StopRequest() as stop:
       while step < t.steps and any(active):
@@ -1158,7 +1171,10 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
         timing["data_s"] += time.perf_counter() - clock
         window = window_for_step(t, step + 1, config.seed)
         if grouped:
-          run_step = lambda p, o, b, w: group_step(p, o, b, lrs, jnp.asarray(active), w)
+          if active_flags is None or list(active_flags) != active:
+            active_flags = np.asarray(active)
+            placed_flags = jnp.asarray(active_flags)
+          run_step = lambda p, o, b, w: group_step(p, o, b, lrs, placed_flags, w)
         else:
           run_step = setup.train_step
         if step == start_step:
@@ -1218,6 +1234,8 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
         for i, run in enumerate(runs):
           if active[i] and run.early is not None:
             run.status, active[i] = "done", False
+            if grouped:
+              close(i)
         if (is_eval or any(saving)) and tick is not None:
           tick = time.perf_counter()  # tokens/s measures training steps, not evals or saves
         if stopping and step < t.steps and any(active):
@@ -1232,21 +1250,21 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
     raise
   except KeyboardInterrupt:
     for i, run in enumerate(runs):
-      if active[i] or run.status == "running":
+      if not closed[i] and (active[i] or run.status == "running"):
         run.status = "interrupted"
         run.summary["error"] = "killed by a second Ctrl-C before a checkpoint; resumes from the previous one"
     raise
   except BaseException as e:
     for i, run in enumerate(runs):
-      if active[i] or run.status == "running":
+      if not closed[i] and (active[i] or run.status == "running"):
         run.status = "failed"
         run.summary["error"] = f"{type(e).__name__}: {e}"
     raise
   finally:
     bar.close()
-    wall = time.perf_counter() - wall_start
-    summaries = [run.close(timing, timed_tokens, timed_seconds, wall) for run in runs]
-  return summaries
+    for i in range(len(runs)):
+      close(i)
+  return [run.summary for run in runs]
 
 
 # ----------------------------------------------------------------------------- command line

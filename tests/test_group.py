@@ -109,6 +109,10 @@ def test_an_early_stopped_member_is_frozen_at_its_stop(tmp_path):
   assert stops[0] is not None and stops[1] is None, stops  # the setting this test needs
   for group_dir, alone_dir in zip(dirs, alone):
     _same_run(group_dir, alone_dir)
+  names = [os.path.basename(d) for d in dirs]
+  assert [_summary(d)["lockstep_group"] for d in dirs] == [names, names]
+  # the member that stopped was closed then: its wall time ends before the group's
+  assert _summary(dirs[0])["wall_seconds"] < _summary(dirs[1])["wall_seconds"]
 
 
 def test_a_group_is_refused_before_anything_is_written(tmp_path):
