@@ -7,7 +7,10 @@ Runs the same points once per N, each time in a fresh root ``ROOT/rpd-N``, throu
 ``python -m launch sweep SPEC --backend local --runs-per-device N --root ROOT/rpd-N``, and times the
 whole sweep (start-up and compilation included: each root has its own empty compilation cache).
 ``Nmps`` (e.g. ``8mps``) runs N per device as clients of a CUDA MPS daemon (the sweep's ``--mps``), in
-``ROOT/rpd-Nmps``.
+``ROOT/rpd-Nmps``; a ``-lrG`` suffix (``8mps-lr4``) trains each cell's learning rates as lockstep groups of
+up to G (the sweep's ``--lr-group G``; N then counts processes, each of up to G runs). Groups form
+only among points that differ in ``train.lr`` alone, so give whole cells (``--filter``) rather than
+``--limit``, which spreads single points over the grid.
 Prints points/hour and the speedup over the first N given, and writes ``ROOT/packing.json``. For
 one-GPU numbers on a multi-GPU host, set ``CUDA_VISIBLE_DEVICES=0``.
 
@@ -140,29 +143,32 @@ def device_name() -> str:
   return "cpu" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") else "unknown"
 
 
-def parse_counts(value: str) -> list[tuple[int, bool]]:
-  """``--runs-per-device``: comma-separated ``N`` or ``Nmps`` (N runs per device under CUDA MPS)."""
+def parse_counts(value: str) -> list[tuple[int, bool, int]]:
+  """``--runs-per-device``: comma-separated ``N``, ``Nmps`` (N processes per device under CUDA MPS), each
+  optionally ``-lrG`` (lockstep learning-rate groups of up to G runs per process) → ``(N, mps, G)``."""
   counts = []
   for token in (t.strip() for t in value.split(",")):
     if not token:
       continue
-    mps = token.endswith("mps")
-    digits = token[:-3] if mps else token
-    if not digits.isdigit() or int(digits) < 1:
-      raise ValueError(f"--runs-per-device {value!r}: {token!r} is not N or Nmps (N ≥ 1), e.g. 1,8,8mps")
-    counts.append((int(digits), mps))
+    head, sep, group = token.partition("-lr")
+    mps = head.endswith("mps")
+    digits = head[:-3] if mps else head
+    if (not digits.isdigit() or int(digits) < 1 or sep and (not group.isdigit() or int(group) < 1)):
+      raise ValueError(f"--runs-per-device {value!r}: {token!r} is not N, Nmps, N-lrG or Nmps-lrG (N, G ≥ 1), "
+                       "e.g. 1,8mps,8mps-lr4")
+    counts.append((int(digits), mps, int(group) if sep else 1))
   if not counts:
     raise ValueError("--runs-per-device needs a value, e.g. 1,8,8mps")
   return counts
 
 
-def label(n: int, mps: bool) -> str:
-  return f"{n}mps" if mps else str(n)
+def label(n: int, mps: bool, group: int = 1) -> str:
+  return (f"{n}mps" if mps else str(n)) + (f"-lr{group}" if group > 1 else "")
 
 
-def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str, mps: bool = False) -> dict:
+def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str, mps: bool = False, group: int = 1) -> dict:
   argv = [python, "-m", "launch", "sweep", spec, "--backend", "local", "--runs-per-device", str(n),
-          *(["--mps"] if mps else []), "--root", root, "--no-progress",
+          *(["--mps"] if mps else []), *(["--lr-group", str(group)] if group > 1 else []), "--root", root, "--no-progress",
           *[a for f in filters for a in ("--filter", f)]]
   print(f"[bench] {' '.join(argv[1:])}", flush=True)
   os.makedirs(root, exist_ok=True)
@@ -177,7 +183,7 @@ def run_sweep(spec: str, root: str, n: int, filters: list[str], python: str, mps
       summaries[name] = runs.read_summary(os.path.join(root, name))
   done = sum(1 for s in summaries.values() if s.get("status") == "done")
   tps = [s["tokens_per_sec"] for s in summaries.values() if s.get("tokens_per_sec")]
-  return {"runs_per_device": n, "mps": mps, "label": label(n, mps), "returncode": code, "wall_s": round(wall, 1), "points": len(summaries),
+  return {"runs_per_device": n, "mps": mps, "lr_group": group, "label": label(n, mps, group), "returncode": code, "wall_s": round(wall, 1), "points": len(summaries),
           "done": done, "points_per_hour": round(done / wall * 3600, 1) if wall > 0 else None,
           "mean_run_tokens_per_sec": round(sum(tps) / len(tps)) if tps else None, **gpu.result(),
           "_runs": {rid: {"train_loss": s.get("train_loss"), "eval": s.get("eval")} for rid, s in summaries.items()}}
@@ -208,7 +214,8 @@ def main(argv=None) -> int:
   parser.add_argument("--experiment", required=True, help="FILE[:ARG], e.g. experiments/zoology_mqar.py:small")
   parser.add_argument("--root", required=True, help="benchmark directory: ROOT/rpd-N per N, ROOT/packing.json")
   parser.add_argument("--runs-per-device", default="1,4,8",
-                      help="comma-separated N (or Nmps: under CUDA MPS) values; the first is the baseline")
+                      help="comma-separated N (Nmps: under CUDA MPS; -lrG: lockstep lr groups of G) values; the first "
+                      "is the baseline")
   parser.add_argument("--limit", type=int, default=None, help="K points, spread evenly over the sweep")
   parser.add_argument("--steps", type=int, default=None, help="train.steps of every point (default: the experiment's)")
   parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE", help="passed to the sweep")
@@ -220,8 +227,8 @@ def main(argv=None) -> int:
     parser.error(str(e))
   if args.limit is not None and args.limit < 1 or args.steps is not None and args.steps < 1:
     parser.error("--limit and --steps must be ≥ 1")
-  for n, mps in counts:
-    root = os.path.join(args.root, f"rpd-{label(n, mps)}")
+  for n, mps, group in counts:
+    root = os.path.join(args.root, f"rpd-{label(n, mps, group)}")
     if os.path.exists(root):
       if not os.path.exists(os.path.join(root, MARKER)):
         parser.error(f"{root} exists and was not written by this benchmark; pick another --root")
@@ -231,8 +238,9 @@ def main(argv=None) -> int:
 
   device = device_name()
   results = []
-  for n, mps in counts:
-    results.append(run_sweep(spec, os.path.join(args.root, f"rpd-{label(n, mps)}"), n, args.filter, args.python, mps))
+  for n, mps, group in counts:
+    results.append(run_sweep(spec, os.path.join(args.root, f"rpd-{label(n, mps, group)}"), n, args.filter, args.python,
+                             mps, group))
     r = results[-1]
     print(f"[bench] N={r['label']}: {r['done']}/{r['points']} done in {r['wall_s']} s (exit {r['returncode']})",
           flush=True)

@@ -600,9 +600,10 @@ def test_mps_is_checked_before_anything_is_written_and_stops_only_its_own_daemon
 
 def test_bench_packing_counts():
   from launch import bench_packing
-  assert bench_packing.parse_counts("1, 8,8mps") == [(1, False), (8, False), (8, True)]
-  assert bench_packing.label(8, True) == "8mps"
-  for bad in ("", "0", "x", "8 mps", "mps"):
+  assert bench_packing.parse_counts("1, 8,8mps,8mps-lr4,2-lr3") == [(1, False, 1), (8, False, 1), (8, True, 1),
+                                                                    (8, True, 4), (2, False, 3)]
+  assert bench_packing.label(8, True) == "8mps" and bench_packing.label(8, True, 4) == "8mps-lr4"
+  for bad in ("", "0", "x", "8 mps", "mps", "8-lr", "8-lr0", "8mps-lrx"):
     with pytest.raises(ValueError, match="--runs-per-device"):
       bench_packing.parse_counts(bad)
 
