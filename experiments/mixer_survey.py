@@ -77,10 +77,18 @@ git-ignored, so only what a call's ``carry`` names travels:
 (ignored files a call leaves on the machine are kept for the next call of the same slot; the last
 line checks every shard's sha256 against the ones prepared here.) Then, in the same slot:
 
-    python -m launch sweep experiments/mixer_survey.py:1m --backend local --runs-per-device N --mps --root runs
+    python -m launch sweep experiments/mixer_survey.py:1m --backend local --runs-per-device N --mps --lr-group 3 --root runs
     python -m launch report runs/mixer_survey-1m        # or all slices' runs together: see launch report
 
-Variants: ``None`` (full, 768 runs: about days of one H100 — unmeasured); ``1m``, ``2m``, ``5m``,
+(``--lr-group 3``: each (pattern, size)'s three learning rates train in one process, their steps vmapped
+together on the same batches; each is still its own run: README "Sweeps".)
+
+Compute, from the table: 6 · N · tokens (N non-embedding, plus the 16k-vocabulary head) is about
+3·10¹⁶ FLOPs per (pattern, learning rate) over the four sizes, 80 % of it at 10m; × 64 patterns × 3
+rates ≈ 6·10¹⁸ FLOPs, about 12 H100-hours at 140 TFLOP/s (a fifth of the ~700 TFLOP/s bf16 matmul rate
+measured there; an estimate: no slice has run).
+
+Variants: ``None`` (full, 768 runs); ``1m``, ``2m``, ``5m``,
 ``10m``: the full grid at one size (192 runs each), the slices a GPU slot works through (the sweep is
 idempotent: re-running a slice starts only the points without a finished run); ``small``: every
 pattern at 1m at its table learning rate only (64 runs, no lr selection); ``pilot``: ``small`` on a
