@@ -12,8 +12,8 @@ adding one piece of the trainer's loop at a time:
 2. + a host batch placed on the device every step (``shard_batch``);
 3. + the batches from the config's own training pipeline (``data.train_dataset``), as the run reads them;
 4. + the metrics kept every step and fetched every ``train.log_every`` steps, as the trainer does;
-5. (``--lr-group G``) G copies of the run trained in one step, ``jax.vmap`` over their parameters and
-   optimizer states on one shared device batch, timed per run: what a sweep would gain by training
+5. (``--lr-group G``) G copies of the run trained in one step (``train.group_steps``, the step of a
+   lockstep group: ``jax.vmap`` over their parameters and optimizer states on one shared device batch), per run: what a sweep would gain by training
    the learning rates of one cell together instead of in G processes (the copies share the config's
    learning rate here: the step's cost does not depend on its value).
 
@@ -81,23 +81,24 @@ def measure(config, steps: int, warmup: int = 5, lr_group: int = 0) -> list[dict
           timed("3. + the training pipeline's batches", lambda: place(next(iterator))),
           timed(f"4. + metrics kept, fetched every {t.log_every} steps", lambda: place(next(iterator)), True)]
   if lr_group >= 2:
-    rows.append(_vmapped_row(setup.trainer, state, placed, lr_group, steps, warmup, tokens))
+    rows.append(_vmapped_row(setup.trainer, config, state, placed, lr_group, steps, warmup, tokens))
   return rows
 
 
-def _vmapped_row(trainer, state: dict, batch, group: int, steps: int, warmup: int, tokens: int) -> dict:
+def _vmapped_row(trainer, config, state: dict, batch, group: int, steps: int, warmup: int, tokens: int) -> dict:
   """Row 5: ``group`` copies of the step under ``jax.vmap``, per run (``state``: the rows' current
   parameters and optimizer state)."""
   stack = lambda tree: jax.tree.map(lambda x: jax.numpy.stack([x] * group), tree)
   params, opt_state = stack(state["params"]), stack(state["opt_state"])
-  step = jax.jit(jax.vmap(lambda p, o, b: trainer.train_step(p, o, b, None), in_axes=(0, 0, None)),
-                 donate_argnums=(0, 1))
+  group_step, _ = train_lib.group_steps(trainer, config)  # the step train_group runs
+  lrs = jax.numpy.full((group,), config.train.lr, jax.numpy.float32)
+  active = jax.numpy.ones((group,), bool)
   for _ in range(warmup):
-    params, opt_state, metrics = step(params, opt_state, batch)
+    params, opt_state, metrics = group_step(params, opt_state, batch, lrs, active, None)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    params, opt_state, metrics = step(params, opt_state, batch)
+    params, opt_state, metrics = group_step(params, opt_state, batch, lrs, active, None)
   jax.block_until_ready(metrics)
   ms = 1e3 * (time.perf_counter() - start) / steps / group
   name = f"5. {group} runs vmapped in one step (per run)"

@@ -116,11 +116,18 @@ def hardware(mesh=None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- optimisation
 
-def lr_schedule(t) -> optax.Schedule:
-  """Linear warmup from 0 to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at ``steps``."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps, decay_steps=t.steps,
-      end_value=t.lr * t.min_lr_ratio)
+def lr_schedule(t, peak_lr=None) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at ``steps``.
+
+  ``peak_lr`` (a traced scalar: a lockstep group member's rate, :func:`group_steps`) replaces ``t.lr``
+  as that schedule's shape times the rate."""
+  if peak_lr is None:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps, decay_steps=t.steps,
+        end_value=t.lr * t.min_lr_ratio)
+  shape = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1.0, warmup_steps=t.warmup_steps,
+                                             decay_steps=t.steps, end_value=t.min_lr_ratio)
+  return lambda count: peak_lr * shape(count)
 
 
 # The gain of every norm in hybrids.layers (the residual stream's RMSNorm / LayerNorm, the mixers'
@@ -153,10 +160,11 @@ def decay_mask(params, layer_mixers=()) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(t, layer_mixers=()) -> optax.GradientTransformation:
+def make_optimizer(t, layer_mixers=(), peak_lr=None) -> optax.GradientTransformation:
   """AdamW on :func:`lr_schedule`, global-norm clipping (``grad_clip == 0``: none), weight decay on
-  :func:`decay_mask` (of the model whose layers are ``layer_mixers``)."""
-  schedule = lr_schedule(t)
+  :func:`decay_mask` (of the model whose layers are ``layer_mixers``); ``peak_lr``: see :func:`lr_schedule`
+  (the state's structure does not depend on it)."""
+  schedule = lr_schedule(t, peak_lr)
   mask = lambda params: decay_mask(params, tuple(layer_mixers))
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
@@ -269,13 +277,10 @@ class Trainer:
     loss = loss_sum / count
     return loss + self.moe_balance_weight * aux["moe_balance"], (loss, correct / count, aux["moe_balance"])
 
-  def train_step(self, params, opt_state, batch, window: int | None = None, lr_scale=None):
-    """One update; ``window`` (static) overrides the SWA band for this step (SWAX); ``lr_scale`` (a
-    lockstep group's member learning rate, :func:`group_steps`) multiplies the update."""
+  def train_step(self, params, opt_state, batch, window: int | None = None):
+    """One update; ``window`` (static) overrides the SWA band for this step (SWAX)."""
     (_, (loss, accuracy, balance)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, window)
     updates, opt_state = self.tx.update(grads, opt_state, params)
-    if lr_scale is not None:
-      updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
     if self.has_moe:
@@ -432,19 +437,16 @@ def group_steps(trainer: Trainer, config: ml_collections.ConfigDict):
   lrs[G], active[G], window) → (params[G], opt_state[G], metrics[G])`` and ``(params[G], batch) →
   (loss_sum, correct, count)[G]``, ``jax.vmap`` over the members, the batch shared.
 
-  The optimizer is the config's with a peak learning rate of 1 (:func:`lr_schedule`'s shape), its update
-  multiplied by each member's ``lr``: AdamW's update is linear in the learning rate, so this is the
-  member's own optimizer up to the rounding of that one product, and its state has the same structure
-  (a member's checkpoint resumes alone, and a lone run's in a group). An inactive member's parameters
-  and optimizer state are kept as they were (it stopped early or diverged).
+  Each member's optimizer is the config's with its own learning rate as the schedule's peak
+  (:func:`make_optimizer`'s ``peak_lr``): the schedule is the lone run's up to the rounding of one f32
+  product, the optimizer state has the same structure (a member's checkpoint resumes alone, and a lone
+  run's in a group). An inactive member's parameters and optimizer state are kept as they were.
   """
-  unit = config.train.copy_and_resolve_references()
-  with unit.unlocked():
-    unit.lr = 1.0
-  unit_trainer = dataclasses.replace(trainer, tx=make_optimizer(unit, layer_pattern(config.model)))
+  layers = layer_pattern(config.model)
 
   def member(params, opt_state, batch, lr, active, window):
-    new_params, new_opt, metrics = unit_trainer.train_step(params, opt_state, batch, window, lr_scale=lr)
+    own = dataclasses.replace(trainer, tx=make_optimizer(config.train, layers, peak_lr=lr))
+    new_params, new_opt, metrics = own.train_step(params, opt_state, batch, window)
     keep = lambda new, old: jnp.where(active, new, old)
     return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), metrics
 
@@ -811,6 +813,10 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
   if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
     raise ValueError("train_group: a run directory is named twice")
   config = configs[0]
+  if data_lib.get_field(config.data, "name", "") == "text":
+    raise config_lib.ConfigError("train_group: data.name='text' tokenizes into each run directory (tokenizer.json, "
+                                 "token caches), and a group reads one pipeline; valid in a group: data.name "
+                                 "'mqar' or 'shards' (a prepared corpus), or train these runs one by one")
   check_kernels_run_here(config, segments=document_eod(config) is not None)
   mesh = sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size)
   if mesh.devices.size != 1 or jax.process_count() != 1:
@@ -845,13 +851,12 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
           raise RunDirectoryError("train_group: the members resume from different steps ("
                                   + ", ".join(f"{r.workdir}: {r.start_step}" for r in runs)
                                   + "); train them in groups that resume together, or one by one")
-      except BaseException:
+      except BaseException:  # nothing of any member was written yet
         for r in runs:
-          r.manager.close()
-          if r.writer is not None:
-            r.writer.close()
+          r.release()
         raise
-      for i, summary in zip(todo, _loop(runs, setup, stop_after_steps=stop_after_steps, progress=progress)):
+      for i, summary in zip(todo, _loop(runs, setup, stop_after_steps=stop_after_steps, progress=progress,
+                                        group=True)):
         summaries[i] = summary
   return summaries
 
@@ -940,21 +945,34 @@ class _Run:
     self.start_step, self.params, self.opt_state, self.data_state = 0, setup.params, setup.opt_state, None
     if restored is not None:
       self.start_step, self.params, self.opt_state, self.data_state = restored
+    self.integrity, self.restored, self.counts, self.mesh = integrity, restored is not None, setup.counts, mesh
+    self.started = False
+    self.schedule = lr_schedule(t)
+    self.status = "running"
+    self.step = self.start_step
+
+  def release(self) -> None:
+    """Close what restoring opened, for a run that is not started after all (nothing was written)."""
+    self.manager.close()
+
+  def start(self, trainer: Trainer) -> None:
+    """Write the run's starting state: metrics cut back to the restored step, ``summary.json``
+    "running", the TensorBoard writer. Nothing is written before this."""
+    config, workdir, t, mesh, integrity = self.config, self.workdir, self.config.train, self.mesh, self.integrity
     if self.primary:  # from scratch too: lines a run killed before its first checkpoint logged are redone
       _truncate_metrics(self.metrics_path, self.start_step)
-    self.schedule = lr_schedule(t)
     batch_size, seq_len = t.batch_size, config.data.seq_len
     packed_documents = document_eod(config) is not None  # the model gets segment_ids: kernels choose for them
     summary: dict[str, Any] = {
-        "status": "running", "step": self.start_step, "steps": t.steps, **setup.counts,
+        "status": "running", "step": self.start_step, "steps": t.steps, **self.counts,
         "tokens_per_step": batch_size * seq_len, "versions": versions(), "hardware": hardware(mesh),
         # matrices the sharding rules wanted to split on a mesh axis but left whole (sizes do not divide)
         "replicated_params": [dataclasses.asdict(r) for r in
-                              sharding_lib.replicated_params(setup.params, dict(mesh.shape),
+                              sharding_lib.replicated_params(self.params, dict(mesh.shape),
                                                              layer_pattern(config.model))],
         "impl": kernels.resolve_impls(config.model, segments=packed_documents),
         "kernels": kernels.kernel_choices(config.model, segments=packed_documents),  # lowering, and why each other candidate was not taken
-        "compile": {**_scan_layers_record(setup.trainer),
+        "compile": {**_scan_layers_record(trainer),
                     "cache_dir": jax.config.jax_compilation_cache_dir or "",
                     "xla_options": step_compiler_options(mesh.devices.flat[0].platform) or {}},
     }
@@ -977,10 +995,9 @@ class _Run:
     self.write_summary()
     from tensorboardX import SummaryWriter  # imported late: it pulls in protobuf
     self.writer = SummaryWriter(os.path.join(workdir, rundir.TB_DIR)) if self.primary else None
-    self.early = previous_early_stop(workdir, self.start_step) if restored is not None else None
+    self.early = previous_early_stop(workdir, self.start_step) if self.restored else None
     self.last_loss = float("nan")
-    self.status = "running"
-    self.step = self.start_step
+    self.started = True
 
   def write_summary(self) -> None:
     if self.primary:
@@ -1041,7 +1058,11 @@ class _Run:
     save_checkpoint(self.manager, step, params, opt_state, data_state)
 
   def close(self, timing: dict[str, float], timed_tokens: int, timed_seconds: float, wall_seconds: float) -> dict:
-    """Final summary (status, step, rates, time split), written; the writer and checkpoints closed."""
+    """Final summary (status, step, rates, time split), written; the writer and checkpoints closed. A
+    run never started writes nothing (its files stay as they were)."""
+    if not self.started:
+      self.release()
+      return rundir.read_summary(self.workdir)
     t = self.config.train
     if self.writer is not None:
       self.writer.close()
@@ -1076,40 +1097,55 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
   return _loop([_Run(config, workdir, setup, mesh)], setup, stop_after_steps=stop_after_steps, progress=progress)[0]
 
 
-def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progress: bool) -> list[dict[str, Any]]:
-  """Train ``runs`` to their ends (one run, or a lockstep group: see :func:`train_group`); their summaries.
+def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progress: bool,
+          group: bool = False) -> list[dict[str, Any]]:
+  """Train ``runs`` (restored, not yet started) to their ends; their summaries. One run, or with
+  ``group`` a lockstep group (:func:`train_group`, even of one member).
 
   A group shares the batches, the step count and the schedule's shape; each member keeps its own
   parameters, optimizer state, learning rate, early stop, divergence and files. A member that stops
-  (early, or diverged) stays in the stacked step, frozen (its update is dropped), until all have stopped.
+  (early, or diverged) stays in the stacked step, frozen, its summary final, until all have stopped;
+  a member's failure never raises (the lone run's does).
   """
   config = runs[0].config
   t = config.train
   batch_size, seq_len = t.batch_size, config.data.seq_len
-  grouped = len(runs) > 1
+  stacked = len(runs) > 1
   start_step = runs[0].start_step
-  dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
-                                   workdir=runs[0].workdir, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  iterator = data_lib.make_iterator(dataset)
-  if runs[0].data_state is not None:
-    iterator.set_state(runs[0].data_state)
-  eval_data = [sharding_lib.place_global_batch(b, setup.batch_sharding) for b in
-               data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=runs[0].workdir,
-                                     num_batches=t.eval_batches)]
-  if grouped:
-    params, opt_state = _stack([r.params for r in runs]), _stack([r.opt_state for r in runs])
-    lrs = jnp.asarray([r.config.train.lr for r in runs], jnp.float32)
-    group_step, group_eval = group_steps(setup.trainer, runs[0].config)
+  try:  # the data first: a pipeline that fails leaves every run's files as they were
+    dataset = data_lib.train_dataset(config.data, seq_len=seq_len, batch_size=batch_size, seed=config.seed,
+                                     workdir=runs[0].workdir, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    iterator = data_lib.make_iterator(dataset)
+    if runs[0].data_state is not None:
+      iterator.set_state(runs[0].data_state)
+    eval_data = [sharding_lib.place_global_batch(b, setup.batch_sharding) for b in
+                 data_lib.eval_batches(config.data, seq_len=seq_len, batch_size=batch_size, workdir=runs[0].workdir,
+                                       num_batches=t.eval_batches)]
+  except BaseException:
+    for run in runs:
+      run.release()
+    raise
+  try:
+    for run in runs:
+      run.start(setup.trainer)
+  except BaseException as e:
+    for run in runs:
+      if run.started:
+        run.status, run.summary["error"] = "failed", f"{type(e).__name__}: {e}"
+        run.close({}, 0, 0.0, 0.0)
+      else:
+        run.release()
+    raise
+  if stacked:
     members = [os.path.basename(os.path.abspath(r.workdir)) for r in runs]
     for run in runs:  # provenance: these runs stepped together (train_group)
       run.summary["lockstep_group"] = members
-  else:
-    params, opt_state = runs[0].params, runs[0].opt_state
   active = [r.early is None for r in runs]  # members still training
   for run in runs:
     if run.early is not None:  # resumed at its early stop: nothing left to train
       run.status = "done"
+  params = opt_state = lrs = group_step = group_eval = None
 
   from tqdm.auto import tqdm
 
@@ -1128,7 +1164,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
 
   def fail(i: int, e: BaseException, status: str) -> None:
     """Member ``i`` of a group stops with ``status``; the others go on (a lone run re-raises)."""
-    if not grouped:
+    if not group:
       raise e
     runs[i].status, active[i] = status, False
     runs[i].summary["error"] = str(e)
@@ -1147,7 +1183,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
       timed_seconds += now - tick
     tick = now
     for i, run in enumerate(runs):
-      mine = [(s, m if not grouped else {k: v[i] for k, v in m.items()})
+      mine = [(s, m if not stacked else {k: v[i] for k, v in m.items()})
               for (s, _, live), m in zip(pending, fetched) if live[i]]
       try:
         run.log(mine)
@@ -1156,7 +1192,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
     pending.clear()
 
   bar = tqdm(total=t.steps, initial=start_step, disable=not (progress and runs[0].primary), dynamic_ncols=True,
-             unit="step", desc=os.path.basename(os.path.abspath(runs[0].workdir)) + (f" +{len(runs) - 1}" if grouped else ""))
+             unit="step", desc=os.path.basename(os.path.abspath(runs[0].workdir)) + (f" +{len(runs) - 1}" if stacked else ""))
   wall_start = time.perf_counter()
   # Where the wall time goes: the first step (compile), waiting for batches on the host, evals, saves;
   # the rest is the device running the steps (dispatch is asynchronous, so it shows up at the syncs).
@@ -1164,13 +1200,22 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
   interrupted = False
   active_flags = placed_flags = None  # a group's active members, and that mask on the device
   try:
+    if stacked:  # inside the try: a group that cannot be stacked (memory) ends every member "failed"
+      params, opt_state = _stack([r.params for r in runs]), _stack([r.opt_state for r in runs])
+      lrs = jnp.asarray([r.config.train.lr for r in runs], jnp.float32)
+      group_step, group_eval = group_steps(setup.trainer, config)
+      for run in runs:  # the stacked copy is the state now: the members' own copies go
+        run.params = run.opt_state = None
+      setup.params = setup.opt_state = None
+    else:
+      params, opt_state = runs[0].params, runs[0].opt_state
     with _StopRequest() as stop:
       while step < t.steps and any(active):
         clock = time.perf_counter()
         batch = sharding_lib.shard_batch(next(iterator), setup.batch_sharding)
         timing["data_s"] += time.perf_counter() - clock
         window = window_for_step(t, step + 1, config.seed)
-        if grouped:
+        if stacked:
           if active_flags is None or list(active_flags) != active:
             active_flags = np.asarray(active)
             placed_flags = jnp.asarray(active_flags)
@@ -1194,7 +1239,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
           if active[i]:
             run.step = step
         if t.window_choices:
-          metrics["window"] = (jnp.full((len(runs),), window or config.model.window) if grouped
+          metrics["window"] = (jnp.full((len(runs),), window or config.model.window) if stacked
                                else window or config.model.window)
         pending.append((step, metrics, list(active)))
         stopping = stop.signum is not None or (stop_after_steps is not None and step - start_step >= stop_after_steps)
@@ -1209,7 +1254,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
         saving = [is_ckpt and a for a in active]
         if is_eval:
           clock = time.perf_counter()
-          if grouped:
+          if stacked:
             results = evaluate(setup.trainer, group_eval, params, eval_data, members=len(runs))
           else:
             results = [evaluate(setup.trainer, setup.eval_step, params, eval_data)]
@@ -1224,7 +1269,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
             if not saving[i]:
               continue
             try:
-              if grouped:
+              if stacked:
                 run.save(step, _member(params, i), _member(opt_state, i), data_state)
               else:
                 run.save(step, params, opt_state, data_state)
@@ -1234,7 +1279,7 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
         for i, run in enumerate(runs):
           if active[i] and run.early is not None:
             run.status, active[i] = "done", False
-            if grouped:
+            if group:
               close(i)
         if (is_eval or any(saving)) and tick is not None:
           tick = time.perf_counter()  # tokens/s measures training steps, not evals or saves

@@ -472,16 +472,20 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
 
 def lr_groups(todo: list[dict], configs: dict[str, object], size: int) -> list[list[dict]]:
   """``todo`` partitioned into units of at most ``size`` rows that differ only in ``train.lr`` and
-  resume from the same step (``configs``: run → resolved config); in the order of each unit's first row."""
+  resume from the same step (``configs``: run → resolved config); in the order of each unit's first row.
+  Runs held by a live process, runs that failed before and text-data runs stay alone."""
   from hybrids.train import group_key
 
   units: list[list[dict]] = []
   open_unit: dict[tuple, list[dict]] = {}
   for row in todo:
-    if row.get("status") == "running":  # held by a live process: it resumes alone, from wherever that one stops
+    config = configs[row["run"]]
+    # Alone: a run held by a live process (it resumes from wherever that one stops), one that failed
+    # before (a fault of its own must not fail its group mates again), and text data (train_group's refusal).
+    if row.get("status") == "running" or row.get("failures", 0) or config.data.name == "text":
       units.append([row])
       continue
-    key = (group_key(configs[row["run"]]), row.get("resume_step", 0))
+    key = (group_key(config), row.get("resume_step", 0))
     unit = open_unit.get(key)
     if unit is None or len(unit) >= size:
       unit = open_unit[key] = []

@@ -130,31 +130,40 @@ def execute_group(experiment: str, points: list[dict], workdirs: list[str], *, l
           print(f"[launch] {os.path.basename(workdir)} is already done: {json.dumps(points[i], sort_keys=True)}", flush=True)
           summaries[i] = runs.read_summary(workdir)
           continue
+        if runs.read_summary(workdir).get("status") == "diverged":  # resuming would replay the same steps
+          print(f"[launch] {os.path.basename(workdir)} diverged earlier: left alone", flush=True)
+          summaries[i], codes[i] = runs.read_summary(workdir), EXIT_DIVERGED
+          continue
         resumed_from = runs.latest_checkpoint_step(workdir)
         attempt = runs.start_attempt(workdir, resumed_from=resumed_from, group=len(points), **attempt_info)
         print(f"[launch] {os.path.basename(workdir)} attempt {attempt}, from step {resumed_from}, in a group of "
               f"{len(points)}: {json.dumps(points[i])}", flush=True)
         todo.append(i)
       if todo:
+        failure = None
         try:
           train_group([configs[i] for i in todo], [workdirs[i] for i in todo], progress=progress)
         except (ConfigError, rundir.RunDirectoryError) as e:
           print(f"error: {e}", file=sys.stderr)
-          for i in todo:
-            runs.end_attempt(workdirs[i], "failed", error=str(e))
-            codes[i] = EXIT_CONFIG
+          failure = (EXIT_CONFIG, str(e))
         except Exception as e:  # noqa: BLE001  (recorded so that a relaunch retries it up to --max-retries)
           traceback.print_exc()
-          for i in todo:
-            runs.end_attempt(workdirs[i], "failed", error=f"{type(e).__name__}: {e}")
-            codes[i] = EXIT_FAILED
-        else:
-          for i in todo:
-            summary = runs.read_summary(workdirs[i])
-            status = summary.get("status")
-            runs.end_attempt(workdirs[i], status, **({"step": summary.get("step")} if status != "diverged"
-                                                      else {"error": summary.get("error", "")}))
-            codes[i] = {"done": EXIT_DONE, "diverged": EXIT_DIVERGED}.get(status, EXIT_INTERRUPTED)
+          failure = (EXIT_FAILED, f"{type(e).__name__}: {e}")
+        for i in todo:  # each member as its own summary says it ended (one may have finished before a crash)
+          summary = runs.read_summary(workdirs[i])
+          status = summary.get("status")
+          if status == "done":
+            runs.end_attempt(workdirs[i], "done", step=summary.get("step"))
+            codes[i] = EXIT_DONE
+          elif status == "diverged":
+            runs.end_attempt(workdirs[i], "diverged", error=summary.get("error", ""))
+            codes[i] = EXIT_DIVERGED
+          elif failure is not None:
+            runs.end_attempt(workdirs[i], "failed", error=failure[1])
+            codes[i] = failure[0]
+          else:
+            runs.end_attempt(workdirs[i], status, step=summary.get("step"))
+            codes[i] = EXIT_INTERRUPTED
         for i in todo:
           summaries[i] = runs.read_summary(workdirs[i])
   except runs.RunBusy as e:

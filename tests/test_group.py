@@ -77,11 +77,15 @@ def test_an_interrupted_group_resumes_alone_or_together(alone, tmp_path):
   train_group(configs[1:], dirs[1:], progress=False)  # ...or in a group (here of one)
   for group_dir, alone_dir in zip(dirs, alone):
     _same_run(group_dir, alone_dir)
-  # a group of members that resume from different steps is refused, naming them
+  # a group of members that resume from different steps is refused, naming them, and writes nothing
   more = [str(tmp_path / f"n{i}") for i in range(len(LRS))]
   train(configs[0], more[0], stop_after_steps=3, progress=False)
+  train(configs[1], more[1], stop_after_steps=5, progress=False)
+  files = lambda: [open(os.path.join(d, f), "rb").read() for d in more for f in ("summary.json", "metrics.jsonl")]
+  before = files()
   with pytest.raises(RunDirectoryError, match="resume from different steps"):
     train_group(configs, more, progress=False)
+  assert files() == before
 
 
 def test_a_diverged_member_stops_alone_and_the_others_go_on(alone, tmp_path):
@@ -117,6 +121,10 @@ def test_an_early_stopped_member_is_frozen_at_its_stop(tmp_path):
 
 def test_a_group_is_refused_before_anything_is_written(tmp_path):
   dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  text = lambda lr: get_config(TINY, {"train.lr": lr, "data.name": "text", "data.files": __file__,
+                                      "data.tokenizer": "bytes"})
+  with pytest.raises(ConfigError, match="data.name='text'"):
+    train_group([text(1e-3), text(1e-2)], dirs, progress=False)
   with pytest.raises(ConfigError, match="more than train.lr"):
     train_group([get_config(TINY), get_config(TINY, {"model.window": 4})], dirs, progress=False)
   with pytest.raises(ValueError, match="named twice"):
@@ -161,3 +169,30 @@ def test_a_sweep_trains_a_cells_learning_rates_as_one_group(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err
   assert not (tmp_path / "bad").exists()
+
+
+def test_a_group_process_records_each_member_as_it_ended(tmp_path, capsys):
+  """``launch.run_point`` with several points: a diverged member is recorded "diverged" (exit 3), also
+  when it is the only member left to train; a done member is left alone; a member that diverged
+  earlier is not trained again."""
+  from launch import run_point, runs
+  from launch import sweep as sweep_lib
+  from tests.test_launch import write_experiment
+
+  exp = write_experiment(tmp_path, steps=6)
+  (rid_a, point_a, _), (rid_b, point_b, _) = sweep_lib.expand(exp)
+  bad = dict(point_b, **{"train.lr": 1e30, "train.grad_clip": 1e30})
+  good = dict(point_a, **{"train.grad_clip": 1e30})
+  ids = [sweep_lib.run_id(exp, sweep_lib.resolve_point(exp, p)) for p in (good, bad)]
+  dirs = [str(tmp_path / "root" / rid) for rid in ids]
+  code, summaries = run_point.execute_group(exp, [good, bad], dirs)
+  assert code == run_point.EXIT_DIVERGED and [s["status"] for s in summaries] == ["done", "diverged"]
+  assert [a["status"] for a in runs.read_attempts(dirs[0])] == ["done"]
+  assert [a["status"] for a in runs.read_attempts(dirs[1])] == ["diverged"]
+  again, _ = run_point.execute_group(exp, [good, bad], dirs)  # nothing to train: done stays done, diverged stays
+  assert again == run_point.EXIT_DIVERGED and len(runs.read_attempts(dirs[1])) == 1
+  # one member left to train, and it diverges: recorded as diverged, not as a crash
+  lone = str(tmp_path / "root2" / ids[1])
+  code, summaries = run_point.execute_group(exp, [good, bad], [dirs[0], lone])
+  assert code == run_point.EXIT_DIVERGED and summaries[1]["status"] == "diverged"
+  assert [a["status"] for a in runs.read_attempts(lone)] == ["diverged"]

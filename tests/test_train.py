@@ -342,3 +342,21 @@ def test_bench_step_times_the_loop_piece_by_piece(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     bench_step.main(["bench_step", "--config", spec, "--lr-group", "1"])
   assert exit_info.value.code == 2 and "--lr-group" in capsys.readouterr().err
+
+
+def test_a_data_pipeline_that_fails_leaves_the_run_as_it_was(uninterrupted, tmp_path, monkeypatch):
+  """The batches are set up before the run's files are touched: a pipeline that fails on resume leaves
+  summary.json and metrics.jsonl as they were (the run stays "interrupted", resumable)."""
+  from hybrids import data as data_lib
+
+  workdir = str(tmp_path / "run")
+  train(get_config(TINY), workdir, stop_after_steps=5, progress=False)
+  files = lambda: [open(os.path.join(workdir, f), "rb").read() for f in ("summary.json", "metrics.jsonl")]
+  before = files()
+
+  def broken(*args, **kwargs):
+    raise OSError("corpus unreadable")
+  monkeypatch.setattr(data_lib, "train_dataset", broken)
+  with pytest.raises(OSError, match="corpus unreadable"):
+    train(get_config(TINY), workdir, progress=False)
+  assert files() == before and summary(workdir)["status"] == "interrupted"
