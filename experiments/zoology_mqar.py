@@ -47,6 +47,8 @@ Commands (accuracy on the answers is ``eval.eval_accuracy`` of each run's ``summ
 
     python -m launch sweep experiments/zoology_mqar.py --backend local            # full grid, 640 runs
     python -m launch sweep experiments/zoology_mqar.py:figure2 --backend local --runs-per-device 8 --mps   # CUDA MPS: kernels of the 8 overlap
+    python -m launch sweep experiments/zoology_mqar.py:figure2 --backend local --runs-per-device 8 --mps --lr-group 4
+        # the same, each cell's four learning rates in one process (lockstep groups: README "Sweeps")
     python -m launch sweep experiments/zoology_mqar.py:small --backend local      # 36 runs
     python -m launch report runs/zoology_mqar-figure2
     python experiments/zoology_mqar.py runs/zoology_mqar-figure2/report.json   # ours vs published, per cell
