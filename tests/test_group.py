@@ -137,16 +137,10 @@ def test_a_sweep_trains_a_cells_learning_rates_as_one_group(tmp_path, monkeypatc
   process, each run directory as a sweep of single runs leaves it (within the lr's rounding); the
   dry run prints the one command; bad values are one line before anything is written."""
   from launch import runs
-  from launch import sweep as sweep_lib
   from launch.__main__ import main
-  from tests.test_launch import write_experiment
+  from tests.test_launch import two_point_sweep
 
-  monkeypatch.chdir(REPO)
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("PYTHONPATH", REPO)
-  exp = write_experiment(tmp_path, steps=12)
-  expanded = sweep_lib.expand(exp)
-  assert len(expanded) == 2
+  exp, expanded = two_point_sweep(tmp_path, monkeypatch, steps=12)
   roots = {g: tmp_path / f"group-{g}" for g in (1, 2)}
   assert main(["sweep", exp, "--root", str(roots[2]), "--lr-group", "2", "--dry-run"]) == 0
   commands = [line for line in capsys.readouterr().out.splitlines() if "launch.run_point" in line]

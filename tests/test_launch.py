@@ -56,6 +56,17 @@ def write_experiment(tmp_path, steps=200, files="", name="tinysweep"):
   return str(path)
 
 
+def two_point_sweep(tmp_path, monkeypatch, steps):
+  """The test sweep's two learning rates, to be launched in-process from the repository (CPU)."""
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  exp = write_experiment(tmp_path, steps=steps)
+  expanded = sweep_lib.expand(exp)
+  assert len(expanded) == 2
+  return exp, expanded
+
+
 def metric_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -693,12 +704,7 @@ def test_a_packed_run_computes_what_it_computes_alone(tmp_path, monkeypatch, cap
   loss and the final eval are identical."""
   from launch.__main__ import main
 
-  monkeypatch.chdir(REPO)
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("PYTHONPATH", REPO)
-  exp = write_experiment(tmp_path, steps=20)
-  expanded = sweep_lib.expand(exp)
-  assert len(expanded) == 2
+  exp, expanded = two_point_sweep(tmp_path, monkeypatch, steps=20)
   roots = {n: tmp_path / f"rpd-{n}" for n in (1, 2)}
   for n, root in roots.items():
     assert main(["sweep", exp, "--root", str(root), "--runs-per-device", str(n), "--no-progress"]) == 0
