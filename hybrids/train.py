@@ -1016,10 +1016,14 @@ class _Run:
 
   def log(self, records: list[tuple[int, dict]]) -> None:
     """Write fetched step metrics; :class:`DivergedError` at the first non-finite one."""
+    if not records:
+      return
+    # lr of the update that produced step s (optax counts updates from 0): one evaluation and one
+    # host sync for the whole flush, not one per step
+    lrs = np.asarray(jax.device_get(self.schedule(jnp.asarray([s - 1 for s, _ in records]))))
     with open(self.metrics_path, "a") if self.primary else contextlib.nullcontext() as f:
-      for s, m in records:
-        # lr of the update that produced step s (optax counts updates from 0)
-        record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(self.schedule(s - 1))}
+      for (s, m), lr in zip(records, lrs):
+        record = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(lr)}
         bad = sorted((k for k, v in record.items() if not math.isfinite(v)), key=lambda k: (k != "loss", k))
         if bad:
           also = f" (also non-finite: {', '.join(bad[1:])})" if bad[1:] else ""
@@ -1031,8 +1035,7 @@ class _Run:
         for k, v in record.items():
           if k != "step":
             self.scalar(f"train/{k}", v, s)
-    if records:
-      self.last_loss = float(records[-1][1]["loss"])
+    self.last_loss = float(records[-1][1]["loss"])
 
   def record_eval(self, step: int, result: dict[str, float]) -> bool:
     """Write an eval; True when it stops the run early (``train.stop_at_accuracy``)."""

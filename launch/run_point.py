@@ -33,6 +33,31 @@ EXIT_DONE, EXIT_FAILED, EXIT_CONFIG, EXIT_DIVERGED, EXIT_BUSY = 0, 1, 2, 3, 75
 EXIT_INTERRUPTED = 128 + signal.SIGTERM
 
 
+def _checked_config(experiment: str, point: dict, workdir: str, run_id: str | None = None):
+  """The point's resolved config, its compilation cache set, checked against the directory's run id;
+  None (the error printed in one line) when it does not resolve or is another run's."""
+  from hybrids.config import ConfigError
+  from launch import sweep as sweep_lib
+
+  try:
+    config = sweep_lib.resolve_point(experiment, point)
+  except (ConfigError, ValueError) as e:
+    print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
+    return None
+  try:
+    share_compilation_cache(config, workdir)
+  except OSError as e:  # e.g. <root>/.jax_cache planted by another user
+    print(f"error: {e}", file=sys.stderr)
+    return None
+  expected = run_id or os.path.basename(os.path.normpath(workdir))
+  actual = sweep_lib.run_id(experiment, config)
+  if actual != expected:
+    print(f"error: point {json.dumps(point)} of {experiment} resolves to run id {actual}, not {expected}: "
+          "the experiment file changed since the sweep was expanded, or --workdir is another run's", file=sys.stderr)
+    return None
+  return config
+
+
 def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = None, lock_wait_s: float = 0.0,
             progress: bool = False, **attempt_info) -> tuple[int, dict]:
   """Resolve, check the run id, lock, train; returns ``(exit status, summary)``.
@@ -42,24 +67,11 @@ def execute(experiment: str, point: dict, workdir: str, *, run_id: str | None = 
   """
   from hybrids.config import ConfigError
   from hybrids.train import DivergedError, train
-  from launch import sweep as sweep_lib
 
-  try:
-    config = sweep_lib.resolve_point(experiment, point)
-  except (ConfigError, ValueError) as e:
-    print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
+  config = _checked_config(experiment, point, workdir, run_id)
+  if config is None:
     return EXIT_CONFIG, {}
-  try:
-    share_compilation_cache(config, workdir)
-  except OSError as e:  # e.g. <root>/.jax_cache planted by another user
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_CONFIG, {}
-  expected = run_id or os.path.basename(os.path.normpath(workdir))
-  actual = sweep_lib.run_id(experiment, config)
-  if actual != expected:
-    print(f"error: point {json.dumps(point)} of {experiment} resolves to run id {actual}, not {expected}: "
-          "the experiment file changed since the sweep was expanded, or --workdir is another run's", file=sys.stderr)
-    return EXIT_CONFIG, {}
+  actual = run_id or os.path.basename(os.path.normpath(workdir))  # the config's run id (checked)
   try:
     with runs.run_lock(workdir, wait_s=lock_wait_s):
       # Checked under the lock: a launch that finds the run busy, then done, never re-enters it.
@@ -103,20 +115,11 @@ def execute_group(experiment: str, points: list[dict], workdirs: list[str], *, l
 
   from hybrids.config import ConfigError
   from hybrids.train import train_group
-  from launch import sweep as sweep_lib
 
   configs = []
   for point, workdir in zip(points, workdirs):
-    try:
-      config = sweep_lib.resolve_point(experiment, point)
-      share_compilation_cache(config, workdir)
-    except (ConfigError, ValueError, OSError) as e:
-      print(f"error: {experiment} point {json.dumps(point)}: {e}", file=sys.stderr)
-      return EXIT_CONFIG, [{} for _ in points]
-    expected, actual = os.path.basename(os.path.normpath(workdir)), sweep_lib.run_id(experiment, config)
-    if actual != expected:
-      print(f"error: point {json.dumps(point)} of {experiment} resolves to run id {actual}, not {expected}: "
-            "the experiment file changed since the sweep was expanded, or --workdir is another run's", file=sys.stderr)
+    config = _checked_config(experiment, point, workdir)
+    if config is None:
       return EXIT_CONFIG, [{} for _ in points]
     configs.append(config)
   codes, summaries = [EXIT_DONE] * len(points), [{} for _ in points]
