@@ -790,7 +790,8 @@ def group_key(config: ml_collections.ConfigDict) -> str:
 
 
 def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
-                stop_after_steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                stop_after_steps: int | None = None, progress: bool = True,
+                cell_stop: bool = False) -> list[dict[str, Any]]:
   """Train runs that differ only in ``train.lr`` together, in lockstep; their summaries, in order.
 
   A small model leaves most of a GPU idle, and a learning-rate sweep trains the same model on the same
@@ -801,6 +802,12 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
   differs from training alone is the rounding of the learning rate's product (tests compare the two).
   Members already done are left as they are; the rest must resume from the same step (:class:`RunDirectoryError`
   names them otherwise). One device per group: a mesh of several devices is refused.
+
+  ``cell_stop``: the members are one cell's learning rates, and the cell is decided once one of them
+  passes ``train.stop_at_accuracy`` (Zoology plots the best learning rate of a cell, and every run
+  stops there): at that eval the other members stop too, on a checkpoint, "done" with an
+  ``early_stop`` that names the member that decided (``cell_decided_by``). Without it a member that
+  stops stays frozen in the stacked step, which costs as much as training it, until the last one stops.
   """
   if len(configs) != len(workdirs) or not configs:
     raise ValueError(f"train_group: {len(configs)} configs for {len(workdirs)} run directories")
@@ -813,6 +820,10 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
   if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
     raise ValueError("train_group: a run directory is named twice")
   config = configs[0]
+  if cell_stop and not config.train.stop_at_accuracy:
+    raise config_lib.ConfigError("train_group(cell_stop=True) needs train.stop_at_accuracy > 0: a cell is decided "
+                                 "when one member's eval accuracy passes it (e.g. 0.99, Zoology's); it is "
+                                 f"{config.train.stop_at_accuracy}")
   if data_lib.get_field(config.data, "name", "") == "text":
     raise config_lib.ConfigError("train_group: data.name='text' tokenizes into each run directory (tokenizer.json, "
                                  "token caches), and a group reads one pipeline; valid in a group: data.name "
@@ -856,7 +867,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *
           r.release()
         raise
       for i, summary in zip(todo, _loop(runs, setup, stop_after_steps=stop_after_steps, progress=progress,
-                                        group=True)):
+                                        group=True, cell_stop=cell_stop)):
         summaries[i] = summary
   return summaries
 
@@ -1085,6 +1096,27 @@ class _Run:
     return self.summary
 
 
+def _decided_by_cell(runs: list[_Run], active: list[bool], results: list[dict], step: int) -> list[int]:
+  """The members that stop at ``step`` because another passed ``train.stop_at_accuracy`` at this eval
+  (``train_group(cell_stop=True)``); their ``early_stop`` names it. The best of the deciders decides."""
+  deciders = [i for i, run in enumerate(runs) if active[i] and run.early is not None and run.early["step"] == step]
+  if not deciders:
+    return []
+  by = max(deciders, key=lambda i: results[i]["eval_accuracy"])
+  name = os.path.basename(os.path.abspath(runs[by].workdir))
+  stopped = []
+  for i, run in enumerate(runs):
+    if active[i] and run.early is None:
+      run.early = {"step": step, "cell_decided_by": name,
+                   "reason": f"cell decided: {name} (lr {runs[by].config.train.lr:.3g}) reached eval_accuracy "
+                             f"{results[by]['eval_accuracy']:.4f} > train.stop_at_accuracy="
+                             f"{run.config.train.stop_at_accuracy}; this run's eval_accuracy "
+                             f"{results[i]['eval_accuracy']:.4f}"}
+      run.summary["early_stop"] = run.early
+      stopped.append(i)
+  return stopped
+
+
 def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -1101,14 +1133,14 @@ def _train(config, workdir: str, mesh, *, stop_after_steps: int | None, progress
 
 
 def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progress: bool,
-          group: bool = False) -> list[dict[str, Any]]:
+          group: bool = False, cell_stop: bool = False) -> list[dict[str, Any]]:
   """Train ``runs`` (restored, not yet started) to their ends; their summaries. One run, or with
   ``group`` a lockstep group (:func:`train_group`, even of one member).
 
   A group shares the batches, the step count and the schedule's shape; each member keeps its own
   parameters, optimizer state, learning rate, early stop, divergence and files. A member that stops
   (early, or diverged) stays in the stacked step, frozen, its summary final, until all have stopped;
-  a member's failure never raises (the lone run's does).
+  a member's failure never raises (the lone run's does). ``cell_stop``: see :func:`train_group`.
   """
   config = runs[0].config
   t = config.train
@@ -1265,6 +1297,9 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
           for i, (run, result) in enumerate(zip(runs, results)):
             if active[i] and run.record_eval(step, result):
               saving[i] = True  # an early stop ends on a checkpoint
+          if cell_stop:
+            for i in _decided_by_cell(runs, active, results, step):
+              saving[i] = True
         if any(saving):
           clock = time.perf_counter()
           data_state = iterator.get_state()

@@ -2,6 +2,7 @@
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
         [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]] [--lr-group G]
+        [--cell-stop]
     python -m launch status runs/NAME
     python -m launch report runs/NAME
 
@@ -15,8 +16,10 @@ for alternatives; ``config=ARG`` matches the get_config argument, ``model.mixer=
 mixer). ``--runs-per-device N`` (local) packs N runs onto each GPU (or device group) at once, each
 with a 1/N share of its memory, and ``--mps`` makes them clients of a CUDA MPS daemon so their kernels
 overlap (launch/local.py); ``--lr-group G`` trains up to G points that differ only in their learning rate
-together in one process (``hybrids.train.train_group``). Exit status: 0 all done (local) or all submitted,
-1 some failed, 2 bad input, 130 stopped.
+together in one process (``hybrids.train.train_group``); ``--cell-stop`` (local) ends a cell once one of
+its learning rates passes ``train.stop_at_accuracy`` (its group stops, its other runs are not launched).
+Exit status: 0 all done (local; runs of decided cells count as done) or all submitted, 1 some failed,
+2 bad input, 130 stopped.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--lr-group", type=int, default=1, metavar="G",
                  help="train up to G points that differ only in train.lr (and resume from the same step) as one "
                  "lockstep group in one process, their steps vmapped together (default 1: one process per point)")
+  g.add_argument("--cell-stop", action="store_true",
+                 help="a cell (points that differ only in train.lr) is decided once one of its runs passes "
+                 "train.stop_at_accuracy: a lockstep group stops with it, and the cell's other runs are not "
+                 "launched (their directories are left as they are). Zoology plots a cell's best lr, and each of "
+                 "its runs stops at 0.99 anyway")
   g.add_argument("--mps", action="store_true",
                  help="run the packed runs as clients of a CUDA MPS daemon (the one running, else one started "
                  "for the sweep and stopped after it), so their kernels overlap; GPU, --runs-per-device ≥ 2")
@@ -99,9 +107,11 @@ def _cloud_options(args):
       name_prefix=args.name_prefix)
 
 
-def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") -> tuple[list[dict], list[dict]]:
+def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local",
+              decided=None) -> tuple[list[dict], list[dict]]:
   """``(all rows, rows to launch)``: done, diverged and given-up runs are not launched again, nor
-  (except locally, where the new process waits for the run's lock) runs that are training now.
+  (except locally, where the new process waits for the run's lock) runs that are training now, nor
+  (``decided``: run id → why its cell needs it no more, or None) the runs of decided cells.
 
   Runs that resume from a checkpoint are launched first, the furthest trained first, then the rest in
   the sweep's order: in a time-limited slot, work already done is finished before new work starts (and
@@ -122,6 +132,8 @@ def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local") 
       row["action"] = "skip (running now)"
     elif row["failures"] > max_retries:
       row["action"] = f"skip (failed {row['failures']} times > --max-retries {max_retries})"
+    elif decided is not None and (why := decided(rid)) is not None:
+      row["action"], row["skipped"] = f"skip ({why})", why
     else:
       row["action"] = {"pending": "start", "running": "wait for the live process, then resume",
                        "interrupted": f"resume from step {row['resume_step']}",
@@ -152,6 +164,8 @@ def cmd_sweep(args) -> int:
       raise ConfigError(f"--devices-per-run={args.devices_per_run} must be ≥ 1")
     if args.lr_group < 1:
       raise ConfigError(f"--lr-group={args.lr_group} must be ≥ 1 (runs trained together in one process)")
+    if args.cell_stop and args.backend != "local":
+      raise ConfigError(f"--cell-stop applies to --backend local (got --backend {args.backend})")
     if args.lr_group > 1 and (args.backend != "local" or args.devices_per_run != 1):
       raise ConfigError(f"--lr-group={args.lr_group} applies to --backend local with one device per run "
                         f"(got --backend {args.backend}, --devices-per-run {args.devices_per_run})")
@@ -192,7 +206,15 @@ def cmd_sweep(args) -> int:
     print(f"error: no point of {args.experiment}'s {len(expanded)} matches --filter {' '.join(args.filter)}",
           file=sys.stderr)
     return 2
-  rows, todo = plan_rows(root, selected, max_retries=args.max_retries, backend=args.backend)
+  decided = None
+  if args.cell_stop:
+    if not any(config.train.stop_at_accuracy for _, _, config in selected):
+      print(f"error: --cell-stop: no point of {args.experiment} sets train.stop_at_accuracy (a cell is decided when "
+            "one of its runs passes it); valid with experiments that stop at an accuracy, e.g. "
+            "experiments/zoology_mqar.py", file=sys.stderr)
+      return 2
+    decided = sweep_lib.cell_decisions(root, selected)
+  rows, todo = plan_rows(root, selected, max_retries=args.max_retries, backend=args.backend, decided=decided)
   units = None
   if args.lr_group > 1:
     units = local.lr_groups(todo, {rid: config for rid, _, config in selected}, args.lr_group)
@@ -225,7 +247,7 @@ def cmd_sweep(args) -> int:
     try:
       code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
                        runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress,
-                       detected=detected, units=units) if todo else 0
+                       detected=detected, units=units, decided=decided) if todo else 0
     except local.MpsError as e:  # before any run started: the runs' directories are untouched
       print(f"error: {e}", file=sys.stderr)
       return 2
@@ -240,7 +262,7 @@ def cmd_sweep(args) -> int:
     if code:
       print("[launch] stopped; run the same command again to resume", file=sys.stderr)
       return code
-    return 0 if all(r["status"] == "done" for r in rows) else 1
+    return 0 if all(r["status"] == "done" or (decided and decided(r["run"])) for r in rows) else 1
   if not todo:
     print("[launch] nothing to launch")
     return 0 if all(r["status"] == "done" for r in rows) else 1

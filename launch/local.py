@@ -63,9 +63,11 @@ def run_point_argv(experiment: str, point: dict, workdir: str, *, python: str | 
           "--point-json", json.dumps(point, sort_keys=True), "--workdir", workdir, *more, *extra]
 
 
-def unit_argv(experiment: str, unit: list[dict], *, extra: tuple[str, ...] = ()) -> list[str]:
-  """:func:`run_point_argv` for a unit of todo rows (one run, or a lockstep group)."""
+def unit_argv(experiment: str, unit: list[dict], *, extra: tuple[str, ...] = (), cell_stop: bool = False) -> list[str]:
+  """:func:`run_point_argv` for a unit of todo rows (one run, or a lockstep group; ``cell_stop``: the
+  group stops when one member passes ``train.stop_at_accuracy``)."""
   members = {"members": tuple((r["point"], r["workdir"]) for r in unit[1:])} if unit[1:] else {}
+  extra = (*extra, "--cell-stop") if cell_stop and unit[1:] else extra
   return run_point_argv(experiment, unit[0]["point"], unit[0]["workdir"], extra=extra, **members)
 
 
@@ -352,13 +354,16 @@ class StatusDisplay:
 
 def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, devices_per_run: int = 1,
         runs_per_device: int = 1, mps: bool = False, live: bool = True, poll_s: float = 0.5,
-        detected: tuple[str, list[str]] | None = None, units: list[list[dict]] | None = None) -> int:
+        detected: tuple[str, list[str]] | None = None, units: list[list[dict]] | None = None,
+        decided=None) -> int:
   """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, or 130 if stopped.
 
   Rows are updated in place with each run's final state. ``mps``: the packed runs are clients of a
   CUDA MPS daemon (:class:`Mps`). ``detected``: :func:`detect_devices`' answer if the caller has it.
   ``units``: the rows of ``todo`` partitioned into lockstep groups (:func:`lr_groups`), one process
-  each; default, one process per row.
+  each; default, one process per row. ``decided`` (``launch sweep --cell-stop``): run id → why its
+  cell needs it no more, or None; checked as each unit is dispatched, so a cell decided while the
+  sweep runs launches none of its queued runs, and lockstep groups stop with their cell.
   """
   platform, devices = detected or detect_devices()
   runs_per_device = parse_runs_per_device(runs_per_device, platform)
@@ -369,14 +374,14 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
   try:
     return _run(experiment, todo, platform, devices, daemon, max_parallel=max_parallel,
                 devices_per_run=devices_per_run, runs_per_device=runs_per_device, live=live, poll_s=poll_s,
-                units=units)
+                units=units, decided=decided)
   finally:
     daemon.stop()
 
 
 def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], daemon: Mps, *,
          max_parallel: int | None, devices_per_run: int, runs_per_device: int, live: bool, poll_s: float,
-         units: list[list[dict]] | None = None) -> int:
+         units: list[list[dict]] | None = None, decided=None) -> int:
   units = units if units is not None else [[row] for row in todo]
   slot_groups = plan_slots(platform, devices, devices_per_run=devices_per_run, runs_per_device=runs_per_device,
                            max_parallel=max_parallel, n_runs=len(units))
@@ -420,7 +425,9 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
             break
           unit, share, solo = alone.pop(0), 1, slot
         elif queue and solo is None:
-          unit, share = queue.pop(0), runs_per_device
+          unit, share = _undecided(queue.pop(0), decided), runs_per_device
+          if not unit:
+            continue
         else:
           continue
         row = unit[0]  # a group's output goes to its first member's log
@@ -428,7 +435,8 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
           os.makedirs(member["workdir"], exist_ok=True)
         log = open(os.path.join(row["workdir"], runs.LOG_FILE), "a")
         log_start[row["run"]] = log.tell()
-        argv = unit_argv(experiment, unit, extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
+        argv = unit_argv(experiment, unit, extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"),
+                         cell_stop=decided is not None)
         env = {**child_env(platform, slot_groups[slot], slot, runs_per_device=share), **daemon.env()}
         group = f", a lockstep group of {len(unit)}: {' '.join(m['run'] for m in unit)}" if len(unit) > 1 else ""
         log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot}, {_placement(slot_groups[slot])}, "
@@ -468,6 +476,22 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
     display.update()
     display.close()
   return 130 if stop["signum"] is not None else 0
+
+
+def _undecided(unit: list[dict], decided) -> list[dict]:
+  """The members of ``unit`` whose cell still needs them (all, without ``decided``); the others are
+  said and marked ``skipped``."""
+  if decided is None:
+    return unit
+  kept = []
+  for row in unit:
+    why = decided(row["run"])
+    if why is None:
+      kept.append(row)
+    else:
+      row["skipped"] = why
+      print(f"[launch] {row['run']}: skip ({why})", flush=True)
+  return kept
 
 
 def lr_groups(todo: list[dict], configs: dict[str, object], size: int) -> list[list[dict]]:

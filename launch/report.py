@@ -188,6 +188,18 @@ class Run:
     """Trained under ``train.stop_at_accuracy``: its compute is where it stopped, not a budget."""
     return bool(self.config.get("train", {}).get("stop_at_accuracy"))
 
+  @property
+  def passed_stop_accuracy(self) -> bool:
+    """Done because its own eval accuracy passed ``train.stop_at_accuracy``."""
+    early = self.summary.get("early_stop") if self.status == FINISHED else None
+    return bool(early) and not early.get("cell_decided_by")
+
+  @property
+  def stopped_with_cell(self) -> str | None:
+    """The run that decided its cell when this one stopped with it (``launch sweep --cell-stop``)."""
+    early = self.summary.get("early_stop") if self.status == FINISHED else None
+    return (early or {}).get("cell_decided_by")
+
 
 def _layers(model: dict) -> tuple[str, ...]:
   pattern = model.get("pattern") or ()
@@ -391,6 +403,17 @@ class Cell:
     out = [(lr, self.reasons[lr]) for lr, s in self.scores.items() if s is None]
     out += [(lr, "not started") for lr in self.not_started]
     return sorted(out)
+
+  @property
+  def decided(self) -> bool:
+    """Its best run passed ``train.stop_at_accuracy``: the accuracy every run stops at, so the
+    learning rates it lacks (or that stopped with it, ``launch sweep --cell-stop``) cannot change
+    what the cell shows by more than 1 − that accuracy."""
+    return self.best is not None and self.best.passed_stop_accuracy
+
+  @property
+  def incomplete(self) -> bool:
+    return bool(self.missing) and not self.decided
 
   @property
   def name(self) -> str:
@@ -1405,7 +1428,8 @@ def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[Series
         "best_run": c.best.run_id if c.best else None, "tied_lrs": c.winners, "edge": c.edge,
         "lrs": [{"lr": lr, "metric": c.scores.get(lr), "run_id": by_lr[lr].run_id if lr in by_lr else None,
                  "status": by_lr[lr].status if lr in by_lr else "not started"} for lr in c.grid],
-        "missing": [{"lr": lr, "reason": why} for lr, why in c.missing]})
+        "missing": [{"lr": lr, "reason": why} for lr, why in c.missing], "decided": c.decided,
+        "stopped_with_cell": sorted(run_lr(r) for r in c.runs if r.stopped_with_cell)})
   fits_out = []
   for f in fits:
     fit = f.fit
@@ -1455,15 +1479,27 @@ def learning_rate_section(cells: list[Cell]) -> list[str]:
     note = []
     if c.edge:
       note.append("edge")
+    if c.decided and (c.missing or any(r.stopped_with_cell for r in c.runs)):
+      note.append(f"decided at lr {_lr_text(c.best_lr)}")
+      with_cell = sorted({run_lr(r) for r in c.runs if r.stopped_with_cell})
+      if with_cell:
+        note.append("stopped with it " + ", ".join(_lr_text(lr) for lr in with_cell))
     if c.missing:
-      note.append("missing " + ", ".join(f"{_lr_text(lr)} ({why})" for lr, why in c.missing))
+      note.append(("not needed " if c.decided else "missing ")
+                  + ", ".join(f"{_lr_text(lr)} ({why})" for lr, why in c.missing))
     rows.append([c.name, "accuracy" if c.higher_is_better else "eval loss", *cols, _lr_text(c.best_lr),
                  "; ".join(note)])
   md += _table(["cell", "metric", *(f"lr {_lr_text(lr)}" for lr in lrs), "best lr", "flag"], rows) + [""]
   edge = [c for c in cells if c.edge]
   md += [f"Best learning rate at the edge of the grid ({len(edge)} of {len(cells)} cells): "
          + (", ".join(f"{c.name} (lr {_lr_text(c.best_lr)})" for c in edge) if edge else "none") + ".", ""]
-  incomplete = [c for c in cells if c.missing]
+  decided = [c for c in cells if c.decided and (c.missing or any(r.stopped_with_cell for r in c.runs))]
+  if decided:
+    md += [f"Cells decided before every learning rate trained to its end ({len(decided)}; `launch sweep "
+           "--cell-stop`): the best passed `train.stop_at_accuracy`, where every run stops, so the others "
+           "could not change the cell's accuracy by more than 1 − that accuracy; their values are where they "
+           "stopped: " + ", ".join(c.name for c in decided) + ".", ""]
+  incomplete = [c for c in cells if c.incomplete]
   if incomplete:
     md += [f"Cells missing learning rates ({len(incomplete)}): "
            + "; ".join(f"{c.name}: " + ", ".join(f"{_lr_text(lr)} {why}" for lr, why in c.missing) for c in incomplete)
@@ -1480,7 +1516,7 @@ def _chosen_lr(run: Run, cell_of: dict[str, Cell]) -> tuple[str, str]:
   its cell's flags."""
   c = cell_of.get(run.run_id)
   lr = f"lr {_lr_text(run_lr(run))}" + (f" of {len(c.grid)}" if c is not None and len(c.grid) > 1 else "")
-  return lr, (" **edge**" if c is not None and c.edge else "") + (" (incomplete)" if c is not None and c.missing else "")
+  return lr, (" **edge**" if c is not None and c.edge else "") + (" (incomplete)" if c is not None and c.incomplete else "")
 
 
 def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:

@@ -108,9 +108,10 @@ _SEVERITY = (EXIT_CONFIG, EXIT_FAILED, EXIT_BUSY, EXIT_INTERRUPTED, EXIT_DIVERGE
 
 
 def execute_group(experiment: str, points: list[dict], workdirs: list[str], *, lock_wait_s: float = 0.0,
-                  progress: bool = False, **attempt_info) -> tuple[int, list[dict]]:
+                  progress: bool = False, cell_stop: bool = False, **attempt_info) -> tuple[int, list[dict]]:
   """:func:`execute` for a lockstep group: each point resolved and checked against its directory's
-  name, every lock taken, done members left alone, the rest trained together; ``(exit status, summaries)``."""
+  name, every lock taken, done members left alone, the rest trained together; ``(exit status, summaries)``.
+  ``cell_stop``: ``train_group``'s (the members stop when one passes ``train.stop_at_accuracy``)."""
   import contextlib
 
   from hybrids.config import ConfigError
@@ -145,7 +146,7 @@ def execute_group(experiment: str, points: list[dict], workdirs: list[str], *, l
       if todo:
         failure = None
         try:
-          train_group([configs[i] for i in todo], [workdirs[i] for i in todo], progress=progress)
+          train_group([configs[i] for i in todo], [workdirs[i] for i in todo], progress=progress, cell_stop=cell_stop)
         except (ConfigError, rundir.RunDirectoryError) as e:
           print(f"error: {e}", file=sys.stderr)
           failure = (EXIT_CONFIG, str(e))
@@ -201,6 +202,9 @@ def main(argv=None) -> int:
                       help="seconds to wait for another process that still holds the run's lock")
   parser.add_argument("--backend", default="direct", help="recorded in launch.json")
   parser.add_argument("--progress", action="store_true", help="show the training progress bar")
+  parser.add_argument("--cell-stop", action="store_true",
+                      help="with several points (one cell's learning rates): all stop when one passes "
+                           "train.stop_at_accuracy (hybrids.train.train_group)")
   args = parser.parse_args(argv)
   if len(args.point_json) != len(args.workdir):
     parser.error(f"{len(args.point_json)} --point-json for {len(args.workdir)} --workdir: one run directory per point")
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     summaries = [summary]
   else:
     code, summaries = execute_group(args.experiment, points, args.workdir, lock_wait_s=args.lock_wait,
-                                    progress=args.progress, **info)
+                                    progress=args.progress, cell_stop=args.cell_stop, **info)
   for summary, workdir in zip(summaries, args.workdir):
     if summary:
       ev = summary.get("eval") or {}

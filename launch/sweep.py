@@ -221,6 +221,38 @@ def select(experiment: str, expanded, filters: list[str]):
   return [e for e in expanded if matches(parsed, experiment, e[1], e[2])]
 
 
+def cell_decisions(root: str, selected):
+  """``launch sweep --cell-stop``: run id → why its cell needs it no more, or None.
+
+  A cell is the points of ``selected`` (``(run id, point, resolved config)``) that differ only in
+  ``train.lr``. It is decided once one of its runs is "done" with an ``early_stop`` (it passed
+  ``train.stop_at_accuracy``, or stopped with a lockstep group that did): the best learning rate has
+  reached the accuracy at which every run stops, so the others cannot change what the cell shows.
+  Read from the run directories at each call, so a cell decided during the sweep counts at once."""
+  from collections import defaultdict
+
+  from hybrids.train import group_key
+  from launch import runs
+
+  cell_of = {rid: group_key(config) for rid, _, config in selected}
+  members: dict[str, list[str]] = defaultdict(list)
+  for rid, key in cell_of.items():
+    members[key].append(rid)
+
+  def why(rid: str) -> str | None:
+    for other in members.get(cell_of.get(rid), ()):
+      if other == rid:
+        continue
+      summary = runs.read_summary(os.path.join(root, other))
+      early = summary.get("early_stop")
+      if summary.get("status") == "done" and early:
+        by = early.get("cell_decided_by") or other
+        return f"cell decided by {by}: it passed train.stop_at_accuracy at step {early.get('step')}"
+    return None
+
+  return why
+
+
 # ----------------------------------------------------------------------------- manifest
 
 def write_manifest(root: str, experiment: str, expanded, *, backend: str, filters: list[str]) -> str:

@@ -190,3 +190,97 @@ def test_a_group_process_records_each_member_as_it_ended(tmp_path, capsys):
   code, summaries = run_point.execute_group(exp, [good, bad], [dirs[0], lone])
   assert code == run_point.EXIT_DIVERGED and summaries[1]["status"] == "diverged"
   assert [a["status"] for a in runs.read_attempts(lone)] == ["diverged"]
+
+
+MQAR_TINY = os.path.join(REPO, "experiments", "zoology_mqar.py") + ":tiny"
+# One member (lr 1e-2) passes the stop accuracy at an early eval, the other (1e-5) never does.
+MQAR_STOP = {"train.steps": 40, "train.eval_every": 4, "train.checkpoint_every": 8, "train.stop_at_accuracy": 0.05}
+CELL_LRS = (1e-2, 1e-5)
+
+
+def test_a_decided_cell_stops_its_whole_group(tmp_path):
+  """``train_group(cell_stop=True)``: when one member passes ``train.stop_at_accuracy`` the others stop
+  at the same eval, on a checkpoint, "done", their ``early_stop`` naming the member that decided; up
+  to there each is its lone run. Without ``train.stop_at_accuracy`` it is refused before any write."""
+  over = lambda lr, **kw: get_config(MQAR_TINY, {**MQAR_STOP, "train.lr": lr, **kw})
+  dirs = [str(tmp_path / f"g{i}") for i in range(2)]
+  alone = [str(tmp_path / f"a{i}") for i in range(2)]
+  for lr, workdir in zip(CELL_LRS, alone):
+    train(over(lr), workdir, progress=False)
+  decided_at = (_summary(alone[0]).get("early_stop") or {}).get("step")
+  assert decided_at and _summary(alone[1]).get("early_stop") is None  # the setting this test needs
+  summaries = train_group([over(lr) for lr in CELL_LRS], dirs, progress=False, cell_stop=True)
+  _same_run(dirs[0], alone[0])
+  stopped = summaries[1]
+  assert (stopped["status"], stopped["step"]) == ("done", decided_at)
+  assert stopped["early_stop"]["cell_decided_by"] == "g0" and "cell decided: g0" in stopped["early_stop"]["reason"]
+  (steps_g, evals_g), (steps_a, evals_a) = _rows(dirs[1]), _rows(alone[1])
+  assert [r["step"] for r in steps_g] == [r["step"] for r in steps_a if r["step"] <= decided_at]
+  np.testing.assert_allclose([r["loss"] for r in steps_g], [r["loss"] for r in steps_a[:len(steps_g)]], rtol=2e-5)
+  np.testing.assert_allclose([r["eval_accuracy"] for r in evals_g],
+                             [r["eval_accuracy"] for r in evals_a if r["step"] <= decided_at], rtol=2e-5, atol=1e-7)
+  assert max(int(s) for s in os.listdir(os.path.join(dirs[1], "checkpoints")) if s.isdigit()) == decided_at
+  # done is done: neither a second group nor the run alone trains it further
+  train(over(CELL_LRS[1]), dirs[1], progress=False)
+  assert _summary(dirs[1])["step"] == decided_at and len(_rows(dirs[1])[0]) == len(steps_g)
+  with pytest.raises(ConfigError, match="stop_at_accuracy > 0"):
+    train_group([over(lr, **{"train.stop_at_accuracy": 0.0}) for lr in CELL_LRS], [str(tmp_path / "x"),
+                str(tmp_path / "y")], progress=False, cell_stop=True)
+  assert not (tmp_path / "x").exists()
+
+
+CELL_EXPERIMENT = '''
+"""One MQAR cell at two learning rates that stop at an accuracy (launch sweep --cell-stop tests)."""
+from hybrids.config import get_config as _get_config
+
+def get_config(arg=None):
+  return _get_config({spec!r}, {over!r})
+
+def get_sweep(h, arg=None):
+  return h.product([h.sweep("train.lr", {lrs!r})])
+'''
+
+
+def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
+  """``launch sweep --cell-stop``: with ``--lr-group`` the cell's group stops with its first run past the
+  stop accuracy; without, a decided cell's other runs are not launched (nothing is written into them)
+  and the sweep still exits 0; the report calls the cell decided, not incomplete. An experiment that
+  never stops at an accuracy is refused in one line."""
+  from launch import report
+  from launch.__main__ import main
+  from tests.test_launch import two_point_sweep
+
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("PYTHONPATH", REPO)
+  exp = tmp_path / "cell.py"
+  exp.write_text(CELL_EXPERIMENT.format(spec=MQAR_TINY, over=MQAR_STOP, lrs=list(CELL_LRS)))
+  exp = str(exp)
+  grouped = tmp_path / "grouped"
+  assert main(["sweep", exp, "--root", str(grouped), "--lr-group", "2", "--cell-stop", "--no-progress"]) == 0
+  capsys.readouterr()
+  by_lr = {json.load(open(d / "config.json"))["train"]["lr"]: _summary(d) for d in grouped.iterdir()
+           if (d / "config.json").exists()}
+  assert by_lr[CELL_LRS[1]]["early_stop"]["step"] == by_lr[CELL_LRS[0]]["early_stop"]["step"]
+  assert by_lr[CELL_LRS[1]]["early_stop"]["cell_decided_by"] and by_lr[CELL_LRS[1]]["status"] == "done"
+
+  apart = tmp_path / "apart"
+  assert main(["sweep", exp, "--root", str(apart), "--filter", f"train.lr={CELL_LRS[0]}", "--no-progress"]) == 0
+  capsys.readouterr()
+  assert main(["sweep", exp, "--root", str(apart), "--cell-stop", "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("skip (cell decided by") == 1, out
+  assert len([d for d in apart.iterdir() if d.is_dir() and (d / "config.json").exists()]) == 1
+  assert report.main([str(apart), "--out", str(tmp_path / "report")]) == 0
+  data = json.load(open(tmp_path / "report" / "report.json"))
+  (cell,) = data["cells"]
+  assert cell["decided"] and cell["best_lr"] == CELL_LRS[0] and cell["missing"], cell
+  md = open(tmp_path / "report" / "report.md").read()
+  assert "Cells decided before every learning rate" in md and "Cells missing learning rates" not in md
+  assert "(incomplete)" not in md
+
+  plain, _ = two_point_sweep(tmp_path, monkeypatch, steps=4)
+  assert main(["sweep", plain, "--root", str(tmp_path / "bad"), "--cell-stop"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--cell-stop: no point" in err and "stop_at_accuracy" in err, err
+  assert not (tmp_path / "bad").exists()
