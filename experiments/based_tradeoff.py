@@ -85,7 +85,8 @@ Commands:
 
     python -m launch sweep experiments/based_tradeoff.py --backend local          # 148 runs
     python -m launch sweep experiments/based_tradeoff.py:small --backend local --runs-per-device 8 --mps  # 22 runs, one GPU
-        # add --lr-group 4: each point's learning rates in one process (lockstep groups: README "Sweeps")
+        # add --lr-group 4: each point's learning rates in one process (lockstep groups: README "Sweeps");
+        # and --cell-stop: a point's learning rates stop once one passes 0.99 (zoology_mqar.py: "Cells decided early")
     python -m launch report runs/based_tradeoff        # a variant's runs: runs/based_tradeoff-VARIANT
 
 Variants (``get_config(arg)`` and ``get_sweep(h, arg)`` take the same ``arg``):
