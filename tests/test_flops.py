@@ -123,6 +123,21 @@ def test_forward_flops_match_xla_cost_analysis(name):
   assert reference >= analytic * 0.995, (name, reference / analytic)
 
 
+def test_based_quadratic_form_flops_match_xla_cost_analysis():
+  """``model.based_form="quadratic"`` counts the causal half of its T × T scores (the attention
+  convention); XLA computes the whole masked square, so its count is corrected by the other half."""
+  cfg = _config(("based",), based_form="quadratic")
+  result = flops.accounting(cfg, SEQ_LEN)
+  graphdef, state = nnx.split(abstract_period(cfg))
+  xla = _xla_flops(lambda s, tokens: nnx.merge(graphdef, s)(tokens), state, _sds(BATCH, SEQ_LEN, dtype=jnp.int32))
+  layer = result["per_layer"][0]["flops"]
+  tokens = BATCH * SEQ_LEN
+  reference = xla - layer["recurrence"] * tokens  # the computed square is twice the counted causal half
+  analytic = result["flops_per_token_forward"] * tokens
+  assert analytic == pytest.approx(reference, rel=RESIDUAL), reference / analytic
+  assert reference >= analytic * 0.995, reference / analytic
+
+
 @pytest.mark.parametrize("decay", [None, "scalar", "gated"])
 def test_chunked_gla_kernel_count(decay):
   # The kernel alone (pointwise work is a larger share here: 5%), odd length and chunk 16 → padding.

@@ -225,6 +225,29 @@ def test_based_taylor_kernel_closed_form():
   _close(jnp.sum(taylor_feature_map(q) * taylor_feature_map(k), -1), 1 + dot / 4.0 + dot ** 2 / 32.0)
 
 
+def test_based_quadratic_form_is_the_chunked_form():
+  """``model.based_form="quadratic"`` (the Taylor kernel of q·k as a T × T product) computes what the
+  chunked feature form computes, from the same parameters: outputs, the final state (the last
+  document's), every gradient, at an odd length, with packed documents; and the step face continues it."""
+  x = jax.random.normal(jax.random.key(11), (2, T_ODD, 16))
+  segments = jnp.asarray([[0] * 5 + [1] * 6 + [2] * 2, [0] * T_ODD], jnp.int32)
+  chunk = get_mixer("based")(small_config(feature_dim=4, chunk_size=4), rngs=nnx.Rngs(params=3))
+  quad = get_mixer("based")(small_config(feature_dim=4, chunk_size=4, based_form="quadratic"), rngs=nnx.Rngs(params=3))
+  for segment_ids in (None, segments):
+    (y_c, s_c), (y_q, s_q) = (m(x, return_state=True, segment_ids=segment_ids) for m in (chunk, quad))
+    _close(y_q, y_c, tol=1e-6)
+    _close(s_q["S"], s_c["S"], tol=1e-6)
+    loss = lambda m: jnp.sum(jnp.sin(m(x, segment_ids=segment_ids)))
+    g_c, g_q = nnx.grad(loss)(chunk), nnx.grad(loss)(quad)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g_q), nnx.to_flat_state(g_c)):
+      _close(a[...], b[...], tol=1e-6)
+  # the decoding state the quadratic prefill hands over continues exactly as the chunked one's does
+  _, state = quad(x[:, :-1], return_state=True)
+  y_step, _ = quad.step(x[:, -1], state)
+  _close(y_step, chunk(x)[:, -1], tol=1e-6)
+  assert quad.flops(T_ODD).total() > 0 and quad.flops(64).recurrence > quad.flops(32).recurrence
+
+
 def test_mamba_recurrence_matches_selective_scan_definition():
   """Mamba's parallel face against h_t = exp(Δ_t A) h_{t−1} + Δ_t x_t B_t, y_t = C_t·h_t, looped in numpy."""
   mamba = make("mamba").module

@@ -9,8 +9,16 @@ Arora et al. 2024, "Simple linear attention language models balance the recall-t
     y_t = W_o o_t
 
 The Taylor kernel is a 2nd-order approximation of exp(q·k/√d') and is always positive
-(1 + a + a²/2 > 0), so the normaliser never vanishes. Runs on ``kernels.gla`` without decay; the
-normaliser is a column of ones appended to ``v``. State ``[batch, heads, 1 + d' + d'², d_head + 1]``.
+(1 + a + a²/2 > 0), so the normaliser never vanishes. State ``[batch, heads, 1 + d' + d'², d_head + 1]``.
+
+Two parallel forms of the same function (``model.based_form``):
+
+- ``"chunk"`` (default): ``kernels.gla`` without decay on the expanded features; the normaliser is a
+  column of ones appended to ``v``. Linear in time; every token carries 1 + d' + d'² features.
+- ``"quadratic"``: the kernel on ``s = q·k/√d'`` itself, ``A_ts = 1 + s + s²/2`` for ``s ≤ t`` in the
+  same document, then ``A [v | 1]``: a causal time × time product with no feature expansion (the
+  attention-like view of the Based paper, fla's ``parallel_based``). Quadratic in time; for short
+  rows, where the expansion to 1 + d' + d'² features and the chunk states cost more than T² scores.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH, Setting
 from kernels.gla import gla, gla_step
 
 EPS = 1e-6
+FORMS = ("chunk", "quadratic")
 
 
 def taylor_feature_map(x):
@@ -41,6 +50,8 @@ class Based(nnx.Module):
       "feature_dim": Setting(16, "Based's q/k width per head", 1),
       "chunk_size": CHUNK_SIZE,
       "conv_width": CONV_WIDTH,
+      "based_form": Setting("chunk", "Based's parallel form: chunk (kernels.gla on the expanded features, linear in "
+                            "time) or quadratic (the Taylor kernel of q·k as a causal time × time product)"),
   }
   # Packed documents: the short conv reads no earlier document and the linear-attention state (with
   # its normaliser) restarts from 0 at each start; the feature map is per token.
@@ -51,6 +62,7 @@ class Based(nnx.Module):
     self.feature_dim = cfg.feature_dim
     self.head_dim = cfg.d_model // cfg.num_heads
     self.chunk_size, self.impl, self.dtype = cfg.chunk_size, cfg.gla_impl, dtype_of(cfg.dtype)
+    self.form = cfg.based_form
     self.conv = CausalConv1D(cfg.d_model, cfg.conv_width, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype),
                              rngs=rngs)
     self.q_proj = linear(cfg, cfg.d_model, self.heads * self.feature_dim, rngs=rngs)
@@ -67,12 +79,36 @@ class Based(nnx.Module):
     from hybrids.checks import check_int
     check_int(cfg.feature_dim, "model.feature_dim", 1, note=" (Based's q/k width per head)")
     check_int(cfg.chunk_size, "model.chunk_size", 1, note=" (chunk of the chunked linear-attention form)")
+    if cfg.based_form not in FORMS:
+      raise ValueError(f"model.based_form={cfg.based_form!r}; valid: {', '.join(FORMS)}")
 
-  def _qkv(self, x):
+  def _qkv(self, x, *, features: bool = True):
+    """``q, k``: ``[..., heads, 1 + d' + d'²]`` features (``features=False``: the ``[..., heads, d']``
+    projections, f32); ``v``: ``[..., heads, d_head + 1]`` with the normaliser's column of ones."""
     split = lambda z: rearrange(z, "... (h d) -> ... h d", h=self.heads)
-    q, k = taylor_feature_map(split(self.q_proj(x))), taylor_feature_map(split(self.k_proj(x)))
+    q, k = split(self.q_proj(x)).astype(jnp.float32), split(self.k_proj(x)).astype(jnp.float32)
+    if features:
+      q, k = taylor_feature_map(q), taylor_feature_map(k)
     v = split(self.v_proj(x)).astype(jnp.float32)
     return q, k, jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
+
+  def _quadratic(self, q, k, v, segment_ids, return_state: bool):
+    """The ``"quadratic"`` form: ``q, k [batch, time, heads, d']``, ``v [batch, time, heads, d_head + 1]``
+    → ``(o [batch, time, heads, d_head + 1], final state or None)``; the state, only when asked for,
+    is the last document's ``Σ φ(k_s) v_sᵀ``."""
+    time = q.shape[1]
+    s = jnp.einsum("bthf,bshf->bhts", q, k) / self.feature_dim ** 0.5
+    visible = jnp.tril(jnp.ones((time, time), bool))[None, None]
+    if segment_ids is not None:
+      visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    scores = jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
+    o = jnp.einsum("bhts,bshd->bthd", scores, v)
+    if not return_state:
+      return o, None
+    features = taylor_feature_map(k)
+    if segment_ids is not None:
+      features = features * (segment_ids == segment_ids[:, -1:])[..., None, None]
+    return o, jnp.einsum("bshf,bshd->bhfd", features, v)
 
   def _out(self, o):
     o = o[..., :-1] / (o[..., -1:] + EPS)
@@ -82,8 +118,11 @@ class Based(nnx.Module):
     """Parallel face. ``x: [batch, time, d_model]``; ``segment_ids: int [batch, time]`` (optional):
     packed documents, each run as if alone (the state is the last document's)."""
     x, conv_state = self.conv(x, return_state=True, segment_ids=segment_ids)
-    q, k, v = self._qkv(x)
-    o, state = gla(q, k, v, None, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
+    if self.form == "quadratic":
+      o, state = self._quadratic(*self._qkv(x, features=False), segment_ids, return_state)
+    else:
+      q, k, v = self._qkv(x)
+      o, state = gla(q, k, v, None, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
     y = self._out(o)
     return (y, {"conv": conv_state, "S": state}) if return_state else y
 
@@ -99,9 +138,15 @@ class Based(nnx.Module):
     return self._out(o), {"conv": conv_state, "S": s}
 
   def flops(self, seq_len: int) -> Flops:
-    """Per token: the q and k outer products of the Taylor map, then the chunked ``kernels.gla`` form on
-    ``1 + d' + d'²`` features and ``d_head + 1`` value columns (the normaliser)."""
+    """Per token. ``"chunk"``: the q and k outer products of the Taylor map, then the chunked
+    ``kernels.gla`` form on ``1 + d' + d'²`` features and ``d_head + 1`` value columns (the normaliser).
+    ``"quadratic"``: over the causal half of the time × time scores (T/2 keys a token, the attention
+    convention), ``q·k`` (2d'), the kernel ``1 + s + s²/2`` (4) and the product with ``[v | 1]``
+    (2(d_head + 1))."""
     f = self.feature_dim
+    if self.form == "quadratic":
+      keys = seq_len / 2.0
+      return Flops(recurrence=self.heads * keys * (2.0 * f + 4.0 + 2.0 * (self.head_dim + 1)))
     feature_map = 2.0 * self.heads * f * f
     return Flops(recurrence=feature_map + gla_flops(self.heads, 1 + f + f * f, self.head_dim + 1, self.chunk_size,
                                                     seq_len))
