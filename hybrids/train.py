@@ -1206,6 +1206,24 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
     print(f"error: {runs[i].workdir}: {e}", file=sys.stderr, flush=True)
     close(i)
 
+  def save(which: list[bool]) -> None:
+    """Checkpoint the members ``which`` marks at ``step``; one whose state is not finite is diverged."""
+    if not any(which):
+      return
+    clock = time.perf_counter()
+    data_state = iterator.get_state()
+    for i, run in enumerate(runs):
+      if not which[i]:
+        continue
+      try:
+        if stacked:
+          run.save(step, _member(params, i), _member(opt_state, i), data_state)
+        else:
+          run.save(step, params, opt_state, data_state)
+      except DivergedError as e:
+        fail(i, e, "diverged")
+    timing["checkpoint_s"] += time.perf_counter() - clock
+
   def flush() -> None:
     """One host sync for all steps since the last flush: log, check finiteness."""
     nonlocal tick, timed_tokens, timed_seconds
@@ -1297,23 +1315,10 @@ def _loop(runs: list[_Run], setup: Setup, *, stop_after_steps: int | None, progr
           for i, (run, result) in enumerate(zip(runs, results)):
             if active[i] and run.record_eval(step, result):
               saving[i] = True  # an early stop ends on a checkpoint
-          if cell_stop:
-            for i in _decided_by_cell(runs, active, results, step):
-              saving[i] = True
-        if any(saving):
-          clock = time.perf_counter()
-          data_state = iterator.get_state()
-          for i, run in enumerate(runs):
-            if not saving[i]:
-              continue
-            try:
-              if stacked:
-                run.save(step, _member(params, i), _member(opt_state, i), data_state)
-              else:
-                run.save(step, params, opt_state, data_state)
-            except DivergedError as e:
-              fail(i, e, "diverged")
-          timing["checkpoint_s"] += time.perf_counter() - clock
+        save(saving)
+        if cell_stop and is_eval:  # after the deciders' saves: one whose save failed decides nothing
+          stopped = _decided_by_cell(runs, active, results, step)
+          save([i in stopped for i in range(len(runs))])
         for i, run in enumerate(runs):
           if active[i] and run.early is not None:
             run.status, active[i] = "done", False

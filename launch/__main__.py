@@ -215,6 +215,10 @@ def cmd_sweep(args) -> int:
       return 2
     decided = sweep_lib.cell_decisions(root, selected)
   rows, todo = plan_rows(root, selected, max_retries=args.max_retries, backend=args.backend, decided=decided)
+  if args.cell_stop:  # groups of the cells that stop at an accuracy stop with their cell
+    stops = {rid for rid, _, config in selected if config.train.stop_at_accuracy}
+    for row in todo:
+      row["cell_stop"] = row["run"] in stops
   units = None
   if args.lr_group > 1:
     units = local.lr_groups(todo, {rid: config for rid, _, config in selected}, args.lr_group)
@@ -253,7 +257,10 @@ def cmd_sweep(args) -> int:
       return 2
     for row in rows:
       row.update(runs.run_state(row["workdir"]))
-    summaries = [{"run": r["run"], "point": r["point"], **r["summary"], "status": r["status"]} for r in rows]
+    # the runs of decided cells that were not trained (skipped now or before) say so
+    excused = {r["run"] for r in rows if decided and r["status"] in ("pending", "interrupted") and decided(r["run"])}
+    summaries = [{"run": r["run"], "point": r["point"], **r["summary"],
+                  "status": r["status"] + (" (cell decided)" if r["run"] in excused else "")} for r in rows]
     table = sweep_lib.format_table(summaries)
     print("\n" + table)
     with open(os.path.join(root, "results.md"), "w") as f:
@@ -262,7 +269,7 @@ def cmd_sweep(args) -> int:
     if code:
       print("[launch] stopped; run the same command again to resume", file=sys.stderr)
       return code
-    return 0 if all(r["status"] == "done" or (decided and decided(r["run"])) for r in rows) else 1
+    return 0 if all(r["status"] == "done" or r["run"] in excused for r in rows) else 1
   if not todo:
     print("[launch] nothing to launch")
     return 0 if all(r["status"] == "done" for r in rows) else 1

@@ -63,11 +63,11 @@ def run_point_argv(experiment: str, point: dict, workdir: str, *, python: str | 
           "--point-json", json.dumps(point, sort_keys=True), "--workdir", workdir, *more, *extra]
 
 
-def unit_argv(experiment: str, unit: list[dict], *, extra: tuple[str, ...] = (), cell_stop: bool = False) -> list[str]:
-  """:func:`run_point_argv` for a unit of todo rows (one run, or a lockstep group; ``cell_stop``: the
-  group stops when one member passes ``train.stop_at_accuracy``)."""
+def unit_argv(experiment: str, unit: list[dict], *, extra: tuple[str, ...] = ()) -> list[str]:
+  """:func:`run_point_argv` for a unit of todo rows (one run, or a lockstep group; a group whose rows
+  say ``"cell_stop"`` stops when one member passes ``train.stop_at_accuracy``: ``launch sweep --cell-stop``)."""
   members = {"members": tuple((r["point"], r["workdir"]) for r in unit[1:])} if unit[1:] else {}
-  extra = (*extra, "--cell-stop") if cell_stop and unit[1:] else extra
+  extra = (*extra, "--cell-stop") if unit[1:] and all(r.get("cell_stop") for r in unit) else extra
   return run_point_argv(experiment, unit[0]["point"], unit[0]["workdir"], extra=extra, **members)
 
 
@@ -362,8 +362,10 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
   CUDA MPS daemon (:class:`Mps`). ``detected``: :func:`detect_devices`' answer if the caller has it.
   ``units``: the rows of ``todo`` partitioned into lockstep groups (:func:`lr_groups`), one process
   each; default, one process per row. ``decided`` (``launch sweep --cell-stop``): run id → why its
-  cell needs it no more, or None; checked as each unit is dispatched, so a cell decided while the
-  sweep runs launches none of its queued runs, and lockstep groups stop with their cell.
+  cell needs it no more, or None; checked as each unit is dispatched (the out-of-memory retries too),
+  so a cell decided while the sweep runs launches none of its queued runs. A running group stops with
+  its cell only when the decider is one of its members: runs of the cell training in other processes
+  go on to their own ends.
   """
   platform, devices = detected or detect_devices()
   runs_per_device = parse_runs_per_device(runs_per_device, platform)
@@ -423,7 +425,10 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
         if alone:
           if active:  # the GPUs drain before a run that needs them to itself
             break
-          unit, share, solo = alone.pop(0), 1, slot
+          unit, share, solo = _undecided(alone.pop(0), decided), 1, slot
+          if not unit:
+            solo = None
+            continue
         elif queue and solo is None:
           unit, share = _undecided(queue.pop(0), decided), runs_per_device
           if not unit:
@@ -435,8 +440,7 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
           os.makedirs(member["workdir"], exist_ok=True)
         log = open(os.path.join(row["workdir"], runs.LOG_FILE), "a")
         log_start[row["run"]] = log.tell()
-        argv = unit_argv(experiment, unit, extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"),
-                         cell_stop=decided is not None)
+        argv = unit_argv(experiment, unit, extra=("--lock-wait", str(LOCK_WAIT_S), "--backend", "local"))
         env = {**child_env(platform, slot_groups[slot], slot, runs_per_device=share), **daemon.env()}
         group = f", a lockstep group of {len(unit)}: {' '.join(m['run'] for m in unit)}" if len(unit) > 1 else ""
         log.write(f"\n# {runs.now_iso()} {' '.join(argv[:3])} … (slot {slot}, {_placement(slot_groups[slot])}, "

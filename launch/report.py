@@ -406,9 +406,9 @@ class Cell:
 
   @property
   def decided(self) -> bool:
-    """Its best run passed ``train.stop_at_accuracy``: the accuracy every run stops at, so the
-    learning rates it lacks (or that stopped with it, ``launch sweep --cell-stop``) cannot change
-    what the cell shows by more than 1 − that accuracy."""
+    """Its best run passed ``train.stop_at_accuracy`` (an early stop of its own): the accuracy every
+    run stops at, so the learning rates it lacks, still training, or stopped with it (``launch sweep
+    --cell-stop``) cannot change what the cell shows by more than 1 − that accuracy."""
     return self.best is not None and self.best.passed_stop_accuracy
 
   @property
@@ -1485,7 +1485,7 @@ def learning_rate_section(cells: list[Cell]) -> list[str]:
       if with_cell:
         note.append("stopped with it " + ", ".join(_lr_text(lr) for lr in with_cell))
     if c.missing:
-      note.append(("not needed " if c.decided else "missing ")
+      note.append(("not trained to the end " if c.decided else "missing ")
                   + ", ".join(f"{_lr_text(lr)} ({why})" for lr, why in c.missing))
     rows.append([c.name, "accuracy" if c.higher_is_better else "eval loss", *cols, _lr_text(c.best_lr),
                  "; ".join(note)])
@@ -1495,10 +1495,10 @@ def learning_rate_section(cells: list[Cell]) -> list[str]:
          + (", ".join(f"{c.name} (lr {_lr_text(c.best_lr)})" for c in edge) if edge else "none") + ".", ""]
   decided = [c for c in cells if c.decided and (c.missing or any(r.stopped_with_cell for r in c.runs))]
   if decided:
-    md += [f"Cells decided before every learning rate trained to its end ({len(decided)}; `launch sweep "
-           "--cell-stop`): the best passed `train.stop_at_accuracy`, where every run stops, so the others "
-           "could not change the cell's accuracy by more than 1 − that accuracy; their values are where they "
-           "stopped: " + ", ".join(c.name for c in decided) + ".", ""]
+    md += [f"Cells decided before every learning rate trained to its end ({len(decided)}): the best passed "
+           "`train.stop_at_accuracy`, where every run stops, so the others cannot change the cell's accuracy "
+           "by more than 1 − that accuracy (`launch sweep --cell-stop` stops them with it, or does not "
+           "launch them); their values are where they stopped: " + ", ".join(c.name for c in decided) + ".", ""]
   incomplete = [c for c in cells if c.incomplete]
   if incomplete:
     md += [f"Cells missing learning rates ({len(incomplete)}): "
@@ -1516,7 +1516,10 @@ def _chosen_lr(run: Run, cell_of: dict[str, Cell]) -> tuple[str, str]:
   its cell's flags."""
   c = cell_of.get(run.run_id)
   lr = f"lr {_lr_text(run_lr(run))}" + (f" of {len(c.grid)}" if c is not None and len(c.grid) > 1 else "")
-  return lr, (" **edge**" if c is not None and c.edge else "") + (" (incomplete)" if c is not None and c.incomplete else "")
+  flags = " **edge**" if c is not None and c.edge else ""
+  if c is not None and c.missing:
+    flags += " (decided)" if c.decided else " (incomplete)"
+  return lr, flags
 
 
 def mqar_table_section(best: list[Run], cells: list[Cell]) -> list[str]:

@@ -225,10 +225,12 @@ def cell_decisions(root: str, selected):
   """``launch sweep --cell-stop``: run id → why its cell needs it no more, or None.
 
   A cell is the points of ``selected`` (``(run id, point, resolved config)``) that differ only in
-  ``train.lr``. It is decided once one of its runs is "done" with an ``early_stop`` (it passed
-  ``train.stop_at_accuracy``, or stopped with a lockstep group that did): the best learning rate has
-  reached the accuracy at which every run stops, so the others cannot change what the cell shows.
-  Read from the run directories at each call, so a cell decided during the sweep counts at once."""
+  ``train.lr``. It is decided once one of its runs is "done" with its own ``early_stop`` (it passed
+  ``train.stop_at_accuracy``; a run that stopped with its lockstep group counts only through that
+  decider): the best learning rate has reached the accuracy at which every run stops, so the others
+  cannot change what the cell shows by more than 1 − that accuracy. A pass at a run's last eval is no
+  early stop and decides nothing (the run is simply done). Read from the run directories at each
+  call, so a cell decided while the sweep runs counts at once."""
   from collections import defaultdict
 
   from hybrids.train import group_key
@@ -239,15 +241,16 @@ def cell_decisions(root: str, selected):
   for rid, key in cell_of.items():
     members[key].append(rid)
 
+  def passed(run: str) -> dict | None:
+    """``early_stop`` of ``run`` if it is done because it passed the stop accuracy itself."""
+    summary = runs.read_summary(os.path.join(root, run))
+    early = summary.get("early_stop")
+    return early if summary.get("status") == "done" and early and not early.get("cell_decided_by") else None
+
   def why(rid: str) -> str | None:
     for other in members.get(cell_of.get(rid), ()):
-      if other == rid:
-        continue
-      summary = runs.read_summary(os.path.join(root, other))
-      early = summary.get("early_stop")
-      if summary.get("status") == "done" and early:
-        by = early.get("cell_decided_by") or other
-        return f"cell decided by {by}: it passed train.stop_at_accuracy at step {early.get('step')}"
+      if other != rid and (early := passed(other)) is not None:
+        return f"cell decided by {other}: it passed train.stop_at_accuracy at step {early.get('step')}"
     return None
 
   return why

@@ -246,7 +246,7 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   stop accuracy; without, a decided cell's other runs are not launched (nothing is written into them)
   and the sweep still exits 0; the report calls the cell decided, not incomplete. An experiment that
   never stops at an accuracy is refused in one line."""
-  from launch import report
+  from launch import local, report
   from launch.__main__ import main
   from tests.test_launch import two_point_sweep
 
@@ -257,6 +257,9 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   exp.write_text(CELL_EXPERIMENT.format(spec=MQAR_TINY, over=MQAR_STOP, lrs=list(CELL_LRS)))
   exp = str(exp)
   grouped = tmp_path / "grouped"
+  assert main(["sweep", exp, "--root", str(grouped), "--lr-group", "2", "--cell-stop", "--dry-run"]) == 0
+  (command,) = [line for line in capsys.readouterr().out.splitlines() if "launch.run_point" in line]
+  assert command.endswith("--cell-stop"), command  # the printed command is the one that runs
   assert main(["sweep", exp, "--root", str(grouped), "--lr-group", "2", "--cell-stop", "--no-progress"]) == 0
   capsys.readouterr()
   by_lr = {json.load(open(d / "config.json"))["train"]["lr"]: _summary(d) for d in grouped.iterdir()
@@ -269,7 +272,7 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   capsys.readouterr()
   assert main(["sweep", exp, "--root", str(apart), "--cell-stop", "--no-progress"]) == 0
   out = capsys.readouterr().out
-  assert out.count("skip (cell decided by") == 1, out
+  assert out.count("skip (cell decided by") == 1 and "pending (cell decided)" in out, out
   assert len([d for d in apart.iterdir() if d.is_dir() and (d / "config.json").exists()]) == 1
   assert report.main([str(apart), "--out", str(tmp_path / "report")]) == 0
   data = json.load(open(tmp_path / "report" / "report.json"))
@@ -279,6 +282,11 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   assert "Cells decided before every learning rate" in md and "Cells missing learning rates" not in md
   assert "(incomplete)" not in md
 
+  # a cell that stops at no accuracy is never decided: its group gets no --cell-stop
+  rows = [{"point": {"train.lr": lr}, "workdir": str(tmp_path / str(lr)), "cell_stop": stops}
+          for lr, stops in ((1e-2, False), (1e-3, False))]
+  assert "--cell-stop" not in local.unit_argv(exp, rows)
+  assert "--cell-stop" in local.unit_argv(exp, [dict(r, cell_stop=True) for r in rows])
   plain, _ = two_point_sweep(tmp_path, monkeypatch, steps=4)
   assert main(["sweep", plain, "--root", str(tmp_path / "bad"), "--cell-stop"]) == 2
   err = capsys.readouterr().err

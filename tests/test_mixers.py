@@ -230,7 +230,8 @@ def test_based_quadratic_form_is_the_chunked_form():
   chunked feature form computes, from the same parameters: outputs, the final state (the last
   document's), every gradient, at an odd length, with packed documents; and the step face continues it."""
   x = jax.random.normal(jax.random.key(11), (2, T_ODD, 16))
-  segments = jnp.asarray([[0] * 5 + [1] * 6 + [2] * 2, [0] * T_ODD], jnp.int32)
+  # an id that recurs after another is a new document (kernels.documents)
+  segments = jnp.asarray([[0] * 5 + [1] * 6 + [0] * 2, [0] * T_ODD], jnp.int32)
   chunk = get_mixer("based")(small_config(feature_dim=4, chunk_size=4), rngs=nnx.Rngs(params=3))
   quad = get_mixer("based")(small_config(feature_dim=4, chunk_size=4, based_form="quadratic"), rngs=nnx.Rngs(params=3))
   for segment_ids in (None, segments):

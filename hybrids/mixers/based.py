@@ -18,7 +18,8 @@ Two parallel forms of the same function (``model.based_form``):
 - ``"quadratic"``: the kernel on ``s = q·k/√d'`` itself, ``A_ts = 1 + s + s²/2`` for ``s ≤ t`` in the
   same document, then ``A [v | 1]``: a causal time × time product with no feature expansion (the
   attention-like view of the Based paper, fla's ``parallel_based``). Quadratic in time; for short
-  rows, where the expansion to 1 + d' + d'² features and the chunk states cost more than T² scores.
+  rows, where the expansion to 1 + d' + d'² features and the chunk states cost more than T² scores
+  (it stores ``[batch, heads, time, time]`` f32 scores: 1 GiB at batch 256, one head, T = 1024).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flax import nnx
 from hybrids.cost import Flops, gla_flops
 from hybrids.layers import CausalConv1D, dtype_of, linear
 from hybrids.mixers.contract import CHUNK_SIZE, CONV_WIDTH, Setting
+from kernels.documents import document_index
 from kernels.gla import gla, gla_step
 
 EPS = 1e-6
@@ -97,17 +99,19 @@ class Based(nnx.Module):
     → ``(o [batch, time, heads, d_head + 1], final state or None)``; the state, only when asked for,
     is the last document's ``Σ φ(k_s) v_sᵀ``."""
     time = q.shape[1]
+    # Products at JAX's default matmul precision, like the chunked XLA form's (TF32 on recent GPUs).
     s = jnp.einsum("bthf,bshf->bhts", q, k) / self.feature_dim ** 0.5
     visible = jnp.tril(jnp.ones((time, time), bool))[None, None]
-    if segment_ids is not None:
-      visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if segment_ids is not None:  # by document, not by id: an id that recurs later is a new document
+      document = document_index(segment_ids)
+      visible = visible & (document[:, None, :, None] == document[:, None, None, :])
     scores = jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
     o = jnp.einsum("bhts,bshd->bthd", scores, v)
     if not return_state:
       return o, None
     features = taylor_feature_map(k)
     if segment_ids is not None:
-      features = features * (segment_ids == segment_ids[:, -1:])[..., None, None]
+      features = features * (document == document[:, -1:])[..., None, None]
     return o, jnp.einsum("bshf,bshd->bhfd", features, v)
 
   def _out(self, o):
