@@ -6,7 +6,9 @@ One row per point of ``ROOT/sweep.json`` (points without a directory yet are "pe
 run directory under ROOT: status (pending / running / interrupted / done / failed / diverged), step,
 last training loss, attempts and the time since the run last wrote anything. "running" means a live
 process holds the run's lock; a run whose process was killed shows as "interrupted" and resumes on
-the next ``launch sweep``. Reads only files; works while a sweep runs, from any backend.
+the next ``launch sweep``. A pending or interrupted run whose cell (the points that differ from it only
+in ``train.lr``) has a run that passed ``train.stop_at_accuracy`` shows "(cell decided)": ``launch
+sweep --cell-stop`` does not launch it. Reads only files; works while a sweep runs, from any backend.
 """
 
 from __future__ import annotations
@@ -38,7 +40,26 @@ def collect(root: str) -> list[dict]:
         rows.append({"run": name, "point": {}, "workdir": workdir})
   for row in rows:
     row.update(runs.run_state(row["workdir"]))
+  _mark_decided_cells(rows)
   return rows
+
+
+def _mark_decided_cells(rows: list[dict]) -> None:
+  """Append " (cell decided)" to the status of pending / interrupted rows whose cell (same point but
+  ``train.lr``) holds a run done by passing ``train.stop_at_accuracy`` itself."""
+  import json
+
+  cell = lambda row: (json.dumps({k: v for k, v in row["point"].items() if k != "train.lr"}, sort_keys=True)
+                      if "train.lr" in row.get("point", {}) else None)
+  decided = set()
+  for row in rows:
+    if row.get("status") == "done" and cell(row) is not None:
+      early = runs.read_summary(row["workdir"]).get("early_stop")
+      if early and not early.get("cell_decided_by"):
+        decided.add(cell(row))
+  for row in rows:
+    if row.get("status") in ("pending", "interrupted") and cell(row) in decided:
+      row["status"] += " (cell decided)"
 
 
 def _ago(t: float | None, now: float) -> str:

@@ -246,7 +246,7 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   stop accuracy; without, a decided cell's other runs are not launched (nothing is written into them)
   and the sweep still exits 0; the report calls the cell decided, not incomplete. An experiment that
   never stops at an accuracy is refused in one line."""
-  from launch import local, report
+  from launch import local, report, status
   from launch.__main__ import main
   from tests.test_launch import two_point_sweep
 
@@ -274,6 +274,7 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert out.count("skip (cell decided by") == 1 and "pending (cell decided)" in out, out
   assert len([d for d in apart.iterdir() if d.is_dir() and (d / "config.json").exists()]) == 1
+  assert sorted(r["status"] for r in status.collect(str(apart))) == ["done", "pending (cell decided)"]
   assert report.main([str(apart), "--out", str(tmp_path / "report")]) == 0
   data = json.load(open(tmp_path / "report" / "report.json"))
   (cell,) = data["cells"]
