@@ -29,8 +29,9 @@ t − 1 to t): the state entering a start is zero, α_t = 0 there, for every dec
 gate the pair entering a start is (S, m) = (0, 0), what a row that begins with that document gets by
 default (so m_t = max(log α_t, ĩ_t) there, and a packed row equals its documents run one by one).
 ``initial_state`` enters the row's first document only (position 0 is no start); the final state is
-the last document's alone. No implementation puts −∞ into a cumulative log-decay: the chunked forms
-set a start's own log α to 0 (it only multiplies the discarded state) and mask: a pair (s ≤ t)
+the last document's alone. No implementation puts −∞ into a cumulative log-decay: the XLA chunked
+form sets a start's own log α to 0 (it only multiplies the discarded state), the Pallas kernels leave
+it (finite, and every product it would decay is masked) and zero its gradient; both mask: a pair (s ≤ t)
 counts only within one document, the state entering a chunk reaches t only if no start lies in
 (chunk start, t], and a chunk's outgoing state keeps the entering one only if the chunk has no start
 and adds only its last document's tokens. With the input gate the chunked stabiliser's candidates

@@ -31,8 +31,8 @@ Packed documents (``ell``, ``kernels/gla/pallas.py``'s ℓ, read as :func:`docum
 the kernel applies the masks of the Triton output stage to whole chunks. Each CTA reads its 64 rows'
 ``first`` (int32: the chunk-local row where the row's document starts, −1 where no start lies in the
 chunk up to the row) from global memory into registers, as the window-attention
-kernels read their document bounds; a start's own log α is already 0 (pallas.py), so every exponent and
-factor is as without documents. Then the state entering the chunk reaches row t only if ``first_t < 0``
+kernels read their document bounds; a start's own log α is left as it is (pallas.py), so every exponent
+and factor is the one the same call without documents computes. Then the state entering the chunk reaches row t only if ``first_t < 0``
 (no start in the chunk up to t: q e^{b} is zeroed on the other rows), and a pair (t, s ≤ t) counts only
 if ``s ≥ first_t`` (one select on the assembled A, which the output product and the stored residual
 both read, so the dv kernel gets the masked diagonal blocks too). The rest of the backward (states,

@@ -80,8 +80,11 @@ from kernels.tiling import next_pow2, round_up
 #
 # Documents (``segment_ids``). The state entering a document start is zero. No −∞ enters a cumulative
 # log-decay (e^{−∞ − (−∞)} is NaN, and a huge finite value would ruin the differences): a start's own
-# log α is set to 0 before the kernels (it only multiplies the discarded state; its gradient is 0),
-# and the resets are masks. ℓ_t (f32 [batch, time, 1], shared by the heads) counts the starts from
+# log α (finite, ≥ MIN_LOG_DECAY like every row's) stays in the cumulative sums, where every product it
+# would decay straddles the start and is masked, so the resets are masks alone; its gradient (it only
+# multiplies the discarded state) is zeroed after the dq/dk/d log α kernel. (Zeroing it before the
+# kernels, as until session 8, costs a read and a write of log α in the forward: at B4 T8192 H16 d128
+# bf16, 268 MB, an estimated 0.09 ms of the 0.18 ms documents added there; not yet measured.) ℓ_t (f32 [batch, time, 1], shared by the heads) counts the starts from
 # the chunk's first row up to row t, so within a chunk s and t share a document iff ℓ_s = ℓ_t. For a
 # block of rows (a chunk, or a sub-chunk entered after a row with ℓ = ℓ_b): the entering state reaches
 # row t iff ℓ_t = ℓ_b ("reach"), row s reaches the block's last state iff ℓ_s = ℓ_last ("tail"), and the
@@ -733,7 +736,19 @@ def _pallas_core_bwd(plan: _Plan, residuals, cotangents):
   e_states, ds0 = _states_call(plan, q, g, do, d_final.astype(_F32), reverse=True, ell=ell)
   dq, dk, dg = _dqk_call(plan, q, k, g, v, do, states, e_states, ell)
   dv = _dv_call(plan, q, k, g, do, at, e_states, ell)
+  if g is not None and ell is not None:  # a start's own decay multiplies only the state it discards
+    dg = jnp.where(_row_starts(plan, ell), jnp.zeros((), dg.dtype), dg)
   return dq, dk, dv, (None if g is None else dg.astype(g.dtype)), ds0, None  # ℓ: no gradient
+
+
+def _row_starts(plan: _Plan, ell):
+  """bool, broadcastable to the kernels' ``[…, time, …, d_k]`` layout: the rows where a document starts
+  (ℓ, counted from each chunk's first row, steps up there)."""
+  batch, time, _ = ell.shape
+  counts = ell.reshape(batch, time // plan.cfg.chunk, plan.cfg.chunk)
+  before = jnp.pad(counts, ((0, 0), (0, 0), (1, 0)))[:, :, :-1]
+  starts = (counts - before > 0.5).reshape(batch, time)
+  return starts[:, :, None, None] if plan.target == "triton" else starts[:, None, :, None]
 
 
 _pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
@@ -796,10 +811,7 @@ def _gla_pallas_target(q, k, v, log_decay, initial_state, segment_ids=None, *, t
     g = jnp.broadcast_to(g.astype(_F32)[..., None], q.shape)
   ell = None
   if segment_ids is not None:
-    starts = _document_starts(segment_ids)  # [batch, time]
-    if g is not None:  # a start's own decay only multiplies the state it discards (and gets no gradient)
-      g = jnp.where(starts[:, :, None, None], jnp.zeros((), g.dtype), g)
-    ell = _chunk_start_counts(starts, chunk, padded)
+    ell = _chunk_start_counts(_document_starts(segment_ids), chunk, padded)
   pad = lambda x, width: jnp.pad(x, ((0, 0), (0, padded - time), (0, 0), (0, width - x.shape[-1])))
   q, k = pad(q.astype(dtype), dk), pad(k.astype(dtype), dk)
   v = pad(v.astype(dtype), dv)
