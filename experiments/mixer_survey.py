@@ -91,10 +91,13 @@ measured there; an estimate: no slice has run).
 Variants: ``None`` (full, 768 runs); ``1m``, ``2m``, ``5m``,
 ``10m``: the full grid at one size (192 runs each), the slices a GPU slot works through (the sweep is
 idempotent: re-running a slice starts only the points without a finished run); ``small``: every
-pattern at 1m at its table learning rate only (64 runs, no lr selection); ``pilot``: ``small`` on a
-subset of the corpus that fits one GPU call's carry (below), the first run of every pattern on a GPU
-(a look at the pipeline and at each mixer on real packed text, not a comparison: one untuned learning
-rate, one size); ``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
+pattern at 1m at its table learning rate only (64 runs, no lr selection); ``pilot``: every pattern at
+1m at the three learning rates (192 runs) on a subset of the corpus that fits one GPU call's carry
+(below), the first runs of every pattern on a GPU: one size, but each cell at its best of three learning
+rates, so the one-budget view compares the mixers pure and hybrid as the full survey will at 1m.
+Trained with ``--lr-group 3`` it costs about what its 64 first points alone would: a 1m run's 521 steps
+take seconds, its compile tens of seconds, and a group compiles once for its three rates.
+``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
 
 The pilot corpus: the ``fs/``, ``kernel/`` and ``mm/`` C sources of the same archive (58.9 MB), the
 same tokenizer (``--tokenizer-file``), 1% held out; its train split must hold 1m's 17.1M tokens
@@ -105,7 +108,7 @@ same tokenizer (``--tokenizer-file``), 1% held out; its train split must hold 1m
         --doc-bytes 33554432 --tokenizer bpe:16384 --tokenizer-file build/linux/tokenizer.json \
         --output data/linux-6.1-bpe16k-pilot
     # on the GPU machine, carry ["data/linux-6.1-bpe16k-pilot", …]:
-    python -m launch sweep experiments/mixer_survey.py:pilot --backend local --runs-per-device 8 --mps --root runs
+    python -m launch sweep experiments/mixer_survey.py:pilot --backend local --runs-per-device 8 --mps --lr-group 3 --root runs
 
 Corpus check: ``get_sweep`` refuses, in one line naming ``train.steps × train.batch_size ×
 data.seq_len`` and ``data.path``, any point whose training tokens exceed the train split of the
@@ -210,7 +213,7 @@ def get_sweep(h, arg: str | None = None, check_corpus_tokens: bool = True):
   grid = []
   for size in ((arg,) if arg in SIZES else ("1m",) if arg in ("small", "pilot") else SIZES):
     fields = rung(base, size)
-    factors = (1.0,) if arg in ("small", "pilot") else LR_FACTORS
+    factors = (1.0,) if arg == "small" else LR_FACTORS
     for pattern, window in patterns():
       for factor in factors:
         grid.append(fields | {"model.pattern": pattern, "model.window": window, "train.lr": LR[size] * factor})

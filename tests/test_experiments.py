@@ -43,9 +43,9 @@ SWEEP_SIZES = {
     ("swax", None): 10, ("swax", "small"): 3, ("swax", "tiny"): 2,
     ("hybrid_topology", None): 42, ("hybrid_topology", "small"): 4, ("hybrid_topology", "tiny"): 2,
     # Every recurrent mixer pure and hybrid at two windows, plus 4 references (a new mixer joins the survey),
-    # × 3 learning rates, at 4 sizes in full and one size per slice; small: 1m at one lr.
+    # × 3 learning rates, at 4 sizes in full and one size per slice; small: 1m at one lr; pilot: 1m, 3 lrs.
     ("mixer_survey", None): 4 * 3 * SURVEY_PATTERNS, ("mixer_survey", "small"): SURVEY_PATTERNS,
-    ("mixer_survey", "pilot"): SURVEY_PATTERNS,
+    ("mixer_survey", "pilot"): 3 * SURVEY_PATTERNS,
     ("mixer_survey", "tiny"): 2,
     **{("mixer_survey", size): 3 * SURVEY_PATTERNS for size in ("1m", "2m", "5m", "10m")},
 }

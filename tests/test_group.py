@@ -293,3 +293,49 @@ def test_a_sweep_stops_a_cell_once_it_is_decided(tmp_path, monkeypatch, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "--cell-stop: no point" in err and "stop_at_accuracy" in err, err
   assert not (tmp_path / "bad").exists()
+
+
+def test_a_groups_vmapped_step_takes_the_pallas_kernels(lower_for_gpu):
+  """A lockstep group vmaps the train step, so on a GPU its Pallas kernels run batched: the group step of
+  a model with GLA, the diagonal scan and the delta rule on their Pallas paths lowers for CUDA from this
+  host (each kernel a Triton call, none dropped to XLA), and a batched Pallas kernel (GLA with documents,
+  interpreted) gives each member what its own call gives, gradients included."""
+  import jax
+  import jax.numpy as jnp
+
+  from hybrids import config as config_lib
+  from hybrids import sharding as sharding_lib
+  from hybrids.train import build, group_steps
+  from kernels.gla import gla
+
+  impls = {f"model.{f}": "pallas" for f in ("scan_impl", "gla_impl", "delta_impl")}
+  config = config_lib.resolve(get_config(TINY, {**impls, "model.pattern": ("gla", "rglru", "deltanet"), "model.n_layers": 3,
+                                                "model.dtype": "bfloat16", "data.seq_len": 128, "data.vocab_size": 256,
+                                                "model.vocab_size": 256, "train.batch_size": 2}))
+  setup = build(config, sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=2))
+  group_step, _ = group_steps(setup.trainer, config)
+  members = 3
+  stacked = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((members,) + x.shape, x.dtype), tree)
+  batch = {key: jax.ShapeDtypeStruct((2, 128), jnp.int32) for key in ("inputs", "labels")}
+  module = lower_for_gpu(lambda p, o, b, lr, live: group_step(p, o, b, lr, live, None), stacked(setup.params),
+                         stacked(setup.opt_state), batch, jax.ShapeDtypeStruct((members,), jnp.float32),
+                         jax.ShapeDtypeStruct((members,), jnp.bool_))
+  alone = lower_for_gpu(lambda p, o, b: setup.trainer.train_step(p, o, b), setup.params, setup.opt_state, batch)
+  # every Triton kernel of the lone step (GLA's, the scan's, the delta rule's, forward and backward) is in
+  # the group's, batched, and none fell back to XLA
+  assert module.count("xla.gpu.triton") == alone.count("xla.gpu.triton") >= 8, module.count("xla.gpu.triton")
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(keys[i], (members, 1, 64, 2, 16)) for i in range(3))
+  log_decay = -jax.nn.softplus(jax.random.normal(keys[3], (members, 1, 64, 2, 16)))
+  segments = jnp.asarray([[0] * 20 + [1] * 44])
+
+  def loss(q, k, v, log_decay):
+    o, state = gla(q, k, v, log_decay, segment_ids=segments, impl="pallas", interpret=True)
+    return jnp.sum(o ** 2) + jnp.sum(state)
+
+  batched = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_decay)
+  for i in range(members):
+    alone = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q[i], k[i], v[i], log_decay[i])
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(alone)):
+      np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-5, atol=1e-5)
