@@ -67,6 +67,12 @@ def runtime_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: a resumed or repeated run loads its compiled steps instead of
   # compiling them again. "" or "off": none (sweeps fill in <sweep root>/.jax_cache).
   c.compilation_cache_dir = ""
+  # Positions whose logits (and loss) are computed at a time, recomputed in the backward pass: the
+  # same loss up to the order of its sum, without the whole [batch, time, vocab] f32 logits in memory
+  # (2.1 GB at 32k tokens and 16k ids, three times that with their gradient), for one more head matmul
+  # a position. 0: all at once; -1: chunks of hybrids.train.LOSS_CHUNK_BYTES of logits where the
+  # batch's would be larger (never for MQAR, which scores a few positions a row).
+  c.loss_chunk_tokens = 0
   return c
 
 
@@ -244,6 +250,10 @@ def _check_fields(config) -> None:
       raise ConfigError(f"unknown config field 'runtime.{unknown[0]}'; valid: {', '.join(sorted(defaults.keys()))}")
     if not isinstance(runtime.get("scan_layers", True), bool):
       raise ConfigError(f"runtime.scan_layers={runtime.scan_layers!r} must be True or False")
+    chunk = runtime.get("loss_chunk_tokens", -1)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < -1:
+      raise ConfigError(f"runtime.loss_chunk_tokens={chunk!r} must be an int ≥ -1 (-1: auto, 0: whole batch, "
+                        "N: N positions' logits at a time)")
     if not isinstance(runtime.get("compilation_cache_dir", ""), str):
       raise ConfigError(f"runtime.compilation_cache_dir={runtime.compilation_cache_dir!r} must be a path string "
                         "('' or 'off': no cache)")

@@ -83,7 +83,9 @@ class HybridLM(nnx.Module):
     if self.max_len and time > self.max_len:
       raise ValueError(f"{time} positions exceed the learned position table (model.max_len={self.max_len})")
 
-  def _logits(self, x):
+  def logits(self, x):
+    """The head, per position: final norm, vocabulary projection, softcap. ``x: [..., d_model]`` →
+    f32 ``[..., vocab]``."""
     x = self.final_norm(x)
     logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
     if self.logits_softcap:
@@ -96,7 +98,7 @@ class HybridLM(nnx.Module):
       check_entry_segments(block.mixer_name)
 
   def __call__(self, tokens, *, segment_ids=None, return_aux: bool = False, scan_layers: bool = False,
-               logits_at=None):
+               logits_at=None, return_hidden: bool = False):
     """Training / scoring forward pass (parallel face of every mixer).
 
     ``return_aux``: also return ``{"moe_balance": mean load-balancing loss over MoE layers}``.
@@ -107,6 +109,8 @@ class HybridLM(nnx.Module):
     a small model, then costs 16× less; the norm and head act per position, so the values are the same).
     ``segment_ids``: ``int [batch, time]``, documents packed in each row (see the module docstring);
     None: each row is one document.
+    ``return_hidden``: the last block's output ``[batch, time (or k), d_model]`` in place of the logits
+    (:meth:`logits` maps it to them), for a loss that computes the head a chunk of positions at a time.
     """
     self._check_length(tokens.shape[1])
     if segment_ids is None:
@@ -122,7 +126,7 @@ class HybridLM(nnx.Module):
                    else self._unrolled_blocks(x, self.blocks, segment_ids))
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    logits = self._logits(x)
+    logits = x if return_hidden else self.logits(x)
     if not return_aux:
       return logits
     return logits, {"moe_balance": sum(balances) / len(balances) if balances else jnp.zeros((), jnp.float32)}
@@ -196,7 +200,7 @@ class HybridLM(nnx.Module):
     for block in self.blocks:
       x, state = block(x, return_state=True, max_len=max_len)
       states.append(state)
-    return self._logits(x), {"layers": states, "pos": jnp.asarray(time, jnp.int32)}
+    return self.logits(x), {"layers": states, "pos": jnp.asarray(time, jnp.int32)}
 
   def init_state(self, batch: int, *, max_len: int | None = None):
     if max_len:
@@ -211,7 +215,7 @@ class HybridLM(nnx.Module):
     for block, state in zip(self.blocks, states["layers"]):
       x, state = block.step(x, state)
       new_states.append(state)
-    return self._logits(x), {"layers": new_states, "pos": states["pos"] + 1}
+    return self.logits(x), {"layers": new_states, "pos": states["pos"] + 1}
 
 
 def count_params(model: nnx.Module) -> dict[str, int]:

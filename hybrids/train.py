@@ -187,6 +187,45 @@ def lm_loss(logits, labels):
   return jnp.sum(nll * mask), jnp.sum(correct), jnp.sum(mask)
 
 
+LOSS_CHUNK_BYTES = 1 << 27  # runtime.loss_chunk_tokens=-1: logits of at most this many bytes at a time
+
+
+def loss_chunk_tokens(config: ml_collections.ConfigDict) -> int:
+  """Positions per chunk of the chunked loss (``runtime.loss_chunk_tokens``; 0: the whole batch at once).
+  Auto (-1): chunks of ``LOSS_CHUNK_BYTES`` of f32 logits where the batch's would be larger; never for
+  rows scored at a few labelled positions (MQAR: ``data.max_labels_per_row``)."""
+  asked = config.runtime.get("loss_chunk_tokens", -1)
+  if asked >= 0:
+    return asked
+  if data_lib.max_labels_per_row(config.data, "train"):
+    return 0
+  per_token = 4 * config.model.vocab_size
+  return 0 if config.train.batch_size * config.data.seq_len * per_token <= LOSS_CHUNK_BYTES else max(
+      1, LOSS_CHUNK_BYTES // per_token)
+
+
+def chunked_lm_loss(head, hidden, labels, chunk_tokens: int):
+  """:func:`lm_loss` of ``head(hidden)`` a chunk of time at a time, each chunk's logits recomputed in the
+  backward pass (``jax.checkpoint``): the same sums, without the whole batch's logits in memory.
+
+  ``head``: ``[batch, rows, d] → f32 [batch, rows, vocab]``; ``hidden: [batch, time, d]``; ``labels:
+  int [batch, time]``; ``chunk_tokens``: positions per chunk, as ``batch × rows`` (rows of time per
+  chunk, at least one; time is padded with unlabelled positions to a multiple of them). Chunks cut
+  time, not the batch, so a batch sharded over devices stays where it is."""
+  batch, time, width = hidden.shape
+  rows = max(1, min(time, chunk_tokens // batch))
+  pad = (-time) % rows
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=data_lib.IGNORE_LABEL)
+  chunks = (time + pad) // rows
+  hidden = jnp.moveaxis(hidden.reshape(batch, chunks, rows, width), 1, 0)
+  labels = jnp.moveaxis(labels.reshape(batch, chunks, rows), 1, 0)
+  piece = jax.checkpoint(lambda h, y: lm_loss(head(h), y))
+  sums = jax.lax.map(lambda chunk: piece(*chunk), (hidden, labels))
+  return tuple(jnp.sum(x, axis=0) for x in sums)
+
+
 def label_positions(labels, slots: int):
   """The first ``slots`` positions of each row that carry a label, in order → ``int32 [batch, slots]``.
 
@@ -244,6 +283,8 @@ class Trainer:
   eval_label_slots: int = 0
   # data.document_boundaries: the token ending each packed document (None: a row is one document).
   document_eod: int | None = None
+  # runtime.loss_chunk_tokens as resolved (:func:`loss_chunk_tokens`): 0, the whole batch's logits at once.
+  loss_chunk: int = 0
 
   def model(self, params, window: int | None = None) -> HybridLM:
     state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -270,9 +311,17 @@ class Trainer:
     logits, aux = model(batch["inputs"], return_aux=True, scan_layers=self.scan_layers, logits_at=positions, **kwargs)
     return logits, labels, aux
 
+  def loss_sums(self, model, batch, slots: int = 0):
+    """``((loss_sum, correct, count), aux)`` of :func:`lm_loss` at the scored positions; the head a chunk
+    of positions at a time when ``loss_chunk`` is set (:func:`chunked_lm_loss`) and every position is scored."""
+    if slots or not self.loss_chunk:
+      logits, labels, aux = self.scored(model, batch, slots)
+      return lm_loss(logits, labels), aux
+    hidden, labels, aux = self.scored(model, batch, 0, return_hidden=True)
+    return chunked_lm_loss(model.logits, hidden, labels, self.loss_chunk), aux
+
   def _loss(self, params, batch, window):
-    logits, labels, aux = self.scored(self.model(params, window), batch, self.label_slots)
-    loss_sum, correct, count = lm_loss(logits, labels)
+    (loss_sum, correct, count), aux = self.loss_sums(self.model(params, window), batch, self.label_slots)
     count = jnp.maximum(count, 1)
     loss = loss_sum / count
     return loss + self.moe_balance_weight * aux["moe_balance"], (loss, correct / count, aux["moe_balance"])
@@ -288,8 +337,7 @@ class Trainer:
     return params, opt_state, metrics
 
   def eval_step(self, params, batch):
-    logits, labels, _ = self.scored(self.model(params), batch, self.eval_label_slots)
-    return lm_loss(logits, labels)
+    return self.loss_sums(self.model(params), batch, self.eval_label_slots)[0]
 
 
 def previous_early_stop(workdir: str, step: int) -> dict | None:
@@ -411,7 +459,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
                     scan_layers=bool(config.runtime.get("scan_layers", True)),
                     label_slots=data_lib.max_labels_per_row(config.data, "train"),
                     eval_label_slots=data_lib.max_labels_per_row(config.data, "eval"),
-                    document_eod=document_eod(config))
+                    document_eod=document_eod(config), loss_chunk=loss_chunk_tokens(config))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 

@@ -360,3 +360,53 @@ def test_a_data_pipeline_that_fails_leaves_the_run_as_it_was(uninterrupted, tmp_
   with pytest.raises(OSError, match="corpus unreadable"):
     train(get_config(TINY), workdir, progress=False)
   assert files() == before and summary(workdir)["status"] == "interrupted"
+
+
+def test_the_chunked_loss_is_the_whole_batch_loss():
+  """``runtime.loss_chunk_tokens``: the head and loss a few positions at a time (a chunk of time that does
+  not divide the length: padded) give the loss, gradient, update and eval sums of the whole batch at once
+  (up to the order of the sums); -1 chunks only where the batch's logits would be large, never MQAR's
+  few scored positions; a bad value is one line."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from hybrids import config as config_lib
+  from hybrids import sharding as sharding_lib
+  from hybrids.train import LOSS_CHUNK_BYTES, build, loss_chunk_tokens
+
+  spec = "experiments/quickstart.py:tiny"
+  setups = []
+  for chunk in (0, 12):
+    config = config_lib.resolve(get_config(spec, {"runtime.loss_chunk_tokens": chunk}))
+    setup = build(config, sharding_lib.make_mesh(sharding_lib.mesh_config_of(config), batch_size=config.train.batch_size))
+    # every position scored, as in language modelling (the tiny config is MQAR, scored at a few)
+    setup.trainer = dataclasses.replace(setup.trainer, label_slots=0, eval_label_slots=0)
+    setups.append(setup)
+  assert [s.trainer.loss_chunk for s in setups] == [0, 12]
+  batch_size, time, vocab = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+  assert time % (12 // batch_size)  # the chunk's rows do not divide the length
+  rng = np.random.default_rng(0)
+  labels = np.where(rng.random((batch_size, time)) < 0.8, rng.integers(0, vocab, (batch_size, time)), -100)
+  batch = {"inputs": jnp.asarray(rng.integers(0, vocab, (batch_size, time)), jnp.int32),
+           "labels": jnp.asarray(labels, jnp.int32)}
+  (params_a, _, metrics_a), (params_b, _, metrics_b) = (
+      jax.jit(s.trainer.train_step)(s.params, s.opt_state, batch) for s in setups)
+  for key in metrics_a:
+    np.testing.assert_allclose(float(metrics_b[key]), float(metrics_a[key]), rtol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  sums = [s.trainer.eval_step(s.params, batch) for s in setups]
+  np.testing.assert_allclose(float(sums[1][0]), float(sums[0][0]), rtol=1e-6)
+  assert [int(x) for x in sums[1][1:]] == [int(x) for x in sums[0][1:]] and int(sums[0][2]) == int((labels != -100).sum())
+
+  resolved = lambda **over: config_lib.resolve(get_config(spec, {"runtime.loss_chunk_tokens": -1, **over}))
+  assert loss_chunk_tokens(resolved()) == 0  # MQAR: a few scored positions a row
+  text = {"data.name": "text", "data.files": __file__, "data.tokenizer": "bytes"}
+  assert loss_chunk_tokens(resolved(**text)) == 0  # small logits: all at once
+  big = resolved(**text, **{"train.batch_size": 4096})
+  assert loss_chunk_tokens(big) == LOSS_CHUNK_BYTES // (4 * big.model.vocab_size)
+  with pytest.raises(config_lib.ConfigError, match="runtime.loss_chunk_tokens=-2 must be an int ≥ -1"):
+    config_lib.resolve(get_config(spec, {"runtime.loss_chunk_tokens": -2}))
