@@ -295,7 +295,8 @@ class Trainer:
     return model
 
   def scored(self, model, batch, slots: int = 0, **kwargs):
-    """``(logits, labels, aux)`` at the scored positions (all, or the first ``slots`` labelled ones)."""
+    """``(logits, labels, aux)`` at the scored positions (all, or the first ``slots`` labelled ones);
+    with ``return_hidden=True`` (passed on to the model) the last block's output in place of the logits."""
     labels, positions = batch["labels"], None
     if self.document_eod is not None:  # packed documents, each run as if alone (issue 23)
       segment_ids = batch.get(data_pipeline.SEGMENT_IDS)
