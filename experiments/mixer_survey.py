@@ -170,8 +170,8 @@ def get_config(arg: str | None = None):
   c.train.checkpoint_every = 250
   c.train.log_every = 20
   # The 16k-id head's f32 logits are 2.1 GB at 1m's 32k tokens a step (8.6 GB at 10m's 131k), three
-  # times that with their gradient: a chunk of 2,048 positions at a time keeps 128 MB, so a lockstep
-  # group of three learning rates fits beside seven others on one GPU (runtime: no run id changes).
+  # times that with their gradient: a chunk of 2,048 positions at a time keeps 128 MB a member, so a
+  # lockstep group of three learning rates can share one GPU with others (runtime: no run id changes).
   c.runtime.loss_chunk_tokens = 2048
   if arg == "tiny":
     smoke_test(c, steps=2, batch_size=2, n_layers=3, num_heads=2, window=8)

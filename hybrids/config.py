@@ -71,7 +71,8 @@ def runtime_config() -> ml_collections.ConfigDict:
   # same loss up to the order of its sum, without the whole [batch, time, vocab] f32 logits in memory
   # (2.1 GB at 32k tokens and 16k ids, three times that with their gradient), for one more head matmul
   # a position. 0: all at once; -1: chunks of hybrids.train.LOSS_CHUNK_BYTES of logits where the
-  # batch's would be larger (never for MQAR, which scores a few positions a row).
+  # batch's would be larger (never for MQAR, which scores a few positions a row, nor on several devices:
+  # there XLA reduces the head's gradient once a chunk, inside the loop).
   c.loss_chunk_tokens = 0
   return c
 
@@ -250,7 +251,7 @@ def _check_fields(config) -> None:
       raise ConfigError(f"unknown config field 'runtime.{unknown[0]}'; valid: {', '.join(sorted(defaults.keys()))}")
     if not isinstance(runtime.get("scan_layers", True), bool):
       raise ConfigError(f"runtime.scan_layers={runtime.scan_layers!r} must be True or False")
-    chunk = runtime.get("loss_chunk_tokens", -1)
+    chunk = runtime.get("loss_chunk_tokens", 0)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < -1:
       raise ConfigError(f"runtime.loss_chunk_tokens={chunk!r} must be an int ≥ -1 (-1: auto, 0: whole batch, "
                         "N: N positions' logits at a time)")

@@ -190,14 +190,16 @@ def lm_loss(logits, labels):
 LOSS_CHUNK_BYTES = 1 << 27  # runtime.loss_chunk_tokens=-1: logits of at most this many bytes at a time
 
 
-def loss_chunk_tokens(config: ml_collections.ConfigDict) -> int:
+def loss_chunk_tokens(config: ml_collections.ConfigDict, devices: int = 1) -> int:
   """Positions per chunk of the chunked loss (``runtime.loss_chunk_tokens``; 0: the whole batch at once).
   Auto (-1): chunks of ``LOSS_CHUNK_BYTES`` of f32 logits where the batch's would be larger; never for
-  rows scored at a few labelled positions (MQAR: ``data.max_labels_per_row``)."""
-  asked = config.runtime.get("loss_chunk_tokens", -1)
+  rows scored at a few labelled positions (MQAR: ``data.max_labels_per_row``), nor on a mesh of several
+  ``devices``, where XLA reduces the head's gradient once per chunk, inside the loop, rather than once
+  a step (an explicit size is taken there too, at that cost)."""
+  asked = config.runtime.get("loss_chunk_tokens", 0)
   if asked >= 0:
     return asked
-  if data_lib.max_labels_per_row(config.data, "train"):
+  if data_lib.max_labels_per_row(config.data, "train") or devices > 1:
     return 0
   per_token = 4 * config.model.vocab_size
   return 0 if config.train.batch_size * config.data.seq_len * per_token <= LOSS_CHUNK_BYTES else max(
@@ -214,6 +216,10 @@ def chunked_lm_loss(head, hidden, labels, chunk_tokens: int):
   time, not the batch, so a batch sharded over devices stays where it is."""
   batch, time, width = hidden.shape
   rows = max(1, min(time, chunk_tokens // batch))
+  if rows == time:  # one chunk: nothing to save, no recompute to pay
+    return lm_loss(head(hidden), labels)
+  # a divisor of time down to half the chunk needs no padding; else pad time with unlabelled positions
+  rows = next((r for r in range(rows, rows // 2, -1) if time % r == 0), rows)
   pad = (-time) % rows
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -460,7 +466,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
                     scan_layers=bool(config.runtime.get("scan_layers", True)),
                     label_slots=data_lib.max_labels_per_row(config.data, "train"),
                     eval_label_slots=data_lib.max_labels_per_row(config.data, "eval"),
-                    document_eod=document_eod(config), loss_chunk=loss_chunk_tokens(config))
+                    document_eod=document_eod(config), loss_chunk=loss_chunk_tokens(config, mesh.devices.size))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 

@@ -84,7 +84,8 @@ from kernels.tiling import next_pow2, round_up
 # would decay straddles the start and is masked, so the resets are masks alone; its gradient (it only
 # multiplies the discarded state) is zeroed after the dq/dk/d log α kernel. (Zeroing it before the
 # kernels, as until session 8, costs a read and a write of log α in the forward: at B4 T8192 H16 d128
-# bf16, 268 MB, an estimated 0.09 ms of the 0.18 ms documents added there; not yet measured.) ℓ_t (f32 [batch, time, 1], shared by the heads) counts the starts from
+# bf16, 2 × 268 MB, an estimated 0.18 ms at 3 TB/s against the 0.18 ms documents added there, unless XLA
+# fused it into another pass; not yet measured.) ℓ_t (f32 [batch, time, 1], shared by the heads) counts the starts from
 # the chunk's first row up to row t, so within a chunk s and t share a document iff ℓ_s = ℓ_t. For a
 # block of rows (a chunk, or a sub-chunk entered after a row with ℓ = ℓ_b): the entering state reaches
 # row t iff ℓ_t = ℓ_b ("reach"), row s reaches the block's last state iff ℓ_s = ℓ_last ("tail"), and the
