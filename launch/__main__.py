@@ -133,7 +133,7 @@ def plan_rows(root: str, selected, *, max_retries: int, backend: str = "local",
     elif row["failures"] > max_retries:
       row["action"] = f"skip (failed {row['failures']} times > --max-retries {max_retries})"
     elif decided is not None and (why := decided(rid)) is not None:
-      row["action"], row["skipped"] = f"skip ({why})", why
+      row["action"] = f"skip ({why})"
     else:
       row["action"] = {"pending": "start", "running": "wait for the live process, then resume",
                        "interrupted": f"resume from step {row['resume_step']}",

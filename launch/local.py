@@ -483,8 +483,7 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
 
 
 def _undecided(unit: list[dict], decided) -> list[dict]:
-  """The members of ``unit`` whose cell still needs them (all, without ``decided``); the others are
-  said and marked ``skipped``."""
+  """The members of ``unit`` whose cell still needs them (all, without ``decided``); the others are said."""
   if decided is None:
     return unit
   kept = []
@@ -493,7 +492,6 @@ def _undecided(unit: list[dict], decided) -> list[dict]:
     if why is None:
       kept.append(row)
     else:
-      row["skipped"] = why
       print(f"[launch] {row['run']}: skip ({why})", flush=True)
   return kept
 

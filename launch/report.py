@@ -79,6 +79,7 @@ import numpy as np
 
 from hybrids import rundir
 from launch import fit as fit_lib
+from launch import runs as run_dirs  # (functions here take a "runs" list)
 
 MANIFEST_FILE = "sweep.json"
 FINISHED = "done"
@@ -190,15 +191,13 @@ class Run:
 
   @property
   def passed_stop_accuracy(self) -> bool:
-    """Done because its own eval accuracy passed ``train.stop_at_accuracy``."""
-    early = self.summary.get("early_stop") if self.status == FINISHED else None
-    return bool(early) and not early.get("cell_decided_by")
+    """Done because its own eval accuracy passed ``train.stop_at_accuracy`` (``launch.runs``)."""
+    return run_dirs.passed_stop_accuracy(self.summary) is not None
 
   @property
   def stopped_with_cell(self) -> str | None:
     """The run that decided its cell when this one stopped with it (``launch sweep --cell-stop``)."""
-    early = self.summary.get("early_stop") if self.status == FINISHED else None
-    return (early or {}).get("cell_decided_by")
+    return run_dirs.stopped_with_cell(self.summary)
 
 
 def _layers(model: dict) -> tuple[str, ...]:
@@ -414,6 +413,11 @@ class Cell:
   @property
   def incomplete(self) -> bool:
     return bool(self.missing) and not self.decided
+
+  @property
+  def decided_early(self) -> bool:
+    """Decided before every learning rate trained to its end (some missing, or stopped with it)."""
+    return self.decided and (bool(self.missing) or any(r.stopped_with_cell for r in self.runs))
 
   @property
   def name(self) -> str:
@@ -1479,7 +1483,7 @@ def learning_rate_section(cells: list[Cell]) -> list[str]:
     note = []
     if c.edge:
       note.append("edge")
-    if c.decided and (c.missing or any(r.stopped_with_cell for r in c.runs)):
+    if c.decided_early:
       note.append(f"decided at lr {_lr_text(c.best_lr)}")
       with_cell = sorted({run_lr(r) for r in c.runs if r.stopped_with_cell})
       if with_cell:
@@ -1493,7 +1497,7 @@ def learning_rate_section(cells: list[Cell]) -> list[str]:
   edge = [c for c in cells if c.edge]
   md += [f"Best learning rate at the edge of the grid ({len(edge)} of {len(cells)} cells): "
          + (", ".join(f"{c.name} (lr {_lr_text(c.best_lr)})" for c in edge) if edge else "none") + ".", ""]
-  decided = [c for c in cells if c.decided and (c.missing or any(r.stopped_with_cell for r in c.runs))]
+  decided = [c for c in cells if c.decided_early]
   if decided:
     md += [f"Cells decided before every learning rate trained to its end ({len(decided)}): the best passed "
            "`train.stop_at_accuracy`, where every run stops, so the others cannot change the cell's accuracy "

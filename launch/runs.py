@@ -29,6 +29,19 @@ REMOTE_STALE_S = 900.0
 STATUSES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 
 
+def passed_stop_accuracy(summary: dict) -> dict | None:
+  """A run's ``early_stop`` when it is done because its own eval accuracy passed ``train.stop_at_accuracy``
+  (which decides its cell); None otherwise, and for a run that stopped with its cell (``cell_decided_by``)."""
+  early = summary.get("early_stop") if summary.get("status") == "done" else None
+  return early if early and not early.get("cell_decided_by") else None
+
+
+def stopped_with_cell(summary: dict) -> str | None:
+  """The run that decided this one's cell, when this one stopped with it (``launch sweep --cell-stop``)."""
+  early = summary.get("early_stop") if summary.get("status") == "done" else None
+  return (early or {}).get("cell_decided_by")
+
+
 def read_attempts(workdir: str) -> list[dict]:
   return rundir.read_json(os.path.join(workdir, LAUNCH_FILE)).get("attempts", [])
 

@@ -53,10 +53,8 @@ def _mark_decided_cells(rows: list[dict]) -> None:
                       if "train.lr" in row.get("point", {}) else None)
   decided = set()
   for row in rows:
-    if row.get("status") == "done" and cell(row) is not None:
-      early = runs.read_summary(row["workdir"]).get("early_stop")
-      if early and not early.get("cell_decided_by"):
-        decided.add(cell(row))
+    if cell(row) is not None and runs.passed_stop_accuracy(runs.read_summary(row["workdir"])):
+      decided.add(cell(row))
   for row in rows:
     if row.get("status") in ("pending", "interrupted") and cell(row) in decided:
       row["status"] += " (cell decided)"

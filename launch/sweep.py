@@ -241,15 +241,9 @@ def cell_decisions(root: str, selected):
   for rid, key in cell_of.items():
     members[key].append(rid)
 
-  def passed(run: str) -> dict | None:
-    """``early_stop`` of ``run`` if it is done because it passed the stop accuracy itself."""
-    summary = runs.read_summary(os.path.join(root, run))
-    early = summary.get("early_stop")
-    return early if summary.get("status") == "done" and early and not early.get("cell_decided_by") else None
-
   def why(rid: str) -> str | None:
     for other in members.get(cell_of.get(rid), ()):
-      if other != rid and (early := passed(other)) is not None:
+      if other != rid and (early := runs.passed_stop_accuracy(runs.read_summary(os.path.join(root, other)))):
         return f"cell decided by {other}: it passed train.stop_at_accuracy at step {early.get('step')}"
     return None
 
