@@ -169,9 +169,62 @@ def _chunk_taps_unrolled_bwd(residuals, cotangent):
 
 chunk_taps_unrolled.defvjp(_chunk_taps_unrolled_fwd, _chunk_taps_unrolled_bwd)
 
+def _chunk_toeplitz(reach, kernel, chunks: int):
+  """The pieces of :func:`chunk_taps_reduce`: ``T [chunk, chunk, channels]`` (``T_{ji} = h_{j−i}`` for
+  ``i ≤ j``, else 0) and the mask ``M [batch, chunks, chunk, chunk]`` (``M_{ji} = [0 ≤ j − i ≤ reach_j]``)."""
+  lags = kernel.shape[1]
+  j = jnp.arange(lags)[:, None]
+  i = jnp.arange(lags)[None, :]
+  toeplitz = jnp.where((i <= j)[..., None], kernel.T[jnp.clip(j - i, 0, lags - 1)], 0.0)
+  keep = ((j - i) <= reach.reshape(reach.shape[0], chunks, lags, 1)) & (i <= j)
+  return toeplitz, keep.astype(kernel.dtype)[..., None]
+
+
+@jax.custom_vjp
+def chunk_taps_reduce(u, reach, kernel):
+  """:func:`chunk_taps_scan`'s result as one multiply-and-sum over each chunk's positions, ``y_j = Σ_i
+  T_{ji} M_{ji} u_i`` (:func:`_chunk_toeplitz`), written as a broadcast product summed over ``i``, which
+  XLA can fuse into one reduction that reads the input once rather than once a lag. Its own backward,
+  two reductions of the same form (``∂u`` over ``j``, ``∂T`` over the chunks), so that the product
+  (``chunk`` times the input's size) is never kept.
+
+  Unlike the other forms it needs ``time`` to be whole chunks of ``lags`` positions (the segmented face
+  pads to them): ``reach`` never crosses a chunk start there.
+  """
+  batch, time, channels = u.shape
+  lags = kernel.shape[1]
+  if time % lags:
+    raise ValueError(f"chunk_taps_reduce: time={time} is not a multiple of the chunk's {lags} lags")
+  toeplitz, keep = _chunk_toeplitz(reach, kernel, time // lags)
+  u_c = u.reshape(batch, time // lags, 1, lags, channels)
+  return jnp.sum(toeplitz * keep * u_c, axis=3).reshape(batch, time, channels)
+
+
+def _chunk_taps_reduce_fwd(u, reach, kernel):
+  return chunk_taps_reduce(u, reach, kernel), (u, reach, kernel)
+
+
+def _chunk_taps_reduce_bwd(residuals, cotangent):
+  """``∂u_i = Σ_j T_{ji} M_{ji} ∂y_j``; ``∂h_l = Σ_{j − i = l} ∂T_{ji}``, ``∂T_{ji} = Σ_chunks M_{ji} u_i ∂y_j``."""
+  u, reach, kernel = residuals
+  batch, time, channels = u.shape
+  lags = kernel.shape[1]
+  toeplitz, keep = _chunk_toeplitz(reach, kernel, time // lags)
+  u_c = u.reshape(batch, time // lags, 1, lags, channels)
+  dy_c = cotangent.reshape(batch, time // lags, lags, 1, channels)
+  d_u = jnp.sum(toeplitz * keep * dy_c, axis=2).reshape(u.shape)
+  d_toeplitz = jnp.sum(keep * u_c * dy_c, axis=(0, 1))  # [j, i, channels]
+  diagonal = (jnp.arange(lags)[:, None] - jnp.arange(lags)[None, :])[None] == jnp.arange(lags)[:, None, None]
+  d_kernel = jnp.einsum("jic,lji->cl", d_toeplitz, diagonal.astype(d_toeplitz.dtype), precision=_HIGHEST)
+  return d_u, None, d_kernel
+
+
+chunk_taps_reduce.defvjp(_chunk_taps_reduce_fwd, _chunk_taps_reduce_bwd)
+
+
 # How the segmented face computes its in-chunk taps (the same numbers; which is faster depends on what
 # XLA fuses: `python -m hybrids.bench_longconv` times both).
-CHUNK_TAPS = {"scan": chunk_taps_scan, "unrolled": chunk_taps_unrolled}
+CHUNK_TAPS = {"scan": chunk_taps_scan, "unrolled": chunk_taps_unrolled, "reduce": chunk_taps_reduce}
 
 
 def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int = SEGMENT_CHUNK,

@@ -193,7 +193,7 @@ def test_segmented_modal_conv_refuses_a_bad_chunk_or_taps():
           jnp.zeros((1, 4), jnp.int32))
   with pytest.raises(ValueError, match="chunk_size=0"):
     segmented_modal_conv(*args, chunk_size=0)
-  with pytest.raises(ValueError, match=r"taps='fft' is not one of \['scan', 'unrolled'\]"):
+  with pytest.raises(ValueError, match=r"taps='fft' is not one of \['reduce', 'scan', 'unrolled'\]"):
     segmented_modal_conv(*args, taps="fft")
 
 
