@@ -9,8 +9,11 @@ modal scan. Rows, forward and forward+backward (gradients of the input and of th
 residues), timed in the same process as in ``kernels.bench``:
 
 - FFT convolution, one document a row (what a row without ``segment_ids`` runs);
-- the segmented scan with each form of its in-chunk taps (``hybrids.longconv.CHUNK_TAPS``), one
-  document a row (the same output: the scan's own cost) and ``--segments`` documents a row.
+- the segmented scan with each form of its in-chunk taps (``hybrids.longconv.CHUNK_TAPS``) and chunk
+  size (``--forms``: ``taps:chunk`` pairs), one document a row (the same output: the scan's own cost)
+  and ``--segments`` documents a row. A longer chunk halves the chunk-end states (and the scan over
+  them) each time it doubles, while the taps do twice the multiply-adds: which wins depends on how the
+  taps run (``scan``: one pass over the input a lag; ``reduce``: one fused pass).
 
 fwd+bwd is the output and every gradient together, as a training step needs them (earlier rows in
 kernels/BENCHMARKS.md timed the gradients alone, which lets XLA skip a linear op's forward).
@@ -64,11 +67,28 @@ def _by_document(u, log_poles, residues, segment_ids):
   return out
 
 
-def _segmented(u, log_poles, residues, *, segment_ids, taps: str):
-  return segmented_modal_conv(u, log_poles, residues, segment_ids, taps=taps)[0]
+def _segmented(u, log_poles, residues, *, segment_ids, taps: str, chunk: int):
+  return segmented_modal_conv(u, log_poles, residues, segment_ids, taps=taps, chunk_size=chunk)[0]
 
 
-def run(ctx: Context, segments: int) -> list[dict]:
+FORMS = f"scan:{SEGMENT_CHUNK},unrolled:{SEGMENT_CHUNK},reduce:{SEGMENT_CHUNK},reduce:128"
+
+
+def parse_forms(text: str) -> list[tuple[str, int]]:
+  """``"scan:32,reduce:128"`` → ``[("scan", 32), ("reduce", 128)]``; one line naming the bad item."""
+  forms = []
+  for item in filter(None, (x.strip() for x in text.split(","))):
+    taps, _, chunk = item.partition(":")
+    if taps not in CHUNK_TAPS or not chunk.isdigit() or int(chunk) < 1:
+      raise ValueError(f"--forms: {item!r} is not taps:chunk with taps one of {sorted(CHUNK_TAPS)} and a "
+                       "positive chunk size")
+    forms.append((taps, int(chunk)))
+  if not forms:
+    raise ValueError("--forms: give at least one taps:chunk pair")
+  return forms
+
+
+def run(ctx: Context, segments: int, forms: list[tuple[str, int]] | None = None) -> list[dict]:
   batch, time, channels, modes = QUICK if ctx.quick else FULL
   sets = [_inputs(seed, batch, time, channels, modes) for seed in range(1 if ctx.quick else 3)]
   u, log_poles, residues, _ = sets[0]
@@ -77,12 +97,12 @@ def run(ctx: Context, segments: int) -> list[dict]:
   reference = np.asarray(_fft(u, log_poles, residues))
   by_document = _by_document(u, log_poles, residues, packed)
   candidates = [("fft conv, 1 doc/row", lambda u, p, r: _fft(u, p, r), None)]
-  for taps in CHUNK_TAPS:
+  for taps, chunk in forms or parse_forms(FORMS):
     candidates += [
-        (f"segmented, {taps} taps, 1 doc/row", functools.partial(_segmented, segment_ids=one, taps=taps), None),
-        (f"segmented, {taps} taps, {segments} docs/row", functools.partial(_segmented, segment_ids=packed, taps=taps),
-         by_document)]
-  label = f"B{batch} T{time} C{channels} modes{modes} f32 (chunk {SEGMENT_CHUNK})"
+        (f"segmented, {taps} taps, chunk {chunk}, {n} doc{'s' if n > 1 else ''}/row",
+         functools.partial(_segmented, segment_ids=ids, taps=taps, chunk=chunk), expected)
+        for n, ids, expected in ((1, one, None), (segments, packed, by_document))]
+  label = f"B{batch} T{time} C{channels} modes{modes} f32"
   rows = []
   for name, f, expected in candidates:
     # fwd+bwd: the output and every gradient, as a training step needs them (the gradients alone would
@@ -105,11 +125,16 @@ def main(argv=None) -> int:
   parser.add_argument("--segments", type=int, default=4, help="documents a row in the last row (≥ 2)")
   parser.add_argument("--quick", action="store_true", help="a tiny shape (checks the script, not the speed)")
   parser.add_argument("--json", default="", help="write the rows, device and versions here")
+  parser.add_argument("--forms", default=FORMS, help=f"taps:chunk pairs of the segmented rows (default {FORMS})")
   args = parser.parse_args(argv)
   if args.segments < 2:
     parser.error(f"--segments: documents per row, ≥ 2, got {args.segments}")
+  try:
+    forms = parse_forms(args.forms)
+  except ValueError as e:
+    parser.error(str(e))
   ctx = Context(quick=args.quick, platform=jax.devices()[0].platform)
-  rows = run(ctx, args.segments)
+  rows = run(ctx, args.segments, forms)
   print(format_table(rows))
   for row in rows[1:]:
     print(f"  {row['impl']}: {100 * row['cost_fwd']:+.0f} % fwd, {100 * row['cost_fwdbwd']:+.0f} % fwd+bwd "

@@ -366,13 +366,20 @@ def test_text_run_trains_with_segment_ids(tmp_path, monkeypatch):
 
 
 def test_bench_longconv_checks_every_row_before_timing_it(tmp_path):
-  """``python -m hybrids.bench_longconv --quick``: every form of the taps, one and several documents a
-  row, each checked against the FFT of every document alone, rows written to the JSON."""
+  """``python -m hybrids.bench_longconv --quick``: every form of the taps (at two chunk sizes), one and
+  several documents a row, each checked against the FFT of every document alone, rows written to the
+  JSON; a bad ``--forms`` item is one line naming it."""
   from hybrids import bench_longconv
 
   path = tmp_path / "longconv.json"
-  assert bench_longconv.main(["--quick", "--segments", "3", "--json", str(path)]) == 0
+  forms = [(taps, 32) for taps in sorted(CHUNK_TAPS)] + [("reduce", 128)]
+  text = ",".join(f"{taps}:{chunk}" for taps, chunk in forms)
+  assert bench_longconv.main(["--quick", "--segments", "3", "--forms", text, "--json", str(path)]) == 0
   rows = json.loads(path.read_text())["rows"]
   assert [r["impl"] for r in rows] == ["fft conv, 1 doc/row"] + [
-      f"segmented, {taps} taps, {n}" for taps in CHUNK_TAPS for n in ("1 doc/row", "3 docs/row")]
+      f"segmented, {taps} taps, chunk {chunk}, {n}" for taps, chunk in forms for n in ("1 doc/row", "3 docs/row")]
   assert all(r["rel_err"] < bench_longconv.TOL and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
+  assert [(t, c) for t, c in bench_longconv.parse_forms(bench_longconv.FORMS)][0] == ("scan", 32)
+  for bad in ("fft:32", "scan:0", "scan", ","):
+    with pytest.raises(ValueError, match="--forms: "):
+      bench_longconv.parse_forms(bad)
