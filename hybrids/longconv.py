@@ -169,6 +169,7 @@ def _chunk_taps_unrolled_bwd(residuals, cotangent):
 
 chunk_taps_unrolled.defvjp(_chunk_taps_unrolled_fwd, _chunk_taps_unrolled_bwd)
 
+
 def _chunk_toeplitz(reach, kernel, chunks: int):
   """The pieces of :func:`chunk_taps_reduce`: ``T [chunk, chunk, channels]`` (``T_{ji} = h_{j−i}`` for
   ``i ≤ j``, else 0) and the mask ``M [batch, chunks, chunk, chunk]`` (``M_{ji} = [0 ≤ j − i ≤ reach_j]``)."""
@@ -223,7 +224,7 @@ chunk_taps_reduce.defvjp(_chunk_taps_reduce_fwd, _chunk_taps_reduce_bwd)
 
 
 # How the segmented face computes its in-chunk taps (the same numbers; which is faster depends on what
-# XLA fuses: `python -m hybrids.bench_longconv` times both).
+# XLA fuses: `python -m hybrids.bench_longconv` times each).
 CHUNK_TAPS = {"scan": chunk_taps_scan, "unrolled": chunk_taps_unrolled, "reduce": chunk_taps_reduce}
 
 
