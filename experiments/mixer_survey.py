@@ -78,6 +78,7 @@ git-ignored, so only what a call's ``carry`` names travels:
 line checks every shard's sha256 against the ones prepared here.) Then, in the same slot:
 
     python -m launch sweep experiments/mixer_survey.py:1m --backend local --runs-per-device N --mps --lr-group 3 --root runs
+    python -m launch evaluate runs/mixer_survey-1m --eval retrieval,position --best   # recall, loss past T
     python -m launch report runs/mixer_survey-1m        # or all slices' runs together: see launch report
 
 (``--lr-group 3``: each (pattern, size)'s three learning rates train in one process, their steps vmapped

@@ -1,10 +1,11 @@
-"""``python -m launch {sweep,status,report}``: run an experiment's sweep, watch it, report on it.
+"""``python -m launch {sweep,status,report,evaluate}``: run an experiment's sweep, watch it, report on it.
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
         [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]] [--lr-group G]
         [--cell-stop]
     python -m launch status runs/NAME
     python -m launch report runs/NAME
+    python -m launch evaluate runs/NAME --eval retrieval,position [--best] [--dry-run] [-- EVALUATE OPTIONS]
 
 ``sweep`` expands ``get_sweep`` (``FILE:ARG`` passes ARG to ``get_sweep(h, ARG)`` and makes it the
 default ``get_config`` argument), validates every point, writes ``ROOT/sweep.json`` and launches the
@@ -93,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
   st = sub.add_parser("status", help="table of a sweep's runs: pending / running / done / failed, step, loss")
   st.add_argument("root", help="the sweep directory, e.g. runs/quickstart")
   sub.add_parser("report", help="loss-vs-FLOPs fits, tables and plots (python -m launch report --help)", add_help=False)
+  sub.add_parser("evaluate", help="python -m hybrids.evaluate on every finished run, or each cell's best "
+                 "(python -m launch evaluate --help)", add_help=False)
   return parser
 
 
@@ -294,6 +297,9 @@ def main(argv=None) -> int:
       print(f"error: python -m launch report is not available: {e}", file=sys.stderr)
       return 2
     return report.main(argv[1:])
+  if argv and argv[0] == "evaluate":
+    from launch import evaluate
+    return evaluate.main(argv[1:])
   args = _parser().parse_args(argv)
   if args.command == "status":
     from launch import status

@@ -34,8 +34,13 @@ and PNGs beside them (matplotlib, Agg), each plot only when it can answer its qu
   cell tried one learning rate; it replaces the window ablation for such runs;
 - ``isoflop.png``: loss vs non-embedding params per budget with its parabola and compute-optimal size,
   when a budget has ≥ 3 sizes of one mixer (Chinchilla Approach 2);
+- ``recall_by_size.png`` with the "Recall and long-context loss by size" table (runs evaluated by
+  ``python -m launch evaluate``): each pattern's best-lr retrieval accuracy (mean over ``eval/retrieval.json``'s
+  tasks, lengths and depths) against non-embedding parameters, and its loss over the last eighth of the
+  positions at the longest length of ``eval/position.json``; ``report.json``'s ``evals_by_size`` holds the rows;
 - ``retrieval_<run>.png``: retrieval accuracy heatmap, length × depth (``eval/retrieval.json``);
-- ``position_<run>.png``: loss by position at each evaluated length (``eval/position.json``).
+- ``position_<run>.png``: loss by position at each evaluated length (``eval/position.json``); these two
+  per run only while at most ``MAX_RUN_EVAL_FIGURES`` (12) runs have such evals.
 
 Learning rates (Zoology's protocol): a *cell* is every config field but ``train.lr`` (the runtime section
 is never part of one). Each cell keeps its best learning rate — highest eval accuracy for MQAR, lowest
@@ -1223,6 +1228,95 @@ def plot_position(run: Run, out: str, problems: list[str]) -> str | None:
   return _save(fig, out, f"position_{_safe(run.run_id)}.png")
 
 
+def retrieval_accuracy(run: Run) -> float | None:
+  """Mean retrieval accuracy over every task, length and depth of ``eval/retrieval.json`` (None: none)."""
+  data = run.evals.get("retrieval")
+  if not isinstance(data, dict):
+    return None
+  grids = data.get("by_task") if isinstance(data.get("by_task"), dict) else {"": data.get("accuracy")}
+  try:
+    values = np.concatenate([_floats(row) for grid in grids.values() for row in grid])
+  except (TypeError, ValueError):
+    return None
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else None
+
+
+def tail_loss(run: Run) -> tuple[float | None, int | None]:
+  """``(loss over the last eighth of the positions, length)`` at the longest length of
+  ``eval/position.json`` (``(None, None)``: none)."""
+  data = run.evals.get("position")
+  if not isinstance(data, dict) or not isinstance(data.get("loss_by_position"), dict):
+    return None, None
+  try:
+    curves = {int(length): _floats(curve) for length, curve in data["loss_by_position"].items()}
+  except (TypeError, ValueError):
+    return None, None
+  if not curves:
+    return None, None
+  length = max(curves)
+  tail = curves[length][-max(1, len(curves[length]) // 8):]
+  tail = tail[np.isfinite(tail)]
+  return (float(tail.mean()) if tail.size else None), length
+
+
+# Per-run eval figures (a retrieval heatmap, a loss-by-position plot) only up to this many runs: a
+# survey's hundreds are read from the by-size table and plot instead.
+MAX_RUN_EVAL_FIGURES = 12
+
+
+def evals_by_size(best: list[Run]) -> tuple[list[str], list[dict]]:
+  """Markdown and JSON rows of the best runs' retrieval accuracy and tail loss by size, one row per
+  pattern (label and window), one column per non-embedding size: the survey's recall question."""
+  rows = [r for r in best if retrieval_accuracy(r) is not None or tail_loss(r)[0] is not None]
+  if not rows:
+    return [], []
+  sizes = sorted({r.non_embedding_params for r in rows if r.non_embedding_params is not None})
+  series: dict[tuple[str, str], dict[float | None, Run]] = defaultdict(dict)
+  for r in rows:
+    series[(r.label, r.window_text)][r.non_embedding_params] = r
+  md = ["## Recall and long-context loss by size", "",
+        "Each pattern's best learning rate: mean retrieval accuracy over `eval/retrieval.json`'s tasks, lengths "
+        "and depths, and the loss over the last eighth of the positions at the longest length of "
+        "`eval/position.json` (`python -m launch evaluate ROOT --eval retrieval,position --best`).", ""]
+  header = ["mixer", "window"] + [f"{_count(n)} recall / tail loss" for n in sizes]
+  table, records = [], []
+  for (label, window), by_size in sorted(series.items()):
+    cells = []
+    for n in sizes:
+      r = by_size.get(n)
+      acc = retrieval_accuracy(r) if r else None
+      loss, length = tail_loss(r) if r else (None, None)
+      cells.append(f"{_num(acc, '.3f')} / {_num(loss, '.3f')}" if r else "—")
+      if r:
+        records.append({"run_id": r.run_id, "label": label, "window": r.window, "non_embedding_params": n,
+                        "retrieval_accuracy": acc, "tail_loss": loss, "tail_loss_length": length})
+    table.append([label, window] + cells)
+  return md + _table(header, table) + [""], records
+
+
+def plot_evals_by_size(records: list[dict], out: str) -> str | None:
+  """Retrieval accuracy against non-embedding parameters, one line per pattern (hybrids with SWA dashed)."""
+  points = [r for r in records if r["retrieval_accuracy"] is not None and r["non_embedding_params"]]
+  lines: dict[tuple[str, Any], list[dict]] = defaultdict(list)
+  for r in points:
+    lines[(r["label"], r["window"])].append(r)
+  if not any(len(v) >= 2 for v in lines.values()):
+    return None
+  fig, (ax,) = _figure(1, 7.0, 4.2)
+  colors = _colors([label for label, _ in lines])
+  for (label, window), members in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    members.sort(key=lambda r: r["non_embedding_params"])
+    ax.plot([r["non_embedding_params"] for r in members], [r["retrieval_accuracy"] for r in members],
+            marker="o", ms=3, lw=1, color=colors[label], ls="--" if window is not None else "-",
+            label=label if window is None else f"{label} w={window}")
+  ax.set(xscale="log", ylim=(0, 1.02), xlabel="non-embedding parameters", ylabel="retrieval accuracy",
+         title="recall by size (best learning rate)")
+  _log_ticks(ax.xaxis, [r["non_embedding_params"] for r in points], max_ticks=6)
+  ax.legend(fontsize=6, ncol=2)
+  return _save(fig, out, "recall_by_size.png")
+
+
 GLOBAL = "global"
 
 
@@ -1411,7 +1505,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[SeriesFit], curves: list[IsoFlop],
-                figures: list[str], missing: list[list[str]], survey: dict | None = None) -> dict:
+                figures: list[str], missing: list[list[str]], survey: dict | None = None,
+                evals_by_size: list[dict] | None = None) -> dict:
   """What ``report.json`` holds: every run (resolved config + summary), the per-cell bests and the fits."""
   cell_of = {r.run_id: i for i, c in enumerate(cells) for r in c.runs}
   best_ids = {c.best.run_id for c in cells if c.best is not None}
@@ -1449,7 +1544,7 @@ def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[Series
               "coeffs": list(c.fit.coeffs) if c.fit else None} for c in curves]
   return _json_safe({"root": root, "generated_by": f"python -m launch report {root}", "runs": runs_out,
                      "cells": cells_out, "fits": fits_out, "isoflop": iso_out, "figures": figures,
-                     "survey": survey,
+                     "survey": survey, "evals_by_size": evals_by_size or [],
                      "missing": [{"run_id": a, "state": b, "point": c} for a, b, c in missing]})
 
 
@@ -1667,8 +1762,19 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
   if cells:
     md += learning_rate_section(cells)
 
+  by_size_md, by_size = evals_by_size(best)
+  md += by_size_md
+  figure = plot_evals_by_size(by_size, out)
+  if figure:
+    figures.append(figure)
+    md += [f"![recall by size]({figure})", ""]
   eval_figures = []
-  for r in runs:
+  with_evals = [r for r in runs if isinstance(r.evals.get("retrieval"), dict) or isinstance(r.evals.get("position"), dict)]
+  if len(with_evals) > MAX_RUN_EVAL_FIGURES:
+    md += [f"{len(with_evals)} runs have retrieval or position evals: their per-run figures are left out (more than "
+           f"{MAX_RUN_EVAL_FIGURES}); the table above holds each pattern's best.", ""]
+    with_evals = []
+  for r in with_evals:
     for plot in (plot_retrieval, plot_position):
       figure = plot(r, out, problems)
       if figure:
@@ -1736,7 +1842,7 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
   if problems:
     md += ["## Notes", ""] + [f"- {p}" for p in problems] + [""]
   _remove_stale_figures(out, figures)
-  data = report_data(root, runs, cells, fits, curves, figures, missing, survey)
+  data = report_data(root, runs, cells, fits, curves, figures, missing, survey, by_size)
   _write_atomic(os.path.join(out, "report.json"), json.dumps(data, indent=1, allow_nan=False) + "\n")
   path = os.path.join(out, "report.md")
   _write_atomic(path, "\n".join(md))

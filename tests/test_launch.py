@@ -720,3 +720,50 @@ def test_a_packed_run_computes_what_it_computes_alone(tmp_path, monkeypatch, cap
     a, p = runs.read_summary(alone), runs.read_summary(packed)
     assert a["status"] == p["status"] == "done" and a["eval"] and a["eval"] == p["eval"]
     assert a["train_loss"] == p["train_loss"]
+
+
+def test_evaluate_runs_each_cells_best_once_and_names_bad_input(tmp_path, monkeypatch, capsys):
+  """``launch evaluate ROOT --eval mqar --best``: only the cell's best learning rate is evaluated
+  (eval/mqar.json at its final step), a second call finds it up to date, and without --best the other
+  run follows; bad input is one line, exit 2, before anything runs or is written."""
+  from launch import report
+  from launch.__main__ import main
+
+  exp, expanded = two_point_sweep(tmp_path, monkeypatch, steps=4)
+  root = tmp_path / "root"
+  assert main(["sweep", exp, "--root", str(root), "--no-progress"]) == 0
+  capsys.readouterr()
+  problems = []
+  done = report.load_runs(str(root), problems)
+  report.assign_labels(done)
+  (cell,) = report.learning_rate_cells(done)
+  best, other = cell.best.run_id, next(rid for rid, _, _ in expanded if rid != cell.best.run_id)
+  mqar_json = lambda rid: root / rid / "eval" / "mqar.json"
+
+  for argv, message in ((["--eval", "nope"], "--eval='nope': unknown 'nope'; choose from loss, position, mqar, retrieval"),
+                        (["--eval", "mqar", "--", "--workdir", "x"], "--workdir after -- : launch evaluate sets it"),
+                        (["--eval", "mqar", "--", "--eval=loss"], "--eval after -- : launch evaluate sets it")):
+    assert main(["evaluate", str(root), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+  assert main(["evaluate", str(tmp_path / "nowhere"), "--eval", "mqar"]) == 2
+  assert "is not a directory" in capsys.readouterr().err
+  assert not mqar_json(best).exists() and not mqar_json(other).exists()
+
+  assert main(["evaluate", str(root), "--eval", "mqar", "--best", "--", "--samples", "4"]) == 0
+  out = capsys.readouterr().out
+  assert "1 run(s), 1 to evaluate, 0 up to date" in out and f"1/1 {best} (step 4): done" in out, out
+  assert json.loads(mqar_json(best).read_text())["step"] == 4 and not mqar_json(other).exists()
+  assert "# launch evaluate: -m hybrids.evaluate --workdir" in (root / best / runs.LOG_FILE).read_text()
+
+  assert main(["evaluate", str(root), "--eval", "mqar", "--best"]) == 0
+  assert "1 run(s), 0 to evaluate, 1 up to date" in capsys.readouterr().out
+  assert main(["evaluate", str(root), "--eval", "mqar", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "2 run(s), 1 to evaluate, 1 up to date" in out and f"--workdir {root / other} --eval mqar" in out
+  assert not mqar_json(other).exists()  # a dry run writes nothing
+  assert main(["evaluate", str(root), "--eval", "mqar", "--", "--face", "sideways"]) == 1  # the child refuses it
+  captured = capsys.readouterr()
+  assert f"1/1 {other} (step 4): failed (exit 2; see its launch.log)" in captured.out, captured.out
+  assert f"1 run(s) failed: {other}" in captured.err and not mqar_json(other).exists()
+  assert "--face" in (root / other / runs.LOG_FILE).read_text()

@@ -517,3 +517,42 @@ def test_survey_ranks_hybrids_and_names_those_that_beat_the_mamba_hybrid(tmp_pat
   assert re.search(r"Beat the Mamba hybrid \(interval below 0\): gla\+swa[^.]*\. Worse than it \(interval above "
                    r"0\): rglru\+swa", statement)
   assert "## Ranking at 10× the largest budget" in md and "## Pure − hybrid gap per mixer" in md
+
+
+def test_recall_and_tail_loss_by_size_for_each_patterns_best(tmp_path, monkeypatch):
+  """Runs evaluated by ``launch evaluate``: one row per pattern, one column per size, at each cell's best
+  learning rate (a losing lr's better recall does not count), recall the mean over tasks, lengths and
+  depths, tail loss over the last eighth at the longest length; a plot, ``evals_by_size`` in report.json;
+  per-run figures left out past MAX_RUN_EVAL_FIGURES runs."""
+  root, out = str(tmp_path / "survey"), tmp_path / "out"
+  recall = {("gla",): (0.25, 0.5), ("gla", "gla", "swa"): (0.5, 0.75)}
+  for pattern, accuracies in recall.items():
+    for (size, n), acc in zip((("1m", 0.85e6), ("5m", 5.1e6)), accuracies):
+      for lr, loss in ((1e-3, 3.0), (3e-3, 3.5)):  # the lower loss (lr 1e-3) is the cell's best
+        config = _config(pattern, 128, window=64, size=size, data="shards")
+        config["train"]["lr"] = lr
+        run = os.path.join(root, f"s-{'-'.join(pattern)}-{size}-{lr:g}")
+        write_run(root, os.path.basename(run), config, loss=loss, non_embedding=n, tokens=20 * n)
+        grid = [[acc, acc], [acc, acc]] if lr == 1e-3 else [[1.0, 1.0], [1.0, 1.0]]
+        _write(os.path.join(run, "eval", "retrieval.json"),
+               {"task": "passkey", "lengths": [1024, 2048], "depths": [0.0, 1.0], "accuracy": grid,
+                "by_task": {"passkey": grid, "niah": grid}})
+        curve = [None] * 8 + [4.0] * 48 + [2.0] * 8  # the last eighth of 64 positions: 2.0
+        _write(os.path.join(run, "eval", "position.json"),
+               {"lengths": [32, 64], "loss_by_position": {"32": [9.0] * 32, "64": curve}, "window": 64,
+                "train_seq_len": 32})
+  assert report.main([root, "--bootstrap", "0", "--out", str(out)]) == 0
+  md = (out / "report.md").read_text()
+  section = _section(md, "Recall and long-context loss by size")
+  rows = [l for l in section.splitlines() if l.startswith("| ") and not l.startswith("| mixer")]
+  assert rows == ["| gla | — | 0.250 / 2.000 | 0.500 / 2.000 |", "| gla+swa | 64 | 0.500 / 2.000 | 0.750 / 2.000 |"], rows
+  assert "![recall by size](recall_by_size.png)" in md and (out / "recall_by_size.png").stat().st_size > 1000
+  data = json.loads((out / "report.json").read_text())
+  assert len(data["evals_by_size"]) == 4 and all(r["tail_loss_length"] == 64 for r in data["evals_by_size"])
+  assert {r["retrieval_accuracy"] for r in data["evals_by_size"]} == {0.25, 0.5, 0.75}
+  assert "8 runs have retrieval or position evals" not in md and "retrieval_s-gla-1m-0.001.png" in data["figures"]
+  monkeypatch.setattr(report, "MAX_RUN_EVAL_FIGURES", 4)
+  assert report.main([root, "--bootstrap", "0", "--out", str(out)]) == 0
+  md = (out / "report.md").read_text()
+  assert "8 runs have retrieval or position evals: their per-run figures are left out (more than 4)" in md
+  assert not any(f.startswith(("retrieval_", "position_")) for f in json.loads((out / "report.json").read_text())["figures"])
