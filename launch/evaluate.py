@@ -20,7 +20,8 @@ launch report`` reads it.
 
 Bad input (an eval name not in ``hybrids.evaluate.EVALS``, a ROOT without runs, ``--workdir`` or
 ``--eval`` after ``--``) is one line on stderr and exit status 2, before anything runs. Exit status 0:
-every selected run evaluated or already up to date; 1: some evaluation failed (named).
+every selected run evaluated or already up to date; 1: some evaluation failed (named); 130: stopped
+(Ctrl-C; the same command goes on where it stopped).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
   except EvaluateError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # the running child got the same SIGINT; its eval files are written atomically
+    print("[launch] evaluate: stopped; run the same command again to go on", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

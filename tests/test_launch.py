@@ -767,3 +767,19 @@ def test_evaluate_runs_each_cells_best_once_and_names_bad_input(tmp_path, monkey
   assert f"1/1 {other} (step 4): failed (exit 2; see its launch.log)" in captured.out, captured.out
   assert f"1 run(s) failed: {other}" in captured.err and not mqar_json(other).exists()
   assert "--face" in (root / other / runs.LOG_FILE).read_text()
+
+
+def test_evaluate_stopped_by_ctrl_c_exits_130_and_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+  from launch import evaluate
+
+  run = tmp_path / "root" / "r1"
+  run.mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps({"model": {"pattern": ["swa"]}, "train": {"lr": 1e-3}}))
+  (run / "summary.json").write_text(json.dumps({"status": "done", "step": 3}))
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(evaluate.subprocess, "run", interrupted)
+  assert evaluate.main([str(tmp_path / "root"), "--eval", "loss"]) == 130
+  assert "stopped; run the same command again to go on" in capsys.readouterr().err
