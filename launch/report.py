@@ -1271,7 +1271,8 @@ def evals_by_size(best: list[Run]) -> tuple[list[str], list[dict]]:
   rows = [r for r in best if retrieval_accuracy(r) is not None or tail_loss(r)[0] is not None]
   if not rows:
     return [], []
-  sizes = sorted({r.non_embedding_params for r in rows if r.non_embedding_params is not None})
+  sizes: list[float | None] = sorted({r.non_embedding_params for r in rows if r.non_embedding_params is not None})
+  sizes += [None] if any(r.non_embedding_params is None for r in rows) else []  # runs from before the count
   series: dict[tuple[str, str], dict[float | None, Run]] = defaultdict(dict)
   for r in rows:
     series[(r.label, r.window_text)][r.non_embedding_params] = r
@@ -1279,7 +1280,7 @@ def evals_by_size(best: list[Run]) -> tuple[list[str], list[dict]]:
         "Each pattern's best learning rate: mean retrieval accuracy over `eval/retrieval.json`'s tasks, lengths "
         "and depths, and the loss over the last eighth of the positions at the longest length of "
         "`eval/position.json` (`python -m launch evaluate ROOT --eval retrieval,position --best`).", ""]
-  header = ["mixer", "window"] + [f"{_count(n)} recall / tail loss" for n in sizes]
+  header = ["mixer", "window"] + [f"{_count(n) if n else 'size unknown'} recall / tail loss" for n in sizes]
   table, records = [], []
   for (label, window), by_size in sorted(series.items()):
     cells = []
