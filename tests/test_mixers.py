@@ -232,7 +232,7 @@ def test_based_quadratic_form_is_the_chunked_form():
   x = jax.random.normal(jax.random.key(11), (2, T_ODD, 16))
   # an id that recurs after another is a new document (kernels.documents)
   segments = jnp.asarray([[0] * 5 + [1] * 6 + [0] * 2, [0] * T_ODD], jnp.int32)
-  chunk = get_mixer("based")(small_config(feature_dim=4, chunk_size=4), rngs=nnx.Rngs(params=3))
+  chunk = get_mixer("based")(small_config(feature_dim=4, chunk_size=4, based_form="chunk"), rngs=nnx.Rngs(params=3))
   quad = get_mixer("based")(small_config(feature_dim=4, chunk_size=4, based_form="quadratic"), rngs=nnx.Rngs(params=3))
   for segment_ids in (None, segments):
     (y_c, s_c), (y_q, s_q) = (m(x, return_state=True, segment_ids=segment_ids) for m in (chunk, quad))
@@ -247,6 +247,24 @@ def test_based_quadratic_form_is_the_chunked_form():
   y_step, _ = quad.step(x[:, -1], state)
   _close(y_step, chunk(x)[:, -1], tol=1e-6)
   assert quad.flops(T_ODD).total() > 0 and quad.flops(64).recurrence > quad.flops(32).recurrence
+
+
+def test_based_auto_form_takes_the_form_with_fewer_flops_at_each_length():
+  """``model.based_form="auto"`` (the default) runs, per call, the form that does fewer FLOPs at the call's
+  length: quadratic for Zoology's short rows (T 256, d' 8, where it was measured faster), chunked for long
+  ones; its outputs and FLOP count are that form's."""
+  auto, chunk, quad = (get_mixer("based")(small_config(d_model=64, num_heads=1, feature_dim=8, based_form=form),
+                                          rngs=nnx.Rngs(params=3)) for form in ("auto", "chunk", "quadratic"))
+  assert small_config().based_form == "auto"
+  assert [auto.form_for(t) for t in (64, 256, 512, 2048)] == ["quadratic", "quadratic", "chunk", "chunk"]
+  assert chunk.form_for(64) == "chunk" and quad.form_for(4096) == "quadratic"
+  for t, same in ((64, quad), (512, chunk)):
+    assert auto.flops(t) == same.flops(t)
+    assert auto.flops(t).total() == min(chunk.flops(t).total(), quad.flops(t).total())
+    x = jax.random.normal(jax.random.key(t), (1, t, 64))
+    assert jnp.array_equal(auto(x), same(x))
+  with pytest.raises(ValueError, match=r"model.based_form='fast'; valid: auto, chunk, quadratic"):
+    get_mixer("based").check_config(small_config(based_form="fast"), seq_len=8)
 
 
 def test_mamba_recurrence_matches_selective_scan_definition():
