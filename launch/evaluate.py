@@ -44,14 +44,13 @@ class EvaluateError(ValueError):
 
 
 def parse_evals(text: str) -> list[str]:
-  from hybrids.evaluate import EVALS
+  """``--eval``'s names, checked as ``hybrids.evaluate`` checks its own (one line naming the valid ones)."""
+  from hybrids import evaluate
 
-  names = [x.strip() for x in text.split(",") if x.strip()]
-  unknown = [x for x in names if x not in EVALS]
-  if unknown or not names:
-    raise EvaluateError(f"--eval={text!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; "
-                        f"choose from {', '.join(EVALS)}")
-  return list(dict.fromkeys(names))
+  try:
+    return evaluate.parse_evals(text)
+  except evaluate.EvalError as e:
+    raise EvaluateError(str(e)) from None
 
 
 def eval_step(run_dir: str, name: str) -> int | None:

@@ -740,7 +740,7 @@ def test_evaluate_runs_each_cells_best_once_and_names_bad_input(tmp_path, monkey
   best, other = cell.best.run_id, next(rid for rid, _, _ in expanded if rid != cell.best.run_id)
   mqar_json = lambda rid: root / rid / "eval" / "mqar.json"
 
-  for argv, message in ((["--eval", "nope"], "--eval='nope': unknown 'nope'; choose from loss, position, mqar, retrieval"),
+  for argv, message in ((["--eval", "nope"], "--eval='nope': unknown eval 'nope'; valid: loss, position, mqar, retrieval"),
                         (["--eval", "mqar", "--", "--workdir", "x"], "--workdir after -- : launch evaluate sets it"),
                         (["--eval", "mqar", "--", "--eval=loss"], "--eval after -- : launch evaluate sets it")):
     assert main(["evaluate", str(root), *argv]) == 2
