@@ -107,7 +107,7 @@ def run(root: str, evals: list[str], passthrough: list[str], *, best: bool, dry_
     if dry_run:
       print(" ".join(argv))
       continue
-    with open(os.path.join(row["workdir"], "launch.log"), "a") as log:
+    with open(os.path.join(row["workdir"], rundir.LOG_FILE), "a") as log:
       log.write(f"\n# launch evaluate: {' '.join(argv[1:])}\n")
       log.flush()
       code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode

@@ -92,6 +92,10 @@ def _implementation_corrections(name: str, mixer, layer_flops: dict) -> float:
     channels = mixer.filter.channels if name != "s4d" else mixer.d_skip.size
     fft = _xla_flops(causal_fft_conv, _sds(BATCH, SEQ_LEN, channels), _sds(channels, SEQ_LEN))
     return flops.fft_conv_flops(channels, SEQ_LEN) * tokens - fft
+  if name == "based" and mixer.form_for(SEQ_LEN) == "quadratic":
+    # XLA computes the whole masked T × T square (twice the causal half counted) plus the scaling and the
+    # mask of each score (test_based_quadratic_form_flops_match_xla_cost_analysis)
+    return -(layer_flops["recurrence"] * tokens + 2.0 * mixer.heads * SEQ_LEN * SEQ_LEN * BATCH)
   if name == "slstm":
     graphdef, state = nnx.split(mixer)
     cell = lambda s, st, pre: nnx.merge(graphdef, s)._cell(st, pre)
