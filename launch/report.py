@@ -37,7 +37,8 @@ and PNGs beside them (matplotlib, Agg), each plot only when it can answer its qu
 - ``recall_by_size.png`` with the "Recall and long-context loss by size" table (runs evaluated by
   ``python -m launch evaluate``): each pattern's best-lr retrieval accuracy (mean over ``eval/retrieval.json``'s
   tasks, lengths and depths) against non-embedding parameters, and its loss over the last eighth of the
-  positions at the longest length of ``eval/position.json``; ``report.json``'s ``evals_by_size`` holds the rows;
+  positions at the longest evaluated length (both as ``hybrids.evaluate`` summarised them in
+  ``summary.json["evals"]``); ``report.json``'s ``evals_by_size`` holds the rows;
 - ``retrieval_<run>.png``: retrieval accuracy heatmap, length × depth (``eval/retrieval.json``);
 - ``position_<run>.png``: loss by position at each evaluated length (``eval/position.json``); these two
   per run only while at most ``MAX_RUN_EVAL_FIGURES`` (12) runs have such evals.
@@ -1228,36 +1229,35 @@ def plot_position(run: Run, out: str, problems: list[str]) -> str | None:
   return _save(fig, out, f"position_{_safe(run.run_id)}.png")
 
 
+def _compact_eval(run: Run, name: str) -> dict:
+  """What ``hybrids.evaluate`` put in ``summary.json["evals"][name]`` (its compact figures; {} if none)."""
+  evals = run.summary.get("evals")
+  found = evals.get(name) if isinstance(evals, dict) else None
+  return found if isinstance(found, dict) else {}
+
+
 def retrieval_accuracy(run: Run) -> float | None:
-  """Mean retrieval accuracy over every task, length and depth of ``eval/retrieval.json`` (None: none)."""
-  data = run.evals.get("retrieval")
-  if not isinstance(data, dict):
-    return None
-  grids = data.get("by_task") if isinstance(data.get("by_task"), dict) else {"": data.get("accuracy")}
-  try:
-    values = np.concatenate([_floats(row) for grid in grids.values() for row in grid])
-  except (TypeError, ValueError):
-    return None
-  values = values[np.isfinite(values)]
-  return float(values.mean()) if values.size else None
+  """Mean retrieval accuracy over the tasks (each ``hybrids.evaluate``'s mean over its lengths × depths
+  grid), from the run's compact evals (None: none)."""
+  compact = _compact_eval(run, "retrieval")
+  by_task = compact.get("by_task")
+  values = [_finite(v) for v in by_task.values()] if isinstance(by_task, dict) else [_finite(compact.get("accuracy"))]
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
 
 
 def tail_loss(run: Run) -> tuple[float | None, int | None]:
-  """``(loss over the last eighth of the positions, length)`` at the longest length of
-  ``eval/position.json`` (``(None, None)``: none)."""
-  data = run.evals.get("position")
-  if not isinstance(data, dict) or not isinstance(data.get("loss_by_position"), dict):
-    return None, None
+  """``(loss over the last eighth of the positions, length)`` at the longest evaluated length, as
+  ``hybrids.evaluate`` computed it (``tail_loss`` of the compact position eval; ``(None, None)``: none)."""
+  tails = _compact_eval(run, "position").get("tail_loss")
   try:
-    curves = {int(length): _floats(curve) for length, curve in data["loss_by_position"].items()}
-  except (TypeError, ValueError):
+    by_length = {int(n): _finite(v) for n, v in tails.items()}
+  except (AttributeError, TypeError, ValueError):
     return None, None
-  if not curves:
+  if not by_length:
     return None, None
-  length = max(curves)
-  tail = curves[length][-max(1, len(curves[length]) // 8):]
-  tail = tail[np.isfinite(tail)]
-  return (float(tail.mean()) if tail.size else None), length
+  length = max(by_length)
+  return by_length[length], length
 
 
 # Per-run eval figures (a retrieval heatmap, a loss-by-position plot) only up to this many runs: a
