@@ -1,11 +1,12 @@
-"""``python -m launch {sweep,status,report,evaluate}``: run an experiment's sweep, watch it, report on it.
+"""``python -m launch {sweep,status,report,evaluate,pack}``: run an experiment's sweep, watch it, report on it.
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
         [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]] [--lr-group G]
-        [--cell-stop]
+        [--cell-stop] [--time-limit SECONDS]
     python -m launch status runs/NAME
     python -m launch report runs/NAME
     python -m launch evaluate runs/NAME --eval retrieval,position [--best] [--dry-run] [-- EVALUATE OPTIONS]
+    python -m launch pack runs/NAME OUT.tgz [--checkpoints-mb MB] [--part-mb MB]
 
 ``sweep`` expands ``get_sweep`` (``FILE:ARG`` passes ARG to ``get_sweep(h, ARG)`` and makes it the
 default ``get_config`` argument), validates every point, writes ``ROOT/sweep.json`` and launches the
@@ -18,9 +19,11 @@ mixer). ``--runs-per-device N`` (local) packs N runs onto each GPU (or device gr
 with a 1/N share of its memory, and ``--mps`` makes them clients of a CUDA MPS daemon so their kernels
 overlap (launch/local.py); ``--lr-group G`` trains up to G points that differ only in their learning rate
 together in one process (``hybrids.train.train_group``); ``--cell-stop`` (local) ends a cell once one of
-its learning rates passes ``train.stop_at_accuracy`` (its group stops, its other runs are not launched).
+its learning rates passes ``train.stop_at_accuracy`` (its group stops, its other runs are not launched);
+``--time-limit S`` (local) stops the sweep S seconds after it starts, as Ctrl-C would. ``pack`` writes a
+sweep's results (and optionally the checkpoints of unfinished runs) into one archive (launch/pack.py).
 Exit status: 0 all done (local; runs of decided cells count as done) or all submitted, 1 some failed,
-2 bad input, 130 stopped.
+2 bad input, 3 stopped by --time-limit, 130 stopped.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                  "train.stop_at_accuracy: a lockstep group stops with it, and the cell's other runs are not "
                  "launched (their directories are left as they are). Zoology plots a cell's best lr, and each of "
                  "its runs stops at 0.99 anyway")
+  g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                 help="stop after SECONDS as on Ctrl-C (no new runs; running ones checkpoint), exit status 3: for a "
+                 "slot of GPU time that ends at a known moment (leave a minute for the checkpoints and the pack)")
   g.add_argument("--mps", action="store_true",
                  help="run the packed runs as clients of a CUDA MPS daemon (the one running, else one started "
                  "for the sweep and stopped after it), so their kernels overlap; GPU, --runs-per-device ≥ 2")
@@ -96,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
   sub.add_parser("report", help="loss-vs-FLOPs fits, tables and plots (python -m launch report --help)", add_help=False)
   sub.add_parser("evaluate", help="python -m hybrids.evaluate on every finished run, or each cell's best "
                  "(python -m launch evaluate --help)", add_help=False)
+  sub.add_parser("pack", help="a sweep's results (and checkpoints) as one archive (python -m launch pack --help)",
+                 add_help=False)
   return parser
 
 
@@ -167,6 +175,9 @@ def cmd_sweep(args) -> int:
       raise ConfigError(f"--devices-per-run={args.devices_per_run} must be ≥ 1")
     if args.lr_group < 1:
       raise ConfigError(f"--lr-group={args.lr_group} must be ≥ 1 (runs trained together in one process)")
+    if args.time_limit is not None and not (args.time_limit > 0 and args.backend == "local"):
+      raise ConfigError(f"--time-limit={args.time_limit:g} must be > 0 seconds, with --backend local "
+                        f"(got --backend {args.backend})")
     if args.cell_stop and args.backend != "local":
       raise ConfigError(f"--cell-stop applies to --backend local (got --backend {args.backend})")
     if args.lr_group > 1 and (args.backend != "local" or args.devices_per_run != 1):
@@ -254,7 +265,7 @@ def cmd_sweep(args) -> int:
     try:
       code = local.run(args.experiment, todo, max_parallel=args.max_parallel, devices_per_run=args.devices_per_run,
                        runs_per_device=args.runs_per_device, mps=args.mps, live=not args.no_progress,
-                       detected=detected, units=units, decided=decided) if todo else 0
+                       detected=detected, units=units, decided=decided, time_limit_s=args.time_limit) if todo else 0
     except local.MpsError as e:  # before any run started: the runs' directories are untouched
       print(f"error: {e}", file=sys.stderr)
       return 2
@@ -270,7 +281,8 @@ def cmd_sweep(args) -> int:
       f.write(f"# {sweep_lib.sweep_name(args.experiment)}\n\n```\n{table}\n```\n")
     print(f"\nresults: {os.path.abspath(root)}/results.md (run directories beside it)")
     if code:
-      print("[launch] stopped; run the same command again to resume", file=sys.stderr)
+      why = "--time-limit reached" if code == local.TIME_LIMIT_EXIT else "stopped"
+      print(f"[launch] {why}; run the same command again to resume", file=sys.stderr)
       return code
     return 0 if all(r["status"] == "done" or r["run"] in excused for r in rows) else 1
   if not todo:
@@ -300,6 +312,9 @@ def main(argv=None) -> int:
   if argv and argv[0] == "evaluate":
     from launch import evaluate
     return evaluate.main(argv[1:])
+  if argv and argv[0] == "pack":
+    from launch import pack
+    return pack.main(argv[1:])
   args = _parser().parse_args(argv)
   if args.command == "status":
     from launch import status

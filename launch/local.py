@@ -47,6 +47,8 @@ from launch import runs
 # A relaunch may find a killed sweep's child still writing its SIGTERM checkpoint; wait that long.
 LOCK_WAIT_S = 120.0
 TERMINATE_GRACE_S = 60.0
+TIME_LIMIT = "time limit"  # what stopped the sweep, beside a signal number
+TIME_LIMIT_EXIT = 3  # launch sweep's exit status when --time-limit stopped it (130: a signal)
 PROGRESS_EVERY_S = 60.0
 MAX_RUNS_PER_DEVICE = 64
 # The share of a GPU's memory the N packed processes' allocators may take together; the rest is for
@@ -355,8 +357,9 @@ class StatusDisplay:
 def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, devices_per_run: int = 1,
         runs_per_device: int = 1, mps: bool = False, live: bool = True, poll_s: float = 0.5,
         detected: tuple[str, list[str]] | None = None, units: list[list[dict]] | None = None,
-        decided=None) -> int:
-  """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, or 130 if stopped.
+        decided=None, time_limit_s: float | None = None) -> int:
+  """Train every ``todo`` row (``{"run", "point", "workdir"}``) in subprocesses; returns 0, 130 if stopped
+  by a signal, :data:`TIME_LIMIT_EXIT` if stopped by ``time_limit_s``.
 
   Rows are updated in place with each run's final state. ``mps``: the packed runs are clients of a
   CUDA MPS daemon (:class:`Mps`). ``detected``: :func:`detect_devices`' answer if the caller has it.
@@ -365,7 +368,9 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
   cell needs it no more, or None; checked as each unit is dispatched (the out-of-memory retries too),
   so a cell decided while the sweep runs launches none of its queued runs. A running group stops with
   its cell only when the decider is one of its members: runs of the cell training in other processes
-  go on to their own ends.
+  go on to their own ends. ``time_limit_s`` (``launch sweep --time-limit``): that many seconds after the
+  start, the sweep stops as on Ctrl-C (no new runs; the running ones get SIGTERM and checkpoint at
+  their next step), for slots of GPU time that end at a known moment.
   """
   platform, devices = detected or detect_devices()
   runs_per_device = parse_runs_per_device(runs_per_device, platform)
@@ -376,14 +381,15 @@ def run(experiment: str, todo: list[dict], *, max_parallel: int | None = None, d
   try:
     return _run(experiment, todo, platform, devices, daemon, max_parallel=max_parallel,
                 devices_per_run=devices_per_run, runs_per_device=runs_per_device, live=live, poll_s=poll_s,
-                units=units, decided=decided)
+                units=units, decided=decided, time_limit_s=time_limit_s)
   finally:
     daemon.stop()
 
 
 def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], daemon: Mps, *,
          max_parallel: int | None, devices_per_run: int, runs_per_device: int, live: bool, poll_s: float,
-         units: list[list[dict]] | None = None, decided=None) -> int:
+         units: list[list[dict]] | None = None, decided=None, time_limit_s: float | None = None) -> int:
+  deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
   units = units if units is not None else [[row] for row in todo]
   slot_groups = plan_slots(platform, devices, devices_per_run=devices_per_run, runs_per_device=runs_per_device,
                            max_parallel=max_parallel, n_runs=len(units))
@@ -419,6 +425,9 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
   previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
     while ((queue or alone) and stop["signum"] is None) or active:
+      if deadline is not None and stop["signum"] is None and time.monotonic() >= deadline:
+        print(f"[launch] --time-limit {time_limit_s:g} s reached: stopping; the running runs checkpoint", flush=True)
+        on_signal(TIME_LIMIT, None)
       for slot in range(slots):
         if slot in active or stop["signum"] is not None:
           continue
@@ -479,6 +488,8 @@ def _run(experiment: str, todo: list[dict], platform: str, devices: list[str], d
       signal.signal(sig, handler)
     display.update()
     display.close()
+  if stop["signum"] == TIME_LIMIT:
+    return TIME_LIMIT_EXIT
   return 130 if stop["signum"] is not None else 0
 
 

@@ -783,3 +783,123 @@ def test_evaluate_stopped_by_ctrl_c_exits_130_and_says_how_to_go_on(tmp_path, mo
   monkeypatch.setattr(evaluate.subprocess, "run", interrupted)
   assert evaluate.main([str(tmp_path / "root"), "--eval", "loss"]) == 130
   assert "stopped; run the same command again to go on" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- time-limited slots, pack
+SLEEPER = '''
+import signal, sys, time
+def stop(*_):
+  open(sys.argv[1], "w").write("SIGTERM")  # where training would save its checkpoint
+  sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("started", flush=True)
+time.sleep(120)
+'''
+
+
+def test_time_limit_stops_a_sweep_as_ctrl_c_and_launches_nothing_after(tmp_path, monkeypatch, capsys):
+  """``--time-limit``: once it passes, the running run gets SIGTERM (its checkpoint) and the queued one is
+  never started; exit status 3 (130 stays a signal's)."""
+  from launch import local
+
+  rows = [{"run": f"r{i}", "point": {}, "workdir": str(tmp_path / f"r{i}")} for i in range(2)]
+  monkeypatch.setattr(local, "unit_argv",
+                      lambda exp, unit, extra=(): [sys.executable, "-c", SLEEPER, unit[0]["workdir"] + "/stopped"])
+  start = time.monotonic()
+  code = local.run("unused.py", rows, live=False, poll_s=0.05, detected=("cpu", []), time_limit_s=1.0)
+  assert code == local.TIME_LIMIT_EXIT == 3
+  assert 1.0 <= time.monotonic() - start < 30
+  assert (tmp_path / "r0" / "stopped").read_text() == "SIGTERM"
+  assert not (tmp_path / "r1").exists()  # the queued run was not launched: its directory is untouched
+  assert "--time-limit 1 s reached" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_a_bad_time_limit_is_one_line_before_anything_is_written(tmp_path, capsys, value):
+  from launch.__main__ import main
+
+  root = tmp_path / "root"
+  assert main(["sweep", write_experiment(tmp_path), "--root", str(root), f"--time-limit={value}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "--time-limit" in err and "must be > 0 seconds" in err, err
+  assert not root.exists()
+
+
+def _fake_run(root, name, status, checkpoints=(), ckpt_bytes=1000):
+  run = root / name
+  (run / "eval").mkdir(parents=True)
+  (run / "tb").mkdir()
+  (run / "config.json").write_text(json.dumps({"name": name}))
+  (run / "summary.json").write_text(json.dumps({"status": status, "step": max(checkpoints, default=0)}))
+  (run / "launch.json").write_text(json.dumps([{"status": "interrupted"}]))
+  (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+  (run / "eval" / "retrieval.json").write_text("{}")
+  (run / "tb" / "events.out").write_bytes(b"x" * 100)
+  (run / "launch.log").write_text("log")
+  for step in checkpoints:
+    ckpt = run / "checkpoints" / str(step) / "state"
+    ckpt.mkdir(parents=True)
+    (ckpt / "data").write_bytes(os.urandom(ckpt_bytes))
+
+
+def test_pack_carries_results_and_the_furthest_checkpoints_within_budget(tmp_path, capsys):
+  """The archive holds what status, report and the next sweep read (not logs or TensorBoard), and the
+  newest checkpoint of unfinished runs, furthest first, greedily within --checkpoints-mb; split into
+  parts it joins back to the same files."""
+  from launch.__main__ import main
+
+  root = tmp_path / "root"
+  root.mkdir()
+  (root / "sweep.json").write_text("{}")
+  _fake_run(root, "done", "done", checkpoints=(300,))  # finished: its checkpoint is not needed
+  _fake_run(root, "far", "running", checkpoints=(50, 200))  # interrupted at 200
+  _fake_run(root, "big", "running", checkpoints=(150,), ckpt_bytes=60_000)  # does not fit the budget
+  _fake_run(root, "near", "running", checkpoints=(100,))  # fits after "big" is passed over
+  (root / "notes.txt").write_text("not a run")
+  out = tmp_path / "out" / "z.tgz"
+  out.parent.mkdir()
+  assert main(["pack", str(root), str(out), "--checkpoints-mb", "0.01", "--part-mb", "0.002"]) == 0
+  said = capsys.readouterr().out
+  assert "4 run(s), 21 file(s), 2 checkpoint(s)" in said and "far@200, near@100" in said, said
+  parts = sorted(out.parent.iterdir())
+  assert len(parts) > 1 and all(p.name.startswith("z.tgz.part-") for p in parts)
+  assert all(p.stat().st_size <= 0.002 * 2**20 for p in parts)
+  joined = tmp_path / "joined.tgz"
+  joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+  dest = tmp_path / "dest"
+  dest.mkdir()
+  subprocess.run(["tar", "xzf", str(joined), "-C", str(dest)], check=True)
+  got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+  results = [f"{r}/{f}" for r in ("big", "done", "far", "near")
+             for f in ("config.json", "eval/retrieval.json", "launch.json", "metrics.jsonl", "summary.json")]
+  ckpts = ["far/checkpoints/200/state/data", "near/checkpoints/100/state/data"]
+  assert got == sorted(results + ckpts + ["sweep.json"])
+  for rel in got:
+    assert (dest / rel).read_bytes() == (root / rel).read_bytes(), rel
+  assert runs.latest_checkpoint_step(str(dest / "far")) == 200  # what the next sweep resumes from
+
+
+def test_pack_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_path, capsys):
+  from launch.__main__ import main
+
+  root = tmp_path / "root"
+  root.mkdir()
+  _fake_run(root, "a", "done")
+  existing = tmp_path / "old.tgz"
+  existing.write_text("keep me")
+  (tmp_path / "parts.tgz.part-000").write_text("keep me too")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  cases = [([str(root), str(existing)], "exists: launch pack overwrites nothing"),
+           ([str(root), str(tmp_path / "parts.tgz"), "--part-mb", "1"], "parts.tgz.part-000 exists"),
+           ([str(empty), str(tmp_path / "x.tgz")], "holds no run directories"),
+           ([str(tmp_path / "missing"), str(tmp_path / "x.tgz")], "is not a directory"),
+           ([str(root), str(tmp_path / "x.tgz"), "--checkpoints-mb", "-1"], "must be ≥ 0"),
+           ([str(root), str(tmp_path / "x.tgz"), "--part-mb", "0"], "--part-mb=0.0 > 0"),
+           ([str(root), str(tmp_path / "no" / "x.tgz")], "folder of OUT")]
+  for argv, message in cases:
+    assert main(["pack", *argv]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, (argv, err)
+  assert existing.read_text() == "keep me" and (tmp_path / "parts.tgz.part-000").read_text() == "keep me too"
+  assert not (tmp_path / "x.tgz").exists()
