@@ -13,7 +13,9 @@ residues), timed in the same process as in ``kernels.bench``:
   size (``--forms``: ``taps:chunk`` pairs), one document a row (the same output: the scan's own cost)
   and ``--segments`` documents a row. A longer chunk halves the chunk-end states (and the scan over
   them) each time it doubles, while the taps do twice the multiply-adds: which wins depends on how the
-  taps run (``scan``: one pass over the input a lag; ``reduce``: one fused pass).
+  taps run (``scan``: one pass over the input a lag; ``reduce``: one fused pass);
+- the streaming Pallas kernels of :mod:`kernels.modal` (``--forms pallas:BLOCK_C``, BLOCK_C channels a
+  program; the states in registers, one pass over the input each way), interpreted off a GPU.
 
 fwd+bwd is the output and every gradient together, as a training step needs them (earlier rows in
 kernels/BENCHMARKS.md timed the gradients alone, which lets XLA skip a linear op's forward).
@@ -33,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrids.layers import document_starts
 from hybrids.longconv import CHUNK_TAPS, SEGMENT_CHUNK, causal_fft_conv, modal_kernel, segmented_modal_conv
+from kernels.modal import ModalConfig, modal_conv_pallas
 from kernels.bench import Context, check, format_table, random_documents, vjp_fns, write_report
 
 FULL = (4, 8192, 1024, 16)  # batch, time, channels, modes
@@ -67,21 +71,31 @@ def _by_document(u, log_poles, residues, segment_ids):
   return out
 
 
-def _segmented(u, log_poles, residues, *, segment_ids, taps: str, chunk: int):
+def _segmented(u, log_poles, residues, *, segment_ids, taps: str, chunk: int, interpret: bool = False):
+  if taps == PALLAS:  # the streaming kernels of kernels.modal, `chunk` channels a program
+    config = ModalConfig(block_c=chunk)
+    return modal_conv_pallas(u, log_poles, residues, document_starts(segment_ids), config=config,
+                             interpret=interpret)
   return segmented_modal_conv(u, log_poles, residues, segment_ids, taps=taps, chunk_size=chunk)[0]
 
 
-FORMS = f"scan:{SEGMENT_CHUNK},unrolled:{SEGMENT_CHUNK},reduce:{SEGMENT_CHUNK},reduce:128"
+PALLAS = "pallas"  # a --forms item pallas:BLOCK_C: the Pallas kernels with BLOCK_C channels a program
+FORMS = (f"scan:{SEGMENT_CHUNK},unrolled:{SEGMENT_CHUNK},reduce:{SEGMENT_CHUNK},reduce:128,"
+         f"{PALLAS}:4,{PALLAS}:8,{PALLAS}:16,{PALLAS}:32")
 
 
 def parse_forms(text: str) -> list[tuple[str, int]]:
-  """``"scan:32,reduce:128"`` → ``[("scan", 32), ("reduce", 128)]``; one line naming the bad item."""
+  """``"scan:32,reduce:128,pallas:8"`` → ``[("scan", 32), ("reduce", 128), ("pallas", 8)]``; one line
+  naming the bad item."""
   forms = []
   for item in filter(None, (x.strip() for x in text.split(","))):
     taps, _, chunk = item.partition(":")
+    if taps == PALLAS and chunk.isdigit() and int(chunk) >= 1 and int(chunk) & (int(chunk) - 1) == 0:
+      forms.append((taps, int(chunk)))
+      continue
     if taps not in CHUNK_TAPS or not chunk.isdigit() or int(chunk) < 1:
       raise ValueError(f"--forms: {item!r} is not taps:chunk with taps one of {sorted(CHUNK_TAPS)} and a "
-                       "positive chunk size")
+                       f"positive chunk size, nor {PALLAS}:BLOCK_C with a power of two")
     forms.append((taps, int(chunk)))
   if not forms:
     raise ValueError("--forms: give at least one taps:chunk pair")
@@ -97,10 +111,12 @@ def run(ctx: Context, segments: int, forms: list[tuple[str, int]] | None = None)
   reference = np.asarray(_fft(u, log_poles, residues))
   by_document = _by_document(u, log_poles, residues, packed)
   candidates = [("fft conv, 1 doc/row", lambda u, p, r: _fft(u, p, r), None)]
+  interpret = ctx.platform != "gpu"  # the kernels are Triton's: elsewhere they interpret
   for taps, chunk in forms or parse_forms(FORMS):
+    form = f"pallas kernel, block_c {chunk}" if taps == PALLAS else f"{taps} taps, chunk {chunk}"
     candidates += [
-        (f"segmented, {taps} taps, chunk {chunk}, {n} doc{'s' if n > 1 else ''}/row",
-         functools.partial(_segmented, segment_ids=ids, taps=taps, chunk=chunk), expected)
+        (f"segmented, {form}, {n} doc{'s' if n > 1 else ''}/row",
+         functools.partial(_segmented, segment_ids=ids, taps=taps, chunk=chunk, interpret=interpret), expected)
         for n, ids, expected in ((1, one, None), (segments, packed, by_document))]
   label = f"B{batch} T{time} C{channels} modes{modes} f32"
   rows = []

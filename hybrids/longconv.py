@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hybrids.layers import document_starts
+from kernels import modal as modal_kernels
 
 # Tokens a chunk of the segmented face: its taps loop over this many lags, and its chunk-end states
 # are 2·modes/SEGMENT_CHUNK times the input's size (one input's worth at the default 16 modes).
@@ -229,9 +230,11 @@ CHUNK_TAPS = {"scan": chunk_taps_scan, "unrolled": chunk_taps_unrolled, "reduce"
 
 
 def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int = SEGMENT_CHUNK,
-                         taps: str = "scan"):
-  """The modal convolution of each document of a packed row alone, by the chunked modal scan of the
-  module docstring.
+                         taps: str = "scan", impl: str = "auto", interpret: bool = False):
+  """The modal convolution of each document of a packed row alone: by the chunked modal scan of the
+  module docstring (``impl="xla"``), the streaming Pallas kernels of :mod:`kernels.modal` (``"pallas"``;
+  ``interpret`` runs them on a CPU) or the token recurrence (``"reference"``); ``"auto"`` asks
+  :func:`kernels.dispatch.modal`, which records why.
 
   Args:
     u: ``[batch, time, channels]`` (computed in float32).
@@ -239,7 +242,7 @@ def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int
     segment_ids: ``int [batch, time]``; equal consecutive ids are one document, a change of id starts
       the next (position 0 starts one).
     chunk_size: tokens a chunk (see :data:`SEGMENT_CHUNK`).
-    taps: how the in-chunk taps run, a key of :data:`CHUNK_TAPS`.
+    taps: how the in-chunk taps run, a key of :data:`CHUNK_TAPS` (``impl="xla"`` only).
   Returns:
     ``(y float32 [batch, time, channels], s complex64 [batch, channels, modes])``: ``y_t = Σ_{t₀≤s≤t}
     h_{t−s} u_s`` and the state after the row's last document alone, ``s = Σ_{s≥t₀} λ^{T−1−s} u_s``.
@@ -248,6 +251,18 @@ def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int
     raise ValueError(f"segmented_modal_conv: chunk_size={chunk_size} must be positive")
   if taps not in CHUNK_TAPS:
     raise ValueError(f"segmented_modal_conv: taps={taps!r} is not one of {sorted(CHUNK_TAPS)}")
+  chosen = modal_kernels.choice(impl, interpret=interpret, u=u, starts=segment_ids).impl
+  if chosen == "reference":
+    return modal_kernels.modal_conv_reference(u, log_poles, residues, document_starts(segment_ids))
+  if chosen == "pallas":
+    starts = document_starts(segment_ids)
+    y = modal_kernels.modal_conv_pallas(u, log_poles, residues, starts, interpret=interpret)
+    # The last document's state (a decode continues from it; unused, XLA drops it): the prefill's
+    # contraction over time, on the input of that document alone.
+    t = jnp.arange(u.shape[1], dtype=jnp.int32)
+    last_start = jnp.max(jnp.where(starts, t, 0), axis=1, keepdims=True)
+    in_last = (t >= last_start).astype(jnp.float32)[..., None]
+    return y, modal_final_state(log_poles, u.astype(jnp.float32) * in_last)
   batch, time, channels = u.shape
   pad = -time % chunk_size
   n_chunks = (time + pad) // chunk_size

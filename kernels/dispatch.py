@@ -1,7 +1,7 @@
 """Which implementation of each kernel family runs a call, and why every other one does not.
 
 One place decides for every family (``scan``, ``gla``, ``delta``, ``attention``, ``dplr``,
-``forgetting_attention``): ``xla``,
+``forgetting_attention``, ``modal``): ``xla``,
 ``pallas`` with its lowering, ``cudnn`` or ``reference``. The lowerings have one name each, here and
 in every record: ``"triton"`` (GPU), ``"mosaic_gpu"`` (Hopper and newer: TMA and wgmma) and
 ``"mosaic_tpu"``. (``pallas_target`` still accepts ``"mosaic"``, its older name for ``"mosaic_tpu"``;
@@ -39,7 +39,8 @@ import jax
 LOWERINGS = ("triton", "mosaic_gpu", "mosaic_tpu")
 PALLAS_TARGETS = ("triton", "mosaic_tpu", "mosaic")  # "mosaic": the older name of "mosaic_tpu"
 # The entry point each family's messages name.
-LABELS = {"attention": "window_attention", "scan": "linear_scan", "gla": "gla", "delta": "delta_rule"}
+LABELS = {"attention": "window_attention", "scan": "linear_scan", "gla": "gla", "delta": "delta_rule",
+          "modal": "segmented_modal_conv"}
 # Head dims the Pallas GLA and delta-rule kernels were measured at (H100); wider heads stay on XLA
 # under "auto" (Based's 153-dim feature map, padded to 256, overflows the GLA output kernel's shared
 # memory: 328 KB of the H100's 227 KB).
@@ -377,3 +378,23 @@ def forgetting_attention(requested: str, impls: tuple[str, ...], *, interpret: b
   else:
     pallas = _pallas_off_accelerator(platform, interpret, layout)
   return choose("forgetting_attention", requested, impls, pallas + _tail())
+
+
+# The modal recurrence with document resets (kernels.modal): the streaming Triton kernels against the
+# chunked XLA form of hybrids.longconv, never yet timed against each other on a GPU.
+_MODAL_GPU_UNMEASURED = ("not yet measured faster than xla on a GPU (python -m hybrids.bench_longconv); auto "
+                         "stays xla until it is")
+
+
+def modal(requested: str, impls: tuple[str, ...], *, interpret: bool = False) -> Choice:
+  """The long convolutions' packed-documents face (``kernels.modal``): the chunked XLA form under
+  ``"auto"`` until the Pallas kernels are measured faster; ``"pallas"`` runs the Triton kernels on a GPU
+  and, interpreted, on a CPU; there is no TPU layout."""
+  platform = backend()
+  if platform == "tpu":
+    pallas = [Candidate("pallas", "mosaic_tpu", problem="has no TPU layout (Triton only): use impl='xla'")]
+  elif platform == "gpu":
+    pallas = [Candidate("pallas", "triton", unmeasured=_MODAL_GPU_UNMEASURED)]
+  else:
+    pallas = _pallas_off_accelerator(platform, interpret, None)
+  return choose("modal", requested, impls, pallas + _tail())

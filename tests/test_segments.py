@@ -376,10 +376,11 @@ def test_bench_longconv_checks_every_row_before_timing_it(tmp_path):
   text = ",".join(f"{taps}:{chunk}" for taps, chunk in forms)
   assert bench_longconv.main(["--quick", "--segments", "3", "--forms", text, "--json", str(path)]) == 0
   rows = json.loads(path.read_text())["rows"]
+  form = lambda taps, chunk: f"pallas kernel, block_c {chunk}" if taps == "pallas" else f"{taps} taps, chunk {chunk}"
   assert [r["impl"] for r in rows] == ["fft conv, 1 doc/row"] + [
-      f"segmented, {taps} taps, chunk {chunk}, {n}" for taps, chunk in forms for n in ("1 doc/row", "3 docs/row")]
+      f"segmented, {form(taps, chunk)}, {n}" for taps, chunk in forms for n in ("1 doc/row", "3 docs/row")]
   assert all(r["rel_err"] < bench_longconv.TOL and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
   assert [(t, c) for t, c in bench_longconv.parse_forms(bench_longconv.FORMS)][0] == ("scan", 32)
-  for bad in ("fft:32", "scan:0", "scan", ","):
+  for bad in ("fft:32", "scan:0", "scan", ",", "pallas:6", "pallas:0"):
     with pytest.raises(ValueError, match="--forms: "):
       bench_longconv.parse_forms(bad)

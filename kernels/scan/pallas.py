@@ -124,7 +124,7 @@ _round_up = round_up
 # --- GPU kernels -------------------------------------------------------------------------------------
 
 
-def _gpu_time_loop(length: int, chunk: int, depth: int, ascending: bool, load_row, step, init):
+def gpu_time_loop(length: int, chunk: int, depth: int, ascending: bool, load_row, step, init):
   """Runs ``state = step(state, t, rows, valid)`` over t in processing order.
 
   ``load_row(t)`` returns the loaded row(s) at time t. Rows travel in ``depth`` slots of ``chunk``
@@ -173,7 +173,7 @@ def _gpu_time_loop(length: int, chunk: int, depth: int, ascending: bool, load_ro
   return state
 
 
-def _store_row(ref, t, value, valid):
+def store_row(ref, t, value, valid):
   if valid is None:
     ref[t, :] = value.astype(ref.dtype)
   else:
@@ -188,10 +188,10 @@ def _gpu_fwd_kernel(a_ref, b_ref, h0_ref, h_ref, hlast_ref, *, length, chunk, de
     a_t, b_t = rows
     new = a_t.astype(jnp.float32) * h + b_t.astype(jnp.float32)
     h = new if valid is None else jnp.where(valid, new, h)
-    _store_row(h_ref, t, h, valid)
+    store_row(h_ref, t, h, valid)
     return h
 
-  hlast_ref[...] = _gpu_time_loop(length, chunk, depth, not reverse,
+  hlast_ref[...] = gpu_time_loop(length, chunk, depth, not reverse,
                                   lambda t: (a_ref[t, :], b_ref[t, :]), step,
                                   h0_ref[...].astype(jnp.float32))
 
@@ -214,12 +214,12 @@ def _gpu_bwd_kernel(a_ref, g_ref, h_ref, h0_ref, glast_ref, da_ref, db_ref, dh0_
     a_t, g_t, prev, edge = rows
     big_g = g_t.astype(jnp.float32) + u
     prev = jnp.where(edge, h0, prev.astype(jnp.float32))
-    _store_row(db_ref, t, big_g, valid)
-    _store_row(da_ref, t, big_g * prev, valid)
+    store_row(db_ref, t, big_g, valid)
+    store_row(da_ref, t, big_g * prev, valid)
     new = a_t.astype(jnp.float32) * big_g
     return new if valid is None else jnp.where(valid, new, u)
 
-  dh0_ref[...] = _gpu_time_loop(length, chunk, depth, reverse, load, step,
+  dh0_ref[...] = gpu_time_loop(length, chunk, depth, reverse, load, step,
                                 glast_ref[...].astype(jnp.float32))
 
 
@@ -310,7 +310,7 @@ def _gpu_summary_kernel(a_ref, x_ref, p_ref, e_ref, *, length, chunk, depth, asc
     return new if valid is None else tuple(jnp.where(valid, n, o) for n, o in zip(new, state))
 
   ones = jnp.ones(p_ref.shape, jnp.float32)
-  p, e = _gpu_time_loop(length, chunk, depth, ascending, lambda t: (a_ref[t, :], x_ref[t, :]), step,
+  p, e = gpu_time_loop(length, chunk, depth, ascending, lambda t: (a_ref[t, :], x_ref[t, :]), step,
                         (ones, jnp.zeros_like(ones)))
   p_ref[...] = p
   e_ref[...] = e
