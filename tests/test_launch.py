@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import random
 import shlex
 import signal
@@ -825,15 +826,13 @@ def test_a_bad_time_limit_is_one_line_before_anything_is_written(tmp_path, capsy
   assert not root.exists()
 
 
-def _fake_run(root, name, status, checkpoints=(), ckpt_bytes=1000):
-  run = root / name
-  (run / "eval").mkdir(parents=True)
-  (run / "tb").mkdir()
-  (run / "config.json").write_text(json.dumps({"name": name}))
-  (run / "summary.json").write_text(json.dumps({"status": status, "step": max(checkpoints, default=0)}))
-  (run / "launch.json").write_text(json.dumps([{"status": "interrupted"}]))
-  (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+def _packable_run(root, name, status, checkpoints=(), ckpt_bytes=1000):
+  """:func:`_fake_run` with everything a run directory holds: evals, logs, TensorBoard, checkpoints."""
+  run = pathlib.Path(_fake_run(root, name, summary={"status": status, "step": max(checkpoints, default=0)},
+                               attempts=[{"status": "interrupted"}], metrics=[{"step": 1, "loss": 2.0}]))
+  (run / "eval").mkdir()
   (run / "eval" / "retrieval.json").write_text("{}")
+  (run / "tb").mkdir()
   (run / "tb" / "events.out").write_bytes(b"x" * 100)
   (run / "launch.log").write_text("log")
   for step in checkpoints:
@@ -851,10 +850,10 @@ def test_pack_carries_results_and_the_furthest_checkpoints_within_budget(tmp_pat
   root = tmp_path / "root"
   root.mkdir()
   (root / "sweep.json").write_text("{}")
-  _fake_run(root, "done", "done", checkpoints=(300,))  # finished: its checkpoint is not needed
-  _fake_run(root, "far", "running", checkpoints=(50, 200))  # interrupted at 200
-  _fake_run(root, "big", "running", checkpoints=(150,), ckpt_bytes=60_000)  # does not fit the budget
-  _fake_run(root, "near", "running", checkpoints=(100,))  # fits after "big" is passed over
+  _packable_run(root, "done", "done", checkpoints=(300,))  # finished: its checkpoint is not needed
+  _packable_run(root, "far", "running", checkpoints=(50, 200))  # interrupted at 200
+  _packable_run(root, "big", "running", checkpoints=(150,), ckpt_bytes=60_000)  # does not fit the budget
+  _packable_run(root, "near", "running", checkpoints=(100,))  # fits after "big" is passed over
   (root / "notes.txt").write_text("not a run")
   out = tmp_path / "out" / "z.tgz"
   out.parent.mkdir()
@@ -884,7 +883,7 @@ def test_pack_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_path, cap
 
   root = tmp_path / "root"
   root.mkdir()
-  _fake_run(root, "a", "done")
+  _packable_run(root, "a", "done")
   existing = tmp_path / "old.tgz"
   existing.write_text("keep me")
   (tmp_path / "parts.tgz.part-000").write_text("keep me too")
