@@ -96,3 +96,17 @@ def test_segmented_modal_conv_dispatches_and_records_why():
     segmented_modal_conv(u, log_poles, residues, seg, impl="triton")
   with pytest.raises(ValueError, match="block_c=6 must be a power of two"):
     modal_conv_pallas(u, log_poles, residues, None, config=ModalConfig(block_c=6), interpret=True)
+
+
+def test_kernels_lower_for_cuda_at_the_benchmark_shape(lower_for_gpu):
+  """Both kernels build as Triton for CUDA from this host at B4 T8192 C1024, 16 modes (the benchmark's
+  shape), for the tilings the benchmark times: the forward alone, and a training step's value and
+  gradient (forward and backward kernel)."""
+  u = jax.ShapeDtypeStruct((4, 8192, 1024), jnp.float32)
+  params = jax.ShapeDtypeStruct((1024, 16), jnp.complex64)
+  starts = jax.ShapeDtypeStruct((4, 8192), jnp.bool_)
+  for block_c in (4, 8, 16, 32):
+    f = lambda u, p, r, s, block_c=block_c: modal_conv_pallas(u, p, r, s, config=ModalConfig(block_c=block_c))
+    step = jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a)), argnums=(0, 1, 2))
+    assert lower_for_gpu(f, u, params, params, starts).count("__gpu$xla.gpu.triton") == 1
+    assert lower_for_gpu(step, u, params, params, starts).count("__gpu$xla.gpu.triton") == 2
