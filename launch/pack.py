@@ -108,7 +108,8 @@ class _PartWriter(io.RawIOBase):
 
 
 def pack(root: str, out: str, *, checkpoints_mb: float = 0.0, part_mb: float | None = None) -> dict:
-  """Write the archive (see the module doc); returns ``{"files", "runs", "checkpoints", "paths", "bytes"}``."""
+  """Write the archive (see the module doc); returns ``{"files", "runs", "carried", "paths", "bytes"}``
+  (``carried``: :func:`checkpoints_to_carry`'s list)."""
   if not os.path.isdir(root):
     raise PackError(f"ROOT {root!r} is not a directory (a sweep's root, e.g. runs/quickstart)")
   if not run_dirs(root):
@@ -134,7 +135,7 @@ def pack(root: str, out: str, *, checkpoints_mb: float = 0.0, part_mb: float | N
   finally:
     stream.close()
   paths = stream.paths if part_mb else [out]
-  return {"files": len(files), "runs": len(run_dirs(root)), "checkpoints": ckpts, "paths": paths,
+  return {"files": len(files), "runs": len(run_dirs(root)), "carried": ckpts, "paths": paths,
           "bytes": sum(os.path.getsize(p) for p in paths)}
 
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
   except PackError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  ckpts = result["checkpoints"]
+  ckpts = result["carried"]
   carried = (f", {len(ckpts)} checkpoint(s) ({sum(c[2] for c in ckpts) / 2**20:.1f} MB: "
              + ", ".join(f"{os.path.dirname(os.path.dirname(p))}@{s}" for p, s, _ in ckpts) + ")") if ckpts else ""
   print(f"[launch] pack: {result['runs']} run(s), {result['files']} file(s){carried} → "
