@@ -388,11 +388,11 @@ _MODAL_GPU_UNMEASURED = ("not yet measured faster than xla on a GPU (python -m h
 
 def modal(requested: str, impls: tuple[str, ...], *, interpret: bool = False) -> Choice:
   """The long convolutions' packed-documents face (``kernels.modal``): the chunked XLA form under
-  ``"auto"`` until the Pallas kernels are measured faster; ``"pallas"`` runs the Triton kernels on a GPU
-  and, interpreted, on a CPU; there is no TPU layout."""
+  ``"auto"`` until the Pallas kernels are measured faster; ``"pallas"`` runs the Triton kernels on a GPU,
+  the Mosaic ones on a TPU and, interpreted, either on a CPU."""
   platform = backend()
   if platform == "tpu":
-    pallas = [Candidate("pallas", "mosaic_tpu", problem="has no TPU layout (Triton only): use impl='xla'")]
+    pallas = [Candidate("pallas", "mosaic_tpu", unmeasured=_TPU_UNMEASURED)]
   elif platform == "gpu":
     pallas = [Candidate("pallas", "triton", unmeasured=_MODAL_GPU_UNMEASURED)]
   else:

@@ -1,11 +1,12 @@
 """The modal recurrence's Pallas kernels (kernels/modal, the long convolutions with packed documents)
-against the token recurrence, in interpret mode.
+against the token recurrence, in interpret mode, in both layouts (Triton's and Mosaic TPU's).
 
 Outputs and every gradient (input, poles, residues, through the kernels' own custom_vjp) on fresh
 random inputs: odd lengths leaving a ragged tail, document starts at t = 0, inside the row and on
 consecutive positions, modes that are no power of two and channels that are no multiple of a
 program's block (both padded), decays from near 0 (memory under a token) to near 1 (thousands), a
-bfloat16 input; then what ``segmented_modal_conv`` dispatches to and records.
+bfloat16 input; then what ``segmented_modal_conv`` dispatches to and records, and both layouts lowered
+for their hardware from this host.
 """
 
 import jax
@@ -17,10 +18,13 @@ from hybrids.longconv import causal_fft_conv, modal_kernel, segmented_modal_conv
 from kernels import dispatch
 from kernels.modal import ModalConfig, modal_conv_pallas, modal_conv_reference
 
-CASES = [  # (batch, time, channels, modes, config, input dtype, rate range)
-    (2, 37, 12, 5, ModalConfig(block_c=4, chunk=8), "float32", (1e-3, 0.5)),
-    (1, 64, 8, 16, ModalConfig(), "float32", (1e-4, 3.0)),
-    (2, 19, 3, 3, ModalConfig(block_c=2, chunk=4, bwd_block_c=4, bwd_chunk=3), "bfloat16", (1e-2, 1.0)),
+CASES = [  # (layout, batch, time, channels, modes, config, input dtype, rate range)
+    ("gpu", 2, 37, 12, 5, ModalConfig(block_c=4, chunk=8), "float32", (1e-3, 0.5)),
+    ("gpu", 1, 64, 8, 16, ModalConfig(), "float32", (1e-4, 3.0)),
+    ("gpu", 2, 19, 3, 3, ModalConfig(block_c=2, chunk=4, bwd_block_c=4, bwd_chunk=3), "bfloat16", (1e-2, 1.0)),
+    # TPU: 37 rows front-padded to three 16-row time blocks; 130 channels to two 128-lane blocks.
+    ("tpu", 2, 37, 12, 5, ModalConfig(tpu_block_t=16), "float32", (1e-3, 0.5)),
+    ("tpu", 1, 40, 130, 16, ModalConfig(tpu_block_t=8), "bfloat16", (1e-4, 3.0)),
 ]
 TOL = 2e-5  # float32 on both sides; sums over up to 64 steps and 16 modes round differently
 
@@ -44,12 +48,12 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_kernels_match_the_token_recurrence(case):
-  batch, time, channels, modes, config, dtype, rates = CASES[case]
+  layout, batch, time, channels, modes, config, dtype, rates = CASES[case]
   u, log_poles, residues, starts, g = _inputs(case, batch, time, channels, modes, rates)
   u = u.astype(dtype)
 
   def losses(u, log_poles, residues):
-    ours = modal_conv_pallas(u, log_poles, residues, starts, config=config, interpret=True)
+    ours = modal_conv_pallas(u, log_poles, residues, starts, config=config, interpret=True, platform=layout)
     ref = modal_conv_reference(u, log_poles, residues, starts)[0]
     return jnp.sum(ours * g), jnp.sum(ref * g), ours, ref
 
@@ -110,3 +114,19 @@ def test_kernels_lower_for_cuda_at_the_benchmark_shape(lower_for_gpu):
     step = jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a)), argnums=(0, 1, 2))
     assert lower_for_gpu(f, u, params, params, starts).count("__gpu$xla.gpu.triton") == 1
     assert lower_for_gpu(step, u, params, params, starts).count("__gpu$xla.gpu.triton") == 2
+
+
+def test_kernels_export_for_tpu_at_the_benchmark_shape():
+  """Lowered for a TPU from this host (``platform`` left to lowering time), the call takes the Mosaic
+  kernels: one for the forward, two for a training step's value and gradient, no Triton."""
+  u = jax.ShapeDtypeStruct((4, 8192, 1024), jnp.float32)
+  params = jax.ShapeDtypeStruct((1024, 16), jnp.complex64)
+  starts = jax.ShapeDtypeStruct((4, 8192), jnp.bool_)
+  f = lambda u, p, r, s: modal_conv_pallas(u, p, r, s)
+  step = jax.value_and_grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
+  for fn, kernels in ((f, 1), (step, 2)):
+    text = jax.export.export(jax.jit(fn), platforms=["tpu"])(u, params, params, starts).mlir_module()
+    assert text.count("tpu_custom_call") == kernels and "triton" not in text
+  with pytest.raises(ValueError, match="tpu_block_c=64 a multiple of 128"):
+    modal_conv_pallas(jnp.zeros((1, 8, 2)), jnp.zeros((2, 1), jnp.complex64), jnp.zeros((2, 1), jnp.complex64),
+                      config=ModalConfig(tpu_block_c=64), interpret=True, platform="tpu")

@@ -15,7 +15,7 @@ complex [channels, modes]``, ``starts: bool [batch, time]`` or None. Output floa
 channels]``.
 
 Implementations (:func:`kernels.dispatch.modal`): ``"reference"`` (sequential ``lax.scan``, the
-definition), ``"pallas"`` (``pallas.py``: Triton on a GPU, interpreted on a CPU; no TPU layout) and
+definition), ``"pallas"`` (``pallas.py``: Triton on a GPU, Mosaic on a TPU, either interpreted on a CPU) and
 ``"xla"``, which this package does not hold: the caller's chunked form runs (``hybrids.longconv``; kernels
 import no models). Files: ``reference.py``, ``pallas.py``; ``python -m hybrids.bench_longconv`` times them.
 """

@@ -1,5 +1,5 @@
-"""The modal recurrence as streaming Pallas kernels (Triton, GPU): the states in registers, one pass over
-the input forward and one backward, a ``custom_vjp`` between them.
+"""The modal recurrence as streaming Pallas kernels (Triton for GPUs, Mosaic for TPUs): the states in
+registers, one pass over the input forward and one backward, a ``custom_vjp`` between them.
 
 Forward, per channel and mode (complex, as real pairs in the kernel): ``s_t = k_t λ s_{t−1} + u_t``,
 ``y_t = Re Σ_n R_n s_{t,n}`` with ``k_t = 0`` at a document start, else 1. A program holds ``block_c``
@@ -20,7 +20,8 @@ recurrences (per channel and mode, within each document):
 (gradients of a real loss as ``∂/∂Re + i ∂/∂Im`` pairs; JAX's cotangents are their conjugates, and
 ``∂/∂log λ = λ̄ ∂/∂λ`` in pairs). The second line is the adjoint of ``∂s_t/∂λ`` summed over time, so the
 pole gradient needs no forward state in the backward: nothing is stored between the passes but the
-inputs. Both passes use :func:`kernels.scan.pallas.gpu_time_loop` (rows loaded ``chunk`` at a time).
+inputs. On a GPU both passes use :func:`kernels.scan.pallas.gpu_time_loop` (rows loaded ``chunk`` at a
+time); the TPU layout is below its own heading.
 
 Modes are padded to a power of two with ``R = 0``, ``λ = 0`` (they add nothing) and channels to a
 multiple of ``block_c``; per-batch partial sums of ``∂R`` and ``∂λ`` come out of the kernel and are
@@ -31,30 +32,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.pallas_compat import SQUEEZED, lowered_once, triton_params
+from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 from kernels.scan.pallas import gpu_time_loop, store_row
 from kernels.tiling import round_up
 
 
 @dataclasses.dataclass(frozen=True)
 class ModalConfig:
-  """Tiling: ``block_c`` channels a program (a power of two), rows loaded ``chunk`` at a time,
-  ``num_warps`` per program; ``bwd_*`` for the backward pass (None: as the forward)."""
+  """Tiling. GPU: ``block_c`` channels a program (a power of two), rows loaded ``chunk`` at a time,
+  ``num_warps`` per program; ``bwd_*`` for the backward pass (None: as the forward). TPU:
+  ``tpu_block_t`` rows × 128·k channels (``tpu_block_c``) a VMEM block, time sequential in the grid."""
   block_c: int = 8
   chunk: int = 16
   num_warps: int = 1
   bwd_block_c: int | None = None
   bwd_chunk: int | None = None
   bwd_num_warps: int | None = None
+  tpu_block_t: int = 256
+  tpu_block_c: int = 128
 
   def backward(self) -> "ModalConfig":
-    return ModalConfig(self.bwd_block_c or self.block_c, self.bwd_chunk or self.chunk,
-                       self.bwd_num_warps or self.num_warps)
+    return dataclasses.replace(self, block_c=self.bwd_block_c or self.block_c, chunk=self.bwd_chunk or self.chunk,
+                               num_warps=self.bwd_num_warps or self.num_warps)
 
 
 def _pow2(n: int) -> int:
@@ -140,19 +145,150 @@ def _backward(u, g, keep, lr, li, rr, ri, cfg: ModalConfig, interpret: bool):
       interpret=interpret, name="modal_conv_bwd")(u, g, keep, lr, li, rr, ri)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _modal_core(u, keep, log_poles, residues, cfg, interpret):
-  return _forward(u, keep, *_params(log_poles, residues), cfg, interpret)
+# --- TPU (Mosaic): channels on the 128 lanes, modes on sublanes -------------------------------------
+#
+# Blocks must be (8, 128)-tiled, so the states are [modes, block_c] (modes padded to a multiple of 8),
+# a row of u or y is [1, block_c], and the read-out sums over sublanes. Grid (batch, channels / block_c,
+# time / block_t) with time sequential; the states travel between time blocks in resident output blocks
+# (as the scan's h_last does), and inside a block rows are combined 8 at a time, sliced statically from
+# the loaded tile. ``keep`` is a [time, 1] column (a full-width block of one lane).
+
+_TPU_ROWS = 8
 
 
-def _modal_core_fwd(u, keep, log_poles, residues, cfg, interpret):
-  return _modal_core(u, keep, log_poles, residues, cfg, interpret), (u, keep, log_poles, residues)
+def _tpu_fwd_kernel(u_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, y_ref, sr_ref, si_ref):
+  block_t, block_c = u_ref.shape
+  lr, li, rr, ri = lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...]
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    sr_ref[...] = jnp.zeros_like(sr_ref)
+    si_ref[...] = jnp.zeros_like(si_ref)
+
+  row_id = jax.lax.broadcasted_iota(jnp.int32, (_TPU_ROWS, block_c), 0)
+
+  def group(g, state):
+    sr, si = state
+    start = pl.multiple_of(g * _TPU_ROWS, _TPU_ROWS)
+    u = u_ref[pl.ds(start, _TPU_ROWS), :].astype(jnp.float32)
+    keep = keep_ref[pl.ds(start, _TPU_ROWS), :]
+    out = jnp.zeros((_TPU_ROWS, block_c), jnp.float32)
+    for r in range(_TPU_ROWS):
+      ar, ai = lr * keep[r:r + 1], li * keep[r:r + 1]
+      sr, si = ar * sr - ai * si + u[r:r + 1], ar * si + ai * sr
+      out = jnp.where(row_id == r, jnp.sum(rr * sr - ri * si, axis=0, keepdims=True), out)
+    y_ref[pl.ds(start, _TPU_ROWS), :] = out
+    return sr, si
+
+  sr_ref[...], si_ref[...] = jax.lax.fori_loop(0, block_t // _TPU_ROWS, group, (sr_ref[...], si_ref[...]))
 
 
-def _modal_core_bwd(cfg, interpret, saved, g):
+def _tpu_bwd_kernel(u_ref, g_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, du_ref, *carry_refs):
+  # carry_refs: U_B (re, im), U_P (re, im), Σ u B (re, im), Σ u P (re, im): resident across time blocks.
+  block_t, block_c = u_ref.shape
+  lr, li, rr, ri = lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...]
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    for ref in carry_refs:
+      ref[...] = jnp.zeros_like(ref)
+
+  row_id = jax.lax.broadcasted_iota(jnp.int32, (_TPU_ROWS, block_c), 0)
+  groups = block_t // _TPU_ROWS
+
+  def group(i, state):
+    ubr, ubi, upr, upi, arr, ari, aqr, aqi = state
+    start = pl.multiple_of((groups - 1 - i) * _TPU_ROWS, _TPU_ROWS)
+    u = u_ref[pl.ds(start, _TPU_ROWS), :].astype(jnp.float32)
+    g = g_ref[pl.ds(start, _TPU_ROWS), :].astype(jnp.float32)
+    keep = keep_ref[pl.ds(start, _TPU_ROWS), :]
+    du = jnp.zeros((_TPU_ROWS, block_c), jnp.float32)
+    for r in reversed(range(_TPU_ROWS)):
+      u_t, k_t = u[r:r + 1], keep[r:r + 1]
+      br, bi = ubr + g[r:r + 1], ubi
+      du = jnp.where(row_id == r, jnp.sum(rr * br + ri * bi, axis=0, keepdims=True), du)
+      arr, ari, aqr, aqi = arr + u_t * br, ari + u_t * bi, aqr + u_t * upr, aqi + u_t * upi
+      lpr, lpi = lr * upr + li * upi, lr * upi - li * upr
+      ubr, ubi = k_t * (lr * br + li * bi), k_t * (lr * bi - li * br)
+      upr, upi = k_t * (lpr + br), k_t * (lpi + bi)
+    du_ref[pl.ds(start, _TPU_ROWS), :] = du
+    return ubr, ubi, upr, upi, arr, ari, aqr, aqi
+
+  out = jax.lax.fori_loop(0, groups, group, tuple(ref[...] for ref in carry_refs))
+  for ref, value in zip(carry_refs, out):
+    ref[...] = value
+
+
+def _tpu_specs(cfg: ModalConfig, nt: int, modes: int, reverse: bool):
+  tmap = (lambda k: nt - 1 - k) if reverse else (lambda k: k)
+  tile = pl.BlockSpec((SQUEEZED, cfg.tpu_block_t, cfg.tpu_block_c), lambda b, c, k: (b, tmap(k), c))
+  column = pl.BlockSpec((SQUEEZED, cfg.tpu_block_t, 1), lambda b, c, k: (b, tmap(k), 0))
+  param = pl.BlockSpec((modes, cfg.tpu_block_c), lambda b, c, k: (0, c))
+  state = pl.BlockSpec((SQUEEZED, modes, cfg.tpu_block_c), lambda b, c, k: (b, 0, c))
+  return tile, column, param, state
+
+
+def _tpu_forward(u, keep, lr, li, rr, ri, cfg: ModalConfig, interpret: bool):
+  batch, time, channels = u.shape
+  modes, nt = lr.shape[0], time // cfg.tpu_block_t
+  tile, column, param, state = _tpu_specs(cfg, nt, modes, reverse=False)
+  state_shape = jax.ShapeDtypeStruct((batch, modes, channels), jnp.float32)
+  y, _, _ = pl.pallas_call(
+      _tpu_fwd_kernel, grid=(batch, channels // cfg.tpu_block_c, nt),
+      in_specs=[tile, column, param, param, param, param], out_specs=[tile, state, state],
+      out_shape=[jax.ShapeDtypeStruct(u.shape, jnp.float32), state_shape, state_shape],
+      compiler_params=None if interpret else mosaic_params(("parallel", "parallel", "arbitrary")),
+      interpret=interpret, name="modal_conv_fwd")(u, keep, lr, li, rr, ri)
+  return y
+
+
+def _tpu_backward(u, g, keep, lr, li, rr, ri, cfg: ModalConfig, interpret: bool):
+  batch, time, channels = u.shape
+  modes, nt = lr.shape[0], time // cfg.tpu_block_t
+  tile, column, param, state = _tpu_specs(cfg, nt, modes, reverse=True)
+  state_shape = jax.ShapeDtypeStruct((batch, modes, channels), jnp.float32)
+  du, *carries = pl.pallas_call(
+      _tpu_bwd_kernel, grid=(batch, channels // cfg.tpu_block_c, nt),
+      in_specs=[tile, tile, column, param, param, param, param], out_specs=[tile] + [state] * 8,
+      out_shape=[jax.ShapeDtypeStruct(u.shape, jnp.float32)] + [state_shape] * 8,
+      compiler_params=None if interpret else mosaic_params(("parallel", "parallel", "arbitrary")),
+      interpret=interpret, name="modal_conv_bwd")(u, g, keep, lr, li, rr, ri)
+  return (du, *carries[4:])
+
+
+# --- the custom_vjp over the padded problem, in each layout's own arrangement ------------------------
+#
+# GPU: u [batch, time, channels], keep [batch, time], parameters [channels, modes].
+# TPU: the same u, keep [batch, time, 1], parameters [modes, channels]; time padded to tpu_block_t at the
+# front (zero input; the padded rows stay zero and are cut off).
+
+
+def _layout_forward(u, keep, lr, li, rr, ri, cfg, interpret, platform):
+  if platform == "tpu":
+    return _tpu_forward(u, keep[..., None], *(p.T for p in (lr, li, rr, ri)), cfg, interpret)
+  return _forward(u, keep, lr, li, rr, ri, cfg, interpret)
+
+
+def _layout_backward(u, g, keep, lr, li, rr, ri, cfg, interpret, platform):
+  if platform == "tpu":
+    du, *sums = _tpu_backward(u, g, keep[..., None], *(p.T for p in (lr, li, rr, ri)), cfg, interpret)
+    return (du, *(jnp.swapaxes(x, 1, 2) for x in sums))  # [batch, modes, channels] → [batch, channels, modes]
+  return _backward(u, g, keep, lr, li, rr, ri, cfg, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _modal_core(u, keep, log_poles, residues, cfg, interpret, platform):
+  return _layout_forward(u, keep, *_params(log_poles, residues), cfg, interpret, platform)
+
+
+def _modal_core_fwd(u, keep, log_poles, residues, cfg, interpret, platform):
+  return _modal_core(u, keep, log_poles, residues, cfg, interpret, platform), (u, keep, log_poles, residues)
+
+
+def _modal_core_bwd(cfg, interpret, platform, saved, g):
   u, keep, log_poles, residues = saved
   lr, li, rr, ri = _params(log_poles, residues)
-  du, dr_r, dr_i, dq_r, dq_i = _backward(u, g, keep, lr, li, rr, ri, cfg.backward(), interpret)
+  du, dr_r, dr_i, dq_r, dq_i = _layout_backward(u, g, keep, lr, li, rr, ri, cfg.backward(), interpret, platform)
   d_res = jax.lax.complex(jnp.sum(dr_r, 0), jnp.sum(dr_i, 0))  # pair ∂/∂Re + i ∂/∂Im
   d_poles = jnp.conj(residues) * jax.lax.complex(jnp.sum(dq_r, 0), jnp.sum(dq_i, 0))
   d_log_poles = jnp.conj(jnp.exp(log_poles)) * d_poles
@@ -161,27 +297,45 @@ def _modal_core_bwd(cfg, interpret, saved, g):
 
 
 _modal_core.defvjp(_modal_core_fwd, _modal_core_bwd)
-_modal_core_once = lowered_once(_modal_core, static_argnums=(4, 5))
+_modal_core_once = lowered_once(_modal_core, static_argnums=(4, 5, 6))
+
+
+def _padded_call(u, log_poles, residues, keep, cfg: ModalConfig, interpret: bool, platform: str):
+  """Pads to the layout's tiles, runs the kernels, cuts the padding off again."""
+  batch, time, channels = u.shape
+  modes = log_poles.shape[1]
+  if platform == "tpu":
+    mode_to, channel_to, time_pad = round_up(modes, _TPU_ROWS), round_up(channels, cfg.tpu_block_c), (
+        -time % cfg.tpu_block_t)
+  else:
+    mode_to, time_pad = _pow2(modes), 0
+    channel_to = round_up(channels, max(cfg.block_c, cfg.backward().block_c))  # both passes: one problem
+  # Padded modes: λ = exp(−inf) = 0 and R = 0; padded channels and rows: zero input, so zero output.
+  widths = ((0, channel_to - channels), (0, mode_to - modes))
+  log_poles = jnp.pad(log_poles.astype(jnp.complex64), widths, constant_values=-jnp.inf)
+  residues = jnp.pad(residues.astype(jnp.complex64), widths)
+  u = jnp.pad(u, ((0, 0), (time_pad, 0), (0, channel_to - channels)))
+  keep = jnp.pad(keep, ((0, 0), (time_pad, 0)), constant_values=1.0)
+  y = _modal_core_once(u, keep, log_poles, residues, cfg, interpret, platform)
+  return y[:, time_pad:, :channels]
 
 
 def modal_conv_pallas(u, log_poles, residues, starts=None, *, config: ModalConfig | None = None,
-                      interpret: bool = False):
+                      interpret: bool = False, platform: Literal["gpu", "tpu"] | None = None):
   """:func:`kernels.modal.reference.modal_conv_reference`'s output ``y`` (float32 ``[batch, time,
-  channels]``) by the streaming kernels, differentiable in ``u``, ``log_poles`` and ``residues``."""
+  channels]``) by the streaming kernels, differentiable in ``u``, ``log_poles`` and ``residues``.
+
+  ``platform`` picks the layout; None decides at lowering time (the TPU layout when lowered for a TPU,
+  Triton otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host gets the TPU kernels;
+  ``interpret=True`` runs either layout on a CPU (None there means the GPU layout)."""
   cfg = config or ModalConfig()
   if cfg.block_c & (cfg.block_c - 1) or cfg.chunk < 1:
     raise ValueError(f"modal_conv: block_c={cfg.block_c} must be a power of two and chunk={cfg.chunk} ≥ 1")
-  batch, time, channels = u.shape
-  modes = log_poles.shape[1]
-  pad_modes, pad_channels = _pow2(modes) - modes, round_up(channels, cfg.block_c) - channels
-  pad_bwd = round_up(channels, cfg.backward().block_c) - channels
-  if pad_bwd != pad_channels:  # both passes see the same padded problem
-    pad_channels = round_up(channels, max(cfg.block_c, cfg.backward().block_c)) - channels
-  # Padded modes: λ = exp(−inf) = 0 and R = 0; padded channels: zero input, so zero output.
-  log_poles = jnp.pad(log_poles.astype(jnp.complex64), ((0, pad_channels), (0, pad_modes)),
-                      constant_values=-jnp.inf)
-  residues = jnp.pad(residues.astype(jnp.complex64), ((0, pad_channels), (0, pad_modes)))
-  u_p = jnp.pad(u, ((0, 0), (0, 0), (0, pad_channels)))
-  keep = (jnp.ones((batch, time), jnp.float32) if starts is None else 1.0 - starts.astype(jnp.float32))
-  y = _modal_core_once(u_p, keep, log_poles, residues, cfg, interpret)
-  return y[..., :channels]
+  if cfg.tpu_block_t % _TPU_ROWS or cfg.tpu_block_t < _TPU_ROWS or cfg.tpu_block_c % 128 or cfg.tpu_block_c < 128:
+    raise ValueError(f"modal_conv: tpu_block_t={cfg.tpu_block_t} must be a multiple of {_TPU_ROWS} and "
+                     f"tpu_block_c={cfg.tpu_block_c} a multiple of 128")
+  keep = jnp.ones(u.shape[:2], jnp.float32) if starts is None else 1.0 - starts.astype(jnp.float32)
+  run = lambda p: functools.partial(_padded_call, cfg=cfg, interpret=interpret, platform=p)
+  if platform is not None or interpret:
+    return run(platform or "gpu")(u, log_poles, residues, keep)
+  return jax.lax.platform_dependent(u, log_poles, residues, keep, tpu=run("tpu"), default=run("gpu"))
