@@ -280,6 +280,7 @@ def child_env(platform: str, group: list[str] | None, slot: int, base=None, *,
               runs_per_device: int = 1) -> dict[str, str]:
   """The environment of the subprocess that uses device ``group`` (None: all / CPU)."""
   env = dict(os.environ if base is None else base)
+  env[runs.RUNS_PER_DEVICE_ENV] = str(runs_per_device)  # recorded in the run's attempt: its device share
   if platform == "gpu" and runs_per_device > 1:
     # Grow on demand, within a 1/N share: N processes fit one card (a value the user set wins).
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

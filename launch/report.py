@@ -51,8 +51,10 @@ or largest of its grid ("edge"; ties keep the lr nearest the grid's middle, and 
 lr is at an edge), and names lrs that failed, have no eval, or are ``sweep.json`` points never started.
 
 ``report.md`` also holds the fits table (E, A, α, 95% CI, n), the run table (mixer, size, window, lr,
-params, FLOPs, tokens, eval loss, accuracy, tokens/s; sorted by mixer and size) and a "Missing" section:
-points of ``sweep.json`` without a finished run. ``report.json`` (written atomically) holds ``runs``
+params, FLOPs, tokens, eval loss, accuracy, tokens/s; sorted by mixer and size), "Compute spent" (device
+hours by device kind over every attempt in ``launch.json``, each attempt's wall time divided among the runs
+that shared its device, and finished runs per device hour; ``report.json``'s ``compute``) and a "Missing"
+section: points of ``sweep.json`` without a finished run. ``report.json`` (written atomically) holds ``runs``
 (each run's ``run_id``, ``config`` = config.json and ``summary`` = summary.json, its lr, cell and derived
 FLOPs / loss / accuracy: ``pandas.json_normalize(report["runs"])`` gives one row per run), ``cells`` (the
 varying fields, metric, every lr with its metric and run, best lr, tied lrs, edge flag, missing lrs),
@@ -158,6 +160,7 @@ class Run:
   accuracy: float | None = None
   tokens_per_sec: float | None = None
   state_bytes: float | None = None
+  attempts: list = dataclasses.field(default_factory=list)  # launch.json's, when the launcher kept them
 
   @property
   def model(self) -> dict:
@@ -227,6 +230,9 @@ def load_run(path: str, problems: list[str]) -> Run | None:
       evals[os.path.splitext(os.path.basename(file))[0]] = content
   run = Run(run_id=os.path.basename(os.path.normpath(path)), path=path, config=config, summary=summary,
             evals=evals, status=str(summary.get("status") or "no summary"), layers=_layers(config.get("model", {})))
+  record = _read_json(os.path.join(path, rundir.LAUNCH_FILE), problems) if os.path.exists(
+      os.path.join(path, rundir.LAUNCH_FILE)) else None
+  run.attempts = [a for a in (record.get("attempts") or []) if isinstance(a, dict)] if isinstance(record, dict) else []
   run.params = _finite(summary.get("params"))
   run.non_embedding_params = _finite(summary.get("non_embedding_params"))
   run.tokens = _finite(summary.get("tokens"))
@@ -1507,7 +1513,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[SeriesFit], curves: list[IsoFlop],
                 figures: list[str], missing: list[list[str]], survey: dict | None = None,
-                evals_by_size: list[dict] | None = None) -> dict:
+                evals_by_size: list[dict] | None = None, compute: dict | None = None) -> dict:
   """What ``report.json`` holds: every run (resolved config + summary), the per-cell bests and the fits."""
   cell_of = {r.run_id: i for i, c in enumerate(cells) for r in c.runs}
   best_ids = {c.best.run_id for c in cells if c.best is not None}
@@ -1545,8 +1551,55 @@ def report_data(root: str, runs: list[Run], cells: list[Cell], fits: list[Series
               "coeffs": list(c.fit.coeffs) if c.fit else None} for c in curves]
   return _json_safe({"root": root, "generated_by": f"python -m launch report {root}", "runs": runs_out,
                      "cells": cells_out, "fits": fits_out, "isoflop": iso_out, "figures": figures,
-                     "survey": survey, "evals_by_size": evals_by_size or [],
+                     "survey": survey, "evals_by_size": evals_by_size or [], "compute": compute or {},
                      "missing": [{"run_id": a, "state": b, "point": c} for a, b, c in missing]})
+
+
+def compute_spent(runs: list[Run]) -> tuple[list[str], dict]:
+  """"Compute spent": device hours by device kind, summed over every attempt of every run
+  (:func:`launch.runs.attempt_device_seconds`: wall time × devices ÷ processes sharing them ÷ runs in a
+  lockstep group), and finished runs per device hour. Runs whose attempts were not kept (archives made
+  before ``launch pack`` carried ``launch.json``) and attempts with no end are counted, not timed."""
+  by_kind: dict[str, dict] = {}
+  untimed_runs, open_attempts = 0, 0
+  for r in runs:
+    if not r.attempts:
+      untimed_runs += 1
+      continue
+    hardware = r.summary.get("hardware") if isinstance(r.summary.get("hardware"), dict) else {}
+    for a in r.attempts:
+      seconds = run_dirs.attempt_device_seconds({"device_count": hardware.get("device_count"), **a})
+      if seconds is None:
+        open_attempts += 1
+        continue
+      kind = a.get("device_kind") or hardware.get("device_kind") or "unknown"
+      row = by_kind.setdefault(kind, {"device": kind, "attempts": 0, "device_hours": 0.0, "runs": set()})
+      row["attempts"] += 1
+      row["device_hours"] += seconds / 3600.0
+      row["runs"].add(r.run_id)
+  finished = {r.run_id for r in runs if r.status == FINISHED}
+  rows_out = []
+  for row in sorted(by_kind.values(), key=lambda x: -x["device_hours"]):
+    done = len(row["runs"] & finished)
+    rows_out.append({"device": row["device"], "attempts": row["attempts"], "device_hours": row["device_hours"],
+                     "runs": len(row["runs"]), "finished_runs": done,
+                     "finished_per_device_hour": done / row["device_hours"] if row["device_hours"] > 0 else None})
+  data = {"by_device": rows_out, "untimed_runs": untimed_runs, "open_attempts": open_attempts}
+  if not rows_out:
+    return [], data
+  md = ["## Compute spent", "",
+        "Device hours over every attempt of every run: wall time × devices ÷ the runs sharing them (packed "
+        "processes, lockstep groups). A run trained on several kinds counts under each; finished runs per device "
+        "hour divide the runs finished by all the time spent, the unfinished runs' included.", ""]
+  md += _table(["device", "attempts", "device hours", "runs", "finished", "finished per device hour"],
+               [[f"`{x['device']}`", str(x["attempts"]), _num(x["device_hours"], ".2f"), str(x["runs"]),
+                 str(x["finished_runs"]), _num(x["finished_per_device_hour"], ".1f")] for x in rows_out]) + [""]
+  notes = []
+  if untimed_runs:
+    notes.append(f"{untimed_runs} run(s) have no attempt record (`launch.json` not kept): not timed")
+  if open_attempts:
+    notes.append(f"{open_attempts} attempt(s) have no end (running, or killed before they could say): not timed")
+  return md + ([f"{'; '.join(notes)}.", ""] if notes else []), data
 
 
 def learning_rate_section(cells: list[Cell]) -> list[str]:
@@ -1828,6 +1881,8 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
     md += ["(train) = no eval recorded, last training loss shown; such runs are left out of the window "
            "ablation: " + ", ".join(f"`{x}`" for x in train_loss), ""]
 
+  compute_md, compute = compute_spent(runs)
+  md += compute_md
   missing, have_manifest = missing_points(root, runs, problems)
   md += ["## Missing", ""]
   if not have_manifest:
@@ -1843,7 +1898,7 @@ def build_report(root: str, out: str, *, n_bootstrap: int = 200, seed: int = 0) 
   if problems:
     md += ["## Notes", ""] + [f"- {p}" for p in problems] + [""]
   _remove_stale_figures(out, figures)
-  data = report_data(root, runs, cells, fits, curves, figures, missing, survey, by_size)
+  data = report_data(root, runs, cells, fits, curves, figures, missing, survey, by_size, compute)
   _write_atomic(os.path.join(out, "report.json"), json.dumps(data, indent=1, allow_nan=False) + "\n")
   path = os.path.join(out, "report.md")
   _write_atomic(path, "\n".join(md))

@@ -226,6 +226,8 @@ def main(argv=None) -> int:
   for env, key in (("SLURM_JOB_ID", "job_id"), ("CUDA_VISIBLE_DEVICES", "devices"), ("TPU_VISIBLE_CHIPS", "devices")):
     if os.environ.get(env):
       info[key] = os.environ[env]
+  if os.environ.get(runs.RUNS_PER_DEVICE_ENV, "").isdigit():
+    info["runs_per_device"] = int(os.environ[runs.RUNS_PER_DEVICE_ENV])
   if len(points) == 1:
     code, summary = execute(args.experiment, points[0], args.workdir[0], run_id=args.run_id, lock_wait_s=args.lock_wait,
                             progress=args.progress, **info)

@@ -11,6 +11,7 @@ directory never interleave either). The lock's names are re-exported here for th
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import socket
@@ -25,6 +26,9 @@ from hybrids.rundir import (  # noqa: F401  (re-exported: the launcher's view of
 
 # A run trained on another host counts as running while it wrote something this recently.
 REMOTE_STALE_S = 900.0
+# Set by the local launcher for each run it starts: how many processes share its device (group); kept in
+# the run's attempts, so that its device time can be counted (attempt_device_seconds).
+RUNS_PER_DEVICE_ENV = "HYBRIDS_RUNS_PER_DEVICE"
 # Statuses a run can have; "pending" = nothing on disk yet.
 STATUSES = ("pending", "running", "interrupted", "done", "failed", "diverged")
 
@@ -122,14 +126,18 @@ def start_attempt(workdir: str, **info) -> int:
 
 
 def end_attempt(workdir: str, status: str, **info) -> None:
-  """Close the last attempt and mirror ``attempts`` / ``resumed_from`` into ``summary.json``."""
+  """Close the last attempt (with the devices it trained on, from ``summary.json``'s ``hardware``) and
+  mirror ``attempts`` / ``resumed_from`` into ``summary.json``."""
   path = os.path.join(workdir, LAUNCH_FILE)
   record = rundir.read_json(path)
   attempts = record.get("attempts") or [{"attempt": 1}]
+  summary = read_summary(workdir)
+  hardware = summary.get("hardware") if isinstance(summary, dict) else None
+  if isinstance(hardware, dict):
+    info = {"device_kind": hardware.get("device_kind"), "device_count": hardware.get("device_count"), **info}
   attempts[-1].update({"ended": now_iso(), "status": status, **info})
   record["attempts"] = attempts
   rundir.write_json(path, record)
-  summary = read_summary(workdir)
   if summary:
     summary["attempts"] = len(attempts)
     summary["resumed_from"] = [a.get("resumed_from", 0) for a in attempts]
@@ -163,3 +171,18 @@ def run_state(workdir: str) -> dict:
   return {"status": status, "step": step, "steps": summary.get("steps"), "loss": loss,
           "attempts": len(attempts), "failures": sum(1 for a in attempts if a.get("status") == "failed"),
           "updated": updated, "eval": summary.get("eval"), "summary": summary}
+
+
+def attempt_device_seconds(attempt: dict) -> float | None:
+  """The device time one attempt used: its wall time × its devices ÷ the processes that shared them
+  (``runs_per_device``) ÷ the runs trained in its process (``group``, a lockstep group); None for an
+  attempt with no end (still running, or killed before it could say)."""
+  import datetime
+  try:
+    start = datetime.datetime.fromisoformat(attempt["started"])
+    end = datetime.datetime.fromisoformat(attempt["ended"])
+  except (KeyError, TypeError, ValueError):
+    return None
+  devices = attempt.get("device_count") or 1
+  share = (attempt.get("runs_per_device") or 1) * (attempt.get("group") or 1)
+  return max(0.0, (end - start).total_seconds()) * devices / share

@@ -7,6 +7,7 @@ checkpoint) for the runs of a sweep that is killed outright.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -721,6 +722,13 @@ def test_a_packed_run_computes_what_it_computes_alone(tmp_path, monkeypatch, cap
     a, p = runs.read_summary(alone), runs.read_summary(packed)
     assert a["status"] == p["status"] == "done" and a["eval"] and a["eval"] == p["eval"]
     assert a["train_loss"] == p["train_loss"]
+    # Each attempt keeps its device share and devices, so the report can count device time.
+    for n, workdir in ((1, alone), (2, packed)):
+      (attempt,) = runs.read_attempts(workdir)
+      assert attempt["runs_per_device"] == n and attempt["device_kind"] == "cpu" and attempt["device_count"] == 1
+      assert runs.attempt_device_seconds(attempt) == pytest.approx(
+          (datetime.datetime.fromisoformat(attempt["ended"]) - datetime.datetime.fromisoformat(attempt["started"]))
+          .total_seconds() / n)
 
 
 def test_evaluate_runs_each_cells_best_once_and_names_bad_input(tmp_path, monkeypatch, capsys):

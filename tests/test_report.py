@@ -562,3 +562,37 @@ def test_recall_and_tail_loss_by_size_for_each_patterns_best(tmp_path, monkeypat
   md = (out / "report.md").read_text()
   assert "8 runs have retrieval or position evals: their per-run figures are left out (more than 4)" in md
   assert not any(f.startswith(("retrieval_", "position_")) for f in json.loads((out / "report.json").read_text())["figures"])
+
+
+def test_compute_spent_divides_each_attempt_among_the_runs_that_shared_its_device(tmp_path):
+  """Device hours = Σ attempts' wall time × devices ÷ (packed processes × lockstep group): two runs of a
+  group of 2, packed 4 to an H100 for 2 h (2 × 2 h / 8 = 0.5 h), one run alone on an H200 for 30 min then
+  resumed on an H100 for 1 h; a killed attempt (no end) and a run whose attempts were not kept are
+  counted, not timed."""
+  root = str(tmp_path / "sweep")
+  h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+  stamp = lambda hours: f"2026-12-08T{hours:02d}:00:00+00:00"
+  half = lambda hours: f"2026-12-08T{hours:02d}:30:00+00:00"
+  attempts = {
+      "g1": [{"started": stamp(0), "ended": stamp(2), "runs_per_device": 4, "group": 2, "device_kind": h100}],
+      "g2": [{"started": stamp(0), "ended": stamp(2), "runs_per_device": 4, "group": 2, "device_kind": h100},
+             {"started": stamp(3), "ended": None}],  # killed: no end
+      "solo": [{"started": stamp(0), "ended": half(0), "device_kind": h200, "device_count": 1},
+               {"started": stamp(1), "ended": stamp(2), "runs_per_device": 1, "device_kind": h100}],
+  }
+  for i, rid in enumerate(("g1", "g2", "solo", "old")):
+    write_run(root, rid, _config(("swa",), 32 * (i + 1)), loss=1.0, accuracy=0.5,
+              status="interrupted" if rid == "g2" else "done")
+    if rid in attempts:
+      _write(os.path.join(root, rid, "launch.json"), {"attempts": attempts[rid]})
+  path = report.build_report(root, str(tmp_path / "out"), n_bootstrap=0)
+  compute = json.load(open(os.path.join(tmp_path, "out", "report.json")))["compute"]
+  rows = {r["device"]: r for r in compute["by_device"]}
+  assert rows[h100]["device_hours"] == pytest.approx(2 * 2 / 8 + 1.0)
+  assert rows[h100]["attempts"] == 3 and rows[h100]["runs"] == 3 and rows[h100]["finished_runs"] == 2
+  assert rows[h100]["finished_per_device_hour"] == pytest.approx(2 / 1.5)
+  assert rows[h200]["device_hours"] == pytest.approx(0.5) and rows[h200]["finished_runs"] == 1
+  assert compute["untimed_runs"] == 1 and compute["open_attempts"] == 1
+  text = _section(open(path).read(), "Compute spent")
+  assert f"| `{h100}` | 3 | 1.50 | 3 | 2 | 1.3 |" in text
+  assert "1 run(s) have no attempt record" in text and "1 attempt(s) have no end" in text
