@@ -54,15 +54,15 @@ Prepare it here (offline after the download; reads the archive as a stream, neve
         --tokenizer bpe:16384 --output data/linux-6.1-bpe16k
 
 Carry to the GPU machine (no internet; ≤ 64 MiB a call; a fresh machine each slot, so once per slot):
-the 138 MB inner tarball in three parts (the .deb itself is no smaller: its xz of an xz), and the
-tokenizer.json trained here so both machines tokenize alike (``--tokenizer-file``). ``build/`` is
-git-ignored, so only what a call's ``carry`` names travels:
+the 138 MB inner tarball in three parts (the .deb itself is no smaller: its xz of an xz); the
+committed tokenizer travels with the code, so both machines tokenize alike (``--tokenizer-file``).
+``build/`` is git-ignored, so only what a call's ``carry`` names travels:
 
     cd build/linux && split -b 46000000 -d linux-source-6.1.tar.xz linux-source-6.1.tar.xz.part-
     sha256sum linux-source-6.1.tar.xz > linux-source-6.1.tar.xz.sha256
-    cp ../../data/linux-6.1-bpe16k/tokenizer.json ../../data/linux-6.1-bpe16k/manifest.json .
+    cp ../../data/linux-6.1-bpe16k/manifest.json .
 
-    # call 1: carry ["build/linux/linux-source-6.1.tar.xz.part-00", "build/linux/tokenizer.json",
+    # call 1: carry ["build/linux/linux-source-6.1.tar.xz.part-00",
     #                "build/linux/manifest.json", "build/linux/linux-source-6.1.tar.xz.sha256"]
     # call 2: carry ["build/linux/linux-source-6.1.tar.xz.part-01"]        command: true
     # call 3: carry ["build/linux/linux-source-6.1.tar.xz.part-02"], command:
@@ -70,7 +70,7 @@ git-ignored, so only what a call's ``carry`` names travels:
       && (cd build/linux && sha256sum -c linux-source-6.1.tar.xz.sha256) \\
       && python -m hybrids.data.prepare --input build/linux/linux-source-6.1.tar.xz \\
            --members '*.c,*.h' --exclude-members '*/asic_reg/*' --doc-bytes 33554432 --tokenizer bpe:16384 \\
-           --tokenizer-file build/linux/tokenizer.json --output data/linux-6.1-bpe16k --no-progress \\
+           --tokenizer-file experiments/tokenizers/linux-6.1-bpe16k.json --output data/linux-6.1-bpe16k --no-progress \\
       && python -c "import json; a, b = (json.load(open(p))['splits'] for p in ('build/linux/manifest.json',
            'data/linux-6.1-bpe16k/manifest.json')); assert a == b, 'tokenized differently'; print('same shards')"
 
@@ -101,12 +101,16 @@ take seconds, its compile tens of seconds, and a group compiles once for its thr
 ``tiny``: a few-second CPU smoke test (2 points, used by ``tests/test_experiments.py``).
 
 The pilot corpus: the ``fs/``, ``kernel/`` and ``mm/`` C sources of the same archive (58.9 MB), the
-same tokenizer (``--tokenizer-file``), 1% held out; its train split must hold 1m's 17.1M tokens
-(``check_corpus`` refuses otherwise). Its shards travel in one call beside the code:
+same tokenizer, 1% held out; its train split must hold 1m's 17.1M tokens (``check_corpus`` refuses
+otherwise). The tokenizer the full preparation learns is committed, ``experiments/tokenizers/
+linux-6.1-bpe16k.json`` (sha256 ``b247e9f1…``; learned again on 2026-12-08 in 654 s with the same
+counts as above, so the training is deterministic), so the pilot needs neither the full preparation
+nor its 11 minutes: 100 s on 2 CPU cores, train 22,131,967 tokens (2,581 documents), held out 729,537
+(26), 45 MB. Its shards travel in one call beside the code:
 
     python -m hybrids.data.prepare --input build/linux/linux-source-6.1.tar.xz \
         --members 'linux-source-6.1/fs/*.c,linux-source-6.1/fs/*.h,linux-source-6.1/kernel/*.c,linux-source-6.1/kernel/*.h,linux-source-6.1/mm/*.c,linux-source-6.1/mm/*.h' \
-        --doc-bytes 33554432 --tokenizer bpe:16384 --tokenizer-file build/linux/tokenizer.json \
+        --doc-bytes 33554432 --tokenizer bpe:16384 --tokenizer-file experiments/tokenizers/linux-6.1-bpe16k.json \
         --output data/linux-6.1-bpe16k-pilot
     # on the GPU machine, carry ["data/linux-6.1-bpe16k-pilot", …]:
     python -m launch sweep experiments/mixer_survey.py:pilot --backend local --runs-per-device 8 --mps --lr-group 3 --root runs

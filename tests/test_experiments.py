@@ -272,3 +272,20 @@ def test_survey_sizes_span_10x_and_the_corpus_check_refuses_repeated_tokens(corp
   os.chdir(tmp_path)  # no data/ here: nothing to check against (corpus_dir's fixture restores the cwd)
   assert len(sweep_lib.sweep_points(spec_of("mixer_survey", "1m"))) == 3 * SURVEY_PATTERNS
   os.chdir(corpus_dir)
+
+
+def test_the_surveys_committed_tokenizer_is_the_one_its_docstring_names():
+  """The pilot is prepared with the committed tokenizer (no full preparation first): a 16,384-id
+  byte-level BPE whose sha256 the survey's docstring (and every manifest prepared with it) records."""
+  import hashlib
+
+  from tokenizers import Tokenizer
+
+  path = os.path.join(REPO, "experiments", "tokenizers", "linux-6.1-bpe16k.json")
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  assert f"sha256 ``{digest[:8]}…``" in config_lib.load_experiment(path_of("mixer_survey")).__doc__
+  tokenizer = Tokenizer.from_file(path)
+  assert tokenizer.get_vocab_size() == 16384
+  ids = tokenizer.encode("static int __init foo(void)\n{\n\treturn 0;\n}\n").ids
+  assert 0 < len(ids) < 20 and max(ids) < 16384
