@@ -46,7 +46,7 @@ def _ours(pattern: tuple[str, ...], seq_len: int, impl: str, scan_layers: bool =
   m.vocab_size, m.d_model, m.n_layers, m.pattern = VOCAB, WIDTH, LAYERS, pattern
   m.num_heads, m.num_kv_heads, m.window, m.mlp_expansion = HEADS, 1, WINDOW, float(MLP)
   m.dtype, m.param_dtype, m.remat = "bfloat16", "float32", True
-  m.attention_impl = m.scan_impl = m.gla_impl = m.delta_impl = impl
+  m.attention_impl = m.scan_impl = m.gla_impl = m.delta_impl = m.longconv_impl = impl
   c.train.steps, c.train.warmup_steps = 1000, 10
   for name in set(pattern):  # the model's own checks; the data section is unused (synthetic tokens)
     get_mixer(name).check_config(m, seq_len=seq_len)

@@ -35,7 +35,7 @@ def _model_config(mixer: str, impl: str, dtype: str, seq_len: int):
   m = base_config("mqar").model
   m.pattern, m.n_layers, m.d_model, m.num_heads = (mixer, "swa"), 2, 256, 4
   m.window, m.vocab_size, m.dtype = 128, 256, dtype
-  m.attention_impl = m.scan_impl = m.gla_impl = m.delta_impl = impl
+  m.attention_impl = m.scan_impl = m.gla_impl = m.delta_impl = m.longconv_impl = impl
   return m
 
 

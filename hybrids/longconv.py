@@ -315,12 +315,12 @@ class ModalLongConv(nnx.Module):
   the convolution roughly preserves the variance of white input.
 
   Parameters ``[channels, modes]``: ``log_rate`` (ν), ``angle`` (θ); ``residues`` ``[2, channels,
-  modes]`` (real and imaginary parts).
+  modes]`` (real and imaginary parts). ``impl``: how packed documents run (:func:`segmented_modal_conv`).
   """
 
   def __init__(self, channels: int, modes: int, *, param_dtype, rngs: nnx.Rngs, min_rate: float = 1e-3,
-               max_rate: float = 1e-1):
-    self.channels, self.modes = channels, modes
+               max_rate: float = 1e-1, impl: str = "auto"):
+    self.channels, self.modes, self.impl = channels, modes, impl  # impl: segmented_modal_conv's
     log_rate = jax.random.uniform(rngs.params(), (channels, modes), jnp.float32, math.log(min_rate),
                                   math.log(max_rate))
     self.log_rate = nnx.Param(log_rate.astype(param_dtype))
@@ -350,7 +350,7 @@ class ModalLongConv(nnx.Module):
     (:func:`segmented_modal_conv`); the state is then the last document's alone."""
     log_poles = self.log_poles()
     if segment_ids is not None:
-      y, state = segmented_modal_conv(u, log_poles, self.complex_residues(), segment_ids)
+      y, state = segmented_modal_conv(u, log_poles, self.complex_residues(), segment_ids, impl=self.impl)
       return (y, state) if return_state else y
     y = causal_fft_conv(u, modal_kernel(log_poles, self.complex_residues(), u.shape[1]))
     return (y, modal_final_state(log_poles, u)) if return_state else y

@@ -130,3 +130,29 @@ def test_kernels_export_for_tpu_at_the_benchmark_shape():
   with pytest.raises(ValueError, match="tpu_block_c=64 a multiple of 128"):
     modal_conv_pallas(jnp.zeros((1, 8, 2)), jnp.zeros((2, 1), jnp.complex64), jnp.zeros((2, 1), jnp.complex64),
                       config=ModalConfig(tpu_block_c=64), interpret=True, platform="tpu")
+
+
+@pytest.mark.parametrize("mixer", ["hyena", "baseconv", "s4d"])
+def test_model_longconv_impl_picks_what_packed_documents_run(mixer):
+  """``model.longconv_impl`` reaches the long convolution of every mixer that has one: with packed
+  documents, "reference" runs the token recurrence (recorded) and gives the chunked form's output; a
+  value outside the kernel's list is one line naming the field and the choices."""
+  from flax import nnx
+
+  from hybrids.config import ConfigError, get_config, resolve
+  from hybrids.mixers import get_mixer
+
+  config = get_config("experiments/quickstart.py:tiny", {"model.pattern": (mixer,), "model.d_model": 16})
+  x = jax.random.normal(jax.random.key(0), (1, 9, 16))
+  seg = jnp.asarray([[0] * 4 + [1] * 5], jnp.int32)
+  outputs = {}
+  for impl in ("xla", "reference"):
+    config.model.longconv_impl = impl
+    layer = get_mixer(mixer)(config.model, rngs=nnx.Rngs(params=0))
+    with dispatch.recording() as calls:
+      outputs[impl] = layer(x, segment_ids=seg)
+    assert [(c["family"], c["impl"]) for c in calls] == [("modal", impl)]
+  assert _rel(outputs["xla"], outputs["reference"]) < 1e-4
+  config.model.longconv_impl = "fft"
+  with pytest.raises(ConfigError, match="model.longconv_impl='fft'.*auto, xla, reference, pallas"):
+    resolve(config)

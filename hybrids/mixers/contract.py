@@ -60,6 +60,8 @@ D_STATE = Setting(16, "state size / filter modes", 1)
 SSM_EXPAND = Setting(2, "inner width = ssm_expand · d_model", 1)
 HEAD_DIM = Setting(0, "0: model.d_model // model.num_heads", 0)
 ROPE_BASE = Setting(10_000.0, "RoPE's base", 0, lo_open=True)
+LONGCONV_IMPL = Setting("auto", "kernels.modal implementation of the long convolutions with packed documents: "
+                        "auto (xla), xla, reference or pallas (streaming kernels: Triton on GPU, Mosaic on TPU)")
 
 
 def missing(cls) -> list[str]:

@@ -25,12 +25,13 @@ from flax import nnx
 from hybrids.cost import Flops, fft_conv_flops
 from hybrids.layers import CausalConv1D, dtype_of, linear
 from hybrids.longconv import ModalLongConv
-from hybrids.mixers.contract import CONV_WIDTH, D_STATE
+from hybrids.mixers.contract import CONV_WIDTH, D_STATE, LONGCONV_IMPL
+from kernels.modal import IMPLS as MODAL_IMPLS
 
 
 class Hyena(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"log_rate", "angle", "residues", "d_skip"})  # the filter's poles, residues; D
-  SETTINGS = {"conv_width": CONV_WIDTH, "d_state": D_STATE}
+  SETTINGS = {"conv_width": CONV_WIDTH, "d_state": D_STATE, "longconv_impl": LONGCONV_IMPL}
   SEGMENTS = True  # packed documents: the short conv and the long filter's modal state restart at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -39,14 +40,15 @@ class Hyena(nnx.Module):
     param_dtype = dtype_of(cfg.param_dtype)
     self.in_proj = linear(cfg, d, 3 * d, rngs=rngs)
     self.conv = CausalConv1D(3 * d, cfg.conv_width, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-    self.filter = ModalLongConv(d, cfg.d_state, param_dtype=param_dtype, rngs=rngs)
+    self.filter = ModalLongConv(d, cfg.d_state, param_dtype=param_dtype, rngs=rngs, impl=cfg.longconv_impl)
     self.d_skip = nnx.Param(jnp.zeros((d,), param_dtype))
     self.out_proj = linear(cfg, d, d, rngs=rngs)
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.checks import check_int
+    from hybrids.checks import check_choice, check_int
     check_int(cfg.d_state, "model.d_state", 1, note=" (modes of each Hyena long filter)")
+    check_choice(cfg.longconv_impl, "model.longconv_impl", MODAL_IMPLS)
 
   def _gate_and_input(self, z):
     """Short-conv output ``[..., 3·d]`` → ``(q, k ⊙ v)`` in float32."""

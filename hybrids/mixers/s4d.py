@@ -25,17 +25,18 @@ from flax import nnx
 from hybrids.cost import Flops, fft_conv_flops
 from hybrids.layers import dtype_of, linear
 from hybrids.longconv import causal_fft_conv, modal_final_state, modal_kernel, segmented_modal_conv
-from hybrids.mixers.contract import D_STATE
+from hybrids.mixers.contract import D_STATE, LONGCONV_IMPL
+from kernels.modal import IMPLS as MODAL_IMPLS
 
 
 class S4D(nnx.Module):
   NO_WEIGHT_DECAY = frozenset({"log_dt", "log_neg_a_real", "a_imag", "d_skip"})  # Δ, the poles A, D
-  SETTINGS = {"d_state": D_STATE}
+  SETTINGS = {"d_state": D_STATE, "longconv_impl": LONGCONV_IMPL}
   SEGMENTS = True  # packed documents: the SSM state restarts from h = 0 at each start
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, modes = cfg.d_model, cfg.d_state // 2
-    self.modes, self.dtype = modes, dtype_of(cfg.dtype)
+    self.modes, self.dtype, self.impl = modes, dtype_of(cfg.dtype), cfg.longconv_impl
     param_dtype = dtype_of(cfg.param_dtype)
     self.log_dt = nnx.Param(jax.random.uniform(rngs.params(), (d,), jnp.float32, math.log(1e-3), math.log(0.1)).astype(param_dtype))
     self.log_neg_a_real = nnx.Param(jnp.full((d, modes), math.log(0.5), param_dtype))
@@ -47,8 +48,9 @@ class S4D(nnx.Module):
 
   @classmethod
   def check_config(cls, cfg, *, seq_len: int) -> None:
-    from hybrids.checks import check_int
+    from hybrids.checks import check_choice, check_int
     check_int(cfg.d_state, "model.d_state", 2, note=" (even: S4D's conjugate pairs)")
+    check_choice(cfg.longconv_impl, "model.longconv_impl", MODAL_IMPLS)
     if cfg.d_state < 2 or cfg.d_state % 2:
       raise ValueError(f"model.d_state={cfg.d_state} must be an even number ≥ 2 for S4D (conjugate pairs)")
 
@@ -83,7 +85,7 @@ class S4D(nnx.Module):
     is the last document's)."""
     log_a_bar, b_bar, c = self._zoh()
     if segment_ids is not None:
-      y, modes = segmented_modal_conv(u, log_a_bar, 2.0 * c * b_bar, segment_ids)
+      y, modes = segmented_modal_conv(u, log_a_bar, 2.0 * c * b_bar, segment_ids, impl=self.impl)
       out = self._out(y, u)
       return (out, {"h": b_bar * modes}) if return_state else out
     y = causal_fft_conv(u, self.kernel(u.shape[1]))
