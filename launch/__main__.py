@@ -1,4 +1,4 @@
-"""``python -m launch {sweep,status,report,evaluate,pack}``: run an experiment's sweep, watch it, report on it.
+"""``python -m launch {sweep,status,report,evaluate,pack,unpack}``: run an experiment's sweep, watch it, report on it.
 
     python -m launch sweep experiments/NAME.py[:ARG] --backend {local,slurm,tpu,xpk} [--root DIR] [--dry-run]
         [--filter FIELD=VALUE ...] [--max-parallel N] [--max-retries N] [--runs-per-device N [--mps]] [--lr-group G]
@@ -7,6 +7,7 @@
     python -m launch report runs/NAME
     python -m launch evaluate runs/NAME --eval retrieval,position [--best] [--dry-run] [-- EVALUATE OPTIONS]
     python -m launch pack runs/NAME OUT.tgz [--checkpoints-mb MB] [--part-mb MB]
+    python -m launch unpack runs/NAME OUT.tgz [OUT.tgz.part-001 ...]
 
 ``sweep`` expands ``get_sweep`` (``FILE:ARG`` passes ARG to ``get_sweep(h, ARG)`` and makes it the
 default ``get_config`` argument), validates every point, writes ``ROOT/sweep.json`` and launches the
@@ -21,7 +22,8 @@ overlap (launch/local.py); ``--lr-group G`` trains up to G points that differ on
 together in one process (``hybrids.train.train_group``); ``--cell-stop`` (local) ends a cell once one of
 its learning rates passes ``train.stop_at_accuracy`` (its group stops, its other runs are not launched);
 ``--time-limit S`` (local) stops the sweep S seconds after it starts, as Ctrl-C would. ``pack`` writes a
-sweep's results (and optionally the checkpoints of unfinished runs) into one archive (launch/pack.py).
+sweep's results (and optionally the checkpoints of unfinished runs) into one archive, and ``unpack`` merges
+one back, run by run, never replacing a run with a less trained copy (launch/pack.py).
 Exit status: 0 all done (local; runs of decided cells count as done) or all submitted, 1 some failed,
 2 bad input, 3 stopped by --time-limit, 130 stopped.
 """
@@ -104,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                  "(python -m launch evaluate --help)", add_help=False)
   sub.add_parser("pack", help="a sweep's results (and checkpoints) as one archive (python -m launch pack --help)",
                  add_help=False)
+  sub.add_parser("unpack", help="merge such an archive into a sweep, keeping runs trained further here "
+                 "(python -m launch unpack --help)", add_help=False)
   return parser
 
 
@@ -312,9 +316,9 @@ def main(argv=None) -> int:
   if argv and argv[0] == "evaluate":
     from launch import evaluate
     return evaluate.main(argv[1:])
-  if argv and argv[0] == "pack":
+  if argv and argv[0] in ("pack", "unpack"):
     from launch import pack
-    return pack.main(argv[1:])
+    return (pack.main if argv[0] == "pack" else pack.unpack_main)(argv[1:])
   args = _parser().parse_args(argv)
   if args.command == "status":
     from launch import status

@@ -1,8 +1,9 @@
-"""``python -m launch pack ROOT OUT.tgz``: a sweep's results as one archive, to carry off a short GPU slot.
+"""``python -m launch pack ROOT OUT.tgz`` / ``unpack ROOT ARCHIVE…``: a sweep's results as one archive, to
+carry off a short GPU slot, and merged back into a sweep without losing newer work.
 
     python -m launch pack runs/zoology_mqar-figure2 /tmp/out/z2.tgz
     python -m launch pack runs/zoology_mqar-figure2 /tmp/out/z2.tgz --checkpoints-mb 45 --part-mb 15
-    mkdir -p runs/z2 && cat /tmp/out/z2.tgz* | tar xzf - -C runs/z2      # where the sweep goes on
+    python -m launch unpack runs/zoology_mqar-figure2 /tmp/out/z2.tgz.part-*   # where the sweep goes on
 
 GPU time often comes in slots a few minutes long on machines whose disks vanish afterwards, and only a
 few files come back from them. The sweep is idempotent, so what must come back is what ``launch status``,
@@ -18,6 +19,13 @@ still fit): unpacked beside the results, the next slot resumes those runs instea
 
 Nothing is overwritten: an existing OUT (or its parts) is an error, as are a ROOT with no run
 directories and a non-positive size, each one line, exit 2, before anything is written.
+
+``unpack`` takes an archive (or its parts, in order) and merges it into ROOT run by run: a run ROOT
+lacks is added; a run the archive holds further trained (a later step, or done where ROOT's is not)
+replaces ROOT's files and adds its checkpoint; any other run is kept as ROOT has it, so an old archive
+unpacked over newer results changes nothing. ``sweep.json`` is taken only where ROOT has none. A member
+outside its run directory (an absolute path, ``..``, a link) refuses the whole archive before anything
+is written; so do a missing archive and a ROOT that is a file.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import argparse
 import glob
 import io
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 
 from hybrids import rundir
 from launch import runs
@@ -139,6 +149,96 @@ def pack(root: str, out: str, *, checkpoints_mb: float = 0.0, part_mb: float | N
           "bytes": sum(os.path.getsize(p) for p in paths)}
 
 
+# tarfile's own guard against members that escape (Python ≥ 3.11.4), on top of _check_member's.
+_DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+class _PartReader(io.RawIOBase):
+  """The concatenation of ``paths`` as one read-only stream (an archive's parts, in order)."""
+
+  def __init__(self, paths: list[str]):
+    self._paths, self._file = list(paths), None
+
+  def readable(self):
+    return True
+
+  def readinto(self, buffer) -> int:
+    while True:
+      if self._file is None:
+        if not self._paths:
+          return 0
+        self._file = open(self._paths.pop(0), "rb")
+      n = self._file.readinto(buffer)
+      if n:
+        return n
+      self._file.close()
+      self._file = None
+
+  def close(self):
+    if self._file:
+      self._file.close()
+    super().close()
+
+
+def _progress(summary: dict) -> tuple[bool, int]:
+  """How far a run is, for comparing two copies of it: (done, step)."""
+  step = summary.get("step") if isinstance(summary.get("step"), int) else 0
+  return summary.get("status") == "done", step
+
+
+def unpack(root: str, archives: list[str]) -> dict:
+  """Merge ``archives`` (one archive, or its parts in order) into ``root`` (see the module doc); returns
+  ``{"added", "updated", "kept"}``: run ids by what happened to them."""
+  missing = [a for a in archives if not os.path.isfile(a)]
+  if not archives or missing:
+    raise PackError(f"archive {missing[0] if missing else ''!r} does not exist (give the .tgz, or all its parts "
+                    "in order)")
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise PackError(f"ROOT {root!r} is a file, not a sweep directory")
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  stream = _PartReader(archives)
+  with tempfile.TemporaryDirectory(dir=parent, prefix=".unpack-") as scratch:  # same filesystem: moves
+    try:
+      with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|gz") as tar:
+        for member in tar:
+          _check_member(member)
+          tar.extract(member, scratch, set_attrs=False, **_DATA_FILTER)
+    except (tarfile.TarError, EOFError, OSError) as e:
+      raise PackError(f"{archives[0]}: not a readable .tgz archive ({e})") from None
+    finally:
+      stream.close()
+    os.makedirs(root, exist_ok=True)
+    result = {"added": [], "updated": [], "kept": []}
+    if os.path.isfile(os.path.join(scratch, SWEEP_FILE)) and not os.path.exists(os.path.join(root, SWEEP_FILE)):
+      shutil.move(os.path.join(scratch, SWEEP_FILE), os.path.join(root, SWEEP_FILE))
+    for run in run_dirs(scratch):
+      incoming, local = os.path.join(scratch, run), os.path.join(root, run)
+      if not os.path.isdir(local):
+        shutil.move(incoming, local)
+        result["added"].append(run)
+        continue
+      theirs = _progress(rundir.read_json(os.path.join(incoming, rundir.SUMMARY_FILE)))
+      ours = _progress(runs.read_summary(local) or {})
+      if theirs <= ours:
+        result["kept"].append(run)
+        continue
+      for dirpath, _, files in os.walk(incoming):
+        rel = os.path.relpath(dirpath, incoming)
+        os.makedirs(os.path.join(local, rel), exist_ok=True)
+        for name in files:
+          os.replace(os.path.join(dirpath, name), os.path.join(local, rel, name))
+      result["updated"].append(run)
+  return result
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+  parts = member.name.split("/")
+  if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+    raise PackError(f"archive member {member.name!r} is not a plain file inside the sweep (an absolute path, "
+                    "'..' or a link): refusing the whole archive")
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m launch pack", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,3 +267,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def unpack_main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m launch unpack", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("root", help="the sweep directory to merge into (made if missing)")
+  p.add_argument("archives", nargs="+", help="the .tgz launch pack wrote, or all its parts in order")
+  args = p.parse_args(argv)
+  try:
+    result = unpack(args.root, args.archives)
+  except PackError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  kept = result["kept"]
+  print(f"[launch] unpack into {args.root}: {len(result['added'])} run(s) added, {len(result['updated'])} updated "
+        f"(further trained in the archive), {len(kept)} kept as they were (as far or further here)")
+  return 0

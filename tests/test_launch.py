@@ -277,7 +277,7 @@ def test_local_devices_are_found_without_jax_and_split_into_groups():
   assert local.child_env("gpu", ["2", "3"], 1, base={})["CUDA_VISIBLE_DEVICES"] == "2,3"
   tpu = local.child_env("tpu", ["1"], 1, base={})
   assert tpu["TPU_VISIBLE_CHIPS"] == "1" and tpu["TPU_PROCESS_BOUNDS"] == "1,1,1" and tpu["TPU_PROCESS_PORT"] == "8477"
-  assert local.child_env("cpu", None, 0, base={"A": "1"}) == {"A": "1"}
+  assert local.child_env("cpu", None, 0, base={"A": "1"}) == {"A": "1", runs.RUNS_PER_DEVICE_ENV: "1"}
 
 
 def test_a_failing_nvidia_smi_is_named_once_and_the_host_taken_as_cpu(tmp_path, monkeypatch, capsys):
@@ -636,13 +636,15 @@ def test_packed_slots_and_their_environment():
   assert local.plan_slots("cpu", [], runs_per_device=3, max_parallel=2) == [None] * 2  # ... unless --max-parallel
   assert local.plan_slots("cpu", [], n_runs=0) == [None]
   env = local.child_env("gpu", ["1"], 2, base={}, runs_per_device=4)
+  # (HYBRIDS_RUNS_PER_DEVICE: the share each attempt records, for the report's device hours)
   assert env == {"CUDA_VISIBLE_DEVICES": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                 "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225", runs.RUNS_PER_DEVICE_ENV: "4"}
   assert local.child_env("gpu", None, 0, base={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1"},
                          runs_per_device=8)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1"  # the user's value wins
   assert local.memory_fraction(3) == "0.300" and local.memory_fraction(64) == "0.014"
-  assert local.child_env("gpu", ["0"], 0, base={}) == {"CUDA_VISIBLE_DEVICES": "0"}  # N=1: JAX's defaults
-  assert local.child_env("cpu", None, 0, base={}, runs_per_device=4) == {}
+  assert local.child_env("gpu", ["0"], 0, base={}) == {"CUDA_VISIBLE_DEVICES": "0",  # N=1: JAX's defaults
+                                                        runs.RUNS_PER_DEVICE_ENV: "1"}
+  assert local.child_env("cpu", None, 0, base={}, runs_per_device=4) == {runs.RUNS_PER_DEVICE_ENV: "4"}
   with pytest.raises(ValueError, match="TPU"):
     local.parse_runs_per_device(2, "tpu")
   assert local.parse_runs_per_device("1", "tpu") == 1
@@ -910,3 +912,77 @@ def test_pack_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_path, cap
     assert err.count("\n") == 0 and message in err, (argv, err)
   assert existing.read_text() == "keep me" and (tmp_path / "parts.tgz.part-000").read_text() == "keep me too"
   assert not (tmp_path / "x.tgz").exists()
+
+
+def test_unpack_merges_an_archive_and_never_replaces_a_run_trained_further_here(tmp_path, capsys):
+  """``launch unpack ROOT PARTS…``: into an empty root it restores exactly what was packed (parts given in
+  order, checkpoints included); into a root whose copy of a run is further trained (a later step, or done)
+  it keeps that run as it is, while a run the archive holds further trained replaces the local files
+  and adds its checkpoint (logs and older checkpoints stay)."""
+  from launch.__main__ import main
+
+  slot = tmp_path / "slot"
+  slot.mkdir()
+  (slot / "sweep.json").write_text('{"slot": 1}')
+  _packable_run(slot, "ahead-there", "running", checkpoints=(300,))
+  _packable_run(slot, "ahead-here", "running", checkpoints=(100,))
+  _packable_run(slot, "done-here", "running", checkpoints=(500,))
+  _packable_run(slot, "new", "done")
+  out = tmp_path / "out" / "s.tgz"
+  out.parent.mkdir()
+  assert main(["pack", str(slot), str(out), "--checkpoints-mb", "1", "--part-mb", "0.002"]) == 0
+  parts = sorted(str(p) for p in out.parent.iterdir())
+  assert len(parts) > 1
+
+  fresh = tmp_path / "fresh"
+  assert main(["unpack", str(fresh), *parts]) == 0
+  assert "4 run(s) added, 0 updated" in capsys.readouterr().out
+  for rel in ("sweep.json", "ahead-there/summary.json", "ahead-there/checkpoints/300/state/data", "new/eval/retrieval.json"):
+    assert (fresh / rel).read_bytes() == (slot / rel).read_bytes(), rel
+
+  home = tmp_path / "home"
+  home.mkdir()
+  (home / "sweep.json").write_text('{"home": 1}')
+  _packable_run(home, "ahead-there", "running", checkpoints=(200,))  # the archive's is at 300
+  _packable_run(home, "ahead-here", "running", checkpoints=(100, 400))  # further than the archive's 100
+  _packable_run(home, "done-here", "done", checkpoints=(50,))  # done beats the archive's step 500
+  before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+  assert main(["unpack", str(home), *parts]) == 0
+  assert "1 run(s) added, 1 updated (further trained in the archive), 2 kept" in capsys.readouterr().out
+  for kept in ("ahead-here", "done-here"):
+    assert {p: p.read_bytes() for p in (home / kept).rglob("*") if p.is_file()} == {
+        p: b for p, b in before.items() if kept in p.parts}
+  assert (home / "sweep.json").read_text() == '{"home": 1}'
+  updated = home / "ahead-there"
+  assert json.loads((updated / "summary.json").read_text())["step"] == 300
+  assert runs.latest_checkpoint_step(str(updated)) == 300
+  assert (updated / "checkpoints" / "200" / "state" / "data").exists() and (updated / "launch.log").exists()
+  assert (home / "new" / "config.json").exists()
+
+
+def test_unpack_refuses_an_unsafe_or_unreadable_archive_before_writing_anything(tmp_path, capsys):
+  import io
+  import tarfile
+
+  from launch.__main__ import main
+
+  evil = tmp_path / "evil.tgz"
+  with tarfile.open(evil, "w:gz") as tar:
+    for name in ("run/config.json", "../escape.txt"):
+      info = tarfile.TarInfo(name)
+      info.size = 2
+      tar.addfile(info, io.BytesIO(b"{}"))
+  junk = tmp_path / "junk.tgz"
+  junk.write_bytes(b"not an archive")
+  (tmp_path / "a-file").write_text("x")
+  root = tmp_path / "root"
+  cases = [([str(root), str(evil)], "'../escape.txt' is not a plain file inside the sweep"),
+           ([str(root), str(junk)], "not a readable .tgz archive"),
+           ([str(root), str(tmp_path / "missing.tgz")], "does not exist"),
+           ([str(tmp_path / "a-file"), str(evil)], "is a file, not a sweep directory")]
+  for argv, message in cases:
+    assert main(["unpack", *argv]) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, (argv, err)
+  assert not root.exists() and not (tmp_path / "escape.txt").exists()
+  assert not list(tmp_path.glob(".unpack-*"))
