@@ -15,7 +15,8 @@ few files come back from them. The sweep is idempotent, so what must come back i
 while their total stays within MB (a run that does not fit is skipped, a smaller one after it may
 still fit): unpacked beside the results, the next slot resumes those runs instead of restarting them.
 ``--part-mb MB`` splits the archive into ``OUT.part-000``, ``OUT.part-001``, … of at most MB each
-(for transfers that cap a file's size); ``cat OUT.part-* | tar xzf -`` joins them.
+(for transfers that cap a file's size); ``cat OUT.part-* | tar xzf -`` joins them. ``--slim`` leaves the
+metrics logs out: the archive a report's directory commits (``experiments/results/*/runs.tgz``).
 
 Nothing is overwritten: an existing OUT (or its parts) is an error, as are a ROOT with no run
 directories and a non-positive size, each one line, exit 2, before anything is written.
@@ -59,11 +60,13 @@ def _tree_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def result_files(root: str) -> list[str]:
-  """Paths relative to ``root`` of every file a report or a resumed sweep reads (see the module doc)."""
+def result_files(root: str, *, slim: bool = False) -> list[str]:
+  """Paths relative to ``root`` of every file a report or a resumed sweep reads (see the module doc);
+  ``slim``: not the metrics logs (what a report of finished runs needs, small enough to commit)."""
   out = [SWEEP_FILE] if os.path.isfile(os.path.join(root, SWEEP_FILE)) else []
+  names = [n for n in RUN_FILES if not (slim and n == rundir.METRICS_FILE)]
   for run in run_dirs(root):
-    out += [os.path.join(run, name) for name in RUN_FILES if os.path.isfile(os.path.join(root, run, name))]
+    out += [os.path.join(run, name) for name in names if os.path.isfile(os.path.join(root, run, name))]
     out += sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, run, rundir.EVAL_DIR, "*.json")))
   return out
 
@@ -117,7 +120,8 @@ class _PartWriter(io.RawIOBase):
     super().close()
 
 
-def pack(root: str, out: str, *, checkpoints_mb: float = 0.0, part_mb: float | None = None) -> dict:
+def pack(root: str, out: str, *, checkpoints_mb: float = 0.0, part_mb: float | None = None,
+         slim: bool = False) -> dict:
   """Write the archive (see the module doc); returns ``{"files", "runs", "carried", "paths", "bytes"}``
   (``carried``: :func:`checkpoints_to_carry`'s list)."""
   if not os.path.isdir(root):
@@ -133,7 +137,7 @@ def pack(root: str, out: str, *, checkpoints_mb: float = 0.0, part_mb: float | N
   if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
     raise PackError(f"the folder of OUT {out!r} does not exist")
 
-  files = result_files(root)
+  files = result_files(root, slim=slim)
   ckpts = checkpoints_to_carry(root, int(checkpoints_mb * 2**20)) if checkpoints_mb else []
   stream = _PartWriter(out, int(part_mb * 2**20)) if part_mb else open(out, "xb")
   try:
@@ -247,13 +251,14 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoints-mb", type=float, default=0.0, metavar="MB",
                  help="also the newest checkpoint of unfinished runs, furthest trained first, up to MB in all")
   p.add_argument("--part-mb", type=float, default=None, metavar="MB", help="split the archive into parts of ≤ MB")
+  p.add_argument("--slim", action="store_true", help="leave out the metrics logs (a report's archive to commit)")
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
-    result = pack(args.root, args.out, checkpoints_mb=args.checkpoints_mb, part_mb=args.part_mb)
+    result = pack(args.root, args.out, checkpoints_mb=args.checkpoints_mb, part_mb=args.part_mb, slim=args.slim)
   except PackError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

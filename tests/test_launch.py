@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -886,6 +887,11 @@ def test_pack_carries_results_and_the_furthest_checkpoints_within_budget(tmp_pat
   for rel in got:
     assert (dest / rel).read_bytes() == (root / rel).read_bytes(), rel
   assert runs.latest_checkpoint_step(str(dest / "far")) == 200  # what the next sweep resumes from
+  slim = tmp_path / "slim.tgz"
+  assert main(["pack", str(root), str(slim), "--slim"]) == 0
+  with tarfile.open(slim) as tar:
+    names = sorted(tar.getnames())
+  assert names == sorted(["sweep.json"] + [r for r in results if not r.endswith("metrics.jsonl")])
 
 
 def test_pack_refuses_bad_input_in_one_line_and_overwrites_nothing(tmp_path, capsys):
@@ -962,7 +968,6 @@ def test_unpack_merges_an_archive_and_never_replaces_a_run_trained_further_here(
 
 def test_unpack_refuses_an_unsafe_or_unreadable_archive_before_writing_anything(tmp_path, capsys):
   import io
-  import tarfile
 
   from launch.__main__ import main
 
