@@ -1,6 +1,6 @@
 """Packed documents in the long convolutions (Hyena, BaseConv, S4D): what the segmented modal scan costs.
 
-    python -m hybrids.bench_longconv --json longconv.json      # B4 T8192, 1024 channels, 16 modes
+    python -m hybrids.bench_longconv --json longconv.json      # B4 T8192, 1024 channels, 16 modes (GPU)
     python -m hybrids.bench_longconv --quick                   # a tiny shape (checks the script)
 
 A row of one document runs the FFT convolution (:func:`hybrids.longconv.causal_fft_conv` of the
@@ -80,8 +80,9 @@ def _segmented(u, log_poles, residues, *, segment_ids, taps: str, chunk: int, in
 
 
 PALLAS = "pallas"  # a --forms item pallas:BLOCK_C: the Pallas kernels with BLOCK_C channels a program
-FORMS = (f"scan:{SEGMENT_CHUNK},unrolled:{SEGMENT_CHUNK},reduce:{SEGMENT_CHUNK},reduce:128,"
-         f"{PALLAS}:4,{PALLAS}:8,{PALLAS}:16,{PALLAS}:32")
+FORMS = f"scan:{SEGMENT_CHUNK},unrolled:{SEGMENT_CHUNK},reduce:{SEGMENT_CHUNK},reduce:128"
+# On a GPU the kernels too; elsewhere they would only interpret (hours at the full shape): ask for them.
+GPU_FORMS = f"{FORMS},{PALLAS}:4,{PALLAS}:8,{PALLAS}:16,{PALLAS}:32"
 
 
 def parse_forms(text: str) -> list[tuple[str, int]]:
@@ -141,15 +142,17 @@ def main(argv=None) -> int:
   parser.add_argument("--segments", type=int, default=4, help="documents a row in the last row (≥ 2)")
   parser.add_argument("--quick", action="store_true", help="a tiny shape (checks the script, not the speed)")
   parser.add_argument("--json", default="", help="write the rows, device and versions here")
-  parser.add_argument("--forms", default=FORMS, help=f"taps:chunk pairs of the segmented rows (default {FORMS})")
+  parser.add_argument("--forms", default=None, help=f"taps:chunk pairs of the segmented rows, and pallas:BLOCK_C "
+                      f"(default on a GPU {GPU_FORMS}; elsewhere {FORMS})")
   args = parser.parse_args(argv)
   if args.segments < 2:
     parser.error(f"--segments: documents per row, ≥ 2, got {args.segments}")
+  platform = jax.devices()[0].platform
   try:
-    forms = parse_forms(args.forms)
+    forms = parse_forms(args.forms or (GPU_FORMS if platform == "gpu" else FORMS))
   except ValueError as e:
     parser.error(str(e))
-  ctx = Context(quick=args.quick, platform=jax.devices()[0].platform)
+  ctx = Context(quick=args.quick, platform=platform)
   rows = run(ctx, args.segments, forms)
   print(format_table(rows))
   for row in rows[1:]:

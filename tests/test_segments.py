@@ -381,6 +381,9 @@ def test_bench_longconv_checks_every_row_before_timing_it(tmp_path):
       f"segmented, {form(taps, chunk)}, {n}" for taps, chunk in forms for n in ("1 doc/row", "3 docs/row")]
   assert all(r["rel_err"] < bench_longconv.TOL and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
   assert [(t, c) for t, c in bench_longconv.parse_forms(bench_longconv.FORMS)][0] == ("scan", 32)
+  # the kernels only by default where they compile (a GPU), never interpreted at the full shape unasked
+  assert all(t != "pallas" for t, _ in bench_longconv.parse_forms(bench_longconv.FORMS))
+  assert ("pallas", 8) in bench_longconv.parse_forms(bench_longconv.GPU_FORMS)
   for bad in ("fft:32", "scan:0", "scan", ",", "pallas:6", "pallas:0"):
     with pytest.raises(ValueError, match="--forms: "):
       bench_longconv.parse_forms(bad)
