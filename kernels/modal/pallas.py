@@ -66,19 +66,43 @@ def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
+# One step of each pass, shared by both layouts. ``params = (Re λ, Im λ, Re R, Im R)`` and the states are
+# [channels, modes] (GPU) or [modes, channels] (TPU); ``u_t``, ``g_t`` arrive broadcastable against them,
+# ``keep_t`` is 0 at a document start, else 1; ``readout`` sums over the modes axis.
+
+
+def _fwd_step(params, state, u_t, keep_t, readout):
+  """``s ← k λ s + u``; returns ``(s, y = Re Σ R s)``."""
+  lr, li, rr, ri = params
+  sr, si = state
+  ar, ai = lr * keep_t, li * keep_t
+  sr, si = ar * sr - ai * si + u_t, ar * si + ai * sr
+  return (sr, si), readout(rr * sr - ri * si)
+
+
+def _bwd_step(params, state, u_t, g_t, keep_t, readout):
+  """Row t of the backward (module doc); returns ``(what flows into row t − 1, ∂u_t)``."""
+  lr, li, rr, ri = params
+  ubr, ubi, upr, upi, arr, ari, aqr, aqi = state
+  br, bi = ubr + g_t, ubi  # B_t; P_t is (upr, upi)
+  du = readout(rr * br + ri * bi)
+  lpr, lpi = lr * upr + li * upi, lr * upi - li * upr  # λ̄ P_t
+  return (keep_t * (lr * br + li * bi), keep_t * (lr * bi - li * br),  # k_t λ̄ B_t
+          keep_t * (lpr + br), keep_t * (lpi + bi),  # k_t (λ̄ P_t + B_t)
+          arr + u_t * br, ari + u_t * bi, aqr + u_t * upr, aqi + u_t * upi), du
+
+
 def _fwd_kernel(u_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, y_ref, *, length, chunk):
   # u_ref, y_ref: [time, block_c]; keep_ref: [time]; the rest [block_c, modes].
-  lr, li, rr, ri = lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...]
+  params = (lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...])
 
   def step(state, t, rows, valid):
-    sr, si = state
     u_t, keep_t = rows
-    ar, ai = lr * keep_t, li * keep_t
-    new = (ar * sr - ai * si + u_t.astype(jnp.float32)[:, None], ar * si + ai * sr)
-    store_row(y_ref, t, jnp.sum(rr * new[0] - ri * new[1], axis=1), valid)
+    new, y = _fwd_step(params, state, u_t.astype(jnp.float32)[:, None], keep_t, lambda x: jnp.sum(x, axis=1))
+    store_row(y_ref, t, y, valid)
     return new if valid is None else tuple(jnp.where(valid, n, o) for n, o in zip(new, state))
 
-  zeros = jnp.zeros(lr.shape, jnp.float32)
+  zeros = jnp.zeros(params[0].shape, jnp.float32)
   gpu_time_loop(length, chunk, 0, True, lambda t: (u_ref[t, :], keep_ref[t]), step, (zeros, zeros))
 
 
@@ -86,21 +110,16 @@ def _bwd_kernel(u_ref, g_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, du_ref, 
                 dq_r_ref, dq_i_ref, *, length, chunk):
   # Runs from the end. Carries what flows into row t−1: U_B = k_t λ̄ B_t, U_P = k_t (λ̄ P_t + B_t),
   # and the sums Σ u_t B_t, Σ u_t P_t.
-  lr, li, rr, ri = lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...]
+  params = (lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...])
 
   def step(state, t, rows, valid):
-    ubr, ubi, upr, upi, arr, ari, aqr, aqi = state
     u_t, g_t, keep_t = rows
-    u_t = u_t.astype(jnp.float32)[:, None]
-    br, bi = ubr + g_t.astype(jnp.float32)[:, None], ubi
-    store_row(du_ref, t, jnp.sum(rr * br + ri * bi, axis=1), valid)
-    lbr, lbi = lr * br + li * bi, lr * bi - li * br  # λ̄ B
-    lpr, lpi = lr * upr + li * upi, lr * upi - li * upr  # λ̄ P (P_t = U_P)
-    new = (keep_t * lbr, keep_t * lbi, keep_t * (lpr + br), keep_t * (lpi + bi),
-           arr + u_t * br, ari + u_t * bi, aqr + u_t * upr, aqi + u_t * upi)
+    new, du = _bwd_step(params, state, u_t.astype(jnp.float32)[:, None], g_t.astype(jnp.float32)[:, None],
+                        keep_t, lambda x: jnp.sum(x, axis=1))
+    store_row(du_ref, t, du, valid)
     return new if valid is None else tuple(jnp.where(valid, n, o) for n, o in zip(new, state))
 
-  zeros = jnp.zeros(lr.shape, jnp.float32)
+  zeros = jnp.zeros(params[0].shape, jnp.float32)
   out = gpu_time_loop(length, chunk, 0, False, lambda t: (u_ref[t, :], g_ref[t, :], keep_ref[t]), step,
                       (zeros,) * 8)
   dr_r_ref[...], dr_i_ref[...], dq_r_ref[...], dq_i_ref[...] = out[4:]
@@ -158,7 +177,8 @@ _TPU_ROWS = 8
 
 def _tpu_fwd_kernel(u_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, y_ref, sr_ref, si_ref):
   block_t, block_c = u_ref.shape
-  lr, li, rr, ri = lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...]
+  params = (lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...])
+  readout = lambda x: jnp.sum(x, axis=0, keepdims=True)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -168,17 +188,15 @@ def _tpu_fwd_kernel(u_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, y_ref, sr_r
   row_id = jax.lax.broadcasted_iota(jnp.int32, (_TPU_ROWS, block_c), 0)
 
   def group(g, state):
-    sr, si = state
     start = pl.multiple_of(g * _TPU_ROWS, _TPU_ROWS)
     u = u_ref[pl.ds(start, _TPU_ROWS), :].astype(jnp.float32)
     keep = keep_ref[pl.ds(start, _TPU_ROWS), :]
     out = jnp.zeros((_TPU_ROWS, block_c), jnp.float32)
     for r in range(_TPU_ROWS):
-      ar, ai = lr * keep[r:r + 1], li * keep[r:r + 1]
-      sr, si = ar * sr - ai * si + u[r:r + 1], ar * si + ai * sr
-      out = jnp.where(row_id == r, jnp.sum(rr * sr - ri * si, axis=0, keepdims=True), out)
+      state, y = _fwd_step(params, state, u[r:r + 1], keep[r:r + 1], readout)
+      out = jnp.where(row_id == r, y, out)  # assemble the tile without sub-tile stores
     y_ref[pl.ds(start, _TPU_ROWS), :] = out
-    return sr, si
+    return state
 
   sr_ref[...], si_ref[...] = jax.lax.fori_loop(0, block_t // _TPU_ROWS, group, (sr_ref[...], si_ref[...]))
 
@@ -186,7 +204,8 @@ def _tpu_fwd_kernel(u_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, y_ref, sr_r
 def _tpu_bwd_kernel(u_ref, g_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, du_ref, *carry_refs):
   # carry_refs: U_B (re, im), U_P (re, im), Σ u B (re, im), Σ u P (re, im): resident across time blocks.
   block_t, block_c = u_ref.shape
-  lr, li, rr, ri = lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...]
+  params = (lr_ref[...], li_ref[...], rr_ref[...], ri_ref[...])
+  readout = lambda x: jnp.sum(x, axis=0, keepdims=True)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -197,22 +216,16 @@ def _tpu_bwd_kernel(u_ref, g_ref, keep_ref, lr_ref, li_ref, rr_ref, ri_ref, du_r
   groups = block_t // _TPU_ROWS
 
   def group(i, state):
-    ubr, ubi, upr, upi, arr, ari, aqr, aqi = state
     start = pl.multiple_of((groups - 1 - i) * _TPU_ROWS, _TPU_ROWS)
     u = u_ref[pl.ds(start, _TPU_ROWS), :].astype(jnp.float32)
     g = g_ref[pl.ds(start, _TPU_ROWS), :].astype(jnp.float32)
     keep = keep_ref[pl.ds(start, _TPU_ROWS), :]
     du = jnp.zeros((_TPU_ROWS, block_c), jnp.float32)
     for r in reversed(range(_TPU_ROWS)):
-      u_t, k_t = u[r:r + 1], keep[r:r + 1]
-      br, bi = ubr + g[r:r + 1], ubi
-      du = jnp.where(row_id == r, jnp.sum(rr * br + ri * bi, axis=0, keepdims=True), du)
-      arr, ari, aqr, aqi = arr + u_t * br, ari + u_t * bi, aqr + u_t * upr, aqi + u_t * upi
-      lpr, lpi = lr * upr + li * upi, lr * upi - li * upr
-      ubr, ubi = k_t * (lr * br + li * bi), k_t * (lr * bi - li * br)
-      upr, upi = k_t * (lpr + br), k_t * (lpi + bi)
+      state, du_t = _bwd_step(params, state, u[r:r + 1], g[r:r + 1], keep[r:r + 1], readout)
+      du = jnp.where(row_id == r, du_t, du)
     du_ref[pl.ds(start, _TPU_ROWS), :] = du
-    return ubr, ubi, upr, upi, arr, ari, aqr, aqi
+    return state
 
   out = jax.lax.fori_loop(0, groups, group, tuple(ref[...] for ref in carry_refs))
   for ref, value in zip(carry_refs, out):
