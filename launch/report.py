@@ -1585,15 +1585,14 @@ def compute_spent(runs: list[Run]) -> tuple[list[str], dict]:
                      "runs": len(row["runs"]), "finished_runs": done,
                      "finished_per_device_hour": done / row["device_hours"] if row["device_hours"] > 0 else None})
   data = {"by_device": rows_out, "untimed_runs": untimed_runs, "open_attempts": open_attempts}
-  if not rows_out:
-    return [], data
-  md = ["## Compute spent", "",
-        "Device hours over every attempt of every run: wall time × devices ÷ the runs sharing them (packed "
-        "processes, lockstep groups). A run trained on several kinds counts under each; finished runs per device "
-        "hour divide the runs finished by all the time spent, the unfinished runs' included.", ""]
-  md += _table(["device", "attempts", "device hours", "runs", "finished", "finished per device hour"],
-               [[f"`{x['device']}`", str(x["attempts"]), _num(x["device_hours"], ".2f"), str(x["runs"]),
-                 str(x["finished_runs"]), _num(x["finished_per_device_hour"], ".1f")] for x in rows_out]) + [""]
+  md = ["## Compute spent", ""]
+  if rows_out:
+    md += ["Device hours over every attempt of every run: wall time × devices ÷ the runs sharing them (packed "
+           "processes, lockstep groups). A run trained on several kinds counts under each; finished runs per "
+           "device hour divide the runs finished by all the time spent, the unfinished runs' included.", ""]
+    md += _table(["device", "attempts", "device hours", "runs", "finished", "finished per device hour"],
+                 [[f"`{x['device']}`", str(x["attempts"]), _num(x["device_hours"], ".2f"), str(x["runs"]),
+                   str(x["finished_runs"]), _num(x["finished_per_device_hour"], ".1f")] for x in rows_out]) + [""]
   notes = []
   if untimed_runs:
     notes.append(f"{untimed_runs} run(s) have no attempt record (`launch.json` not kept): not timed")
