@@ -9,7 +9,8 @@ GPU time often comes in slots a few minutes long on machines whose disks vanish 
 few files come back from them. The sweep is idempotent, so what must come back is what ``launch status``,
 ``launch report`` and the next ``launch sweep`` read: for every run directory under ROOT its
 ``config.json``, ``summary.json``, ``launch.json`` (attempts: failures count towards ``--max-retries``),
-``metrics.jsonl`` and ``eval/*.json``, and ROOT's ``sweep.json`` — not TensorBoard events or logs.
+``metrics.jsonl``, ``checksums_since.json`` (so a carried checkpoint is verified on restore) and
+``eval/*.json``, and ROOT's ``sweep.json`` — not TensorBoard events or logs.
 
 ``--checkpoints-mb MB`` adds the newest checkpoint of unfinished runs, the furthest trained first,
 while their total stays within MB (a run that does not fit is skipped, a smaller one after it may
@@ -44,7 +45,9 @@ from hybrids import rundir
 from launch import runs
 
 SWEEP_FILE = "sweep.json"
-RUN_FILES = (rundir.CONFIG_FILE, rundir.SUMMARY_FILE, rundir.LAUNCH_FILE, rundir.METRICS_FILE)
+# (checksums_since.json: from which step the checkpoints carry checksums, so a carried one is verified)
+RUN_FILES = (rundir.CONFIG_FILE, rundir.SUMMARY_FILE, rundir.LAUNCH_FILE, rundir.METRICS_FILE,
+             rundir.CHECKSUMS_SINCE_FILE)
 
 
 class PackError(ValueError):

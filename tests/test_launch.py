@@ -443,10 +443,11 @@ def test_children_of_a_killed_sweep_get_sigterm(tmp_path):
 
 
 def test_interrupted_local_sweep_resumes_bit_identically(tmp_path):
-  """SIGTERM to a sweep at a random step; the next launch resumes that run and trains its twin (the same
-  training, another run id) beside it: both complete with continuous metrics and identical losses,
-  i.e. the resumed run logged exactly what an uninterrupted one does."""
-  from launch.__main__ import plan_rows
+  """SIGTERM to a sweep at a random step; the next launch — on another root that received the first one's
+  state only as ``launch pack --checkpoints-mb`` → ``launch unpack``, as the next GPU slot does — resumes
+  that run and trains its twin (the same training, another run id) beside it: both complete with
+  continuous metrics and identical losses, i.e. the resumed run logged exactly what an uninterrupted one does."""
+  from launch.__main__ import main, plan_rows
 
   steps = 200
   exp = write_experiment(tmp_path, steps=steps) + ":twins"
@@ -469,6 +470,16 @@ def test_interrupted_local_sweep_resumes_bit_identically(tmp_path):
   stopped = runs.run_state(resumed)
   assert stopped["status"] == "interrupted" and 0 < stopped["step"] < steps, stopped
   assert runs.run_state(twin)["status"] == "pending"
+
+  # The slot ends: what leaves it is one archive; the next slot starts from it on a fresh disk.
+  archive = tmp_path / "slot.tgz"
+  assert main(["pack", str(root), str(archive), "--checkpoints-mb", "50", "--part-mb", "1"]) == 0
+  root = tmp_path / "next-slot"
+  assert main(["unpack", str(root), *sorted(map(str, tmp_path.glob("slot.tgz.part-*")))]) == 0
+  resumed, twin = (str(root / os.path.basename(p)) for p in (resumed, twin))
+  assert runs.run_state(resumed)["status"] == "interrupted" and not os.path.exists(twin)
+  assert os.path.exists(os.path.join(resumed, "checksums_since.json"))  # the carried checkpoint is verified
+  argv[argv.index("--root") + 1] = str(root)
 
   second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
