@@ -24,8 +24,8 @@ directories and a non-positive size, each one line, exit 2, before anything is w
 
 ``unpack`` takes an archive (or its parts, in order) and merges it into ROOT run by run: a run ROOT
 lacks is added; a run the archive holds further trained (a later step, or done where ROOT's is not)
-replaces ROOT's files and adds its checkpoint; any other run is kept as ROOT has it, so an old archive
-unpacked over newer results changes nothing. ``sweep.json`` is taken only where ROOT has none. A member
+replaces ROOT's files and adds its checkpoint, unless a process is training it here now; any other run
+is kept as ROOT has it, so an old archive unpacked over newer results changes nothing. ``sweep.json`` is taken only where ROOT has none. A member
 outside its run directory (an absolute path, ``..``, a link) refuses the whole archive before anything
 is written; so do a missing archive and a ROOT that is a file.
 """
@@ -227,7 +227,7 @@ def unpack(root: str, archives: list[str]) -> dict:
         continue
       theirs = _progress(rundir.read_json(os.path.join(incoming, rundir.SUMMARY_FILE)))
       ours = _progress(runs.read_summary(local) or {})
-      if theirs <= ours:
+      if theirs <= ours or runs.is_locked(local):  # (a run training here now is never written under)
         result["kept"].append(run)
         continue
       for dirpath, _, files in os.walk(incoming):

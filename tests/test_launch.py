@@ -975,6 +975,12 @@ def test_unpack_merges_an_archive_and_never_replaces_a_run_trained_further_here(
   assert runs.latest_checkpoint_step(str(updated)) == 300
   assert (updated / "checkpoints" / "200" / "state" / "data").exists() and (updated / "launch.log").exists()
   assert (home / "new" / "config.json").exists()
+  # a run that a process is training here now is never written under, however far the archive's went
+  busy = tmp_path / "busy"
+  _packable_run(busy, "ahead-there", "running", checkpoints=(10,))
+  with runs.run_lock(str(busy / "ahead-there")):
+    assert main(["unpack", str(busy), *parts]) == 0
+  assert json.loads((busy / "ahead-there" / "summary.json").read_text())["step"] == 10
 
 
 def test_unpack_refuses_an_unsafe_or_unreadable_archive_before_writing_anything(tmp_path, capsys):
