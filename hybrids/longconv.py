@@ -51,6 +51,7 @@ from flax import nnx
 
 from hybrids.layers import document_starts
 from kernels import modal as modal_kernels
+from kernels.documents import document_index
 
 # Tokens a chunk of the segmented face: its taps loop over this many lags, and its chunk-end states
 # are 2·modes/SEGMENT_CHUNK times the input's size (one input's worth at the default 16 modes).
@@ -259,9 +260,8 @@ def segmented_modal_conv(u, log_poles, residues, segment_ids, *, chunk_size: int
     y = modal_kernels.modal_conv_pallas(u, log_poles, residues, starts, interpret=interpret)
     # The last document's state (a decode continues from it; unused, XLA drops it): the prefill's
     # contraction over time, on the input of that document alone.
-    t = jnp.arange(u.shape[1], dtype=jnp.int32)
-    last_start = jnp.max(jnp.where(starts, t, 0), axis=1, keepdims=True)
-    in_last = (t >= last_start).astype(jnp.float32)[..., None]
+    doc = document_index(segment_ids)
+    in_last = (doc == doc[:, -1:]).astype(jnp.float32)[..., None]
     return y, modal_final_state(log_poles, u.astype(jnp.float32) * in_last)
   batch, time, channels = u.shape
   pad = -time % chunk_size

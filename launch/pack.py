@@ -225,8 +225,7 @@ def unpack(root: str, archives: list[str]) -> dict:
         shutil.move(incoming, local)
         result["added"].append(run)
         continue
-      theirs = _progress(rundir.read_json(os.path.join(incoming, rundir.SUMMARY_FILE)))
-      ours = _progress(runs.read_summary(local) or {})
+      theirs, ours = (_progress(runs.read_summary(workdir) or {}) for workdir in (incoming, local))
       if theirs <= ours or runs.is_locked(local):  # (a run training here now is never written under)
         result["kept"].append(run)
         continue

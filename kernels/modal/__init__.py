@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from kernels import dispatch
 from kernels.modal.pallas import ModalConfig, modal_conv_pallas
-from kernels.modal.reference import check, modal_conv_reference
+from kernels.modal.reference import modal_conv_reference
 
 IMPLS = ("auto", "xla", "reference", "pallas")
 

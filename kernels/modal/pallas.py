@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.modal.reference import check
 from kernels.pallas_compat import SQUEEZED, lowered_once, mosaic_params, triton_params
 from kernels.scan.pallas import gpu_time_loop, store_row
 from kernels.tiling import round_up
@@ -341,6 +342,7 @@ def modal_conv_pallas(u, log_poles, residues, starts=None, *, config: ModalConfi
   ``platform`` picks the layout; None decides at lowering time (the TPU layout when lowered for a TPU,
   Triton otherwise), so ``jax.export(..., platforms=["tpu"])`` from any host gets the TPU kernels;
   ``interpret=True`` runs either layout on a CPU (None there means the GPU layout)."""
+  check(u, log_poles, residues, starts)  # the shapes every implementation takes (reference.py)
   cfg = config or ModalConfig()
   if cfg.block_c & (cfg.block_c - 1) or cfg.chunk < 1:
     raise ValueError(f"modal_conv: block_c={cfg.block_c} must be a power of two and chunk={cfg.chunk} ≥ 1")
